@@ -1,1 +1,1 @@
-//! Black-box tests live in `it/`.
+//! Black-box tests that start the real binaries; the tests themselves live in `it/`.

@@ -1,0 +1,1 @@
+//! Workspace-level black-box tests: each module starts real binaries against real services.
