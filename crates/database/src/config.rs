@@ -1,0 +1,469 @@
+//! Typed database configuration read from the environment, validated at start-up.
+//!
+//! Every knob has a default and an environment variable; a bad value fails with an error that
+//! names the variable and the reason. The URLs are held as [`SecretUrl`], whose `Debug` and
+//! `Display` never show the password.
+
+use std::fmt;
+use std::time::Duration;
+
+use url::Url;
+
+/// Why a configuration value was refused. Each variant names the environment variable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// A required variable is not set (or is empty).
+    #[error("{var} is not set")]
+    Missing {
+        /// The environment variable.
+        var: &'static str,
+    },
+    /// A variable is set to a value that cannot be used.
+    #[error("{var} is invalid: {reason}")]
+    Invalid {
+        /// The environment variable.
+        var: &'static str,
+        /// What is wrong with it (never contains a password).
+        reason: String,
+    },
+}
+
+/// A PostgreSQL connection URL whose password never reaches a log or an error message.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretUrl(Url);
+
+impl SecretUrl {
+    /// Parses and checks a `postgres://` URL; `var` names the variable in errors.
+    pub fn parse(var: &'static str, raw: &str) -> Result<Self, ConfigError> {
+        let url = Url::parse(raw.trim()).map_err(|e| ConfigError::Invalid {
+            var,
+            reason: format!("not a valid URL ({e})"),
+        })?;
+        if !matches!(url.scheme(), "postgres" | "postgresql") {
+            return Err(ConfigError::Invalid {
+                var,
+                reason: format!(
+                    "scheme must be postgres:// or postgresql://, not {}://",
+                    url.scheme()
+                ),
+            });
+        }
+        if url.host_str().is_none_or(str::is_empty) && !url.query().unwrap_or("").contains("host=")
+        {
+            return Err(ConfigError::Invalid {
+                var,
+                reason: "the URL has no host".into(),
+            });
+        }
+        if let Some(password) = url.password() {
+            if is_placeholder(url.username(), password) {
+                return Err(ConfigError::Invalid {
+                    var,
+                    reason: format!(
+                        "the URL carries placeholder credentials (user {:?} with a placeholder password); set the real ones",
+                        url.username()
+                    ),
+                });
+            }
+        }
+        Ok(Self(url))
+    }
+
+    /// The full URL, password included: only for handing to the driver.
+    pub fn expose(&self) -> &str {
+        self.0.as_str()
+    }
+
+    /// The URL with the password replaced by `***`, safe to log.
+    pub fn redacted(&self) -> String {
+        let mut url = self.0.clone();
+        if url.password().is_some() {
+            // Cannot fail for a URL that already has a password (it has a host).
+            let _ = url.set_password(Some("***"));
+        }
+        url.to_string()
+    }
+
+    /// The same server with another database name (used by tests and xtask).
+    pub fn with_database(&self, name: &str) -> Self {
+        let mut url = self.0.clone();
+        url.set_path(&format!("/{name}"));
+        Self(url)
+    }
+
+    /// The database name in the URL path, if any.
+    pub fn database(&self) -> Option<&str> {
+        Some(self.0.path().trim_start_matches('/')).filter(|s| !s.is_empty())
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+fn is_placeholder(user: &str, password: &str) -> bool {
+    const PASSWORDS: &[&str] = &[
+        "password",
+        "pass",
+        "passwd",
+        "changeme",
+        "change-me",
+        "change_me",
+        "your_password",
+        "yourpassword",
+        "<password>",
+        "placeholder",
+        "xxx",
+        "xxxx",
+    ];
+    let password = password.to_ascii_lowercase();
+    PASSWORDS.contains(&password.as_str())
+        || (matches!(user, "user" | "username" | "<user>") && password == "secret")
+}
+
+/// Pool and session settings for the primary database and the optional analytics replica.
+#[derive(Debug, Clone)]
+pub struct DatabaseConfig {
+    /// `DATABASE_URL`: the primary database (required).
+    pub url: SecretUrl,
+    /// `ANALYTICS_DB_URL`: a read replica for analytics; `None` means reads use the primary.
+    pub analytics_url: Option<SecretUrl>,
+    /// `DB_STATEMENT_TIMEOUT_MS` (30000): the server cancels any statement running longer.
+    pub statement_timeout: Duration,
+    /// `DB_IDLE_IN_TRANSACTION_TIMEOUT_MS` (60000): the server ends a session idle inside a
+    /// transaction for longer.
+    pub idle_in_transaction_timeout: Duration,
+    /// `DB_POOL_MIN` (2): connections kept open.
+    pub pool_min: u32,
+    /// `DB_POOL_MAX` (20): the most connections a pool opens.
+    pub pool_max: u32,
+    /// `DB_IDLE_TIMEOUT_MS` (30000): idle connections above `pool_min` close after this.
+    pub idle_timeout: Duration,
+    /// `DB_ACQUIRE_TIMEOUT_MS` (5000): how long a caller waits for a connection.
+    pub acquire_timeout: Duration,
+    /// `DB_MAX_LIFETIME_MS` (1800000): connections are retired after this age, less up to
+    /// 2.5% of jitter so a pool does not reconnect all at once.
+    pub max_lifetime: Duration,
+    /// `DB_TCP_KEEPALIVE` (true): ask the server to probe idle client sockets
+    /// (`tcp_keepalives_idle/interval/count`), so it reaps backends of vanished clients.
+    pub tcp_keepalive: bool,
+    /// `DB_RUN_MIGRATIONS` (true): binaries apply pending migrations on start.
+    pub run_migrations: bool,
+    /// First delay before retrying a failed analytics pool set-up (5 s).
+    pub analytics_retry_initial: Duration,
+    /// Cap on that delay, which doubles after each failure (30 s).
+    pub analytics_retry_max: Duration,
+}
+
+impl DatabaseConfig {
+    /// A configuration for `url` with every default.
+    pub fn new(url: &str) -> Result<Self, ConfigError> {
+        Ok(Self {
+            url: SecretUrl::parse("DATABASE_URL", url)?,
+            analytics_url: None,
+            statement_timeout: Duration::from_millis(30_000),
+            idle_in_transaction_timeout: Duration::from_millis(60_000),
+            pool_min: 2,
+            pool_max: 20,
+            idle_timeout: Duration::from_millis(30_000),
+            acquire_timeout: Duration::from_millis(5_000),
+            max_lifetime: Duration::from_millis(30 * 60 * 1000),
+            tcp_keepalive: true,
+            run_migrations: true,
+            analytics_retry_initial: Duration::from_secs(5),
+            analytics_retry_max: Duration::from_secs(30),
+        })
+    }
+
+    /// Reads the configuration from the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads the configuration through `lookup` (the environment, or a map in tests).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let get = |var: &'static str| lookup(var).filter(|v| !v.trim().is_empty());
+        let url = get("DATABASE_URL").ok_or(ConfigError::Missing {
+            var: "DATABASE_URL",
+        })?;
+        let mut config = Self::new(&url)?;
+        if let Some(raw) = get("ANALYTICS_DB_URL") {
+            config.analytics_url = Some(SecretUrl::parse("ANALYTICS_DB_URL", &raw)?);
+        }
+        let millis = |var: &'static str, default: Duration| -> Result<Duration, ConfigError> {
+            match get(var) {
+                None => Ok(default),
+                Some(raw) => parse_positive(var, &raw).map(Duration::from_millis),
+            }
+        };
+        config.statement_timeout = millis("DB_STATEMENT_TIMEOUT_MS", config.statement_timeout)?;
+        config.idle_in_transaction_timeout = millis(
+            "DB_IDLE_IN_TRANSACTION_TIMEOUT_MS",
+            config.idle_in_transaction_timeout,
+        )?;
+        config.idle_timeout = millis("DB_IDLE_TIMEOUT_MS", config.idle_timeout)?;
+        config.acquire_timeout = millis("DB_ACQUIRE_TIMEOUT_MS", config.acquire_timeout)?;
+        config.max_lifetime = millis("DB_MAX_LIFETIME_MS", config.max_lifetime)?;
+        if let Some(raw) = get("DB_POOL_MIN") {
+            config.pool_min = parse_count("DB_POOL_MIN", &raw, 0)?;
+        }
+        if let Some(raw) = get("DB_POOL_MAX") {
+            config.pool_max = parse_count("DB_POOL_MAX", &raw, 1)?;
+        }
+        if let Some(raw) = get("DB_TCP_KEEPALIVE") {
+            config.tcp_keepalive = parse_bool("DB_TCP_KEEPALIVE", &raw)?;
+        }
+        if let Some(raw) = get("DB_RUN_MIGRATIONS") {
+            config.run_migrations = parse_bool("DB_RUN_MIGRATIONS", &raw)?;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the relations between values (for configs built in code).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.pool_max == 0 {
+            return Err(ConfigError::Invalid {
+                var: "DB_POOL_MAX",
+                reason: "must be at least 1".into(),
+            });
+        }
+        if self.pool_min > self.pool_max {
+            return Err(ConfigError::Invalid {
+                var: "DB_POOL_MIN",
+                reason: format!(
+                    "DB_POOL_MIN ({}) is greater than DB_POOL_MAX ({})",
+                    self.pool_min, self.pool_max
+                ),
+            });
+        }
+        for (var, value) in [
+            ("DB_STATEMENT_TIMEOUT_MS", self.statement_timeout),
+            (
+                "DB_IDLE_IN_TRANSACTION_TIMEOUT_MS",
+                self.idle_in_transaction_timeout,
+            ),
+            ("DB_ACQUIRE_TIMEOUT_MS", self.acquire_timeout),
+            ("DB_IDLE_TIMEOUT_MS", self.idle_timeout),
+            ("DB_MAX_LIFETIME_MS", self.max_lifetime),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::Invalid {
+                    var,
+                    reason: "must be greater than 0".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The client-side bound on one query: `statement_timeout` plus a margin (10%, at least
+    /// 250 ms), so the server's cancellation normally wins and a black-holed connection
+    /// still cannot hang a caller.
+    pub fn query_timeout(&self) -> Duration {
+        let margin = (self.statement_timeout / 10).max(Duration::from_millis(250));
+        self.statement_timeout + margin
+    }
+}
+
+fn parse_positive(var: &'static str, raw: &str) -> Result<u64, ConfigError> {
+    let value: u64 = raw.trim().parse().map_err(|_| ConfigError::Invalid {
+        var,
+        reason: format!("{raw:?} is not a whole number of milliseconds"),
+    })?;
+    if value == 0 {
+        return Err(ConfigError::Invalid {
+            var,
+            reason: "must be greater than 0".into(),
+        });
+    }
+    Ok(value)
+}
+
+fn parse_count(var: &'static str, raw: &str, min: u32) -> Result<u32, ConfigError> {
+    let value: u32 = raw.trim().parse().map_err(|_| ConfigError::Invalid {
+        var,
+        reason: format!("{raw:?} is not a whole number"),
+    })?;
+    if value < min {
+        return Err(ConfigError::Invalid {
+            var,
+            reason: format!("must be at least {min}"),
+        });
+    }
+    Ok(value)
+}
+
+fn parse_bool(var: &'static str, raw: &str) -> Result<bool, ConfigError> {
+    match raw.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(ConfigError::Invalid {
+            var,
+            reason: format!("{raw:?} is not a boolean (true/false)"),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn lookup(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    const URL: &str = "postgres://app:s3cr3t-Value@db.internal:5432/smartbeak";
+
+    fn err(pairs: &[(&str, &str)]) -> ConfigError {
+        DatabaseConfig::from_lookup(lookup(pairs)).unwrap_err()
+    }
+
+    #[test]
+    fn defaults_match_the_documented_values() {
+        let c = DatabaseConfig::from_lookup(lookup(&[("DATABASE_URL", URL)])).unwrap();
+        assert_eq!(c.statement_timeout, Duration::from_millis(30_000));
+        assert_eq!(c.idle_in_transaction_timeout, Duration::from_millis(60_000));
+        assert_eq!((c.pool_min, c.pool_max), (2, 20));
+        assert_eq!(c.idle_timeout, Duration::from_millis(30_000));
+        assert_eq!(c.acquire_timeout, Duration::from_millis(5_000));
+        assert_eq!(c.max_lifetime, Duration::from_secs(1800));
+        assert!(c.tcp_keepalive);
+        assert!(c.analytics_url.is_none());
+    }
+
+    #[test]
+    fn every_knob_is_overridable() {
+        let c = DatabaseConfig::from_lookup(lookup(&[
+            ("DATABASE_URL", URL),
+            ("ANALYTICS_DB_URL", "postgres://ro@replica/smartbeak"),
+            ("DB_STATEMENT_TIMEOUT_MS", "300"),
+            ("DB_IDLE_IN_TRANSACTION_TIMEOUT_MS", "400"),
+            ("DB_POOL_MIN", "0"),
+            ("DB_POOL_MAX", "5"),
+            ("DB_IDLE_TIMEOUT_MS", "1000"),
+            ("DB_ACQUIRE_TIMEOUT_MS", "200"),
+            ("DB_MAX_LIFETIME_MS", "60000"),
+            ("DB_TCP_KEEPALIVE", "false"),
+            ("DB_RUN_MIGRATIONS", "0"),
+        ]))
+        .unwrap();
+        assert_eq!(c.statement_timeout, Duration::from_millis(300));
+        assert_eq!(c.idle_in_transaction_timeout, Duration::from_millis(400));
+        assert_eq!((c.pool_min, c.pool_max), (0, 5));
+        assert_eq!(c.idle_timeout, Duration::from_millis(1000));
+        assert_eq!(c.acquire_timeout, Duration::from_millis(200));
+        assert_eq!(c.max_lifetime, Duration::from_millis(60_000));
+        assert!(!c.tcp_keepalive && !c.run_migrations);
+        assert!(c.analytics_url.is_some());
+    }
+
+    #[test]
+    fn missing_url_is_named() {
+        assert_eq!(
+            err(&[]),
+            ConfigError::Missing {
+                var: "DATABASE_URL"
+            }
+        );
+        assert_eq!(err(&[]).to_string(), "DATABASE_URL is not set");
+    }
+
+    #[test]
+    fn each_bad_value_gets_its_own_error() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("DB_STATEMENT_TIMEOUT_MS", "abc", "not a whole number"),
+            ("DB_STATEMENT_TIMEOUT_MS", "0", "greater than 0"),
+            ("DB_STATEMENT_TIMEOUT_MS", "-5", "not a whole number"),
+            ("DB_IDLE_IN_TRANSACTION_TIMEOUT_MS", "1.5", "not a whole number"),
+            ("DB_POOL_MIN", "two", "not a whole number"),
+            ("DB_POOL_MAX", "0", "at least 1"),
+            ("DB_IDLE_TIMEOUT_MS", "x", "not a whole number"),
+            ("DB_ACQUIRE_TIMEOUT_MS", "5s", "not a whole number"),
+            ("DB_MAX_LIFETIME_MS", "", "unused: empty means default"),
+            ("DB_TCP_KEEPALIVE", "maybe", "not a boolean"),
+        ];
+        for (var, value, reason) in cases {
+            let result = DatabaseConfig::from_lookup(lookup(&[("DATABASE_URL", URL), (var, value)]));
+            if value.is_empty() {
+                assert!(result.is_ok(), "{var}={value:?} should fall back to the default");
+                continue;
+            }
+            match result {
+                Err(ConfigError::Invalid { var: v, reason: r }) => {
+                    assert_eq!(&v, var);
+                    assert!(r.contains(reason), "{var}={value:?}: {r}");
+                }
+                other => panic!("{var}={value:?} gave {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn min_above_max_is_refused() {
+        let e = err(&[
+            ("DATABASE_URL", URL),
+            ("DB_POOL_MIN", "30"),
+            ("DB_POOL_MAX", "20"),
+        ]);
+        assert_eq!(
+            e.to_string(),
+            "DB_POOL_MIN is invalid: DB_POOL_MIN (30) is greater than DB_POOL_MAX (20)"
+        );
+    }
+
+    #[test]
+    fn placeholder_credentials_are_refused() {
+        for url in [
+            "postgres://user:password@localhost/db",
+            "postgres://postgres:changeme@localhost/db",
+            "postgresql://username:secret@localhost/db",
+        ] {
+            let e = err(&[("DATABASE_URL", url)]);
+            assert!(e.to_string().contains("placeholder credentials"), "{url}: {e}");
+            assert!(!e.to_string().contains("changeme"), "password leaked: {e}");
+        }
+        let e = err(&[("DATABASE_URL", URL), ("ANALYTICS_DB_URL", "postgres://user:password@r/db")]);
+        assert!(matches!(e, ConfigError::Invalid { var: "ANALYTICS_DB_URL", .. }));
+    }
+
+    #[test]
+    fn malformed_urls_are_refused() {
+        assert!(err(&[("DATABASE_URL", "not a url")]).to_string().starts_with("DATABASE_URL is invalid: not a valid URL"));
+        assert!(err(&[("DATABASE_URL", "mysql://a@b/c")]).to_string().contains("scheme must be postgres"));
+    }
+
+    #[test]
+    fn the_password_never_shows() {
+        let c = DatabaseConfig::from_lookup(lookup(&[("DATABASE_URL", URL)])).unwrap();
+        let debug = format!("{c:?}");
+        assert!(!debug.contains("s3cr3t"), "{debug}");
+        assert!(debug.contains("app:***@db.internal"), "{debug}");
+        assert_eq!(c.url.to_string(), "postgres://app:***@db.internal:5432/smartbeak");
+        assert!(c.url.expose().contains("s3cr3t"));
+    }
+
+    #[test]
+    fn query_timeout_sits_a_little_above_the_statement_timeout() {
+        let mut c = DatabaseConfig::new(URL).unwrap();
+        assert_eq!(c.query_timeout(), Duration::from_millis(33_000));
+        c.statement_timeout = Duration::from_millis(300);
+        assert_eq!(c.query_timeout(), Duration::from_millis(550));
+    }
+}

@@ -1,0 +1,66 @@
+//! The error type of the database layer.
+
+use std::time::Duration;
+
+/// What went wrong talking to PostgreSQL. Messages never contain a password.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// The configuration was refused.
+    #[error(transparent)]
+    Config(#[from] crate::ConfigError),
+    /// The first connection to a pool could not be made.
+    #[error("cannot connect to {target} database at {url}")]
+    Connect {
+        /// `primary` or `analytics`.
+        target: &'static str,
+        /// The redacted URL.
+        url: String,
+        /// The driver's error.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// No connection became free within the acquire timeout.
+    #[error("timed out after {0:?} waiting for a database connection")]
+    AcquireTimeout(Duration),
+    /// A query did not finish within the client-side bound (statement timeout plus a margin):
+    /// the connection is probably black-holed.
+    #[error("query did not complete within {0:?}")]
+    QueryTimeout(Duration),
+    /// The server cancelled the statement (SQLSTATE 57014, `statement_timeout`).
+    #[error("statement cancelled by the server after statement_timeout")]
+    StatementTimeout(#[source] sqlx::Error),
+    /// Any other driver error.
+    #[error("database query failed")]
+    Query(#[source] sqlx::Error),
+    /// Applying migrations failed.
+    #[error("database migration failed")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The pools did not close within the shutdown deadline.
+    #[error("database pools did not close within {0:?}")]
+    CloseTimeout(Duration),
+    /// The background task running a cancel-safe `BEGIN` failed.
+    #[error("transaction start was aborted")]
+    BeginAborted,
+}
+
+impl DbError {
+    /// True for every kind of timeout (acquire, client-side query bound, server statement
+    /// timeout).
+    pub fn is_timeout(&self) -> bool {
+        matches!(
+            self,
+            Self::AcquireTimeout(_) | Self::QueryTimeout(_) | Self::StatementTimeout(_)
+        )
+    }
+
+    /// Classifies a driver error: a pool timeout and SQLSTATE 57014 get their own variants.
+    pub fn from_sqlx(error: sqlx::Error, acquire_timeout: Duration) -> Self {
+        match &error {
+            sqlx::Error::PoolTimedOut => Self::AcquireTimeout(acquire_timeout),
+            sqlx::Error::Database(db) if db.code().as_deref() == Some("57014") => {
+                Self::StatementTimeout(error)
+            }
+            _ => Self::Query(error),
+        }
+    }
+}
