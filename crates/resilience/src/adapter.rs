@@ -1,0 +1,241 @@
+//! `AdapterName`: the closed set of upstream adapters a breaker, bulkhead or
+//! metric label can be keyed by. Anything else parses to `unknown`, so
+//! attacker-chosen names can never grow a map or a label set.
+
+use std::convert::Infallible;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Counter incremented for every name that is not on the allowlist.
+pub const UNKNOWN_ADAPTER_COUNTER: &str = "resilience_unknown_adapter_total";
+
+/// At most one warning about unknown adapter names per this interval.
+pub const UNKNOWN_WARN_INTERVAL: Duration = Duration::from_secs(10);
+
+/// A validated adapter name from the allowlist.
+///
+/// Parsing never fails: a name that is not on the list becomes
+/// [`AdapterName::Unknown`], increments [`UNKNOWN_ADAPTER_COUNTER`] and logs a
+/// warning at most once per [`UNKNOWN_WARN_INTERVAL`] (with the number of
+/// suppressed ones), so a flood of bad names floods neither the log nor memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+#[allow(missing_docs)] // the variants are the names themselves
+pub enum AdapterName {
+    GoogleAnalytics,
+    Ga,
+    Gsc,
+    Facebook,
+    Vercel,
+    Linkedin,
+    Twitter,
+    Instagram,
+    Youtube,
+    Tiktok,
+    Pinterest,
+    Openai,
+    Stability,
+    Mailchimp,
+    Aweber,
+    Constantcontact,
+    Wordpress,
+    Vimeo,
+    Soundcloud,
+    Podcast,
+    Gbp,
+    Ahrefs,
+    #[default]
+    Unknown,
+}
+
+impl AdapterName {
+    /// Every adapter name, `Unknown` last; `ALL[a.index()] == a`.
+    pub const ALL: [AdapterName; 23] = [
+        Self::GoogleAnalytics,
+        Self::Ga,
+        Self::Gsc,
+        Self::Facebook,
+        Self::Vercel,
+        Self::Linkedin,
+        Self::Twitter,
+        Self::Instagram,
+        Self::Youtube,
+        Self::Tiktok,
+        Self::Pinterest,
+        Self::Openai,
+        Self::Stability,
+        Self::Mailchimp,
+        Self::Aweber,
+        Self::Constantcontact,
+        Self::Wordpress,
+        Self::Vimeo,
+        Self::Soundcloud,
+        Self::Podcast,
+        Self::Gbp,
+        Self::Ahrefs,
+        Self::Unknown,
+    ];
+
+    /// Number of distinct names (including `unknown`).
+    pub const COUNT: usize = Self::ALL.len();
+
+    /// The canonical lowercase name, e.g. `"google-analytics"`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::GoogleAnalytics => "google-analytics",
+            Self::Ga => "ga",
+            Self::Gsc => "gsc",
+            Self::Facebook => "facebook",
+            Self::Vercel => "vercel",
+            Self::Linkedin => "linkedin",
+            Self::Twitter => "twitter",
+            Self::Instagram => "instagram",
+            Self::Youtube => "youtube",
+            Self::Tiktok => "tiktok",
+            Self::Pinterest => "pinterest",
+            Self::Openai => "openai",
+            Self::Stability => "stability",
+            Self::Mailchimp => "mailchimp",
+            Self::Aweber => "aweber",
+            Self::Constantcontact => "constantcontact",
+            Self::Wordpress => "wordpress",
+            Self::Vimeo => "vimeo",
+            Self::Soundcloud => "soundcloud",
+            Self::Podcast => "podcast",
+            Self::Gbp => "gbp",
+            Self::Ahrefs => "ahrefs",
+            Self::Unknown => "unknown",
+        }
+    }
+
+    /// Position in [`AdapterName::ALL`], usable as an array index.
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
+    /// Lenient parse: an allowlisted name (ASCII case-insensitive, surrounding
+    /// whitespace ignored) or `Unknown`, with the counter and rate-limited
+    /// warning described on the type. `"unknown"` itself is accepted silently.
+    pub fn parse(name: &str) -> Self {
+        match Self::from_known(name) {
+            Some(adapter) => adapter,
+            None => {
+                note_unknown(name);
+                Self::Unknown
+            }
+        }
+    }
+
+    /// Strict parse without side effects: `None` for a name not on the list.
+    pub fn from_known(name: &str) -> Option<Self> {
+        let name = name.trim();
+        // Longest allowlisted name is 16 bytes; anything longer is unknown
+        // without comparing.
+        if name.len() > 16 {
+            return None;
+        }
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|a| a.as_str().eq_ignore_ascii_case(name))
+    }
+}
+
+impl FromStr for AdapterName {
+    type Err = Infallible;
+
+    /// Same as [`AdapterName::parse`]: never fails.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self::parse(s))
+    }
+}
+
+impl fmt::Display for AdapterName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl AsRef<str> for AdapterName {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+/// Process start for the warning rate limiter (monotonic).
+fn warn_epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// Milliseconds since `warn_epoch` of the last warning, plus one (0 = never).
+static LAST_WARN_MS: AtomicU64 = AtomicU64::new(0);
+/// Unknown names seen since the last warning.
+static SUPPRESSED: AtomicU64 = AtomicU64::new(0);
+
+fn note_unknown(name: &str) {
+    metrics::counter!(UNKNOWN_ADAPTER_COUNTER).increment(1);
+    let now_ms = u64::try_from(warn_epoch().elapsed().as_millis())
+        .unwrap_or(u64::MAX - 1)
+        .saturating_add(1);
+    let last = LAST_WARN_MS.load(Ordering::Relaxed);
+    let interval_ms = UNKNOWN_WARN_INTERVAL.as_millis() as u64;
+    let due = last == 0 || now_ms.saturating_sub(last) >= interval_ms;
+    if due
+        && LAST_WARN_MS
+            .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        let suppressed = SUPPRESSED.swap(0, Ordering::Relaxed);
+        tracing::warn!(
+            name = %truncate(name, 64).escape_debug(),
+            suppressed,
+            "unknown adapter name, using `unknown`"
+        );
+    } else {
+        SUPPRESSED.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// At most `max` chars of `s` (on a char boundary).
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((at, _)) => &s[..at],
+        None => s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn every_name_round_trips() {
+        for (i, a) in AdapterName::ALL.iter().enumerate() {
+            assert_eq!(a.index(), i);
+            assert_eq!(AdapterName::parse(a.as_str()), *a);
+            assert_eq!(a.as_str().parse::<AdapterName>().unwrap(), *a);
+            assert_eq!(AdapterName::from_known(a.as_str()), Some(*a));
+        }
+    }
+
+    #[test]
+    fn parse_is_lenient_on_case_and_whitespace_only() {
+        assert_eq!(
+            AdapterName::parse(" Google-Analytics "),
+            AdapterName::GoogleAnalytics
+        );
+        assert_eq!(AdapterName::parse("google_analytics"), AdapterName::Unknown);
+        assert_eq!(AdapterName::parse(""), AdapterName::Unknown);
+        assert_eq!(AdapterName::from_known("nope"), None);
+    }
+
+    #[test]
+    fn truncate_respects_char_boundaries() {
+        assert_eq!(truncate("ééé", 2), "éé");
+        assert_eq!(truncate("ab", 5), "ab");
+    }
+}

@@ -1,0 +1,744 @@
+//! `CircuitBreaker`: a closed / open / half-open state machine written here
+//! rather than taken from failsafe (see the crate docs for why).
+//!
+//! The hot path is lock-free: the state, the half-open probe count and the
+//! probe successes live in one packed `AtomicU64` word (with a generation that
+//! changes on every transition), outcomes go into a bit ring ([`window`]), and
+//! only transitions take a short mutex that is never held across an await.
+
+mod config;
+mod window;
+
+#[cfg(test)]
+mod tests;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+pub use self::config::{
+    BreakerConfig, BreakerPolicy, CancelledCalls, ConfigError, MAX_PROBES, MAX_WINDOW, PolicyId,
+    SlowCallConfig,
+};
+use self::window::Window;
+use crate::adapter::AdapterName;
+use crate::clock::{SharedClock, SystemClock, duration_nanos, nanos_since};
+use crate::verdict::Verdict;
+
+/// Gauge of each adapter's breaker state (0 closed, 1 open, 2 half-open),
+/// labelled `adapter`.
+pub const STATE_GAUGE: &str = "circuit_breaker_state";
+/// Counter of calls rejected by an open or saturated half-open breaker,
+/// labelled `adapter`.
+pub const REJECTED_COUNTER: &str = "circuit_breaker_rejected_total";
+/// Counter of state transitions, labelled `adapter` and `to`.
+pub const TRANSITIONS_COUNTER: &str = "circuit_breaker_transitions_total";
+
+/// The three breaker states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BreakerState {
+    /// Calls flow; outcomes are recorded in the window.
+    Closed,
+    /// Calls are rejected until the open deadline passes.
+    Open,
+    /// A bounded number of probe calls decide between closing and re-opening.
+    HalfOpen,
+}
+
+impl BreakerState {
+    /// `"closed"`, `"open"` or `"half_open"`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Closed => "closed",
+            Self::Open => "open",
+            Self::HalfOpen => "half_open",
+        }
+    }
+
+    /// Value of the [`STATE_GAUGE`]: 0 closed, 1 open, 2 half-open.
+    pub const fn gauge_value(self) -> f64 {
+        match self {
+            Self::Closed => 0.0,
+            Self::Open => 1.0,
+            Self::HalfOpen => 2.0,
+        }
+    }
+}
+
+/// A call was not admitted: the breaker is open, or half-open with all probe
+/// slots taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("circuit breaker for {adapter} is open, next probe in {retry_after:?}")]
+pub struct Rejection {
+    /// Adapter whose breaker rejected the call.
+    pub adapter: AdapterName,
+    /// Time until a probe may be admitted: the rest of the open period, or
+    /// while half-open the rest of the half-open wait (an upper bound; the
+    /// breaker may close earlier).
+    pub retry_after: Duration,
+}
+
+/// Result error of [`CircuitBreaker::call`].
+#[derive(Debug, thiserror::Error)]
+pub enum BreakerError<E> {
+    /// The breaker did not admit the call; the function was not run.
+    #[error("circuit breaker for {adapter} is open, next probe in {retry_after:?}")]
+    Rejected {
+        /// Adapter whose breaker rejected the call.
+        adapter: AdapterName,
+        /// Time until a probe may be admitted (see [`Rejection::retry_after`]).
+        retry_after: Duration,
+    },
+    /// The call ran and returned this error.
+    #[error(transparent)]
+    Inner(E),
+}
+
+impl<E> BreakerError<E> {
+    /// The call's own error, if it ran.
+    pub fn into_inner(self) -> Option<E> {
+        match self {
+            Self::Inner(e) => Some(e),
+            Self::Rejected { .. } => None,
+        }
+    }
+
+    /// Whether the breaker rejected the call.
+    pub fn is_rejected(&self) -> bool {
+        matches!(self, Self::Rejected { .. })
+    }
+}
+
+impl<E> From<Rejection> for BreakerError<E> {
+    fn from(r: Rejection) -> Self {
+        Self::Rejected {
+            adapter: r.adapter,
+            retry_after: r.retry_after,
+        }
+    }
+}
+
+/// A point-in-time view of a breaker, for metrics, health pages and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerSnapshot {
+    /// Current state (an open breaker past its deadline reports `Open` until
+    /// the next call moves it to half-open).
+    pub state: BreakerState,
+    /// Calls in the sliding window.
+    pub window_calls: u32,
+    /// Failures in the sliding window.
+    pub window_failures: u32,
+    /// Slow calls in the sliding window (0 without a slow-call rule).
+    pub window_slow: u32,
+    /// Failures in a row.
+    pub consecutive_failures: u32,
+    /// Trips since the breaker last closed from half-open (drives the open
+    /// duration growth).
+    pub trips: u32,
+    /// The open duration of the current or last trip.
+    pub open_duration: Duration,
+    /// Time until a probe may be admitted, when open.
+    pub retry_after: Option<Duration>,
+    /// Probe slots taken in the current half-open period.
+    pub probes_admitted: u32,
+    /// Successful probes in the current half-open period.
+    pub probe_successes: u32,
+    /// Calls dropped before they finished, over the breaker's life.
+    pub cancelled_calls: u64,
+}
+
+/// A circuit breaker for one adapter and one [`BreakerPolicy`].
+///
+/// It guards a call per invocation and never stores the function, so one
+/// breaker shared by many callers always runs each caller's own code.
+#[derive(Debug)]
+pub struct CircuitBreaker {
+    /// Packed state word; see `pack`.
+    word: CachePadded<AtomicU64>,
+    window: Window,
+    consecutive: CachePadded<AtomicU32>,
+    adapter: AdapterName,
+    policy: BreakerPolicy,
+    clock: SharedClock,
+    epoch: Instant,
+    /// Nanos since `epoch` when the open period ends (valid while open).
+    open_until: AtomicU64,
+    /// Nanos since `epoch` when half-open began (valid while half-open).
+    half_open_since: AtomicU64,
+    /// Nanos since `epoch` of the last registry lookup (idle TTL).
+    last_used: AtomicU64,
+    cancelled: AtomicU64,
+    control: Mutex<Control>,
+    state_gauge: metrics::Gauge,
+    rejected: metrics::Counter,
+}
+
+/// Data only touched during transitions, under the mutex.
+#[derive(Debug)]
+struct Control {
+    trips: u32,
+    open_duration: Duration,
+}
+
+/// Admission to run one call, released or recorded exactly once.
+///
+/// Dropping it without [`CallPermit::record`] (the call's future was dropped)
+/// hands a half-open probe slot back, and for a closed breaker applies
+/// [`CancelledCalls`].
+#[derive(Debug)]
+#[must_use = "record the outcome with CallPermit::record"]
+pub struct CallPermit<'a> {
+    breaker: &'a CircuitBreaker,
+    generation: u64,
+    probe: bool,
+    /// Nanos since epoch at admission, when slow calls are tracked.
+    started: Option<u64>,
+    done: bool,
+}
+
+/// Pads to its own cache lines so the state word is not invalidated by
+/// window writes.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub(crate) struct CachePadded<T>(pub(crate) T);
+
+// State word layout: bits 0-1 state, 2-11 probes admitted, 12-21 probe
+// successes, 22-63 generation (bumped on every transition).
+const CLOSED: u64 = 0;
+const OPEN: u64 = 1;
+const HALF_OPEN: u64 = 2;
+const STATE_MASK: u64 = 0b11;
+const PROBE_ONE: u64 = 1 << 2;
+const SUCCESS_ONE: u64 = 1 << 12;
+const FIELD_MASK: u64 = 0x3ff;
+const GEN_SHIFT: u32 = 22;
+
+#[inline]
+const fn state_bits(word: u64) -> u64 {
+    word & STATE_MASK
+}
+#[inline]
+const fn probes(word: u64) -> u32 {
+    ((word >> 2) & FIELD_MASK) as u32
+}
+#[inline]
+const fn successes(word: u64) -> u32 {
+    ((word >> 12) & FIELD_MASK) as u32
+}
+#[inline]
+const fn generation(word: u64) -> u64 {
+    word >> GEN_SHIFT
+}
+#[inline]
+const fn pack(state: u64, generation: u64) -> u64 {
+    (generation << GEN_SHIFT) | state
+}
+const fn decode(word: u64) -> BreakerState {
+    match state_bits(word) {
+        CLOSED => BreakerState::Closed,
+        OPEN => BreakerState::Open,
+        _ => BreakerState::HalfOpen,
+    }
+}
+
+/// Why a breaker opens.
+#[derive(Debug, Clone, Copy)]
+enum OpenReason {
+    FailureRate,
+    ConsecutiveFailures,
+    SlowCalls,
+    CancelledCalls,
+    ProbeFailed,
+    HalfOpenTimeout,
+}
+
+impl OpenReason {
+    const fn as_str(self) -> &'static str {
+        match self {
+            Self::FailureRate => "failure rate",
+            Self::ConsecutiveFailures => "consecutive failures",
+            Self::SlowCalls => "slow-call rate",
+            Self::CancelledCalls => "cancelled calls",
+            Self::ProbeFailed => "probe failed",
+            Self::HalfOpenTimeout => "probes did not resolve within the half-open wait",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Target {
+    Open(OpenReason),
+    HalfOpen,
+    Closed,
+}
+
+impl CircuitBreaker {
+    /// A closed breaker on the system clock.
+    pub fn new(adapter: AdapterName, policy: BreakerPolicy) -> Self {
+        Self::with_clock(adapter, policy, std::sync::Arc::new(SystemClock))
+    }
+
+    /// A closed breaker reading time from `clock`.
+    pub fn with_clock(adapter: AdapterName, policy: BreakerPolicy, clock: SharedClock) -> Self {
+        let config = policy.config();
+        let epoch = clock.now();
+        let state_gauge = metrics::gauge!(STATE_GAUGE, "adapter" => adapter.as_str());
+        state_gauge.set(BreakerState::Closed.gauge_value());
+        Self {
+            word: CachePadded(AtomicU64::new(pack(CLOSED, 0))),
+            window: Window::new(config.window_size, config.slow_calls.is_some()),
+            consecutive: CachePadded(AtomicU32::new(0)),
+            adapter,
+            open_until: AtomicU64::new(0),
+            half_open_since: AtomicU64::new(0),
+            last_used: AtomicU64::new(0),
+            cancelled: AtomicU64::new(0),
+            control: Mutex::new(Control {
+                trips: 0,
+                open_duration: config.open_duration,
+            }),
+            state_gauge,
+            rejected: metrics::counter!(REJECTED_COUNTER, "adapter" => adapter.as_str()),
+            policy,
+            clock,
+            epoch,
+        }
+    }
+
+    /// Runs `f()` if the breaker admits it, classifies the result with
+    /// `classify` and records the verdict. `f` is called at most once and
+    /// only after admission; nothing is stored. If the returned future is
+    /// dropped before it completes, the permit's drop rules apply (see
+    /// [`CallPermit`]).
+    pub async fn call<T, E, F, Fut, C>(&self, f: F, classify: C) -> Result<T, BreakerError<E>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        C: FnOnce(&Result<T, E>) -> Verdict,
+    {
+        let permit = self.try_acquire()?;
+        let result = f().await;
+        permit.record(classify(&result));
+        result.map_err(BreakerError::Inner)
+    }
+
+    /// Asks for admission without running anything, for callers that drive
+    /// the call themselves. Never blocks.
+    pub fn try_acquire(&self) -> Result<CallPermit<'_>, Rejection> {
+        let mut word = self.word.0.load(Ordering::Acquire);
+        loop {
+            match state_bits(word) {
+                CLOSED => {
+                    return Ok(CallPermit {
+                        breaker: self,
+                        generation: generation(word),
+                        probe: false,
+                        started: self.start_mark(),
+                        done: false,
+                    });
+                }
+                OPEN => {
+                    let now = self.now_nanos();
+                    let until = self.open_until.load(Ordering::Acquire);
+                    if now < until {
+                        return Err(self.reject(until - now));
+                    }
+                    word = self.transition(word, Target::HalfOpen, now);
+                }
+                _ => {
+                    let now = self.now_nanos();
+                    let deadline = self
+                        .half_open_since
+                        .load(Ordering::Acquire)
+                        .saturating_add(duration_nanos(self.config().half_open_max_wait));
+                    if now >= deadline {
+                        word =
+                            self.transition(word, Target::Open(OpenReason::HalfOpenTimeout), now);
+                        continue;
+                    }
+                    if probes(word) >= self.config().half_open_probes {
+                        return Err(self.reject(deadline - now));
+                    }
+                    match self.word.0.compare_exchange_weak(
+                        word,
+                        word + PROBE_ONE,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    ) {
+                        Ok(_) => {
+                            return Ok(CallPermit {
+                                breaker: self,
+                                generation: generation(word),
+                                probe: true,
+                                started: self.start_mark(),
+                                done: false,
+                            });
+                        }
+                        Err(actual) => word = actual,
+                    }
+                }
+            }
+        }
+    }
+
+    /// The current state. An open breaker whose deadline has passed still
+    /// reads `Open` until the next call moves it to half-open.
+    pub fn state(&self) -> BreakerState {
+        decode(self.word.0.load(Ordering::Acquire))
+    }
+
+    /// A consistent-enough view of the counters (each read atomically, not
+    /// all at one instant).
+    pub fn snapshot(&self) -> BreakerSnapshot {
+        let word = self.word.0.load(Ordering::Acquire);
+        let state = decode(word);
+        let counts = self.window.counts();
+        let (trips, open_duration) = {
+            let control = self.control.lock().unwrap_or_else(PoisonError::into_inner);
+            (control.trips, control.open_duration)
+        };
+        let retry_after = (state == BreakerState::Open).then(|| {
+            let until = self.open_until.load(Ordering::Acquire);
+            Duration::from_nanos(until.saturating_sub(self.now_nanos()))
+        });
+        BreakerSnapshot {
+            state,
+            window_calls: counts.calls,
+            window_failures: counts.failures,
+            window_slow: counts.slow,
+            consecutive_failures: self.consecutive.0.load(Ordering::Relaxed),
+            trips,
+            open_duration,
+            retry_after,
+            probes_admitted: probes(word),
+            probe_successes: successes(word),
+            cancelled_calls: self.cancelled.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The adapter this breaker guards.
+    pub fn adapter(&self) -> AdapterName {
+        self.adapter
+    }
+
+    /// The policy it was built with.
+    pub fn policy(&self) -> &BreakerPolicy {
+        &self.policy
+    }
+
+    fn config(&self) -> &BreakerConfig {
+        self.policy.config()
+    }
+
+    #[inline]
+    fn now_nanos(&self) -> u64 {
+        nanos_since(self.epoch, self.clock.now())
+    }
+
+    /// Admission time for the slow-call rule; no clock read without it.
+    #[inline]
+    fn start_mark(&self) -> Option<u64> {
+        self.config().slow_calls.map(|_| self.now_nanos())
+    }
+
+    #[cold]
+    fn reject(&self, retry_after_nanos: u64) -> Rejection {
+        self.rejected.increment(1);
+        Rejection {
+            adapter: self.adapter,
+            retry_after: Duration::from_nanos(retry_after_nanos),
+        }
+    }
+
+    /// Records a finished call admitted under `generation`.
+    fn record(
+        &self,
+        generation_at_admission: u64,
+        probe: bool,
+        started: Option<u64>,
+        verdict: Verdict,
+    ) {
+        let slow = match (self.config().slow_calls, started) {
+            (Some(rule), Some(started)) => {
+                self.now_nanos().saturating_sub(started) >= duration_nanos(rule.threshold)
+            }
+            _ => false,
+        };
+        if probe {
+            self.record_probe(generation_at_admission, verdict, slow);
+        } else {
+            match verdict {
+                Verdict::Ignored => {}
+                Verdict::Success => self.record_closed(generation_at_admission, false, slow, None),
+                Verdict::Failure | Verdict::Transient { .. } => {
+                    self.record_closed(generation_at_admission, true, slow, None)
+                }
+            }
+        }
+    }
+
+    #[inline]
+    fn record_closed(
+        &self,
+        generation_at_admission: u64,
+        failure: bool,
+        slow: bool,
+        reason: Option<OpenReason>,
+    ) {
+        let word = self.word.0.load(Ordering::Acquire);
+        if state_bits(word) != CLOSED || generation(word) != generation_at_admission {
+            return; // admitted before a transition; its outcome is stale
+        }
+        self.window.record(failure, slow);
+        let consecutive = if failure {
+            self.consecutive.0.fetch_add(1, Ordering::Relaxed) + 1
+        } else {
+            if self.consecutive.0.load(Ordering::Relaxed) != 0 {
+                self.consecutive.0.store(0, Ordering::Relaxed);
+            }
+            0
+        };
+        if failure || slow {
+            self.judge(word, consecutive, reason);
+        }
+    }
+
+    #[cold]
+    fn judge(&self, word: u64, consecutive: u32, reason: Option<OpenReason>) {
+        let config = self.config();
+        let counts = self.window.counts();
+        let judged = counts.calls >= config.minimum_calls;
+        let reason =
+            if config.consecutive_failures > 0 && consecutive >= config.consecutive_failures {
+                Some(reason.unwrap_or(OpenReason::ConsecutiveFailures))
+            } else if judged
+                && u64::from(counts.failures) * 100
+                    >= u64::from(config.failure_rate_percent) * u64::from(counts.calls)
+                && counts.failures > 0
+            {
+                Some(reason.unwrap_or(OpenReason::FailureRate))
+            } else {
+                match config.slow_calls {
+                    Some(rule)
+                        if judged
+                            && counts.slow > 0
+                            && u64::from(counts.slow) * 100
+                                >= u64::from(rule.rate_percent) * u64::from(counts.calls) =>
+                    {
+                        Some(OpenReason::SlowCalls)
+                    }
+                    _ => None,
+                }
+            };
+        if let Some(reason) = reason {
+            self.transition(word, Target::Open(reason), self.now_nanos());
+        }
+    }
+
+    fn record_probe(&self, generation_at_admission: u64, verdict: Verdict, slow: bool) {
+        let verdict = if slow && verdict == Verdict::Success {
+            Verdict::Failure
+        } else {
+            verdict
+        };
+        match verdict {
+            Verdict::Ignored => self.release_probe(generation_at_admission),
+            Verdict::Failure | Verdict::Transient { .. } => {
+                let word = self.word.0.load(Ordering::Acquire);
+                if state_bits(word) == HALF_OPEN && generation(word) == generation_at_admission {
+                    self.transition(
+                        word,
+                        Target::Open(OpenReason::ProbeFailed),
+                        self.now_nanos(),
+                    );
+                }
+            }
+            Verdict::Success => {
+                let mut word = self.word.0.load(Ordering::Acquire);
+                loop {
+                    if state_bits(word) != HALF_OPEN || generation(word) != generation_at_admission
+                    {
+                        return;
+                    }
+                    let next = word + SUCCESS_ONE;
+                    match self.word.0.compare_exchange_weak(
+                        word,
+                        next,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    ) {
+                        Ok(_) => {
+                            if successes(next) >= self.config().half_open_successes {
+                                self.transition(next, Target::Closed, self.now_nanos());
+                            }
+                            return;
+                        }
+                        Err(actual) => word = actual,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Hands a probe slot back (dropped or ignored probe).
+    fn release_probe(&self, generation_at_admission: u64) {
+        let mut word = self.word.0.load(Ordering::Acquire);
+        loop {
+            if state_bits(word) != HALF_OPEN
+                || generation(word) != generation_at_admission
+                || probes(word) == 0
+            {
+                return;
+            }
+            match self.word.0.compare_exchange_weak(
+                word,
+                word - PROBE_ONE,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return,
+                Err(actual) => word = actual,
+            }
+        }
+    }
+
+    fn cancelled(&self, generation_at_admission: u64, probe: bool) {
+        self.cancelled.fetch_add(1, Ordering::Relaxed);
+        if probe {
+            self.release_probe(generation_at_admission);
+        } else if self.config().cancelled_calls == CancelledCalls::CountAsFailure {
+            self.record_closed(
+                generation_at_admission,
+                true,
+                false,
+                Some(OpenReason::CancelledCalls),
+            );
+        }
+    }
+
+    /// Moves from the state in `expected` (same generation) to `target`.
+    /// Returns the word after the attempt: the new one, or whatever another
+    /// thread's transition left.
+    #[cold]
+    fn transition(&self, expected: u64, target: Target, now: u64) -> u64 {
+        let mut control = self.control.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut current = self.word.0.load(Ordering::Acquire);
+        if generation(current) != generation(expected)
+            || state_bits(current) != state_bits(expected)
+        {
+            return current;
+        }
+        let next_generation = generation(current) + 1;
+        let config = self.config();
+        let (state, new_state) = match target {
+            Target::Open(reason) => {
+                control.trips = control.trips.saturating_add(1);
+                control.open_duration = open_duration_for(config, control.trips);
+                self.open_until.store(
+                    now.saturating_add(duration_nanos(control.open_duration)),
+                    Ordering::Release,
+                );
+                let counts = self.window.counts();
+                tracing::warn!(
+                    adapter = %self.adapter,
+                    policy = %self.policy.id(),
+                    reason = reason.as_str(),
+                    open_for = ?control.open_duration,
+                    trips = control.trips,
+                    window_calls = counts.calls,
+                    window_failures = counts.failures,
+                    "circuit breaker opened"
+                );
+                (OPEN, BreakerState::Open)
+            }
+            Target::HalfOpen => {
+                self.half_open_since.store(now, Ordering::Release);
+                tracing::info!(adapter = %self.adapter, policy = %self.policy.id(), "circuit breaker half-open, admitting probes");
+                (HALF_OPEN, BreakerState::HalfOpen)
+            }
+            Target::Closed => {
+                control.trips = 0;
+                self.window.reset();
+                self.consecutive.0.store(0, Ordering::Relaxed);
+                tracing::info!(adapter = %self.adapter, policy = %self.policy.id(), "circuit breaker closed");
+                (CLOSED, BreakerState::Closed)
+            }
+        };
+        if matches!(target, Target::Open(_)) {
+            self.consecutive.0.store(0, Ordering::Relaxed);
+        }
+        let new_word = pack(state, next_generation);
+        // Probe counters may still move within the current generation, but
+        // the generation itself only changes under `control`.
+        loop {
+            match self.word.0.compare_exchange_weak(
+                current,
+                new_word,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => break,
+                Err(actual) => current = actual,
+            }
+        }
+        drop(control);
+        self.state_gauge.set(new_state.gauge_value());
+        metrics::counter!(TRANSITIONS_COUNTER, "adapter" => self.adapter.as_str(), "to" => new_state.as_str())
+            .increment(1);
+        new_word
+    }
+
+    /// Marks the breaker used now (registry idle TTL).
+    pub(crate) fn touch(&self, now: Instant) {
+        let now = nanos_since(self.epoch, now);
+        // Coarse: skip the store when it would move the mark by < 1 s, so
+        // concurrent lookups do not all write the same cache line.
+        if now.saturating_sub(self.last_used.load(Ordering::Relaxed)) >= 1_000_000_000 {
+            self.last_used.store(now, Ordering::Relaxed);
+        }
+    }
+
+    /// Time since the last [`touch`](Self::touch) (or creation).
+    pub(crate) fn idle_for(&self, now: Instant) -> Duration {
+        let now = nanos_since(self.epoch, now);
+        Duration::from_nanos(now.saturating_sub(self.last_used.load(Ordering::Relaxed)))
+    }
+}
+
+impl CallPermit<'_> {
+    /// Records the call's outcome. Consumes the permit.
+    pub fn record(mut self, verdict: Verdict) {
+        self.done = true;
+        self.breaker
+            .record(self.generation, self.probe, self.started, verdict);
+    }
+
+    /// Whether this call is a half-open probe.
+    pub fn is_probe(&self) -> bool {
+        self.probe
+    }
+}
+
+impl Drop for CallPermit<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.breaker.cancelled(self.generation, self.probe);
+        }
+    }
+}
+
+/// `open_duration * factor^(trips-1)`, capped.
+fn open_duration_for(config: &BreakerConfig, trips: u32) -> Duration {
+    let mut duration = config.open_duration;
+    if config.open_backoff_factor <= 1 {
+        return duration;
+    }
+    for _ in 1..trips {
+        duration = duration.saturating_mul(config.open_backoff_factor);
+        if duration >= config.max_open_duration {
+            return config.max_open_duration;
+        }
+    }
+    duration.min(config.max_open_duration)
+}
