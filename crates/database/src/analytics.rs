@@ -73,11 +73,7 @@ impl Analytics {
     }
 
     /// The replica pool, creating it if needed; `None` means "use the primary".
-    pub(crate) async fn get(
-        &self,
-        config: &DatabaseConfig,
-        counters: &Counters,
-    ) -> Option<PgPool> {
+    pub(crate) async fn get(&self, config: &DatabaseConfig, counters: &Counters) -> Option<PgPool> {
         let url = self.url.as_ref()?;
         if let Some(pool) = self.cell.get() {
             return Some(pool.clone());
@@ -88,7 +84,9 @@ impl Analytics {
             if !self.lock_backoff().ready(Instant::now()) {
                 return Err(None);
             }
-            counters.analytics_init_attempts.fetch_add(1, Ordering::Relaxed);
+            counters
+                .analytics_init_attempts
+                .fetch_add(1, Ordering::Relaxed);
             let connect = crate::pool::connect(config, url, &self.application_name, "analytics");
             match tokio::time::timeout(config.acquire_timeout, connect).await {
                 Ok(Ok(pool)) => Ok(pool),
@@ -105,7 +103,9 @@ impl Analytics {
             }
             Err(None) => None,
             Err(Some(error)) => {
-                counters.analytics_init_failures.fetch_add(1, Ordering::Relaxed);
+                counters
+                    .analytics_init_failures
+                    .fetch_add(1, Ordering::Relaxed);
                 let delay = self.lock_backoff().failed(Instant::now(), &mut rand::rng());
                 if !self.degraded.swap(true, Ordering::Relaxed) {
                     tracing::warn!(%error, retry_in = ?delay, "analytics replica unavailable; reads fall back to the primary");
@@ -171,7 +171,10 @@ mod tests {
         for ceiling in ceilings {
             let ceiling = Duration::from_secs(ceiling);
             let delay = backoff.failed(now, &mut rng);
-            assert!(delay >= ceiling / 2 && delay <= ceiling, "{delay:?} vs {ceiling:?}");
+            assert!(
+                delay >= ceiling / 2 && delay <= ceiling,
+                "{delay:?} vs {ceiling:?}"
+            );
             assert!(!backoff.ready(now + delay - Duration::from_millis(1)));
             assert!(backoff.ready(now + delay));
         }

@@ -55,16 +55,16 @@ impl SecretUrl {
                 reason: "the URL has no host".into(),
             });
         }
-        if let Some(password) = url.password() {
-            if is_placeholder(url.username(), password) {
-                return Err(ConfigError::Invalid {
-                    var,
-                    reason: format!(
-                        "the URL carries placeholder credentials (user {:?} with a placeholder password); set the real ones",
-                        url.username()
-                    ),
-                });
-            }
+        if let Some(password) = url.password()
+            && is_placeholder(url.username(), password)
+        {
+            return Err(ConfigError::Invalid {
+                var,
+                reason: format!(
+                    "the URL carries placeholder credentials (user {:?} with a placeholder password); set the real ones",
+                    url.username()
+                ),
+            });
         }
         Ok(Self(url))
     }
@@ -391,7 +391,11 @@ mod tests {
             ("DB_STATEMENT_TIMEOUT_MS", "abc", "not a whole number"),
             ("DB_STATEMENT_TIMEOUT_MS", "0", "greater than 0"),
             ("DB_STATEMENT_TIMEOUT_MS", "-5", "not a whole number"),
-            ("DB_IDLE_IN_TRANSACTION_TIMEOUT_MS", "1.5", "not a whole number"),
+            (
+                "DB_IDLE_IN_TRANSACTION_TIMEOUT_MS",
+                "1.5",
+                "not a whole number",
+            ),
             ("DB_POOL_MIN", "two", "not a whole number"),
             ("DB_POOL_MAX", "0", "at least 1"),
             ("DB_IDLE_TIMEOUT_MS", "x", "not a whole number"),
@@ -400,9 +404,13 @@ mod tests {
             ("DB_TCP_KEEPALIVE", "maybe", "not a boolean"),
         ];
         for (var, value, reason) in cases {
-            let result = DatabaseConfig::from_lookup(lookup(&[("DATABASE_URL", URL), (var, value)]));
+            let result =
+                DatabaseConfig::from_lookup(lookup(&[("DATABASE_URL", URL), (var, value)]));
             if value.is_empty() {
-                assert!(result.is_ok(), "{var}={value:?} should fall back to the default");
+                assert!(
+                    result.is_ok(),
+                    "{var}={value:?} should fall back to the default"
+                );
                 continue;
             }
             match result {
@@ -436,17 +444,37 @@ mod tests {
             "postgresql://username:secret@localhost/db",
         ] {
             let e = err(&[("DATABASE_URL", url)]);
-            assert!(e.to_string().contains("placeholder credentials"), "{url}: {e}");
+            assert!(
+                e.to_string().contains("placeholder credentials"),
+                "{url}: {e}"
+            );
             assert!(!e.to_string().contains("changeme"), "password leaked: {e}");
         }
-        let e = err(&[("DATABASE_URL", URL), ("ANALYTICS_DB_URL", "postgres://user:password@r/db")]);
-        assert!(matches!(e, ConfigError::Invalid { var: "ANALYTICS_DB_URL", .. }));
+        let e = err(&[
+            ("DATABASE_URL", URL),
+            ("ANALYTICS_DB_URL", "postgres://user:password@r/db"),
+        ]);
+        assert!(matches!(
+            e,
+            ConfigError::Invalid {
+                var: "ANALYTICS_DB_URL",
+                ..
+            }
+        ));
     }
 
     #[test]
     fn malformed_urls_are_refused() {
-        assert!(err(&[("DATABASE_URL", "not a url")]).to_string().starts_with("DATABASE_URL is invalid: not a valid URL"));
-        assert!(err(&[("DATABASE_URL", "mysql://a@b/c")]).to_string().contains("scheme must be postgres"));
+        assert!(
+            err(&[("DATABASE_URL", "not a url")])
+                .to_string()
+                .starts_with("DATABASE_URL is invalid: not a valid URL")
+        );
+        assert!(
+            err(&[("DATABASE_URL", "mysql://a@b/c")])
+                .to_string()
+                .contains("scheme must be postgres")
+        );
     }
 
     #[test]
@@ -455,7 +483,10 @@ mod tests {
         let debug = format!("{c:?}");
         assert!(!debug.contains("s3cr3t"), "{debug}");
         assert!(debug.contains("app:***@db.internal"), "{debug}");
-        assert_eq!(c.url.to_string(), "postgres://app:***@db.internal:5432/smartbeak");
+        assert_eq!(
+            c.url.to_string(),
+            "postgres://app:***@db.internal:5432/smartbeak"
+        );
         assert!(c.url.expose().contains("s3cr3t"));
     }
 

@@ -52,9 +52,7 @@ pub(crate) fn connect_options(
             ("tcp_keepalives_count", "6".to_owned()),
         ]);
     }
-    options = options
-        .options(settings)
-        .application_name(application_name);
+    options = options.options(settings).application_name(application_name);
     Ok(options)
 }
 

@@ -62,10 +62,13 @@ impl TestDatabase {
     /// Drops the database, ending any sessions still connected to it.
     pub async fn drop_database(self) -> Result<(), DbError> {
         let conn = admin_pool(&self.admin).await?;
-        sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))
-            .execute(&conn)
-            .await
-            .map_err(DbError::Query)?;
+        sqlx::query(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ))
+        .execute(&conn)
+        .await
+        .map_err(DbError::Query)?;
         conn.close().await;
         Ok(())
     }

@@ -1,0 +1,508 @@
+//! The database layer against a real PostgreSQL: each test makes its own fresh database
+//! (`TestDatabase`) and counts backends server-side, by `application_name`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use smartbeak_database::testing::TestDatabase;
+use smartbeak_database::{Database, DatabaseConfig, DbError, ReadSource};
+use sqlx::PgPool;
+
+/// A fresh database, a pool on it with a unique application_name, and an admin pool that
+/// observes the server.
+struct Fixture {
+    tdb: TestDatabase,
+    db: Database,
+    admin: PgPool,
+    app: String,
+}
+
+impl Fixture {
+    async fn new(tune: impl FnOnce(&mut DatabaseConfig)) -> Self {
+        let tdb = TestDatabase::create().await.expect("create test database");
+        let mut config = tdb.config();
+        tune(&mut config);
+        let app = format!("sbt-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let db = Database::connect(config, &app).await.expect("connect");
+        let admin = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect(tdb.url().expose())
+            .await
+            .expect("admin pool");
+        Self {
+            tdb,
+            db,
+            admin,
+            app,
+        }
+    }
+
+    async fn backends(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1")
+            .bind(&self.app)
+            .fetch_one(&self.admin)
+            .await
+            .unwrap()
+    }
+
+    async fn finish(self) {
+        self.db.close(Duration::from_secs(5)).await.unwrap();
+        self.admin.close().await;
+        self.tdb.drop_database().await.unwrap();
+    }
+}
+
+/// Polls `check` every 20 ms until it holds, for at most `bound`.
+async fn eventually<F, Fut>(bound: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + bound;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// True if the session is inside a transaction: two statements in a row see the same
+/// `now()` (the transaction's start), which autocommit statements never do.
+async fn inside_transaction(conn: &mut sqlx::PgConnection) -> bool {
+    let a: String = sqlx::query_scalar("SELECT now()::text")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    let b: String = sqlx::query_scalar("SELECT now()::text")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    a == b
+}
+
+#[tokio::test]
+async fn statement_timeout_is_enforced_by_the_server_and_the_pool_survives() {
+    let fx = Fixture::new(|c| c.statement_timeout = Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let result = fx
+        .db
+        .bounded(sqlx::query("SELECT pg_sleep(5)").execute(fx.db.primary()))
+        .await;
+    let elapsed = started.elapsed();
+    let err = result.expect_err("pg_sleep(5) must be cancelled");
+    assert!(matches!(err, DbError::StatementTimeout(_)), "{err:?}");
+    if let DbError::StatementTimeout(sqlx::Error::Database(e)) = &err {
+        assert_eq!(e.code().as_deref(), Some("57014"));
+    }
+    assert!(err.is_timeout());
+    // Cancelled by the server near 300 ms, well before the client-side bound (550 ms).
+    assert!(elapsed < fx.db.config().query_timeout(), "{elapsed:?}");
+    let one: i32 = fx
+        .db
+        .bounded(sqlx::query_scalar("SELECT 1").fetch_one(fx.db.primary()))
+        .await
+        .expect("pool usable after the cancellation");
+    assert_eq!(one, 1);
+    assert_eq!(fx.db.metrics().query_timeouts_total, 1);
+    fx.finish().await;
+}
+
+#[tokio::test]
+async fn idle_transaction_is_terminated_and_the_next_acquire_is_healthy() {
+    let fx = Fixture::new(|c| {
+        c.idle_in_transaction_timeout = Duration::from_millis(200);
+        c.pool_min = 0;
+        c.pool_max = 2;
+    })
+    .await;
+    let mut tx = fx.db.begin().await.unwrap();
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    // Leave the transaction idle; the server must end that session on its own.
+    let admin = fx.admin.clone();
+    let gone = eventually(Duration::from_secs(5), || {
+        let admin = admin.clone();
+        async move {
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = $1")
+                .bind(pid)
+                .fetch_one(&admin)
+                .await
+                .unwrap();
+            n == 0
+        }
+    })
+    .await;
+    assert!(
+        gone,
+        "backend {pid} still alive after the idle-in-transaction timeout"
+    );
+    assert!(sqlx::query("SELECT 1").execute(&mut *tx).await.is_err());
+    drop(tx);
+    for _ in 0..5 {
+        let mut conn = fx.db.acquire().await.unwrap();
+        assert!(!inside_transaction(&mut conn).await);
+    }
+    fx.finish().await;
+}
+
+#[tokio::test]
+async fn two_hundred_acquirers_never_exceed_max_and_late_ones_time_out() {
+    let fx = Fixture::new(|c| {
+        c.pool_max = 20;
+        c.pool_min = 0;
+        c.acquire_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let peak = Arc::new(AtomicI64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (admin, app, peak, done) =
+            (fx.admin.clone(), fx.app.clone(), peak.clone(), done.clone());
+        tokio::spawn(async move {
+            while !done.load(Ordering::Relaxed) {
+                let n: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+                )
+                .bind(&app)
+                .fetch_one(&admin)
+                .await
+                .unwrap();
+                peak.fetch_max(n, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let started = Instant::now();
+    let results = join_all((0..200).map(|_| {
+        let db = fx.db.clone();
+        async move {
+            let mut conn = db.acquire().await?;
+            sqlx::query("SELECT pg_sleep(0.1)")
+                .execute(&mut *conn)
+                .await
+                .map_err(DbError::Query)?;
+            Ok::<_, DbError>(())
+        }
+    }))
+    .await;
+    let elapsed = started.elapsed();
+    done.store(true, Ordering::Relaxed);
+    sampler.await.unwrap();
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    let timed_out = results
+        .iter()
+        .filter(|r| matches!(r, Err(DbError::AcquireTimeout(_))))
+        .count();
+    assert_eq!(
+        ok + timed_out,
+        200,
+        "only successes and acquire timeouts: {results:?}"
+    );
+    assert!(ok >= 20, "at least one full pool of work ran: {ok}");
+    assert!(
+        timed_out > 0,
+        "200 x 100 ms through 20 connections cannot fit in 300 ms"
+    );
+    let peak = peak.load(Ordering::Relaxed);
+    assert!(peak <= 20, "server saw {peak} backends for a pool of 20");
+    assert!(peak > 0, "the sampler never saw the pool");
+    // No hang: everyone got an answer a little after the acquire timeout.
+    assert!(elapsed < Duration::from_secs(10), "{elapsed:?}");
+    let message = results
+        .iter()
+        .find_map(|r| r.as_ref().err())
+        .unwrap()
+        .to_string();
+    assert!(
+        message.contains("timed out") && message.contains("connection"),
+        "{message}"
+    );
+    assert_eq!(fx.db.metrics().acquire_timeouts_total as usize, timed_out);
+    fx.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_thousand_queries_reuse_at_most_max_connections() {
+    let fx = Fixture::new(|c| {
+        c.pool_max = 20;
+        c.pool_min = 2;
+    })
+    .await;
+    let run = |n: usize| {
+        let db = fx.db.clone();
+        async move {
+            let pids: Vec<i32> = futures::stream::iter(0..n)
+                .map(|_| {
+                    let db = db.clone();
+                    async move {
+                        db.bounded(
+                            sqlx::query_scalar::<_, i32>("SELECT pg_backend_pid()")
+                                .fetch_one(db.primary()),
+                        )
+                        .await
+                        .unwrap()
+                    }
+                })
+                .buffer_unordered(20)
+                .collect()
+                .await;
+            pids.into_iter().collect::<HashSet<i32>>()
+        }
+    };
+    use futures::StreamExt;
+    let warm = run(500).await;
+    let steady = run(5_000).await;
+    let all: HashSet<i32> = warm.union(&steady).copied().collect();
+    assert!(
+        all.len() <= 20,
+        "{} distinct backends for a pool of 20",
+        all.len()
+    );
+    let new_after_warmup: Vec<_> = steady.difference(&warm).collect();
+    assert!(
+        new_after_warmup.is_empty(),
+        "sessions opened after warm-up: {new_after_warmup:?}"
+    );
+    fx.finish().await;
+}
+
+#[tokio::test]
+async fn every_connection_carries_the_session_timeouts() {
+    let fx = Fixture::new(|c| {
+        c.pool_max = 8;
+        c.statement_timeout = Duration::from_millis(1234);
+        c.idle_in_transaction_timeout = Duration::from_millis(5678);
+    })
+    .await;
+    let mut conns = Vec::new();
+    for _ in 0..8 {
+        conns.push(fx.db.acquire().await.unwrap());
+    }
+    let mut pids = HashSet::new();
+    for conn in &mut conns {
+        let st: String = sqlx::query_scalar("SHOW statement_timeout")
+            .fetch_one(&mut **conn)
+            .await
+            .unwrap();
+        let it: String = sqlx::query_scalar("SHOW idle_in_transaction_session_timeout")
+            .fetch_one(&mut **conn)
+            .await
+            .unwrap();
+        let ka: String = sqlx::query_scalar("SHOW tcp_keepalives_idle")
+            .fetch_one(&mut **conn)
+            .await
+            .unwrap();
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut **conn)
+            .await
+            .unwrap();
+        assert_eq!(st, "1234ms");
+        assert_eq!(it, "5678ms");
+        assert!(ka == "1min" || ka == "60" || ka == "0", "{ka}");
+        pids.insert(pid);
+    }
+    assert_eq!(pids.len(), 8, "eight distinct sessions");
+    assert_eq!(fx.backends().await, 8);
+    drop(conns);
+    fx.finish().await;
+}
+
+#[tokio::test]
+async fn terminated_backends_are_replaced_without_errors() {
+    let fx = Fixture::new(|c| {
+        c.pool_max = 5;
+        c.pool_min = 0;
+    })
+    .await;
+    // Open five connections, then give them back.
+    let conns = join_all((0..5).map(|_| fx.db.acquire())).await;
+    drop(conns);
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+    )
+    .bind(&fx.app)
+    .fetch_all(&fx.admin)
+    .await
+    .unwrap();
+    assert_eq!(killed.len(), 5);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            fx.backends().await == 0
+        })
+        .await
+    );
+    // Connections idle for less than PING_BYPASS are trusted without a ping (the cost of
+    // the bypass); idle connections killed by an operator have been idle longer than that.
+    tokio::time::sleep(smartbeak_database::PING_BYPASS).await;
+    for i in 0..50 {
+        let one: i32 = fx
+            .db
+            .bounded(sqlx::query_scalar("SELECT 1").fetch_one(fx.db.primary()))
+            .await
+            .unwrap_or_else(|e| panic!("request {i} failed after the kill: {e:?}"));
+        assert_eq!(one, 1);
+    }
+    assert!(fx.backends().await >= 1);
+    fx.finish().await;
+}
+
+/// A TCP proxy that delays every chunk from the server by `delay`, so that a `BEGIN` takes a
+/// known time on the wire and a caller can be cancelled while it is in flight.
+async fn slow_proxy(upstream: String, delay: Duration) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let server = tokio::net::TcpStream::connect(&upstream).await.unwrap();
+            let (mut client_read, mut client_write) = client.into_split();
+            let (mut server_read, mut server_write) = server.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+            });
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = match server_read.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    tokio::time::sleep(delay).await;
+                    if client_write.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn a_cancelled_begin_never_leaves_a_session_inside_a_transaction() {
+    let tdb = TestDatabase::create().await.unwrap();
+    let mut url = url::Url::parse(tdb.url().expose()).unwrap();
+    let upstream = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432));
+    let port = slow_proxy(upstream, Duration::from_millis(40)).await;
+    url.set_port(Some(port)).unwrap();
+    let mut config = DatabaseConfig::new(url.as_str()).unwrap();
+    config.pool_max = 1;
+    config.pool_min = 0;
+    let db = Database::connect(config, "sbt-cancel-begin").await.unwrap();
+    for i in 0..5 {
+        // BEGIN's answer takes 40 ms to come back: cancel the caller half-way through.
+        let cancelled = tokio::time::timeout(Duration::from_millis(20), db.begin()).await;
+        assert!(
+            cancelled.is_err(),
+            "iteration {i}: begin finished before the cancellation"
+        );
+        let mut conn = db.acquire().await.unwrap();
+        assert!(
+            !inside_transaction(&mut conn).await,
+            "iteration {i}: the pooled session is inside a leaked transaction"
+        );
+    }
+    db.close(Duration::from_secs(5)).await.unwrap();
+    tdb.drop_database().await.unwrap();
+}
+
+#[tokio::test]
+async fn concurrent_first_analytics_calls_create_exactly_one_pool() {
+    let tdb = TestDatabase::create().await.unwrap();
+    let mut config = tdb.config();
+    config.analytics_url = Some(tdb.url().clone());
+    let db = Database::connect(config, "sbt-analytics-one")
+        .await
+        .unwrap();
+    assert_eq!(db.read_source(), ReadSource::Primary);
+    let pools = join_all((0..100).map(|_| db.analytics())).await;
+    assert_eq!(pools.len(), 100);
+    let m = db.metrics();
+    assert_eq!(m.analytics_init_attempts_total, 1);
+    assert_eq!(m.analytics_init_failures_total, 0);
+    assert_eq!(db.read_source(), ReadSource::Replica);
+    assert!(m.analytics.is_some());
+    db.close(Duration::from_secs(5)).await.unwrap();
+    tdb.drop_database().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_unreachable_replica_falls_back_to_the_primary_and_retries_with_backoff() {
+    let tdb = TestDatabase::create().await.unwrap();
+    let mut config = tdb.config();
+    // Port 1 on loopback refuses at once; a black-holed address would cost one acquire timeout.
+    config.analytics_url = Some(
+        smartbeak_database::SecretUrl::parse(
+            "ANALYTICS_DB_URL",
+            "postgres://postgres@127.0.0.1:1/none",
+        )
+        .unwrap(),
+    );
+    config.acquire_timeout = Duration::from_millis(500);
+    config.analytics_retry_initial = Duration::from_millis(200);
+    config.analytics_retry_max = Duration::from_millis(800);
+    let db = Database::connect(config, "sbt-analytics-down")
+        .await
+        .unwrap();
+
+    let started = Instant::now();
+    let pools = join_all((0..100).map(|_| db.analytics())).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "fallback took {:?}",
+        started.elapsed()
+    );
+    for pool in &pools {
+        let one: i32 = sqlx::query_scalar("SELECT 1")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        assert_eq!(one, 1, "the fallback is a working pool (the primary)");
+    }
+    assert_eq!(db.read_source(), ReadSource::Primary);
+    let m = db.metrics();
+    assert_eq!(
+        m.analytics_init_attempts_total, 1,
+        "waiters behind the failure respect the backoff"
+    );
+    assert_eq!(m.analytics_init_failures_total, 1);
+
+    // Within the backoff (at least 100 ms, half the first 200 ms delay) nobody tries again.
+    let _ = db.analytics().await;
+    assert_eq!(db.metrics().analytics_init_attempts_total, 1);
+
+    // After it, exactly one new attempt; the next delay is longer (200..400 ms).
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            let _ = db.analytics().await;
+            db.metrics().analytics_init_attempts_total == 2
+        })
+        .await
+    );
+    let second_failure = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            let _ = db.analytics().await;
+            db.metrics().analytics_init_attempts_total == 3
+        })
+        .await
+    );
+    let gap = second_failure.elapsed();
+    assert!(
+        gap >= Duration::from_millis(200),
+        "second delay {gap:?} should be at least half of 400 ms"
+    );
+    db.close(Duration::from_secs(5)).await.unwrap();
+    tdb.drop_database().await.unwrap();
+}
