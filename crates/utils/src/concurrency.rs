@@ -1,0 +1,371 @@
+//! Bounded concurrency and batch processing: a sliding-window [`map_bounded`]
+//! whose results come back in input order, and the batch helpers
+//! ([`process_in_batches`], [`process_in_batches_strict`], [`map_in_batches`])
+//! used by the export job and the control-plane.
+//!
+//! Every item is settled: one failing item never cancels the others, and each
+//! item gets its own `Result` at its own index.
+//!
+//! # Example
+//!
+//! ```
+//! use smartbeak_utils::concurrency::{map_bounded, ItemError};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let results = map_bounded(
+//!     vec![1_u32, 2, 3, 4],
+//!     2,
+//!     |n| async move { if n == 3 { Err("three") } else { Ok(n * 10) } },
+//!     None,
+//! )
+//! .await?;
+//! assert_eq!(results[0], Ok(10));
+//! assert_eq!(results[2], Err(ItemError::Failed("three")));
+//! assert_eq!(results[3], Ok(40));
+//! # Ok(())
+//! # }
+//! ```
+
+use std::fmt;
+use std::future::Future;
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use tokio_util::sync::CancellationToken;
+
+/// Largest batch size accepted by the batch helpers (as in the original service).
+pub const MAX_BATCH_SIZE: usize = 100;
+
+/// An argument of a concurrency helper was out of range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ConcurrencyError {
+    /// `map_bounded` was called with a limit of zero.
+    #[error("concurrency limit must be at least 1, got 0")]
+    ZeroLimit,
+    /// A batch helper was called with a batch size outside `1..=100`.
+    #[error("batch size must be between 1 and {max}, got {got}", max = MAX_BATCH_SIZE)]
+    InvalidBatchSize {
+        /// The batch size that was passed.
+        got: usize,
+    },
+}
+
+/// Why one item of [`map_bounded`] or [`map_in_batches`] has no value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ItemError<E> {
+    /// The item ran and its future returned this error.
+    #[error("item failed: {0}")]
+    Failed(E),
+    /// The item was never started because the cancellation token fired first
+    /// (or, in the strict batch mode, because an earlier batch failed).
+    #[error("item was not started")]
+    NotStarted,
+}
+
+/// Runs `f` over `items` with at most `limit` futures in flight at once.
+///
+/// This is a sliding window, not fixed chunks: a new item starts as soon as any
+/// running item finishes, so one slow item never holds back the others. The
+/// returned vector has one entry per item, in input order, whatever the order
+/// of completion.
+///
+/// When `cancel` fires, no further item is started; items already running are
+/// awaited and settled as usual, and the items never started are reported as
+/// [`ItemError::NotStarted`]. To abort running items as well, hand the same
+/// token to `f`.
+///
+/// # Errors
+///
+/// [`ConcurrencyError::ZeroLimit`] when `limit` is 0 (nothing is run).
+pub async fn map_bounded<I, T, R, E, F, Fut>(
+    items: I,
+    limit: usize,
+    mut f: F,
+    cancel: Option<CancellationToken>,
+) -> Result<Vec<Result<R, ItemError<E>>>, ConcurrencyError>
+where
+    I: IntoIterator<Item = T>,
+    F: FnMut(T) -> Fut,
+    Fut: Future<Output = Result<R, E>>,
+{
+    if limit == 0 {
+        return Err(ConcurrencyError::ZeroLimit);
+    }
+    let is_cancelled = || cancel.as_ref().is_some_and(CancellationToken::is_cancelled);
+
+    let mut items = items.into_iter().enumerate();
+    let mut slots: Vec<Option<Result<R, ItemError<E>>>> = Vec::with_capacity(items.size_hint().0);
+    let mut running = FuturesUnordered::new();
+
+    loop {
+        // Fill the window.
+        while running.len() < limit && !is_cancelled() {
+            let Some((index, item)) = items.next() else {
+                break;
+            };
+            slots.push(None);
+            let fut = f(item);
+            running.push(async move { (index, fut.await) });
+        }
+        match running.next().await {
+            Some((index, outcome)) => {
+                slots[index] = Some(outcome.map_err(ItemError::Failed));
+            }
+            None => break,
+        }
+    }
+    // Anything left in the iterator was never started (cancellation).
+    for _ in items {
+        slots.push(Some(Err(ItemError::NotStarted)));
+    }
+    Ok(slots
+        .into_iter()
+        .map(|slot| slot.unwrap_or(Err(ItemError::NotStarted)))
+        .collect())
+}
+
+/// Progress of a batch helper, reported once after each batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchProgress {
+    /// The batch just finished, counted from 1.
+    pub batch: usize,
+    /// Number of batches in total.
+    pub batches: usize,
+    /// Items that succeeded so far (all batches up to this one).
+    pub succeeded: usize,
+    /// Items that failed so far (all batches up to this one).
+    pub failed: usize,
+}
+
+impl fmt::Display for BatchProgress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "batch {} of {}: {} succeeded, {} failed",
+            self.batch, self.batches, self.succeeded, self.failed
+        )
+    }
+}
+
+/// A progress callback for the batch helpers: pass `None` for no progress.
+pub type ProgressFn<'a> = Option<&'a mut (dyn FnMut(BatchProgress) + Send)>;
+
+/// One failed item: its index in the input and its error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ItemFailure<E> {
+    /// Index of the item in the input.
+    pub index: usize,
+    /// The error the item returned.
+    pub error: E,
+}
+
+/// Outcome of [`process_in_batches`]: every item was run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchReport<E> {
+    /// Number of items that succeeded.
+    pub succeeded: usize,
+    /// Every failed item, in input order.
+    pub failures: Vec<ItemFailure<E>>,
+}
+
+/// Error of [`process_in_batches_strict`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StrictBatchError<E> {
+    /// The batch size was out of range; nothing was run.
+    #[error(transparent)]
+    Invalid(#[from] ConcurrencyError),
+    /// A batch had failures: it was run to its end, later batches were not started.
+    #[error(
+        "batch {batch} of {batches} failed at item indices {indices:?}; {not_started} later items were not started",
+        indices = failed_indices(failures)
+    )]
+    BatchFailed {
+        /// The failed batch, counted from 1.
+        batch: usize,
+        /// Number of batches in total.
+        batches: usize,
+        /// Items that succeeded before the run stopped (this batch included).
+        succeeded: usize,
+        /// Every failed item of the failed batch, in input order.
+        failures: Vec<ItemFailure<E>>,
+        /// Number of items of later batches that were never started.
+        not_started: usize,
+    },
+}
+
+fn failed_indices<E>(failures: &[ItemFailure<E>]) -> Vec<usize> {
+    failures.iter().map(|failure| failure.index).collect()
+}
+
+fn check_batch_size(batch_size: usize) -> Result<(), ConcurrencyError> {
+    if (1..=MAX_BATCH_SIZE).contains(&batch_size) {
+        Ok(())
+    } else {
+        Err(ConcurrencyError::InvalidBatchSize { got: batch_size })
+    }
+}
+
+/// Runs one batch: every item of the batch at once, settled, in input order.
+async fn run_batch<T, R, E, F, Fut>(batch: Vec<T>, f: &mut F) -> Vec<Result<R, E>>
+where
+    F: FnMut(T) -> Fut,
+    Fut: Future<Output = Result<R, E>>,
+{
+    futures::future::join_all(batch.into_iter().map(f)).await
+}
+
+/// Splits `items` into batches of `batch_size`, runs the items of one batch
+/// concurrently and the batches one after another, and settles every item.
+///
+/// `progress` is called after each batch.
+///
+/// # Errors
+///
+/// [`ConcurrencyError::InvalidBatchSize`] when `batch_size` is not in `1..=100`
+/// (nothing is run). Item failures are not errors: they are in the report.
+pub async fn process_in_batches<T, R, E, F, Fut>(
+    items: Vec<T>,
+    batch_size: usize,
+    mut f: F,
+    mut progress: ProgressFn<'_>,
+) -> Result<BatchReport<E>, ConcurrencyError>
+where
+    F: FnMut(T) -> Fut,
+    Fut: Future<Output = Result<R, E>>,
+{
+    check_batch_size(batch_size)?;
+    let batches = items.len().div_ceil(batch_size);
+    let mut report = BatchReport {
+        succeeded: 0,
+        failures: Vec::new(),
+    };
+    let mut items = items.into_iter();
+    for batch in 1..=batches {
+        let first_index = (batch - 1) * batch_size;
+        let chunk: Vec<T> = items.by_ref().take(batch_size).collect();
+        for (offset, outcome) in run_batch(chunk, &mut f).await.into_iter().enumerate() {
+            match outcome {
+                Ok(_) => report.succeeded += 1,
+                Err(error) => report.failures.push(ItemFailure {
+                    index: first_index + offset,
+                    error,
+                }),
+            }
+        }
+        if let Some(progress) = progress.as_mut() {
+            progress(BatchProgress {
+                batch,
+                batches,
+                succeeded: report.succeeded,
+                failed: report.failures.len(),
+            });
+        }
+    }
+    Ok(report)
+}
+
+/// Like [`process_in_batches`], but stops after the first batch that had a
+/// failure: that batch is run to its end, then one error listing every failed
+/// index of it is returned, and the items of later batches are not started.
+///
+/// Returns the number of items processed (all succeeded) otherwise.
+///
+/// # Errors
+///
+/// [`StrictBatchError::Invalid`] for a batch size outside `1..=100`,
+/// [`StrictBatchError::BatchFailed`] for the first batch with failures.
+pub async fn process_in_batches_strict<T, R, E, F, Fut>(
+    items: Vec<T>,
+    batch_size: usize,
+    mut f: F,
+    mut progress: ProgressFn<'_>,
+) -> Result<usize, StrictBatchError<E>>
+where
+    F: FnMut(T) -> Fut,
+    Fut: Future<Output = Result<R, E>>,
+{
+    check_batch_size(batch_size)?;
+    let total = items.len();
+    let batches = total.div_ceil(batch_size);
+    let mut succeeded = 0;
+    let mut items = items.into_iter();
+    for batch in 1..=batches {
+        let first_index = (batch - 1) * batch_size;
+        let chunk: Vec<T> = items.by_ref().take(batch_size).collect();
+        let chunk_len = chunk.len();
+        let mut failures = Vec::new();
+        for (offset, outcome) in run_batch(chunk, &mut f).await.into_iter().enumerate() {
+            match outcome {
+                Ok(_) => succeeded += 1,
+                Err(error) => failures.push(ItemFailure {
+                    index: first_index + offset,
+                    error,
+                }),
+            }
+        }
+        if let Some(progress) = progress.as_mut() {
+            progress(BatchProgress {
+                batch,
+                batches,
+                succeeded,
+                failed: failures.len(),
+            });
+        }
+        if !failures.is_empty() {
+            return Err(StrictBatchError::BatchFailed {
+                batch,
+                batches,
+                succeeded,
+                failures,
+                not_started: total - first_index - chunk_len,
+            });
+        }
+    }
+    Ok(succeeded)
+}
+
+/// Like [`process_in_batches`], but keeps each item's value: returns one
+/// `Result` per item, in input order.
+///
+/// # Errors
+///
+/// [`ConcurrencyError::InvalidBatchSize`] when `batch_size` is not in `1..=100`.
+pub async fn map_in_batches<T, R, E, F, Fut>(
+    items: Vec<T>,
+    batch_size: usize,
+    mut f: F,
+    mut progress: ProgressFn<'_>,
+) -> Result<Vec<Result<R, E>>, ConcurrencyError>
+where
+    F: FnMut(T) -> Fut,
+    Fut: Future<Output = Result<R, E>>,
+{
+    check_batch_size(batch_size)?;
+    let batches = items.len().div_ceil(batch_size);
+    let mut out = Vec::with_capacity(items.len());
+    let (mut succeeded, mut failed) = (0, 0);
+    let mut items = items.into_iter();
+    for batch in 1..=batches {
+        let chunk: Vec<T> = items.by_ref().take(batch_size).collect();
+        for outcome in run_batch(chunk, &mut f).await {
+            if outcome.is_ok() {
+                succeeded += 1;
+            } else {
+                failed += 1;
+            }
+            out.push(outcome);
+        }
+        if let Some(progress) = progress.as_mut() {
+            progress(BatchProgress {
+                batch,
+                batches,
+                succeeded,
+                failed,
+            });
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests;
