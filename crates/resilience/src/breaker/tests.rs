@@ -1,1 +1,554 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::clock::ManualClock;
+
+const SEC: Duration = Duration::from_secs(1);
+
+fn config() -> BreakerConfig {
+    BreakerConfig {
+        window_size: 10,
+        minimum_calls: 5,
+        failure_rate_percent: 50,
+        consecutive_failures: 0,
+        slow_calls: None,
+        open_duration: SEC,
+        open_backoff_factor: 2,
+        max_open_duration: 5 * SEC,
+        half_open_probes: 3,
+        half_open_successes: 2,
+        half_open_max_wait: 10 * SEC,
+        cancelled_calls: CancelledCalls::Ignore,
+    }
+}
+
+fn breaker(config: BreakerConfig) -> (CircuitBreaker, ManualClock) {
+    let clock = ManualClock::new();
+    let policy = BreakerPolicy::new(config).unwrap();
+    (
+        CircuitBreaker::with_clock(AdapterName::Openai, policy, clock.shared()),
+        clock,
+    )
+}
+
+fn outcome(b: &CircuitBreaker, verdict: Verdict) -> Result<(), Rejection> {
+    b.try_acquire().map(|permit| permit.record(verdict))
+}
+
+fn fail(b: &CircuitBreaker) -> Result<(), Rejection> {
+    outcome(b, Verdict::TRANSIENT)
+}
+
+fn succeed(b: &CircuitBreaker) -> Result<(), Rejection> {
+    outcome(b, Verdict::Success)
+}
+
+/// Trips `b` (closed) with consecutive failures or the rate, whichever comes.
+fn trip(b: &CircuitBreaker) {
+    while b.state() == BreakerState::Closed {
+        fail(b).unwrap();
+    }
+    assert_eq!(b.state(), BreakerState::Open);
+}
+
+#[test]
+fn trips_on_failure_rate_after_minimum_calls() {
+    let (b, _clock) = breaker(config());
+    for _ in 0..5 {
+        succeed(&b).unwrap();
+    }
+    for _ in 0..4 {
+        fail(&b).unwrap();
+    }
+    // 4 of 9 failed: below 50 %.
+    assert_eq!(b.state(), BreakerState::Closed);
+    fail(&b).unwrap();
+    // 5 of 10.
+    assert_eq!(b.state(), BreakerState::Open);
+    let err = succeed(&b).unwrap_err();
+    assert_eq!(err.adapter, AdapterName::Openai);
+    assert_eq!(err.retry_after, SEC);
+}
+
+#[test]
+fn rate_is_not_judged_below_minimum_calls() {
+    let (b, _clock) = breaker(config());
+    for _ in 0..4 {
+        fail(&b).unwrap();
+    }
+    assert_eq!(b.state(), BreakerState::Closed);
+    fail(&b).unwrap();
+    assert_eq!(b.state(), BreakerState::Open);
+}
+
+#[test]
+fn window_slides_so_old_failures_age_out() {
+    let (b, _clock) = breaker(config());
+    for _ in 0..4 {
+        fail(&b).unwrap();
+    }
+    for _ in 0..10 {
+        succeed(&b).unwrap();
+    }
+    assert_eq!(b.snapshot().window_failures, 0);
+    for _ in 0..4 {
+        fail(&b).unwrap();
+    }
+    assert_eq!(b.state(), BreakerState::Closed);
+}
+
+#[test]
+fn trips_on_consecutive_failures() {
+    let (b, _clock) = breaker(BreakerConfig {
+        window_size: 100,
+        minimum_calls: 100,
+        consecutive_failures: 3,
+        ..config()
+    });
+    fail(&b).unwrap();
+    fail(&b).unwrap();
+    succeed(&b).unwrap();
+    fail(&b).unwrap();
+    fail(&b).unwrap();
+    assert_eq!(b.state(), BreakerState::Closed);
+    assert_eq!(b.snapshot().consecutive_failures, 2);
+    fail(&b).unwrap();
+    assert_eq!(b.state(), BreakerState::Open);
+}
+
+#[test]
+fn ignored_and_benign_outcomes_do_not_trip() {
+    let (b, _clock) = breaker(config());
+    for _ in 0..20 {
+        outcome(&b, Verdict::Ignored).unwrap();
+    }
+    assert_eq!(b.snapshot().window_calls, 0);
+    for _ in 0..20 {
+        succeed(&b).unwrap();
+    }
+    assert_eq!(b.state(), BreakerState::Closed);
+}
+
+#[test]
+fn trips_on_slow_call_rate() {
+    let (b, clock) = breaker(BreakerConfig {
+        slow_calls: Some(SlowCallConfig {
+            threshold: Duration::from_millis(500),
+            rate_percent: 60,
+        }),
+        ..config()
+    });
+    for _ in 0..4 {
+        succeed(&b).unwrap();
+    }
+    for i in 0..6 {
+        let permit = b.try_acquire().unwrap();
+        clock.advance(Duration::from_millis(600));
+        permit.record(Verdict::Success);
+        let expected = if i < 5 {
+            BreakerState::Closed
+        } else {
+            BreakerState::Open
+        };
+        assert_eq!(b.state(), expected, "slow call {i}");
+    }
+}
+
+#[test]
+fn open_rejects_until_deadline_then_probes_and_recovers() {
+    let (b, clock) = breaker(config());
+    trip(&b);
+    clock.advance(SEC - Duration::from_millis(1));
+    assert_eq!(
+        succeed(&b).unwrap_err().retry_after,
+        Duration::from_millis(1)
+    );
+    clock.advance(Duration::from_millis(1));
+    let first = b.try_acquire().unwrap();
+    assert!(first.is_probe());
+    assert_eq!(b.state(), BreakerState::HalfOpen);
+    first.record(Verdict::Success);
+    assert_eq!(b.state(), BreakerState::HalfOpen);
+    succeed(&b).unwrap();
+    assert_eq!(b.state(), BreakerState::Closed);
+    let snap = b.snapshot();
+    assert_eq!((snap.window_calls, snap.trips), (0, 0));
+    // Fully usable again, with a fresh window.
+    for _ in 0..4 {
+        fail(&b).unwrap();
+    }
+    assert_eq!(b.state(), BreakerState::Closed);
+}
+
+#[test]
+fn half_open_admits_only_the_probe_limit() {
+    let (b, clock) = breaker(config());
+    trip(&b);
+    clock.advance(SEC);
+    let probes: Vec<_> = (0..3).map(|_| b.try_acquire().unwrap()).collect();
+    let rejected = b.try_acquire().unwrap_err();
+    // Upper bound: the rest of the half-open wait.
+    assert_eq!(rejected.retry_after, 10 * SEC);
+    assert_eq!(b.snapshot().probes_admitted, 3);
+    drop(probes);
+}
+
+#[test]
+fn failed_probe_reopens_and_open_duration_grows_to_cap() {
+    let (b, clock) = breaker(config());
+    trip(&b);
+    let mut expected = vec![SEC, 2 * SEC, 4 * SEC, 5 * SEC, 5 * SEC];
+    expected.reverse();
+    let mut open_for = expected.pop().unwrap();
+    assert_eq!(b.snapshot().open_duration, open_for);
+    while let Some(next) = expected.pop() {
+        clock.advance(open_for - Duration::from_nanos(1));
+        assert!(succeed(&b).is_err(), "still open just before {open_for:?}");
+        clock.advance(Duration::from_nanos(1));
+        fail(&b).unwrap(); // the probe fails
+        assert_eq!(b.state(), BreakerState::Open);
+        assert_eq!(b.snapshot().open_duration, next);
+        open_for = next;
+    }
+    // Recovery resets the growth.
+    clock.advance(open_for);
+    succeed(&b).unwrap();
+    succeed(&b).unwrap();
+    assert_eq!(b.state(), BreakerState::Closed);
+    trip(&b);
+    assert_eq!(b.snapshot().open_duration, SEC);
+}
+
+#[test]
+fn dropped_probe_hands_its_slot_back() {
+    let (b, clock) = breaker(config());
+    trip(&b);
+    clock.advance(SEC);
+    let held: Vec<_> = (0..3).map(|_| b.try_acquire().unwrap()).collect();
+    assert!(b.try_acquire().is_err());
+    drop(held);
+    let snap = b.snapshot();
+    assert_eq!((snap.probes_admitted, snap.cancelled_calls), (0, 3));
+    assert_eq!(b.state(), BreakerState::HalfOpen);
+    // An ignored probe hands its slot back too.
+    outcome(&b, Verdict::Ignored).unwrap();
+    assert_eq!(b.snapshot().probes_admitted, 0);
+    succeed(&b).unwrap();
+    succeed(&b).unwrap();
+    assert_eq!(b.state(), BreakerState::Closed);
+}
+
+#[tokio::test]
+async fn dropping_a_call_future_releases_the_probe() {
+    let (b, clock) = breaker(BreakerConfig {
+        half_open_probes: 1,
+        half_open_successes: 1,
+        ..config()
+    });
+    trip(&b);
+    clock.advance(SEC);
+    let hung = b.call(
+        std::future::pending::<Result<(), ()>>,
+        crate::err_is_transient,
+    );
+    // Poll once so the probe is admitted, then drop the future.
+    let mut hung = Box::pin(hung);
+    assert!(futures::poll!(hung.as_mut()).is_pending());
+    assert!(b.try_acquire().is_err());
+    drop(hung);
+    let value = b
+        .call(|| async { Ok::<_, ()>(7) }, crate::err_is_transient)
+        .await
+        .unwrap();
+    assert_eq!(value, 7);
+    assert_eq!(b.state(), BreakerState::Closed);
+}
+
+#[test]
+fn hung_probe_cannot_wedge_the_breaker() {
+    let (b, clock) = breaker(config());
+    trip(&b);
+    clock.advance(SEC);
+    let hung: Vec<_> = (0..3).map(|_| b.try_acquire().unwrap()).collect();
+    clock.advance(10 * SEC - Duration::from_nanos(1));
+    assert!(b.try_acquire().is_err());
+    assert_eq!(b.state(), BreakerState::HalfOpen);
+    clock.advance(Duration::from_nanos(1));
+    // The next caller re-opens it (a failed trial: the duration grows).
+    let err = b.try_acquire().unwrap_err();
+    assert_eq!(b.state(), BreakerState::Open);
+    assert_eq!(err.retry_after, 2 * SEC);
+    // Late outcomes of the hung probes belong to an old generation.
+    for permit in hung {
+        permit.record(Verdict::Success);
+    }
+    assert_eq!(b.state(), BreakerState::Open);
+    clock.advance(2 * SEC);
+    succeed(&b).unwrap();
+    succeed(&b).unwrap();
+    assert_eq!(b.state(), BreakerState::Closed);
+}
+
+#[test]
+fn stale_outcomes_from_before_a_transition_are_ignored() {
+    let (b, clock) = breaker(config());
+    let slow_success = b.try_acquire().unwrap();
+    trip(&b);
+    clock.advance(SEC);
+    // A success admitted while closed must not count as a probe.
+    slow_success.record(Verdict::Success);
+    assert_eq!(b.snapshot().probe_successes, 0);
+    assert_eq!(b.state(), BreakerState::Open);
+}
+
+#[test]
+fn cancelled_closed_calls_follow_the_config() {
+    let (b, _clock) = breaker(config());
+    for _ in 0..20 {
+        drop(b.try_acquire().unwrap());
+    }
+    let snap = b.snapshot();
+    assert_eq!(
+        (snap.state, snap.window_calls, snap.cancelled_calls),
+        (BreakerState::Closed, 0, 20)
+    );
+
+    let (b, _clock) = breaker(BreakerConfig {
+        cancelled_calls: CancelledCalls::CountAsFailure,
+        ..config()
+    });
+    for _ in 0..5 {
+        drop(b.try_acquire().unwrap());
+    }
+    assert_eq!(b.state(), BreakerState::Open);
+}
+
+#[tokio::test]
+async fn call_runs_each_callers_own_function() {
+    let (b, _clock) = breaker(config());
+    let a = b
+        .call(|| async { Ok::<_, ()>("a") }, crate::err_is_transient)
+        .await;
+    let c = b
+        .call(|| async { Ok::<_, ()>("c") }, crate::err_is_transient)
+        .await;
+    assert_eq!((a.unwrap(), c.unwrap()), ("a", "c"));
+    let err = b
+        .call(|| async { Err::<(), _>("boom") }, crate::err_is_transient)
+        .await
+        .unwrap_err();
+    assert_eq!(err.into_inner(), Some("boom"));
+}
+
+#[tokio::test]
+async fn rejected_call_never_runs_the_function() {
+    let (b, _clock) = breaker(config());
+    trip(&b);
+    let ran = AtomicUsize::new(0);
+    let err = b
+        .call(
+            || async {
+                ran.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, &str>(())
+            },
+            crate::err_is_transient,
+        )
+        .await
+        .unwrap_err();
+    assert!(err.is_rejected());
+    assert_eq!(ran.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        err.to_string(),
+        "circuit breaker for openai is open, next probe in 1s"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_open_admits_exactly_the_probe_limit_among_100_concurrent_callers() {
+    let clock = ManualClock::new();
+    let policy = BreakerPolicy::new(BreakerConfig {
+        half_open_probes: 4,
+        half_open_successes: 4,
+        ..config()
+    })
+    .unwrap();
+    let b = Arc::new(CircuitBreaker::with_clock(
+        AdapterName::Tiktok,
+        policy,
+        clock.shared(),
+    ));
+    trip(&b);
+    clock.advance(SEC);
+
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let admitted = Arc::new(AtomicUsize::new(0));
+    let rejected = Arc::new(AtomicUsize::new(0));
+    let start = Arc::new(tokio::sync::Barrier::new(100));
+    let mut tasks = Vec::new();
+    for _ in 0..100 {
+        let (b, gate, admitted, rejected, start) = (
+            Arc::clone(&b),
+            Arc::clone(&gate),
+            Arc::clone(&admitted),
+            Arc::clone(&rejected),
+            Arc::clone(&start),
+        );
+        tasks.push(tokio::spawn(async move {
+            start.wait().await;
+            let result = b
+                .call(
+                    || async {
+                        admitted.fetch_add(1, Ordering::SeqCst);
+                        let _open = gate.acquire().await.unwrap();
+                        Ok::<_, ()>(())
+                    },
+                    crate::err_is_transient,
+                )
+                .await;
+            if matches!(result, Err(BreakerError::Rejected { .. })) {
+                rejected.fetch_add(1, Ordering::SeqCst);
+            }
+        }));
+    }
+    // Bounded wait until every caller has been admitted or rejected.
+    for _ in 0..2000 {
+        if admitted.load(Ordering::SeqCst) + rejected.load(Ordering::SeqCst) == 100 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(admitted.load(Ordering::SeqCst), 4);
+    assert_eq!(rejected.load(Ordering::SeqCst), 96);
+    assert_eq!(b.snapshot().probes_admitted, 4);
+    gate.add_permits(100);
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(b.state(), BreakerState::Closed);
+}
+
+#[test]
+fn open_duration_formula_caps_and_tolerates_factor_one() {
+    let c = config();
+    let got: Vec<_> = (1..=5).map(|t| open_duration_for(&c, t)).collect();
+    assert_eq!(got, vec![SEC, 2 * SEC, 4 * SEC, 5 * SEC, 5 * SEC]);
+    assert_eq!(open_duration_for(&c, u32::MAX), 5 * SEC);
+    let flat = BreakerConfig {
+        open_backoff_factor: 1,
+        ..config()
+    };
+    assert_eq!(open_duration_for(&flat, u32::MAX), SEC);
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Acquire,
+    Record(usize, Verdict),
+    Drop(usize),
+    Advance(u64),
+    /// Advance to 1 ns before the open deadline, if open.
+    NearDeadline,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let verdict = prop_oneof![
+        Just(Verdict::Success),
+        Just(Verdict::Failure),
+        Just(Verdict::TRANSIENT),
+        Just(Verdict::Ignored),
+    ];
+    prop_oneof![
+        4 => Just(Op::Acquire),
+        4 => (any::<usize>(), verdict).prop_map(|(i, v)| Op::Record(i, v)),
+        1 => any::<usize>().prop_map(Op::Drop),
+        2 => (0u64..3_000_000_000).prop_map(Op::Advance),
+        1 => Just(Op::NearDeadline),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// For any sequence of admissions, outcomes, drops and clock moves: no
+    /// call is admitted while open before the deadline, and no half-open
+    /// period admits more than the probe limit.
+    #[test]
+    fn never_admits_while_open_nor_beyond_probe_limit(
+        ops in proptest::collection::vec(op(), 1..200),
+        probes in 1u32..5,
+    ) {
+        let (b, clock) = breaker(BreakerConfig {
+            window_size: 8,
+            minimum_calls: 4,
+            consecutive_failures: 3,
+            half_open_probes: probes,
+            half_open_successes: probes,
+            half_open_max_wait: 2 * SEC,
+            ..config()
+        });
+        let mut held: Vec<CallPermit<'_>> = Vec::new();
+        // Probes admitted in the current half-open period (by trips seen).
+        let mut period = (b.snapshot().trips, b.state());
+        let mut admitted_in_period = 0u32;
+        for op in ops {
+            let before = b.snapshot();
+            match op {
+                Op::Acquire => {
+                    let result = b.try_acquire();
+                    if before.state == BreakerState::Open
+                        && before.retry_after.is_some_and(|d| !d.is_zero())
+                    {
+                        prop_assert!(result.is_err(), "admitted while open: {before:?}");
+                    }
+                    if let Ok(permit) = result {
+                        if permit.is_probe() {
+                            let now = (b.snapshot().trips, BreakerState::HalfOpen);
+                            if now != period {
+                                period = now;
+                                admitted_in_period = 0;
+                            }
+                            admitted_in_period += 1;
+                        }
+                        held.push(permit);
+                    }
+                }
+                Op::Record(i, verdict) if !held.is_empty() => {
+                    let permit = held.swap_remove(i % held.len());
+                    let was_probe = permit.is_probe();
+                    permit.record(verdict);
+                    if was_probe && verdict == Verdict::Ignored {
+                        admitted_in_period = admitted_in_period.saturating_sub(1);
+                    }
+                }
+                Op::Drop(i) if !held.is_empty() => {
+                    let permit = held.swap_remove(i % held.len());
+                    if permit.is_probe() {
+                        admitted_in_period = admitted_in_period.saturating_sub(1);
+                    }
+                    drop(permit);
+                }
+                Op::Advance(nanos) => clock.advance(Duration::from_nanos(nanos)),
+                Op::NearDeadline => {
+                    if let Some(left) = before.retry_after.filter(|d| *d > Duration::from_nanos(1)) {
+                        clock.advance(left - Duration::from_nanos(1));
+                    }
+                }
+                Op::Record(..) | Op::Drop(..) => {}
+            }
+            let after = b.snapshot();
+            prop_assert!(after.probes_admitted <= probes, "{after:?}");
+            if after.state == BreakerState::HalfOpen {
+                prop_assert!(admitted_in_period <= probes);
+            } else {
+                period = (after.trips, after.state);
+                admitted_in_period = 0;
+            }
+        }
+    }
+}
