@@ -423,7 +423,7 @@ impl Inner {
             })
             .collect();
 
-        let mut batches: [Vec<(usize, Registered)>; 3] = Default::default();
+        let mut batches: [Vec<(usize, Registered)>; Phase::ALL.len()] = Default::default();
         for (index, job) in jobs.into_iter().enumerate() {
             batches[job.phase as usize].push((index, job));
         }
