@@ -1,1 +1,246 @@
-fn main() {}
+//! The `smartbeak-api` binary: `serve` (the default) runs the HTTP API; `migrate`,
+//! `orgs create` and `keys create|revoke` are the admin commands (JSON on stdout).
+
+mod telemetry;
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use metrics_exporter_prometheus::PrometheusBuilder;
+use smartbeak_api::config::{ApiConfig, LogFormat};
+use smartbeak_api::ratelimit::RateLimiter;
+use smartbeak_api::{AppState, auth};
+use smartbeak_database::{Database, DatabaseConfig};
+use smartbeak_shutdown::{Phase, Shutdown, ShutdownReason};
+use uuid::Uuid;
+
+#[derive(Debug, Parser)]
+#[command(name = "smartbeak-api", version, about = "The SmartBeak HTTP API")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the HTTP API (the default).
+    Serve,
+    /// Apply the database migrations.
+    Migrate,
+    /// Manage orgs.
+    Orgs {
+        #[command(subcommand)]
+        command: OrgsCommand,
+    },
+    /// Manage API keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum OrgsCommand {
+    /// Create an org; prints `{"id": ...}`.
+    Create {
+        /// Display name.
+        #[arg(long)]
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Create a key for an org; prints the key once, with its id.
+    Create {
+        /// The org's id.
+        #[arg(long)]
+        org: Uuid,
+        /// A label for humans.
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// Revoke a key by id.
+    Revoke {
+        /// The key's id (as printed by `keys create`).
+        id: Uuid,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match ApiConfig::from_env() {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("smartbeak-api: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let serving = matches!(cli.command, None | Some(Command::Serve));
+    let guard = telemetry::init(if serving {
+        config.log_format
+    } else {
+        LogFormat::Text
+    });
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            tracing::error!(error = %err, "cannot start the tokio runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(async {
+        let result = match cli.command {
+            None | Some(Command::Serve) => serve(config).await,
+            Some(command) => admin(command).await.map(|()| ExitCode::SUCCESS),
+        };
+        result.unwrap_or_else(|err| {
+            tracing::error!(error = format!("{err:#}"), "smartbeak-api failed");
+            ExitCode::FAILURE
+        })
+    });
+    // Do not wait for stray tasks (e.g. a connection past the drain deadline).
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    drop(guard);
+    code
+}
+
+async fn admin(command: Command) -> anyhow::Result<()> {
+    let db_config = DatabaseConfig::from_env().context("database configuration")?;
+    let db = Database::connect(db_config, "smartbeak-api-admin")
+        .await
+        .context("connecting to the database")?;
+    let out = match command {
+        Command::Serve => unreachable!("handled by main"),
+        Command::Migrate => {
+            smartbeak_database::migrate(db.primary())
+                .await
+                .context("migrating")?;
+            serde_json::json!({"migrated": true})
+        }
+        Command::Orgs {
+            command: OrgsCommand::Create { name },
+        } => {
+            let id = auth::create_org(db.primary(), &name)
+                .await
+                .context("creating the org")?;
+            serde_json::json!({"id": id, "name": name})
+        }
+        Command::Keys {
+            command: KeysCommand::Create { org, name },
+        } => serde_json::to_value(
+            auth::create_key(db.primary(), org, &name)
+                .await
+                .context("creating the key (does the org exist?)")?,
+        )?,
+        Command::Keys {
+            command: KeysCommand::Revoke { id },
+        } => {
+            if !auth::revoke_key(db.primary(), id)
+                .await
+                .context("revoking the key")?
+            {
+                anyhow::bail!("no active key with id {id}");
+            }
+            serde_json::json!({"id": id, "revoked": true})
+        }
+    };
+    println!("{out}");
+    db.close(Duration::from_secs(5)).await.ok();
+    Ok(())
+}
+
+async fn serve(config: ApiConfig) -> anyhow::Result<ExitCode> {
+    let shutdown = Shutdown::from_env().context("shutdown configuration")?;
+    shutdown
+        .listen_for_signals()
+        .context("installing signal handlers")?;
+
+    let metrics = PrometheusBuilder::new()
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    let upkeep = metrics.clone();
+    shutdown.spawn({
+        let token = shutdown.token();
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            while token.run_until_cancelled(tick.tick()).await.is_some() {
+                upkeep.run_upkeep();
+            }
+        }
+    });
+
+    let db_config = DatabaseConfig::from_env().context("database configuration")?;
+    let db = Database::connect(db_config, "smartbeak-api")
+        .await
+        .context("connecting to the database")?;
+
+    let limiter = RateLimiter::new(config.rate_limit.clone(), config.redis.as_ref())
+        .context("rate limiter configuration (REDIS_URL)")?;
+    if !config.rate_limit.enabled {
+        tracing::warn!("RATE_LIMIT_ENABLED=false: requests are not rate limited");
+    } else if config.redis.is_none() {
+        tracing::warn!(
+            per_key = config.rate_limit.per_key,
+            per_ip = config.rate_limit.per_ip,
+            "REDIS_URL is not set: rate limiting with the in-process limiter (limits hold per process, not across replicas)"
+        );
+    } else {
+        tracing::info!(
+            fail_closed = config.rate_limit.fail_closed,
+            replicas = config.rate_limit.replicas,
+            "rate limiting in redis"
+        );
+    }
+
+    let pool_close_deadline = config.pool_close_deadline;
+    let bind = config.bind;
+    let state = AppState::new(db.clone(), config, limiter, Some(metrics));
+    let readiness = state.readiness.clone();
+    let app = smartbeak_api::app(state);
+
+    let listener = tokio::net::TcpListener::bind(bind)
+        .await
+        .with_context(|| format!("binding {bind}"))?;
+    let addr = listener.local_addr().context("reading the bound address")?;
+
+    let _readiness = shutdown
+        .register("readiness", Phase::StopAccepting, move || async move {
+            readiness.shut_down();
+        })
+        .context("registering the readiness handler")?;
+    let _database = shutdown
+        .register_with_timeout(
+            "database-pools",
+            Phase::Release,
+            pool_close_deadline,
+            move || async move { db.close(pool_close_deadline).await },
+        )
+        .context("registering the database handler")?;
+
+    // The server is a tracked task: at the trigger it stops accepting (the listener is
+    // dropped), and the drain phase waits for in-flight requests to finish, up to
+    // SHUTDOWN_DRAIN_TIMEOUT_MS.
+    let stop = shutdown.token();
+    let on_error = shutdown.clone();
+    shutdown.spawn(async move {
+        let served = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await;
+        if let Err(err) = served {
+            tracing::error!(error = %err, "http server failed");
+            on_error.trigger(ShutdownReason::Requested("http server failed".into()));
+        }
+    });
+    tracing::info!("listening on http://{addr}");
+
+    let reason = shutdown.triggered().await;
+    tracing::info!(%reason, "shutting down");
+    Ok(shutdown.run().await.exit_code())
+}

@@ -1,0 +1,254 @@
+//! Analytics aggregates read from the analytics pool, behind single-flight and a short
+//! in-process TTL cache: a burst of identical requests runs one SQL query, and repeats
+//! within the TTL run none. The key includes the org, so orgs never share results.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use smartbeak_database::Database;
+use smartbeak_utils::singleflight::{
+    BoxError, CacheMeta, CachedValue, FlightCache, FlightOptions, SingleFlight, SingleFlightError,
+};
+use tokio::time::Instant;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::error::ApiError;
+
+/// What one analytics request asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct AnalyticsKey {
+    /// The caller's org (part of the key: no sharing across orgs).
+    pub org_id: Uuid,
+    /// The domain.
+    pub domain_id: Uuid,
+    /// Inclusive start.
+    pub from: DateTime<Utc>,
+    /// Exclusive end.
+    pub to: DateTime<Utc>,
+}
+
+/// Aggregates of one keyword over the range.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct KeywordAggregate {
+    /// The keyword.
+    pub keyword: String,
+    /// Average search volume.
+    pub avg_search_volume: f64,
+    /// Average position.
+    pub avg_position: f64,
+    /// Sum of clicks.
+    pub total_clicks: i64,
+    /// Sum of impressions.
+    pub total_impressions: i64,
+    /// Average click-through rate.
+    pub avg_ctr: f64,
+    /// Rows aggregated.
+    pub samples: i64,
+}
+
+/// Aggregates of one content item over the range.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ContentAggregate {
+    /// The content item.
+    pub content_id: Uuid,
+    /// Its title.
+    pub title: String,
+    /// Sum of page views.
+    pub page_views: i64,
+    /// Sum of unique visitors.
+    pub unique_visitors: i64,
+    /// Average bounce rate.
+    pub avg_bounce_rate: f64,
+    /// Sum of conversions.
+    pub conversions: i64,
+    /// Sum of revenue, in cents.
+    pub revenue_cents: i64,
+}
+
+/// The answer of `GET /v1/domains/{id}/analytics`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AnalyticsReport {
+    /// The domain.
+    pub domain_id: Uuid,
+    /// Inclusive start of the range.
+    pub from: DateTime<Utc>,
+    /// Exclusive end of the range.
+    pub to: DateTime<Utc>,
+    /// `replica` or `primary`: which database served the aggregate.
+    pub read_source: String,
+    /// Per keyword, by keyword.
+    pub keywords: Vec<KeywordAggregate>,
+    /// Per content item.
+    pub content: Vec<ContentAggregate>,
+}
+
+/// Single-flight + TTL cache over the aggregate query.
+pub struct AnalyticsReads {
+    flights: SingleFlight<AnalyticsKey, Arc<AnalyticsReport>, ApiError>,
+    cache: Arc<TtlCache>,
+    options: FlightOptions,
+    queries: Arc<AtomicU64>,
+}
+
+impl AnalyticsReads {
+    /// Caches results for `ttl` (a zero TTL still coalesces concurrent requests).
+    pub fn new(ttl: Duration) -> Self {
+        let cache = Arc::new(TtlCache::default());
+        Self {
+            flights: SingleFlight::with_cache(cache.clone()),
+            cache,
+            options: FlightOptions::default()
+                .ttl(ttl)
+                .timeout(Duration::from_secs(30)),
+            queries: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Aggregate queries actually run against the database since start.
+    pub fn queries_run(&self) -> u64 {
+        self.queries.load(Ordering::Relaxed)
+    }
+
+    /// Drops cached results of `domain_id` (after an ingest).
+    pub fn invalidate_domain(&self, domain_id: Uuid) {
+        self.cache
+            .lock()
+            .retain(|key, _| key.domain_id != domain_id);
+    }
+
+    /// The report for `key`, computed at most once per burst and TTL.
+    pub async fn get(
+        &self,
+        db: &Database,
+        key: AnalyticsKey,
+    ) -> Result<Arc<AnalyticsReport>, ApiError> {
+        let db = db.clone();
+        let queries = self.queries.clone();
+        let factory_key = key.clone();
+        let result = self
+            .flights
+            .get_or_compute(
+                key,
+                move || async move {
+                    queries.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("analytics_queries_total").increment(1);
+                    query(&db, &factory_key).await.map(Arc::new)
+                },
+                &self.options,
+            )
+            .await;
+        result.map_err(|err| match err {
+            SingleFlightError::Failed(shared) => shared.reshare(),
+            SingleFlightError::TimedOut { .. } => {
+                ApiError::DatabaseUnavailable("analytics computation timed out".into())
+            }
+            SingleFlightError::Abandoned => ApiError::internal("analytics computation abandoned"),
+        })
+    }
+}
+
+async fn query(db: &Database, key: &AnalyticsKey) -> Result<AnalyticsReport, ApiError> {
+    type Row = (
+        sqlx::types::Json<Vec<KeywordAggregate>>,
+        sqlx::types::Json<Vec<ContentAggregate>>,
+    );
+    let pool = db.analytics().await;
+    let read_source = db.read_source().as_str().to_owned();
+    let row: Option<Row> = db
+        .bounded(
+            sqlx::query_as(
+                "SELECT \
+                 (SELECT coalesce(json_agg(k ORDER BY k.keyword), '[]'::json) FROM ( \
+                    SELECT keyword, avg(search_volume)::float8 AS avg_search_volume, \
+                           avg(position)::float8 AS avg_position, sum(clicks)::int8 AS total_clicks, \
+                           sum(impressions)::int8 AS total_impressions, avg(ctr)::float8 AS avg_ctr, \
+                           count(*)::int8 AS samples \
+                    FROM keyword_metrics \
+                    WHERE domain_id = d.id AND recorded_at >= $3 AND recorded_at < $4 \
+                    GROUP BY keyword) k) AS keywords, \
+                 (SELECT coalesce(json_agg(c ORDER BY c.title, c.content_id), '[]'::json) FROM ( \
+                    SELECT p.content_id, ci.title, sum(p.page_views)::int8 AS page_views, \
+                           sum(p.unique_visitors)::int8 AS unique_visitors, \
+                           avg(p.bounce_rate)::float8 AS avg_bounce_rate, \
+                           sum(p.conversions)::int8 AS conversions, \
+                           sum(p.revenue_cents)::int8 AS revenue_cents \
+                    FROM content_performance p JOIN content_items ci ON ci.id = p.content_id \
+                    WHERE p.domain_id = d.id AND p.recorded_at >= $3 AND p.recorded_at < $4 \
+                    GROUP BY p.content_id, ci.title) c) AS content \
+                 FROM domains d WHERE d.id = $1 AND d.org_id = $2",
+            )
+            .bind(key.domain_id)
+            .bind(key.org_id)
+            .bind(key.from)
+            .bind(key.to)
+            .fetch_optional(&pool),
+        )
+        .await?;
+    let (keywords, content) = row.ok_or(ApiError::NotFound("domain"))?;
+    Ok(AnalyticsReport {
+        domain_id: key.domain_id,
+        from: key.from,
+        to: key.to,
+        read_source,
+        keywords: keywords.0,
+        content: content.0,
+    })
+}
+
+/// In-process TTL map implementing the single-flight cache.
+#[derive(Default)]
+struct TtlCache {
+    entries: Mutex<HashMap<AnalyticsKey, (Instant, Arc<AnalyticsReport>)>>,
+}
+
+const MAX_CACHE_ENTRIES: usize = 10_000;
+
+impl TtlCache {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<AnalyticsKey, (Instant, Arc<AnalyticsReport>)>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl FlightCache<AnalyticsKey, Arc<AnalyticsReport>> for TtlCache {
+    fn get<'a>(
+        &'a self,
+        key: &'a AnalyticsKey,
+    ) -> BoxFuture<'a, Result<Option<CachedValue<Arc<AnalyticsReport>>>, BoxError>> {
+        let now = Instant::now();
+        let hit = self.lock().get(key).and_then(|(expires, value)| {
+            (*expires > now).then(|| CachedValue {
+                value: value.clone(),
+                remaining_ttl: Some(*expires - now),
+                delta: None,
+            })
+        });
+        Box::pin(async move { Ok(hit) })
+    }
+
+    fn set<'a>(
+        &'a self,
+        key: &'a AnalyticsKey,
+        value: &'a Arc<AnalyticsReport>,
+        meta: CacheMeta,
+    ) -> BoxFuture<'a, Result<(), BoxError>> {
+        if let Some(ttl) = meta.ttl.filter(|ttl| !ttl.is_zero()) {
+            let now = Instant::now();
+            let mut entries = self.lock();
+            if entries.len() >= MAX_CACHE_ENTRIES {
+                entries.retain(|_, (expires, _)| *expires > now);
+            }
+            if entries.len() < MAX_CACHE_ENTRIES {
+                entries.insert(key.clone(), (now + ttl, value.clone()));
+            }
+        }
+        Box::pin(async { Ok(()) })
+    }
+}

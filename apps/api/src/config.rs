@@ -1,0 +1,314 @@
+//! Typed configuration of the api, read from environment variables with defaults.
+//!
+//! Secrets (the Redis URL may carry a password) are wrapped in [`Secret`], whose `Debug`
+//! prints `[redacted]`. The database settings live in `smartbeak_database::DatabaseConfig`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// A value that must never reach a log line: `Debug` and `Display` print `[redacted]`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret<T>(T);
+
+impl<T> Secret<T> {
+    /// Wraps a secret value.
+    pub fn new(value: T) -> Self {
+        Self(value)
+    }
+
+    /// The secret itself, for the one place that needs it.
+    pub fn expose(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T> fmt::Debug for Secret<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl<T> fmt::Display for Secret<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// A configuration variable that was present but unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The variable could not be parsed; the value is not echoed (it may be a secret).
+    #[error("invalid value for {var}: expected {expected}")]
+    Invalid {
+        /// The environment variable.
+        var: &'static str,
+        /// What a valid value looks like.
+        expected: &'static str,
+    },
+}
+
+/// Log line format, `LOG_FORMAT=json|text`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One JSON object per line, for log shippers.
+    Json,
+    /// Human-readable lines, the default.
+    Text,
+}
+
+/// Everything the api reads from its environment (except the database settings).
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// `API_BIND`, default `127.0.0.1:8080`; port 0 picks a free port.
+    pub bind: SocketAddr,
+    /// `LOG_FORMAT`, default text.
+    pub log_format: LogFormat,
+    /// HTTP hardening limits.
+    pub http: HttpConfig,
+    /// `SHUTDOWN_POOL_CLOSE_MS`, default 5000: how long the database pools get to close at
+    /// shutdown. The drain deadline is smartbeak-shutdown's `SHUTDOWN_DRAIN_TIMEOUT_MS`.
+    pub pool_close_deadline: Duration,
+    /// Redis connection settings; `None` when `REDIS_URL` is unset.
+    pub redis: Option<RedisConfig>,
+    /// Rate limits.
+    pub rate_limit: RateLimitConfig,
+    /// `ANALYTICS_CACHE_TTL_MS`, default 5000: how long an analytics aggregate is reused.
+    pub analytics_cache_ttl: Duration,
+    /// `EXPORT_DIR`, default `./exports`: where the export worker writes finished files.
+    pub export_dir: PathBuf,
+}
+
+/// Request hardening (tower-http layers).
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// `HTTP_BODY_LIMIT_BYTES`, default 1 MiB; larger bodies get 413.
+    pub body_limit_bytes: usize,
+    /// `HTTP_REQUEST_TIMEOUT_MS`, default 10000; slower requests get 503.
+    pub request_timeout: Duration,
+    /// `HTTP_MAX_CONCURRENCY`, default 1024; requests beyond it are shed with 503.
+    pub max_concurrency: usize,
+}
+
+/// How the api talks to Redis; every wait is bounded.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    /// `REDIS_URL` (may contain a password, hence secret).
+    pub url: Secret<String>,
+    /// `REDIS_CONNECT_TIMEOUT_MS`, default 1000.
+    pub connect_timeout: Duration,
+    /// `REDIS_COMMAND_TIMEOUT_MS`, default 100: the most a request waits for Redis.
+    pub command_timeout: Duration,
+    /// `REDIS_RECONNECT_MIN_MS`, default 100: first reconnect delay, doubled after each failure.
+    pub reconnect_min: Duration,
+    /// `REDIS_RECONNECT_MAX_MS`, default 5000: cap of the reconnect delay.
+    pub reconnect_max: Duration,
+    /// `REDIS_BREAKER_FAILURES`, default 3: consecutive failures that open the breaker.
+    pub breaker_failures: u32,
+    /// `REDIS_BREAKER_COOLDOWN_MS`, default 500: how long the breaker stays open before a probe.
+    pub breaker_cooldown: Duration,
+}
+
+/// Rate limit policy, applied to every `/v1` request.
+#[derive(Debug, Clone)]
+pub struct RateLimitConfig {
+    /// `RATE_LIMIT_ENABLED`, default true.
+    pub enabled: bool,
+    /// `RATE_LIMIT_PER_KEY`, default 600: requests per window per API key.
+    pub per_key: u32,
+    /// `RATE_LIMIT_PER_IP`, default 1200: requests per window per client IP.
+    pub per_ip: u32,
+    /// `RATE_LIMIT_WINDOW_SECS`, default 60.
+    pub window: Duration,
+    /// `RATE_LIMIT_FAIL_CLOSED`, default false: answer 503 instead of falling back when Redis fails.
+    pub fail_closed: bool,
+    /// `RATE_LIMIT_REPLICAS`, default 1: the in-process fallback allows `limit / replicas`.
+    pub replicas: u32,
+    /// `RATE_LIMIT_KEY_PREFIX`, default `smartbeak:rl`: Redis key prefix, also the hash tag.
+    pub key_prefix: String,
+    /// `TRUST_X_FORWARDED_FOR`, default false: take the client IP from the first
+    /// `X-Forwarded-For` entry (only behind a proxy that sets it).
+    pub trust_forwarded_for: bool,
+}
+
+impl ApiConfig {
+    /// Reads the configuration from the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads the configuration through `lookup` (tests pass a map).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let env = Env(&lookup);
+        let redis = match env.string("REDIS_URL") {
+            Some(url) => Some(RedisConfig {
+                url: Secret::new(url),
+                connect_timeout: env.millis("REDIS_CONNECT_TIMEOUT_MS", 1000)?,
+                command_timeout: env.millis("REDIS_COMMAND_TIMEOUT_MS", 100)?,
+                reconnect_min: env.millis("REDIS_RECONNECT_MIN_MS", 100)?,
+                reconnect_max: env.millis("REDIS_RECONNECT_MAX_MS", 5000)?,
+                breaker_failures: env.positive("REDIS_BREAKER_FAILURES", 3)?,
+                breaker_cooldown: env.millis("REDIS_BREAKER_COOLDOWN_MS", 500)?,
+            }),
+            None => None,
+        };
+        let log_format = match env.string("LOG_FORMAT").as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(_) => {
+                return Err(ConfigError::Invalid {
+                    var: "LOG_FORMAT",
+                    expected: "json or text",
+                });
+            }
+        };
+        Ok(Self {
+            bind: env
+                .parse("API_BIND", "a socket address like 127.0.0.1:8080")?
+                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080))),
+            log_format,
+            http: HttpConfig {
+                body_limit_bytes: env.positive("HTTP_BODY_LIMIT_BYTES", 1024 * 1024)?,
+                request_timeout: env.millis("HTTP_REQUEST_TIMEOUT_MS", 10_000)?,
+                max_concurrency: env.positive("HTTP_MAX_CONCURRENCY", 1024)?,
+            },
+            pool_close_deadline: env.millis("SHUTDOWN_POOL_CLOSE_MS", 5_000)?,
+            redis,
+            rate_limit: RateLimitConfig {
+                enabled: env.boolean("RATE_LIMIT_ENABLED", true)?,
+                per_key: env.positive("RATE_LIMIT_PER_KEY", 600)?,
+                per_ip: env.positive("RATE_LIMIT_PER_IP", 1200)?,
+                window: Duration::from_secs(env.positive("RATE_LIMIT_WINDOW_SECS", 60)?),
+                fail_closed: env.boolean("RATE_LIMIT_FAIL_CLOSED", false)?,
+                replicas: env.positive("RATE_LIMIT_REPLICAS", 1)?,
+                key_prefix: env
+                    .string("RATE_LIMIT_KEY_PREFIX")
+                    .unwrap_or_else(|| "smartbeak:rl".to_owned()),
+                trust_forwarded_for: env.boolean("TRUST_X_FORWARDED_FOR", false)?,
+            },
+            analytics_cache_ttl: env.millis("ANALYTICS_CACHE_TTL_MS", 5_000)?,
+            export_dir: env
+                .string("EXPORT_DIR")
+                .map_or_else(|| PathBuf::from("./exports"), PathBuf::from),
+        })
+    }
+}
+
+struct Env<'a, F: Fn(&str) -> Option<String>>(&'a F);
+
+impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
+    fn string(&self, var: &str) -> Option<String> {
+        (self.0)(var).filter(|v| !v.trim().is_empty())
+    }
+
+    fn parse<T: FromStr>(
+        &self,
+        var: &'static str,
+        expected: &'static str,
+    ) -> Result<Option<T>, ConfigError> {
+        match self.string(var) {
+            None => Ok(None),
+            Some(raw) => raw
+                .trim()
+                .parse()
+                .map(Some)
+                .map_err(|_| ConfigError::Invalid { var, expected }),
+        }
+    }
+
+    fn positive<T: FromStr + PartialOrd + Default>(
+        &self,
+        var: &'static str,
+        default: T,
+    ) -> Result<T, ConfigError> {
+        let value = self.parse(var, "a positive integer")?.unwrap_or(default);
+        if value <= T::default() {
+            return Err(ConfigError::Invalid {
+                var,
+                expected: "a positive integer",
+            });
+        }
+        Ok(value)
+    }
+
+    fn millis(&self, var: &'static str, default: u64) -> Result<Duration, ConfigError> {
+        Ok(Duration::from_millis(self.positive(var, default)?))
+    }
+
+    fn boolean(&self, var: &'static str, default: bool) -> Result<bool, ConfigError> {
+        match self
+            .string(var)
+            .map(|v| v.trim().to_ascii_lowercase())
+            .as_deref()
+        {
+            None => Ok(default),
+            Some("1" | "true" | "yes" | "on") => Ok(true),
+            Some("0" | "false" | "no" | "off") => Ok(false),
+            Some(_) => Err(ConfigError::Invalid {
+                var,
+                expected: "true or false",
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn config(vars: &[(&str, &str)]) -> Result<ApiConfig, ConfigError> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        ApiConfig::from_lookup(|name| map.get(name).cloned())
+    }
+
+    #[test]
+    fn defaults_without_redis() {
+        let c = config(&[]).unwrap();
+        assert!(c.redis.is_none());
+        assert_eq!(c.bind.port(), 8080);
+        assert_eq!(c.rate_limit.per_key, 600);
+        assert!(!c.rate_limit.fail_closed);
+        assert_eq!(c.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn redis_settings_and_redaction() {
+        let c = config(&[
+            ("REDIS_URL", "redis://:hunter2@127.0.0.1:6379"),
+            ("REDIS_COMMAND_TIMEOUT_MS", "50"),
+            ("RATE_LIMIT_FAIL_CLOSED", "true"),
+        ])
+        .unwrap();
+        let redis = c.redis.as_ref().unwrap();
+        assert_eq!(redis.command_timeout, Duration::from_millis(50));
+        assert_eq!(redis.connect_timeout, Duration::from_secs(1));
+        assert!(c.rate_limit.fail_closed);
+        let debug = format!("{c:?}");
+        assert!(!debug.contains("hunter2"), "{debug}");
+        assert!(debug.contains("[redacted]"));
+    }
+
+    #[test]
+    fn bad_values_name_the_variable_without_echoing_it() {
+        let err = config(&[("RATE_LIMIT_PER_KEY", "lots")]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid value for RATE_LIMIT_PER_KEY: expected a positive integer"
+        );
+        let err = config(&[("RATE_LIMIT_PER_KEY", "0")]).unwrap_err();
+        assert!(err.to_string().contains("RATE_LIMIT_PER_KEY"));
+        let err = config(&[("LOG_FORMAT", "xml")]).unwrap_err();
+        assert!(err.to_string().contains("LOG_FORMAT"));
+        let err = config(&[("RATE_LIMIT_FAIL_CLOSED", "maybe")]).unwrap_err();
+        assert!(err.to_string().contains("RATE_LIMIT_FAIL_CLOSED"));
+    }
+}

@@ -1,0 +1,285 @@
+//! The one error type of the api: every failure becomes `{"error": "...", "code": "..."}`.
+//!
+//! Each variant maps to a status and a stable, machine-readable code. Bodies carry no
+//! internals (SQL, stack traces, secrets): the cause of a 5xx goes to the log only.
+
+use axum::Json;
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// The JSON body of every error response.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// A human-readable message; for validation errors it starts with the field name.
+    pub error: String,
+    /// A stable code to match on, e.g. `VALIDATION_ERROR`, `NOT_FOUND`, `RATE_LIMITED`.
+    pub code: String,
+}
+
+/// Every way a request can fail.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400 `VALIDATION_ERROR`: a field of the request is invalid.
+    #[error("{field}: {message}")]
+    Validation {
+        /// The field, e.g. `name`, `keywords[3].ctr`, `id`.
+        field: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// 400 `INVALID_JSON`: the body is not JSON at all.
+    #[error("request body is not valid JSON: {0}")]
+    InvalidJson(String),
+    /// 422 `INVALID_BODY`: JSON of the wrong shape (missing fields, wrong types).
+    #[error("{0}")]
+    InvalidBody(String),
+    /// 415 `UNSUPPORTED_MEDIA_TYPE`: a JSON body without `Content-Type: application/json`.
+    #[error("expected Content-Type: application/json")]
+    UnsupportedMediaType,
+    /// 401 `UNAUTHORIZED`: no key, an unknown key or a revoked key.
+    #[error("missing, invalid or revoked API key")]
+    Unauthorized,
+    /// 404 `NOT_FOUND`: absent, or owned by another org (never 403: that would leak existence).
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    /// 409 with a specific code: the request conflicts with the current state.
+    #[error("{message}")]
+    Conflict {
+        /// Stable code, e.g. `DOMAIN_EXISTS`.
+        code: &'static str,
+        /// What conflicts.
+        message: String,
+    },
+    /// 413 `PAYLOAD_TOO_LARGE`.
+    #[error("request body is too large")]
+    PayloadTooLarge,
+    /// 429 `RATE_LIMITED` (the rate limit middleware adds the headers).
+    #[error("rate limit exceeded")]
+    RateLimited,
+    /// 503 `RATE_LIMIT_SERVICE_ERROR`: Redis failed and the limiter is configured fail-closed.
+    #[error("Rate limiting service unavailable")]
+    RateLimitUnavailable,
+    /// 503 `OVERLOADED`: the concurrency limit is reached; retry later.
+    #[error("server is overloaded, retry later")]
+    Overloaded,
+    /// 503 `REQUEST_TIMEOUT`: the request took longer than the per-request timeout.
+    #[error("request took too long")]
+    Timeout,
+    /// 503 `DATABASE_UNAVAILABLE`: the database did not answer in time.
+    #[error("database unavailable, retry later")]
+    DatabaseUnavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// 500 `INTERNAL_ERROR`: a bug or an unexpected failure; the cause is logged, not returned.
+    #[error("internal error")]
+    Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl ApiError {
+    /// A validation error on `field`.
+    pub fn validation(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Validation {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    /// An internal error with its cause (logged, never returned).
+    pub fn internal(cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::Internal(cause.into())
+    }
+
+    /// A copy of an error shared by several callers (single-flight): causes become text.
+    pub fn reshare(&self) -> Self {
+        match self {
+            Self::Validation { field, message } => Self::validation(field.clone(), message.clone()),
+            Self::InvalidJson(m) => Self::InvalidJson(m.clone()),
+            Self::InvalidBody(m) => Self::InvalidBody(m.clone()),
+            Self::UnsupportedMediaType => Self::UnsupportedMediaType,
+            Self::Unauthorized => Self::Unauthorized,
+            Self::NotFound(what) => Self::NotFound(what),
+            Self::Conflict { code, message } => Self::Conflict {
+                code,
+                message: message.clone(),
+            },
+            Self::PayloadTooLarge => Self::PayloadTooLarge,
+            Self::RateLimited => Self::RateLimited,
+            Self::RateLimitUnavailable => Self::RateLimitUnavailable,
+            Self::Overloaded => Self::Overloaded,
+            Self::Timeout => Self::Timeout,
+            Self::DatabaseUnavailable(cause) => Self::DatabaseUnavailable(cause.to_string().into()),
+            Self::Internal(cause) => Self::Internal(cause.to_string().into()),
+        }
+    }
+
+    /// The HTTP status of this error.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Validation { .. } | Self::InvalidJson(_) => StatusCode::BAD_REQUEST,
+            Self::InvalidBody(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::Conflict { .. } => StatusCode::CONFLICT,
+            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Self::RateLimitUnavailable
+            | Self::Overloaded
+            | Self::Timeout
+            | Self::DatabaseUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The stable code of this error.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Validation { .. } => "VALIDATION_ERROR",
+            Self::InvalidJson(_) => "INVALID_JSON",
+            Self::InvalidBody(_) => "INVALID_BODY",
+            Self::UnsupportedMediaType => "UNSUPPORTED_MEDIA_TYPE",
+            Self::Unauthorized => "UNAUTHORIZED",
+            Self::NotFound(_) => "NOT_FOUND",
+            Self::Conflict { code, .. } => code,
+            Self::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
+            Self::RateLimited => "RATE_LIMITED",
+            Self::RateLimitUnavailable => "RATE_LIMIT_SERVICE_ERROR",
+            Self::Overloaded => "OVERLOADED",
+            Self::Timeout => "REQUEST_TIMEOUT",
+            Self::DatabaseUnavailable(_) => "DATABASE_UNAVAILABLE",
+            Self::Internal(_) => "INTERNAL_ERROR",
+        }
+    }
+
+    /// The body this error is sent with.
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody {
+            error: self.to_string(),
+            code: self.code().to_owned(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        match &self {
+            Self::Internal(cause) => {
+                tracing::error!(error = %cause, source = ?cause.source(), "internal error");
+            }
+            Self::DatabaseUnavailable(cause) => {
+                tracing::warn!(error = %cause, "database unavailable");
+            }
+            _ => {}
+        }
+        (self.status(), Json(self.body())).into_response()
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(err: sqlx::Error) -> Self {
+        match err {
+            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
+                Self::DatabaseUnavailable(Box::new(err))
+            }
+            // 57014 query_canceled: the server-side statement_timeout fired.
+            sqlx::Error::Database(ref db) if db.code().as_deref() == Some("57014") => {
+                Self::DatabaseUnavailable(Box::new(err))
+            }
+            other => Self::internal(other),
+        }
+    }
+}
+
+impl From<smartbeak_database::DbError> for ApiError {
+    fn from(err: smartbeak_database::DbError) -> Self {
+        match err {
+            smartbeak_database::DbError::Query(inner) => inner.into(),
+            other if other.is_timeout() => Self::DatabaseUnavailable(Box::new(other)),
+            other => Self::internal(other),
+        }
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        match rejection {
+            JsonRejection::JsonDataError(e) => Self::InvalidBody(e.body_text()),
+            JsonRejection::JsonSyntaxError(e) => Self::InvalidJson(e.body_text()),
+            JsonRejection::MissingJsonContentType(_) => Self::UnsupportedMediaType,
+            JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                Self::PayloadTooLarge
+            }
+            other => Self::InvalidJson(other.body_text()),
+        }
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> Self {
+        match rejection {
+            PathRejection::FailedToDeserializePathParams(e) => {
+                Self::validation("id", format!("not a valid UUID ({})", e.body_text()))
+            }
+            other => Self::internal(other.body_text()),
+        }
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        Self::validation("query", rejection.body_text())
+    }
+}
+
+/// True if `err` is a unique-constraint violation (SQLSTATE 23505).
+pub fn is_unique_violation(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Database(db) if db.code().as_deref() == Some("23505"))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    async fn body_of(err: ApiError) -> (StatusCode, serde_json::Value) {
+        let response = err.into_response();
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        (status, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    #[tokio::test]
+    async fn internal_errors_do_not_leak_their_cause() {
+        let (status, body) = body_of(ApiError::internal(
+            "relation \"secret_table\" does not exist",
+        ))
+        .await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            body,
+            serde_json::json!({"error": "internal error", "code": "INTERNAL_ERROR"})
+        );
+    }
+
+    #[tokio::test]
+    async fn fail_closed_body_is_exact() {
+        let (status, body) = body_of(ApiError::RateLimitUnavailable).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            body,
+            serde_json::json!({"error": "Rate limiting service unavailable", "code": "RATE_LIMIT_SERVICE_ERROR"})
+        );
+    }
+
+    #[tokio::test]
+    async fn validation_names_the_field() {
+        let (status, body) = body_of(ApiError::validation("name", "must not be empty")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body["error"], "name: must not be empty");
+        assert_eq!(body["code"], "VALIDATION_ERROR");
+    }
+}

@@ -1,0 +1,174 @@
+//! The router and its middleware: request ids in spans, HTTP metrics, body limit,
+//! per-request timeout, concurrency limit with load shedding, and one JSON error shape
+//! for the answers that tower layers produce on their own.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::error_handling::HandleErrorLayer;
+use axum::extract::{MatchedPath, Request};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{BoxError, Router};
+use tower::ServiceBuilder;
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::error::ApiError;
+use crate::ratelimit;
+use crate::routes::{analytics, content, domains, exports, health, ingest, settings};
+use crate::state::AppState;
+
+/// The whole application: routes plus every layer. Serve it with
+/// `into_make_service_with_connect_info::<SocketAddr>()` so the limiter sees client IPs.
+pub fn app(state: AppState) -> Router {
+    let v1 = Router::new()
+        .route("/domains", get(domains::list).post(domains::create))
+        .route("/domains/{id}", get(domains::get))
+        .route(
+            "/domains/{id}/content",
+            get(content::list).post(content::create),
+        )
+        .route(
+            "/domains/{id}/settings",
+            get(settings::get).put(settings::put),
+        )
+        .route("/domains/{id}/metrics", axum::routing::post(ingest::ingest))
+        .route("/domains/{id}/analytics", get(analytics::get))
+        .route(
+            "/domains/{id}/exports",
+            axum::routing::post(exports::create),
+        )
+        .route("/exports/{id}", get(exports::get).delete(exports::cancel))
+        .route("/exports/{id}/download", get(exports::download))
+        .route_layer(middleware::from_fn_with_state(
+            Arc::clone(&state.limiter),
+            ratelimit::middleware,
+        ));
+
+    let http = state.config.http.clone();
+    let routes = Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
+        .route("/openapi.json", get(crate::openapi::serve))
+        .nest("/v1", v1)
+        .fallback(|| async { ApiError::NotFound("route") })
+        .layer(middleware::from_fn(route_metrics))
+        .with_state(state);
+
+    // Layers around the whole router (not per route, which would give each route its own
+    // concurrency limit): outermost first.
+    let stack = ServiceBuilder::new()
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
+            let request_id = request
+                .headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-");
+            tracing::info_span!("request", method = %request.method(), uri = %request.uri().path(), request_id)
+        }))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(middleware::from_fn(in_flight))
+        .layer(middleware::map_response(normalize_error))
+        .layer(HandleErrorLayer::new(|err: BoxError| async move {
+            if err.is::<tower::load_shed::error::Overloaded>() {
+                metrics::counter!("http_requests_shed_total").increment(1);
+                ApiError::Overloaded
+            } else {
+                ApiError::internal(err)
+            }
+        }))
+        .load_shed()
+        .concurrency_limit(http.max_concurrency)
+        .layer(RequestBodyLimitLayer::new(http.body_limit_bytes))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            http.request_timeout,
+        ))
+        .service(routes);
+    Router::new().fallback_service(stack)
+}
+
+/// Gauge of requests being served, for dashboards and the shutdown test.
+async fn in_flight(request: Request, next: Next) -> Response {
+    let gauge = metrics::gauge!("http_requests_in_flight");
+    gauge.increment(1.0);
+    let _guard = GaugeGuard(gauge);
+    next.run(request).await
+}
+
+struct GaugeGuard(metrics::Gauge);
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
+
+/// `http_requests_total` and `http_request_duration_seconds` by route template.
+async fn route_metrics(request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = request.method().as_str().to_owned();
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!("http_request_duration_seconds", "method" => method, "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    response
+}
+
+/// Gives the bare answers of tower layers (413 from the body limit, 503 from the timeout,
+/// 405 from routing) the JSON error shape.
+async fn normalize_error<B>(response: axum::http::Response<B>) -> Response
+where
+    B: axum::body::HttpBody<Data = axum::body::Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let response = response.map(axum::body::Body::new);
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if is_json {
+        return response;
+    }
+    let error = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
+        StatusCode::SERVICE_UNAVAILABLE => ApiError::Timeout,
+        StatusCode::METHOD_NOT_ALLOWED => {
+            let mut r = (
+                status,
+                axum::Json(crate::error::ErrorBody {
+                    error: "method not allowed".into(),
+                    code: "METHOD_NOT_ALLOWED".into(),
+                }),
+            )
+                .into_response();
+            if let Some(allow) = response.headers().get(header::ALLOW) {
+                r.headers_mut().insert(header::ALLOW, allow.clone());
+            }
+            return r;
+        }
+        _ => return response,
+    };
+    let mut r = error.into_response();
+    if let Some(id) = response.headers().get("x-request-id") {
+        r.headers_mut().insert("x-request-id", id.clone());
+    }
+    r
+}

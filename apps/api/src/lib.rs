@@ -1,0 +1,22 @@
+//! The SmartBeak HTTP API as a library: the binary (`src/main.rs`) wires it to the process
+//! (config, telemetry, signals), tests build the same [`http::app`] router.
+//!
+//! Codemap: [`config`] (env), [`error`] (the one error shape), [`auth`] (API keys),
+//! [`ratelimit`] (Redis GCRA with fail-open/closed), [`routes`] (handlers by resource),
+//! [`analytics`] (single-flight cached aggregates), [`http`] (router and layers),
+//! [`openapi`] (the generated document), [`state`] (what handlers share).
+
+#![warn(missing_docs)]
+
+pub mod analytics;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod openapi;
+pub mod ratelimit;
+pub mod routes;
+pub mod state;
+
+pub use http::app;
+pub use state::AppState;

@@ -1,0 +1,360 @@
+//! Rate limiting of `/v1`: a per-API-key and a per-client-IP quota, checked together.
+//!
+//! With `REDIS_URL` set the quotas are shared by every replica through one GCRA Lua script
+//! ([`redis`]); when Redis fails the limiter fails open onto the in-process limiter
+//! ([`local`], limits divided by the replica count) or, with `RATE_LIMIT_FAIL_CLOSED=true`,
+//! answers 503. Without `REDIS_URL` the in-process limiter is the limiter.
+//! Responses carry the IETF `RateLimit-Policy` / `RateLimit` fields (draft-10 syntax).
+
+mod breaker;
+mod local;
+mod redis;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use tokio::time::Instant;
+
+use self::local::LocalLimiter;
+use self::redis::{KeyLimit, KeyState, RedisBackend};
+use crate::auth::PresentedKey;
+use crate::config::{RateLimitConfig, RedisConfig};
+use crate::error::ApiError;
+
+/// Who a request is counted against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientIdentity {
+    /// Hex id of the presented API key (a truncated SHA-256), if any.
+    pub key_id: Option<String>,
+    /// The client IP.
+    pub ip: IpAddr,
+}
+
+/// Whether a request may proceed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Within every quota.
+    Allowed,
+    /// Over a quota: 429.
+    Limited,
+    /// Redis failed and the limiter is fail-closed: 503.
+    Unavailable,
+}
+
+/// The state of one quota after a check, for the `RateLimit` header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaState {
+    /// Policy name: `key` or `ip`.
+    pub name: &'static str,
+    /// Requests per window.
+    pub limit: u32,
+    /// Window in seconds.
+    pub window_secs: u64,
+    /// Requests left now.
+    pub remaining: u64,
+    /// Seconds until the quota is fully restored.
+    pub reset_secs: u64,
+}
+
+/// The limiter's answer for one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// Allowed, limited or unavailable.
+    pub outcome: Outcome,
+    /// One entry per applicable quota.
+    pub quotas: Vec<QuotaState>,
+    /// Delta-seconds for `Retry-After` (set on `Limited` and `Unavailable`).
+    pub retry_after_secs: Option<u64>,
+}
+
+/// State of the Redis connection, for `/readyz`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisHealth {
+    /// No `REDIS_URL`: the in-process limiter is in use.
+    Disabled,
+    /// Connected, breaker closed.
+    Up,
+    /// Disconnected or breaker open: failing open (or closed) right now.
+    Down,
+}
+
+impl RedisHealth {
+    /// `disabled`, `up` or `down`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Disabled => "disabled",
+            Self::Up => "up",
+            Self::Down => "down",
+        }
+    }
+}
+
+/// The rate limiter shared by all requests.
+pub struct RateLimiter {
+    config: RateLimitConfig,
+    redis: Option<RedisBackend>,
+    local: LocalLimiter,
+    last_warning: Mutex<Option<Instant>>,
+}
+
+const POLICY_KEY: usize = 0;
+const POLICY_IP: usize = 1;
+const WARNING_INTERVAL: Duration = Duration::from_secs(10);
+
+impl RateLimiter {
+    /// Builds the limiter; with `redis` set it starts connecting in the background and
+    /// returns at once. Must be called inside a Tokio runtime.
+    pub fn new(
+        config: RateLimitConfig,
+        redis: Option<&RedisConfig>,
+    ) -> Result<Arc<Self>, ::redis::RedisError> {
+        let redis = redis.map(RedisBackend::start).transpose()?;
+        let local = LocalLimiter::new(
+            &[config.per_key, config.per_ip],
+            config.window,
+            if redis.is_some() { config.replicas } else { 1 },
+        );
+        let limiter = Arc::new(Self {
+            config,
+            redis,
+            local,
+            last_warning: Mutex::new(None),
+        });
+        let weak = Arc::downgrade(&limiter);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                match weak.upgrade() {
+                    Some(limiter) => limiter.local.retain_recent(),
+                    None => return,
+                }
+            }
+        });
+        Ok(limiter)
+    }
+
+    /// True unless `RATE_LIMIT_ENABLED=false`.
+    pub fn enabled(&self) -> bool {
+        self.config.enabled
+    }
+
+    /// `redis` when Redis holds the quotas, `in-process` otherwise.
+    pub fn backend_name(&self) -> &'static str {
+        if self.redis.is_some() {
+            "redis"
+        } else {
+            "in-process"
+        }
+    }
+
+    /// Redis connection state for `/readyz`.
+    pub fn redis_health(&self) -> RedisHealth {
+        match &self.redis {
+            None => RedisHealth::Disabled,
+            Some(redis) if redis.is_healthy() => RedisHealth::Up,
+            Some(_) => RedisHealth::Down,
+        }
+    }
+
+    /// Checks (and, if allowed, consumes) one request of `client`.
+    pub async fn check(&self, client: &ClientIdentity) -> Decision {
+        let Some(redis) = &self.redis else {
+            let decision = self.check_local(client);
+            record(decision.outcome, "local", false);
+            return decision;
+        };
+        let prefix = &self.config.key_prefix;
+        let mut keys = Vec::with_capacity(2);
+        let mut policies = Vec::with_capacity(2);
+        if let Some(key_id) = &client.key_id {
+            keys.push(KeyLimit {
+                key: format!("{{{prefix}}}:k:{key_id}"),
+                limit: self.config.per_key,
+            });
+            policies.push(POLICY_KEY);
+        }
+        keys.push(KeyLimit {
+            key: format!("{{{prefix}}}:ip:{}", client.ip),
+            limit: self.config.per_ip,
+        });
+        policies.push(POLICY_IP);
+
+        match redis.check(&keys, self.config.window).await {
+            Ok(outcome) => {
+                let quotas = policies
+                    .iter()
+                    .zip(&keys)
+                    .zip(&outcome.keys)
+                    .map(|((&policy, key), state)| self.quota(policy, key.limit, state))
+                    .collect();
+                let decision = self.decision(outcome.allowed, quotas, &outcome.keys);
+                record(decision.outcome, "redis", false);
+                decision
+            }
+            Err(kind) => {
+                self.warn_failure(kind.as_str());
+                if self.config.fail_closed {
+                    record(Outcome::Unavailable, "redis", true);
+                    return Decision {
+                        outcome: Outcome::Unavailable,
+                        quotas: Vec::new(),
+                        retry_after_secs: Some(1),
+                    };
+                }
+                let decision = self.check_local(client);
+                record(decision.outcome, "local", true);
+                decision
+            }
+        }
+    }
+
+    fn check_local(&self, client: &ClientIdentity) -> Decision {
+        let ip = client.ip.to_string();
+        let (allowed, states) = self.local.check(&[client.key_id.as_deref(), Some(&ip)]);
+        let mut quotas = Vec::new();
+        let mut present = Vec::new();
+        for (policy, state) in states.iter().enumerate() {
+            if let Some(state) = state {
+                quotas.push(self.quota(policy, self.local.limit(policy), state));
+                present.push(*state);
+            }
+        }
+        self.decision(allowed, quotas, &present)
+    }
+
+    fn quota(&self, policy: usize, limit: u32, state: &KeyState) -> QuotaState {
+        QuotaState {
+            name: if policy == POLICY_KEY { "key" } else { "ip" },
+            limit,
+            window_secs: self.config.window.as_secs(),
+            remaining: state.remaining,
+            reset_secs: state.reset_ms.div_ceil(1000),
+        }
+    }
+
+    fn decision(&self, allowed: bool, quotas: Vec<QuotaState>, states: &[KeyState]) -> Decision {
+        if allowed {
+            return Decision {
+                outcome: Outcome::Allowed,
+                quotas,
+                retry_after_secs: None,
+            };
+        }
+        let retry_ms = states.iter().map(|s| s.retry_ms).max().unwrap_or(1000);
+        Decision {
+            outcome: Outcome::Limited,
+            quotas,
+            retry_after_secs: Some(retry_ms.div_ceil(1000).max(1)),
+        }
+    }
+
+    fn warn_failure(&self, kind: &'static str) {
+        let now = Instant::now();
+        let mut last = self.last_warning.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_none_or(|at| now.duration_since(at) >= WARNING_INTERVAL) {
+            *last = Some(now);
+            drop(last);
+            if self.config.fail_closed {
+                tracing::warn!(kind, "redis rate limiter unavailable, failing closed (503)");
+            } else {
+                tracing::warn!(
+                    kind,
+                    "redis rate limiter unavailable, failing open onto the in-process limiter"
+                );
+            }
+        }
+    }
+}
+
+fn record(outcome: Outcome, backend: &'static str, redis_failed: bool) {
+    let decision = match (outcome, redis_failed) {
+        (Outcome::Allowed, false) => "allowed",
+        (Outcome::Allowed, true) => "failed_open",
+        (Outcome::Limited, _) => "limited",
+        (Outcome::Unavailable, _) => "failed_closed",
+    };
+    metrics::counter!("rate_limit_decisions_total", "decision" => decision, "backend" => backend)
+        .increment(1);
+}
+
+impl Decision {
+    /// Adds `RateLimit-Policy`, `RateLimit` and (when set) `Retry-After` to `headers`.
+    pub fn apply_headers(&self, headers: &mut HeaderMap) {
+        if !self.quotas.is_empty() {
+            let policy = self
+                .quotas
+                .iter()
+                .map(|q| format!("\"{}\";q={};w={}", q.name, q.limit, q.window_secs))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let state = self
+                .quotas
+                .iter()
+                .map(|q| format!("\"{}\";r={};t={}", q.name, q.remaining, q.reset_secs))
+                .collect::<Vec<_>>()
+                .join(", ");
+            if let Ok(value) = HeaderValue::from_str(&policy) {
+                headers.insert("ratelimit-policy", value);
+            }
+            if let Ok(value) = HeaderValue::from_str(&state) {
+                headers.insert("ratelimit", value);
+            }
+        }
+        if let Some(secs) = self.retry_after_secs {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+    }
+}
+
+/// Axum middleware: limits the request, answers 429/503 or runs it and adds the headers.
+pub async fn middleware(
+    State(limiter): State<Arc<RateLimiter>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let presented = PresentedKey::from_headers(request.headers());
+    let client = ClientIdentity {
+        key_id: presented.as_ref().map(PresentedKey::limiter_id),
+        ip: client_ip(&request, limiter.config.trust_forwarded_for),
+    };
+    if let Some(presented) = presented {
+        request.extensions_mut().insert(presented);
+    }
+    if !limiter.enabled() {
+        return next.run(request).await;
+    }
+    let decision = limiter.check(&client).await;
+    let mut response = match decision.outcome {
+        Outcome::Allowed => next.run(request).await,
+        Outcome::Limited => ApiError::RateLimited.into_response(),
+        Outcome::Unavailable => ApiError::RateLimitUnavailable.into_response(),
+    };
+    decision.apply_headers(response.headers_mut());
+    response
+}
+
+fn client_ip(request: &Request, trust_forwarded_for: bool) -> IpAddr {
+    if trust_forwarded_for
+        && let Some(ip) = request
+            .headers()
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next())
+            .and_then(|v| v.trim().parse().ok())
+    {
+        return ip;
+    }
+    request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |info| info.0.ip())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,166 @@
+//! Limiter tests against the shared Redis (unique key prefix per test) and headers.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use super::*;
+use crate::config::{RateLimitConfig, RedisConfig, Secret};
+
+fn policy(per_key: u32, per_ip: u32) -> RateLimitConfig {
+    RateLimitConfig {
+        enabled: true,
+        per_key,
+        per_ip,
+        window: Duration::from_secs(60),
+        fail_closed: false,
+        replicas: 1,
+        key_prefix: format!("sbtest:{}", uuid::Uuid::new_v4().simple()),
+        trust_forwarded_for: false,
+    }
+}
+
+fn redis(url: &str) -> RedisConfig {
+    RedisConfig {
+        url: Secret::new(url.to_owned()),
+        connect_timeout: Duration::from_secs(1),
+        command_timeout: Duration::from_millis(500),
+        reconnect_min: Duration::from_millis(50),
+        reconnect_max: Duration::from_millis(200),
+        breaker_failures: 3,
+        breaker_cooldown: Duration::from_millis(200),
+    }
+}
+
+fn client(key: Option<&str>) -> ClientIdentity {
+    ClientIdentity {
+        key_id: key.map(str::to_owned),
+        ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
+    }
+}
+
+async fn wait_connected(limiter: &RateLimiter) {
+    for _ in 0..200 {
+        if limiter.redis_health() == RedisHealth::Up {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("redis did not connect");
+}
+
+#[tokio::test]
+async fn redis_gcra_allows_the_limit_then_429_without_consuming() {
+    let limiter = RateLimiter::new(policy(3, 100), Some(&redis("redis://127.0.0.1:6379"))).unwrap();
+    wait_connected(&limiter).await;
+    let c = client(Some("k1"));
+    for expected_remaining in [2, 1, 0] {
+        let d = limiter.check(&c).await;
+        assert_eq!(d.outcome, Outcome::Allowed);
+        assert_eq!(d.quotas[0].name, "key");
+        assert_eq!(d.quotas[0].remaining, expected_remaining);
+    }
+    let d = limiter.check(&c).await;
+    assert_eq!(d.outcome, Outcome::Limited);
+    assert_eq!(d.quotas[0].remaining, 0);
+    // 3 per 60 s: one unit every 20 s.
+    assert_eq!(d.retry_after_secs, Some(20));
+    // The rejected request consumed nothing from the IP quota: 3 used out of 100.
+    assert_eq!(d.quotas[1].remaining, 97);
+    // Another key from the same IP is independent.
+    assert_eq!(
+        limiter.check(&client(Some("k2"))).await.outcome,
+        Outcome::Allowed
+    );
+
+    let mut headers = HeaderMap::new();
+    d.apply_headers(&mut headers);
+    assert_eq!(
+        headers["ratelimit-policy"],
+        "\"key\";q=3;w=60, \"ip\";q=100;w=60"
+    );
+    assert_eq!(headers["ratelimit"], "\"key\";r=0;t=60, \"ip\";r=97;t=2");
+    assert_eq!(headers["retry-after"], "20");
+}
+
+#[tokio::test]
+async fn ip_quota_limits_requests_without_a_key() {
+    let limiter = RateLimiter::new(policy(100, 2), Some(&redis("redis://127.0.0.1:6379"))).unwrap();
+    wait_connected(&limiter).await;
+    assert_eq!(limiter.check(&client(None)).await.outcome, Outcome::Allowed);
+    assert_eq!(
+        limiter.check(&client(Some("a"))).await.outcome,
+        Outcome::Allowed
+    );
+    let d = limiter.check(&client(Some("b"))).await;
+    assert_eq!(d.outcome, Outcome::Limited);
+    assert_eq!(
+        d.quotas.iter().map(|q| q.name).collect::<Vec<_>>(),
+        ["key", "ip"]
+    );
+    // All-or-nothing: key "b" was not charged for the rejected request.
+    assert_eq!(d.quotas[0].remaining, 100);
+}
+
+#[tokio::test]
+async fn unreachable_redis_fails_open_onto_the_local_limiter_or_closed() {
+    // Port 1 is closed: every connect is refused at once.
+    let mut open = policy(2, 100);
+    open.replicas = 2;
+    let limiter = RateLimiter::new(open, Some(&redis("redis://127.0.0.1:1"))).unwrap();
+    let c = client(Some("k"));
+    // limit 2 / 2 replicas = 1 per process on the fallback.
+    let first = limiter.check(&c).await;
+    assert_eq!(first.outcome, Outcome::Allowed);
+    assert_eq!(first.quotas[0].limit, 1);
+    assert_eq!(limiter.check(&c).await.outcome, Outcome::Limited);
+    assert_eq!(limiter.redis_health(), RedisHealth::Down);
+
+    let mut closed = policy(2, 100);
+    closed.fail_closed = true;
+    let limiter = RateLimiter::new(closed, Some(&redis("redis://127.0.0.1:1"))).unwrap();
+    let d = limiter.check(&c).await;
+    assert_eq!(d.outcome, Outcome::Unavailable);
+    assert_eq!(d.retry_after_secs, Some(1));
+}
+
+#[tokio::test]
+async fn without_redis_the_in_process_limiter_is_the_limiter() {
+    let limiter = RateLimiter::new(policy(1, 100), None).unwrap();
+    assert_eq!(limiter.backend_name(), "in-process");
+    assert_eq!(limiter.redis_health(), RedisHealth::Disabled);
+    assert_eq!(
+        limiter.check(&client(Some("k"))).await.outcome,
+        Outcome::Allowed
+    );
+    let d = limiter.check(&client(Some("k"))).await;
+    assert_eq!(d.outcome, Outcome::Limited);
+    assert_eq!(d.retry_after_secs, Some(60));
+}
+
+#[tokio::test]
+async fn noscript_after_script_flush_reloads_once() {
+    let limiter =
+        RateLimiter::new(policy(10, 100), Some(&redis("redis://127.0.0.1:6379"))).unwrap();
+    wait_connected(&limiter).await;
+    assert_eq!(
+        limiter.check(&client(Some("k"))).await.outcome,
+        Outcome::Allowed
+    );
+    // SCRIPT FLUSH on the shared Redis only drops cached scripts (no data); every user of
+    // EVALSHA must cope with it, as after a restart.
+    let client = ::redis::Client::open("redis://127.0.0.1:6379").unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = ::redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let d = limiter.check(&client_identity()).await;
+    assert_eq!(d.outcome, Outcome::Allowed);
+    assert_eq!(d.quotas[0].remaining, 8);
+}
+
+fn client_identity() -> ClientIdentity {
+    client(Some("k"))
+}

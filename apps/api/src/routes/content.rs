@@ -1,0 +1,194 @@
+//! `/v1/domains/{id}/content`: create content items and list them (cursor, status filter).
+//! Text is stored and returned verbatim: no HTML, SQL or CSV-formula rewriting here; the
+//! export writer is the one that neutralises formulas in CSV output.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use super::{ApiJson, ApiPath, ApiQuery, Cursor, Page, check_len, paginate, require_domain};
+use crate::auth::Auth;
+use crate::error::{ApiError, ErrorBody, is_unique_violation};
+use crate::state::AppState;
+
+/// Allowed values of `status`.
+pub const STATUSES: [&str; 4] = ["draft", "scheduled", "published", "archived"];
+
+/// A content item of a domain.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
+pub struct ContentItem {
+    /// Id.
+    pub id: Uuid,
+    /// The domain it belongs to.
+    pub domain_id: Uuid,
+    /// Title, verbatim.
+    pub title: String,
+    /// URL slug, unique within the domain.
+    pub slug: String,
+    /// Body text, verbatim.
+    pub body: String,
+    /// `draft`, `scheduled`, `published` or `archived`.
+    pub status: String,
+    /// Publication time, if any.
+    pub published_at: Option<DateTime<Utc>>,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Body of `POST /v1/domains/{id}/content`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateContent {
+    /// 1 to 500 characters.
+    pub title: String,
+    /// 1 to 500 of lowercase letters, digits and hyphens.
+    pub slug: String,
+    /// Body text (default empty).
+    #[serde(default)]
+    pub body: String,
+    /// Default `draft`.
+    pub status: Option<String>,
+    /// Publication time.
+    pub published_at: Option<DateTime<Utc>>,
+}
+
+/// Query of `GET /v1/domains/{id}/content`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ContentQuery {
+    /// Items per page, 1 to 100 (default 50).
+    pub limit: Option<i64>,
+    /// The `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+    /// Only items with this status.
+    pub status: Option<String>,
+}
+
+const COLUMNS: &str =
+    "id, domain_id, title, slug, body, status, published_at, created_at, updated_at";
+const MAX_BODY_CHARS: usize = 200_000;
+
+/// Creates a content item.
+#[utoipa::path(post, path = "/v1/domains/{id}/content", tag = "content", request_body = CreateContent,
+    params(("id" = Uuid, Path, description = "domain id")),
+    security(("api_key" = [])),
+    responses((status = 201, body = ContentItem), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, description = "slug taken", body = ErrorBody),
+        (status = 422, body = ErrorBody)))]
+pub async fn create(
+    State(state): State<AppState>,
+    auth: Auth,
+    ApiPath(domain_id): ApiPath<Uuid>,
+    ApiJson(body): ApiJson<CreateContent>,
+) -> Result<(StatusCode, Json<ContentItem>), ApiError> {
+    check_len("title", &body.title, 1, 500)?;
+    check_len("slug", &body.slug, 1, 500)?;
+    if !body
+        .slug
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return Err(ApiError::validation(
+            "slug",
+            "may contain only lowercase letters, digits and hyphens",
+        ));
+    }
+    if body.body.chars().count() > MAX_BODY_CHARS {
+        return Err(ApiError::validation(
+            "body",
+            format!("must be at most {MAX_BODY_CHARS} characters"),
+        ));
+    }
+    let status = body.status.as_deref().unwrap_or("draft");
+    validate_status(status)?;
+    let result = state
+        .db
+        .bounded(
+            sqlx::query_as::<_, ContentItem>(&format!(
+                "INSERT INTO content_items (id, domain_id, title, slug, body, status, published_at) \
+                 SELECT $1, d.id, $3, $4, $5, $6, $7 FROM domains d WHERE d.id = $2 AND d.org_id = $8 \
+                 RETURNING {COLUMNS}"
+            ))
+            .bind(Uuid::new_v4())
+            .bind(domain_id)
+            .bind(&body.title)
+            .bind(&body.slug)
+            .bind(&body.body)
+            .bind(status)
+            .bind(body.published_at)
+            .bind(auth.org_id)
+            .fetch_optional(state.db.primary()),
+        )
+        .await;
+    match result {
+        Ok(Some(item)) => Ok((StatusCode::CREATED, Json(item))),
+        Ok(None) => Err(ApiError::NotFound("domain")),
+        Err(smartbeak_database::DbError::Query(ref e)) if is_unique_violation(e) => {
+            Err(ApiError::Conflict {
+                code: "SLUG_EXISTS",
+                message: "a content item with this slug already exists in this domain".into(),
+            })
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Lists a domain's content, oldest first, optionally by status.
+#[utoipa::path(get, path = "/v1/domains/{id}/content", tag = "content",
+    params(("id" = Uuid, Path, description = "domain id"), ContentQuery),
+    security(("api_key" = [])),
+    responses((status = 200, body = Page<ContentItem>), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn list(
+    State(state): State<AppState>,
+    auth: Auth,
+    ApiPath(domain_id): ApiPath<Uuid>,
+    ApiQuery(query): ApiQuery<ContentQuery>,
+) -> Result<Json<Page<ContentItem>>, ApiError> {
+    let (limit, cursor) = super::PageQuery {
+        limit: query.limit,
+        cursor: query.cursor.clone(),
+    }
+    .resolve()?;
+    if let Some(status) = &query.status {
+        validate_status(status)?;
+    }
+    require_domain(&state, auth.org_id, domain_id).await?;
+    let rows = state
+        .db
+        .bounded(
+            sqlx::query_as::<_, ContentItem>(&format!(
+                "SELECT {COLUMNS} FROM content_items WHERE domain_id = $1 \
+                 AND ($2::text IS NULL OR status = $2) \
+                 AND ($3::timestamptz IS NULL OR (created_at, id) > ($3, $4)) \
+                 ORDER BY created_at, id LIMIT $5"
+            ))
+            .bind(domain_id)
+            .bind(query.status.as_deref())
+            .bind(cursor.map(|c| c.created_at))
+            .bind(cursor.map(|c| c.id))
+            .bind(limit + 1)
+            .fetch_all(state.db.primary()),
+        )
+        .await?;
+    Ok(Json(paginate(rows, limit, |c| Cursor {
+        created_at: c.created_at,
+        id: c.id,
+    })))
+}
+
+fn validate_status(status: &str) -> Result<(), ApiError> {
+    if STATUSES.contains(&status) {
+        Ok(())
+    } else {
+        Err(ApiError::validation(
+            "status",
+            "must be one of draft, scheduled, published, archived",
+        ))
+    }
+}

@@ -1,0 +1,108 @@
+//! Operational endpoints: `/healthz` (alive), `/readyz` (database reachable and not shutting
+//! down; says which read source serves analytics and how Redis is), `/metrics` (Prometheus).
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::state::AppState;
+
+/// `/healthz` body.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    /// Always `ok`.
+    pub status: String,
+}
+
+/// `/readyz` body.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Readiness {
+    /// `ready` or `not_ready`.
+    pub status: String,
+    /// `ok` or `unreachable`.
+    pub database: String,
+    /// `replica` or `primary`: which database serves analytics reads.
+    pub analytics_reads: String,
+    /// `up`, `down` (the limiter fails open or closed) or `disabled` (no `REDIS_URL`).
+    pub redis: String,
+    /// `true` once shutdown has begun.
+    pub shutting_down: bool,
+    /// On 503: the failing dependency (`database` or `shutdown`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// On 503: `NOT_READY`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+}
+
+/// The process is alive.
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, body = Health)))]
+pub async fn healthz() -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+    })
+}
+
+/// Ready to serve: 503 while the database is unreachable or once shutdown has begun.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses((status = 200, body = Readiness), (status = 503, body = Readiness)))]
+pub async fn readyz(State(state): State<AppState>) -> Response {
+    let shutting_down = !state.readiness.is_ready();
+    let database_ok = if shutting_down {
+        false
+    } else {
+        state.db.ping().await.is_ok()
+    };
+    let failed = if shutting_down {
+        Some("shutdown")
+    } else if !database_ok {
+        Some("database")
+    } else {
+        None
+    };
+    let body = Readiness {
+        status: if failed.is_some() {
+            "not_ready"
+        } else {
+            "ready"
+        }
+        .into(),
+        database: if database_ok { "ok" } else { "unreachable" }.into(),
+        analytics_reads: state.db.read_source().as_str().into(),
+        redis: state.limiter.redis_health().as_str().into(),
+        shutting_down,
+        error: failed.map(|f| format!("not ready: {f}")),
+        code: failed.map(|_| "NOT_READY".into()),
+    };
+    let status = if failed.is_some() {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    (status, Json(body)).into_response()
+}
+
+/// Prometheus text exposition of every metric of the process.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    let pool = state.db.metrics();
+    metrics::gauge!("db_pool_connections", "pool" => "primary", "state" => "in_use")
+        .set(f64::from(pool.primary.in_use));
+    metrics::gauge!("db_pool_connections", "pool" => "primary", "state" => "idle")
+        .set(f64::from(pool.primary.idle));
+    let text = state
+        .metrics
+        .as_ref()
+        .map(|h| h.render())
+        .unwrap_or_default();
+    let mut response = text.into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
+}

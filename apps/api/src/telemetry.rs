@@ -1,0 +1,21 @@
+//! Installs the tracing subscriber of the binary: `RUST_LOG`-style filter (default `info`),
+//! text or JSON lines (`LOG_FORMAT`), written to stdout through a non-blocking writer.
+
+use tracing_appender::non_blocking::WorkerGuard;
+use tracing_subscriber::EnvFilter;
+
+use smartbeak_api::config::LogFormat;
+
+/// Installs the subscriber; keep the guard alive until exit so buffered lines are flushed.
+pub(crate) fn init(format: LogFormat) -> WorkerGuard {
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
+    match format {
+        LogFormat::Json => builder.json().with_current_span(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+    guard
+}
