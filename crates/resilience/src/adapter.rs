@@ -170,32 +170,56 @@ fn warn_epoch() -> Instant {
     *EPOCH.get_or_init(Instant::now)
 }
 
-/// Milliseconds since `warn_epoch` of the last warning, plus one (0 = never).
-static LAST_WARN_MS: AtomicU64 = AtomicU64::new(0);
-/// Unknown names seen since the last warning.
-static SUPPRESSED: AtomicU64 = AtomicU64::new(0);
+/// Lets one event through per interval and counts the ones it holds back.
+#[derive(Debug)]
+struct RateLimiter {
+    interval_ms: u64,
+    /// Milliseconds since `warn_epoch` of the last event let through, plus
+    /// one (0 = never).
+    last_ms: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl RateLimiter {
+    const fn new(interval: Duration) -> Self {
+        Self {
+            interval_ms: interval.as_millis() as u64,
+            last_ms: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(suppressed since the last one)` when an event may be emitted at
+    /// `now_ms` (milliseconds since some fixed epoch).
+    fn permit(&self, now_ms: u64) -> Option<u64> {
+        let now = now_ms.saturating_add(1);
+        let last = self.last_ms.load(Ordering::Relaxed);
+        let due = last == 0 || now.saturating_sub(last) >= self.interval_ms;
+        if due
+            && self
+                .last_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            Some(self.suppressed.swap(0, Ordering::Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+static UNKNOWN_WARNINGS: RateLimiter = RateLimiter::new(UNKNOWN_WARN_INTERVAL);
 
 fn note_unknown(name: &str) {
     metrics::counter!(UNKNOWN_ADAPTER_COUNTER).increment(1);
-    let now_ms = u64::try_from(warn_epoch().elapsed().as_millis())
-        .unwrap_or(u64::MAX - 1)
-        .saturating_add(1);
-    let last = LAST_WARN_MS.load(Ordering::Relaxed);
-    let interval_ms = UNKNOWN_WARN_INTERVAL.as_millis() as u64;
-    let due = last == 0 || now_ms.saturating_sub(last) >= interval_ms;
-    if due
-        && LAST_WARN_MS
-            .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-    {
-        let suppressed = SUPPRESSED.swap(0, Ordering::Relaxed);
+    let now_ms = u64::try_from(warn_epoch().elapsed().as_millis()).unwrap_or(u64::MAX);
+    if let Some(suppressed) = UNKNOWN_WARNINGS.permit(now_ms) {
         tracing::warn!(
             name = %truncate(name, 64).escape_debug(),
             suppressed,
             "unknown adapter name, using `unknown`"
         );
-    } else {
-        SUPPRESSED.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -231,6 +255,28 @@ mod tests {
         assert_eq!(AdapterName::parse("google_analytics"), AdapterName::Unknown);
         assert_eq!(AdapterName::parse(""), AdapterName::Unknown);
         assert_eq!(AdapterName::from_known("nope"), None);
+    }
+
+    #[test]
+    fn unknown_names_are_counted() {
+        let recorder = crate::test_recorder::TestRecorder::default();
+        metrics::with_local_recorder(&recorder, || {
+            for name in ["nope", "twitter", "x", "unknown"] {
+                AdapterName::parse(name);
+            }
+        });
+        assert_eq!(recorder.counter("resilience_unknown_adapter_total{}"), 2);
+    }
+
+    #[test]
+    fn warnings_are_rate_limited_and_report_what_they_held_back() {
+        let limiter = RateLimiter::new(Duration::from_secs(10));
+        assert_eq!(limiter.permit(0), Some(0));
+        let held_back = (1..10_000).filter_map(|ms| limiter.permit(ms)).count();
+        assert_eq!(held_back, 0);
+        assert_eq!(limiter.permit(10_000), Some(9_999));
+        assert_eq!(limiter.permit(10_001), None);
+        assert_eq!(limiter.permit(20_000), Some(1));
     }
 
     #[test]

@@ -12,6 +12,8 @@ pub mod clock;
 pub mod compose;
 pub mod registry;
 pub mod retry;
+#[cfg(test)]
+mod test_recorder;
 pub mod timeout;
 pub mod verdict;
 

@@ -183,3 +183,184 @@ impl Default for BreakerRegistry {
         Self::new(RegistryConfig::default())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::fmt::Write as _;
+
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+    use crate::breaker::BreakerConfig;
+    use crate::clock::ManualClock;
+    use crate::verdict::{Verdict, err_is_transient};
+
+    fn tripping_policy() -> BreakerPolicy {
+        BreakerPolicy::new(BreakerConfig {
+            consecutive_failures: 2,
+            ..BreakerConfig::default()
+        })
+        .unwrap()
+    }
+
+    fn trip(breaker: &CircuitBreaker) {
+        while breaker.state() == BreakerState::Closed {
+            breaker.try_acquire().unwrap().record(Verdict::Failure);
+        }
+    }
+
+    #[test]
+    fn a_million_random_names_collapse_to_unknown_and_stay_bounded() {
+        let registry = BreakerRegistry::new(RegistryConfig::default());
+        let policy = BreakerPolicy::default();
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut name = String::with_capacity(32);
+        let mut last = None;
+        for _ in 0..1_000_000 {
+            name.clear();
+            write!(name, "adapter-{:016x}", rng.random::<u64>()).unwrap();
+            let adapter = AdapterName::parse(&name);
+            assert_eq!(adapter, AdapterName::Unknown);
+            let breaker = registry.get(adapter, &policy);
+            if let Some(previous) = &last {
+                assert!(Arc::ptr_eq(previous, &breaker));
+            }
+            last = Some(breaker);
+        }
+        assert_eq!(registry.len(), 1);
+        assert!(registry.len() <= registry.config().capacity);
+    }
+
+    #[test]
+    fn every_key_combination_stays_within_capacity() {
+        let registry = BreakerRegistry::new(RegistryConfig {
+            capacity: 10,
+            ..RegistryConfig::default()
+        });
+        for threshold in 1..=5u8 {
+            let policy = BreakerPolicy::new(BreakerConfig {
+                failure_rate_percent: threshold * 10,
+                ..BreakerConfig::default()
+            })
+            .unwrap();
+            for adapter in AdapterName::ALL {
+                registry.get(adapter, &policy);
+                assert!(registry.len() <= 10, "len {}", registry.len());
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn two_closures_through_one_adapter_each_run_their_own_code() {
+        let registry = BreakerRegistry::default();
+        let policy = BreakerPolicy::default();
+        let first = registry
+            .get(AdapterName::Facebook, &policy)
+            .call(|| async { Ok::<_, ()>("first") }, err_is_transient)
+            .await
+            .unwrap();
+        let second = registry
+            .get(AdapterName::Facebook, &policy)
+            .call(|| async { Ok::<_, ()>("second") }, err_is_transient)
+            .await
+            .unwrap();
+        assert_eq!((first, second), ("first", "second"));
+        assert!(Arc::ptr_eq(
+            &registry.get(AdapterName::Facebook, &policy),
+            &registry.get(AdapterName::Facebook, &policy)
+        ));
+        assert_eq!(registry.len(), 1);
+    }
+
+    #[test]
+    fn equal_configs_share_a_breaker_and_different_ones_do_not() {
+        let registry = BreakerRegistry::default();
+        let a = BreakerPolicy::default();
+        let b = BreakerPolicy::new(BreakerConfig::default()).unwrap();
+        let c = tripping_policy();
+        let shared = registry.get(AdapterName::Ga, &a);
+        assert!(Arc::ptr_eq(&shared, &registry.get(AdapterName::Ga, &b)));
+        let other = registry.get(AdapterName::Ga, &c);
+        assert!(!Arc::ptr_eq(&shared, &other));
+        assert_eq!(other.policy().config().consecutive_failures, 2);
+    }
+
+    #[test]
+    fn one_adapters_outage_does_not_open_another() {
+        let registry = BreakerRegistry::default();
+        let policy = tripping_policy();
+        trip(&registry.get(AdapterName::Ga, &policy));
+        assert_eq!(
+            registry.get(AdapterName::Ga, &policy).state(),
+            BreakerState::Open
+        );
+        for adapter in AdapterName::ALL
+            .into_iter()
+            .filter(|a| *a != AdapterName::Ga)
+        {
+            let breaker = registry.get(adapter, &policy);
+            assert_eq!(breaker.state(), BreakerState::Closed, "{adapter}");
+            assert!(breaker.try_acquire().is_ok());
+        }
+    }
+
+    #[test]
+    fn open_breakers_are_pinned_against_eviction() {
+        let registry = BreakerRegistry::new(RegistryConfig {
+            capacity: 3,
+            ..RegistryConfig::default()
+        });
+        let policy = tripping_policy();
+        let open = registry.get(AdapterName::Youtube, &policy);
+        trip(&open);
+        for _ in 0..3 {
+            for adapter in AdapterName::ALL {
+                registry.get(adapter, &policy);
+            }
+        }
+        let kept = registry.peek(AdapterName::Youtube, &policy).unwrap();
+        assert!(Arc::ptr_eq(&kept, &open));
+        assert_eq!(kept.state(), BreakerState::Open);
+        // Closed ones were evicted down to the capacity (plus the pinned one).
+        assert!(registry.len() <= 3, "len {}", registry.len());
+    }
+
+    #[test]
+    fn idle_closed_breakers_expire_on_read_but_open_ones_do_not() {
+        let clock = ManualClock::new();
+        let registry = BreakerRegistry::with_clock(
+            RegistryConfig {
+                capacity: 100,
+                idle_ttl: Duration::from_secs(3600),
+            },
+            clock.shared(),
+        );
+        let policy = tripping_policy();
+        let closed = registry.get(AdapterName::Vercel, &policy);
+        let open = registry.get(AdapterName::Aweber, &policy);
+        trip(&open);
+        clock.advance(Duration::from_secs(1800));
+        // Used within the TTL: kept, and the use resets the idle time.
+        assert!(Arc::ptr_eq(
+            &closed,
+            &registry.get(AdapterName::Vercel, &policy)
+        ));
+        clock.advance(Duration::from_secs(3000));
+        assert!(Arc::ptr_eq(
+            &closed,
+            &registry.get(AdapterName::Vercel, &policy)
+        ));
+        clock.advance(Duration::from_secs(3601));
+        let fresh = registry.get(AdapterName::Vercel, &policy);
+        assert!(!Arc::ptr_eq(&closed, &fresh));
+        // Not closed: never expired, whatever the idle time.
+        assert!(Arc::ptr_eq(
+            &open,
+            &registry.get(AdapterName::Aweber, &policy)
+        ));
+        assert_eq!(registry.len(), 2);
+    }
+}

@@ -250,3 +250,194 @@ pub fn retry_after_from_headers(headers: &http::HeaderMap) -> Option<Duration> {
     let value = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?;
     parse_retry_after(value, SystemTime::now())
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
+    use super::*;
+    use crate::clock::ManualClock;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn policy() -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: 6,
+            base_delay: 100 * MS,
+            max_delay: 1000 * MS,
+            max_elapsed: Duration::from_secs(60),
+            max_retry_after: Duration::from_secs(10),
+        }
+    }
+
+    #[test]
+    fn ceilings_double_and_cap() {
+        let p = policy();
+        let got: Vec<_> = (1..=6).map(|r| p.backoff_ceiling(r)).collect();
+        assert_eq!(
+            got,
+            [100 * MS, 200 * MS, 400 * MS, 800 * MS, 1000 * MS, 1000 * MS]
+        );
+        assert_eq!(p.backoff_ceiling(u32::MAX), 1000 * MS);
+    }
+
+    #[test]
+    fn full_jitter_delays_stay_within_bounds_and_spread() {
+        let p = policy();
+        let mut rng = StdRng::seed_from_u64(42);
+        for attempt in 1..6 {
+            let ceiling = p.backoff_ceiling(attempt);
+            let delays: Vec<_> = (0..1000)
+                .map(|_| {
+                    p.next_delay_with(attempt, None, Duration::ZERO, &mut rng)
+                        .unwrap()
+                })
+                .collect();
+            assert!(delays.iter().all(|d| *d <= ceiling), "attempt {attempt}");
+            // Full jitter covers the whole range, not just the top or bottom.
+            assert!(delays.iter().any(|d| *d < ceiling / 4), "attempt {attempt}");
+            assert!(
+                delays.iter().any(|d| *d > ceiling * 3 / 4),
+                "attempt {attempt}"
+            );
+        }
+        // Same seed, same schedule.
+        let schedule = |seed| {
+            let mut rng = StdRng::seed_from_u64(seed);
+            (1..6)
+                .map(|a| p.next_delay_with(a, None, Duration::ZERO, &mut rng))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(schedule(9), schedule(9));
+    }
+
+    #[test]
+    fn stops_after_max_attempts() {
+        let p = policy();
+        let mut rng = StdRng::seed_from_u64(1);
+        assert!(
+            p.next_delay_with(5, None, Duration::ZERO, &mut rng)
+                .is_some()
+        );
+        assert_eq!(p.next_delay_with(6, None, Duration::ZERO, &mut rng), None);
+        assert_eq!(
+            RetryPolicy::never().next_delay(1, None, Duration::ZERO),
+            None
+        );
+    }
+
+    #[test]
+    fn stops_when_the_delay_would_overrun_the_time_budget() {
+        let p = RetryPolicy {
+            max_elapsed: Duration::from_secs(10),
+            ..policy()
+        };
+        let hint = Some(Duration::from_secs(2));
+        assert_eq!(
+            p.next_delay(1, hint, Duration::from_secs(8)),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(p.next_delay(1, hint, Duration::from_secs(8) + MS), None);
+    }
+
+    #[test]
+    fn retry_after_is_honoured_and_clamped() {
+        let p = policy();
+        assert_eq!(
+            p.next_delay(1, Some(3 * MS * 1000), Duration::ZERO),
+            Some(Duration::from_secs(3))
+        );
+        assert_eq!(
+            p.next_delay(1, Some(Duration::from_secs(3600)), Duration::ZERO),
+            Some(Duration::from_secs(10))
+        );
+        // Still bounded by attempts.
+        assert_eq!(p.next_delay(6, Some(MS), Duration::ZERO), None);
+    }
+
+    #[test]
+    fn parses_retry_after_seconds_and_dates() {
+        let now = httpdate::parse_http_date("Wed, 21 Oct 2015 07:28:00 GMT").unwrap();
+        assert_eq!(
+            parse_retry_after(" 120 ", now),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:29:30 GMT", now),
+            Some(Duration::from_secs(90))
+        );
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+        let mut headers = http::HeaderMap::new();
+        assert_eq!(retry_after_from_headers(&headers), None);
+        headers.insert(
+            http::header::RETRY_AFTER,
+            http::HeaderValue::from_static("5"),
+        );
+        assert_eq!(
+            retry_after_from_headers(&headers),
+            Some(Duration::from_secs(5))
+        );
+    }
+
+    fn budget(clock: &ManualClock, min_per_sec: u32, percent: u32) -> RetryBudget {
+        RetryBudget::with_clock(
+            RetryBudgetConfig {
+                ttl: Duration::from_secs(10),
+                min_retries_per_sec: min_per_sec,
+                retry_percent: percent,
+            },
+            clock.shared(),
+        )
+    }
+
+    #[test]
+    fn budget_floor_is_exhausted_then_refills_after_ttl() {
+        let clock = ManualClock::new();
+        let b = budget(&clock, 1, 20);
+        assert_eq!(b.available(), 10);
+        for i in 0..10 {
+            assert!(b.try_withdraw(), "retry {i}");
+        }
+        assert!(!b.try_withdraw());
+        clock.advance(Duration::from_secs(5));
+        assert!(!b.try_withdraw());
+        clock.advance(Duration::from_secs(6));
+        assert_eq!(b.available(), 10);
+    }
+
+    #[test]
+    fn budget_allows_a_share_of_recent_requests() {
+        let clock = ManualClock::new();
+        let b = budget(&clock, 0, 20);
+        assert!(!b.try_withdraw());
+        for _ in 0..100 {
+            b.deposit();
+        }
+        // 20 % of 100 requests.
+        let granted = (0..100).filter(|_| b.try_withdraw()).count();
+        assert_eq!(granted, 20);
+        // Deposits age out with the window.
+        for _ in 0..50 {
+            b.deposit();
+        }
+        clock.advance(Duration::from_secs(11));
+        assert_eq!(b.available(), 0);
+    }
+
+    #[test]
+    fn budget_with_no_floor_and_no_share_never_retries() {
+        let clock = ManualClock::new();
+        let b = budget(&clock, 0, 0);
+        for _ in 0..1000 {
+            b.deposit();
+        }
+        assert!(!b.try_withdraw());
+    }
+}

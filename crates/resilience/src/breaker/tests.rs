@@ -434,6 +434,33 @@ async fn half_open_admits_exactly_the_probe_limit_among_100_concurrent_callers()
 }
 
 #[test]
+fn transitions_and_rejections_are_exported_as_metrics() {
+    let recorder = crate::test_recorder::TestRecorder::default();
+    metrics::with_local_recorder(&recorder, || {
+        let (b, clock) = breaker(config());
+        let gauge = "circuit_breaker_state{adapter=openai}";
+        assert_eq!(recorder.gauge(gauge), Some(0.0));
+        trip(&b);
+        assert_eq!(recorder.gauge(gauge), Some(1.0));
+        assert!(succeed(&b).is_err());
+        assert!(succeed(&b).is_err());
+        assert_eq!(
+            recorder.counter("circuit_breaker_rejected_total{adapter=openai}"),
+            2
+        );
+        clock.advance(SEC);
+        succeed(&b).unwrap();
+        assert_eq!(recorder.gauge(gauge), Some(2.0));
+        succeed(&b).unwrap();
+        assert_eq!(recorder.gauge(gauge), Some(0.0));
+        assert_eq!(
+            recorder.counter("circuit_breaker_transitions_total{adapter=openai,to=open}"),
+            1
+        );
+    });
+}
+
+#[test]
 fn open_duration_formula_caps_and_tolerates_factor_one() {
     let c = config();
     let got: Vec<_> = (1..=5).map(|t| open_duration_for(&c, t)).collect();
