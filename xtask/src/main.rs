@@ -1,1 +1,74 @@
-fn main() {}
+//! Workspace automation, run as `cargo xtask <task>`:
+//!
+//! - `test`: what CI runs: services, a fresh database, fmt, clippy, docs, the whole test suite;
+//! - `demo`: services, migrations, seed data, and the main job end to end;
+//! - `services up|down|status`: throwaway PostgreSQL and Redis for local work.
+//!
+//! Services come from `DATABASE_URL` / `REDIS_URL` when those answer, else throwaway servers
+//! are started from the machine's binaries (see `smartbeak-test-support`) and stopped at the
+//! end, also on failure and on Ctrl-C.
+
+mod demo;
+mod services;
+mod test;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use xshell::Shell;
+
+const USAGE: &str = "\
+usage: cargo xtask <task>
+
+tasks:
+  test                      fmt, clippy, docs and the whole test suite against real services
+  demo                      seed a database and run the main job end to end
+  services up|down|status   throwaway PostgreSQL and Redis for local work
+";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &[String]) -> Result<()> {
+    let sh = Shell::new()?;
+    sh.change_dir(project_root());
+    // Ctrl-C reaches every process of the terminal's group: the cargo child stops on its
+    // own, and we keep running long enough to drop the servers and the database.
+    let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let interrupted = interrupted.clone();
+        ctrlc::set_handler(move || {
+            interrupted.store(true, std::sync::atomic::Ordering::SeqCst);
+            eprintln!("xtask: interrupted, cleaning up");
+        })?;
+    }
+    match args.first().map(String::as_str) {
+        Some("test") => test::Test::parse(&args[1..])?.run(&sh),
+        Some("demo") => demo::Demo.run(&sh),
+        Some("services") => services::ServicesTask::parse(&args[1..])?.run(&sh),
+        Some("help" | "-h" | "--help") | None => {
+            eprint!("{USAGE}");
+            Ok(())
+        }
+        Some(other) => anyhow::bail!("unknown task {other:?}\n{USAGE}"),
+    }
+}
+
+/// The workspace root (the parent of `xtask/`).
+fn project_root() -> PathBuf {
+    let dir = std::env::var("CARGO_MANIFEST_DIR")
+        .unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_owned());
+    PathBuf::from(dir)
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+}

@@ -486,6 +486,11 @@ impl RedisServer {
         self.child.as_ref().map(Child::id)
     }
 
+    /// The directory holding the server's log.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Kills the server (as a crash would); the port stays reserved for [`RedisServer::restart`].
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {

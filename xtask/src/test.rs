@@ -1,0 +1,162 @@
+//! `cargo xtask test`: exactly what CI runs.
+//!
+//! Services (found or started), a fresh database for the run with migrations applied, then
+//! `cargo fmt --check`, clippy with `-D warnings`, rustdoc with `-D warnings`, the doctests and
+//! the whole test suite (cargo-nextest when installed, else `cargo test`). The database is
+//! dropped and throwaway servers stopped afterwards, on failure too. The output ends with the
+//! test runner's own summary line.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use xshell::{Shell, cmd};
+
+use crate::services::{Services, psql, redact};
+
+pub(crate) struct Test {
+    /// Extra arguments for the test runner (after `--`).
+    runner_args: Vec<String>,
+}
+
+impl Test {
+    pub(crate) fn parse(args: &[String]) -> Result<Self> {
+        let runner_args = match args.iter().position(|a| a == "--") {
+            Some(i) => args[i + 1..].to_vec(),
+            None if args.is_empty() => Vec::new(),
+            None => anyhow::bail!(
+                "unexpected arguments {args:?}; pass test runner arguments after `--`"
+            ),
+        };
+        Ok(Self { runner_args })
+    }
+
+    pub(crate) fn run(&self, sh: &Shell) -> Result<()> {
+        let services = Services::find_or_start()?;
+        let database = FreshDatabase::create(sh, &services)?;
+        let _env = [
+            sh.push_env("DATABASE_URL", &database.url),
+            sh.push_env("REDIS_URL", &services.redis_url),
+            sh.push_env("SMARTBEAK_TEST_RUN", &database.name),
+        ];
+        eprintln!(
+            "xtask: database {} on {}",
+            database.name,
+            redact(&services.postgres_url)
+        );
+        cmd!(
+            sh,
+            "cargo run --quiet -p smartbeak-database --bin smartbeak-migrate"
+        )
+        .run()
+        .context("migrations failed")?;
+
+        eprintln!("xtask: cargo fmt --check");
+        cmd!(sh, "cargo fmt --all -- --check")
+            .run()
+            .context("cargo fmt --check found unformatted code (run `cargo fmt --all`)")?;
+        eprintln!("xtask: cargo clippy");
+        cmd!(
+            sh,
+            "cargo clippy --workspace --all-targets --quiet -- -D warnings"
+        )
+        .run()
+        .context("clippy failed")?;
+        eprintln!("xtask: cargo doc");
+        {
+            let _doc = sh.push_env("RUSTDOCFLAGS", "-D warnings");
+            cmd!(sh, "cargo doc --workspace --no-deps --quiet")
+                .run()
+                .context("rustdoc failed")?;
+        }
+        eprintln!("xtask: doctests");
+        cmd!(sh, "cargo test --workspace --doc --quiet")
+            .run()
+            .context("doctests failed")?;
+
+        let args = &self.runner_args;
+        let result = if nextest_installed(sh) {
+            cmd!(sh, "cargo nextest run --workspace --no-fail-fast {args...}").run()
+        } else {
+            cmd!(sh, "cargo test --workspace --no-fail-fast {args...}").run()
+        };
+        drop(database);
+        drop(services);
+        // The runner already printed its summary and failures; add nothing after it.
+        if result.is_err() {
+            std::process::exit(1);
+        }
+        Ok(())
+    }
+}
+
+fn nextest_installed(sh: &Shell) -> bool {
+    cmd!(sh, "cargo nextest --version")
+        .quiet()
+        .ignore_stdout()
+        .ignore_stderr()
+        .run()
+        .is_ok()
+}
+
+/// A database created for one run and dropped when this guard drops.
+pub(crate) struct FreshDatabase<'a> {
+    sh: &'a Shell,
+    admin_url: String,
+    pub(crate) name: String,
+    pub(crate) url: String,
+}
+
+impl<'a> FreshDatabase<'a> {
+    pub(crate) fn create(sh: &'a Shell, services: &Services) -> Result<Self> {
+        let stamp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        let name = format!("smartbeak_ci_{}_{stamp}", std::process::id());
+        psql(
+            sh,
+            &services.postgres_url,
+            &format!("CREATE DATABASE {name}"),
+        )?;
+        Ok(Self {
+            sh,
+            admin_url: services.postgres_url.clone(),
+            url: services.database_url(&name),
+            name,
+        })
+    }
+
+    pub(crate) fn named(sh: &'a Shell, services: &Services, name: &str) -> Result<Self> {
+        psql(
+            sh,
+            &services.postgres_url,
+            &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+        )?;
+        psql(
+            sh,
+            &services.postgres_url,
+            &format!("CREATE DATABASE {name}"),
+        )?;
+        Ok(Self {
+            sh,
+            admin_url: services.postgres_url.clone(),
+            url: services.database_url(name),
+            name: name.to_owned(),
+        })
+    }
+}
+
+impl Drop for FreshDatabase<'_> {
+    fn drop(&mut self) {
+        if self.name.is_empty() {
+            return;
+        }
+        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        if let Err(e) = psql(self.sh, &self.admin_url, &sql) {
+            eprintln!(
+                "xtask: warning: could not drop database {}: {e:#}",
+                self.name
+            );
+        }
+    }
+}
