@@ -121,6 +121,8 @@ pub mod exit_code;
 mod handler;
 mod report;
 mod signal;
+#[cfg(feature = "telemetry")]
+pub mod telemetry;
 
 pub use config::{ConfigError, DEFAULT_TIMEOUT, DRAIN_TIMEOUT_ENV, ShutdownConfig, TIMEOUT_ENV};
 pub use coordinator::{IN_FLIGHT_TASKS, Shutdown, ShutdownReason};
