@@ -1,1 +1,3 @@
 //! Workspace-level black-box tests: each module starts real binaries against real services.
+
+mod api;

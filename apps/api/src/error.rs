@@ -218,8 +218,8 @@ impl From<JsonRejection> for ApiError {
 impl From<PathRejection> for ApiError {
     fn from(rejection: PathRejection) -> Self {
         match rejection {
-            PathRejection::FailedToDeserializePathParams(e) => {
-                Self::validation("id", format!("not a valid UUID ({})", e.body_text()))
+            PathRejection::FailedToDeserializePathParams(_) => {
+                Self::validation("id", "must be a UUID")
             }
             other => Self::internal(other.body_text()),
         }

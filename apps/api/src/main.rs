@@ -80,11 +80,11 @@ fn main() -> ExitCode {
         }
     };
     let serving = matches!(cli.command, None | Some(Command::Serve));
-    let guard = telemetry::init(if serving {
-        config.log_format
+    let guard = if serving {
+        telemetry::init(config.log_format, false)
     } else {
-        LogFormat::Text
-    });
+        telemetry::init(LogFormat::Text, true)
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => {
@@ -189,11 +189,22 @@ async fn serve(config: ApiConfig) -> anyhow::Result<ExitCode> {
             "REDIS_URL is not set: rate limiting with the in-process limiter (limits hold per process, not across replicas)"
         );
     } else {
-        tracing::info!(
-            fail_closed = config.rate_limit.fail_closed,
-            replicas = config.rate_limit.replicas,
-            "rate limiting in redis"
-        );
+        let connect_timeout = config
+            .redis
+            .as_ref()
+            .map_or(Duration::ZERO, |r| r.connect_timeout);
+        if limiter.wait_for_redis(connect_timeout).await {
+            tracing::info!(
+                fail_closed = config.rate_limit.fail_closed,
+                replicas = config.rate_limit.replicas,
+                "rate limiting in redis"
+            );
+        } else {
+            tracing::warn!(
+                fail_closed = config.rate_limit.fail_closed,
+                "redis is not reachable at start-up; serving anyway, the limiter fails open or closed until it is"
+            );
+        }
     }
 
     let pool_close_deadline = config.pool_close_deadline;

@@ -1,8 +1,8 @@
 //! Rate limiting of `/v1`: a per-API-key and a per-client-IP quota, checked together.
 //!
 //! With `REDIS_URL` set the quotas are shared by every replica through one GCRA Lua script
-//! ([`redis`]); when Redis fails the limiter fails open onto the in-process limiter
-//! ([`local`], limits divided by the replica count) or, with `RATE_LIMIT_FAIL_CLOSED=true`,
+//! (`ratelimit/redis.rs`, `gcra.lua`); when Redis fails the limiter fails open onto the in-process limiter
+//! (`ratelimit/local.rs`, limits divided by the replica count) or, with `RATE_LIMIT_FAIL_CLOSED=true`,
 //! answers 503. Without `REDIS_URL` the in-process limiter is the limiter.
 //! Responses carry the IETF `RateLimit-Policy` / `RateLimit` fields (draft-10 syntax).
 
@@ -160,6 +160,23 @@ impl RateLimiter {
             Some(redis) if redis.is_healthy() => RedisHealth::Up,
             Some(_) => RedisHealth::Down,
         }
+    }
+
+    /// Waits until Redis is connected, at most `bound`; true if it is (or is not configured).
+    /// The server calls it once before it starts listening, so its first requests are
+    /// limited in Redis rather than failing open while the connection is being made.
+    pub async fn wait_for_redis(&self, bound: Duration) -> bool {
+        let Some(redis) = &self.redis else {
+            return true;
+        };
+        let deadline = Instant::now() + bound;
+        while !redis.is_healthy() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
     }
 
     /// Checks (and, if allowed, consumes) one request of `client`.

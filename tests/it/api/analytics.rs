@@ -1,0 +1,109 @@
+//! Analytics: ingest rows, check the aggregates, then 500 concurrent identical requests run
+//! one SQL query (counted server-side by `analytics_queries_total`, incremented inside the
+//! single-flight computation that runs the query).
+
+use serde_json::{Value, json};
+
+use super::{Api, Tenant, create_domain, database};
+
+#[tokio::test]
+async fn aggregates_and_a_burst_of_500_runs_one_query() {
+    let (db, url) = database().await.unwrap();
+    let api = Api::start(
+        &url,
+        &[
+            ("RATE_LIMIT_ENABLED", "false".into()),
+            ("ANALYTICS_CACHE_TTL_MS", "600000".into()),
+        ],
+    )
+    .await
+    .unwrap();
+    let t = Tenant::create(&url, "analytics").await.unwrap();
+    let d = create_domain(&api, &t, "stats.example.com").await.unwrap();
+    let item: Value = api
+        .http
+        .post(api.url(&format!("/v1/domains/{d}/content")))
+        .header("authorization", t.bearer())
+        .json(&json!({"title": "Hello", "slug": "hello"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let content_id = item["id"].as_str().unwrap();
+    let response = api
+        .http
+        .post(api.url(&format!("/v1/domains/{d}/metrics")))
+        .header("authorization", t.bearer())
+        .json(&json!({
+            "keywords": [
+                {"keyword": "rust", "search_volume": 100, "position": 2.0, "clicks": 10, "impressions": 100, "ctr": 0.1, "recorded_at": "2026-01-02T00:00:00Z"},
+                {"keyword": "rust", "search_volume": 300, "position": 4.0, "clicks": 30, "impressions": 100, "ctr": 0.3, "recorded_at": "2026-01-03T00:00:00Z"},
+                {"keyword": "axum", "search_volume": 50, "position": 1.0, "recorded_at": "2026-01-03T00:00:00Z"},
+                {"keyword": "outside", "search_volume": 1, "position": 1.0, "recorded_at": "2025-06-01T00:00:00Z"}
+            ],
+            "content": [
+                {"content_id": content_id, "page_views": 100, "unique_visitors": 80, "bounce_rate": 0.5, "conversions": 2, "revenue_cents": 1000, "recorded_at": "2026-01-02T00:00:00Z"},
+                {"content_id": content_id, "page_views": 50, "unique_visitors": 40, "bounce_rate": 0.3, "conversions": 1, "revenue_cents": 500, "recorded_at": "2026-01-04T00:00:00Z"}
+            ]
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let stored: Value = response.json().await.unwrap();
+    assert_eq!(
+        stored,
+        json!({"keywords_inserted": 4, "content_inserted": 2})
+    );
+
+    let path = api.url(&format!(
+        "/v1/domains/{d}/analytics?from=2026-01-01&to=2026-01-31"
+    ));
+    let before = api.metric("analytics_queries_total").await.unwrap();
+    let requests = (0..500).map(|_| {
+        let http = api.http.clone();
+        let path = path.clone();
+        let bearer = t.bearer();
+        async move {
+            let response = http
+                .get(&path)
+                .header("authorization", bearer)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            response.json::<Value>().await.unwrap()
+        }
+    });
+    let bodies = futures::future::join_all(requests).await;
+    let after = api.metric("analytics_queries_total").await.unwrap();
+    assert_eq!(after - before, 1.0, "500 identical requests, one query");
+    assert!(bodies.iter().all(|b| b == &bodies[0]));
+
+    let report = &bodies[0];
+    assert_eq!(report["read_source"], "primary");
+    let keywords = report["keywords"].as_array().unwrap();
+    assert_eq!(
+        keywords.len(),
+        2,
+        "the 2025 row is outside the range: {report}"
+    );
+    assert_eq!(keywords[1]["keyword"], "rust");
+    assert_eq!(keywords[1]["avg_search_volume"], 200.0);
+    assert_eq!(keywords[1]["avg_position"], 3.0);
+    assert_eq!(keywords[1]["total_clicks"], 40);
+    assert_eq!(keywords[1]["total_impressions"], 200);
+    assert!((keywords[1]["avg_ctr"].as_f64().unwrap() - 0.2).abs() < 1e-9);
+    let content = &report["content"][0];
+    assert_eq!(content["title"], "Hello");
+    assert_eq!(content["page_views"], 150);
+    assert_eq!(content["unique_visitors"], 120);
+    assert!((content["avg_bounce_rate"].as_f64().unwrap() - 0.4).abs() < 1e-9);
+    assert_eq!(content["conversions"], 3);
+    assert_eq!(content["revenue_cents"], 1500);
+
+    drop(api);
+    db.drop_database().await.unwrap();
+}

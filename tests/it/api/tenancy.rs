@@ -1,0 +1,195 @@
+//! Tenancy: org A's key can neither read, list, export nor download anything of org B's
+//! (always 404, never 403), and a revoked key is 401.
+
+use serde_json::{Value, json};
+
+use super::{Api, Tenant, create_domain, database};
+
+#[tokio::test]
+async fn orgs_are_isolated_and_revoked_keys_are_rejected() {
+    let (db, url) = database().await.unwrap();
+    let export_dir = tempfile_dir();
+    let api = Api::start(
+        &url,
+        &[("EXPORT_DIR", export_dir.to_string_lossy().into_owned())],
+    )
+    .await
+    .unwrap();
+    let a = Tenant::create(&url, "org a").await.unwrap();
+    let b = Tenant::create(&url, "org b").await.unwrap();
+
+    // B's data: a domain, a content item, settings, an export finished by "the worker".
+    let b_domain = create_domain(&api, &b, "b.example.com").await.unwrap();
+    let a_domain = create_domain(&api, &a, "a.example.com").await.unwrap();
+    let response = api
+        .http
+        .post(api.url(&format!("/v1/domains/{b_domain}/content")))
+        .header("authorization", b.bearer())
+        .json(&json!({"title": "B secret", "slug": "b-secret"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let response = api
+        .http
+        .post(api.url(&format!("/v1/domains/{b_domain}/exports")))
+        .header("authorization", b.bearer())
+        .json(&json!({"format": "csv"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    assert!(
+        response.headers()["location"]
+            .to_str()
+            .unwrap()
+            .starts_with("/v1/exports/")
+    );
+    let b_export: Value = response.json().await.unwrap();
+    let b_export = b_export["id"].as_str().unwrap().to_owned();
+    finish_export(&url, &b_export, &export_dir, "id,title\n1,B secret\n").await;
+
+    // B can download its own export.
+    let response = api
+        .http
+        .get(api.url(&format!("/v1/exports/{b_export}/download")))
+        .header("authorization", b.bearer())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["content-type"],
+        "text/csv; charset=utf-8"
+    );
+    assert_eq!(response.text().await.unwrap(), "id,title\n1,B secret\n");
+
+    // A sees none of it: every path is a 404 with the same shape.
+    let not_found = [
+        ("GET", format!("/v1/domains/{b_domain}"), None),
+        ("GET", format!("/v1/domains/{b_domain}/content"), None),
+        (
+            "POST",
+            format!("/v1/domains/{b_domain}/content"),
+            Some(json!({"title": "x", "slug": "x"})),
+        ),
+        ("GET", format!("/v1/domains/{b_domain}/settings"), None),
+        (
+            "PUT",
+            format!("/v1/domains/{b_domain}/settings"),
+            Some(json!({"theme": "dark"})),
+        ),
+        ("GET", format!("/v1/domains/{b_domain}/analytics"), None),
+        (
+            "POST",
+            format!("/v1/domains/{b_domain}/metrics"),
+            Some(
+                json!({"keywords": [{"keyword": "k", "search_volume": 1, "position": 1.0, "recorded_at": "2026-01-01T00:00:00Z"}]}),
+            ),
+        ),
+        (
+            "POST",
+            format!("/v1/domains/{b_domain}/exports"),
+            Some(json!({"format": "json"})),
+        ),
+        ("GET", format!("/v1/exports/{b_export}"), None),
+        ("GET", format!("/v1/exports/{b_export}/download"), None),
+        ("DELETE", format!("/v1/exports/{b_export}"), None),
+    ];
+    for (method, path, body) in &not_found {
+        let mut request = api
+            .http
+            .request(method.parse().unwrap(), api.url(path))
+            .header("authorization", a.bearer());
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 404, "{method} {path}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["code"], "NOT_FOUND", "{method} {path}: {body}");
+    }
+
+    // A's list holds only A's domain.
+    let list: Value = api
+        .http
+        .get(api.url("/v1/domains"))
+        .header("authorization", a.bearer())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [a_domain.as_str()]);
+
+    // No key, a made-up key, then A's key once revoked: 401.
+    let response = api.http.get(api.url("/v1/domains")).send().await.unwrap();
+    assert_eq!(response.status(), 401);
+    let response = api
+        .http
+        .get(api.url("/v1/domains"))
+        .header("authorization", "Bearer sbk_0000")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    super::cli(&url, &["keys", "revoke", &a.key_id])
+        .await
+        .unwrap();
+    let response = api
+        .http
+        .get(api.url("/v1/domains"))
+        .header("authorization", a.bearer())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["code"], "UNAUTHORIZED");
+    // B is unaffected.
+    let response = api
+        .http
+        .get(api.url(&format!("/v1/domains/{b_domain}")))
+        .header("authorization", b.bearer())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+
+    drop(api);
+    let _ = std::fs::remove_dir_all(&export_dir);
+    db.drop_database().await.unwrap();
+}
+
+fn tempfile_dir() -> std::path::PathBuf {
+    let dir =
+        std::env::temp_dir().join(format!("sb-api-exports-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Does what the export worker does when it finishes a job: writes the file under
+/// EXPORT_DIR and marks the row succeeded with its relative path and size.
+async fn finish_export(url: &str, id: &str, dir: &std::path::Path, contents: &str) {
+    let name = format!("{id}.csv");
+    std::fs::write(dir.join(&name), contents).unwrap();
+    let pool = sqlx::PgPool::connect(url).await.unwrap();
+    sqlx::query(
+        "UPDATE domain_exports SET status = 'succeeded', progress = 100, storage_path = $2, \
+         size_bytes = $3, finished_at = now() WHERE id = $1::uuid",
+    )
+    .bind(id)
+    .bind(&name)
+    .bind(i64::try_from(contents.len()).unwrap())
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+}
