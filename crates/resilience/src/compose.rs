@@ -176,11 +176,11 @@ impl Resilience {
         let breaker = self.registry.get(adapter, &policy.breaker);
         let permit = breaker.try_acquire()?;
         self.budget.deposit();
-        let started = self.clock.now();
+        let started = self.clock.now_nanos();
         let mut attempts = 0u32;
         loop {
             attempts += 1;
-            let elapsed = self.clock.now().saturating_duration_since(started);
+            let elapsed = self.elapsed_since(started);
             let limit = policy
                 .attempt_timeout
                 .map(|t| t.min(policy.retry.max_elapsed.saturating_sub(elapsed)));
@@ -192,7 +192,7 @@ impl Resilience {
                 Err(_) => (None, Verdict::TRANSIENT),
             };
             if let Verdict::Transient { retry_after } = verdict {
-                let elapsed = self.clock.now().saturating_duration_since(started);
+                let elapsed = self.elapsed_since(started);
                 let delay = {
                     let mut rng = self.rng.lock().unwrap_or_else(PoisonError::into_inner);
                     policy
@@ -223,6 +223,10 @@ impl Resilience {
                 }),
             };
         }
+    }
+
+    fn elapsed_since(&self, started: u64) -> Duration {
+        Duration::from_nanos(self.clock.now_nanos().saturating_sub(started))
     }
 
     /// The breaker registry.
@@ -272,7 +276,7 @@ mod tests {
                 },
                 ..ResilienceConfig::default()
             },
-            Arc::new(TokioClock),
+            Arc::new(TokioClock::new()),
         )
     }
 

@@ -23,7 +23,7 @@ pub use crate::breaker::{
     CancelledCalls, CircuitBreaker, ConfigError, PolicyId, Rejection, SlowCallConfig,
 };
 pub use crate::bulkhead::{Bulkhead, BulkheadConfig, BulkheadFull, BulkheadPermit};
-pub use crate::clock::{Clock, ManualClock, SharedClock, SystemClock, TokioClock};
+pub use crate::clock::{Clock, ManualClock, SharedClock, StdClock, SystemClock, TokioClock};
 pub use crate::compose::{Policy, Resilience, ResilienceConfig, ResilienceError};
 pub use crate::registry::{BreakerRegistry, RegistryConfig};
 pub use crate::retry::{

@@ -119,7 +119,7 @@ impl BreakerRegistry {
     /// (or after its idle TTL ran out while closed).
     pub fn get(&self, adapter: AdapterName, policy: &BreakerPolicy) -> Arc<CircuitBreaker> {
         let key = (adapter, policy.id());
-        let now = self.clock.now();
+        let now = self.clock.now_nanos();
         if let Some(breaker) = self.cache.get(&key) {
             if breaker.state() != BreakerState::Closed
                 || breaker.idle_for(now) <= self.config.idle_ttl

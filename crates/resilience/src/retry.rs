@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use rand::Rng;
 
-use crate::clock::{SharedClock, SystemClock, duration_nanos, nanos_since};
+use crate::clock::{SharedClock, SystemClock, duration_nanos};
 
 /// How often and how patiently to retry one logical call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -132,7 +132,6 @@ impl Default for RetryBudgetConfig {
 pub struct RetryBudget {
     config: RetryBudgetConfig,
     clock: SharedClock,
-    epoch: std::time::Instant,
     slot_nanos: u64,
     /// Units: a retry costs 100, a deposit earns `retry_percent`.
     reserve: i64,
@@ -162,17 +161,17 @@ impl RetryBudget {
         let reserve = i64::from(config.min_retries_per_sec)
             .saturating_mul(i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX))
             .saturating_mul(100);
+        let slot_nanos = (duration_nanos(ttl) / SLOTS as u64).max(1);
         Self {
             config: RetryBudgetConfig { ttl, ..config },
-            epoch: clock.now(),
-            clock,
-            slot_nanos: duration_nanos(ttl) / SLOTS as u64,
+            slot_nanos,
             reserve,
             slots: Mutex::new(Slots {
-                head_slot: 0,
+                head_slot: clock.now_nanos() / slot_nanos,
                 head: 0,
                 ring: [0; SLOTS],
             }),
+            clock,
         }
     }
 
@@ -213,7 +212,7 @@ impl RetryBudget {
     }
 
     fn with_current<R>(&self, f: impl FnOnce(&mut Slots) -> R) -> R {
-        let slot = nanos_since(self.epoch, self.clock.now()) / self.slot_nanos.max(1);
+        let slot = self.clock.now_nanos() / self.slot_nanos;
         let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
         let behind = slot.saturating_sub(slots.head_slot);
         if behind > 0 {

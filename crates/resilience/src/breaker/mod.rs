@@ -15,7 +15,7 @@ mod tests;
 use std::future::Future;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub use self::config::{
     BreakerConfig, BreakerPolicy, CancelledCalls, ConfigError, MAX_PROBES, MAX_WINDOW, PolicyId,
@@ -23,7 +23,7 @@ pub use self::config::{
 };
 use self::window::Window;
 use crate::adapter::AdapterName;
-use crate::clock::{SharedClock, SystemClock, duration_nanos, nanos_since};
+use crate::clock::{SharedClock, SystemClock, duration_nanos};
 use crate::verdict::Verdict;
 
 /// Gauge of each adapter's breaker state (0 closed, 1 open, 2 half-open),
@@ -161,12 +161,11 @@ pub struct CircuitBreaker {
     adapter: AdapterName,
     policy: BreakerPolicy,
     clock: SharedClock,
-    epoch: Instant,
-    /// Nanos since `epoch` when the open period ends (valid while open).
+    /// Clock nanos when the open period ends (valid while open).
     open_until: AtomicU64,
-    /// Nanos since `epoch` when half-open began (valid while half-open).
+    /// Clock nanos when half-open began (valid while half-open).
     half_open_since: AtomicU64,
-    /// Nanos since `epoch` of the last registry lookup (idle TTL).
+    /// Clock nanos of the last registry lookup (idle TTL).
     last_used: AtomicU64,
     cancelled: AtomicU64,
     control: Mutex<Control>,
@@ -192,7 +191,7 @@ pub struct CallPermit<'a> {
     breaker: &'a CircuitBreaker,
     generation: u64,
     probe: bool,
-    /// Nanos since epoch at admission, when slow calls are tracked.
+    /// Clock nanos at admission, when slow calls are tracked.
     started: Option<u64>,
     done: bool,
 }
@@ -282,7 +281,7 @@ impl CircuitBreaker {
     /// A closed breaker reading time from `clock`.
     pub fn with_clock(adapter: AdapterName, policy: BreakerPolicy, clock: SharedClock) -> Self {
         let config = policy.config();
-        let epoch = clock.now();
+        let now = clock.now_nanos();
         let state_gauge = metrics::gauge!(STATE_GAUGE, "adapter" => adapter.as_str());
         state_gauge.set(BreakerState::Closed.gauge_value());
         Self {
@@ -292,7 +291,7 @@ impl CircuitBreaker {
             adapter,
             open_until: AtomicU64::new(0),
             half_open_since: AtomicU64::new(0),
-            last_used: AtomicU64::new(0),
+            last_used: AtomicU64::new(now),
             cancelled: AtomicU64::new(0),
             control: Mutex::new(Control {
                 trips: 0,
@@ -302,7 +301,6 @@ impl CircuitBreaker {
             rejected: metrics::counter!(REJECTED_COUNTER, "adapter" => adapter.as_str()),
             policy,
             clock,
-            epoch,
         }
     }
 
@@ -433,7 +431,7 @@ impl CircuitBreaker {
 
     #[inline]
     fn now_nanos(&self) -> u64 {
-        nanos_since(self.epoch, self.clock.now())
+        self.clock.now_nanos()
     }
 
     /// Admission time for the slow-call rule; no clock read without it.
@@ -689,9 +687,8 @@ impl CircuitBreaker {
         new_word
     }
 
-    /// Marks the breaker used now (registry idle TTL).
-    pub(crate) fn touch(&self, now: Instant) {
-        let now = nanos_since(self.epoch, now);
+    /// Marks the breaker used at `now` (clock nanos; registry idle TTL).
+    pub(crate) fn touch(&self, now: u64) {
         // Coarse: skip the store when it would move the mark by < 1 s, so
         // concurrent lookups do not all write the same cache line.
         if now.saturating_sub(self.last_used.load(Ordering::Relaxed)) >= 1_000_000_000 {
@@ -700,8 +697,7 @@ impl CircuitBreaker {
     }
 
     /// Time since the last [`touch`](Self::touch) (or creation).
-    pub(crate) fn idle_for(&self, now: Instant) -> Duration {
-        let now = nanos_since(self.epoch, now);
+    pub(crate) fn idle_for(&self, now: u64) -> Duration {
         Duration::from_nanos(now.saturating_sub(self.last_used.load(Ordering::Relaxed)))
     }
 }

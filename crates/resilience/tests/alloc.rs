@@ -1,0 +1,117 @@
+//! Allocation check of the hot paths, with dhat's heap profiler as the global
+//! allocator (its own test binary, since the allocator is per binary). The
+//! futures are ready and polled once with a no-op waker.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::future::{Future, ready};
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use smartbeak_resilience::{
+    AdapterName, BreakerConfig, BreakerPolicy, BreakerRegistry, CircuitBreaker, RegistryConfig,
+    err_is_transient,
+};
+
+#[global_allocator]
+static ALLOC: dhat::Alloc = dhat::Alloc;
+
+fn poll_ready<F: Future>(fut: F) -> F::Output {
+    let mut fut = pin!(fut);
+    match fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(out) => out,
+        Poll::Pending => panic!("future was not ready"),
+    }
+}
+
+/// Heap blocks allocated by `n` runs of `f`.
+fn blocks_allocated(n: usize, mut f: impl FnMut()) -> u64 {
+    let before = dhat::HeapStats::get().total_blocks;
+    for _ in 0..n {
+        f();
+    }
+    dhat::HeapStats::get().total_blocks - before
+}
+
+/// One test only: the profiler is process-global.
+#[test]
+fn hot_paths_do_not_allocate() {
+    let _profiler = dhat::Profiler::builder().testing().build();
+
+    let closed = CircuitBreaker::new(AdapterName::Openai, BreakerPolicy::default());
+    let closed_call = || {
+        let r = poll_ready(closed.call(|| ready(Ok::<u64, ()>(1)), err_is_transient));
+        assert!(r.is_ok());
+    };
+
+    let open = CircuitBreaker::new(
+        AdapterName::Gsc,
+        BreakerPolicy::new(BreakerConfig {
+            open_duration: Duration::from_secs(3600),
+            max_open_duration: Duration::from_secs(3600),
+            ..BreakerConfig::default()
+        })
+        .unwrap(),
+    );
+    while open.try_acquire().is_ok() {
+        let _ = poll_ready(open.call(|| ready(Err::<(), ()>(())), err_is_transient));
+    }
+    let rejected_call = || {
+        let r = poll_ready(open.call(|| ready(Ok::<u64, ()>(1)), err_is_transient));
+        assert!(r.unwrap_err().is_rejected());
+    };
+
+    // A failure that does not trip: the judging path (popcount) is covered too.
+    let failing = CircuitBreaker::new(
+        AdapterName::Ga,
+        BreakerPolicy::new(BreakerConfig {
+            consecutive_failures: 0,
+            failure_rate_percent: 100,
+            ..BreakerConfig::default()
+        })
+        .unwrap(),
+    );
+    let mixed_call = || {
+        let _ = poll_ready(failing.call(|| ready(Err::<(), ()>(())), err_is_transient));
+        let _ = poll_ready(failing.call(|| ready(Ok::<(), ()>(())), err_is_transient));
+    };
+
+    let registry = BreakerRegistry::new(RegistryConfig::default());
+    let policy = BreakerPolicy::default();
+    let _warm = registry.get(AdapterName::Youtube, &policy);
+    let lookup = || {
+        let breaker = registry.get(AdapterName::Youtube, &policy);
+        assert_eq!(breaker.adapter(), AdapterName::Youtube);
+    };
+    let parse = || {
+        assert_eq!(
+            AdapterName::parse("Google-Analytics"),
+            AdapterName::GoogleAnalytics
+        );
+    };
+
+    // Warm up once (lazy statics such as the clock origin), then count.
+    closed_call();
+    rejected_call();
+    mixed_call();
+    lookup();
+    parse();
+    // The check itself can fail.
+    assert_eq!(
+        blocks_allocated(3, || drop(std::hint::black_box(Box::new(1u8)))),
+        3
+    );
+    assert_eq!(blocks_allocated(10_000, closed_call), 0, "closed call");
+    assert_eq!(
+        blocks_allocated(10_000, rejected_call),
+        0,
+        "rejection while open"
+    );
+    assert_eq!(
+        blocks_allocated(10_000, mixed_call),
+        0,
+        "closed failure and success"
+    );
+    assert_eq!(blocks_allocated(10_000, lookup), 0, "registry hit");
+    assert_eq!(blocks_allocated(10_000, parse), 0, "adapter name parse");
+}
