@@ -172,3 +172,73 @@ where
     }
     r
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use axum::body::Body;
+    use axum::http::Request;
+    use smartbeak_database::Database;
+    use smartbeak_database::testing::TestDatabase;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::config::ApiConfig;
+    use crate::ratelimit::RateLimiter;
+
+    async fn call(app: &Router, path: &str) -> (StatusCode, serde_json::Value) {
+        let response = app
+            .clone()
+            .oneshot(Request::get(path).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 22)
+            .await
+            .unwrap();
+        (status, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    #[tokio::test]
+    async fn readiness_flips_at_shutdown_and_openapi_is_3_1() {
+        let tdb = TestDatabase::create().await.unwrap();
+        let db = Database::connect(tdb.config(), "smartbeak-api-test")
+            .await
+            .unwrap();
+        let config = ApiConfig::from_lookup(|_| None).unwrap();
+        let limiter = RateLimiter::new(config.rate_limit.clone(), None).unwrap();
+        let state = AppState::new(db.clone(), config, limiter, None);
+        let app = app(state.clone());
+
+        let (status, body) = call(&app, "/readyz").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["database"], "ok");
+        assert_eq!(body["analytics_reads"], "primary");
+        assert_eq!(body["redis"], "disabled");
+
+        state.readiness.shut_down();
+        let (status, body) = call(&app, "/readyz").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["code"], "NOT_READY");
+        assert_eq!(body["error"], "not ready: shutdown");
+        assert_eq!(call(&app, "/healthz").await.0, StatusCode::OK);
+
+        let (status, doc) = call(&app, "/openapi.json").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(doc["openapi"], "3.1.0");
+        for path in [
+            "/v1/domains",
+            "/v1/domains/{id}/analytics",
+            "/v1/exports/{id}/download",
+        ] {
+            assert!(doc["paths"].get(path).is_some(), "{path} missing");
+        }
+        let (status, body) = call(&app, "/v1/domains").await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(body["code"], "UNAUTHORIZED");
+
+        db.close(std::time::Duration::from_secs(5)).await.unwrap();
+        tdb.drop_database().await.unwrap();
+    }
+}
