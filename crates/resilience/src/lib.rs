@@ -1,7 +1,198 @@
 //! Circuit breakers that stay bounded, retries that do not storm, timeouts
 //! and bulkheads, for calls to outside providers ("adapters").
 //!
-//! (Full model documentation follows in a later commit.)
+//! # The model
+//!
+//! * **[`AdapterName`]** is the closed set of 23 allowlisted adapters. Any
+//!   other string parses to [`AdapterName::Unknown`] (counted in
+//!   `resilience_unknown_adapter_total`, warned about at most once per 10 s),
+//!   so attacker-chosen names can never grow a map or a metric label set.
+//! * **[`Verdict`]** is the caller's reading of one result: `Success` (also a
+//!   404: the dependency is fine), `Ignored`, `Failure` (counts against the
+//!   breaker, not retried) or `Transient` (counts, and is retried, after the
+//!   server's Retry-After if it sent one). Classifiers are plain closures
+//!   `Fn(&Result<T, E>) -> Verdict`; [`err_is_transient`] and
+//!   [`err_is_failure`] cover the simple cases.
+//! * **[`CircuitBreaker`]** is closed, open or half-open
+//!   ([`BreakerState`], readable with [`CircuitBreaker::state`]).
+//!   - *Closed*: every outcome goes into a count-based sliding window
+//!     (`window_size` calls). It trips when, with at least `minimum_calls` in
+//!     the window, failures reach `failure_rate_percent`; or after
+//!     `consecutive_failures` in a row; or (optional) when slow calls reach
+//!     their rate.
+//!   - *Open*: calls are rejected at once with [`BreakerError::Rejected`]
+//!     carrying the adapter and the time until the next probe. The open
+//!     duration starts at `open_duration` and is multiplied by
+//!     `open_backoff_factor` on every further trip without a recovery in
+//!     between, up to `max_open_duration`.
+//!   - *Half-open*: at most `half_open_probes` calls are admitted (no
+//!     thundering herd; everyone else is rejected). `half_open_successes`
+//!     successful probes close it with a fresh window; any failed (or slow)
+//!     probe re-opens it. If the probes have not resolved within
+//!     `half_open_max_wait`, the next caller re-opens it, so a hung probe
+//!     cannot wedge the breaker.
+//!   - The breaker guards one call per invocation,
+//!     [`CircuitBreaker::call(|| fut, classify)`](CircuitBreaker::call); it
+//!     never stores the function, so the original's stale-closure bug (a
+//!     cached breaker that kept running the first function it was built
+//!     with) cannot exist. [`CircuitBreaker::try_acquire`] returns a
+//!     [`CallPermit`] for callers that drive the call themselves.
+//!   - **Dropped calls.** A permit dropped without an outcome (the call's
+//!     future was dropped: an outer timeout, a client disconnect, a panic)
+//!     is recorded as *cancelled*. A cancelled half-open probe hands its slot
+//!     back and counts as neither success nor failure. A cancelled closed
+//!     call follows [`CancelledCalls`]: by default it is only counted
+//!     ([`BreakerSnapshot::cancelled_calls`]), because client disconnects are
+//!     in an attacker's hands and must not open a breaker for everyone; put
+//!     the deadline *inside* the breaker (as [`Resilience`] does) so it is
+//!     classified as a transient failure. `CountAsFailure` is available.
+//!   - Outcomes of calls admitted before a transition (a different
+//!     generation) are discarded, so a slow call from before an outage cannot
+//!     count as a probe.
+//! * **[`BreakerRegistry`]** holds one breaker per ([`AdapterName`],
+//!   [`PolicyId`]) in a bounded `quick_cache` (capacity 100, idle TTL 1 h by
+//!   default, checked on read from a stored last-use time). [`PolicyId`] is a
+//!   fingerprint of the whole [`BreakerConfig`], so two thresholds can never
+//!   share a key (the original keyed on `name:threshold`). Breakers that are
+//!   not closed are *pinned*: never evicted and never expired, so an outage
+//!   cannot be forgotten by cache pressure. The key set is small by
+//!   construction (23 adapters times the policies the program defines), so
+//!   pinning only matters under misuse; capacity is exact (one shard).
+//! * **[`RetryPolicy`]**: full-jitter exponential backoff (AWS's
+//!   recommendation: a delay drawn uniformly from `[0, min(max_delay,
+//!   base_delay * 2^(n-1))]`), `max_attempts`, a total time budget
+//!   `max_elapsed`, and Retry-After honoured but clamped to
+//!   `max_retry_after`. [`RetryPolicy::next_delay`] lets any loop drive it.
+//! * **[`RetryBudget`]**: process-wide, like tower's `TpsBudget`: each
+//!   logical request deposits, each retry withdraws, and retries are limited
+//!   to `retry_percent` (20 %) of the requests of the last `ttl` (10 s) plus a
+//!   floor of `min_retries_per_sec`, so an outage cannot multiply load.
+//! * **[`timeout()`]** and **[`Bulkhead`]** (per-adapter concurrency limit with a
+//!   bounded wait and a [`BulkheadFull`] error).
+//! * **Time** is read only through [`Clock`] (nanoseconds since the clock's
+//!   origin): [`SystemClock`] (TSC via `quanta`) in production,
+//!   [`ManualClock`] (shared across threads) or [`TokioClock`] (paused tokio
+//!   time) in tests.
+//!
+//! # Composition order
+//!
+//! [`Resilience::call`] runs, from the outside in:
+//!
+//! ```text
+//! bulkhead -> breaker -> retry (with the budget) -> per-attempt timeout -> f()
+//! ```
+//!
+//! 1. The **bulkhead** is outermost, so everything below, retry waits
+//!    included, counts against the adapter's concurrency limit.
+//! 2. The **breaker** admits the logical call once and records one outcome for
+//!    it (the last attempt's verdict). Retries that end in success are not
+//!    counted against the dependency, and a rejected call costs no attempt,
+//!    no retry budget and no timer. The retry loop also stops early when the
+//!    breaker is opened by other callers while it waits.
+//! 3. The **retry** loop deposits once into the budget and withdraws per
+//!    retry; it retries only `Transient` verdicts.
+//! 4. The **per-attempt timeout** is innermost, so a hung attempt becomes a
+//!    `Transient` failure the loop and the breaker see (cut to what is left
+//!    of the retry time budget).
+//!
+//! ```
+//! use std::time::Duration;
+//! use smartbeak_resilience::{
+//!     AdapterName, Policy, Resilience, ResilienceConfig, ResilienceError, RetryPolicy, Verdict,
+//! };
+//!
+//! #[derive(Debug)]
+//! enum Upstream { Status(u16), Io }
+//!
+//! // A 404 is not an outage; a 503 or an I/O error is, and may pass.
+//! fn classify(result: &Result<String, Upstream>) -> Verdict {
+//!     match result {
+//!         Ok(_) | Err(Upstream::Status(404)) => Verdict::Success,
+//!         Err(Upstream::Status(400..=499)) => Verdict::Ignored,
+//!         Err(Upstream::Status(501)) => Verdict::Failure,
+//!         Err(Upstream::Status(_) | Upstream::Io) => Verdict::TRANSIENT,
+//!     }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! // One per process: the registry, the bulkheads and the retry budget.
+//! let resilience = Resilience::new(ResilienceConfig::default());
+//! // Define policies once and reuse them.
+//! let policy = Policy {
+//!     retry: RetryPolicy { max_attempts: 3, ..RetryPolicy::default() },
+//!     attempt_timeout: Some(Duration::from_secs(2)),
+//!     ..Policy::default()
+//! };
+//! let adapter = AdapterName::parse("youtube");
+//! let result = resilience
+//!     .call(adapter, &policy, || async { Ok::<_, Upstream>("body".to_owned()) }, classify)
+//!     .await;
+//! match result {
+//!     Ok(body) => assert_eq!(body, "body"),
+//!     Err(ResilienceError::Rejected { retry_after, .. }) => println!("open, retry in {retry_after:?}"),
+//!     Err(ResilienceError::BulkheadFull(full)) => println!("{full}"),
+//!     Err(ResilienceError::Timeout { .. }) => println!("timed out"),
+//!     Err(ResilienceError::Inner(e)) => println!("upstream error {e:?}"),
+//! }
+//! # }
+//! ```
+//!
+//! The parts work alone too:
+//!
+//! ```
+//! use smartbeak_resilience::{
+//!     AdapterName, BreakerPolicy, BreakerRegistry, RegistryConfig, err_is_transient,
+//! };
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let registry = BreakerRegistry::new(RegistryConfig::default());
+//! let policy = BreakerPolicy::default();
+//! let breaker = registry.get(AdapterName::Openai, &policy);
+//! let answer = breaker.call(|| async { Ok::<_, std::io::Error>(42) }, err_is_transient).await;
+//! assert_eq!(answer.ok(), Some(42));
+//! # }
+//! ```
+//!
+//! # Why not failsafe
+//!
+//! failsafe-rs 1.3 (feature-frozen) is the benchmark anchor but not the state
+//! machine, because it cannot close the gaps this crate must close:
+//!
+//! * it admits every call while half-open (no probe limit, so a recovering
+//!   dependency gets the whole herd at once);
+//! * it records nothing when the wrapped future is dropped, so a timeout or a
+//!   disconnect outside the breaker makes the call vanish, and a probe that is
+//!   dropped or hangs leaves nothing to bound it (here: the probe slot is
+//!   released by the permit's `Drop`, and `half_open_max_wait` re-opens);
+//! * it has no state getter (here: [`CircuitBreaker::state`] and
+//!   [`CircuitBreaker::snapshot`] feed the `circuit_breaker_state` gauge);
+//! * its test clock is thread-local, useless under a multi-threaded runtime
+//!   (here: any [`Clock`], e.g. a [`ManualClock`] shared by all threads);
+//! * it has no count-based window with a minimum number of calls, no
+//!   slow-call rule and no caller classifier over `Ok` values.
+//!
+//! The state machine here is lock-free on the hot path: state, probe count,
+//! probe successes and a generation share one `AtomicU64`; outcomes go into a
+//! ring of bits updated with single atomic operations; only transitions take a
+//! short mutex, never held across an await. A closed call and a rejection
+//! allocate nothing (checked with dhat in `tests/alloc.rs`); figures against
+//! failsafe are in the crate README.
+//!
+//! # Metrics and events
+//!
+//! * `circuit_breaker_state{adapter}` gauge: 0 closed, 1 open, 2 half-open
+//!   (breakers of one adapter under different policies share the series; the
+//!   last transition wins);
+//! * `circuit_breaker_rejected_total{adapter}`,
+//!   `circuit_breaker_transitions_total{adapter,to}`;
+//! * `bulkhead_rejected_total{adapter}`, `resilience_unknown_adapter_total`.
+//!
+//! Metric handles are registered when a breaker or bulkhead is created, so
+//! install the recorder before building a [`Resilience`] or registry.
+//! Transitions are `tracing` events (`warn` on open, `info` otherwise); this
+//! crate never installs a subscriber.
 
 #![warn(missing_docs)]
 

@@ -3,7 +3,7 @@
 //!
 //! The hot path is lock-free: the state, the half-open probe count and the
 //! probe successes live in one packed `AtomicU64` word (with a generation that
-//! changes on every transition), outcomes go into a bit ring ([`window`]), and
+//! changes on every transition), outcomes go into a bit ring (module `window`), and
 //! only transitions take a short mutex that is never held across an await.
 
 mod config;
