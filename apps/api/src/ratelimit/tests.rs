@@ -164,3 +164,117 @@ async fn noscript_after_script_flush_reloads_once() {
 fn client_identity() -> ClientIdentity {
     client(Some("k"))
 }
+
+/// A TCP proxy to the shared Redis that can start black-holing: connections stay open but
+/// bytes in both directions are dropped, as when packets are lost (not refused).
+struct BlackHoleProxy {
+    addr: std::net::SocketAddr,
+    black_hole: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl BlackHoleProxy {
+    async fn start(upstream: &'static str) -> Self {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let black_hole = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = black_hole.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let (f1, f2) = (flag.clone(), flag.clone());
+                tokio::spawn(async move {
+                    let mut buf = [0_u8; 4096];
+                    while let Ok(n) = cr.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        if !f1.load(Ordering::SeqCst) && sw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                tokio::spawn(async move {
+                    let mut buf = [0_u8; 4096];
+                    while let Ok(n) = sr.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        if !f2.load(Ordering::SeqCst) && cw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        Self { addr, black_hole }
+    }
+
+    fn set_black_hole(&self, on: bool) {
+        self.black_hole
+            .store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn black_holed_redis_costs_the_command_timeout_then_nothing_once_the_breaker_opens() {
+    use std::time::Instant;
+
+    let proxy = BlackHoleProxy::start("127.0.0.1:6379").await;
+    let mut config = redis(&format!("redis://{}", proxy.addr));
+    config.command_timeout = Duration::from_millis(300);
+    config.breaker_failures = 3;
+    config.breaker_cooldown = Duration::from_millis(500);
+    let mut limits = policy(1000, 1000);
+    // The fallback's quota is 1000 / 2 = 500, so a quota of 1000 means Redis decided.
+    limits.replicas = 2;
+    let limiter = RateLimiter::new(limits, Some(&config)).unwrap();
+    wait_connected(&limiter).await;
+    let c = client(Some("k"));
+    let d = limiter.check(&c).await;
+    assert_eq!(d.outcome, Outcome::Allowed);
+    assert_eq!(d.quotas[0].remaining, 999, "served by redis");
+
+    proxy.set_black_hole(true);
+    // The first failures each cost about the command timeout, never much more; the
+    // request still proceeds (fail open onto the local limiter, whose quota is untouched).
+    for _ in 0..3 {
+        let started = Instant::now();
+        let d = limiter.check(&c).await;
+        let took = started.elapsed();
+        assert_eq!(d.outcome, Outcome::Allowed);
+        assert!(took >= Duration::from_millis(290), "{took:?}");
+        assert!(took < Duration::from_millis(900), "{took:?}");
+    }
+    // The breaker is open: requests skip Redis.
+    for _ in 0..20 {
+        let started = Instant::now();
+        assert_eq!(limiter.check(&c).await.outcome, Outcome::Allowed);
+        assert!(
+            started.elapsed() < Duration::from_millis(100),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    assert_eq!(limiter.redis_health(), RedisHealth::Down);
+
+    // Packets flow again: after the cooldown a probe succeeds and Redis decides again
+    // (the Redis quota shows the one request it counted earlier).
+    proxy.set_black_hole(false);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let d = limiter.check(&c).await;
+        if d.quotas[0].limit == 1000 && d.quotas[0].remaining < 999 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "redis limiting did not resume");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(limiter.redis_health(), RedisHealth::Up);
+}
