@@ -2,7 +2,7 @@
 //! through `AdapterName::parse` and `BreakerRegistry::get`.
 //!
 //! ```text
-//! cargo run --release -p smartbeak-resilience --example registry_memory
+//! cargo run -p smartbeak-resilience --example registry_memory
 //! ```
 //!
 //! Exits non-zero if the growth reaches the 5 MB target. Linux only (reads
