@@ -578,6 +578,24 @@ mod tests {
         assert!(ok.is_ok());
     }
 
+    fn assert_send<T: Send>(_: &T) {}
+
+    #[test]
+    fn call_futures_are_send_so_they_can_be_spawned() {
+        let r = Resilience::default();
+        let p = Policy::default();
+        let fut = r.call(
+            AdapterName::Ga,
+            &p,
+            || async { Ok::<_, ()>(()) },
+            err_is_transient,
+        );
+        assert_send(&fut);
+        let breaker = r.registry().get(AdapterName::Ga, &p.breaker);
+        let fut = breaker.call(|| async { Ok::<_, ()>(()) }, err_is_transient);
+        assert_send(&fut);
+    }
+
     #[test]
     fn overrides_pick_per_adapter_bulkheads() {
         let r = Resilience::new(ResilienceConfig {
