@@ -150,7 +150,7 @@ async fn redis_down_fails_open_then_limiting_resumes_after_restart() {
     assert_eq!(response.status(), 200, "fail-open");
     assert!(header(&response, "ratelimit-policy").starts_with("\"key\";q=1;"));
     assert!(
-        started.elapsed() < Duration::from_secs(1),
+        started.elapsed() < Duration::from_secs(2),
         "bounded by the command timeout"
     );
     assert_eq!(

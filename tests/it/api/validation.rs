@@ -7,7 +7,14 @@ use serde_json::{Value, json};
 use super::{Api, Tenant, create_domain, database};
 
 /// Method, path, body, expected status, expected code, field named in the message.
-type Case = (&'static str, String, Body, u16, &'static str, Option<&'static str>);
+type Case = (
+    &'static str,
+    String,
+    Body,
+    u16,
+    &'static str,
+    Option<&'static str>,
+);
 
 enum Body {
     None,

@@ -7,7 +7,10 @@
 //! shared reconnect future (including its back-off sleeps), so recovery after a Redis
 //! restart waits for the current sleep. Here the request path never waits for a connection:
 //! it takes the current `MultiplexedConnection` (a cheap clone) or fails at once, and a
-//! separate task reconnects with back-off (100 ms doubling to 5 s by default).
+//! separate task reconnects with back-off (100 ms doubling to 5 s by default). While
+//! requests keep coming, the breaker's probe (one per cooldown) cuts the back-off sleep
+//! short, so a restarted Redis is used again within about two cooldowns, however long it
+//! was down; without traffic the back-off alone paces the attempts.
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -78,7 +81,11 @@ struct Shared {
     /// The live connection with its generation, so a late failure report about an old
     /// connection cannot tear down its replacement.
     connection: RwLock<Option<(u64, MultiplexedConnection)>>,
+    /// A caller took a broken connection out of the slot.
     broken: Notify,
+    /// A breaker probe found no connection: try to connect now instead of finishing the
+    /// back-off sleep (at most once per breaker cooldown, and only while there is traffic).
+    retry_now: Notify,
 }
 
 impl Shared {
@@ -113,6 +120,7 @@ impl RedisBackend {
         let shared = Arc::new(Shared {
             connection: RwLock::new(None),
             broken: Notify::new(),
+            retry_now: Notify::new(),
         });
         let cancel = CancellationToken::new();
         tokio::spawn(supervise(
@@ -149,7 +157,12 @@ impl RedisBackend {
         }
         let mut generation = None;
         let result = match self.shared.current() {
-            None => Err(FailureKind::Disconnected),
+            None => {
+                if permit == Permit::Probe {
+                    self.shared.retry_now.notify_one();
+                }
+                Err(FailureKind::Disconnected)
+            }
             Some((current, mut connection)) => {
                 generation = Some(current);
                 match tokio::time::timeout(
@@ -310,6 +323,7 @@ async fn supervise(
                 tokio::select! {
                     () = cancel.cancelled() => return,
                     () = tokio::time::sleep(delay) => {}
+                    () = shared.retry_now.notified() => {}
                 }
                 delay = (delay * 2).min(config.reconnect_max);
             }

@@ -278,3 +278,50 @@ async fn black_holed_redis_costs_the_command_timeout_then_nothing_once_the_break
     }
     assert_eq!(limiter.redis_health(), RedisHealth::Up);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breaker_probes_cut_a_long_reconnect_backoff_short_while_traffic_flows() {
+    use std::time::Instant;
+
+    let mut server = smartbeak_test_support::RedisServer::start().unwrap();
+    let mut config = redis(&server.url());
+    // Without the probes' nudge the next reconnect attempt would be a minute away.
+    config.reconnect_min = Duration::from_secs(60);
+    config.reconnect_max = Duration::from_secs(60);
+    config.breaker_cooldown = Duration::from_millis(200);
+    let mut limits = policy(1000, 1000);
+    limits.replicas = 2;
+    let limiter = RateLimiter::new(limits, Some(&config)).unwrap();
+    wait_connected(&limiter).await;
+    let c = client(Some("k"));
+    assert_eq!(limiter.check(&c).await.quotas[0].limit, 1000);
+
+    server.stop();
+    // Fail open (the fallback's quota is 500); meanwhile the supervisor's reconnect is
+    // refused and it starts its minute-long back-off sleep.
+    for _ in 0..10 {
+        let d = limiter.check(&c).await;
+        assert_eq!(d.outcome, Outcome::Allowed);
+        assert_eq!(d.quotas[0].limit, 500);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let server = tokio::task::spawn_blocking(move || {
+        server.restart().unwrap();
+        server
+    })
+    .await
+    .unwrap();
+    let restarted = Instant::now();
+    loop {
+        if limiter.check(&c).await.quotas[0].limit == 1000 {
+            break;
+        }
+        assert!(
+            restarted.elapsed() < Duration::from_secs(5),
+            "redis limiting did not resume"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(limiter.redis_health(), RedisHealth::Up);
+    drop(server);
+}
