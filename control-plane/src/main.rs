@@ -11,18 +11,20 @@ use std::time::Duration;
 
 use anyhow::Context;
 use smartbeak_database::{Database, DatabaseConfig};
-use smartbeak_shutdown::{Phase, Shutdown, telemetry};
+use smartbeak_shutdown::telemetry::{self, LogFormat, Output};
+use smartbeak_shutdown::{Phase, Shutdown};
 
 const APPLICATION_NAME: &str = "smartbeak-control-plane";
 
 fn main() -> ExitCode {
-    let logs = match telemetry::init() {
-        Ok(guard) => guard,
-        Err(e) => {
-            eprintln!("{APPLICATION_NAME}: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let logs =
+        match LogFormat::from_env().and_then(|format| telemetry::init(format, Output::Stdout)) {
+            Ok(guard) => guard,
+            Err(e) => {
+                eprintln!("{APPLICATION_NAME}: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
     let code = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime.block_on(async {
             match run(&logs).await {

@@ -50,14 +50,7 @@ pub enum ConfigError {
     },
 }
 
-/// Log line format, `LOG_FORMAT=json|text`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    /// One JSON object per line, for log shippers.
-    Json,
-    /// Human-readable lines, the default.
-    Text,
-}
+pub use smartbeak_shutdown::telemetry::LogFormat;
 
 /// Everything the api reads from its environment (except the database settings).
 #[derive(Debug, Clone)]

@@ -1,8 +1,6 @@
 //! The `smartbeak-api` binary: `serve` (the default) runs the HTTP API; `migrate`,
 //! `orgs create` and `keys create|revoke` are the admin commands (JSON on stdout).
 
-mod telemetry;
-
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -14,6 +12,7 @@ use smartbeak_api::config::{ApiConfig, LogFormat};
 use smartbeak_api::ratelimit::RateLimiter;
 use smartbeak_api::{AppState, auth};
 use smartbeak_database::{Database, DatabaseConfig};
+use smartbeak_shutdown::telemetry::{self, LogGuard, Output};
 use smartbeak_shutdown::{Phase, Shutdown, ShutdownReason};
 use uuid::Uuid;
 
@@ -80,10 +79,17 @@ fn main() -> ExitCode {
         }
     };
     let serving = matches!(cli.command, None | Some(Command::Serve));
-    let guard = if serving {
-        telemetry::init(config.log_format, false)
+    let logs = if serving {
+        telemetry::init(config.log_format, Output::Stdout)
     } else {
-        telemetry::init(LogFormat::Text, true)
+        telemetry::init(LogFormat::Text, Output::Stderr)
+    };
+    let logs = match logs {
+        Ok(logs) => logs,
+        Err(err) => {
+            eprintln!("smartbeak-api: {err}");
+            return ExitCode::FAILURE;
+        }
     };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
@@ -94,7 +100,7 @@ fn main() -> ExitCode {
     };
     let code = runtime.block_on(async {
         let result = match cli.command {
-            None | Some(Command::Serve) => serve(config).await,
+            None | Some(Command::Serve) => serve(config, &logs).await,
             Some(command) => admin(command).await.map(|()| ExitCode::SUCCESS),
         };
         result.unwrap_or_else(|err| {
@@ -104,7 +110,7 @@ fn main() -> ExitCode {
     });
     // Do not wait for stray tasks (e.g. a connection past the drain deadline).
     runtime.shutdown_timeout(Duration::from_millis(100));
-    drop(guard);
+    logs.flush();
     code
 }
 
@@ -153,11 +159,12 @@ async fn admin(command: Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve(config: ApiConfig) -> anyhow::Result<ExitCode> {
+async fn serve(config: ApiConfig, logs: &LogGuard) -> anyhow::Result<ExitCode> {
     let shutdown = Shutdown::from_env().context("shutdown configuration")?;
     shutdown
         .listen_for_signals()
         .context("installing signal handlers")?;
+    logs.flush_on_force_exit(&shutdown);
 
     let metrics = PrometheusBuilder::new()
         .install_recorder()
@@ -174,9 +181,15 @@ async fn serve(config: ApiConfig) -> anyhow::Result<ExitCode> {
     });
 
     let db_config = DatabaseConfig::from_env().context("database configuration")?;
+    let run_migrations = db_config.run_migrations;
     let db = Database::connect(db_config, "smartbeak-api")
         .await
         .context("connecting to the database")?;
+    if run_migrations {
+        smartbeak_database::migrate(db.primary())
+            .await
+            .context("applying migrations (set DB_RUN_MIGRATIONS=false to skip)")?;
+    }
 
     let limiter = RateLimiter::new(config.rate_limit.clone(), config.redis.as_ref())
         .context("rate limiter configuration (REDIS_URL)")?;
@@ -246,12 +259,11 @@ async fn serve(config: ApiConfig) -> anyhow::Result<ExitCode> {
         .await;
         if let Err(err) = served {
             tracing::error!(error = %err, "http server failed");
-            on_error.trigger(ShutdownReason::Requested("http server failed".into()));
+            on_error.trigger(ShutdownReason::Fatal("http server failed".into()));
         }
     });
     tracing::info!("listening on http://{addr}");
 
-    let reason = shutdown.triggered().await;
-    tracing::info!(%reason, "shutting down");
+    shutdown.triggered().await;
     Ok(shutdown.run().await.exit_code())
 }

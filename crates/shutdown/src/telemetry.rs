@@ -2,12 +2,11 @@
 //! through a non-blocking buffer, and the guard that flushes that buffer before the process
 //! exits, on a forced exit too.
 //!
-//! Only binaries call [`init`]; library crates just emit `tracing` events.
-//!
-//! - `RUST_LOG` filters as usual (default `info`);
-//! - `LOG_FORMAT=json` writes one JSON object per line (for log shippers), anything else or
-//!   unset writes human-readable lines.
+//! Only binaries call [`init`]; library crates just emit `tracing` events. `RUST_LOG` filters
+//! as usual (default `info`); [`LogFormat`] picks human-readable lines or one JSON object per
+//! line (`LOG_FORMAT=json`, for log shippers).
 
+use std::io::IsTerminal;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tracing_appender::non_blocking::WorkerGuard;
@@ -15,8 +14,45 @@ use tracing_subscriber::EnvFilter;
 
 use crate::Shutdown;
 
-/// Keeps the log buffer alive; dropping it flushes the buffer. Hold it in `main` and drop it
-/// after the shutdown report was logged, before returning the exit code.
+/// Log line format, `LOG_FORMAT=json|text`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// Human-readable lines, the default.
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+impl LogFormat {
+    /// Reads `LOG_FORMAT` (unset or empty means text).
+    pub fn from_env() -> Result<Self, TelemetryError> {
+        Self::parse(std::env::var("LOG_FORMAT").ok().as_deref())
+    }
+
+    /// Parses a `LOG_FORMAT` value.
+    pub fn parse(value: Option<&str>) -> Result<Self, TelemetryError> {
+        match value.map(str::trim) {
+            None | Some("") => Ok(Self::Text),
+            Some(v) if v.eq_ignore_ascii_case("text") => Ok(Self::Text),
+            Some(v) if v.eq_ignore_ascii_case("json") => Ok(Self::Json),
+            Some(other) => Err(TelemetryError::Format(other.to_owned())),
+        }
+    }
+}
+
+/// Where log lines go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// Standard output (services).
+    Stdout,
+    /// Standard error (commands whose stdout is their result).
+    Stderr,
+}
+
+/// Keeps the log buffer alive; dropping the last clone, or [`LogGuard::flush`], flushes it.
+/// Hold it in `main` and flush it after the shutdown report was logged, before returning the
+/// exit code.
 #[derive(Debug, Clone)]
 #[must_use = "dropping the guard at once would stop logging"]
 pub struct LogGuard(Arc<Mutex<Option<WorkerGuard>>>);
@@ -34,28 +70,35 @@ impl LogGuard {
     }
 }
 
-/// Installs the global subscriber, writing to stdout. Returns an error if one is installed
-/// already or if `RUST_LOG` does not parse.
-pub fn init() -> Result<LogGuard, TelemetryError> {
+/// Installs the global subscriber. Fails if one is installed already or if `RUST_LOG` does
+/// not parse.
+pub fn init(format: LogFormat, output: Output) -> Result<LogGuard, TelemetryError> {
     let filter = match std::env::var("RUST_LOG") {
         Ok(value) if !value.trim().is_empty() => {
             EnvFilter::try_new(&value).map_err(|e| TelemetryError::Filter(e.to_string()))?
         }
         _ => EnvFilter::new("info"),
     };
-    let json = std::env::var("LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
-    let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
+    let (writer, guard, ansi) = match output {
+        Output::Stdout => {
+            let (w, g) = tracing_appender::non_blocking(std::io::stdout());
+            (w, g, std::io::stdout().is_terminal())
+        }
+        Output::Stderr => {
+            let (w, g) = tracing_appender::non_blocking(std::io::stderr());
+            (w, g, std::io::stderr().is_terminal())
+        }
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer);
-    let installed = if json {
-        builder
+    let installed = match format {
+        LogFormat::Json => builder
             .json()
             .with_current_span(true)
             .with_span_list(false)
-            .try_init()
-    } else {
-        builder.with_ansi(false).try_init()
+            .try_init(),
+        LogFormat::Text => builder.with_ansi(ansi).try_init(),
     };
     installed.map_err(|e| TelemetryError::Install(e.to_string()))?;
     Ok(LogGuard(Arc::new(Mutex::new(Some(guard)))))
@@ -67,7 +110,27 @@ pub enum TelemetryError {
     /// `RUST_LOG` is not a valid filter.
     #[error("RUST_LOG is invalid: {0}")]
     Filter(String),
+    /// `LOG_FORMAT` is neither `json` nor `text`.
+    #[error("LOG_FORMAT is invalid: {0:?} is neither json nor text")]
+    Format(String),
     /// A global subscriber is installed already.
     #[error("cannot install the log subscriber: {0}")]
     Install(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_format_values() {
+        assert_eq!(LogFormat::parse(None).ok(), Some(LogFormat::Text));
+        assert_eq!(LogFormat::parse(Some(" JSON ")).ok(), Some(LogFormat::Json));
+        assert_eq!(LogFormat::parse(Some("text")).ok(), Some(LogFormat::Text));
+        let err = LogFormat::parse(Some("yaml")).err().map(|e| e.to_string());
+        assert_eq!(
+            err.as_deref(),
+            Some("LOG_FORMAT is invalid: \"yaml\" is neither json nor text")
+        );
+    }
 }
