@@ -1,10 +1,19 @@
 //! `cargo xtask demo`: the main job end to end on a small realistic data set.
 //!
-//! Services (found or started), a fresh `smartbeak_demo` database, migrations, then the
-//! database demo: seed orgs, domains, content and metrics, read the analytics aggregates back
-//! and show the pool's settings and figures.
+//! 1. services (found or started) and a fresh `smartbeak_demo` database, migrated;
+//! 2. the database demo: seed orgs, domains, content and 30 days of metrics, read the
+//!    aggregates back, show the session settings the server sees and the pool's figures;
+//! 3. the api: create a key for the seeded org with the admin CLI, start `smartbeak-api` on a
+//!    free port, make real calls with the demo client, then stop it with SIGTERM and show
+//!    the exit code from its shutdown report.
 
-use anyhow::{Context, Result};
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
 use xshell::{Shell, cmd};
 
 use crate::services::Services;
@@ -14,12 +23,6 @@ pub(crate) struct Demo;
 
 impl Demo {
     pub(crate) fn run(&self, sh: &Shell) -> Result<()> {
-        let services = Services::find_or_start()?;
-        let database = FreshDatabase::named(sh, &services, "smartbeak_demo")?;
-        let _env = [
-            sh.push_env("DATABASE_URL", &database.url),
-            sh.push_env("REDIS_URL", &services.redis_url),
-        ];
         eprintln!("xtask: building the demo");
         cmd!(
             sh,
@@ -29,13 +32,163 @@ impl Demo {
         .context("build failed")?;
         cmd!(
             sh,
-            "cargo run --quiet -p smartbeak-database --bin smartbeak-migrate"
+            "cargo build --quiet -p smartbeak-api --bin smartbeak-api --example demo_client"
         )
         .run()
-        .context("migrations failed")?;
-        cmd!(sh, "cargo run --quiet -p smartbeak-database --example demo")
-            .run()
+        .context("build failed")?;
+
+        let services = Services::find_or_start()?;
+        let database = FreshDatabase::named(sh, &services, "smartbeak_demo")?;
+        let _env = [
+            sh.push_env("DATABASE_URL", &database.url),
+            sh.push_env("REDIS_URL", &services.redis_url),
+        ];
+        let bin = target_dir(sh).join("debug");
+
+        section("migrations");
+        let migrate = bin.join("smartbeak-migrate");
+        cmd!(sh, "{migrate}").run().context("migrations failed")?;
+
+        section("database: seed and read back");
+        let demo = bin.join("examples").join("demo");
+        let output = cmd!(sh, "{demo}")
+            .read()
             .context("the database demo failed")?;
+        println!("{output}");
+        let org = output
+            .lines()
+            .find_map(|l| l.strip_prefix("demo org id: "))
+            .context("the database demo did not print the org id")?
+            .trim()
+            .to_owned();
+
+        section("api: a key for the seeded org");
+        let api = bin.join("smartbeak-api");
+        let created = cmd!(sh, "{api} keys create --org {org} --name demo")
+            .read()
+            .context("creating an api key failed")?;
+        let key = json_string(&created, "key").context("`keys create` printed no key")?;
+        let prefix = json_string(&created, "prefix").unwrap_or_default();
+        println!("created key {prefix}… for org {org} (stored as SHA-256 only)");
+
+        section("api: serve and call");
+        let mut server = ApiProcess::start(&api, &database.url, &services.redis_url)?;
+        println!("smartbeak-api listening on {}", server.base);
+        let client = bin.join("examples").join("demo_client");
+        let base = server.base.clone();
+        // quiet: the command line carries the key, which must not reach the output.
+        let calls = cmd!(sh, "{client} {base} {key}").quiet().run();
+
+        section("api: SIGTERM");
+        let code = server.terminate()?;
+        for line in server.lines.try_iter() {
+            if line.contains("shutdown handler finished") || line.contains("shutdown complete") {
+                println!("{line}");
+            }
+        }
+        println!("smartbeak-api exited with code {code}");
+        calls.context("the demo client failed")?;
+        if code != 0 {
+            bail!("smartbeak-api exited with {code} after SIGTERM");
+        }
+        section("demo finished");
         Ok(())
+    }
+}
+
+fn section(title: &str) {
+    println!("\n=== {title} ===");
+}
+
+fn target_dir(sh: &Shell) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| sh.current_dir().join("target"))
+}
+
+/// The string value of `"field":"..."` in a one-line JSON object.
+fn json_string(json: &str, field: &str) -> Option<String> {
+    let start = json.find(&format!("\"{field}\":\""))? + field.len() + 4;
+    let len = json[start..].find('"')?;
+    Some(json[start..start + len].to_owned())
+}
+
+/// The api as a child process whose log lines are read on a thread.
+struct ApiProcess {
+    child: Child,
+    base: String,
+    lines: mpsc::Receiver<String>,
+}
+
+impl ApiProcess {
+    fn start(bin: &PathBuf, database_url: &str, redis_url: &str) -> Result<Self> {
+        let mut child = Command::new(bin)
+            .env("DATABASE_URL", database_url)
+            .env("REDIS_URL", redis_url)
+            .env("API_BIND", "127.0.0.1:0")
+            .env(
+                "RATE_LIMIT_KEY_PREFIX",
+                format!("smartbeak-demo-{}", std::process::id()),
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("cannot start smartbeak-api")?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut server = Self {
+            child,
+            base: String::new(),
+            lines,
+        };
+        loop {
+            match server.lines.recv_timeout(Duration::from_secs(60)) {
+                Ok(line) => {
+                    if let Some(rest) = line.split("listening on ").nth(1) {
+                        server.base = rest.split_whitespace().next().unwrap_or("").to_owned();
+                        return Ok(server);
+                    }
+                }
+                Err(_) => {
+                    let _ = server.child.kill();
+                    bail!("smartbeak-api did not start listening within 60 s");
+                }
+            }
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit code.
+    fn terminate(&mut self) -> Result<i32> {
+        smartbeak_test_support::signal(self.child.id(), "TERM").map_err(anyhow::Error::msg)?;
+        let status = self.child.wait().context("waiting for smartbeak-api")?;
+        Ok(status.code().unwrap_or(-1))
+    }
+}
+
+impl Drop for ApiProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_a_string_field() {
+        let json = r#"{"id":"1","key":"sbk_abc","prefix":"sbk_a"}"#;
+        assert_eq!(json_string(json, "key").as_deref(), Some("sbk_abc"));
+        assert_eq!(json_string(json, "nope"), None);
     }
 }

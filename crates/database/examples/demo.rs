@@ -15,11 +15,13 @@ async fn main() -> anyhow::Result<()> {
     println!("database: {}", config.url);
     let db = Database::connect(config, "smartbeak-demo").await?;
 
-    let summary = seed(&db).await?;
+    let (first_org, summary) = seed(&db).await?;
     println!(
         "seeded: {} orgs, {} domains, {} content items, {} keyword rows, {} performance rows",
         summary.0, summary.1, summary.2, summary.3, summary.4
     );
+    // `cargo xtask demo` reads this line to create an api key for that org.
+    println!("demo org id: {first_org}");
 
     let reads = db.analytics().await;
     println!("analytics reads served by: {}", db.read_source().as_str());
@@ -98,7 +100,7 @@ async fn main() -> anyhow::Result<()> {
 
 /// Inserts two orgs with domains, content and 30 days of metrics, all in one transaction.
 /// Values follow a fixed pattern, so two runs print the same figures.
-async fn seed(db: &Database) -> anyhow::Result<(usize, usize, usize, usize, usize)> {
+async fn seed(db: &Database) -> anyhow::Result<(Uuid, (usize, usize, usize, usize, usize))> {
     let orgs = [
         ("Acme Media", &["acme-recipes.com", "acme-travel.io"][..]),
         ("Northwind Labs", &["northwind.dev"][..]),
@@ -111,9 +113,11 @@ async fn seed(db: &Database) -> anyhow::Result<(usize, usize, usize, usize, usiz
         "postgres connection pool",
     ];
     let mut tx = db.begin().await?;
+    let mut first_org = None;
     let (mut n_domains, mut n_content, mut n_kw, mut n_perf) = (0, 0, 0, 0);
     for (o, (org, domains)) in orgs.iter().enumerate() {
         let org_id = Uuid::new_v4();
+        first_org.get_or_insert(org_id);
         sqlx::query("INSERT INTO orgs (id, name) VALUES ($1, $2)")
             .bind(org_id)
             .bind(org)
@@ -191,5 +195,6 @@ async fn seed(db: &Database) -> anyhow::Result<(usize, usize, usize, usize, usiz
         }
     }
     tx.commit().await?;
-    Ok((orgs.len(), n_domains, n_content, n_kw, n_perf))
+    let first_org = first_org.ok_or_else(|| anyhow::anyhow!("no org seeded"))?;
+    Ok((first_org, (orgs.len(), n_domains, n_content, n_kw, n_perf)))
 }
