@@ -1,5 +1,7 @@
 //! Circuit breakers that stay bounded, retries that do not storm, timeouts
-//! and bulkheads, for calls to outside providers ("adapters").
+//! and bulkheads, for calls to outside providers ("adapters"); a breaker can
+//! also guard an internal dependency of ours (see [Internal
+//! dependencies](#internal-dependencies)).
 //!
 //! # The model
 //!
@@ -73,6 +75,48 @@
 //!   origin): [`SystemClock`] (TSC via `quanta`) in production,
 //!   [`ManualClock`] (shared across threads) or [`TokioClock`] (paused tokio
 //!   time) in tests.
+//!
+//! # Internal dependencies
+//!
+//! A dependency of our own, such as the api's Redis rate limiter, gets its
+//! breaker from [`CircuitBreaker::internal`]`(name, policy)`: the same state
+//! machine and hot path, with the `&'static str` name where an adapter's
+//! name would go (the `adapter` label of the metrics, the tracing events,
+//! [`Rejection::name`] and the error messages); [`CircuitBreaker::adapter`]
+//! reads [`AdapterName::Unknown`]. Why a name and not an `AdapterName`
+//! variant: [`AdapterName`] is the allowlist of outside adapters that
+//! untrusted strings are parsed against and that per-adapter tables are
+//! built from (`ALL`, `COUNT`, `index`: bulkheads, the utils fetch
+//! settings); an internal variant would make `"redis"` parse as an adapter
+//! and give it a bulkhead and settings it never uses. The name must be `a-z`,
+//! `0-9`, `-`, `_` and must not be an adapter name (checked when the breaker
+//! is built), so the label set stays bounded by the program text and never
+//! merges with an adapter's series. Internal breakers are owned by whoever
+//! builds them; the [`BreakerRegistry`] and [`Resilience`] stay keyed by
+//! [`AdapterName`].
+//!
+//! ```
+//! use std::time::Duration;
+//! use smartbeak_resilience::{BreakerConfig, BreakerPolicy, CircuitBreaker, Verdict};
+//!
+//! let policy = BreakerPolicy::new(BreakerConfig {
+//!     consecutive_failures: 3,
+//!     open_duration: Duration::from_millis(500),
+//!     open_backoff_factor: 1,
+//!     max_open_duration: Duration::from_millis(500),
+//!     half_open_probes: 1,
+//!     half_open_successes: 1,
+//!     ..BreakerConfig::default()
+//! })
+//! .unwrap();
+//! let breaker = CircuitBreaker::internal("redis", policy);
+//! for _ in 0..3 {
+//!     breaker.try_acquire().unwrap().record(Verdict::TRANSIENT);
+//! }
+//! let rejection = breaker.try_acquire().unwrap_err();
+//! assert_eq!(rejection.name, "redis");
+//! assert!(rejection.to_string().starts_with("circuit breaker for redis is open"));
+//! ```
 //!
 //! # Composition order
 //!
@@ -184,7 +228,7 @@
 //!
 //! * `circuit_breaker_state{adapter}` gauge: 0 closed, 1 open, 2 half-open
 //!   (breakers of one adapter under different policies share the series; the
-//!   last transition wins);
+//!   last transition wins; an internal breaker's label is its name);
 //! * `circuit_breaker_rejected_total{adapter}`,
 //!   `circuit_breaker_transitions_total{adapter,to}`;
 //! * `bulkhead_rejected_total{adapter}`, `resilience_unknown_adapter_total`.

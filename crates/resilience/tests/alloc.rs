@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use smartbeak_resilience::{
     AdapterName, BreakerConfig, BreakerPolicy, BreakerRegistry, CircuitBreaker, RegistryConfig,
-    err_is_transient,
+    Verdict, err_is_transient,
 };
 
 #[global_allocator]
@@ -76,6 +76,29 @@ fn hot_paths_do_not_allocate() {
         let _ = poll_ready(failing.call(|| ready(Ok::<(), ()>(())), err_is_transient));
     };
 
+    // An internal breaker driven by hand (`try_acquire` + `record`), as the
+    // api's Redis limiter does: closed, then open.
+    let internal_policy = BreakerPolicy::new(BreakerConfig {
+        consecutive_failures: 3,
+        open_duration: Duration::from_secs(3600),
+        max_open_duration: Duration::from_secs(3600),
+        ..BreakerConfig::default()
+    })
+    .unwrap();
+    let internal = CircuitBreaker::internal("redis", internal_policy.clone());
+    let internal_call = || {
+        let permit = internal.try_acquire().unwrap();
+        permit.record(Verdict::Success);
+    };
+    let internal_open = CircuitBreaker::internal("redis", internal_policy);
+    while let Ok(permit) = internal_open.try_acquire() {
+        permit.record(Verdict::TRANSIENT);
+    }
+    let internal_rejected = || {
+        let rejection = internal_open.try_acquire().unwrap_err();
+        assert_eq!(rejection.name, "redis");
+    };
+
     let registry = BreakerRegistry::new(RegistryConfig::default());
     let policy = BreakerPolicy::default();
     let _warm = registry.get(AdapterName::Youtube, &policy);
@@ -94,6 +117,8 @@ fn hot_paths_do_not_allocate() {
     closed_call();
     rejected_call();
     mixed_call();
+    internal_call();
+    internal_rejected();
     lookup();
     parse();
     // The check itself can fail.
@@ -111,6 +136,16 @@ fn hot_paths_do_not_allocate() {
         blocks_allocated(10_000, mixed_call),
         0,
         "closed failure and success"
+    );
+    assert_eq!(
+        blocks_allocated(10_000, internal_call),
+        0,
+        "internal breaker, closed"
+    );
+    assert_eq!(
+        blocks_allocated(10_000, internal_rejected),
+        0,
+        "internal breaker, rejection"
     );
     assert_eq!(blocks_allocated(10_000, lookup), 0, "registry hit");
     assert_eq!(blocks_allocated(10_000, parse), 0, "adapter name parse");

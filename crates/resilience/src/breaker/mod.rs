@@ -26,13 +26,15 @@ use crate::adapter::AdapterName;
 use crate::clock::{SharedClock, SystemClock, duration_nanos};
 use crate::verdict::Verdict;
 
-/// Gauge of each adapter's breaker state (0 closed, 1 open, 2 half-open),
-/// labelled `adapter`.
+/// Gauge of each breaker's state (0 closed, 1 open, 2 half-open), labelled
+/// `adapter` (the adapter's name, or an internal breaker's
+/// [name](CircuitBreaker::internal)).
 pub const STATE_GAUGE: &str = "circuit_breaker_state";
 /// Counter of calls rejected by an open or saturated half-open breaker,
-/// labelled `adapter`.
+/// labelled `adapter` (as [`STATE_GAUGE`]).
 pub const REJECTED_COUNTER: &str = "circuit_breaker_rejected_total";
-/// Counter of state transitions, labelled `adapter` and `to`.
+/// Counter of state transitions, labelled `adapter` (as [`STATE_GAUGE`]) and
+/// `to`.
 pub const TRANSITIONS_COUNTER: &str = "circuit_breaker_transitions_total";
 
 /// The three breaker states.
@@ -69,10 +71,14 @@ impl BreakerState {
 /// A call was not admitted: the breaker is open, or half-open with all probe
 /// slots taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("circuit breaker for {adapter} is open, next probe in {retry_after:?}")]
+#[error("circuit breaker for {name} is open, next probe in {retry_after:?}")]
 pub struct Rejection {
-    /// Adapter whose breaker rejected the call.
+    /// Adapter whose breaker rejected the call ([`AdapterName::Unknown`] for
+    /// an [internal](CircuitBreaker::internal) breaker).
     pub adapter: AdapterName,
+    /// The breaker's [name](CircuitBreaker::name): the adapter's name, or the
+    /// internal dependency's.
+    pub name: &'static str,
     /// Time until a probe may be admitted: the rest of the open period, or
     /// while half-open the rest of the half-open wait (an upper bound; the
     /// breaker may close earlier).
@@ -83,10 +89,12 @@ pub struct Rejection {
 #[derive(Debug, thiserror::Error)]
 pub enum BreakerError<E> {
     /// The breaker did not admit the call; the function was not run.
-    #[error("circuit breaker for {adapter} is open, next probe in {retry_after:?}")]
+    #[error("circuit breaker for {name} is open, next probe in {retry_after:?}")]
     Rejected {
-        /// Adapter whose breaker rejected the call.
+        /// Adapter whose breaker rejected the call (see [`Rejection::adapter`]).
         adapter: AdapterName,
+        /// The breaker's name (see [`Rejection::name`]).
+        name: &'static str,
         /// Time until a probe may be admitted (see [`Rejection::retry_after`]).
         retry_after: Duration,
     },
@@ -114,6 +122,7 @@ impl<E> From<Rejection> for BreakerError<E> {
     fn from(r: Rejection) -> Self {
         Self::Rejected {
             adapter: r.adapter,
+            name: r.name,
             retry_after: r.retry_after,
         }
     }
@@ -148,7 +157,8 @@ pub struct BreakerSnapshot {
     pub cancelled_calls: u64,
 }
 
-/// A circuit breaker for one adapter and one [`BreakerPolicy`].
+/// A circuit breaker for one adapter (or one internal dependency, see
+/// [`CircuitBreaker::internal`]) and one [`BreakerPolicy`].
 ///
 /// It guards a call per invocation and never stores the function, so one
 /// breaker shared by many callers always runs each caller's own code.
@@ -159,6 +169,9 @@ pub struct CircuitBreaker {
     window: Window,
     consecutive: CachePadded<AtomicU32>,
     adapter: AdapterName,
+    /// Metric label, tracing field and rejection name: `adapter.as_str()`,
+    /// or an internal breaker's own name.
+    name: &'static str,
     policy: BreakerPolicy,
     clock: SharedClock,
     /// Clock nanos when the open period ends (valid while open).
@@ -280,15 +293,66 @@ impl CircuitBreaker {
 
     /// A closed breaker reading time from `clock`.
     pub fn with_clock(adapter: AdapterName, policy: BreakerPolicy, clock: SharedClock) -> Self {
+        Self::build(adapter, adapter.as_str(), policy, clock)
+    }
+
+    /// A closed breaker on the system clock for an *internal* dependency of
+    /// ours (a cache, a queue), not an outside adapter: `name` takes the
+    /// adapter's place in the metric label, the tracing events and
+    /// [`Rejection`], and [`CircuitBreaker::adapter`] reads
+    /// [`AdapterName::Unknown`].
+    ///
+    /// [`AdapterName`] stays the closed set of outside adapters, so its
+    /// per-adapter tables (bulkheads, the registry, crates built on `ALL`)
+    /// and its lenient parse never learn internal names, and no outside
+    /// string can reach an internal breaker. Internal breakers are not kept
+    /// in a [`BreakerRegistry`](crate::BreakerRegistry): the owner holds the
+    /// one it built. `name` is `&'static str`, so the label set stays
+    /// bounded by the program text.
+    ///
+    /// # Panics
+    ///
+    /// If `name` is empty, is not made of `a-z`, `0-9`, `-` and `_`, or is an
+    /// adapter name (including `unknown`), which would merge its series and
+    /// log lines with that adapter's. It is a constant of the program, so
+    /// this fails at start-up, never on input.
+    pub fn internal(name: &'static str, policy: BreakerPolicy) -> Self {
+        Self::internal_with_clock(name, policy, std::sync::Arc::new(SystemClock))
+    }
+
+    /// [`CircuitBreaker::internal`] reading time from `clock`.
+    ///
+    /// # Panics
+    ///
+    /// As [`CircuitBreaker::internal`].
+    pub fn internal_with_clock(
+        name: &'static str,
+        policy: BreakerPolicy,
+        clock: SharedClock,
+    ) -> Self {
+        assert!(
+            is_internal_name(name),
+            "invalid internal breaker name {name:?}: use a-z, 0-9, '-' and '_', and no adapter name"
+        );
+        Self::build(AdapterName::Unknown, name, policy, clock)
+    }
+
+    fn build(
+        adapter: AdapterName,
+        name: &'static str,
+        policy: BreakerPolicy,
+        clock: SharedClock,
+    ) -> Self {
         let config = policy.config();
         let now = clock.now_nanos();
-        let state_gauge = metrics::gauge!(STATE_GAUGE, "adapter" => adapter.as_str());
+        let state_gauge = metrics::gauge!(STATE_GAUGE, "adapter" => name);
         state_gauge.set(BreakerState::Closed.gauge_value());
         Self {
             word: CachePadded(AtomicU64::new(pack(CLOSED, 0))),
             window: Window::new(config.window_size, config.slow_calls.is_some()),
             consecutive: CachePadded(AtomicU32::new(0)),
             adapter,
+            name,
             open_until: AtomicU64::new(0),
             half_open_since: AtomicU64::new(0),
             last_used: AtomicU64::new(now),
@@ -298,7 +362,7 @@ impl CircuitBreaker {
                 open_duration: config.open_duration,
             }),
             state_gauge,
-            rejected: metrics::counter!(REJECTED_COUNTER, "adapter" => adapter.as_str()),
+            rejected: metrics::counter!(REJECTED_COUNTER, "adapter" => name),
             policy,
             clock,
         }
@@ -415,9 +479,17 @@ impl CircuitBreaker {
         }
     }
 
-    /// The adapter this breaker guards.
+    /// The adapter this breaker guards ([`AdapterName::Unknown`] for an
+    /// [internal](CircuitBreaker::internal) breaker).
     pub fn adapter(&self) -> AdapterName {
         self.adapter
+    }
+
+    /// The name in its metric label, tracing events and [`Rejection`]s: the
+    /// adapter's [`as_str`](AdapterName::as_str), or the name given to
+    /// [`CircuitBreaker::internal`].
+    pub fn name(&self) -> &'static str {
+        self.name
     }
 
     /// The policy it was built with.
@@ -445,6 +517,7 @@ impl CircuitBreaker {
         self.rejected.increment(1);
         Rejection {
             adapter: self.adapter,
+            name: self.name,
             retry_after: Duration::from_nanos(retry_after_nanos),
         }
     }
@@ -639,7 +712,7 @@ impl CircuitBreaker {
                 );
                 let counts = self.window.counts();
                 tracing::warn!(
-                    adapter = %self.adapter,
+                    adapter = self.name,
                     policy = %self.policy.id(),
                     reason = reason.as_str(),
                     open_for = ?control.open_duration,
@@ -652,14 +725,14 @@ impl CircuitBreaker {
             }
             Target::HalfOpen => {
                 self.half_open_since.store(now, Ordering::Release);
-                tracing::info!(adapter = %self.adapter, policy = %self.policy.id(), "circuit breaker half-open, admitting probes");
+                tracing::info!(adapter = self.name, policy = %self.policy.id(), "circuit breaker half-open, admitting probes");
                 (HALF_OPEN, BreakerState::HalfOpen)
             }
             Target::Closed => {
                 control.trips = 0;
                 self.window.reset();
                 self.consecutive.0.store(0, Ordering::Relaxed);
-                tracing::info!(adapter = %self.adapter, policy = %self.policy.id(), "circuit breaker closed");
+                tracing::info!(adapter = self.name, policy = %self.policy.id(), "circuit breaker closed");
                 (CLOSED, BreakerState::Closed)
             }
         };
@@ -682,7 +755,7 @@ impl CircuitBreaker {
         }
         drop(control);
         self.state_gauge.set(new_state.gauge_value());
-        metrics::counter!(TRANSITIONS_COUNTER, "adapter" => self.adapter.as_str(), "to" => new_state.as_str())
+        metrics::counter!(TRANSITIONS_COUNTER, "adapter" => self.name, "to" => new_state.as_str())
             .increment(1);
         new_word
     }
@@ -722,6 +795,16 @@ impl Drop for CallPermit<'_> {
             self.breaker.cancelled(self.generation, self.probe);
         }
     }
+}
+
+/// A valid [`CircuitBreaker::internal`] name: non-empty, `a-z0-9-_`, and not
+/// an adapter's name (`unknown` included).
+fn is_internal_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && AdapterName::from_known(name).is_none()
 }
 
 /// `open_duration * factor^(trips-1)`, capped.

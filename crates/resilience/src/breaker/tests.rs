@@ -461,6 +461,76 @@ fn transitions_and_rejections_are_exported_as_metrics() {
 }
 
 #[test]
+fn internal_breaker_is_named_in_metrics_rejections_and_errors() {
+    let recorder = crate::test_recorder::TestRecorder::default();
+    metrics::with_local_recorder(&recorder, || {
+        let clock = ManualClock::new();
+        let policy = BreakerPolicy::new(config()).unwrap();
+        let b = CircuitBreaker::internal_with_clock("redis", policy, clock.shared());
+        assert_eq!(b.name(), "redis");
+        assert_eq!(b.adapter(), AdapterName::Unknown);
+        let gauge = "circuit_breaker_state{adapter=redis}";
+        assert_eq!(recorder.gauge(gauge), Some(0.0));
+        trip(&b);
+        assert_eq!(recorder.gauge(gauge), Some(1.0));
+        let rejection = succeed(&b).unwrap_err();
+        assert_eq!(rejection.name, "redis");
+        assert_eq!(rejection.adapter, AdapterName::Unknown);
+        assert_eq!(
+            rejection.to_string(),
+            "circuit breaker for redis is open, next probe in 1s"
+        );
+        let err = BreakerError::<std::io::Error>::from(rejection);
+        assert_eq!(
+            err.to_string(),
+            "circuit breaker for redis is open, next probe in 1s"
+        );
+        assert_eq!(
+            recorder.counter("circuit_breaker_rejected_total{adapter=redis}"),
+            1
+        );
+        assert_eq!(
+            recorder.counter("circuit_breaker_transitions_total{adapter=redis,to=open}"),
+            1
+        );
+        // Nothing was recorded under the `unknown` adapter's series.
+        assert_eq!(
+            recorder.gauge("circuit_breaker_state{adapter=unknown}"),
+            None
+        );
+    });
+}
+
+#[test]
+fn adapter_breakers_keep_the_adapter_as_their_name() {
+    let (b, _clock) = breaker(config());
+    assert_eq!(b.name(), "openai");
+    trip(&b);
+    let rejection = succeed(&b).unwrap_err();
+    assert_eq!(rejection.name, "openai");
+    assert_eq!(
+        rejection.to_string(),
+        "circuit breaker for openai is open, next probe in 1s"
+    );
+}
+
+#[test]
+fn internal_names_must_be_lowercase_labels_and_not_adapters() {
+    for name in ["", "Redis", "red is", "redis\n", "openai", "unknown", "GSC"] {
+        let built = std::panic::catch_unwind(|| {
+            CircuitBreaker::internal(name, BreakerPolicy::default());
+        });
+        assert!(built.is_err(), "{name:?} was accepted");
+    }
+    for name in ["redis", "job-queue", "pg_pool2"] {
+        assert_eq!(
+            CircuitBreaker::internal(name, BreakerPolicy::default()).name(),
+            name
+        );
+    }
+}
+
+#[test]
 fn open_duration_formula_caps_and_tolerates_factor_one() {
     let c = config();
     let got: Vec<_> = (1..=5).map(|t| open_duration_for(&c, t)).collect();
