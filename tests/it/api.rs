@@ -1,12 +1,7 @@
 //! Black-box tests of the `smartbeak-api` binary: each test starts the real binary on port 0
 //! against a fresh database (and, where it matters, a Redis it owns) and talks HTTP to it.
 //!
-//! Finding the binary: `SMARTBEAK_API_BIN` if set; otherwise the harness runs
-//! `cargo build -p smartbeak-api --bin smartbeak-api` once per test process (a no-op when it
-//! is fresh; under cargo-nextest every test is its own process, and the builds serialize on
-//! cargo's lock) in the target directory and profile this test binary was built into, so
-//! `CARGO_TARGET_DIR` and `--release` are respected and a stale binary is never used.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Finding the binary: `SMARTBEAK_API_BIN` if set, else [`crate::support::binary`] builds it.
 
 mod analytics;
 mod ratelimit;
@@ -17,7 +12,7 @@ mod validation;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -26,58 +21,12 @@ use smartbeak_database::testing::TestDatabase;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-/// Path of the api binary, built if needed (once per process).
+/// Path of the api binary: `SMARTBEAK_API_BIN`, else built if needed (once per process).
 pub(crate) fn api_bin() -> Result<PathBuf> {
-    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BIN.get_or_init(|| build_api().map_err(|e| format!("{e:#}")))
-        .clone()
-        .map_err(anyhow::Error::msg)
-}
-
-fn build_api() -> Result<PathBuf> {
-    if let Some(bin) = std::env::var_os("SMARTBEAK_API_BIN") {
-        return Ok(PathBuf::from(bin));
+    match std::env::var_os("SMARTBEAK_API_BIN") {
+        Some(bin) => Ok(PathBuf::from(bin)),
+        None => crate::support::binary("smartbeak-api", "smartbeak-api"),
     }
-    // <target>/<profile>/deps/it-<hash>
-    let exe = std::env::current_exe().context("locating the test binary")?;
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .context("test binary is not in <target>/<profile>/deps")?;
-    let target_dir = profile_dir.parent().context("no target dir")?;
-    let profile = profile_dir
-        .file_name()
-        .and_then(|p| p.to_str())
-        .context("profile dir name")?;
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let mut cmd = std::process::Command::new(cargo);
-    cmd.current_dir(&workspace)
-        .args([
-            "build",
-            "--quiet",
-            "-p",
-            "smartbeak-api",
-            "--bin",
-            "smartbeak-api",
-        ])
-        .env("CARGO_TARGET_DIR", target_dir);
-    match profile {
-        "debug" => {}
-        "release" => {
-            cmd.arg("--release");
-        }
-        other => {
-            cmd.args(["--profile", other]);
-        }
-    }
-    let status = cmd
-        .status()
-        .context("running cargo build -p smartbeak-api")?;
-    if !status.success() {
-        bail!("cargo build -p smartbeak-api failed: {status}");
-    }
-    Ok(profile_dir.join("smartbeak-api"))
 }
 
 /// A running api process; killed on drop.

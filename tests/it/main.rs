@@ -1,3 +1,7 @@
 //! Workspace-level black-box tests: each module starts real binaries against real services.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod api;
+mod control_plane;
+mod support;
