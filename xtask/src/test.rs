@@ -107,39 +107,31 @@ pub(crate) struct FreshDatabase<'a> {
 }
 
 impl<'a> FreshDatabase<'a> {
+    /// A database with a name unique to this run.
     pub(crate) fn create(sh: &'a Shell, services: &Services) -> Result<Self> {
         let stamp = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis())
             .unwrap_or(0);
-        let name = format!("smartbeak_ci_{}_{stamp}", std::process::id());
-        psql(
+        Self::named(
             sh,
-            &services.postgres_url,
-            &format!("CREATE DATABASE {name}"),
-        )?;
-        Ok(Self {
-            sh,
-            admin_url: services.postgres_url.clone(),
-            url: services.database_url(&name),
-            name,
-        })
+            services,
+            &format!("smartbeak_ci_{}_{stamp}", std::process::id()),
+        )
     }
 
+    /// The database `name`, dropped first if it exists.
     pub(crate) fn named(sh: &'a Shell, services: &Services, name: &str) -> Result<Self> {
+        let admin_url = services.postgres_url.clone();
         psql(
             sh,
-            &services.postgres_url,
+            &admin_url,
             &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
         )?;
-        psql(
-            sh,
-            &services.postgres_url,
-            &format!("CREATE DATABASE {name}"),
-        )?;
+        psql(sh, &admin_url, &format!("CREATE DATABASE {name}"))?;
         Ok(Self {
             sh,
-            admin_url: services.postgres_url.clone(),
+            admin_url,
             url: services.database_url(name),
             name: name.to_owned(),
         })
