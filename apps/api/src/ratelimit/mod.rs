@@ -6,7 +6,6 @@
 //! answers 503. Without `REDIS_URL` the in-process limiter is the limiter.
 //! Responses carry the IETF `RateLimit-Policy` / `RateLimit` fields (draft-10 syntax).
 
-mod breaker;
 mod local;
 mod redis;
 

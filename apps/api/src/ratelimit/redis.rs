@@ -1,5 +1,6 @@
 //! The Redis side of the limiter: one multiplexed connection kept alive by a supervisor
-//! task, the GCRA script run with EVALSHA, and a breaker so a sick Redis costs little.
+//! task, the GCRA script run with EVALSHA, and a breaker so a sick Redis costs little
+//! (`smartbeak_resilience::CircuitBreaker::internal("redis", ..)`, see `breaker_policy`).
 //!
 //! Why not deadpool-redis 0.23: it cannot pass redis-rs's connect/response timeouts through
 //! and it sends a PING on every checkout, doubling the round trips per request. Why not
@@ -17,15 +18,58 @@ use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, ErrorKind, RedisError, ServerErrorKind};
+use smartbeak_resilience::breaker::MAX_WINDOW;
+use smartbeak_resilience::{
+    BreakerConfig, BreakerPolicy, BreakerState, CancelledCalls, CircuitBreaker, ConfigError,
+    Verdict,
+};
 use tokio::sync::Notify;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::breaker::{Breaker, Permit};
 use crate::config::RedisConfig;
 
 const SCRIPT: &str = include_str!("gcra.lua");
 
-/// Why a limiter call to Redis failed; the bounded label of `redis_connection_error_total`.
+/// The breaker's name: the `adapter` label of `circuit_breaker_*` and its log events.
+pub(crate) const BREAKER_NAME: &str = "redis";
+
+/// The Redis breaker's policy, equivalent to the limiter's former hand-written breaker:
+/// open after `breaker_failures` failures in a row, stay open `breaker_cooldown` every time
+/// (no growth, so a restarted Redis is used again within about two cooldowns however long
+/// it was down), then a single probe whose outcome closes or re-opens it.
+///
+/// The failure-rate rule cannot be switched off, so it is made unable to trip on its own:
+/// it needs 100 % failures over a full window of at least 64 calls, i.e. a run of failures
+/// at least as long as the consecutive rule's, which trips first (`REDIS_BREAKER_FAILURES`
+/// above 4096, the largest window, acts as 4096). Normal traffic with occasional errors
+/// therefore never opens it.
+///
+/// A probe is bounded by the command timeout and a dropped probe (client gone) hands its
+/// slot back, so the half-open wait, twice the command timeout but at least the cooldown,
+/// only re-opens a breaker whose probe task stalled. Dropped closed calls are not counted.
+pub(crate) fn breaker_policy(config: &RedisConfig) -> Result<BreakerPolicy, ConfigError> {
+    let failures = config.breaker_failures.max(1);
+    let cooldown = config.breaker_cooldown.max(Duration::from_millis(1));
+    let window = failures.clamp(64, MAX_WINDOW);
+    BreakerPolicy::new(BreakerConfig {
+        window_size: window,
+        minimum_calls: window,
+        failure_rate_percent: 100,
+        consecutive_failures: failures,
+        slow_calls: None,
+        open_duration: cooldown,
+        open_backoff_factor: 1,
+        max_open_duration: cooldown,
+        half_open_probes: 1,
+        half_open_successes: 1,
+        half_open_max_wait: config.command_timeout.saturating_mul(2).max(cooldown),
+        cancelled_calls: CancelledCalls::Ignore,
+    })
+}
+
+/// Why a limiter call to Redis failed; the bounded label of `redis_connection_error_total`
+/// (every kind but `BreakerOpen`, which `circuit_breaker_rejected_total{adapter="redis"}`
+/// counts) and of the limiter's warning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum FailureKind {
     /// No connection (connecting, or reconnecting after a failure).
@@ -107,7 +151,7 @@ impl Shared {
 /// Redis limiter backend: connection supervisor, breaker and script.
 pub(crate) struct RedisBackend {
     shared: Arc<Shared>,
-    breaker: Breaker,
+    breaker: CircuitBreaker,
     command_timeout: Duration,
     script: redis::Script,
     _supervisor: DropGuard,
@@ -117,6 +161,13 @@ impl RedisBackend {
     /// Parses the URL and starts the connection supervisor; never waits for Redis.
     pub(crate) fn start(config: &RedisConfig) -> Result<Self, RedisError> {
         let client = redis::Client::open(config.url.expose().as_str())?;
+        let policy = breaker_policy(config).map_err(|err| {
+            RedisError::from((
+                ErrorKind::InvalidClientConfig,
+                "invalid redis breaker settings",
+                err.to_string(),
+            ))
+        })?;
         let shared = Arc::new(Shared {
             connection: RwLock::new(None),
             broken: Notify::new(),
@@ -132,7 +183,7 @@ impl RedisBackend {
         metrics::gauge!("redis_connected").set(0.0);
         Ok(Self {
             shared,
-            breaker: Breaker::new(config.breaker_failures, config.breaker_cooldown),
+            breaker: CircuitBreaker::internal(BREAKER_NAME, policy),
             command_timeout: config.command_timeout,
             script: redis::Script::new(SCRIPT),
             _supervisor: cancel.drop_guard(),
@@ -141,7 +192,7 @@ impl RedisBackend {
 
     /// True while a connection is established and the breaker is closed.
     pub(crate) fn is_healthy(&self) -> bool {
-        self.shared.is_connected() && !self.breaker.is_open()
+        self.shared.is_connected() && self.breaker.state() == BreakerState::Closed
     }
 
     /// Runs the GCRA script over `keys` (all sharing one hash tag) with `period`.
@@ -151,14 +202,16 @@ impl RedisBackend {
         keys: &[KeyLimit],
         period: Duration,
     ) -> Result<ScriptOutcome, FailureKind> {
-        let permit = self.breaker.permit();
-        if permit == Permit::Reject {
+        // Open, or half-open with the probe out: skip Redis. A permit dropped unrecorded
+        // (the request went away) is not counted, and a dropped probe hands its slot back.
+        let Ok(permit) = self.breaker.try_acquire() else {
             return Err(FailureKind::BreakerOpen);
-        }
+        };
+        let probe = permit.is_probe();
         let mut generation = None;
         let result = match self.shared.current() {
             None => {
-                if permit == Permit::Probe {
+                if probe {
                     self.shared.retry_now.notify_one();
                 }
                 Err(FailureKind::Disconnected)
@@ -178,13 +231,17 @@ impl RedisBackend {
         };
         match result {
             Ok(outcome) => {
-                self.breaker.on_success();
+                permit.record(Verdict::Success);
                 Ok(outcome)
             }
             Err(kind) => {
-                let opened = self.breaker.on_failure();
+                permit.record(Verdict::Failure);
                 // A broken connection is replaced at once; a connection that only times
-                // out (black-holed Redis) is replaced when the breaker opens.
+                // out (black-holed Redis) is replaced when a closed-state failure leaves the
+                // breaker open (this one tripped it, or a concurrent one did: the generation
+                // check makes that idempotent). A failed probe re-opens it without a
+                // replacement, as before.
+                let opened = !probe && self.breaker.state() == BreakerState::Open;
                 if let Some(generation) = generation
                     && (kind == FailureKind::Io || (opened && kind == FailureKind::Timeout))
                 {
@@ -333,7 +390,123 @@ async fn supervise(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use smartbeak_resilience::{BreakerState, ManualClock, Rejection};
+
     use super::*;
+    use crate::config::Secret;
+
+    fn config(failures: u32, cooldown_ms: u64) -> RedisConfig {
+        RedisConfig {
+            url: Secret::new("redis://127.0.0.1:1".to_owned()),
+            connect_timeout: Duration::from_secs(1),
+            command_timeout: Duration::from_millis(100),
+            reconnect_min: Duration::from_millis(100),
+            reconnect_max: Duration::from_secs(5),
+            breaker_failures: failures,
+            breaker_cooldown: Duration::from_millis(cooldown_ms),
+        }
+    }
+
+    fn breaker(config: &RedisConfig) -> (CircuitBreaker, ManualClock) {
+        let clock = ManualClock::new();
+        let breaker = CircuitBreaker::internal_with_clock(
+            BREAKER_NAME,
+            breaker_policy(config).unwrap(),
+            clock.shared(),
+        );
+        (breaker, clock)
+    }
+
+    /// One call through the breaker with `verdict`; `Ok(true)` if it was the probe.
+    fn call(breaker: &CircuitBreaker, verdict: Verdict) -> Result<bool, Rejection> {
+        let permit = breaker.try_acquire()?;
+        let probe = permit.is_probe();
+        permit.record(verdict);
+        Ok(probe)
+    }
+
+    #[test]
+    fn breaker_opens_after_the_threshold_then_admits_one_probe_per_cooldown() {
+        let (b, clock) = breaker(&config(3, 500));
+        assert_eq!(call(&b, Verdict::Failure), Ok(false));
+        assert_eq!(call(&b, Verdict::Failure), Ok(false));
+        assert_eq!(b.state(), BreakerState::Closed);
+        assert_eq!(call(&b, Verdict::Failure), Ok(false));
+        assert_eq!(b.state(), BreakerState::Open);
+        let rejection = b.try_acquire().unwrap_err();
+        assert_eq!(rejection.name, "redis");
+        assert_eq!(rejection.retry_after, Duration::from_millis(500));
+
+        clock.advance(Duration::from_millis(499));
+        assert!(b.try_acquire().is_err());
+        clock.advance(Duration::from_millis(1));
+        let probe = b.try_acquire().unwrap();
+        assert!(probe.is_probe());
+        // Only one probe at a time.
+        assert!(b.try_acquire().is_err());
+
+        // A failed probe re-opens for the same cooldown (no growth), however often.
+        probe.record(Verdict::Failure);
+        for _ in 0..5 {
+            assert_eq!(b.state(), BreakerState::Open);
+            assert_eq!(
+                b.try_acquire().unwrap_err().retry_after,
+                Duration::from_millis(500)
+            );
+            clock.advance(Duration::from_millis(500));
+            assert_eq!(call(&b, Verdict::Failure), Ok(true));
+        }
+        clock.advance(Duration::from_millis(500));
+        assert_eq!(call(&b, Verdict::Success), Ok(true));
+        assert_eq!(b.state(), BreakerState::Closed);
+        assert_eq!(call(&b, Verdict::Success), Ok(false));
+    }
+
+    #[test]
+    fn a_success_resets_the_failure_count() {
+        let (b, _clock) = breaker(&config(2, 100));
+        call(&b, Verdict::Failure).unwrap();
+        call(&b, Verdict::Success).unwrap();
+        call(&b, Verdict::Failure).unwrap();
+        assert_eq!(b.state(), BreakerState::Closed);
+        call(&b, Verdict::Failure).unwrap();
+        assert_eq!(b.state(), BreakerState::Open);
+    }
+
+    #[test]
+    fn the_failure_rate_alone_never_opens_the_breaker() {
+        // Two failures in three calls, 10,000 times: a 67 % failure rate, never three in a row.
+        let (b, _clock) = breaker(&config(3, 500));
+        for _ in 0..10_000 {
+            call(&b, Verdict::Failure).unwrap();
+            call(&b, Verdict::Failure).unwrap();
+            call(&b, Verdict::Success).unwrap();
+        }
+        assert_eq!(b.state(), BreakerState::Closed);
+        // A large threshold is not pre-empted by the rate rule either.
+        let (b, _clock) = breaker(&config(100, 500));
+        for _ in 0..99 {
+            call(&b, Verdict::Failure).unwrap();
+        }
+        assert_eq!(b.state(), BreakerState::Closed);
+        call(&b, Verdict::Failure).unwrap();
+        assert_eq!(b.state(), BreakerState::Open);
+    }
+
+    #[test]
+    fn breaker_policy_is_valid_for_any_positive_settings() {
+        for (failures, cooldown_ms) in [(1, 1), (3, 500), (64, 10), (4096, 60_000), (u32::MAX, 1)] {
+            let policy = breaker_policy(&config(failures, cooldown_ms)).unwrap();
+            let c = policy.config();
+            assert_eq!(c.consecutive_failures, failures);
+            assert_eq!(c.open_duration, Duration::from_millis(cooldown_ms));
+            assert_eq!(c.max_open_duration, c.open_duration);
+            assert_eq!((c.half_open_probes, c.half_open_successes), (1, 1));
+            assert!(c.minimum_calls >= failures.min(MAX_WINDOW));
+        }
+    }
 
     #[test]
     fn reply_parsing_rejects_malformed_replies() {

@@ -325,3 +325,78 @@ async fn breaker_probes_cut_a_long_reconnect_backoff_short_while_traffic_flows()
     assert_eq!(limiter.redis_health(), RedisHealth::Up);
     drop(server);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_probe_does_not_wedge_the_breaker() {
+    use std::time::Instant;
+
+    // An own server: CLIENT PAUSE would stall everyone on the shared one.
+    let server = smartbeak_test_support::RedisServer::start().unwrap();
+    let mut config = redis(&server.url());
+    config.command_timeout = Duration::from_millis(300);
+    config.breaker_failures = 3;
+    config.breaker_cooldown = Duration::from_millis(200);
+    let mut limits = policy(1000, 1000);
+    limits.replicas = 2;
+    let key = format!("{{{}}}:k:k", limits.key_prefix);
+    let limiter = RateLimiter::new(limits, Some(&config)).unwrap();
+    wait_connected(&limiter).await;
+    let c = client(Some("k"));
+    assert_eq!(limiter.check(&c).await.quotas[0].limit, 1000);
+
+    // Server errors (WRONGTYPE from the script's GET) open the breaker but keep the
+    // connection, so the probe below reaches Redis.
+    let admin = ::redis::Client::open(server.url()).unwrap();
+    let mut admin = admin.get_multiplexed_async_connection().await.unwrap();
+    let _: () = ::redis::cmd("DEL")
+        .arg(&key)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let _: () = ::redis::cmd("RPUSH")
+        .arg(&key)
+        .arg("x")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        assert_eq!(limiter.check(&c).await.quotas[0].limit, 500, "fell back");
+    }
+    assert_eq!(limiter.redis_health(), RedisHealth::Down);
+    let _: () = ::redis::cmd("DEL")
+        .arg(&key)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+
+    // After the cooldown the next request is the single probe. Redis hangs (paused), and
+    // the request is dropped before Redis answers, as a request timeout or a client that
+    // goes away would drop it. Its probe slot must come back.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let _: () = ::redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(600)
+        .arg("ALL")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let dropped = tokio::time::timeout(Duration::from_millis(100), limiter.check(&c)).await;
+    assert!(
+        dropped.is_err(),
+        "the probe did not wait for the paused redis"
+    );
+
+    // Once the pause ends, a later probe succeeds and Redis decides again.
+    let started = Instant::now();
+    loop {
+        if limiter.check(&c).await.quotas[0].limit == 1000 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the breaker stayed half-open after its probe was dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(limiter.redis_health(), RedisHealth::Up);
+}
