@@ -14,7 +14,7 @@ pub(crate) struct Services {
     /// Admin URL of the PostgreSQL server (database `postgres`).
     pub(crate) postgres_url: String,
     pub(crate) redis_url: String,
-    _postgres: Option<PostgresServer>,
+    postgres: Option<PostgresServer>,
     _redis: Option<RedisServer>,
 }
 
@@ -50,9 +50,14 @@ impl Services {
         Ok(Self {
             postgres_url,
             redis_url,
-            _postgres: postgres,
+            postgres,
             _redis: redis,
         })
+    }
+
+    /// True when PostgreSQL is a throwaway server of ours (it vanishes with its databases).
+    pub(crate) fn owns_postgres(&self) -> bool {
+        self.postgres.is_some()
     }
 
     /// The URL of database `name` on the same server.

@@ -101,7 +101,8 @@ fn nextest_installed(sh: &Shell) -> bool {
 /// A database created for one run and dropped when this guard drops.
 pub(crate) struct FreshDatabase<'a> {
     sh: &'a Shell,
-    admin_url: String,
+    /// `None` when the server is a throwaway one: it is deleted whole, nothing to drop.
+    admin_url: Option<String>,
     pub(crate) name: String,
     pub(crate) url: String,
 }
@@ -131,7 +132,7 @@ impl<'a> FreshDatabase<'a> {
         psql(sh, &admin_url, &format!("CREATE DATABASE {name}"))?;
         Ok(Self {
             sh,
-            admin_url,
+            admin_url: (!services.owns_postgres()).then_some(admin_url),
             url: services.database_url(name),
             name: name.to_owned(),
         })
@@ -140,11 +141,11 @@ impl<'a> FreshDatabase<'a> {
 
 impl Drop for FreshDatabase<'_> {
     fn drop(&mut self) {
-        if self.name.is_empty() {
+        let Some(admin_url) = &self.admin_url else {
             return;
-        }
+        };
         let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
-        if let Err(e) = psql(self.sh, &self.admin_url, &sql) {
+        if let Err(e) = psql(self.sh, admin_url, &sql) {
             eprintln!(
                 "xtask: warning: could not drop database {}: {e:#}",
                 self.name
