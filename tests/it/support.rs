@@ -1,31 +1,36 @@
 //! What every black-box test needs: the workspace's binaries, built once per test process.
 //!
-//! A binary is built with `cargo build -p <package> --bin <name>` in the target directory and
-//! profile this test binary was built into, so `CARGO_TARGET_DIR` and `--release` are
-//! respected and a stale binary is never used (a no-op when it is fresh; under cargo-nextest
-//! every test is its own process, and the builds serialize on cargo's lock).
+//! The binaries are built with `cargo build --workspace --bins` (the command `cargo xtask
+//! test` runs before the tests, so here it is a no-op: the same command resolves the same
+//! features, where `-p <package>` alone could rebuild dependencies with other features) in
+//! the target directory and profile this test binary was built into, so `CARGO_TARGET_DIR`
+//! and `--release` are respected and a stale binary is never used. Under cargo-nextest every
+//! test is its own process; concurrent builds serialize on cargo's lock.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 
 use anyhow::{Context, Result, bail};
 
-/// The path of binary `bin` of `package`, built if needed.
+/// The path of the workspace binary `bin`, built if needed (`package` names it in errors).
 pub(crate) fn binary(package: &str, bin: &str) -> Result<PathBuf> {
-    static BUILT: OnceLock<Mutex<HashMap<String, Result<PathBuf, String>>>> = OnceLock::new();
-    let mut built = BUILT
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    built
-        .entry(format!("{package}/{bin}"))
-        .or_insert_with(|| build(package, bin).map_err(|e| format!("{e:#}")))
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let profile_dir = BUILT
+        .get_or_init(|| build().map_err(|e| format!("{e:#}")))
         .clone()
-        .map_err(anyhow::Error::msg)
+        .map_err(anyhow::Error::msg)?;
+    let path = profile_dir.join(bin);
+    if !path.is_file() {
+        bail!(
+            "{package} has no binary {bin} (looked for {})",
+            path.display()
+        );
+    }
+    Ok(path)
 }
 
-fn build(package: &str, bin: &str) -> Result<PathBuf> {
+/// Builds every binary of the workspace; returns `<target>/<profile>`.
+fn build() -> Result<PathBuf> {
     // <target>/<profile>/deps/it-<hash>
     let exe = std::env::current_exe().context("locating the test binary")?;
     let profile_dir = exe
@@ -41,7 +46,7 @@ fn build(package: &str, bin: &str) -> Result<PathBuf> {
     let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut cmd = std::process::Command::new(cargo);
     cmd.current_dir(&workspace)
-        .args(["build", "--quiet", "-p", package, "--bin", bin])
+        .args(["build", "--quiet", "--workspace", "--bins"])
         .env("CARGO_TARGET_DIR", target_dir);
     match profile {
         "debug" => {}
@@ -54,9 +59,9 @@ fn build(package: &str, bin: &str) -> Result<PathBuf> {
     }
     let status = cmd
         .status()
-        .with_context(|| format!("running cargo build -p {package} --bin {bin}"))?;
+        .context("running cargo build --workspace --bins")?;
     if !status.success() {
-        bail!("cargo build -p {package} --bin {bin} failed: {status}");
+        bail!("cargo build --workspace --bins failed: {status}");
     }
-    Ok(profile_dir.join(bin))
+    Ok(profile_dir.to_path_buf())
 }
