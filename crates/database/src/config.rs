@@ -152,6 +152,9 @@ pub struct DatabaseConfig {
     /// `DB_MAX_LIFETIME_MS` (1800000): connections are retired after this age, less up to
     /// 2.5% of jitter so a pool does not reconnect all at once.
     pub max_lifetime: Duration,
+    /// `DB_PING_BYPASS_MS` (1000): a connection used more recently than this is handed out
+    /// without a liveness ping.
+    pub ping_bypass: Duration,
     /// `DB_TCP_KEEPALIVE` (true): ask the server to probe idle client sockets
     /// (`tcp_keepalives_idle/interval/count`), so it reaps backends of vanished clients.
     pub tcp_keepalive: bool,
@@ -176,6 +179,7 @@ impl DatabaseConfig {
             idle_timeout: Duration::from_millis(30_000),
             acquire_timeout: Duration::from_millis(5_000),
             max_lifetime: Duration::from_millis(30 * 60 * 1000),
+            ping_bypass: crate::PING_BYPASS,
             tcp_keepalive: true,
             run_migrations: true,
             analytics_retry_initial: Duration::from_secs(5),
@@ -212,6 +216,10 @@ impl DatabaseConfig {
         config.idle_timeout = millis("DB_IDLE_TIMEOUT_MS", config.idle_timeout)?;
         config.acquire_timeout = millis("DB_ACQUIRE_TIMEOUT_MS", config.acquire_timeout)?;
         config.max_lifetime = millis("DB_MAX_LIFETIME_MS", config.max_lifetime)?;
+        config.ping_bypass = match get("DB_PING_BYPASS_MS") {
+            None => config.ping_bypass,
+            Some(raw) => Duration::from_millis(parse_count("DB_PING_BYPASS_MS", &raw, 0)?.into()),
+        };
         if let Some(raw) = get("DB_POOL_MIN") {
             config.pool_min = parse_count("DB_POOL_MIN", &raw, 0)?;
         }
@@ -344,6 +352,7 @@ mod tests {
         assert_eq!(c.idle_timeout, Duration::from_millis(30_000));
         assert_eq!(c.acquire_timeout, Duration::from_millis(5_000));
         assert_eq!(c.max_lifetime, Duration::from_secs(1800));
+        assert_eq!(c.ping_bypass, Duration::from_secs(1));
         assert!(c.tcp_keepalive);
         assert!(c.analytics_url.is_none());
     }
@@ -360,6 +369,7 @@ mod tests {
             ("DB_IDLE_TIMEOUT_MS", "1000"),
             ("DB_ACQUIRE_TIMEOUT_MS", "200"),
             ("DB_MAX_LIFETIME_MS", "60000"),
+            ("DB_PING_BYPASS_MS", "0"),
             ("DB_TCP_KEEPALIVE", "false"),
             ("DB_RUN_MIGRATIONS", "0"),
         ]))
@@ -370,6 +380,7 @@ mod tests {
         assert_eq!(c.idle_timeout, Duration::from_millis(1000));
         assert_eq!(c.acquire_timeout, Duration::from_millis(200));
         assert_eq!(c.max_lifetime, Duration::from_millis(60_000));
+        assert_eq!(c.ping_bypass, Duration::ZERO);
         assert!(!c.tcp_keepalive && !c.run_migrations);
         assert!(c.analytics_url.is_some());
     }
@@ -402,6 +413,7 @@ mod tests {
             ("DB_ACQUIRE_TIMEOUT_MS", "5s", "not a whole number"),
             ("DB_MAX_LIFETIME_MS", "", "unused: empty means default"),
             ("DB_TCP_KEEPALIVE", "maybe", "not a boolean"),
+            ("DB_PING_BYPASS_MS", "1s", "not a whole number"),
         ];
         for (var, value, reason) in cases {
             let result =

@@ -4,8 +4,9 @@
 //! (`PgConnectOptions::options`), so they cost no round trip and no pooler or `RESET ALL`
 //! can lose them. Two hooks improve on sqlx's defaults:
 //! - `before_acquire` skips the liveness ping for a connection used within the last
-//!   [`PING_BYPASS`] (HikariCP's 500 ms bypass, a little wider), instead of sqlx's ping on
-//!   every acquire;
+//!   `ping_bypass` (default [`PING_BYPASS`], HikariCP's 500 ms bypass, a little wider),
+//!   instead of sqlx's ping on every acquire. The price: a connection killed under us within
+//!   that window costs its next user one error (sqlx then closes it on release);
 //! - both hooks retire a connection once it is older than `max_lifetime` less a per
 //!   connection jitter of up to 2.5% (as HikariCP does), so a pool opened at once does not
 //!   reconnect at once.
@@ -19,7 +20,8 @@ use sqlx::{Connection, PgPool};
 use crate::DatabaseConfig;
 use crate::config::SecretUrl;
 
-/// A connection idle for less than this is handed out without a ping.
+/// The default of [`DatabaseConfig::ping_bypass`]: a connection idle for less than this is
+/// handed out without a ping.
 pub const PING_BYPASS: Duration = Duration::from_secs(1);
 
 /// The largest fraction of `max_lifetime` taken off a connection's life (HikariCP: 2.5%).
@@ -59,6 +61,7 @@ pub(crate) fn connect_options(
 /// Pool options from the config, with the ping bypass and the jittered lifetime.
 pub(crate) fn pool_options(config: &DatabaseConfig) -> PgPoolOptions {
     let lifetime = config.max_lifetime;
+    let ping_bypass = config.ping_bypass;
     PgPoolOptions::new()
         .min_connections(config.pool_min)
         .max_connections(config.pool_max)
@@ -73,7 +76,7 @@ pub(crate) fn pool_options(config: &DatabaseConfig) -> PgPoolOptions {
                 if beyond_jittered_lifetime(meta.age, lifetime) {
                     return Ok(false);
                 }
-                if meta.idle_for >= PING_BYPASS {
+                if meta.idle_for >= ping_bypass {
                     conn.ping().await?;
                 }
                 Ok(true)

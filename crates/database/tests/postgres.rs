@@ -323,6 +323,7 @@ async fn terminated_backends_are_replaced_without_errors() {
     let fx = Fixture::new(|c| {
         c.pool_max = 5;
         c.pool_min = 0;
+        c.ping_bypass = Duration::from_millis(100);
     })
     .await;
     // Open five connections, then give them back.
@@ -342,9 +343,9 @@ async fn terminated_backends_are_replaced_without_errors() {
         })
         .await
     );
-    // Connections idle for less than PING_BYPASS are trusted without a ping (the cost of
+    // Connections idle for less than the ping bypass are trusted without a ping (the cost of
     // the bypass); idle connections killed by an operator have been idle longer than that.
-    tokio::time::sleep(smartbeak_database::PING_BYPASS).await;
+    tokio::time::sleep(fx.db.config().ping_bypass).await;
     for i in 0..50 {
         let one: i32 = fx
             .db
