@@ -226,39 +226,22 @@ where
 pub async fn process_in_batches<T, R, E, F, Fut>(
     items: Vec<T>,
     batch_size: usize,
-    mut f: F,
-    mut progress: ProgressFn<'_>,
+    f: F,
+    progress: ProgressFn<'_>,
 ) -> Result<BatchReport<E>, ConcurrencyError>
 where
     F: FnMut(T) -> Fut,
     Fut: Future<Output = Result<R, E>>,
 {
-    check_batch_size(batch_size)?;
-    let batches = items.len().div_ceil(batch_size);
+    let outcomes = map_in_batches(items, batch_size, f, progress).await?;
     let mut report = BatchReport {
         succeeded: 0,
         failures: Vec::new(),
     };
-    let mut items = items.into_iter();
-    for batch in 1..=batches {
-        let first_index = (batch - 1) * batch_size;
-        let chunk: Vec<T> = items.by_ref().take(batch_size).collect();
-        for (offset, outcome) in run_batch(chunk, &mut f).await.into_iter().enumerate() {
-            match outcome {
-                Ok(_) => report.succeeded += 1,
-                Err(error) => report.failures.push(ItemFailure {
-                    index: first_index + offset,
-                    error,
-                }),
-            }
-        }
-        if let Some(progress) = progress.as_mut() {
-            progress(BatchProgress {
-                batch,
-                batches,
-                succeeded: report.succeeded,
-                failed: report.failures.len(),
-            });
+    for (index, outcome) in outcomes.into_iter().enumerate() {
+        match outcome {
+            Ok(_) => report.succeeded += 1,
+            Err(error) => report.failures.push(ItemFailure { index, error }),
         }
     }
     Ok(report)
