@@ -1,6 +1,7 @@
 //! `cargo xtask demo`: the main job end to end on a small realistic data set.
 //!
-//! 1. services (found or started) and a fresh `smartbeak_demo` database, migrated;
+//! 1. services (found or started) and a fresh `smartbeak_demo_<pid>` database, migrated
+//!    (dropped at the end);
 //! 2. the database demo: seed orgs, domains, content and 30 days of metrics, read the
 //!    aggregates back, show the session settings the server sees and the pool's figures;
 //! 3. the api: create a key for the seeded org with the admin CLI, start `smartbeak-api` on a
@@ -38,7 +39,11 @@ impl Demo {
         .context("build failed")?;
 
         let services = Services::find_or_start()?;
-        let database = FreshDatabase::named(sh, &services, "smartbeak_demo")?;
+        let database = FreshDatabase::named(
+            sh,
+            &services,
+            &format!("smartbeak_demo_{}", std::process::id()),
+        )?;
         let _env = [
             sh.push_env("DATABASE_URL", &database.url),
             sh.push_env("REDIS_URL", &services.redis_url),
