@@ -46,9 +46,10 @@ pub struct ShutdownConfig {
     pub timeout: Duration,
     /// Own timeout of the built-in `in-flight-tasks` entry of the drain
     /// phase, which waits for every task spawned through the coordinator.
-    /// `None` (the default) bounds it by the overall deadline only; set it
-    /// below [`timeout`](Self::timeout) so that the release phase still runs
-    /// when some task never finishes.
+    /// `None` bounds it by the overall deadline only. Read from the
+    /// environment, an unset [`DRAIN_TIMEOUT_ENV`] means two thirds of the
+    /// overall deadline (20 s of 30 s), so that the release phase (closing
+    /// the pools) still runs when some task never finishes.
     pub drain_timeout: Option<Duration>,
 }
 
@@ -63,7 +64,8 @@ impl Default for ShutdownConfig {
 
 impl ShutdownConfig {
     /// Reads [`TIMEOUT_ENV`] and [`DRAIN_TIMEOUT_ENV`] from the process
-    /// environment; unset variables keep the defaults.
+    /// environment; an unset timeout keeps the default, an unset drain
+    /// timeout is two thirds of the overall one.
     ///
     /// # Errors
     ///
@@ -91,9 +93,10 @@ impl ShutdownConfig {
         if let Some(value) = lookup(TIMEOUT_ENV) {
             config.timeout = parse_millis(TIMEOUT_ENV, &value)?;
         }
-        if let Some(value) = lookup(DRAIN_TIMEOUT_ENV) {
-            config.drain_timeout = Some(parse_millis(DRAIN_TIMEOUT_ENV, &value)?);
-        }
+        config.drain_timeout = Some(match lookup(DRAIN_TIMEOUT_ENV) {
+            Some(value) => parse_millis(DRAIN_TIMEOUT_ENV, &value)?,
+            None => config.timeout * 2 / 3,
+        });
         Ok(config)
     }
 
@@ -154,7 +157,9 @@ mod tests {
     fn defaults_when_unset() {
         let config = ShutdownConfig::from_lookup(lookup(&[])).unwrap();
         assert_eq!(config.timeout, Duration::from_secs(30));
-        assert_eq!(config.drain_timeout, None);
+        assert_eq!(config.drain_timeout, Some(Duration::from_secs(20)));
+        let config = ShutdownConfig::from_lookup(lookup(&[(TIMEOUT_ENV, "9000")])).unwrap();
+        assert_eq!(config.drain_timeout, Some(Duration::from_secs(6)));
     }
 
     #[test]
