@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::Context;
 use smartbeak_database::{Database, DatabaseConfig};
 use smartbeak_shutdown::telemetry::{self, LogFormat, Output};
-use smartbeak_shutdown::{Phase, Shutdown};
+use smartbeak_shutdown::{Phase, RegisterError, Shutdown};
 
 const APPLICATION_NAME: &str = "smartbeak-control-plane";
 
@@ -58,11 +58,17 @@ async fn run(logs: &telemetry::LogGuard) -> anyhow::Result<ExitCode> {
         smartbeak_database::migrate(db.primary()).await?;
     }
     let pools = db.clone();
-    let _db_guard = shutdown
-        .register("db-pools", Phase::Release, move || async move {
-            pools.close(Duration::from_secs(5)).await
-        })
-        .context("cannot register the db-pools handler")?;
+    let registered = shutdown.register("db-pools", Phase::Release, move || async move {
+        pools.close(Duration::from_secs(5)).await
+    });
+    let _db_guard = match registered {
+        Ok(guard) => guard,
+        // A signal during start-up: nothing runs yet, so close the pool and report.
+        Err(RegisterError::ShutdownStarted { .. }) => {
+            db.close(Duration::from_secs(5)).await?;
+            return Ok(shutdown.run().await.exit_code());
+        }
+    };
 
     tracing::info!("control-plane ready (no batch operations are defined yet)");
     shutdown.triggered().await;

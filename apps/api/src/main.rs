@@ -13,7 +13,7 @@ use smartbeak_api::ratelimit::RateLimiter;
 use smartbeak_api::{AppState, auth};
 use smartbeak_database::{Database, DatabaseConfig};
 use smartbeak_shutdown::telemetry::{self, LogGuard, Output};
-use smartbeak_shutdown::{Phase, Shutdown, ShutdownReason};
+use smartbeak_shutdown::{Phase, RegisterError, Shutdown, ShutdownReason};
 use uuid::Uuid;
 
 #[derive(Debug, Parser)]
@@ -231,19 +231,31 @@ async fn serve(config: ApiConfig, logs: &LogGuard) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("binding {bind}"))?;
     let addr = listener.local_addr().context("reading the bound address")?;
 
-    let _readiness = shutdown
-        .register("readiness", Phase::StopAccepting, move || async move {
+    // A signal during start-up (before these registrations) finds nothing serving yet:
+    // release what is open and report, rather than failing the registration.
+    let pools = db.clone();
+    let _database = match shutdown.register_with_timeout(
+        "database-pools",
+        Phase::Release,
+        pool_close_deadline,
+        move || async move { pools.close(pool_close_deadline).await },
+    ) {
+        Ok(guard) => guard,
+        Err(RegisterError::ShutdownStarted { .. }) => {
+            db.close(pool_close_deadline).await?;
+            return Ok(shutdown.run().await.exit_code());
+        }
+    };
+    let _readiness =
+        match shutdown.register("readiness", Phase::StopAccepting, move || async move {
             readiness.shut_down();
-        })
-        .context("registering the readiness handler")?;
-    let _database = shutdown
-        .register_with_timeout(
-            "database-pools",
-            Phase::Release,
-            pool_close_deadline,
-            move || async move { db.close(pool_close_deadline).await },
-        )
-        .context("registering the database handler")?;
+        }) {
+            Ok(guard) => guard,
+            // The database handler made it in before the trigger and runs with the report.
+            Err(RegisterError::ShutdownStarted { .. }) => {
+                return Ok(shutdown.run().await.exit_code());
+            }
+        };
 
     // The server is a tracked task: at the trigger it stops accepting (the listener is
     // dropped), and the drain phase waits for in-flight requests to finish, up to
