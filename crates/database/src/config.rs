@@ -55,14 +55,25 @@ impl SecretUrl {
                 reason: "the URL has no host".into(),
             });
         }
-        if let Some(password) = url.password()
-            && is_placeholder(url.username(), password)
-        {
+        // sqlx takes the user and the password from the query string too
+        // (`?user=...&password=...`), and the query wins over the userinfo part.
+        let user = url
+            .query_pairs()
+            .filter(|(key, _)| key == "user")
+            .last()
+            .map_or_else(
+                || url.username().to_owned(),
+                |(_, value)| value.into_owned(),
+            );
+        let placeholder = url.password().is_some_and(|p| is_placeholder(&user, p))
+            || url
+                .query_pairs()
+                .any(|(key, value)| is_password_key(&key) && is_placeholder(&user, &value));
+        if placeholder {
             return Err(ConfigError::Invalid {
                 var,
                 reason: format!(
-                    "the URL carries placeholder credentials (user {:?} with a placeholder password); set the real ones",
-                    url.username()
+                    "the URL carries placeholder credentials (user {user:?} with a placeholder password); set the real ones"
                 ),
             });
         }
@@ -74,12 +85,27 @@ impl SecretUrl {
         self.0.as_str()
     }
 
-    /// The URL with the password replaced by `***`, safe to log.
+    /// The URL with every password (`user:***@` and any `password=***` query parameter)
+    /// replaced by `***`, safe to log.
     pub fn redacted(&self) -> String {
         let mut url = self.0.clone();
         if url.password().is_some() {
             // Cannot fail for a URL that already has a password (it has a host).
             let _ = url.set_password(Some("***"));
+        }
+        if url.query_pairs().any(|(key, _)| is_password_key(&key)) {
+            let pairs: Vec<(String, String)> = url
+                .query_pairs()
+                .map(|(key, value)| {
+                    let value = if is_password_key(&key) {
+                        "***".to_owned()
+                    } else {
+                        value.into_owned()
+                    };
+                    (key.into_owned(), value)
+                })
+                .collect();
+            url.query_pairs_mut().clear().extend_pairs(pairs);
         }
         url.to_string()
     }
@@ -107,6 +133,11 @@ impl fmt::Display for SecretUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.redacted())
     }
+}
+
+/// A query parameter sqlx reads a password from (`password`; any case is masked).
+fn is_password_key(key: &str) -> bool {
+    key.eq_ignore_ascii_case("password")
 }
 
 fn is_placeholder(user: &str, password: &str) -> bool {
@@ -500,6 +531,82 @@ mod tests {
             "postgres://app:***@db.internal:5432/smartbeak"
         );
         assert!(c.url.expose().contains("s3cr3t"));
+    }
+
+    #[test]
+    fn a_password_in_the_query_string_never_shows() {
+        for raw in [
+            "postgres://app@db.internal:5432/smartbeak?sslmode=disable&password=s3cr3t-Value&application_name=x",
+            "postgres://app:s3cr3t-Value@db.internal/smartbeak?password=s3cr3t-Value",
+            "postgres://db.internal/smartbeak?user=app&Password=s3cr3t-Value",
+            "postgres://db.internal/smartbeak?password=s3cr3t%26Value%3D",
+        ] {
+            let c = DatabaseConfig::from_lookup(lookup(&[
+                ("DATABASE_URL", raw),
+                ("ANALYTICS_DB_URL", raw),
+            ]))
+            .unwrap();
+            let shown = [
+                format!("{c:?}"),
+                format!("{:?}", c.url),
+                c.url.to_string(),
+                c.url.redacted(),
+                crate::DbError::Connect {
+                    target: "primary",
+                    url: c.url.redacted(),
+                    source: sqlx::Error::PoolClosed,
+                }
+                .to_string(),
+            ];
+            for text in shown {
+                assert!(!text.contains("s3cr3t"), "{raw}: {text}");
+                assert!(text.contains("assword=***"), "{raw}: {text}");
+            }
+            assert!(c.url.expose().contains("s3cr3t"), "the driver gets it");
+        }
+        // Other parameters survive the masking.
+        let url = SecretUrl::parse(
+            "DATABASE_URL",
+            "postgres://db/x?sslmode=disable&password=p4ss&application_name=api",
+        )
+        .unwrap();
+        assert_eq!(
+            url.redacted(),
+            "postgres://db/x?sslmode=disable&password=***&application_name=api"
+        );
+    }
+
+    #[test]
+    fn placeholder_passwords_in_the_query_string_are_refused() {
+        for url in [
+            "postgres://app@localhost/db?password=password",
+            "postgres://localhost/db?user=postgres&password=changeme",
+            "postgres://localhost/db?user=username&password=secret",
+            "postgres://user@localhost/db?sslmode=disable&PASSWORD=xxx",
+        ] {
+            let e = err(&[("DATABASE_URL", url)]);
+            assert!(
+                e.to_string().contains("placeholder credentials"),
+                "{url}: {e}"
+            );
+            assert!(!e.to_string().contains("changeme"), "password leaked: {e}");
+        }
+        let e = err(&[
+            ("DATABASE_URL", URL),
+            (
+                "ANALYTICS_DB_URL",
+                "postgres://r/db?user=user&password=secret",
+            ),
+        ]);
+        assert!(matches!(
+            e,
+            ConfigError::Invalid {
+                var: "ANALYTICS_DB_URL",
+                ..
+            }
+        ));
+        // A real password in the query is accepted.
+        assert!(SecretUrl::parse("DATABASE_URL", "postgres://h/db?password=Xk9-real").is_ok());
     }
 
     #[test]
