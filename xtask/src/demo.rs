@@ -81,8 +81,10 @@ impl Demo {
         println!("smartbeak-api listening on {}", server.base);
         let client = bin.join("examples").join("demo_client");
         let base = server.base.clone();
-        // quiet: the command line carries the key, which must not reach the output.
-        let calls = cmd!(sh, "{client} {base} {key}").quiet().run();
+        // The key goes through the environment: a command line shows in `ps` and in errors.
+        let calls = cmd!(sh, "{client} {base}")
+            .env("SMARTBEAK_API_KEY", &key)
+            .run();
 
         section("api: SIGTERM");
         let code = server.terminate()?;

@@ -30,7 +30,7 @@ tasks:
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match run(&args) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("xtask: error: {e:#}");
             ExitCode::FAILURE
@@ -38,26 +38,21 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: &[String]) -> Result<()> {
+fn run(args: &[String]) -> Result<ExitCode> {
     let sh = Shell::new()?;
     sh.change_dir(project_root());
     // Ctrl-C reaches every process of the terminal's group: the cargo child stops on its
     // own, and we keep running long enough to drop the servers and the database.
-    let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    {
-        let interrupted = interrupted.clone();
-        ctrlc::set_handler(move || {
-            interrupted.store(true, std::sync::atomic::Ordering::SeqCst);
-            eprintln!("xtask: interrupted, cleaning up");
-        })?;
-    }
+    ctrlc::set_handler(|| eprintln!("xtask: interrupted, cleaning up"))?;
     match args.first().map(String::as_str) {
         Some("test") => test::Test::parse(&args[1..])?.run(&sh),
-        Some("demo") => demo::Demo.run(&sh),
-        Some("services") => services::ServicesTask::parse(&args[1..])?.run(&sh),
+        Some("demo") => demo::Demo.run(&sh).map(|()| ExitCode::SUCCESS),
+        Some("services") => services::ServicesTask::parse(&args[1..])?
+            .run(&sh)
+            .map(|()| ExitCode::SUCCESS),
         Some("help" | "-h" | "--help") | None => {
             eprint!("{USAGE}");
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Some(other) => anyhow::bail!("unknown task {other:?}\n{USAGE}"),
     }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use smartbeak_test_support::{
-    INSTALL_HINT, Lifetime, PostgresServer, RedisServer, port_answers, redis_ping_at, services_root,
+    Lifetime, PostgresServer, RedisServer, port_answers, redis_ping_at, services_root,
 };
 use xshell::Shell;
 
@@ -28,8 +28,8 @@ impl Services {
             }
             None => {
                 eprintln!("xtask: starting a throwaway PostgreSQL");
-                let server = PostgresServer::start()
-                    .with_context(|| format!("cannot start PostgreSQL ({INSTALL_HINT})"))?;
+                let server =
+                    PostgresServer::start().context("cannot start a throwaway PostgreSQL")?;
                 eprintln!("xtask: PostgreSQL on 127.0.0.1:{}", server.port());
                 (server.url(), Some(server))
             }
@@ -41,8 +41,7 @@ impl Services {
             }
             None => {
                 eprintln!("xtask: starting a throwaway Redis");
-                let server = RedisServer::start()
-                    .with_context(|| format!("cannot start Redis ({INSTALL_HINT})"))?;
+                let server = RedisServer::start().context("cannot start a throwaway Redis")?;
                 eprintln!("xtask: Redis on 127.0.0.1:{}", server.port());
                 (server.url(), Some(server))
             }
@@ -134,10 +133,19 @@ pub(crate) fn with_database(url: &str, name: &str) -> String {
 
 /// Runs `sql` against `url` with psql (used for CREATE/DROP DATABASE, which cannot run in a
 /// migration); falls back to a clear error if psql is missing.
+/// The command line carries the URL (and so any password): it is kept out of the echo and of
+/// error messages, which name the redacted URL instead.
 pub(crate) fn psql(sh: &Shell, url: &str, sql: &str) -> Result<()> {
-    xshell::cmd!(sh, "psql -v ON_ERROR_STOP=1 -q -X {url} -c {sql}")
+    psql_read(sh, url, sql).map(drop)
+}
+
+/// Like [`psql`], returning psql's unaligned output (one row a line).
+pub(crate) fn psql_read(sh: &Shell, url: &str, sql: &str) -> Result<String> {
+    xshell::cmd!(sh, "psql -v ON_ERROR_STOP=1 -q -X -A -t {url} -c {sql}")
+        .env("PGOPTIONS", "-c client_min_messages=warning")
         .quiet()
-        .run()
+        .secret()
+        .read()
         .with_context(|| format!("psql failed running {sql:?} on {}", redact(url)))
 }
 
@@ -169,9 +177,9 @@ impl ServicesTask {
                     return Ok(());
                 }
                 let pg = PostgresServer::start_with(Lifetime::Detached)
-                    .with_context(|| format!("cannot start PostgreSQL ({INSTALL_HINT})"))?;
+                    .context("cannot start a throwaway PostgreSQL")?;
                 let redis = RedisServer::start_with(Lifetime::Detached)
-                    .with_context(|| format!("cannot start Redis ({INSTALL_HINT})"))?;
+                    .context("cannot start a throwaway Redis")?;
                 let s = State {
                     database_url: pg.url(),
                     redis_url: redis.url(),
@@ -189,11 +197,23 @@ impl ServicesTask {
                     println!("no services recorded in {}", state.display());
                     return Ok(());
                 };
-                for pid in &s.pids {
+                // A recorded pid may have been reused since (a reboot): signal only processes
+                // whose command line still names one of our ports.
+                let ports: Vec<u16> = [&s.database_url, &s.redis_url]
+                    .into_iter()
+                    .filter_map(|url| host_port(url, 0).map(|(_, port)| port))
+                    .collect();
+                let ours: Vec<u32> = s
+                    .pids
+                    .iter()
+                    .copied()
+                    .filter(|pid| runs_on(*pid, &ports))
+                    .collect();
+                for pid in &ours {
                     let _ = smartbeak_test_support::signal(*pid, "QUIT");
                 }
                 std::thread::sleep(std::time::Duration::from_millis(300));
-                for pid in &s.pids {
+                for pid in ours.iter().filter(|pid| runs_on(**pid, &ports)) {
                     let _ = smartbeak_test_support::signal(*pid, "KILL");
                 }
                 for dir in &s.dirs {
@@ -266,6 +286,17 @@ fn read_state() -> Result<Option<State>> {
             .map(PathBuf::from)
             .collect(),
     }))
+}
+
+/// True if process `pid` exists and its command line names one of `ports`.
+fn runs_on(pid: u32, ports: &[u16]) -> bool {
+    let Ok(raw) = fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+    cmdline
+        .split([' ', ':'])
+        .any(|word| ports.iter().any(|port| word == port.to_string()))
 }
 
 fn alive(s: &State) -> bool {

@@ -6,12 +6,13 @@
 //! dropped and throwaway servers stopped afterwards, on failure too. The output ends with the
 //! test runner's own summary line.
 
+use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use xshell::{Shell, cmd};
 
-use crate::services::{Services, psql, redact};
+use crate::services::{Services, psql, psql_read, redact};
 
 pub(crate) struct Test {
     /// Extra arguments for the test runner (after `--`).
@@ -30,13 +31,17 @@ impl Test {
         Ok(Self { runner_args })
     }
 
-    pub(crate) fn run(&self, sh: &Shell) -> Result<()> {
+    /// Runs everything; the exit code is the test runner's.
+    pub(crate) fn run(&self, sh: &Shell) -> Result<ExitCode> {
         let services = Services::find_or_start()?;
         let database = FreshDatabase::create(sh, &services)?;
+        // Tests name their own databases `sb_test_<run>_<uuid>` (TestDatabase), so whatever a
+        // failed or killed test left behind is dropped at the end of the run.
+        let run_id = run_id();
         let _env = [
             sh.push_env("DATABASE_URL", &database.url),
             sh.push_env("REDIS_URL", &services.redis_url),
-            sh.push_env("SMARTBEAK_TEST_RUN", &database.name),
+            sh.push_env("SMARTBEAK_TEST_RUN", &run_id),
         ];
         eprintln!(
             "xtask: database {} on {}",
@@ -68,10 +73,14 @@ impl Test {
                 .run()
                 .context("rustdoc failed")?;
         }
-        eprintln!("xtask: doctests");
-        cmd!(sh, "cargo test --workspace --doc --quiet")
-            .run()
-            .context("doctests failed")?;
+        let nextest = nextest_installed(sh);
+        if nextest {
+            // nextest does not run doctests; `cargo test` below would.
+            eprintln!("xtask: doctests");
+            cmd!(sh, "cargo test --workspace --doc --quiet")
+                .run()
+                .context("doctests failed")?;
+        }
 
         // The black-box tests start the real binaries; build them here, with the command the
         // tests' own harness uses, so that its build is a no-op.
@@ -81,18 +90,57 @@ impl Test {
             .context("building the binaries failed")?;
 
         let args = &self.runner_args;
-        let result = if nextest_installed(sh) {
+        let result = if nextest {
             cmd!(sh, "cargo nextest run --workspace --no-fail-fast {args...}").run()
         } else {
             cmd!(sh, "cargo test --workspace --no-fail-fast {args...}").run()
         };
+        if !services.owns_postgres() {
+            drop_test_databases(sh, &services.postgres_url, &run_id);
+        }
         drop(database);
         drop(services);
         // The runner already printed its summary and failures; add nothing after it.
-        if result.is_err() {
-            std::process::exit(1);
+        Ok(if result.is_ok() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        })
+    }
+}
+
+/// A short id for this run, of `[0-9_]` only (it goes into database names).
+fn run_id() -> String {
+    let millis = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() % 1_000_000_000)
+        .unwrap_or(0);
+    format!("{}_{millis}", std::process::id())
+}
+
+/// Drops the databases the tests of run `run_id` left behind (`sb_test_<run>_*`).
+fn drop_test_databases(sh: &Shell, admin_url: &str, run_id: &str) {
+    let prefix = format!("sb_test_{run_id}_");
+    let list = format!(
+        "SELECT datname FROM pg_database WHERE left(datname, {}) = '{prefix}'",
+        prefix.len()
+    );
+    let names = match psql_read(sh, admin_url, &list) {
+        Ok(names) => names,
+        Err(e) => {
+            eprintln!("xtask: warning: could not list the run's test databases: {e:#}");
+            return;
         }
-        Ok(())
+    };
+    for name in names
+        .lines()
+        .map(str::trim)
+        .filter(|n| n.starts_with(&prefix))
+    {
+        let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+        if let Err(e) = psql(sh, admin_url, &sql) {
+            eprintln!("xtask: warning: could not drop {name}: {e:#}");
+        }
     }
 }
 

@@ -1,8 +1,9 @@
 //! The HTTP part of `cargo xtask demo`: a few real calls against a running api, printing
 //! what each returned.
 //!
-//! Usage: `demo_client <base url> <api key>`. The key's org is expected to hold the demo's
-//! seeded domains (the database demo seeds them).
+//! Usage: `SMARTBEAK_API_KEY=<key> demo_client <base url>` (the key in the environment, not
+//! on the command line). The key's org is expected to hold the demo's seeded domains (the
+//! database demo seeds them).
 
 use std::process::ExitCode;
 
@@ -13,9 +14,9 @@ use serde_json::{Value, json};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    let mut args = std::env::args().skip(1);
-    let (Some(base), Some(key)) = (args.next(), args.next()) else {
-        eprintln!("usage: demo_client <base url> <api key>");
+    let (Some(base), Ok(key)) = (std::env::args().nth(1), std::env::var("SMARTBEAK_API_KEY"))
+    else {
+        eprintln!("usage: SMARTBEAK_API_KEY=<key> demo_client <base url>");
         return ExitCode::from(2);
     };
     match run(&base, &key).await {
