@@ -45,7 +45,7 @@ pub mod testing;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use sqlx::pool::PoolConnection;
@@ -77,6 +77,68 @@ struct Inner {
     primary: PgPool,
     analytics: analytics::Analytics,
     counters: metrics::Counters,
+}
+
+impl Inner {
+    /// Checks out a primary connection, counting waiters, latency and timeouts.
+    async fn acquire(&self) -> Result<PoolConnection<Postgres>, DbError> {
+        let counters = &self.counters;
+        let started = Instant::now();
+        let result = {
+            let _waiting = Waiting::new(&counters.waiters);
+            self.primary.acquire().await
+        };
+        match result {
+            Ok(conn) => {
+                counters.acquires.fetch_add(1, Ordering::Relaxed);
+                let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                counters.acquire_micros.fetch_add(micros, Ordering::Relaxed);
+                Ok(conn)
+            }
+            Err(e) => {
+                let error = self.classify(e);
+                if matches!(error, DbError::AcquireTimeout(_)) {
+                    counters.acquire_timeouts.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(error)
+            }
+        }
+    }
+
+    fn classify(&self, error: sqlx::Error) -> DbError {
+        DbError::from_sqlx(error, self.config.acquire_timeout)
+    }
+
+    /// Counts a failed query (and a timed-out one: server statement timeout or the
+    /// client-side bound); returns the error.
+    fn count_query_error(&self, error: DbError) -> DbError {
+        let counters = &self.counters;
+        counters.query_errors.fetch_add(1, Ordering::Relaxed);
+        if matches!(
+            error,
+            DbError::QueryTimeout(_) | DbError::StatementTimeout(_)
+        ) {
+            counters.query_timeouts.fetch_add(1, Ordering::Relaxed);
+        }
+        error
+    }
+}
+
+/// Counts one caller waiting for a connection for as long as it lives, so a caller dropped
+/// mid-wait (a cancelled future) stops counting too.
+struct Waiting<'a>(&'a AtomicU64);
+
+impl<'a> Waiting<'a> {
+    fn new(waiters: &'a AtomicU64) -> Self {
+        waiters.fetch_add(1, Ordering::Relaxed);
+        Self(waiters)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for Database {
@@ -140,28 +202,10 @@ impl Database {
         self.inner.analytics.source()
     }
 
-    /// Checks out a primary connection, counting waiters, latency and timeouts.
+    /// Checks out a primary connection, counting waiters, latency and timeouts. Cancel-safe:
+    /// a caller dropped while waiting stops counting as a waiter.
     pub async fn acquire(&self) -> Result<PoolConnection<Postgres>, DbError> {
-        let counters = &self.inner.counters;
-        counters.waiters.fetch_add(1, Ordering::Relaxed);
-        let started = Instant::now();
-        let result = self.inner.primary.acquire().await;
-        counters.waiters.fetch_sub(1, Ordering::Relaxed);
-        match result {
-            Ok(conn) => {
-                counters.acquires.fetch_add(1, Ordering::Relaxed);
-                let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-                counters.acquire_micros.fetch_add(micros, Ordering::Relaxed);
-                Ok(conn)
-            }
-            Err(e) => {
-                let error = DbError::from_sqlx(e, self.inner.config.acquire_timeout);
-                if matches!(error, DbError::AcquireTimeout(_)) {
-                    counters.acquire_timeouts.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(error)
-            }
-        }
+        self.inner.acquire().await
     }
 
     /// Runs a query future under the client-side bound
@@ -178,25 +222,28 @@ impl Database {
             Ok(Err(e)) => DbError::from_sqlx(e, config.acquire_timeout),
             Err(_) => DbError::QueryTimeout(bound),
         };
-        counters.query_errors.fetch_add(1, Ordering::Relaxed);
-        if error.is_timeout() {
-            counters.query_timeouts.fetch_add(1, Ordering::Relaxed);
-        }
         if matches!(error, DbError::AcquireTimeout(_)) {
             counters.acquire_timeouts.fetch_add(1, Ordering::Relaxed);
         }
-        Err(error)
+        Err(self.inner.count_query_error(error))
     }
 
-    /// Starts a transaction on the primary, safe to cancel: see the crate docs.
+    /// Starts a transaction on the primary, safe to cancel (see the crate docs). The
+    /// connection is counted like [`Database::acquire`].
     pub async fn begin(&self) -> Result<Transaction<'static, Postgres>, DbError> {
-        let pool = self.inner.primary.clone();
-        let acquire_timeout = self.inner.config.acquire_timeout;
-        // If this future is dropped, the task still finishes `BEGIN`; its output, a live
-        // `Transaction`, is then dropped by tokio, which queues the `ROLLBACK`.
-        let task = tokio::spawn(async move { pool.begin().await });
+        let inner = Arc::clone(&self.inner);
+        // The task always runs to the end, even if this future is dropped: its output, a
+        // live `Transaction`, is then dropped by tokio, which queues the `ROLLBACK`. Never
+        // bound `BEGIN` inside the task: cancelling it mid-flight is the bug this avoids.
+        let task = tokio::spawn(async move {
+            let conn = inner.acquire().await?;
+            // What `Pool::begin` does, on a connection checked out with our counters.
+            sqlx::Transaction::begin(conn, None)
+                .await
+                .map_err(|e| inner.count_query_error(inner.classify(e)))
+        });
         match task.await {
-            Ok(result) => result.map_err(|e| DbError::from_sqlx(e, acquire_timeout)),
+            Ok(result) => result,
             Err(_) => Err(DbError::BeginAborted),
         }
     }

@@ -1,7 +1,9 @@
 //! Pool and query figures, read as a plain struct (the api renders them on `/metrics`).
 //!
 //! Connection counts come from sqlx's pool; the counters below are kept by [`crate::Database`]
-//! and count what goes through its methods (`acquire`, `bounded`, `begin`).
+//! and count what goes through its methods: `acquire`; `bounded`; `begin`, whose connection
+//! counts like an `acquire` and whose `BEGIN` like a `bounded` query. Queries run straight
+//! on [`crate::Database::primary`] are not counted.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -44,15 +46,15 @@ pub struct PoolMetrics {
     pub analytics: Option<PoolStats>,
     /// Which pool serves analytics reads.
     pub read_source: ReadSource,
-    /// Callers waiting for a connection right now.
+    /// Callers waiting for a connection right now (in `acquire` or `begin`).
     pub waiters: u64,
     /// Successful acquires.
     pub acquires_total: u64,
     /// Sum of acquire latencies, in seconds (divide by `acquires_total` for the mean).
     pub acquire_seconds_sum: f64,
-    /// Acquires that hit the acquire timeout.
+    /// Acquires that hit the acquire timeout (in `acquire`, `begin`, or inside `bounded`).
     pub acquire_timeouts_total: u64,
-    /// Queries that failed (timeouts included).
+    /// Queries (and `BEGIN`s) that failed, timeouts included.
     pub query_errors_total: u64,
     /// Queries that hit the server's statement timeout or the client-side bound.
     pub query_timeouts_total: u64,

@@ -358,6 +358,88 @@ async fn terminated_backends_are_replaced_without_errors() {
     fx.finish().await;
 }
 
+#[tokio::test]
+async fn a_cancelled_acquire_stops_counting_as_a_waiter() {
+    let fx = Fixture::new(|c| {
+        c.pool_max = 1;
+        c.pool_min = 0;
+    })
+    .await;
+    let held = fx.db.acquire().await.unwrap();
+    for _ in 0..3 {
+        let cancelled = tokio::time::timeout(Duration::from_millis(50), fx.db.acquire()).await;
+        assert!(cancelled.is_err(), "the only connection is held");
+    }
+    assert_eq!(
+        fx.db.metrics().waiters,
+        0,
+        "cancelled acquires still counted"
+    );
+    // A cancelled begin: its task keeps waiting until the acquire timeout, then stops.
+    let cancelled = tokio::time::timeout(Duration::from_millis(50), fx.db.begin()).await;
+    assert!(cancelled.is_err());
+    drop(held);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            fx.db.metrics().waiters == 0
+        })
+        .await
+    );
+    fx.finish().await;
+}
+
+#[tokio::test]
+async fn pool_stats_count_connections_held_and_idle() {
+    let fx = Fixture::new(|c| {
+        c.pool_max = 5;
+        c.pool_min = 0;
+    })
+    .await;
+    let before = fx.db.metrics();
+    assert_eq!(before.primary.max, 5);
+    assert_eq!(before.primary.in_use, 0);
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(fx.db.acquire().await.unwrap());
+    }
+    let m = fx.db.metrics();
+    assert_eq!(
+        (
+            m.primary.size,
+            m.primary.idle,
+            m.primary.in_use,
+            m.primary.max
+        ),
+        (3, 0, 3, 5),
+        "{m:?}"
+    );
+    assert_eq!(m.acquires_total, 3);
+    assert_eq!(m.waiters, 0);
+    assert!(m.acquire_seconds_sum > 0.0);
+    assert_eq!(fx.backends().await, 3, "the server sees the same");
+
+    // Connections go back to the pool asynchronously.
+    held.truncate(1);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            let p = fx.db.metrics().primary;
+            (p.size, p.idle, p.in_use) == (3, 2, 1)
+        })
+        .await,
+        "{:?}",
+        fx.db.metrics().primary
+    );
+
+    // `begin` counts its connection like `acquire`.
+    let tx = fx.db.begin().await.unwrap();
+    let m = fx.db.metrics();
+    assert_eq!(m.acquires_total, 4);
+    assert_eq!((m.primary.idle, m.primary.in_use), (1, 2));
+    tx.rollback().await.unwrap();
+    drop(held);
+    fx.finish().await;
+}
+
 /// A TCP proxy that delays every chunk from the server by `delay`, so that a `BEGIN` takes a
 /// known time on the wire and a caller can be cancelled while it is in flight.
 async fn slow_proxy(upstream: String, delay: Duration) -> u16 {
