@@ -228,23 +228,29 @@ impl Database {
         Err(self.inner.count_query_error(error))
     }
 
-    /// Starts a transaction on the primary, safe to cancel (see the crate docs). The
-    /// connection is counted like [`Database::acquire`].
+    /// Starts a transaction on the primary, safe to cancel (see the crate docs) and bounded
+    /// like [`Database::bounded`]: a caller gets [`DbError::QueryTimeout`] after
+    /// [`DatabaseConfig::query_timeout`] (acquire included) even if the connection went
+    /// silent. The connection is counted like [`Database::acquire`].
     pub async fn begin(&self) -> Result<Transaction<'static, Postgres>, DbError> {
         let inner = Arc::clone(&self.inner);
-        // The task always runs to the end, even if this future is dropped: its output, a
-        // live `Transaction`, is then dropped by tokio, which queues the `ROLLBACK`. Never
-        // bound `BEGIN` inside the task: cancelling it mid-flight is the bug this avoids.
-        let task = tokio::spawn(async move {
+        // The task always runs to the end, even if this future is dropped or gives up
+        // below: its output, a live `Transaction`, is then dropped by tokio, which queues
+        // the `ROLLBACK`. Never bound `BEGIN` inside the task: cancelling it mid-flight is
+        // the bug this avoids.
+        let mut task = tokio::spawn(async move {
             let conn = inner.acquire().await?;
             // What `Pool::begin` does, on a connection checked out with our counters.
             sqlx::Transaction::begin(conn, None)
                 .await
                 .map_err(|e| inner.count_query_error(inner.classify(e)))
         });
-        match task.await {
-            Ok(result) => result,
-            Err(_) => Err(DbError::BeginAborted),
+        let bound = self.inner.config.query_timeout();
+        match tokio::time::timeout(bound, &mut task).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(DbError::BeginAborted),
+            // Dropping the handle detaches the task; it still finishes (see above).
+            Err(_) => Err(self.inner.count_query_error(DbError::QueryTimeout(bound))),
         }
     }
 

@@ -440,46 +440,72 @@ async fn pool_stats_count_connections_held_and_idle() {
     fx.finish().await;
 }
 
-/// A TCP proxy that delays every chunk from the server by `delay`, so that a `BEGIN` takes a
-/// known time on the wire and a caller can be cancelled while it is in flight.
-async fn slow_proxy(upstream: String, delay: Duration) -> u16 {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            let server = tokio::net::TcpStream::connect(&upstream).await.unwrap();
-            let (mut client_read, mut client_write) = client.into_split();
-            let (mut server_read, mut server_write) = server.into_split();
-            tokio::spawn(async move {
-                let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
-            });
-            tokio::spawn(async move {
-                use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                let mut buf = vec![0u8; 64 * 1024];
-                loop {
-                    let n = match server_read.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => n,
-                    };
-                    tokio::time::sleep(delay).await;
-                    if client_write.write_all(&buf[..n]).await.is_err() {
-                        break;
+/// A TCP proxy in front of PostgreSQL that delays every chunk from the server by `delay`
+/// (so a `BEGIN` takes a known time on the wire and a caller can be cancelled while it is
+/// in flight) and, once `frozen` is set, black-holes the connection: it stops forwarding the
+/// server's bytes but keeps every socket open, as a dead network path does.
+struct Proxy {
+    port: u16,
+    frozen: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    async fn start(upstream: String, delay: Duration) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let frozen = Arc::new(AtomicBool::new(false));
+        let switch = frozen.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let server = tokio::net::TcpStream::connect(&upstream).await.unwrap();
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+                });
+                let frozen = switch.clone();
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match server_read.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if frozen.load(Ordering::SeqCst) {
+                            // Hold both sockets open and never answer again.
+                            std::future::pending::<()>().await;
+                        }
+                        tokio::time::sleep(delay).await;
+                        if client_write.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
                     }
-                }
-            });
-        }
-    });
-    port
+                });
+            }
+        });
+        Self { port, frozen }
+    }
+
+    /// A proxy in front of `tdb`'s server, and `tdb`'s URL through it.
+    async fn in_front_of(tdb: &TestDatabase, delay: Duration) -> (Self, String) {
+        let mut url = url::Url::parse(tdb.url().expose()).unwrap();
+        let upstream = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432));
+        let proxy = Self::start(upstream, delay).await;
+        url.set_port(Some(proxy.port)).unwrap();
+        (proxy, url.to_string())
+    }
+
+    fn freeze(&self) {
+        self.frozen.store(true, Ordering::SeqCst);
+    }
 }
 
 #[tokio::test]
 async fn a_cancelled_begin_never_leaves_a_session_inside_a_transaction() {
     let tdb = TestDatabase::create().await.unwrap();
-    let mut url = url::Url::parse(tdb.url().expose()).unwrap();
-    let upstream = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432));
-    let port = slow_proxy(upstream, Duration::from_millis(40)).await;
-    url.set_port(Some(port)).unwrap();
-    let mut config = DatabaseConfig::new(url.as_str()).unwrap();
+    let (_proxy, url) = Proxy::in_front_of(&tdb, Duration::from_millis(40)).await;
+    let mut config = DatabaseConfig::new(&url).unwrap();
     config.pool_max = 1;
     config.pool_min = 0;
     let db = Database::connect(config, "sbt-cancel-begin").await.unwrap();
@@ -497,6 +523,78 @@ async fn a_cancelled_begin_never_leaves_a_session_inside_a_transaction() {
         );
     }
     db.close(Duration::from_secs(5)).await.unwrap();
+    tdb.drop_database().await.unwrap();
+}
+
+/// A one-connection database behind a proxy, with `statement_timeout` 200 ms, its
+/// connection already open and used.
+async fn behind_a_proxy(tdb: &TestDatabase, app: &str) -> (Database, Proxy) {
+    let (proxy, url) = Proxy::in_front_of(tdb, Duration::ZERO).await;
+    let mut config = DatabaseConfig::new(&url).unwrap();
+    config.pool_max = 1;
+    config.pool_min = 0;
+    config.statement_timeout = Duration::from_millis(200);
+    let db = Database::connect(config, app).await.unwrap();
+    let one: i32 = db
+        .bounded(sqlx::query_scalar("SELECT 1").fetch_one(db.primary()))
+        .await
+        .unwrap();
+    assert_eq!(one, 1);
+    // sqlx pings a connection as it goes back to the pool: let that finish before a freeze.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            db.metrics().primary.idle == 1
+        })
+        .await
+    );
+    (db, proxy)
+}
+
+/// The guard around a call that must end by itself well before it (the bound is 450 ms).
+const GUARD: Duration = Duration::from_secs(20);
+
+#[tokio::test]
+async fn a_query_on_a_black_holed_connection_ends_at_the_client_side_bound() {
+    let tdb = TestDatabase::create().await.unwrap();
+    let (db, proxy) = behind_a_proxy(&tdb, "sbt-frozen-query").await;
+    proxy.freeze();
+    // The server cancels pg_sleep at 200 ms, but its answer never arrives.
+    let query = db.bounded(sqlx::query("SELECT pg_sleep(5)").execute(db.primary()));
+    let err = tokio::time::timeout(GUARD, query)
+        .await
+        .expect("bounded() must give up by itself")
+        .expect_err("nothing can come back through a frozen proxy");
+    assert!(
+        matches!(err, DbError::QueryTimeout(b) if b == db.config().query_timeout()),
+        "{err:?}"
+    );
+    assert!(err.is_timeout());
+    let m = db.metrics();
+    assert_eq!((m.query_errors_total, m.query_timeouts_total), (1, 1));
+    // The frozen connection is never returned; the database goes away with its sessions.
+    tdb.drop_database().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_begin_on_a_black_holed_connection_ends_at_the_client_side_bound() {
+    let tdb = TestDatabase::create().await.unwrap();
+    let (db, proxy) = behind_a_proxy(&tdb, "sbt-frozen-begin").await;
+    proxy.freeze();
+    let err = tokio::time::timeout(GUARD, db.begin())
+        .await
+        .expect("begin() must give up by itself")
+        .expect_err("BEGIN's answer never arrives");
+    assert!(
+        matches!(err, DbError::QueryTimeout(b) if b == db.config().query_timeout()),
+        "{err:?}"
+    );
+    assert!(err.is_timeout());
+    let m = db.metrics();
+    assert_eq!((m.query_errors_total, m.query_timeouts_total), (1, 1));
+    assert_eq!(
+        m.acquires_total, 1,
+        "the connection was checked out, then BEGIN hung"
+    );
     tdb.drop_database().await.unwrap();
 }
 
