@@ -1,14 +1,18 @@
 //! The analytics read pool: created on first use, shared by concurrent first callers, and
 //! never cached as failed.
 //!
-//! `tokio::sync::OnceCell::get_or_try_init` gives the shape: one initialisation at a time,
-//! no lock on the fast path once set, and a failed or cancelled attempt leaves the cell empty
-//! for the next caller. On top of it sits a [`Backoff`]: after a failure, callers get the
-//! primary pool at once and no new attempt is made before the backoff delay (5 s doubling to
-//! 30 s, with jitter) has passed, so an unreachable replica costs each request nothing.
+//! The first initialisation runs inline through `tokio::sync::OnceCell::get_or_try_init`:
+//! concurrent first callers share one attempt (bounded by the acquire timeout), there is no
+//! lock on the fast path once the pool is set, and a cancelled attempt leaves the cell empty
+//! for the next caller. Once an attempt has failed, no caller waits for the replica again:
+//! callers get the primary at once, and when the [`Backoff`] delay (5 s doubling to 30 s,
+//! with jitter) has passed, the next caller starts one attempt in a background task (never
+//! more than one in flight). When it succeeds the cell is set and later callers get the
+//! replica; so a black-holed replica (accepts TCP, never answers) costs one acquire timeout
+//! to the first callers and nothing to anyone afterwards.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sqlx::PgPool;
@@ -41,22 +45,41 @@ impl ReadSource {
 pub(crate) struct Analytics {
     url: Option<SecretUrl>,
     application_name: String,
+    config: DatabaseConfig,
+    counters: Arc<Counters>,
     cell: OnceCell<PgPool>,
-    backoff: Mutex<Backoff>,
+    retry: Mutex<Retry>,
     degraded: AtomicBool,
+    closed: AtomicBool,
+}
+
+/// When the next attempt may start, and whether one is running in the background.
+struct Retry {
+    backoff: Backoff,
+    /// An attempt has failed: from now on attempts run in the background only.
+    failed: bool,
+    in_flight: bool,
 }
 
 impl Analytics {
-    pub(crate) fn new(config: &DatabaseConfig, application_name: &str) -> Self {
+    pub(crate) fn new(
+        config: &DatabaseConfig,
+        application_name: &str,
+        counters: Arc<Counters>,
+    ) -> Self {
         Self {
             url: config.analytics_url.clone(),
             application_name: format!("{application_name}-analytics"),
+            config: config.clone(),
+            counters,
             cell: OnceCell::new(),
-            backoff: Mutex::new(Backoff::new(
-                config.analytics_retry_initial,
-                config.analytics_retry_max,
-            )),
+            retry: Mutex::new(Retry {
+                backoff: Backoff::new(config.analytics_retry_initial, config.analytics_retry_max),
+                failed: false,
+                in_flight: false,
+            }),
             degraded: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
         }
     }
 
@@ -72,54 +95,115 @@ impl Analytics {
         }
     }
 
+    /// Stops all further attempts and returns the pool to close, if any. An attempt still
+    /// in flight closes its own pool when it finishes.
+    pub(crate) fn close(&self) -> Option<&PgPool> {
+        self.closed.store(true, Ordering::SeqCst);
+        self.cell.get()
+    }
+
     /// The replica pool, creating it if needed; `None` means "use the primary".
-    pub(crate) async fn get(&self, config: &DatabaseConfig, counters: &Counters) -> Option<PgPool> {
+    pub(crate) async fn get(self: &Arc<Self>) -> Option<PgPool> {
         let url = self.url.as_ref()?;
         if let Some(pool) = self.cell.get() {
             return Some(pool.clone());
         }
-        let attempt = self.cell.get_or_try_init(|| async {
-            // Waiters queued behind a failed attempt land here too: they respect the backoff
-            // instead of each trying again.
-            if !self.lock_backoff().ready(Instant::now()) {
-                return Err(None);
+        if self.closed.load(Ordering::SeqCst) {
+            return None;
+        }
+        if !self.lock_retry().failed {
+            // The first initialisation: concurrent first callers share this attempt.
+            let first = self.cell.get_or_try_init(|| async {
+                // Callers queued behind a failed first attempt fall back at once.
+                if self.lock_retry().failed {
+                    return Err(());
+                }
+                self.counters
+                    .analytics_init_attempts
+                    .fetch_add(1, Ordering::Relaxed);
+                self.attempt(url).await.ok_or(())
+            });
+            if let Ok(pool) = first.await {
+                let pool = pool.clone();
+                self.close_if_closed(&pool).await;
+                return Some(pool);
             }
-            counters
-                .analytics_init_attempts
-                .fetch_add(1, Ordering::Relaxed);
-            let connect = crate::pool::connect(config, url, &self.application_name, "analytics");
-            match tokio::time::timeout(config.acquire_timeout, connect).await {
-                Ok(Ok(pool)) => Ok(pool),
-                Ok(Err(e)) => Err(Some(e)),
-                Err(_) => Err(Some(DbError::AcquireTimeout(config.acquire_timeout))),
+        }
+        self.retry_in_background();
+        None
+    }
+
+    /// Starts one background attempt if the backoff allows it and none is in flight.
+    fn retry_in_background(self: &Arc<Self>) {
+        {
+            let mut retry = self.lock_retry();
+            if retry.in_flight || !retry.backoff.ready(Instant::now()) {
+                return;
+            }
+            retry.in_flight = true;
+        }
+        // Counted before the caller gets its answer: the attempt has started.
+        self.counters
+            .analytics_init_attempts
+            .fetch_add(1, Ordering::Relaxed);
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let Some(url) = this.url.as_ref() else {
+                return;
+            };
+            let result = this
+                .cell
+                .get_or_try_init(|| async { this.attempt(url).await.ok_or(()) })
+                .await;
+            // After `attempt` recorded a failure, so the backoff already holds the next one.
+            this.lock_retry().in_flight = false;
+            if let Ok(pool) = result {
+                this.close_if_closed(pool).await;
             }
         });
-        match attempt.await {
-            Ok(pool) => {
+    }
+
+    /// One attempt to open the replica pool, bounded by the acquire timeout. A failure is
+    /// counted, logged and recorded in the backoff.
+    async fn attempt(&self, url: &SecretUrl) -> Option<PgPool> {
+        let config = &self.config;
+        let connect = crate::pool::connect(config, url, &self.application_name, "analytics");
+        let error = match tokio::time::timeout(config.acquire_timeout, connect).await {
+            Ok(Ok(pool)) => {
                 if self.degraded.swap(false, Ordering::Relaxed) {
                     tracing::info!("analytics replica reachable again; reads go to the replica");
                 }
-                Some(pool.clone())
+                return Some(pool);
             }
-            Err(None) => None,
-            Err(Some(error)) => {
-                counters
-                    .analytics_init_failures
-                    .fetch_add(1, Ordering::Relaxed);
-                let delay = self.lock_backoff().failed(Instant::now(), &mut rand::rng());
-                if !self.degraded.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(%error, retry_in = ?delay, "analytics replica unavailable; reads fall back to the primary");
-                } else {
-                    tracing::debug!(%error, retry_in = ?delay, "analytics replica still unavailable");
-                }
-                None
-            }
+            Ok(Err(e)) => e,
+            Err(_) => DbError::AcquireTimeout(config.acquire_timeout),
+        };
+        self.counters
+            .analytics_init_failures
+            .fetch_add(1, Ordering::Relaxed);
+        let delay = {
+            let mut retry = self.lock_retry();
+            retry.failed = true;
+            retry.backoff.failed(Instant::now(), &mut rand::rng())
+        };
+        if !self.degraded.swap(true, Ordering::Relaxed) {
+            tracing::warn!(%error, retry_in = ?delay, "analytics replica unavailable; reads fall back to the primary");
+        } else {
+            tracing::debug!(%error, retry_in = ?delay, "analytics replica still unavailable");
+        }
+        None
+    }
+
+    /// A pool that came up after [`Analytics::close`] closes at once.
+    async fn close_if_closed(&self, pool: &PgPool) {
+        if self.closed.load(Ordering::SeqCst) {
+            pool.close().await;
         }
     }
 
-    fn lock_backoff(&self) -> std::sync::MutexGuard<'_, Backoff> {
-        // The guarded state is two plain values; a panic elsewhere cannot break it.
-        self.backoff.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock_retry(&self) -> std::sync::MutexGuard<'_, Retry> {
+        // The guarded state is plain values; a panic elsewhere cannot break it.
+        self.retry.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 

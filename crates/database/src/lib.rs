@@ -75,8 +75,8 @@ pub struct Database {
 struct Inner {
     config: DatabaseConfig,
     primary: PgPool,
-    analytics: analytics::Analytics,
-    counters: metrics::Counters,
+    analytics: Arc<analytics::Analytics>,
+    counters: Arc<metrics::Counters>,
 }
 
 impl Inner {
@@ -165,13 +165,14 @@ impl Database {
             analytics = config.analytics_url.is_some(),
             "database pool ready"
         );
-        let analytics = analytics::Analytics::new(&config, application_name);
+        let counters = Arc::new(metrics::Counters::default());
+        let analytics = analytics::Analytics::new(&config, application_name, counters.clone());
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
                 primary,
-                analytics,
-                counters: metrics::Counters::default(),
+                analytics: Arc::new(analytics),
+                counters,
             }),
         })
     }
@@ -187,11 +188,12 @@ impl Database {
     }
 
     /// The pool for analytics reads: the replica when `ANALYTICS_DB_URL` is set and
-    /// reachable, else the primary. Concurrent first callers share one initialisation; a
-    /// failure is retried after a backoff, and meanwhile callers get the primary at once.
+    /// reachable, else the primary. Concurrent first callers share one initialisation
+    /// (bounded by the acquire timeout); after a failure callers get the primary at once,
+    /// and retries run in the background after a backoff.
     pub async fn analytics(&self) -> PgPool {
         let inner = &self.inner;
-        match inner.analytics.get(&inner.config, &inner.counters).await {
+        match inner.analytics.get().await {
             Some(pool) => pool,
             None => inner.primary.clone(),
         }
@@ -280,7 +282,7 @@ impl Database {
     pub async fn close(&self, deadline: Duration) -> Result<(), DbError> {
         let inner = &self.inner;
         let both = async {
-            match inner.analytics.pool() {
+            match inner.analytics.close() {
                 Some(analytics) => {
                     tokio::join!(inner.primary.close(), analytics.close());
                 }

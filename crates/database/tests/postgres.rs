@@ -598,14 +598,20 @@ async fn a_begin_on_a_black_holed_connection_ends_at_the_client_side_bound() {
     tdb.drop_database().await.unwrap();
 }
 
+fn unique_app(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
+}
+
 #[tokio::test]
 async fn concurrent_first_analytics_calls_create_exactly_one_pool() {
     let tdb = TestDatabase::create().await.unwrap();
     let mut config = tdb.config();
     config.analytics_url = Some(tdb.url().clone());
-    let db = Database::connect(config, "sbt-analytics-one")
-        .await
-        .unwrap();
+    let app = unique_app("sbt-analytics-one");
+    let db = Database::connect(config, &app).await.unwrap();
     assert_eq!(db.read_source(), ReadSource::Primary);
     let pools = join_all((0..100).map(|_| db.analytics())).await;
     assert_eq!(pools.len(), 100);
@@ -622,7 +628,7 @@ async fn concurrent_first_analytics_calls_create_exactly_one_pool() {
 async fn an_unreachable_replica_falls_back_to_the_primary_and_retries_with_backoff() {
     let tdb = TestDatabase::create().await.unwrap();
     let mut config = tdb.config();
-    // Port 1 on loopback refuses at once; a black-holed address would cost one acquire timeout.
+    // Port 1 on loopback refuses at once (a black-holed replica: the test below).
     config.analytics_url = Some(
         smartbeak_database::SecretUrl::parse(
             "ANALYTICS_DB_URL",
@@ -633,7 +639,7 @@ async fn an_unreachable_replica_falls_back_to_the_primary_and_retries_with_backo
     config.acquire_timeout = Duration::from_millis(500);
     config.analytics_retry_initial = Duration::from_millis(200);
     config.analytics_retry_max = Duration::from_millis(800);
-    let db = Database::connect(config, "sbt-analytics-down")
+    let db = Database::connect(config, &unique_app("sbt-analytics-down"))
         .await
         .unwrap();
 
@@ -644,6 +650,16 @@ async fn an_unreachable_replica_falls_back_to_the_primary_and_retries_with_backo
         "fallback took {:?}",
         started.elapsed()
     );
+    let m = db.metrics();
+    assert_eq!(
+        m.analytics_init_attempts_total, 1,
+        "waiters behind the failure respect the backoff"
+    );
+    assert_eq!(m.analytics_init_failures_total, 1);
+    // Within the backoff (at least 100 ms, half the first 200 ms delay) nobody tries again.
+    let _ = db.analytics().await;
+    assert_eq!(db.metrics().analytics_init_attempts_total, 1);
+
     for pool in &pools {
         let one: i32 = sqlx::query_scalar("SELECT 1")
             .fetch_one(pool)
@@ -652,16 +668,6 @@ async fn an_unreachable_replica_falls_back_to_the_primary_and_retries_with_backo
         assert_eq!(one, 1, "the fallback is a working pool (the primary)");
     }
     assert_eq!(db.read_source(), ReadSource::Primary);
-    let m = db.metrics();
-    assert_eq!(
-        m.analytics_init_attempts_total, 1,
-        "waiters behind the failure respect the backoff"
-    );
-    assert_eq!(m.analytics_init_failures_total, 1);
-
-    // Within the backoff (at least 100 ms, half the first 200 ms delay) nobody tries again.
-    let _ = db.analytics().await;
-    assert_eq!(db.metrics().analytics_init_attempts_total, 1);
 
     // After it, exactly one new attempt; the next delay is longer (200..400 ms).
     assert!(
@@ -671,7 +677,7 @@ async fn an_unreachable_replica_falls_back_to_the_primary_and_retries_with_backo
         })
         .await
     );
-    let second_failure = Instant::now();
+    let second_attempt = Instant::now();
     assert!(
         eventually(Duration::from_secs(3), || async {
             let _ = db.analytics().await;
@@ -679,10 +685,113 @@ async fn an_unreachable_replica_falls_back_to_the_primary_and_retries_with_backo
         })
         .await
     );
-    let gap = second_failure.elapsed();
+    // The third attempt waits out the delay counted from the second one's failure, which
+    // came after it started.
+    let gap = second_attempt.elapsed();
     assert!(
         gap >= Duration::from_millis(200),
         "second delay {gap:?} should be at least half of 400 ms"
+    );
+    db.close(Duration::from_secs(5)).await.unwrap();
+    tdb.drop_database().await.unwrap();
+}
+
+/// A replica that accepts TCP connections and never answers: each attempt costs the whole
+/// acquire timeout. Only the very first callers may wait for it; a retry runs in the
+/// background while callers get the primary at once.
+///
+/// The ordering checks rely on this test's current-thread runtime: between two awaits of
+/// the test nothing else runs, so a background attempt cannot finish in between.
+#[tokio::test(flavor = "current_thread")]
+async fn a_black_holed_replica_is_retried_in_the_background() {
+    let tdb = TestDatabase::create().await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sockets = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            // Kept open, never written to.
+            sockets.lock().unwrap().push(socket);
+        }
+    });
+    let mut config = tdb.config();
+    config.analytics_url = Some(
+        smartbeak_database::SecretUrl::parse(
+            "ANALYTICS_DB_URL",
+            &format!("postgres://postgres@127.0.0.1:{port}/none"),
+        )
+        .unwrap(),
+    );
+    config.acquire_timeout = Duration::from_millis(300);
+    config.analytics_retry_initial = Duration::from_millis(100);
+    config.analytics_retry_max = Duration::from_millis(400);
+    let db = Database::connect(config, &unique_app("sbt-analytics-hole"))
+        .await
+        .unwrap();
+    let primary_port = db.primary().connect_options().get_port();
+    let is_primary = |pool: &PgPool| pool.connect_options().get_port() == primary_port;
+
+    // The first call makes the one inline attempt, which ends at the acquire timeout.
+    let started = Instant::now();
+    let pool = tokio::time::timeout(GUARD, db.analytics())
+        .await
+        .expect("the first attempt is bounded");
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "the first attempt was not made inline: {:?}",
+        started.elapsed()
+    );
+    assert!(is_primary(&pool));
+    let m = db.metrics();
+    assert_eq!(
+        (
+            m.analytics_init_attempts_total,
+            m.analytics_init_failures_total
+        ),
+        (1, 1)
+    );
+
+    // After the backoff (50..100 ms), the call that starts the retry does not wait for it.
+    let deadline = Instant::now() + GUARD;
+    loop {
+        let pool = db.analytics().await;
+        let m = db.metrics();
+        if m.analytics_init_attempts_total == 2 {
+            assert_eq!(
+                m.analytics_init_failures_total, 1,
+                "the caller waited for the retry instead of getting the primary at once"
+            );
+            assert!(is_primary(&pool));
+            break;
+        }
+        assert_eq!(m.analytics_init_attempts_total, 1);
+        assert!(Instant::now() < deadline, "no retry after the backoff");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // While it is pending, every caller gets the primary and nobody starts another one.
+    for _ in 0..20 {
+        assert!(is_primary(&db.analytics().await));
+    }
+    let m = db.metrics();
+    assert_eq!(
+        (
+            m.analytics_init_attempts_total,
+            m.analytics_init_failures_total
+        ),
+        (2, 1)
+    );
+    // The background attempt ends at its acquire timeout.
+    assert!(
+        eventually(GUARD, || async {
+            db.metrics().analytics_init_failures_total == 2
+        })
+        .await
+    );
+    assert_eq!(db.read_source(), ReadSource::Primary);
+    assert!(
+        accepted.lock().unwrap().len() >= 2,
+        "both attempts reached the replica"
     );
     db.close(Duration::from_secs(5)).await.unwrap();
     tdb.drop_database().await.unwrap();
