@@ -186,6 +186,23 @@ impl From<sqlx::Error> for ApiError {
             sqlx::Error::Database(ref db) if db.code().as_deref() == Some("57014") => {
                 Self::DatabaseUnavailable(Box::new(err))
             }
+            // Class 22, data exception (22021 a NUL in text, 22P05 `\u0000` in jsonb, 22008
+            // a timestamp out of range, ...): a value of the request the database cannot
+            // take. The handlers reject the known ones first, naming the field; whatever
+            // still gets here is the client's too, so 400, with the cause in the log only.
+            sqlx::Error::Database(ref db)
+                if db.code().is_some_and(|code| code.starts_with("22")) =>
+            {
+                tracing::warn!(
+                    sqlstate = db.code().as_deref().unwrap_or_default(),
+                    error = %db,
+                    "the database rejected a value of the request"
+                );
+                Self::validation(
+                    "request",
+                    "contains a value the database cannot store (out of range or not valid text)",
+                )
+            }
             other => Self::internal(other),
         }
     }
@@ -273,6 +290,57 @@ mod tests {
             body,
             serde_json::json!({"error": "Rate limiting service unavailable", "code": "RATE_LIMIT_SERVICE_ERROR"})
         );
+    }
+
+    #[tokio::test]
+    async fn data_exceptions_are_400_without_the_database_message() {
+        use smartbeak_database::testing::TestDatabase;
+
+        let tdb = TestDatabase::create().await.unwrap();
+        let pool = sqlx::PgPool::connect(tdb.url().expose()).await.unwrap();
+        let year_out_of_range = chrono::NaiveDate::from_ymd_opt(-262_000, 1, 1)
+            .unwrap()
+            .and_hms_opt(0, 0, 0)
+            .unwrap()
+            .and_utc();
+        let cases = [
+            ("22021", sqlx::query("SELECT $1::text").bind("a\0b")),
+            (
+                "22P05",
+                sqlx::query("SELECT $1::text::jsonb").bind(r#"{"a": "\u0000"}"#),
+            ),
+            (
+                "22008",
+                sqlx::query("SELECT $1::timestamptz").bind(year_out_of_range),
+            ),
+            ("22012", sqlx::query("SELECT 1 / $1").bind(0_i32)),
+        ];
+        for (sqlstate, query) in cases {
+            let err = query.execute(&pool).await.unwrap_err();
+            let code = match &err {
+                sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
+                _ => None,
+            };
+            assert_eq!(code.as_deref(), Some(sqlstate), "{err}");
+            let (status, body) = body_of(ApiError::from(err)).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{sqlstate}");
+            assert_eq!(body["code"], "VALIDATION_ERROR", "{sqlstate}");
+            assert_eq!(
+                body["error"],
+                "request: contains a value the database cannot store (out of range or not valid text)"
+            );
+        }
+        // Other database errors stay 500 (e.g. 42P01 undefined_table).
+        let err = sqlx::query("SELECT * FROM no_such_table")
+            .execute(&pool)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            ApiError::from(err).status(),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+        pool.close().await;
+        tdb.drop_database().await.unwrap();
     }
 
     #[tokio::test]

@@ -1,7 +1,8 @@
-//! The router and its middleware: request ids in spans, HTTP metrics, body limit,
-//! per-request timeout, concurrency limit with load shedding, and one JSON error shape
-//! for the answers that tower layers produce on their own.
+//! The router and its middleware: request ids in spans, HTTP metrics, a panic turned into
+//! the JSON 500, body limit, per-request timeout, concurrency limit with load shedding, and
+//! one JSON error shape for the answers that tower layers produce on their own.
 
+use std::any::Any;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -13,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{BoxError, Router};
 use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
@@ -75,6 +77,7 @@ pub fn app(state: AppState) -> Router {
         }))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(middleware::from_fn(in_flight))
+        .layer(catch_panic())
         .layer(middleware::map_response(normalize_error))
         .layer(HandleErrorLayer::new(|err: BoxError| async move {
             if err.is::<tower::load_shed::error::Overloaded>() {
@@ -93,6 +96,22 @@ pub fn app(state: AppState) -> Router {
         ))
         .service(routes);
     Router::new().fallback_service(stack)
+}
+
+/// Turns a panic anywhere below it into the JSON 500 `INTERNAL_ERROR` (the panic message
+/// goes to the log, `http_panics_total` counts it) instead of a dropped connection.
+pub fn catch_panic() -> CatchPanicLayer<fn(Box<dyn Any + Send + 'static>) -> Response> {
+    CatchPanicLayer::custom(panic_response as fn(Box<dyn Any + Send + 'static>) -> Response)
+}
+
+fn panic_response(panic: Box<dyn Any + Send + 'static>) -> Response {
+    let message = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("a panic without a message");
+    metrics::counter!("http_panics_total").increment(1);
+    ApiError::internal(format!("request handler panicked: {message}")).into_response()
 }
 
 /// Gauge of requests being served, for dashboards and the shutdown test.
@@ -240,5 +259,38 @@ mod tests {
 
         db.close(std::time::Duration::from_secs(5)).await.unwrap();
         tdb.drop_database().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_panic_is_the_json_500_not_a_dropped_connection() {
+        let app = Router::new()
+            .route(
+                "/boom",
+                get(|| async {
+                    if true {
+                        panic!("boom at {}", 42);
+                    }
+                    "unreachable"
+                }),
+            )
+            .route(
+                "/static",
+                get(|| async {
+                    if true {
+                        std::panic::panic_any(7_u8);
+                    }
+                    "unreachable"
+                }),
+            )
+            .layer(catch_panic());
+        for path in ["/boom", "/static"] {
+            let (status, body) = call(&app, path).await;
+            assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{path}");
+            assert_eq!(
+                body,
+                serde_json::json!({"error": "internal error", "code": "INTERNAL_ERROR"}),
+                "{path}: the panic message stays in the log"
+            );
+        }
     }
 }

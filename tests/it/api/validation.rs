@@ -39,6 +39,11 @@ async fn bad_inputs_get_their_status_and_code() {
     let analytics = format!("/v1/domains/{d}/analytics");
     let settings = format!("/v1/domains/{d}/settings");
     let unknown = uuid::Uuid::new_v4();
+    // A well-formed cursor whose time is in the year ~190,000.
+    let far_cursor: String = format!("6000000000000000000:{unknown}")
+        .bytes()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     let kw = |extra: Value| {
         let mut row = json!({"keyword": "rust", "search_volume": 10, "position": 3.5, "recorded_at": "2026-01-05T00:00:00Z"});
         row.as_object_mut()
@@ -84,6 +89,28 @@ async fn bad_inputs_get_their_status_and_code() {
         ("DELETE", "/v1/domains".into(), Body::None, 405, "METHOD_NOT_ALLOWED", None),
         ("GET", format!("/v1/exports/{unknown}"), Body::None, 404, "NOT_FOUND", None),
         ("DELETE", format!("/v1/exports/{unknown}"), Body::None, 404, "NOT_FOUND", None),
+        // Dates outside the years 0001 to 9999: `to - 30 days` used to panic (a dropped
+        // connection), and PostgreSQL refused the far ones (22008, a 500).
+        ("GET", format!("{analytics}?to=-262143-01-01"), Body::None, 400, "VALIDATION_ERROR", Some("to:")),
+        ("GET", format!("{analytics}?to=%2B262142-12-31"), Body::None, 400, "VALIDATION_ERROR", Some("to:")),
+        ("GET", format!("{analytics}?from=0000-12-31&to=0001-01-05"), Body::None, 400, "VALIDATION_ERROR", Some("from:")),
+        ("GET", format!("{analytics}?to=9999-12-31T23:00:00-05:00"), Body::None, 400, "VALIDATION_ERROR", Some("to:")),
+        ("GET", format!("{analytics}?to=0001-01-10"), Body::None, 400, "VALIDATION_ERROR", Some("to:")),
+        ("POST", exports.clone(), Body::Json(json!({"format": "csv", "from": "-0001-01-01"})), 400, "VALIDATION_ERROR", Some("from:")),
+        ("POST", exports.clone(), Body::Json(json!({"format": "csv", "to": "+10000-01-01"})), 400, "VALIDATION_ERROR", Some("to:")),
+        ("POST", content.clone(), Body::Json(json!({"title": "t", "slug": "s", "published_at": "-262143-01-01T00:00:00Z"})), 400, "VALIDATION_ERROR", Some("published_at:")),
+        ("POST", content.clone(), Body::Json(json!({"title": "t", "slug": "s", "published_at": "0000-12-31T23:59:59Z"})), 400, "VALIDATION_ERROR", Some("published_at:")),
+        ("POST", metrics.clone(), Body::Json(kw(json!({"recorded_at": "+262142-01-01T00:00:00Z"}))), 400, "VALIDATION_ERROR", Some("keywords[0].recorded_at:")),
+        ("POST", metrics.clone(), Body::Json(json!({"content": [{"content_id": unknown, "recorded_at": "-0001-01-01T00:00:00Z"}]})), 400, "VALIDATION_ERROR", Some("content[0].recorded_at:")),
+        ("GET", format!("/v1/domains?cursor={far_cursor}"), Body::None, 400, "VALIDATION_ERROR", Some("cursor:")),
+        // NUL characters: PostgreSQL refuses them in text (22021) and jsonb (22P05).
+        ("POST", "/v1/domains".into(), Body::Json(json!({"name": "a\u{0}.com"})), 400, "VALIDATION_ERROR", Some("name:")),
+        ("POST", content.clone(), Body::Json(json!({"title": "a\u{0}b", "slug": "nul"})), 400, "VALIDATION_ERROR", Some("title:")),
+        ("POST", content.clone(), Body::Json(json!({"title": "t", "slug": "nul", "body": "x\u{0}"})), 400, "VALIDATION_ERROR", Some("body:")),
+        ("POST", metrics.clone(), Body::Json(kw(json!({"keyword": "ru\u{0}st"}))), 400, "VALIDATION_ERROR", Some("keywords[0].keyword:")),
+        ("PUT", settings.clone(), Body::Json(json!({"theme": "da\u{0}rk"})), 400, "VALIDATION_ERROR", Some("settings.theme:")),
+        ("PUT", settings.clone(), Body::Json(json!({"seo": {"titles": ["ok", "n\u{0}"]}})), 400, "VALIDATION_ERROR", Some("settings.seo.titles[1]:")),
+        ("PUT", settings.clone(), Body::Raw("{\"a\": [{\"k\\u0000\": 1}]}", Some("application/json")), 400, "VALIDATION_ERROR", Some("settings.a[0].k")),
     ];
 
     // A 413 is answered before the body is read, and the server then closes that connection;

@@ -7,12 +7,12 @@
 
 use axum::Json;
 use axum::extract::State;
-use chrono::{DateTime, Days, NaiveDate, Utc};
+use chrono::{DateTime, Datelike, Days, NaiveDate, Utc};
 use serde::Deserialize;
 use utoipa::IntoParams;
 use uuid::Uuid;
 
-use super::{ApiPath, ApiQuery};
+use super::{ApiPath, ApiQuery, YEARS, check_year, year_out_of_range};
 use crate::analytics::{AnalyticsKey, AnalyticsReport};
 use crate::auth::Auth;
 use crate::error::{ApiError, ErrorBody};
@@ -59,7 +59,8 @@ pub async fn get(
     Ok(Json(AnalyticsReport::clone(&report)))
 }
 
-/// Parses and checks `from`/`to` (reversed ranges and ranges over a year are 400).
+/// Parses and checks `from`/`to` (reversed ranges, ranges over a year and dates outside
+/// the years 0001 to 9999 are 400). No arithmetic here can overflow: it is checked.
 pub fn resolve_range(
     query: &RangeQuery,
     now: DateTime<Utc>,
@@ -71,7 +72,15 @@ pub fn resolve_range(
     };
     let from = match &query.from {
         Some(raw) => parse_instant("from", raw, false)?,
-        None => to - chrono::Duration::days(30),
+        None => to
+            .checked_sub_signed(chrono::Duration::days(30))
+            .filter(|from| YEARS.contains(&from.year()))
+            .ok_or_else(|| {
+                ApiError::validation(
+                    "to",
+                    "is too early for the default 30-day range; give from as well",
+                )
+            })?,
     };
     if from > to {
         return Err(ApiError::validation("from", "must not be after to"));
@@ -85,14 +94,18 @@ pub fn resolve_range(
     Ok((from, to))
 }
 
-/// RFC 3339, or a date (its midnight; the next midnight when `end_of_day`).
+/// RFC 3339, or a date (its midnight; the next midnight when `end_of_day`), in the years
+/// 0001 to 9999 (a timestamp in UTC; a date as written, so `9999-12-31` as an end is valid).
 pub fn parse_instant(field: &str, raw: &str, end_of_day: bool) -> Result<DateTime<Utc>, ApiError> {
     if let Ok(t) = DateTime::parse_from_rfc3339(raw) {
-        return Ok(t.with_timezone(&Utc));
+        return check_year(field, t.with_timezone(&Utc));
     }
     let invalid =
         || ApiError::validation(field, "must be an RFC 3339 timestamp or a YYYY-MM-DD date");
     let date = NaiveDate::parse_from_str(raw, "%Y-%m-%d").map_err(|_| invalid())?;
+    if !YEARS.contains(&date.year()) {
+        return Err(year_out_of_range(field));
+    }
     let date = if end_of_day {
         date.checked_add_days(Days::new(1))
     } else {
@@ -136,5 +149,32 @@ mod tests {
         assert!(resolve_range(&q(Some("2020-01-01"), Some("2026-01-01")), now).is_err());
         let err = resolve_range(&q(Some("yesterday"), None), now).unwrap_err();
         assert!(err.to_string().starts_with("from:"));
+    }
+
+    #[test]
+    fn extreme_dates_are_400_naming_the_field_never_a_panic() {
+        let now = Utc::now();
+        for (from, to, field) in [
+            // Used to panic in `to - 30 days` (chrono's range ends at year -262143).
+            (None, Some("-262143-01-01"), "to:"),
+            (None, Some("+262142-12-31"), "to:"),
+            (Some("-262143-01-01"), Some("2026-01-01"), "from:"),
+            (Some("0000-12-31"), Some("0001-01-05"), "from:"),
+            (None, Some("+10000-01-01"), "to:"),
+            (None, Some("9999-12-31T23:00:00-05:00"), "to:"),
+            (Some("0000-12-31T23:00:00Z"), None, "from:"),
+            // The default `from` would fall before the year 1.
+            (None, Some("0001-01-10"), "to:"),
+        ] {
+            let err = resolve_range(&q(from, to), now).unwrap_err();
+            assert_eq!(err.code(), "VALIDATION_ERROR");
+            assert!(err.to_string().starts_with(field), "{from:?} {to:?}: {err}");
+        }
+        // The edges themselves are valid.
+        let (from, to) = resolve_range(&q(Some("0001-01-01"), Some("0001-12-31")), now).unwrap();
+        assert_eq!(from.year(), 1);
+        assert_eq!(to.to_rfc3339(), "0002-01-01T00:00:00+00:00");
+        let (_, to) = resolve_range(&q(Some("9999-12-01"), Some("9999-12-31")), now).unwrap();
+        assert_eq!(to.year(), 10_000, "a bare end date includes its whole day");
     }
 }

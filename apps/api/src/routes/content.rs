@@ -10,7 +10,10 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use super::{ApiJson, ApiPath, ApiQuery, Cursor, Page, check_len, paginate, require_domain};
+use super::{
+    ApiJson, ApiPath, ApiQuery, Cursor, Page, check_len, check_no_nul, check_year, paginate,
+    require_domain,
+};
 use crate::auth::Auth;
 use crate::error::{ApiError, ErrorBody, is_unique_violation};
 use crate::state::AppState;
@@ -54,7 +57,7 @@ pub struct CreateContent {
     pub body: String,
     /// Default `draft`.
     pub status: Option<String>,
-    /// Publication time.
+    /// Publication time, in the years 0001 to 9999 (UTC).
     pub published_at: Option<DateTime<Utc>>,
 }
 
@@ -105,8 +108,12 @@ pub async fn create(
             format!("must be at most {MAX_BODY_CHARS} characters"),
         ));
     }
+    check_no_nul("body", &body.body)?;
     let status = body.status.as_deref().unwrap_or("draft");
     validate_status(status)?;
+    if let Some(at) = body.published_at {
+        check_year("published_at", at)?;
+    }
     let result = state
         .db
         .bounded(

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::{ApiJson, ApiPath, check_len};
+use super::{ApiJson, ApiPath, check_len, check_year};
 use crate::auth::Auth;
 use crate::error::{ApiError, ErrorBody};
 use crate::state::AppState;
@@ -40,7 +40,7 @@ pub struct KeywordMetric {
     /// Click-through rate, 0 to 1.
     #[serde(default)]
     pub ctr: f64,
-    /// When the figures were recorded.
+    /// When the figures were recorded, in the years 0001 to 9999 (UTC).
     pub recorded_at: DateTime<Utc>,
 }
 
@@ -65,7 +65,7 @@ pub struct ContentPerformance {
     /// Revenue in cents, >= 0.
     #[serde(default)]
     pub revenue_cents: i64,
-    /// When the figures were recorded.
+    /// When the figures were recorded, in the years 0001 to 9999 (UTC).
     pub recorded_at: DateTime<Utc>,
 }
 
@@ -243,6 +243,7 @@ pub fn validate(body: &IngestMetrics) -> Result<(), ApiError> {
         non_negative(&field("clicks"), row.clicks)?;
         non_negative(&field("impressions"), row.impressions)?;
         unit_interval(&field("ctr"), row.ctr)?;
+        check_year(&field("recorded_at"), row.recorded_at)?;
     }
     for (i, row) in body.content.iter().enumerate() {
         let field = |name: &str| format!("content[{i}].{name}");
@@ -251,6 +252,7 @@ pub fn validate(body: &IngestMetrics) -> Result<(), ApiError> {
         unit_interval(&field("bounce_rate"), row.bounce_rate)?;
         non_negative(&field("conversions"), row.conversions)?;
         non_negative(&field("revenue_cents"), row.revenue_cents)?;
+        check_year(&field("recorded_at"), row.recorded_at)?;
     }
     Ok(())
 }

@@ -9,8 +9,10 @@ pub mod health;
 pub mod ingest;
 pub mod settings;
 
+use std::ops::RangeInclusive;
+
 use axum::extract::{FromRequest, FromRequestParts};
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
@@ -78,8 +80,11 @@ impl Cursor {
         let text = String::from_utf8(bytes).map_err(|_| invalid())?;
         let (micros, id) = text.split_once(':').ok_or_else(invalid)?;
         let micros: i64 = micros.parse().map_err(|_| invalid())?;
+        let created_at = DateTime::from_timestamp_micros(micros)
+            .filter(|at| YEARS.contains(&at.year()))
+            .ok_or_else(invalid)?;
         Ok(Self {
-            created_at: DateTime::from_timestamp_micros(micros).ok_or_else(invalid)?,
+            created_at,
             id: id.parse().map_err(|_| invalid())?,
         })
     }
@@ -126,7 +131,38 @@ pub async fn require_domain(state: &AppState, org_id: Uuid, id: Uuid) -> Result<
     found.map(|_| ()).ok_or(ApiError::NotFound("domain"))
 }
 
-/// Validates a text field's length in characters.
+/// The years a date or timestamp of a request may fall in (UTC). PostgreSQL would store
+/// more (4713 BC to 294276 AD) and chrono parses more (±262143), but outside these years
+/// the arithmetic and the database's range checks are where requests used to fail.
+pub const YEARS: RangeInclusive<i32> = 1..=9999;
+
+/// `at` itself, or 400 naming `field` unless it falls in the [`YEARS`] (UTC).
+pub fn check_year(field: &str, at: DateTime<Utc>) -> Result<DateTime<Utc>, ApiError> {
+    if YEARS.contains(&at.year()) {
+        Ok(at)
+    } else {
+        Err(year_out_of_range(field))
+    }
+}
+
+/// The 400 of a date or timestamp outside the [`YEARS`].
+pub fn year_out_of_range(field: &str) -> ApiError {
+    ApiError::validation(field, "must be in the years 0001 to 9999 (UTC)")
+}
+
+/// 400 naming `field` if `value` contains a NUL character, which PostgreSQL cannot store in
+/// text (SQLSTATE 22021) or JSON (22P05).
+pub fn check_no_nul(field: &str, value: &str) -> Result<(), ApiError> {
+    if value.contains('\0') {
+        return Err(ApiError::validation(
+            field,
+            "must not contain a NUL character (\\u0000)",
+        ));
+    }
+    Ok(())
+}
+
+/// Validates a text field's length in characters (and that it has no NUL character).
 pub fn check_len(field: &str, value: &str, min: usize, max: usize) -> Result<(), ApiError> {
     let len = value.chars().count();
     if len < min || len > max {
@@ -138,7 +174,7 @@ pub fn check_len(field: &str, value: &str, min: usize, max: usize) -> Result<(),
     if value.trim().is_empty() && min > 0 {
         return Err(ApiError::validation(field, "must not be blank"));
     }
-    Ok(())
+    check_no_nul(field, value)
 }
 
 #[cfg(test)]

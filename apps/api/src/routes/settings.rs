@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::{ApiJson, ApiPath, require_domain};
+use super::{ApiJson, ApiPath, check_no_nul, require_domain};
 use crate::auth::Auth;
 use crate::error::{ApiError, ErrorBody};
 use crate::state::AppState;
@@ -40,6 +40,7 @@ pub async fn put(
     if !settings.is_object() {
         return Err(ApiError::validation("settings", "must be a JSON object"));
     }
+    check_strings("settings", &settings)?;
     let row: Option<(Uuid, sqlx::types::Json<serde_json::Value>, DateTime<Utc>)> = state
         .db
         .bounded(
@@ -61,6 +62,25 @@ pub async fn put(
         settings: settings.0,
         updated_at: Some(updated_at),
     }))
+}
+
+/// Rejects a NUL character in any key or string of `value` (PostgreSQL's `jsonb` cannot
+/// store `\u0000`: SQLSTATE 22P05), naming its path, e.g. `settings.seo.titles[2]`.
+/// The depth is bounded by serde_json's recursion limit (128).
+fn check_strings(path: &str, value: &serde_json::Value) -> Result<(), ApiError> {
+    match value {
+        serde_json::Value::String(s) => check_no_nul(path, s),
+        serde_json::Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, item)| check_strings(&format!("{path}[{i}]"), item)),
+        serde_json::Value::Object(map) => map.iter().try_for_each(|(key, item)| {
+            let path = format!("{path}.{}", key.replace('\0', "\\u0000"));
+            check_no_nul(&path, key)?;
+            check_strings(&path, item)
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Reads a domain's settings (`{}` if never set).
@@ -94,4 +114,30 @@ pub async fn get(
             updated_at: None,
         },
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn nul_characters_are_found_anywhere_and_named_by_path() {
+        assert!(check_strings("settings", &json!({"a": ["x", {"b": "ok"}], "n": 1})).is_ok());
+        for (value, field) in [
+            (json!({"theme": "da\u{0}rk"}), "settings.theme"),
+            (json!({"a": {"b": ["x", "y\u{0}"]}}), "settings.a.b[1]"),
+            (json!({"k\u{0}ey": 1}), "settings.k\\u0000ey"),
+        ] {
+            let err = check_strings("settings", &value).unwrap_err();
+            assert_eq!(err.code(), "VALIDATION_ERROR");
+            assert!(
+                err.to_string().starts_with(&format!("{field}: ")),
+                "{field}: {err}"
+            );
+        }
+    }
 }
