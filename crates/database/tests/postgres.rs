@@ -605,6 +605,14 @@ fn unique_app(prefix: &str) -> String {
     )
 }
 
+async fn count_backends(admin: &PgPool, application_name: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1")
+        .bind(application_name)
+        .fetch_one(admin)
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn concurrent_first_analytics_calls_create_exactly_one_pool() {
     let tdb = TestDatabase::create().await.unwrap();
@@ -620,6 +628,16 @@ async fn concurrent_first_analytics_calls_create_exactly_one_pool() {
     assert_eq!(m.analytics_init_failures_total, 0);
     assert_eq!(db.read_source(), ReadSource::Replica);
     assert!(m.analytics.is_some());
+    // Server-side: the replica's sessions carry `<app>-analytics`.
+    let replica_app = format!("{app}-analytics");
+    let seen: String = sqlx::query_scalar("SELECT current_setting('application_name')")
+        .fetch_one(&pools[0])
+        .await
+        .unwrap();
+    assert_eq!(seen, replica_app);
+    let admin = PgPool::connect(tdb.url().expose()).await.unwrap();
+    assert!(count_backends(&admin, &replica_app).await >= 1);
+    admin.close().await;
     db.close(Duration::from_secs(5)).await.unwrap();
     tdb.drop_database().await.unwrap();
 }
@@ -795,4 +813,53 @@ async fn a_black_holed_replica_is_retried_in_the_background() {
     );
     db.close(Duration::from_secs(5)).await.unwrap();
     tdb.drop_database().await.unwrap();
+}
+
+#[tokio::test]
+async fn close_gives_up_at_its_deadline_while_a_connection_is_held() {
+    let fx = Fixture::new(|c| c.pool_min = 0).await;
+    let held = fx.db.acquire().await.unwrap();
+    let err = fx
+        .db
+        .close(Duration::from_millis(100))
+        .await
+        .expect_err("a checked-out connection keeps the pool open");
+    assert!(
+        matches!(err, DbError::CloseTimeout(d) if d == Duration::from_millis(100)),
+        "{err:?}"
+    );
+    // Given back, the connection closes and so does the pool.
+    drop(held);
+    fx.finish().await;
+}
+
+#[tokio::test]
+async fn close_also_closes_the_analytics_pool() {
+    let fx = Fixture::new(|c| c.pool_min = 1).await;
+    // A second Database on the same server whose replica is the test database itself.
+    let mut config = fx.db.config().clone();
+    config.analytics_url = Some(fx.tdb.url().clone());
+    let app = unique_app("sbt-close-analytics");
+    let db = Database::connect(config, &app).await.unwrap();
+    let replica_app = format!("{app}-analytics");
+    assert_eq!(count_backends(&fx.admin, &replica_app).await, 0);
+    let reads = db.analytics().await;
+    assert_eq!(db.read_source(), ReadSource::Replica);
+    let one: i32 = sqlx::query_scalar("SELECT 1")
+        .fetch_one(&reads)
+        .await
+        .unwrap();
+    assert_eq!(one, 1);
+    assert!(count_backends(&fx.admin, &replica_app).await >= 1);
+    db.close(Duration::from_secs(5)).await.unwrap();
+    assert!(reads.is_closed());
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            count_backends(&fx.admin, &replica_app).await == 0
+                && count_backends(&fx.admin, &app).await == 0
+        })
+        .await,
+        "sessions left after close"
+    );
+    fx.finish().await;
 }
