@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use smartbeak_database::testing::TestDatabase;
+use smartbeak_database::testing::{self, TestDatabase};
 use smartbeak_database::{Database, DatabaseConfig, DbError, ReadSource};
 use sqlx::PgPool;
 
@@ -862,4 +862,61 @@ async fn close_also_closes_the_analytics_pool() {
         "sessions left after close"
     );
     fx.finish().await;
+}
+
+async fn database_exists(name: &str) -> bool {
+    let admin = PgPool::connect(TestDatabase::admin_url().unwrap().expose())
+        .await
+        .unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_database WHERE datname = $1")
+        .bind(name)
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+    admin.close().await;
+    n == 1
+}
+
+#[tokio::test]
+async fn test_databases_are_named_by_run_and_dropped_when_a_test_panics() {
+    // A test that fails before reaching drop_database.
+    let (named, name) = tokio::sync::oneshot::channel();
+    let failing = tokio::spawn(async move {
+        let tdb = TestDatabase::create().await.unwrap();
+        named.send(tdb.name().to_owned()).unwrap();
+        panic!("deliberate panic: a test failing before drop_database");
+    });
+    assert!(failing.await.unwrap_err().is_panic());
+    let name = name.await.unwrap();
+    let prefix = testing::run_prefix();
+    assert!(name.starts_with(&prefix), "{name} vs {prefix}");
+    let suffix = &name[prefix.len()..];
+    assert!(
+        suffix.len() == 32 && suffix.chars().all(|c| c.is_ascii_hexdigit()),
+        "{name}"
+    );
+    assert!(name.len() <= 63);
+    assert!(
+        eventually(Duration::from_secs(15), || database_exists_not(&name)).await,
+        "{name} survived the panic"
+    );
+
+    // A value dropped without drop_database drops its database too.
+    let kept = TestDatabase::create().await.unwrap();
+    let kept_name = kept.name().to_owned();
+    assert!(database_exists(&kept_name).await);
+    drop(kept);
+    assert!(
+        eventually(Duration::from_secs(15), || database_exists_not(&kept_name)).await,
+        "{kept_name} survived its drop"
+    );
+    // The explicit way (which disarms the fallback).
+    let explicit = TestDatabase::create().await.unwrap();
+    let explicit_name = explicit.name().to_owned();
+    explicit.drop_database().await.unwrap();
+    assert!(!database_exists(&explicit_name).await);
+}
+
+async fn database_exists_not(name: &str) -> bool {
+    !database_exists(name).await
 }
