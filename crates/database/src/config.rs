@@ -184,7 +184,8 @@ pub struct DatabaseConfig {
     /// 2.5% of jitter so a pool does not reconnect all at once.
     pub max_lifetime: Duration,
     /// `DB_PING_BYPASS_MS` (1000): a connection used more recently than this is handed out
-    /// without a liveness ping.
+    /// without a liveness ping. The cost: a connection killed within this window of its last
+    /// use costs its next user one error; `0` pings on every acquire.
     pub ping_bypass: Duration,
     /// `DB_TCP_KEEPALIVE` (true): ask the server to probe idle client sockets
     /// (`tcp_keepalives_idle/interval/count`), so it reaps backends of vanished clients.

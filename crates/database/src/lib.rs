@@ -30,8 +30,11 @@
 //! pooled session inside a transaction (sqlx issues 4385 and 4393; the fix, PR 4394, is
 //! merged but unreleased). [`Database::begin`] closes that hole here: the `BEGIN` runs in a
 //! spawned task that always completes, so a caller dropped mid-`BEGIN` leaves a finished
-//! `Transaction` behind whose drop queues the `ROLLBACK`. The server's
-//! `idle_in_transaction_session_timeout` stays on as the backstop for everything else.
+//! `Transaction` behind whose drop queues the `ROLLBACK`. The caller's wait is bounded by
+//! [`DatabaseConfig::query_timeout`] (a `BEGIN` on a black-holed connection ends in
+//! [`DbError::QueryTimeout`]); the task itself is never cut short, since cancelling it
+//! mid-`BEGIN` is the very bug. The server's `idle_in_transaction_session_timeout` stays on
+//! as the backstop for everything else.
 
 #![warn(missing_docs)]
 

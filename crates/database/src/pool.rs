@@ -5,8 +5,10 @@
 //! can lose them. Two hooks improve on sqlx's defaults:
 //! - `before_acquire` skips the liveness ping for a connection used within the last
 //!   `ping_bypass` (default [`PING_BYPASS`], HikariCP's 500 ms bypass, a little wider),
-//!   instead of sqlx's ping on every acquire. The price: a connection killed under us within
-//!   that window costs its next user one error (sqlx then closes it on release);
+//!   instead of sqlx's ping on every acquire. The price: a connection whose backend was
+//!   killed (or whose network path died) within `ping_bypass` of its last use costs its next
+//!   user one error (sqlx then closes it on release). `DB_PING_BYPASS_MS=0` pings on every
+//!   acquire instead;
 //! - both hooks retire a connection once it is older than `max_lifetime` less a per
 //!   connection jitter of up to 2.5% (as HikariCP does), so a pool opened at once does not
 //!   reconnect at once.
