@@ -19,8 +19,9 @@
 //!    could be cloned; the retry policy has attempts left; the wait fits before
 //!    the deadline (a jittered wait that does not fit is *trimmed* so the last
 //!    attempt still gets `min_last_attempt`; a server's `Retry-After` that
-//!    does not fit stops the call); the breaker is not open; the retry budget
-//!    has a token. Otherwise the call stops with
+//!    does not fit stops the call); the breaker is not open (checked before
+//!    the wait and again after it, since other callers may open it
+//!    meanwhile); the retry budget has a token. Otherwise the call stops with
 //!    [`FetchError::RetriesExhausted`] (its [`StopReason`] says which gate), or
 //!    [`FetchError::Timeout`] if the last attempt timed out.
 //! 6. The breaker records one verdict per call (the last attempt's), as
@@ -116,9 +117,9 @@ use reqwest::{IntoUrl, Request, RequestBuilder, Response};
 use reqwest_middleware::{ClientWithMiddleware, Middleware};
 use reqwest_retry::Retryable;
 use smartbeak_resilience::{
-    AdapterName, BreakerPolicy, BreakerRegistry, Bulkhead, BulkheadConfig, BulkheadFull,
-    CircuitBreaker, RegistryConfig, RetryBudget, RetryBudgetConfig, RetryPolicy, Verdict,
-    retry_after_from_headers,
+    AdapterName, BreakerPolicy, BreakerRegistry, BreakerState, Bulkhead, BulkheadConfig,
+    BulkheadFull, CircuitBreaker, RegistryConfig, RetryBudget, RetryBudgetConfig, RetryPolicy,
+    Verdict, retry_after_from_headers,
 };
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -865,7 +866,7 @@ impl HttpClient {
                     plan.next_wait(made, retry_after, Instant::now(), &mut *rng)
                 })
                 .and_then(|wait| {
-                    if breaker.state() == smartbeak_resilience::BreakerState::Open {
+                    if breaker.state() == BreakerState::Open {
                         Err(StopReason::CircuitOpen)
                     } else if !self.inner.budget.try_withdraw() {
                         Err(StopReason::RetryBudget)
@@ -873,7 +874,7 @@ impl HttpClient {
                         Ok(wait)
                     }
                 });
-            match decision {
+            let reason = match decision {
                 Ok(wait) => {
                     tracing::debug!(
                         adapter = adapter.as_str(),
@@ -883,26 +884,32 @@ impl HttpClient {
                         "retrying outbound request"
                     );
                     tokio::time::sleep(wait).await;
+                    // Opened by other callers while we waited (a Retry-After
+                    // wait can be long): stop rather than send to an adapter
+                    // known to be down.
+                    if breaker.state() != BreakerState::Open {
+                        continue;
+                    }
+                    StopReason::CircuitOpen
                 }
-                Err(reason) => {
-                    permit.record(Verdict::Transient { retry_after });
-                    return Err(match timed_out {
-                        Some((scope, limit)) => FetchError::Timeout {
-                            adapter,
-                            attempts: made,
-                            scope,
-                            limit,
-                        },
-                        None => FetchError::RetriesExhausted {
-                            adapter,
-                            attempts: made,
-                            last_status: status,
-                            reason,
-                            source: error,
-                        },
-                    });
-                }
-            }
+                Err(reason) => reason,
+            };
+            permit.record(Verdict::Transient { retry_after });
+            return Err(match timed_out {
+                Some((scope, limit)) => FetchError::Timeout {
+                    adapter,
+                    attempts: made,
+                    scope,
+                    limit,
+                },
+                None => FetchError::RetriesExhausted {
+                    adapter,
+                    attempts: made,
+                    last_status: status,
+                    reason,
+                    source: error,
+                },
+            });
         }
     }
 

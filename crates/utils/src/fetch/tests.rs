@@ -971,6 +971,81 @@ async fn retry_budget_stops_retries_when_empty() {
     );
 }
 
+#[tokio::test]
+async fn breaker_opened_during_the_backoff_stops_the_retry() {
+    // Retry-After: 1 s, clamped to a 300 ms wait.
+    let server = serve(|_| Reply::StatusWith(503, "retry-after", "1".to_owned())).await;
+    let breaker = BreakerPolicy::new(BreakerConfig {
+        consecutive_failures: 2,
+        minimum_calls: 100,
+        window_size: 100,
+        open_duration: Duration::from_secs(60),
+        ..BreakerConfig::default()
+    })
+    .unwrap();
+    let retry = RetryPolicy {
+        max_retry_after: ms(300),
+        ..quick_retries(3)
+    };
+    let client = HttpClient::builder()
+        .defaults(AdapterSettings {
+            breaker,
+            ..settings(retry, ms(1000), ms(2000))
+        })
+        // One deposit buys exactly one retry, so the withdrawal shows when
+        // the call has decided to retry and is waiting.
+        .retry_budget(RetryBudgetConfig {
+            ttl: Duration::from_secs(10),
+            min_retries_per_sec: 0,
+            retry_percent: 100,
+        })
+        .jitter_seed(SEED)
+        .build()
+        .unwrap();
+    let call = tokio::spawn({
+        let client = client.clone();
+        let url = server.url();
+        async move {
+            client
+                .send(ADAPTER, client.get(url), &CallOptions::default())
+                .await
+        }
+    });
+    server.wait_for_hits(1).await;
+    for _ in 0..2000 {
+        if client.retry_budget().available() == 0 {
+            break;
+        }
+        tokio::time::sleep(ms(1)).await;
+    }
+    assert_eq!(
+        client.retry_budget().available(),
+        0,
+        "the call never retried"
+    );
+    // Other callers open the breaker while this call waits.
+    let shared = client.breaker(ADAPTER);
+    for _ in 0..2 {
+        shared.try_acquire().unwrap().record(Verdict::Failure);
+    }
+    assert_eq!(shared.state(), BreakerState::Open);
+
+    let err = call.await.unwrap().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            FetchError::RetriesExhausted {
+                attempts: 1,
+                last_status: Some(StatusCode::SERVICE_UNAVAILABLE),
+                reason: StopReason::CircuitOpen,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(server.hits(), 1, "nothing sent after the breaker opened");
+}
+
 // ---------------------------------------------------------------- metrics
 
 #[derive(Default)]
