@@ -145,6 +145,7 @@ pub struct AdapterSettings {
     /// response head; read a large body under your own timeout).
     pub attempt_timeout: Duration,
     /// Limit of the whole call: attempts, backoff waits, bulkhead wait.
+    /// `Duration::MAX` means no limit.
     pub deadline: Duration,
     /// Shortest time worth giving a last attempt: a jittered backoff is
     /// trimmed to leave this much before the deadline, and no attempt starts
@@ -744,7 +745,7 @@ impl HttpClient {
         let plan = CallPlan {
             adapter,
             attempt_timeout: options.attempt_timeout.unwrap_or(settings.attempt_timeout),
-            deadline_at: started + options.deadline.unwrap_or(settings.deadline),
+            deadline_at: deadline_after(started, options.deadline.unwrap_or(settings.deadline)),
             min_last_attempt: settings.min_last_attempt,
             retry: RetryPolicy {
                 max_elapsed: Duration::MAX,
@@ -979,6 +980,19 @@ fn next_request(template: &mut Option<Request>, retryable: bool) -> Option<Reque
     } else {
         template.take()
     }
+}
+
+/// Stands in for the deadline when `start + limit` does not fit in an
+/// `Instant` (`Duration::MAX` is a natural "no limit"): about 30 years.
+const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365 * 30);
+
+/// `start + limit`, or [`FAR_FUTURE`] from `start` when that overflows.
+fn deadline_after(start: Instant, limit: Duration) -> Instant {
+    start
+        .checked_add(limit)
+        .or_else(|| start.checked_add(FAR_FUTURE))
+        // Unreachable on a monotonic clock counted from boot; never panic.
+        .unwrap_or(start)
 }
 
 fn record_call(adapter: AdapterName, outcome: &'static str, elapsed: Duration) {

@@ -832,6 +832,43 @@ async fn per_call_options_override_the_adapter_settings() {
 }
 
 #[tokio::test]
+async fn duration_max_means_no_limit_and_does_not_overflow() {
+    let server = serve(|n| {
+        if n % 2 == 1 {
+            Reply::Status(503)
+        } else {
+            Reply::Status(200)
+        }
+    })
+    .await;
+    // In the adapter's settings...
+    let per_adapter = client(settings(quick_retries(3), Duration::MAX, Duration::MAX));
+    let response = per_adapter
+        .send(
+            ADAPTER,
+            per_adapter.get(server.url()),
+            &CallOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    // ...and per call.
+    let per_call = client(settings(quick_retries(3), ms(1000), ms(2000)));
+    let response = per_call
+        .send(
+            ADAPTER,
+            per_call.get(server.url()),
+            &CallOptions::default()
+                .deadline(Duration::MAX)
+                .attempt_timeout(Duration::MAX),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(server.hits(), 4);
+}
+
+#[tokio::test]
 async fn breaker_opens_after_repeated_failures_and_fails_fast() {
     let server = serve(|_| Reply::Status(503)).await;
     let breaker = BreakerPolicy::new(BreakerConfig {
