@@ -109,9 +109,11 @@ pub struct RedisConfig {
 pub struct RateLimitConfig {
     /// `RATE_LIMIT_ENABLED`, default true.
     pub enabled: bool,
-    /// `RATE_LIMIT_PER_KEY`, default 600: requests per window per API key.
+    /// `RATE_LIMIT_PER_KEY`, default 600: requests per window per API key, at most
+    /// `RATE_LIMIT_WINDOW_SECS * 1000` (the limiter counts in whole milliseconds).
     pub per_key: u32,
-    /// `RATE_LIMIT_PER_IP`, default 1200: requests per window per client IP.
+    /// `RATE_LIMIT_PER_IP`, default 1200: requests per window per client IP, at most
+    /// `RATE_LIMIT_WINDOW_SECS * 1000`.
     pub per_ip: u32,
     /// `RATE_LIMIT_WINDOW_SECS`, default 60.
     pub window: Duration,
@@ -147,16 +149,14 @@ impl ApiConfig {
             }),
             None => None,
         };
-        let log_format = match env.string("LOG_FORMAT").as_deref() {
-            None | Some("text") => LogFormat::Text,
-            Some("json") => LogFormat::Json,
-            Some(_) => {
-                return Err(ConfigError::Invalid {
-                    var: "LOG_FORMAT",
-                    expected: "json or text",
-                });
+        // The same parser as the telemetry set-up's, so both accept the same values.
+        let log_format = LogFormat::parse(env.string("LOG_FORMAT").as_deref()).map_err(|_| {
+            ConfigError::Invalid {
+                var: "LOG_FORMAT",
+                expected: "json or text",
             }
-        };
+        })?;
+        let window_secs: u64 = env.positive("RATE_LIMIT_WINDOW_SECS", 60)?;
         Ok(Self {
             bind: env
                 .parse("API_BIND", "a socket address like 127.0.0.1:8080")?
@@ -171,9 +171,9 @@ impl ApiConfig {
             redis,
             rate_limit: RateLimitConfig {
                 enabled: env.boolean("RATE_LIMIT_ENABLED", true)?,
-                per_key: env.positive("RATE_LIMIT_PER_KEY", 600)?,
-                per_ip: env.positive("RATE_LIMIT_PER_IP", 1200)?,
-                window: Duration::from_secs(env.positive("RATE_LIMIT_WINDOW_SECS", 60)?),
+                per_key: env.rate("RATE_LIMIT_PER_KEY", 600, window_secs)?,
+                per_ip: env.rate("RATE_LIMIT_PER_IP", 1200, window_secs)?,
+                window: Duration::from_secs(window_secs),
                 fail_closed: env.boolean("RATE_LIMIT_FAIL_CLOSED", false)?,
                 replicas: env.positive("RATE_LIMIT_REPLICAS", 1)?,
                 key_prefix: env
@@ -224,6 +224,19 @@ impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
             });
         }
         Ok(value)
+    }
+
+    /// A limit per window of `window_secs`: positive and at most one request per millisecond
+    /// (the GCRA script keeps its state in whole milliseconds).
+    fn rate(&self, var: &'static str, default: u32, window_secs: u64) -> Result<u32, ConfigError> {
+        let limit: u32 = self.positive(var, default)?;
+        if u64::from(limit) > window_secs.saturating_mul(1000) {
+            return Err(ConfigError::Invalid {
+                var,
+                expected: "at most RATE_LIMIT_WINDOW_SECS * 1000 (one request per millisecond)",
+            });
+        }
+        Ok(limit)
     }
 
     fn millis(&self, var: &'static str, default: u64) -> Result<Duration, ConfigError> {
@@ -303,5 +316,56 @@ mod tests {
         assert!(err.to_string().contains("LOG_FORMAT"));
         let err = config(&[("RATE_LIMIT_FAIL_CLOSED", "maybe")]).unwrap_err();
         assert!(err.to_string().contains("RATE_LIMIT_FAIL_CLOSED"));
+    }
+
+    #[test]
+    fn log_format_is_parsed_as_the_telemetry_set_up_parses_it() {
+        for (raw, format) in [
+            ("json", LogFormat::Json),
+            ("JSON", LogFormat::Json),
+            (" Json ", LogFormat::Json),
+            ("TEXT", LogFormat::Text),
+            ("text", LogFormat::Text),
+        ] {
+            assert_eq!(
+                config(&[("LOG_FORMAT", raw)]).unwrap().log_format,
+                format,
+                "{raw}"
+            );
+            assert_eq!(LogFormat::parse(Some(raw)).unwrap(), format, "{raw}");
+        }
+    }
+
+    #[test]
+    fn limits_above_one_request_per_millisecond_are_refused() {
+        // 1000 per second is the most the script counts exactly.
+        let c = config(&[
+            ("RATE_LIMIT_WINDOW_SECS", "1"),
+            ("RATE_LIMIT_PER_KEY", "1000"),
+            ("RATE_LIMIT_PER_IP", "1000"),
+        ])
+        .unwrap();
+        assert_eq!((c.rate_limit.per_key, c.rate_limit.per_ip), (1000, 1000));
+        let c = config(&[
+            ("RATE_LIMIT_WINDOW_SECS", "3600"),
+            ("RATE_LIMIT_PER_KEY", "3600000"),
+            ("RATE_LIMIT_PER_IP", "3600000"),
+        ])
+        .unwrap();
+        assert_eq!(c.rate_limit.per_key, 3_600_000);
+        for var in ["RATE_LIMIT_PER_KEY", "RATE_LIMIT_PER_IP"] {
+            let err = config(&[("RATE_LIMIT_WINDOW_SECS", "1"), (var, "1001")]).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "invalid value for {var}: expected at most RATE_LIMIT_WINDOW_SECS * 1000 (one request per millisecond)"
+                )
+            );
+            // The benchmark's former setting.
+            let err = config(&[(var, "1000000000")]).unwrap_err();
+            assert!(err.to_string().contains(var), "{err}");
+        }
+        // The defaults (600 and 1200 per 60 s) are fine.
+        assert!(config(&[]).is_ok());
     }
 }
