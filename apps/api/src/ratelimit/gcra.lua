@@ -2,17 +2,21 @@
 -- a request is allowed only if every key allows it, and a rejected request consumes nothing.
 --
 -- KEYS[i]            limiter key i (all keys share one hash tag, so one cluster slot)
--- ARGV[2i-1]         limit of key i: requests per period
+-- ARGV[2i-1]         limit of key i: requests per period, at most one per millisecond
+--                    (limit <= period; the api refuses larger limits at start-up)
 -- ARGV[2i]           period of key i in milliseconds
 --
 -- `now` comes from the Redis server clock (TIME), so replicas with skewed clocks agree.
--- Each key stores its theoretical arrival time (TAT) as integer milliseconds, with a PX TTL
--- equal to the time until it is fully replenished, so idle keys disappear.
+-- Each key stores its theoretical arrival time (TAT) as integer milliseconds, rounded up,
+-- with a PX TTL equal to the time until it is fully replenished, so idle keys disappear.
+-- The rounding is why a limit must not exceed one request per millisecond: below one
+-- millisecond per request every request would cost a whole millisecond.
 --
--- Returns {allowed, remaining_1, reset_ms_1, retry_ms_1, remaining_2, reset_ms_2, retry_ms_2, ...}
+-- Returns {allowed, remaining_1, next_ms_1, retry_ms_1, remaining_2, next_ms_2, retry_ms_2, ...}
 --   allowed    1 or 0
 --   remaining  requests still allowed now for that key (after this one, if allowed)
---   reset_ms   time until that key's quota is fully restored
+--   next_ms    time until that key regains its next unit of quota: the retry time when
+--              it has none left, 0 when its quota is full (nothing to regain)
 --   retry_ms   time until that key would allow one more request (0 if it allows now)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -43,20 +47,24 @@ for i = 1, n do
   local interval = period / limit
   local tat = tats[i]
   if allowed == 1 then
-    tat = new_tats[i]
-    local stored = math.ceil(tat)
-    redis.call('SET', KEYS[i], stored, 'PX', math.max(1, stored - now))
+    tat = math.ceil(new_tats[i])
+    redis.call('SET', KEYS[i], tat, 'PX', math.max(1, tat - now))
   end
+  -- Units available now: those whose emission time (tat - period + k * interval) has come.
   local remaining = math.floor((now - (tat - period)) / interval)
   if remaining < 0 then
     remaining = 0
+  end
+  local next_unit = 0
+  if remaining < limit then
+    next_unit = math.ceil(tat - period + (remaining + 1) * interval - now)
   end
   local retry = math.ceil(new_tats[i] - period - now)
   if allowed == 1 or retry < 0 then
     retry = 0
   end
   out[#out + 1] = remaining
-  out[#out + 1] = math.ceil(tat - now)
+  out[#out + 1] = next_unit
   out[#out + 1] = retry
 end
 return out

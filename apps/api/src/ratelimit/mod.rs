@@ -19,7 +19,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use tokio::time::Instant;
 
-use self::local::LocalLimiter;
+use self::local::{LocalLimiter, PolicyCheck};
 use self::redis::{KeyLimit, KeyState, RedisBackend};
 use crate::auth::PresentedKey;
 use crate::config::{RateLimitConfig, RedisConfig};
@@ -45,7 +45,8 @@ pub enum Outcome {
     Unavailable,
 }
 
-/// The state of one quota after a check, for the `RateLimit` header.
+/// One quota applied to a request: its policy (for `RateLimit-Policy`) and, when it was
+/// consulted, its state after the check (for `RateLimit`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QuotaState {
     /// Policy name: `key` or `ip`.
@@ -54,10 +55,20 @@ pub struct QuotaState {
     pub limit: u32,
     /// Window in seconds.
     pub window_secs: u64,
-    /// Requests left now.
+    /// The state after the check; `None` when the quota was not consulted (the in-process
+    /// fallback stops at the first quota that refuses), and then `RateLimit` leaves it out.
+    pub usage: Option<QuotaUsage>,
+}
+
+/// Where a consulted quota stands: the `r` and `t` of the `RateLimit` field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaUsage {
+    /// Requests left now (`r`).
     pub remaining: u64,
-    /// Seconds until the quota is fully restored.
-    pub reset_secs: u64,
+    /// Seconds until the quota regains its next unit (`t`, draft-10 §4.1.2: "until
+    /// additional quota ... is made available"), rounded up: with no request left it equals
+    /// `Retry-After`; with some left, when one more comes back; 0 when the quota is full.
+    pub next_secs: u64,
 }
 
 /// The limiter's answer for one request.
@@ -207,7 +218,7 @@ impl RateLimiter {
                     .iter()
                     .zip(&keys)
                     .zip(&outcome.keys)
-                    .map(|((&policy, key), state)| self.quota(policy, key.limit, state))
+                    .map(|((&policy, key), state)| self.quota(policy, key.limit, Some(state)))
                     .collect();
                 let decision = self.decision(outcome.allowed, quotas, &outcome.keys);
                 record(decision.outcome, "redis", false);
@@ -232,25 +243,32 @@ impl RateLimiter {
 
     fn check_local(&self, client: &ClientIdentity) -> Decision {
         let ip = client.ip.to_string();
-        let (allowed, states) = self.local.check(&[client.key_id.as_deref(), Some(&ip)]);
+        let (allowed, checks) = self.local.check(&[client.key_id.as_deref(), Some(&ip)]);
         let mut quotas = Vec::new();
-        let mut present = Vec::new();
-        for (policy, state) in states.iter().enumerate() {
-            if let Some(state) = state {
-                quotas.push(self.quota(policy, self.local.limit(policy), state));
-                present.push(*state);
-            }
+        let mut consulted = Vec::new();
+        for (policy, check) in checks.iter().enumerate() {
+            let state = match check {
+                PolicyCheck::NotApplicable => continue,
+                PolicyCheck::NotConsulted => None,
+                PolicyCheck::Checked(state) => {
+                    consulted.push(*state);
+                    Some(state)
+                }
+            };
+            quotas.push(self.quota(policy, self.local.limit(policy), state));
         }
-        self.decision(allowed, quotas, &present)
+        self.decision(allowed, quotas, &consulted)
     }
 
-    fn quota(&self, policy: usize, limit: u32, state: &KeyState) -> QuotaState {
+    fn quota(&self, policy: usize, limit: u32, state: Option<&KeyState>) -> QuotaState {
         QuotaState {
             name: if policy == POLICY_KEY { "key" } else { "ip" },
             limit,
             window_secs: self.config.window.as_secs(),
-            remaining: state.remaining,
-            reset_secs: state.reset_ms.div_ceil(1000),
+            usage: state.map(|state| QuotaUsage {
+                remaining: state.remaining,
+                next_secs: state.next_ms.div_ceil(1000),
+            }),
         }
     }
 
@@ -300,7 +318,8 @@ fn record(outcome: Outcome, backend: &'static str, redis_failed: bool) {
 }
 
 impl Decision {
-    /// Adds `RateLimit-Policy`, `RateLimit` and (when set) `Retry-After` to `headers`.
+    /// Adds `RateLimit-Policy` (every applicable quota), `RateLimit` (every consulted
+    /// quota) and (when set) `Retry-After` to `headers`.
     pub fn apply_headers(&self, headers: &mut HeaderMap) {
         if !self.quotas.is_empty() {
             let policy = self
@@ -309,18 +328,26 @@ impl Decision {
                 .map(|q| format!("\"{}\";q={};w={}", q.name, q.limit, q.window_secs))
                 .collect::<Vec<_>>()
                 .join(", ");
-            let state = self
-                .quotas
-                .iter()
-                .map(|q| format!("\"{}\";r={};t={}", q.name, q.remaining, q.reset_secs))
-                .collect::<Vec<_>>()
-                .join(", ");
             if let Ok(value) = HeaderValue::from_str(&policy) {
                 headers.insert("ratelimit-policy", value);
             }
-            if let Ok(value) = HeaderValue::from_str(&state) {
-                headers.insert("ratelimit", value);
-            }
+        }
+        let state = self
+            .quotas
+            .iter()
+            .filter_map(|q| {
+                let usage = q.usage?;
+                Some(format!(
+                    "\"{}\";r={};t={}",
+                    q.name, usage.remaining, usage.next_secs
+                ))
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        if !state.is_empty()
+            && let Ok(value) = HeaderValue::from_str(&state)
+        {
+            headers.insert("ratelimit", value);
         }
         if let Some(secs) = self.retry_after_secs {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));

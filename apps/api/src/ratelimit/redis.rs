@@ -110,7 +110,7 @@ pub(crate) struct KeyLimit {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct KeyState {
     pub(crate) remaining: u64,
-    pub(crate) reset_ms: u64,
+    pub(crate) next_ms: u64,
     pub(crate) retry_ms: u64,
 }
 
@@ -325,7 +325,7 @@ fn parse_reply(values: &[i64], keys: usize) -> Option<ScriptOutcome> {
         .map(|c| {
             Some(KeyState {
                 remaining: nonneg(c[0])?,
-                reset_ms: nonneg(c[1])?,
+                next_ms: nonneg(c[1])?,
                 retry_ms: nonneg(c[2])?,
             })
         })
@@ -517,12 +517,12 @@ mod tests {
                 keys: vec![
                     KeyState {
                         remaining: 5,
-                        reset_ms: 100,
+                        next_ms: 100,
                         retry_ms: 0
                     },
                     KeyState {
                         remaining: 9,
-                        reset_ms: 50,
+                        next_ms: 50,
                         retry_ms: 0
                     },
                 ],

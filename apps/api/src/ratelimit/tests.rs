@@ -49,6 +49,10 @@ async fn wait_connected(limiter: &RateLimiter) {
     panic!("redis did not connect");
 }
 
+fn usage(quota: &QuotaState) -> QuotaUsage {
+    quota.usage.expect("a consulted quota")
+}
+
 #[tokio::test]
 async fn redis_gcra_allows_the_limit_then_429_without_consuming() {
     let limiter = RateLimiter::new(policy(3, 100), Some(&redis("redis://127.0.0.1:6379"))).unwrap();
@@ -58,15 +62,17 @@ async fn redis_gcra_allows_the_limit_then_429_without_consuming() {
         let d = limiter.check(&c).await;
         assert_eq!(d.outcome, Outcome::Allowed);
         assert_eq!(d.quotas[0].name, "key");
-        assert_eq!(d.quotas[0].remaining, expected_remaining);
+        assert_eq!(usage(&d.quotas[0]).remaining, expected_remaining);
+        // 3 per 60 s: the unit spent first comes back 20 s after it was spent.
+        assert!((19..=20).contains(&usage(&d.quotas[0]).next_secs));
     }
     let d = limiter.check(&c).await;
     assert_eq!(d.outcome, Outcome::Limited);
-    assert_eq!(d.quotas[0].remaining, 0);
+    assert_eq!(usage(&d.quotas[0]).remaining, 0);
     // 3 per 60 s: one unit every 20 s.
     assert_eq!(d.retry_after_secs, Some(20));
     // The rejected request consumed nothing from the IP quota: 3 used out of 100.
-    assert_eq!(d.quotas[1].remaining, 97);
+    assert_eq!(usage(&d.quotas[1]).remaining, 97);
     // Another key from the same IP is independent.
     assert_eq!(
         limiter.check(&client(Some("k2"))).await.outcome,
@@ -79,8 +85,150 @@ async fn redis_gcra_allows_the_limit_then_429_without_consuming() {
         headers["ratelimit-policy"],
         "\"key\";q=3;w=60, \"ip\";q=100;w=60"
     );
-    assert_eq!(headers["ratelimit"], "\"key\";r=0;t=60, \"ip\";r=97;t=2");
+    // `t` of the exhausted key is the time to its next unit, which is Retry-After; the IP
+    // quota (one unit every 600 ms) regains its next unit within a second.
+    assert_eq!(headers["ratelimit"], "\"key\";r=0;t=20, \"ip\";r=97;t=1");
     assert_eq!(headers["retry-after"], "20");
+}
+
+/// The GCRA script with its clock frozen: the one line reading `TIME` takes the time from
+/// the last two arguments instead, so a test decides `now` and a burst is exact.
+fn frozen_script() -> String {
+    let line = "local t = redis.call('TIME')";
+    let script = include_str!("gcra.lua");
+    assert_eq!(script.matches(line).count(), 1);
+    script.replace(line, "local t = {ARGV[#ARGV - 1], ARGV[#ARGV]}")
+}
+
+/// One `EVAL` of `script` over `keys` (key, limit, period ms), at `now_ms` if frozen.
+fn gcra_call(script: &str, keys: &[(&str, u32, u64)], now_ms: Option<u64>) -> ::redis::Cmd {
+    let mut cmd = ::redis::cmd("EVAL");
+    cmd.arg(script).arg(keys.len());
+    for (key, _, _) in keys {
+        cmd.arg(*key);
+    }
+    for (_, limit, period) in keys {
+        cmd.arg(*limit).arg(*period);
+    }
+    if let Some(now) = now_ms {
+        cmd.arg(now / 1000).arg((now % 1000) * 1000);
+    }
+    cmd
+}
+
+async fn shared_connection() -> ::redis::aio::MultiplexedConnection {
+    ::redis::Client::open("redis://127.0.0.1:6379")
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_limit_of_1000_per_second_allows_exactly_1000_in_a_burst() {
+    let mut conn = shared_connection().await;
+    let key = format!("{{sbtest:{}}}:k", uuid::Uuid::new_v4().simple());
+    let script = frozen_script();
+    let now = 1_900_000_000_000;
+    // One transaction, so the keys' PX expiry (real time) cannot interfere.
+    let mut burst = ::redis::pipe();
+    burst.atomic();
+    for _ in 0..1001 {
+        burst.add_command(gcra_call(&script, &[(&key, 1000, 1000)], Some(now)));
+    }
+    let replies: Vec<Vec<i64>> = burst.query_async(&mut conn).await.unwrap();
+    for (i, reply) in replies[..1000].iter().enumerate() {
+        let remaining = 999 - i64::try_from(i).unwrap();
+        // allowed, remaining, next unit in 1 ms, no retry
+        assert_eq!(reply, &[1, remaining, 1, 0], "request {i}");
+    }
+    assert_eq!(replies[1000], [0, 0, 1, 1], "the 1001st waits 1 ms");
+    // One millisecond later exactly one more.
+    let later: Vec<i64> = gcra_call(&script, &[(&key, 1000, 1000)], Some(now + 1))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(later, [1, 0, 1, 0]);
+}
+
+#[tokio::test]
+async fn with_the_real_clock_a_burst_of_1000_per_second_is_allowed_whole() {
+    // The real script, on Redis's clock: the first 1000 of a burst pass, and what passes
+    // beyond them is what the elapsed milliseconds gave back (one per millisecond).
+    let mut conn = shared_connection().await;
+    let key = format!("{{sbtest:{}}}:k", uuid::Uuid::new_v4().simple());
+    let script = include_str!("gcra.lua");
+    let mut burst = ::redis::pipe();
+    burst.atomic();
+    burst.cmd("TIME");
+    for _ in 0..1100 {
+        burst.add_command(gcra_call(script, &[(&key, 1000, 1000)], None));
+    }
+    burst.cmd("TIME");
+    let values: Vec<::redis::Value> = burst.query_async(&mut conn).await.unwrap();
+    // TIME: [seconds, microseconds]
+    let micros = |v: &::redis::Value| -> u64 {
+        let (secs, micros): (u64, u64) = ::redis::from_redis_value_ref(v).unwrap();
+        secs * 1_000_000 + micros
+    };
+    let elapsed_ms = (micros(&values[1101]) - micros(&values[0])) / 1000;
+    let replies: Vec<Vec<i64>> = values[1..=1100]
+        .iter()
+        .map(|v| ::redis::from_redis_value_ref(v).unwrap())
+        .collect();
+    assert!(
+        replies[..1000].iter().all(|r| r[0] == 1),
+        "the first 1000 pass"
+    );
+    let allowed = replies.iter().filter(|r| r[0] == 1).count();
+    assert!(
+        allowed <= 1000 + usize::try_from(elapsed_ms).unwrap() + 1,
+        "{allowed} allowed in {elapsed_ms} ms"
+    );
+}
+
+#[tokio::test]
+async fn t_is_the_time_until_the_next_unit_and_0_when_the_quota_is_full() {
+    let mut conn = shared_connection().await;
+    let prefix = format!("{{sbtest:{}}}", uuid::Uuid::new_v4().simple());
+    let (key, ip) = (format!("{prefix}:k"), format!("{prefix}:ip"));
+    let script = frozen_script();
+    let now = 1_900_000_000_000;
+    let call = |at: u64, keys: &[(&str, u32, u64)]| gcra_call(&script, keys, Some(at));
+    let mut run =
+        async |cmd: ::redis::Cmd| -> Vec<i64> { cmd.query_async(&mut conn).await.unwrap() };
+    // 3 per 60 s: each unit comes back 20 s after it was spent.
+    for remaining in [2, 1, 0] {
+        assert_eq!(
+            run(call(now, &[(&key, 3, 60_000)])).await,
+            [1, remaining, 20_000, 0]
+        );
+    }
+    // Exhausted: t is the retry time, also 5 s later.
+    assert_eq!(
+        run(call(now, &[(&key, 3, 60_000)])).await,
+        [0, 0, 20_000, 20_000]
+    );
+    assert_eq!(
+        run(call(now + 5_000, &[(&key, 3, 60_000)])).await,
+        [0, 0, 15_000, 15_000]
+    );
+    // A quota that is full (never used) has nothing to regain: t = 0. All-or-nothing: the
+    // refused request did not spend the IP's unit.
+    assert_eq!(
+        run(call(now + 5_000, &[(&key, 3, 60_000), (&ip, 10, 60_000)])).await,
+        [0, 0, 15_000, 15_000, 10, 0, 0]
+    );
+    // 20 s after the burst one unit is back, and the next one 20 s after that.
+    assert_eq!(
+        run(call(now + 20_000, &[(&key, 3, 60_000), (&ip, 10, 60_000)])).await,
+        [1, 0, 20_000, 0, 9, 6_000, 0]
+    );
+    // 30 s after the burst: 10 s until the second unit comes back, with one left.
+    assert_eq!(
+        run(call(now + 50_000, &[(&key, 3, 60_000)])).await,
+        [1, 0, 10_000, 0]
+    );
 }
 
 #[tokio::test]
@@ -99,7 +247,7 @@ async fn ip_quota_limits_requests_without_a_key() {
         ["key", "ip"]
     );
     // All-or-nothing: key "b" was not charged for the rejected request.
-    assert_eq!(d.quotas[0].remaining, 100);
+    assert_eq!(usage(&d.quotas[0]).remaining, 100);
 }
 
 #[tokio::test]
@@ -158,7 +306,7 @@ async fn noscript_after_script_flush_reloads_once() {
         .unwrap();
     let d = limiter.check(&client_identity()).await;
     assert_eq!(d.outcome, Outcome::Allowed);
-    assert_eq!(d.quotas[0].remaining, 8);
+    assert_eq!(usage(&d.quotas[0]).remaining, 8);
 }
 
 fn client_identity() -> ClientIdentity {
@@ -239,7 +387,7 @@ async fn black_holed_redis_costs_the_command_timeout_then_nothing_once_the_break
     let c = client(Some("k"));
     let d = limiter.check(&c).await;
     assert_eq!(d.outcome, Outcome::Allowed);
-    assert_eq!(d.quotas[0].remaining, 999, "served by redis");
+    assert_eq!(usage(&d.quotas[0]).remaining, 999, "served by redis");
 
     proxy.set_black_hole(true);
     // The first failures each cost about the command timeout, never much more; the
@@ -270,7 +418,7 @@ async fn black_holed_redis_costs_the_command_timeout_then_nothing_once_the_break
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let d = limiter.check(&c).await;
-        if d.quotas[0].limit == 1000 && d.quotas[0].remaining < 999 {
+        if d.quotas[0].limit == 1000 && usage(&d.quotas[0]).remaining < 999 {
             break;
         }
         assert!(Instant::now() < deadline, "redis limiting did not resume");
