@@ -296,6 +296,35 @@ fn hung_probe_cannot_wedge_the_breaker() {
 }
 
 #[test]
+fn a_late_dropped_probe_from_an_earlier_half_open_period_frees_no_slot() {
+    let (b, clock) = breaker(BreakerConfig {
+        half_open_probes: 1,
+        half_open_successes: 1,
+        ..config()
+    });
+    trip(&b);
+    clock.advance(SEC);
+    let old = b.try_acquire().unwrap();
+    assert!(old.is_probe());
+    // The probe hangs past the half-open wait: the next caller re-opens.
+    clock.advance(10 * SEC);
+    assert!(b.try_acquire().is_err());
+    assert_eq!(b.state(), BreakerState::Open);
+    // Next half-open period (the open duration grew to 2 s): one new probe.
+    clock.advance(2 * SEC);
+    let new = b.try_acquire().unwrap();
+    assert!(new.is_probe());
+    assert_eq!(b.state(), BreakerState::HalfOpen);
+    // The old probe's future is dropped late; its slot belonged to the old
+    // period, so the new period's only slot stays taken.
+    drop(old);
+    assert_eq!(b.snapshot().probes_admitted, 1);
+    assert!(b.try_acquire().is_err(), "a second probe was admitted");
+    new.record(Verdict::Success);
+    assert_eq!(b.state(), BreakerState::Closed);
+}
+
+#[test]
 fn stale_outcomes_from_before_a_transition_are_ignored() {
     let (b, clock) = breaker(config());
     let slow_success = b.try_acquire().unwrap();
@@ -589,9 +618,17 @@ proptest! {
             half_open_max_wait: 2 * SEC,
             ..config()
         });
-        let mut held: Vec<CallPermit<'_>> = Vec::new();
-        // Probes admitted in the current half-open period (by trips seen).
-        let mut period = (b.snapshot().trips, b.state());
+        // Each held permit is tagged with the half-open period it was
+        // admitted in (`None` for a closed call). A released probe frees a
+        // slot only in its own period: the model must not let a late drop
+        // from an earlier period make room in the current one.
+        let mut held: Vec<(CallPermit<'_>, Option<u64>)> = Vec::new();
+        // The model's count of half-open periods so far, and whether the
+        // breaker is in one (a period starts with the first probe after open
+        // and ends with any transition out of half-open).
+        let mut period = 0u64;
+        let mut in_half_open = false;
+        // Probe slots the current period holds: admitted minus released.
         let mut admitted_in_period = 0u32;
         for op in ops {
             let before = b.snapshot();
@@ -604,31 +641,33 @@ proptest! {
                         prop_assert!(result.is_err(), "admitted while open: {before:?}");
                     }
                     if let Ok(permit) = result {
-                        if permit.is_probe() {
-                            let now = (b.snapshot().trips, BreakerState::HalfOpen);
-                            if now != period {
-                                period = now;
+                        let tag = if permit.is_probe() {
+                            if !in_half_open {
+                                period += 1;
+                                in_half_open = true;
                                 admitted_in_period = 0;
                             }
                             admitted_in_period += 1;
-                        }
-                        held.push(permit);
+                            Some(period)
+                        } else {
+                            None
+                        };
+                        held.push((permit, tag));
                     }
                 }
                 Op::Record(i, verdict) if !held.is_empty() => {
-                    let permit = held.swap_remove(i % held.len());
-                    let was_probe = permit.is_probe();
+                    let (permit, tag) = held.swap_remove(i % held.len());
                     permit.record(verdict);
-                    if was_probe && verdict == Verdict::Ignored {
-                        admitted_in_period = admitted_in_period.saturating_sub(1);
+                    if verdict == Verdict::Ignored && in_half_open && tag == Some(period) {
+                        admitted_in_period -= 1;
                     }
                 }
                 Op::Drop(i) if !held.is_empty() => {
-                    let permit = held.swap_remove(i % held.len());
-                    if permit.is_probe() {
-                        admitted_in_period = admitted_in_period.saturating_sub(1);
-                    }
+                    let (permit, tag) = held.swap_remove(i % held.len());
                     drop(permit);
+                    if in_half_open && tag == Some(period) {
+                        admitted_in_period -= 1;
+                    }
                 }
                 Op::Advance(nanos) => clock.advance(Duration::from_nanos(nanos)),
                 Op::NearDeadline => {
@@ -641,9 +680,12 @@ proptest! {
             let after = b.snapshot();
             prop_assert!(after.probes_admitted <= probes, "{after:?}");
             if after.state == BreakerState::HalfOpen {
+                prop_assert!(in_half_open, "half-open without a probe: {after:?}");
                 prop_assert!(admitted_in_period <= probes);
+                // The breaker's own count agrees with the model's.
+                prop_assert_eq!(after.probes_admitted, admitted_in_period, "{:?}", after);
             } else {
-                period = (after.trips, after.state);
+                in_half_open = false;
                 admitted_in_period = 0;
             }
         }
