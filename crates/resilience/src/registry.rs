@@ -316,9 +316,17 @@ mod tests {
         let policy = tripping_policy();
         let open = registry.get(AdapterName::Youtube, &policy);
         trip(&open);
+        // Flood with every other adapter, each looked up several times per
+        // pass so it is hot, while the open one is never touched again: only
+        // the pin keeps it (unpinned, it is the coldest entry and goes first).
         for _ in 0..3 {
-            for adapter in AdapterName::ALL {
-                registry.get(adapter, &policy);
+            for adapter in AdapterName::ALL
+                .into_iter()
+                .filter(|a| *a != AdapterName::Youtube)
+            {
+                for _ in 0..4 {
+                    registry.get(adapter, &policy);
+                }
             }
         }
         let kept = registry.peek(AdapterName::Youtube, &policy).unwrap();
