@@ -123,8 +123,9 @@ pub struct RateLimitConfig {
     pub replicas: u32,
     /// `RATE_LIMIT_KEY_PREFIX`, default `smartbeak:rl`: Redis key prefix, also the hash tag.
     pub key_prefix: String,
-    /// `TRUST_X_FORWARDED_FOR`, default false: take the client IP from the first
-    /// `X-Forwarded-For` entry (only behind a proxy that sets it).
+    /// `TRUST_X_FORWARDED_FOR`, default false: take the client IP from the last (rightmost)
+    /// `X-Forwarded-For` entry. Set it only right behind exactly one proxy that appends the
+    /// peer address to that header: every entry left of it came from the client.
     pub trust_forwarded_for: bool,
 }
 

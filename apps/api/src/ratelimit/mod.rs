@@ -382,13 +382,18 @@ pub async fn middleware(
     response
 }
 
+/// The client IP: the peer address, or with `TRUST_X_FORWARDED_FOR` the rightmost
+/// `X-Forwarded-For` entry, the one our proxy appended (every entry left of it came with
+/// the request, so the client chose it). Only right behind exactly one proxy that appends.
 fn client_ip(request: &Request, trust_forwarded_for: bool) -> IpAddr {
     if trust_forwarded_for
         && let Some(ip) = request
             .headers()
-            .get("x-forwarded-for")
+            .get_all("x-forwarded-for")
+            .iter()
+            .next_back()
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(',').next())
+            .and_then(|v| v.rsplit(',').next())
             .and_then(|v| v.trim().parse().ok())
     {
         return ip;

@@ -284,6 +284,56 @@ async fn without_redis_the_in_process_limiter_is_the_limiter() {
     let d = limiter.check(&client(Some("k"))).await;
     assert_eq!(d.outcome, Outcome::Limited);
     assert_eq!(d.retry_after_secs, Some(60));
+    // The key quota refused, so the IP quota was not consulted: it is a policy of the
+    // request, but its state is unknown and left out of RateLimit (it used to read r=0;t=60).
+    let mut headers = HeaderMap::new();
+    d.apply_headers(&mut headers);
+    assert_eq!(
+        headers["ratelimit-policy"],
+        "\"key\";q=1;w=60, \"ip\";q=100;w=60"
+    );
+    assert_eq!(headers["ratelimit"], "\"key\";r=0;t=60");
+    assert_eq!(headers["retry-after"], "60");
+}
+
+#[test]
+fn forwarded_for_is_trusted_only_when_configured_and_then_its_rightmost_entry() {
+    let peer: std::net::SocketAddr = "192.0.2.10:40000".parse().unwrap();
+    let request = |forwarded: &[&str]| {
+        let mut builder = axum::http::Request::get("/v1/domains");
+        for value in forwarded {
+            builder = builder.header("x-forwarded-for", *value);
+        }
+        let mut request = builder.body(axum::body::Body::empty()).unwrap();
+        request.extensions_mut().insert(ConnectInfo(peer));
+        request
+    };
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    // Not trusted: the peer, whatever the header says.
+    assert_eq!(
+        client_ip(&request(&["203.0.113.7"]), false),
+        ip("192.0.2.10")
+    );
+    // Trusted: the entry our proxy appended (the rightmost), not the client's own claims.
+    assert_eq!(
+        client_ip(&request(&["1.2.3.4, 203.0.113.7"]), true),
+        ip("203.0.113.7")
+    );
+    assert_eq!(
+        client_ip(&request(&["1.2.3.4", "5.6.7.8,  203.0.113.9 "]), true),
+        ip("203.0.113.9"),
+        "several header lines are one list"
+    );
+    assert_eq!(
+        client_ip(&request(&["2001:db8::1"]), true),
+        ip("2001:db8::1")
+    );
+    // Missing or unparsable: the peer.
+    assert_eq!(client_ip(&request(&[]), true), ip("192.0.2.10"));
+    assert_eq!(
+        client_ip(&request(&["1.2.3.4, unknown"]), true),
+        ip("192.0.2.10")
+    );
 }
 
 #[tokio::test]
