@@ -11,7 +11,8 @@
 //!   key join the flight and wait on a `tokio::sync::watch` channel.
 //! - The outcome, value or error, goes to every caller waiting on that flight.
 //!   Errors are never cached: the next caller after a failed flight starts a new
-//!   one.
+//!   one (a failed flight leaves the map *before* it publishes its error, so
+//!   nobody can join it once the error is out).
 //! - The flight removes its own map entry when it ends, whichever way it ends
 //!   (value, error, timeout, panic, or every caller gone), so the in-flight map
 //!   never keeps a finished entry; [`SingleFlight::stats`] shows its size.
@@ -489,12 +490,19 @@ struct RemoveOnDrop<K: Eq + Hash, V, E> {
     id: u64,
 }
 
-impl<K: Eq + Hash, V, E> Drop for RemoveOnDrop<K, V, E> {
-    fn drop(&mut self) {
+impl<K: Eq + Hash, V, E> RemoveOnDrop<K, V, E> {
+    /// Removes the entry now if it is still this flight's (idempotent).
+    fn remove(&self) {
         let mut flights = self.inner.lock();
         if flights.get(&self.key).is_some_and(|f| f.id == self.id) {
             flights.remove(&self.key);
         }
+    }
+}
+
+impl<K: Eq + Hash, V, E> Drop for RemoveOnDrop<K, V, E> {
+    fn drop(&mut self) {
+        self.remove();
     }
 }
 
@@ -557,6 +565,9 @@ async fn run_flight<K, V, E, F, Fut>(
             };
             counter.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(error = %ErrorKind(&error), "single-flight computation failed");
+            // Leave the map first: a caller that sees the error and asks
+            // again must start a new flight, not join this finished one.
+            guard.remove();
             tx.send_replace(Some(Err(error)));
         }
     }

@@ -204,6 +204,60 @@ async fn error_reaches_every_waiter_and_is_not_cached() {
     assert_eq!(sf.stats().computations, 2);
 }
 
+/// A waker that records the in-flight map's size when it is first woken.
+struct MapSizeAtWake {
+    sf: Sf,
+    seen: Mutex<Option<usize>>,
+}
+
+impl std::task::Wake for MapSizeAtWake {
+    fn wake(self: Arc<Self>) {
+        let mut seen = self.seen.lock().unwrap();
+        if seen.is_none() {
+            *seen = Some(self.sf.stats().in_flight);
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_flight_leaves_the_map_before_its_error_is_published() {
+    let sf = Sf::new();
+    let gate = Arc::new(Notify::new());
+    let options = FlightOptions::default();
+    let mut waiter = Box::pin(sf.get_or_compute(
+        5,
+        {
+            let gate = Arc::clone(&gate);
+            move || async move {
+                gate.notified().await;
+                Err(TestError("backend down"))
+            }
+        },
+        &options,
+    ));
+    // Poll with a waker that looks at the map at the moment the outcome is
+    // published (the watch channel wakes it inside the send).
+    let probe = Arc::new(MapSizeAtWake {
+        sf: sf.clone(),
+        seen: Mutex::new(None),
+    });
+    let waker = std::task::Waker::from(Arc::clone(&probe));
+    let mut cx = std::task::Context::from_waker(&waker);
+    assert!(waiter.as_mut().poll(&mut cx).is_pending());
+    assert_eq!(sf.stats().in_flight, 1);
+    gate.notify_one();
+    for _ in 0..1000 {
+        if probe.seen.lock().unwrap().is_some() {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    // A caller woken by the error, asking again at once, finds no flight to
+    // join and starts a new one.
+    assert_eq!(*probe.seen.lock().unwrap(), Some(0));
+    assert!(matches!(waiter.await, Err(SingleFlightError::Failed(_))));
+}
+
 #[tokio::test(start_paused = true)]
 async fn timeout_cancels_the_computation() {
     let sf = Sf::new();
