@@ -45,8 +45,12 @@
 //!   `moka_restarts_init_when_leader_is_dropped`);
 //! - no computation timeout (a `tokio::time::timeout` around `get_with` only
 //!   drops the caller, and then the next waiter restarts the computation);
-//! - the cache is in process only, while the api caches in Redis (an async
-//!   getter/setter whose failures must not fail the request);
+//! - the store is moka itself: coalescing and caching are one structure.
+//!   Here the cache is a separate [`FlightCache`] (an async getter and
+//!   setter whose failures are logged, never returned), so what stores the
+//!   values is the caller's choice: the api plugs in a small in-process TTL
+//!   map (`apps/api/src/analytics.rs`, cleared per domain after an ingest),
+//!   and a shared store could take its place without changing the callers;
 //! - no early recomputation and no coalescing statistics.
 //!
 //! So this module is its own small implementation rather than a wrapper. For a
@@ -124,8 +128,9 @@ impl<E> Clone for SingleFlightError<E> {
 pub struct CachedValue<V> {
     /// The cached value.
     pub value: V,
-    /// Time left before the entry expires, if the cache knows it (Redis `PTTL`).
-    /// Needed for early recomputation.
+    /// Time left before the entry expires, if the cache knows it (from the
+    /// expiry it stored, or a store's own TTL query). Needed for early
+    /// recomputation.
     pub remaining_ttl: Option<Duration>,
     /// How long the value took to compute (stored by the setter from
     /// [`CacheMeta::delta`]). Needed for early recomputation.
@@ -142,7 +147,8 @@ pub struct CacheMeta {
     pub delta: Duration,
 }
 
-/// An async cache in front of a [`SingleFlight`] (Redis in the api).
+/// An async cache in front of a [`SingleFlight`] (in the api, an in-process
+/// TTL map).
 pub trait FlightCache<K, V>: Send + Sync {
     /// Looks `key` up. An error is logged and treated as a miss.
     fn get<'a>(&'a self, key: &'a K) -> BoxFuture<'a, Result<Option<CachedValue<V>>, BoxError>>;
