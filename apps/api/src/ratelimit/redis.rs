@@ -236,14 +236,11 @@ impl RedisBackend {
             }
             Err(kind) => {
                 permit.record(Verdict::Failure);
-                // A broken connection is replaced at once; a connection that only times
-                // out (black-holed Redis) is replaced when a closed-state failure leaves the
-                // breaker open (this one tripped it, or a concurrent one did: the generation
-                // check makes that idempotent). A failed probe re-opens it without a
-                // replacement, as before.
-                let opened = !probe && self.breaker.state() == BreakerState::Open;
+                // This failure tripped the breaker, re-opened it (a failed probe), or a
+                // concurrent one did: the generation check makes the replacement idempotent.
+                let open = self.breaker.state() == BreakerState::Open;
                 if let Some(generation) = generation
-                    && (kind == FailureKind::Io || (opened && kind == FailureKind::Timeout))
+                    && replaces_connection(kind, open)
                 {
                     self.mark_broken(generation);
                 }
@@ -303,6 +300,17 @@ impl RedisBackend {
         let values = reply.map_err(|err| classify(&err))?;
         parse_reply(&values, keys.len()).ok_or(FailureKind::Protocol)
     }
+}
+
+/// Whether a failed call gives up its connection: at once when the connection broke, and
+/// whenever the breaker is open after the failure, whatever the kind. A connection that
+/// only times out (black-holed Redis) or keeps answering errors (`READONLY` from a node a
+/// failover demoted to replica: the new primary is reached only by a new connection, and
+/// redis-rs does not count `READONLY` as a broken connection) does not heal by itself, and
+/// the probe after the cooldown should try a fresh one. Errors that leave the breaker
+/// closed keep it: one `WRONGTYPE` or one slow answer says nothing about the connection.
+fn replaces_connection(kind: FailureKind, breaker_open: bool) -> bool {
+    kind == FailureKind::Io || breaker_open
 }
 
 fn classify(err: &RedisError) -> FailureKind {
@@ -506,6 +514,32 @@ mod tests {
             assert_eq!((c.half_open_probes, c.half_open_successes), (1, 1));
             assert!(c.minimum_calls >= failures.min(MAX_WINDOW));
         }
+    }
+
+    #[test]
+    fn the_connection_is_replaced_when_it_broke_or_whenever_the_breaker_is_open() {
+        use FailureKind::*;
+        for kind in [Timeout, Io, Server, Protocol, Disconnected] {
+            assert!(
+                replaces_connection(kind, true),
+                "{kind:?} with the breaker open"
+            );
+        }
+        assert!(replaces_connection(Io, false));
+        for kind in [Timeout, Server, Protocol] {
+            assert!(
+                !replaces_connection(kind, false),
+                "{kind:?} with the breaker closed"
+            );
+        }
+        // READONLY (a replica after a failover) is a server error to redis-rs, not a broken
+        // connection: only the open breaker replaces that connection.
+        let readonly = RedisError::from((
+            ErrorKind::Server(ServerErrorKind::ReadOnly),
+            "READONLY",
+            "You can't write against a read only replica.".to_owned(),
+        ));
+        assert_eq!(classify(&readonly), Server);
     }
 
     #[test]

@@ -1,9 +1,12 @@
-//! Limiter tests against the shared Redis (unique key prefix per test) and headers.
+//! Limiter tests against the shared Redis (`REDIS_URL`, default `redis://127.0.0.1:6379`;
+//! unique key prefix per test), against Redis servers of their own where they stop, pause,
+//! flush or demote one, and of the headers.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
+use super::redis::FailureKind;
 use super::*;
 use crate::config::{RateLimitConfig, RedisConfig, Secret};
 
@@ -18,6 +21,24 @@ fn policy(per_key: u32, per_ip: u32) -> RateLimitConfig {
         key_prefix: format!("sbtest:{}", uuid::Uuid::new_v4().simple()),
         trust_forwarded_for: false,
     }
+}
+
+/// The shared Redis: `REDIS_URL` (what `cargo xtask test` exports, possibly a throwaway
+/// server on another port), else `redis://127.0.0.1:6379`.
+fn shared_redis_url() -> String {
+    std::env::var("REDIS_URL")
+        .ok()
+        .filter(|url| !url.trim().is_empty())
+        .unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned())
+}
+
+/// Opens an admin connection to the Redis at `url`.
+async fn connect(url: &str) -> ::redis::aio::MultiplexedConnection {
+    ::redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
 }
 
 fn redis(url: &str) -> RedisConfig {
@@ -55,7 +76,7 @@ fn usage(quota: &QuotaState) -> QuotaUsage {
 
 #[tokio::test]
 async fn redis_gcra_allows_the_limit_then_429_without_consuming() {
-    let limiter = RateLimiter::new(policy(3, 100), Some(&redis("redis://127.0.0.1:6379"))).unwrap();
+    let limiter = RateLimiter::new(policy(3, 100), Some(&redis(&shared_redis_url()))).unwrap();
     wait_connected(&limiter).await;
     let c = client(Some("k1"));
     for expected_remaining in [2, 1, 0] {
@@ -117,11 +138,7 @@ fn gcra_call(script: &str, keys: &[(&str, u32, u64)], now_ms: Option<u64>) -> ::
 }
 
 async fn shared_connection() -> ::redis::aio::MultiplexedConnection {
-    ::redis::Client::open("redis://127.0.0.1:6379")
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap()
+    connect(&shared_redis_url()).await
 }
 
 #[tokio::test]
@@ -233,7 +250,7 @@ async fn t_is_the_time_until_the_next_unit_and_0_when_the_quota_is_full() {
 
 #[tokio::test]
 async fn ip_quota_limits_requests_without_a_key() {
-    let limiter = RateLimiter::new(policy(100, 2), Some(&redis("redis://127.0.0.1:6379"))).unwrap();
+    let limiter = RateLimiter::new(policy(100, 2), Some(&redis(&shared_redis_url()))).unwrap();
     wait_connected(&limiter).await;
     assert_eq!(limiter.check(&client(None)).await.outcome, Outcome::Allowed);
     assert_eq!(
@@ -336,52 +353,118 @@ fn forwarded_for_is_trusted_only_when_configured_and_then_its_rightmost_entry() 
     );
 }
 
-#[tokio::test]
-async fn noscript_after_script_flush_reloads_once() {
-    let limiter =
-        RateLimiter::new(policy(10, 100), Some(&redis("redis://127.0.0.1:6379"))).unwrap();
-    wait_connected(&limiter).await;
-    assert_eq!(
-        limiter.check(&client(Some("k"))).await.outcome,
-        Outcome::Allowed
-    );
-    // SCRIPT FLUSH on the shared Redis only drops cached scripts (no data); every user of
-    // EVALSHA must cope with it, as after a restart.
-    let client = ::redis::Client::open("redis://127.0.0.1:6379").unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let _: () = ::redis::cmd("SCRIPT")
-        .arg("FLUSH")
-        .query_async(&mut conn)
+/// Calls of `EVAL` and `EVALSHA` so far, from `INFO commandstats`.
+async fn script_calls(admin: &mut ::redis::aio::MultiplexedConnection) -> (u64, u64) {
+    let info: String = ::redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(admin)
         .await
         .unwrap();
-    let d = limiter.check(&client_identity()).await;
-    assert_eq!(d.outcome, Outcome::Allowed);
-    assert_eq!(usage(&d.quotas[0]).remaining, 8);
+    let calls = |command: &str| {
+        info.lines()
+            .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:calls=")))
+            .and_then(|rest| rest.split(',').next())
+            .map_or(0, |n| n.parse().unwrap())
+    };
+    (calls("eval"), calls("evalsha"))
 }
 
-fn client_identity() -> ClientIdentity {
-    client(Some("k"))
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn noscript_reloads_the_script_once_and_no_other_error_reloads_it() {
+    // A server of its own: SCRIPT FLUSH and the command counts must not be shared.
+    let server = smartbeak_test_support::RedisServer::start().unwrap();
+    let mut limits = policy(10, 100);
+    // The fallback's quota is 10 / 2 = 5, so a quota of 10 means Redis decided.
+    limits.replicas = 2;
+    let key = format!("{{{}}}:k:k", limits.key_prefix);
+    let limiter = RateLimiter::new(limits, Some(&redis(&server.url()))).unwrap();
+    wait_connected(&limiter).await;
+    let mut admin = connect(&server.url()).await;
+    let c = client(Some("k"));
+    let decide = async || {
+        let d = limiter.check(&c).await;
+        assert_eq!(d.outcome, Outcome::Allowed);
+        (d.quotas[0].limit, usage(&d.quotas[0]).remaining)
+    };
+
+    // A fresh server has no script: the first call's EVALSHA gets NOSCRIPT, one EVAL loads it.
+    assert_eq!(decide().await, (10, 9));
+    assert_eq!(script_calls(&mut admin).await, (1, 1));
+    for remaining in [8, 7] {
+        assert_eq!(decide().await, (10, remaining));
+    }
+    assert_eq!(script_calls(&mut admin).await, (1, 3), "EVALSHA only");
+
+    // As after a restart or failover: the cache is empty, so one more EVAL, exactly once.
+    let _: () = ::redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(decide().await, (10, 6));
+    assert_eq!(script_calls(&mut admin).await, (2, 4));
+    assert_eq!(decide().await, (10, 5));
+    assert_eq!(
+        script_calls(&mut admin).await,
+        (2, 5),
+        "loaded once, EVALSHA again"
+    );
+
+    // Any other error (WRONGTYPE: the limiter key is a hash) is not a reason to reload: the
+    // request falls back (quota 5) and no EVAL is sent.
+    let _: () = ::redis::cmd("DEL")
+        .arg(&key)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let _: () = ::redis::cmd("HSET")
+        .arg(&key)
+        .arg("f")
+        .arg("v")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(decide().await.0, 5, "fell back");
+    assert_eq!(
+        script_calls(&mut admin).await,
+        (2, 6),
+        "no reload after WRONGTYPE"
+    );
+    let _: () = ::redis::cmd("DEL")
+        .arg(&key)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(decide().await, (10, 9), "the key starts afresh");
+    assert_eq!(script_calls(&mut admin).await, (2, 7));
 }
 
-/// A TCP proxy to the shared Redis that can start black-holing: connections stay open but
-/// bytes in both directions are dropped, as when packets are lost (not refused).
-struct BlackHoleProxy {
+/// A TCP proxy to a Redis that can start black-holing (connections stay open but bytes in
+/// both directions are dropped, as when packets are lost, not refused) and whose upstream
+/// can be switched (new connections go to the new one, as after a failover behind one
+/// address).
+struct Proxy {
     addr: std::net::SocketAddr,
     black_hole: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    upstream: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
-impl BlackHoleProxy {
-    async fn start(upstream: &'static str) -> Self {
+impl Proxy {
+    /// Proxies to the Redis of `url` (its host and port).
+    async fn start(url: &str) -> Self {
         use std::sync::atomic::Ordering;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let black_hole = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let upstream = std::sync::Arc::new(std::sync::Mutex::new(host_port(url)));
         let flag = black_hole.clone();
+        let target = upstream.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                let to = target.lock().unwrap().clone();
+                let Ok(server) = tokio::net::TcpStream::connect(to).await else {
                     continue;
                 };
                 let (mut cr, mut cw) = client.into_split();
@@ -411,28 +494,65 @@ impl BlackHoleProxy {
                 });
             }
         });
-        Self { addr, black_hole }
+        Self {
+            addr,
+            black_hole,
+            upstream,
+        }
+    }
+
+    /// `url` with its host and port replaced by the proxy's (user, password and database
+    /// kept).
+    fn url_for(&self, url: &str) -> String {
+        let (scheme, rest) = url.split_once("://").unwrap();
+        let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        let userinfo = authority
+            .rsplit_once('@')
+            .map_or(String::new(), |(user, _)| format!("{user}@"));
+        format!("{scheme}://{userinfo}{}{path}", self.addr)
     }
 
     fn set_black_hole(&self, on: bool) {
         self.black_hole
             .store(on, std::sync::atomic::Ordering::SeqCst);
     }
+
+    /// New connections go to the Redis of `url` from now on; open ones stay where they are.
+    fn set_upstream(&self, url: &str) {
+        *self.upstream.lock().unwrap() = host_port(url);
+    }
+}
+
+/// `host:port` of a `redis://` URL.
+fn host_port(url: &str) -> String {
+    match ::redis::Client::open(url)
+        .unwrap()
+        .get_connection_info()
+        .addr()
+    {
+        ::redis::ConnectionAddr::Tcp(host, port) => format!("{host}:{port}"),
+        other => panic!("not a plain TCP redis URL: {other:?}"),
+    }
 }
 
 #[tokio::test]
 async fn black_holed_redis_costs_the_command_timeout_then_nothing_once_the_breaker_opens() {
-    use std::time::Instant;
-
-    let proxy = BlackHoleProxy::start("127.0.0.1:6379").await;
-    let mut config = redis(&format!("redis://{}", proxy.addr));
+    let shared = shared_redis_url();
+    let proxy = Proxy::start(&shared).await;
+    let mut config = redis(&proxy.url_for(&shared));
     config.command_timeout = Duration::from_millis(300);
     config.breaker_failures = 3;
     config.breaker_cooldown = Duration::from_millis(500);
     let mut limits = policy(1000, 1000);
     // The fallback's quota is 1000 / 2 = 500, so a quota of 1000 means Redis decided.
     limits.replicas = 2;
+    let window = limits.window;
+    let keys = [KeyLimit {
+        key: format!("{{{}}}:k:k", limits.key_prefix),
+        limit: 1000,
+    }];
     let limiter = RateLimiter::new(limits, Some(&config)).unwrap();
+    let backend = limiter.redis.as_ref().unwrap();
     wait_connected(&limiter).await;
     let c = client(Some("k"));
     let d = limiter.check(&c).await;
@@ -440,24 +560,23 @@ async fn black_holed_redis_costs_the_command_timeout_then_nothing_once_the_break
     assert_eq!(usage(&d.quotas[0]).remaining, 999, "served by redis");
 
     proxy.set_black_hole(true);
-    // The first failures each cost about the command timeout, never much more; the
-    // request still proceeds (fail open onto the local limiter, whose quota is untouched).
-    for _ in 0..3 {
-        let started = Instant::now();
-        let d = limiter.check(&c).await;
-        let took = started.elapsed();
-        assert_eq!(d.outcome, Outcome::Allowed);
-        assert!(took >= Duration::from_millis(290), "{took:?}");
-        assert!(took < Duration::from_millis(900), "{took:?}");
+    // The first failures each end at the command timeout (the kind says so: the limiter's
+    // own deadline, not an error of the connection), and the request proceeds on the
+    // fallback (whose quota is untouched).
+    let d = limiter.check(&c).await;
+    assert_eq!(d.outcome, Outcome::Allowed);
+    assert_eq!(d.quotas[0].limit, 500, "failed open");
+    for _ in 0..2 {
+        assert_eq!(
+            backend.check(&keys, window).await,
+            Err(FailureKind::Timeout)
+        );
     }
-    // The breaker is open: requests skip Redis.
+    // The breaker is open: Redis is not called at all.
     for _ in 0..20 {
-        let started = Instant::now();
-        assert_eq!(limiter.check(&c).await.outcome, Outcome::Allowed);
-        assert!(
-            started.elapsed() < Duration::from_millis(100),
-            "{:?}",
-            started.elapsed()
+        assert_eq!(
+            backend.check(&keys, window).await,
+            Err(FailureKind::BreakerOpen)
         );
     }
     assert_eq!(limiter.redis_health(), RedisHealth::Down);
@@ -465,15 +584,75 @@ async fn black_holed_redis_costs_the_command_timeout_then_nothing_once_the_break
     // Packets flow again: after the cooldown a probe succeeds and Redis decides again
     // (the Redis quota shows the one request it counted earlier).
     proxy.set_black_hole(false);
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
         let d = limiter.check(&c).await;
         if d.quotas[0].limit == 1000 && usage(&d.quotas[0]).remaining < 999 {
             break;
         }
-        assert!(Instant::now() < deadline, "redis limiting did not resume");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "redis limiting did not resume"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    assert_eq!(limiter.redis_health(), RedisHealth::Up);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_failover_the_connection_to_the_demoted_node_is_replaced() {
+    // Two servers of its own behind one address (the proxy). The limiter's connection goes
+    // to `old`; then `old` is demoted to a replica of `new` (its writes now fail with
+    // READONLY, an error that does not break the connection) and the address moves to `new`.
+    let old = smartbeak_test_support::RedisServer::start().unwrap();
+    let new = smartbeak_test_support::RedisServer::start().unwrap();
+    let proxy = Proxy::start(&old.url()).await;
+    let mut config = redis(&proxy.url_for(&old.url()));
+    config.breaker_failures = 3;
+    config.breaker_cooldown = Duration::from_millis(200);
+    let mut limits = policy(1000, 1000);
+    limits.replicas = 2;
+    let key = format!("{{{}}}:k:k", limits.key_prefix);
+    let limiter = RateLimiter::new(limits, Some(&config)).unwrap();
+    wait_connected(&limiter).await;
+    let c = client(Some("k"));
+    assert_eq!(limiter.check(&c).await.quotas[0].limit, 1000);
+
+    let mut admin_old = connect(&old.url()).await;
+    let _: () = ::redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg(new.port())
+        .query_async(&mut admin_old)
+        .await
+        .unwrap();
+    proxy.set_upstream(&new.url());
+
+    // The old connection now answers READONLY: the breaker opens, which must replace the
+    // connection (a new one reaches `new`); then the probe after the cooldown succeeds
+    // there and Redis decides again. Without the replacement every probe would go to the
+    // replica and fail, for ever.
+    let started = std::time::Instant::now();
+    loop {
+        let d = limiter.check(&c).await;
+        assert_eq!(d.outcome, Outcome::Allowed);
+        // The demoted node refuses the script's writes, so a decision of Redis's came
+        // from `new`.
+        if d.quotas[0].limit == 1000 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the limiter stayed on the demoted node"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut admin_new = connect(&new.url()).await;
+    let stored: Option<String> = ::redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut admin_new)
+        .await
+        .unwrap();
+    assert!(stored.is_some(), "the key lives on the new primary");
     assert_eq!(limiter.redis_health(), RedisHealth::Up);
 }
 
@@ -542,8 +721,8 @@ async fn a_dropped_probe_does_not_wedge_the_breaker() {
     let c = client(Some("k"));
     assert_eq!(limiter.check(&c).await.quotas[0].limit, 1000);
 
-    // Server errors (WRONGTYPE from the script's GET) open the breaker but keep the
-    // connection, so the probe below reaches Redis.
+    // Server errors (WRONGTYPE from the script's GET) open the breaker, which replaces the
+    // connection; the supervisor has a new one long before the probe below.
     let admin = ::redis::Client::open(server.url()).unwrap();
     let mut admin = admin.get_multiplexed_async_connection().await.unwrap();
     let _: () = ::redis::cmd("DEL")
