@@ -41,7 +41,8 @@ pub struct BulkheadFull {
     pub adapter: AdapterName,
     /// Its concurrency limit.
     pub max_concurrent: usize,
-    /// How long the call waited (the configured `max_wait`).
+    /// How long the call waited: the configured `max_wait`, or the shorter
+    /// limit given to [`Bulkhead::acquire_within`].
     pub waited: Duration,
 }
 
@@ -78,23 +79,20 @@ impl Bulkhead {
 
     /// Waits up to `max_wait` for a slot (tokio timer).
     pub async fn acquire(&self) -> Result<BulkheadPermit, BulkheadFull> {
-        if let Ok(permit) = self.try_acquire_quiet() {
-            return Ok(permit);
-        }
-        if self.config.max_wait.is_zero() {
-            return Err(self.reject());
-        }
-        let wait = Arc::clone(&self.semaphore).acquire_owned();
-        match tokio::time::timeout(self.config.max_wait, wait).await {
-            Ok(Ok(permit)) => Ok(BulkheadPermit { _permit: permit }),
-            // The semaphore is never closed; treat it like a timeout anyway.
-            Ok(Err(_)) | Err(_) => Err(self.reject()),
-        }
+        self.acquire_for(self.config.max_wait).await
+    }
+
+    /// Waits for a slot up to `max_wait` or `limit`, whichever is shorter:
+    /// for a caller with a deadline of its own (what is left of it), so the
+    /// wait never outlasts the call.
+    pub async fn acquire_within(&self, limit: Duration) -> Result<BulkheadPermit, BulkheadFull> {
+        self.acquire_for(self.config.max_wait.min(limit)).await
     }
 
     /// Takes a slot only if one is free now.
     pub fn try_acquire(&self) -> Result<BulkheadPermit, BulkheadFull> {
-        self.try_acquire_quiet().map_err(|()| self.reject())
+        self.try_acquire_quiet()
+            .map_err(|()| self.reject(self.config.max_wait))
     }
 
     /// Free slots right now.
@@ -112,6 +110,21 @@ impl Bulkhead {
         self.config
     }
 
+    async fn acquire_for(&self, max_wait: Duration) -> Result<BulkheadPermit, BulkheadFull> {
+        if let Ok(permit) = self.try_acquire_quiet() {
+            return Ok(permit);
+        }
+        if max_wait.is_zero() {
+            return Err(self.reject(max_wait));
+        }
+        let wait = Arc::clone(&self.semaphore).acquire_owned();
+        match tokio::time::timeout(max_wait, wait).await {
+            Ok(Ok(permit)) => Ok(BulkheadPermit { _permit: permit }),
+            // The semaphore is never closed; treat it like a timeout anyway.
+            Ok(Err(_)) | Err(_) => Err(self.reject(max_wait)),
+        }
+    }
+
     fn try_acquire_quiet(&self) -> Result<BulkheadPermit, ()> {
         Arc::clone(&self.semaphore)
             .try_acquire_owned()
@@ -119,13 +132,13 @@ impl Bulkhead {
             .map_err(|_| ())
     }
 
-    fn reject(&self) -> BulkheadFull {
+    fn reject(&self, waited: Duration) -> BulkheadFull {
         self.rejected.increment(1);
         tracing::debug!(adapter = %self.adapter, "bulkhead full, call rejected");
         BulkheadFull {
             adapter: self.adapter,
             max_concurrent: self.config.max_concurrent,
-            waited: self.config.max_wait,
+            waited,
         }
     }
 }
@@ -155,6 +168,28 @@ mod tests {
         assert!(bulkhead.try_acquire().is_err());
         drop(a);
         assert!(bulkhead.try_acquire().is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn acquire_within_waits_the_shorter_of_max_wait_and_the_limit() {
+        let bulkhead = Bulkhead::new(
+            AdapterName::Soundcloud,
+            BulkheadConfig {
+                max_concurrent: 1,
+                max_wait: Duration::from_millis(100),
+            },
+        );
+        let _held = bulkhead.acquire().await.unwrap();
+        for (limit, waited) in [
+            (Duration::from_millis(30), Duration::from_millis(30)),
+            (Duration::from_secs(5), Duration::from_millis(100)),
+            (Duration::ZERO, Duration::ZERO),
+        ] {
+            let start = tokio::time::Instant::now();
+            let err = bulkhead.acquire_within(limit).await.unwrap_err();
+            assert_eq!(start.elapsed(), waited, "limit {limit:?}");
+            assert_eq!(err.waited, waited, "limit {limit:?}");
+        }
     }
 
     #[tokio::test(start_paused = true)]
