@@ -6,7 +6,9 @@
 //!
 //! # One call, step by step
 //!
-//! 1. Bulkhead slot for the adapter (bounded wait) → [`FetchError::BulkheadFull`].
+//! 1. Bulkhead slot for the adapter, waiting at most the bulkhead's
+//!    `max_wait` and never past the call's deadline →
+//!    [`FetchError::BulkheadFull`].
 //! 2. Circuit breaker admission → [`FetchError::CircuitOpen`] (nothing sent).
 //! 3. One deposit into the process-wide retry budget.
 //! 4. Attempt: the request (a fresh clone each time) under its own timeout of
@@ -144,7 +146,8 @@ pub struct AdapterSettings {
     /// Limit of each attempt, fresh for every attempt (up to receiving the
     /// response head; read a large body under your own timeout).
     pub attempt_timeout: Duration,
-    /// Limit of the whole call: attempts, backoff waits, bulkhead wait.
+    /// Limit of the whole call: the bulkhead wait (cut to this if the
+    /// bulkhead's `max_wait` is longer), attempts and backoff waits.
     /// `Duration::MAX` means no limit.
     pub deadline: Duration,
     /// Shortest time worth giving a last attempt: a jittered backoff is
@@ -288,7 +291,8 @@ pub enum FetchError {
         #[source]
         source: reqwest::Error,
     },
-    /// The adapter's bulkhead had no free slot in time; nothing was sent.
+    /// The adapter's bulkhead had no free slot within its `max_wait` or
+    /// before the call's deadline, whichever came first; nothing was sent.
     #[error("request to {adapter} refused: {source}")]
     BulkheadFull {
         /// Target adapter.
@@ -784,7 +788,7 @@ impl HttpClient {
     ) -> Result<Response, FetchError> {
         let adapter = plan.adapter;
         let _slot = self.inner.bulkheads[adapter.index()]
-            .acquire()
+            .acquire_within(plan.deadline_at.saturating_duration_since(Instant::now()))
             .await
             .map_err(|source| FetchError::BulkheadFull { adapter, source })?;
         let breaker = self.inner.breakers.get(adapter, &settings.breaker);

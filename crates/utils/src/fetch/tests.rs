@@ -978,6 +978,50 @@ async fn bulkhead_refuses_a_call_over_the_limit() {
 }
 
 #[tokio::test]
+async fn bulkhead_wait_ends_at_the_call_deadline() {
+    let server = serve(|_| Reply::Hang).await;
+    // The bulkhead would wait 10 s for a slot; the first call holds it for 1 s.
+    let client = client(AdapterSettings {
+        bulkhead: BulkheadConfig {
+            max_concurrent: 1,
+            max_wait: Duration::from_secs(10),
+        },
+        ..settings(quick_retries(1), ms(1000), ms(2000))
+    });
+    let first = tokio::spawn({
+        let client = client.clone();
+        let url = server.url();
+        async move {
+            client
+                .send(ADAPTER, client.get(url), &CallOptions::default())
+                .await
+        }
+    });
+    server.wait_for_hits(1).await;
+    let started = Instant::now();
+    let err = client
+        .send(
+            ADAPTER,
+            client.get(server.url()),
+            &CallOptions::default().deadline(ms(100)),
+        )
+        .await
+        .unwrap_err();
+    let elapsed = started.elapsed();
+    match err {
+        FetchError::BulkheadFull { adapter, source } => {
+            assert_eq!(adapter, ADAPTER);
+            assert!(source.waited <= ms(100), "{:?}", source.waited);
+        }
+        other => panic!("waited past the deadline: {other:?}"),
+    }
+    assert!(elapsed >= ms(90), "{elapsed:?}");
+    assert!(elapsed < ms(100) + ms(200), "{elapsed:?}");
+    assert_eq!(server.hits(), 1);
+    first.abort();
+}
+
+#[tokio::test]
 async fn retry_budget_stops_retries_when_empty() {
     let server = serve(|_| Reply::Status(503)).await;
     let client = HttpClient::builder()
