@@ -208,6 +208,16 @@ impl Tenant {
     }
 }
 
+/// The shared Redis: `REDIS_URL` (what `cargo xtask test` exports, possibly a throwaway
+/// server on another port), else `redis://127.0.0.1:6379`. Tests use a key prefix of their
+/// own on it, or a `RedisServer` of their own where they stop or restart it.
+pub(crate) fn shared_redis_url() -> String {
+    std::env::var("REDIS_URL")
+        .ok()
+        .filter(|url| !url.trim().is_empty())
+        .unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned())
+}
+
 /// A fresh database and its URL.
 pub(crate) async fn database() -> Result<(TestDatabase, String)> {
     let db = TestDatabase::create().await?;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use smartbeak_test_support::RedisServer;
 
-use super::{Api, Tenant, database};
+use super::{Api, Tenant, database, shared_redis_url};
 
 fn prefix() -> String {
     format!("sbtest:{}", uuid::Uuid::new_v4().simple())
@@ -32,6 +32,10 @@ fn header(response: &reqwest::Response, name: &str) -> String {
         .unwrap_or_default()
 }
 
+/// Limits per hour: one unit comes back every `3600 / limit` s, so wall time during a test
+/// (seconds at most) cannot refill a quota and make exact counts drift.
+const WINDOW_SECS: &str = "3600";
+
 #[tokio::test]
 async fn the_request_over_the_limit_is_429_with_headers() {
     let (db, url) = database().await.unwrap();
@@ -39,10 +43,14 @@ async fn the_request_over_the_limit_is_429_with_headers() {
     let api = Api::start(
         &url,
         &[
-            ("REDIS_URL", "redis://127.0.0.1:6379".into()),
+            ("REDIS_URL", shared_redis_url()),
             ("RATE_LIMIT_KEY_PREFIX", prefix()),
             ("RATE_LIMIT_PER_KEY", "5".into()),
             ("RATE_LIMIT_PER_IP", "1000".into()),
+            ("RATE_LIMIT_WINDOW_SECS", WINDOW_SECS.into()),
+            // The fail-open fallback would say q=2 (5 / 2): the headers below come from
+            // Redis, and the metrics at the end say so too.
+            ("RATE_LIMIT_REPLICAS", "2".into()),
         ],
     )
     .await
@@ -53,21 +61,32 @@ async fn the_request_over_the_limit_is_429_with_headers() {
         assert_eq!(response.status(), 200, "{}", api.output());
         assert_eq!(
             header(&response, "ratelimit-policy"),
-            "\"key\";q=5;w=60, \"ip\";q=1000;w=60"
+            "\"key\";q=5;w=3600, \"ip\";q=1000;w=3600"
         );
-        assert!(
-            header(&response, "ratelimit").starts_with(&format!("\"key\";r={remaining};t=")),
-            "{}",
-            header(&response, "ratelimit")
-        );
+        let state = header(&response, "ratelimit");
+        let prefix = format!("\"key\";r={remaining};t=");
+        assert!(state.starts_with(&prefix), "{state}");
+        // t: the first unit spent comes back 720 s (3600 / 5) after it was spent.
+        let t: u64 = state[prefix.len()..]
+            .split(',')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((715..=720).contains(&t), "{state}");
         assert!(header(&response, "retry-after").is_empty());
     }
     let response = get(&api, &t).await;
     assert_eq!(response.status(), 429);
-    // 5 per 60 s: the next unit comes 12 s after the first request.
+    // 5 per hour: the next unit comes 720 s after the first request.
     let retry_after: u64 = header(&response, "retry-after").parse().unwrap();
-    assert!((11..=12).contains(&retry_after), "{retry_after}");
-    assert!(header(&response, "ratelimit").starts_with("\"key\";r=0;t="));
+    assert!((715..=720).contains(&retry_after), "{retry_after}");
+    // The refusing quota's t is the same time.
+    let state = header(&response, "ratelimit");
+    assert!(
+        state.starts_with(&format!("\"key\";r=0;t={retry_after},")),
+        "{state} with Retry-After {retry_after}"
+    );
     let body: Value = response.json().await.unwrap();
     assert_eq!(
         body,
@@ -76,12 +95,19 @@ async fn the_request_over_the_limit_is_429_with_headers() {
     // Health endpoints are not limited.
     let response = api.http.get(api.url("/healthz")).send().await.unwrap();
     assert_eq!(response.status(), 200);
-    assert!(
-        api.metric_with("rate_limit_decisions_total", "decision=\"limited\"")
-            .await
-            .unwrap()
-            >= 1.0
-    );
+    // Every decision came from Redis: 5 allowed and 1 limited, none on the fallback.
+    let decisions = |label: &'static str| {
+        let api = &api;
+        async move {
+            api.metric_with("rate_limit_decisions_total", label)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(decisions("backend=\"redis\"").await, 6.0);
+    assert_eq!(decisions("backend=\"local\"").await, 0.0);
+    assert_eq!(decisions("decision=\"failed_open\"").await, 0.0);
+    assert_eq!(decisions("decision=\"limited\"").await, 1.0);
     drop(api);
     db.drop_database().await.unwrap();
 }
@@ -93,6 +119,7 @@ async fn two_processes_on_one_redis_share_one_limit() {
     let env = [
         ("REDIS_URL", redis.url()),
         ("RATE_LIMIT_PER_KEY", "10".into()),
+        ("RATE_LIMIT_WINDOW_SECS", WINDOW_SECS.into()),
         ("RATE_LIMIT_REPLICAS", "2".into()),
     ];
     let a = Api::start(&url, &env).await.unwrap();
@@ -129,6 +156,7 @@ async fn redis_down_fails_open_then_limiting_resumes_after_restart() {
         &[
             ("REDIS_URL", redis.url()),
             ("RATE_LIMIT_PER_KEY", "3".into()),
+            ("RATE_LIMIT_WINDOW_SECS", WINDOW_SECS.into()),
             // The fallback allows 3 / 3 = 1 per process: its headers say q=1, Redis's q=3.
             ("RATE_LIMIT_REPLICAS", "3".into()),
         ],
