@@ -16,9 +16,13 @@
 //! - The flight removes its own map entry when it ends, whichever way it ends
 //!   (value, error, timeout, panic, or every caller gone), so the in-flight map
 //!   never keeps a finished entry; [`SingleFlight::stats`] shows its size.
-//! - With [`FlightOptions::timeout`], a computation still running at the
-//!   deadline is dropped (cancelled at its next `.await`) and every waiter gets
-//!   [`SingleFlightError::TimedOut`].
+//! - With [`FlightOptions::timeout`], a flight whose cache re-check and
+//!   computation are still running at the deadline is dropped (cancelled at
+//!   its next `.await`) and every waiter gets [`SingleFlightError::TimedOut`].
+//!   The same limit bounds each caller's own cache lookup (one that runs past
+//!   it counts as a miss) and the cache write after a success (one that runs
+//!   past it is abandoned and logged), so a hung cache can neither hang a
+//!   caller nor keep a finished flight in the map.
 //! - With a [`FlightCache`], each caller looks in the cache first; the flight
 //!   looks again before computing (a value stored meanwhile by an earlier
 //!   flight is not recomputed), and stores a computed value once. A failing
@@ -167,7 +171,9 @@ pub trait FlightCache<K, V>: Send + Sync {
 /// options of the caller that started it.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct FlightOptions {
-    /// Cancel the computation after this long (`None`: no limit).
+    /// Cancel the flight (its cache re-check and the computation) after this
+    /// long; the same limit applies to each caller's cache lookup and to the
+    /// cache write (`None`: no limit). See the [module docs](self).
     pub timeout: Option<Duration>,
     /// Time to live handed to [`FlightCache::set`].
     pub ttl: Option<Duration>,
@@ -177,7 +183,7 @@ pub struct FlightOptions {
 }
 
 impl FlightOptions {
-    /// Sets the computation timeout.
+    /// Sets the flight's timeout.
     #[must_use]
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
@@ -214,7 +220,8 @@ pub struct FlightStats {
     pub early_recomputations: u64,
     /// Computations that returned an error.
     pub failures: u64,
-    /// Computations cancelled by the timeout.
+    /// Flights cancelled by the timeout (during the cache re-check or the
+    /// computation).
     pub timeouts: u64,
 }
 
@@ -350,7 +357,10 @@ where
         Fut: Future<Output = Result<V, E>> + Send + 'static,
     {
         if let Some(cache) = &self.inner.cache {
-            match cache.get(&key).await {
+            let lookup = within(options.timeout, cache.get(&key))
+                .await
+                .unwrap_or_else(|| Err("cache read timed out".into()));
+            match lookup {
                 Ok(Some(hit)) => {
                     self.inner
                         .counters
@@ -526,41 +536,54 @@ async fn run_flight<K, V, E, F, Fut>(
 {
     let inner = &guard.inner;
     let key = &guard.key;
-    if check_cache && let Some(cache) = &inner.cache {
-        // A value stored by a flight that ended after our caller's lookup.
-        if let Ok(Some(hit)) = cache.get(key).await {
-            tx.send_replace(Some(Ok(hit.value)));
+    let work = async {
+        if check_cache && let Some(cache) = &inner.cache {
+            // A value stored by a flight that ended after our caller's lookup.
+            if let Ok(Some(hit)) = cache.get(key).await {
+                return Work::Cached(hit.value);
+            }
+        }
+        inner.counters.computations.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        let result = factory().await;
+        Work::Computed(result, started.elapsed())
+    };
+    // On a timeout the re-check or the factory's future has been dropped
+    // here: the computation is cancelled.
+    let outcome = match within(options.timeout, work).await {
+        Some(Work::Cached(value)) => {
+            tx.send_replace(Some(Ok(value)));
             return;
         }
-    }
-
-    inner.counters.computations.fetch_add(1, Ordering::Relaxed);
-    let started = Instant::now();
-    let outcome = match options.timeout {
-        Some(limit) => match tokio::time::timeout(limit, factory()).await {
-            Ok(outcome) => outcome.map_err(|e| SingleFlightError::Failed(Arc::new(e))),
-            // The factory's future has been dropped here: the computation is cancelled.
-            Err(_elapsed) => Err(SingleFlightError::TimedOut { after: limit }),
-        },
-        None => factory()
-            .await
+        Some(Work::Computed(result, delta)) => result
+            .map(|value| (value, delta))
             .map_err(|e| SingleFlightError::Failed(Arc::new(e))),
+        None => Err(SingleFlightError::TimedOut {
+            after: options.timeout.unwrap_or_default(),
+        }),
     };
-    let delta = started.elapsed();
 
     match outcome {
-        Ok(value) => {
+        Ok((value, delta)) => {
             // Waiters first, then the (possibly slow) cache write. The entry
-            // stays in the map until the write is done, so a caller that
-            // missed the cache still joins this flight rather than starting one.
+            // stays in the map until the write is done or has run out of
+            // time, so a caller that missed the cache still joins this flight
+            // rather than starting one.
             tx.send_replace(Some(Ok(value.clone())));
             if let Some(cache) = &inner.cache {
                 let meta = CacheMeta {
                     ttl: options.ttl,
                     delta,
                 };
-                if let Err(error) = cache.set(key, &value, meta).await {
-                    tracing::warn!(error = %error, "single-flight cache write failed");
+                match within(options.timeout, cache.set(key, &value, meta)).await {
+                    Some(Ok(())) => {}
+                    Some(Err(error)) => {
+                        tracing::warn!(error = %error, "single-flight cache write failed");
+                    }
+                    None => tracing::warn!(
+                        timeout = ?options.timeout,
+                        "single-flight cache write timed out, abandoned"
+                    ),
                 }
             }
         }
@@ -576,6 +599,22 @@ async fn run_flight<K, V, E, F, Fut>(
             guard.remove();
             tx.send_replace(Some(Err(error)));
         }
+    }
+}
+
+/// What a flight's timed part produced.
+enum Work<V, E> {
+    /// The re-check found a value.
+    Cached(V),
+    /// The factory ran: its result and how long it took.
+    Computed(Result<V, E>, Duration),
+}
+
+/// `future`'s output, or `None` if it ran past `limit` (then it is dropped).
+async fn within<F: Future>(limit: Option<Duration>, future: F) -> Option<F::Output> {
+    match limit {
+        Some(limit) => tokio::time::timeout(limit, future).await.ok(),
+        None => Some(future.await),
     }
 }
 

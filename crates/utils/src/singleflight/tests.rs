@@ -325,6 +325,12 @@ struct MemoryCache {
     fail_reads: AtomicBool,
     fail_next_reads: AtomicUsize,
     fail_writes: AtomicBool,
+    /// Reads so far.
+    reads: AtomicUsize,
+    /// The read (counted from 1) that never completes; 0 for none.
+    hang_read: AtomicUsize,
+    /// Writes never complete.
+    hang_writes: AtomicBool,
 }
 
 impl MemoryCache {
@@ -346,6 +352,10 @@ impl FlightCache<u32, u64> for MemoryCache {
         key: &'a u32,
     ) -> BoxFuture<'a, Result<Option<CachedValue<u64>>, BoxError>> {
         async move {
+            let read = self.reads.fetch_add(1, Ordering::SeqCst) + 1;
+            if read == self.hang_read.load(Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
             let fail_next = self
                 .fail_next_reads
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -379,6 +389,9 @@ impl FlightCache<u32, u64> for MemoryCache {
     ) -> BoxFuture<'a, Result<(), BoxError>> {
         async move {
             self.sets.fetch_add(1, Ordering::SeqCst);
+            if self.hang_writes.load(Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
             if self.fail_writes.load(Ordering::SeqCst) {
                 return Err("cache write refused".into());
             }
@@ -457,6 +470,59 @@ async fn flight_rechecks_the_cache_before_computing() {
         .await;
     assert_eq!(value.unwrap(), 60);
     assert_eq!(sf.stats().computations, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn timeout_covers_the_flights_cache_recheck() {
+    let (cache, sf) = cached_flight();
+    // The caller's lookup misses; the flight's re-check never answers.
+    cache.hang_read.store(2, Ordering::SeqCst);
+    let options = FlightOptions::default().timeout(Duration::from_millis(100));
+    let started = Instant::now();
+    let err = tokio::time::timeout(
+        Duration::from_secs(60),
+        sf.get_or_compute(7, || async { Ok(70) }, &options),
+    )
+    .await
+    .expect("the hung re-check was not bounded")
+    .unwrap_err();
+    assert!(matches!(err, SingleFlightError::TimedOut { .. }), "{err:?}");
+    assert_eq!(started.elapsed(), Duration::from_millis(100));
+    wait_until_idle(&sf).await;
+    let stats = sf.stats();
+    assert_eq!((stats.computations, stats.timeouts), (0, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hung_cache_lookup_counts_as_a_miss_after_the_timeout() {
+    let (cache, sf) = cached_flight();
+    cache.hang_read.store(1, Ordering::SeqCst);
+    let options = FlightOptions::default().timeout(Duration::from_millis(100));
+    let started = Instant::now();
+    let value = tokio::time::timeout(
+        Duration::from_secs(60),
+        sf.get_or_compute(8, || async { Ok(80) }, &options),
+    )
+    .await
+    .expect("the hung lookup was not bounded");
+    assert_eq!(value.unwrap(), 80);
+    assert_eq!(started.elapsed(), Duration::from_millis(100));
+    assert_eq!(sf.stats().computations, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hung_cache_write_does_not_keep_the_flight_in_the_map() {
+    let (cache, sf) = cached_flight();
+    cache.hang_writes.store(true, Ordering::SeqCst);
+    let options = FlightOptions::default().timeout(Duration::from_millis(100));
+    // Waiters get the value before the write.
+    let value = sf.get_or_compute(9, || async { Ok(90) }, &options).await;
+    assert_eq!(value.unwrap(), 90);
+    assert_eq!(sf.stats().in_flight, 1, "the write is still running");
+    // The write runs out of time and the entry goes.
+    wait_until_idle(&sf).await;
+    assert_eq!(cache.sets.load(Ordering::SeqCst), 1);
+    assert_eq!(cache.stored(9), None);
 }
 
 #[tokio::test(start_paused = true)]
