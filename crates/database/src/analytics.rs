@@ -197,7 +197,7 @@ impl Analytics {
     /// A pool that came up after [`Analytics::close`] closes at once.
     async fn close_if_closed(&self, pool: &PgPool) {
         if self.closed.load(Ordering::SeqCst) {
-            pool.close().await;
+            crate::pool::close(pool).await;
         }
     }
 

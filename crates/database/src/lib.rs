@@ -281,15 +281,16 @@ impl Database {
     }
 
     /// Closes both pools: new acquires fail at once, checked-out connections close when
-    /// returned. Waits for that at most `deadline`.
+    /// returned. Waits for that at most `deadline`; an analytics pool that comes up after
+    /// this closes at once.
     pub async fn close(&self, deadline: Duration) -> Result<(), DbError> {
         let inner = &self.inner;
         let both = async {
             match inner.analytics.close() {
                 Some(analytics) => {
-                    tokio::join!(inner.primary.close(), analytics.close());
+                    tokio::join!(pool::close(&inner.primary), pool::close(analytics));
                 }
-                None => inner.primary.close().await,
+                None => pool::close(&inner.primary).await,
             }
         };
         tokio::time::timeout(deadline, both)

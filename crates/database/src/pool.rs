@@ -108,6 +108,18 @@ pub(crate) async fn connect(
         .map_err(connect_error)
 }
 
+/// Closes `pool` and every connection in it, waiting for checked-out ones to come back.
+///
+/// `PgPool::close` runs twice: in sqlx 0.8.6 it stops as soon as every permit is back, but
+/// a connection whose release (sqlx pings it on the way back) began before the close re-enters
+/// the idle queue just before returning its permit, after the close last emptied that queue,
+/// and would stay open as long as the pool value lives. The second call finds and closes it
+/// (and costs nothing otherwise: the pool is empty).
+pub(crate) async fn close(pool: &PgPool) {
+    pool.close().await;
+    pool.close().await;
+}
+
 /// True once a connection of age `age` should be retired. Each connection gets its own
 /// cut-off in `[lifetime * (1 - LIFETIME_JITTER), lifetime]`, derived from its creation
 /// instant so that it is stable across checks without storing anything per connection.

@@ -864,6 +864,38 @@ async fn close_also_closes_the_analytics_pool() {
     fx.finish().await;
 }
 
+/// sqlx 0.8.6's `Pool::close` misses a connection whose release (sqlx pings it on the way
+/// back) is under way when the close starts: it goes back to the idle queue after close
+/// last looked there. A slow proxy makes that release take 200 ms.
+#[tokio::test]
+async fn close_also_closes_a_connection_on_its_way_back_to_the_pool() {
+    let tdb = TestDatabase::create().await.unwrap();
+    let (_proxy, url) = Proxy::in_front_of(&tdb, Duration::from_millis(200)).await;
+    let mut config = DatabaseConfig::new(&url).unwrap();
+    config.pool_min = 0;
+    config.pool_max = 2;
+    let app = unique_app("sbt-close-returning");
+    let db = Database::connect(config, &app).await.unwrap();
+    let admin = PgPool::connect(tdb.url().expose()).await.unwrap();
+    let one: i32 = db
+        .bounded(sqlx::query_scalar("SELECT 1").fetch_one(db.primary()))
+        .await
+        .unwrap();
+    assert_eq!(one, 1);
+    // The release's ping is now on the wire; its answer takes 200 ms to come back.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    db.close(Duration::from_secs(5)).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            count_backends(&admin, &app).await == 0
+        })
+        .await,
+        "a session outlived close()"
+    );
+    admin.close().await;
+    tdb.drop_database().await.unwrap();
+}
+
 async fn database_exists(name: &str) -> bool {
     let admin = PgPool::connect(TestDatabase::admin_url().unwrap().expose())
         .await
