@@ -10,7 +10,8 @@
 //!    `max_wait` and never past the call's deadline →
 //!    [`FetchError::BulkheadFull`].
 //! 2. Circuit breaker admission → [`FetchError::CircuitOpen`] (nothing sent).
-//! 3. One deposit into the process-wide retry budget.
+//! 3. One deposit into the retry budget (the client's own, or one shared by
+//!    the whole process through [`HttpClientBuilder::retry_budget`]).
 //! 4. Attempt: the request (a fresh clone each time) under its own timeout of
 //!    `min(attempt_timeout, time left before the deadline)`. A success (1xx to
 //!    3xx) is returned; a 4xx other than 408/425/429 or a non-transient 5xx
@@ -456,12 +457,28 @@ pub fn is_idempotent(method: &Method) -> bool {
     )
 }
 
+/// A component the client builds from a config, or one given to share.
+#[derive(Debug)]
+enum Shared<T, C> {
+    Own(C),
+    Given(Arc<T>),
+}
+
+impl<T, C> Shared<T, C> {
+    fn resolve(self, build: impl FnOnce(C) -> T) -> Arc<T> {
+        match self {
+            Self::Own(config) => Arc::new(build(config)),
+            Self::Given(shared) => shared,
+        }
+    }
+}
+
 /// Builds an [`HttpClient`].
 pub struct HttpClientBuilder {
     defaults: AdapterSettings,
     overrides: Vec<(AdapterName, AdapterSettings)>,
-    registry: RegistryConfig,
-    retry_budget: RetryBudgetConfig,
+    registry: Shared<BreakerRegistry, RegistryConfig>,
+    retry_budget: Shared<RetryBudget, RetryBudgetConfig>,
     jitter_seed: Option<u64>,
     user_agent: String,
     connect_timeout: Duration,
@@ -486,8 +503,8 @@ impl Default for HttpClientBuilder {
         Self {
             defaults: AdapterSettings::default(),
             overrides: Vec::new(),
-            registry: RegistryConfig::default(),
-            retry_budget: RetryBudgetConfig::default(),
+            registry: Shared::Own(RegistryConfig::default()),
+            retry_budget: Shared::Own(RetryBudgetConfig::default()),
             jitter_seed: None,
             user_agent: concat!("smartbeak/", env!("CARGO_PKG_VERSION")).to_owned(),
             connect_timeout: Duration::from_secs(5),
@@ -513,17 +530,40 @@ impl HttpClientBuilder {
         self
     }
 
-    /// Capacity and idle expiry of the breaker registry.
+    /// Capacity and idle expiry of the client's own breaker registry
+    /// (replaces a registry given to [`breaker_registry`](Self::breaker_registry)).
     #[must_use]
-    pub fn breaker_registry(mut self, config: RegistryConfig) -> Self {
-        self.registry = config;
+    pub fn breaker_registry_config(mut self, config: RegistryConfig) -> Self {
+        self.registry = Shared::Own(config);
         self
     }
 
-    /// The process-wide retry budget.
+    /// Uses `registry` instead of a registry of the client's own, so other
+    /// clients and components holding the same `Arc` share one breaker per
+    /// (adapter, policy): an outage seen by one opens the breaker for all.
     #[must_use]
-    pub fn retry_budget(mut self, config: RetryBudgetConfig) -> Self {
-        self.retry_budget = config;
+    pub fn breaker_registry(mut self, registry: Arc<BreakerRegistry>) -> Self {
+        self.registry = Shared::Given(registry);
+        self
+    }
+
+    /// Limits of the client's own retry budget (replaces a budget given to
+    /// [`retry_budget`](Self::retry_budget)).
+    #[must_use]
+    pub fn retry_budget_config(mut self, config: RetryBudgetConfig) -> Self {
+        self.retry_budget = Shared::Own(config);
+        self
+    }
+
+    /// Uses `budget` instead of a budget of the client's own. This is how to
+    /// keep *one* retry budget for the process: build one `Arc<RetryBudget>`
+    /// at start-up and hand it to every [`HttpClient`], so retries stay a
+    /// fraction of all requests together rather than of each client's. A
+    /// [`Resilience`](smartbeak_resilience::Resilience) hands out its own
+    /// with `retry_budget()`, so it can be shared with a client too.
+    #[must_use]
+    pub fn retry_budget(mut self, budget: Arc<RetryBudget>) -> Self {
+        self.retry_budget = Shared::Given(budget);
         self
     }
 
@@ -611,8 +651,8 @@ impl HttpClientBuilder {
                 client,
                 settings,
                 bulkheads,
-                breakers: BreakerRegistry::new(self.registry),
-                budget: RetryBudget::new(self.retry_budget),
+                breakers: self.registry.resolve(BreakerRegistry::new),
+                budget: self.retry_budget.resolve(RetryBudget::new),
                 rng: Mutex::new(rng),
             }),
         })
@@ -634,8 +674,8 @@ struct ClientInner {
     settings: Vec<AdapterSettings>,
     /// Indexed by `AdapterName::index`.
     bulkheads: Vec<Bulkhead>,
-    breakers: BreakerRegistry,
-    budget: RetryBudget,
+    breakers: Arc<BreakerRegistry>,
+    budget: Arc<RetryBudget>,
     rng: Mutex<StdRng>,
 }
 
@@ -704,10 +744,18 @@ impl HttpClient {
             .get(adapter, &self.settings(adapter).breaker)
     }
 
-    /// The process-wide retry budget.
+    /// The retry budget in use (shared if one was given to
+    /// [`HttpClientBuilder::retry_budget`]).
     #[must_use]
-    pub fn retry_budget(&self) -> &RetryBudget {
+    pub fn retry_budget(&self) -> &Arc<RetryBudget> {
         &self.inner.budget
+    }
+
+    /// The breaker registry in use (shared if one was given to
+    /// [`HttpClientBuilder::breaker_registry`]).
+    #[must_use]
+    pub fn breaker_registry(&self) -> &Arc<BreakerRegistry> {
+        &self.inner.breakers
     }
 
     /// Builds and sends the request to `adapter`; see [`execute`](Self::execute).

@@ -1026,7 +1026,7 @@ async fn retry_budget_stops_retries_when_empty() {
     let server = serve(|_| Reply::Status(503)).await;
     let client = HttpClient::builder()
         .defaults(settings(quick_retries(5), ms(1000), ms(2000)))
-        .retry_budget(RetryBudgetConfig {
+        .retry_budget_config(RetryBudgetConfig {
             ttl: Duration::from_secs(10),
             min_retries_per_sec: 0,
             retry_percent: 100,
@@ -1075,7 +1075,7 @@ async fn breaker_opened_during_the_backoff_stops_the_retry() {
         })
         // One deposit buys exactly one retry, so the withdrawal shows when
         // the call has decided to retry and is waiting.
-        .retry_budget(RetryBudgetConfig {
+        .retry_budget_config(RetryBudgetConfig {
             ttl: Duration::from_secs(10),
             min_retries_per_sec: 0,
             retry_percent: 100,
@@ -1125,6 +1125,66 @@ async fn breaker_opened_during_the_backoff_stops_the_retry() {
         "{err:?}"
     );
     assert_eq!(server.hits(), 1, "nothing sent after the breaker opened");
+}
+
+#[tokio::test]
+async fn clients_given_one_registry_and_budget_share_them() {
+    let server = serve(|_| Reply::Status(503)).await;
+    // A retry costs 100 units and each call deposits 50: one client alone
+    // never affords one; two sharing the budget afford one between them.
+    let budget = Arc::new(RetryBudget::new(RetryBudgetConfig {
+        ttl: Duration::from_secs(10),
+        min_retries_per_sec: 0,
+        retry_percent: 50,
+    }));
+    let registry = Arc::new(BreakerRegistry::default());
+    let build = || {
+        HttpClient::builder()
+            .defaults(settings(quick_retries(5), ms(1000), ms(2000)))
+            .retry_budget(Arc::clone(&budget))
+            .breaker_registry(Arc::clone(&registry))
+            .jitter_seed(SEED)
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (build(), build());
+    assert!(Arc::ptr_eq(a.retry_budget(), &budget));
+    assert!(Arc::ptr_eq(b.breaker_registry(), &registry));
+
+    let attempts = |err: FetchError| match err {
+        FetchError::RetriesExhausted {
+            attempts,
+            reason: StopReason::RetryBudget,
+            ..
+        } => attempts,
+        other => panic!("unexpected {other:?}"),
+    };
+    let first = a
+        .send(ADAPTER, a.get(server.url()), &CallOptions::default())
+        .await
+        .unwrap_err();
+    assert_eq!(attempts(first), 1, "50 units buy no retry");
+    let second = b
+        .send(ADAPTER, b.get(server.url()), &CallOptions::default())
+        .await
+        .unwrap_err();
+    assert_eq!(attempts(second), 2, "a's deposit and b's buy one retry");
+
+    // One breaker per (adapter, policy) across both clients.
+    assert!(Arc::ptr_eq(&a.breaker(ADAPTER), &b.breaker(ADAPTER)));
+    let shared = registry.get(ADAPTER, &a.settings(ADAPTER).breaker);
+    while shared.state() != BreakerState::Open {
+        shared.try_acquire().unwrap().record(Verdict::Failure);
+    }
+    let hits = server.hits();
+    for client in [&a, &b] {
+        let err = client
+            .send(ADAPTER, client.get(server.url()), &CallOptions::default())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, FetchError::CircuitOpen { .. }), "{err:?}");
+    }
+    assert_eq!(server.hits(), hits);
 }
 
 // ---------------------------------------------------------------- metrics
