@@ -226,9 +226,11 @@
 //!
 //! # Metrics and events
 //!
-//! * `circuit_breaker_state{adapter}` gauge: 0 closed, 1 open, 2 half-open
-//!   (breakers of one adapter under different policies share the series; the
-//!   last transition wins; an internal breaker's label is its name);
+//! * `circuit_breaker_state{adapter}` gauge: 0 closed, 1 open, 2 half-open,
+//!   registered at creation (a new series reads 0) and written on
+//!   transitions only, so creating a breaker never resets it; breakers of one
+//!   adapter under different policies share the series and the last
+//!   transition wins; an internal breaker's label is its name;
 //! * `circuit_breaker_rejected_total{adapter}`,
 //!   `circuit_breaker_transitions_total{adapter,to}`;
 //! * `bulkhead_rejected_total{adapter}`, `resilience_unknown_adapter_total`.

@@ -29,6 +29,13 @@ use crate::verdict::Verdict;
 /// Gauge of each breaker's state (0 closed, 1 open, 2 half-open), labelled
 /// `adapter` (the adapter's name, or an internal breaker's
 /// [name](CircuitBreaker::internal)).
+///
+/// Registered when a breaker is created and written on transitions only: a
+/// new series reads 0 (closed) until written (so in the Prometheus
+/// exporter), and creating a breaker (under another policy, or after an
+/// idle one expired) never resets the series while another breaker of the
+/// adapter is open. Breakers of one adapter under different policies share
+/// the series; it shows the latest transition of any of them.
 pub const STATE_GAUGE: &str = "circuit_breaker_state";
 /// Counter of calls rejected by an open or saturated half-open breaker,
 /// labelled `adapter` (as [`STATE_GAUGE`]).
@@ -345,8 +352,9 @@ impl CircuitBreaker {
     ) -> Self {
         let config = policy.config();
         let now = clock.now_nanos();
+        // Registered, not written: a new breaker must not reset the series
+        // while another breaker of the adapter (another policy) is open.
         let state_gauge = metrics::gauge!(STATE_GAUGE, "adapter" => name);
-        state_gauge.set(BreakerState::Closed.gauge_value());
         Self {
             word: CachePadded(AtomicU64::new(pack(CLOSED, 0))),
             window: Window::new(config.window_size, config.slow_calls.is_some()),

@@ -468,6 +468,8 @@ fn transitions_and_rejections_are_exported_as_metrics() {
     metrics::with_local_recorder(&recorder, || {
         let (b, clock) = breaker(config());
         let gauge = "circuit_breaker_state{adapter=openai}";
+        // Registered at creation (a fresh series reads 0), written on
+        // transitions.
         assert_eq!(recorder.gauge(gauge), Some(0.0));
         trip(&b);
         assert_eq!(recorder.gauge(gauge), Some(1.0));
@@ -486,6 +488,24 @@ fn transitions_and_rejections_are_exported_as_metrics() {
             recorder.counter("circuit_breaker_transitions_total{adapter=openai,to=open}"),
             1
         );
+    });
+}
+
+#[test]
+fn creating_a_breaker_does_not_reset_the_gauge_of_an_open_one() {
+    let recorder = crate::test_recorder::TestRecorder::default();
+    metrics::with_local_recorder(&recorder, || {
+        let gauge = "circuit_breaker_state{adapter=openai}";
+        let (open, _clock) = breaker(config());
+        trip(&open);
+        assert_eq!(recorder.gauge(gauge), Some(1.0));
+        // Another policy for the same adapter: a second breaker, closed.
+        let (other, _clock) = breaker(BreakerConfig {
+            consecutive_failures: 7,
+            ..config()
+        });
+        assert_eq!(other.state(), BreakerState::Closed);
+        assert_eq!(recorder.gauge(gauge), Some(1.0), "reset by a creation");
     });
 }
 
