@@ -121,10 +121,10 @@ fn run_id() -> String {
 /// Drops the databases the tests of run `run_id` left behind (`sb_test_<run>_*`).
 fn drop_test_databases(sh: &Shell, admin_url: &str, run_id: &str) {
     let prefix = format!("sb_test_{run_id}_");
-    let list = format!(
-        "SELECT datname FROM pg_database WHERE left(datname, {}) = '{prefix}'",
-        prefix.len()
-    );
+    // Exactly `<prefix><32 hex>`: a prefix match alone would also catch run `1_2` when
+    // dropping run `1`.
+    let list =
+        format!("SELECT datname FROM pg_database WHERE datname ~ '^{prefix}[0-9a-f]{{32}}$'");
     let names = match psql_read(sh, admin_url, &list) {
         Ok(names) => names,
         Err(e) => {
