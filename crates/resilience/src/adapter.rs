@@ -234,6 +234,9 @@ fn truncate(s: &str, max: usize) -> &str {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicUsize;
+
     use super::*;
 
     #[test]
@@ -266,6 +269,61 @@ mod tests {
             }
         });
         assert_eq!(recorder.counter("resilience_unknown_adapter_total{}"), 2);
+    }
+
+    /// Counts `warn` events of this module on the thread it is installed on.
+    struct WarnCounter(Arc<AtomicUsize>);
+
+    impl tracing::Subscriber for WarnCounter {
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, event: &tracing::Event<'_>) {
+            let meta = event.metadata();
+            if *meta.level() == tracing::Level::WARN
+                && meta.target() == "smartbeak_resilience::adapter"
+            {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+
+    #[test]
+    fn a_flood_of_unknown_names_emits_a_bounded_number_of_warnings() {
+        const FLOOD: usize = 100_000;
+        let warnings = Arc::new(AtomicUsize::new(0));
+        let recorder = crate::test_recorder::TestRecorder::default();
+        let started = Instant::now();
+        tracing::subscriber::with_default(WarnCounter(Arc::clone(&warnings)), || {
+            metrics::with_local_recorder(&recorder, || {
+                for i in 0..FLOOD {
+                    assert_eq!(
+                        AdapterName::parse(&format!("attacker-{i}")),
+                        AdapterName::Unknown
+                    );
+                }
+            });
+        });
+        // One warning per interval at most (other tests share the limiter
+        // and may take this interval's), however many names came in; each
+        // name is still counted.
+        let intervals = started.elapsed().as_secs() / UNKNOWN_WARN_INTERVAL.as_secs();
+        let emitted = warnings.load(Ordering::SeqCst);
+        assert!(
+            emitted as u64 <= 1 + intervals,
+            "{emitted} warnings for {FLOOD} names"
+        );
+        assert_eq!(
+            recorder.counter("resilience_unknown_adapter_total{}"),
+            FLOOD as u64
+        );
     }
 
     #[test]
