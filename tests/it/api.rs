@@ -4,7 +4,9 @@
 //! Finding the binary: `SMARTBEAK_API_BIN` if set, else [`crate::support::binary`] builds it.
 
 mod analytics;
+mod exports;
 mod ratelimit;
+mod readiness;
 mod shutdown;
 mod tenancy;
 mod validation;

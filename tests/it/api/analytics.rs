@@ -107,3 +107,84 @@ async fn aggregates_and_a_burst_of_500_runs_one_query() {
     drop(api);
     db.drop_database().await.unwrap();
 }
+
+#[tokio::test]
+async fn an_ingest_with_one_bad_row_stores_nothing() {
+    let (db, url) = database().await.unwrap();
+    let api = Api::start(&url, &[("RATE_LIMIT_ENABLED", "false".into())])
+        .await
+        .unwrap();
+    let t = Tenant::create(&url, "atomic").await.unwrap();
+    let other = Tenant::create(&url, "other").await.unwrap();
+    let d = create_domain(&api, &t, "atomic.example.com").await.unwrap();
+    let other_domain = create_domain(&api, &other, "other.example.com")
+        .await
+        .unwrap();
+    // A content item of another org's domain: it exists, but not in this domain.
+    let foreign: Value = api
+        .http
+        .post(api.url(&format!("/v1/domains/{other_domain}/content")))
+        .header("authorization", other.bearer())
+        .json(&json!({"title": "Theirs", "slug": "theirs"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let keywords = json!([
+        {"keyword": "rust", "search_volume": 100, "position": 2.0, "recorded_at": "2026-01-02T00:00:00Z"},
+        {"keyword": "axum", "search_volume": 50, "position": 1.0, "recorded_at": "2026-01-03T00:00:00Z"}
+    ]);
+    for bad in [
+        uuid::Uuid::new_v4().to_string(),
+        foreign["id"].as_str().unwrap().to_owned(),
+    ] {
+        let response = api
+            .http
+            .post(api.url(&format!("/v1/domains/{d}/metrics")))
+            .header("authorization", t.bearer())
+            .json(&json!({
+                "keywords": keywords,
+                "content": [{"content_id": bad, "page_views": 1, "recorded_at": "2026-01-02T00:00:00Z"}]
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["code"], "VALIDATION_ERROR");
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap()
+                .starts_with("content[0].content_id:"),
+            "{body}"
+        );
+    }
+    // Nothing of either request was stored: no keyword rows either.
+    let report: Value = api
+        .http
+        .get(api.url(&format!(
+            "/v1/domains/{d}/analytics?from=2026-01-01&to=2026-01-31"
+        )))
+        .header("authorization", t.bearer())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(report["keywords"], json!([]), "{report}");
+    assert_eq!(report["content"], json!([]), "{report}");
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM keyword_metrics")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 0);
+    pool.close().await;
+
+    drop(api);
+    db.drop_database().await.unwrap();
+}

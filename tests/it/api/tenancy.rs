@@ -1,5 +1,6 @@
 //! Tenancy: org A's key can neither read, list, export nor download anything of org B's
-//! (always 404, never 403), and a revoked key is 401.
+//! (always 404, never 403), and a revoked key is 401; cached analytics are per org; domain
+//! names are unique per org, not across orgs.
 
 use serde_json::{Value, json};
 
@@ -165,6 +166,68 @@ async fn orgs_are_isolated_and_revoked_keys_are_rejected() {
 
     drop(api);
     let _ = std::fs::remove_dir_all(&export_dir);
+    db.drop_database().await.unwrap();
+}
+
+#[tokio::test]
+async fn cached_analytics_are_per_org_and_names_are_unique_per_org() {
+    let (db, url) = database().await.unwrap();
+    // A long cache TTL: a cache keyed without the org would hand B's report to A.
+    let api = Api::start(&url, &[("ANALYTICS_CACHE_TTL_MS", "600000".into())])
+        .await
+        .unwrap();
+    let a = Tenant::create(&url, "org a").await.unwrap();
+    let b = Tenant::create(&url, "org b").await.unwrap();
+
+    // The same name in two orgs: 201 for both (409 only within one org).
+    let b_domain = create_domain(&api, &b, "shared.example.com").await.unwrap();
+    let a_domain = create_domain(&api, &a, "shared.example.com").await.unwrap();
+    assert_ne!(a_domain, b_domain);
+    let response = api
+        .http
+        .post(api.url("/v1/domains"))
+        .header("authorization", a.bearer())
+        .json(&json!({"name": "shared.example.com"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 409);
+
+    let response = api
+        .http
+        .post(api.url(&format!("/v1/domains/{b_domain}/metrics")))
+        .header("authorization", b.bearer())
+        .json(&json!({"keywords": [{"keyword": "b-secret", "search_volume": 7, "position": 1.0, "recorded_at": "2026-01-02T00:00:00Z"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+
+    // B loads its analytics first, so the report is cached; then A asks for the same
+    // domain and range.
+    let path = format!("/v1/domains/{b_domain}/analytics?from=2026-01-01&to=2026-01-31");
+    let get = |tenant: &Tenant| {
+        api.http
+            .get(api.url(&path))
+            .header("authorization", tenant.bearer())
+            .send()
+    };
+    let response = get(&b).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let report: Value = response.json().await.unwrap();
+    assert_eq!(report["keywords"][0]["keyword"], "b-secret");
+    let before = api.metric("analytics_queries_total").await.unwrap();
+    let response = get(&a).await.unwrap();
+    assert_eq!(response.status(), 404);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["code"], "NOT_FOUND", "{body}");
+    // B's second request is served from the cache (no query), A's went to the database.
+    let response = get(&b).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let after = api.metric("analytics_queries_total").await.unwrap();
+    assert_eq!(after - before, 1.0, "A's request ran its own query");
+
+    drop(api);
     db.drop_database().await.unwrap();
 }
 

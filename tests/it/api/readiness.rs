@@ -1,0 +1,61 @@
+//! Readiness follows the database: `/readyz` is 200 while it answers and 503 naming the
+//! database once it is gone (a throwaway PostgreSQL server this test owns and stops), while
+//! `/healthz` stays 200 (the process is alive).
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use smartbeak_test_support::PostgresServer;
+
+use super::Api;
+
+#[tokio::test]
+async fn readyz_is_503_naming_the_database_once_it_is_unreachable() {
+    let postgres = tokio::task::spawn_blocking(PostgresServer::start)
+        .await
+        .unwrap()
+        .unwrap();
+    // The api applies the migrations itself at start-up.
+    let api = Api::start(&postgres.url(), &[]).await.unwrap();
+    let readyz = async || {
+        let response = api.http.get(api.url("/readyz")).send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json::<Value>().await.unwrap())
+    };
+    let (status, body) = readyz().await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["database"], "ok");
+
+    let postgres = tokio::task::spawn_blocking(move || {
+        let mut postgres = postgres;
+        postgres.stop();
+        postgres
+    })
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let body = loop {
+        let (status, body) = readyz().await;
+        if status == 503 {
+            break body;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "still ready with the database stopped: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(body["status"], "not_ready");
+    assert_eq!(body["database"], "unreachable");
+    assert_eq!(body["error"], "not ready: database");
+    assert_eq!(body["code"], "NOT_READY");
+    assert_eq!(body["shutting_down"], false);
+    let response = api.http.get(api.url("/healthz")).send().await.unwrap();
+    assert_eq!(response.status(), 200, "alive, only not ready");
+
+    drop(api);
+    // Dropping the guard removes its directory (blocking file I/O).
+    tokio::task::spawn_blocking(move || drop(postgres))
+        .await
+        .unwrap();
+}
