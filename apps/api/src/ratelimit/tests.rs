@@ -76,7 +76,11 @@ fn usage(quota: &QuotaState) -> QuotaUsage {
 
 #[tokio::test]
 async fn redis_gcra_allows_the_limit_then_429_without_consuming() {
-    let limiter = RateLimiter::new(policy(3, 100), Some(&redis(&shared_redis_url()))).unwrap();
+    // Per hour: one key unit every 1200 s, one IP unit every 36 s, so the seconds this test
+    // may take under load cannot give a unit back (exact counts below hold).
+    let mut limits = policy(3, 100);
+    limits.window = Duration::from_secs(3600);
+    let limiter = RateLimiter::new(limits, Some(&redis(&shared_redis_url()))).unwrap();
     wait_connected(&limiter).await;
     let c = client(Some("k1"));
     for expected_remaining in [2, 1, 0] {
@@ -84,16 +88,22 @@ async fn redis_gcra_allows_the_limit_then_429_without_consuming() {
         assert_eq!(d.outcome, Outcome::Allowed);
         assert_eq!(d.quotas[0].name, "key");
         assert_eq!(usage(&d.quotas[0]).remaining, expected_remaining);
-        // 3 per 60 s: the unit spent first comes back 20 s after it was spent.
-        assert!((19..=20).contains(&usage(&d.quotas[0]).next_secs));
+        // The unit spent first comes back 1200 s after it was spent (not 3600 s: that
+        // would be the time until the quota is full again).
+        assert!((1190..=1200).contains(&usage(&d.quotas[0]).next_secs));
     }
     let d = limiter.check(&c).await;
     assert_eq!(d.outcome, Outcome::Limited);
     assert_eq!(usage(&d.quotas[0]).remaining, 0);
-    // 3 per 60 s: one unit every 20 s.
-    assert_eq!(d.retry_after_secs, Some(20));
-    // The rejected request consumed nothing from the IP quota: 3 used out of 100.
-    assert_eq!(usage(&d.quotas[1]).remaining, 97);
+    let retry_after = d.retry_after_secs.unwrap();
+    assert!((1190..=1200).contains(&retry_after), "{retry_after}");
+    // The exhausted key's t is the time to its next unit: Retry-After.
+    assert_eq!(usage(&d.quotas[0]).next_secs, retry_after);
+    // The rejected request consumed nothing from the IP quota: 3 used out of 100, and the
+    // first of them comes back 36 s after it was spent.
+    let ip = usage(&d.quotas[1]);
+    assert_eq!(ip.remaining, 97);
+    assert!((26..=36).contains(&ip.next_secs), "{}", ip.next_secs);
     // Another key from the same IP is independent.
     assert_eq!(
         limiter.check(&client(Some("k2"))).await.outcome,
@@ -104,12 +114,17 @@ async fn redis_gcra_allows_the_limit_then_429_without_consuming() {
     d.apply_headers(&mut headers);
     assert_eq!(
         headers["ratelimit-policy"],
-        "\"key\";q=3;w=60, \"ip\";q=100;w=60"
+        "\"key\";q=3;w=3600, \"ip\";q=100;w=3600"
     );
-    // `t` of the exhausted key is the time to its next unit, which is Retry-After; the IP
-    // quota (one unit every 600 ms) regains its next unit within a second.
-    assert_eq!(headers["ratelimit"], "\"key\";r=0;t=20, \"ip\";r=97;t=1");
-    assert_eq!(headers["retry-after"], "20");
+    assert_eq!(
+        headers["ratelimit"],
+        format!(
+            "\"key\";r=0;t={retry_after}, \"ip\";r=97;t={}",
+            ip.next_secs
+        )
+        .as_str()
+    );
+    assert_eq!(headers["retry-after"], retry_after.to_string().as_str());
 }
 
 /// The GCRA script with its clock frozen: the one line reading `TIME` takes the time from
