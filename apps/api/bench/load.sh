@@ -65,9 +65,9 @@ start_api off RATE_LIMIT_ENABLED=false
 run limiter-off "$base"
 kill -TERM "${pids[-1]}"; wait "${pids[-1]}" || true
 
-# Limits the script counts exactly and a run cannot exhaust: one unit per millisecond over an
-# hour (3,600,000 per 3,600 s, the most the api accepts for that window). Every request moves
-# the stored TAT 1 ms ahead, so the script does its real work (GET, compare, SET with PX);
+# Limits a run cannot exhaust: one unit per millisecond over an hour (3,600,000 per 3,600 s,
+# the most the api accepts for that window). Every request moves the stored TAT (integer
+# microseconds) 1 ms ahead, so the script does its real work (GET, compare, SET with PX);
 # a 15 s run of some 100,000 requests ends with the TAT about 100 s - 15 s ahead of now,
 # far from the 3,600 s that would refuse. (Limits of 1e9, used before, made the increment
 # vanish in floating point: the stored TAT never moved.)
@@ -76,10 +76,10 @@ start_api on REDIS_URL="$redis" RATE_LIMIT_KEY_PREFIX="bench:$$" \
 run limiter-on "$base"
 curl -s "$base/metrics" | grep -E '^(rate_limit_decisions_total|redis_connection_error_total)' || true
 if command -v redis-cli >/dev/null; then
-  now_ms=$(redis-cli -u "$redis" TIME | head -1)000
+  now_us=$(redis-cli -u "$redis" TIME | head -1)000000
   for k in $(redis-cli -u "$redis" --scan --pattern "{bench:$$}:*"); do
     tat=$(redis-cli -u "$redis" GET "$k")
-    echo "$k: stored TAT $(( (tat - now_ms) / 1000 )) s ahead of now"
+    echo "$k: stored TAT $(( (tat - now_us) / 1000000 )) s ahead of now"
     redis-cli -u "$redis" DEL "$k" >/dev/null
   done
 fi

@@ -7,10 +7,14 @@
 -- ARGV[2i]           period of key i in milliseconds
 --
 -- `now` comes from the Redis server clock (TIME), so replicas with skewed clocks agree.
--- Each key stores its theoretical arrival time (TAT) as integer milliseconds, rounded up,
--- with a PX TTL equal to the time until it is fully replenished, so idle keys disappear.
--- The rounding is why a limit must not exceed one request per millisecond: below one
--- millisecond per request every request would cost a whole millisecond.
+-- Each key stores its theoretical arrival time (TAT) as an integer number of MICROseconds,
+-- rounded down, with a PX TTL (milliseconds) equal to the time until it is fully replenished,
+-- so idle keys disappear. Whole milliseconds were too coarse: rounding up cost up to 1 ms per
+-- request whenever period / limit is not a whole number of milliseconds (999 per second
+-- acted as 500 per second). In microseconds, rounded down, a request is undercharged by
+-- less than 1 us, so a full burst is always allowed (7 per minute lets 7 through, not 6)
+-- and the excess is at most one request per period / 1 us requests. The inputs (periods)
+-- and the outputs (times) stay in milliseconds.
 --
 -- Returns {allowed, remaining_1, next_ms_1, retry_ms_1, remaining_2, next_ms_2, retry_ms_2, ...}
 --   allowed    1 or 0
@@ -19,7 +23,12 @@
 --              it has none left, 0 when its quota is full (nothing to regain)
 --   retry_ms   time until that key would allow one more request (0 if it allows now)
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+
+-- A duration in microseconds as whole milliseconds, rounded up.
+local function ms(us)
+  return math.ceil(us / 1000)
+end
 
 local n = #KEYS
 local tats = {}
@@ -27,7 +36,7 @@ local new_tats = {}
 local allowed = 1
 for i = 1, n do
   local limit = tonumber(ARGV[2 * i - 1])
-  local period = tonumber(ARGV[2 * i])
+  local period = tonumber(ARGV[2 * i]) * 1000
   local interval = period / limit
   local tat = tonumber(redis.call('GET', KEYS[i])) or now
   if tat < now then
@@ -43,12 +52,14 @@ end
 local out = {allowed}
 for i = 1, n do
   local limit = tonumber(ARGV[2 * i - 1])
-  local period = tonumber(ARGV[2 * i])
+  local period = tonumber(ARGV[2 * i]) * 1000
   local interval = period / limit
   local tat = tats[i]
   if allowed == 1 then
-    tat = math.ceil(new_tats[i])
-    redis.call('SET', KEYS[i], tat, 'PX', math.max(1, tat - now))
+    tat = math.floor(new_tats[i])
+    -- '%.0f': Lua turns numbers into strings with 14 significant digits, too few for a
+    -- 16-digit microsecond timestamp.
+    redis.call('SET', KEYS[i], string.format('%.0f', tat), 'PX', math.max(1, ms(tat - now)))
   end
   -- Units available now: those whose emission time (tat - period + k * interval) has come.
   local remaining = math.floor((now - (tat - period)) / interval)
@@ -57,9 +68,9 @@ for i = 1, n do
   end
   local next_unit = 0
   if remaining < limit then
-    next_unit = math.ceil(tat - period + (remaining + 1) * interval - now)
+    next_unit = ms(tat - period + (remaining + 1) * interval - now)
   end
-  local retry = math.ceil(new_tats[i] - period - now)
+  local retry = ms(new_tats[i] - period - now)
   if allowed == 1 or retry < 0 then
     retry = 0
   end

@@ -183,6 +183,42 @@ async fn a_limit_of_1000_per_second_allows_exactly_1000_in_a_burst() {
     assert_eq!(later, [1, 0, 1, 0]);
 }
 
+/// Limits that do not divide the window into whole milliseconds are counted exactly too (in
+/// milliseconds, rounding up cost up to 1 ms per request: 999 per second acted as 500).
+#[tokio::test]
+async fn uneven_limits_allow_their_whole_burst() {
+    let mut conn = shared_connection().await;
+    let script = frozen_script();
+    let now = 1_900_000_000_000;
+    for (limit, period) in [
+        (999u32, 1_000u64),
+        (7, 60_000),
+        (600, 60_000),
+        (1_000, 3_600_000),
+    ] {
+        let key = format!("{{sbtest:{}}}:k", uuid::Uuid::new_v4().simple());
+        let mut burst = ::redis::pipe();
+        burst.atomic();
+        for _ in 0..=limit {
+            burst.add_command(gcra_call(&script, &[(&key, limit, period)], Some(now)));
+        }
+        let replies: Vec<Vec<i64>> = burst.query_async(&mut conn).await.unwrap();
+        let allowed = replies.iter().filter(|r| r[0] == 1).count();
+        assert_eq!(allowed, limit as usize, "{limit} per {period} ms");
+        assert_eq!(
+            replies[limit as usize][0], 0,
+            "{limit} per {period} ms: one too many"
+        );
+        // The stored state is an exact integer of microseconds, not 1.9e+15.
+        let stored: String = ::redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(stored.bytes().all(|b| b.is_ascii_digit()), "{stored}");
+    }
+}
+
 #[tokio::test]
 async fn with_the_real_clock_a_burst_of_1000_per_second_is_allowed_whole() {
     // The real script, on Redis's clock: the first 1000 of a burst pass, and what passes
