@@ -84,6 +84,25 @@ async fn aggregates_and_a_burst_of_500_runs_one_query() {
 
     let report = &bodies[0];
     assert_eq!(report["read_source"], "primary");
+    // The database layer's figures reach /metrics: no replica configured, a 20-connection
+    // primary pool, and no query error or timeout in this run.
+    assert_eq!(
+        api.metric("db_analytics_replica_in_use").await.unwrap(),
+        0.0
+    );
+    assert_eq!(
+        api.metric_with("db_pool_max_connections", "pool=\"primary\"")
+            .await
+            .unwrap(),
+        20.0
+    );
+    assert_eq!(api.metric("db_query_timeouts_total").await.unwrap(), 0.0);
+    assert!(
+        api.metric_with("db_pool_connections", "pool=\"primary\"")
+            .await
+            .unwrap()
+            >= 1.0
+    );
     let keywords = report["keywords"].as_array().unwrap();
     assert_eq!(
         keywords.len(),

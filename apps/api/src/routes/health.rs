@@ -89,11 +89,26 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 pub async fn metrics(State(state): State<AppState>) -> Response {
-    let pool = state.db.metrics();
-    metrics::gauge!("db_pool_connections", "pool" => "primary", "state" => "in_use")
-        .set(f64::from(pool.primary.in_use));
-    metrics::gauge!("db_pool_connections", "pool" => "primary", "state" => "idle")
-        .set(f64::from(pool.primary.idle));
+    let db = state.db.metrics();
+    let pools = [("primary", Some(db.primary)), ("analytics", db.analytics)];
+    for (pool, stats) in pools {
+        let Some(stats) = stats else { continue };
+        metrics::gauge!("db_pool_connections", "pool" => pool, "state" => "in_use")
+            .set(f64::from(stats.in_use));
+        metrics::gauge!("db_pool_connections", "pool" => pool, "state" => "idle")
+            .set(f64::from(stats.idle));
+        metrics::gauge!("db_pool_max_connections", "pool" => pool).set(f64::from(stats.max));
+    }
+    let replica = db.read_source == smartbeak_database::ReadSource::Replica;
+    metrics::gauge!("db_analytics_replica_in_use").set(if replica { 1.0 } else { 0.0 });
+    // The database layer's own counters (queries run through `Database::bounded`).
+    metrics::counter!("db_query_errors_total").absolute(db.query_errors_total);
+    metrics::counter!("db_query_timeouts_total").absolute(db.query_timeouts_total);
+    metrics::counter!("db_acquire_timeouts_total").absolute(db.acquire_timeouts_total);
+    metrics::counter!("db_analytics_init_attempts_total")
+        .absolute(db.analytics_init_attempts_total);
+    metrics::counter!("db_analytics_init_failures_total")
+        .absolute(db.analytics_init_failures_total);
     let text = state
         .metrics
         .as_ref()
