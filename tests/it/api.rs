@@ -130,18 +130,15 @@ impl Api {
 
     /// Value of an unlabelled metric (or the sum over its label sets) from `/metrics`.
     pub(crate) async fn metric(&self, name: &str) -> Result<f64> {
-        let text = self
-            .http
-            .get(self.url("/metrics"))
-            .send()
-            .await?
-            .text()
-            .await?;
-        Ok(metric_value(&text, name, None))
+        self.scrape(name, None).await
     }
 
     /// Value of a metric series whose labels contain `label` (e.g. `decision="failed_open"`).
     pub(crate) async fn metric_with(&self, name: &str, label: &str) -> Result<f64> {
+        self.scrape(name, Some(label)).await
+    }
+
+    async fn scrape(&self, name: &str, label: Option<&str>) -> Result<f64> {
         let text = self
             .http
             .get(self.url("/metrics"))
@@ -149,7 +146,7 @@ impl Api {
             .await?
             .text()
             .await?;
-        Ok(metric_value(&text, name, Some(label)))
+        Ok(metric_value(&text, name, label))
     }
 }
 
