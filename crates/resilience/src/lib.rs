@@ -261,10 +261,13 @@ pub use crate::breaker::{
 };
 pub use crate::bulkhead::{Bulkhead, BulkheadConfig, BulkheadFull, BulkheadPermit};
 pub use crate::clock::{Clock, ManualClock, SharedClock, StdClock, SystemClock, TokioClock};
-pub use crate::compose::{Policy, Resilience, ResilienceConfig, ResilienceError};
+pub use crate::compose::{
+    CallScope, Policy, Resilience, ResilienceConfig, ResilienceError, TimeoutScope,
+};
 pub use crate::registry::{BreakerRegistry, RegistryConfig};
 pub use crate::retry::{
-    RetryBudget, RetryBudgetConfig, RetryPolicy, parse_retry_after, retry_after_from_headers,
+    RetryBudget, RetryBudgetConfig, RetryPolicy, StopReason, parse_retry_after,
+    retry_after_from_headers,
 };
 pub use crate::timeout::{Elapsed, maybe_timeout, timeout};
 pub use crate::verdict::{Verdict, err_is_failure, err_is_transient};
