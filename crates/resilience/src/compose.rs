@@ -991,7 +991,7 @@ mod tests {
         let call = r.call(
             AdapterName::Ahrefs,
             &p,
-            || std::future::pending::<Result<(), ()>>(),
+            std::future::pending::<Result<(), ()>>,
             err_is_transient,
         );
         let err = tokio::time::timeout(Duration::from_secs(60), call)
