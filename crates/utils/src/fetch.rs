@@ -94,8 +94,9 @@
 //!
 //! **What counts against the breaker.** Only outcomes of the remote call:
 //! statuses, connect and transport errors, timeouts. Our own failures --
-//! a middleware's error, a request reqwest could not build, a redirect loop,
-//! a body that is not the JSON we expected -- are `Verdict::Ignored`.
+//! a middleware's error, a request reqwest could not build, a redirect loop
+//! -- are `Verdict::Ignored`; a body that is not the JSON we expected is
+//! decoded after the call and never counts as a failure.
 //!
 //! **The body.** [`Response`] is ours: its body reads end at the call's
 //! deadline with [`FetchError::Timeout`] (scope `Deadline`), abort with
