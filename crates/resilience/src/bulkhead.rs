@@ -41,8 +41,9 @@ pub struct BulkheadFull {
     pub adapter: AdapterName,
     /// Its concurrency limit.
     pub max_concurrent: usize,
-    /// How long the call waited: the configured `max_wait`, or the shorter
-    /// limit given to [`Bulkhead::acquire_within`].
+    /// How long the call waited: the configured `max_wait`, the shorter
+    /// limit given to [`Bulkhead::acquire_within`], or zero for
+    /// [`Bulkhead::try_acquire`], which does not wait.
     pub waited: Duration,
 }
 
@@ -89,10 +90,11 @@ impl Bulkhead {
         self.acquire_for(self.config.max_wait.min(limit)).await
     }
 
-    /// Takes a slot only if one is free now.
+    /// Takes a slot only if one is free now (no wait, so a rejection reports
+    /// `waited` zero).
     pub fn try_acquire(&self) -> Result<BulkheadPermit, BulkheadFull> {
         self.try_acquire_quiet()
-            .map_err(|()| self.reject(self.config.max_wait))
+            .map_err(|()| self.reject(Duration::ZERO))
     }
 
     /// Free slots right now.
@@ -165,7 +167,11 @@ mod tests {
         assert_eq!(start.elapsed(), Duration::from_millis(50));
         assert_eq!(err.adapter, AdapterName::Vimeo);
         assert_eq!(err.max_concurrent, 2);
-        assert!(bulkhead.try_acquire().is_err());
+        assert_eq!(err.waited, Duration::from_millis(50));
+        // try_acquire does not wait, and does not say it did.
+        let err = bulkhead.try_acquire().unwrap_err();
+        assert_eq!(err.waited, Duration::ZERO);
+        assert!(err.to_string().ends_with("gave up after 0ns"), "{err}");
         drop(a);
         assert!(bulkhead.try_acquire().is_ok());
     }

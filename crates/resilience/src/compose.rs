@@ -1,20 +1,21 @@
-//! `Resilience`: bulkhead -> breaker -> retry -> per-attempt timeout in one
-//! call, with one breaker registry, one bulkhead per adapter and one retry
-//! budget for the process.
+//! `Resilience`: the one bulkhead -> breaker -> retry -> per-attempt timeout
+//! loop of the workspace, and the process-wide set it runs on (a breaker
+//! registry, a bulkhead and a retry budget per adapter, the jitter RNG).
+//! Clones share that set; `smartbeak-utils`'s fetch is built on it.
 
 use std::future::Future;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
 use crate::adapter::AdapterName;
-use crate::breaker::{BreakerPolicy, BreakerState, Rejection};
-use crate::bulkhead::{Bulkhead, BulkheadConfig, BulkheadFull};
+use crate::breaker::{BreakerPolicy, CircuitBreaker, Rejection};
+use crate::bulkhead::{Bulkhead, BulkheadConfig, BulkheadFull, BulkheadPermit};
 use crate::clock::{SharedClock, SystemClock};
 use crate::registry::{BreakerRegistry, RegistryConfig};
-use crate::retry::{RetryBudget, RetryBudgetConfig, RetryPolicy};
+use crate::retry::{RetryBudget, RetryBudgetConfig, RetryPolicy, StopReason};
 use crate::timeout::maybe_timeout;
 use crate::verdict::Verdict;
 
@@ -23,7 +24,8 @@ use crate::verdict::Verdict;
 pub struct Policy {
     /// Breaker thresholds; with the adapter, the registry key.
     pub breaker: BreakerPolicy,
-    /// Retry schedule inside the breaker.
+    /// Retry schedule inside the breaker; its `max_elapsed` is the total
+    /// deadline of the call (bulkhead wait, attempts and waits).
     pub retry: RetryPolicy,
     /// Limit for each attempt (also cut to what is left of
     /// `retry.max_elapsed`); `None` for no per-attempt limit.
@@ -39,10 +41,48 @@ pub struct ResilienceConfig {
     pub bulkhead: BulkheadConfig,
     /// Per-adapter bulkheads.
     pub bulkhead_overrides: Vec<(AdapterName, BulkheadConfig)>,
-    /// The shared retry budget.
+    /// Limits of each adapter's retry budget (one budget per adapter).
     pub retry_budget: RetryBudgetConfig,
     /// Seed for the jitter RNG (tests); `None` seeds from the OS.
     pub jitter_seed: Option<u64>,
+}
+
+/// Per-call knobs of [`Resilience::call_holding`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallScope {
+    /// What an attempt that ran out of time means. `Verdict::TRANSIENT` by
+    /// default (retried); `Verdict::Failure` for an operation that must not
+    /// be repeated once it may have reached the dependency (a POST without an
+    /// idempotency key): it still counts against the breaker, and the call
+    /// stops with [`ResilienceError::Timeout`] whose `reason` is `None`.
+    pub timed_out: Verdict,
+}
+
+impl Default for CallScope {
+    fn default() -> Self {
+        Self {
+            timed_out: Verdict::TRANSIENT,
+        }
+    }
+}
+
+/// Which limit a [`ResilienceError::Timeout`] hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TimeoutScope {
+    /// The last attempt ran past its per-attempt timeout.
+    Attempt,
+    /// The last attempt was cut short by the total deadline
+    /// (`RetryPolicy::max_elapsed`).
+    Deadline,
+}
+
+impl std::fmt::Display for TimeoutScope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Attempt => "attempt timeout",
+            Self::Deadline => "total deadline",
+        })
+    }
 }
 
 /// Why [`Resilience::call`] did not return the call's value.
@@ -60,17 +100,35 @@ pub enum ResilienceError<E> {
         /// Time until a probe may be admitted.
         retry_after: Duration,
     },
-    /// The last attempt exceeded its time limit.
-    #[error("call to {adapter} timed out after {limit:?} on attempt {attempts}")]
+    /// The last attempt exceeded its time limit and was not retried.
+    #[error("call to {adapter} timed out ({scope}, limit {limit:?}) on attempt {attempts}")]
     Timeout {
         /// Adapter called.
         adapter: AdapterName,
         /// The last attempt's limit.
         limit: Duration,
+        /// Which limit it was.
+        scope: TimeoutScope,
         /// Attempts made.
         attempts: u32,
+        /// Why it was not retried; `None` when [`CallScope::timed_out`] is
+        /// not transient.
+        reason: Option<StopReason>,
     },
-    /// The last attempt's own error.
+    /// The last attempt failed transiently and was not retried.
+    #[error("call to {adapter} gave up after {attempts} attempt(s): {reason}")]
+    Exhausted {
+        /// Adapter called.
+        adapter: AdapterName,
+        /// Attempts made.
+        attempts: u32,
+        /// Why no further attempt was made.
+        reason: StopReason,
+        /// The last attempt's error.
+        #[source]
+        error: E,
+    },
+    /// The last attempt's own error, classified as not worth retrying.
     #[error(transparent)]
     Inner(E),
 }
@@ -88,18 +146,32 @@ impl<E> ResilienceError<E> {
     /// The call's own error, if that is what ended it.
     pub fn into_inner(self) -> Option<E> {
         match self {
-            Self::Inner(e) => Some(e),
+            Self::Inner(e) | Self::Exhausted { error: e, .. } => Some(e),
             _ => None,
         }
     }
 }
 
-/// Bulkheads, breakers and the retry budget of one process.
-#[derive(Debug)]
+/// The process-wide resilience set: one [`BreakerRegistry`], one
+/// [`Bulkhead`] and one [`RetryBudget`] per [`AdapterName`], and the jitter
+/// RNG, with the one retry loop ([`call`](Self::call)) that uses them.
+///
+/// Build it once at start-up and clone it into every component and every
+/// `smartbeak_utils::fetch::HttpClient` (a clone is an `Arc` clone: the same
+/// breakers, bulkheads and budgets). [`Resilience::process_default`] is the
+/// set used by whoever was not handed one.
+#[derive(Debug, Clone)]
 pub struct Resilience {
-    registry: BreakerRegistry,
-    bulkheads: Vec<Bulkhead>,
-    budget: Arc<RetryBudget>,
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    registry: Arc<BreakerRegistry>,
+    /// Indexed by `AdapterName::index`.
+    bulkheads: Vec<Arc<Bulkhead>>,
+    /// Indexed by `AdapterName::index`.
+    budgets: Vec<Arc<RetryBudget>>,
     clock: SharedClock,
     rng: Mutex<StdRng>,
 }
@@ -110,7 +182,15 @@ impl Resilience {
         Self::with_clock(config, Arc::new(SystemClock))
     }
 
-    /// Breakers, the budget and the retry time budget read `clock`; the
+    /// The set used when none is given (built on first use with the default
+    /// config), so that two components that were not handed a `Resilience`
+    /// still share breakers, bulkheads and budgets.
+    pub fn process_default() -> &'static Resilience {
+        static DEFAULT: OnceLock<Resilience> = OnceLock::new();
+        DEFAULT.get_or_init(Resilience::default)
+    }
+
+    /// Breakers, the budgets and the call's time budget read `clock`; the
     /// bulkhead wait, attempt timeouts and retry sleeps use tokio's timer, so
     /// pair a paused runtime with [`TokioClock`](crate::TokioClock).
     pub fn with_clock(config: ResilienceConfig, clock: SharedClock) -> Self {
@@ -123,7 +203,16 @@ impl Resilience {
                     .rev()
                     .find(|(a, _)| *a == adapter)
                     .map_or(config.bulkhead, |(_, c)| *c);
-                Bulkhead::new(adapter, limits)
+                Arc::new(Bulkhead::new(adapter, limits))
+            })
+            .collect();
+        let budgets = AdapterName::ALL
+            .iter()
+            .map(|_| {
+                Arc::new(RetryBudget::with_clock(
+                    config.retry_budget,
+                    Arc::clone(&clock),
+                ))
             })
             .collect();
         let rng = match config.jitter_seed {
@@ -131,40 +220,47 @@ impl Resilience {
             None => StdRng::from_os_rng(),
         };
         Self {
-            registry: BreakerRegistry::with_clock(config.registry, Arc::clone(&clock)),
-            bulkheads,
-            budget: Arc::new(RetryBudget::with_clock(
-                config.retry_budget,
-                Arc::clone(&clock),
-            )),
-            clock,
-            rng: Mutex::new(rng),
+            inner: Arc::new(Inner {
+                registry: Arc::new(BreakerRegistry::with_clock(
+                    config.registry,
+                    Arc::clone(&clock),
+                )),
+                bulkheads,
+                budgets,
+                clock,
+                rng: Mutex::new(rng),
+            }),
         }
     }
 
     /// Runs `f` for `adapter` under `policy`:
     ///
-    /// 1. take a slot in the adapter's bulkhead (bounded wait) -- else
+    /// 1. take a slot in the adapter's bulkhead, waiting at most its
+    ///    `max_wait` and never past `policy.retry.max_elapsed` -- else
     ///    [`ResilienceError::BulkheadFull`];
     /// 2. ask the (adapter, policy) breaker for admission -- else
     ///    [`ResilienceError::Rejected`], and `f` never runs;
-    /// 3. deposit into the retry budget, then attempt `f()` under
-    ///    `policy.attempt_timeout`; a timeout is a transient failure, other
-    ///    results go through `classify`;
-    /// 4. retry transient failures after [`RetryPolicy::next_delay`] while
-    ///    attempts, time budget and the retry budget allow and the breaker has
-    ///    not been opened by other callers (checked before and after the
-    ///    sleep);
-    /// 5. record the last attempt's verdict in the breaker once.
+    /// 3. deposit into the adapter's retry budget, then attempt `f()` under
+    ///    `min(policy.attempt_timeout, what is left of max_elapsed)`; a
+    ///    timeout is a transient failure, other results go through `classify`;
+    /// 4. retry `Transient` verdicts after [`RetryPolicy::next_delay`] while
+    ///    attempts, the time budget and the adapter's retry budget allow and
+    ///    the breaker permit is still current (checked before and after the
+    ///    wait: a breaker that opened, or opened and half-opened again, since
+    ///    admission stops the loop rather than letting a retry out beyond the
+    ///    probe limit);
+    /// 5. record the last attempt's verdict in the breaker once, timed from
+    ///    the start of that attempt (the slow-call rule judges one attempt,
+    ///    not the retries and waits before it).
     ///
     /// `f` is called once per attempt; the breaker sees one outcome per
-    /// logical call, so retries absorbed by the retry loop do not count
-    /// against the dependency.
+    /// logical call, so retries absorbed by the loop do not count against
+    /// the dependency. An `Ok` is returned as is, whatever its verdict.
     pub async fn call<T, E, F, Fut, C>(
         &self,
         adapter: AdapterName,
         policy: &Policy,
-        mut f: F,
+        f: F,
         classify: C,
     ) -> Result<T, ResilienceError<E>>
     where
@@ -172,77 +268,165 @@ impl Resilience {
         Fut: Future<Output = Result<T, E>>,
         C: Fn(&Result<T, E>) -> Verdict,
     {
-        let _slot = self.bulkhead(adapter).acquire().await?;
-        let breaker = self.registry.get(adapter, &policy.breaker);
-        let permit = breaker.try_acquire()?;
-        self.budget.deposit();
-        let started = self.clock.now_nanos();
+        self.call_holding(adapter, policy, CallScope::default(), f, classify)
+            .await
+            .map(|(value, _slot)| value)
+    }
+
+    /// [`call`](Self::call) with per-call knobs, returning the bulkhead slot
+    /// with the value so the caller keeps the adapter's slot while it
+    /// consumes the value (fetch reads a response body under it).
+    ///
+    /// # Errors
+    ///
+    /// As [`call`](Self::call).
+    pub async fn call_holding<T, E, F, Fut, C>(
+        &self,
+        adapter: AdapterName,
+        policy: &Policy,
+        scope: CallScope,
+        mut f: F,
+        classify: C,
+    ) -> Result<(T, BulkheadPermit), ResilienceError<E>>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        C: Fn(&Result<T, E>) -> Verdict,
+    {
+        let started = self.inner.clock.now_nanos();
+        let total = policy.retry.max_elapsed;
+        let slot = self.bulkhead(adapter).acquire_within(total).await?;
+        let breaker = self.inner.registry.get(adapter, &policy.breaker);
+        let mut permit = breaker.try_acquire()?;
+        let budget = self.retry_budget(adapter);
+        budget.deposit();
         let mut attempts = 0u32;
         loop {
             attempts += 1;
-            let elapsed = self.elapsed_since(started);
-            let limit = policy
-                .attempt_timeout
-                .map(|t| t.min(policy.retry.max_elapsed.saturating_sub(elapsed)));
+            let remaining =
+                (total != Duration::MAX).then(|| total.saturating_sub(self.elapsed_since(started)));
+            let (limit, limit_scope) = match (policy.attempt_timeout, remaining) {
+                (Some(attempt), Some(left)) if left < attempt => {
+                    (Some(left), TimeoutScope::Deadline)
+                }
+                (Some(attempt), _) => (Some(attempt), TimeoutScope::Attempt),
+                (None, Some(left)) => (Some(left), TimeoutScope::Deadline),
+                (None, None) => (None, TimeoutScope::Attempt),
+            };
             let (outcome, verdict) = match maybe_timeout(limit, f()).await {
                 Ok(result) => {
                     let verdict = classify(&result);
                     (Some(result), verdict)
                 }
-                Err(_) => (None, Verdict::TRANSIENT),
+                Err(_) => (None, scope.timed_out),
             };
-            if let Verdict::Transient { retry_after } = verdict {
-                let elapsed = self.elapsed_since(started);
-                let delay = {
-                    let mut rng = self.rng.lock().unwrap_or_else(PoisonError::into_inner);
-                    policy
-                        .retry
-                        .next_delay_with(attempts, retry_after, elapsed, &mut *rng)
-                };
-                if let Some(delay) = delay
-                    && breaker.state() != BreakerState::Open
-                    && self.budget.try_withdraw()
-                {
-                    tracing::debug!(%adapter, attempts, ?delay, "retrying transient failure");
-                    tokio::time::sleep(delay).await;
-                    // Opened by other callers while we waited: give up with
-                    // the last result rather than hit a known-bad dependency.
-                    if breaker.state() != BreakerState::Open {
-                        continue;
+            let stop = match verdict {
+                Verdict::Transient { retry_after } => {
+                    match self.next_retry(
+                        &mut permit,
+                        budget,
+                        policy,
+                        attempts,
+                        retry_after,
+                        started,
+                    ) {
+                        Ok(delay) => {
+                            tracing::debug!(%adapter, attempts, ?delay, "retrying transient failure");
+                            tokio::time::sleep(delay).await;
+                            // Opened (and maybe half-opened) by other callers
+                            // while we waited: give up with the last result.
+                            if permit.prepare_retry() {
+                                continue;
+                            }
+                            Some(StopReason::CircuitOpen)
+                        }
+                        Err(reason) => Some(reason),
                     }
                 }
-            }
+                _ => None,
+            };
             permit.record(verdict);
-            return match outcome {
-                Some(Ok(value)) => Ok(value),
-                Some(Err(e)) => Err(ResilienceError::Inner(e)),
-                None => Err(ResilienceError::Timeout {
+            return match (outcome, stop) {
+                (Some(Ok(value)), _) => Ok((value, slot)),
+                (Some(Err(error)), None) => Err(ResilienceError::Inner(error)),
+                (Some(Err(error)), Some(reason)) => Err(ResilienceError::Exhausted {
+                    adapter,
+                    attempts,
+                    reason,
+                    error,
+                }),
+                (None, reason) => Err(ResilienceError::Timeout {
                     adapter,
                     limit: limit.unwrap_or_default(),
+                    scope: limit_scope,
                     attempts,
+                    reason,
                 }),
             };
         }
     }
 
-    fn elapsed_since(&self, started: u64) -> Duration {
-        Duration::from_nanos(self.clock.now_nanos().saturating_sub(started))
+    /// The wait before the next attempt, or why there is none, checked in
+    /// this order: the retry policy (attempts, Retry-After cap, time budget),
+    /// the breaker permit (still current), the adapter's retry budget.
+    fn next_retry(
+        &self,
+        permit: &mut crate::breaker::CallPermit<'_>,
+        budget: &RetryBudget,
+        policy: &Policy,
+        attempts: u32,
+        retry_after: Option<Duration>,
+        started: u64,
+    ) -> Result<Duration, StopReason> {
+        let elapsed = self.elapsed_since(started);
+        let delay = {
+            let mut rng = self
+                .inner
+                .rng
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            policy
+                .retry
+                .next_delay_with(attempts, retry_after, elapsed, &mut *rng)?
+        };
+        if !permit.prepare_retry() {
+            return Err(StopReason::CircuitOpen);
+        }
+        if !budget.try_withdraw() {
+            return Err(StopReason::RetryBudget);
+        }
+        Ok(delay)
     }
 
-    /// The breaker registry.
-    pub fn registry(&self) -> &BreakerRegistry {
-        &self.registry
+    fn elapsed_since(&self, started: u64) -> Duration {
+        Duration::from_nanos(self.inner.clock.now_nanos().saturating_sub(started))
+    }
+
+    /// The breaker registry (shared by every clone).
+    pub fn registry(&self) -> &Arc<BreakerRegistry> {
+        &self.inner.registry
+    }
+
+    /// The breaker of `adapter` under `policy` (created on first use).
+    pub fn breaker(&self, adapter: AdapterName, policy: &BreakerPolicy) -> Arc<CircuitBreaker> {
+        self.inner.registry.get(adapter, policy)
     }
 
     /// The bulkhead of `adapter`.
-    pub fn bulkhead(&self, adapter: AdapterName) -> &Bulkhead {
-        // `bulkheads` has one entry per `AdapterName::ALL`, in index order.
-        &self.bulkheads[adapter.index()]
+    pub fn bulkhead(&self, adapter: AdapterName) -> &Arc<Bulkhead> {
+        // One entry per `AdapterName::ALL`, in index order.
+        &self.inner.bulkheads[adapter.index()]
     }
 
-    /// The shared retry budget.
-    pub fn retry_budget(&self) -> &Arc<RetryBudget> {
-        &self.budget
+    /// The retry budget of `adapter`.
+    pub fn retry_budget(&self, adapter: AdapterName) -> &Arc<RetryBudget> {
+        // One entry per `AdapterName::ALL`, in index order.
+        &self.inner.budgets[adapter.index()]
+    }
+
+    /// Whether `self` and `other` are the same set (clones of one another).
+    pub fn same_as(&self, other: &Resilience) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
     }
 }
 
@@ -259,7 +443,7 @@ mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
 
     use super::*;
-    use crate::breaker::BreakerConfig;
+    use crate::breaker::{BreakerConfig, BreakerState};
     use crate::clock::TokioClock;
     use crate::verdict::{err_is_failure, err_is_transient};
 
@@ -292,6 +476,7 @@ mod tests {
                 base_delay: 100 * MS,
                 max_delay: 400 * MS,
                 max_elapsed: Duration::from_secs(10),
+                min_last_attempt: 100 * MS,
                 max_retry_after: Duration::from_secs(2),
             },
             attempt_timeout: Some(Duration::from_secs(1)),
@@ -332,11 +517,33 @@ mod tests {
             .unwrap_err();
         assert!(matches!(
             err,
-            ResilienceError::Inner(Upstream::Unavailable(None))
+            ResilienceError::Exhausted {
+                error: Upstream::Unavailable(None),
+                reason: StopReason::MaxAttempts,
+                attempts: 4,
+                ..
+            }
         ));
         assert_eq!(calls.load(Ordering::SeqCst), 4);
-        // Three sleeps, each within [0, ceiling]: at most 100 + 200 + 400 ms.
-        assert!(start.elapsed() <= 700 * MS, "{:?}", start.elapsed());
+        // Three sleeps, each drawn from [0, ceiling] by the seeded RNG: the
+        // call took exactly their sum, which is neither zero nor above
+        // 100 + 200 + 400 ms.
+        let mut rng = StdRng::seed_from_u64(3);
+        let expected: Duration = (1..4)
+            .map(|n| {
+                policy()
+                    .retry
+                    .next_delay_with(n, None, Duration::ZERO, &mut rng)
+                    .unwrap()
+            })
+            .sum();
+        assert!(expected > 100 * MS && expected <= 700 * MS, "{expected:?}");
+        // tokio's timer rounds each sleep up to its millisecond.
+        let elapsed = start.elapsed();
+        assert!(
+            elapsed >= expected && elapsed <= expected + 3 * MS,
+            "{elapsed:?} vs {expected:?}"
+        );
         // One logical failure recorded, not four.
         let breaker = r.registry().get(AdapterName::Gsc, &policy().breaker);
         assert_eq!(breaker.snapshot().window_failures, 1);
@@ -394,7 +601,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn retry_after_is_honoured_and_clamped() {
+    async fn retry_after_is_honoured_up_to_the_cap() {
         let r = resilience(RetryBudgetConfig::default());
         let calls = AtomicU32::new(0);
         let start = tokio::time::Instant::now();
@@ -405,7 +612,7 @@ mod tests {
                 || async {
                     match calls.fetch_add(1, Ordering::SeqCst) {
                         0 => Err(Upstream::Unavailable(Some(Duration::from_millis(1500)))),
-                        1 => Err(Upstream::Unavailable(Some(Duration::from_secs(3600)))),
+                        1 => Err(Upstream::Unavailable(Some(Duration::from_secs(2)))),
                         _ => Ok("done"),
                     }
                 },
@@ -414,8 +621,41 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(value, "done");
-        // 1.5 s as asked, then the 1 h hint clamped to 2 s.
+        // 1.5 s, then 2 s (the cap itself), as asked.
         assert_eq!(start.elapsed(), Duration::from_millis(3500));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_above_the_cap_gives_up_at_once_with_the_servers_value() {
+        let r = resilience(RetryBudgetConfig::default());
+        let calls = AtomicU32::new(0);
+        let start = tokio::time::Instant::now();
+        let err = r
+            .call(
+                AdapterName::Openai,
+                &policy(),
+                || async {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    Err::<&str, _>(Upstream::Unavailable(Some(Duration::from_secs(3600))))
+                },
+                classify,
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ResilienceError::Exhausted {
+                    attempts: 1,
+                    reason: StopReason::RetryAfterTooLong { retry_after },
+                    ..
+                } if retry_after == Duration::from_secs(3600)
+            ),
+            "{err:?}"
+        );
+        // No early retry: one call, no wait.
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(start.elapsed(), Duration::ZERO);
     }
 
     #[tokio::test(start_paused = true)]
@@ -436,8 +676,13 @@ mod tests {
             .unwrap_err();
         assert!(matches!(
             err,
-            ResilienceError::Timeout { adapter: AdapterName::Stability, attempts: 4, limit }
-                if limit == Duration::from_secs(1)
+            ResilienceError::Timeout {
+                adapter: AdapterName::Stability,
+                attempts: 4,
+                limit,
+                scope: TimeoutScope::Attempt,
+                reason: Some(StopReason::MaxAttempts),
+            } if limit == Duration::from_secs(1)
         ));
         assert_eq!(calls.load(Ordering::SeqCst), 4);
     }
@@ -514,11 +759,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn retries_stop_once_the_breaker_opens() {
-        let r = Arc::new(resilience(RetryBudgetConfig::default()));
+        let r = resilience(RetryBudgetConfig::default());
         let p = policy();
         let calls = Arc::new(AtomicU32::new(0));
         let retrying = {
-            let (r, p, calls) = (Arc::clone(&r), p.clone(), Arc::clone(&calls));
+            let (r, p, calls) = (r.clone(), p.clone(), Arc::clone(&calls));
             tokio::spawn(async move {
                 r.call(
                     AdapterName::Pinterest,
@@ -542,10 +787,268 @@ mod tests {
         let err = retrying.await.unwrap().unwrap_err();
         assert!(matches!(
             err,
-            ResilienceError::Inner(Upstream::Unavailable(_))
+            ResilienceError::Exhausted {
+                error: Upstream::Unavailable(_),
+                reason: StopReason::CircuitOpen,
+                ..
+            }
         ));
         // The retry due at 500 ms was not made.
         assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_never_goes_out_on_a_permit_from_before_a_half_open_period() {
+        // Open for 100 ms, then one probe at a time.
+        let r = resilience(RetryBudgetConfig::default());
+        let p = Policy {
+            breaker: BreakerPolicy::new(BreakerConfig {
+                consecutive_failures: 2,
+                open_duration: 100 * MS,
+                open_backoff_factor: 1,
+                max_open_duration: 100 * MS,
+                half_open_probes: 1,
+                half_open_successes: 1,
+                ..BreakerConfig::default()
+            })
+            .unwrap(),
+            ..policy()
+        };
+        let calls = Arc::new(AtomicU32::new(0));
+        let retrying = {
+            let (r, p, calls) = (r.clone(), p.clone(), Arc::clone(&calls));
+            tokio::spawn(async move {
+                r.call(
+                    AdapterName::Pinterest,
+                    &p,
+                    || async {
+                        calls.fetch_add(1, Ordering::SeqCst);
+                        Err::<&str, _>(Upstream::Unavailable(Some(Duration::from_millis(500))))
+                    },
+                    classify,
+                )
+                .await
+            })
+        };
+        // During its 500 ms wait the breaker opens, and at 200 ms another
+        // caller becomes the one half-open probe (and keeps running).
+        tokio::time::sleep(50 * MS).await;
+        let breaker = r.breaker(AdapterName::Pinterest, &p.breaker);
+        for _ in 0..2 {
+            breaker.try_acquire().unwrap().record(Verdict::Failure);
+        }
+        tokio::time::sleep(150 * MS).await;
+        let probe = breaker.try_acquire().unwrap();
+        assert!(probe.is_probe());
+        assert_eq!(breaker.state(), BreakerState::HalfOpen);
+        let err = retrying.await.unwrap().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ResilienceError::Exhausted {
+                    reason: StopReason::CircuitOpen,
+                    attempts: 1,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        // The retry due at 500 ms did not go out beside the probe.
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(breaker.snapshot().probes_admitted, 1);
+        probe.record(Verdict::Success);
+        assert_eq!(breaker.state(), BreakerState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_slow_call_rule_times_the_last_attempt_not_the_waits_before_it() {
+        let r = resilience(RetryBudgetConfig::default());
+        let p = Policy {
+            breaker: BreakerPolicy::new(BreakerConfig {
+                slow_calls: Some(crate::breaker::SlowCallConfig {
+                    threshold: 500 * MS,
+                    rate_percent: 100,
+                }),
+                minimum_calls: 1,
+                ..BreakerConfig::default()
+            })
+            .unwrap(),
+            ..policy()
+        };
+        let calls = AtomicU32::new(0);
+        // A 503 with Retry-After: 2 s, then a quick success.
+        let value = r
+            .call(
+                AdapterName::Gsc,
+                &p,
+                || async {
+                    if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                        Err(Upstream::Unavailable(Some(Duration::from_secs(2))))
+                    } else {
+                        tokio::time::sleep(10 * MS).await;
+                        Ok("fresh")
+                    }
+                },
+                classify,
+            )
+            .await
+            .unwrap();
+        assert_eq!(value, "fresh");
+        let snapshot = r.breaker(AdapterName::Gsc, &p.breaker).snapshot();
+        assert_eq!(
+            (snapshot.window_calls, snapshot.window_slow, snapshot.state),
+            (1, 0, BreakerState::Closed)
+        );
+        // A genuinely slow attempt still counts as slow.
+        let slow = r
+            .call(
+                AdapterName::Gsc,
+                &p,
+                || async {
+                    tokio::time::sleep(800 * MS).await;
+                    Ok::<_, Upstream>("slow")
+                },
+                classify,
+            )
+            .await;
+        assert!(slow.is_ok());
+        let snapshot = r.breaker(AdapterName::Gsc, &p.breaker).snapshot();
+        assert_eq!(snapshot.window_slow, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_adapter_retries_on_its_own_budget() {
+        // No floor: retries are 20 % of the adapter's own requests.
+        let r = resilience(RetryBudgetConfig {
+            ttl: Duration::from_secs(10),
+            min_retries_per_sec: 0,
+            retry_percent: 20,
+        });
+        // A busy adapter's traffic...
+        for _ in 0..1000 {
+            let ok = r
+                .call(
+                    AdapterName::Openai,
+                    &policy(),
+                    || async { Ok::<_, Upstream>("ok") },
+                    classify,
+                )
+                .await;
+            assert!(ok.is_ok());
+        }
+        assert_eq!(r.retry_budget(AdapterName::Openai).available(), 200);
+        // ...buys no retries for a small failing one.
+        let calls = AtomicU32::new(0);
+        let err = r
+            .call(
+                AdapterName::Podcast,
+                &policy(),
+                || async {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    Err::<&str, _>(Upstream::Unavailable(None))
+                },
+                classify,
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ResilienceError::Exhausted {
+                    reason: StopReason::RetryBudget,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        // Clones share the budgets: the set is process-wide.
+        let clone = r.clone();
+        assert!(clone.same_as(&r));
+        assert!(Arc::ptr_eq(
+            clone.retry_budget(AdapterName::Openai),
+            r.retry_budget(AdapterName::Openai)
+        ));
+        assert!(Arc::ptr_eq(clone.registry(), r.registry()));
+        assert!(Arc::ptr_eq(
+            clone.bulkhead(AdapterName::Vimeo),
+            r.bulkhead(AdapterName::Vimeo)
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn max_elapsed_bounds_an_attempt_without_its_own_timeout() {
+        let r = resilience(RetryBudgetConfig::default());
+        let p = Policy {
+            retry: RetryPolicy {
+                max_elapsed: 500 * MS,
+                ..policy().retry
+            },
+            attempt_timeout: None,
+            ..policy()
+        };
+        let start = tokio::time::Instant::now();
+        let call = r.call(
+            AdapterName::Ahrefs,
+            &p,
+            std::future::pending::<Result<(), ()>>,
+            err_is_transient,
+        );
+        let err = tokio::time::timeout(Duration::from_secs(60), call)
+            .await
+            .expect("the call outlived its max_elapsed")
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ResilienceError::Timeout {
+                    attempts: 1,
+                    scope: TimeoutScope::Deadline,
+                    reason: Some(StopReason::Deadline),
+                    limit,
+                    ..
+                } if limit == 500 * MS
+            ),
+            "{err:?}"
+        );
+        assert_eq!(start.elapsed(), 500 * MS);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_timeout_that_is_not_transient_is_not_retried() {
+        let r = resilience(RetryBudgetConfig::default());
+        let calls = AtomicU32::new(0);
+        let err = r
+            .call_holding(
+                AdapterName::Stability,
+                &policy(),
+                CallScope {
+                    timed_out: Verdict::Failure,
+                },
+                || async {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    std::future::pending::<Result<(), ()>>().await
+                },
+                err_is_transient,
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ResilienceError::Timeout {
+                    attempts: 1,
+                    reason: None,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        let snapshot = r
+            .breaker(AdapterName::Stability, &policy().breaker)
+            .snapshot();
+        assert_eq!(snapshot.window_failures, 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -62,13 +62,19 @@
 //!   pinning only matters under misuse; capacity is exact (one shard).
 //! * **[`RetryPolicy`]**: full-jitter exponential backoff (AWS's
 //!   recommendation: a delay drawn uniformly from `[0, min(max_delay,
-//!   base_delay * 2^(n-1))]`), `max_attempts`, a total time budget
-//!   `max_elapsed`, and Retry-After honoured but clamped to
-//!   `max_retry_after`. [`RetryPolicy::next_delay`] lets any loop drive it.
-//! * **[`RetryBudget`]**: process-wide, like tower's `TpsBudget`: each
+//!   base_delay * 2^(n-1))]`), `max_attempts`, a total deadline
+//!   `max_elapsed` (a jittered wait is trimmed to leave `min_last_attempt`),
+//!   and Retry-After honoured up to `max_retry_after` (a longer one stops the
+//!   call with [`StopReason::RetryAfterTooLong`] carrying the server's value).
+//!   [`RetryPolicy::next_delay`] is the one retry rule; a [`StopReason`]
+//!   says why it refused.
+//! * **[`RetryBudget`]**: one per adapter, shared process-wide through
+//!   [`Resilience`] (like tower's `TpsBudget`, which is per service): each
 //!   logical request deposits, each retry withdraws, and retries are limited
-//!   to `retry_percent` (20 %) of the requests of the last `ttl` (10 s) plus a
-//!   floor of `min_retries_per_sec`, so an outage cannot multiply load.
+//!   to `retry_percent` (20 %) of the adapter's requests of the last `ttl`
+//!   (10 s) plus a floor of `min_retries_per_sec`, so an outage cannot
+//!   multiply load and a small failing adapter cannot retry on a busy
+//!   adapter's traffic.
 //! * **[`timeout()`]** and **[`Bulkhead`]** (per-adapter concurrency limit with a
 //!   bounded wait and a [`BulkheadFull`] error).
 //! * **Time** is read only through [`Clock`] (nanoseconds since the clock's
@@ -118,6 +124,16 @@
 //! assert!(rejection.to_string().starts_with("circuit breaker for redis is open"));
 //! ```
 //!
+//! # One shared stack
+//!
+//! [`Resilience`] is the process-wide set -- one [`BreakerRegistry`], one
+//! [`Bulkhead`] and one [`RetryBudget`] per adapter, the jitter RNG -- behind
+//! an `Arc`, and [`Resilience::call_holding`] (with [`Resilience::call`] on
+//! top) is the one retry loop of the workspace; `smartbeak-utils`'s fetch is
+//! built on it. Build one at start-up and hand clones to every component and
+//! every HTTP client; whoever is handed none uses
+//! [`Resilience::process_default`].
+//!
 //! # Composition order
 //!
 //! [`Resilience::call`] runs, from the outside in:
@@ -127,17 +143,23 @@
 //! ```
 //!
 //! 1. The **bulkhead** is outermost, so everything below, retry waits
-//!    included, counts against the adapter's concurrency limit.
+//!    included, counts against the adapter's concurrency limit. Its wait is
+//!    bounded by `max_wait` and by the call's deadline (`max_elapsed`).
 //! 2. The **breaker** admits the logical call once and records one outcome for
-//!    it (the last attempt's verdict). Retries that end in success are not
-//!    counted against the dependency, and a rejected call costs no attempt,
-//!    no retry budget and no timer. The retry loop also stops early when the
-//!    breaker is opened by other callers while it waits.
-//! 3. The **retry** loop deposits once into the budget and withdraws per
-//!    retry; it retries only `Transient` verdicts.
+//!    it (the last attempt's verdict, timed from that attempt's start, so a
+//!    slow-call rule never counts backoff waits). Retries that end in success
+//!    are not counted against the dependency, and a rejected call costs no
+//!    attempt, no retry budget and no timer. Before each retry (before and
+//!    after its wait) the loop checks that its permit is still of the
+//!    breaker's current generation ([`CallPermit::prepare_retry`]): a
+//!    breaker that opened, or opened and half-opened again, since admission
+//!    stops the loop, so no retry goes out beside the half-open probes.
+//! 3. The **retry** loop deposits once into the adapter's budget and
+//!    withdraws per retry; it retries only `Transient` verdicts.
 //! 4. The **per-attempt timeout** is innermost, so a hung attempt becomes a
 //!    `Transient` failure the loop and the breaker see (cut to what is left
-//!    of the retry time budget).
+//!    of the deadline; [`CallScope::timed_out`] can make it a non-retried
+//!    failure for an operation that must not be repeated).
 //!
 //! ```
 //! use std::time::Duration;
@@ -160,7 +182,8 @@
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() {
-//! // One per process: the registry, the bulkheads and the retry budget.
+//! // One per process: the registry, the bulkheads and the retry budgets;
+//! // clones share them.
 //! let resilience = Resilience::new(ResilienceConfig::default());
 //! // Define policies once and reuse them.
 //! let policy = Policy {
@@ -177,6 +200,7 @@
 //!     Err(ResilienceError::Rejected { retry_after, .. }) => println!("open, retry in {retry_after:?}"),
 //!     Err(ResilienceError::BulkheadFull(full)) => println!("{full}"),
 //!     Err(ResilienceError::Timeout { .. }) => println!("timed out"),
+//!     Err(ResilienceError::Exhausted { reason, error, .. }) => println!("{error:?}: {reason}"),
 //!     Err(ResilienceError::Inner(e)) => println!("upstream error {e:?}"),
 //! }
 //! # }
@@ -242,6 +266,11 @@
 
 #![warn(missing_docs)]
 
+/// The README's example, compiled and run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 pub mod adapter;
 pub mod breaker;
 pub mod bulkhead;
@@ -261,10 +290,13 @@ pub use crate::breaker::{
 };
 pub use crate::bulkhead::{Bulkhead, BulkheadConfig, BulkheadFull, BulkheadPermit};
 pub use crate::clock::{Clock, ManualClock, SharedClock, StdClock, SystemClock, TokioClock};
-pub use crate::compose::{Policy, Resilience, ResilienceConfig, ResilienceError};
+pub use crate::compose::{
+    CallScope, Policy, Resilience, ResilienceConfig, ResilienceError, TimeoutScope,
+};
 pub use crate::registry::{BreakerRegistry, RegistryConfig};
 pub use crate::retry::{
-    RetryBudget, RetryBudgetConfig, RetryPolicy, parse_retry_after, retry_after_from_headers,
+    RetryBudget, RetryBudgetConfig, RetryPolicy, StopReason, parse_retry_after,
+    retry_after_from_headers,
 };
 pub use crate::timeout::{Elapsed, maybe_timeout, timeout};
 pub use crate::verdict::{Verdict, err_is_failure, err_is_transient};

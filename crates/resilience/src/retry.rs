@@ -1,12 +1,15 @@
 //! Retries that do not storm: `RetryPolicy` (capped exponential backoff with
-//! full jitter, max attempts, a total time budget, Retry-After honoured and
-//! clamped) and `RetryBudget` (process-wide: retries limited to a share of
-//! recent requests plus a small floor, like tower's `TpsBudget`).
+//! full jitter, max attempts, a total time budget, Retry-After honoured up to
+//! a cap) and `RetryBudget` (retries limited to a share of recent requests
+//! plus a small floor, like tower's `TpsBudget`; [`Resilience`](crate::Resilience)
+//! keeps one per adapter).
 //!
-//! Both are usable from an external loop: call [`RetryBudget::deposit`] once
-//! per logical request, and before each retry ask
-//! [`RetryPolicy::next_delay`] and then [`RetryBudget::try_withdraw`].
+//! [`RetryPolicy::next_delay`] is the one retry rule of the workspace: the
+//! loop in [`Resilience`](crate::Resilience) (which `smartbeak-utils`'s fetch
+//! is built on) asks it before every retry, and a [`StopReason`] says why it
+//! said no.
 
+use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -23,22 +26,98 @@ pub struct RetryPolicy {
     pub base_delay: Duration,
     /// Largest backoff ceiling.
     pub max_delay: Duration,
-    /// Total time budget measured from the first attempt: no retry is
-    /// scheduled whose delay would end beyond it.
+    /// Total time budget of the call, measured from its start (the bulkhead
+    /// wait, every attempt and every backoff wait count): attempts are cut to
+    /// what is left of it, and no wait is scheduled past it.
+    /// `Duration::MAX` means no limit.
     pub max_elapsed: Duration,
-    /// A server's Retry-After is honoured but clamped to this.
+    /// Shortest time worth giving a last attempt: a jittered wait that would
+    /// leave less than this before `max_elapsed` is trimmed to leave exactly
+    /// this, and no retry is scheduled unless more than this is left.
+    pub min_last_attempt: Duration,
+    /// The longest server Retry-After honoured. A longer one stops the call
+    /// at once ([`StopReason::RetryAfterTooLong`], carrying the server's
+    /// value so the caller can pass it on) rather than retrying before the
+    /// server's time and earning another rejection.
     pub max_retry_after: Duration,
 }
 
 impl Default for RetryPolicy {
-    /// 3 attempts, 100 ms base, 5 s cap, 30 s budget, Retry-After up to 30 s.
+    /// 3 attempts, 100 ms base, 5 s cap, 30 s budget (100 ms kept for the
+    /// last attempt), Retry-After up to 30 s.
     fn default() -> Self {
         Self {
             max_attempts: 3,
             base_delay: Duration::from_millis(100),
             max_delay: Duration::from_secs(5),
             max_elapsed: Duration::from_secs(30),
+            min_last_attempt: Duration::from_millis(100),
             max_retry_after: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Why a transient failure was not retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StopReason {
+    /// The retry policy's `max_attempts` were used.
+    MaxAttempts,
+    /// No further attempt fits in `max_elapsed` (or the server's Retry-After
+    /// points past it).
+    Deadline,
+    /// The server asked to wait longer than `max_retry_after`.
+    RetryAfterTooLong {
+        /// The server's Retry-After.
+        retry_after: Duration,
+    },
+    /// The adapter's retry budget is empty.
+    RetryBudget,
+    /// The breaker changed state since it admitted the call (opened by other
+    /// callers, and maybe half-open again with probe slots of its own).
+    CircuitOpen,
+    /// The operation is not idempotent (e.g. a POST without an
+    /// `Idempotency-Key`) and the attempt may have reached the dependency.
+    NotIdempotent,
+    /// The operation cannot be repeated (e.g. a request with a streaming
+    /// body), so it was attempted once.
+    BodyNotClonable,
+}
+
+impl StopReason {
+    /// A stable snake_case name.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::MaxAttempts => "max_attempts",
+            Self::Deadline => "deadline",
+            Self::RetryAfterTooLong { .. } => "retry_after_too_long",
+            Self::RetryBudget => "retry_budget",
+            Self::CircuitOpen => "circuit_open",
+            Self::NotIdempotent => "not_idempotent",
+            Self::BodyNotClonable => "body_not_clonable",
+        }
+    }
+}
+
+impl fmt::Display for StopReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::MaxAttempts => f.write_str("attempts used up"),
+            Self::Deadline => f.write_str("no further attempt fits before the deadline"),
+            Self::RetryAfterTooLong { retry_after } => {
+                write!(
+                    f,
+                    "server asked to retry after {retry_after:?}, beyond the cap"
+                )
+            }
+            Self::RetryBudget => f.write_str("retry budget exhausted"),
+            Self::CircuitOpen => f.write_str("circuit breaker opened"),
+            Self::NotIdempotent => {
+                f.write_str("method is not idempotent and no idempotency-key header was sent")
+            }
+            Self::BodyNotClonable => {
+                f.write_str("request body cannot be cloned, so it was sent once")
+            }
         }
     }
 }
@@ -51,6 +130,7 @@ impl RetryPolicy {
             base_delay: Duration::ZERO,
             max_delay: Duration::ZERO,
             max_elapsed: Duration::MAX,
+            min_last_attempt: Duration::ZERO,
             max_retry_after: Duration::ZERO,
         }
     }
@@ -66,39 +146,68 @@ impl RetryPolicy {
     }
 
     /// The delay before the next attempt after `attempts_made` attempts
-    /// (1 after the first), or `None` to stop: attempts used up, or the delay
-    /// would end past `max_elapsed` (`elapsed` is the time since the first
-    /// attempt began). With `retry_after` the delay is that value clamped to
-    /// `max_retry_after`; otherwise full jitter. Uses the thread-local RNG.
+    /// (1 after the first), or why there is none. `elapsed` is the time since
+    /// the call began. With `retry_after` the delay is the server's value
+    /// (above `max_retry_after`: stop); otherwise full jitter. A jittered
+    /// delay that would leave less than `min_last_attempt` of `max_elapsed`
+    /// is trimmed to leave exactly that; a Retry-After that does not fit
+    /// stops the call (the server asked for it). Uses the thread-local RNG.
+    ///
+    /// # Errors
+    ///
+    /// The [`StopReason`]: `MaxAttempts`, `RetryAfterTooLong` or `Deadline`.
     pub fn next_delay(
         &self,
         attempts_made: u32,
         retry_after: Option<Duration>,
         elapsed: Duration,
-    ) -> Option<Duration> {
+    ) -> Result<Duration, StopReason> {
         self.next_delay_with(attempts_made, retry_after, elapsed, &mut rand::rng())
     }
 
     /// [`next_delay`](Self::next_delay) with a caller-supplied RNG (seed it
     /// for reproducible tests).
+    ///
+    /// # Errors
+    ///
+    /// As [`next_delay`](Self::next_delay).
     pub fn next_delay_with<R: Rng + ?Sized>(
         &self,
         attempts_made: u32,
         retry_after: Option<Duration>,
         elapsed: Duration,
         rng: &mut R,
-    ) -> Option<Duration> {
+    ) -> Result<Duration, StopReason> {
         if attempts_made >= self.max_attempts {
-            return None;
+            return Err(StopReason::MaxAttempts);
         }
         let delay = match retry_after {
-            Some(hint) => hint.min(self.max_retry_after),
+            Some(hint) if hint > self.max_retry_after => {
+                return Err(StopReason::RetryAfterTooLong { retry_after: hint });
+            }
+            Some(hint) => hint,
             None => {
                 let ceiling = duration_nanos(self.backoff_ceiling(attempts_made));
                 Duration::from_nanos(rng.random_range(0..=ceiling))
             }
         };
-        (elapsed.saturating_add(delay) <= self.max_elapsed).then_some(delay)
+        if self.max_elapsed == Duration::MAX {
+            return Ok(delay);
+        }
+        let remaining = self.max_elapsed.saturating_sub(elapsed);
+        // No room at all (also exactly `min_last_attempt` left) stops: a
+        // zero wait would turn the rest of the budget into a tight loop.
+        let room = remaining
+            .checked_sub(self.min_last_attempt)
+            .filter(|room| !room.is_zero())
+            .ok_or(StopReason::Deadline)?;
+        if delay <= room {
+            Ok(delay)
+        } else if retry_after.is_some() {
+            Err(StopReason::Deadline)
+        } else {
+            Ok(room)
+        }
     }
 }
 
@@ -124,10 +233,12 @@ impl Default for RetryBudgetConfig {
     }
 }
 
-/// A process-wide limit on retries: at most `retry_percent` of the requests
-/// deposited over the last `ttl`, plus a floor of `min_retries_per_sec`, so a
-/// downstream outage cannot multiply load. Share one (in an `Arc`) across all
-/// callers.
+/// A limit on retries: at most `retry_percent` of the requests deposited
+/// over the last `ttl`, plus a floor of `min_retries_per_sec`, so a
+/// downstream outage cannot multiply load. [`Resilience`](crate::Resilience)
+/// keeps one per adapter (like tower's `TpsBudget` per service), shared by
+/// every caller of that adapter in the process: a small failing adapter is
+/// held to a share of its *own* traffic, not of everyone's.
 #[derive(Debug)]
 pub struct RetryBudget {
     config: RetryBudgetConfig,
@@ -268,6 +379,7 @@ mod tests {
             base_delay: 100 * MS,
             max_delay: 1000 * MS,
             max_elapsed: Duration::from_secs(60),
+            min_last_attempt: Duration::ZERO,
             max_retry_after: Duration::from_secs(10),
         }
     }
@@ -317,14 +429,14 @@ mod tests {
     fn stops_after_max_attempts() {
         let p = policy();
         let mut rng = StdRng::seed_from_u64(1);
-        assert!(
-            p.next_delay_with(5, None, Duration::ZERO, &mut rng)
-                .is_some()
+        assert!(p.next_delay_with(5, None, Duration::ZERO, &mut rng).is_ok());
+        assert_eq!(
+            p.next_delay_with(6, None, Duration::ZERO, &mut rng),
+            Err(StopReason::MaxAttempts)
         );
-        assert_eq!(p.next_delay_with(6, None, Duration::ZERO, &mut rng), None);
         assert_eq!(
             RetryPolicy::never().next_delay(1, None, Duration::ZERO),
-            None
+            Err(StopReason::MaxAttempts)
         );
     }
 
@@ -337,24 +449,84 @@ mod tests {
         let hint = Some(Duration::from_secs(2));
         assert_eq!(
             p.next_delay(1, hint, Duration::from_secs(8)),
-            Some(Duration::from_secs(2))
+            Ok(Duration::from_secs(2))
         );
-        assert_eq!(p.next_delay(1, hint, Duration::from_secs(8) + MS), None);
+        assert_eq!(
+            p.next_delay(1, hint, Duration::from_secs(8) + MS),
+            Err(StopReason::Deadline)
+        );
+        assert_eq!(
+            p.next_delay(1, None, Duration::from_secs(10)),
+            Err(StopReason::Deadline)
+        );
     }
 
     #[test]
-    fn retry_after_is_honoured_and_clamped() {
+    fn a_jittered_wait_is_trimmed_to_leave_the_last_attempt_its_time() {
+        let p = RetryPolicy {
+            max_attempts: 5,
+            base_delay: Duration::from_secs(10),
+            max_delay: Duration::from_secs(10),
+            max_elapsed: Duration::from_secs(1),
+            min_last_attempt: 100 * MS,
+            max_retry_after: Duration::from_secs(30),
+        };
+        // Seed 4 draws 53 % of the 10 s ceiling: far past the budget.
+        let mut rng = StdRng::seed_from_u64(4);
+        assert_eq!(p.next_delay_with(1, None, 700 * MS, &mut rng), Ok(200 * MS));
+        // A short draw that fits is kept as drawn.
+        let short = RetryPolicy {
+            base_delay: 10 * MS,
+            max_delay: 10 * MS,
+            ..p
+        };
+        let drawn = short
+            .next_delay_with(1, None, Duration::ZERO, &mut StdRng::seed_from_u64(4))
+            .unwrap();
+        assert!(drawn > Duration::ZERO && drawn <= 10 * MS, "{drawn:?}");
+        assert_eq!(
+            short.next_delay_with(1, None, 700 * MS, &mut StdRng::seed_from_u64(4)),
+            Ok(drawn)
+        );
+        // Just more than min_last_attempt left: a (trimmed) wait of what is
+        // over; exactly min_last_attempt or less left: stop.
+        assert_eq!(p.next_delay_with(1, None, 899 * MS, &mut rng), Ok(MS));
+        for elapsed in [900 * MS, 901 * MS] {
+            assert_eq!(
+                p.next_delay_with(1, None, elapsed, &mut rng),
+                Err(StopReason::Deadline)
+            );
+        }
+        // A Retry-After is never trimmed: it fits or the call stops.
+        assert_eq!(
+            p.next_delay_with(1, Some(500 * MS), 700 * MS, &mut rng),
+            Err(StopReason::Deadline)
+        );
+    }
+
+    #[test]
+    fn retry_after_is_honoured_up_to_the_cap_and_a_longer_one_stops() {
         let p = policy();
         assert_eq!(
             p.next_delay(1, Some(3 * MS * 1000), Duration::ZERO),
-            Some(Duration::from_secs(3))
+            Ok(Duration::from_secs(3))
         );
         assert_eq!(
+            p.next_delay(1, Some(Duration::from_secs(10)), Duration::ZERO),
+            Ok(Duration::from_secs(10))
+        );
+        // Above the cap: no early retry, and the server's value is kept.
+        assert_eq!(
             p.next_delay(1, Some(Duration::from_secs(3600)), Duration::ZERO),
-            Some(Duration::from_secs(10))
+            Err(StopReason::RetryAfterTooLong {
+                retry_after: Duration::from_secs(3600)
+            })
         );
         // Still bounded by attempts.
-        assert_eq!(p.next_delay(6, Some(MS), Duration::ZERO), None);
+        assert_eq!(
+            p.next_delay(6, Some(MS), Duration::ZERO),
+            Err(StopReason::MaxAttempts)
+        );
     }
 
     #[test]

@@ -1,39 +1,110 @@
 //! Outbound HTTP for the adapters: one [`HttpClient`] per process (connection
-//! pool, keep-alive, rustls, gzip) that sends each request with a fresh
-//! timeout per attempt, a total deadline over all attempts and waits,
-//! retries of transient outcomes only, a circuit breaker and a bulkhead per
-//! [`AdapterName`], and prompt cancellation through a `CancellationToken`.
+//! pool, keep-alive, rustls, gzip) whose every request goes through the one
+//! resilience loop of the workspace, [`Resilience::call_holding`]
+//! (smartbeak-resilience): a bulkhead and a circuit breaker per
+//! [`AdapterName`], retries of transient outcomes only on the adapter's retry
+//! budget, a fresh timeout per attempt, a total deadline
+//! ([`RetryPolicy::max_elapsed`]) over everything including the body read,
+//! and prompt cancellation through a `CancellationToken`.
+//!
+//! # One way to build the shared stack
+//!
+//! Build one [`Resilience`] at start-up and hand clones of it to every
+//! client and component (a clone shares the breaker registry, the bulkheads
+//! and the per-adapter retry budgets). A client built without one uses
+//! [`Resilience::process_default`], so two clients never end up with two
+//! per-adapter limits in one process.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//!
+//! use smartbeak_resilience::{AdapterName, Policy, Resilience, ResilienceConfig, RetryPolicy};
+//! use smartbeak_utils::fetch::{FetchError, HttpClient};
+//! use tokio_util::sync::CancellationToken;
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let resilience = Resilience::new(ResilienceConfig::default()); // once per process
+//! let client = HttpClient::builder()
+//!     .resilience(resilience.clone())
+//!     .adapter(
+//!         AdapterName::Openai,
+//!         Policy {
+//!             attempt_timeout: Some(Duration::from_secs(20)),
+//!             retry: RetryPolicy {
+//!                 max_attempts: 4,
+//!                 max_elapsed: Duration::from_secs(60), // the total deadline
+//!                 ..RetryPolicy::default()
+//!             },
+//!             ..Policy::default()
+//!         },
+//!     )
+//!     .build()?;
+//!
+//! let cancel = CancellationToken::new();
+//! // `send` goes through the stack; the body is read within the deadline.
+//! match client
+//!     .get(AdapterName::Openai, "https://api.openai.com/v1/models")
+//!     .bearer_auth("sk-...")
+//!     .cancel(cancel)
+//!     .send()
+//!     .await
+//! {
+//!     Ok(response) => println!("{} {} bytes", response.status(), response.bytes().await?.len()),
+//!     Err(FetchError::CircuitOpen { retry_after, .. }) => println!("try in {retry_after:?}"),
+//!     Err(error) => return Err(error.into()),
+//! }
+//! # Ok(())
+//! # }
+//! ```
 //!
 //! # One call, step by step
 //!
-//! 1. Bulkhead slot for the adapter, waiting at most the bulkhead's
-//!    `max_wait` and never past the call's deadline →
-//!    [`FetchError::BulkheadFull`].
-//! 2. Circuit breaker admission → [`FetchError::CircuitOpen`] (nothing sent).
-//! 3. One deposit into the retry budget (the client's own, or one shared by
-//!    the whole process through [`HttpClientBuilder::retry_budget`]).
-//! 4. Attempt: the request (a fresh clone each time) under its own timeout of
-//!    `min(attempt_timeout, time left before the deadline)`. A success (1xx to
-//!    3xx) is returned; a 4xx other than 408/425/429 or a non-transient 5xx
-//!    (501, 505, ...) is [`FetchError::NonRetryableStatus`] at once.
-//! 5. A transient outcome (connect error, timeout, 408, 425, 429, 500, 502,
-//!    503, 504) is retried if every gate agrees, checked in this order: the
-//!    method is idempotent or an `Idempotency-Key` header is present; the body
-//!    could be cloned; the retry policy has attempts left; the wait fits before
-//!    the deadline (a jittered wait that does not fit is *trimmed* so the last
-//!    attempt still gets `min_last_attempt`; a server's `Retry-After` that
-//!    does not fit stops the call); the breaker is not open (checked before
-//!    the wait and again after it, since other callers may open it
-//!    meanwhile); the retry budget has a token. Otherwise the call stops with
-//!    [`FetchError::RetriesExhausted`] (its [`StopReason`] says which gate), or
-//!    [`FetchError::Timeout`] if the last attempt timed out.
-//! 6. The breaker records one verdict per call (the last attempt's), as
-//!    `smartbeak_resilience::Resilience::call` does, so retries do not multiply
-//!    failures in its window.
+//! [`RequestBuilder::send`] (or [`fetch_bytes`](RequestBuilder::fetch_bytes)
+//! / [`fetch_json`](RequestBuilder::fetch_json), which read the body inside
+//! the attempt) runs [`Resilience::call_holding`]:
 //!
-//! The caller's `CancellationToken` is raced against the whole call: when it
-//! fires, the in-flight attempt (its connection) or the pending backoff is
-//! dropped at once and [`FetchError::Cancelled`] is returned.
+//! 1. Bulkhead slot for the adapter, waiting at most the bulkhead's
+//!    `max_wait` and never past the deadline → [`FetchError::BulkheadFull`].
+//! 2. Circuit breaker admission → [`FetchError::CircuitOpen`] (nothing sent).
+//! 3. One deposit into the adapter's retry budget.
+//! 4. Attempt: the request (a fresh clone each time) under
+//!    `min(attempt_timeout, time left before the deadline)`. A success (1xx
+//!    to 3xx) is returned; a 4xx other than 408/425/429 or a non-transient
+//!    5xx (501, 505, ...) is [`FetchError::NonRetryableStatus`] at once.
+//! 5. A transient outcome (connect error, timeout, connection reset, 408,
+//!    425, 429, 500, 502, 503, 504) is retried if every gate agrees, in this
+//!    order: the request may be repeated (below); the retry policy has
+//!    attempts left, the server's `Retry-After` is within `max_retry_after`
+//!    (a longer one stops the call with
+//!    [`StopReason::RetryAfterTooLong`], and [`FetchError::retry_after`]
+//!    hands the server's value on) and the wait fits before the deadline (a
+//!    jittered wait is trimmed to leave `min_last_attempt`); the breaker
+//!    permit is still current (before and after the wait); the adapter's
+//!    retry budget has a token. Otherwise [`FetchError::RetriesExhausted`]
+//!    or [`FetchError::Timeout`], both with their [`StopReason`].
+//! 6. The breaker records one verdict per call (the last attempt's, timed
+//!    from that attempt's start).
+//!
+//! **Which requests are repeated.** A connect error is retried for every
+//! method, POST included: the request provably never left (Polly's HTTP
+//! strategy and Envoy's `connect-failure` do the same). Any other transient
+//! outcome is retried only for idempotent methods (RFC 9110) or with an
+//! `Idempotency-Key` header ([`StopReason::NotIdempotent`]), and only if the
+//! body can be cloned ([`StopReason::BodyNotClonable`]).
+//!
+//! **What counts against the breaker.** Only outcomes of the remote call:
+//! statuses, connect and transport errors, timeouts. Our own failures --
+//! a middleware's error, a request reqwest could not build, a redirect loop
+//! -- are `Verdict::Ignored`; a body that is not the JSON we expected is
+//! decoded after the call and never counts as a failure.
+//!
+//! **The body.** [`Response`] is ours: its body reads end at the call's
+//! deadline with [`FetchError::Timeout`] (scope `Deadline`), abort with
+//! [`FetchError::Cancelled`] when the token fires, and keep the adapter's
+//! bulkhead slot until the body is consumed or the response dropped. The
+//! breaker's verdict is taken when the head arrives; to have body failures
+//! count and be retried too, use [`RequestBuilder::fetch_bytes`] or
+//! [`RequestBuilder::fetch_json`], which read the body inside the attempt.
 //!
 //! # What comes from where
 //!
@@ -41,89 +112,50 @@
 //!   client, so callers may add middleware (tracing, auth) with
 //!   [`HttpClientBuilder::middleware`].
 //! - **reqwest-retry** provides the classification of transport errors
-//!   ([`reqwest_retry::default_on_request_failure`] and its
-//!   [`reqwest_retry::Retryable`]: connect errors, timeouts, connections reset
-//!   or closed mid-response are transient; builder, redirect, body and decode
-//!   errors are fatal). Its `RetryTransientMiddleware` is *not* used: it has no
-//!   Retry-After support, retries POST like GET, has no overall deadline and
-//!   returns the last 503 as `Ok`. Its status classification (every 5xx
-//!   transient) is replaced by the fixed list in [`is_transient_status`].
-//! - **smartbeak-resilience** provides the policy in charge of the loop:
-//!   [`RetryPolicy`] (capped exponential backoff with full jitter, attempt
-//!   limit, Retry-After clamped to `max_retry_after`), [`RetryBudget`],
-//!   `retry_after_from_headers` (seconds or HTTP date), [`CircuitBreaker`]s
-//!   from a [`BreakerRegistry`], and a [`Bulkhead`] per adapter.
-//! - **this module** owns the deadline (it replaces `RetryPolicy::max_elapsed`,
-//!   which is ignored here, because it trims the last wait instead of
-//!   skipping it), idempotency and body-clonability gates, cancellation, the
-//!   error enum and the metrics.
+//!   ([`reqwest_retry::default_on_request_failure`]: connect errors,
+//!   timeouts, connections reset or closed mid-response are transient). Its
+//!   `RetryTransientMiddleware` is *not* used: it has no Retry-After
+//!   support, retries POST like GET, has no overall deadline and returns the
+//!   last 503 as `Ok`. Its status classification (every 5xx transient) is
+//!   replaced by the fixed list in [`is_transient_status`].
+//! - **smartbeak-resilience** owns the loop and its semantics
+//!   ([`Resilience`], [`Policy`], [`RetryPolicy`], [`StopReason`]).
+//! - **this module** owns the HTTP classification, the idempotency and
+//!   body-clonability gates, cancellation, the body bounds, the error enum
+//!   and the metrics.
 //!
 //! # Metrics (label `adapter`, plus `outcome` on the request counter)
 //!
 //! - `http_client_requests_total{adapter, outcome}`: one per call; outcome is
 //!   one of [`FetchError::outcome`]'s values or `success`.
 //! - `http_client_attempts_total{adapter}`, `http_client_retries_total{adapter}`.
-//! - `http_client_attempt_duration_seconds{adapter}` (each attempt) and
-//!   `http_client_request_duration_seconds{adapter}` (whole call) histograms.
+//! - `http_client_attempt_duration_seconds{adapter}` (each attempt, also one
+//!   cut by its timeout) and `http_client_request_duration_seconds{adapter}`
+//!   (whole call) histograms.
 //!
 //! # TLS
 //!
 //! reqwest's `rustls` feature (aws-lc-rs provider) builds here with `cc`
 //! alone (aws-lc-sys needs neither cmake nor clang on x86-64 Linux), so no
 //! provider switch was needed.
-//!
-//! # Example
-//!
-//! ```no_run
-//! use std::time::Duration;
-//!
-//! use smartbeak_resilience::{AdapterName, RetryPolicy};
-//! use smartbeak_utils::fetch::{AdapterSettings, CallOptions, FetchError, HttpClient};
-//! use tokio_util::sync::CancellationToken;
-//!
-//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! let client = HttpClient::builder()
-//!     .adapter(
-//!         AdapterName::Openai,
-//!         AdapterSettings {
-//!             attempt_timeout: Duration::from_secs(20),
-//!             deadline: Duration::from_secs(60),
-//!             retry: RetryPolicy { max_attempts: 4, ..RetryPolicy::default() },
-//!             ..AdapterSettings::default()
-//!         },
-//!     )
-//!     .build()?;
-//!
-//! let cancel = CancellationToken::new();
-//! let request = client.get("https://api.openai.com/v1/models").bearer_auth("sk-...");
-//! match client
-//!     .send(AdapterName::Openai, request, &CallOptions::default().cancel(cancel))
-//!     .await
-//! {
-//!     Ok(response) => println!("{}", response.status()),
-//!     Err(FetchError::CircuitOpen { retry_after, .. }) => println!("try in {retry_after:?}"),
-//!     Err(error) => return Err(error.into()),
-//! }
-//! # Ok(())
-//! # }
-//! ```
 
 use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use http::{Method, StatusCode};
-use rand::SeedableRng;
-use rand::rngs::StdRng;
-use reqwest::{IntoUrl, Request, RequestBuilder, Response};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use reqwest::{IntoUrl, Request};
 use reqwest_middleware::{ClientWithMiddleware, Middleware};
 use reqwest_retry::Retryable;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use smartbeak_resilience::{
-    AdapterName, BreakerPolicy, BreakerRegistry, BreakerState, Bulkhead, BulkheadConfig,
-    BulkheadFull, CircuitBreaker, RegistryConfig, RetryBudget, RetryBudgetConfig, RetryPolicy,
-    Verdict, retry_after_from_headers,
+    AdapterName, BulkheadFull, BulkheadPermit, CallScope, CircuitBreaker, Resilience,
+    ResilienceError, Verdict, retry_after_from_headers,
 };
+pub use smartbeak_resilience::{Policy, RetryPolicy, StopReason, TimeoutScope};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -141,52 +173,26 @@ pub const ATTEMPT_DURATION_HISTOGRAM: &str = "http_client_attempt_duration_secon
 /// Histogram of each call's duration in seconds (all attempts and waits), label `adapter`.
 pub const REQUEST_DURATION_HISTOGRAM: &str = "http_client_request_duration_seconds";
 
-/// How requests to one adapter are sent.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AdapterSettings {
-    /// Limit of each attempt, fresh for every attempt (up to receiving the
-    /// response head; read a large body under your own timeout).
-    pub attempt_timeout: Duration,
-    /// Limit of the whole call: the bulkhead wait (cut to this if the
-    /// bulkhead's `max_wait` is longer), attempts and backoff waits.
-    /// `Duration::MAX` means no limit.
-    pub deadline: Duration,
-    /// Shortest time worth giving a last attempt: a jittered backoff is
-    /// trimmed to leave this much before the deadline, and no attempt starts
-    /// with less.
-    pub min_last_attempt: Duration,
-    /// Attempts, backoff and Retry-After clamp. `max_elapsed` is ignored:
-    /// [`deadline`](Self::deadline) applies instead.
-    pub retry: RetryPolicy,
-    /// Circuit breaker of the adapter.
-    pub breaker: BreakerPolicy,
-    /// Concurrency limit of the adapter.
-    pub bulkhead: BulkheadConfig,
-}
-
-impl Default for AdapterSettings {
-    /// 10 s per attempt, 30 s deadline, 100 ms minimum last attempt, and the
-    /// resilience crate's default retry policy, breaker and bulkhead.
-    fn default() -> Self {
-        Self {
-            attempt_timeout: Duration::from_secs(10),
-            deadline: Duration::from_secs(30),
-            min_last_attempt: Duration::from_millis(100),
-            retry: RetryPolicy::default(),
-            breaker: BreakerPolicy::default(),
-            bulkhead: BulkheadConfig::default(),
-        }
+/// The policy of every adapter without one of its own: 10 s per attempt and
+/// smartbeak-resilience's defaults (3 attempts, full jitter from 100 ms up
+/// to 5 s, a 30 s deadline keeping 100 ms for a last attempt, Retry-After up
+/// to 30 s, the default breaker).
+#[must_use]
+pub fn default_policy() -> Policy {
+    Policy {
+        attempt_timeout: Some(Duration::from_secs(10)),
+        ..Policy::default()
     }
 }
 
-/// Per-call options.
+/// Per-call options (also settable on [`RequestBuilder`]).
 #[derive(Debug, Clone, Default)]
 pub struct CallOptions {
-    /// Cancels the call (in-flight attempt or backoff) when fired.
+    /// Cancels the call (in-flight attempt, backoff, body read) when fired.
     pub cancel: Option<CancellationToken>,
-    /// Overrides the adapter's [`AdapterSettings::deadline`].
+    /// Overrides the adapter's deadline (`policy.retry.max_elapsed`).
     pub deadline: Option<Duration>,
-    /// Overrides the adapter's [`AdapterSettings::attempt_timeout`].
+    /// Overrides the adapter's `policy.attempt_timeout`.
     pub attempt_timeout: Option<Duration>,
 }
 
@@ -213,74 +219,9 @@ impl CallOptions {
     }
 }
 
-/// Why a transient failure was not retried.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum StopReason {
-    /// The retry policy's `max_attempts` were used.
-    MaxAttempts,
-    /// No further attempt fits before the total deadline (or the server's
-    /// Retry-After points past it).
-    Deadline,
-    /// The process-wide retry budget is empty.
-    RetryBudget,
-    /// The adapter's circuit breaker opened meanwhile.
-    CircuitOpen,
-    /// The method is not idempotent and no `Idempotency-Key` header was sent.
-    NotIdempotent,
-    /// The body is a stream that cannot be cloned, so it was sent once.
-    BodyNotClonable,
-}
-
-impl StopReason {
-    /// A stable snake_case name.
-    #[must_use]
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::MaxAttempts => "max_attempts",
-            Self::Deadline => "deadline",
-            Self::RetryBudget => "retry_budget",
-            Self::CircuitOpen => "circuit_open",
-            Self::NotIdempotent => "not_idempotent",
-            Self::BodyNotClonable => "body_not_clonable",
-        }
-    }
-}
-
-impl fmt::Display for StopReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::MaxAttempts => "attempts used up",
-            Self::Deadline => "no further attempt fits before the deadline",
-            Self::RetryBudget => "retry budget exhausted",
-            Self::CircuitOpen => "circuit breaker opened",
-            Self::NotIdempotent => {
-                "method is not idempotent and no idempotency-key header was sent"
-            }
-            Self::BodyNotClonable => "request body cannot be cloned, so it was sent once",
-        })
-    }
-}
-
-/// Which limit a [`FetchError::Timeout`] hit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum TimeoutScope {
-    /// The last attempt ran past its per-attempt timeout.
-    Attempt,
-    /// The last attempt was cut short by the total deadline.
-    Deadline,
-}
-
-impl fmt::Display for TimeoutScope {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Attempt => "attempt timeout",
-            Self::Deadline => "total deadline",
-        })
-    }
-}
-
-/// Why [`HttpClient::send`] returned no successful response. Every variant
-/// keeps the adapter and, once anything was sent, the number of attempts.
+/// Why a request returned no successful response (or its body could not be
+/// read). Every variant keeps the adapter and, once anything was sent, the
+/// number of attempts.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     /// The request could not be built (bad URL, header, body serialisation).
@@ -310,19 +251,21 @@ pub enum FetchError {
         /// When the breaker will admit a probe.
         retry_after: Duration,
     },
-    /// The last attempt timed out and no further attempt was possible.
+    /// The last attempt, or the body read, ran out of time.
     #[error(
-        "request to {adapter} timed out ({scope}, limit {limit:?}) after {attempts} attempt(s)"
+        "request to {adapter} timed out ({scope}, limit {limit:?}) after {attempts} attempt(s): {reason}"
     )]
     Timeout {
         /// Target adapter.
         adapter: AdapterName,
         /// Attempts sent.
         attempts: u32,
-        /// Which limit cut the last attempt.
+        /// Which limit cut the last attempt (`Deadline` for a body read).
         scope: TimeoutScope,
-        /// The last attempt's time limit.
+        /// The limit: the last attempt's, or the call's deadline.
         limit: Duration,
+        /// Why no further attempt was made.
+        reason: StopReason,
     },
     /// The caller's cancellation token fired.
     #[error("request to {adapter} cancelled after {attempts} attempt(s)")]
@@ -347,12 +290,15 @@ pub enum FetchError {
         last_status: Option<StatusCode>,
         /// Why no further attempt was made.
         reason: StopReason,
+        /// The last response's `Retry-After`, if it sent one.
+        retry_after: Option<Duration>,
         /// The transport error of the last attempt, if it had one.
         #[source]
         source: Option<reqwest_middleware::Error>,
     },
     /// The server answered with a status that is not retried (most 4xx, 501,
-    /// 505, ...). The response is kept so its body can be read.
+    /// 505, ...). The response is kept so its body can be read (within the
+    /// call's deadline).
     #[error("request to {adapter} failed with status {status} after {attempts} attempt(s)")]
     NonRetryableStatus {
         /// Target adapter.
@@ -365,7 +311,7 @@ pub enum FetchError {
         response: Box<Response>,
     },
     /// A transport error that retrying would not fix (TLS, redirect loop,
-    /// decoding, a middleware's error).
+    /// a middleware's error).
     #[error("request to {adapter} failed after {attempts} attempt(s): {source}")]
     Transport {
         /// Target adapter.
@@ -375,6 +321,24 @@ pub enum FetchError {
         /// The error.
         #[source]
         source: reqwest_middleware::Error,
+    },
+    /// Reading a returned response's body failed.
+    #[error("reading the body from {adapter} failed: {source}")]
+    Body {
+        /// Target adapter.
+        adapter: AdapterName,
+        /// reqwest's body error.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The body was not the JSON the caller asked for.
+    #[error("the body from {adapter} is not the expected json: {source}")]
+    Decode {
+        /// Target adapter.
+        adapter: AdapterName,
+        /// serde_json's error.
+        #[source]
+        source: serde_json::Error,
     },
 }
 
@@ -394,15 +358,22 @@ impl FetchError {
             | Self::Cancelled { adapter, .. }
             | Self::RetriesExhausted { adapter, .. }
             | Self::NonRetryableStatus { adapter, .. }
-            | Self::Transport { adapter, .. } => *adapter,
+            | Self::Transport { adapter, .. }
+            | Self::Body { adapter, .. }
+            | Self::Decode { adapter, .. } => *adapter,
         }
     }
 
-    /// Attempts sent (0 when the call was refused before sending).
+    /// Attempts sent (0 when the call was refused before sending, and for
+    /// body and decode errors, which come after the call).
     #[must_use]
     pub fn attempts(&self) -> u32 {
         match self {
-            Self::InvalidRequest { .. } | Self::BulkheadFull { .. } | Self::CircuitOpen { .. } => 0,
+            Self::InvalidRequest { .. }
+            | Self::BulkheadFull { .. }
+            | Self::CircuitOpen { .. }
+            | Self::Body { .. }
+            | Self::Decode { .. } => 0,
             Self::Timeout { attempts, .. }
             | Self::Cancelled { attempts, .. }
             | Self::RetriesExhausted { attempts, .. }
@@ -421,6 +392,20 @@ impl FetchError {
         }
     }
 
+    /// When to try again, to pass on to our own callers: the open breaker's
+    /// time to its next probe, or the server's `Retry-After`.
+    #[must_use]
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::CircuitOpen { retry_after, .. } => Some(*retry_after),
+            Self::RetriesExhausted { retry_after, .. } => *retry_after,
+            Self::NonRetryableStatus { response, .. } => {
+                retry_after_from_headers(response.headers())
+            }
+            _ => None,
+        }
+    }
+
     /// The `outcome` label value of the request counter.
     #[must_use]
     pub fn outcome(&self) -> &'static str {
@@ -433,6 +418,8 @@ impl FetchError {
             Self::RetriesExhausted { .. } => "retries_exhausted",
             Self::NonRetryableStatus { .. } => "non_retryable_status",
             Self::Transport { .. } => "transport",
+            Self::Body { .. } => "body",
+            Self::Decode { .. } => "decode",
         }
     }
 }
@@ -457,29 +444,11 @@ pub fn is_idempotent(method: &Method) -> bool {
     )
 }
 
-/// A component the client builds from a config, or one given to share.
-#[derive(Debug)]
-enum Shared<T, C> {
-    Own(C),
-    Given(Arc<T>),
-}
-
-impl<T, C> Shared<T, C> {
-    fn resolve(self, build: impl FnOnce(C) -> T) -> Arc<T> {
-        match self {
-            Self::Own(config) => Arc::new(build(config)),
-            Self::Given(shared) => shared,
-        }
-    }
-}
-
 /// Builds an [`HttpClient`].
 pub struct HttpClientBuilder {
-    defaults: AdapterSettings,
-    overrides: Vec<(AdapterName, AdapterSettings)>,
-    registry: Shared<BreakerRegistry, RegistryConfig>,
-    retry_budget: Shared<RetryBudget, RetryBudgetConfig>,
-    jitter_seed: Option<u64>,
+    defaults: Policy,
+    overrides: Vec<(AdapterName, Policy)>,
+    resilience: Option<Resilience>,
     user_agent: String,
     connect_timeout: Duration,
     pool_idle_timeout: Duration,
@@ -492,7 +461,6 @@ impl fmt::Debug for HttpClientBuilder {
         f.debug_struct("HttpClientBuilder")
             .field("defaults", &self.defaults)
             .field("overrides", &self.overrides)
-            .field("jitter_seed", &self.jitter_seed)
             .field("middleware", &self.middleware.len())
             .finish_non_exhaustive()
     }
@@ -501,11 +469,9 @@ impl fmt::Debug for HttpClientBuilder {
 impl Default for HttpClientBuilder {
     fn default() -> Self {
         Self {
-            defaults: AdapterSettings::default(),
+            defaults: default_policy(),
             overrides: Vec::new(),
-            registry: Shared::Own(RegistryConfig::default()),
-            retry_budget: Shared::Own(RetryBudgetConfig::default()),
-            jitter_seed: None,
+            resilience: None,
             user_agent: concat!("smartbeak/", env!("CARGO_PKG_VERSION")).to_owned(),
             connect_timeout: Duration::from_secs(5),
             pool_idle_timeout: Duration::from_secs(90),
@@ -516,61 +482,27 @@ impl Default for HttpClientBuilder {
 }
 
 impl HttpClientBuilder {
-    /// Settings for every adapter without its own.
+    /// The policy of every adapter without its own ([`default_policy`] by
+    /// default).
     #[must_use]
-    pub fn defaults(mut self, settings: AdapterSettings) -> Self {
-        self.defaults = settings;
+    pub fn defaults(mut self, policy: Policy) -> Self {
+        self.defaults = policy;
         self
     }
 
-    /// Settings for one adapter (the last call for an adapter wins).
+    /// The policy of one adapter (the last call for an adapter wins).
     #[must_use]
-    pub fn adapter(mut self, adapter: AdapterName, settings: AdapterSettings) -> Self {
-        self.overrides.push((adapter, settings));
+    pub fn adapter(mut self, adapter: AdapterName, policy: Policy) -> Self {
+        self.overrides.push((adapter, policy));
         self
     }
 
-    /// Capacity and idle expiry of the client's own breaker registry
-    /// (replaces a registry given to [`breaker_registry`](Self::breaker_registry)).
+    /// The process-wide [`Resilience`] (breakers, bulkheads, retry budgets,
+    /// jitter) to run on; [`Resilience::process_default`] if not given.
+    /// Hand every client and component a clone of the same one.
     #[must_use]
-    pub fn breaker_registry_config(mut self, config: RegistryConfig) -> Self {
-        self.registry = Shared::Own(config);
-        self
-    }
-
-    /// Uses `registry` instead of a registry of the client's own, so other
-    /// clients and components holding the same `Arc` share one breaker per
-    /// (adapter, policy): an outage seen by one opens the breaker for all.
-    #[must_use]
-    pub fn breaker_registry(mut self, registry: Arc<BreakerRegistry>) -> Self {
-        self.registry = Shared::Given(registry);
-        self
-    }
-
-    /// Limits of the client's own retry budget (replaces a budget given to
-    /// [`retry_budget`](Self::retry_budget)).
-    #[must_use]
-    pub fn retry_budget_config(mut self, config: RetryBudgetConfig) -> Self {
-        self.retry_budget = Shared::Own(config);
-        self
-    }
-
-    /// Uses `budget` instead of a budget of the client's own. This is how to
-    /// keep *one* retry budget for the process: build one `Arc<RetryBudget>`
-    /// at start-up and hand it to every [`HttpClient`], so retries stay a
-    /// fraction of all requests together rather than of each client's. A
-    /// [`Resilience`](smartbeak_resilience::Resilience) hands out its own
-    /// with `retry_budget()`, so it can be shared with a client too.
-    #[must_use]
-    pub fn retry_budget(mut self, budget: Arc<RetryBudget>) -> Self {
-        self.retry_budget = Shared::Given(budget);
-        self
-    }
-
-    /// Seeds the backoff jitter (reproducible tests); random by default.
-    #[must_use]
-    pub fn jitter_seed(mut self, seed: u64) -> Self {
-        self.jitter_seed = Some(seed);
+    pub fn resilience(mut self, resilience: Resilience) -> Self {
+        self.resilience = Some(resilience);
         self
     }
 
@@ -596,7 +528,8 @@ impl HttpClientBuilder {
     }
 
     /// Adds a reqwest-middleware middleware; it runs inside each attempt (so
-    /// under the attempt's timeout), in the order added.
+    /// under the attempt's timeout), in the order added. Its errors never
+    /// count against an adapter's breaker.
     #[must_use]
     pub fn middleware(mut self, middleware: Arc<dyn Middleware>) -> Self {
         self.middleware.push(middleware);
@@ -625,35 +558,24 @@ impl HttpClientBuilder {
                 |b, m| b.with_arc(m),
             )
             .build();
-
-        let settings: Vec<AdapterSettings> = AdapterName::ALL
+        let policies = AdapterName::ALL
             .iter()
             .map(|adapter| {
                 self.overrides
                     .iter()
                     .rev()
                     .find(|(name, _)| name == adapter)
-                    .map_or_else(|| self.defaults.clone(), |(_, s)| s.clone())
+                    .map_or_else(|| self.defaults.clone(), |(_, p)| p.clone())
             })
             .collect();
-        let bulkheads = AdapterName::ALL
-            .iter()
-            .zip(&settings)
-            .map(|(adapter, s)| Bulkhead::new(*adapter, s.bulkhead))
-            .collect();
-        let rng = match self.jitter_seed {
-            Some(seed) => StdRng::seed_from_u64(seed),
-            None => StdRng::from_rng(&mut rand::rng()),
-        };
         Ok(HttpClient {
             inner: Arc::new(ClientInner {
                 raw,
                 client,
-                settings,
-                bulkheads,
-                breakers: self.registry.resolve(BreakerRegistry::new),
-                budget: self.retry_budget.resolve(RetryBudget::new),
-                rng: Mutex::new(rng),
+                policies,
+                resilience: self
+                    .resilience
+                    .unwrap_or_else(|| Resilience::process_default().clone()),
             }),
         })
     }
@@ -661,51 +583,27 @@ impl HttpClientBuilder {
 
 /// The process-wide HTTP client for outside providers; see the [module docs](self).
 ///
-/// Build it once and clone it (cheap, shares the pool, breakers and budget).
+/// Build it once and clone it (cheap, shares the pool and the [`Resilience`]).
 #[derive(Clone)]
 pub struct HttpClient {
     inner: Arc<ClientInner>,
 }
 
 struct ClientInner {
+    /// Only builds requests; they are sent through `client`, in the stack.
     raw: reqwest::Client,
     client: ClientWithMiddleware,
     /// Indexed by `AdapterName::index`.
-    settings: Vec<AdapterSettings>,
-    /// Indexed by `AdapterName::index`.
-    bulkheads: Vec<Bulkhead>,
-    breakers: Arc<BreakerRegistry>,
-    budget: Arc<RetryBudget>,
-    rng: Mutex<StdRng>,
+    policies: Vec<Policy>,
+    resilience: Resilience,
 }
 
 impl fmt::Debug for HttpClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HttpClient")
-            .field("breakers", &self.inner.breakers.len())
-            .field("retry_budget", &self.inner.budget.available())
+            .field("breakers", &self.inner.resilience.registry().len())
             .finish_non_exhaustive()
     }
-}
-
-/// A classified attempt.
-enum Attempt {
-    /// Return this response.
-    Success(Response),
-    /// A status not worth retrying; `breaker` is what the breaker records.
-    NonRetryable {
-        response: Response,
-        breaker: Verdict,
-    },
-    /// A transport error not worth retrying.
-    Fatal(reqwest_middleware::Error),
-    /// Worth retrying.
-    Transient {
-        status: Option<StatusCode>,
-        retry_after: Option<Duration>,
-        error: Option<reqwest_middleware::Error>,
-        timed_out: Option<(TimeoutScope, Duration)>,
-    },
 }
 
 impl HttpClient {
@@ -715,97 +613,89 @@ impl HttpClient {
         HttpClientBuilder::default()
     }
 
-    /// A request builder for `method` and `url` (send it with [`send`](Self::send)).
-    pub fn request(&self, method: Method, url: impl IntoUrl) -> RequestBuilder {
-        self.inner.raw.request(method, url)
-    }
-
-    /// A GET request builder.
-    pub fn get(&self, url: impl IntoUrl) -> RequestBuilder {
-        self.request(Method::GET, url)
-    }
-
-    /// A POST request builder (retried only with an `Idempotency-Key` header).
-    pub fn post(&self, url: impl IntoUrl) -> RequestBuilder {
-        self.request(Method::POST, url)
-    }
-
-    /// The settings in force for `adapter`.
-    #[must_use]
-    pub fn settings(&self, adapter: AdapterName) -> &AdapterSettings {
-        &self.inner.settings[adapter.index()]
-    }
-
-    /// The circuit breaker of `adapter` (created on first use).
-    #[must_use]
-    pub fn breaker(&self, adapter: AdapterName) -> Arc<CircuitBreaker> {
-        self.inner
-            .breakers
-            .get(adapter, &self.settings(adapter).breaker)
-    }
-
-    /// The retry budget in use (shared if one was given to
-    /// [`HttpClientBuilder::retry_budget`]).
-    #[must_use]
-    pub fn retry_budget(&self) -> &Arc<RetryBudget> {
-        &self.inner.budget
-    }
-
-    /// The breaker registry in use (shared if one was given to
-    /// [`HttpClientBuilder::breaker_registry`]).
-    #[must_use]
-    pub fn breaker_registry(&self) -> &Arc<BreakerRegistry> {
-        &self.inner.breakers
-    }
-
-    /// Builds and sends the request to `adapter`; see [`execute`](Self::execute).
-    ///
-    /// # Errors
-    ///
-    /// As [`execute`](Self::execute), plus [`FetchError::InvalidRequest`] when
-    /// the builder fails.
-    pub async fn send(
+    /// A request to `adapter`; its [`send`](RequestBuilder::send) goes
+    /// through the whole stack.
+    pub fn request(
         &self,
         adapter: AdapterName,
-        request: RequestBuilder,
-        options: &CallOptions,
-    ) -> Result<Response, FetchError> {
-        match request.build() {
-            Ok(request) => self.execute(adapter, request, options).await,
-            Err(source) => {
-                let error = FetchError::InvalidRequest { adapter, source };
-                record_call(adapter, error.outcome(), Duration::ZERO);
-                Err(error)
-            }
+        method: Method,
+        url: impl IntoUrl,
+    ) -> RequestBuilder {
+        RequestBuilder {
+            client: self.clone(),
+            adapter,
+            inner: self.inner.raw.request(method, url),
+            options: CallOptions::default(),
         }
     }
 
-    /// Sends `request` to `adapter` with the adapter's timeouts, retries,
-    /// breaker and bulkhead; see the [module docs](self) for the steps.
-    ///
-    /// # Errors
-    ///
-    /// Any [`FetchError`] but `InvalidRequest`.
-    pub async fn execute(
+    /// A GET request to `adapter`.
+    pub fn get(&self, adapter: AdapterName, url: impl IntoUrl) -> RequestBuilder {
+        self.request(adapter, Method::GET, url)
+    }
+
+    /// A POST request to `adapter` (a connect error is retried; any other
+    /// transient outcome only with an `Idempotency-Key` header).
+    pub fn post(&self, adapter: AdapterName, url: impl IntoUrl) -> RequestBuilder {
+        self.request(adapter, Method::POST, url)
+    }
+
+    /// The policy in force for `adapter`.
+    #[must_use]
+    pub fn policy(&self, adapter: AdapterName) -> &Policy {
+        &self.inner.policies[adapter.index()]
+    }
+
+    /// The circuit breaker of `adapter` under its policy (created on first use).
+    #[must_use]
+    pub fn breaker(&self, adapter: AdapterName) -> Arc<CircuitBreaker> {
+        self.inner
+            .resilience
+            .breaker(adapter, &self.policy(adapter).breaker)
+    }
+
+    /// The resilience set the client runs on.
+    #[must_use]
+    pub fn resilience(&self) -> &Resilience {
+        &self.inner.resilience
+    }
+
+    /// Runs one call through [`Resilience::call_holding`]; `read` turns each
+    /// successful response into the value (inside the attempt).
+    async fn run<X, R, RF>(
         &self,
         adapter: AdapterName,
-        request: Request,
+        request: reqwest::RequestBuilder,
         options: &CallOptions,
-    ) -> Result<Response, FetchError> {
+        read: R,
+    ) -> Result<Called<X>, FetchError>
+    where
+        R: Fn(reqwest::Response) -> RF,
+        RF: Future<Output = Result<X, reqwest::Error>>,
+    {
         let started = Instant::now();
-        let settings = self.settings(adapter);
-        let plan = CallPlan {
-            adapter,
-            attempt_timeout: options.attempt_timeout.unwrap_or(settings.attempt_timeout),
-            deadline_at: deadline_after(started, options.deadline.unwrap_or(settings.deadline)),
-            min_last_attempt: settings.min_last_attempt,
-            retry: RetryPolicy {
-                max_elapsed: Duration::MAX,
-                ..settings.retry
-            },
+        let request = match request.build() {
+            Ok(request) => request,
+            Err(source) => {
+                let error = FetchError::InvalidRequest { adapter, source };
+                record_call(adapter, error.outcome(), Duration::ZERO);
+                return Err(error);
+            }
+        };
+        let mut policy = self.policy(adapter).clone();
+        if let Some(deadline) = options.deadline {
+            policy.retry.max_elapsed = deadline;
+        }
+        if let Some(timeout) = options.attempt_timeout {
+            policy.attempt_timeout = Some(timeout);
+        }
+        let gate = Gate {
+            idempotent: is_idempotent(request.method())
+                || request.headers().contains_key(IDEMPOTENCY_KEY),
+            clonable: request.try_clone().is_some(),
         };
         let attempts = AtomicU32::new(0);
-        let call = self.run(&plan, settings, request, &attempts);
+        let call = self.call(adapter, &policy, gate, request, &attempts, &read);
         let result = match &options.cancel {
             Some(cancel) => tokio::select! {
                 biased;
@@ -824,227 +714,646 @@ impl HttpClient {
         if let Err(error) = &result {
             tracing::debug!(adapter = adapter.as_str(), outcome, error = %error, "outbound request failed");
         }
-        result
+        let bounds = Bounds {
+            adapter,
+            attempts: attempts.load(Ordering::Relaxed),
+            deadline: deadline_after(started, policy.retry.max_elapsed),
+            limit: policy.retry.max_elapsed,
+            cancel: options.cancel.clone(),
+        };
+        match result {
+            Ok((value, slot)) => Ok(Called {
+                value,
+                slot,
+                bounds,
+            }),
+            Err(FetchError::NonRetryableStatus {
+                adapter,
+                attempts,
+                status,
+                response,
+            }) => Err(FetchError::NonRetryableStatus {
+                adapter,
+                attempts,
+                status,
+                response: Box::new(Response {
+                    bounds,
+                    ..*response
+                }),
+            }),
+            Err(error) => Err(error),
+        }
     }
 
-    async fn run(
+    async fn call<X, R, RF>(
         &self,
-        plan: &CallPlan,
-        settings: &AdapterSettings,
+        adapter: AdapterName,
+        policy: &Policy,
+        gate: Gate,
         request: Request,
         attempts: &AtomicU32,
-    ) -> Result<Response, FetchError> {
-        let adapter = plan.adapter;
-        let _slot = self.inner.bulkheads[adapter.index()]
-            .acquire_within(plan.deadline_at.saturating_duration_since(Instant::now()))
-            .await
-            .map_err(|source| FetchError::BulkheadFull { adapter, source })?;
-        let breaker = self.inner.breakers.get(adapter, &settings.breaker);
-        let permit = breaker
-            .try_acquire()
-            .map_err(|rejection| FetchError::CircuitOpen {
-                adapter,
-                retry_after: rejection.retry_after,
-            })?;
-        self.inner.budget.deposit();
-
-        // Gates that hold for the whole call.
-        let retry_gate = if !is_idempotent(request.method())
-            && !request.headers().contains_key(IDEMPOTENCY_KEY)
-        {
-            Err(StopReason::NotIdempotent)
-        } else if request.try_clone().is_none() {
-            Err(StopReason::BodyNotClonable)
-        } else {
-            Ok(())
-        };
+        read: &R,
+    ) -> Result<(X, BulkheadPermit), FetchError>
+    where
+        R: Fn(reqwest::Response) -> RF,
+        RF: Future<Output = Result<X, reqwest::Error>>,
+    {
+        let client = &self.inner.client;
         let mut template = Some(request);
-        let labels = [("adapter", adapter.as_str())];
-
-        loop {
-            let Some(request) = next_request(&mut template, retry_gate.is_ok()) else {
-                // Unreachable: a single-shot request never loops.
-                return Err(FetchError::RetriesExhausted {
-                    adapter,
-                    attempts: attempts.load(Ordering::Relaxed),
-                    last_status: None,
-                    reason: StopReason::BodyNotClonable,
-                    source: None,
-                });
+        let attempt = move || {
+            let request = if gate.clonable {
+                template.as_ref().and_then(Request::try_clone)
+            } else {
+                template.take()
             };
             let made = attempts.fetch_add(1, Ordering::Relaxed) + 1;
+            let labels = [("adapter", adapter.as_str())];
             if made > 1 {
                 metrics::counter!(RETRIES_COUNTER, &labels).increment(1);
             }
             metrics::counter!(ATTEMPTS_COUNTER, &labels).increment(1);
-
-            let attempt = self.attempt(plan, request).await;
-            let (status, retry_after, error, timed_out) = match attempt {
-                Attempt::Success(response) => {
-                    permit.record(Verdict::Success);
-                    return Ok(response);
-                }
-                Attempt::NonRetryable { response, breaker } => {
-                    permit.record(breaker);
-                    return Err(FetchError::NonRetryableStatus {
-                        adapter,
-                        attempts: made,
-                        status: response.status(),
-                        response: Box::new(response),
+            async move {
+                let _timer = AttemptTimer::start(adapter);
+                // Unreachable: a request that cannot be cloned is attempted
+                // once (the gate makes every outcome final).
+                let request = request.ok_or(AttemptError::NotRepeatable)?;
+                let response = client.execute(request).await.map_err(AttemptError::Send)?;
+                let status = response.status();
+                if status.is_client_error() || status.is_server_error() {
+                    let retry_after = retry_after_from_headers(response.headers());
+                    return Err(AttemptError::Status {
+                        response,
+                        retry_after,
                     });
                 }
-                Attempt::Fatal(source) => {
-                    permit.record(Verdict::Failure);
-                    return Err(FetchError::Transport {
-                        adapter,
-                        attempts: made,
-                        source,
-                    });
-                }
-                Attempt::Transient {
-                    status,
-                    retry_after,
-                    error,
-                    timed_out,
-                } => (status, retry_after, error, timed_out),
-            };
-
-            let decision = retry_gate
-                .and_then(|()| {
-                    let mut rng = self
-                        .inner
-                        .rng
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner);
-                    plan.next_wait(made, retry_after, Instant::now(), &mut *rng)
-                })
-                .and_then(|wait| {
-                    if breaker.state() == BreakerState::Open {
-                        Err(StopReason::CircuitOpen)
-                    } else if !self.inner.budget.try_withdraw() {
-                        Err(StopReason::RetryBudget)
-                    } else {
-                        Ok(wait)
-                    }
-                });
-            let reason = match decision {
-                Ok(wait) => {
-                    tracing::debug!(
-                        adapter = adapter.as_str(),
-                        attempt = made,
-                        status = status.map(|s| s.as_u16()),
-                        wait_ms = wait.as_millis() as u64,
-                        "retrying outbound request"
-                    );
-                    tokio::time::sleep(wait).await;
-                    // Opened by other callers while we waited (a Retry-After
-                    // wait can be long): stop rather than send to an adapter
-                    // known to be down.
-                    if breaker.state() != BreakerState::Open {
-                        continue;
-                    }
-                    StopReason::CircuitOpen
-                }
-                Err(reason) => reason,
-            };
-            permit.record(Verdict::Transient { retry_after });
-            return Err(match timed_out {
-                Some((scope, limit)) => FetchError::Timeout {
-                    adapter,
-                    attempts: made,
-                    scope,
-                    limit,
-                },
-                None => FetchError::RetriesExhausted {
-                    adapter,
-                    attempts: made,
-                    last_status: status,
-                    reason,
-                    source: error,
-                },
-            });
-        }
-    }
-
-    /// Sends one attempt under its own timeout and classifies the outcome.
-    async fn attempt(&self, plan: &CallPlan, request: Request) -> Attempt {
-        let started = Instant::now();
-        let remaining = plan.deadline_at.saturating_duration_since(started);
-        let (limit, scope) = if remaining < plan.attempt_timeout {
-            (remaining, TimeoutScope::Deadline)
-        } else {
-            (plan.attempt_timeout, TimeoutScope::Attempt)
+                read(response).await.map_err(AttemptError::Body)
+            }
         };
-        let result = tokio::time::timeout(limit, self.inner.client.execute(request)).await;
-        metrics::histogram!(ATTEMPT_DURATION_HISTOGRAM, "adapter" => plan.adapter.as_str())
-            .record(started.elapsed().as_secs_f64());
+        let scope = CallScope {
+            timed_out: gate.sent(Verdict::TRANSIENT),
+        };
+        self.inner
+            .resilience
+            .call_holding(adapter, policy, scope, attempt, |result| {
+                gate.classify(result)
+            })
+            .await
+            .map_err(|error| {
+                gate.into_fetch_error(adapter, attempts.load(Ordering::Relaxed), error)
+            })
+    }
+}
+
+/// The value of a finished call, its bulkhead slot and the bounds of what
+/// is left of it (the body read).
+struct Called<X> {
+    value: X,
+    slot: BulkheadPermit,
+    bounds: Bounds,
+}
+
+/// What bounds a response's body reads.
+#[derive(Debug, Clone)]
+struct Bounds {
+    adapter: AdapterName,
+    attempts: u32,
+    /// `None`: no deadline.
+    deadline: Option<Instant>,
+    limit: Duration,
+    cancel: Option<CancellationToken>,
+}
+
+impl Bounds {
+    /// Runs a body read within the deadline and the cancellation token.
+    async fn read<X>(
+        &self,
+        read: impl Future<Output = Result<X, reqwest::Error>>,
+    ) -> Result<X, FetchError> {
+        let timed_out = || FetchError::Timeout {
+            adapter: self.adapter,
+            attempts: self.attempts,
+            scope: TimeoutScope::Deadline,
+            limit: self.limit,
+            reason: StopReason::Deadline,
+        };
+        let timed = async {
+            match self.deadline {
+                Some(at) => tokio::time::timeout_at(at, read)
+                    .await
+                    .map_err(|_| timed_out()),
+                None => Ok(read.await),
+            }
+        };
+        let result = match &self.cancel {
+            Some(cancel) => tokio::select! {
+                biased;
+                () = cancel.cancelled() => Err(FetchError::Cancelled {
+                    adapter: self.adapter,
+                    attempts: self.attempts,
+                }),
+                result = timed => result,
+            },
+            None => timed.await,
+        };
+        result?.map_err(|source| FetchError::Body {
+            adapter: self.adapter,
+            source,
+        })
+    }
+}
+
+/// A response whose body reads are bounded by what is left of the call's
+/// deadline and abort when its cancellation token fires; it holds the
+/// adapter's bulkhead slot until it is consumed or dropped.
+#[derive(Debug)]
+pub struct Response {
+    inner: reqwest::Response,
+    bounds: Bounds,
+    _slot: Option<BulkheadPermit>,
+}
+
+impl Response {
+    /// The status.
+    #[must_use]
+    pub fn status(&self) -> StatusCode {
+        self.inner.status()
+    }
+
+    /// The headers.
+    #[must_use]
+    pub fn headers(&self) -> &HeaderMap {
+        self.inner.headers()
+    }
+
+    /// The final URL (after redirects).
+    #[must_use]
+    pub fn url(&self) -> &reqwest::Url {
+        self.inner.url()
+    }
+
+    /// The body's length, if the server said.
+    #[must_use]
+    pub fn content_length(&self) -> Option<u64> {
+        self.inner.content_length()
+    }
+
+    /// The whole body.
+    ///
+    /// # Errors
+    ///
+    /// [`FetchError::Timeout`] at the call's deadline,
+    /// [`FetchError::Cancelled`], [`FetchError::Body`].
+    pub async fn bytes(self) -> Result<Vec<u8>, FetchError> {
+        let Self {
+            inner,
+            bounds,
+            _slot,
+        } = self;
+        bounds.read(inner.bytes()).await.map(Vec::from)
+    }
+
+    /// The whole body as text (charset from the headers, UTF-8 by default).
+    ///
+    /// # Errors
+    ///
+    /// As [`bytes`](Self::bytes).
+    pub async fn text(self) -> Result<String, FetchError> {
+        let Self {
+            inner,
+            bounds,
+            _slot,
+        } = self;
+        bounds.read(inner.text()).await
+    }
+
+    /// The whole body parsed as JSON.
+    ///
+    /// # Errors
+    ///
+    /// As [`bytes`](Self::bytes), plus [`FetchError::Decode`].
+    pub async fn json<T: DeserializeOwned>(self) -> Result<T, FetchError> {
+        let adapter = self.bounds.adapter;
+        let body = self.bytes().await?;
+        serde_json::from_slice(&body).map_err(|source| FetchError::Decode { adapter, source })
+    }
+
+    /// The next chunk of the body, `None` at its end.
+    ///
+    /// # Errors
+    ///
+    /// As [`bytes`](Self::bytes).
+    pub async fn chunk(&mut self) -> Result<Option<Vec<u8>>, FetchError> {
+        let bounds = self.bounds.clone();
+        bounds
+            .read(self.inner.chunk())
+            .await
+            .map(|chunk| chunk.map(Vec::from))
+    }
+}
+
+/// A request to one adapter; [`send`](Self::send) (or
+/// [`fetch_bytes`](Self::fetch_bytes) / [`fetch_json`](Self::fetch_json))
+/// runs it through the whole stack. There is no way to send it around the
+/// stack.
+#[derive(Debug)]
+#[must_use = "a request does nothing until it is sent"]
+pub struct RequestBuilder {
+    client: HttpClient,
+    adapter: AdapterName,
+    inner: reqwest::RequestBuilder,
+    options: CallOptions,
+}
+
+impl RequestBuilder {
+    /// Adds a header.
+    pub fn header<K, V>(self, key: K, value: V) -> Self
+    where
+        HeaderName: TryFrom<K>,
+        <HeaderName as TryFrom<K>>::Error: Into<http::Error>,
+        HeaderValue: TryFrom<V>,
+        <HeaderValue as TryFrom<V>>::Error: Into<http::Error>,
+    {
+        self.map(|b| b.header(key, value))
+    }
+
+    /// Adds headers.
+    pub fn headers(self, headers: HeaderMap) -> Self {
+        self.map(|b| b.headers(headers))
+    }
+
+    /// Sets a bearer token (marked sensitive, so never logged by reqwest).
+    pub fn bearer_auth<T: fmt::Display>(self, token: T) -> Self {
+        self.map(|b| b.bearer_auth(token))
+    }
+
+    /// Sets basic auth.
+    pub fn basic_auth<U: fmt::Display, P: fmt::Display>(
+        self,
+        user: U,
+        password: Option<P>,
+    ) -> Self {
+        self.map(|b| b.basic_auth(user, password))
+    }
+
+    /// Sets the body.
+    pub fn body<T: Into<reqwest::Body>>(self, body: T) -> Self {
+        self.map(|b| b.body(body))
+    }
+
+    /// Sets a JSON body.
+    pub fn json<T: Serialize + ?Sized>(self, json: &T) -> Self {
+        self.map(|b| b.json(json))
+    }
+
+    /// Anything else reqwest's builder offers; the request is still sent
+    /// through the stack.
+    pub fn map(
+        mut self,
+        f: impl FnOnce(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
+    ) -> Self {
+        self.inner = f(self.inner);
+        self
+    }
+
+    /// Cancels the call (attempt, backoff or body read) when `token` fires.
+    pub fn cancel(mut self, token: CancellationToken) -> Self {
+        self.options.cancel = Some(token);
+        self
+    }
+
+    /// Overrides the adapter's total deadline for this call.
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.options.deadline = Some(deadline);
+        self
+    }
+
+    /// Overrides the adapter's per-attempt timeout for this call.
+    pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
+        self.options.attempt_timeout = Some(timeout);
+        self
+    }
+
+    /// Replaces the call options.
+    pub fn options(mut self, options: CallOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Sends the request through the stack; see the [module docs](self).
+    /// The body is read afterwards, from the [`Response`], within the
+    /// call's deadline.
+    ///
+    /// # Errors
+    ///
+    /// Any [`FetchError`] but `Body` and `Decode`.
+    pub async fn send(self) -> Result<Response, FetchError> {
+        let Self {
+            client,
+            adapter,
+            inner,
+            options,
+        } = self;
+        let called = client
+            .run(adapter, inner, &options, |response| async { Ok(response) })
+            .await?;
+        Ok(Response {
+            inner: called.value,
+            bounds: called.bounds,
+            _slot: Some(called.slot),
+        })
+    }
+
+    /// Sends the request and reads the whole body *inside* the attempt: the
+    /// attempt timeout, deadline, retries, breaker and bulkhead cover the
+    /// body too (a body cut mid-way is a transient failure).
+    ///
+    /// # Errors
+    ///
+    /// Any [`FetchError`] but `Body` and `Decode`.
+    pub async fn fetch_bytes(self) -> Result<Vec<u8>, FetchError> {
+        let Self {
+            client,
+            adapter,
+            inner,
+            options,
+        } = self;
+        let called = client
+            .run(adapter, inner, &options, |response| async {
+                response.bytes().await.map(Vec::from)
+            })
+            .await?;
+        Ok(called.value)
+    }
+
+    /// [`fetch_bytes`](Self::fetch_bytes), parsed as JSON. A body that is
+    /// not the expected JSON is [`FetchError::Decode`] and does not count
+    /// against the breaker (it may be our schema that is wrong).
+    ///
+    /// # Errors
+    ///
+    /// As [`fetch_bytes`](Self::fetch_bytes), plus [`FetchError::Decode`].
+    pub async fn fetch_json<T: DeserializeOwned>(self) -> Result<T, FetchError> {
+        let adapter = self.adapter;
+        let body = self.fetch_bytes().await?;
+        serde_json::from_slice(&body).map_err(|source| FetchError::Decode { adapter, source })
+    }
+}
+
+/// One attempt's failure, before the loop decides what it means.
+#[derive(Debug)]
+enum AttemptError {
+    /// The server answered with a status that is not a success.
+    Status {
+        response: reqwest::Response,
+        retry_after: Option<Duration>,
+    },
+    /// No response head (connect error, reset, middleware, redirect loop).
+    Send(reqwest_middleware::Error),
+    /// The body read inside the attempt failed.
+    Body(reqwest::Error),
+    /// Unreachable: a retry of a request that could not be cloned.
+    NotRepeatable,
+}
+
+/// What a transport error says about the remote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SendFailure {
+    /// Never reached the server: safe to repeat for any method.
+    Connect,
+    /// May have reached the server, may pass.
+    Transient,
+    /// Ours, not the remote's: a middleware, a request reqwest could not
+    /// build, a redirect loop.
+    Local,
+    /// The remote's, and retrying will not fix it (TLS).
+    Fatal,
+}
+
+fn send_failure(error: &reqwest_middleware::Error) -> SendFailure {
+    match error {
+        reqwest_middleware::Error::Middleware(_) => SendFailure::Local,
+        reqwest_middleware::Error::Reqwest(e) if e.is_builder() || e.is_redirect() => {
+            SendFailure::Local
+        }
+        reqwest_middleware::Error::Reqwest(e) if e.is_connect() => SendFailure::Connect,
+        _ => match reqwest_retry::default_on_request_failure(error) {
+            Some(Retryable::Transient) => SendFailure::Transient,
+            Some(Retryable::Fatal) | None => SendFailure::Fatal,
+        },
+    }
+}
+
+/// Whether a request may be repeated, fixed for the call.
+#[derive(Debug, Clone, Copy)]
+struct Gate {
+    /// Idempotent method or an `Idempotency-Key` header.
+    idempotent: bool,
+    /// The body could be cloned.
+    clonable: bool,
+}
+
+impl Gate {
+    /// `verdict` for an outcome after which the request may have reached
+    /// the server; a failure that is not retried when repeating is unsafe.
+    fn sent(self, verdict: Verdict) -> Verdict {
+        if self.idempotent && self.clonable {
+            verdict
+        } else {
+            Verdict::Failure
+        }
+    }
+
+    /// `verdict` for an outcome where the request never left.
+    fn unsent(self, verdict: Verdict) -> Verdict {
+        if self.clonable {
+            verdict
+        } else {
+            Verdict::Failure
+        }
+    }
+
+    /// Why a sent request was not repeated.
+    fn sent_reason(self) -> StopReason {
+        if self.idempotent {
+            StopReason::BodyNotClonable
+        } else {
+            StopReason::NotIdempotent
+        }
+    }
+
+    fn classify<X>(self, result: &Result<X, AttemptError>) -> Verdict {
         match result {
-            Err(_elapsed) => Attempt::Transient {
-                status: None,
-                retry_after: None,
-                error: None,
-                timed_out: Some((scope, limit)),
+            Ok(_) => Verdict::Success,
+            Err(AttemptError::Status {
+                response,
+                retry_after,
+            }) => {
+                let status = response.status();
+                if is_transient_status(status) {
+                    self.sent(Verdict::Transient {
+                        retry_after: *retry_after,
+                    })
+                } else if status.is_client_error() {
+                    // The provider is up and answering; the request was wrong.
+                    Verdict::Success
+                } else {
+                    Verdict::Failure
+                }
+            }
+            Err(AttemptError::Send(error)) => match send_failure(error) {
+                SendFailure::Connect => self.unsent(Verdict::TRANSIENT),
+                SendFailure::Transient => self.sent(Verdict::TRANSIENT),
+                SendFailure::Local => Verdict::Ignored,
+                SendFailure::Fatal => Verdict::Failure,
             },
-            Ok(Ok(response)) => classify_response(response),
-            Ok(Err(error)) => match reqwest_retry::default_on_request_failure(&error) {
-                Some(Retryable::Transient) => Attempt::Transient {
-                    status: None,
-                    retry_after: None,
-                    error: Some(error),
-                    timed_out: None,
+            Err(AttemptError::Body(_)) => self.sent(Verdict::TRANSIENT),
+            Err(AttemptError::NotRepeatable) => Verdict::Ignored,
+        }
+    }
+
+    fn into_fetch_error(
+        self,
+        adapter: AdapterName,
+        attempts: u32,
+        error: ResilienceError<AttemptError>,
+    ) -> FetchError {
+        match error {
+            ResilienceError::BulkheadFull(source) => FetchError::BulkheadFull { adapter, source },
+            ResilienceError::Rejected { retry_after, .. } => FetchError::CircuitOpen {
+                adapter,
+                retry_after,
+            },
+            ResilienceError::Timeout {
+                limit,
+                scope,
+                attempts,
+                reason,
+                ..
+            } => FetchError::Timeout {
+                adapter,
+                attempts,
+                scope,
+                limit,
+                reason: reason.unwrap_or_else(|| self.sent_reason()),
+            },
+            ResilienceError::Exhausted {
+                attempts,
+                reason,
+                error,
+                ..
+            } => exhausted(adapter, attempts, reason, error),
+            ResilienceError::Inner(error) => match error {
+                AttemptError::Status { response, .. } if is_transient_status(response.status()) => {
+                    exhausted(
+                        adapter,
+                        attempts,
+                        self.sent_reason(),
+                        AttemptError::Status {
+                            retry_after: retry_after_from_headers(response.headers()),
+                            response,
+                        },
+                    )
+                }
+                AttemptError::Status { response, .. } => FetchError::NonRetryableStatus {
+                    adapter,
+                    attempts,
+                    status: response.status(),
+                    response: Box::new(Response {
+                        inner: response,
+                        bounds: Bounds {
+                            adapter,
+                            attempts,
+                            deadline: None,
+                            limit: Duration::MAX,
+                            cancel: None,
+                        },
+                        _slot: None,
+                    }),
                 },
-                Some(Retryable::Fatal) | None => Attempt::Fatal(error),
+                AttemptError::Send(source) => match send_failure(&source) {
+                    SendFailure::Connect => exhausted(
+                        adapter,
+                        attempts,
+                        StopReason::BodyNotClonable,
+                        AttemptError::Send(source),
+                    ),
+                    SendFailure::Transient => exhausted(
+                        adapter,
+                        attempts,
+                        self.sent_reason(),
+                        AttemptError::Send(source),
+                    ),
+                    SendFailure::Local | SendFailure::Fatal => FetchError::Transport {
+                        adapter,
+                        attempts,
+                        source,
+                    },
+                },
+                error @ (AttemptError::Body(_) | AttemptError::NotRepeatable) => {
+                    exhausted(adapter, attempts, self.sent_reason(), error)
+                }
             },
         }
     }
 }
 
-fn classify_response(response: Response) -> Attempt {
-    let status = response.status();
-    if is_transient_status(status) {
-        Attempt::Transient {
-            status: Some(status),
-            retry_after: retry_after_from_headers(response.headers()),
-            error: None,
-            timed_out: None,
-        }
-    } else if status.is_client_error() {
-        // The provider is up and answering; the request was wrong.
-        Attempt::NonRetryable {
+fn exhausted(
+    adapter: AdapterName,
+    attempts: u32,
+    reason: StopReason,
+    error: AttemptError,
+) -> FetchError {
+    let (last_status, retry_after, source) = match error {
+        AttemptError::Status {
             response,
-            breaker: Verdict::Success,
+            retry_after,
+        } => (Some(response.status()), retry_after, None),
+        AttemptError::Send(source) => (None, None, Some(source)),
+        AttemptError::Body(source) => {
+            (None, None, Some(reqwest_middleware::Error::Reqwest(source)))
         }
-    } else if status.is_server_error() {
-        Attempt::NonRetryable {
-            response,
-            breaker: Verdict::Failure,
-        }
-    } else {
-        Attempt::Success(response)
+        AttemptError::NotRepeatable => (None, None, None),
+    };
+    FetchError::RetriesExhausted {
+        adapter,
+        attempts,
+        last_status,
+        reason,
+        retry_after,
+        source,
     }
 }
 
-/// The request for the next attempt: a clone while retries are possible, the
-/// original itself otherwise (then only once).
-fn next_request(template: &mut Option<Request>, retryable: bool) -> Option<Request> {
-    if retryable {
-        template.as_ref().and_then(Request::try_clone)
-    } else {
-        template.take()
+/// Records an attempt's duration when it ends, also when its timeout drops it.
+struct AttemptTimer {
+    adapter: AdapterName,
+    started: Instant,
+}
+
+impl AttemptTimer {
+    fn start(adapter: AdapterName) -> Self {
+        Self {
+            adapter,
+            started: Instant::now(),
+        }
     }
 }
 
-/// Stands in for the deadline when `start + limit` does not fit in an
-/// `Instant` (`Duration::MAX` is a natural "no limit"): about 30 years.
-const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365 * 30);
+impl Drop for AttemptTimer {
+    fn drop(&mut self) {
+        metrics::histogram!(ATTEMPT_DURATION_HISTOGRAM, "adapter" => self.adapter.as_str())
+            .record(self.started.elapsed().as_secs_f64());
+    }
+}
 
-/// `start + limit`, or [`FAR_FUTURE`] from `start` when that overflows.
-fn deadline_after(start: Instant, limit: Duration) -> Instant {
-    start
-        .checked_add(limit)
-        .or_else(|| start.checked_add(FAR_FUTURE))
-        // Unreachable on a monotonic clock counted from boot; never panic.
-        .unwrap_or(start)
+/// `start + limit`, or `None` (no deadline) for `Duration::MAX` or when it
+/// does not fit in an `Instant`.
+fn deadline_after(start: Instant, limit: Duration) -> Option<Instant> {
+    if limit == Duration::MAX {
+        None
+    } else {
+        start.checked_add(limit)
+    }
 }
 
 fn record_call(adapter: AdapterName, outcome: &'static str, elapsed: Duration) {
@@ -1052,49 +1361,6 @@ fn record_call(adapter: AdapterName, outcome: &'static str, elapsed: Duration) {
         .increment(1);
     metrics::histogram!(REQUEST_DURATION_HISTOGRAM, "adapter" => adapter.as_str())
         .record(elapsed.as_secs_f64());
-}
-
-/// The limits of one call, resolved from settings and options.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct CallPlan {
-    pub(crate) adapter: AdapterName,
-    pub(crate) attempt_timeout: Duration,
-    pub(crate) deadline_at: Instant,
-    pub(crate) min_last_attempt: Duration,
-    /// With `max_elapsed` lifted: the deadline is ours.
-    pub(crate) retry: RetryPolicy,
-}
-
-impl CallPlan {
-    /// The wait before the next attempt after `attempts_made` attempts, or why
-    /// there is none. A jittered wait that would leave less than
-    /// `min_last_attempt` before the deadline is trimmed to leave exactly
-    /// that; a Retry-After wait is never trimmed (the server asked for it).
-    pub(crate) fn next_wait<R: rand::Rng + ?Sized>(
-        &self,
-        attempts_made: u32,
-        retry_after: Option<Duration>,
-        now: Instant,
-        rng: &mut R,
-    ) -> Result<Duration, StopReason> {
-        let wait = self
-            .retry
-            .next_delay_with(attempts_made, retry_after, Duration::ZERO, rng)
-            .ok_or(StopReason::MaxAttempts)?;
-        let remaining = self.deadline_at.saturating_duration_since(now);
-        let min_attempt = self.min_last_attempt.min(self.attempt_timeout);
-        let room = remaining
-            .checked_sub(min_attempt)
-            .filter(|_| !remaining.is_zero())
-            .ok_or(StopReason::Deadline)?;
-        if wait <= room {
-            Ok(wait)
-        } else if retry_after.is_some() {
-            Err(StopReason::Deadline)
-        } else {
-            Ok(room)
-        }
-    }
 }
 
 #[cfg(test)]

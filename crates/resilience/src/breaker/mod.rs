@@ -795,6 +795,21 @@ impl CallPermit<'_> {
     pub fn is_probe(&self) -> bool {
         self.probe
     }
+
+    /// For a retry loop, before each retry of the call this permit admitted:
+    /// `false` if the breaker has changed generation since admission (it
+    /// opened, and maybe half-opened again with probe slots of its own), so
+    /// the permit is stale and the loop must stop rather than send an attempt
+    /// outside the probe limit. Otherwise restarts the slow-call timer, so the
+    /// slow-call rule judges the attempt that follows, not the earlier
+    /// attempts and backoff waits.
+    pub fn prepare_retry(&mut self) -> bool {
+        if generation(self.breaker.word.0.load(Ordering::Acquire)) != self.generation {
+            return false;
+        }
+        self.started = self.breaker.start_mark();
+        true
+    }
 }
 
 impl Drop for CallPermit<'_> {
