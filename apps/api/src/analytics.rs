@@ -1,8 +1,11 @@
 //! Analytics aggregates read from the analytics pool, behind single-flight and a short
 //! in-process TTL cache: a burst of identical requests runs one SQL query, and repeats
 //! within the TTL run none. The key includes the org, so orgs never share results.
+//! An ingest invalidates its domain: flights that started before it are forgotten (they
+//! take no new callers and cache nothing), then the domain's cached results are dropped.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -115,8 +118,14 @@ impl AnalyticsReads {
         self.queries.load(Ordering::Relaxed)
     }
 
-    /// Drops cached results of `domain_id` (after an ingest).
+    /// Invalidates every result of `domain_id` (after an ingest committed): first the
+    /// flights in progress for the domain are forgotten, so callers arriving now start a
+    /// fresh query instead of joining one that read the old rows, and those flights store
+    /// nothing; then the cached results are dropped. In that order, under the cache's lock
+    /// on both sides (the setter checks `CacheMeta::is_current` under it), an earlier
+    /// flight can never put a stale report back after this returns.
     pub fn invalidate_domain(&self, domain_id: Uuid) {
+        self.flights.forget_if(|key| key.domain_id == domain_id);
         self.cache
             .lock()
             .retain(|key, _| key.domain_id != domain_id);
@@ -131,15 +140,29 @@ impl AnalyticsReads {
         let db = db.clone();
         let queries = self.queries.clone();
         let factory_key = key.clone();
+        self.get_with(key, move || async move {
+            queries.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("analytics_queries_total").increment(1);
+            query(&db, &factory_key).await
+        })
+        .await
+    }
+
+    /// The report for `key` from the cache, the flight in progress or `compute`.
+    async fn get_with<F, Fut>(
+        &self,
+        key: AnalyticsKey,
+        compute: F,
+    ) -> Result<Arc<AnalyticsReport>, ApiError>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<AnalyticsReport, ApiError>> + Send + 'static,
+    {
         let result = self
             .flights
             .get_or_compute(
                 key,
-                move || async move {
-                    queries.fetch_add(1, Ordering::Relaxed);
-                    metrics::counter!("analytics_queries_total").increment(1);
-                    query(&db, &factory_key).await.map(Arc::new)
-                },
+                move || async move { compute().await.map(Arc::new) },
                 &self.options,
             )
             .await;
@@ -242,6 +265,10 @@ impl FlightCache<AnalyticsKey, Arc<AnalyticsReport>> for TtlCache {
         if let Some(ttl) = meta.ttl.filter(|ttl| !ttl.is_zero()) {
             let now = Instant::now();
             let mut entries = self.lock();
+            if !meta.is_current() {
+                // Forgotten by `invalidate_domain` (checked under the lock its clear takes).
+                return Box::pin(async { Ok(()) });
+            }
             if entries.len() >= MAX_CACHE_ENTRIES {
                 entries.retain(|_, (expires, _)| *expires > now);
             }
@@ -250,5 +277,90 @@ impl FlightCache<AnalyticsKey, Arc<AnalyticsReport>> for TtlCache {
             }
         }
         Box::pin(async { Ok(()) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use tokio::sync::Notify;
+
+    use super::*;
+
+    fn report(key: &AnalyticsKey, source: &str) -> AnalyticsReport {
+        AnalyticsReport {
+            domain_id: key.domain_id,
+            from: key.from,
+            to: key.to,
+            read_source: source.to_owned(),
+            keywords: Vec::new(),
+            content: Vec::new(),
+        }
+    }
+
+    /// Issue 9 item 12: a query that started before an ingest must neither put its stale
+    /// report back into the cache after the ingest invalidated it, nor be joined by a
+    /// request arriving after the ingest.
+    #[tokio::test(start_paused = true)]
+    async fn an_earlier_flight_cannot_overwrite_the_invalidation() {
+        let reads = Arc::new(AnalyticsReads::new(Duration::from_secs(60)));
+        let key = AnalyticsKey {
+            org_id: Uuid::new_v4(),
+            domain_id: Uuid::new_v4(),
+            from: DateTime::<Utc>::UNIX_EPOCH,
+            to: Utc::now(),
+        };
+        let gate = Arc::new(Notify::new());
+        let before = tokio::spawn({
+            let (reads, key, gate) = (Arc::clone(&reads), key.clone(), Arc::clone(&gate));
+            async move {
+                let stale = report(&key, "before the ingest");
+                reads
+                    .get_with(key, move || async move {
+                        gate.notified().await;
+                        Ok(stale)
+                    })
+                    .await
+            }
+        });
+        for _ in 0..100 {
+            if reads.flights.stats().in_flight == 1 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(reads.flights.stats().in_flight, 1);
+
+        reads.invalidate_domain(key.domain_id);
+        // A request after the ingest runs its own query (it would wait for the stale
+        // flight, and time out, if it joined it).
+        let fresh = report(&key, "after the ingest");
+        let after = reads
+            .get_with(key.clone(), move || async move { Ok(fresh) })
+            .await
+            .unwrap();
+        assert_eq!(after.read_source, "after the ingest");
+
+        // The earlier query ends: its own caller gets its answer, the cache keeps the
+        // fresh one.
+        gate.notify_one();
+        assert_eq!(
+            before.await.unwrap().unwrap().read_source,
+            "before the ingest"
+        );
+        for _ in 0..100 {
+            if reads.flights.stats().in_flight == 0 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        let later = reads
+            .get_with(key.clone(), || async {
+                Err(ApiError::internal("the cache should have answered"))
+            })
+            .await
+            .unwrap();
+        assert_eq!(later.read_source, "after the ingest");
     }
 }

@@ -30,9 +30,14 @@
 //!   - *Half-open*: at most `half_open_probes` calls are admitted (no
 //!     thundering herd; everyone else is rejected). `half_open_successes`
 //!     successful probes close it with a fresh window; any failed (or slow)
-//!     probe re-opens it. If the probes have not resolved within
-//!     `half_open_max_wait`, the next caller re-opens it, so a hung probe
-//!     cannot wedge the breaker.
+//!     probe re-opens it. If a probe admitted in this half-open period is
+//!     still running `half_open_max_wait` after the breaker went from no
+//!     outstanding probe to one, the next caller re-opens it, so a hung probe
+//!     cannot wedge the breaker; with no probe outstanding the wait does not
+//!     run, so an adapter called once a minute still closes after its
+//!     probes succeed. A caller rejected because every probe slot is taken
+//!     gets a `retry_after` of [`HALF_OPEN_RETRY_AFTER`] (1 s) or the rest
+//!     of the wait, whichever is shorter.
 //!   - The breaker guards one call per invocation,
 //!     [`CircuitBreaker::call(|| fut, classify)`](CircuitBreaker::call); it
 //!     never stores the function, so the original's stale-closure bug (a
@@ -48,14 +53,18 @@
 //!     in an attacker's hands and must not open a breaker for everyone; put
 //!     the deadline *inside* the breaker (as [`Resilience`] does) so it is
 //!     classified as a transient failure. `CountAsFailure` is available.
+//!     Either way a dropped closed call is counted in
+//!     `circuit_breaker_dropped_closed_calls_total`.
 //!   - Outcomes of calls admitted before a transition (a different
 //!     generation) are discarded, so a slow call from before an outage cannot
 //!     count as a probe.
 //! * **[`BreakerRegistry`]** holds one breaker per ([`AdapterName`],
-//!   [`PolicyId`]) in a bounded `quick_cache` (capacity 100, idle TTL 1 h by
-//!   default, checked on read from a stored last-use time). [`PolicyId`] is a
-//!   fingerprint of the whole [`BreakerConfig`], so two thresholds can never
-//!   share a key (the original keyed on `name:threshold`). Breakers that are
+//!   [`BreakerPolicy`]) in a bounded `quick_cache` (capacity 100, idle TTL 1 h by
+//!   default, checked on read from a stored last-use time). The key hashes
+//!   the [`PolicyId`], a fingerprint of the whole [`BreakerConfig`], and a
+//!   hit compares the configurations too (`Arc::ptr_eq`, else `==`), so two
+//!   thresholds can never share a breaker, not even on a 64-bit collision
+//!   (the original keyed on `name:threshold`). Breakers that are
 //!   not closed are *pinned*: never evicted and never expired, so an outage
 //!   cannot be forgotten by cache pressure. The key set is small by
 //!   construction (23 adapters times the policies the program defines), so
@@ -250,13 +259,19 @@
 //!
 //! # Metrics and events
 //!
-//! * `circuit_breaker_state{adapter}` gauge: 0 closed, 1 open, 2 half-open,
-//!   registered at creation (a new series reads 0) and written on
-//!   transitions only, so creating a breaker never resets it; breakers of one
-//!   adapter under different policies share the series and the last
-//!   transition wins; an internal breaker's label is its name;
-//! * `circuit_breaker_rejected_total{adapter}`,
-//!   `circuit_breaker_transitions_total{adapter,to}`;
+//! * `circuit_breaker_state{adapter,policy}` gauge: 0 closed, 1 open, 2
+//!   half-open, registered at creation (a new series reads 0) and written on
+//!   transitions only, under the transition lock, so its last write is the
+//!   breaker's state and creating a breaker never resets it; an internal
+//!   breaker's `adapter` label is its name. `policy` is
+//!   [`BreakerPolicy::label`]: `default` for the default configuration,
+//!   else the 16 hex digits of the [`PolicyId`], so two policies of one
+//!   adapter have a series each; the values are bounded by the policies the
+//!   program defines;
+//! * `circuit_breaker_rejected_total{adapter,policy}`,
+//!   `circuit_breaker_transitions_total{adapter,policy,to}`,
+//!   `circuit_breaker_dropped_closed_calls_total{adapter,policy}` (closed
+//!   calls whose permit was dropped without an outcome);
 //! * `bulkhead_rejected_total{adapter}`, `resilience_unknown_adapter_total`.
 //!
 //! Metric handles are registered when a breaker or bulkhead is created, so
@@ -286,7 +301,8 @@ pub mod verdict;
 pub use crate::adapter::AdapterName;
 pub use crate::breaker::{
     BreakerConfig, BreakerError, BreakerPolicy, BreakerSnapshot, BreakerState, CallPermit,
-    CancelledCalls, CircuitBreaker, ConfigError, PolicyId, Rejection, SlowCallConfig,
+    CancelledCalls, CircuitBreaker, ConfigError, HALF_OPEN_RETRY_AFTER, PolicyId, Rejection,
+    SlowCallConfig,
 };
 pub use crate::bulkhead::{Bulkhead, BulkheadConfig, BulkheadFull, BulkheadPermit};
 pub use crate::clock::{Clock, ManualClock, SharedClock, StdClock, SystemClock, TokioClock};

@@ -3,14 +3,15 @@
 //! checked on read. Breakers that are not closed are pinned, so eviction can
 //! never reset an open breaker.
 
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
 use quick_cache::sync::Cache;
-use quick_cache::{DefaultHashBuilder, Lifecycle, OptionsBuilder, UnitWeighter};
+use quick_cache::{DefaultHashBuilder, Equivalent, Lifecycle, OptionsBuilder, UnitWeighter};
 
 use crate::adapter::AdapterName;
-use crate::breaker::{BreakerPolicy, BreakerState, CircuitBreaker, PolicyId};
+use crate::breaker::{BreakerPolicy, BreakerState, CircuitBreaker};
 use crate::clock::{SharedClock, SystemClock};
 
 /// Registry bounds.
@@ -33,8 +34,29 @@ impl Default for RegistryConfig {
     }
 }
 
-/// Registry key: the adapter (closed set) and the policy fingerprint.
-pub type BreakerKey = (AdapterName, PolicyId);
+/// Registry key: the adapter (closed set) and the policy. It hashes the
+/// policy's 64-bit fingerprint ([`PolicyId`](crate::PolicyId)) but compares
+/// the configurations on a hit ([`BreakerPolicy`]'s `==`: `Arc::ptr_eq`,
+/// else field by field), so a fingerprint collision between two different
+/// configurations gives each its own breaker instead of sharing one.
+pub type BreakerKey = (AdapterName, BreakerPolicy);
+
+/// A borrowed [`BreakerKey`] for lookups, so a hit clones nothing. Hashes as
+/// the tuple does (each field in order).
+struct KeyRef<'a>(AdapterName, &'a BreakerPolicy);
+
+impl Hash for KeyRef<'_> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+        self.1.hash(state);
+    }
+}
+
+impl Equivalent<BreakerKey> for KeyRef<'_> {
+    fn equivalent(&self, key: &BreakerKey) -> bool {
+        self.0 == key.0 && *self.1 == key.1
+    }
+}
 
 /// Bounded map from (adapter, policy) to a shared [`CircuitBreaker`].
 ///
@@ -118,7 +140,7 @@ impl BreakerRegistry {
     /// The breaker for `adapter` under `policy`, created closed on first use
     /// (or after its idle TTL ran out while closed).
     pub fn get(&self, adapter: AdapterName, policy: &BreakerPolicy) -> Arc<CircuitBreaker> {
-        let key = (adapter, policy.id());
+        let key = KeyRef(adapter, policy);
         let now = self.clock.now_nanos();
         if let Some(breaker) = self.cache.get(&key) {
             if breaker.state() != BreakerState::Closed
@@ -132,13 +154,15 @@ impl BreakerRegistry {
             self.cache
                 .remove_if(&key, |current| Arc::ptr_eq(current, &breaker));
         }
-        let created = self.cache.get_or_insert_with(&key, || {
-            Ok::<_, std::convert::Infallible>(Arc::new(CircuitBreaker::with_clock(
-                adapter,
-                policy.clone(),
-                Arc::clone(&self.clock),
-            )))
-        });
+        let created = self
+            .cache
+            .get_or_insert_with(&(adapter, policy.clone()), || {
+                Ok::<_, std::convert::Infallible>(Arc::new(CircuitBreaker::with_clock(
+                    adapter,
+                    policy.clone(),
+                    Arc::clone(&self.clock),
+                )))
+            });
         let breaker = match created {
             Ok(breaker) => breaker,
             Err(never) => match never {},
@@ -154,7 +178,7 @@ impl BreakerRegistry {
         adapter: AdapterName,
         policy: &BreakerPolicy,
     ) -> Option<Arc<CircuitBreaker>> {
-        self.cache.peek(&(adapter, policy.id()))
+        self.cache.peek(&KeyRef(adapter, policy))
     }
 
     /// Entries held now.
@@ -273,6 +297,37 @@ mod tests {
             &registry.get(AdapterName::Facebook, &policy)
         ));
         assert_eq!(registry.len(), 1);
+    }
+
+    #[test]
+    fn a_fingerprint_collision_does_not_share_a_breaker() {
+        let registry = BreakerRegistry::default();
+        let id = crate::breaker::PolicyId(42);
+        let lenient = BreakerPolicy::with_forced_id(BreakerConfig::default(), id);
+        let strict = BreakerPolicy::with_forced_id(
+            BreakerConfig {
+                consecutive_failures: 1,
+                ..BreakerConfig::default()
+            },
+            id,
+        );
+        assert_eq!(lenient.id(), strict.id());
+        assert_ne!(lenient, strict);
+        let a = registry.get(AdapterName::Openai, &lenient);
+        let b = registry.get(AdapterName::Openai, &strict);
+        assert!(!Arc::ptr_eq(&a, &b), "two configs shared one breaker");
+        assert_eq!(a.policy().config().consecutive_failures, 5);
+        assert_eq!(b.policy().config().consecutive_failures, 1);
+        // Each is found again under its own config.
+        assert!(Arc::ptr_eq(
+            &a,
+            &registry.get(AdapterName::Openai, &lenient)
+        ));
+        assert!(Arc::ptr_eq(
+            &b,
+            &registry.peek(AdapterName::Openai, &strict).unwrap()
+        ));
+        assert_eq!(registry.len(), 2);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::convert::Infallible;
+use std::num::NonZeroUsize;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use futures::stream::{self, StreamExt};
@@ -12,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 const ITEMS: u64 = 10_000;
 const LIMIT: usize = 64;
+const NZ_LIMIT: NonZeroUsize = NonZeroUsize::new(LIMIT).unwrap();
 
 /// One item of work: a wake-up through the scheduler, then a value.
 async fn work(i: u64) -> Result<u64, Infallible> {
@@ -38,15 +40,13 @@ fn bench(c: &mut Criterion) {
     });
     group.bench_function("map_bounded", |b| {
         b.to_async(&rt).iter(|| async {
-            let out = map_bounded(0..ITEMS, LIMIT, work, None).await.unwrap();
+            let out = map_bounded(0..ITEMS, NZ_LIMIT, work, None).await;
             assert_eq!(out.len(), ITEMS as usize);
         });
     });
     group.bench_function("map_bounded_with_cancel_token", |b| {
         b.to_async(&rt).iter(|| async {
-            let out = map_bounded(0..ITEMS, LIMIT, work, Some(CancellationToken::new()))
-                .await
-                .unwrap();
+            let out = map_bounded(0..ITEMS, NZ_LIMIT, work, Some(CancellationToken::new())).await;
             assert_eq!(out.len(), ITEMS as usize);
         });
     });

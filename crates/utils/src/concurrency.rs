@@ -9,26 +9,28 @@
 //! # Example
 //!
 //! ```
+//! use std::num::NonZeroUsize;
+//!
 //! use smartbeak_utils::concurrency::{map_bounded, ItemError};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # async fn main() {
 //! let results = map_bounded(
 //!     vec![1_u32, 2, 3, 4],
-//!     2,
+//!     NonZeroUsize::new(2).unwrap(),
 //!     |n| async move { if n == 3 { Err("three") } else { Ok(n * 10) } },
 //!     None,
 //! )
-//! .await?;
+//! .await;
 //! assert_eq!(results[0], Ok(10));
 //! assert_eq!(results[2], Err(ItemError::Failed("three")));
 //! assert_eq!(results[3], Ok(40));
-//! # Ok(())
 //! # }
 //! ```
 
 use std::fmt;
 use std::future::Future;
+use std::num::NonZeroUsize;
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio_util::sync::CancellationToken;
@@ -36,12 +38,9 @@ use tokio_util::sync::CancellationToken;
 /// Largest batch size accepted by the batch helpers (as in the original service).
 pub const MAX_BATCH_SIZE: usize = 100;
 
-/// An argument of a concurrency helper was out of range.
+/// An argument of a batch helper was out of range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ConcurrencyError {
-    /// `map_bounded` was called with a limit of zero.
-    #[error("concurrency limit must be at least 1, got 0")]
-    ZeroLimit,
     /// A batch helper was called with a batch size outside `1..=100`.
     #[error("batch size must be between 1 and {max}, got {got}", max = MAX_BATCH_SIZE)]
     InvalidBatchSize {
@@ -50,14 +49,16 @@ pub enum ConcurrencyError {
     },
 }
 
-/// Why one item of [`map_bounded`] or [`map_in_batches`] has no value.
+/// Why one item of [`map_bounded`] has no value. (The batch helpers return
+/// the items' own errors: [`map_in_batches`] a `Result<R, E>` per item,
+/// [`process_in_batches_strict`] a count of the items it did not start.)
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ItemError<E> {
     /// The item ran and its future returned this error.
     #[error("item failed: {0}")]
     Failed(E),
-    /// The item was never started because the cancellation token fired first
-    /// (or, in the strict batch mode, because an earlier batch failed).
+    /// The item was never started because `map_bounded`'s cancellation token
+    /// fired first.
     #[error("item was not started")]
     NotStarted,
 }
@@ -74,23 +75,20 @@ pub enum ItemError<E> {
 /// [`ItemError::NotStarted`]. To abort running items as well, hand the same
 /// token to `f`.
 ///
-/// # Errors
-///
-/// [`ConcurrencyError::ZeroLimit`] when `limit` is 0 (nothing is run).
+/// `limit` is a [`NonZeroUsize`], so there is no invalid limit and no outer
+/// error: every item's outcome is in the vector.
 pub async fn map_bounded<I, T, R, E, F, Fut>(
     items: I,
-    limit: usize,
+    limit: NonZeroUsize,
     mut f: F,
     cancel: Option<CancellationToken>,
-) -> Result<Vec<Result<R, ItemError<E>>>, ConcurrencyError>
+) -> Vec<Result<R, ItemError<E>>>
 where
     I: IntoIterator<Item = T>,
     F: FnMut(T) -> Fut,
     Fut: Future<Output = Result<R, E>>,
 {
-    if limit == 0 {
-        return Err(ConcurrencyError::ZeroLimit);
-    }
+    let limit = limit.get();
     let is_cancelled = || cancel.as_ref().is_some_and(CancellationToken::is_cancelled);
 
     let mut items = items.into_iter().enumerate();
@@ -118,10 +116,10 @@ where
     for _ in items {
         slots.push(Some(Err(ItemError::NotStarted)));
     }
-    Ok(slots
+    slots
         .into_iter()
         .map(|slot| slot.unwrap_or(Err(ItemError::NotStarted)))
-        .collect())
+        .collect()
 }
 
 /// Progress of a batch helper, reported once after each batch.

@@ -16,13 +16,28 @@
 //! - The flight removes its own map entry when it ends, whichever way it ends
 //!   (value, error, timeout, panic, or every caller gone), so the in-flight map
 //!   never keeps a finished entry; [`SingleFlight::stats`] shows its size.
-//! - With [`FlightOptions::timeout`], a flight whose cache re-check and
-//!   computation are still running at the deadline is dropped (cancelled at
-//!   its next `.await`) and every waiter gets [`SingleFlightError::TimedOut`].
-//!   The same limit bounds each caller's own cache lookup (one that runs past
-//!   it counts as a miss) and the cache write after a success (one that runs
-//!   past it is abandoned and logged), so a hung cache can neither hang a
-//!   caller nor keep a finished flight in the map.
+//! - Every flight has a finite [`FlightOptions::timeout`] (by default
+//!   [`FlightOptions::DEFAULT_TIMEOUT`], 30 s): a flight whose cache re-check
+//!   and computation are still running at the deadline is dropped (cancelled
+//!   at its next `.await`) and its waiters get [`SingleFlightError::TimedOut`],
+//!   so one hung factory cannot wedge its key. Each caller also waits at most
+//!   its *own* timeout: a follower with a shorter timeout than the flight's
+//!   leader gets `TimedOut` at its own deadline (the flight goes on for the
+//!   others). The same limit bounds each caller's own cache lookup (one that
+//!   runs past it counts as a miss) and the cache write after a success (one
+//!   that runs past it is abandoned and logged), so a hung cache can neither
+//!   hang a caller nor keep a finished flight in the map.
+//! - **Invalidation.** After a write to the data behind a key, call
+//!   [`SingleFlight::forget`] (Go's `Group.Forget`) or
+//!   [`SingleFlight::forget_if`] *before* clearing the cache entry. A
+//!   forgotten flight leaves the map at once, so callers arriving after the
+//!   write start a new flight instead of joining the stale one; it still
+//!   answers the callers already waiting on it (they asked before the write),
+//!   but it no longer stores its value: it skips [`FlightCache::set`] when
+//!   forgotten before the write, and [`CacheMeta::is_current`] turns false
+//!   for a write already under way, so a cache that checks it under the lock
+//!   its invalidation takes (as the api's does) can never store a stale
+//!   value after the invalidation.
 //! - With a [`FlightCache`], each caller looks in the cache first; the flight
 //!   looks again before computing (a value stored meanwhile by an earlier
 //!   flight is not recomputed), and stores a computed value once. A failing
@@ -88,7 +103,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::hash::Hash;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -142,13 +157,28 @@ pub struct CachedValue<V> {
 }
 
 /// What the flight tells a [`FlightCache`] when it stores a value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct CacheMeta {
     /// Time to live requested by the caller that started the flight.
     pub ttl: Option<Duration>,
     /// How long the computation took (XFetch's `delta`); store it next to the
     /// value to enable early recomputation.
     pub delta: Duration,
+    /// Cleared when the flight is [forgotten](SingleFlight::forget).
+    current: Arc<AtomicBool>,
+}
+
+impl CacheMeta {
+    /// Whether the flight storing this value is still current: `false` once
+    /// it was [forgotten](SingleFlight::forget) (the data changed after it
+    /// started). A setter should check it under the same lock as the
+    /// invalidation that follows the `forget` clears the entry with, and
+    /// store nothing when it is `false`: then a stale value can never land
+    /// after that invalidation.
+    #[must_use]
+    pub fn is_current(&self) -> bool {
+        self.current.load(Ordering::Acquire)
+    }
 }
 
 /// An async cache in front of a [`SingleFlight`] (in the api, an in-process
@@ -168,13 +198,16 @@ pub trait FlightCache<K, V>: Send + Sync {
 }
 
 /// Options of one [`SingleFlight::get_or_compute`] call. A flight runs with the
-/// options of the caller that started it.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+/// options of the caller that started it; each caller waits at most its own
+/// `timeout`.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FlightOptions {
     /// Cancel the flight (its cache re-check and the computation) after this
-    /// long; the same limit applies to each caller's cache lookup and to the
-    /// cache write (`None`: no limit). See the [module docs](self).
-    pub timeout: Option<Duration>,
+    /// long; the same limit applies to each caller's cache lookup, to each
+    /// caller's wait for the flight and to the cache write. Always finite:
+    /// [`FlightOptions::DEFAULT_TIMEOUT`] unless set. See the
+    /// [module docs](self).
+    pub timeout: Duration,
     /// Time to live handed to [`FlightCache::set`].
     pub ttl: Option<Duration>,
     /// XFetch `beta` for early recomputation (`None`: off). 1.0 is the value
@@ -182,11 +215,27 @@ pub struct FlightOptions {
     pub early_recompute: Option<f64>,
 }
 
+impl Default for FlightOptions {
+    /// Timeout [`FlightOptions::DEFAULT_TIMEOUT`], no TTL, no early
+    /// recomputation.
+    fn default() -> Self {
+        Self {
+            timeout: Self::DEFAULT_TIMEOUT,
+            ttl: None,
+            early_recompute: None,
+        }
+    }
+}
+
 impl FlightOptions {
-    /// Sets the flight's timeout.
+    /// The timeout of [`FlightOptions::default`]: 30 s, so a hung factory
+    /// frees its key after at most that long even when nobody set one.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+    /// Sets the flight's timeout (and this caller's wait limit).
     #[must_use]
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = Some(timeout);
+        self.timeout = timeout;
         self
     }
 
@@ -223,6 +272,11 @@ pub struct FlightStats {
     /// Flights cancelled by the timeout (during the cache re-check or the
     /// computation).
     pub timeouts: u64,
+    /// Callers that stopped waiting for a flight at their own timeout.
+    pub wait_timeouts: u64,
+    /// Flights removed by [`SingleFlight::forget`] or
+    /// [`SingleFlight::forget_if`].
+    pub forgotten: u64,
 }
 
 /// The XFetch rule: recompute now if `now - delta * beta * ln(u) >= expiry`,
@@ -267,6 +321,8 @@ type Slot<V, E> = Option<Outcome<V, E>>;
 struct Flight<V, E> {
     id: u64,
     rx: watch::Receiver<Slot<V, E>>,
+    /// Cleared by `forget`: the flight must not store its value.
+    current: Arc<AtomicBool>,
 }
 
 #[derive(Default)]
@@ -277,6 +333,8 @@ struct Counters {
     early_recomputations: AtomicU64,
     failures: AtomicU64,
     timeouts: AtomicU64,
+    wait_timeouts: AtomicU64,
+    forgotten: AtomicU64,
 }
 
 struct Inner<K, V, E> {
@@ -378,10 +436,77 @@ where
             }
         }
         let mut rx = self.join_or_start(key, factory, options);
-        match rx.wait_for(Option::is_some).await {
-            Ok(slot) => slot.clone().unwrap_or(Err(SingleFlightError::Abandoned)),
-            Err(_closed) => Err(SingleFlightError::Abandoned),
+        // Each caller waits at most its own timeout, whatever the flight's.
+        let waited = tokio::time::timeout(options.timeout, async {
+            match rx.wait_for(Option::is_some).await {
+                Ok(slot) => slot.clone().unwrap_or(Err(SingleFlightError::Abandoned)),
+                Err(_closed) => Err(SingleFlightError::Abandoned),
+            }
+        })
+        .await;
+        waited.unwrap_or_else(|_elapsed| {
+            self.inner
+                .counters
+                .wait_timeouts
+                .fetch_add(1, Ordering::Relaxed);
+            Err(SingleFlightError::TimedOut {
+                after: options.timeout,
+            })
+        })
+    }
+
+    /// Forgets the flight in progress for `key`, if there is one (Go's
+    /// `Group.Forget`): later callers start a new flight instead of joining
+    /// it, and it does not store its value in the cache (see
+    /// [`CacheMeta::is_current`]). Callers already waiting on it still get
+    /// its outcome. Call it after a write to the data behind `key`, before
+    /// clearing the cache entry. Returns whether a flight was forgotten.
+    pub fn forget(&self, key: &K) -> bool {
+        let forgotten = {
+            let mut flights = self.inner.lock();
+            flights.remove(key)
+        };
+        match forgotten {
+            Some(flight) => {
+                self.mark_forgotten(&flight);
+                true
+            }
+            None => false,
         }
+    }
+
+    /// [`SingleFlight::forget`] for every key in flight that `matches`
+    /// accepts (for an invalidation that covers many keys, such as every
+    /// range of one domain). Returns the number of flights forgotten.
+    pub fn forget_if(&self, mut matches: impl FnMut(&K) -> bool) -> usize {
+        let mut forgotten = Vec::new();
+        {
+            let mut flights = self.inner.lock();
+            flights.retain(|key, flight| {
+                if matches(key) {
+                    forgotten.push(Arc::clone(&flight.current));
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        for current in &forgotten {
+            current.store(false, Ordering::Release);
+        }
+        self.inner
+            .counters
+            .forgotten
+            .fetch_add(forgotten.len() as u64, Ordering::Relaxed);
+        forgotten.len()
+    }
+
+    fn mark_forgotten(&self, flight: &Flight<V, E>) {
+        flight.current.store(false, Ordering::Release);
+        self.inner
+            .counters
+            .forgotten
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// The counters and the current size of the in-flight map.
@@ -396,6 +521,8 @@ where
             early_recomputations: c.early_recomputations.load(Ordering::Relaxed),
             failures: c.failures.load(Ordering::Relaxed),
             timeouts: c.timeouts.load(Ordering::Relaxed),
+            wait_timeouts: c.wait_timeouts.load(Ordering::Relaxed),
+            forgotten: c.forgotten.load(Ordering::Relaxed),
         }
     }
 
@@ -466,8 +593,16 @@ where
     ) -> (FlightSender<V, E>, watch::Receiver<Slot<V, E>>) {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = watch::channel(None);
-        flights.insert(key, Flight { id, rx: rx.clone() });
-        (FlightSender { id, tx }, rx)
+        let current = Arc::new(AtomicBool::new(true));
+        flights.insert(
+            key,
+            Flight {
+                id,
+                rx: rx.clone(),
+                current: Arc::clone(&current),
+            },
+        );
+        (FlightSender { id, tx, current }, rx)
     }
 
     /// Spawns the flight's task. Called with the map unlocked: if the task is
@@ -490,13 +625,21 @@ where
             id: sender.id,
         };
         let options = *options;
-        tokio::spawn(run_flight(guard, sender.tx, factory, options, check_cache));
+        tokio::spawn(run_flight(
+            guard,
+            sender.tx,
+            sender.current,
+            factory,
+            options,
+            check_cache,
+        ));
     }
 }
 
 struct FlightSender<V, E> {
     id: u64,
     tx: watch::Sender<Slot<V, E>>,
+    current: Arc<AtomicBool>,
 }
 
 /// Removes the flight's map entry when the flight's task ends, however it ends.
@@ -525,6 +668,7 @@ impl<K: Eq + Hash, V, E> Drop for RemoveOnDrop<K, V, E> {
 async fn run_flight<K, V, E, F, Fut>(
     guard: RemoveOnDrop<K, V, E>,
     tx: watch::Sender<Slot<V, E>>,
+    current: Arc<AtomicBool>,
     factory: F,
     options: FlightOptions,
     check_cache: bool,
@@ -559,7 +703,7 @@ async fn run_flight<K, V, E, F, Fut>(
             .map(|value| (value, delta))
             .map_err(|e| SingleFlightError::Failed(Arc::new(e))),
         None => Err(SingleFlightError::TimedOut {
-            after: options.timeout.unwrap_or_default(),
+            after: options.timeout,
         }),
     };
 
@@ -571,9 +715,15 @@ async fn run_flight<K, V, E, F, Fut>(
             // rather than starting one.
             tx.send_replace(Some(Ok(value.clone())));
             if let Some(cache) = &inner.cache {
+                if !current.load(Ordering::Acquire) {
+                    // Forgotten: the data changed after this flight started.
+                    tracing::debug!("single-flight flight forgotten, not caching its value");
+                    return;
+                }
                 let meta = CacheMeta {
                     ttl: options.ttl,
                     delta,
+                    current,
                 };
                 match within(options.timeout, cache.set(key, &value, meta)).await {
                     Some(Ok(())) => {}
@@ -611,11 +761,8 @@ enum Work<V, E> {
 }
 
 /// `future`'s output, or `None` if it ran past `limit` (then it is dropped).
-async fn within<F: Future>(limit: Option<Duration>, future: F) -> Option<F::Output> {
-    match limit {
-        Some(limit) => tokio::time::timeout(limit, future).await.ok(),
-        None => Some(future.await),
-    }
+async fn within<F: Future>(limit: Duration, future: F) -> Option<F::Output> {
+    tokio::time::timeout(limit, future).await.ok()
 }
 
 /// Displays the kind of a flight error without needing `E: Display`.

@@ -39,9 +39,13 @@ pub struct BreakerConfig {
     /// Successful probes needed to close (1..=`half_open_probes`); any failed
     /// probe re-opens.
     pub half_open_successes: u32,
-    /// Longest the breaker stays half-open waiting for its probes; after that
-    /// the next caller re-opens it (counted as a failed trial), so a hung
-    /// probe cannot wedge it.
+    /// Longest a half-open breaker waits for an outstanding probe: when a
+    /// probe admitted in this half-open period is still running this long
+    /// after the breaker went from no outstanding probe to one, the next
+    /// caller re-opens it (counted as a failed trial), so a hung probe cannot
+    /// wedge it. With no probe outstanding the wait does not run: a
+    /// low-traffic adapter whose probes all returned stays half-open until
+    /// its next call, however late, and that call is admitted as a probe.
     pub half_open_max_wait: Duration,
     /// What a call dropped before it finished means while closed.
     pub cancelled_calls: CancelledCalls,
@@ -99,9 +103,9 @@ pub enum CancelledCalls {
 /// A [`BreakerConfig`] that passed validation, with its fingerprint.
 ///
 /// The fingerprint ([`PolicyId`]) is derived from the configuration itself,
-/// so equal configurations share registry entries and different ones never do
-/// (up to a 64-bit hash collision) -- no id can be reused for a different
-/// threshold. Cheap to clone.
+/// so equal configurations share registry entries. Different ones never do:
+/// equality compares the configurations as well, so even a 64-bit hash
+/// collision cannot make two thresholds share a breaker. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct BreakerPolicy {
     id: PolicyId,
@@ -165,13 +169,52 @@ impl Default for BreakerPolicy {
     }
 }
 
+impl BreakerPolicy {
+    /// The `policy` label of the breaker metrics: `"default"` for
+    /// [`BreakerConfig::default`], else the 16 hex digits of the
+    /// [`PolicyId`]. The label set is bounded by the policies the program
+    /// defines (configurations are code or start-up config, never request
+    /// input); a label is stable for a given build and changes when the
+    /// configuration does, which makes a different policy a different series.
+    pub fn label(&self) -> String {
+        if *self.config == BreakerConfig::default() {
+            "default".to_owned()
+        } else {
+            self.id.to_string()
+        }
+    }
+
+    /// A policy with a forced fingerprint, to test what a 64-bit collision
+    /// does.
+    #[cfg(test)]
+    pub(crate) fn with_forced_id(config: BreakerConfig, id: PolicyId) -> Self {
+        Self {
+            id,
+            config: Arc::new(config),
+        }
+    }
+}
+
+/// Equal when the fingerprints match *and* the configurations do (the same
+/// allocation, else field by field): a 64-bit collision between two
+/// different configurations never makes them equal.
 impl PartialEq for BreakerPolicy {
     fn eq(&self, other: &Self) -> bool {
-        self.id == other.id && self.config == other.config
+        self.id == other.id
+            && (Arc::ptr_eq(&self.config, &other.config) || *self.config == *other.config)
     }
 }
 
 impl Eq for BreakerPolicy {}
+
+/// Hashes the fingerprint only (equal policies have equal fingerprints), so
+/// a registry lookup hashes eight bytes and compares the configuration only
+/// on a hit.
+impl Hash for BreakerPolicy {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.id.hash(state);
+    }
+}
 
 fn validate(c: &BreakerConfig) -> Result<(), ConfigError> {
     let bad = |field, reason| Err(ConfigError { field, reason });

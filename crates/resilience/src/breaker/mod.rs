@@ -28,21 +28,35 @@ use crate::verdict::Verdict;
 
 /// Gauge of each breaker's state (0 closed, 1 open, 2 half-open), labelled
 /// `adapter` (the adapter's name, or an internal breaker's
-/// [name](CircuitBreaker::internal)).
+/// [name](CircuitBreaker::internal)) and `policy` ([`BreakerPolicy::label`]:
+/// `default` or the policy's 16-hex-digit fingerprint), so two policies of
+/// one adapter have two series and cannot overwrite each other.
 ///
-/// Registered when a breaker is created and written on transitions only: a
-/// new series reads 0 (closed) until written (so in the Prometheus
-/// exporter), and creating a breaker (under another policy, or after an
-/// idle one expired) never resets the series while another breaker of the
-/// adapter is open. Breakers of one adapter under different policies share
-/// the series; it shows the latest transition of any of them.
+/// Registered when a breaker is created and written on transitions only,
+/// under the transition lock, so the last write is always the breaker's
+/// current state: a new series reads 0 (closed) until written (so in the
+/// Prometheus exporter), and creating a breaker of the same key (after an
+/// idle closed one expired) never resets the series.
 pub const STATE_GAUGE: &str = "circuit_breaker_state";
 /// Counter of calls rejected by an open or saturated half-open breaker,
-/// labelled `adapter` (as [`STATE_GAUGE`]).
+/// labelled `adapter` and `policy` (as [`STATE_GAUGE`]).
 pub const REJECTED_COUNTER: &str = "circuit_breaker_rejected_total";
-/// Counter of state transitions, labelled `adapter` (as [`STATE_GAUGE`]) and
-/// `to`.
+/// Counter of state transitions, labelled `adapter` and `policy` (as
+/// [`STATE_GAUGE`]) and `to`.
 pub const TRANSITIONS_COUNTER: &str = "circuit_breaker_transitions_total";
+/// Counter of calls admitted while closed whose permit was dropped without
+/// an outcome (the call's future was dropped: an outer timeout, a client
+/// disconnect, a panic), labelled `adapter` and `policy` (as
+/// [`STATE_GAUGE`]). Under the default [`CancelledCalls::Ignore`] these
+/// calls are in no window, so this counter is where they show.
+pub const DROPPED_CLOSED_CALLS_COUNTER: &str = "circuit_breaker_dropped_closed_calls_total";
+
+/// Longest `retry_after` of a rejection while half-open with every probe
+/// slot taken: the probes resolve when their calls return, usually well
+/// before the half-open wait runs out, so the hint is this or the rest of
+/// the wait, whichever is shorter (at least 1 ns).
+pub const HALF_OPEN_RETRY_AFTER: Duration = Duration::from_secs(1);
+const HALF_OPEN_RETRY_AFTER_NANOS: u64 = 1_000_000_000;
 
 /// The three breaker states.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -87,8 +101,9 @@ pub struct Rejection {
     /// internal dependency's.
     pub name: &'static str,
     /// Time until a probe may be admitted: the rest of the open period, or
-    /// while half-open the rest of the half-open wait (an upper bound; the
-    /// breaker may close earlier).
+    /// while half-open with every probe slot taken by a running probe
+    /// [`HALF_OPEN_RETRY_AFTER`] or the rest of the half-open wait, whichever
+    /// is shorter (a hint: the slots free up as the probes return).
     pub retry_after: Duration,
 }
 
@@ -191,6 +206,9 @@ pub struct CircuitBreaker {
     control: Mutex<Control>,
     state_gauge: metrics::Gauge,
     rejected: metrics::Counter,
+    dropped_closed: metrics::Counter,
+    /// [`TRANSITIONS_COUNTER`] by target: closed, open, half-open.
+    transitions: [metrics::Counter; 3],
 }
 
 /// Data only touched during transitions, under the mutex.
@@ -352,9 +370,23 @@ impl CircuitBreaker {
     ) -> Self {
         let config = policy.config();
         let now = clock.now_nanos();
-        // Registered, not written: a new breaker must not reset the series
-        // while another breaker of the adapter (another policy) is open.
-        let state_gauge = metrics::gauge!(STATE_GAUGE, "adapter" => name);
+        // Registered, not written: a new breaker must not reset the series.
+        let label = policy.label();
+        let state_gauge =
+            metrics::gauge!(STATE_GAUGE, "adapter" => name, "policy" => label.clone());
+        let transitions = [
+            BreakerState::Closed,
+            BreakerState::Open,
+            BreakerState::HalfOpen,
+        ]
+        .map(|to| {
+            metrics::counter!(
+                TRANSITIONS_COUNTER,
+                "adapter" => name,
+                "policy" => label.clone(),
+                "to" => to.as_str()
+            )
+        });
         Self {
             word: CachePadded(AtomicU64::new(pack(CLOSED, 0))),
             window: Window::new(config.window_size, config.slow_calls.is_some()),
@@ -370,7 +402,13 @@ impl CircuitBreaker {
                 open_duration: config.open_duration,
             }),
             state_gauge,
-            rejected: metrics::counter!(REJECTED_COUNTER, "adapter" => name),
+            rejected: metrics::counter!(REJECTED_COUNTER, "adapter" => name, "policy" => label.clone()),
+            dropped_closed: metrics::counter!(
+                DROPPED_CLOSED_CALLS_COUNTER,
+                "adapter" => name,
+                "policy" => label
+            ),
+            transitions,
             policy,
             clock,
         }
@@ -418,17 +456,35 @@ impl CircuitBreaker {
                 }
                 _ => {
                     let now = self.now_nanos();
+                    // Probes admitted in this period that have not resolved
+                    // (a success adds to `successes`, a release takes one
+                    // from `probes`, a failure re-opens).
+                    let outstanding = probes(word).saturating_sub(successes(word));
                     let deadline = self
                         .half_open_since
                         .load(Ordering::Acquire)
                         .saturating_add(duration_nanos(self.config().half_open_max_wait));
-                    if now >= deadline {
+                    if outstanding > 0 && now >= deadline {
+                        // A probe of this period is still running past the
+                        // wait: it hung.
                         word =
                             self.transition(word, Target::Open(OpenReason::HalfOpenTimeout), now);
                         continue;
                     }
                     if probes(word) >= self.config().half_open_probes {
-                        return Err(self.reject(deadline - now));
+                        // Every slot is taken by a running probe (all of
+                        // them resolved would have closed the breaker).
+                        let wait = deadline.saturating_sub(now);
+                        return Err(self.reject(wait.clamp(1, HALF_OPEN_RETRY_AFTER_NANOS)));
+                    }
+                    if outstanding == 0 {
+                        // The wait for a hung probe starts with the first
+                        // outstanding one. Stored before the CAS that admits
+                        // it (Release, read with Acquire after the word), so
+                        // whoever sees the probe sees the new start; a
+                        // caller whose CAS then fails only moved the start to
+                        // its own `now`, and `fetch_max` never moves it back.
+                        self.half_open_since.fetch_max(now, Ordering::AcqRel);
                     }
                     match self.word.0.compare_exchange_weak(
                         word,
@@ -686,7 +742,10 @@ impl CircuitBreaker {
         self.cancelled.fetch_add(1, Ordering::Relaxed);
         if probe {
             self.release_probe(generation_at_admission);
-        } else if self.config().cancelled_calls == CancelledCalls::CountAsFailure {
+            return;
+        }
+        self.dropped_closed.increment(1);
+        if self.config().cancelled_calls == CancelledCalls::CountAsFailure {
             self.record_closed(
                 generation_at_admission,
                 true,
@@ -761,10 +820,16 @@ impl CircuitBreaker {
                 Err(actual) => current = actual,
             }
         }
-        drop(control);
+        // Under the lock: transitions are serialised by it, so the gauge's
+        // last write is the state the breaker is in.
         self.state_gauge.set(new_state.gauge_value());
-        metrics::counter!(TRANSITIONS_COUNTER, "adapter" => self.name, "to" => new_state.as_str())
-            .increment(1);
+        drop(control);
+        let to = match new_state {
+            BreakerState::Closed => 0,
+            BreakerState::Open => 1,
+            BreakerState::HalfOpen => 2,
+        };
+        self.transitions[to].increment(1);
         new_word
     }
 

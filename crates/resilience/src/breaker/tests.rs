@@ -193,10 +193,66 @@ fn half_open_admits_only_the_probe_limit() {
     clock.advance(SEC);
     let probes: Vec<_> = (0..3).map(|_| b.try_acquire().unwrap()).collect();
     let rejected = b.try_acquire().unwrap_err();
-    // Upper bound: the rest of the half-open wait.
-    assert_eq!(rejected.retry_after, 10 * SEC);
+    // A hint, not the whole half-open wait (10 s): the probes are running.
+    assert_eq!(rejected.retry_after, HALF_OPEN_RETRY_AFTER);
     assert_eq!(b.snapshot().probes_admitted, 3);
+    // Near the end of the wait the hint is what is left of it.
+    clock.advance(10 * SEC - Duration::from_millis(300));
+    assert_eq!(
+        b.try_acquire().unwrap_err().retry_after,
+        Duration::from_millis(300)
+    );
     drop(probes);
+}
+
+/// Issue 9 item 1: with the default policy (open 30 s, half-open wait 60 s,
+/// 2 successes to close), an adapter called once every 61 s must recover.
+/// Each probe succeeds and none is outstanding when the next call comes, so
+/// the half-open wait must not re-open the breaker.
+#[tokio::test(start_paused = true)]
+async fn an_adapter_called_every_61_s_recovers_and_closes() {
+    let clock: SharedClock = Arc::new(crate::clock::TokioClock::new());
+    let b = CircuitBreaker::with_clock(AdapterName::Gsc, BreakerPolicy::default(), clock);
+    let config = BreakerConfig::default();
+    trip(&b);
+    assert_eq!(b.snapshot().trips, 1);
+    for call in 1..=config.half_open_successes {
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        let permit = b
+            .try_acquire()
+            .unwrap_or_else(|r| panic!("call {call} rejected: {r}"));
+        assert!(permit.is_probe(), "call {call}");
+        permit.record(Verdict::Success);
+    }
+    assert_eq!(b.state(), BreakerState::Closed);
+    let snap = b.snapshot();
+    assert_eq!((snap.trips, snap.open_duration), (0, config.open_duration));
+    // And it stays usable at that pace.
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    succeed(&b).unwrap();
+    assert_eq!(b.state(), BreakerState::Closed);
+}
+
+#[test]
+fn the_half_open_wait_runs_from_the_first_outstanding_probe() {
+    let (b, clock) = breaker(config());
+    trip(&b);
+    clock.advance(SEC);
+    succeed(&b).unwrap(); // one of two successes, nothing outstanding
+    // Long after the wait (10 s) with nothing outstanding: a probe is let in,
+    // and the wait for it starts now.
+    clock.advance(30 * SEC);
+    let late = b.try_acquire().unwrap();
+    assert!(late.is_probe());
+    clock.advance(10 * SEC - Duration::from_nanos(1));
+    let other = b.try_acquire().unwrap();
+    assert!(other.is_probe());
+    assert_eq!(b.state(), BreakerState::HalfOpen);
+    // `late` has been outstanding for the whole wait: it hung.
+    clock.advance(Duration::from_nanos(1));
+    assert!(b.try_acquire().is_err());
+    assert_eq!(b.state(), BreakerState::Open);
+    drop((late, other));
 }
 
 #[test]
@@ -338,7 +394,8 @@ fn stale_outcomes_from_before_a_transition_are_ignored() {
 
 #[test]
 fn cancelled_closed_calls_follow_the_config() {
-    let (b, _clock) = breaker(config());
+    let recorder = crate::test_recorder::TestRecorder::default();
+    let (b, clock) = metrics::with_local_recorder(&recorder, || breaker(config()));
     for _ in 0..20 {
         drop(b.try_acquire().unwrap());
     }
@@ -347,6 +404,17 @@ fn cancelled_closed_calls_follow_the_config() {
         (snap.state, snap.window_calls, snap.cancelled_calls),
         (BreakerState::Closed, 0, 20)
     );
+    let dropped = format!(
+        "circuit_breaker_dropped_closed_calls_total{{adapter=openai,policy={}}}",
+        b.policy().label()
+    );
+    assert_eq!(recorder.counter(&dropped), 20);
+    // Dropped probes hand their slot back and are not closed calls.
+    trip(&b);
+    clock.advance(SEC);
+    drop(b.try_acquire().unwrap());
+    assert_eq!(b.snapshot().cancelled_calls, 21);
+    assert_eq!(recorder.counter(&dropped), 20);
 
     let (b, _clock) = breaker(BreakerConfig {
         cancelled_calls: CancelledCalls::CountAsFailure,
@@ -467,7 +535,8 @@ fn transitions_and_rejections_are_exported_as_metrics() {
     let recorder = crate::test_recorder::TestRecorder::default();
     metrics::with_local_recorder(&recorder, || {
         let (b, clock) = breaker(config());
-        let gauge = "circuit_breaker_state{adapter=openai}";
+        let label = b.policy().label();
+        let gauge = &format!("circuit_breaker_state{{adapter=openai,policy={label}}}");
         // Registered at creation (a fresh series reads 0), written on
         // transitions.
         assert_eq!(recorder.gauge(gauge), Some(0.0));
@@ -476,7 +545,9 @@ fn transitions_and_rejections_are_exported_as_metrics() {
         assert!(succeed(&b).is_err());
         assert!(succeed(&b).is_err());
         assert_eq!(
-            recorder.counter("circuit_breaker_rejected_total{adapter=openai}"),
+            recorder.counter(&format!(
+                "circuit_breaker_rejected_total{{adapter=openai,policy={label}}}"
+            )),
             2
         );
         clock.advance(SEC);
@@ -485,7 +556,9 @@ fn transitions_and_rejections_are_exported_as_metrics() {
         succeed(&b).unwrap();
         assert_eq!(recorder.gauge(gauge), Some(0.0));
         assert_eq!(
-            recorder.counter("circuit_breaker_transitions_total{adapter=openai,to=open}"),
+            recorder.counter(&format!(
+                "circuit_breaker_transitions_total{{adapter=openai,policy={label},to=open}}"
+            )),
             1
         );
     });
@@ -495,17 +568,55 @@ fn transitions_and_rejections_are_exported_as_metrics() {
 fn creating_a_breaker_does_not_reset_the_gauge_of_an_open_one() {
     let recorder = crate::test_recorder::TestRecorder::default();
     metrics::with_local_recorder(&recorder, || {
-        let gauge = "circuit_breaker_state{adapter=openai}";
         let (open, _clock) = breaker(config());
+        let gauge = &format!(
+            "circuit_breaker_state{{adapter=openai,policy={}}}",
+            open.policy().label()
+        );
         trip(&open);
         assert_eq!(recorder.gauge(gauge), Some(1.0));
-        // Another policy for the same adapter: a second breaker, closed.
-        let (other, _clock) = breaker(BreakerConfig {
+        // The same key built again (as after an idle breaker expired).
+        let (again, _clock) = breaker(config());
+        assert_eq!(again.state(), BreakerState::Closed);
+        assert_eq!(recorder.gauge(gauge), Some(1.0), "reset by a creation");
+    });
+}
+
+/// Issue 9 item 4: two policies of one adapter have a series each, so one
+/// recovering cannot make the gauge read closed while the other rejects.
+#[test]
+fn two_policies_of_one_adapter_do_not_share_the_state_gauge() {
+    let recorder = crate::test_recorder::TestRecorder::default();
+    metrics::with_local_recorder(&recorder, || {
+        let (strict, _clock) = breaker(config());
+        let (lenient, lenient_clock) = breaker(BreakerConfig {
             consecutive_failures: 7,
             ..config()
         });
-        assert_eq!(other.state(), BreakerState::Closed);
-        assert_eq!(recorder.gauge(gauge), Some(1.0), "reset by a creation");
+        let series = |b: &CircuitBreaker| {
+            format!(
+                "circuit_breaker_state{{adapter=openai,policy={}}}",
+                b.policy().label()
+            )
+        };
+        assert_ne!(series(&strict), series(&lenient));
+        trip(&strict);
+        trip(&lenient);
+        lenient_clock.advance(SEC);
+        succeed(&lenient).unwrap();
+        succeed(&lenient).unwrap();
+        assert_eq!(lenient.state(), BreakerState::Closed);
+        assert_eq!(recorder.gauge(&series(&lenient)), Some(0.0));
+        // The strict one still rejects, and its series says so.
+        assert!(succeed(&strict).is_err());
+        assert_eq!(recorder.gauge(&series(&strict)), Some(1.0));
+        // The default policy is labelled by name.
+        let default = CircuitBreaker::new(AdapterName::Openai, BreakerPolicy::default());
+        assert_eq!(default.policy().label(), "default");
+        assert_eq!(
+            recorder.gauge("circuit_breaker_state{adapter=openai,policy=default}"),
+            Some(0.0)
+        );
     });
 }
 
@@ -518,7 +629,8 @@ fn internal_breaker_is_named_in_metrics_rejections_and_errors() {
         let b = CircuitBreaker::internal_with_clock("redis", policy, clock.shared());
         assert_eq!(b.name(), "redis");
         assert_eq!(b.adapter(), AdapterName::Unknown);
-        let gauge = "circuit_breaker_state{adapter=redis}";
+        let label = b.policy().label();
+        let gauge = &format!("circuit_breaker_state{{adapter=redis,policy={label}}}");
         assert_eq!(recorder.gauge(gauge), Some(0.0));
         trip(&b);
         assert_eq!(recorder.gauge(gauge), Some(1.0));
@@ -535,16 +647,22 @@ fn internal_breaker_is_named_in_metrics_rejections_and_errors() {
             "circuit breaker for redis is open, next probe in 1s"
         );
         assert_eq!(
-            recorder.counter("circuit_breaker_rejected_total{adapter=redis}"),
+            recorder.counter(&format!(
+                "circuit_breaker_rejected_total{{adapter=redis,policy={label}}}"
+            )),
             1
         );
         assert_eq!(
-            recorder.counter("circuit_breaker_transitions_total{adapter=redis,to=open}"),
+            recorder.counter(&format!(
+                "circuit_breaker_transitions_total{{adapter=redis,policy={label},to=open}}"
+            )),
             1
         );
         // Nothing was recorded under the `unknown` adapter's series.
         assert_eq!(
-            recorder.gauge("circuit_breaker_state{adapter=unknown}"),
+            recorder.gauge(&format!(
+                "circuit_breaker_state{{adapter=unknown,policy={label}}}"
+            )),
             None
         );
     });

@@ -26,6 +26,10 @@ impl HighWater {
     }
 }
 
+fn nz(n: usize) -> NonZeroUsize {
+    NonZeroUsize::new(n).unwrap()
+}
+
 /// Durations of 10 to 100 ms, spread deterministically.
 fn durations(n: u64) -> Vec<u64> {
     (0..n).map(|i| 10 + (i * 37) % 91).collect()
@@ -36,7 +40,7 @@ async fn never_more_than_limit_in_flight_and_limit_reached() {
     let hw = Arc::new(HighWater::default());
     let results = map_bounded(
         durations(100),
-        10,
+        nz(10),
         |ms| {
             let hw = Arc::clone(&hw);
             async move {
@@ -48,8 +52,7 @@ async fn never_more_than_limit_in_flight_and_limit_reached() {
         },
         None,
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(results.len(), 100);
     assert_eq!(hw.max.load(Ordering::SeqCst), 10);
     assert_eq!(hw.now.load(Ordering::SeqCst), 0);
@@ -67,15 +70,14 @@ async fn sliding_window_finishes_in_about_sum_over_limit() {
     let start = Instant::now();
     let results = map_bounded(
         ds.clone(),
-        10,
+        nz(10),
         |ms| async move {
             tokio::time::sleep(Duration::from_millis(ms)).await;
             Ok::<_, ()>(ms)
         },
         None,
     )
-    .await
-    .unwrap();
+    .await;
     let elapsed = start.elapsed().as_millis() as u64;
     assert!(
         elapsed >= sum / 10,
@@ -101,7 +103,7 @@ async fn slow_first_item_does_not_block_the_rest() {
     let finished_short = Arc::new(AtomicUsize::new(0));
     let results = map_bounded(
         ds,
-        2,
+        nz(2),
         |ms| {
             let finished_short = Arc::clone(&finished_short);
             async move {
@@ -114,8 +116,7 @@ async fn slow_first_item_does_not_block_the_rest() {
         },
         None,
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(start.elapsed(), Duration::from_millis(1000));
     let last_short = results[1..]
         .iter()
@@ -130,7 +131,7 @@ async fn slow_first_item_does_not_block_the_rest() {
 async fn order_preserved_and_failures_do_not_cancel_others() {
     let results = map_bounded(
         (0..20_u64).collect::<Vec<_>>(),
-        4,
+        nz(4),
         |i| async move {
             // Later items finish first.
             tokio::time::sleep(Duration::from_millis(100 - i)).await;
@@ -142,8 +143,7 @@ async fn order_preserved_and_failures_do_not_cancel_others() {
         },
         None,
     )
-    .await
-    .unwrap();
+    .await;
     for (i, result) in results.iter().enumerate() {
         if i % 5 == 0 {
             assert_eq!(result, &Err(ItemError::Failed(format!("item {i}"))));
@@ -159,7 +159,7 @@ async fn cancellation_stops_starting_new_items() {
     let started = Arc::new(AtomicUsize::new(0));
     let results = map_bounded(
         (0..10_u64).collect::<Vec<_>>(),
-        2,
+        nz(2),
         |i| {
             let cancel = cancel.clone();
             let started = Arc::clone(&started);
@@ -174,8 +174,7 @@ async fn cancellation_stops_starting_new_items() {
         },
         Some(cancel.clone()),
     )
-    .await
-    .unwrap();
+    .await;
     // Items 0 and 1 start; 0 ends at 10 ms and 2 starts; 1 ends at 20 ms and 3
     // starts; 2 ends at 40 ms and cancels; 3 (running) is still settled.
     assert_eq!(started.load(Ordering::SeqCst), 4);
@@ -194,32 +193,45 @@ async fn cancelled_before_start_runs_nothing() {
     cancel.cancel();
     let results = map_bounded(
         vec![1, 2, 3],
-        2,
+        nz(2),
         |i| async move { Ok::<_, ()>(i) },
         Some(cancel),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(results, vec![Err(ItemError::NotStarted); 3]);
 }
 
 #[tokio::test]
-async fn zero_limit_is_an_error() {
-    let err = map_bounded(vec![1], 0, |i| async move { Ok::<_, ()>(i) }, None)
-        .await
-        .unwrap_err();
-    assert_eq!(err, ConcurrencyError::ZeroLimit);
-    assert_eq!(
-        err.to_string(),
-        "concurrency limit must be at least 1, got 0"
-    );
+async fn a_limit_of_one_runs_items_one_at_a_time() {
+    let hw = Arc::new(HighWater::default());
+    let results = map_bounded(
+        vec![1_u8, 2, 3],
+        NonZeroUsize::MIN,
+        |i| {
+            let hw = Arc::clone(&hw);
+            async move {
+                hw.enter();
+                tokio::task::yield_now().await;
+                hw.leave();
+                Ok::<_, ()>(i)
+            }
+        },
+        None,
+    )
+    .await;
+    assert_eq!(results, vec![Ok(1), Ok(2), Ok(3)]);
+    assert_eq!(hw.max.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test]
 async fn empty_input_gives_empty_output() {
-    let results = map_bounded(Vec::<u8>::new(), 3, |i| async move { Ok::<_, ()>(i) }, None)
-        .await
-        .unwrap();
+    let results = map_bounded(
+        Vec::<u8>::new(),
+        nz(3),
+        |i| async move { Ok::<_, ()>(i) },
+        None,
+    )
+    .await;
     assert!(results.is_empty());
 }
 
@@ -409,7 +421,7 @@ proptest! {
         let hw = Arc::new(HighWater::default());
         let results = rt.block_on(map_bounded(
             delays.clone().into_iter().enumerate(),
-            limit,
+            nz(limit),
             |(i, ms)| {
                 let hw = Arc::clone(&hw);
                 async move {
@@ -420,7 +432,7 @@ proptest! {
                 }
             },
             None,
-        )).unwrap();
+        ));
         prop_assert_eq!(results.len(), delays.len());
         for (i, (result, ms)) in results.iter().zip(&delays).enumerate() {
             if ms % 3 == 0 {

@@ -667,3 +667,162 @@ async fn moka_restarts_init_when_leader_is_dropped() {
     assert_eq!(follower.await.unwrap(), 1);
     assert_eq!(runs.load(Ordering::SeqCst), 2, "moka ran the init twice");
 }
+
+/// Issue 9 item 12: a flight that started before a write can neither store
+/// its stale value after the writer's `forget` + cache clear, nor be joined
+/// by a caller arriving after the write.
+#[tokio::test(start_paused = true)]
+async fn a_forgotten_flight_is_not_joined_and_does_not_cache_its_value() {
+    let (cache, sf) = cached_flight();
+    let options = FlightOptions::default().ttl(Duration::from_secs(60));
+    let gate = Arc::new(Notify::new());
+    let stale = tokio::spawn({
+        let (sf, gate) = (sf.clone(), Arc::clone(&gate));
+        async move {
+            sf.get_or_compute(
+                5,
+                move || async move {
+                    gate.notified().await;
+                    Ok(50) // read before the write
+                },
+                &options,
+            )
+            .await
+        }
+    });
+    for _ in 0..100 {
+        if sf.stats().in_flight == 1 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(sf.stats().in_flight, 1);
+    // The write: forget the flight, then clear the cache entry.
+    assert!(sf.forget(&5));
+    assert!(!sf.forget(&5));
+    cache.entries.lock().unwrap().remove(&5);
+    // A caller after the write starts its own flight rather than joining.
+    let fresh = sf
+        .get_or_compute(5, || async { Ok(51) }, &options)
+        .await
+        .unwrap();
+    assert_eq!(fresh, 51);
+    assert_eq!(cache.stored(5), Some(51));
+    // The earlier flight ends: its own caller gets its value, the cache
+    // keeps the fresh one.
+    gate.notify_one();
+    assert_eq!(stale.await.unwrap().unwrap(), 50);
+    wait_until_idle(&sf).await;
+    assert_eq!(cache.stored(5), Some(51), "the stale flight overwrote it");
+    let stats = sf.stats();
+    assert_eq!((stats.computations, stats.forgotten), (2, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn forget_if_covers_many_keys_and_a_write_already_under_way_sees_it() {
+    let sf: Sf = Sf::new();
+    let gate = Arc::new(Notify::new());
+    let mut waiting = Vec::new();
+    for key in [10, 11, 20] {
+        let (sf, gate) = (sf.clone(), Arc::clone(&gate));
+        waiting.push(tokio::spawn(async move {
+            sf.get_or_compute(
+                key,
+                move || async move {
+                    gate.notified().await;
+                    Ok(u64::from(key))
+                },
+                &FlightOptions::default(),
+            )
+            .await
+        }));
+    }
+    for _ in 0..100 {
+        if sf.stats().in_flight == 3 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(sf.forget_if(|key| *key / 10 == 1), 2);
+    assert_eq!(sf.stats().in_flight, 1);
+    gate.notify_waiters();
+    for task in waiting {
+        task.await.unwrap().unwrap();
+    }
+    // A setter's meta turns stale when its flight is forgotten mid-write.
+    let current = Arc::new(AtomicBool::new(true));
+    let meta = CacheMeta {
+        ttl: None,
+        delta: Duration::ZERO,
+        current: Arc::clone(&current),
+    };
+    assert!(meta.is_current());
+    current.store(false, Ordering::Release);
+    assert!(!meta.is_current());
+}
+
+/// Issue 9 item 13: a follower waits at most its own timeout, even when the
+/// flight it joined has a longer one.
+#[tokio::test(start_paused = true)]
+async fn a_follower_stops_waiting_at_its_own_timeout() {
+    let sf = Sf::new();
+    let leader = tokio::spawn({
+        let sf = sf.clone();
+        async move {
+            sf.get_or_compute(
+                3,
+                || async {
+                    tokio::time::sleep(Duration::from_secs(20)).await;
+                    Ok(30)
+                },
+                &FlightOptions::default().timeout(Duration::from_secs(60)),
+            )
+            .await
+        }
+    });
+    for _ in 0..100 {
+        if sf.stats().in_flight == 1 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    let started = Instant::now();
+    let err = sf
+        .get_or_compute(
+            3,
+            || async { Ok(999) },
+            &FlightOptions::default().timeout(Duration::from_secs(1)),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, SingleFlightError::TimedOut { after } if after == Duration::from_secs(1)),
+        "{err:?}"
+    );
+    assert_eq!(started.elapsed(), Duration::from_secs(1));
+    assert_eq!(sf.stats().wait_timeouts, 1);
+    // The flight goes on for its leader.
+    assert_eq!(leader.await.unwrap().unwrap(), 30);
+}
+
+/// Issue 9 item 13: the default options have a finite timeout, so a hung
+/// factory frees its key for later callers.
+#[tokio::test(start_paused = true)]
+async fn default_options_free_a_key_whose_factory_hangs() {
+    let sf = Sf::new();
+    let options = FlightOptions::default();
+    assert_eq!(options.timeout, FlightOptions::DEFAULT_TIMEOUT);
+    let started = Instant::now();
+    let err = tokio::time::timeout(
+        FlightOptions::DEFAULT_TIMEOUT * 2,
+        sf.get_or_compute(4, std::future::pending, &options),
+    )
+    .await
+    .expect("a hung factory wedged the caller")
+    .unwrap_err();
+    assert!(matches!(err, SingleFlightError::TimedOut { .. }), "{err:?}");
+    assert_eq!(started.elapsed(), FlightOptions::DEFAULT_TIMEOUT);
+    wait_until_idle(&sf).await;
+    let value = sf.get_or_compute(4, || async { Ok(40) }, &options).await;
+    assert_eq!(value.unwrap(), 40);
+}
