@@ -5,7 +5,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
@@ -95,7 +95,7 @@ async fn statement_timeout_is_enforced_by_the_server_and_the_pool_survives() {
     let started = Instant::now();
     let result = fx
         .db
-        .bounded(sqlx::query("SELECT pg_sleep(5)").execute(fx.db.primary()))
+        .run(async |conn| sqlx::query("SELECT pg_sleep(5)").execute(conn).await)
         .await;
     let elapsed = started.elapsed();
     let err = result.expect_err("pg_sleep(5) must be cancelled");
@@ -108,7 +108,7 @@ async fn statement_timeout_is_enforced_by_the_server_and_the_pool_survives() {
     assert!(elapsed < fx.db.config().query_timeout(), "{elapsed:?}");
     let one: i32 = fx
         .db
-        .bounded(sqlx::query_scalar("SELECT 1").fetch_one(fx.db.primary()))
+        .run(async |conn| sqlx::query_scalar("SELECT 1").fetch_one(conn).await)
         .await
         .expect("pool usable after the cancellation");
     assert_eq!(one, 1);
@@ -125,8 +125,12 @@ async fn idle_transaction_is_terminated_and_the_next_acquire_is_healthy() {
     })
     .await;
     let mut tx = fx.db.begin().await.unwrap();
-    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-        .fetch_one(&mut *tx)
+    let pid: i32 = tx
+        .run(async |conn| {
+            sqlx::query_scalar("SELECT pg_backend_pid()")
+                .fetch_one(conn)
+                .await
+        })
         .await
         .unwrap();
     // Leave the transaction idle; the server must end that session on its own.
@@ -147,7 +151,11 @@ async fn idle_transaction_is_terminated_and_the_next_acquire_is_healthy() {
         gone,
         "backend {pid} still alive after the idle-in-transaction timeout"
     );
-    assert!(sqlx::query("SELECT 1").execute(&mut *tx).await.is_err());
+    assert!(
+        tx.run(async |conn| sqlx::query("SELECT 1").execute(conn).await)
+            .await
+            .is_err()
+    );
     drop(tx);
     for _ in 0..5 {
         let mut conn = fx.db.acquire().await.unwrap();
@@ -246,10 +254,11 @@ async fn five_thousand_queries_reuse_at_most_max_connections() {
                 .map(|_| {
                     let db = db.clone();
                     async move {
-                        db.bounded(
+                        db.run(async |conn| {
                             sqlx::query_scalar::<_, i32>("SELECT pg_backend_pid()")
-                                .fetch_one(db.primary()),
-                        )
+                                .fetch_one(conn)
+                                .await
+                        })
                         .await
                         .unwrap()
                     }
@@ -349,7 +358,7 @@ async fn terminated_backends_are_replaced_without_errors() {
     for i in 0..50 {
         let one: i32 = fx
             .db
-            .bounded(sqlx::query_scalar("SELECT 1").fetch_one(fx.db.primary()))
+            .run(async |conn| sqlx::query_scalar("SELECT 1").fetch_one(conn).await)
             .await
             .unwrap_or_else(|e| panic!("request {i} failed after the kill: {e:?}"));
         assert_eq!(one, 1);
@@ -442,19 +451,74 @@ async fn pool_stats_count_connections_held_and_idle() {
 
 /// A TCP proxy in front of PostgreSQL that delays every chunk from the server by `delay`
 /// (so a `BEGIN` takes a known time on the wire and a caller can be cancelled while it is
-/// in flight) and, once `frozen` is set, black-holes the connection: it stops forwarding the
-/// server's bytes but keeps every socket open, as a dead network path does.
+/// in flight) and black-holes connections as a dead network path does: it stops forwarding
+/// the server's bytes but keeps every socket open. [`Proxy::freeze`] black-holes every
+/// connection, new ones included; [`Proxy::black_hole_queries`] lets a new connection
+/// finish its start-up (up to the server's first ReadyForQuery) and black-holes it after
+/// that. [`Proxy::restore`] lets new connections through again; a connection that was
+/// black-holed stays dead (its sockets stay open, nothing is ever forwarded), as one whose
+/// path state was lost.
 struct Proxy {
     port: u16,
-    frozen: Arc<AtomicBool>,
+    mode: Arc<AtomicU8>,
+}
+
+const PASS: u8 = 0;
+const FREEZE: u8 = 1;
+const AFTER_STARTUP: u8 = 2;
+
+/// Follows the server's message stream far enough to know when start-up is over (the
+/// first ReadyForQuery, type `Z`).
+#[derive(Default)]
+struct StartupTracker {
+    started: bool,
+    header: Vec<u8>,
+    remaining: usize,
+    ready: bool,
+}
+
+impl StartupTracker {
+    fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() && !self.ready {
+            if !self.started {
+                self.started = true;
+                // The one-byte answer to an SSLRequest comes before any message.
+                if matches!(bytes[0], b'N' | b'S') {
+                    bytes = &bytes[1..];
+                    continue;
+                }
+            }
+            if self.remaining > 0 {
+                let n = self.remaining.min(bytes.len());
+                self.remaining -= n;
+                bytes = &bytes[n..];
+                continue;
+            }
+            let need = 5 - self.header.len();
+            let n = need.min(bytes.len());
+            self.header.extend_from_slice(&bytes[..n]);
+            bytes = &bytes[n..];
+            if self.header.len() == 5 {
+                let len = u32::from_be_bytes([
+                    self.header[1],
+                    self.header[2],
+                    self.header[3],
+                    self.header[4],
+                ]);
+                self.ready = self.header[0] == b'Z';
+                self.remaining = (len as usize).saturating_sub(4);
+                self.header.clear();
+            }
+        }
+    }
 }
 
 impl Proxy {
     async fn start(upstream: String, delay: Duration) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let frozen = Arc::new(AtomicBool::new(false));
-        let switch = frozen.clone();
+        let mode = Arc::new(AtomicU8::new(PASS));
+        let switch = mode.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let server = tokio::net::TcpStream::connect(&upstream).await.unwrap();
@@ -463,19 +527,26 @@ impl Proxy {
                 tokio::spawn(async move {
                     let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
                 });
-                let frozen = switch.clone();
+                let mode = switch.clone();
                 tokio::spawn(async move {
                     use tokio::io::{AsyncReadExt, AsyncWriteExt};
                     let mut buf = vec![0u8; 64 * 1024];
+                    let mut startup = StartupTracker::default();
                     loop {
                         let n = match server_read.read(&mut buf).await {
                             Ok(0) | Err(_) => break,
                             Ok(n) => n,
                         };
-                        if frozen.load(Ordering::SeqCst) {
+                        let dead = match mode.load(Ordering::SeqCst) {
+                            FREEZE => true,
+                            AFTER_STARTUP => startup.ready,
+                            _ => false,
+                        };
+                        if dead {
                             // Hold both sockets open and never answer again.
                             std::future::pending::<()>().await;
                         }
+                        startup.feed(&buf[..n]);
                         tokio::time::sleep(delay).await;
                         if client_write.write_all(&buf[..n]).await.is_err() {
                             break;
@@ -484,7 +555,7 @@ impl Proxy {
                 });
             }
         });
-        Self { port, frozen }
+        Self { port, mode }
     }
 
     /// A proxy in front of `tdb`'s server, and `tdb`'s URL through it.
@@ -497,7 +568,15 @@ impl Proxy {
     }
 
     fn freeze(&self) {
-        self.frozen.store(true, Ordering::SeqCst);
+        self.mode.store(FREEZE, Ordering::SeqCst);
+    }
+
+    fn black_hole_queries(&self) {
+        self.mode.store(AFTER_STARTUP, Ordering::SeqCst);
+    }
+
+    fn restore(&self) {
+        self.mode.store(PASS, Ordering::SeqCst);
     }
 }
 
@@ -536,7 +615,7 @@ async fn behind_a_proxy(tdb: &TestDatabase, app: &str) -> (Database, Proxy) {
     config.statement_timeout = Duration::from_millis(200);
     let db = Database::connect(config, app).await.unwrap();
     let one: i32 = db
-        .bounded(sqlx::query_scalar("SELECT 1").fetch_one(db.primary()))
+        .run(async |conn| sqlx::query_scalar("SELECT 1").fetch_one(conn).await)
         .await
         .unwrap();
     assert_eq!(one, 1);
@@ -559,10 +638,10 @@ async fn a_query_on_a_black_holed_connection_ends_at_the_client_side_bound() {
     let (db, proxy) = behind_a_proxy(&tdb, "sbt-frozen-query").await;
     proxy.freeze();
     // The server cancels pg_sleep at 200 ms, but its answer never arrives.
-    let query = db.bounded(sqlx::query("SELECT pg_sleep(5)").execute(db.primary()));
+    let query = db.run(async |conn| sqlx::query("SELECT pg_sleep(5)").execute(conn).await);
     let err = tokio::time::timeout(GUARD, query)
         .await
-        .expect("bounded() must give up by itself")
+        .expect("run() must give up by itself")
         .expect_err("nothing can come back through a frozen proxy");
     assert!(
         matches!(err, DbError::QueryTimeout(b) if b == db.config().query_timeout()),
@@ -571,7 +650,9 @@ async fn a_query_on_a_black_holed_connection_ends_at_the_client_side_bound() {
     assert!(err.is_timeout());
     let m = db.metrics();
     assert_eq!((m.query_errors_total, m.query_timeouts_total), (1, 1));
-    // The frozen connection is never returned; the database goes away with its sessions.
+    // The frozen connection was discarded: the pool's one slot is free.
+    assert_eq!(m.primary.size, 0);
+    db.close(Duration::from_secs(2)).await.unwrap();
     tdb.drop_database().await.unwrap();
 }
 
@@ -579,6 +660,7 @@ async fn a_query_on_a_black_holed_connection_ends_at_the_client_side_bound() {
 async fn a_begin_on_a_black_holed_connection_ends_at_the_client_side_bound() {
     let tdb = TestDatabase::create().await.unwrap();
     let (db, proxy) = behind_a_proxy(&tdb, "sbt-frozen-begin").await;
+    let warm_up = db.metrics().acquires_total;
     proxy.freeze();
     let err = tokio::time::timeout(GUARD, db.begin())
         .await
@@ -589,12 +671,132 @@ async fn a_begin_on_a_black_holed_connection_ends_at_the_client_side_bound() {
         "{err:?}"
     );
     assert!(err.is_timeout());
-    let m = db.metrics();
-    assert_eq!((m.query_errors_total, m.query_timeouts_total), (1, 1));
+    // The task gives up at the same deadline and discards the connection.
+    assert!(
+        eventually(GUARD, || async {
+            let m = db.metrics();
+            (m.query_errors_total, m.query_timeouts_total, m.primary.size) == (1, 1, 0)
+        })
+        .await,
+        "{:?}",
+        db.metrics()
+    );
     assert_eq!(
-        m.acquires_total, 1,
+        db.metrics().acquires_total,
+        warm_up + 1,
         "the connection was checked out, then BEGIN hung"
     );
+    // The pool's one slot is free: a BEGIN on a fresh connection works.
+    proxy.restore();
+    let tx = db
+        .begin()
+        .await
+        .expect("a new connection for the next BEGIN");
+    tx.rollback().await.unwrap();
+    db.close(Duration::from_secs(2)).await.unwrap();
+    tdb.drop_database().await.unwrap();
+}
+
+/// Issue 10, item 1: a query cut short by the client-side bound gives its pool slot back at
+/// once. Before, the timed-out query future dropped its connection, sqlx pinged it on the
+/// way back with no timeout, and the slot stayed taken until the OS gave up on the socket:
+/// 20 timeouts exhausted a pool of 20 and `close()` ended in its deadline.
+#[tokio::test]
+async fn timed_out_queries_on_black_holed_connections_give_their_pool_slots_back() {
+    let tdb = TestDatabase::create().await.unwrap();
+    let (proxy, url) = Proxy::in_front_of(&tdb, Duration::ZERO).await;
+    let mut config = DatabaseConfig::new(&url).unwrap();
+    config.pool_max = 20;
+    config.pool_min = 0;
+    config.statement_timeout = Duration::from_millis(200); // client bound 450 ms
+    config.acquire_timeout = Duration::from_secs(3);
+    // The open connections are handed out without a ping, straight into the black hole.
+    config.ping_bypass = Duration::from_secs(600);
+    let db = Database::connect(config, &unique_app("sbt-slots"))
+        .await
+        .unwrap();
+    let bound = db.config().query_timeout();
+    let held = join_all((0..20).map(|_| db.acquire())).await;
+    assert!(held.iter().all(Result::is_ok), "{held:?}");
+    drop(held);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            db.metrics().primary.idle == 20
+        })
+        .await
+    );
+    let select = || {
+        let db = db.clone();
+        async move {
+            db.run(async |conn| sqlx::query("SELECT 1").execute(conn).await)
+                .await
+        }
+    };
+
+    proxy.black_hole_queries();
+    // The pool's 20 connections, then 5 new ones (their start-up passes, their query
+    // does not): 25 queries black-holed.
+    let mut results = join_all((0..20).map(|_| select())).await;
+    results.extend(join_all((0..5).map(|_| select())).await);
+    for (i, result) in results.iter().enumerate() {
+        assert!(
+            matches!(result, Err(DbError::QueryTimeout(b)) if *b == bound),
+            "query {i}: {result:?}"
+        );
+    }
+    let m = db.metrics();
+    assert_eq!(m.query_timeouts_total, 25);
+    assert_eq!(m.acquires_total, 45, "every query got a connection: {m:?}");
+    assert_eq!(
+        m.primary.size, 0,
+        "every black-holed connection left the pool: {m:?}"
+    );
+
+    proxy.restore();
+    let one: i32 = tokio::time::timeout(GUARD, async {
+        db.run(async |conn| sqlx::query_scalar("SELECT 1").fetch_one(conn).await)
+            .await
+    })
+    .await
+    .expect("run() is bounded")
+    .expect("the next query gets a slot and succeeds");
+    assert_eq!(one, 1);
+    assert_eq!(db.metrics().acquire_timeouts_total, 0);
+    db.close(Duration::from_secs(2))
+        .await
+        .expect("close() finishes within its deadline");
+    tdb.drop_database().await.unwrap();
+}
+
+/// Item 1 for transactions: a statement of a [`smartbeak_database::Tx`] that times out
+/// discards its connection, the transaction is over, and the slot is free at once.
+#[tokio::test]
+async fn a_timed_out_statement_in_a_transaction_gives_its_slot_back() {
+    let tdb = TestDatabase::create().await.unwrap();
+    let (db, proxy) = behind_a_proxy(&tdb, "sbt-frozen-tx").await;
+    let mut tx = db.begin().await.unwrap();
+    proxy.black_hole_queries();
+    let err = tokio::time::timeout(
+        GUARD,
+        tx.run(async |conn| sqlx::query("SELECT 1").execute(conn).await),
+    )
+    .await
+    .expect("Tx::run gives up by itself")
+    .expect_err("nothing comes back");
+    assert!(matches!(err, DbError::QueryTimeout(_)), "{err:?}");
+    let again = tx
+        .run(async |conn| sqlx::query("SELECT 1").execute(conn).await)
+        .await;
+    assert!(matches!(again, Err(DbError::Discarded)), "{again:?}");
+    assert!(matches!(tx.commit().await, Err(DbError::Discarded)));
+    assert_eq!(db.metrics().primary.size, 0, "the connection left the pool");
+    proxy.restore();
+    let one: i32 = db
+        .run(async |conn| sqlx::query_scalar("SELECT 1").fetch_one(conn).await)
+        .await
+        .expect("the pool's only slot is free again");
+    assert_eq!(one, 1);
+    db.close(Duration::from_secs(2)).await.unwrap();
     tdb.drop_database().await.unwrap();
 }
 
@@ -878,7 +1080,7 @@ async fn close_also_closes_a_connection_on_its_way_back_to_the_pool() {
     let db = Database::connect(config, &app).await.unwrap();
     let admin = PgPool::connect(tdb.url().expose()).await.unwrap();
     let one: i32 = db
-        .bounded(sqlx::query_scalar("SELECT 1").fetch_one(db.primary()))
+        .run(async |conn| sqlx::query_scalar("SELECT 1").fetch_one(conn).await)
         .await
         .unwrap();
     assert_eq!(one, 1);
