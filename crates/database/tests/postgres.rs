@@ -1017,6 +1017,159 @@ async fn a_black_holed_replica_is_retried_in_the_background() {
     tdb.drop_database().await.unwrap();
 }
 
+/// A TCP relay whose upstream can be switched: the stable address of a "replica" whose
+/// server is stopped and replaced. A client whose upstream cannot be reached is hung up on.
+struct Relay {
+    port: u16,
+    upstream: Arc<std::sync::Mutex<String>>,
+}
+
+impl Relay {
+    async fn start(upstream: String) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let upstream = Arc::new(std::sync::Mutex::new(upstream));
+        let target = upstream.clone();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let to = target.lock().unwrap().clone();
+                tokio::spawn(async move {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(&to).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        });
+        Self { port, upstream }
+    }
+
+    fn point_to(&self, upstream: String) {
+        *self.upstream.lock().unwrap() = upstream;
+    }
+}
+
+/// Issue 10, item 3: a replica that dies after its first success is dropped, by the failed
+/// reads (`db_reads`, no health ping within the test) or by the health ping alone with no
+/// reads at all (`db_idle`); when a replica answers again at its address, reads return to
+/// it. The replica is a throwaway PostgreSQL the test stops, then a new one behind the same
+/// address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_dies_is_dropped_and_reads_return_when_it_answers() {
+    use smartbeak_test_support::PostgresServer;
+    let tdb = TestDatabase::create().await.unwrap();
+    let mut first = tokio::task::spawn_blocking(PostgresServer::start)
+        .await
+        .unwrap()
+        .expect("a throwaway PostgreSQL for the replica");
+    let relay = Relay::start(format!("127.0.0.1:{}", first.port())).await;
+    let replica_url = format!("postgres://postgres@127.0.0.1:{}/postgres", relay.port);
+    let open = |app: &'static str, ping: Duration| {
+        let mut config = tdb.config();
+        config.analytics_url =
+            Some(smartbeak_database::SecretUrl::parse("ANALYTICS_DB_URL", &replica_url).unwrap());
+        config.acquire_timeout = Duration::from_secs(2);
+        config.analytics_retry_initial = Duration::from_millis(100);
+        config.analytics_retry_max = Duration::from_millis(200);
+        config.analytics_ping_interval = ping;
+        let app = unique_app(app);
+        async move { Database::connect(config, &app).await }
+    };
+    let db_reads = open("sbt-replica-reads", Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let db_idle = open("sbt-replica-idle", Duration::from_millis(100))
+        .await
+        .unwrap();
+    /// The port of the server that answered, and what the database layer says it was.
+    async fn read(db: &Database) -> Result<(i32, ReadSource), DbError> {
+        db.run_analytics(async |conn| {
+            sqlx::query_scalar("SELECT current_setting('port')::int")
+                .fetch_one(conn)
+                .await
+        })
+        .await
+    }
+    let primary_port = i32::from(db_reads.primary().connect_options().get_port());
+    let first_port = i32::from(first.port());
+    for db in [&db_reads, &db_idle] {
+        assert_eq!(read(db).await.unwrap(), (first_port, ReadSource::Replica));
+        assert_eq!(db.metrics().read_source, ReadSource::Replica);
+    }
+
+    let mut first = tokio::task::spawn_blocking(move || {
+        first.stop();
+        first
+    })
+    .await
+    .unwrap();
+    // Nobody reads through db_idle: its health ping notices.
+    assert!(
+        eventually(GUARD, || async {
+            db_idle.read_source() == ReadSource::Primary
+        })
+        .await,
+        "the health ping never dropped the dead replica"
+    );
+    // db_reads: reads fail until REPLICA_ERRORS of them in a row drop the replica.
+    let failures = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let fell_back = eventually(GUARD, || async {
+        match read(&db_reads).await {
+            Ok((port, ReadSource::Primary)) => {
+                assert_eq!(port, primary_port);
+                true
+            }
+            Ok(other) => panic!("a read succeeded on a stopped replica: {other:?}"),
+            Err(e) => {
+                assert!(e.is_connection_failure(), "{e:?}");
+                failures.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    })
+    .await;
+    assert!(fell_back, "reads never fell back to the primary");
+    let failures = failures.load(Ordering::Relaxed);
+    assert!(
+        failures <= smartbeak_database::REPLICA_ERRORS,
+        "{failures} failed reads before the fallback"
+    );
+    for db in [&db_reads, &db_idle] {
+        let m = db.metrics();
+        assert_eq!(m.read_source, ReadSource::Primary);
+        assert_eq!(m.analytics_replica_drops_total, 1, "{m:?}");
+        assert_eq!(read(db).await.unwrap(), (primary_port, ReadSource::Primary));
+    }
+
+    // A replica answers at the same address again.
+    let second = tokio::task::spawn_blocking(PostgresServer::start)
+        .await
+        .unwrap()
+        .expect("a second throwaway PostgreSQL");
+    relay.point_to(format!("127.0.0.1:{}", second.port()));
+    let second_port = i32::from(second.port());
+    for db in [&db_reads, &db_idle] {
+        assert!(
+            eventually(GUARD, || async {
+                matches!(read(db).await, Ok((port, ReadSource::Replica)) if port == second_port)
+            })
+            .await,
+            "reads never returned to the replica: {:?}",
+            db.metrics()
+        );
+        assert_eq!(db.metrics().read_source, ReadSource::Replica);
+    }
+    for db in [db_reads, db_idle] {
+        db.close(Duration::from_secs(5)).await.unwrap();
+    }
+    tokio::task::spawn_blocking(move || {
+        first.stop();
+        drop((first, second));
+    })
+    .await
+    .unwrap();
+    tdb.drop_database().await.unwrap();
+}
+
 #[tokio::test]
 async fn close_gives_up_at_its_deadline_while_a_connection_is_held() {
     let fx = Fixture::new(|c| c.pool_min = 0).await;
