@@ -327,6 +327,135 @@ async fn every_connection_carries_the_session_timeouts() {
     fx.finish().await;
 }
 
+/// Issue 10, item 5: the session settings are the client's (`pg_settings.source`) and
+/// outlive `DISCARD ALL` (which a pooler runs between clients): startup-packet values are
+/// the session's reset values.
+#[tokio::test]
+async fn session_settings_come_from_the_client_and_survive_discard_all() {
+    let fx = Fixture::new(|c| {
+        c.statement_timeout = Duration::from_millis(1234);
+        c.idle_in_transaction_timeout = Duration::from_millis(5678);
+    })
+    .await;
+    let rows: Vec<(String, String, String)> = fx
+        .db
+        .run(async |conn| {
+            sqlx::query("SET statement_timeout = 1")
+                .execute(&mut *conn)
+                .await?;
+            sqlx::query("DISCARD ALL").execute(&mut *conn).await?;
+            sqlx::query_as(
+                "SELECT name, setting, source FROM pg_settings \
+                 WHERE name IN ('statement_timeout', 'idle_in_transaction_session_timeout') \
+                 ORDER BY name",
+            )
+            .fetch_all(conn)
+            .await
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        rows,
+        [
+            (
+                "idle_in_transaction_session_timeout".into(),
+                "5678".into(),
+                "client".into()
+            ),
+            ("statement_timeout".into(), "1234".into(), "client".into()),
+        ]
+    );
+    fx.finish().await;
+}
+
+/// A proxy that drops the `options` parameter from every startup packet, as PgBouncer does
+/// with `ignore_startup_parameters = options`. The URL through it has `sslmode=disable`, so
+/// the first client message is the startup packet.
+async fn options_dropping_pooler(tdb: &TestDatabase) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut url = url::Url::parse(tdb.url().expose()).unwrap();
+    let upstream = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    url.set_port(Some(listener.local_addr().unwrap().port()))
+        .unwrap();
+    url.query_pairs_mut().append_pair("sslmode", "disable");
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                let mut len = [0u8; 4];
+                if client.read_exact(&mut len).await.is_err() {
+                    return;
+                }
+                let mut body = vec![0u8; (u32::from_be_bytes(len) as usize).saturating_sub(4)];
+                if client.read_exact(&mut body).await.is_err() || body.len() < 4 {
+                    return;
+                }
+                let mut fields = body[4..].split(|b| *b == 0).collect::<Vec<_>>();
+                fields.retain(|f| !f.is_empty());
+                let mut rebuilt = body[..4].to_vec();
+                for pair in fields.chunks(2) {
+                    if pair[0] == b"options" || pair.len() < 2 {
+                        continue;
+                    }
+                    for part in pair {
+                        rebuilt.extend_from_slice(part);
+                        rebuilt.push(0);
+                    }
+                }
+                rebuilt.push(0);
+                let mut packet = u32::try_from(rebuilt.len() + 4)
+                    .unwrap()
+                    .to_be_bytes()
+                    .to_vec();
+                packet.extend_from_slice(&rebuilt);
+                let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    return;
+                };
+                if server.write_all(&packet).await.is_ok() {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+    });
+    url.to_string()
+}
+
+/// Issue 10, item 5: behind a pooler that drops the startup `options`, every statement
+/// would run without its timeout; `connect` refuses to start instead, naming the setting.
+#[tokio::test]
+async fn a_pooler_that_drops_the_session_settings_is_refused_at_connect() {
+    let tdb = TestDatabase::create().await.unwrap();
+    let url = options_dropping_pooler(&tdb).await;
+    let config = DatabaseConfig::new(&url).unwrap();
+    let err = Database::connect(config, &unique_app("sbt-pooler"))
+        .await
+        .expect_err("the server runs without our statement_timeout");
+    match &err {
+        DbError::SettingsIgnored {
+            target: "primary",
+            setting: "statement_timeout",
+            actual,
+            expected,
+        } => {
+            assert_eq!(actual, "0", "the server default");
+            assert_eq!(expected, "8000");
+        }
+        other => panic!("{other:?}"),
+    }
+    let message = err.to_string();
+    assert!(
+        message.contains("statement_timeout") && message.contains("PgBouncer"),
+        "{message}"
+    );
+    // Straight to the server, the same settings are applied and accepted.
+    let direct = Database::connect(tdb.config(), &unique_app("sbt-direct"))
+        .await
+        .unwrap();
+    direct.close(Duration::from_secs(5)).await.unwrap();
+    tdb.drop_database().await.unwrap();
+}
+
 #[tokio::test]
 async fn terminated_backends_are_replaced_without_errors() {
     let fx = Fixture::new(|c| {
