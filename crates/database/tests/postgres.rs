@@ -1380,6 +1380,153 @@ async fn close_also_closes_a_connection_on_its_way_back_to_the_pool() {
     tdb.drop_database().await.unwrap();
 }
 
+/// Issue 10, item 6: the schema refuses an export whose domain is another org's, and a
+/// performance row whose content item is another domain's, whatever the code does.
+#[tokio::test]
+async fn cross_tenant_rows_are_refused_by_the_schema() {
+    let fx = Fixture::new(|_| {}).await;
+    let (org_a, org_b) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    let (domain_a, domain_b, item_a) = (
+        uuid::Uuid::new_v4(),
+        uuid::Uuid::new_v4(),
+        uuid::Uuid::new_v4(),
+    );
+    fx.db
+        .run(async |conn| {
+            for (org, domain, name) in [
+                (org_a, domain_a, "a.example"),
+                (org_b, domain_b, "b.example"),
+            ] {
+                sqlx::query("INSERT INTO orgs (id, name) VALUES ($1, $2)")
+                    .bind(org)
+                    .bind(name)
+                    .execute(&mut *conn)
+                    .await?;
+                sqlx::query("INSERT INTO domains (id, org_id, name) VALUES ($1, $2, $3)")
+                    .bind(domain)
+                    .bind(org)
+                    .bind(name)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            sqlx::query(
+                "INSERT INTO content_items (id, domain_id, title, slug) VALUES ($1, $2, 't', 's')",
+            )
+            .bind(item_a)
+            .bind(domain_a)
+            .execute(&mut *conn)
+            .await
+        })
+        .await
+        .unwrap();
+    let insert_export = |org, domain| {
+        let db = fx.db.clone();
+        async move {
+            db.run(async |conn| {
+                sqlx::query("INSERT INTO domain_exports (id, org_id, domain_id, format) VALUES ($1, $2, $3, 'json')")
+                    .bind(uuid::Uuid::new_v4())
+                    .bind(org)
+                    .bind(domain)
+                    .execute(conn)
+                    .await
+            })
+            .await
+        }
+    };
+    let insert_performance = |domain, item| {
+        let db = fx.db.clone();
+        async move {
+            db.run(async |conn| {
+                sqlx::query("INSERT INTO content_performance (domain_id, content_id, recorded_at) VALUES ($1, $2, now())")
+                    .bind(domain)
+                    .bind(item)
+                    .execute(conn)
+                    .await
+            })
+            .await
+        }
+    };
+    let foreign_key_violation =
+        |result: Result<sqlx::postgres::PgQueryResult, DbError>| match result {
+            Err(DbError::Query(sqlx::Error::Database(e))) => e.code().as_deref() == Some("23503"),
+            _ => false,
+        };
+    // Same tenant: accepted.
+    insert_export(org_a, domain_a).await.unwrap();
+    insert_performance(domain_a, item_a).await.unwrap();
+    // Org B exporting org A's domain, and A's content counted under B's domain: refused.
+    assert!(foreign_key_violation(insert_export(org_b, domain_a).await));
+    assert!(foreign_key_violation(
+        insert_performance(domain_b, item_a).await
+    ));
+    fx.finish().await;
+}
+
+/// Item 6: the migration applies over data written under the first schema.
+#[tokio::test]
+async fn the_tenant_key_migration_keeps_existing_data() {
+    let admin = PgPool::connect(TestDatabase::admin_url().unwrap().expose())
+        .await
+        .unwrap();
+    let name = format!("{}{}", testing::run_prefix(), uuid::Uuid::new_v4().simple());
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let url = TestDatabase::admin_url().unwrap().with_database(&name);
+    let pool = PgPool::connect(url.expose()).await.unwrap();
+    sqlx::raw_sql(include_str!("../migrations/20261127000001_init.sql"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::raw_sql(
+        "INSERT INTO orgs (id, name) VALUES ('00000000-0000-0000-0000-00000000000a', 'a');
+         INSERT INTO domains (id, org_id, name) VALUES
+             ('00000000-0000-0000-0000-0000000000d1', '00000000-0000-0000-0000-00000000000a', 'a.example');
+         INSERT INTO content_items (id, domain_id, title, slug) VALUES
+             ('00000000-0000-0000-0000-0000000000c1', '00000000-0000-0000-0000-0000000000d1', 't', 's');
+         INSERT INTO content_performance (domain_id, content_id, recorded_at) VALUES
+             ('00000000-0000-0000-0000-0000000000d1', '00000000-0000-0000-0000-0000000000c1', now());
+         INSERT INTO domain_exports (id, org_id, domain_id, format) VALUES
+             ('00000000-0000-0000-0000-0000000000e1', '00000000-0000-0000-0000-00000000000a',
+              '00000000-0000-0000-0000-0000000000d1', 'csv');",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::raw_sql(include_str!(
+        "../migrations/20261201000001_tenant_foreign_keys.sql"
+    ))
+    .execute(&pool)
+    .await
+    .expect("the migration applies over consistent data");
+    let counts: (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM content_performance), (SELECT count(*) FROM domain_exports)",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(counts, (1, 1));
+    // Deleting the domain still cascades through the composite keys.
+    sqlx::query("DELETE FROM domains")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let left: (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM content_performance), (SELECT count(*) FROM domain_exports)",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(left, (0, 0));
+    pool.close().await;
+    sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    admin.close().await;
+}
+
 async fn database_exists(name: &str) -> bool {
     let admin = PgPool::connect(TestDatabase::admin_url().unwrap().expose())
         .await
