@@ -181,11 +181,8 @@ async fn query(db: &Database, key: &AnalyticsKey) -> Result<AnalyticsReport, Api
         sqlx::types::Json<Vec<KeywordAggregate>>,
         sqlx::types::Json<Vec<ContentAggregate>>,
     );
-    let pool = db.analytics().await;
-    let read_source = db.read_source().as_str().to_owned();
-    let row: Option<Row> = db
-        .bounded(
-            sqlx::query_as(
+    let (row, read_source): (Option<Row>, _) = db
+        .run_analytics(async |conn| sqlx::query_as(
                 "SELECT \
                  (SELECT coalesce(json_agg(k ORDER BY k.keyword), '[]'::json) FROM ( \
                     SELECT keyword, avg(search_volume)::float8 AS avg_search_volume, \
@@ -210,15 +207,14 @@ async fn query(db: &Database, key: &AnalyticsKey) -> Result<AnalyticsReport, Api
             .bind(key.org_id)
             .bind(key.from)
             .bind(key.to)
-            .fetch_optional(&pool),
-        )
+            .fetch_optional(conn).await)
         .await?;
     let (keywords, content) = row.ok_or(ApiError::NotFound("domain"))?;
     Ok(AnalyticsReport {
         domain_id: key.domain_id,
         from: key.from,
         to: key.to,
-        read_source,
+        read_source: read_source.as_str().to_owned(),
         keywords: keywords.0,
         content: content.0,
     })

@@ -9,7 +9,7 @@ use axum::http::HeaderMap;
 use axum::http::request::Parts;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
-use sqlx::PgPool;
+use smartbeak_database::{Database, DbError};
 use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
@@ -86,14 +86,15 @@ impl FromRequestParts<AppState> for Auth {
         };
         let row: Option<(Uuid, Uuid, Vec<u8>)> = state
             .db
-            .bounded(
+            .run(async |conn| {
                 sqlx::query_as(
                     "SELECT id, org_id, key_hash FROM api_keys \
                      WHERE key_hash = $1 AND revoked_at IS NULL",
                 )
                 .bind(&presented.hash[..])
-                .fetch_optional(state.db.primary()),
-            )
+                .fetch_optional(conn)
+                .await
+            })
             .await?;
         match row {
             // The index lookup found the row by hash; compare again in constant time so
@@ -120,34 +121,37 @@ pub struct CreatedKey {
 }
 
 /// Creates an org, returning its id.
-pub async fn create_org(pool: &PgPool, name: &str) -> Result<Uuid, sqlx::Error> {
+pub async fn create_org(db: &Database, name: &str) -> Result<Uuid, DbError> {
     let id = Uuid::new_v4();
-    sqlx::query("INSERT INTO orgs (id, name) VALUES ($1, $2)")
-        .bind(id)
-        .bind(name)
-        .execute(pool)
-        .await?;
+    db.run(async |conn| {
+        sqlx::query("INSERT INTO orgs (id, name) VALUES ($1, $2)")
+            .bind(id)
+            .bind(name)
+            .execute(conn)
+            .await
+    })
+    .await?;
     Ok(id)
 }
 
 /// Creates a key for `org_id`; the secret is returned once and stored only hashed.
-pub async fn create_key(
-    pool: &PgPool,
-    org_id: Uuid,
-    name: &str,
-) -> Result<CreatedKey, sqlx::Error> {
+pub async fn create_key(db: &Database, org_id: Uuid, name: &str) -> Result<CreatedKey, DbError> {
     let key = generate_key();
     let id = Uuid::new_v4();
     let prefix = key[..DISPLAY_PREFIX_LEN].to_owned();
-    sqlx::query(
-        "INSERT INTO api_keys (id, org_id, name, prefix, key_hash) VALUES ($1, $2, $3, $4, $5)",
-    )
-    .bind(id)
-    .bind(org_id)
-    .bind(name)
-    .bind(&prefix)
-    .bind(&hash_key(&key)[..])
-    .execute(pool)
+    let hash = hash_key(&key);
+    db.run(async |conn| {
+        sqlx::query(
+            "INSERT INTO api_keys (id, org_id, name, prefix, key_hash) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(id)
+        .bind(org_id)
+        .bind(name)
+        .bind(&prefix)
+        .bind(&hash[..])
+        .execute(conn)
+        .await
+    })
     .await?;
     Ok(CreatedKey {
         id,
@@ -158,12 +162,17 @@ pub async fn create_key(
 }
 
 /// Revokes a key by id; returns false if no active key has that id.
-pub async fn revoke_key(pool: &PgPool, key_id: Uuid) -> Result<bool, sqlx::Error> {
-    let result =
-        sqlx::query("UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL")
+pub async fn revoke_key(db: &Database, key_id: Uuid) -> Result<bool, DbError> {
+    let result = db
+        .run(async |conn| {
+            sqlx::query(
+                "UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL",
+            )
             .bind(key_id)
-            .execute(pool)
-            .await?;
+            .execute(conn)
+            .await
+        })
+        .await?;
     Ok(result.rows_affected() == 1)
 }
 

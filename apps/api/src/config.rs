@@ -79,7 +79,9 @@ pub struct ApiConfig {
 pub struct HttpConfig {
     /// `HTTP_BODY_LIMIT_BYTES`, default 1 MiB; larger bodies get 413.
     pub body_limit_bytes: usize,
-    /// `HTTP_REQUEST_TIMEOUT_MS`, default 10000; slower requests get 503.
+    /// `HTTP_REQUEST_TIMEOUT_MS`, default 10000; slower requests get 503. Must be at least
+    /// the database client bound (`DB_STATEMENT_TIMEOUT_MS` plus a margin): see
+    /// [`ApiConfig::check_timeouts`].
     pub request_timeout: Duration,
     /// `HTTP_MAX_CONCURRENCY`, default 1024; requests beyond it are shed with 503.
     pub max_concurrency: usize,
@@ -187,6 +189,19 @@ impl ApiConfig {
                 .string("EXPORT_DIR")
                 .map_or_else(|| PathBuf::from("./exports"), PathBuf::from),
         })
+    }
+}
+
+impl ApiConfig {
+    /// Checks that the database timeouts nest under the request timeout: request timeout
+    /// (`HTTP_REQUEST_TIMEOUT_MS`) >= database client bound > `DB_STATEMENT_TIMEOUT_MS`. A
+    /// request answered 503 would otherwise leave its statement running and its connection
+    /// checked out. The error names both variables.
+    pub fn check_timeouts(
+        &self,
+        db: &smartbeak_database::DatabaseConfig,
+    ) -> Result<(), smartbeak_database::ConfigError> {
+        db.check_deadline("HTTP_REQUEST_TIMEOUT_MS", self.http.request_timeout)
     }
 }
 
@@ -336,6 +351,32 @@ mod tests {
             );
             assert_eq!(LogFormat::parse(Some(raw)).unwrap(), format, "{raw}");
         }
+    }
+
+    #[test]
+    fn a_request_timeout_below_the_database_bound_is_refused() {
+        let db = |statement_ms: &str| {
+            smartbeak_database::DatabaseConfig::from_lookup(|var| match var {
+                "DATABASE_URL" => Some("postgres://app@db.internal/smartbeak".to_owned()),
+                "DB_STATEMENT_TIMEOUT_MS" => Some(statement_ms.to_owned()),
+                _ => None,
+            })
+            .unwrap()
+        };
+        // The defaults nest: 10 s >= 8.8 s > 8 s.
+        let defaults = config(&[]).unwrap();
+        assert!(defaults.check_timeouts(&db("8000")).is_ok());
+        // The old default statement timeout (30 s) under the 10 s request timeout.
+        let err = defaults
+            .check_timeouts(&db("30000"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("HTTP_REQUEST_TIMEOUT_MS") && err.contains("DB_STATEMENT_TIMEOUT_MS"),
+            "{err}"
+        );
+        let longer = config(&[("HTTP_REQUEST_TIMEOUT_MS", "33000")]).unwrap();
+        assert!(longer.check_timeouts(&db("30000")).is_ok());
     }
 
     #[test]

@@ -212,7 +212,15 @@ impl From<smartbeak_database::DbError> for ApiError {
     fn from(err: smartbeak_database::DbError) -> Self {
         match err {
             smartbeak_database::DbError::Query(inner) => inner.into(),
-            other if other.is_timeout() => Self::DatabaseUnavailable(Box::new(other)),
+            // A transaction whose connection was discarded after a timeout: as unavailable
+            // as the timeout itself.
+            other
+                if other.is_timeout()
+                    || other.is_connection_failure()
+                    || matches!(other, smartbeak_database::DbError::Discarded) =>
+            {
+                Self::DatabaseUnavailable(Box::new(other))
+            }
             other => Self::internal(other),
         }
     }

@@ -303,13 +303,8 @@ mod tests {
         let db = Database::connect(tdb.config(), "smartbeak-api-test")
             .await
             .unwrap();
-        let org = crate::auth::create_org(db.primary(), "big bodies")
-            .await
-            .unwrap();
-        let key = crate::auth::create_key(db.primary(), org, "test")
-            .await
-            .unwrap()
-            .key;
+        let org = crate::auth::create_org(&db, "big bodies").await.unwrap();
+        let key = crate::auth::create_key(&db, org, "test").await.unwrap().key;
         let config = ApiConfig::from_lookup(|name| {
             (name == "HTTP_BODY_LIMIT_BYTES").then(|| "5000000".to_owned())
         })

@@ -130,7 +130,7 @@ async fn admin(command: Command) -> anyhow::Result<()> {
         Command::Orgs {
             command: OrgsCommand::Create { name },
         } => {
-            let id = auth::create_org(db.primary(), &name)
+            let id = auth::create_org(&db, &name)
                 .await
                 .context("creating the org")?;
             serde_json::json!({"id": id, "name": name})
@@ -138,14 +138,14 @@ async fn admin(command: Command) -> anyhow::Result<()> {
         Command::Keys {
             command: KeysCommand::Create { org, name },
         } => serde_json::to_value(
-            auth::create_key(db.primary(), org, &name)
+            auth::create_key(&db, org, &name)
                 .await
                 .context("creating the key (does the org exist?)")?,
         )?,
         Command::Keys {
             command: KeysCommand::Revoke { id },
         } => {
-            if !auth::revoke_key(db.primary(), id)
+            if !auth::revoke_key(&db, id)
                 .await
                 .context("revoking the key")?
             {
@@ -181,6 +181,9 @@ async fn serve(config: ApiConfig, logs: &LogGuard) -> anyhow::Result<ExitCode> {
     });
 
     let db_config = DatabaseConfig::from_env().context("database configuration")?;
+    config
+        .check_timeouts(&db_config)
+        .context("timeouts must nest")?;
     let run_migrations = db_config.run_migrations;
     let db = Database::connect(db_config, "smartbeak-api")
         .await

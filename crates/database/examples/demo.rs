@@ -23,38 +23,41 @@ async fn main() -> anyhow::Result<()> {
     // `cargo xtask demo` reads this line to create an api key for that org.
     println!("demo org id: {first_org}");
 
-    let reads = db.analytics().await;
-    println!("analytics reads served by: {}", db.read_source().as_str());
+    // Analytics reads go to the replica while it answers (ANALYTICS_DB_URL), else the primary.
+    let (_, source) = db
+        .run_analytics(async |conn| sqlx::query("SELECT 1").execute(conn).await)
+        .await?;
+    println!("analytics reads served by: {}", source.as_str());
     let domains: Vec<(Uuid, String, String)> = db
-        .bounded(
-            sqlx::query_as(
+        .run_analytics(async |conn| sqlx::query_as(
                 "SELECT d.id, d.name, o.name FROM domains d JOIN orgs o ON o.id = d.org_id ORDER BY o.name, d.name",
             )
-            .fetch_all(&reads),
-        )
-        .await?;
+            .fetch_all(conn).await)
+        .await?
+        .0;
     for (id, domain, org) in &domains {
         let keywords: Vec<(String, f64, f64, i64, i64, f64)> = db
-            .bounded(
+            .run_analytics(async |conn| {
                 sqlx::query_as(
                     "SELECT keyword, avg(search_volume)::float8, avg(position), sum(clicks)::int8, \
                      sum(impressions)::int8, avg(ctr) FROM keyword_metrics WHERE domain_id = $1 \
                      GROUP BY keyword ORDER BY sum(clicks) DESC LIMIT 3",
                 )
                 .bind(id)
-                .fetch_all(&reads),
-            )
-            .await?;
+                .fetch_all(conn)
+                .await
+            })
+            .await?
+            .0;
         let (views, visitors, revenue): (i64, i64, i64) = db
-            .bounded(
-                sqlx::query_as(
+            .run_analytics(async |conn| sqlx::query_as(
                     "SELECT coalesce(sum(page_views), 0)::int8, coalesce(sum(unique_visitors), 0)::int8, \
                      coalesce(sum(revenue_cents), 0)::int8 FROM content_performance WHERE domain_id = $1",
                 )
                 .bind(id)
-                .fetch_one(&reads),
-            )
-            .await?;
+                .fetch_one(conn).await)
+            .await?
+            .0;
         println!(
             "{org} / {domain}: {views} page views, {visitors} visitors, revenue {}.{:02}",
             revenue / 100,
@@ -68,17 +71,20 @@ async fn main() -> anyhow::Result<()> {
         }
     }
 
-    let mut conn = db.acquire().await?;
-    let statement_timeout: String = sqlx::query_scalar("SHOW statement_timeout")
-        .fetch_one(&mut *conn)
+    let (statement_timeout, idle_tx, app) = db
+        .run(async |conn| {
+            let statement_timeout: String = sqlx::query_scalar("SHOW statement_timeout")
+                .fetch_one(&mut *conn)
+                .await?;
+            let idle_tx: String = sqlx::query_scalar("SHOW idle_in_transaction_session_timeout")
+                .fetch_one(&mut *conn)
+                .await?;
+            let app: String = sqlx::query_scalar("SHOW application_name")
+                .fetch_one(&mut *conn)
+                .await?;
+            Ok((statement_timeout, idle_tx, app))
+        })
         .await?;
-    let idle_tx: String = sqlx::query_scalar("SHOW idle_in_transaction_session_timeout")
-        .fetch_one(&mut *conn)
-        .await?;
-    let app: String = sqlx::query_scalar("SHOW application_name")
-        .fetch_one(&mut *conn)
-        .await?;
-    drop(conn);
     println!(
         "session as the server sees it: application_name={app} statement_timeout={statement_timeout} idle_in_transaction_session_timeout={idle_tx}"
     );
@@ -118,27 +124,33 @@ async fn seed(db: &Database) -> anyhow::Result<(Uuid, (usize, usize, usize, usiz
     for (o, (org, domains)) in orgs.iter().enumerate() {
         let org_id = Uuid::new_v4();
         first_org.get_or_insert(org_id);
-        sqlx::query("INSERT INTO orgs (id, name) VALUES ($1, $2)")
-            .bind(org_id)
-            .bind(org)
-            .execute(&mut *tx)
-            .await?;
+        tx.run(async |conn| {
+            sqlx::query("INSERT INTO orgs (id, name) VALUES ($1, $2)")
+                .bind(org_id)
+                .bind(org)
+                .execute(conn)
+                .await
+        })
+        .await?;
         for (d, domain) in domains.iter().enumerate() {
             let domain_id = Uuid::new_v4();
             n_domains += 1;
-            sqlx::query("INSERT INTO domains (id, org_id, name) VALUES ($1, $2, $3)")
-                .bind(domain_id)
-                .bind(org_id)
-                .bind(domain)
-                .execute(&mut *tx)
-                .await?;
+            tx.run(async |conn| {
+                sqlx::query("INSERT INTO domains (id, org_id, name) VALUES ($1, $2, $3)")
+                    .bind(domain_id)
+                    .bind(org_id)
+                    .bind(domain)
+                    .execute(conn)
+                    .await
+            })
+            .await?;
             let mut content_ids = Vec::new();
             for c in 0..4 {
                 let id = Uuid::new_v4();
                 content_ids.push(id);
                 n_content += 1;
                 let status = if c < 3 { "published" } else { "draft" };
-                sqlx::query(
+                tx.run(async |conn| sqlx::query(
                     "INSERT INTO content_items (id, domain_id, title, slug, body, status, published_at) \
                      VALUES ($1, $2, $3, $4, $5, $6, CASE WHEN $6 = 'published' THEN now() END)",
                 )
@@ -148,8 +160,7 @@ async fn seed(db: &Database) -> anyhow::Result<(Uuid, (usize, usize, usize, usiz
                 .bind(format!("article-{}", c + 1))
                 .bind("Lorem ipsum dolor sit amet.")
                 .bind(status)
-                .execute(&mut *tx)
-                .await?;
+                .execute(conn).await).await?;
             }
             let seed = (o * 7 + d * 3) as i64;
             for day in 0..30i64 {
@@ -158,7 +169,7 @@ async fn seed(db: &Database) -> anyhow::Result<(Uuid, (usize, usize, usize, usiz
                     let impressions = 500 + (seed + day * 13 + k * 101) % 900;
                     let clicks = impressions * (3 + (day + k) % 7) / 100;
                     n_kw += 1;
-                    sqlx::query(
+                    tx.run(async |conn| sqlx::query(
                         "INSERT INTO keyword_metrics (domain_id, keyword, search_volume, position, clicks, impressions, ctr, recorded_at) \
                          VALUES ($1, $2, $3, $4, $5, $6, $7, now() - make_interval(days => $8))",
                     )
@@ -170,13 +181,12 @@ async fn seed(db: &Database) -> anyhow::Result<(Uuid, (usize, usize, usize, usiz
                     .bind(impressions)
                     .bind(clicks as f64 / impressions as f64)
                     .bind(day as i32)
-                    .execute(&mut *tx)
-                    .await?;
+                    .execute(conn).await).await?;
                 }
                 for (c, content_id) in content_ids.iter().enumerate() {
                     let views = 100 + (seed + day * 17 + c as i64 * 53) % 400;
                     n_perf += 1;
-                    sqlx::query(
+                    tx.run(async |conn| sqlx::query(
                         "INSERT INTO content_performance (domain_id, content_id, page_views, unique_visitors, bounce_rate, conversions, revenue_cents, recorded_at) \
                          VALUES ($1, $2, $3, $4, $5, $6, $7, now() - make_interval(days => $8))",
                     )
@@ -188,8 +198,7 @@ async fn seed(db: &Database) -> anyhow::Result<(Uuid, (usize, usize, usize, usiz
                     .bind(views / 50)
                     .bind(views * 12)
                     .bind(day as i32)
-                    .execute(&mut *tx)
-                    .await?;
+                    .execute(conn).await).await?;
                 }
             }
         }

@@ -1,22 +1,26 @@
-//! The analytics read pool: created on first use, shared by concurrent first callers, and
-//! never cached as failed.
+//! The analytics read pool: created on first use, shared by concurrent first callers, never
+//! cached as failed, and dropped again when the replica stops answering.
 //!
-//! The first initialisation runs inline through `tokio::sync::OnceCell::get_or_try_init`:
-//! concurrent first callers share one attempt (bounded by the acquire timeout), there is no
-//! lock on the fast path once the pool is set, and a cancelled attempt leaves the cell empty
-//! for the next caller. Once an attempt has failed, no caller waits for the replica again:
-//! callers get the primary at once, and when the [`Backoff`] delay (5 s doubling to 30 s,
-//! with jitter) has passed, the next caller starts one attempt in a background task (never
-//! more than one in flight). When it succeeds the cell is set and later callers get the
-//! replica; so a black-holed replica (accepts TCP, never answers) costs one acquire timeout
-//! to the first callers and nothing to anyone afterwards.
+//! The first initialisation runs inline: concurrent first callers queue behind one attempt
+//! (bounded by the acquire timeout), there is no lock on the fast path once the pool is
+//! set, and a cancelled attempt leaves the way free for the next caller. Once an attempt has
+//! failed, no caller waits for the replica again: callers get the primary at once, and when
+//! the [`Backoff`] delay (5 s doubling to 30 s, with jitter) has passed, the next caller
+//! starts one attempt in a background task (never more than one in flight). When it
+//! succeeds later callers get the replica; so a black-holed replica (accepts TCP, never
+//! answers) costs one acquire timeout to the first callers and nothing to anyone afterwards.
+//!
+//! A replica in use is dropped (reads fall back to the primary, and the backoff and its
+//! background retries start again) after [`REPLICA_ERRORS`] consecutive connection failures
+//! of `Database::run_analytics` on it, or at once when the health ping, every
+//! `analytics_ping_interval`, fails; so `read_source` (and the api's `/readyz` and
+//! `db_analytics_replica_in_use`) stops saying "replica" even without traffic.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use sqlx::PgPool;
-use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
 use crate::config::SecretUrl;
@@ -42,13 +46,23 @@ impl ReadSource {
     }
 }
 
+/// Consecutive connection failures (acquire or query timeouts, I/O and protocol errors; not
+/// SQL errors) of analytics reads on the replica after which it is dropped.
+pub const REPLICA_ERRORS: u32 = 3;
+
 pub(crate) struct Analytics {
     url: Option<SecretUrl>,
     application_name: String,
     config: DatabaseConfig,
     counters: Arc<Counters>,
-    cell: OnceCell<PgPool>,
+    /// The replica serving reads now, with its generation; `None`: the primary serves them.
+    replica: RwLock<Option<(u64, PgPool)>>,
+    generation: AtomicU64,
+    /// Held by the inline first attempt: concurrent first callers queue behind it.
+    first: tokio::sync::Mutex<()>,
     retry: Mutex<Retry>,
+    /// Consecutive connection failures on the current replica.
+    errors: AtomicU32,
     degraded: AtomicBool,
     closed: AtomicBool,
 }
@@ -56,7 +70,8 @@ pub(crate) struct Analytics {
 /// When the next attempt may start, and whether one is running in the background.
 struct Retry {
     backoff: Backoff,
-    /// An attempt has failed: from now on attempts run in the background only.
+    /// An attempt has failed (or the replica was dropped): from now on attempts run in the
+    /// background only.
     failed: bool,
     in_flight: bool,
 }
@@ -72,23 +87,27 @@ impl Analytics {
             application_name: format!("{application_name}-analytics"),
             config: config.clone(),
             counters,
-            cell: OnceCell::new(),
+            replica: RwLock::new(None),
+            generation: AtomicU64::new(0),
+            first: tokio::sync::Mutex::new(()),
             retry: Mutex::new(Retry {
                 backoff: Backoff::new(config.analytics_retry_initial, config.analytics_retry_max),
                 failed: false,
                 in_flight: false,
             }),
+            errors: AtomicU32::new(0),
             degraded: AtomicBool::new(false),
             closed: AtomicBool::new(false),
         }
     }
 
-    pub(crate) fn pool(&self) -> Option<&PgPool> {
-        self.cell.get()
+    /// The replica pool in use, if any.
+    pub(crate) fn pool(&self) -> Option<PgPool> {
+        self.current().map(|(_, pool)| pool)
     }
 
     pub(crate) fn source(&self) -> ReadSource {
-        if self.cell.get().is_some() {
+        if self.current().is_some() {
             ReadSource::Replica
         } else {
             ReadSource::Primary
@@ -97,40 +116,144 @@ impl Analytics {
 
     /// Stops all further attempts and returns the pool to close, if any. An attempt still
     /// in flight closes its own pool when it finishes.
-    pub(crate) fn close(&self) -> Option<&PgPool> {
+    pub(crate) fn close(&self) -> Option<PgPool> {
         self.closed.store(true, Ordering::SeqCst);
-        self.cell.get()
+        self.write_replica().take().map(|(_, pool)| pool)
     }
 
-    /// The replica pool, creating it if needed; `None` means "use the primary".
-    pub(crate) async fn get(self: &Arc<Self>) -> Option<PgPool> {
+    /// The replica pool and its generation, creating it if needed; `None` means "use the
+    /// primary".
+    pub(crate) async fn get(self: &Arc<Self>) -> Option<(u64, PgPool)> {
         let url = self.url.as_ref()?;
-        if let Some(pool) = self.cell.get() {
-            return Some(pool.clone());
+        if let Some(current) = self.current() {
+            return Some(current);
         }
         if self.closed.load(Ordering::SeqCst) {
             return None;
         }
         if !self.lock_retry().failed {
-            // The first initialisation: concurrent first callers share this attempt.
-            let first = self.cell.get_or_try_init(|| async {
-                // Callers queued behind a failed first attempt fall back at once.
-                if self.lock_retry().failed {
-                    return Err(());
-                }
+            // The first initialisation: concurrent first callers queue here and find its
+            // result; a caller cancelled mid-attempt leaves it to the next one.
+            let _first = self.first.lock().await;
+            if let Some(current) = self.current() {
+                return Some(current);
+            }
+            // Callers queued behind a failed first attempt fall back at once.
+            if !self.lock_retry().failed {
                 self.counters
                     .analytics_init_attempts
                     .fetch_add(1, Ordering::Relaxed);
-                self.attempt(url).await.ok_or(())
-            });
-            if let Ok(pool) = first.await {
-                let pool = pool.clone();
-                self.close_if_closed(&pool).await;
-                return Some(pool);
+                if let Some(pool) = self.attempt(url).await {
+                    return self.install(pool).await;
+                }
             }
         }
         self.retry_in_background();
         None
+    }
+
+    /// Records the outcome of a read on replica generation `generation`: success resets the
+    /// failure count, a connection failure adds to it and drops the replica at
+    /// [`REPLICA_ERRORS`].
+    pub(crate) fn record<T>(self: &Arc<Self>, generation: u64, result: &Result<T, DbError>) {
+        match result {
+            Ok(_) => self.errors.store(0, Ordering::Relaxed),
+            Err(error) if error.is_connection_failure() => {
+                let n = self.errors.fetch_add(1, Ordering::Relaxed) + 1;
+                if n >= REPLICA_ERRORS {
+                    self.drop_replica(generation, &format!("{n} consecutive failures"), error);
+                }
+            }
+            Err(_) => {}
+        }
+    }
+
+    fn current(&self) -> Option<(u64, PgPool)> {
+        self.replica
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn write_replica(&self) -> std::sync::RwLockWriteGuard<'_, Option<(u64, PgPool)>> {
+        self.replica.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes `pool` the replica in use and starts its health ping; a pool that comes up
+    /// after [`Analytics::close`] closes at once instead.
+    async fn install(self: &Arc<Self>, pool: PgPool) -> Option<(u64, PgPool)> {
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        *self.write_replica() = Some((generation, pool.clone()));
+        // After the write: `close` sets `closed` before it takes the slot, so one of the
+        // two sees the other.
+        if self.closed.load(Ordering::SeqCst) {
+            let taken = self.write_replica().take();
+            if let Some((_, pool)) = taken {
+                crate::pool::close(&pool).await;
+            }
+            return None;
+        }
+        self.errors.store(0, Ordering::Relaxed);
+        self.lock_retry().backoff.reset();
+        if self.degraded.swap(false, Ordering::Relaxed) {
+            tracing::info!("analytics replica reachable again; reads go to the replica");
+        }
+        self.watch(generation, pool.clone());
+        Some((generation, pool))
+    }
+
+    /// Pings replica generation `generation` every `analytics_ping_interval` while it is in
+    /// use; one failed ping drops it.
+    fn watch(self: &Arc<Self>, generation: u64, pool: PgPool) {
+        let this: Weak<Self> = Arc::downgrade(self);
+        let interval = self.config.analytics_ping_interval;
+        let bound = self.config.acquire_timeout;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                let Some(this) = this.upgrade() else { return };
+                if this.current().is_none_or(|(g, _)| g != generation) {
+                    return;
+                }
+                let ping = crate::run_on(&this.counters, bound, &pool, bound, async |conn| {
+                    sqlx::query("SELECT 1").execute(conn).await.map(|_| ())
+                })
+                .await;
+                if let Err(error) = ping {
+                    this.drop_replica(generation, "health ping failed", &error);
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Stops using replica generation `generation` (if still in use): reads go to the
+    /// primary and the backoff decides when a background attempt reconnects.
+    fn drop_replica(self: &Arc<Self>, generation: u64, reason: &str, error: &DbError) {
+        let dropped = {
+            let mut slot = self.write_replica();
+            match &*slot {
+                Some((g, _)) if *g == generation => slot.take(),
+                _ => None,
+            }
+        };
+        let Some((_, pool)) = dropped else { return };
+        self.counters
+            .analytics_replica_drops
+            .fetch_add(1, Ordering::Relaxed);
+        let delay = {
+            let mut retry = self.lock_retry();
+            retry.failed = true;
+            retry.backoff.failed(Instant::now(), &mut rand::rng())
+        };
+        self.degraded.store(true, Ordering::Relaxed);
+        tracing::warn!(%error, reason, retry_in = ?delay, "analytics replica dropped; reads fall back to the primary");
+        let bound = self.config.acquire_timeout;
+        tokio::spawn(async move {
+            // Connections still checked out close as their readers give up; do not wait
+            // for them longer than an acquire.
+            let _ = tokio::time::timeout(bound, crate::pool::close(&pool)).await;
+        });
     }
 
     /// Starts one background attempt if the backoff allows it and none is in flight.
@@ -151,30 +274,25 @@ impl Analytics {
             let Some(url) = this.url.as_ref() else {
                 return;
             };
-            let result = this
-                .cell
-                .get_or_try_init(|| async { this.attempt(url).await.ok_or(()) })
-                .await;
+            let pool = this.attempt(url).await;
+            if let Some(pool) = pool {
+                this.install(pool).await;
+            }
             // After `attempt` recorded a failure, so the backoff already holds the next one.
             this.lock_retry().in_flight = false;
-            if let Ok(pool) = result {
-                this.close_if_closed(pool).await;
-            }
         });
     }
 
-    /// One attempt to open the replica pool, bounded by the acquire timeout. A failure is
-    /// counted, logged and recorded in the backoff.
+    /// One attempt to open the replica pool and check its session settings, bounded by the
+    /// acquire timeout. A failure is counted, logged and recorded in the backoff.
     async fn attempt(&self, url: &SecretUrl) -> Option<PgPool> {
         let config = &self.config;
-        let connect = crate::pool::connect(config, url, &self.application_name, "analytics");
+        let connect = async {
+            crate::pool::check_settings(config, url, &self.application_name, "analytics").await?;
+            crate::pool::connect(config, url, &self.application_name, "analytics").await
+        };
         let error = match tokio::time::timeout(config.acquire_timeout, connect).await {
-            Ok(Ok(pool)) => {
-                if self.degraded.swap(false, Ordering::Relaxed) {
-                    tracing::info!("analytics replica reachable again; reads go to the replica");
-                }
-                return Some(pool);
-            }
+            Ok(Ok(pool)) => return Some(pool),
             Ok(Err(e)) => e,
             Err(_) => DbError::AcquireTimeout(config.acquire_timeout),
         };
@@ -194,13 +312,6 @@ impl Analytics {
         None
     }
 
-    /// A pool that came up after [`Analytics::close`] closes at once.
-    async fn close_if_closed(&self, pool: &PgPool) {
-        if self.closed.load(Ordering::SeqCst) {
-            crate::pool::close(pool).await;
-        }
-    }
-
     fn lock_retry(&self) -> std::sync::MutexGuard<'_, Retry> {
         // The guarded state is plain values; a panic elsewhere cannot break it.
         self.retry.lock().unwrap_or_else(|e| e.into_inner())
@@ -211,6 +322,7 @@ impl Analytics {
 /// `[d/2, d]` with `d = min(initial * 2^n, max)`.
 #[derive(Debug)]
 pub(crate) struct Backoff {
+    initial: Duration,
     max: Duration,
     current: Duration,
     next_attempt: Option<Instant>,
@@ -219,10 +331,17 @@ pub(crate) struct Backoff {
 impl Backoff {
     pub(crate) fn new(initial: Duration, max: Duration) -> Self {
         Self {
+            initial,
             max: max.max(initial),
             current: initial,
             next_attempt: None,
         }
+    }
+
+    /// Back to the first delay, and no wait (after a success).
+    pub(crate) fn reset(&mut self) {
+        self.current = self.initial;
+        self.next_attempt = None;
     }
 
     /// May an attempt start at `now`?

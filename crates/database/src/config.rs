@@ -167,7 +167,9 @@ pub struct DatabaseConfig {
     pub url: SecretUrl,
     /// `ANALYTICS_DB_URL`: a read replica for analytics; `None` means reads use the primary.
     pub analytics_url: Option<SecretUrl>,
-    /// `DB_STATEMENT_TIMEOUT_MS` (30000): the server cancels any statement running longer.
+    /// `DB_STATEMENT_TIMEOUT_MS` (8000): the server cancels any statement running longer.
+    /// It sits below the client bound ([`DatabaseConfig::query_timeout`]), which must not
+    /// exceed the caller's deadline ([`DatabaseConfig::check_deadline`]).
     pub statement_timeout: Duration,
     /// `DB_IDLE_IN_TRANSACTION_TIMEOUT_MS` (60000): the server ends a session idle inside a
     /// transaction for longer.
@@ -196,6 +198,9 @@ pub struct DatabaseConfig {
     pub analytics_retry_initial: Duration,
     /// Cap on that delay, which doubles after each failure (30 s).
     pub analytics_retry_max: Duration,
+    /// `ANALYTICS_DB_PING_INTERVAL_MS` (5000): how often the replica in use is pinged; one
+    /// failed ping drops it (reads fall back to the primary until it answers again).
+    pub analytics_ping_interval: Duration,
 }
 
 impl DatabaseConfig {
@@ -204,7 +209,7 @@ impl DatabaseConfig {
         Ok(Self {
             url: SecretUrl::parse("DATABASE_URL", url)?,
             analytics_url: None,
-            statement_timeout: Duration::from_millis(30_000),
+            statement_timeout: Duration::from_millis(8_000),
             idle_in_transaction_timeout: Duration::from_millis(60_000),
             pool_min: 2,
             pool_max: 20,
@@ -216,6 +221,7 @@ impl DatabaseConfig {
             run_migrations: true,
             analytics_retry_initial: Duration::from_secs(5),
             analytics_retry_max: Duration::from_secs(30),
+            analytics_ping_interval: Duration::from_secs(5),
         })
     }
 
@@ -248,6 +254,10 @@ impl DatabaseConfig {
         config.idle_timeout = millis("DB_IDLE_TIMEOUT_MS", config.idle_timeout)?;
         config.acquire_timeout = millis("DB_ACQUIRE_TIMEOUT_MS", config.acquire_timeout)?;
         config.max_lifetime = millis("DB_MAX_LIFETIME_MS", config.max_lifetime)?;
+        config.analytics_ping_interval = millis(
+            "ANALYTICS_DB_PING_INTERVAL_MS",
+            config.analytics_ping_interval,
+        )?;
         config.ping_bypass = match get("DB_PING_BYPASS_MS") {
             None => config.ping_bypass,
             Some(raw) => Duration::from_millis(parse_count("DB_PING_BYPASS_MS", &raw, 0)?.into()),
@@ -294,6 +304,10 @@ impl DatabaseConfig {
             ("DB_ACQUIRE_TIMEOUT_MS", self.acquire_timeout),
             ("DB_IDLE_TIMEOUT_MS", self.idle_timeout),
             ("DB_MAX_LIFETIME_MS", self.max_lifetime),
+            (
+                "ANALYTICS_DB_PING_INTERVAL_MS",
+                self.analytics_ping_interval,
+            ),
         ] {
             if value.is_zero() {
                 return Err(ConfigError::Invalid {
@@ -305,12 +319,36 @@ impl DatabaseConfig {
         Ok(())
     }
 
-    /// The client-side bound on one query: `statement_timeout` plus a margin (10%, at least
-    /// 250 ms), so the server's cancellation normally wins and a black-holed connection
-    /// still cannot hang a caller.
+    /// The client-side bound on one call of `Database::run` (acquire included):
+    /// `statement_timeout` plus a margin (10%, at least 250 ms), so the server's
+    /// cancellation normally wins and a black-holed connection still cannot hang a caller.
+    /// Always above `statement_timeout`.
     pub fn query_timeout(&self) -> Duration {
         let margin = (self.statement_timeout / 10).max(Duration::from_millis(250));
         self.statement_timeout + margin
+    }
+
+    /// Checks that timeouts nest under a caller's deadline: `deadline` (the value of `var`,
+    /// e.g. the api's `HTTP_REQUEST_TIMEOUT_MS`) >= the client bound
+    /// ([`DatabaseConfig::query_timeout`]) > `DB_STATEMENT_TIMEOUT_MS`. A caller that gives
+    /// up first would leave its statement running and its connection checked out after it
+    /// has answered. The error names both variables.
+    pub fn check_deadline(&self, var: &'static str, deadline: Duration) -> Result<(), ConfigError> {
+        let bound = self.query_timeout();
+        if deadline < bound {
+            return Err(ConfigError::Invalid {
+                var,
+                reason: format!(
+                    "{var} ({} ms) is below the database client bound of {} ms \
+                     (DB_STATEMENT_TIMEOUT_MS {} ms plus a margin of 10%, at least 250 ms): \
+                     raise {var} or lower DB_STATEMENT_TIMEOUT_MS",
+                    deadline.as_millis(),
+                    bound.as_millis(),
+                    self.statement_timeout.as_millis()
+                ),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -378,7 +416,8 @@ mod tests {
     #[test]
     fn defaults_match_the_documented_values() {
         let c = DatabaseConfig::from_lookup(lookup(&[("DATABASE_URL", URL)])).unwrap();
-        assert_eq!(c.statement_timeout, Duration::from_millis(30_000));
+        assert_eq!(c.statement_timeout, Duration::from_millis(8_000));
+        assert_eq!(c.analytics_ping_interval, Duration::from_secs(5));
         assert_eq!(c.idle_in_transaction_timeout, Duration::from_millis(60_000));
         assert_eq!((c.pool_min, c.pool_max), (2, 20));
         assert_eq!(c.idle_timeout, Duration::from_millis(30_000));
@@ -613,8 +652,46 @@ mod tests {
     #[test]
     fn query_timeout_sits_a_little_above_the_statement_timeout() {
         let mut c = DatabaseConfig::new(URL).unwrap();
+        assert_eq!(c.query_timeout(), Duration::from_millis(8_800));
+        c.statement_timeout = Duration::from_millis(30_000);
         assert_eq!(c.query_timeout(), Duration::from_millis(33_000));
         c.statement_timeout = Duration::from_millis(300);
         assert_eq!(c.query_timeout(), Duration::from_millis(550));
+    }
+
+    #[test]
+    fn a_caller_deadline_below_the_client_bound_is_refused_naming_both_variables() {
+        let mut c = DatabaseConfig::new(URL).unwrap();
+        // The defaults nest under the api's default request timeout of 10 s.
+        assert!(
+            c.check_deadline("HTTP_REQUEST_TIMEOUT_MS", Duration::from_secs(10))
+                .is_ok()
+        );
+        assert!(c.check_deadline("X_MS", c.query_timeout()).is_ok());
+        c.statement_timeout = Duration::from_millis(30_000);
+        let e = c
+            .check_deadline("HTTP_REQUEST_TIMEOUT_MS", Duration::from_secs(10))
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ConfigError::Invalid {
+                    var: "HTTP_REQUEST_TIMEOUT_MS",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let text = e.to_string();
+        for part in [
+            "HTTP_REQUEST_TIMEOUT_MS (10000 ms)",
+            "33000 ms",
+            "DB_STATEMENT_TIMEOUT_MS 30000 ms",
+        ] {
+            assert!(text.contains(part), "{part:?} missing from {text}");
+        }
+        // Just below the bound is refused too.
+        let e = c.check_deadline("X_MS", c.query_timeout() - Duration::from_millis(1));
+        assert!(e.is_err());
     }
 }

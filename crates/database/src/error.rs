@@ -41,6 +41,26 @@ pub enum DbError {
     /// The background task running a cancel-safe `BEGIN` failed.
     #[error("transaction start was aborted")]
     BeginAborted,
+    /// A statement of this transaction timed out and its connection was discarded: the
+    /// transaction is over (the server rolls it back).
+    #[error("the transaction's connection was discarded after a timeout")]
+    Discarded,
+    /// The server does not run with the session settings sent in the startup packet (a
+    /// pooler such as PgBouncer dropped the `options` parameter).
+    #[error(
+        "{target} database ignores the session settings: {setting} is {actual:?}, expected {expected:?} \
+         (a pooler dropping the startup `options`? PgBouncer needs them passed through, or session pooling)"
+    )]
+    SettingsIgnored {
+        /// `primary` or `analytics`.
+        target: &'static str,
+        /// The setting checked, e.g. `statement_timeout`.
+        setting: &'static str,
+        /// What the server reported.
+        actual: String,
+        /// What the configuration asked for.
+        expected: String,
+    },
 }
 
 impl DbError {
@@ -51,6 +71,25 @@ impl DbError {
             self,
             Self::AcquireTimeout(_) | Self::QueryTimeout(_) | Self::StatementTimeout(_)
         )
+    }
+
+    /// True when the server or the path to it failed (not the statement): acquire and
+    /// client-side timeouts, I/O, TLS and protocol errors, a closed pool. A replica is
+    /// dropped after a few of these in a row.
+    pub fn is_connection_failure(&self) -> bool {
+        match self {
+            Self::AcquireTimeout(_) | Self::QueryTimeout(_) | Self::Connect { .. } => true,
+            Self::Query(e) => matches!(
+                e,
+                sqlx::Error::Io(_)
+                    | sqlx::Error::Tls(_)
+                    | sqlx::Error::Protocol(_)
+                    | sqlx::Error::PoolTimedOut
+                    | sqlx::Error::PoolClosed
+                    | sqlx::Error::WorkerCrashed
+            ),
+            _ => false,
+        }
     }
 
     /// Classifies a driver error: a pool timeout and SQLSTATE 57014 get their own variants.

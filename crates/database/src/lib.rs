@@ -1,6 +1,6 @@
 //! PostgreSQL for SmartBeak: pools whose every connection carries server-side timeouts, a
-//! lazily created analytics read pool that falls back to the primary, pool metrics, a
-//! deadline-bounded close, and the schema migrations.
+//! lazily created analytics read pool that falls back to the primary (and back again when
+//! the replica dies), pool metrics, a deadline-bounded close, and the schema migrations.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -11,30 +11,52 @@
 //! let db = Database::connect(config, "smartbeak-api").await?;
 //! smartbeak_database::migrate(db.primary()).await?;
 //!
-//! // Every query is bounded on both sides: the server cancels it after statement_timeout,
-//! // and `bounded` gives up a little later if the connection went silent.
-//! let one: i32 = db.bounded(sqlx::query_scalar("SELECT 1").fetch_one(db.primary())).await?;
+//! // Every query runs through `run`: on a connection checked out (and counted) by the
+//! // `Database`, bounded on both sides: the server cancels it after statement_timeout, and
+//! // `run` gives up a little later if the connection went silent, discarding that
+//! // connection so its pool slot is free at once.
+//! let one: i32 = db
+//!     .run(async |conn| sqlx::query_scalar("SELECT 1").fetch_one(conn).await)
+//!     .await?;
 //! assert_eq!(one, 1);
 //!
-//! // Analytics reads go to ANALYTICS_DB_URL when it answers, else to the primary.
-//! let reads = db.analytics().await;
-//! let _n: i64 = db.bounded(sqlx::query_scalar("SELECT count(*) FROM domains").fetch_one(&reads)).await?;
+//! // Analytics reads go to ANALYTICS_DB_URL while it answers, else to the primary.
+//! let (_n, _source): (i64, _) = db
+//!     .run_analytics(async |conn| sqlx::query_scalar("SELECT count(*) FROM domains").fetch_one(conn).await)
+//!     .await?;
+//!
+//! // Transactions: the same bound on every statement and on COMMIT.
+//! let mut tx = db.begin().await?;
+//! tx.run(async |conn| sqlx::query("SELECT 1").execute(conn).await).await?;
+//! tx.commit().await?;
 //!
 //! db.close(Duration::from_secs(5)).await?;
 //! # Ok(()) }
 //! ```
+//!
+//! # Why work runs on a connection the `Database` holds
+//!
+//! sqlx 0.8.6 pings a connection on its way back to the pool, with no timeout, and returns
+//! the pool slot (the permit) only after that ping. A query future dropped on a client-side
+//! timeout (the black-holed connection that timeout exists for) would therefore hold its slot
+//! for the OS TCP timeout, about 15 minutes; twenty of them exhaust a pool of twenty and keep
+//! `close()` waiting. [`Database::run`] checks the connection out itself, runs the work on
+//! it under the bound, and on timeout detaches it from the pool
+//! (`PoolConnection::detach`) and drops it: the socket closes, the slot is free at once and
+//! the pool opens a fresh connection when it needs one. [`Tx`] does the same for every
+//! statement of a transaction and for its `BEGIN`, `COMMIT` and `ROLLBACK`.
 //!
 //! # Why sqlx 0.8.6 and a cancel-safe `begin`
 //!
 //! No released sqlx (0.8.6 and 0.9.0 alike) has the fix for a cancelled `BEGIN` leaving a
 //! pooled session inside a transaction (sqlx issues 4385 and 4393; the fix, PR 4394, is
 //! merged but unreleased). [`Database::begin`] closes that hole here: the `BEGIN` runs in a
-//! spawned task that always completes, so a caller dropped mid-`BEGIN` leaves a finished
-//! `Transaction` behind whose drop queues the `ROLLBACK`. The caller's wait is bounded by
-//! [`DatabaseConfig::query_timeout`] (a `BEGIN` on a black-holed connection ends in
-//! [`DbError::QueryTimeout`]); the task itself is never cut short, since cancelling it
-//! mid-`BEGIN` is the very bug. The server's `idle_in_transaction_session_timeout` stays on
-//! as the backstop for everything else.
+//! spawned task that the caller cannot cancel, so a caller dropped mid-`BEGIN` leaves a
+//! finished [`Tx`] behind whose drop queues the `ROLLBACK`. The task bounds the `BEGIN` by
+//! [`DatabaseConfig::query_timeout`] and, when it fires, discards the connection instead of
+//! returning it: a `BEGIN` cut short never reaches the pool. The caller's wait has the same
+//! bound ([`DbError::QueryTimeout`]). The server's `idle_in_transaction_session_timeout`
+//! stays on as the backstop for everything else.
 
 #![warn(missing_docs)]
 
@@ -45,20 +67,21 @@ mod metrics;
 mod pool;
 #[cfg(feature = "testing")]
 pub mod testing;
+mod transaction;
 
-use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use sqlx::pool::PoolConnection;
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::{PgConnection, PgPool, Postgres};
 
-pub use analytics::ReadSource;
+pub use analytics::{REPLICA_ERRORS, ReadSource};
 pub use config::{ConfigError, DatabaseConfig, SecretUrl};
 pub use error::DbError;
-pub use metrics::{PoolMetrics, PoolStats};
+pub use metrics::{ACQUIRE_BUCKETS, PoolMetrics, PoolStats};
 pub use pool::{LIFETIME_JITTER, PING_BYPASS};
+pub use transaction::Tx;
 
 /// The schema migrations under `crates/database/migrations`, embedded at build time.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
@@ -75,7 +98,7 @@ pub struct Database {
     inner: Arc<Inner>,
 }
 
-struct Inner {
+pub(crate) struct Inner {
     config: DatabaseConfig,
     primary: PgPool,
     analytics: Arc<analytics::Analytics>,
@@ -83,48 +106,94 @@ struct Inner {
 }
 
 impl Inner {
-    /// Checks out a primary connection, counting waiters, latency and timeouts.
-    async fn acquire(&self) -> Result<PoolConnection<Postgres>, DbError> {
-        let counters = &self.counters;
-        let started = Instant::now();
-        let result = {
-            let _waiting = Waiting::new(&counters.waiters);
-            self.primary.acquire().await
-        };
-        match result {
-            Ok(conn) => {
-                counters.acquires.fetch_add(1, Ordering::Relaxed);
-                let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-                counters.acquire_micros.fetch_add(micros, Ordering::Relaxed);
-                Ok(conn)
-            }
-            Err(e) => {
-                let error = self.classify(e);
-                if matches!(error, DbError::AcquireTimeout(_)) {
-                    counters.acquire_timeouts.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(error)
-            }
-        }
+    async fn run_on<T>(
+        &self,
+        pool: &PgPool,
+        bound: Duration,
+        work: impl AsyncFnOnce(&mut PgConnection) -> Result<T, sqlx::Error>,
+    ) -> Result<T, DbError> {
+        run_on(
+            &self.counters,
+            self.config.acquire_timeout,
+            pool,
+            bound,
+            work,
+        )
+        .await
+    }
+
+    /// Checks out a connection of `pool`, counting waiters, latency and timeouts.
+    async fn acquire_from(&self, pool: &PgPool) -> Result<PoolConnection<Postgres>, DbError> {
+        acquire_from(&self.counters, self.config.acquire_timeout, pool).await
     }
 
     fn classify(&self, error: sqlx::Error) -> DbError {
         DbError::from_sqlx(error, self.config.acquire_timeout)
     }
 
-    /// Counts a failed query (and a timed-out one: server statement timeout or the
-    /// client-side bound); returns the error.
+    /// Counts a failed query (and a timed-out one); returns the error.
     fn count_query_error(&self, error: DbError) -> DbError {
-        let counters = &self.counters;
-        counters.query_errors.fetch_add(1, Ordering::Relaxed);
-        if matches!(
-            error,
-            DbError::QueryTimeout(_) | DbError::StatementTimeout(_)
-        ) {
-            counters.query_timeouts.fetch_add(1, Ordering::Relaxed);
-        }
-        error
+        self.counters.count_query_error(error)
     }
+}
+
+/// Checks out a connection of `pool`, counting waiters, latency and timeouts.
+async fn acquire_from(
+    counters: &metrics::Counters,
+    acquire_timeout: Duration,
+    pool: &PgPool,
+) -> Result<PoolConnection<Postgres>, DbError> {
+    let started = Instant::now();
+    let result = {
+        let _waiting = Waiting::new(&counters.waiters);
+        pool.acquire().await
+    };
+    match result {
+        Ok(conn) => {
+            counters.record_acquire(started.elapsed());
+            Ok(conn)
+        }
+        Err(e) => {
+            let error = DbError::from_sqlx(e, acquire_timeout);
+            if matches!(error, DbError::AcquireTimeout(_)) {
+                counters.acquire_timeouts.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(error)
+        }
+    }
+}
+
+/// Checks out a connection of `pool` and runs `work` on it, the whole call bounded by
+/// `bound`; errors are classified and counted. On timeout the connection is discarded (see
+/// the crate docs).
+pub(crate) async fn run_on<T>(
+    counters: &metrics::Counters,
+    acquire_timeout: Duration,
+    pool: &PgPool,
+    bound: Duration,
+    work: impl AsyncFnOnce(&mut PgConnection) -> Result<T, sqlx::Error>,
+) -> Result<T, DbError> {
+    let deadline = tokio::time::Instant::now() + bound;
+    let acquire = acquire_from(counters, acquire_timeout, pool);
+    let mut conn = match tokio::time::timeout_at(deadline, acquire).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => return Err(counters.count_query_error(e)),
+        Err(_) => return Err(counters.count_query_error(DbError::QueryTimeout(bound))),
+    };
+    match tokio::time::timeout_at(deadline, work(&mut conn)).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(counters.count_query_error(DbError::from_sqlx(e, acquire_timeout))),
+        Err(_) => {
+            discard(conn);
+            Err(counters.count_query_error(DbError::QueryTimeout(bound)))
+        }
+    }
+}
+
+/// Takes a connection out of its pool and closes its socket without a word to the server:
+/// the pool slot is free at once, and nothing waits on a path that stopped answering.
+pub(crate) fn discard(conn: PoolConnection<Postgres>) {
+    drop(conn.detach());
 }
 
 /// Counts one caller waiting for a connection for as long as it lives, so a caller dropped
@@ -155,10 +224,13 @@ impl std::fmt::Debug for Database {
 
 impl Database {
     /// Opens the primary pool (its first connection is made now, so a wrong URL fails at
-    /// start-up) with `application_name` on every connection; the analytics pool, named
-    /// `<application_name>-analytics`, is opened on first use.
+    /// start-up) with `application_name` on every connection, after checking on a first
+    /// connection that the server applies the session settings ([`DbError::SettingsIgnored`]
+    /// when a pooler dropped them); the analytics pool, named `<application_name>-analytics`, is
+    /// opened on first use.
     pub async fn connect(config: DatabaseConfig, application_name: &str) -> Result<Self, DbError> {
         config.validate()?;
+        pool::check_settings(&config, &config.url, application_name, "primary").await?;
         let primary = pool::connect(&config, &config.url, application_name, "primary").await?;
         tracing::info!(
             url = %config.url,
@@ -185,89 +257,124 @@ impl Database {
         &self.inner.config
     }
 
-    /// The primary (read-write) pool.
+    /// The primary (read-write) pool, for migrations and tools. Queries go through
+    /// [`Database::run`]: one run straight on this pool is neither bounded nor counted, and a
+    /// client-side timeout around it costs the pool a slot for the OS TCP timeout.
     pub fn primary(&self) -> &PgPool {
         &self.inner.primary
+    }
+
+    /// Runs `work` on a primary connection checked out (and counted) for it, the whole call
+    /// (acquire included) bounded by [`DatabaseConfig::query_timeout`]. Errors are classified
+    /// ([`DbError::StatementTimeout`], [`DbError::AcquireTimeout`], ...) and counted. When the
+    /// bound fires the connection is discarded, not returned: its pool slot is free at once.
+    ///
+    /// `work` gets the connection for one statement or several (autocommit each); for a
+    /// transaction use [`Database::begin`].
+    pub async fn run<T>(
+        &self,
+        work: impl AsyncFnOnce(&mut PgConnection) -> Result<T, sqlx::Error>,
+    ) -> Result<T, DbError> {
+        let inner = &self.inner;
+        inner
+            .run_on(&inner.primary, inner.config.query_timeout(), work)
+            .await
+    }
+
+    /// Like [`Database::run`], on the pool serving analytics reads right now (the replica
+    /// while it answers, else the primary), and says which one it was. A connection failure
+    /// on the replica counts towards dropping it (see [`Database::read_source`]).
+    pub async fn run_analytics<T>(
+        &self,
+        work: impl AsyncFnOnce(&mut PgConnection) -> Result<T, sqlx::Error>,
+    ) -> Result<(T, ReadSource), DbError> {
+        let inner = &self.inner;
+        let bound = inner.config.query_timeout();
+        match inner.analytics.get().await {
+            Some((generation, replica)) => {
+                let result = inner.run_on(&replica, bound, work).await;
+                inner.analytics.record(generation, &result);
+                result.map(|value| (value, ReadSource::Replica))
+            }
+            None => inner
+                .run_on(&inner.primary, bound, work)
+                .await
+                .map(|value| (value, ReadSource::Primary)),
+        }
     }
 
     /// The pool for analytics reads: the replica when `ANALYTICS_DB_URL` is set and
     /// reachable, else the primary. Concurrent first callers share one initialisation
     /// (bounded by the acquire timeout); after a failure callers get the primary at once,
-    /// and retries run in the background after a backoff.
+    /// and retries run in the background after a backoff. Prefer
+    /// [`Database::run_analytics`], which bounds and counts the query and notices a replica
+    /// that stopped answering.
     pub async fn analytics(&self) -> PgPool {
         let inner = &self.inner;
         match inner.analytics.get().await {
-            Some(pool) => pool,
+            Some((_, pool)) => pool,
             None => inner.primary.clone(),
         }
     }
 
-    /// Which pool serves analytics reads right now.
+    /// Which pool serves analytics reads right now. The replica is dropped (reads fall back
+    /// to the primary, and retries resume on the backoff) after
+    /// [`REPLICA_ERRORS`] consecutive connection failures or one failed health
+    /// ping (every [`DatabaseConfig::analytics_ping_interval`]).
     pub fn read_source(&self) -> ReadSource {
         self.inner.analytics.source()
     }
 
     /// Checks out a primary connection, counting waiters, latency and timeouts. Cancel-safe:
     /// a caller dropped while waiting stops counting as a waiter.
+    ///
+    /// For work that needs one session for longer than a query (a session advisory lock);
+    /// statements run on it are not bounded: prefer [`Database::run`].
     pub async fn acquire(&self) -> Result<PoolConnection<Postgres>, DbError> {
-        self.inner.acquire().await
-    }
-
-    /// Runs a query future under the client-side bound
-    /// ([`DatabaseConfig::query_timeout`]) and classifies its error.
-    pub async fn bounded<T>(
-        &self,
-        query: impl Future<Output = Result<T, sqlx::Error>>,
-    ) -> Result<T, DbError> {
-        let config = &self.inner.config;
-        let counters = &self.inner.counters;
-        let bound = config.query_timeout();
-        let error = match tokio::time::timeout(bound, query).await {
-            Ok(Ok(value)) => return Ok(value),
-            Ok(Err(e)) => DbError::from_sqlx(e, config.acquire_timeout),
-            Err(_) => DbError::QueryTimeout(bound),
-        };
-        if matches!(error, DbError::AcquireTimeout(_)) {
-            counters.acquire_timeouts.fetch_add(1, Ordering::Relaxed);
-        }
-        Err(self.inner.count_query_error(error))
+        let inner = &self.inner;
+        inner.acquire_from(&inner.primary).await
     }
 
     /// Starts a transaction on the primary, safe to cancel (see the crate docs) and bounded
-    /// like [`Database::bounded`]: a caller gets [`DbError::QueryTimeout`] after
+    /// like [`Database::run`]: a caller gets [`DbError::QueryTimeout`] after
     /// [`DatabaseConfig::query_timeout`] (acquire included) even if the connection went
-    /// silent. The connection is counted like [`Database::acquire`].
-    pub async fn begin(&self) -> Result<Transaction<'static, Postgres>, DbError> {
+    /// silent, and that connection is discarded. The connection is counted like
+    /// [`Database::acquire`].
+    pub async fn begin(&self) -> Result<Tx, DbError> {
         let inner = Arc::clone(&self.inner);
-        // The task always runs to the end, even if this future is dropped or gives up
-        // below: its output, a live `Transaction`, is then dropped by tokio, which queues
-        // the `ROLLBACK`. Never bound `BEGIN` inside the task: cancelling it mid-flight is
-        // the bug this avoids.
-        let mut task = tokio::spawn(async move {
-            let conn = inner.acquire().await?;
-            // What `Pool::begin` does, on a connection checked out with our counters.
-            sqlx::Transaction::begin(conn, None)
-                .await
-                .map_err(|e| inner.count_query_error(inner.classify(e)))
-        });
         let bound = self.inner.config.query_timeout();
-        match tokio::time::timeout(bound, &mut task).await {
+        let deadline = tokio::time::Instant::now() + bound;
+        // The task always runs to its end, even if this future is dropped or gives up
+        // below: its output, a live `Tx`, is then dropped by tokio, which queues the
+        // `ROLLBACK`. The task bounds the `BEGIN` itself and discards the connection when
+        // that bound fires, so a `BEGIN` cut short never goes back to the pool.
+        let mut task = tokio::spawn(async move {
+            let conn =
+                match tokio::time::timeout_at(deadline, inner.acquire_from(&inner.primary)).await {
+                    Ok(result) => result?,
+                    Err(_) => return Err(inner.count_query_error(DbError::QueryTimeout(bound))),
+                };
+            Tx::begin(inner, conn, deadline, bound).await
+        });
+        match tokio::time::timeout_at(deadline, &mut task).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(DbError::BeginAborted),
-            // Dropping the handle detaches the task; it still finishes (see above).
-            Err(_) => Err(self.inner.count_query_error(DbError::QueryTimeout(bound))),
+            // The task ends by itself at the same deadline, discarding the connection; it is
+            // counted there.
+            Err(_) => Err(DbError::QueryTimeout(bound)),
         }
     }
 
-    /// `SELECT 1` on the primary within the acquire timeout, for readiness checks.
+    /// `SELECT 1` on the primary, the whole check bounded by the acquire timeout, for
+    /// readiness checks. Runs like [`Database::run`] (a silent connection is discarded).
     pub async fn ping(&self) -> Result<(), DbError> {
-        let bound = self.inner.config.acquire_timeout;
-        let query = sqlx::query("SELECT 1").execute(&self.inner.primary);
-        match tokio::time::timeout(bound, query).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(DbError::from_sqlx(e, bound)),
-            Err(_) => Err(DbError::QueryTimeout(bound)),
-        }
+        let inner = &self.inner;
+        let bound = inner.config.acquire_timeout;
+        inner
+            .run_on(&inner.primary, bound, async |conn| {
+                sqlx::query("SELECT 1").execute(conn).await.map(|_| ())
+            })
+            .await
     }
 
     /// A snapshot of pool sizes and counters.
@@ -275,7 +382,7 @@ impl Database {
         let inner = &self.inner;
         inner.counters.snapshot(
             PoolStats::of(&inner.primary),
-            inner.analytics.pool().map(PoolStats::of),
+            inner.analytics.pool().as_ref().map(PoolStats::of),
             self.read_source(),
         )
     }
@@ -288,7 +395,7 @@ impl Database {
         let both = async {
             match inner.analytics.close() {
                 Some(analytics) => {
-                    tokio::join!(pool::close(&inner.primary), pool::close(analytics));
+                    tokio::join!(pool::close(&inner.primary), pool::close(&analytics));
                 }
                 None => pool::close(&inner.primary).await,
             }

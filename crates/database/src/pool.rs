@@ -108,6 +108,70 @@ pub(crate) async fn connect(
         .map_err(connect_error)
 }
 
+/// Checks, on a connection of its own made with the pool's options, that the server runs
+/// with the session settings this crate sends in the startup packet: a pooler that drops
+/// the `options` parameter (PgBouncer's `ignore_startup_parameters`) would otherwise leave
+/// every statement without its timeout. Bounded by the acquire timeout.
+///
+/// A connection of its own rather than one of the pool's: a pooled connection would go
+/// back through sqlx's release ping in the background, and the pool is not yet in use.
+pub(crate) async fn check_settings(
+    config: &DatabaseConfig,
+    url: &SecretUrl,
+    application_name: &str,
+    target: &'static str,
+) -> Result<(), crate::DbError> {
+    let bound = config.acquire_timeout;
+    let connect_error = |source| crate::DbError::Connect {
+        target,
+        url: url.redacted(),
+        source,
+    };
+    let options = connect_options(config, url, application_name).map_err(connect_error)?;
+    let check = async {
+        let mut conn = sqlx::PgConnection::connect_with(&options)
+            .await
+            .map_err(connect_error)?;
+        let rows = sqlx::query_as::<_, (String, String)>(
+            "SELECT name, setting FROM pg_settings \
+             WHERE name IN ('statement_timeout', 'idle_in_transaction_session_timeout')",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .map_err(crate::DbError::Query)?;
+        let _ = conn.close().await;
+        Ok::<_, crate::DbError>(rows)
+    };
+    let rows = tokio::time::timeout(bound, check)
+        .await
+        .map_err(|_| crate::DbError::AcquireTimeout(bound))??;
+    let expected = [
+        ("statement_timeout", config.statement_timeout),
+        (
+            "idle_in_transaction_session_timeout",
+            config.idle_in_transaction_timeout,
+        ),
+    ];
+    for (setting, wanted) in expected {
+        // pg_settings gives both in milliseconds, the unit sent.
+        let wanted = wanted.as_millis().to_string();
+        let actual = rows
+            .iter()
+            .find(|(name, _)| name == setting)
+            .map(|(_, value)| value.clone())
+            .unwrap_or_default();
+        if actual != wanted {
+            return Err(crate::DbError::SettingsIgnored {
+                target,
+                setting,
+                actual,
+                expected: wanted,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Closes `pool` and every connection in it, waiting for checked-out ones to come back.
 ///
 /// `PgPool::close` runs twice: in sqlx 0.8.6 it stops as soon as every permit is back, but

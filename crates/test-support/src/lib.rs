@@ -578,6 +578,23 @@ mod tests {
         let pg = PostgresServer::start().unwrap();
         let port = pg.port();
         assert!(port_answers("127.0.0.1", port));
+        // The postmaster's real and effective uids: never root, and when we are root, the
+        // unprivileged account's (setpriv execs postgres, so the child's pid is its pid).
+        let status = fs::read_to_string(format!("/proc/{}/status", pg.pid().unwrap())).unwrap();
+        let uids: Vec<u32> = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .unwrap()
+            .split_whitespace()
+            .map(|u| u.parse().unwrap())
+            .collect();
+        assert!(
+            uids.iter().all(|&u| u != 0),
+            "postgres runs as root: {uids:?}"
+        );
+        if let Some((name, uid, _)) = pg_account().unwrap() {
+            assert_eq!((uids[0], uids[1]), (uid, uid), "not running as {name}");
+        }
         let dir = pg.dir().to_path_buf();
         drop(pg);
         assert!(!port_answers("127.0.0.1", port));

@@ -103,6 +103,35 @@ async fn aggregates_and_a_burst_of_500_runs_one_query() {
             .unwrap()
             >= 1.0
     );
+    // Every acquire is counted (issue 10, item 4): the 500 requests' key lookups and the
+    // one aggregate each checked out a connection through the database layer, which keeps
+    // the latency histogram; waiters are exported too.
+    let count = api.metric("db_acquire_seconds_count").await.unwrap();
+    assert!(count >= 501.0, "db_acquire_seconds_count {count}");
+    assert_eq!(
+        api.metric_with("db_acquire_seconds_bucket", "le=\"+Inf\"")
+            .await
+            .unwrap(),
+        count
+    );
+    assert!(api.metric("db_acquire_seconds_sum").await.unwrap() > 0.0);
+    let text = api
+        .http
+        .get(api.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("# TYPE db_acquire_seconds histogram"),
+        "{text}"
+    );
+    assert!(
+        text.lines().any(|l| l == "db_pool_waiters 0"),
+        "no waiter left after the burst: {text}"
+    );
     let keywords = report["keywords"].as_array().unwrap();
     assert_eq!(
         keywords.len(),

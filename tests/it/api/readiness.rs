@@ -59,3 +59,30 @@ async fn readyz_is_503_naming_the_database_once_it_is_unreachable() {
         .await
         .unwrap();
 }
+
+/// Issue 10, item 2: timeouts nest. An api whose request timeout is below the database
+/// client bound (`DB_STATEMENT_TIMEOUT_MS` plus its margin) would answer 503 and leave the
+/// statement running; it refuses to start instead, naming both variables, before it
+/// connects to anything.
+#[tokio::test]
+async fn a_request_timeout_below_the_database_bound_is_refused_at_start_up() {
+    let output = tokio::process::Command::new(super::api_bin().unwrap())
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        // Never reached: the check comes first.
+        .env("DATABASE_URL", "postgres://postgres@127.0.0.1:1/none")
+        .env("API_BIND", "127.0.0.1:0")
+        .env("HTTP_REQUEST_TIMEOUT_MS", "10000")
+        .env("DB_STATEMENT_TIMEOUT_MS", "30000")
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("HTTP_REQUEST_TIMEOUT_MS (10000 ms)")
+            && stdout.contains("DB_STATEMENT_TIMEOUT_MS 30000 ms"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("listening on"), "{stdout}");
+}

@@ -116,8 +116,7 @@ pub async fn create(
     }
     let result = state
         .db
-        .bounded(
-            sqlx::query_as::<_, ContentItem>(&format!(
+        .run(async |conn| sqlx::query_as::<_, ContentItem>(&format!(
                 "INSERT INTO content_items (id, domain_id, title, slug, body, status, published_at) \
                  SELECT $1, d.id, $3, $4, $5, $6, $7 FROM domains d WHERE d.id = $2 AND d.org_id = $8 \
                  RETURNING {COLUMNS}"
@@ -130,8 +129,7 @@ pub async fn create(
             .bind(status)
             .bind(body.published_at)
             .bind(auth.org_id)
-            .fetch_optional(state.db.primary()),
-        )
+            .fetch_optional(conn).await)
         .await;
     match result {
         Ok(Some(item)) => Ok((StatusCode::CREATED, Json(item))),
@@ -168,7 +166,7 @@ pub async fn list(
     require_domain(&state, auth.org_id, domain_id).await?;
     let rows = state
         .db
-        .bounded(
+        .run(async |conn| {
             sqlx::query_as::<_, ContentItem>(&format!(
                 "SELECT {COLUMNS} FROM content_items WHERE domain_id = $1 \
                  AND ($2::text IS NULL OR status = $2) \
@@ -180,8 +178,9 @@ pub async fn list(
             .bind(cursor.map(|c| c.created_at))
             .bind(cursor.map(|c| c.id))
             .bind(limit + 1)
-            .fetch_all(state.db.primary()),
-        )
+            .fetch_all(conn)
+            .await
+        })
         .await?;
     Ok(Json(paginate(rows, limit, |c| Cursor {
         created_at: c.created_at,

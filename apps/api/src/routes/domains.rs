@@ -55,15 +55,16 @@ pub async fn create(
     validate_host(&body.name)?;
     let result = state
         .db
-        .bounded(
+        .run(async |conn| {
             sqlx::query_as::<_, Domain>(&format!(
                 "INSERT INTO domains (id, org_id, name) VALUES ($1, $2, $3) RETURNING {COLUMNS}"
             ))
             .bind(Uuid::new_v4())
             .bind(auth.org_id)
             .bind(&body.name)
-            .fetch_one(state.db.primary()),
-        )
+            .fetch_one(conn)
+            .await
+        })
         .await;
     match result {
         Ok(domain) => Ok((StatusCode::CREATED, Json(domain))),
@@ -89,7 +90,7 @@ pub async fn list(
     let (limit, cursor) = query.resolve()?;
     let rows = state
         .db
-        .bounded(
+        .run(async |conn| {
             sqlx::query_as::<_, Domain>(&format!(
                 "SELECT {COLUMNS} FROM domains WHERE org_id = $1 \
                  AND ($2::timestamptz IS NULL OR (created_at, id) > ($2, $3)) \
@@ -99,8 +100,9 @@ pub async fn list(
             .bind(cursor.map(|c| c.created_at))
             .bind(cursor.map(|c| c.id))
             .bind(limit + 1)
-            .fetch_all(state.db.primary()),
-        )
+            .fetch_all(conn)
+            .await
+        })
         .await?;
     Ok(Json(paginate(rows, limit, |d| Cursor {
         created_at: d.created_at,
@@ -120,14 +122,15 @@ pub async fn get(
 ) -> Result<Json<Domain>, ApiError> {
     let domain = state
         .db
-        .bounded(
+        .run(async |conn| {
             sqlx::query_as::<_, Domain>(&format!(
                 "SELECT {COLUMNS} FROM domains WHERE id = $1 AND org_id = $2"
             ))
             .bind(id)
             .bind(auth.org_id)
-            .fetch_optional(state.db.primary()),
-        )
+            .fetch_optional(conn)
+            .await
+        })
         .await?;
     domain.map(Json).ok_or(ApiError::NotFound("domain"))
 }

@@ -118,7 +118,7 @@ pub async fn create(
     }
     let export = state
         .db
-        .bounded(
+        .run(async |conn| {
             sqlx::query_as::<_, Export>(&format!(
                 "INSERT INTO domain_exports (id, org_id, domain_id, format, include_content, \
                  include_keywords, include_analytics, date_from, date_to) \
@@ -134,8 +134,9 @@ pub async fn create(
             .bind(body.include_analytics.unwrap_or(true))
             .bind(from)
             .bind(to)
-            .fetch_optional(state.db.primary()),
-        )
+            .fetch_optional(conn)
+            .await
+        })
         .await?
         .ok_or(ApiError::NotFound("domain"))?;
     metrics::counter!("exports_queued_total").increment(1);
@@ -172,14 +173,12 @@ pub async fn download(
 ) -> Result<Response, ApiError> {
     let row: Option<(String, String, Option<String>)> = state
         .db
-        .bounded(
-            sqlx::query_as(
+        .run(async |conn| sqlx::query_as(
                 "SELECT status, format, storage_path FROM domain_exports WHERE id = $1 AND org_id = $2",
             )
             .bind(id)
             .bind(auth.org_id)
-            .fetch_optional(state.db.primary()),
-        )
+            .fetch_optional(conn).await)
         .await?;
     let (status, format, storage_path) = row.ok_or(ApiError::NotFound("export"))?;
     let not_ready = || ApiError::Conflict {
@@ -230,7 +229,7 @@ pub async fn cancel(
 ) -> Result<Json<Export>, ApiError> {
     let cancelled = state
         .db
-        .bounded(
+        .run(async |conn| {
             sqlx::query_as::<_, Export>(&format!(
                 "UPDATE domain_exports SET status = 'cancelled', finished_at = now(), \
                  updated_at = now(), lease_owner = NULL, lease_expires_at = NULL \
@@ -239,8 +238,9 @@ pub async fn cancel(
             ))
             .bind(id)
             .bind(auth.org_id)
-            .fetch_optional(state.db.primary()),
-        )
+            .fetch_optional(conn)
+            .await
+        })
         .await?;
     if let Some(export) = cancelled {
         metrics::counter!("exports_cancelled_total").increment(1);
@@ -256,14 +256,15 @@ pub async fn cancel(
 async fn find(state: &AppState, org_id: Uuid, id: Uuid) -> Result<Export, ApiError> {
     state
         .db
-        .bounded(
+        .run(async |conn| {
             sqlx::query_as::<_, Export>(&format!(
                 "SELECT {COLUMNS} FROM domain_exports WHERE id = $1 AND org_id = $2"
             ))
             .bind(id)
             .bind(org_id)
-            .fetch_optional(state.db.primary()),
-        )
+            .fetch_optional(conn)
+            .await
+        })
         .await?
         .ok_or(ApiError::NotFound("export"))
 }

@@ -85,6 +85,24 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     (status, Json(body)).into_response()
 }
 
+/// Appends the database layer's acquire latency histogram, kept as cumulative counts by
+/// `smartbeak-database`, in the Prometheus text format.
+fn render_acquire_histogram(text: &mut String, db: &smartbeak_database::PoolMetrics) {
+    use std::fmt::Write;
+    let name = "db_acquire_seconds";
+    let _ = writeln!(
+        text,
+        "# HELP {name} Time to check out a database connection (every acquire, both pools)."
+    );
+    let _ = writeln!(text, "# TYPE {name} histogram");
+    for (le, count) in &db.acquire_seconds_buckets {
+        let _ = writeln!(text, "{name}_bucket{{le=\"{le}\"}} {count}");
+    }
+    let _ = writeln!(text, "{name}_bucket{{le=\"+Inf\"}} {}", db.acquires_total);
+    let _ = writeln!(text, "{name}_sum {}", db.acquire_seconds_sum);
+    let _ = writeln!(text, "{name}_count {}", db.acquires_total);
+}
+
 /// Prometheus text exposition of every metric of the process.
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
@@ -101,7 +119,8 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
     }
     let replica = db.read_source == smartbeak_database::ReadSource::Replica;
     metrics::gauge!("db_analytics_replica_in_use").set(if replica { 1.0 } else { 0.0 });
-    // The database layer's own counters (queries run through `Database::bounded`).
+    metrics::gauge!("db_pool_waiters").set(db.waiters as f64);
+    // The database layer's own counters (every query runs through `Database::run`).
     metrics::counter!("db_query_errors_total").absolute(db.query_errors_total);
     metrics::counter!("db_query_timeouts_total").absolute(db.query_timeouts_total);
     metrics::counter!("db_acquire_timeouts_total").absolute(db.acquire_timeouts_total);
@@ -109,11 +128,16 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         .absolute(db.analytics_init_attempts_total);
     metrics::counter!("db_analytics_init_failures_total")
         .absolute(db.analytics_init_failures_total);
-    let text = state
+    metrics::counter!("db_analytics_replica_drops_total")
+        .absolute(db.analytics_replica_drops_total);
+    let mut text = state
         .metrics
         .as_ref()
         .map(|h| h.render())
         .unwrap_or_default();
+    if state.metrics.is_some() {
+        render_acquire_histogram(&mut text, &db);
+    }
     let mut response = text.into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -104,14 +104,14 @@ pub async fn ingest(
 ) -> Result<(StatusCode, Json<IngestResult>), ApiError> {
     validate(&body)?;
     let mut tx = state.db.begin().await?;
-    let owned: Option<i32> = state
-        .db
-        .bounded(
+    let owned: Option<i32> = tx
+        .run(async |conn| {
             sqlx::query_scalar("SELECT 1 FROM domains WHERE id = $1 AND org_id = $2 FOR SHARE")
                 .bind(domain_id)
                 .bind(auth.org_id)
-                .fetch_optional(&mut *tx),
-        )
+                .fetch_optional(conn)
+                .await
+        })
         .await?;
     if owned.is_none() {
         return Err(ApiError::NotFound("domain"));
@@ -125,16 +125,16 @@ pub async fn ingest(
         .into_iter()
         .collect();
     if !wanted.is_empty() {
-        let found: Vec<Uuid> = state
-            .db
-            .bounded(
+        let found: Vec<Uuid> = tx
+            .run(async |conn| {
                 sqlx::query_scalar(
                     "SELECT id FROM content_items WHERE domain_id = $1 AND id = ANY($2)",
                 )
                 .bind(domain_id)
                 .bind(&wanted)
-                .fetch_all(&mut *tx),
-            )
+                .fetch_all(conn)
+                .await
+            })
             .await?;
         let found: HashSet<Uuid> = found.into_iter().collect();
         if let Some(i) = body
@@ -152,10 +152,7 @@ pub async fn ingest(
     let mut keywords_inserted = 0;
     if !body.keywords.is_empty() {
         let k = &body.keywords;
-        keywords_inserted = state
-            .db
-            .bounded(
-                sqlx::query(
+        keywords_inserted = tx.run(async |conn| sqlx::query(
                     "INSERT INTO keyword_metrics \
                      (domain_id, keyword, search_volume, position, clicks, impressions, ctr, recorded_at) \
                      SELECT $1, * FROM UNNEST($2::text[], $3::int4[], $4::float8[], $5::int8[], \
@@ -169,18 +166,14 @@ pub async fn ingest(
                 .bind(k.iter().map(|r| r.impressions).collect::<Vec<_>>())
                 .bind(k.iter().map(|r| r.ctr).collect::<Vec<_>>())
                 .bind(k.iter().map(|r| r.recorded_at).collect::<Vec<_>>())
-                .execute(&mut *tx),
-            )
+                .execute(conn).await)
             .await?
             .rows_affected();
     }
     let mut content_inserted = 0;
     if !body.content.is_empty() {
         let c = &body.content;
-        content_inserted = state
-            .db
-            .bounded(
-                sqlx::query(
+        content_inserted = tx.run(async |conn| sqlx::query(
                     "INSERT INTO content_performance \
                      (domain_id, content_id, page_views, unique_visitors, bounce_rate, conversions, \
                      revenue_cents, recorded_at) \
@@ -195,12 +188,11 @@ pub async fn ingest(
                 .bind(c.iter().map(|r| r.conversions).collect::<Vec<_>>())
                 .bind(c.iter().map(|r| r.revenue_cents).collect::<Vec<_>>())
                 .bind(c.iter().map(|r| r.recorded_at).collect::<Vec<_>>())
-                .execute(&mut *tx),
-            )
+                .execute(conn).await)
             .await?
             .rows_affected();
     }
-    state.db.bounded(tx.commit()).await?;
+    tx.commit().await?;
     state.analytics.invalidate_domain(domain_id);
     metrics::counter!("metrics_rows_ingested_total", "table" => "keyword_metrics")
         .increment(keywords_inserted);

@@ -121,12 +121,13 @@ pub fn paginate<T>(mut rows: Vec<T>, limit: i64, key: impl Fn(&T) -> Cursor) -> 
 pub async fn require_domain(state: &AppState, org_id: Uuid, id: Uuid) -> Result<(), ApiError> {
     let found: Option<i32> = state
         .db
-        .bounded(
+        .run(async |conn| {
             sqlx::query_scalar("SELECT 1 FROM domains WHERE id = $1 AND org_id = $2")
                 .bind(id)
                 .bind(org_id)
-                .fetch_optional(state.db.primary()),
-        )
+                .fetch_optional(conn)
+                .await
+        })
         .await?;
     found.map(|_| ()).ok_or(ApiError::NotFound("domain"))
 }

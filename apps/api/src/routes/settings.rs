@@ -43,8 +43,7 @@ pub async fn put(
     check_strings("settings", &settings)?;
     let row: Option<(Uuid, sqlx::types::Json<serde_json::Value>, DateTime<Utc>)> = state
         .db
-        .bounded(
-            sqlx::query_as(
+        .run(async |conn| sqlx::query_as(
                 "INSERT INTO domain_settings (domain_id, settings, updated_at) \
                  SELECT d.id, $2, now() FROM domains d WHERE d.id = $1 AND d.org_id = $3 \
                  ON CONFLICT (domain_id) DO UPDATE SET settings = EXCLUDED.settings, updated_at = now() \
@@ -53,8 +52,7 @@ pub async fn put(
             .bind(domain_id)
             .bind(sqlx::types::Json(&settings))
             .bind(auth.org_id)
-            .fetch_optional(state.db.primary()),
-        )
+            .fetch_optional(conn).await)
         .await?;
     let (domain_id, settings, updated_at) = row.ok_or(ApiError::NotFound("domain"))?;
     Ok(Json(DomainSettings {
@@ -96,11 +94,12 @@ pub async fn get(
     require_domain(&state, auth.org_id, domain_id).await?;
     let row: Option<(sqlx::types::Json<serde_json::Value>, DateTime<Utc>)> = state
         .db
-        .bounded(
+        .run(async |conn| {
             sqlx::query_as("SELECT settings, updated_at FROM domain_settings WHERE domain_id = $1")
                 .bind(domain_id)
-                .fetch_optional(state.db.primary()),
-        )
+                .fetch_optional(conn)
+                .await
+        })
         .await?;
     Ok(Json(match row {
         Some((settings, updated_at)) => DomainSettings {
