@@ -298,7 +298,8 @@ pub enum FetchError {
     },
     /// The server answered with a status that is not retried (most 4xx, 501,
     /// 505, ...). The response is kept so its body can be read (within the
-    /// call's deadline).
+    /// call's deadline and cancellation token, holding the adapter's
+    /// bulkhead slot until it is read or the error dropped).
     #[error("request to {adapter} failed with status {status} after {attempts} attempt(s)")]
     NonRetryableStatus {
         /// Target adapter.
@@ -707,12 +708,20 @@ impl HttpClient {
             },
             None => call.await,
         };
-        let outcome = result
-            .as_ref()
-            .map_or_else(FetchError::outcome, |_| "success");
+        let outcome = match &result {
+            Ok((Answer::Value(_), _)) => "success",
+            Ok((Answer::Refused(_), _)) => "non_retryable_status",
+            Err(error) => error.outcome(),
+        };
         record_call(adapter, outcome, started.elapsed());
-        if let Err(error) = &result {
-            tracing::debug!(adapter = adapter.as_str(), outcome, error = %error, "outbound request failed");
+        match &result {
+            Ok((Answer::Value(_), _)) => {}
+            Ok((Answer::Refused(response), _)) => {
+                tracing::debug!(adapter = adapter.as_str(), outcome, status = %response.status(), "outbound request failed");
+            }
+            Err(error) => {
+                tracing::debug!(adapter = adapter.as_str(), outcome, error = %error, "outbound request failed");
+            }
         }
         let bounds = Bounds {
             adapter,
@@ -721,27 +730,24 @@ impl HttpClient {
             limit: policy.retry.max_elapsed,
             cancel: options.cancel.clone(),
         };
-        match result {
-            Ok((value, slot)) => Ok(Called {
+        match result? {
+            (Answer::Value(value), slot) => Ok(Called {
                 value,
                 slot,
                 bounds,
             }),
-            Err(FetchError::NonRetryableStatus {
+            // An error response keeps the slot, like a successful one,
+            // until its body is read or it is dropped.
+            (Answer::Refused(response), slot) => Err(FetchError::NonRetryableStatus {
                 adapter,
-                attempts,
-                status,
-                response,
-            }) => Err(FetchError::NonRetryableStatus {
-                adapter,
-                attempts,
-                status,
+                attempts: bounds.attempts,
+                status: response.status(),
                 response: Box::new(Response {
+                    inner: response,
                     bounds,
-                    ..*response
+                    _slot: slot,
                 }),
             }),
-            Err(error) => Err(error),
         }
     }
 
@@ -753,7 +759,7 @@ impl HttpClient {
         request: Request,
         attempts: &AtomicU32,
         read: &R,
-    ) -> Result<(X, BulkheadPermit), FetchError>
+    ) -> Result<(Answer<X>, BulkheadPermit), FetchError>
     where
         R: Fn(reqwest::Response) -> RF,
         RF: Future<Output = Result<X, reqwest::Error>>,
@@ -779,14 +785,22 @@ impl HttpClient {
                 let request = request.ok_or(AttemptError::NotRepeatable)?;
                 let response = client.execute(request).await.map_err(AttemptError::Send)?;
                 let status = response.status();
-                if status.is_client_error() || status.is_server_error() {
+                if is_transient_status(status) {
                     let retry_after = retry_after_from_headers(response.headers());
                     return Err(AttemptError::Status {
                         response,
                         retry_after,
                     });
                 }
-                read(response).await.map_err(AttemptError::Body)
+                if status.is_client_error() || status.is_server_error() {
+                    // Final: returned as a value so that the call hands its
+                    // bulkhead slot on with it (the classifier still judges it).
+                    return Ok(Answer::Refused(response));
+                }
+                read(response)
+                    .await
+                    .map(Answer::Value)
+                    .map_err(AttemptError::Body)
             }
         };
         let scope = CallScope {
@@ -869,7 +883,7 @@ impl Bounds {
 pub struct Response {
     inner: reqwest::Response,
     bounds: Bounds,
-    _slot: Option<BulkheadPermit>,
+    _slot: BulkheadPermit,
 }
 
 impl Response {
@@ -1059,7 +1073,7 @@ impl RequestBuilder {
         Ok(Response {
             inner: called.value,
             bounds: called.bounds,
-            _slot: Some(called.slot),
+            _slot: called.slot,
         })
     }
 
@@ -1099,10 +1113,18 @@ impl RequestBuilder {
     }
 }
 
+/// A final answer of one attempt: the value, or a status that is not retried
+/// (most 4xx, 501, 505, ...), which becomes [`FetchError::NonRetryableStatus`].
+enum Answer<X> {
+    Value(X),
+    Refused(reqwest::Response),
+}
+
 /// One attempt's failure, before the loop decides what it means.
 #[derive(Debug)]
 enum AttemptError {
-    /// The server answered with a status that is not a success.
+    /// The server answered with a transient status (408, 425, 429, 500,
+    /// 502, 503, 504).
     Status {
         response: reqwest::Response,
         retry_after: Option<Duration>,
@@ -1181,25 +1203,17 @@ impl Gate {
         }
     }
 
-    fn classify<X>(self, result: &Result<X, AttemptError>) -> Verdict {
+    fn classify<X>(self, result: &Result<Answer<X>, AttemptError>) -> Verdict {
         match result {
-            Ok(_) => Verdict::Success,
-            Err(AttemptError::Status {
-                response,
-                retry_after,
-            }) => {
-                let status = response.status();
-                if is_transient_status(status) {
-                    self.sent(Verdict::Transient {
-                        retry_after: *retry_after,
-                    })
-                } else if status.is_client_error() {
-                    // The provider is up and answering; the request was wrong.
-                    Verdict::Success
-                } else {
-                    Verdict::Failure
-                }
+            Ok(Answer::Value(_)) => Verdict::Success,
+            // The provider is up and answering; the request was wrong.
+            Ok(Answer::Refused(response)) if response.status().is_client_error() => {
+                Verdict::Success
             }
+            Ok(Answer::Refused(_)) => Verdict::Failure,
+            Err(AttemptError::Status { retry_after, .. }) => self.sent(Verdict::Transient {
+                retry_after: *retry_after,
+            }),
             Err(AttemptError::Send(error)) => match send_failure(error) {
                 SendFailure::Connect => self.unsent(Verdict::TRANSIENT),
                 SendFailure::Transient => self.sent(Verdict::TRANSIENT),
@@ -1243,33 +1257,10 @@ impl Gate {
                 ..
             } => exhausted(adapter, attempts, reason, error),
             ResilienceError::Inner(error) => match error {
-                AttemptError::Status { response, .. } if is_transient_status(response.status()) => {
-                    exhausted(
-                        adapter,
-                        attempts,
-                        self.sent_reason(),
-                        AttemptError::Status {
-                            retry_after: retry_after_from_headers(response.headers()),
-                            response,
-                        },
-                    )
+                // A transient status the request could not be repeated after.
+                error @ AttemptError::Status { .. } => {
+                    exhausted(adapter, attempts, self.sent_reason(), error)
                 }
-                AttemptError::Status { response, .. } => FetchError::NonRetryableStatus {
-                    adapter,
-                    attempts,
-                    status: response.status(),
-                    response: Box::new(Response {
-                        inner: response,
-                        bounds: Bounds {
-                            adapter,
-                            attempts,
-                            deadline: None,
-                            limit: Duration::MAX,
-                            cancel: None,
-                        },
-                        _slot: None,
-                    }),
-                },
                 AttemptError::Send(source) => match send_failure(&source) {
                     SendFailure::Connect => exhausted(
                         adapter,

@@ -1141,6 +1141,44 @@ async fn bulkhead_refuses_a_call_over_the_limit() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_error_response_holds_the_bulkhead_slot_until_its_body_is_read() {
+    let (client, server) = scripted(
+        settings(quick_retries(1), ms(300), ms(1000)),
+        ResilienceConfig {
+            bulkhead: BulkheadConfig {
+                max_concurrent: 1,
+                max_wait: Duration::ZERO,
+            },
+            ..ResilienceConfig::default()
+        },
+        |_| Reply::StatusWith(404, "x-reason", "gone".to_owned()),
+    );
+    let bulkhead = Arc::clone(client.resilience().bulkhead(ADAPTER));
+    let err = client.get(ADAPTER, server.url()).send().await.unwrap_err();
+    let FetchError::NonRetryableStatus { response, .. } = err else {
+        panic!("unexpected {err:?}");
+    };
+    // Its body is still to be read: the slot is held, a second call refused.
+    assert_eq!(bulkhead.available(), 0);
+    let refused = client.get(ADAPTER, server.url()).send().await.unwrap_err();
+    assert!(
+        matches!(refused, FetchError::BulkheadFull { .. }),
+        "{refused:?}"
+    );
+    assert_eq!(server.hits(), 1);
+    assert_eq!(response.bytes().await.unwrap(), b"");
+    assert_eq!(bulkhead.available(), 1);
+    // An error dropped unread frees it too.
+    let err = client.get(ADAPTER, server.url()).send().await.unwrap_err();
+    assert_eq!(
+        (err.status(), bulkhead.available()),
+        (Some(StatusCode::NOT_FOUND), 0)
+    );
+    drop(err);
+    assert_eq!(bulkhead.available(), 1);
+}
+
+#[tokio::test(start_paused = true)]
 async fn bulkhead_wait_ends_at_the_call_deadline() {
     // The bulkhead would wait 10 s for a slot; the first call holds it.
     let (client, server) = scripted(
