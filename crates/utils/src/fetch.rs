@@ -11,9 +11,10 @@
 //!
 //! Build one [`Resilience`] at start-up and hand clones of it to every
 //! client and component (a clone shares the breaker registry, the bulkheads
-//! and the per-adapter retry budgets). A client built without one uses
-//! [`Resilience::process_default`], so two clients never end up with two
-//! per-adapter limits in one process.
+//! and the per-adapter retry budgets). [`HttpClient::builder`] requires it:
+//! there is no hidden process-global set a client could silently fall back
+//! on, so two clients never end up with two per-adapter limits in one
+//! process.
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -24,8 +25,7 @@
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let resilience = Resilience::new(ResilienceConfig::default()); // once per process
-//! let client = HttpClient::builder()
-//!     .resilience(resilience.clone())
+//! let client = HttpClient::builder(resilience.clone())
 //!     .adapter(
 //!         AdapterName::Openai,
 //!         Policy {
@@ -449,7 +449,7 @@ pub fn is_idempotent(method: &Method) -> bool {
 pub struct HttpClientBuilder {
     defaults: Policy,
     overrides: Vec<(AdapterName, Policy)>,
-    resilience: Option<Resilience>,
+    resilience: Resilience,
     user_agent: String,
     connect_timeout: Duration,
     pool_idle_timeout: Duration,
@@ -467,12 +467,14 @@ impl fmt::Debug for HttpClientBuilder {
     }
 }
 
-impl Default for HttpClientBuilder {
-    fn default() -> Self {
+impl HttpClientBuilder {
+    /// A builder with default settings on the process-wide set `resilience`.
+    #[must_use]
+    pub fn new(resilience: Resilience) -> Self {
         Self {
             defaults: default_policy(),
             overrides: Vec::new(),
-            resilience: None,
+            resilience,
             user_agent: concat!("smartbeak/", env!("CARGO_PKG_VERSION")).to_owned(),
             connect_timeout: Duration::from_secs(5),
             pool_idle_timeout: Duration::from_secs(90),
@@ -495,15 +497,6 @@ impl HttpClientBuilder {
     #[must_use]
     pub fn adapter(mut self, adapter: AdapterName, policy: Policy) -> Self {
         self.overrides.push((adapter, policy));
-        self
-    }
-
-    /// The process-wide [`Resilience`] (breakers, bulkheads, retry budgets,
-    /// jitter) to run on; [`Resilience::process_default`] if not given.
-    /// Hand every client and component a clone of the same one.
-    #[must_use]
-    pub fn resilience(mut self, resilience: Resilience) -> Self {
-        self.resilience = Some(resilience);
         self
     }
 
@@ -574,9 +567,7 @@ impl HttpClientBuilder {
                 raw,
                 client,
                 policies,
-                resilience: self
-                    .resilience
-                    .unwrap_or_else(|| Resilience::process_default().clone()),
+                resilience: self.resilience,
             }),
         })
     }
@@ -608,10 +599,12 @@ impl fmt::Debug for HttpClient {
 }
 
 impl HttpClient {
-    /// A builder with default settings.
+    /// A builder with default settings, running on `resilience`: the
+    /// process-wide [`Resilience`] (breakers, bulkheads, retry budgets,
+    /// jitter). Hand every client and component a clone of the same one.
     #[must_use]
-    pub fn builder() -> HttpClientBuilder {
-        HttpClientBuilder::default()
+    pub fn builder(resilience: Resilience) -> HttpClientBuilder {
+        HttpClientBuilder::new(resilience)
     }
 
     /// A request to `adapter`; its [`send`](RequestBuilder::send) goes

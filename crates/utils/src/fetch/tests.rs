@@ -84,9 +84,7 @@ fn resilience_with(config: ResilienceConfig) -> Resilience {
 }
 
 fn builder(policy: Policy) -> HttpClientBuilder {
-    HttpClient::builder()
-        .defaults(policy)
-        .resilience(resilience_with(ResilienceConfig::default()))
+    HttpClient::builder(resilience_with(ResilienceConfig::default())).defaults(policy)
 }
 
 fn client(policy: Policy) -> HttpClient {
@@ -211,9 +209,8 @@ fn scripted(
             Ok(reqwest::Response::from(response.unwrap()))
         })
     });
-    let client = HttpClient::builder()
+    let client = HttpClient::builder(resilience_with(config))
         .defaults(policy)
-        .resilience(resilience_with(config))
         .middleware(Arc::new(middleware))
         .build()
         .unwrap();
@@ -513,18 +510,17 @@ async fn duration_max_means_no_limit_and_does_not_overflow() {
 #[tokio::test]
 async fn retry_budget_stops_retries_when_empty() {
     let server = serve(|_| Reply::Status(503)).await;
-    let client = HttpClient::builder()
-        .defaults(settings(quick_retries(5), ms(1000), ms(2000)))
-        .resilience(resilience_with(ResilienceConfig {
-            retry_budget: RetryBudgetConfig {
-                ttl: Duration::from_secs(10),
-                min_retries_per_sec: 0,
-                retry_percent: 100,
-            },
-            ..ResilienceConfig::default()
-        }))
-        .build()
-        .unwrap();
+    let client = HttpClient::builder(resilience_with(ResilienceConfig {
+        retry_budget: RetryBudgetConfig {
+            ttl: Duration::from_secs(10),
+            min_retries_per_sec: 0,
+            retry_percent: 100,
+        },
+        ..ResilienceConfig::default()
+    }))
+    .defaults(settings(quick_retries(5), ms(1000), ms(2000)))
+    .build()
+    .unwrap();
     // One deposit of 100 % buys exactly one retry.
     let err = client.get(ADAPTER, server.url()).send().await.unwrap_err();
     assert!(
@@ -554,9 +550,8 @@ async fn clients_given_one_resilience_share_breakers_bulkheads_and_budgets() {
         ..ResilienceConfig::default()
     });
     let build = || {
-        HttpClient::builder()
+        HttpClient::builder(shared.clone())
             .defaults(settings(quick_retries(5), ms(1000), ms(2000)))
-            .resilience(shared.clone())
             .build()
             .unwrap()
     };
@@ -588,15 +583,6 @@ async fn clients_given_one_resilience_share_breakers_bulkheads_and_budgets() {
         assert!(matches!(err, FetchError::CircuitOpen { .. }), "{err:?}");
     }
     assert_eq!(server.hits(), hits);
-}
-
-#[tokio::test]
-async fn clients_built_without_a_resilience_share_the_process_default() {
-    let a = HttpClient::builder().build().unwrap();
-    let b = HttpClient::builder().build().unwrap();
-    assert!(a.resilience().same_as(b.resilience()));
-    assert!(a.resilience().same_as(Resilience::process_default()));
-    assert!(Arc::ptr_eq(&a.breaker(ADAPTER), &b.breaker(ADAPTER)));
 }
 
 /// A server that sends a response head announcing a body, then stalls.
