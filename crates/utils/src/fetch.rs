@@ -221,7 +221,8 @@ impl CallOptions {
 
 /// Why a request returned no successful response (or its body could not be
 /// read). Every variant keeps the adapter and, once anything was sent, the
-/// number of attempts.
+/// number of attempts. reqwest errors in it have their URL stripped (a query
+/// may carry an api key), so an error can be logged whole.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     /// The request could not be built (bad URL, header, body serialisation).
@@ -671,7 +672,10 @@ impl HttpClient {
         let request = match request.build() {
             Ok(request) => request,
             Err(source) => {
-                let error = FetchError::InvalidRequest { adapter, source };
+                let error = FetchError::InvalidRequest {
+                    adapter,
+                    source: source.without_url(),
+                };
                 record_call(adapter, error.outcome(), Duration::ZERO);
                 return Err(error);
             }
@@ -776,7 +780,10 @@ impl HttpClient {
                 // Unreachable: a request that cannot be cloned is attempted
                 // once (the gate makes every outcome final).
                 let request = request.ok_or(AttemptError::NotRepeatable)?;
-                let response = client.execute(request).await.map_err(AttemptError::Send)?;
+                let response = client
+                    .execute(request)
+                    .await
+                    .map_err(|e| AttemptError::Send(without_url(e)))?;
                 let status = response.status();
                 if is_transient_status(status) {
                     let retry_after = retry_after_from_headers(response.headers());
@@ -793,7 +800,7 @@ impl HttpClient {
                 read(response)
                     .await
                     .map(Answer::Value)
-                    .map_err(AttemptError::Body)
+                    .map_err(|e| AttemptError::Body(e.without_url()))
             }
         };
         let scope = CallScope {
@@ -864,7 +871,7 @@ impl Bounds {
         };
         result?.map_err(|source| FetchError::Body {
             adapter: self.adapter,
-            source,
+            source: source.without_url(),
         })
     }
 }
@@ -1305,6 +1312,17 @@ fn exhausted(
         reason,
         retry_after,
         source,
+    }
+}
+
+/// `error` without the request URL, whose query may carry an api key: our
+/// errors are logged and handed to callers, and name the adapter instead.
+fn without_url(error: reqwest_middleware::Error) -> reqwest_middleware::Error {
+    match error {
+        reqwest_middleware::Error::Reqwest(e) => {
+            reqwest_middleware::Error::Reqwest(e.without_url())
+        }
+        other => other,
     }
 }
 

@@ -465,6 +465,46 @@ async fn redirect_loop_is_a_transport_error_that_does_not_count_against_the_brea
     assert_eq!((snapshot.window_calls, snapshot.window_failures), (0, 0));
 }
 
+/// Every error of a call whose URL carries a key, with its source chain.
+fn full_text(err: &FetchError) -> String {
+    let mut text = format!("{err} {err:?}");
+    let mut source = std::error::Error::source(err);
+    while let Some(s) = source {
+        text.push_str(&format!(" {s} {s:?}"));
+        source = s.source();
+    }
+    text
+}
+
+#[tokio::test]
+async fn errors_do_not_carry_a_secret_from_the_url() {
+    let server = serve(|_| Reply::Redirect).await;
+    let client = client(settings(quick_retries(2), ms(1000), ms(2000)));
+    let secret = "key=sk-do-not-log";
+    let redirect = client
+        .get(ADAPTER, format!("{}?{secret}", server.url()))
+        .send()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(redirect, FetchError::Transport { .. }),
+        "{redirect:?}"
+    );
+    let connect = client
+        .post(ADAPTER, format!("{}?{secret}", closed_port_url()))
+        .send()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(connect, FetchError::RetriesExhausted { .. }),
+        "{connect:?}"
+    );
+    for err in [redirect, connect] {
+        let text = full_text(&err);
+        assert!(!text.contains("sk-do-not-log"), "{text}");
+    }
+}
+
 #[tokio::test]
 async fn invalid_request_is_reported_before_sending() {
     let client = client(default_policy());
