@@ -234,7 +234,9 @@ impl Resilience {
     ///    [`ResilienceError::Rejected`], and `f` never runs;
     /// 3. deposit into the adapter's retry budget, then attempt `f()` under
     ///    `min(policy.attempt_timeout, what is left of max_elapsed)`; a
-    ///    timeout is a transient failure, other results go through `classify`;
+    ///    timeout is a transient failure (with [`call_holding`](Self::call_holding),
+    ///    whatever [`CallScope::timed_out`] says), other results go through
+    ///    `classify`;
     /// 4. retry `Transient` verdicts after [`RetryPolicy::next_delay`] while
     ///    attempts, the time budget and the adapter's retry budget allow and
     ///    the breaker permit is still current (checked before and after the
