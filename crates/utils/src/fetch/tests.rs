@@ -1305,6 +1305,8 @@ async fn a_probe_that_waited_out_a_retry_after_is_not_slow() {
             rate_percent: 100,
         }),
         minimum_calls: 1,
+        half_open_probes: 1,
+        half_open_successes: 1,
         ..BreakerConfig::default()
     })
     .unwrap();
@@ -1315,7 +1317,7 @@ async fn a_probe_that_waited_out_a_retry_after_is_not_slow() {
         },
         ResilienceConfig::default(),
         |n| {
-            if n == 1 {
+            if n % 2 == 1 {
                 Reply::StatusWith(503, "retry-after", "2".to_owned())
             } else {
                 Reply::SlowOk(ms(10))
@@ -1333,6 +1335,21 @@ async fn a_probe_that_waited_out_a_retry_after_is_not_slow() {
         (snapshot.state, snapshot.window_calls, snapshot.window_slow),
         (BreakerState::Closed, 1, 0)
     );
+    // The same as a half-open probe: it closes the breaker rather than
+    // re-opening it as a slow call.
+    let breaker = client.breaker(ADAPTER);
+    while breaker.state() != BreakerState::Open {
+        breaker.try_acquire().unwrap().record(Verdict::Failure);
+    }
+    tokio::time::advance(BreakerConfig::default().open_duration).await;
+    let body = client
+        .get(ADAPTER, server.url())
+        .fetch_bytes()
+        .await
+        .unwrap();
+    assert_eq!(body, b"slow");
+    assert_eq!(server.hits(), 4);
+    assert_eq!(breaker.state(), BreakerState::Closed);
 }
 
 #[tokio::test(start_paused = true)]
