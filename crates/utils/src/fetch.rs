@@ -878,12 +878,21 @@ impl Bounds {
 
 /// A response whose body reads are bounded by what is left of the call's
 /// deadline and abort when its cancellation token fires; it holds the
-/// adapter's bulkhead slot until it is consumed or dropped.
-#[derive(Debug)]
+/// adapter's bulkhead slot until it is consumed or dropped. Its `Debug`
+/// shows the adapter and status, not the URL (a query may carry an api key).
 pub struct Response {
     inner: reqwest::Response,
     bounds: Bounds,
     _slot: BulkheadPermit,
+}
+
+impl fmt::Debug for Response {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Response")
+            .field("adapter", &self.bounds.adapter)
+            .field("status", &self.inner.status())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Response {

@@ -499,7 +499,17 @@ async fn errors_do_not_carry_a_secret_from_the_url() {
         matches!(connect, FetchError::RetriesExhausted { .. }),
         "{connect:?}"
     );
-    for err in [redirect, connect] {
+    let not_found = serve(|_| Reply::Status(404)).await;
+    let refused = client
+        .get(ADAPTER, format!("{}?{secret}", not_found.url()))
+        .send()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, FetchError::NonRetryableStatus { .. }),
+        "{refused:?}"
+    );
+    for err in [redirect, connect, refused] {
         let text = full_text(&err);
         assert!(!text.contains("sk-do-not-log"), "{text}");
     }
