@@ -4,7 +4,7 @@
 //! Clones share that set; `smartbeak-utils`'s fetch is built on it.
 
 use std::future::Future;
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use rand::SeedableRng;
@@ -158,8 +158,8 @@ impl<E> ResilienceError<E> {
 ///
 /// Build it once at start-up and clone it into every component and every
 /// `smartbeak_utils::fetch::HttpClient` (a clone is an `Arc` clone: the same
-/// breakers, bulkheads and budgets). [`Resilience::process_default`] is the
-/// set used by whoever was not handed one.
+/// breakers, bulkheads and budgets). There is no hidden global set: an
+/// `HttpClient` cannot be built without one.
 #[derive(Debug, Clone)]
 pub struct Resilience {
     inner: Arc<Inner>,
@@ -180,14 +180,6 @@ impl Resilience {
     /// Everything on the system clock.
     pub fn new(config: ResilienceConfig) -> Self {
         Self::with_clock(config, Arc::new(SystemClock))
-    }
-
-    /// The set used when none is given (built on first use with the default
-    /// config), so that two components that were not handed a `Resilience`
-    /// still share breakers, bulkheads and budgets.
-    pub fn process_default() -> &'static Resilience {
-        static DEFAULT: OnceLock<Resilience> = OnceLock::new();
-        DEFAULT.get_or_init(Resilience::default)
     }
 
     /// Breakers, the budgets and the call's time budget read `clock`; the
@@ -242,7 +234,9 @@ impl Resilience {
     ///    [`ResilienceError::Rejected`], and `f` never runs;
     /// 3. deposit into the adapter's retry budget, then attempt `f()` under
     ///    `min(policy.attempt_timeout, what is left of max_elapsed)`; a
-    ///    timeout is a transient failure, other results go through `classify`;
+    ///    timeout is a transient failure (with [`call_holding`](Self::call_holding),
+    ///    whatever [`CallScope::timed_out`] says), other results go through
+    ///    `classify`;
     /// 4. retry `Transient` verdicts after [`RetryPolicy::next_delay`] while
     ///    attempts, the time budget and the adapter's retry budget allow and
     ///    the breaker permit is still current (checked before and after the

@@ -140,8 +140,8 @@
 //! an `Arc`, and [`Resilience::call_holding`] (with [`Resilience::call`] on
 //! top) is the one retry loop of the workspace; `smartbeak-utils`'s fetch is
 //! built on it. Build one at start-up and hand clones to every component and
-//! every HTTP client; whoever is handed none uses
-//! [`Resilience::process_default`].
+//! every HTTP client (`HttpClient::builder` takes it: there is no implicit
+//! process-global set to fall back on).
 //!
 //! # Composition order
 //!

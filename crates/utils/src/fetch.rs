@@ -11,9 +11,10 @@
 //!
 //! Build one [`Resilience`] at start-up and hand clones of it to every
 //! client and component (a clone shares the breaker registry, the bulkheads
-//! and the per-adapter retry budgets). A client built without one uses
-//! [`Resilience::process_default`], so two clients never end up with two
-//! per-adapter limits in one process.
+//! and the per-adapter retry budgets). [`HttpClient::builder`] requires it:
+//! there is no hidden process-global set a client could silently fall back
+//! on, so two clients never end up with two per-adapter limits in one
+//! process.
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -24,8 +25,7 @@
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let resilience = Resilience::new(ResilienceConfig::default()); // once per process
-//! let client = HttpClient::builder()
-//!     .resilience(resilience.clone())
+//! let client = HttpClient::builder(resilience.clone())
 //!     .adapter(
 //!         AdapterName::Openai,
 //!         Policy {
@@ -221,7 +221,8 @@ impl CallOptions {
 
 /// Why a request returned no successful response (or its body could not be
 /// read). Every variant keeps the adapter and, once anything was sent, the
-/// number of attempts.
+/// number of attempts. reqwest errors in it have their URL stripped (a query
+/// may carry an api key), so an error can be logged whole.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     /// The request could not be built (bad URL, header, body serialisation).
@@ -298,7 +299,8 @@ pub enum FetchError {
     },
     /// The server answered with a status that is not retried (most 4xx, 501,
     /// 505, ...). The response is kept so its body can be read (within the
-    /// call's deadline).
+    /// call's deadline and cancellation token, holding the adapter's
+    /// bulkhead slot until it is read or the error dropped).
     #[error("request to {adapter} failed with status {status} after {attempts} attempt(s)")]
     NonRetryableStatus {
         /// Target adapter.
@@ -448,7 +450,7 @@ pub fn is_idempotent(method: &Method) -> bool {
 pub struct HttpClientBuilder {
     defaults: Policy,
     overrides: Vec<(AdapterName, Policy)>,
-    resilience: Option<Resilience>,
+    resilience: Resilience,
     user_agent: String,
     connect_timeout: Duration,
     pool_idle_timeout: Duration,
@@ -466,12 +468,14 @@ impl fmt::Debug for HttpClientBuilder {
     }
 }
 
-impl Default for HttpClientBuilder {
-    fn default() -> Self {
+impl HttpClientBuilder {
+    /// A builder with default settings on the process-wide set `resilience`.
+    #[must_use]
+    pub fn new(resilience: Resilience) -> Self {
         Self {
             defaults: default_policy(),
             overrides: Vec::new(),
-            resilience: None,
+            resilience,
             user_agent: concat!("smartbeak/", env!("CARGO_PKG_VERSION")).to_owned(),
             connect_timeout: Duration::from_secs(5),
             pool_idle_timeout: Duration::from_secs(90),
@@ -494,15 +498,6 @@ impl HttpClientBuilder {
     #[must_use]
     pub fn adapter(mut self, adapter: AdapterName, policy: Policy) -> Self {
         self.overrides.push((adapter, policy));
-        self
-    }
-
-    /// The process-wide [`Resilience`] (breakers, bulkheads, retry budgets,
-    /// jitter) to run on; [`Resilience::process_default`] if not given.
-    /// Hand every client and component a clone of the same one.
-    #[must_use]
-    pub fn resilience(mut self, resilience: Resilience) -> Self {
-        self.resilience = Some(resilience);
         self
     }
 
@@ -573,9 +568,7 @@ impl HttpClientBuilder {
                 raw,
                 client,
                 policies,
-                resilience: self
-                    .resilience
-                    .unwrap_or_else(|| Resilience::process_default().clone()),
+                resilience: self.resilience,
             }),
         })
     }
@@ -607,10 +600,12 @@ impl fmt::Debug for HttpClient {
 }
 
 impl HttpClient {
-    /// A builder with default settings.
+    /// A builder with default settings, running on `resilience`: the
+    /// process-wide [`Resilience`] (breakers, bulkheads, retry budgets,
+    /// jitter). Hand every client and component a clone of the same one.
     #[must_use]
-    pub fn builder() -> HttpClientBuilder {
-        HttpClientBuilder::default()
+    pub fn builder(resilience: Resilience) -> HttpClientBuilder {
+        HttpClientBuilder::new(resilience)
     }
 
     /// A request to `adapter`; its [`send`](RequestBuilder::send) goes
@@ -677,7 +672,10 @@ impl HttpClient {
         let request = match request.build() {
             Ok(request) => request,
             Err(source) => {
-                let error = FetchError::InvalidRequest { adapter, source };
+                let error = FetchError::InvalidRequest {
+                    adapter,
+                    source: source.without_url(),
+                };
                 record_call(adapter, error.outcome(), Duration::ZERO);
                 return Err(error);
             }
@@ -707,12 +705,20 @@ impl HttpClient {
             },
             None => call.await,
         };
-        let outcome = result
-            .as_ref()
-            .map_or_else(FetchError::outcome, |_| "success");
+        let outcome = match &result {
+            Ok((Answer::Value(_), _)) => "success",
+            Ok((Answer::Refused(_), _)) => "non_retryable_status",
+            Err(error) => error.outcome(),
+        };
         record_call(adapter, outcome, started.elapsed());
-        if let Err(error) = &result {
-            tracing::debug!(adapter = adapter.as_str(), outcome, error = %error, "outbound request failed");
+        match &result {
+            Ok((Answer::Value(_), _)) => {}
+            Ok((Answer::Refused(response), _)) => {
+                tracing::debug!(adapter = adapter.as_str(), outcome, status = %response.status(), "outbound request failed");
+            }
+            Err(error) => {
+                tracing::debug!(adapter = adapter.as_str(), outcome, error = %error, "outbound request failed");
+            }
         }
         let bounds = Bounds {
             adapter,
@@ -721,27 +727,24 @@ impl HttpClient {
             limit: policy.retry.max_elapsed,
             cancel: options.cancel.clone(),
         };
-        match result {
-            Ok((value, slot)) => Ok(Called {
+        match result? {
+            (Answer::Value(value), slot) => Ok(Called {
                 value,
                 slot,
                 bounds,
             }),
-            Err(FetchError::NonRetryableStatus {
+            // An error response keeps the slot, like a successful one,
+            // until its body is read or it is dropped.
+            (Answer::Refused(response), slot) => Err(FetchError::NonRetryableStatus {
                 adapter,
-                attempts,
-                status,
-                response,
-            }) => Err(FetchError::NonRetryableStatus {
-                adapter,
-                attempts,
-                status,
+                attempts: bounds.attempts,
+                status: response.status(),
                 response: Box::new(Response {
+                    inner: response,
                     bounds,
-                    ..*response
+                    _slot: slot,
                 }),
             }),
-            Err(error) => Err(error),
         }
     }
 
@@ -753,7 +756,7 @@ impl HttpClient {
         request: Request,
         attempts: &AtomicU32,
         read: &R,
-    ) -> Result<(X, BulkheadPermit), FetchError>
+    ) -> Result<(Answer<X>, BulkheadPermit), FetchError>
     where
         R: Fn(reqwest::Response) -> RF,
         RF: Future<Output = Result<X, reqwest::Error>>,
@@ -777,16 +780,27 @@ impl HttpClient {
                 // Unreachable: a request that cannot be cloned is attempted
                 // once (the gate makes every outcome final).
                 let request = request.ok_or(AttemptError::NotRepeatable)?;
-                let response = client.execute(request).await.map_err(AttemptError::Send)?;
+                let response = client
+                    .execute(request)
+                    .await
+                    .map_err(|e| AttemptError::Send(without_url(e)))?;
                 let status = response.status();
-                if status.is_client_error() || status.is_server_error() {
+                if is_transient_status(status) {
                     let retry_after = retry_after_from_headers(response.headers());
                     return Err(AttemptError::Status {
                         response,
                         retry_after,
                     });
                 }
-                read(response).await.map_err(AttemptError::Body)
+                if status.is_client_error() || status.is_server_error() {
+                    // Final: returned as a value so that the call hands its
+                    // bulkhead slot on with it (the classifier still judges it).
+                    return Ok(Answer::Refused(response));
+                }
+                read(response)
+                    .await
+                    .map(Answer::Value)
+                    .map_err(|e| AttemptError::Body(e.without_url()))
             }
         };
         let scope = CallScope {
@@ -857,19 +871,28 @@ impl Bounds {
         };
         result?.map_err(|source| FetchError::Body {
             adapter: self.adapter,
-            source,
+            source: source.without_url(),
         })
     }
 }
 
 /// A response whose body reads are bounded by what is left of the call's
 /// deadline and abort when its cancellation token fires; it holds the
-/// adapter's bulkhead slot until it is consumed or dropped.
-#[derive(Debug)]
+/// adapter's bulkhead slot until it is consumed or dropped. Its `Debug`
+/// shows the adapter and status, not the URL (a query may carry an api key).
 pub struct Response {
     inner: reqwest::Response,
     bounds: Bounds,
-    _slot: Option<BulkheadPermit>,
+    _slot: BulkheadPermit,
+}
+
+impl fmt::Debug for Response {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Response")
+            .field("adapter", &self.bounds.adapter)
+            .field("status", &self.inner.status())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Response {
@@ -1059,7 +1082,7 @@ impl RequestBuilder {
         Ok(Response {
             inner: called.value,
             bounds: called.bounds,
-            _slot: Some(called.slot),
+            _slot: called.slot,
         })
     }
 
@@ -1099,10 +1122,18 @@ impl RequestBuilder {
     }
 }
 
+/// A final answer of one attempt: the value, or a status that is not retried
+/// (most 4xx, 501, 505, ...), which becomes [`FetchError::NonRetryableStatus`].
+enum Answer<X> {
+    Value(X),
+    Refused(reqwest::Response),
+}
+
 /// One attempt's failure, before the loop decides what it means.
 #[derive(Debug)]
 enum AttemptError {
-    /// The server answered with a status that is not a success.
+    /// The server answered with a transient status (408, 425, 429, 500,
+    /// 502, 503, 504).
     Status {
         response: reqwest::Response,
         retry_after: Option<Duration>,
@@ -1181,25 +1212,17 @@ impl Gate {
         }
     }
 
-    fn classify<X>(self, result: &Result<X, AttemptError>) -> Verdict {
+    fn classify<X>(self, result: &Result<Answer<X>, AttemptError>) -> Verdict {
         match result {
-            Ok(_) => Verdict::Success,
-            Err(AttemptError::Status {
-                response,
-                retry_after,
-            }) => {
-                let status = response.status();
-                if is_transient_status(status) {
-                    self.sent(Verdict::Transient {
-                        retry_after: *retry_after,
-                    })
-                } else if status.is_client_error() {
-                    // The provider is up and answering; the request was wrong.
-                    Verdict::Success
-                } else {
-                    Verdict::Failure
-                }
+            Ok(Answer::Value(_)) => Verdict::Success,
+            // The provider is up and answering; the request was wrong.
+            Ok(Answer::Refused(response)) if response.status().is_client_error() => {
+                Verdict::Success
             }
+            Ok(Answer::Refused(_)) => Verdict::Failure,
+            Err(AttemptError::Status { retry_after, .. }) => self.sent(Verdict::Transient {
+                retry_after: *retry_after,
+            }),
             Err(AttemptError::Send(error)) => match send_failure(error) {
                 SendFailure::Connect => self.unsent(Verdict::TRANSIENT),
                 SendFailure::Transient => self.sent(Verdict::TRANSIENT),
@@ -1243,33 +1266,10 @@ impl Gate {
                 ..
             } => exhausted(adapter, attempts, reason, error),
             ResilienceError::Inner(error) => match error {
-                AttemptError::Status { response, .. } if is_transient_status(response.status()) => {
-                    exhausted(
-                        adapter,
-                        attempts,
-                        self.sent_reason(),
-                        AttemptError::Status {
-                            retry_after: retry_after_from_headers(response.headers()),
-                            response,
-                        },
-                    )
+                // A transient status the request could not be repeated after.
+                error @ AttemptError::Status { .. } => {
+                    exhausted(adapter, attempts, self.sent_reason(), error)
                 }
-                AttemptError::Status { response, .. } => FetchError::NonRetryableStatus {
-                    adapter,
-                    attempts,
-                    status: response.status(),
-                    response: Box::new(Response {
-                        inner: response,
-                        bounds: Bounds {
-                            adapter,
-                            attempts,
-                            deadline: None,
-                            limit: Duration::MAX,
-                            cancel: None,
-                        },
-                        _slot: None,
-                    }),
-                },
                 AttemptError::Send(source) => match send_failure(&source) {
                     SendFailure::Connect => exhausted(
                         adapter,
@@ -1321,6 +1321,17 @@ fn exhausted(
         reason,
         retry_after,
         source,
+    }
+}
+
+/// `error` without the request URL, whose query may carry an api key: our
+/// errors are logged and handed to callers, and name the adapter instead.
+fn without_url(error: reqwest_middleware::Error) -> reqwest_middleware::Error {
+    match error {
+        reqwest_middleware::Error::Reqwest(e) => {
+            reqwest_middleware::Error::Reqwest(e.without_url())
+        }
+        other => other,
     }
 }
 
