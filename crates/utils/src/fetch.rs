@@ -725,6 +725,7 @@ impl HttpClient {
             attempts: attempts.load(Ordering::Relaxed),
             deadline: deadline_after(started, policy.retry.max_elapsed),
             limit: policy.retry.max_elapsed,
+            read_timeout: policy.attempt_timeout,
             cancel: options.cancel.clone(),
         };
         match result? {
@@ -834,11 +835,15 @@ struct Bounds {
     /// `None`: no deadline.
     deadline: Option<Instant>,
     limit: Duration,
+    /// With no deadline, the attempt timeout bounds each body read, so a
+    /// body that stalls can never hang the caller.
+    read_timeout: Option<Duration>,
     cancel: Option<CancellationToken>,
 }
 
 impl Bounds {
-    /// Runs a body read within the deadline and the cancellation token.
+    /// Runs a body read within the deadline (or, with none, the attempt
+    /// timeout) and the cancellation token.
     async fn read<X>(
         &self,
         read: impl Future<Output = Result<X, reqwest::Error>>,
@@ -851,11 +856,22 @@ impl Bounds {
             reason: StopReason::Deadline,
         };
         let timed = async {
-            match self.deadline {
-                Some(at) => tokio::time::timeout_at(at, read)
+            match (self.deadline, self.read_timeout) {
+                (Some(at), _) => tokio::time::timeout_at(at, read)
                     .await
                     .map_err(|_| timed_out()),
-                None => Ok(read.await),
+                (None, Some(limit)) => {
+                    tokio::time::timeout(limit, read)
+                        .await
+                        .map_err(|_| FetchError::Timeout {
+                            adapter: self.adapter,
+                            attempts: self.attempts,
+                            scope: TimeoutScope::Attempt,
+                            limit,
+                            reason: StopReason::Deadline,
+                        })
+                }
+                (None, None) => Ok(read.await),
             }
         };
         let result = match &self.cancel {

@@ -720,6 +720,42 @@ async fn a_body_that_stalls_after_the_head_ends_at_the_deadline() {
 }
 
 #[tokio::test]
+async fn with_no_deadline_the_attempt_timeout_bounds_a_stalled_body() {
+    let url = stalling_body_server().await;
+    let client = client(settings(
+        quick_retries(1),
+        Duration::from_secs(10),
+        ms(1000),
+    ));
+    let started = Instant::now();
+    let response = client
+        .get(ADAPTER, url)
+        .options(
+            CallOptions::default()
+                .attempt_timeout(ms(300))
+                .deadline(Duration::MAX),
+        )
+        .send()
+        .await
+        .unwrap();
+    let err = response.bytes().await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            FetchError::Timeout {
+                scope: TimeoutScope::Attempt,
+                limit,
+                ..
+            } if limit == ms(300)
+        ),
+        "{err:?}"
+    );
+    let elapsed = started.elapsed();
+    assert!(elapsed >= ms(300), "{elapsed:?}");
+    assert!(elapsed < Duration::from_secs(10), "{elapsed:?}");
+}
+
+#[tokio::test]
 async fn a_body_read_stops_when_the_call_is_cancelled() {
     let url = stalling_body_server().await;
     let client = client(settings(
