@@ -225,7 +225,7 @@ struct Control {
 ///
 /// Dropping it without [`CallPermit::record`] (the call's future was dropped)
 /// hands a half-open probe slot back, and for a closed breaker applies
-/// [`CancelledCalls`].
+/// [`CancelledCalls`] and counts the call in [`DROPPED_CLOSED_CALLS_COUNTER`].
 #[derive(Debug)]
 #[must_use = "record the outcome with CallPermit::record"]
 pub struct CallPermit<'a> {
