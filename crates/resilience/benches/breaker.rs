@@ -1,6 +1,11 @@
 //! Overhead of the breaker and registry hot paths, with failsafe-rs 1.3 in
 //! the same run as the anchor. Futures are ready, polled once with a no-op
 //! waker, so the figures are the wrapper's cost and nothing else.
+//!
+//! Two failsafe anchors: its default policy (`failsafe`: success rate over a
+//! time window or consecutive failures, which reads the clock and takes a
+//! lock per call) and `failsafe_consecutive` (its `ConsecutiveFailures`
+//! policy alone, the like-for-like anchor for a closed call).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::collections::HashMap;
@@ -51,12 +56,33 @@ fn failsafe_call(b: &Failsafe) -> bool {
     poll_ready(b.call(ready(Ok::<u64, ()>(black_box(1))))).is_ok()
 }
 
+type FailsafeConsecutive = failsafe::StateMachine<
+    failsafe::failure_policy::ConsecutiveFailures<failsafe::backoff::EqualJittered>,
+    (),
+>;
+
+/// failsafe's `ConsecutiveFailures` policy alone, with its default settings
+/// (5 in a row, equal-jittered backoff 10 s to 300 s).
+fn failsafe_consecutive_breaker() -> FailsafeConsecutive {
+    failsafe::Config::new()
+        .failure_policy(failsafe::failure_policy::ConsecutiveFailures::default())
+        .build()
+}
+
+fn failsafe_consecutive_call(b: &FailsafeConsecutive) -> bool {
+    poll_ready(b.call(ready(Ok::<u64, ()>(black_box(1))))).is_ok()
+}
+
 fn closed_single(c: &mut Criterion) {
     let mut group = c.benchmark_group("closed_call");
     let b = ours();
     group.bench_function("smartbeak", |bench| bench.iter(|| ours_call(&b)));
     let f = failsafe_breaker();
     group.bench_function("failsafe", |bench| bench.iter(|| failsafe_call(&f)));
+    let fc = failsafe_consecutive_breaker();
+    group.bench_function("failsafe_consecutive", |bench| {
+        bench.iter(|| failsafe_consecutive_call(&fc))
+    });
     group.finish();
 }
 
@@ -90,6 +116,10 @@ fn closed_contended(c: &mut Criterion) {
     group.bench_function("failsafe", |bench| {
         bench.iter_custom(|iters| contended(&f, failsafe_call, iters))
     });
+    let fc = failsafe_consecutive_breaker();
+    group.bench_function("failsafe_consecutive", |bench| {
+        bench.iter_custom(|iters| contended(&fc, failsafe_consecutive_call, iters))
+    });
     group.finish();
 }
 
@@ -116,9 +146,21 @@ fn open_rejection(c: &mut Criterion) {
         .build();
     poll_ready(f.call(ready(Err::<(), ()>(())))).ok();
     assert!(poll_ready(f.call(ready(Ok::<u64, ()>(1)))).is_err());
-    group.bench_function("failsafe", |bench| {
+    // failsafe's rejection with a consecutive-failures policy (one failure
+    // trips it): no success-rate window to update.
+    group.bench_function("failsafe_consecutive", |bench| {
         bench.iter(|| poll_ready(f.call(ready(Ok::<u64, ()>(black_box(1))))).is_ok())
     });
+    // And with its default policy, tripped by its 5 consecutive failures.
+    let d = failsafe_breaker();
+    for _ in 0..5 {
+        poll_ready(d.call(ready(Err::<(), ()>(())))).ok();
+    }
+    assert!(matches!(
+        poll_ready(d.call(ready(Ok::<u64, ()>(1)))),
+        Err(failsafe::Error::Rejected)
+    ));
+    group.bench_function("failsafe", |bench| bench.iter(|| failsafe_call(&d)));
     group.finish();
 }
 

@@ -121,10 +121,12 @@ pub enum SingleFlightError<E> {
     /// The computation returned this error (shared by every caller of the flight).
     #[error("computation failed: {0}")]
     Failed(Arc<E>),
-    /// The computation ran past the flight's timeout and was cancelled.
+    /// The computation ran past the flight's timeout and was cancelled, or
+    /// this caller's own timeout ran out while it waited for a flight with a
+    /// longer one (that flight goes on for its other callers).
     #[error("computation timed out after {after:?}")]
     TimedOut {
-        /// The flight's timeout.
+        /// The timeout that ran out: the flight's, or this caller's own.
         after: Duration,
     },
     /// The computation ended without a result (it panicked, or the runtime shut down).
@@ -323,6 +325,8 @@ struct Flight<V, E> {
     rx: watch::Receiver<Slot<V, E>>,
     /// Cleared by `forget`: the flight must not store its value.
     current: Arc<AtomicBool>,
+    /// The flight publishes an outcome by then (its timeout from its start).
+    deadline: Instant,
 }
 
 #[derive(Default)]
@@ -402,7 +406,8 @@ where
     /// # Errors
     ///
     /// The flight's outcome: [`SingleFlightError::Failed`] with the factory's
-    /// error, [`SingleFlightError::TimedOut`], or
+    /// error, [`SingleFlightError::TimedOut`] (the flight's timeout, or this
+    /// caller's own `options.timeout` while waiting), or
     /// [`SingleFlightError::Abandoned`] if the computation panicked.
     pub async fn get_or_compute<F, Fut>(
         &self,
@@ -435,15 +440,23 @@ where
                 }
             }
         }
-        let mut rx = self.join_or_start(key, factory, options);
-        // Each caller waits at most its own timeout, whatever the flight's.
-        let waited = tokio::time::timeout(options.timeout, async {
+        let own_deadline = deadline_after(options.timeout);
+        let (mut rx, flight_deadline) = self.join_or_start(key, factory, options, own_deadline);
+        let wait = async {
             match rx.wait_for(Option::is_some).await {
                 Ok(slot) => slot.clone().unwrap_or(Err(SingleFlightError::Abandoned)),
                 Err(_closed) => Err(SingleFlightError::Abandoned),
             }
-        })
-        .await;
+        };
+        // Each caller waits at most its own timeout, whatever the flight's.
+        // The flight publishes an outcome by its own deadline, so a caller
+        // whose deadline is no earlier (the leader, or a follower with a
+        // longer timeout) needs no timer of its own.
+        let waited = if own_deadline >= flight_deadline {
+            Ok(wait.await)
+        } else {
+            tokio::time::timeout_at(own_deadline, wait).await
+        };
         waited.unwrap_or_else(|_elapsed| {
             self.inner
                 .counters
@@ -542,7 +555,7 @@ where
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Result<V, E>> + Send + 'static,
     {
-        let Some(tx) = self.register(&key) else {
+        let Some(tx) = self.register(&key, deadline_after(options.timeout)) else {
             return; // a flight for this key is already running
         };
         self.inner
@@ -557,7 +570,8 @@ where
         key: K,
         factory: F,
         options: &FlightOptions,
-    ) -> watch::Receiver<Slot<V, E>>
+        deadline: Instant,
+    ) -> (watch::Receiver<Slot<V, E>>, Instant)
     where
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Result<V, E>> + Send + 'static,
@@ -568,28 +582,31 @@ where
                 .counters
                 .coalesced
                 .fetch_add(1, Ordering::Relaxed);
-            return flight.rx.clone();
+            return (flight.rx.clone(), flight.deadline);
         }
-        let (tx, rx) = self.insert_flight(&mut flights, key.clone());
+        let (tx, rx) = self.insert_flight(&mut flights, key.clone(), deadline);
         drop(flights);
         let check_cache = self.inner.cache.is_some();
         self.spawn_flight(key, tx, factory, options, check_cache);
-        rx
+        (rx, deadline)
     }
 
     /// Inserts a new flight for `key` unless one is running; returns its sender.
-    fn register(&self, key: &K) -> Option<FlightSender<V, E>> {
+    fn register(&self, key: &K, deadline: Instant) -> Option<FlightSender<V, E>> {
         let mut flights = self.inner.lock();
         if flights.contains_key(key) {
             return None;
         }
-        Some(self.insert_flight(&mut flights, key.clone()).0)
+        Some(self.insert_flight(&mut flights, key.clone(), deadline).0)
     }
 
+    /// Inserts a flight whose timed part (re-check and computation) ends by
+    /// `deadline`.
     fn insert_flight(
         &self,
         flights: &mut HashMap<K, Flight<V, E>>,
         key: K,
+        deadline: Instant,
     ) -> (FlightSender<V, E>, watch::Receiver<Slot<V, E>>) {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = watch::channel(None);
@@ -600,9 +617,18 @@ where
                 id,
                 rx: rx.clone(),
                 current: Arc::clone(&current),
+                deadline,
             },
         );
-        (FlightSender { id, tx, current }, rx)
+        (
+            FlightSender {
+                id,
+                tx,
+                current,
+                deadline,
+            },
+            rx,
+        )
     }
 
     /// Spawns the flight's task. Called with the map unlocked: if the task is
@@ -629,6 +655,7 @@ where
             guard,
             sender.tx,
             sender.current,
+            sender.deadline,
             factory,
             options,
             check_cache,
@@ -640,6 +667,7 @@ struct FlightSender<V, E> {
     id: u64,
     tx: watch::Sender<Slot<V, E>>,
     current: Arc<AtomicBool>,
+    deadline: Instant,
 }
 
 /// Removes the flight's map entry when the flight's task ends, however it ends.
@@ -669,6 +697,7 @@ async fn run_flight<K, V, E, F, Fut>(
     guard: RemoveOnDrop<K, V, E>,
     tx: watch::Sender<Slot<V, E>>,
     current: Arc<AtomicBool>,
+    deadline: Instant,
     factory: F,
     options: FlightOptions,
     check_cache: bool,
@@ -694,7 +723,7 @@ async fn run_flight<K, V, E, F, Fut>(
     };
     // On a timeout the re-check or the factory's future has been dropped
     // here: the computation is cancelled.
-    let outcome = match within(options.timeout, work).await {
+    let outcome = match tokio::time::timeout_at(deadline, work).await.ok() {
         Some(Work::Cached(value)) => {
             tx.send_replace(Some(Ok(value)));
             return;
@@ -758,6 +787,14 @@ enum Work<V, E> {
     Cached(V),
     /// The factory ran: its result and how long it took.
     Computed(Result<V, E>, Duration),
+}
+
+/// `timeout` from now, or far in the future if that does not fit an
+/// `Instant`.
+fn deadline_after(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365 * 30))
 }
 
 /// `future`'s output, or `None` if it ran past `limit` (then it is dropped).

@@ -207,6 +207,9 @@ pub struct CircuitBreaker {
     state_gauge: metrics::Gauge,
     rejected: metrics::Counter,
     dropped_closed: metrics::Counter,
+    /// The policy has a slow-call rule (read on every admission, so kept
+    /// here rather than behind the policy's `Arc`).
+    track_slow: bool,
     /// [`TRANSITIONS_COUNTER`] by target: closed, open, half-open.
     transitions: [metrics::Counter; 3],
 }
@@ -222,7 +225,7 @@ struct Control {
 ///
 /// Dropping it without [`CallPermit::record`] (the call's future was dropped)
 /// hands a half-open probe slot back, and for a closed breaker applies
-/// [`CancelledCalls`].
+/// [`CancelledCalls`] and counts the call in [`DROPPED_CLOSED_CALLS_COUNTER`].
 #[derive(Debug)]
 #[must_use = "record the outcome with CallPermit::record"]
 pub struct CallPermit<'a> {
@@ -409,6 +412,7 @@ impl CircuitBreaker {
                 "policy" => label
             ),
             transitions,
+            track_slow: config.slow_calls.is_some(),
             policy,
             clock,
         }
@@ -433,8 +437,27 @@ impl CircuitBreaker {
 
     /// Asks for admission without running anything, for callers that drive
     /// the call themselves. Never blocks.
+    // Inline across crates: the permit then stays in registers instead of
+    // being returned and copied through memory (the closed call's main cost
+    // when it was out of line).
+    #[inline]
     pub fn try_acquire(&self) -> Result<CallPermit<'_>, Rejection> {
-        let mut word = self.word.0.load(Ordering::Acquire);
+        let word = self.word.0.load(Ordering::Acquire);
+        if state_bits(word) == CLOSED {
+            return Ok(CallPermit {
+                breaker: self,
+                generation: generation(word),
+                probe: false,
+                started: self.start_mark(),
+                done: false,
+            });
+        }
+        self.try_acquire_slow(word)
+    }
+
+    /// [`CircuitBreaker::try_acquire`] past the closed fast path: open,
+    /// half-open, or a transition under way.
+    fn try_acquire_slow(&self, mut word: u64) -> Result<CallPermit<'_>, Rejection> {
         loop {
             match state_bits(word) {
                 CLOSED => {
@@ -573,7 +596,15 @@ impl CircuitBreaker {
     /// Admission time for the slow-call rule; no clock read without it.
     #[inline]
     fn start_mark(&self) -> Option<u64> {
-        self.config().slow_calls.map(|_| self.now_nanos())
+        self.track_slow.then(|| self.now_nanos())
+    }
+
+    /// Whether recording a success of a closed call would change nothing:
+    /// no failure streak to reset and a full window with no bit set (see
+    /// the `window` module). Then a closed success writes no shared line.
+    #[inline]
+    fn success_is_noop(&self) -> bool {
+        self.consecutive.0.load(Ordering::Relaxed) == 0 && self.window.success_is_noop()
     }
 
     #[cold]
@@ -587,6 +618,7 @@ impl CircuitBreaker {
     }
 
     /// Records a finished call admitted under `generation`.
+    #[inline]
     fn record(
         &self,
         generation_at_admission: u64,
@@ -671,6 +703,7 @@ impl CircuitBreaker {
         }
     }
 
+    #[cold]
     fn record_probe(&self, generation_at_admission: u64, verdict: Verdict, slow: bool) {
         let verdict = if slow && verdict == Verdict::Success {
             Verdict::Failure
@@ -738,6 +771,7 @@ impl CircuitBreaker {
         }
     }
 
+    #[cold]
     fn cancelled(&self, generation_at_admission: u64, probe: bool) {
         self.cancelled.fetch_add(1, Ordering::Relaxed);
         if probe {
@@ -850,8 +884,19 @@ impl CircuitBreaker {
 
 impl CallPermit<'_> {
     /// Records the call's outcome. Consumes the permit.
+    #[inline]
     pub fn record(mut self, verdict: Verdict) {
         self.done = true;
+        // Inline fast path: a closed success without a slow-call rule that
+        // would change nothing (see `success_is_noop`) is not recorded; a
+        // stale one would be discarded anyway.
+        if !self.probe
+            && self.started.is_none()
+            && matches!(verdict, Verdict::Success)
+            && self.breaker.success_is_noop()
+        {
+            return;
+        }
         self.breaker
             .record(self.generation, self.probe, self.started, verdict);
     }
@@ -878,6 +923,7 @@ impl CallPermit<'_> {
 }
 
 impl Drop for CallPermit<'_> {
+    #[inline]
     fn drop(&mut self) {
         if !self.done {
             self.breaker.cancelled(self.generation, self.probe);

@@ -87,6 +87,50 @@ fn rate_is_not_judged_below_minimum_calls() {
     assert_eq!(b.state(), BreakerState::Open);
 }
 
+/// The closed success shortcut (a full, clean window records nothing) must
+/// not change what the window judges.
+#[test]
+fn skipped_successes_still_leave_a_window_of_the_last_calls() {
+    let (b, _clock) = breaker(BreakerConfig {
+        consecutive_failures: 3,
+        ..config()
+    });
+    for _ in 0..25 {
+        succeed(&b).unwrap();
+    }
+    assert!(b.success_is_noop());
+    let snap = b.snapshot();
+    assert_eq!((snap.window_calls, snap.window_failures), (10, 0));
+    // A failure ends the shortcut; a success resets the streak.
+    fail(&b).unwrap();
+    fail(&b).unwrap();
+    assert!(!b.success_is_noop());
+    succeed(&b).unwrap();
+    assert_eq!(b.snapshot().consecutive_failures, 0);
+    assert_eq!(b.snapshot().window_failures, 2);
+    // 2 failures, then 8 more successes push them out of the window of 10.
+    for _ in 0..7 {
+        succeed(&b).unwrap();
+    }
+    assert_eq!(b.snapshot().window_failures, 2);
+    succeed(&b).unwrap();
+    succeed(&b).unwrap();
+    assert_eq!(b.snapshot().window_failures, 0);
+    // And the rate still trips on the last 10 calls.
+    for _ in 0..2 {
+        fail(&b).unwrap();
+        succeed(&b).unwrap();
+    }
+    fail(&b).unwrap();
+    assert_eq!(b.state(), BreakerState::Closed);
+    assert_eq!(b.snapshot().window_failures, 3);
+    succeed(&b).unwrap();
+    fail(&b).unwrap();
+    fail(&b).unwrap();
+    // 5 of the last 10: 50 %.
+    assert_eq!(b.state(), BreakerState::Open);
+}
+
 #[test]
 fn window_slides_so_old_failures_age_out() {
     let (b, _clock) = breaker(config());

@@ -2,16 +2,34 @@
 //! kind, written with single atomic operations (no lock, no allocation after
 //! construction). Counts are popcounts, taken only when a failure or slow
 //! call might trip the breaker.
+//!
+//! The ring holds a power of two of slots (at least the window size), so a
+//! call finds its slot with a mask instead of a 64-bit division on the hot
+//! path; `counts` (cold) reads only the slots of the last `size` calls.
+//!
+//! A success recorded into a full window whose ring holds no set bit changes
+//! nothing (the ring stays all zero, the count stays full), so
+//! [`Window::success_is_noop`] lets the breaker skip it: with healthy traffic
+//! a closed call then writes no shared cache line at all.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use super::CachePadded;
 
 #[derive(Debug)]
 pub(super) struct Window {
+    /// Calls judged: the last `size` recorded.
     size: u64,
-    /// Calls recorded since the last reset; slot = calls % size.
+    /// Ring slots minus one (the slot count is `size` rounded up to a power
+    /// of two).
+    mask: u64,
+    /// Calls recorded since the last reset; slot = calls & mask.
     calls: CachePadded<AtomicU64>,
+    /// Bits set in the whole ring (failure and slow), counted on every
+    /// actual 0 -> 1 and 1 -> 0 flip. May be off transiently (or, after a
+    /// reset racing a flip, stay above zero, which only disables the no-op
+    /// shortcut); it is 0 only when no flip is outstanding.
+    set_bits: CachePadded<AtomicI64>,
     failures: Box<[AtomicU64]>,
     /// Empty when the slow-call rule is off.
     slow: Box<[AtomicU64]>,
@@ -27,11 +45,14 @@ pub(super) struct Counts {
 
 impl Window {
     pub(super) fn new(size: u32, track_slow: bool) -> Self {
-        let words = (size as usize).div_ceil(64);
+        let slots = u64::from(size.max(1)).next_power_of_two();
+        let words = (slots as usize).div_ceil(64);
         let bits = |n: usize| (0..n).map(|_| AtomicU64::new(0)).collect::<Box<[_]>>();
         Self {
             size: u64::from(size),
+            mask: slots - 1,
             calls: CachePadded(AtomicU64::new(0)),
+            set_bits: CachePadded(AtomicI64::new(0)),
             failures: bits(words),
             slow: bits(if track_slow { words } else { 0 }),
         }
@@ -41,52 +62,87 @@ impl Window {
     #[inline]
     pub(super) fn record(&self, failure: bool, slow: bool) {
         let seq = self.calls.0.fetch_add(1, Ordering::Relaxed);
-        let slot = seq % self.size;
+        let slot = seq & self.mask;
         let word = (slot / 64) as usize;
         let mask = 1u64 << (slot % 64);
         if let Some(w) = self.failures.get(word) {
-            set_bit(w, mask, failure);
+            self.set_bit(w, mask, failure);
         }
         if let Some(w) = self.slow.get(word) {
-            set_bit(w, mask, slow);
+            self.set_bit(w, mask, slow);
+        }
+    }
+
+    /// Whether recording a success would change nothing: the window is full
+    /// and no bit is set anywhere in the ring. Two relaxed loads.
+    #[inline]
+    pub(super) fn success_is_noop(&self) -> bool {
+        self.set_bits.0.load(Ordering::Relaxed) == 0
+            && self.calls.0.load(Ordering::Relaxed) >= self.size
+    }
+
+    /// Sets or clears `mask` in `word`, skipping the write when it already
+    /// has that value (a plain load is far cheaper than a contended RMW, and
+    /// the skipped write linearizes before any concurrent writer of the same
+    /// slot); counts the flips it makes in `set_bits`.
+    #[inline]
+    fn set_bit(&self, word: &AtomicU64, mask: u64, on: bool) {
+        let current = word.load(Ordering::Relaxed);
+        if on {
+            if current & mask == 0 && word.fetch_or(mask, Ordering::Relaxed) & mask == 0 {
+                self.set_bits.0.fetch_add(1, Ordering::Relaxed);
+            }
+        } else if current & mask != 0 && word.fetch_and(!mask, Ordering::Relaxed) & mask != 0 {
+            self.set_bits.0.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
     pub(super) fn counts(&self) -> Counts {
-        let calls = self.calls.0.load(Ordering::Relaxed).min(self.size);
-        let ones = |words: &[AtomicU64]| -> u32 {
-            words
-                .iter()
-                .map(|w| w.load(Ordering::Relaxed).count_ones())
-                .sum()
-        };
+        let seq = self.calls.0.load(Ordering::Relaxed);
+        let calls = seq.min(self.size);
+        // The last `calls` calls sit in the slots of sequence numbers
+        // `seq - calls .. seq`; older slots of the ring are not counted.
+        let start = seq.wrapping_sub(calls) & self.mask;
         Counts {
             calls: calls as u32,
-            failures: ones(&self.failures),
-            slow: ones(&self.slow),
+            failures: self.ones(&self.failures, start, calls),
+            slow: self.ones(&self.slow, start, calls),
         }
+    }
+
+    /// Set bits in the `len` ring slots from `start` on (wrapping).
+    fn ones(&self, words: &[AtomicU64], start: u64, len: u64) -> u32 {
+        if words.is_empty() {
+            return 0;
+        }
+        let slots = self.mask + 1;
+        let (mut pos, mut left, mut ones) = (start, len, 0);
+        while left > 0 {
+            let offset = pos % 64;
+            let take = left.min(64 - offset).min(slots - pos);
+            let bits = if take == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << take) - 1) << offset
+            };
+            if let Some(word) = words.get((pos / 64) as usize) {
+                ones += (word.load(Ordering::Relaxed) & bits).count_ones();
+            }
+            left -= take;
+            pos = (pos + take) & self.mask;
+        }
+        ones
     }
 
     pub(super) fn reset(&self) {
+        // The count first (no shortcut until the window is full again), then
+        // the bit count, then the bits: a flip racing the reset can only
+        // leave `set_bits` above the truth, never at 0 with a bit set.
         self.calls.0.store(0, Ordering::Relaxed);
+        self.set_bits.0.store(0, Ordering::Relaxed);
         for w in self.failures.iter().chain(self.slow.iter()) {
             w.store(0, Ordering::Relaxed);
         }
-    }
-}
-
-/// Sets or clears `mask` in `word`, skipping the write when it already has
-/// that value (a plain load is far cheaper than a contended RMW, and the
-/// skipped write linearizes before any concurrent writer of the same slot).
-#[inline]
-fn set_bit(word: &AtomicU64, mask: u64, on: bool) {
-    let current = word.load(Ordering::Relaxed);
-    if on {
-        if current & mask == 0 {
-            word.fetch_or(mask, Ordering::Relaxed);
-        }
-    } else if current & mask != 0 {
-        word.fetch_and(!mask, Ordering::Relaxed);
     }
 }
 
@@ -137,6 +193,42 @@ mod tests {
                 slow: 0
             }
         );
+    }
+
+    /// Against a plain model (a `VecDeque` of the last `size` outcomes), for
+    /// sizes below, at and across ring and word boundaries.
+    #[test]
+    fn counts_match_the_last_size_calls() {
+        for size in [1, 3, 5, 50, 63, 64, 65, 100, 128, 129] {
+            let w = Window::new(size, true);
+            let mut model = std::collections::VecDeque::new();
+            for i in 0u64..(3 * u64::from(size) + 70) {
+                let (failure, slow) = (i % 3 == 0 || i % 7 == 0, i % 5 == 0);
+                w.record(failure, slow);
+                model.push_back((failure, slow));
+                if model.len() > size as usize {
+                    model.pop_front();
+                }
+                let expected = Counts {
+                    calls: model.len() as u32,
+                    failures: model.iter().filter(|(f, _)| *f).count() as u32,
+                    slow: model.iter().filter(|(_, s)| *s).count() as u32,
+                };
+                assert_eq!(w.counts(), expected, "size {size} after {} calls", i + 1);
+                let ring_clear = expected.failures == 0
+                    && expected.slow == 0
+                    && w.failures
+                        .iter()
+                        .chain(w.slow.iter())
+                        .all(|b| b.load(Ordering::Relaxed) == 0);
+                assert_eq!(
+                    w.success_is_noop(),
+                    ring_clear && model.len() == size as usize,
+                    "size {size} after {} calls",
+                    i + 1
+                );
+            }
+        }
     }
 
     #[test]
