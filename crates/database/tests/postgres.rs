@@ -1005,6 +1005,69 @@ async fn a_timed_out_statement_in_a_transaction_gives_its_slot_back() {
     tdb.drop_database().await.unwrap();
 }
 
+/// Item 1, the caller's side: a `run` whose caller gives up first (a request dropped by its
+/// own deadline or by a client that hung up) discards its connection too. Before, the
+/// dropped future sent a black-holed connection back through sqlx's release ping, which has
+/// no timeout, and the pool's only slot stayed taken.
+#[tokio::test]
+async fn a_run_dropped_by_its_caller_mid_query_gives_its_slot_back() {
+    let tdb = TestDatabase::create().await.unwrap();
+    let (db, proxy) = behind_a_proxy(&tdb, "sbt-dropped-run").await;
+    proxy.black_hole_queries();
+    let query = db.run(async |conn| sqlx::query("SELECT 1").execute(conn).await);
+    // Nothing comes back through the black hole: the caller's timeout fires, whatever the
+    // machine's load, and drops the `run` future mid-query.
+    let gave_up = tokio::time::timeout(Duration::from_millis(50), query).await;
+    assert!(gave_up.is_err(), "{gave_up:?}");
+    assert_eq!(
+        db.metrics().primary.size,
+        0,
+        "the connection left the pool when the future was dropped"
+    );
+    proxy.restore();
+    let one: i32 = tokio::time::timeout(GUARD, async {
+        db.run(async |conn| sqlx::query_scalar("SELECT 1").fetch_one(conn).await)
+            .await
+    })
+    .await
+    .expect("run() is bounded")
+    .expect("the pool's only slot is free again");
+    assert_eq!(one, 1);
+    db.close(Duration::from_secs(2)).await.unwrap();
+    tdb.drop_database().await.unwrap();
+}
+
+/// The same for a transaction: a `Tx::run` dropped mid-statement leaves the `Tx` unusable
+/// and dropping the `Tx` discards its connection instead of queueing a `ROLLBACK` behind an
+/// unbounded release ping.
+#[tokio::test]
+async fn a_tx_dropped_mid_statement_gives_its_slot_back() {
+    let tdb = TestDatabase::create().await.unwrap();
+    let (db, proxy) = behind_a_proxy(&tdb, "sbt-dropped-tx").await;
+    let mut tx = db.begin().await.unwrap();
+    proxy.black_hole_queries();
+    let statement = tx.run(async |conn| sqlx::query("SELECT 1").execute(conn).await);
+    let gave_up = tokio::time::timeout(Duration::from_millis(50), statement).await;
+    assert!(gave_up.is_err(), "{gave_up:?}");
+    let again = tx
+        .run(async |conn| sqlx::query("SELECT 1").execute(conn).await)
+        .await;
+    assert!(matches!(again, Err(DbError::Discarded)), "{again:?}");
+    drop(tx);
+    assert_eq!(db.metrics().primary.size, 0, "the connection left the pool");
+    proxy.restore();
+    let one: i32 = tokio::time::timeout(GUARD, async {
+        db.run(async |conn| sqlx::query_scalar("SELECT 1").fetch_one(conn).await)
+            .await
+    })
+    .await
+    .expect("run() is bounded")
+    .expect("the pool's only slot is free again");
+    assert_eq!(one, 1);
+    db.close(Duration::from_secs(2)).await.unwrap();
+    tdb.drop_database().await.unwrap();
+}
+
 fn unique_app(prefix: &str) -> String {
     format!(
         "{prefix}-{}",
