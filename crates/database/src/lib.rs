@@ -45,7 +45,10 @@
 //! request) detaches it from the pool
 //! (`PoolConnection::detach`) and drops it: the socket closes, the slot is free at once and
 //! the pool opens a fresh connection when it needs one. [`Tx`] does the same for every
-//! statement of a transaction and for its `BEGIN`, `COMMIT` and `ROLLBACK`.
+//! statement of a transaction and for its `BEGIN`, `COMMIT` and `ROLLBACK`. A connection
+//! that goes back after its work succeeded gets a liveness ping bounded by the acquire
+//! timeout first (the pool's `after_release` hook, which sqlx runs before its own ping), so
+//! a path that died meanwhile costs its slot that long at most.
 //!
 //! # Why sqlx 0.8.6 and a cancel-safe `begin`
 //!
