@@ -1224,8 +1224,9 @@ async fn an_unreachable_replica_falls_back_to_the_primary_and_retries_with_backo
 
     // After it, exactly one new attempt. Each refused attempt lasts up to the acquire
     // timeout, so measure the delay from the second attempt's failure to the third
-    // attempt's start: it is the backoff (drawn from 200..400 ms), which polling every
-    // 10 ms can only see as shorter by a poll (before, a zero backoff passed too).
+    // attempt's start: it is the backoff (drawn from 200..400 ms). Polling sees the failure
+    // late by a poll plus however long a loaded machine delays the poller, so the bound is
+    // half the shortest backoff: a zero backoff (which passed before) shows as a poll or two.
     assert!(
         eventually(Duration::from_secs(3), || async {
             let _ = db.analytics().await;
@@ -1251,7 +1252,7 @@ async fn an_unreachable_replica_falls_back_to_the_primary_and_retries_with_backo
         tokio::time::sleep(poll).await;
     };
     assert!(
-        gap >= Duration::from_millis(200) - poll,
+        gap >= Duration::from_millis(100),
         "the third attempt came {gap:?} after the second failure; the backoff is at least 200 ms"
     );
     db.close(Duration::from_secs(5)).await.unwrap();
