@@ -38,6 +38,8 @@ pub(crate) struct Api {
     pub(crate) base: String,
     pub(crate) http: reqwest::Client,
     output: Arc<Mutex<Vec<String>>>,
+    /// The tasks copying stdout and stderr into `output`; each ends at its pipe's EOF.
+    readers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Api {
@@ -58,6 +60,7 @@ impl Api {
         let mut child = cmd.spawn().context("spawning smartbeak-api")?;
         let output = Arc::new(Mutex::new(Vec::new()));
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut readers = Vec::new();
         for stream in [
             child
                 .stdout
@@ -73,7 +76,7 @@ impl Api {
         {
             let output = output.clone();
             let tx = tx.clone();
-            tokio::spawn(async move {
+            readers.push(tokio::spawn(async move {
                 let mut lines = BufReader::new(stream).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
                     if let Some(at) = line.find("listening on http://") {
@@ -86,7 +89,7 @@ impl Api {
                     }
                     output.lock().unwrap().push(line);
                 }
-            });
+            }));
         }
         drop(tx);
         let addr = match tokio::time::timeout(Duration::from_secs(30), rx.recv()).await {
@@ -104,6 +107,7 @@ impl Api {
                 .timeout(Duration::from_secs(30))
                 .build()?,
             output,
+            readers,
         })
     }
 
@@ -120,12 +124,23 @@ impl Api {
         self.output.lock().unwrap().join("\n")
     }
 
-    /// Waits for the process to exit, at most `bound`.
+    /// Waits for the process to exit and for its stdout and stderr to reach EOF (so
+    /// [`Api::output`] then holds everything it printed), at most `bound` in all.
     pub(crate) async fn wait(&mut self, bound: Duration) -> Result<std::process::ExitStatus> {
-        tokio::time::timeout(bound, self.child.wait())
+        let deadline = tokio::time::Instant::now() + bound;
+        let status = tokio::time::timeout_at(deadline, self.child.wait())
             .await
             .context("smartbeak-api did not exit in time")?
-            .context("waiting for smartbeak-api")
+            .context("waiting for smartbeak-api")?;
+        // The exit status can arrive before the reader tasks have read the last lines
+        // still in the pipes: wait for their EOF.
+        for reader in self.readers.drain(..) {
+            tokio::time::timeout_at(deadline, reader)
+                .await
+                .context("smartbeak-api's output did not reach EOF in time")?
+                .context("reading smartbeak-api's output")?;
+        }
+        Ok(status)
     }
 
     /// Value of an unlabelled metric (or the sum over its label sets) from `/metrics`.

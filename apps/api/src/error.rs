@@ -211,9 +211,10 @@ impl From<sqlx::Error> for ApiError {
 impl From<smartbeak_database::DbError> for ApiError {
     fn from(err: smartbeak_database::DbError) -> Self {
         match err {
-            smartbeak_database::DbError::Query(inner) => inner.into(),
-            // A transaction whose connection was discarded after a timeout: as unavailable
-            // as the timeout itself.
+            // First, so a driver-level connection failure (I/O, TLS, protocol, a closed
+            // pool) is 503 like the timeouts, whatever the sqlx mapping below says. A
+            // transaction whose connection was discarded after a timeout: as unavailable as
+            // the timeout itself.
             other
                 if other.is_timeout()
                     || other.is_connection_failure()
@@ -221,6 +222,7 @@ impl From<smartbeak_database::DbError> for ApiError {
             {
                 Self::DatabaseUnavailable(Box::new(other))
             }
+            smartbeak_database::DbError::Query(inner) => inner.into(),
             other => Self::internal(other),
         }
     }
@@ -349,6 +351,24 @@ mod tests {
         );
         pool.close().await;
         tdb.drop_database().await.unwrap();
+    }
+
+    #[test]
+    fn connection_failures_of_the_driver_are_503() {
+        use smartbeak_database::DbError;
+        for err in [
+            sqlx::Error::Protocol("unexpected message".into()),
+            sqlx::Error::Tls("handshake".into()),
+            sqlx::Error::WorkerCrashed,
+            sqlx::Error::PoolClosed,
+        ] {
+            let shown = format!("{err:?}");
+            assert_eq!(
+                ApiError::from(DbError::Query(err)).status(),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "{shown}"
+            );
+        }
     }
 
     #[tokio::test]

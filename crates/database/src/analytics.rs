@@ -16,7 +16,7 @@
 //! `analytics_ping_interval`, fails; so `read_source` (and the api's `/readyz` and
 //! `db_analytics_replica_in_use`) stops saying "replica" even without traffic.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
@@ -61,8 +61,10 @@ pub(crate) struct Analytics {
     /// Held by the inline first attempt: concurrent first callers queue behind it.
     first: tokio::sync::Mutex<()>,
     retry: Mutex<Retry>,
-    /// Consecutive connection failures on the current replica.
-    errors: AtomicU32,
+    /// Consecutive connection failures on the current replica: `(generation, count)`. Keyed
+    /// by generation so a read still in flight on a dropped replica neither adds to nor
+    /// resets the count of the one installed after it.
+    errors: Mutex<(u64, u32)>,
     degraded: AtomicBool,
     closed: AtomicBool,
 }
@@ -95,7 +97,7 @@ impl Analytics {
                 failed: false,
                 in_flight: false,
             }),
-            errors: AtomicU32::new(0),
+            errors: Mutex::new((0, 0)),
             degraded: AtomicBool::new(false),
             closed: AtomicBool::new(false),
         }
@@ -156,15 +158,28 @@ impl Analytics {
     /// failure count, a connection failure adds to it and drops the replica at
     /// [`REPLICA_ERRORS`].
     pub(crate) fn record<T>(self: &Arc<Self>, generation: u64, result: &Result<T, DbError>) {
-        match result {
-            Ok(_) => self.errors.store(0, Ordering::Relaxed),
-            Err(error) if error.is_connection_failure() => {
-                let n = self.errors.fetch_add(1, Ordering::Relaxed) + 1;
-                if n >= REPLICA_ERRORS {
-                    self.drop_replica(generation, &format!("{n} consecutive failures"), error);
-                }
+        let n = {
+            let mut errors = self.errors.lock().unwrap_or_else(|e| e.into_inner());
+            if errors.0 != generation {
+                // A read on a replica dropped since: it says nothing about the current one.
+                return;
             }
-            Err(_) => {}
+            match result {
+                Ok(_) => {
+                    errors.1 = 0;
+                    return;
+                }
+                Err(error) if error.is_connection_failure() => {
+                    errors.1 += 1;
+                    errors.1
+                }
+                Err(_) => return,
+            }
+        };
+        if n >= REPLICA_ERRORS
+            && let Err(error) = result
+        {
+            self.drop_replica(generation, &format!("{n} consecutive failures"), error);
         }
     }
 
@@ -183,6 +198,8 @@ impl Analytics {
     /// after [`Analytics::close`] closes at once instead.
     async fn install(self: &Arc<Self>, pool: PgPool) -> Option<(u64, PgPool)> {
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        // Before the replica is visible, so its first reads are counted against it.
+        *self.errors.lock().unwrap_or_else(|e| e.into_inner()) = (generation, 0);
         *self.write_replica() = Some((generation, pool.clone()));
         // After the write: `close` sets `closed` before it takes the slot, so one of the
         // two sees the other.
@@ -193,7 +210,6 @@ impl Analytics {
             }
             return None;
         }
-        self.errors.store(0, Ordering::Relaxed);
         self.lock_retry().backoff.reset();
         if self.degraded.swap(false, Ordering::Relaxed) {
             tracing::info!("analytics replica reachable again; reads go to the replica");
@@ -361,9 +377,57 @@ impl Backoff {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
     use rand::SeedableRng;
 
     use super::*;
+
+    /// A replica with no server behind it (never connected to in this test).
+    fn lazy_pool() -> PgPool {
+        sqlx::postgres::PgPoolOptions::new()
+            .connect_lazy("postgres://nobody@127.0.0.1:1/none")
+            .unwrap()
+    }
+
+    /// Reads that were in flight on a dropped replica and fail afterwards must not count
+    /// against the replica installed after it: before, they shared one counter, and two
+    /// stale failures plus one real one dropped a healthy new replica.
+    #[tokio::test]
+    async fn failures_of_a_dropped_replica_do_not_count_against_the_next_one() {
+        let mut config = DatabaseConfig::new("postgres://nobody@127.0.0.1:1/none").unwrap();
+        config.analytics_url =
+            Some(SecretUrl::parse("ANALYTICS_DB_URL", "postgres://nobody@127.0.0.1:1/r").unwrap());
+        // No health ping during the test: the pools here have no server.
+        config.analytics_ping_interval = Duration::from_secs(3600);
+        let analytics = Arc::new(Analytics::new(&config, "t", Arc::default()));
+        let timeout: Result<(), DbError> = Err(DbError::QueryTimeout(Duration::from_secs(1)));
+
+        let (old, _) = analytics.install(lazy_pool()).await.unwrap();
+        for _ in 0..REPLICA_ERRORS {
+            analytics.record(old, &timeout);
+        }
+        assert_eq!(
+            analytics.source(),
+            ReadSource::Primary,
+            "dropped at the limit"
+        );
+        let (new, _) = analytics.install(lazy_pool()).await.unwrap();
+        assert_ne!(new, old);
+        for _ in 0..REPLICA_ERRORS {
+            analytics.record(old, &timeout);
+        }
+        for _ in 0..REPLICA_ERRORS - 1 {
+            analytics.record(new, &timeout);
+        }
+        assert_eq!(
+            analytics.source(),
+            ReadSource::Replica,
+            "stale failures ignored"
+        );
+        analytics.record(new, &timeout);
+        assert_eq!(analytics.source(), ReadSource::Primary);
+    }
 
     #[test]
     fn delays_double_from_initial_to_the_cap_with_jitter() {

@@ -41,10 +41,14 @@
 //! timeout (the black-holed connection that timeout exists for) would therefore hold its slot
 //! for the OS TCP timeout, about 15 minutes; twenty of them exhaust a pool of twenty and keep
 //! `close()` waiting. [`Database::run`] checks the connection out itself, runs the work on
-//! it under the bound, and on timeout detaches it from the pool
+//! it under the bound, and on timeout (or when its caller drops it mid-work, a cancelled
+//! request) detaches it from the pool
 //! (`PoolConnection::detach`) and drops it: the socket closes, the slot is free at once and
 //! the pool opens a fresh connection when it needs one. [`Tx`] does the same for every
-//! statement of a transaction and for its `BEGIN`, `COMMIT` and `ROLLBACK`.
+//! statement of a transaction and for its `BEGIN`, `COMMIT` and `ROLLBACK`. A connection
+//! that goes back after its work succeeded gets a liveness ping bounded by the acquire
+//! timeout first (the pool's `after_release` hook, which sqlx runs before its own ping), so
+//! a path that died meanwhile costs its slot that long at most.
 //!
 //! # Why sqlx 0.8.6 and a cancel-safe `begin`
 //!
@@ -175,17 +179,50 @@ pub(crate) async fn run_on<T>(
 ) -> Result<T, DbError> {
     let deadline = tokio::time::Instant::now() + bound;
     let acquire = acquire_from(counters, acquire_timeout, pool);
-    let mut conn = match tokio::time::timeout_at(deadline, acquire).await {
+    let conn = match tokio::time::timeout_at(deadline, acquire).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => return Err(counters.count_query_error(e)),
         Err(_) => return Err(counters.count_query_error(DbError::QueryTimeout(bound))),
     };
-    match tokio::time::timeout_at(deadline, work(&mut conn)).await {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(e)) => Err(counters.count_query_error(DbError::from_sqlx(e, acquire_timeout))),
+    // Discards the connection unless the work ended: on the bound, and also when the caller
+    // drops this future mid-query (a cancelled request), which would otherwise send the
+    // connection back through sqlx's unbounded release ping.
+    let mut held = InFlight(Some(conn));
+    let Some(conn) = held.0.as_deref_mut() else {
+        // Never: `held` was made with its connection just above.
+        return Err(DbError::Discarded);
+    };
+    let outcome = tokio::time::timeout_at(deadline, work(conn)).await;
+    match outcome {
+        Ok(Ok(value)) => {
+            held.release();
+            Ok(value)
+        }
+        Ok(Err(e)) => {
+            held.release();
+            Err(counters.count_query_error(DbError::from_sqlx(e, acquire_timeout)))
+        }
         Err(_) => {
-            discard(conn);
+            drop(held);
             Err(counters.count_query_error(DbError::QueryTimeout(bound)))
+        }
+    }
+}
+
+/// A connection with work in flight: dropped before [`InFlight::release`], it is discarded.
+struct InFlight(Option<PoolConnection<Postgres>>);
+
+impl InFlight {
+    /// The work ended: the connection goes back to the pool.
+    fn release(mut self) {
+        drop(self.0.take());
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.take() {
+            discard(conn);
         }
     }
 }
@@ -267,7 +304,8 @@ impl Database {
     /// Runs `work` on a primary connection checked out (and counted) for it, the whole call
     /// (acquire included) bounded by [`DatabaseConfig::query_timeout`]. Errors are classified
     /// ([`DbError::StatementTimeout`], [`DbError::AcquireTimeout`], ...) and counted. When the
-    /// bound fires the connection is discarded, not returned: its pool slot is free at once.
+    /// bound fires, or the caller drops this future mid-work, the connection is discarded, not
+    /// returned: its pool slot is free at once.
     ///
     /// `work` gets the connection for one statement or several (autocommit each); for a
     /// transaction use [`Database::begin`].

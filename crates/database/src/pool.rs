@@ -9,6 +9,9 @@
 //!   killed (or whose network path died) within `ping_bypass` of its last use costs its next
 //!   user one error (sqlx then closes it on release). `DB_PING_BYPASS_MS=0` pings on every
 //!   acquire instead;
+//! - `after_release` pings a returned connection under the acquire timeout before sqlx's
+//!   own unbounded release ping, so a path that died while the connection was checked out
+//!   costs its slot at most that long (see `release_ping`);
 //! - both hooks retire a connection once it is older than `max_lifetime` less a per
 //!   connection jitter of up to 2.5% (as HikariCP does), so a pool opened at once does not
 //!   reconnect at once.
@@ -64,6 +67,7 @@ pub(crate) fn connect_options(
 pub(crate) fn pool_options(config: &DatabaseConfig) -> PgPoolOptions {
     let lifetime = config.max_lifetime;
     let ping_bypass = config.ping_bypass;
+    let release_bound = config.acquire_timeout;
     PgPoolOptions::new()
         .min_connections(config.pool_min)
         .max_connections(config.pool_max)
@@ -84,9 +88,31 @@ pub(crate) fn pool_options(config: &DatabaseConfig) -> PgPoolOptions {
                 Ok(true)
             })
         })
-        .after_release(move |_conn, meta| {
-            Box::pin(async move { Ok(!beyond_jittered_lifetime(meta.age, lifetime)) })
+        .after_release(move |conn, meta| {
+            Box::pin(async move {
+                if beyond_jittered_lifetime(meta.age, lifetime) {
+                    return Ok(false);
+                }
+                release_ping(conn, release_bound).await.map(|()| true)
+            })
         })
+}
+
+/// The liveness ping of a connection on its way back to the pool, bounded by `bound` (the
+/// acquire timeout). sqlx 0.8.6 runs `after_release` before its own release ping, which
+/// has no timeout: pinging here first means a connection whose path died while it was out
+/// fails this ping (sqlx then closes it hard and its slot is free) instead of holding its
+/// slot for the OS TCP timeout. It also flushes a `ROLLBACK` queued by a dropped
+/// transaction under the same bound. The cost is one more round trip per release, off the
+/// caller's path; what is left is a path that dies between the two pings.
+async fn release_ping(conn: &mut sqlx::PgConnection, bound: Duration) -> Result<(), sqlx::Error> {
+    match tokio::time::timeout(bound, conn.ping()).await {
+        Ok(result) => result,
+        Err(_) => Err(sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("release ping timed out after {bound:?}"),
+        ))),
+    }
 }
 
 /// Opens a pool and makes its first connection, bounded by the acquire timeout.

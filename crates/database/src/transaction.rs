@@ -16,7 +16,8 @@ use crate::{DbError, Inner, discard};
 ///
 /// Statements run through [`Tx::run`]; [`Tx::commit`] or [`Tx::rollback`] ends it. Dropped
 /// while open, it queues a `ROLLBACK` that runs as the connection goes back to the pool (as
-/// `sqlx::Transaction` does). After a timed-out statement its connection is gone: later
+/// `sqlx::Transaction` does); dropped mid-statement (a cancelled [`Tx::run`]), it discards
+/// its connection instead. After a timed-out statement its connection is gone: later
 /// calls fail with [`DbError::Discarded`] and the server ends the session (its transaction
 /// rolls back).
 pub struct Tx {
@@ -24,6 +25,9 @@ pub struct Tx {
     /// `None` once discarded after a timeout.
     conn: Option<PoolConnection<Postgres>>,
     open: bool,
+    /// A statement is in flight: dropped now (a cancelled caller), the connection is
+    /// discarded rather than sent back through sqlx's unbounded release ping.
+    busy: bool,
 }
 
 impl std::fmt::Debug for Tx {
@@ -49,6 +53,7 @@ impl Tx {
                 inner,
                 conn: Some(conn),
                 open: true,
+                busy: false,
             }),
             Ok(Err(e)) => Err(inner.count_query_error(inner.classify(e))),
             Err(_) => {
@@ -66,10 +71,16 @@ impl Tx {
         work: impl AsyncFnOnce(&mut PgConnection) -> Result<T, sqlx::Error>,
     ) -> Result<T, DbError> {
         let bound = self.inner.config.query_timeout();
+        if self.busy {
+            // The previous `run` was dropped mid-statement: the session's state is unknown.
+            self.discard();
+        }
         let Some(conn) = self.conn.as_mut() else {
             return Err(DbError::Discarded);
         };
+        self.busy = true;
         let outcome = tokio::time::timeout(bound, work(conn)).await;
+        self.busy = false;
         match outcome {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => Err(self.inner.count_query_error(self.inner.classify(e))),
@@ -106,7 +117,9 @@ impl Tx {
 
 impl Drop for Tx {
     fn drop(&mut self) {
-        if self.open
+        if self.busy {
+            self.discard();
+        } else if self.open
             && let Some(conn) = self.conn.as_mut()
         {
             // Queued on the connection; sqlx's release path flushes it before the
