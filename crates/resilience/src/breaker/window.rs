@@ -26,9 +26,8 @@ pub(super) struct Window {
     /// Calls recorded since the last reset; slot = calls & mask.
     calls: CachePadded<AtomicU64>,
     /// Bits set in the whole ring (failure and slow), counted on every
-    /// actual 0 -> 1 and 1 -> 0 flip. May be off transiently (or, after a
-    /// reset racing a flip, stay above zero, which only disables the no-op
-    /// shortcut); it is 0 only when no flip is outstanding.
+    /// actual 0 -> 1 and 1 -> 0 flip, the reset's included. Off (even
+    /// negative) only while a flip's count is in flight; exact otherwise.
     set_bits: CachePadded<AtomicI64>,
     failures: Box<[AtomicU64]>,
     /// Empty when the slow-call rule is off.
@@ -136,12 +135,22 @@ impl Window {
 
     pub(super) fn reset(&self) {
         // The count first (no shortcut until the window is full again), then
-        // the bit count, then the bits: a flip racing the reset can only
-        // leave `set_bits` above the truth, never at 0 with a bit set.
+        // the bits, each word swapped out and the bits it held taken off
+        // `set_bits`. Every 0 -> 1 and 1 -> 0 change of a bit (a record's
+        // RMW or this swap) is then counted exactly once, so `set_bits` is
+        // exact once the racing records finished. Storing 0 into `set_bits`
+        // instead loses a record's flip that races the reset: a clear whose
+        // decrement lands after the store leaves -1, and the next failure
+        // brings it to 0 with that failure's bit set (the shortcut then
+        // skips successes, and the failure never leaves the window).
         self.calls.0.store(0, Ordering::Relaxed);
-        self.set_bits.0.store(0, Ordering::Relaxed);
         for w in self.failures.iter().chain(self.slow.iter()) {
-            w.store(0, Ordering::Relaxed);
+            let cleared = w.swap(0, Ordering::Relaxed).count_ones();
+            if cleared > 0 {
+                self.set_bits
+                    .0
+                    .fetch_sub(i64::from(cleared), Ordering::Relaxed);
+            }
         }
     }
 }
@@ -229,6 +238,44 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Bits set in the ring, counted from the words.
+    fn ring_bits(w: &Window) -> i64 {
+        w.failures
+            .iter()
+            .chain(w.slow.iter())
+            .map(|b| i64::from(b.load(Ordering::Relaxed).count_ones()))
+            .sum()
+    }
+
+    /// A record racing a reset (a stale closed call recorded while the
+    /// breaker transitions), interleaved by hand: the record's RMW on the
+    /// word happens before the reset, its `set_bits` step after. Once it has
+    /// finished `set_bits` is the number of bits set, so a later failure
+    /// disables the no-op shortcut.
+    #[test]
+    fn set_bits_stays_exact_when_a_record_races_a_reset() {
+        // Bit 0 holds a failure; a record clearing it (a success in slot 0)
+        // races a reset.
+        let w = Window::new(1, false);
+        w.record(true, false);
+        assert_eq!(w.failures[0].fetch_and(!1, Ordering::Relaxed) & 1, 1);
+        w.reset();
+        w.set_bits.0.fetch_sub(1, Ordering::Relaxed);
+        assert_eq!(w.set_bits.0.load(Ordering::Relaxed), ring_bits(&w));
+        w.record(true, false);
+        assert_eq!(w.set_bits.0.load(Ordering::Relaxed), ring_bits(&w));
+        assert!(!w.success_is_noop(), "a failure in the window");
+
+        // A record setting a bit races a reset.
+        let w = Window::new(1, false);
+        assert_eq!(w.failures[0].fetch_or(1, Ordering::Relaxed) & 1, 0);
+        w.reset();
+        w.set_bits.0.fetch_add(1, Ordering::Relaxed);
+        assert_eq!(w.set_bits.0.load(Ordering::Relaxed), ring_bits(&w));
+        w.record(false, false);
+        assert!(w.success_is_noop(), "a clean full window");
     }
 
     #[test]
