@@ -325,3 +325,22 @@ fn overall_deadline_exits_124_and_names_the_handler_still_running() {
     );
     assert!(!demo.printed("handler slow-drain finished"));
 }
+
+#[test]
+fn handler_stuck_in_blocking_code_still_exits_124() {
+    // The handler blocks its worker thread for 60 s; the deadline fires on another worker,
+    // and the bounded runtime teardown lets `main` return the report's code.
+    let mut demo = Demo::start("blocking", Some("300"));
+    demo.wait_for_line("ready");
+    demo.send("TERM");
+    demo.wait_for_line("handler blocking-drain started");
+    let code = demo.wait_exit();
+
+    assert_eq!(code, 124, "{}", demo.context());
+    assert!(
+        demo.printed("deadline exceeded, still running: [blocking-drain]"),
+        "{}",
+        demo.context()
+    );
+    assert!(!demo.printed("handler blocking-drain finished"));
+}
