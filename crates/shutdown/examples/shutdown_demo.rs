@@ -141,12 +141,14 @@ fn register_handlers(shutdown: &Shutdown, mode: Mode) -> Result<Vec<HandlerGuard
             sleep(Duration::from_secs(60)).await;
             println!("handler slow-drain finished");
         })?),
-        Mode::Blocking => handlers.push(shutdown.register("blocking-drain", Phase::Drain, || async {
-            println!("handler blocking-drain started");
-            // Synchronous code that never yields: the deadline cannot abort it.
-            std::thread::sleep(Duration::from_secs(60));
-            println!("handler blocking-drain finished");
-        })?),
+        Mode::Blocking => {
+            handlers.push(shutdown.register("blocking-drain", Phase::Drain, || async {
+                println!("handler blocking-drain started");
+                // Synchronous code that never yields: the deadline cannot abort it.
+                std::thread::sleep(Duration::from_secs(60));
+                println!("handler blocking-drain finished");
+            })?)
+        }
     }
     Ok(handlers)
 }

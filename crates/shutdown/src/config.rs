@@ -192,7 +192,11 @@ fn parse_millis(var: &'static str, value: &str, min: u64) -> Result<Duration, Co
         _ => Err(ConfigError::Invalid {
             var,
             value: value.to_owned(),
-            expected: if min == 0 { "a non-negative" } else { "a positive" },
+            expected: if min == 0 {
+                "a non-negative"
+            } else {
+                "a positive"
+            },
         }),
     }
 }
@@ -247,8 +251,7 @@ mod tests {
 
     #[test]
     fn readiness_delay_accepts_zero_and_rejects_garbage() {
-        let config =
-            ShutdownConfig::from_lookup(lookup(&[(READINESS_DELAY_ENV, "5000")])).unwrap();
+        let config = ShutdownConfig::from_lookup(lookup(&[(READINESS_DELAY_ENV, "5000")])).unwrap();
         assert_eq!(config.readiness_delay, Duration::from_secs(5));
         let config = ShutdownConfig::from_lookup(lookup(&[(READINESS_DELAY_ENV, "0")])).unwrap();
         assert_eq!(config.readiness_delay, Duration::ZERO);
