@@ -980,7 +980,7 @@ mod tests {
 
         let swept = sweep_stale(root);
 
-        assert_eq!(swept, [stale.clone()]);
+        assert_eq!(swept, std::slice::from_ref(&stale));
         assert!(!stale.exists() && detached.exists() && live.exists());
         let killed = eventually(|| matches!(orphan.try_wait(), Ok(Some(_))));
         let _ = orphan.kill();
