@@ -22,7 +22,8 @@
 //! The binaries are found under `/usr/lib/postgresql/*/bin` (newest first) or on `PATH`;
 //! `SMARTBEAK_PG_BIN` (a directory) and `SMARTBEAK_REDIS_SERVER` (a file) override that.
 //!
-//! This crate is synchronous and std-only on purpose: xtask uses it without a runtime.
+//! This crate is synchronous on purpose (std, plus `nix` for signals): xtask uses it without
+//! a runtime.
 
 #![warn(missing_docs)]
 
