@@ -4,4 +4,5 @@
 
 mod api;
 mod control_plane;
+mod startup;
 mod support;

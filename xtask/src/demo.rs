@@ -39,13 +39,10 @@ impl Demo {
         .context("build failed")?;
 
         let services = Services::find_or_start()?;
-        let database = FreshDatabase::named(
-            sh,
-            &services,
-            &format!("smartbeak_demo_{}", std::process::id()),
-        )?;
+        let database =
+            FreshDatabase::named(&services, &format!("smartbeak_demo_{}", std::process::id()))?;
         let _env = [
-            sh.push_env("DATABASE_URL", &database.url),
+            sh.push_env("DATABASE_URL", database.url.expose()),
             sh.push_env("REDIS_URL", &services.redis_url),
         ];
         let bin = target_dir(sh).join("debug");
@@ -77,7 +74,7 @@ impl Demo {
         println!("created key {prefix}… for org {org} (stored as SHA-256 only)");
 
         section("api: serve and call");
-        let mut server = ApiProcess::start(&api, &database.url, &services.redis_url)?;
+        let mut server = ApiProcess::start(&api, database.url.expose(), &services.redis_url)?;
         println!("smartbeak-api listening on {}", server.base);
         let client = bin.join("examples").join("demo_client");
         let base = server.base.clone();

@@ -4,9 +4,13 @@
 //! - `demo`: services, migrations, seed data, and the main job end to end;
 //! - `services up|down|status`: throwaway PostgreSQL and Redis for local work.
 //!
-//! Services come from `DATABASE_URL` / `REDIS_URL` when those answer, else throwaway servers
-//! are started from the machine's binaries (see `smartbeak-test-support`) and stopped at the
-//! end, also on failure and on Ctrl-C.
+//! Services come from `DATABASE_URL` when a real login with it succeeds (`psql -w`: an
+//! authentication failure, as on a stock Debian cluster with scram auth, counts as "not
+//! usable") and from `REDIS_URL` when it answers `PING`; else throwaway servers are started
+//! from the machine's binaries (see `smartbeak-test-support`) and stopped at the end, also on
+//! failure and on Ctrl-C. xtask says which it chose and why. URLs are shown redacted
+//! (`SecretUrl` of `smartbeak-database`), and psql gets passwords through `PGPASSWORD`,
+//! never on its command line.
 
 mod demo;
 mod services;

@@ -2,47 +2,60 @@
 
 use std::fs;
 use std::path::PathBuf;
+use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
+use smartbeak_database::SecretUrl;
 use smartbeak_test_support::{
     Lifetime, PostgresServer, RedisServer, port_answers, redis_ping_at, services_root,
 };
+use url::Url;
 use xshell::Shell;
 
 /// The services a task runs against; throwaway servers stop when this drops.
 pub(crate) struct Services {
     /// Admin URL of the PostgreSQL server (database `postgres`).
-    pub(crate) postgres_url: String,
+    pub(crate) postgres_url: SecretUrl,
     pub(crate) redis_url: String,
     postgres: Option<PostgresServer>,
     _redis: Option<RedisServer>,
 }
 
 impl Services {
-    /// Uses `DATABASE_URL` / `REDIS_URL` when they answer, else starts throwaway servers.
+    /// Uses `DATABASE_URL` when a real login succeeds and `REDIS_URL` when it answers
+    /// `PING`, else starts throwaway servers; says which it chose, and why.
     pub(crate) fn find_or_start() -> Result<Self> {
-        let (postgres_url, postgres) = match env_if_answering("DATABASE_URL", 5432, port_answers) {
-            Some(url) => {
-                eprintln!("xtask: using PostgreSQL at {}", redact(&url));
+        let database_url = std::env::var("DATABASE_URL").ok();
+        let (postgres_url, postgres) = match choose_postgres(database_url.as_deref()) {
+            PostgresChoice::Use(url) => {
+                eprintln!("xtask: PostgreSQL: using {url} (login succeeded)");
                 (url, None)
             }
-            None => {
-                eprintln!("xtask: starting a throwaway PostgreSQL");
+            PostgresChoice::StartOwn(why) => {
+                eprintln!("xtask: PostgreSQL: {why}; starting a throwaway server");
                 let server =
                     PostgresServer::start().context("cannot start a throwaway PostgreSQL")?;
-                eprintln!("xtask: PostgreSQL on 127.0.0.1:{}", server.port());
-                (server.url(), Some(server))
+                eprintln!(
+                    "xtask: PostgreSQL: throwaway server on 127.0.0.1:{}",
+                    server.port()
+                );
+                let url = SecretUrl::parse("throwaway PostgreSQL URL", &server.url())
+                    .context("the throwaway server's URL")?;
+                (url, Some(server))
             }
         };
         let (redis_url, redis) = match env_if_answering("REDIS_URL", 6379, redis_ping_at) {
             Some(url) => {
-                eprintln!("xtask: using Redis at {}", redact(&url));
+                eprintln!("xtask: Redis: using {} (PING answered)", redact_redis(&url));
                 (url, None)
             }
             None => {
-                eprintln!("xtask: starting a throwaway Redis");
+                eprintln!("xtask: Redis: starting a throwaway server");
                 let server = RedisServer::start().context("cannot start a throwaway Redis")?;
-                eprintln!("xtask: Redis on 127.0.0.1:{}", server.port());
+                eprintln!(
+                    "xtask: Redis: throwaway server on 127.0.0.1:{}",
+                    server.port()
+                );
                 (server.url(), Some(server))
             }
         };
@@ -60,9 +73,67 @@ impl Services {
     }
 
     /// The URL of database `name` on the same server.
-    pub(crate) fn database_url(&self, name: &str) -> String {
-        with_database(&self.postgres_url, name)
+    pub(crate) fn database_url(&self, name: &str) -> SecretUrl {
+        self.postgres_url.with_database(name)
     }
+}
+
+/// Which PostgreSQL a task runs against.
+#[derive(Debug)]
+pub(crate) enum PostgresChoice {
+    /// `DATABASE_URL`: a login with it succeeded.
+    Use(SecretUrl),
+    /// A throwaway server, for the reason given (never containing a password).
+    StartOwn(String),
+}
+
+/// Decides from `DATABASE_URL` (`database_url`): a server that accepts a real login
+/// (`psql -w`, so it never prompts) is used; an unset or invalid URL, a server that does not
+/// answer, refuses the credentials (a stock Debian cluster has scram auth on 127.0.0.1) or
+/// fails the login otherwise, means throwaway servers.
+pub(crate) fn choose_postgres(database_url: Option<&str>) -> PostgresChoice {
+    let Some(raw) = database_url.filter(|v| !v.trim().is_empty()) else {
+        return PostgresChoice::StartOwn("DATABASE_URL is not set".to_owned());
+    };
+    let url = match SecretUrl::parse("DATABASE_URL", raw) {
+        Ok(url) => url,
+        Err(e) => return PostgresChoice::StartOwn(e.to_string()),
+    };
+    match psql_read(&url, "SELECT 1") {
+        Ok(out) if out.trim() == "1" => PostgresChoice::Use(url),
+        Ok(out) => PostgresChoice::StartOwn(format!(
+            "{url} answered the login probe with {:?}",
+            out.trim()
+        )),
+        Err(e) => {
+            let detail = format!("{e:#}");
+            let kind = if is_auth_failure(&detail) {
+                "refused the login (authentication failed)"
+            } else {
+                "cannot be logged into"
+            };
+            PostgresChoice::StartOwn(format!("{url} {kind}: {}", last_line(&detail)))
+        }
+    }
+}
+
+/// True if psql's error says the credentials were refused or missing.
+fn is_auth_failure(detail: &str) -> bool {
+    [
+        "password authentication failed",
+        "no password supplied",
+        "authentication failed",
+        "no pg_hba.conf entry",
+    ]
+    .iter()
+    .any(|needle| detail.contains(needle))
+}
+
+fn last_line(text: &str) -> &str {
+    text.lines()
+        .map(str::trim)
+        .rfind(|l| !l.is_empty())
+        .unwrap_or("")
 }
 
 /// `$var` if it is set and its host:port answers.
@@ -85,68 +156,102 @@ fn env_if_answering(
 
 /// Host and port of a `scheme://[user[:pass]@]host[:port][/path]` URL.
 pub(crate) fn host_port(url: &str, default_port: u16) -> Option<(String, u16)> {
-    let rest = url.split_once("://")?.1;
-    let authority = rest.split(['/', '?']).next()?;
-    let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    match hostport.rsplit_once(':') {
-        Some((host, port)) if !host.ends_with(']') || hostport.starts_with('[') => {
-            Some((host.trim_matches(['[', ']']).to_owned(), port.parse().ok()?))
+    let parsed = Url::parse(url).ok()?;
+    let host = parsed.host_str()?.trim_matches(['[', ']']).to_owned();
+    (!host.is_empty()).then(|| (host, parsed.port().unwrap_or(default_port)))
+}
+
+/// A Redis URL with its password (`redis://:pass@host`, `redis://user:pass@host`) replaced
+/// by `***`; an unparsable URL is not shown at all.
+pub(crate) fn redact_redis(url: &str) -> String {
+    match Url::parse(url) {
+        Ok(mut parsed) => {
+            if parsed.password().is_some() {
+                let _ = parsed.set_password(Some("***"));
+            }
+            parsed.to_string()
         }
-        _ => Some((hostport.trim_matches(['[', ']']).to_owned(), default_port)),
-    }
-    .filter(|(h, _)| !h.is_empty())
-}
-
-/// The URL with the password replaced by `***`.
-pub(crate) fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
+        Err(_) => "<unparsable REDIS_URL>".to_owned(),
     }
 }
 
-/// The same URL with another database path.
-pub(crate) fn with_database(url: &str, name: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (url, None),
-    };
-    let Some((scheme, rest)) = base.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority = rest.split('/').next().unwrap_or(rest);
-    let mut out = format!("{scheme}://{authority}/{name}");
-    if let Some(q) = query {
-        out.push('?');
-        out.push_str(q);
+/// The psql command running `sql` against `url`: the URL goes on the command line without
+/// its password, which goes through `PGPASSWORD` (argv is world-readable in `/proc`); `-w`
+/// makes psql fail instead of prompting when a password is needed and missing.
+pub(crate) fn psql_command(url: &SecretUrl, sql: &str) -> Command {
+    let (conninfo, password) = split_password(url);
+    let mut cmd = Command::new("psql");
+    cmd.args(["-w", "-v", "ON_ERROR_STOP=1", "-q", "-X", "-A", "-t", "-d"])
+        .arg(conninfo)
+        .arg("-c")
+        .arg(sql)
+        .env("PGOPTIONS", "-c client_min_messages=warning")
+        .env("PGCONNECT_TIMEOUT", "5")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(password) = password {
+        cmd.env("PGPASSWORD", password);
     }
-    out
+    cmd
+}
+
+/// The URL without any password (userinfo or `password=` query parameter), and the password
+/// (the query parameter wins, as with sqlx).
+fn split_password(url: &SecretUrl) -> (String, Option<String>) {
+    let Ok(mut parsed) = Url::parse(url.expose()) else {
+        return (url.redacted(), None);
+    };
+    let mut password = parsed.password().map(percent_decode);
+    let _ = parsed.set_password(None);
+    if parsed
+        .query_pairs()
+        .any(|(k, _)| k.eq_ignore_ascii_case("password"))
+    {
+        let mut kept = Vec::new();
+        for (key, value) in parsed.query_pairs() {
+            if key.eq_ignore_ascii_case("password") {
+                password = Some(value.into_owned());
+            } else {
+                kept.push((key.into_owned(), value.into_owned()));
+            }
+        }
+        if kept.is_empty() {
+            parsed.set_query(None);
+        } else {
+            parsed.query_pairs_mut().clear().extend_pairs(kept);
+        }
+    }
+    (parsed.to_string(), password)
+}
+
+/// Decodes `%XX` escapes (the userinfo of a URL is percent-encoded).
+fn percent_decode(raw: &str) -> String {
+    percent_encoding::percent_decode_str(raw)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 /// Runs `sql` against `url` with psql (used for CREATE/DROP DATABASE, which cannot run in a
-/// migration); falls back to a clear error if psql is missing.
-/// The command line carries the URL (and so any password): it is kept out of the echo and of
-/// error messages, which name the redacted URL instead.
-pub(crate) fn psql(sh: &Shell, url: &str, sql: &str) -> Result<()> {
-    psql_read(sh, url, sql).map(drop)
+/// migration). Errors name the redacted URL and psql's message, never the password.
+pub(crate) fn psql(url: &SecretUrl, sql: &str) -> Result<()> {
+    psql_read(url, sql).map(drop)
 }
 
 /// Like [`psql`], returning psql's unaligned output (one row a line).
-pub(crate) fn psql_read(sh: &Shell, url: &str, sql: &str) -> Result<String> {
-    xshell::cmd!(sh, "psql -v ON_ERROR_STOP=1 -q -X -A -t {url} -c {sql}")
-        .env("PGOPTIONS", "-c client_min_messages=warning")
-        .quiet()
-        .secret()
-        .read()
-        .with_context(|| format!("psql failed running {sql:?} on {}", redact(url)))
+pub(crate) fn psql_read(url: &SecretUrl, sql: &str) -> Result<String> {
+    let out = psql_command(url, sql)
+        .output()
+        .with_context(|| format!("cannot run psql (needed for {sql:?} on {url})"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        bail!(
+            "psql failed running {sql:?} on {url} ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+    }
 }
 
 /// `cargo xtask services up|down|status`.
@@ -178,8 +283,14 @@ impl ServicesTask {
                 }
                 let pg = PostgresServer::start_with(Lifetime::Detached)
                     .context("cannot start a throwaway PostgreSQL")?;
-                let redis = RedisServer::start_with(Lifetime::Detached)
-                    .context("cannot start a throwaway Redis")?;
+                let redis = match RedisServer::start_with(Lifetime::Detached) {
+                    Ok(redis) => redis,
+                    Err(e) => {
+                        // Nothing is recorded yet: leave no PostgreSQL running behind.
+                        pg.discard();
+                        return Err(e).context("cannot start a throwaway Redis");
+                    }
+                };
                 let s = State {
                     database_url: pg.url(),
                     redis_url: redis.url(),
@@ -314,10 +425,24 @@ fn exports(s: &State) -> String {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use smartbeak_test_support::PostgresOptions;
+
     use super::*;
 
+    const PASSWORD: &str = "s3cret-Pw";
+
+    fn scram_server() -> PostgresServer {
+        PostgresServer::start_with_options(PostgresOptions {
+            password: Some(PASSWORD.to_owned()),
+            ..PostgresOptions::default()
+        })
+        .unwrap()
+    }
+
     #[test]
-    fn urls_are_taken_apart_and_redacted() {
+    fn urls_are_taken_apart_and_redis_urls_redacted() {
         assert_eq!(
             host_port("postgres://u:p@db:6000/x", 5432),
             Some(("db".into(), 6000))
@@ -326,10 +451,95 @@ mod tests {
             host_port("redis://127.0.0.1", 6379),
             Some(("127.0.0.1".into(), 6379))
         );
-        assert_eq!(redact("postgres://u:hunter2@db/x"), "postgres://u:***@db/x");
         assert_eq!(
-            with_database("postgres://u@h:1/postgres?sslmode=disable", "t"),
-            "postgres://u@h:1/t?sslmode=disable"
+            redact_redis("redis://:hunter2@cache:6380/0"),
+            "redis://:***@cache:6380/0"
         );
+        assert_eq!(redact_redis("redis://127.0.0.1"), "redis://127.0.0.1");
+    }
+
+    #[test]
+    fn the_probe_logs_in_and_starts_own_servers_on_an_authentication_failure() {
+        let pg = scram_server();
+        let port = pg.port();
+        // The port answers, but a login without the password is refused: own servers.
+        let without = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+        match choose_postgres(Some(&without)) {
+            PostgresChoice::StartOwn(why) => {
+                assert!(
+                    why.contains("refused the login (authentication failed)"),
+                    "{why}"
+                )
+            }
+            other => panic!("chose {other:?}"),
+        }
+        let wrong = format!("postgres://postgres@127.0.0.1:{port}/postgres?password=wrong-one");
+        match choose_postgres(Some(&wrong)) {
+            PostgresChoice::StartOwn(why) => {
+                assert!(why.contains("authentication failed"), "{why}");
+                assert!(
+                    why.contains("password=***") && !why.contains("wrong-one"),
+                    "{why}"
+                );
+            }
+            other => panic!("chose {other:?}"),
+        }
+        // With the right password the server is used.
+        assert!(matches!(
+            choose_postgres(Some(&pg.url())),
+            PostgresChoice::Use(_)
+        ));
+        // Nothing listening, and unset: own servers too.
+        let closed = format!(
+            "postgres://postgres@127.0.0.1:{}/postgres",
+            smartbeak_test_support::free_port().unwrap()
+        );
+        assert!(matches!(
+            choose_postgres(Some(&closed)),
+            PostgresChoice::StartOwn(_)
+        ));
+        assert!(matches!(choose_postgres(None), PostgresChoice::StartOwn(_)));
+    }
+
+    #[test]
+    fn passwords_go_through_the_environment_never_argv_nor_errors() {
+        let url = SecretUrl::parse(
+            "DATABASE_URL",
+            "postgres://postgres:user%40pw@127.0.0.1:1/db?password=query-pw&sslmode=disable",
+        )
+        .unwrap();
+        let cmd = psql_command(&url, "SELECT 1");
+        let args: Vec<String> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            args.iter().all(|a| !a.contains("pw")),
+            "a password on argv: {args:?}"
+        );
+        assert!(args.contains(&"postgres://postgres@127.0.0.1:1/db?sslmode=disable".to_owned()));
+        assert!(args.contains(&"-w".to_owned()));
+        let password = cmd
+            .get_envs()
+            .find(|(k, _)| *k == "PGPASSWORD")
+            .and_then(|(_, v)| v)
+            .map(|v| v.to_string_lossy().into_owned());
+        assert_eq!(password.as_deref(), Some("query-pw"));
+        let userinfo_only =
+            SecretUrl::parse("DATABASE_URL", "postgres://u:user%40pw@h/db").unwrap();
+        assert_eq!(
+            split_password(&userinfo_only),
+            ("postgres://u@h/db".to_owned(), Some("user@pw".to_owned()))
+        );
+
+        // Against a scram server: the login works through PGPASSWORD, and a failure's
+        // message shows the URL redacted.
+        let pg = scram_server();
+        let url = SecretUrl::parse("DATABASE_URL", &pg.url()).unwrap();
+        assert_eq!(psql_read(&url, "SELECT 1").unwrap().trim(), "1");
+        let e = psql(&url.with_database("no_such_db"), "SELECT 1").unwrap_err();
+        let message = format!("{e:#}");
+        assert!(message.contains("postgres:***@127.0.0.1"), "{message}");
+        assert!(!message.contains(PASSWORD), "{message}");
     }
 }

@@ -12,7 +12,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use xshell::{Shell, cmd};
 
-use crate::services::{Services, psql, psql_read, redact};
+use smartbeak_database::SecretUrl;
+
+use crate::services::{Services, psql, psql_read};
 
 pub(crate) struct Test {
     /// Extra arguments for the test runner (after `--`).
@@ -34,26 +36,24 @@ impl Test {
     /// Runs everything; the exit code is the test runner's.
     pub(crate) fn run(&self, sh: &Shell) -> Result<ExitCode> {
         let services = Services::find_or_start()?;
-        let database = FreshDatabase::create(sh, &services)?;
+        let database = FreshDatabase::create(&services)?;
         // Tests name their own databases `sb_test_<run>_<uuid>` (TestDatabase), so whatever a
         // failed or killed test left behind is dropped at the end of the run.
         let run_id = run_id();
         let _env = [
-            sh.push_env("DATABASE_URL", &database.url),
+            sh.push_env("DATABASE_URL", database.url.expose()),
             sh.push_env("REDIS_URL", &services.redis_url),
             sh.push_env("SMARTBEAK_TEST_RUN", &run_id),
         ];
         eprintln!(
             "xtask: database {} on {}",
-            database.name,
-            redact(&services.postgres_url)
+            database.name, services.postgres_url
         );
-        cmd!(
-            sh,
-            "cargo run --quiet -p smartbeak-database --bin smartbeak-migrate"
-        )
-        .run()
-        .context("migrations failed")?;
+        // `--bin` without `-p` resolves features for the whole workspace, like every other
+        // step, so this build is the one `cargo build --workspace --bins` reuses.
+        cmd!(sh, "cargo run --quiet --bin smartbeak-migrate")
+            .run()
+            .context("migrations failed")?;
 
         eprintln!("xtask: cargo fmt --check");
         cmd!(sh, "cargo fmt --all -- --check")
@@ -96,7 +96,7 @@ impl Test {
             cmd!(sh, "cargo test --workspace --no-fail-fast {args...}").run()
         };
         if !services.owns_postgres() {
-            drop_test_databases(sh, &services.postgres_url, &run_id);
+            drop_test_databases(&services.postgres_url, &run_id);
         }
         drop(database);
         drop(services);
@@ -119,13 +119,13 @@ fn run_id() -> String {
 }
 
 /// Drops the databases the tests of run `run_id` left behind (`sb_test_<run>_*`).
-fn drop_test_databases(sh: &Shell, admin_url: &str, run_id: &str) {
+fn drop_test_databases(admin_url: &SecretUrl, run_id: &str) {
     let prefix = format!("sb_test_{run_id}_");
     // Exactly `<prefix><32 hex>`: a prefix match alone would also catch run `1_2` when
     // dropping run `1`.
     let list =
         format!("SELECT datname FROM pg_database WHERE datname ~ '^{prefix}[0-9a-f]{{32}}$'");
-    let names = match psql_read(sh, admin_url, &list) {
+    let names = match psql_read(admin_url, &list) {
         Ok(names) => names,
         Err(e) => {
             eprintln!("xtask: warning: could not list the run's test databases: {e:#}");
@@ -138,7 +138,7 @@ fn drop_test_databases(sh: &Shell, admin_url: &str, run_id: &str) {
         .filter(|n| n.starts_with(&prefix))
     {
         let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
-        if let Err(e) = psql(sh, admin_url, &sql) {
+        if let Err(e) = psql(admin_url, &sql) {
             eprintln!("xtask: warning: could not drop {name}: {e:#}");
         }
     }
@@ -154,39 +154,35 @@ fn nextest_installed(sh: &Shell) -> bool {
 }
 
 /// A database created for one run and dropped when this guard drops.
-pub(crate) struct FreshDatabase<'a> {
-    sh: &'a Shell,
+pub(crate) struct FreshDatabase {
     /// `None` when the server is a throwaway one: it is deleted whole, nothing to drop.
-    admin_url: Option<String>,
+    admin_url: Option<SecretUrl>,
     pub(crate) name: String,
-    pub(crate) url: String,
+    pub(crate) url: SecretUrl,
 }
 
-impl<'a> FreshDatabase<'a> {
+impl FreshDatabase {
     /// A database with a name unique to this run.
-    pub(crate) fn create(sh: &'a Shell, services: &Services) -> Result<Self> {
+    pub(crate) fn create(services: &Services) -> Result<Self> {
         let stamp = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis())
             .unwrap_or(0);
         Self::named(
-            sh,
             services,
             &format!("smartbeak_ci_{}_{stamp}", std::process::id()),
         )
     }
 
     /// The database `name`, dropped first if it exists.
-    pub(crate) fn named(sh: &'a Shell, services: &Services, name: &str) -> Result<Self> {
+    pub(crate) fn named(services: &Services, name: &str) -> Result<Self> {
         let admin_url = services.postgres_url.clone();
         psql(
-            sh,
             &admin_url,
             &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
         )?;
-        psql(sh, &admin_url, &format!("CREATE DATABASE {name}"))?;
+        psql(&admin_url, &format!("CREATE DATABASE {name}"))?;
         Ok(Self {
-            sh,
             admin_url: (!services.owns_postgres()).then_some(admin_url),
             url: services.database_url(name),
             name: name.to_owned(),
@@ -194,13 +190,13 @@ impl<'a> FreshDatabase<'a> {
     }
 }
 
-impl Drop for FreshDatabase<'_> {
+impl Drop for FreshDatabase {
     fn drop(&mut self) {
         let Some(admin_url) = &self.admin_url else {
             return;
         };
         let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
-        if let Err(e) = psql(self.sh, admin_url, &sql) {
+        if let Err(e) = psql(admin_url, &sql) {
             eprintln!(
                 "xtask: warning: could not drop database {}: {e:#}",
                 self.name

@@ -91,14 +91,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            tracing::error!(error = %err, "cannot start the tokio runtime");
-            return ExitCode::FAILURE;
-        }
-    };
-    let code = runtime.block_on(async {
+    // The runtime's teardown is bounded: a task stuck in blocking code (e.g. a connection
+    // past the drain deadline) cannot hold the process after its report.
+    let code = smartbeak_shutdown::run_main(async {
         let result = match cli.command {
             None | Some(Command::Serve) => serve(config, &logs).await,
             Some(command) => admin(command).await.map(|()| ExitCode::SUCCESS),
@@ -108,8 +103,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         })
     });
-    // Do not wait for stray tasks (e.g. a connection past the drain deadline).
-    runtime.shutdown_timeout(Duration::from_millis(100));
     logs.flush();
     code
 }
@@ -180,18 +173,48 @@ async fn serve(config: ApiConfig, logs: &LogGuard) -> anyhow::Result<ExitCode> {
         }
     });
 
+    // Every slow start-up step (connect, migrations, waiting for Redis) ends at the first
+    // signal; what is open by then is released by the registered handlers and the process
+    // exits with the report's code.
     let db_config = DatabaseConfig::from_env().context("database configuration")?;
     config
         .check_timeouts(&db_config)
         .context("timeouts must nest")?;
     let run_migrations = db_config.run_migrations;
-    let db = Database::connect(db_config, "smartbeak-api")
+    let pool_close_deadline = config.pool_close_deadline;
+    let Some(db) = shutdown
+        .until_triggered(Database::connect(db_config, "smartbeak-api"))
         .await
-        .context("connecting to the database")?;
+        .transpose()
+        .context("connecting to the database")?
+    else {
+        return Ok(interrupted_start_up(&shutdown, "connecting to the database").await);
+    };
+    let pools = db.clone();
+    let _database = match shutdown.register_with_timeout(
+        "database-pools",
+        Phase::Release,
+        pool_close_deadline,
+        move || async move { pools.close(pool_close_deadline).await },
+    ) {
+        Ok(guard) => guard,
+        // The signal came just after the connect: close the pools here, then report.
+        Err(RegisterError::ShutdownStarted { .. }) => {
+            db.close(pool_close_deadline).await?;
+            return Ok(interrupted_start_up(&shutdown, "connecting to the database").await);
+        }
+    };
     if run_migrations {
-        smartbeak_database::migrate(db.primary())
+        // Dropped mid-way, a migration's transaction is rolled back by the server.
+        match shutdown
+            .until_triggered(smartbeak_database::migrate(db.primary()))
             .await
-            .context("applying migrations (set DB_RUN_MIGRATIONS=false to skip)")?;
+        {
+            Some(migrated) => {
+                migrated.context("applying migrations (set DB_RUN_MIGRATIONS=false to skip)")?
+            }
+            None => return Ok(interrupted_start_up(&shutdown, "applying migrations").await),
+        }
     }
 
     let limiter = RateLimiter::new(config.rate_limit.clone(), config.redis.as_ref())
@@ -209,7 +232,13 @@ async fn serve(config: ApiConfig, logs: &LogGuard) -> anyhow::Result<ExitCode> {
             .redis
             .as_ref()
             .map_or(Duration::ZERO, |r| r.connect_timeout);
-        if limiter.wait_for_redis(connect_timeout).await {
+        let Some(reachable) = shutdown
+            .until_triggered(limiter.wait_for_redis(connect_timeout))
+            .await
+        else {
+            return Ok(interrupted_start_up(&shutdown, "waiting for redis").await);
+        };
+        if reachable {
             tracing::info!(
                 fail_closed = config.rate_limit.fail_closed,
                 replicas = config.rate_limit.replicas,
@@ -223,7 +252,6 @@ async fn serve(config: ApiConfig, logs: &LogGuard) -> anyhow::Result<ExitCode> {
         }
     }
 
-    let pool_close_deadline = config.pool_close_deadline;
     let bind = config.bind;
     let state = AppState::new(db.clone(), config, limiter, Some(metrics));
     let readiness = state.readiness.clone();
@@ -234,21 +262,6 @@ async fn serve(config: ApiConfig, logs: &LogGuard) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("binding {bind}"))?;
     let addr = listener.local_addr().context("reading the bound address")?;
 
-    // A signal during start-up (before these registrations) finds nothing serving yet:
-    // release what is open and report, rather than failing the registration.
-    let pools = db.clone();
-    let _database = match shutdown.register_with_timeout(
-        "database-pools",
-        Phase::Release,
-        pool_close_deadline,
-        move || async move { pools.close(pool_close_deadline).await },
-    ) {
-        Ok(guard) => guard,
-        Err(RegisterError::ShutdownStarted { .. }) => {
-            db.close(pool_close_deadline).await?;
-            return Ok(shutdown.run().await.exit_code());
-        }
-    };
     let _readiness =
         match shutdown.register("readiness", Phase::StopAccepting, move || async move {
             readiness.shut_down();
@@ -256,14 +269,15 @@ async fn serve(config: ApiConfig, logs: &LogGuard) -> anyhow::Result<ExitCode> {
             Ok(guard) => guard,
             // The database handler made it in before the trigger and runs with the report.
             Err(RegisterError::ShutdownStarted { .. }) => {
-                return Ok(shutdown.run().await.exit_code());
+                return Ok(interrupted_start_up(&shutdown, "binding the listener").await);
             }
         };
 
-    // The server is a tracked task: at the trigger it stops accepting (the listener is
-    // dropped), and the drain phase waits for in-flight requests to finish, up to
-    // SHUTDOWN_DRAIN_TIMEOUT_MS.
-    let stop = shutdown.token();
+    // The server is a tracked task: once the readiness flip is done and
+    // SHUTDOWN_READINESS_DELAY_MS has passed (the listener token), it stops accepting (the
+    // listener is dropped), and the drain phase waits for in-flight requests to finish, up
+    // to SHUTDOWN_DRAIN_TIMEOUT_MS.
+    let stop = shutdown.listener_token();
     let on_error = shutdown.clone();
     shutdown.spawn(async move {
         let served = axum::serve(
@@ -281,4 +295,11 @@ async fn serve(config: ApiConfig, logs: &LogGuard) -> anyhow::Result<ExitCode> {
 
     shutdown.triggered().await;
     Ok(shutdown.run().await.exit_code())
+}
+
+/// A signal ended start-up during `step`: logs it and runs the shutdown (the handlers
+/// registered so far release what is open); returns the report's exit code.
+async fn interrupted_start_up(shutdown: &Shutdown, step: &str) -> ExitCode {
+    tracing::info!(step, "shutdown requested during start-up; not serving");
+    shutdown.run().await.exit_code()
 }

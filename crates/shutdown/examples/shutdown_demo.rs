@@ -1,7 +1,7 @@
 //! A small binary wired like the real ones, driven by `tests/process.rs`.
 //!
-//! Usage: `shutdown_demo [normal|failing|slow]` (`SHUTDOWN_TIMEOUT_MS` is
-//! honoured). It starts one piece of in-flight work, prints `ready`, and waits
+//! Usage: `shutdown_demo [normal|failing|slow|blocking]` (`SHUTDOWN_TIMEOUT_MS`
+//! is honoured). It starts one piece of in-flight work, prints `ready`, and waits
 //! for SIGTERM/SIGINT. Progress goes to stdout, one line per step
 //! (`work started`, `ready`, `handler stop-accepting ran`, `work finished`,
 //! ...), then the report; logs go to stderr through a non-blocking
@@ -10,7 +10,10 @@
 //! - `normal`: every handler succeeds, exit code 0;
 //! - `failing`: a release handler returns an error, exit code 1;
 //! - `slow`: a drain handler takes 60 s, so a second signal (exit 143 or 130)
-//!   or a short `SHUTDOWN_TIMEOUT_MS` (exit 124) ends it.
+//!   or a short `SHUTDOWN_TIMEOUT_MS` (exit 124) ends it;
+//! - `blocking`: a drain handler blocks its worker thread for 60 s in
+//!   synchronous code; a short `SHUTDOWN_TIMEOUT_MS` ends it with 124, and the
+//!   bounded runtime teardown of `run_main` lets the process exit.
 
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -26,6 +29,7 @@ enum Mode {
     Normal,
     Failing,
     Slow,
+    Blocking,
 }
 
 type LogGuard = Arc<Mutex<Option<WorkerGuard>>>;
@@ -35,8 +39,9 @@ fn main() -> ExitCode {
         None | Some("normal") => Mode::Normal,
         Some("failing") => Mode::Failing,
         Some("slow") => Mode::Slow,
+        Some("blocking") => Mode::Blocking,
         Some(other) => {
-            eprintln!("unknown mode {other:?}: expected normal, failing or slow");
+            eprintln!("unknown mode {other:?}: expected normal, failing, slow or blocking");
             return ExitCode::from(2);
         }
     };
@@ -49,13 +54,7 @@ fn main() -> ExitCode {
     // Shared with the force-exit hook, so that even a forced exit flushes.
     let guard: LogGuard = Arc::new(Mutex::new(Some(guard)));
 
-    let code = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime.block_on(run(mode, Arc::clone(&guard))),
-        Err(err) => {
-            tracing::error!(error = %err, "failed to start the tokio runtime");
-            ExitCode::FAILURE
-        }
-    };
+    let code = smartbeak_shutdown::run_main(run(mode, Arc::clone(&guard)));
     // Flush buffered logs, the report included, before returning the code.
     drop(guard.lock().unwrap_or_else(PoisonError::into_inner).take());
     code
@@ -142,6 +141,14 @@ fn register_handlers(shutdown: &Shutdown, mode: Mode) -> Result<Vec<HandlerGuard
             sleep(Duration::from_secs(60)).await;
             println!("handler slow-drain finished");
         })?),
+        Mode::Blocking => {
+            handlers.push(shutdown.register("blocking-drain", Phase::Drain, || async {
+                println!("handler blocking-drain started");
+                // Synchronous code that never yields: the deadline cannot abort it.
+                std::thread::sleep(Duration::from_secs(60));
+                println!("handler blocking-drain finished");
+            })?)
+        }
     }
     Ok(handlers)
 }

@@ -1,5 +1,6 @@
-//! Shutdown configuration: the overall deadline and the drain deadline, read
-//! from `SHUTDOWN_TIMEOUT_MS` and `SHUTDOWN_DRAIN_TIMEOUT_MS`.
+//! Shutdown configuration: the overall deadline, the drain deadline and the readiness delay,
+//! read from `SHUTDOWN_TIMEOUT_MS`, `SHUTDOWN_DRAIN_TIMEOUT_MS` and
+//! `SHUTDOWN_READINESS_DELAY_MS`.
 
 use std::time::Duration;
 
@@ -10,9 +11,22 @@ pub const TIMEOUT_ENV: &str = "SHUTDOWN_TIMEOUT_MS";
 /// built-in wait on tracked in-flight tasks (phase [`Phase::Drain`](crate::Phase::Drain)).
 pub const DRAIN_TIMEOUT_ENV: &str = "SHUTDOWN_DRAIN_TIMEOUT_MS";
 
-/// Default overall deadline: 30 s (see [`ShutdownConfig`] for the relation
-/// with Kubernetes' grace period).
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Environment variable holding the delay, in milliseconds, between the
+/// readiness flip (the [`Phase::StopAccepting`](crate::Phase::StopAccepting)
+/// handlers) and closing the listener ([`Shutdown::listener_token`](crate::Shutdown::listener_token)).
+pub const READINESS_DELAY_ENV: &str = "SHUTDOWN_READINESS_DELAY_MS";
+
+/// Default overall deadline: 25 s, which leaves 5 s of Kubernetes' default
+/// 30 s grace period for flushing logs and the exit (see [`ShutdownConfig`]).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(25);
+
+/// The drain deadline when none is set: two thirds of the overall `timeout`,
+/// so that the release phase (closing the pools) still runs when some task
+/// never finishes (rounded down to whole milliseconds: 16 666 ms of 25 s).
+pub fn default_drain_timeout(timeout: Duration) -> Duration {
+    let millis = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+    Duration::from_millis(millis / 3 * 2 + millis % 3 * 2 / 3)
+}
 
 /// How long shutdown may take, overall and for draining tracked tasks.
 ///
@@ -29,11 +43,12 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// ```
 ///
 /// where the margin (a few seconds) covers flushing logs and the exit itself.
-/// The default deadline is 30 s, so with the default 30 s grace period it
-/// leaves **no** margin: a deployment that keeps the default grace period
-/// and adds a `preStop` sleep for endpoint propagation (say 5 s) should set
-/// `SHUTDOWN_TIMEOUT_MS=20000`; one that keeps the default deadline should
-/// raise `terminationGracePeriodSeconds` to 40 (5 s `preStop` + 30 s + 5 s).
+/// The default deadline is 25 s, so with the default 30 s grace period and no
+/// `preStop` hook it leaves a 5 s margin. A deployment that adds a `preStop`
+/// sleep for endpoint propagation (say 5 s) should set `SHUTDOWN_TIMEOUT_MS=20000`
+/// or raise `terminationGracePeriodSeconds` to 35 (5 s `preStop` + 25 s + 5 s).
+/// The readiness delay ([`readiness_delay`](Self::readiness_delay)) is part
+/// of the overall deadline, not added to it.
 /// Past the deadline the report names the handlers still running and the
 /// exit code is [`exit_code::DEADLINE_EXCEEDED`](crate::exit_code::DEADLINE_EXCEEDED),
 /// so a slow shutdown is visible instead of ending in an anonymous SIGKILL.
@@ -46,31 +61,48 @@ pub struct ShutdownConfig {
     pub timeout: Duration,
     /// Own timeout of the built-in `in-flight-tasks` entry of the drain
     /// phase, which waits for every task spawned through the coordinator.
-    /// `None` bounds it by the overall deadline only. Read from the
-    /// environment, an unset [`DRAIN_TIMEOUT_ENV`] means two thirds of the
-    /// overall deadline (20 s of 30 s), so that the release phase (closing
-    /// the pools) still runs when some task never finishes.
+    /// `None` bounds it by the overall deadline only. The default, in
+    /// [`Default`] and in [`from_env`](Self::from_env) alike, is
+    /// [`default_drain_timeout`]: two thirds of the overall deadline (16.7 s
+    /// of 25 s), so that the release phase (closing the pools) still runs
+    /// when some task never finishes. [`with_timeout`](Self::with_timeout)
+    /// keeps that ratio unless a drain deadline was set explicitly.
     pub drain_timeout: Option<Duration>,
+    /// Delay between the readiness flip and closing the listener, for load
+    /// balancers that need time to take the instance out of rotation after
+    /// its readiness probe fails (default zero). The built-in
+    /// [`READINESS_DELAY`](crate::READINESS_DELAY) entry of
+    /// [`Phase::StopAccepting`](crate::Phase::StopAccepting) waits this long;
+    /// [`Shutdown::listener_token`](crate::Shutdown::listener_token) is
+    /// cancelled when that phase ends.
+    pub readiness_delay: Duration,
+    /// Whether `drain_timeout` was set explicitly (it then no longer follows
+    /// the overall deadline).
+    drain_explicit: bool,
 }
 
 impl Default for ShutdownConfig {
     fn default() -> Self {
         Self {
             timeout: DEFAULT_TIMEOUT,
-            drain_timeout: None,
+            drain_timeout: Some(default_drain_timeout(DEFAULT_TIMEOUT)),
+            readiness_delay: Duration::ZERO,
+            drain_explicit: false,
         }
     }
 }
 
 impl ShutdownConfig {
-    /// Reads [`TIMEOUT_ENV`] and [`DRAIN_TIMEOUT_ENV`] from the process
-    /// environment; an unset timeout keeps the default, an unset drain
-    /// timeout is two thirds of the overall one.
+    /// Reads [`TIMEOUT_ENV`], [`DRAIN_TIMEOUT_ENV`] and [`READINESS_DELAY_ENV`]
+    /// from the process environment; an unset variable keeps the value of
+    /// [`ShutdownConfig::default`] (the drain deadline two thirds of the
+    /// overall one, no readiness delay).
     ///
     /// # Errors
     ///
-    /// [`ConfigError::Invalid`] when a variable is set but is not a positive
-    /// integer number of milliseconds (or is not valid Unicode).
+    /// [`ConfigError::Invalid`] when a deadline is set but is not a positive
+    /// integer number of milliseconds, when the readiness delay is not a
+    /// non-negative one, or when a value is not valid Unicode.
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(|name| {
             std::env::var_os(name).map(|value| {
@@ -86,24 +118,29 @@ impl ShutdownConfig {
     ///
     /// # Errors
     ///
-    /// [`ConfigError::Invalid`] when a value is not a positive integer number
-    /// of milliseconds.
+    /// [`ConfigError::Invalid`] as for [`from_env`](Self::from_env).
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let mut config = Self::default();
         if let Some(value) = lookup(TIMEOUT_ENV) {
-            config.timeout = parse_millis(TIMEOUT_ENV, &value)?;
+            config = config.with_timeout(parse_millis(TIMEOUT_ENV, &value, 1)?);
         }
-        config.drain_timeout = Some(match lookup(DRAIN_TIMEOUT_ENV) {
-            Some(value) => parse_millis(DRAIN_TIMEOUT_ENV, &value)?,
-            None => config.timeout * 2 / 3,
-        });
+        if let Some(value) = lookup(DRAIN_TIMEOUT_ENV) {
+            config = config.with_drain_timeout(parse_millis(DRAIN_TIMEOUT_ENV, &value, 1)?);
+        }
+        if let Some(value) = lookup(READINESS_DELAY_ENV) {
+            config.readiness_delay = parse_millis(READINESS_DELAY_ENV, &value, 0)?;
+        }
         Ok(config)
     }
 
-    /// Returns the configuration with the overall deadline set to `timeout`.
+    /// Returns the configuration with the overall deadline set to `timeout`;
+    /// the drain deadline follows (two thirds) unless it was set explicitly.
     #[must_use]
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        if !self.drain_explicit {
+            self.drain_timeout = Some(default_drain_timeout(timeout));
+        }
         self
     }
 
@@ -111,6 +148,23 @@ impl ShutdownConfig {
     #[must_use]
     pub fn with_drain_timeout(mut self, drain_timeout: Duration) -> Self {
         self.drain_timeout = Some(drain_timeout);
+        self.drain_explicit = true;
+        self
+    }
+
+    /// Returns the configuration with the drain phase bounded by the overall
+    /// deadline only.
+    #[must_use]
+    pub fn without_drain_timeout(mut self) -> Self {
+        self.drain_timeout = None;
+        self.drain_explicit = true;
+        self
+    }
+
+    /// Returns the configuration with the readiness delay set to `delay`.
+    #[must_use]
+    pub fn with_readiness_delay(mut self, delay: Duration) -> Self {
+        self.readiness_delay = delay;
         self
     }
 }
@@ -118,22 +172,31 @@ impl ShutdownConfig {
 /// A configuration value that could not be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
-    /// The variable is set to something other than a positive integer.
-    #[error("invalid {var} value {value:?}: expected a positive integer number of milliseconds")]
+    /// The variable is set to something other than an integer number of
+    /// milliseconds in its range (positive for deadlines, zero or more for
+    /// the readiness delay).
+    #[error("invalid {var} value {value:?}: expected {expected} integer number of milliseconds")]
     Invalid {
         /// Name of the variable.
         var: &'static str,
         /// The value found.
         value: String,
+        /// What was expected: `"a positive"` or `"a non-negative"`.
+        expected: &'static str,
     },
 }
 
-fn parse_millis(var: &'static str, value: &str) -> Result<Duration, ConfigError> {
+fn parse_millis(var: &'static str, value: &str, min: u64) -> Result<Duration, ConfigError> {
     match value.trim().parse::<u64>() {
-        Ok(ms) if ms > 0 => Ok(Duration::from_millis(ms)),
+        Ok(ms) if ms >= min => Ok(Duration::from_millis(ms)),
         _ => Err(ConfigError::Invalid {
             var,
             value: value.to_owned(),
+            expected: if min == 0 {
+                "a non-negative"
+            } else {
+                "a positive"
+            },
         }),
     }
 }
@@ -156,10 +219,47 @@ mod tests {
     #[test]
     fn defaults_when_unset() {
         let config = ShutdownConfig::from_lookup(lookup(&[])).unwrap();
-        assert_eq!(config.timeout, Duration::from_secs(30));
-        assert_eq!(config.drain_timeout, Some(Duration::from_secs(20)));
+        assert_eq!(config.timeout, Duration::from_secs(25));
+        assert_eq!(config.drain_timeout, Some(Duration::from_millis(16_666)));
+        assert_eq!(config.readiness_delay, Duration::ZERO);
         let config = ShutdownConfig::from_lookup(lookup(&[(TIMEOUT_ENV, "9000")])).unwrap();
         assert_eq!(config.drain_timeout, Some(Duration::from_secs(6)));
+    }
+
+    #[test]
+    fn default_and_from_env_agree_on_every_field() {
+        assert_eq!(
+            ShutdownConfig::default(),
+            ShutdownConfig::from_lookup(lookup(&[])).unwrap()
+        );
+        // The builder keeps the same rule as the environment.
+        assert_eq!(
+            ShutdownConfig::default().with_timeout(Duration::from_secs(9)),
+            ShutdownConfig::from_lookup(lookup(&[(TIMEOUT_ENV, "9000")])).unwrap()
+        );
+        let explicit = ShutdownConfig::default()
+            .with_drain_timeout(Duration::from_secs(1))
+            .with_timeout(Duration::from_secs(9));
+        assert_eq!(explicit.drain_timeout, Some(Duration::from_secs(1)));
+        assert_eq!(
+            ShutdownConfig::default()
+                .without_drain_timeout()
+                .drain_timeout,
+            None
+        );
+    }
+
+    #[test]
+    fn readiness_delay_accepts_zero_and_rejects_garbage() {
+        let config = ShutdownConfig::from_lookup(lookup(&[(READINESS_DELAY_ENV, "5000")])).unwrap();
+        assert_eq!(config.readiness_delay, Duration::from_secs(5));
+        let config = ShutdownConfig::from_lookup(lookup(&[(READINESS_DELAY_ENV, "0")])).unwrap();
+        assert_eq!(config.readiness_delay, Duration::ZERO);
+        let err = ShutdownConfig::from_lookup(lookup(&[(READINESS_DELAY_ENV, "-1")])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid SHUTDOWN_READINESS_DELAY_MS value \"-1\": expected a non-negative integer number of milliseconds"
+        );
     }
 
     #[test]
@@ -181,7 +281,8 @@ mod tests {
                 err,
                 ConfigError::Invalid {
                     var: TIMEOUT_ENV,
-                    value: bad.to_owned()
+                    value: bad.to_owned(),
+                    expected: "a positive",
                 }
             );
         }

@@ -29,6 +29,11 @@ use crate::signal::Signal;
 /// [`Shutdown::spawn`] (or the [`Shutdown::tracker`]).
 pub const IN_FLIGHT_TASKS: &str = "in-flight-tasks";
 
+/// Name of the built-in [`Phase::StopAccepting`] entry that waits
+/// [`ShutdownConfig::readiness_delay`] before the listener closes (present only
+/// when the delay is not zero).
+pub const READINESS_DELAY: &str = "readiness-delay";
+
 /// Why shutdown began.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ShutdownReason {
@@ -91,6 +96,7 @@ impl Shutdown {
             inner: Arc::new(Inner {
                 config,
                 token: CancellationToken::new(),
+                listener: CancellationToken::new(),
                 tracker: TaskTracker::new(),
                 state: Mutex::new(State {
                     next_id: 0,
@@ -129,6 +135,26 @@ impl Shutdown {
     /// cancelling it does not trigger shutdown: use [`trigger`](Self::trigger).
     pub fn token(&self) -> CancellationToken {
         self.inner.token.child_token()
+    }
+
+    /// A token cancelled when the listener should close: once every
+    /// [`Phase::StopAccepting`] handler (the readiness flip) has finished and
+    /// the readiness delay ([`ShutdownConfig::readiness_delay`],
+    /// `SHUTDOWN_READINESS_DELAY_MS`) has passed, or at the overall deadline.
+    /// A server passes it to its graceful shutdown, so a load balancer sees the
+    /// failing readiness probe before connections are refused.
+    pub fn listener_token(&self) -> CancellationToken {
+        self.inner.listener.child_token()
+    }
+
+    /// Runs `step` (a start-up step: connecting, migrating, waiting for a
+    /// dependency) until it finishes or shutdown is triggered, whichever
+    /// comes first. `None` means the trigger came first: `step` was dropped,
+    /// and the caller releases what it opened and returns
+    /// [`run`](Self::run)'s exit code, so the first signal ends a slow
+    /// start-up instead of waiting for it.
+    pub async fn until_triggered<F: Future>(&self, step: F) -> Option<F::Output> {
+        self.inner.token.run_until_cancelled(step).await
     }
 
     /// The tracker of in-flight tasks. It is closed at the trigger; the
@@ -298,6 +324,8 @@ type HandlerFn = Box<dyn FnOnce() -> BoxFuture<'static, Result<(), String>> + Se
 pub(crate) struct Inner {
     config: ShutdownConfig,
     token: CancellationToken,
+    /// Cancelled at the end of [`Phase::StopAccepting`] (see [`Shutdown::listener_token`]).
+    listener: CancellationToken,
     tracker: TaskTracker,
     state: Mutex<State>,
     /// One slot per handler of the running shutdown, in report order.
@@ -410,6 +438,21 @@ impl Inner {
                 .boxed()
             }),
         });
+        let delay = self.config.readiness_delay;
+        if !delay.is_zero() {
+            jobs.push(Registered {
+                name: READINESS_DELAY.to_owned(),
+                phase: Phase::StopAccepting,
+                timeout: None,
+                run: Box::new(move || {
+                    async move {
+                        tokio::time::sleep(delay).await;
+                        Ok(())
+                    }
+                    .boxed()
+                }),
+            });
+        }
         jobs.extend(handlers);
         // Stable: registration order is kept inside a phase.
         jobs.sort_by_key(|job| job.phase);
@@ -428,8 +471,14 @@ impl Inner {
             batches[job.phase as usize].push((index, job));
         }
         let this = &self;
+        // Cancelled when the stop-accepting phase ends, or when the deadline drops `phases`.
+        let listener = self.listener.clone().drop_guard();
         let phases = async move {
+            let mut listener = Some(listener);
             for (phase, batch) in Phase::ALL.into_iter().zip(batches) {
+                if phase > Phase::StopAccepting {
+                    drop(listener.take());
+                }
                 tracing::debug!(phase = %phase, handlers = batch.len(), "shutdown phase started");
                 join_all(
                     batch

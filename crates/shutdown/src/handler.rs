@@ -1,6 +1,7 @@
 //! Shutdown handlers: the phases they run in, what they may return, the
 //! guard that deregisters them, and the error for late registration.
 
+use std::error::Error;
 use std::fmt;
 use std::sync::Weak;
 
@@ -42,9 +43,12 @@ impl fmt::Display for Phase {
 }
 
 /// What a handler's future may resolve to: `()` (always a success) or
-/// `Result<(), E>` for any displayable error (an `Err` is reported as
-/// [`HandlerOutcome::Failed`](crate::HandlerOutcome::Failed) with the error
-/// formatted with `{:#}`, which shows an `anyhow` error's whole chain).
+/// `Result<(), E>` for any error that converts into
+/// `Box<dyn Error + Send + Sync>` (every `std::error::Error + Send + Sync`,
+/// `anyhow::Error`, `String`, `&str`). An `Err` is reported as
+/// [`HandlerOutcome::Failed`](crate::HandlerOutcome::Failed) with its whole
+/// [`source()`](std::error::Error::source) chain, joined by `": "`, so the
+/// cause behind a `thiserror` variant's `#[source]` is not lost.
 pub trait HandlerOutput {
     /// Converts the output into success or a failure message.
     fn into_result(self) -> Result<(), String>;
@@ -56,10 +60,30 @@ impl HandlerOutput for () {
     }
 }
 
-impl<E: fmt::Display> HandlerOutput for Result<(), E> {
+impl<E> HandlerOutput for Result<(), E>
+where
+    E: Into<Box<dyn Error + Send + Sync + 'static>>,
+{
     fn into_result(self) -> Result<(), String> {
-        self.map_err(|e| format!("{e:#}"))
+        self.map_err(|e| error_chain(&*e.into()))
     }
+}
+
+/// `error`'s message followed by the message of every
+/// [`source()`](std::error::Error::source) below it, joined by `": "`.
+pub fn error_chain(error: &(dyn Error + 'static)) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        // An error that already prints its cause (`"{context}: {source}"`) is not repeated.
+        if !message.ends_with(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = cause.source();
+    }
+    message
 }
 
 /// Registering a handler failed.

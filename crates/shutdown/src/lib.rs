@@ -15,14 +15,21 @@
 //!   the handlers of one phase concurrently, each in its own task, to
 //!   completion, error, panic or its own timeout, without one stopping the others;
 //! - bounds the whole shutdown by an overall deadline (`SHUTDOWN_TIMEOUT_MS`,
-//!   default 30 s; [`ShutdownConfig`] explains the relation with
-//!   Kubernetes' grace period);
+//!   default 25 s; [`ShutdownConfig`] explains the relation with
+//!   Kubernetes' grace period), and can hold the listener open for
+//!   `SHUTDOWN_READINESS_DELAY_MS` after the readiness flip
+//!   ([`Shutdown::listener_token`]);
+//! - interrupts slow start-up steps at the first signal
+//!   ([`Shutdown::until_triggered`]);
 //! - produces a [`ShutdownReport`] (per handler: name, phase, outcome,
 //!   duration) that is logged with `tracing` and gives the exit code
 //!   ([`exit_code`]): 0 only if every handler succeeded, 1 otherwise, 124 past
 //!   the deadline;
 //! - exits at once with 143 (SIGTERM) or 130 (SIGINT) on a second signal,
-//!   the only place that calls [`std::process::exit`].
+//!   the only place that calls [`std::process::exit`];
+//! - runs `main`'s future on a runtime whose teardown is bounded
+//!   ([`run_main`]), so a task stuck in blocking code does not turn the
+//!   report's exit code into a SIGKILL.
 //!
 //! A signal arriving twice never runs handlers twice, registering after the
 //! trigger is an error ([`RegisterError`]), and dropping the [`HandlerGuard`]
@@ -69,9 +76,12 @@
 //!
 //! # Wiring a binary
 //!
-//! `main` returns [`std::process::ExitCode`] and drops the tracing-appender
-//! guard *before* returning, so buffered logs (including the report) are
-//! flushed; it never calls `std::process::exit` itself:
+//! `main` runs its async part with [`run_main`] (a bounded runtime
+//! teardown), returns [`std::process::ExitCode`] and drops the
+//! tracing-appender guard *before* returning, so buffered logs (including
+//! the report) are flushed; it never calls `std::process::exit` itself.
+//! Start-up steps that can be slow run under [`Shutdown::until_triggered`],
+//! so the first signal ends them:
 //!
 //! ```no_run
 //! use std::process::ExitCode;
@@ -81,13 +91,7 @@
 //! fn main() -> ExitCode {
 //!     let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
 //!     tracing_subscriber::fmt().with_writer(writer).init();
-//!     let code = match tokio::runtime::Runtime::new() {
-//!         Ok(runtime) => runtime.block_on(serve()),
-//!         Err(err) => {
-//!             tracing::error!(error = %err, "failed to start the tokio runtime");
-//!             ExitCode::FAILURE
-//!         }
-//!     };
+//!     let code = smartbeak_shutdown::run_main(serve());
 //!     drop(guard); // flushes the log buffer
 //!     code
 //! }
@@ -103,6 +107,11 @@
 //!     if let Err(err) = shutdown.listen_for_signals() {
 //!         tracing::error!(error = %err, "cannot listen for signals");
 //!         return ExitCode::FAILURE;
+//!     }
+//!     // A signal during a slow start-up step ends it: report and exit.
+//!     let connect = tokio::time::sleep(std::time::Duration::from_secs(1)); // Database::connect(..)
+//!     if shutdown.until_triggered(connect).await.is_none() {
+//!         return shutdown.run().await.exit_code();
 //!     }
 //!     // register handlers, spawn the server and workers with shutdown.spawn(...)
 //!     let reason = shutdown.triggered().await;
@@ -120,12 +129,17 @@ mod coordinator;
 pub mod exit_code;
 mod handler;
 mod report;
+mod runtime;
 mod signal;
 #[cfg(feature = "telemetry")]
 pub mod telemetry;
 
-pub use config::{ConfigError, DEFAULT_TIMEOUT, DRAIN_TIMEOUT_ENV, ShutdownConfig, TIMEOUT_ENV};
-pub use coordinator::{IN_FLIGHT_TASKS, Shutdown, ShutdownReason};
-pub use handler::{HandlerGuard, HandlerOutput, Phase, RegisterError};
+pub use config::{
+    ConfigError, DEFAULT_TIMEOUT, DRAIN_TIMEOUT_ENV, READINESS_DELAY_ENV, ShutdownConfig,
+    TIMEOUT_ENV, default_drain_timeout,
+};
+pub use coordinator::{IN_FLIGHT_TASKS, READINESS_DELAY, Shutdown, ShutdownReason};
+pub use handler::{HandlerGuard, HandlerOutput, Phase, RegisterError, error_chain};
 pub use report::{HandlerOutcome, HandlerReport, ShutdownReport};
+pub use runtime::{RUNTIME_TEARDOWN, run_main, run_main_with};
 pub use signal::{Signal, SignalError};

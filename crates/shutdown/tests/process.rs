@@ -1,5 +1,5 @@
 //! Process-level tests: run `examples/shutdown_demo.rs`, send it real
-//! signals with `kill`, and check from outside what it printed and how it
+//! signals (through `nix`), and check from outside what it printed and how it
 //! exited. Every wait is bounded and polls; none sleeps a fixed time.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -11,6 +11,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 
 /// Upper bound for any single wait. Generous because the machine is shared;
 /// a passing run takes well under a second per wait.
@@ -130,12 +133,14 @@ impl Demo {
     }
 
     fn send(&self, signal: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{signal} failed: {status}");
+        // From Rust (nix), not the `kill` binary, which minimal images lack.
+        let sig = match signal {
+            "TERM" => Signal::SIGTERM,
+            "INT" => Signal::SIGINT,
+            other => panic!("unexpected signal {other}"),
+        };
+        let pid = Pid::from_raw(i32::try_from(self.child.id()).unwrap());
+        kill(pid, sig).unwrap_or_else(|e| panic!("kill -{signal} failed: {e}"));
     }
 
     /// Reads stdout to its end and waits for the exit, within [`BOUND`];
@@ -324,4 +329,23 @@ fn overall_deadline_exits_124_and_names_the_handler_still_running() {
         demo.context()
     );
     assert!(!demo.printed("handler slow-drain finished"));
+}
+
+#[test]
+fn handler_stuck_in_blocking_code_still_exits_124() {
+    // The handler blocks its worker thread for 60 s; the deadline fires on another worker,
+    // and the bounded runtime teardown lets `main` return the report's code.
+    let mut demo = Demo::start("blocking", Some("300"));
+    demo.wait_for_line("ready");
+    demo.send("TERM");
+    demo.wait_for_line("handler blocking-drain started");
+    let code = demo.wait_exit();
+
+    assert_eq!(code, 124, "{}", demo.context());
+    assert!(
+        demo.printed("deadline exceeded, still running: [blocking-drain]"),
+        "{}",
+        demo.context()
+    );
+    assert!(!demo.printed("handler blocking-drain finished"));
 }

@@ -2,15 +2,28 @@
 //!
 //! Each server is a guard: it owns a temporary directory and a free port on 127.0.0.1,
 //! polls until the server answers, and kills the process and removes the directory on
-//! `Drop`. PostgreSQL is started the way pgtemp does it (`initdb -N`, `fsync=off`), and
-//! because it refuses to run as root, as an unprivileged user (`postgres` if it exists,
-//! else a `smartbeak-pg` system user created on first use) through `setpriv`. Redis runs
-//! with `--save ""` and no AOF: nothing reaches the disk.
+//! `Drop` (the directory goes on every error path of the start too). PostgreSQL is started
+//! the way pgtemp does it (`initdb -N`, `fsync=off`), TCP only (no unix socket, whose path
+//! could pass the kernel's limit under a long target dir), and because it refuses to run as
+//! root, as an unprivileged user (`postgres` if it exists, else a `smartbeak-pg` system user
+//! created on first use) through `setpriv`. Redis runs with `--save ""` and no AOF: nothing
+//! reaches the disk. A port taken between [`free_port`] and the server's bind is retried on
+//! another port.
+//!
+//! Nothing outlives its owner: a guarded server is started through
+//! `setpriv --pdeathsig KILL`, so the kernel kills it when the thread that started it dies,
+//! SIGKILL included (a server shared between tests should be started from a thread that
+//! lives as long as the process, e.g. the main thread); and every start first sweeps the
+//! services folder for run directories whose owner process is gone, killing a server still
+//! running in one (its working directory is the run directory) and removing it. Servers of
+//! [`Lifetime::Detached`] (`cargo xtask services up`) are left alone by both. Signals are sent
+//! with [`signal`] (the `nix` crate), never through the `kill` binary.
 //!
 //! The binaries are found under `/usr/lib/postgresql/*/bin` (newest first) or on `PATH`;
 //! `SMARTBEAK_PG_BIN` (a directory) and `SMARTBEAK_REDIS_SERVER` (a file) override that.
 //!
-//! This crate is synchronous and std-only on purpose: xtask uses it without a runtime.
+//! This crate is synchronous on purpose (std, plus `nix` for signals): xtask uses it without
+//! a runtime.
 
 #![warn(missing_docs)]
 
@@ -19,9 +32,13 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::str::FromStr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 
 /// What went wrong starting a server.
 #[derive(Debug)]
@@ -44,6 +61,9 @@ fn err(message: impl Into<String>) -> Error {
 
 /// How long a server may take to answer after start.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How many ports a start tries when the one picked was taken before the server bound it.
+const PORT_ATTEMPTS: usize = 5;
 
 /// The Debian packages that carry the binaries, for error messages.
 pub const INSTALL_HINT: &str =
@@ -83,15 +103,113 @@ pub fn services_root() -> PathBuf {
     target.join("services")
 }
 
-fn unique_dir(kind: &str, root: &Path) -> Result<PathBuf> {
-    static COUNTER: AtomicU32 = AtomicU32::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let dir = root.join(format!("{kind}-{}-{n}", std::process::id()));
-    if dir.exists() {
-        let _ = fs::remove_dir_all(&dir);
+/// A run directory, removed on drop unless [`RunDir::keep`] was called: every error path of a
+/// start removes what it created.
+#[derive(Debug)]
+struct RunDir {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl RunDir {
+    /// Creates `<root>/<kind>-<pid>-<n>` (guarded) or `<root>/<kind>-detached-<pid>-<n>`,
+    /// after sweeping stale guarded directories of `root`.
+    fn create(kind: &str, root: &Path, lifetime: Lifetime) -> Result<Self> {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        sweep_stale(root);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        let name = match lifetime {
+            Lifetime::Guarded => format!("{kind}-{pid}-{n}"),
+            Lifetime::Detached => format!("{kind}-detached-{pid}-{n}"),
+        };
+        let path = root.join(name);
+        if path.exists() {
+            let _ = fs::remove_dir_all(&path);
+        }
+        fs::create_dir_all(&path)
+            .map_err(|e| err(format!("cannot create {}: {e}", path.display())))?;
+        Ok(Self { path, keep: false })
     }
-    fs::create_dir_all(&dir).map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
-    Ok(dir)
+
+    /// Hands the directory over to its server (removed with it, or kept for a detached one).
+    fn keep(mut self) -> PathBuf {
+        self.keep = true;
+        std::mem::take(&mut self.path)
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// Removes the guarded run directories of `root` (`<kind>-<pid>-<n>`) whose owner process
+/// is gone, killing first any server still running in one (a process whose working
+/// directory is that directory or below it: PostgreSQL and Redis both change into theirs).
+/// Returns the directories removed.
+pub fn sweep_stale(root: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir(root) else {
+        return Vec::new();
+    };
+    let mut swept = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(owner) = name.to_str().and_then(guarded_owner) else {
+            continue;
+        };
+        if owner == std::process::id() || process_alive(owner) {
+            continue;
+        }
+        let dir = entry.path();
+        for pid in processes_inside(&dir) {
+            let _ = signal(pid, "KILL");
+        }
+        if fs::remove_dir_all(&dir).is_ok() {
+            swept.push(dir);
+        }
+    }
+    swept
+}
+
+/// The owner pid of a guarded run directory name `<postgres|redis>-<pid>-<n>`.
+fn guarded_owner(name: &str) -> Option<u32> {
+    let rest = name
+        .strip_prefix("postgres-")
+        .or_else(|| name.strip_prefix("redis-"))?;
+    let (pid, n) = rest.split_once('-')?;
+    n.parse::<u32>().ok()?;
+    pid.parse().ok()
+}
+
+fn process_alive(pid: u32) -> bool {
+    // Signal 0 checks existence; EPERM means it exists under another user.
+    i32::try_from(pid).is_ok_and(|raw| {
+        !matches!(
+            kill(Pid::from_raw(raw), None),
+            Err(nix::errno::Errno::ESRCH)
+        )
+    })
+}
+
+/// Processes whose working directory is `dir` or below it.
+fn processes_inside(dir: &Path) -> Vec<u32> {
+    let Ok(dir) = dir.canonicalize() else {
+        return Vec::new();
+    };
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|p| p.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(&dir))
+        })
+        .collect()
 }
 
 fn run(cmd: &mut Command, what: &str) -> Result<()> {
@@ -110,12 +228,17 @@ fn run(cmd: &mut Command, what: &str) -> Result<()> {
     }
 }
 
-/// Sends `signal` (e.g. "TERM", "QUIT", "KILL") to `pid` with kill(1).
+/// Sends `signal` (e.g. "TERM", "QUIT", "KILL", or "SIGTERM") to `pid`, from Rust (no
+/// `kill` binary needed).
 pub fn signal(pid: u32, signal: &str) -> Result<()> {
-    run(
-        Command::new("kill").args([&format!("-{signal}"), &pid.to_string()]),
-        "kill",
-    )
+    let name = if signal.starts_with("SIG") {
+        signal.to_owned()
+    } else {
+        format!("SIG{signal}")
+    };
+    let sig = Signal::from_str(&name).map_err(|_| err(format!("unknown signal {signal:?}")))?;
+    let raw = i32::try_from(pid).map_err(|_| err(format!("invalid pid {pid}")))?;
+    kill(Pid::from_raw(raw), sig).map_err(|e| err(format!("cannot send {name} to {pid}: {e}")))
 }
 
 fn wait_exit(child: &mut Child, bound: Duration) -> bool {
@@ -246,11 +369,37 @@ pub enum Lifetime {
     Detached,
 }
 
+/// How to start a throwaway PostgreSQL ([`PostgresServer::start_with_options`]).
+#[derive(Debug, Clone)]
+pub struct PostgresOptions {
+    /// What happens on drop.
+    pub lifetime: Lifetime,
+    /// `Some`: user `postgres` gets this password and TCP logins need it (`scram-sha-256`
+    /// in `pg_hba.conf`, like a stock Debian cluster); `None`: trust auth.
+    pub password: Option<String>,
+    /// The directory of `initdb`, `postgres` and `pg_isready`; `None`: [`postgres_bin_dir`].
+    pub bin_dir: Option<PathBuf>,
+    /// The folder of the run directory; `None`: [`services_root`].
+    pub root: Option<PathBuf>,
+}
+
+impl Default for PostgresOptions {
+    fn default() -> Self {
+        Self {
+            lifetime: Lifetime::Guarded,
+            password: None,
+            bin_dir: None,
+            root: None,
+        }
+    }
+}
+
 /// A throwaway PostgreSQL cluster.
 #[derive(Debug)]
 pub struct PostgresServer {
     dir: PathBuf,
     port: u16,
+    password: Option<String>,
     child: Option<Child>,
     lifetime: Lifetime,
 }
@@ -263,106 +412,141 @@ impl PostgresServer {
 
     /// As [`PostgresServer::start`], choosing what happens on drop.
     pub fn start_with(lifetime: Lifetime) -> Result<Self> {
-        let bin = postgres_bin_dir()?;
+        Self::start_with_options(PostgresOptions {
+            lifetime,
+            ..PostgresOptions::default()
+        })
+    }
+
+    /// Initialises and starts a cluster as `options` say. On any error the run directory is
+    /// removed and no process is left running.
+    pub fn start_with_options(options: PostgresOptions) -> Result<Self> {
+        Self::start_on_ports(options, free_port)
+    }
+
+    /// The start, with the ports to try coming from `next_port` (tests hand it a taken one).
+    fn start_on_ports(
+        options: PostgresOptions,
+        mut next_port: impl FnMut() -> Result<u16>,
+    ) -> Result<Self> {
+        let bin = match &options.bin_dir {
+            Some(dir) => dir.clone(),
+            None => postgres_bin_dir()?,
+        };
         let account = pg_account()?;
+        let lifetime = options.lifetime;
         // The unprivileged account must reach the data directory through every parent; if
         // the workspace sits somewhere it cannot (a home directory with mode 700), use the
         // system temp dir instead of loosening anyone's permissions.
-        let root = services_root();
+        let root = options.root.clone().unwrap_or_else(services_root);
         let root = if account.is_none() || world_traversable(&root) {
             root
         } else {
             std::env::temp_dir().join("smartbeak-services")
         };
-        let dir = unique_dir("postgres", &root)?;
-        let data = dir.join("data");
+        let dir = RunDir::create("postgres", &root, lifetime)?;
+        let data = dir.path.join("data");
         let as_user = |program: &Path| -> Command {
-            match &account {
-                Some((_, uid, gid)) => {
-                    let mut cmd = Command::new("setpriv");
-                    cmd.arg(format!("--reuid={uid}"))
-                        .arg(format!("--regid={gid}"))
-                        .arg("--clear-groups")
-                        .arg("--")
-                        .arg(program);
-                    cmd
-                }
-                None => Command::new(program),
-            }
+            server_command(
+                program,
+                account.as_ref().map(|(_, uid, gid)| (*uid, *gid)),
+                lifetime,
+            )
         };
+        let pwfile = dir.path.join("pwfile");
+        if let Some(password) = &options.password {
+            fs::write(&pwfile, password)
+                .map_err(|e| err(format!("cannot write {}: {e}", pwfile.display())))?;
+        }
         if let Some((name, _, _)) = &account {
             run(
-                Command::new("chown").args(["-R", &format!("{name}:"), &dir.to_string_lossy()]),
+                Command::new("chown").args([
+                    "-R",
+                    &format!("{name}:"),
+                    &dir.path.to_string_lossy(),
+                ]),
                 "chown of the PostgreSQL directory",
             )?;
         }
-        run(
-            as_user(&bin.join("initdb"))
-                .args(["-D", &data.to_string_lossy()])
-                .args([
-                    "-U",
-                    "postgres",
-                    "-A",
-                    "trust",
-                    "-E",
-                    "UTF8",
-                    "--locale=C",
-                    "-N",
-                ])
-                .stdin(Stdio::null()),
-            "initdb",
-        )?;
-        let port = free_port()?;
-        let log = dir.join("postgres.log");
-        let log_file = fs::File::create(&log)
-            .map_err(|e| err(format!("cannot create {}: {e}", log.display())))?;
-        let log_err = log_file
-            .try_clone()
-            .map_err(|e| err(format!("cannot open {}: {e}", log.display())))?;
-        let mut cmd = as_user(&bin.join("postgres"));
-        cmd.args(["-D", &data.to_string_lossy()])
-            .args(["-p", &port.to_string()])
-            .args(["-c", "listen_addresses=127.0.0.1"])
-            .args(["-c", &format!("unix_socket_directories={}", data.display())])
-            .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
-            .args(["-c", "full_page_writes=off", "-c", "max_connections=300"])
-            .stdin(Stdio::null())
-            .stdout(log_file)
-            .stderr(log_err);
-        if lifetime == Lifetime::Detached {
-            use std::os::unix::process::CommandExt;
-            cmd.process_group(0);
-        }
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| err(format!("cannot start postgres: {e}")))?;
-        let pg_isready = bin.join("pg_isready");
-        let ready = || {
-            Command::new(&pg_isready)
-                .args([
-                    "-q",
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    &port.to_string(),
-                    "-U",
-                    "postgres",
-                ])
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false)
+        let mut initdb = as_user(&bin.join("initdb"));
+        initdb
+            .args(["-D", &data.to_string_lossy()])
+            .args(["-U", "postgres", "-E", "UTF8", "--locale=C", "-N"])
+            .stdin(Stdio::null());
+        match &options.password {
+            Some(_) => initdb
+                .args(["--auth-local=trust", "--auth-host=scram-sha-256"])
+                .arg(format!("--pwfile={}", pwfile.display())),
+            None => initdb.args(["-A", "trust"]),
         };
-        if let Err(e) = wait_ready(&mut child, "postgres", &log, ready) {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(e);
+        let initialised = run(&mut initdb, "initdb");
+        let _ = fs::remove_file(&pwfile);
+        initialised?;
+
+        let log = dir.path.join("postgres.log");
+        let pg_isready = bin.join("pg_isready");
+        let mut last = None;
+        for _ in 0..PORT_ATTEMPTS {
+            let port = next_port()?;
+            let log_file = fs::File::create(&log)
+                .map_err(|e| err(format!("cannot create {}: {e}", log.display())))?;
+            let log_err = log_file
+                .try_clone()
+                .map_err(|e| err(format!("cannot open {}: {e}", log.display())))?;
+            let mut cmd = as_user(&bin.join("postgres"));
+            // TCP only: an empty unix_socket_directories creates no socket, whose path could
+            // pass the kernel's 107-byte limit under a long target dir.
+            cmd.args(["-D", &data.to_string_lossy()])
+                .args(["-p", &port.to_string()])
+                .args(["-c", "listen_addresses=127.0.0.1"])
+                .args(["-c", "unix_socket_directories="])
+                .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
+                .args(["-c", "full_page_writes=off", "-c", "max_connections=300"])
+                .stdin(Stdio::null())
+                .stdout(log_file)
+                .stderr(log_err);
+            let mut child = cmd
+                .spawn()
+                .map_err(|e| err(format!("cannot start postgres: {e}")))?;
+            let ready = || {
+                Command::new(&pg_isready)
+                    .args([
+                        "-q",
+                        "-h",
+                        "127.0.0.1",
+                        "-p",
+                        &port.to_string(),
+                        "-U",
+                        "postgres",
+                    ])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .map(|s| s.success())
+                    .unwrap_or(false)
+            };
+            match wait_ready(&mut child, "postgres", &log, ready) {
+                Ok(()) => {
+                    return Ok(Self {
+                        dir: dir.keep(),
+                        port,
+                        password: options.password,
+                        child: Some(child),
+                        lifetime,
+                    });
+                }
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    if !port_was_taken(&e) {
+                        return Err(e);
+                    }
+                    last = Some(e);
+                }
+            }
         }
-        Ok(Self {
-            dir,
-            port,
-            child: Some(child),
-            lifetime,
-        })
+        Err(last.unwrap_or_else(|| err("postgres could not bind any port")))
     }
 
     /// The server's port on 127.0.0.1.
@@ -370,9 +554,15 @@ impl PostgresServer {
         self.port
     }
 
-    /// `postgres://postgres@127.0.0.1:<port>/postgres`.
+    /// `postgres://postgres[:<password>]@127.0.0.1:<port>/postgres`.
     pub fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+        match &self.password {
+            Some(password) => format!(
+                "postgres://postgres:{password}@127.0.0.1:{}/postgres",
+                self.port
+            ),
+            None => format!("postgres://postgres@127.0.0.1:{}/postgres", self.port),
+        }
     }
 
     /// The postmaster's process id.
@@ -395,6 +585,12 @@ impl PostgresServer {
             }
         }
     }
+
+    /// Stops the server and removes its directory, whatever its [`Lifetime`] (a detached
+    /// server whose companion failed to start).
+    pub fn discard(mut self) {
+        self.lifetime = Lifetime::Guarded;
+    }
 }
 
 impl Drop for PostgresServer {
@@ -405,6 +601,44 @@ impl Drop for PostgresServer {
         self.stop();
         let _ = fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A server process: run as `account` (uid, gid) when given, and for a guarded server
+/// through `setpriv --pdeathsig KILL`, so the kernel kills it when the thread that started it
+/// dies (SIGKILL of the test or xtask included); a detached one gets its own process group,
+/// so the terminal's Ctrl-C does not reach it.
+fn server_command(program: &Path, account: Option<(u32, u32)>, lifetime: Lifetime) -> Command {
+    let pdeathsig = lifetime == Lifetime::Guarded;
+    let setpriv = (account.is_some() || pdeathsig)
+        .then(|| which("setpriv"))
+        .flatten();
+    let mut cmd = match setpriv {
+        Some(setpriv) => {
+            let mut cmd = Command::new(setpriv);
+            if let Some((uid, gid)) = account {
+                cmd.arg(format!("--reuid={uid}"))
+                    .arg(format!("--regid={gid}"))
+                    .arg("--clear-groups");
+            }
+            if pdeathsig {
+                cmd.args(["--pdeathsig", "KILL"]);
+            }
+            cmd.arg("--").arg(program);
+            cmd
+        }
+        None => Command::new(program),
+    };
+    if lifetime == Lifetime::Detached {
+        use std::os::unix::process::CommandExt;
+        cmd.process_group(0);
+    }
+    cmd
+}
+
+/// True if a start failed because its port was taken (a race with another process after
+/// [`free_port`] released it).
+fn port_was_taken(e: &Error) -> bool {
+    e.0.contains("Address already in use") || e.0.contains("could not bind")
 }
 
 /// True if every existing ancestor of `dir` lets others through (mode o+x).
@@ -430,23 +664,47 @@ impl RedisServer {
         Self::start_with(Lifetime::Guarded)
     }
 
-    /// As [`RedisServer::start`], choosing what happens on drop.
+    /// As [`RedisServer::start`], choosing what happens on drop. On any error the run
+    /// directory is removed and no process is left running.
     pub fn start_with(lifetime: Lifetime) -> Result<Self> {
-        let dir = unique_dir("redis", &services_root())?;
-        let mut server = Self {
-            dir,
-            port: free_port()?,
-            child: None,
-            lifetime,
-        };
-        server.spawn()?;
-        Ok(server)
+        Self::start_on_ports(lifetime, &services_root(), free_port)
     }
 
-    fn spawn(&mut self) -> Result<()> {
+    fn start_on_ports(
+        lifetime: Lifetime,
+        root: &Path,
+        mut next_port: impl FnMut() -> Result<u16>,
+    ) -> Result<Self> {
+        let dir = RunDir::create("redis", root, lifetime)?;
+        let mut last = None;
+        for _ in 0..PORT_ATTEMPTS {
+            let mut server = Self {
+                dir: dir.path.clone(),
+                port: next_port()?,
+                child: None,
+                lifetime,
+            };
+            // `server` owns no directory until the start succeeded: `dir` removes it.
+            server.lifetime = Lifetime::Detached;
+            match server.spawn(lifetime) {
+                Ok(()) => {
+                    server.lifetime = lifetime;
+                    server.dir = dir.keep();
+                    return Ok(server);
+                }
+                Err(e) if port_was_taken(&e) => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| err("redis-server could not bind any port")))
+    }
+
+    fn spawn(&mut self, lifetime: Lifetime) -> Result<()> {
         let bin = redis_server_bin()?;
         let log = self.dir.join("redis.log");
-        let mut cmd = Command::new(bin);
+        // A log of an earlier attempt would be read as this one's.
+        let _ = fs::remove_file(&log);
+        let mut cmd = server_command(&bin, None, lifetime);
         cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .args(["--dir", &self.dir.to_string_lossy()])
@@ -454,10 +712,6 @@ impl RedisServer {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        if self.lifetime == Lifetime::Detached {
-            use std::os::unix::process::CommandExt;
-            cmd.process_group(0);
-        }
         let mut child = cmd
             .spawn()
             .map_err(|e| err(format!("cannot start redis-server: {e}")))?;
@@ -504,7 +758,7 @@ impl RedisServer {
         self.stop();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            match self.spawn() {
+            match self.spawn(self.lifetime) {
                 Ok(()) => return Ok(()),
                 // The old socket may linger for a moment.
                 Err(e) if Instant::now() < deadline => {
@@ -573,9 +827,30 @@ mod tests {
         assert!(!dir.exists());
     }
 
+    /// Polls `cond` every 20 ms for at most 10 s.
+    fn eventually(mut cond: impl FnMut() -> bool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if cond() {
+                return true;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
     #[test]
-    fn postgres_starts_as_an_unprivileged_user_and_stops_on_drop() {
-        let pg = PostgresServer::start().unwrap();
+    fn postgres_starts_as_an_unprivileged_user_over_tcp_only_and_stops_on_drop() {
+        // A run directory far past the 107-byte limit of a unix socket path.
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp
+            .path()
+            .join("a-very-long-target-directory-name".repeat(4));
+        let pg = PostgresServer::start_with_options(PostgresOptions {
+            root: Some(root.clone()),
+            ..PostgresOptions::default()
+        })
+        .unwrap();
         let port = pg.port();
         assert!(port_answers("127.0.0.1", port));
         // The postmaster's real and effective uids: never root, and when we are root, the
@@ -595,9 +870,138 @@ mod tests {
         if let Some((name, uid, _)) = pg_account().unwrap() {
             assert_eq!((uids[0], uids[1]), (uid, uid), "not running as {name}");
         }
+        let sockets: Vec<_> = fs::read_dir(pg.dir().join("data"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".s.PGSQL"))
+            .collect();
+        assert!(sockets.is_empty(), "unix sockets: {sockets:?}");
         let dir = pg.dir().to_path_buf();
         drop(pg);
         assert!(!port_answers("127.0.0.1", port));
         assert!(!dir.exists());
+    }
+
+    #[test]
+    fn a_failed_postgres_start_leaves_no_directory() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let bin = tmp.path().join("bin");
+        fs::create_dir_all(&bin).unwrap();
+        let initdb = bin.join("initdb");
+        fs::write(
+            &initdb,
+            "#!/bin/sh\necho simulated initdb failure >&2\nexit 1\n",
+        )
+        .unwrap();
+        fs::set_permissions(&initdb, fs::Permissions::from_mode(0o755)).unwrap();
+        let root = tmp.path().join("services");
+        let e = PostgresServer::start_with_options(PostgresOptions {
+            bin_dir: Some(bin),
+            root: Some(root.clone()),
+            ..PostgresOptions::default()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("simulated initdb failure"), "{e}");
+        let left: Vec<_> = fs::read_dir(&root).unwrap().flatten().collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+    }
+
+    #[test]
+    fn a_port_taken_before_the_bind_is_retried_on_another() {
+        let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+        let taken_port = taken.local_addr().unwrap().port();
+        let mut first = Some(taken_port);
+        let pg = PostgresServer::start_on_ports(PostgresOptions::default(), || {
+            first.take().map_or_else(free_port, Ok)
+        })
+        .unwrap();
+        assert_ne!(pg.port(), taken_port);
+        assert!(port_answers("127.0.0.1", pg.port()));
+
+        let tmp = tempfile::tempdir().unwrap();
+        let mut first = Some(taken_port);
+        let redis = RedisServer::start_on_ports(Lifetime::Guarded, tmp.path(), || {
+            first.take().map_or_else(free_port, Ok)
+        })
+        .unwrap();
+        assert_ne!(redis.port(), taken_port);
+        assert!(redis_ping(redis.port()));
+    }
+
+    #[test]
+    fn a_password_server_refuses_logins_without_it() {
+        let pg = PostgresServer::start_with_options(PostgresOptions {
+            password: Some("s3cret-Pw".into()),
+            ..PostgresOptions::default()
+        })
+        .unwrap();
+        assert!(pg.url().contains(":s3cret-Pw@"));
+        let pg_hba = fs::read_to_string(pg.dir().join("data/pg_hba.conf")).unwrap();
+        assert!(
+            pg_hba
+                .lines()
+                .any(|l| l.starts_with("host") && l.ends_with("scram-sha-256")),
+            "{pg_hba}"
+        );
+        assert!(!pg.dir().join("pwfile").exists(), "the password file stays");
+    }
+
+    #[test]
+    fn a_guarded_server_dies_with_the_thread_that_started_it() {
+        // The guard is leaked, as a SIGKILL of the owner would leave it: only the parent-death
+        // signal can stop the server.
+        let (port, dir) = thread::spawn(|| {
+            let redis = RedisServer::start().unwrap();
+            let found = (redis.port(), redis.dir().to_path_buf());
+            std::mem::forget(redis);
+            found
+        })
+        .join()
+        .unwrap();
+        let gone = eventually(|| !redis_ping(port));
+        let _ = fs::remove_dir_all(dir);
+        assert!(gone, "redis on {port} outlived its parent");
+    }
+
+    #[test]
+    fn stale_run_directories_of_dead_owners_are_swept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        // A pid that existed and is gone.
+        let mut gone = Command::new("true").spawn().unwrap();
+        gone.wait().unwrap();
+        let dead = gone.id();
+        let stale = root.join(format!("postgres-{dead}-0"));
+        let detached = root.join(format!("postgres-detached-{dead}-0"));
+        let live = root.join(format!("redis-{}-7", std::process::id()));
+        for dir in [&stale, &detached, &live] {
+            fs::create_dir_all(dir).unwrap();
+        }
+        // An orphaned "server" still running inside the stale directory.
+        let mut orphan = Command::new("sleep")
+            .arg("600")
+            .current_dir(&stale)
+            .spawn()
+            .unwrap();
+
+        let swept = sweep_stale(root);
+
+        assert_eq!(swept, std::slice::from_ref(&stale));
+        assert!(!stale.exists() && detached.exists() && live.exists());
+        let killed = eventually(|| matches!(orphan.try_wait(), Ok(Some(_))));
+        let _ = orphan.kill();
+        assert!(killed, "the orphan in the stale directory still runs");
+    }
+
+    #[test]
+    fn signals_are_sent_from_rust() {
+        let mut child = Command::new("sleep").arg("600").spawn().unwrap();
+        signal(child.id(), "TERM").unwrap();
+        let status = child.wait().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(15));
+        let e = signal(child.id(), "NOPE").unwrap_err();
+        assert_eq!(e.to_string(), "unknown signal \"NOPE\"");
     }
 }

@@ -248,19 +248,44 @@ async fn failing_panicking_and_hanging_handlers_do_not_stop_the_others() {
 async fn error_chain_is_kept_in_failure_message() {
     #[derive(Debug, thiserror::Error)]
     #[error("cannot close pool")]
-    struct Outer(#[source] std::io::Error);
+    struct Outer(#[source] Middle);
+    #[derive(Debug, thiserror::Error)]
+    #[error("connection 3")]
+    struct Middle(#[source] std::io::Error);
 
     let shutdown = Shutdown::default();
     let _g = shutdown
         .register("db", Phase::Release, || async {
-            Err::<(), _>(Outer(std::io::Error::other("socket closed")))
+            Err::<(), _>(Outer(Middle(std::io::Error::other("socket closed"))))
         })
         .unwrap();
+    let _a = shutdown
+        .register("anyhow", Phase::Release, || async {
+            let cause = std::io::Error::other("broken pipe");
+            Err::<(), _>(anyhow::Error::new(cause).context("flushing telemetry"))
+        })
+        .unwrap();
+    let _s = shutdown
+        .register("inline", Phase::Release, || async {
+            // A message that already ends with its cause is not repeated.
+            Err::<(), _>(Inline(std::io::Error::other("reset")))
+        })
+        .unwrap();
+    #[derive(Debug, thiserror::Error)]
+    #[error("closing: {0}")]
+    struct Inline(#[source] std::io::Error);
     let report = shutdown.run().await;
-    // `{:#}` of a plain error shows its own message; anyhow shows the chain.
     assert_eq!(
         outcome(&report, "db"),
-        HandlerOutcome::Failed("cannot close pool".into())
+        HandlerOutcome::Failed("cannot close pool: connection 3: socket closed".into())
+    );
+    assert_eq!(
+        outcome(&report, "anyhow"),
+        HandlerOutcome::Failed("flushing telemetry: broken pipe".into())
+    );
+    assert_eq!(
+        outcome(&report, "inline"),
+        HandlerOutcome::Failed("closing: reset".into())
     );
 }
 
@@ -584,4 +609,91 @@ fn trigger_outside_a_runtime_defers_the_phases_to_run() {
     let report = runtime.block_on(shutdown.run());
     assert_eq!(report.reason, requested());
     assert_eq!(events.names(), ["h"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn listener_closes_after_the_readiness_flip_and_the_readiness_delay() {
+    let config = ShutdownConfig::default().with_readiness_delay(Duration::from_secs(5));
+    let shutdown = Shutdown::new(config);
+    let events = Events::default();
+    let _r = timed(
+        &shutdown,
+        &events,
+        "readiness",
+        Phase::StopAccepting,
+        Duration::ZERO,
+    );
+    let _d = timed(&shutdown, &events, "drain", Phase::Drain, Duration::ZERO);
+    let listener = shutdown.listener_token();
+    let closed = events.clone();
+    shutdown.spawn(async move {
+        listener.cancelled().await;
+        closed.push("listener closed");
+    });
+
+    let t0 = Instant::now();
+    let report = shutdown.run().await;
+
+    assert_eq!(events.at("readiness end"), t0);
+    assert_eq!(events.at("listener closed") - t0, Duration::from_secs(5));
+    assert_eq!(events.at("drain start") - t0, Duration::from_secs(5));
+    assert_eq!(outcome(&report, READINESS_DELAY), HandlerOutcome::Ok);
+    assert_eq!(
+        report.handler(READINESS_DELAY).unwrap().phase,
+        Phase::StopAccepting
+    );
+    assert!(report.is_success(), "{report}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_readiness_delay_the_listener_closes_at_the_trigger() {
+    let shutdown = Shutdown::default();
+    let listener = shutdown.listener_token();
+    let t0 = Instant::now();
+    let report = shutdown.run().await;
+    assert!(listener.is_cancelled());
+    assert!(report.handler(READINESS_DELAY).is_none(), "{report}");
+    assert_eq!(report.elapsed, Duration::ZERO);
+    assert_eq!(Instant::now(), t0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn listener_closes_at_the_deadline_when_stop_accepting_hangs() {
+    let shutdown = Shutdown::new(ShutdownConfig::default().with_timeout(Duration::from_secs(3)));
+    let _h = shutdown
+        .register("stuck", Phase::StopAccepting, std::future::pending::<()>)
+        .unwrap();
+    let listener = shutdown.listener_token();
+    let report = shutdown.run().await;
+    assert!(report.deadline_exceeded);
+    assert!(listener.is_cancelled());
+}
+
+#[tokio::test(start_paused = true)]
+async fn until_triggered_stops_a_start_up_step_at_the_trigger() {
+    let shutdown = Shutdown::default();
+    // A step that finishes first returns its output.
+    assert_eq!(shutdown.until_triggered(async { 7 }).await, Some(7));
+
+    let trigger = shutdown.clone();
+    tokio::spawn(async move {
+        sleep(Duration::from_secs(2)).await;
+        trigger.trigger(requested());
+    });
+    let t0 = Instant::now();
+    // A connect that would take an hour ends with the trigger.
+    let step = shutdown
+        .until_triggered(sleep(Duration::from_secs(3600)))
+        .await;
+    assert_eq!(step, None);
+    assert_eq!(Instant::now() - t0, Duration::from_secs(2));
+    // Once triggered, a new step does not even start.
+    let started = AtomicBool::new(false);
+    let step = shutdown
+        .until_triggered(async {
+            started.store(true, Ordering::SeqCst);
+        })
+        .await;
+    assert_eq!(step, None);
+    assert!(!started.load(Ordering::SeqCst));
 }
