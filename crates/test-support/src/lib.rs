@@ -14,7 +14,8 @@
 //! `setpriv --pdeathsig KILL`, so the kernel kills it when the thread that started it dies,
 //! SIGKILL included (a server shared between tests should be started from a thread that
 //! lives as long as the process, e.g. the main thread); and every start first sweeps the
-//! services folder for run directories whose owner process is gone, killing a server still
+//! services folder for run directories whose owner process (of this pid namespace: a
+//! container sharing the target dir is not swept) is gone, killing a server still
 //! running in one (its working directory is the run directory) and removing it. Servers of
 //! [`Lifetime::Detached`] (`cargo xtask services up`) are left alone by both. Signals are sent
 //! with [`signal`] (the `nix` crate), never through the `kill` binary.
@@ -129,7 +130,16 @@ impl RunDir {
         }
         fs::create_dir_all(&path)
             .map_err(|e| err(format!("cannot create {}: {e}", path.display())))?;
-        Ok(Self { path, keep: false })
+        let dir = Self { path, keep: false };
+        if lifetime == Lifetime::Guarded {
+            // Without it the sweep of another run leaves the directory alone.
+            if let Some(ns) = pid_namespace() {
+                let owner = dir.path.join(OWNER_FILE);
+                fs::write(&owner, ns)
+                    .map_err(|e| err(format!("cannot write {}: {e}", owner.display())))?;
+            }
+        }
+        Ok(dir)
     }
 
     /// Hands the directory over to its server (removed with it, or kept for a detached one).
@@ -147,12 +157,29 @@ impl Drop for RunDir {
     }
 }
 
+/// The file of a guarded run directory naming its owner's pid namespace.
+const OWNER_FILE: &str = "owner-pid-namespace";
+
+/// This process's pid namespace (`pid:[inode]`), the scope in which an owner pid means
+/// anything.
+fn pid_namespace() -> Option<String> {
+    fs::read_link("/proc/self/ns/pid")
+        .ok()
+        .map(|ns| ns.to_string_lossy().into_owned())
+}
+
 /// Removes the guarded run directories of `root` (`<kind>-<pid>-<n>`) whose owner process
 /// is gone, killing first any server still running in one (a process whose working
 /// directory is that directory or below it: PostgreSQL and Redis both change into theirs).
+/// Only directories whose owner ran in this pid namespace are candidates: a run in a
+/// container sharing the target dir has pids that mean nothing here, and a directory without
+/// its owner file (being created, or of an older layout) is left alone too.
 /// Returns the directories removed.
 pub fn sweep_stale(root: &Path) -> Vec<PathBuf> {
     let Ok(entries) = fs::read_dir(root) else {
+        return Vec::new();
+    };
+    let Some(ns) = pid_namespace() else {
         return Vec::new();
     };
     let mut swept = Vec::new();
@@ -165,6 +192,9 @@ pub fn sweep_stale(root: &Path) -> Vec<PathBuf> {
             continue;
         }
         let dir = entry.path();
+        if fs::read_to_string(dir.join(OWNER_FILE)).ok().as_deref() != Some(ns.as_str()) {
+            continue;
+        }
         for pid in processes_inside(&dir) {
             let _ = signal(pid, "KILL");
         }
@@ -959,7 +989,7 @@ mod tests {
     }
 
     #[test]
-    fn stale_run_directories_of_dead_owners_are_swept() {
+    fn stale_run_directories_of_dead_owners_in_this_pid_namespace_are_swept() {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path();
         // A pid that existed and is gone.
@@ -969,9 +999,18 @@ mod tests {
         let stale = root.join(format!("postgres-{dead}-0"));
         let detached = root.join(format!("postgres-detached-{dead}-0"));
         let live = root.join(format!("redis-{}-7", std::process::id()));
-        for dir in [&stale, &detached, &live] {
+        // Of another pid namespace (a container sharing the target dir), and without an
+        // owner file: the pid means nothing here, so both are left alone.
+        let foreign = root.join(format!("postgres-{dead}-1"));
+        let unowned = root.join(format!("redis-{dead}-2"));
+        let ns = pid_namespace().unwrap();
+        for dir in [&stale, &detached, &live, &foreign, &unowned] {
             fs::create_dir_all(dir).unwrap();
         }
+        for dir in [&stale, &detached, &live] {
+            fs::write(dir.join(OWNER_FILE), &ns).unwrap();
+        }
+        fs::write(foreign.join(OWNER_FILE), "pid:[1]").unwrap();
         // An orphaned "server" still running inside the stale directory.
         let mut orphan = Command::new("sleep")
             .arg("600")
@@ -983,6 +1022,7 @@ mod tests {
 
         assert_eq!(swept, std::slice::from_ref(&stale));
         assert!(!stale.exists() && detached.exists() && live.exists());
+        assert!(foreign.exists() && unowned.exists());
         let killed = eventually(|| matches!(orphan.try_wait(), Ok(Some(_))));
         let _ = orphan.kill();
         assert!(killed, "the orphan in the stale directory still runs");
