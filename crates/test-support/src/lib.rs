@@ -13,7 +13,8 @@
 //! Nothing outlives its owner: a guarded server is started through
 //! `setpriv --pdeathsig KILL`, so the kernel kills it when the thread that started it dies,
 //! SIGKILL included (a server shared between tests should be started from a thread that
-//! lives as long as the process, e.g. the main thread); and every start first sweeps the
+//! lives as long as the process, e.g. the main thread, and no server from a tokio
+//! `spawn_blocking` task, whose thread exits after 10 s idle); and every start first sweeps the
 //! services folder for run directories whose owner process (of this pid namespace: a
 //! container sharing the target dir is not swept) is gone, killing a server still
 //! running in one (its working directory is the run directory) and removing it. Servers of
@@ -118,18 +119,25 @@ impl RunDir {
     fn create(kind: &str, root: &Path, lifetime: Lifetime) -> Result<Self> {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         sweep_stale(root);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        fs::create_dir_all(root)
+            .map_err(|e| err(format!("cannot create {}: {e}", root.display())))?;
         let pid = std::process::id();
-        let name = match lifetime {
-            Lifetime::Guarded => format!("{kind}-{pid}-{n}"),
-            Lifetime::Detached => format!("{kind}-detached-{pid}-{n}"),
+        // A name already taken is never removed: it may be a live run of the same pid in
+        // another pid namespace (a container sharing the target dir), or a stale one the
+        // sweep of a later run takes. `create_dir` claims a name atomically.
+        let path = loop {
+            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+            let name = match lifetime {
+                Lifetime::Guarded => format!("{kind}-{pid}-{n}"),
+                Lifetime::Detached => format!("{kind}-detached-{pid}-{n}"),
+            };
+            let path = root.join(name);
+            match fs::create_dir(&path) {
+                Ok(()) => break path,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(err(format!("cannot create {}: {e}", path.display()))),
+            }
         };
-        let path = root.join(name);
-        if path.exists() {
-            let _ = fs::remove_dir_all(&path);
-        }
-        fs::create_dir_all(&path)
-            .map_err(|e| err(format!("cannot create {}: {e}", path.display())))?;
         let dir = Self { path, keep: false };
         if lifetime == Lifetime::Guarded {
             // Without it the sweep of another run leaves the directory alone.
@@ -1026,6 +1034,44 @@ mod tests {
         let killed = eventually(|| matches!(orphan.try_wait(), Ok(Some(_))));
         let _ = orphan.kill();
         assert!(killed, "the orphan in the stale directory still runs");
+    }
+
+    #[test]
+    fn a_run_directory_never_takes_over_an_existing_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        // Directories of the names this process would pick next, as a run of the same pid in
+        // another pid namespace would have made them.
+        let pid = std::process::id();
+        let next = RunDir::create("redis", root, Lifetime::Guarded)
+            .unwrap()
+            .keep();
+        let n: u32 = next
+            .to_string_lossy()
+            .rsplit('-')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        fs::remove_dir_all(&next).unwrap();
+        let taken: Vec<PathBuf> = (n + 1..n + 6)
+            .map(|n| root.join(format!("redis-{pid}-{n}")))
+            .collect();
+        for dir in &taken {
+            fs::create_dir_all(dir).unwrap();
+            fs::write(dir.join("marker"), "someone else's").unwrap();
+        }
+
+        let dir = RunDir::create("redis", root, Lifetime::Guarded).unwrap();
+
+        assert!(!taken.contains(&dir.path), "{}", dir.path.display());
+        for taken in &taken {
+            assert!(
+                taken.join("marker").exists(),
+                "{} was emptied",
+                taken.display()
+            );
+        }
     }
 
     #[test]
