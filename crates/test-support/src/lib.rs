@@ -10,16 +10,17 @@
 //! reaches the disk. A port taken between [`free_port`] and the server's bind is retried on
 //! another port.
 //!
-//! Nothing outlives its owner: a guarded server is started through
-//! `setpriv --pdeathsig KILL`, so the kernel kills it when the thread that started it dies,
-//! SIGKILL included (a server shared between tests should be started from a thread that
-//! lives as long as the process, e.g. the main thread, and no server from a tokio
-//! `spawn_blocking` task, whose thread exits after 10 s idle); and every start first sweeps the
-//! services folder for run directories whose owner process (of this pid namespace: a
-//! container sharing the target dir is not swept) is gone, killing a server still
-//! running in one (its working directory is the run directory) and removing it. Servers of
-//! [`Lifetime::Detached`] (`cargo xtask services up`) are left alone by both. Signals are sent
-//! with [`signal`] (the `nix` crate), never through the `kill` binary.
+//! Nothing outlives its owner: a guarded server is started through `setpriv --pdeathsig
+//! KILL` (when `setpriv` is on `PATH`; without it only the sweep below catches orphans, and
+//! as root PostgreSQL refuses to start), so the kernel kills it when the thread that
+//! started it dies, SIGKILL included (a server shared between tests should be started from
+//! a thread that lives as long as the process, e.g. the main thread, and no server from a
+//! tokio `spawn_blocking` task, whose thread exits after 10 s idle); and every start first
+//! sweeps the services folder for run directories whose owner process (of this pid
+//! namespace: a container sharing the target dir is not swept) is gone, killing a server
+//! still running in one (its working directory is the run directory) and removing it.
+//! Servers of [`Lifetime::Detached`] (`cargo xtask services up`) are left alone by both.
+//! Signals are sent with [`signal`] (the `nix` crate), never through the `kill` binary.
 //!
 //! The binaries are found under `/usr/lib/postgresql/*/bin` (newest first) or on `PATH`;
 //! `SMARTBEAK_PG_BIN` (a directory) and `SMARTBEAK_REDIS_SERVER` (a file) override that.
@@ -472,6 +473,14 @@ impl PostgresServer {
             None => postgres_bin_dir()?,
         };
         let account = pg_account()?;
+        if let Some((name, _, _)) = &account
+            && which("setpriv").is_none()
+        {
+            // Without it PostgreSQL would run as root, which it refuses.
+            return Err(err(format!(
+                "running PostgreSQL as {name} (we are root) needs setpriv (util-linux), not found on PATH"
+            )));
+        }
         let lifetime = options.lifetime;
         // The unprivileged account must reach the data directory through every parent; if
         // the workspace sits somewhere it cannot (a home directory with mode 700), use the
