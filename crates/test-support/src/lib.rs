@@ -10,14 +10,17 @@
 //! reaches the disk. A port taken between [`free_port`] and the server's bind is retried on
 //! another port.
 //!
-//! Nothing outlives its owner: a guarded server is started through
-//! `setpriv --pdeathsig KILL`, so the kernel kills it when the thread that started it dies,
-//! SIGKILL included (a server shared between tests should be started from a thread that
-//! lives as long as the process, e.g. the main thread); and every start first sweeps the
-//! services folder for run directories whose owner process is gone, killing a server still
-//! running in one (its working directory is the run directory) and removing it. Servers of
-//! [`Lifetime::Detached`] (`cargo xtask services up`) are left alone by both. Signals are sent
-//! with [`signal`] (the `nix` crate), never through the `kill` binary.
+//! Nothing outlives its owner: a guarded server is started through `setpriv --pdeathsig
+//! KILL` (when `setpriv` is on `PATH`; without it only the sweep below catches orphans, and
+//! as root PostgreSQL refuses to start), so the kernel kills it when the thread that
+//! started it dies, SIGKILL included (a server shared between tests should be started from
+//! a thread that lives as long as the process, e.g. the main thread, and no server from a
+//! tokio `spawn_blocking` task, whose thread exits after 10 s idle); and every start first
+//! sweeps the services folder for run directories whose owner process (of this pid
+//! namespace: a container sharing the target dir is not swept) is gone, killing a server
+//! still running in one (its working directory is the run directory) and removing it.
+//! Servers of [`Lifetime::Detached`] (`cargo xtask services up`) are left alone by both.
+//! Signals are sent with [`signal`] (the `nix` crate), never through the `kill` binary.
 //!
 //! The binaries are found under `/usr/lib/postgresql/*/bin` (newest first) or on `PATH`;
 //! `SMARTBEAK_PG_BIN` (a directory) and `SMARTBEAK_REDIS_SERVER` (a file) override that.
@@ -117,19 +120,35 @@ impl RunDir {
     fn create(kind: &str, root: &Path, lifetime: Lifetime) -> Result<Self> {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         sweep_stale(root);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        fs::create_dir_all(root)
+            .map_err(|e| err(format!("cannot create {}: {e}", root.display())))?;
         let pid = std::process::id();
-        let name = match lifetime {
-            Lifetime::Guarded => format!("{kind}-{pid}-{n}"),
-            Lifetime::Detached => format!("{kind}-detached-{pid}-{n}"),
+        // A name already taken is never removed: it may be a live run of the same pid in
+        // another pid namespace (a container sharing the target dir), or a stale one the
+        // sweep of a later run takes. `create_dir` claims a name atomically.
+        let path = loop {
+            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+            let name = match lifetime {
+                Lifetime::Guarded => format!("{kind}-{pid}-{n}"),
+                Lifetime::Detached => format!("{kind}-detached-{pid}-{n}"),
+            };
+            let path = root.join(name);
+            match fs::create_dir(&path) {
+                Ok(()) => break path,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(err(format!("cannot create {}: {e}", path.display()))),
+            }
         };
-        let path = root.join(name);
-        if path.exists() {
-            let _ = fs::remove_dir_all(&path);
+        let dir = Self { path, keep: false };
+        if lifetime == Lifetime::Guarded {
+            // Without it the sweep of another run leaves the directory alone.
+            if let Some(ns) = pid_namespace() {
+                let owner = dir.path.join(OWNER_FILE);
+                fs::write(&owner, ns)
+                    .map_err(|e| err(format!("cannot write {}: {e}", owner.display())))?;
+            }
         }
-        fs::create_dir_all(&path)
-            .map_err(|e| err(format!("cannot create {}: {e}", path.display())))?;
-        Ok(Self { path, keep: false })
+        Ok(dir)
     }
 
     /// Hands the directory over to its server (removed with it, or kept for a detached one).
@@ -147,12 +166,29 @@ impl Drop for RunDir {
     }
 }
 
+/// The file of a guarded run directory naming its owner's pid namespace.
+const OWNER_FILE: &str = "owner-pid-namespace";
+
+/// This process's pid namespace (`pid:[inode]`), the scope in which an owner pid means
+/// anything.
+fn pid_namespace() -> Option<String> {
+    fs::read_link("/proc/self/ns/pid")
+        .ok()
+        .map(|ns| ns.to_string_lossy().into_owned())
+}
+
 /// Removes the guarded run directories of `root` (`<kind>-<pid>-<n>`) whose owner process
 /// is gone, killing first any server still running in one (a process whose working
 /// directory is that directory or below it: PostgreSQL and Redis both change into theirs).
+/// Only directories whose owner ran in this pid namespace are candidates: a run in a
+/// container sharing the target dir has pids that mean nothing here, and a directory without
+/// its owner file (being created, or of an older layout) is left alone too.
 /// Returns the directories removed.
 pub fn sweep_stale(root: &Path) -> Vec<PathBuf> {
     let Ok(entries) = fs::read_dir(root) else {
+        return Vec::new();
+    };
+    let Some(ns) = pid_namespace() else {
         return Vec::new();
     };
     let mut swept = Vec::new();
@@ -165,6 +201,9 @@ pub fn sweep_stale(root: &Path) -> Vec<PathBuf> {
             continue;
         }
         let dir = entry.path();
+        if fs::read_to_string(dir.join(OWNER_FILE)).ok().as_deref() != Some(ns.as_str()) {
+            continue;
+        }
         for pid in processes_inside(&dir) {
             let _ = signal(pid, "KILL");
         }
@@ -434,6 +473,14 @@ impl PostgresServer {
             None => postgres_bin_dir()?,
         };
         let account = pg_account()?;
+        if let Some((name, _, _)) = &account
+            && which("setpriv").is_none()
+        {
+            // Without it PostgreSQL would run as root, which it refuses.
+            return Err(err(format!(
+                "running PostgreSQL as {name} (we are root) needs setpriv (util-linux), not found on PATH"
+            )));
+        }
         let lifetime = options.lifetime;
         // The unprivileged account must reach the data directory through every parent; if
         // the workspace sits somewhere it cannot (a home directory with mode 700), use the
@@ -965,7 +1012,7 @@ mod tests {
     }
 
     #[test]
-    fn stale_run_directories_of_dead_owners_are_swept() {
+    fn stale_run_directories_of_dead_owners_in_this_pid_namespace_are_swept() {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path();
         // A pid that existed and is gone.
@@ -975,9 +1022,18 @@ mod tests {
         let stale = root.join(format!("postgres-{dead}-0"));
         let detached = root.join(format!("postgres-detached-{dead}-0"));
         let live = root.join(format!("redis-{}-7", std::process::id()));
-        for dir in [&stale, &detached, &live] {
+        // Of another pid namespace (a container sharing the target dir), and without an
+        // owner file: the pid means nothing here, so both are left alone.
+        let foreign = root.join(format!("postgres-{dead}-1"));
+        let unowned = root.join(format!("redis-{dead}-2"));
+        let ns = pid_namespace().unwrap();
+        for dir in [&stale, &detached, &live, &foreign, &unowned] {
             fs::create_dir_all(dir).unwrap();
         }
+        for dir in [&stale, &detached, &live] {
+            fs::write(dir.join(OWNER_FILE), &ns).unwrap();
+        }
+        fs::write(foreign.join(OWNER_FILE), "pid:[1]").unwrap();
         // An orphaned "server" still running inside the stale directory.
         let mut orphan = Command::new("sleep")
             .arg("600")
@@ -989,9 +1045,48 @@ mod tests {
 
         assert_eq!(swept, std::slice::from_ref(&stale));
         assert!(!stale.exists() && detached.exists() && live.exists());
+        assert!(foreign.exists() && unowned.exists());
         let killed = eventually(|| matches!(orphan.try_wait(), Ok(Some(_))));
         let _ = orphan.kill();
         assert!(killed, "the orphan in the stale directory still runs");
+    }
+
+    #[test]
+    fn a_run_directory_never_takes_over_an_existing_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        // Directories of the names this process would pick next, as a run of the same pid in
+        // another pid namespace would have made them.
+        let pid = std::process::id();
+        let next = RunDir::create("redis", root, Lifetime::Guarded)
+            .unwrap()
+            .keep();
+        let n: u32 = next
+            .to_string_lossy()
+            .rsplit('-')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        fs::remove_dir_all(&next).unwrap();
+        let taken: Vec<PathBuf> = (n + 1..n + 6)
+            .map(|n| root.join(format!("redis-{pid}-{n}")))
+            .collect();
+        for dir in &taken {
+            fs::create_dir_all(dir).unwrap();
+            fs::write(dir.join("marker"), "someone else's").unwrap();
+        }
+
+        let dir = RunDir::create("redis", root, Lifetime::Guarded).unwrap();
+
+        assert!(!taken.contains(&dir.path), "{}", dir.path.display());
+        for taken in &taken {
+            assert!(
+                taken.join("marker").exists(),
+                "{} was emptied",
+                taken.display()
+            );
+        }
     }
 
     #[test]

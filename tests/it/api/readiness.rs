@@ -11,10 +11,9 @@ use super::Api;
 
 #[tokio::test]
 async fn readyz_is_503_naming_the_database_once_it_is_unreachable() {
-    let postgres = tokio::task::spawn_blocking(PostgresServer::start)
-        .await
-        .unwrap()
-        .unwrap();
+    // Started on the test's own thread, not a blocking-pool thread: the server dies with the
+    // thread that started it (`--pdeathsig`), and an idle blocking thread exits after 10 s.
+    let postgres = PostgresServer::start().unwrap();
     // The api applies the migrations itself at start-up.
     let api = Api::start(&postgres.url(), &[]).await.unwrap();
     let readyz = async || {
