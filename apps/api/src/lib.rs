@@ -4,7 +4,8 @@
 //! Codemap: [`config`] (env), [`error`] (the one error shape), [`auth`] (API keys),
 //! [`ratelimit`] (Redis GCRA with fail-open/closed), [`routes`] (handlers by resource),
 //! [`analytics`] (single-flight cached aggregates), [`http`] (router and layers),
-//! [`openapi`] (the generated document), [`state`] (what handlers share).
+//! [`openapi`] (the generated document), [`state`] (what handlers share), [`jobs`] (the
+//! domain export job: its queue, writers and worker).
 
 #![warn(missing_docs)]
 
@@ -13,6 +14,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod jobs;
 pub mod openapi;
 pub mod ratelimit;
 pub mod routes;

@@ -134,6 +134,9 @@ mod signal;
 #[cfg(feature = "telemetry")]
 pub mod telemetry;
 
+#[cfg(feature = "admin")]
+pub mod admin;
+
 pub use config::{
     ConfigError, DEFAULT_TIMEOUT, DRAIN_TIMEOUT_ENV, READINESS_DELAY_ENV, ShutdownConfig,
     TIMEOUT_ENV, default_drain_timeout,

@@ -1,0 +1,1 @@
+//! The export worker (skeleton: filled by the worker change).
