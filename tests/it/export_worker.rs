@@ -594,9 +594,7 @@ async fn a_fenced_worker_cannot_complete_and_removes_its_file() {
     let db = Db::create().await;
     let dir = tempfile::tempdir().unwrap();
     let (_, domains) = db.seed(1, 10).await;
-    let worker = WorkerProc::start(&db.url, dir.path(), &[("EXPORT_HEARTBEAT_SECS", "5")])
-        .await
-        .unwrap();
+    let worker = WorkerProc::start(&db.url, dir.path(), &[]).await.unwrap();
     let lock = db.lock("content_items").await;
     let id = enqueue(
         &db.url,

@@ -295,15 +295,18 @@ pub fn install(shutdown: &Shutdown, worker: &Worker) -> Result<Installed, Regist
 }
 
 /// The part of the drain deadline kept for cancelling the exports still running and
-/// releasing their leases: a quarter of it, between 100 ms and 3 s.
+/// releasing their leases: a quarter of it, between 1 s and 3 s (all of a drain shorter
+/// than that: the exports are then released at once).
 pub fn release_margin(drain: Duration) -> Duration {
-    (drain / 4).clamp(Duration::from_millis(100), Duration::from_secs(3))
+    (drain / 4)
+        .clamp(Duration::from_secs(1), Duration::from_secs(3))
+        .min(drain)
 }
 
 /// Waits for the worker to finish its running exports within `drain` less the release
 /// margin; then cancels the rest (each releases its lease) and waits for that.
 async fn drain_exports(worker: &Worker, drain: Duration) -> Result<(), String> {
-    let margin = release_margin(drain).min(drain);
+    let margin = release_margin(drain);
     let mut finished = worker.finished();
     let wait = drain.saturating_sub(margin);
     if tokio::time::timeout(wait, finished.wait_for(|done| *done))

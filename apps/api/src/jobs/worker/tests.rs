@@ -28,15 +28,20 @@ fn retries_back_off_with_full_jitter_until_the_attempts_are_used() {
 fn the_release_margin_is_a_bounded_share_of_the_drain() {
     assert_eq!(
         release_margin(Duration::from_millis(16_666)),
-        Duration::from_millis(4_166).min(Duration::from_secs(3))
+        Duration::from_secs(3)
+    );
+    assert_eq!(
+        release_margin(Duration::from_secs(8)),
+        Duration::from_secs(2)
     );
     assert_eq!(
         release_margin(Duration::from_secs(2)),
-        Duration::from_millis(500)
+        Duration::from_secs(1)
     );
     assert_eq!(
-        release_margin(Duration::from_millis(200)),
-        Duration::from_millis(100)
+        release_margin(Duration::from_millis(600)),
+        Duration::from_millis(600),
+        "a drain below a second releases at once"
     );
 }
 
@@ -170,7 +175,7 @@ mod with_a_database {
         let shutdown = Shutdown::new(
             ShutdownConfig::default()
                 .with_timeout(Duration::from_secs(5))
-                .with_drain_timeout(Duration::from_secs(1)),
+                .with_drain_timeout(Duration::from_secs(2)),
         );
         let _installed = install(&shutdown, &w).unwrap();
         // The export waits on this lock for as long as the test holds it.
