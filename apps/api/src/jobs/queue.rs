@@ -792,4 +792,4 @@ fn clean_error(error: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
