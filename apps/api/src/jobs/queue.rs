@@ -3,6 +3,25 @@
 //! The api (enqueue, list, get, cancel, download) and the worker (claim, heartbeat,
 //! complete, fail, release, reclaim) share this module; nothing else touches the tables.
 //!
+//! # States
+//! | from | statement | to | token | `attempts` | attempt row |
+//! | --- | --- | --- | --- | --- | --- |
+//! | (none) | [`enqueue`] (notifies) | `queued` | 0 | 0 | |
+//! | `queued`, due | [`claim`] | `running` (lease set) | +1 | +1 | inserted, `running` |
+//! | `running` | [`heartbeat`] | `running` (lease renewed, progress) | = | = | |
+//! | `running` | [`complete`] | `succeeded` (file, checksum, `expires_at`) | +1 | = | `succeeded` |
+//! | `running` | [`fail`], retryable, attempts left | `queued`, due at `now() + retry_after` | +1 | = | `retried` |
+//! | `running` | [`fail`], otherwise | `failed` (dead letter) | +1 | = | `failed` |
+//! | `running` | [`release`] (shutdown; notifies) | `queued`, due now | +1 | -1 | `released` |
+//! | `running`, lease expired | [`reclaim_expired`], attempts left (notifies) | `queued`, due now | +1 | = | `reclaimed` |
+//! | `running`, lease expired | [`reclaim_expired`], none left | `failed` | +1 | = | `reclaimed` |
+//! | `queued`, `running` | [`cancel`] | `cancelled` | +1 | = | `cancelled` (if running) |
+//!
+//! `succeeded`, `failed` and `cancelled` are final (`finished_at` set, the schema checks it);
+//! the control-plane's retention later moves `succeeded` to `expiring` and `expired`. Every
+//! transition out of `running` bumps the token and clears the lease. A retried job keeps
+//! its last error until it succeeds.
+//!
 //! # The fence
 //! A claim bumps `fencing_token` and hands the worker a [`Fence`] (id and token). Every
 //! write a worker makes (heartbeat and progress, complete, fail, release) is
