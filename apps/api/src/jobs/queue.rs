@@ -37,7 +37,10 @@
 //!
 //! # Wake-up
 //! [`enqueue`] and every statement that makes a job claimable now (release, reclaim)
-//! `pg_notify` [`CHANNEL`]; idle workers `LISTEN` on it and fall back to polling.
+//! `pg_notify` [`CHANNEL`]; idle workers `LISTEN` on it and fall back to polling. A
+//! [`cancel`] of a running job notifies [`CANCEL_CHANNEL`] with the job's id, so its worker
+//! can stop within a second without polling its row (the fence stays the guarantee).
+//! Notifications are delivered when the statement's transaction commits.
 
 use std::time::Duration;
 
@@ -49,6 +52,11 @@ use uuid::Uuid;
 
 /// The `LISTEN/NOTIFY` channel that wakes idle workers.
 pub const CHANNEL: &str = "smartbeak_export_jobs";
+
+/// The `LISTEN/NOTIFY` channel [`cancel`] notifies (payload: the job id) when it cancels a
+/// `running` job, so the worker running it can stop at once rather than at its next
+/// fenced write.
+pub const CANCEL_CHANNEL: &str = "smartbeak_export_cancels";
 
 /// An export's file format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
@@ -420,7 +428,8 @@ pub async fn download_info(
 /// Cancels a queued or running job: `cancelled`, token bumped, its running attempt ended.
 ///
 /// The bump fences the worker holding a running job: its next heartbeat (or its
-/// completion) gets [`FenceError::Fenced`], so it cannot overwrite the cancellation.
+/// completion) gets [`FenceError::Fenced`], so it cannot overwrite the cancellation. A
+/// running job's cancel is also notified on [`CANCEL_CHANNEL`].
 pub async fn cancel(db: &Database, org_id: Uuid, id: Uuid) -> Result<CancelOutcome, DbError> {
     let sql = format!(
         "WITH c AS ( \
@@ -432,14 +441,18 @@ pub async fn cancel(db: &Database, org_id: Uuid, id: Uuid) -> Result<CancelOutco
          att AS ( \
              UPDATE domain_export_attempts a SET outcome = 'cancelled', finished_at = now() \
              FROM c WHERE a.export_id = c.id AND a.fencing_token = c.fencing_token - 1 \
-             AND a.outcome = 'running') \
-         SELECT {ROW_COLUMNS} FROM c"
+             AND a.outcome = 'running' \
+             RETURNING a.export_id) \
+         SELECT {ROW_COLUMNS}, \
+             (SELECT pg_notify($3, export_id::text)::text FROM att) AS notified \
+         FROM c"
     );
     let get_sql = format!("SELECT {ROW_COLUMNS} FROM domain_exports WHERE id = $1 AND org_id = $2");
     db.run(async |conn| {
         let cancelled = sqlx::query_as::<_, ExportRow>(&sql)
             .bind(id)
             .bind(org_id)
+            .bind(CANCEL_CHANNEL)
             .fetch_optional(&mut *conn)
             .await?;
         if let Some(row) = cancelled {

@@ -322,9 +322,17 @@ async fn after_a_cancel_every_write_with_the_old_token_is_fenced_and_changes_not
     let running = f.row(row.id).await;
     assert_eq!((running.progress, running.rows_written), (40, 7));
 
+    let mut listener = PgListener::connect_with(f.db.primary()).await.unwrap();
+    listener.listen(CANCEL_CHANNEL).await.unwrap();
     let CancelOutcome::Cancelled(cancelled) = cancel(&f.db, f.org, row.id).await.unwrap() else {
         panic!("a running job is cancellable");
     };
+    let note = tokio::time::timeout(Duration::from_secs(10), listener.recv())
+        .await
+        .expect("the worker running it is told at once")
+        .unwrap();
+    assert_eq!(note.payload(), row.id.to_string());
+    drop(listener);
     assert_eq!(cancelled.status, "cancelled");
     assert!(cancelled.finished_at.is_some());
     let token = f.token(row.id).await;
