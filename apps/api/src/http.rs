@@ -43,7 +43,7 @@ pub fn app(state: AppState) -> Router {
         .route("/domains/{id}/analytics", get(analytics::get))
         .route(
             "/domains/{id}/exports",
-            axum::routing::post(exports::create),
+            get(exports::list).post(exports::create),
         )
         .route("/exports/{id}", get(exports::get).delete(exports::cancel))
         .route("/exports/{id}/download", get(exports::download))
@@ -252,6 +252,7 @@ mod tests {
         for path in [
             "/v1/domains",
             "/v1/domains/{id}/analytics",
+            "/v1/domains/{id}/exports",
             "/v1/exports/{id}/download",
         ] {
             assert!(doc["paths"].get(path).is_some(), "{path} missing");

@@ -7,6 +7,7 @@ use utoipa::{Modify, OpenApi};
 
 use crate::analytics::{AnalyticsReport, ContentAggregate, KeywordAggregate};
 use crate::error::ErrorBody;
+use crate::jobs::queue::ExportRow;
 use crate::routes::{self, Page, content, domains, exports, health, ingest, settings};
 
 /// The api's OpenAPI document.
@@ -19,14 +20,14 @@ use crate::routes::{self, Page, content, domains, exports, health, ingest, setti
         content::create, content::list,
         settings::put, settings::get,
         ingest::ingest, routes::analytics::get,
-        exports::create, exports::get, exports::download, exports::cancel,
+        exports::create, exports::list, exports::get, exports::download, exports::cancel,
     ),
     components(schemas(
         ErrorBody, domains::Domain, domains::CreateDomain, content::ContentItem,
         content::CreateContent, settings::DomainSettings, ingest::IngestMetrics,
         ingest::KeywordMetric, ingest::ContentPerformance, ingest::IngestResult,
         AnalyticsReport, KeywordAggregate, ContentAggregate, exports::CreateExport,
-        exports::Export, Page<domains::Domain>, Page<content::ContentItem>,
+        ExportRow, Page<domains::Domain>, Page<content::ContentItem>, Page<ExportRow>,
         health::Health, health::Readiness,
     )),
     modifiers(&BearerAuth),

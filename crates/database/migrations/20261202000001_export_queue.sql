@@ -2,9 +2,10 @@
 -- apps/api/src/jobs/queue.rs: nothing else writes these tables.
 --
 -- * `run_after`: a job is claimable once it is due; retries set it to now() + backoff.
--- * Every claim, reclaim, release and cancel bumps `fencing_token`; every write by a
---   worker is `WHERE id = $1 AND fencing_token = $2`, so a worker whose lease was taken
---   (or whose job was cancelled) can change nothing.
+-- * Every claim, and every transition out of `running` (complete, fail, release, reclaim,
+--   cancel), bumps `fencing_token`; every write by a worker is
+--   `WHERE id = $1 AND fencing_token = $2`, so a worker whose lease was taken (or whose
+--   job was cancelled) can change nothing.
 -- * `attempts` counts claims; a lease the worker released at shutdown gives its attempt back.
 -- * A finished file has its size, record count and SHA-256; `expires_at` is when the
 --   control-plane's retention operation may delete it (`expiring` while it does, then

@@ -93,6 +93,7 @@ async fn orgs_are_isolated_and_revoked_keys_are_rejected() {
             format!("/v1/domains/{b_domain}/exports"),
             Some(json!({"format": "json"})),
         ),
+        ("GET", format!("/v1/domains/{b_domain}/exports"), None),
         ("GET", format!("/v1/exports/{b_export}"), None),
         ("GET", format!("/v1/exports/{b_export}/download"), None),
         ("DELETE", format!("/v1/exports/{b_export}"), None),
@@ -239,18 +240,22 @@ fn tempfile_dir() -> std::path::PathBuf {
 }
 
 /// Does what the export worker does when it finishes a job: writes the file under
-/// EXPORT_DIR and marks the row succeeded with its relative path and size.
+/// EXPORT_DIR and marks the row succeeded with its relative path, size, record count,
+/// SHA-256 and expiry (the schema's CHECK on a succeeded row).
 async fn finish_export(url: &str, id: &str, dir: &std::path::Path, contents: &str) {
     let name = format!("{id}.csv");
     std::fs::write(dir.join(&name), contents).unwrap();
     let pool = sqlx::PgPool::connect(url).await.unwrap();
     sqlx::query(
         "UPDATE domain_exports SET status = 'succeeded', progress = 100, storage_path = $2, \
-         size_bytes = $3, finished_at = now() WHERE id = $1::uuid",
+         size_bytes = $3, record_count = 1, \
+         checksum_sha256 = encode(sha256(convert_to($4, 'UTF8')), 'hex'), \
+         expires_at = now() + interval '1 day', finished_at = now() WHERE id = $1::uuid",
     )
     .bind(id)
     .bind(&name)
     .bind(i64::try_from(contents.len()).unwrap())
+    .bind(contents)
     .execute(&pool)
     .await
     .unwrap();

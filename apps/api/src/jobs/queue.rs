@@ -3,6 +3,25 @@
 //! The api (enqueue, list, get, cancel, download) and the worker (claim, heartbeat,
 //! complete, fail, release, reclaim) share this module; nothing else touches the tables.
 //!
+//! # States
+//! | from | statement | to | token | `attempts` | attempt row |
+//! | --- | --- | --- | --- | --- | --- |
+//! | (none) | [`enqueue`] (notifies) | `queued` | 0 | 0 | |
+//! | `queued`, due | [`claim`] | `running` (lease set) | +1 | +1 | inserted, `running` |
+//! | `running` | [`heartbeat`] | `running` (lease renewed, progress) | = | = | |
+//! | `running` | [`complete`] | `succeeded` (file, checksum, `expires_at`) | +1 | = | `succeeded` |
+//! | `running` | [`fail`], retryable, attempts left | `queued`, due at `now() + retry_after` | +1 | = | `retried` |
+//! | `running` | [`fail`], otherwise | `failed` (dead letter) | +1 | = | `failed` |
+//! | `running` | [`release`] (shutdown; notifies) | `queued`, due now | +1 | -1 | `released` |
+//! | `running`, lease expired | [`reclaim_expired`], attempts left (notifies) | `queued`, due now | +1 | = | `reclaimed` |
+//! | `running`, lease expired | [`reclaim_expired`], none left | `failed` | +1 | = | `reclaimed` |
+//! | `queued`, `running` | [`cancel`] | `cancelled` | +1 | = | `cancelled` (if running) |
+//!
+//! `succeeded`, `failed` and `cancelled` are final (`finished_at` set, the schema checks it);
+//! the control-plane's retention later moves `succeeded` to `expiring` and `expired`. Every
+//! transition out of `running` bumps the token and clears the lease. A retried job keeps
+//! its last error until it succeeds.
+//!
 //! # The fence
 //! A claim bumps `fencing_token` and hands the worker a [`Fence`] (id and token). Every
 //! write a worker makes (heartbeat and progress, complete, fail, release) is
@@ -18,7 +37,10 @@
 //!
 //! # Wake-up
 //! [`enqueue`] and every statement that makes a job claimable now (release, reclaim)
-//! `pg_notify` [`CHANNEL`]; idle workers `LISTEN` on it and fall back to polling.
+//! `pg_notify` [`CHANNEL`]; idle workers `LISTEN` on it and fall back to polling. A
+//! [`cancel`] of a running job notifies [`CANCEL_CHANNEL`] with the job's id, so its worker
+//! can stop within a second without polling its row (the fence stays the guarantee).
+//! Notifications are delivered when the statement's transaction commits.
 
 use std::time::Duration;
 
@@ -30,6 +52,11 @@ use uuid::Uuid;
 
 /// The `LISTEN/NOTIFY` channel that wakes idle workers.
 pub const CHANNEL: &str = "smartbeak_export_jobs";
+
+/// The `LISTEN/NOTIFY` channel [`cancel`] notifies (payload: the job id) when it cancels a
+/// `running` job, so the worker running it can stop at once rather than at its next
+/// fenced write.
+pub const CANCEL_CHANNEL: &str = "smartbeak_export_cancels";
 
 /// An export's file format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
@@ -284,30 +311,72 @@ pub struct DownloadInfo {
 
 /// Queues a job for a domain of `org_id` and notifies [`CHANNEL`]; `None` when the domain
 /// is not the org's.
+///
+/// One statement: the `INSERT ... SELECT` from `domains` (so another org's domain inserts
+/// nothing) and the `pg_notify`, delivered when the statement commits.
 pub async fn enqueue(
     db: &Database,
     org_id: Uuid,
     domain_id: Uuid,
     new: &NewExport,
 ) -> Result<Option<ExportRow>, DbError> {
-    let _ = (db, org_id, domain_id, new);
-    unimplemented!("skeleton")
+    let sql = format!(
+        "WITH ins AS ( \
+             INSERT INTO domain_exports (id, org_id, domain_id, format, include_content, \
+                 include_keywords, include_analytics, date_from, date_to) \
+             SELECT $1, d.org_id, d.id, $4, $5, $6, $7, $8, $9 FROM domains d \
+             WHERE d.id = $2 AND d.org_id = $3 \
+             RETURNING {ROW_COLUMNS}) \
+         SELECT {ROW_COLUMNS}, pg_notify($10, id::text)::text AS notified FROM ins"
+    );
+    db.run(async |conn| {
+        sqlx::query_as::<_, ExportRow>(&sql)
+            .bind(Uuid::new_v4())
+            .bind(domain_id)
+            .bind(org_id)
+            .bind(new.format.as_str())
+            .bind(new.include_content)
+            .bind(new.include_keywords)
+            .bind(new.include_analytics)
+            .bind(new.date_from)
+            .bind(new.date_to)
+            .bind(CHANNEL)
+            .fetch_optional(conn)
+            .await
+    })
+    .await
 }
 
 /// One job of `org_id`.
 pub async fn get(db: &Database, org_id: Uuid, id: Uuid) -> Result<Option<ExportRow>, DbError> {
-    let _ = (db, org_id, id);
-    unimplemented!("skeleton")
+    let sql = format!("SELECT {ROW_COLUMNS} FROM domain_exports WHERE id = $1 AND org_id = $2");
+    db.run(async |conn| {
+        sqlx::query_as::<_, ExportRow>(&sql)
+            .bind(id)
+            .bind(org_id)
+            .fetch_optional(conn)
+            .await
+    })
+    .await
 }
 
 /// One job by id alone (the CLI's `status`, which has database access, not an api key).
 pub async fn get_any(db: &Database, id: Uuid) -> Result<Option<ExportRow>, DbError> {
-    let _ = (db, id);
-    unimplemented!("skeleton")
+    let sql = format!("SELECT {ROW_COLUMNS} FROM domain_exports WHERE id = $1");
+    db.run(async |conn| {
+        sqlx::query_as::<_, ExportRow>(&sql)
+            .bind(id)
+            .fetch_optional(conn)
+            .await
+    })
+    .await
 }
 
 /// A domain's jobs, newest first: `limit` after the cursor `(created_at, id)`, optionally
 /// only those with `status`.
+///
+/// The api asks for `limit + 1` rows to know whether there is a next page. An unknown
+/// domain, or another org's, has no jobs (the api checks the domain first for its 404).
 pub async fn list(
     db: &Database,
     org_id: Uuid,
@@ -316,8 +385,25 @@ pub async fn list(
     after: Option<(DateTime<Utc>, Uuid)>,
     limit: i64,
 ) -> Result<Vec<ExportRow>, DbError> {
-    let _ = (db, org_id, domain_id, status, after, limit);
-    unimplemented!("skeleton")
+    let sql = format!(
+        "SELECT {ROW_COLUMNS} FROM domain_exports \
+         WHERE domain_id = $1 AND org_id = $2 \
+         AND ($3::text IS NULL OR status = $3) \
+         AND ($4::timestamptz IS NULL OR (created_at, id) < ($4, $5)) \
+         ORDER BY created_at DESC, id DESC LIMIT $6"
+    );
+    db.run(async |conn| {
+        sqlx::query_as::<_, ExportRow>(&sql)
+            .bind(domain_id)
+            .bind(org_id)
+            .bind(status)
+            .bind(after.map(|(at, _)| at))
+            .bind(after.map(|(_, id)| id))
+            .bind(limit.max(0))
+            .fetch_all(conn)
+            .await
+    })
+    .await
 }
 
 /// What the download endpoint needs.
@@ -326,27 +412,162 @@ pub async fn download_info(
     org_id: Uuid,
     id: Uuid,
 ) -> Result<Option<DownloadInfo>, DbError> {
-    let _ = (db, org_id, id);
-    unimplemented!("skeleton")
+    db.run(async |conn| {
+        sqlx::query_as::<_, DownloadInfo>(
+            "SELECT status, format, storage_path, checksum_sha256, size_bytes \
+             FROM domain_exports WHERE id = $1 AND org_id = $2",
+        )
+        .bind(id)
+        .bind(org_id)
+        .fetch_optional(conn)
+        .await
+    })
+    .await
 }
 
 /// Cancels a queued or running job: `cancelled`, token bumped, its running attempt ended.
+///
+/// The bump fences the worker holding a running job: its next heartbeat (or its
+/// completion) gets [`FenceError::Fenced`], so it cannot overwrite the cancellation. A
+/// running job's cancel is also notified on [`CANCEL_CHANNEL`].
 pub async fn cancel(db: &Database, org_id: Uuid, id: Uuid) -> Result<CancelOutcome, DbError> {
-    let _ = (db, org_id, id);
-    unimplemented!("skeleton")
+    let sql = format!(
+        "WITH c AS ( \
+             UPDATE domain_exports SET status = 'cancelled', \
+                 fencing_token = fencing_token + 1, finished_at = now(), updated_at = now(), \
+                 lease_owner = NULL, lease_expires_at = NULL \
+             WHERE id = $1 AND org_id = $2 AND status IN ('queued', 'running') \
+             RETURNING {ROW_COLUMNS}, fencing_token), \
+         att AS ( \
+             UPDATE domain_export_attempts a SET outcome = 'cancelled', finished_at = now() \
+             FROM c WHERE a.export_id = c.id AND a.fencing_token = c.fencing_token - 1 \
+             AND a.outcome = 'running' \
+             RETURNING a.export_id) \
+         SELECT {ROW_COLUMNS}, \
+             (SELECT pg_notify($3, export_id::text)::text FROM att) AS notified \
+         FROM c"
+    );
+    let get_sql = format!("SELECT {ROW_COLUMNS} FROM domain_exports WHERE id = $1 AND org_id = $2");
+    db.run(async |conn| {
+        let cancelled = sqlx::query_as::<_, ExportRow>(&sql)
+            .bind(id)
+            .bind(org_id)
+            .bind(CANCEL_CHANNEL)
+            .fetch_optional(&mut *conn)
+            .await?;
+        if let Some(row) = cancelled {
+            return Ok(CancelOutcome::Cancelled(Box::new(row)));
+        }
+        // Not cancelled: a finished job (which never becomes queued or running again), or
+        // none of this org's. This read only names which.
+        let existing = sqlx::query_as::<_, ExportRow>(&get_sql)
+            .bind(id)
+            .bind(org_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+        Ok(match existing {
+            Some(row) => CancelOutcome::NotCancellable(row.status),
+            None => CancelOutcome::NotFound,
+        })
+    })
+    .await
+}
+
+/// The row [`claim`] returns for each job.
+#[derive(sqlx::FromRow)]
+struct ClaimRow {
+    id: Uuid,
+    org_id: Uuid,
+    domain_id: Uuid,
+    format: String,
+    include_content: bool,
+    include_keywords: bool,
+    include_analytics: bool,
+    date_from: Option<DateTime<Utc>>,
+    date_to: Option<DateTime<Utc>>,
+    fencing_token: i64,
+    attempts: i32,
+    max_attempts: i32,
 }
 
 /// Claims up to `limit` due queued jobs (`FOR UPDATE SKIP LOCKED` on the claim index) for
 /// `worker` with a lease of `lease`: `running`, `attempts + 1`, token bumped, an attempt row.
+///
+/// One statement: the due rows (oldest `run_after` first, on `domain_exports_claim_idx`),
+/// the `UPDATE` and the `INSERT` of the attempt rows, so a claim without its attempt row
+/// cannot exist. Rows locked by a concurrent claim are skipped, never claimed twice.
 pub async fn claim(
     db: &Database,
     worker: &str,
     limit: i64,
     lease: Duration,
 ) -> Result<Vec<ClaimedJob>, DbError> {
-    let _ = (db, worker, limit, lease);
-    unimplemented!("skeleton")
+    if limit <= 0 {
+        return Ok(Vec::new());
+    }
+    let rows = db
+        .run(async |conn| {
+            sqlx::query_as::<_, ClaimRow>(CLAIM_SQL)
+                .bind(limit)
+                .bind(worker)
+                .bind(lease.as_secs_f64())
+                .fetch_all(conn)
+                .await
+        })
+        .await?;
+    rows.into_iter()
+        .map(|row| {
+            let format = row.format.parse::<ExportFormat>().map_err(|e| {
+                // The schema's CHECK allows only the three names: this is a schema change
+                // this code does not know.
+                DbError::Query(sqlx::Error::Decode(Box::new(e)))
+            })?;
+            Ok(ClaimedJob {
+                spec: ExportSpec {
+                    id: row.id,
+                    org_id: row.org_id,
+                    domain_id: row.domain_id,
+                    format,
+                    include_content: row.include_content,
+                    include_keywords: row.include_keywords,
+                    include_analytics: row.include_analytics,
+                    date_from: row.date_from,
+                    date_to: row.date_to,
+                },
+                fence: Fence {
+                    id: row.id,
+                    token: row.fencing_token,
+                },
+                attempt: row.attempts,
+                max_attempts: row.max_attempts,
+            })
+        })
+        .collect()
 }
+
+/// The claim statement (its plan is checked by a test: an index scan of
+/// `domain_exports_claim_idx`).
+const CLAIM_SQL: &str = "WITH due AS ( \
+         SELECT id FROM domain_exports \
+         WHERE status = 'queued' AND run_after <= now() \
+         ORDER BY run_after LIMIT $1 \
+         FOR UPDATE SKIP LOCKED), \
+     claimed AS ( \
+         UPDATE domain_exports e SET status = 'running', attempts = e.attempts + 1, \
+             fencing_token = e.fencing_token + 1, lease_owner = $2, \
+             lease_expires_at = now() + $3 * interval '1 second', heartbeat_at = now(), \
+             started_at = now(), updated_at = now(), progress = 0, rows_written = 0, \
+             progress_at = NULL \
+         FROM due WHERE e.id = due.id \
+         RETURNING e.id, e.org_id, e.domain_id, e.format, e.include_content, \
+             e.include_keywords, e.include_analytics, e.date_from, e.date_to, \
+             e.fencing_token, e.attempts, e.max_attempts, e.run_after), \
+     att AS ( \
+         INSERT INTO domain_export_attempts (export_id, attempt, fencing_token, worker) \
+         SELECT id, attempts, fencing_token, $2 FROM claimed) \
+     SELECT id, org_id, domain_id, format, include_content, include_keywords, \
+         include_analytics, date_from, date_to, fencing_token, attempts, max_attempts \
+     FROM claimed ORDER BY run_after, id";
 
 /// Renews the lease (and records `progress` when given). `Fenced` when the job was
 /// cancelled or reclaimed.
@@ -356,43 +577,251 @@ pub async fn heartbeat(
     lease: Duration,
     progress: Option<Progress>,
 ) -> Result<(), FenceError> {
-    let _ = (db, fence, lease, progress);
-    unimplemented!("skeleton")
+    let percent = progress.map(|p| p.percent.clamp(0, 100));
+    let rows_written = progress.map(|p| p.rows_written.max(0));
+    let renewed = db
+        .run(async |conn| {
+            sqlx::query(
+                "UPDATE domain_exports SET lease_expires_at = now() + $3 * interval '1 second', \
+                     heartbeat_at = now(), updated_at = now(), \
+                     progress = COALESCE($4, progress), \
+                     rows_written = COALESCE($5, rows_written), \
+                     progress_at = CASE WHEN $4::integer IS NULL THEN progress_at ELSE now() END \
+                 WHERE id = $1 AND fencing_token = $2 AND status = 'running'",
+            )
+            .bind(fence.id)
+            .bind(fence.token)
+            .bind(lease.as_secs_f64())
+            .bind(percent)
+            .bind(rows_written)
+            .execute(conn)
+            .await
+        })
+        .await?
+        .rows_affected();
+    fenced_unless(renewed, fence)
 }
 
 /// Records the finished file: `succeeded`, lease cleared, attempt `succeeded`.
 pub async fn complete(db: &Database, fence: Fence, done: &Completed) -> Result<(), FenceError> {
-    let _ = (db, fence, done);
-    unimplemented!("skeleton")
+    let completed: Option<Uuid> = db
+        .run(async |conn| {
+            sqlx::query_scalar(
+                "WITH done AS ( \
+                     UPDATE domain_exports SET status = 'succeeded', storage_path = $3, \
+                         size_bytes = $4, record_count = $5, checksum_sha256 = $6, \
+                         expires_at = $7, progress = 100, rows_written = $5, \
+                         progress_at = now(), error = NULL, finished_at = now(), \
+                         updated_at = now(), fencing_token = fencing_token + 1, \
+                         lease_owner = NULL, lease_expires_at = NULL \
+                     WHERE id = $1 AND fencing_token = $2 AND status = 'running' \
+                     RETURNING id), \
+                 att AS ( \
+                     UPDATE domain_export_attempts a SET outcome = 'succeeded', \
+                         finished_at = now() \
+                     FROM done WHERE a.export_id = done.id AND a.fencing_token = $2 \
+                     AND a.outcome = 'running') \
+                 SELECT id FROM done",
+            )
+            .bind(fence.id)
+            .bind(fence.token)
+            .bind(&done.storage_path)
+            .bind(done.size_bytes)
+            .bind(done.record_count)
+            .bind(&done.checksum_sha256)
+            .bind(done.expires_at)
+            .fetch_optional(conn)
+            .await
+        })
+        .await?;
+    fenced_unless(u64::from(completed.is_some()), fence)
 }
 
 /// Ends a failed attempt: back to `queued` at `now() + retry_after` when `retry_after` is
 /// given and attempts remain, else `failed` (dead letter) with `error`.
+///
+/// The error is kept on the job (the last one) and on the attempt row (`retried` or
+/// `failed`); the token is bumped either way.
 pub async fn fail(
     db: &Database,
     fence: Fence,
     error: &str,
     retry_after: Option<Duration>,
 ) -> Result<FailOutcome, FenceError> {
-    let _ = (db, fence, error, retry_after);
-    unimplemented!("skeleton")
+    let error = clean_error(error);
+    let ended: Option<(String, DateTime<Utc>)> = db
+        .run(async |conn| {
+            sqlx::query_as(
+                "WITH f AS ( \
+                     UPDATE domain_exports e SET \
+                         status = CASE WHEN $4::float8 IS NOT NULL \
+                             AND e.attempts < e.max_attempts THEN 'queued' ELSE 'failed' END, \
+                         run_after = CASE WHEN $4::float8 IS NOT NULL \
+                             AND e.attempts < e.max_attempts \
+                             THEN now() + $4 * interval '1 second' ELSE e.run_after END, \
+                         finished_at = CASE WHEN $4::float8 IS NOT NULL \
+                             AND e.attempts < e.max_attempts THEN NULL ELSE now() END, \
+                         error = $3, fencing_token = e.fencing_token + 1, \
+                         lease_owner = NULL, lease_expires_at = NULL, updated_at = now() \
+                     WHERE e.id = $1 AND e.fencing_token = $2 AND e.status = 'running' \
+                     RETURNING e.id, e.status, e.run_after), \
+                 att AS ( \
+                     UPDATE domain_export_attempts a SET \
+                         outcome = CASE WHEN f.status = 'queued' THEN 'retried' ELSE 'failed' END, \
+                         finished_at = now(), error = $3 \
+                     FROM f WHERE a.export_id = f.id AND a.fencing_token = $2 \
+                     AND a.outcome = 'running') \
+                 SELECT status, run_after FROM f",
+            )
+            .bind(fence.id)
+            .bind(fence.token)
+            .bind(&error)
+            .bind(retry_after.map(|d| d.as_secs_f64()))
+            .fetch_optional(conn)
+            .await
+        })
+        .await?;
+    match ended {
+        None => Err(FenceError::Fenced(fence.id)),
+        Some((status, run_after)) if status == "queued" => Ok(FailOutcome::Retried { run_after }),
+        Some(_) => Ok(FailOutcome::DeadLettered),
+    }
 }
 
 /// Gives a job back at shutdown: `queued`, due now, token bumped, the attempt returned.
 pub async fn release(db: &Database, fence: Fence) -> Result<(), FenceError> {
-    let _ = (db, fence);
-    unimplemented!("skeleton")
+    let released: Option<Uuid> = db
+        .run(async |conn| {
+            sqlx::query_scalar(
+                "WITH r AS ( \
+                     UPDATE domain_exports SET status = 'queued', run_after = now(), \
+                         attempts = GREATEST(attempts - 1, 0), \
+                         fencing_token = fencing_token + 1, progress = 0, rows_written = 0, \
+                         lease_owner = NULL, lease_expires_at = NULL, updated_at = now() \
+                     WHERE id = $1 AND fencing_token = $2 AND status = 'running' \
+                     RETURNING id), \
+                 att AS ( \
+                     UPDATE domain_export_attempts a SET outcome = 'released', \
+                         finished_at = now() \
+                     FROM r WHERE a.export_id = r.id AND a.fencing_token = $2 \
+                     AND a.outcome = 'running') \
+                 SELECT id, pg_notify($3, id::text)::text AS notified FROM r",
+            )
+            .bind(fence.id)
+            .bind(fence.token)
+            .bind(CHANNEL)
+            .fetch_optional(conn)
+            .await
+        })
+        .await?;
+    fenced_unless(u64::from(released.is_some()), fence)
 }
 
 /// The reaper: `running` jobs whose lease expired go back to `queued` (token bumped,
 /// attempt `reclaimed`), or to `failed` when no attempts remain. Up to `limit` per call.
+///
+/// The reclaimed attempt was counted when it was claimed, so `attempts` is not bumped
+/// again: the next claim makes it `attempts + 1`. A re-queued job is due at once and
+/// notified on [`CHANNEL`]. Rows locked by another reaper (or a late heartbeat) are
+/// skipped.
 pub async fn reclaim_expired(db: &Database, limit: i64) -> Result<Vec<Reclaimed>, DbError> {
-    let _ = (db, limit);
-    unimplemented!("skeleton")
+    if limit <= 0 {
+        return Ok(Vec::new());
+    }
+    let rows: Vec<(Uuid, bool)> = db
+        .run(async |conn| {
+            sqlx::query_as(
+                "WITH expired AS ( \
+                     SELECT id FROM domain_exports \
+                     WHERE status = 'running' AND lease_expires_at < now() \
+                     ORDER BY lease_expires_at LIMIT $1 \
+                     FOR UPDATE SKIP LOCKED), \
+                 r AS ( \
+                     UPDATE domain_exports e SET \
+                         status = CASE WHEN e.attempts >= e.max_attempts \
+                             THEN 'failed' ELSE 'queued' END, \
+                         run_after = CASE WHEN e.attempts >= e.max_attempts \
+                             THEN e.run_after ELSE now() END, \
+                         finished_at = CASE WHEN e.attempts >= e.max_attempts \
+                             THEN now() ELSE NULL END, \
+                         error = 'lease expired (worker ' || COALESCE(e.lease_owner, '?') \
+                             || ' stopped heartbeating)', \
+                         fencing_token = e.fencing_token + 1, \
+                         lease_owner = NULL, lease_expires_at = NULL, updated_at = now() \
+                     FROM expired x WHERE e.id = x.id \
+                     RETURNING e.id, e.status, e.fencing_token, e.error), \
+                 att AS ( \
+                     UPDATE domain_export_attempts a SET outcome = 'reclaimed', \
+                         finished_at = now(), error = r.error \
+                     FROM r WHERE a.export_id = r.id \
+                     AND a.fencing_token = r.fencing_token - 1 AND a.outcome = 'running') \
+                 SELECT id, status = 'failed' AS dead_lettered, \
+                     CASE WHEN status = 'queued' THEN pg_notify($2, id::text)::text END \
+                         AS notified \
+                 FROM r ORDER BY id",
+            )
+            .bind(limit)
+            .bind(CHANNEL)
+            .fetch_all(conn)
+            .await
+        })
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, dead_lettered)| Reclaimed { id, dead_lettered })
+        .collect())
 }
 
 /// Queue depth and the oldest due job's age.
+///
+/// The age is how long the oldest due `queued` job has been claimable (`now() -
+/// run_after`), so a job waiting out its retry backoff does not count as waiting.
 pub async fn stats(db: &Database) -> Result<QueueStats, DbError> {
-    let _ = db;
-    unimplemented!("skeleton")
+    let (queued, running, oldest_queued_age_secs): (i64, i64, f64) = db
+        .run(async |conn| {
+            sqlx::query_as(
+                "SELECT count(*) FILTER (WHERE status = 'queued'), \
+                     count(*) FILTER (WHERE status = 'running'), \
+                     COALESCE(EXTRACT(EPOCH FROM now() - min(run_after) \
+                         FILTER (WHERE status = 'queued' AND run_after <= now())), 0)::float8 \
+                 FROM domain_exports WHERE status IN ('queued', 'running')",
+            )
+            .fetch_one(conn)
+            .await
+        })
+        .await?;
+    Ok(QueueStats {
+        queued,
+        running,
+        oldest_queued_age_secs,
+    })
 }
+
+/// `Ok` when the fenced write matched its row, else [`FenceError::Fenced`].
+fn fenced_unless(rows: u64, fence: Fence) -> Result<(), FenceError> {
+    if rows == 0 {
+        Err(FenceError::Fenced(fence.id))
+    } else {
+        Ok(())
+    }
+}
+
+/// Longest error text stored, in characters.
+const MAX_ERROR_CHARS: usize = 2000;
+
+/// An error as stored: NUL characters (which PostgreSQL text cannot hold) replaced, cut to
+/// [`MAX_ERROR_CHARS`].
+fn clean_error(error: &str) -> String {
+    let mut cleaned: String = error
+        .chars()
+        .map(|c| if c == '\0' { '\u{fffd}' } else { c })
+        .take(MAX_ERROR_CHARS)
+        .collect();
+    if error.chars().count() > MAX_ERROR_CHARS {
+        cleaned.push('…');
+    }
+    cleaned
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

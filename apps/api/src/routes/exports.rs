@@ -1,29 +1,32 @@
-//! Domain exports: `POST /v1/domains/{id}/exports` queues a row in `domain_exports` (the
-//! export worker claims it), `GET /v1/exports/{id}` reports it, `.../download` streams the
+//! Domain exports: `POST /v1/domains/{id}/exports` queues a job, `GET /v1/domains/{id}/exports`
+//! lists a domain's jobs, `GET /v1/exports/{id}` reports one, `.../download` streams the
 //! finished file, `DELETE` cancels a queued or running export.
 //!
-//! Contract with the worker: it writes the file under `EXPORT_DIR` and stores the path
-//! relative to that directory in `storage_path` (an absolute path must lie inside it), with
-//! `size_bytes`, when it sets `status = 'succeeded'`. A cancelled row has
-//! `status = 'cancelled'`; the worker must check that status when it completes.
+//! Every statement is in [`crate::jobs::queue`], shared with the export worker: its module
+//! docs are the contract (states, the fence, attempts). Files are read through
+//! [`crate::jobs::paths::resolve_inside`], the one check that a path stays inside
+//! `EXPORT_DIR`.
 
-use std::path::{Component, Path, PathBuf};
+use std::path::Path;
+use std::str::FromStr;
 
 use axum::Json;
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use base64::Engine as _;
+use serde::Deserialize;
 use tokio_util::io::ReaderStream;
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use super::analytics::parse_instant;
-use super::{ApiJson, ApiPath};
+use super::{ApiJson, ApiPath, ApiQuery, Cursor, Page, PageQuery, paginate, require_domain};
 use crate::auth::Auth;
 use crate::error::{ApiError, ErrorBody};
+use crate::jobs::paths::{self, PathError};
+use crate::jobs::queue::{self, CancelOutcome, ExportFormat, ExportRow, NewExport};
 use crate::state::AppState;
 
 /// Body of `POST /v1/domains/{id}/exports`.
@@ -44,50 +47,35 @@ pub struct CreateExport {
     pub to: Option<String>,
 }
 
-/// An export job as the api reports it.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
-pub struct Export {
-    /// Job id.
-    pub id: Uuid,
-    /// The exported domain.
-    pub domain_id: Uuid,
-    /// `json`, `csv` or `markdown`.
-    pub format: String,
-    /// Content items included.
-    pub include_content: bool,
-    /// Keyword metrics included.
-    pub include_keywords: bool,
-    /// Analytics included.
-    pub include_analytics: bool,
-    /// Start of the range, if any.
-    pub date_from: Option<DateTime<Utc>>,
-    /// End of the range, if any.
-    pub date_to: Option<DateTime<Utc>>,
-    /// `queued`, `running`, `succeeded`, `failed` or `cancelled`.
-    pub status: String,
-    /// 0 to 100.
-    pub progress: i32,
-    /// Why it failed, if it did.
-    pub error: Option<String>,
-    /// Size of the finished file.
-    pub size_bytes: Option<i64>,
-    /// Queued at.
-    pub created_at: DateTime<Utc>,
-    /// Claimed by a worker at.
-    pub started_at: Option<DateTime<Utc>>,
-    /// Finished (or cancelled) at.
-    pub finished_at: Option<DateTime<Utc>>,
+/// Query of `GET /v1/domains/{id}/exports`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ExportListQuery {
+    /// Items per page, 1 to 100 (default 50).
+    pub limit: Option<i64>,
+    /// The `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+    /// Only exports with this status: `queued`, `running`, `succeeded`, `failed`,
+    /// `cancelled`, `expiring` or `expired`.
+    pub status: Option<String>,
 }
 
-const COLUMNS: &str = "id, domain_id, format, include_content, include_keywords, \
-    include_analytics, date_from, date_to, status, progress, error, size_bytes, created_at, \
-    started_at, finished_at";
+/// Every status an export can have.
+const STATUSES: [&str; 7] = [
+    "queued",
+    "running",
+    "succeeded",
+    "failed",
+    "cancelled",
+    "expiring",
+    "expired",
+];
 
 /// Queues an export (202, `Location: /v1/exports/{id}`).
 #[utoipa::path(post, path = "/v1/domains/{id}/exports", tag = "exports", request_body = CreateExport,
     params(("id" = Uuid, Path, description = "domain id")),
     security(("api_key" = [])),
-    responses((status = 202, body = Export), (status = 400, body = ErrorBody),
+    responses((status = 202, body = ExportRow), (status = 400, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub async fn create(
     State(state): State<AppState>,
@@ -95,12 +83,8 @@ pub async fn create(
     ApiPath(domain_id): ApiPath<Uuid>,
     ApiJson(body): ApiJson<CreateExport>,
 ) -> Result<Response, ApiError> {
-    if !["json", "csv", "markdown"].contains(&body.format.as_str()) {
-        return Err(ApiError::validation(
-            "format",
-            "must be one of json, csv, markdown",
-        ));
-    }
+    let format = ExportFormat::from_str(&body.format)
+        .map_err(|_| ApiError::validation("format", "must be one of json, csv, markdown"))?;
     let from = body
         .from
         .as_deref()
@@ -116,27 +100,15 @@ pub async fn create(
     {
         return Err(ApiError::validation("from", "must not be after to"));
     }
-    let export = state
-        .db
-        .run(async |conn| {
-            sqlx::query_as::<_, Export>(&format!(
-                "INSERT INTO domain_exports (id, org_id, domain_id, format, include_content, \
-                 include_keywords, include_analytics, date_from, date_to) \
-                 SELECT $1, d.org_id, d.id, $4, $5, $6, $7, $8, $9 FROM domains d \
-                 WHERE d.id = $2 AND d.org_id = $3 RETURNING {COLUMNS}"
-            ))
-            .bind(Uuid::new_v4())
-            .bind(domain_id)
-            .bind(auth.org_id)
-            .bind(&body.format)
-            .bind(body.include_content.unwrap_or(true))
-            .bind(body.include_keywords.unwrap_or(true))
-            .bind(body.include_analytics.unwrap_or(true))
-            .bind(from)
-            .bind(to)
-            .fetch_optional(conn)
-            .await
-        })
+    let new = NewExport {
+        format,
+        include_content: body.include_content.unwrap_or(true),
+        include_keywords: body.include_keywords.unwrap_or(true),
+        include_analytics: body.include_analytics.unwrap_or(true),
+        date_from: from,
+        date_to: to,
+    };
+    let export = queue::enqueue(&state.db, auth.org_id, domain_id, &new)
         .await?
         .ok_or(ApiError::NotFound("domain"))?;
     metrics::counter!("exports_queued_total").increment(1);
@@ -147,51 +119,122 @@ pub async fn create(
     Ok(response)
 }
 
-/// Reports an export's status, progress, error and size.
+/// Lists a domain's exports, newest first, optionally by status.
+#[utoipa::path(get, path = "/v1/domains/{id}/exports", tag = "exports",
+    params(("id" = Uuid, Path, description = "domain id"), ExportListQuery),
+    security(("api_key" = [])),
+    responses((status = 200, description = "a page of exports, newest first", body = Page<ExportRow>),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody)))]
+pub async fn list(
+    State(state): State<AppState>,
+    auth: Auth,
+    ApiPath(domain_id): ApiPath<Uuid>,
+    ApiQuery(query): ApiQuery<ExportListQuery>,
+) -> Result<Json<Page<ExportRow>>, ApiError> {
+    let (limit, cursor) = PageQuery {
+        limit: query.limit,
+        cursor: query.cursor.clone(),
+    }
+    .resolve()?;
+    if let Some(status) = &query.status
+        && !STATUSES.contains(&status.as_str())
+    {
+        return Err(ApiError::validation(
+            "status",
+            format!("must be one of {}", STATUSES.join(", ")),
+        ));
+    }
+    require_domain(&state, auth.org_id, domain_id).await?;
+    let rows = queue::list(
+        &state.db,
+        auth.org_id,
+        domain_id,
+        query.status.as_deref(),
+        cursor.map(|c| (c.created_at, c.id)),
+        limit + 1,
+    )
+    .await?;
+    Ok(Json(paginate(rows, limit, |e| Cursor {
+        created_at: e.created_at,
+        id: e.id,
+    })))
+}
+
+/// Reports an export's status, progress, attempts, error, size and checksum.
 #[utoipa::path(get, path = "/v1/exports/{id}", tag = "exports",
     params(("id" = Uuid, Path, description = "export id")),
     security(("api_key" = [])),
-    responses((status = 200, body = Export), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = ExportRow), (status = 404, body = ErrorBody)))]
 pub async fn get(
     State(state): State<AppState>,
     auth: Auth,
     ApiPath(id): ApiPath<Uuid>,
-) -> Result<Json<Export>, ApiError> {
-    find(&state, auth.org_id, id).await.map(Json)
+) -> Result<Json<ExportRow>, ApiError> {
+    queue::get(&state.db, auth.org_id, id)
+        .await?
+        .map(Json)
+        .ok_or(ApiError::NotFound("export"))
 }
 
-/// Streams a finished export (409 `EXPORT_NOT_READY` before it has succeeded).
+/// Streams a finished export (409 `EXPORT_NOT_READY` before it has succeeded), with
+/// `Content-Disposition`, `Content-Length`, an `ETag` (the quoted hex SHA-256) and
+/// `Repr-Digest` (RFC 9530); `If-None-Match` with that ETag gets 304.
 #[utoipa::path(get, path = "/v1/exports/{id}/download", tag = "exports",
     params(("id" = Uuid, Path, description = "export id")),
     security(("api_key" = [])),
-    responses((status = 200, description = "the file", content_type = "application/octet-stream"),
+    responses((status = 200, description = "the file: JSON, CSV (a ZIP of one CSV per section \
+        when several are included), or Markdown", content_type = "application/octet-stream",
+        headers(("ETag" = String, description = "the quoted hex SHA-256 of the file"),
+            ("Repr-Digest" = String, description = "`sha-256=:<base64>:` (RFC 9530)"))),
+        (status = 304, description = "not modified (`If-None-Match` matched the ETag)"),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn download(
     State(state): State<AppState>,
     auth: Auth,
     ApiPath(id): ApiPath<Uuid>,
+    request_headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let row: Option<(String, String, Option<String>)> = state
-        .db
-        .run(async |conn| sqlx::query_as(
-                "SELECT status, format, storage_path FROM domain_exports WHERE id = $1 AND org_id = $2",
-            )
-            .bind(id)
-            .bind(auth.org_id)
-            .fetch_optional(conn).await)
-        .await?;
-    let (status, format, storage_path) = row.ok_or(ApiError::NotFound("export"))?;
-    let not_ready = || ApiError::Conflict {
-        code: "EXPORT_NOT_READY",
-        message: format!("export is {status}, not succeeded"),
-    };
-    if status != "succeeded" {
-        return Err(not_ready());
+    let info = queue::download_info(&state.db, auth.org_id, id)
+        .await?
+        .ok_or(ApiError::NotFound("export"))?;
+    if info.status != "succeeded" {
+        return Err(ApiError::Conflict {
+            code: "EXPORT_NOT_READY",
+            message: format!("export is {}, not succeeded", info.status),
+        });
     }
-    let path = storage_path
-        .as_deref()
-        .and_then(|p| resolve_storage_path(&state.config.export_dir, p))
-        .ok_or(ApiError::NotFound("export file"))?;
+    // The schema's CHECK guarantees all three on a succeeded row.
+    let (Some(storage_path), Some(checksum), Some(size)) =
+        (info.storage_path, info.checksum_sha256, info.size_bytes)
+    else {
+        return Err(ApiError::internal(format!(
+            "succeeded export {id} lacks its path, checksum or size"
+        )));
+    };
+    let digest = hex::decode(&checksum)
+        .map_err(|e| ApiError::internal(format!("export {id} has a malformed checksum: {e}")))?;
+    let etag = format!("\"{checksum}\"");
+    if if_none_match(&request_headers, &etag) {
+        let mut response = StatusCode::NOT_MODIFIED.into_response();
+        insert(response.headers_mut(), header::ETAG, &etag);
+        return Ok(response);
+    }
+
+    let path = match paths::resolve_inside(&state.config.export_dir, &storage_path) {
+        Ok(path) => path,
+        Err(PathError::NotFound(_)) => return Err(ApiError::NotFound("export file")),
+        Err(PathError::Outside(_)) => {
+            // Only a tampered directory or row gets here: the worker stores names built from
+            // ids. The client learns nothing beyond "no file".
+            tracing::warn!(export = %id, storage_path, "export file refused: it leads outside EXPORT_DIR");
+            return Err(ApiError::NotFound("export file"));
+        }
+        Err(PathError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ApiError::NotFound("export file"));
+        }
+        Err(err) => return Err(ApiError::internal(err)),
+    };
     let file = match tokio::fs::File::open(&path).await {
         Ok(file) => file,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
@@ -199,105 +242,99 @@ pub async fn download(
         }
         Err(err) => return Err(ApiError::internal(err)),
     };
-    let length = file.metadata().await.map_err(ApiError::internal)?.len();
-    let (content_type, extension) = match format.as_str() {
-        "csv" => ("text/csv; charset=utf-8", "csv"),
-        "markdown" => ("text/markdown; charset=utf-8", "md"),
-        _ => ("application/json", "json"),
-    };
+    let metadata = file.metadata().await.map_err(ApiError::internal)?;
+    if !metadata.is_file() {
+        return Err(ApiError::NotFound("export file"));
+    }
+    let length = metadata.len();
+    if u64::try_from(size).ok() != Some(length) {
+        // The digest headers would be wrong: refuse rather than send them.
+        return Err(ApiError::internal(format!(
+            "export file {storage_path} has {length} bytes, its row records {size}"
+        )));
+    }
+    let (content_type, extension) = file_type(&storage_path, &info.format);
+
     let mut response = Body::from_stream(ReaderStream::new(file)).into_response();
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
-    if let Ok(disposition) =
-        HeaderValue::from_str(&format!("attachment; filename=\"export-{id}.{extension}\""))
-    {
-        headers.insert(header::CONTENT_DISPOSITION, disposition);
-    }
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    insert(
+        headers,
+        header::CONTENT_DISPOSITION,
+        &format!("attachment; filename=\"export-{id}.{extension}\""),
+    );
+    insert(headers, header::ETAG, &etag);
+    insert(
+        headers,
+        header::HeaderName::from_static("repr-digest"),
+        &format!(
+            "sha-256=:{}:",
+            base64::engine::general_purpose::STANDARD.encode(digest)
+        ),
+    );
     Ok(response)
 }
 
-/// Cancels a queued or running export (409 `EXPORT_NOT_CANCELLABLE` once finished).
+/// Cancels a queued or running export (409 `EXPORT_NOT_CANCELLABLE` once finished). A
+/// running export's worker is fenced: it stops and removes its partial file.
 #[utoipa::path(delete, path = "/v1/exports/{id}", tag = "exports",
     params(("id" = Uuid, Path, description = "export id")),
     security(("api_key" = [])),
-    responses((status = 200, body = Export), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 200, body = ExportRow), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn cancel(
     State(state): State<AppState>,
     auth: Auth,
     ApiPath(id): ApiPath<Uuid>,
-) -> Result<Json<Export>, ApiError> {
-    let cancelled = state
-        .db
-        .run(async |conn| {
-            sqlx::query_as::<_, Export>(&format!(
-                "UPDATE domain_exports SET status = 'cancelled', finished_at = now(), \
-                 updated_at = now(), lease_owner = NULL, lease_expires_at = NULL \
-                 WHERE id = $1 AND org_id = $2 AND status IN ('queued', 'running') \
-                 RETURNING {COLUMNS}"
-            ))
-            .bind(id)
-            .bind(auth.org_id)
-            .fetch_optional(conn)
-            .await
-        })
-        .await?;
-    if let Some(export) = cancelled {
-        metrics::counter!("exports_cancelled_total").increment(1);
-        return Ok(Json(export));
+) -> Result<Json<ExportRow>, ApiError> {
+    match queue::cancel(&state.db, auth.org_id, id).await? {
+        CancelOutcome::Cancelled(export) => {
+            metrics::counter!("exports_cancelled_total").increment(1);
+            Ok(Json(*export))
+        }
+        CancelOutcome::NotCancellable(status) => Err(ApiError::Conflict {
+            code: "EXPORT_NOT_CANCELLABLE",
+            message: format!("export is already {status}"),
+        }),
+        CancelOutcome::NotFound => Err(ApiError::NotFound("export")),
     }
-    let existing = find(&state, auth.org_id, id).await?;
-    Err(ApiError::Conflict {
-        code: "EXPORT_NOT_CANCELLABLE",
-        message: format!("export is already {}", existing.status),
-    })
 }
 
-async fn find(state: &AppState, org_id: Uuid, id: Uuid) -> Result<Export, ApiError> {
-    state
-        .db
-        .run(async |conn| {
-            sqlx::query_as::<_, Export>(&format!(
-                "SELECT {COLUMNS} FROM domain_exports WHERE id = $1 AND org_id = $2"
-            ))
-            .bind(id)
-            .bind(org_id)
-            .fetch_optional(conn)
-            .await
-        })
-        .await?
-        .ok_or(ApiError::NotFound("export"))
+/// Content type and file name extension of a stored file: its own extension says which
+/// (a CSV export of several sections is a `.zip`); the format decides otherwise.
+fn file_type(storage_path: &str, format: &str) -> (&'static str, &'static str) {
+    let stored = Path::new(storage_path)
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or_default();
+    match (stored, format) {
+        ("zip", _) => ("application/zip", "zip"),
+        ("csv", _) | (_, "csv") => ("text/csv; charset=utf-8", "csv"),
+        ("md", _) | (_, "markdown") => ("text/markdown; charset=utf-8", "md"),
+        _ => ("application/json", "json"),
+    }
 }
 
-/// The file of `storage_path` inside `export_dir`; `None` if it would escape it.
-pub fn resolve_storage_path(export_dir: &Path, storage_path: &str) -> Option<PathBuf> {
-    let path = Path::new(storage_path);
-    if path.components().any(|c| matches!(c, Component::ParentDir)) {
-        return None;
+/// Whether `If-None-Match` lists `etag` (or is `*`); weak comparison, as RFC 9110 asks.
+fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {
+    headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(|tag| tag.trim())
+        .any(|tag| tag == "*" || tag.strip_prefix("W/").unwrap_or(tag) == etag)
+}
+
+fn insert(headers: &mut HeaderMap, name: header::HeaderName, value: &str) {
+    if let Ok(value) = HeaderValue::from_str(value) {
+        headers.insert(name, value);
     }
-    if path.is_absolute() {
-        return path.starts_with(export_dir).then(|| path.to_path_buf());
-    }
-    Some(export_dir.join(path))
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn storage_paths_stay_inside_the_export_dir() {
-        let dir = Path::new("/var/exports");
-        assert_eq!(
-            resolve_storage_path(dir, "a/b.csv"),
-            Some(PathBuf::from("/var/exports/a/b.csv"))
-        );
-        assert_eq!(
-            resolve_storage_path(dir, "/var/exports/x.json"),
-            Some(PathBuf::from("/var/exports/x.json"))
-        );
-        assert_eq!(resolve_storage_path(dir, "../etc/passwd"), None);
-        assert_eq!(resolve_storage_path(dir, "/etc/passwd"), None);
-        assert_eq!(resolve_storage_path(dir, "a/../../x"), None);
-    }
-}
+mod tests;

@@ -48,7 +48,7 @@ pub struct PageQuery {
 /// A page of items and the cursor of the next page (absent on the last page).
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Page<T> {
-    /// The items, oldest first.
+    /// The items, oldest first (a domain's exports: newest first).
     pub items: Vec<T>,
     /// Pass as `cursor` to get the next page; `null` on the last page.
     pub next_cursor: Option<String>,
