@@ -109,6 +109,27 @@ impl Db {
         tx
     }
 
+    /// Waits until `n` sessions wait for a lock on `table` (of this database).
+    async fn wait_for_waiters(&self, table: &str, n: i64) {
+        eventually(
+            &format!("{n} sessions waiting on {table}"),
+            Duration::from_secs(10),
+            || async {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
+                     WHERE l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                     AND c.relname = $1 AND NOT l.granted",
+                )
+                .bind(table)
+                .fetch_one(&self.pool)
+                .await
+                .unwrap();
+                (waiting == n).then_some(())
+            },
+        )
+        .await;
+    }
+
     async fn status(&self, id: Uuid) -> String {
         sqlx::query_scalar("SELECT status FROM domain_exports WHERE id = $1")
             .bind(id)
@@ -781,20 +802,31 @@ async fn sigterm_completes_what_finishes_and_releases_the_rest_for_another_worke
     let db = Db::create().await;
     let dir = tempfile::tempdir().unwrap();
     let (_, domains) = db.seed(2, 10).await;
-    let drain = [
+    // The export to abandon is a long one: 60,000 content items.
+    sqlx::query(
+        "INSERT INTO content_items (id, domain_id, title, slug) \
+         SELECT gen_random_uuid(), $1, 'Long ' || i, 'long-' || i \
+         FROM generate_series(1, 60000) AS i",
+    )
+    .bind(domains[0])
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let env = [
         ("SHUTDOWN_TIMEOUT_MS", "8000"),
         ("SHUTDOWN_DRAIN_TIMEOUT_MS", "3000"),
+        ("EXPORT_MAX_BYTES", "1000000000"),
     ];
-    let content = db.lock("content_items").await;
-    let keywords = db.lock("keyword_metrics").await;
+    // Every export first counts its rows in one statement over every section's table: this
+    // lock holds both exports there until the worker has its SIGTERM.
+    let settings = db.lock("domain_settings").await;
     let mut first = WorkerProc::start(
         &db.url,
         dir.path(),
-        &[drain.as_slice(), &[("EXPORT_WORKER_ID", "first")]].concat(),
+        &[env.as_slice(), &[("EXPORT_WORKER_ID", "first")]].concat(),
     )
     .await
     .unwrap();
-    // Held by the content lock for the whole drain: abandoned and released.
     let abandoned = enqueue(
         &db.url,
         domains[0],
@@ -802,7 +834,6 @@ async fn sigterm_completes_what_finishes_and_releases_the_rest_for_another_worke
         &["--no-keywords", "--no-analytics"],
     )
     .await;
-    // Held by the keyword lock, which is let go during the drain: it completes.
     let finishing = enqueue(
         &db.url,
         domains[1],
@@ -812,33 +843,68 @@ async fn sigterm_completes_what_finishes_and_releases_the_rest_for_another_worke
     .await;
     wait_status(&db, abandoned, "running", Duration::from_secs(10)).await;
     wait_status(&db, finishing, "running", Duration::from_secs(10)).await;
+    db.wait_for_waiters("domain_settings", 2).await;
 
     first.signal("TERM");
-    keywords.commit().await.unwrap();
+    settings.commit().await.unwrap();
+    // The small export finishes within the drain and completes...
+    wait_status(&db, finishing, "succeeded", Duration::from_secs(2)).await;
+    // ...while the long one, still streaming, is held from here to the drain deadline.
+    let content = db.lock("content_items").await;
     let code = first.wait(Duration::from_secs(15)).await;
     let output = first.output();
     assert_eq!(code, Some(0), "{output}");
-    assert_eq!(db.status(finishing).await, "succeeded", "{output}");
     check_file(&db, dir.path(), finishing).await;
     assert_eq!(db.status(abandoned).await, "queued", "{output}");
     assert_eq!(
         db.attempts(abandoned).await,
         vec![(1, "first".to_owned(), "released".to_owned())]
     );
-    for name in ["stop-claiming", "drain-exports", "db-pools"] {
-        assert!(output.contains(name), "no {name} in the report:\n{output}");
+    for name in [
+        "stop-claiming",
+        "drain-exports",
+        "in-flight-tasks",
+        "db-pools",
+    ] {
+        let line = output
+            .lines()
+            .find(|l| {
+                l.contains("shutdown handler finished") && l.contains(&format!("handler={name} "))
+            })
+            .unwrap_or_else(|| panic!("no {name} in the report:\n{output}"));
+        assert!(line.contains(r#"outcome="ok""#), "{line}");
     }
+    assert_eq!(
+        finished_files(dir.path()).len(),
+        1,
+        "{:?}",
+        files(dir.path())
+    );
+    assert_eq!(
+        files(dir.path()).len(),
+        1,
+        "no temp file left: {:?}",
+        files(dir.path())
+    );
 
     content.commit().await.unwrap();
-    let second = WorkerProc::start(&db.url, dir.path(), &[("EXPORT_WORKER_ID", "second")])
-        .await
-        .unwrap();
-    wait_status(&db, abandoned, "succeeded", Duration::from_secs(10)).await;
+    let second = WorkerProc::start(
+        &db.url,
+        dir.path(),
+        &[env.as_slice(), &[("EXPORT_WORKER_ID", "second")]].concat(),
+    )
+    .await
+    .unwrap();
+    wait_status(&db, abandoned, "succeeded", Duration::from_secs(20)).await;
     check_file(&db, dir.path(), abandoned).await;
-    let attempts = db.attempts(abandoned).await;
-    assert_eq!(attempts.len(), 2, "{attempts:?}");
-    assert_eq!(attempts[1].1, "second");
-    assert_eq!(attempts[1].2, "succeeded");
+    assert_eq!(
+        db.attempts(abandoned).await,
+        vec![
+            (1, "first".to_owned(), "released".to_owned()),
+            (1, "second".to_owned(), "succeeded".to_owned()),
+        ],
+        "a released attempt is given back: the next one is number 1 again"
+    );
     assert_eq!(
         finished_files(dir.path()).len(),
         2,
