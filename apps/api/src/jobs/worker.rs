@@ -36,8 +36,9 @@ mod job;
 mod listen;
 pub mod metrics;
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures::stream::{self, Stream};
@@ -46,6 +47,7 @@ use smartbeak_shutdown::{HandlerGuard, Phase, RegisterError, Shutdown};
 use smartbeak_utils::concurrency::for_each_bounded;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 pub use config::WorkerConfig;
 
@@ -79,6 +81,8 @@ struct Ctx {
     wake: Notify,
     /// Exports running now.
     running: watch::Sender<usize>,
+    /// The watcher of each running job, woken by a cancel notification.
+    watchers: Mutex<HashMap<Uuid, Arc<Notify>>>,
     /// True once [`Worker::run`] has returned.
     finished: watch::Sender<bool>,
 }
@@ -104,6 +108,7 @@ impl Worker {
                 abandon: CancellationToken::new(),
                 wake: Notify::new(),
                 running: watch::channel(0).0,
+                watchers: Mutex::new(HashMap::new()),
                 finished: watch::channel(false).0,
             }),
         }
@@ -157,7 +162,7 @@ impl Worker {
         );
         let (claimed, (), ()) = tokio::join!(
             claims,
-            listen::run(&ctx.db, &ctx.wake, &ctx.stop),
+            listen::run(&ctx.db, &ctx.wake, |id| ctx.wake_watcher(id), &ctx.stop),
             reaper(ctx)
         );
         tracing::info!(claimed, "export worker stopped");
@@ -180,6 +185,52 @@ impl Worker {
             ctx.running.send_modify(|n| *n = n.saturating_sub(1));
             ::metrics::gauge!(metrics::RUNNING).set(*ctx.running.borrow() as f64);
         }
+    }
+}
+
+impl Ctx {
+    /// Registers a running job's watcher; the returned guard removes it.
+    fn watch(self: &Arc<Self>, id: Uuid) -> (Arc<Notify>, WatcherGuard) {
+        let notify = Arc::new(Notify::new());
+        self.watchers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, notify.clone());
+        (
+            notify,
+            WatcherGuard {
+                ctx: self.clone(),
+                id,
+            },
+        )
+    }
+
+    /// Wakes the watcher of `id` if that job runs here.
+    fn wake_watcher(&self, id: Uuid) {
+        if let Some(notify) = self
+            .watchers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&id)
+        {
+            notify.notify_one();
+        }
+    }
+}
+
+/// Removes a job's watcher from [`Ctx::watchers`] when dropped.
+struct WatcherGuard {
+    ctx: Arc<Ctx>,
+    id: Uuid,
+}
+
+impl Drop for WatcherGuard {
+    fn drop(&mut self) {
+        self.ctx
+            .watchers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
     }
 }
 

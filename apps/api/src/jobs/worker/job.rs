@@ -51,12 +51,14 @@ pub(super) async fn run(ctx: Arc<Ctx>, job: ClaimedJob) -> Outcome {
     let fenced = Arc::new(AtomicBool::new(false));
     let (progress_tx, progress_rx) = watch::channel(Progress::default());
     let watcher_stop = CancellationToken::new();
+    let (poke, _registered) = ctx.watch(id);
     let watcher = tokio::spawn(watch_job(
         ctx.clone(),
         job.fence,
         progress_rx,
         token.clone(),
         fenced.clone(),
+        poke,
         watcher_stop.clone(),
     ));
 
@@ -111,14 +113,16 @@ async fn export(
     }
 }
 
-/// Every check interval: a fenced heartbeat renewing the lease, with the progress when it
-/// changed. `Fenced` cancels the export at once.
+/// Every check interval, and at once when `poke` says the job was cancelled: a fenced
+/// heartbeat renewing the lease, with the progress when it changed. `Fenced` cancels the
+/// export at once.
 async fn watch_job(
     ctx: Arc<Ctx>,
     fence: Fence,
     progress: watch::Receiver<Progress>,
     token: CancellationToken,
     fenced: Arc<AtomicBool>,
+    poke: Arc<tokio::sync::Notify>,
     stop: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(ctx.config.check_interval());
@@ -126,7 +130,12 @@ async fn watch_job(
     // The claim just set the lease: the first tick (immediate) is skipped.
     tick.tick().await;
     let mut written = Progress::default();
-    while stop.run_until_cancelled(tick.tick()).await.is_some() {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            _ = tick.tick() => {}
+            () = poke.notified() => {}
+        }
         let now = *progress.borrow();
         let changed = (now != written).then_some(now);
         match queue::heartbeat(&ctx.db, fence, ctx.config.lease, changed).await {

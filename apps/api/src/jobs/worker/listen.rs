@@ -1,5 +1,7 @@
-//! The wake-up: a dedicated `PgListener` session on `queue::CHANNEL`. Each notification
-//! wakes the idle claim stream at once. The listener's connection comes from the primary
+//! The wake-up: a dedicated `PgListener` session on `queue::CHANNEL` and
+//! `queue::CANCEL_CHANNEL`. A new job wakes the idle claim stream at once; a cancelled
+//! running job's id wakes that job's watcher, whose fenced heartbeat then stops it at once
+//! (the once-a-second heartbeat is the guarantee; this makes it immediate). The listener's connection comes from the primary
 //! pool (`PgListener::connect_with`), so the session carries the pool's startup options
 //! (`statement_timeout`, `application_name`, ...); it is held for as long as the worker
 //! claims, never shared. When it is lost, sqlx reconnects it; until then (and whenever
@@ -14,19 +16,27 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::config::POLL_MIN;
-use crate::jobs::queue::CHANNEL;
+use uuid::Uuid;
+
+use crate::jobs::queue::{CANCEL_CHANNEL, CHANNEL};
 
 /// The longest wait between two attempts to (re)open the listener.
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
 
-/// Listens until `stop`, waking `wake` on every notification.
-pub(super) async fn run(db: &Database, wake: &Notify, stop: &CancellationToken) {
+/// Listens until `stop`, waking `wake` on every new job and calling `cancelled` with the id
+/// of every cancelled running job (any worker's: the callee looks it up).
+pub(super) async fn run(
+    db: &Database,
+    wake: &Notify,
+    cancelled: impl Fn(Uuid),
+    stop: &CancellationToken,
+) {
     let mut backoff = POLL_MIN;
     loop {
         let opened = stop
             .run_until_cancelled(async {
                 let mut listener = PgListener::connect_with(db.primary()).await?;
-                listener.listen(CHANNEL).await?;
+                listener.listen_all([CHANNEL, CANCEL_CHANNEL]).await?;
                 Ok::<_, sqlx::Error>(listener)
             })
             .await;
@@ -53,6 +63,11 @@ pub(super) async fn run(db: &Database, wake: &Notify, stop: &CancellationToken) 
         loop {
             match stop.run_until_cancelled(listener.try_recv()).await {
                 None => return,
+                Some(Ok(Some(note))) if note.channel() == CANCEL_CHANNEL => {
+                    if let Ok(id) = note.payload().parse() {
+                        cancelled(id);
+                    }
+                }
                 Some(Ok(Some(_))) => wake.notify_one(),
                 Some(Ok(None)) => {
                     // Lost and (eagerly) reconnected: notifications in between are gone.
