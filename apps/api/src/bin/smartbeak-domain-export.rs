@@ -128,8 +128,13 @@ struct WorkerArgs {
     #[arg(long, env = "EXPORT_RETRY_MAX_MS", value_name = "MS",
           default_value_t = defaults::DEFAULT_RETRY_MAX_MS.to_string())]
     retry_max_ms: String,
-    /// The lease owner recorded on claims and attempts [default: <hostname>-<pid>].
-    #[arg(long, env = "EXPORT_WORKER_ID", value_name = "ID")]
+    /// The lease owner recorded on claims and attempts (default `<hostname>-<pid>`).
+    #[arg(
+        long,
+        env = "EXPORT_WORKER_ID",
+        value_name = "ID",
+        help = "The lease owner recorded on claims and attempts [default: <hostname>-<pid>]"
+    )]
     worker_id: Option<String>,
     /// The admin listener (/healthz, /readyz, /metrics); port 0 picks a free port.
     #[arg(long, env = "EXPORT_ADMIN_ADDR", value_name = "ADDR",
