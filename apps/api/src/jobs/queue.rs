@@ -815,10 +815,11 @@ pub async fn release(db: &Database, fence: Fence) -> Result<(), FenceError> {
 /// attempt `reclaimed`), or to `failed` when no attempts remain. Up to `limit` per call.
 ///
 /// The reclaimed attempt was counted when it was claimed, so `attempts` is not bumped
-/// again: the next claim makes it `attempts + 1`. A re-queued job is due at once and
-/// notified on [`CHANNEL`]. Rows locked by another reaper (or a late heartbeat) are
-/// skipped. The job's error is the generic [`LEASE_EXPIRED`] (tenants see it); the
-/// attempt row's error names the worker whose lease expired.
+/// again (a deliberate departure from the issue's text, see the module docs): the next
+/// claim makes it `attempts + 1`. A re-queued job is due at once and notified on
+/// [`CHANNEL`]. Rows locked by another reaper (or a late heartbeat) are skipped. The job's
+/// error is the generic `lease expired: the worker stopped heartbeating` (tenants see
+/// it); the attempt row's error names the worker whose lease expired.
 pub async fn reclaim_expired(db: &Database, limit: i64) -> Result<Vec<Reclaimed>, DbError> {
     if limit <= 0 {
         return Ok(Vec::new());
@@ -839,7 +840,8 @@ pub async fn reclaim_expired(db: &Database, limit: i64) -> Result<Vec<Reclaimed>
         .collect())
 }
 
-/// The reaper's statement: `$1` limit, `$2` [`CHANNEL`], `$3` [`LEASE_EXPIRED`].
+/// The reaper's statement: `$1` limit, `$2` [`CHANNEL`], `$3` [`LEASE_EXPIRED`] (the
+/// job's error; the attempt row's error names the worker).
 const RECLAIM_SQL: &str = "WITH expired AS ( \
      SELECT id, lease_owner FROM domain_exports \
      WHERE status = 'running' AND lease_expires_at < now() \
