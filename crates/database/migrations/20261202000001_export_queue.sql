@@ -30,6 +30,10 @@ ALTER TABLE domain_exports
         status NOT IN ('succeeded', 'expiring') OR (storage_path IS NOT NULL
             AND size_bytes IS NOT NULL AND record_count IS NOT NULL
             AND checksum_sha256 IS NOT NULL AND expires_at IS NOT NULL)),
+    -- A stored file name is the export's own id and a known extension, nothing else: no
+    -- directory, no `..`, no other export's file (apps/api/src/jobs/paths.rs file_name).
+    ADD CONSTRAINT domain_exports_storage_path_check CHECK (
+        storage_path ~ ('^' || replace(id::text, '-', '') || '\.(csv|zip|json|md)$')),
     ADD CONSTRAINT domain_exports_finished_check CHECK (
         (finished_at IS NOT NULL) =
             (status IN ('succeeded', 'failed', 'cancelled', 'expiring', 'expired')));

@@ -243,7 +243,8 @@ fn tempfile_dir() -> std::path::PathBuf {
 /// EXPORT_DIR and marks the row succeeded with its relative path, size, record count,
 /// SHA-256 and expiry (the schema's CHECK on a succeeded row).
 async fn finish_export(url: &str, id: &str, dir: &std::path::Path, contents: &str) {
-    let name = format!("{id}.csv");
+    // The stored name is the id's simple form (the schema's storage path CHECK).
+    let name = format!("{}.csv", id.replace('-', ""));
     std::fs::write(dir.join(&name), contents).unwrap();
     let pool = sqlx::PgPool::connect(url).await.unwrap();
     sqlx::query(

@@ -2,10 +2,14 @@
 //! download (reading).
 //!
 //! A stored `storage_path` is relative to `EXPORT_DIR` and built from ids only
-//! ([`file_name`]). [`resolve_inside`] refuses anything else: `..`, an absolute path, a
-//! path whose canonical form (symlinks followed) leaves the directory.
+//! ([`file_name`]). [`resolve_inside`] (reading) refuses anything else: `..`, an absolute
+//! path, a path whose canonical form (symlinks followed) leaves the directory.
+//! [`create_inside`] (writing) creates a new file of one plain name directly in the
+//! directory, never through a symlink.
 
+use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 
 use uuid::Uuid;
@@ -72,6 +76,45 @@ pub fn resolve_inside(root: &Path, storage_path: &str) -> Result<PathBuf, PathEr
     }
 }
 
+/// Creates the new file `name` directly inside `root` (canonical), for writing.
+///
+/// `name` must be one plain path component (no `/`, `.`, `..`, nothing absolute). The file
+/// is opened with `create_new` (`O_CREAT | O_EXCL`) and `O_NOFOLLOW`: an existing file, and
+/// a symlink planted under that name (pointing anywhere, even at nothing), are refused,
+/// never followed, so nothing is created or truncated outside the directory.
+pub fn create_inside(root: &Path, name: &str) -> Result<File, PathError> {
+    let outside = || PathError::Outside(name.to_owned());
+    let mut components = Path::new(name).components();
+    let plain = matches!(
+        (components.next(), components.next()),
+        (Some(Component::Normal(_)), None)
+    );
+    if !plain || name.contains('/') {
+        return Err(outside());
+    }
+    let canonical_root = root.canonicalize().map_err(|source| PathError::Io {
+        path: root.to_path_buf(),
+        source,
+    })?;
+    let path = canonical_root.join(name);
+    match OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&path)
+    {
+        Ok(file) => Ok(file),
+        Err(err) if err.raw_os_error() == Some(libc::ELOOP) => Err(outside()),
+        Err(err)
+            if err.kind() == io::ErrorKind::AlreadyExists
+                && path.symlink_metadata().is_ok_and(|m| m.is_symlink()) =>
+        {
+            Err(outside())
+        }
+        Err(source) => Err(PathError::Io { path, source }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,6 +148,62 @@ mod tests {
             resolve_inside(&root, "missing.csv"),
             Err(PathError::NotFound(_))
         ));
+        Ok(())
+    }
+
+    #[test]
+    fn files_are_created_only_inside_the_directory_and_never_through_a_symlink()
+    -> anyhow::Result<()> {
+        use std::io::Write as _;
+        let base = tempfile::tempdir()?;
+        let root = base.path().join("exports");
+        std::fs::create_dir(&root)?;
+        let target = base.path().join("victim");
+        std::fs::write(&target, b"keep me")?;
+        std::os::unix::fs::symlink(&target, root.join("planted.csv"))?;
+        let dangling = base.path().join("not-yet");
+        std::os::unix::fs::symlink(&dangling, root.join("dangling.csv"))?;
+
+        let mut file = create_inside(&root, "a.csv")?;
+        file.write_all(b"data")?;
+        drop(file);
+        assert_eq!(std::fs::read(root.join("a.csv"))?, b"data");
+        // Not twice: an existing file is never truncated.
+        assert!(matches!(
+            create_inside(&root, "a.csv"),
+            Err(PathError::Io { source, .. }) if source.kind() == io::ErrorKind::AlreadyExists
+        ));
+        for planted in ["planted.csv", "dangling.csv"] {
+            assert!(
+                matches!(create_inside(&root, planted), Err(PathError::Outside(_))),
+                "{planted} must be refused"
+            );
+        }
+        assert_eq!(
+            std::fs::read(&target)?,
+            b"keep me",
+            "the symlink's target untouched"
+        );
+        assert!(
+            !dangling.exists(),
+            "nothing created through a dangling symlink"
+        );
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../x.csv",
+            "/tmp/x.csv",
+            "a/b.csv",
+            "sub/",
+            "./a.csv",
+        ] {
+            assert!(
+                matches!(create_inside(&root, bad), Err(PathError::Outside(_))),
+                "{bad:?} must be refused"
+            );
+        }
+        assert!(!base.path().join("x.csv").exists());
         Ok(())
     }
 

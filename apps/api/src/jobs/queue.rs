@@ -10,7 +10,7 @@
 //! | `queued`, due | [`claim`] | `running` (lease set) | +1 | +1 | inserted, `running` |
 //! | `running` | [`heartbeat`] | `running` (lease renewed, progress) | = | = | |
 //! | `running` | [`complete`] | `succeeded` (file, checksum, `expires_at`) | +1 | = | `succeeded` |
-//! | `running` | [`fail`], retryable, attempts left | `queued`, due at `now() + retry_after` | +1 | = | `retried` |
+//! | `running` | [`fail`], retryable, attempts left (notifies) | `queued`, due at `now() + retry_after` | +1 | = | `retried` |
 //! | `running` | [`fail`], otherwise | `failed` (dead letter) | +1 | = | `failed` |
 //! | `running` | [`release`] (shutdown; notifies) | `queued`, due now | +1 | -1 | `released` |
 //! | `running`, lease expired | [`reclaim_expired`], attempts left (notifies) | `queued`, due now | +1 | = | `reclaimed` |
@@ -32,12 +32,46 @@
 //! # Attempts
 //! A claim increments `attempts` and inserts a `domain_export_attempts` row (`running`);
 //! the statement that ends the attempt (complete, fail, release, cancel, reclaim) ends that
-//! row in the same statement, so no attempt is lost. A release at shutdown gives the
-//! attempt back (`attempts - 1`, outcome `released`): it did not fail.
+//! row in the same statement, so no attempt is lost.
+//!
+//! **Attempts are counted at the claim, and only there.** The issue's text has the reaper
+//! bump `attempts`; here [`reclaim_expired`] does not, because the claim that started the
+//! reclaimed attempt already counted it: a reclaimed attempt counts exactly once, and the
+//! next claim makes it `attempts + 1`. (Bumping in the reaper too would count a dead
+//! worker's attempt twice and dead-letter a job one attempt early.) The reaper dead-letters
+//! a job whose counted attempts reached `max_attempts`.
+//!
+//! **A release is not an attempt.** [`release`] (a worker giving a job back at shutdown)
+//! sets `attempts - 1`: the job did not fail, so the next claim reuses the same attempt
+//! number. Its attempt row stays (outcome `released`), so two attempt rows can carry the
+//! same `attempt` number; `fencing_token` (unique per job) tells them apart.
+//!
+//! # Ending an attempt: the file and the row
+//! The export writer renames the finished file into place before [`complete`] records it,
+//! so at `complete` the FINAL file (not a temp file) already exists. The worker then:
+//! - on `Ok`: keeps the file;
+//! - on [`FenceError::Fenced`]: the job was cancelled or reclaimed before the completion
+//!   committed, and the row does not reference this attempt's file: delete the final
+//!   file. File names are per job, not per attempt ([`crate::jobs::paths::file_name`]), so
+//!   the claim that fenced this one may already have renamed its own file to the same
+//!   name: delete only while the path still names the file this attempt wrote (same
+//!   device and inode as the file it renamed);
+//! - on [`FenceError::Db`]: the outcome is unknown (a client-side timeout can fire after
+//!   the server committed the completion, or while the statement still runs there).
+//!   Re-read the row with [`get_any`] before deleting anything. `succeeded` with this
+//!   file's checksum: the completion committed, keep the file. Still `running` with this
+//!   claim's token: undecided, call `complete` again with the same fence (it either
+//!   commits, or is `Fenced` because the first one did: re-read again). Any other state
+//!   (its token moved: cancelled, failed, another claim's): as `Fenced`. A failed re-read
+//!   decides nothing: keep the file (a file no row references is harmless; retention or
+//!   the next attempt's rename replaces it) rather than delete one a row may reference.
+//!
+//! The worker's completion helper implements these rules.
 //!
 //! # Wake-up
-//! [`enqueue`] and every statement that makes a job claimable now (release, reclaim)
-//! `pg_notify` [`CHANNEL`]; idle workers `LISTEN` on it and fall back to polling. A
+//! [`enqueue`] and every statement that puts a job back in the queue (a retrying
+//! [`fail`], whatever its backoff, [`release`], [`reclaim_expired`]) `pg_notify`
+//! [`CHANNEL`]; idle workers `LISTEN` on it and fall back to polling. A
 //! [`cancel`] of a running job notifies [`CANCEL_CHANNEL`] with the job's id, so its worker
 //! can stop within a second without polling its row (the fence stays the guarantee).
 //! Notifications are delivered when the statement's transaction commits.
@@ -385,25 +419,45 @@ pub async fn list(
     after: Option<(DateTime<Utc>, Uuid)>,
     limit: i64,
 ) -> Result<Vec<ExportRow>, DbError> {
-    let sql = format!(
-        "SELECT {ROW_COLUMNS} FROM domain_exports \
-         WHERE domain_id = $1 AND org_id = $2 \
-         AND ($3::text IS NULL OR status = $3) \
-         AND ($4::timestamptz IS NULL OR (created_at, id) < ($4, $5)) \
-         ORDER BY created_at DESC, id DESC LIMIT $6"
-    );
+    let sql = list_sql(status.is_some(), after.is_some());
     db.run(async |conn| {
-        sqlx::query_as::<_, ExportRow>(&sql)
+        let mut query = sqlx::query_as::<_, ExportRow>(&sql)
             .bind(domain_id)
             .bind(org_id)
-            .bind(status)
-            .bind(after.map(|(at, _)| at))
-            .bind(after.map(|(_, id)| id))
-            .bind(limit.max(0))
-            .fetch_all(conn)
-            .await
+            .bind(limit.max(0));
+        if let Some(status) = status {
+            query = query.bind(status);
+        }
+        if let Some((created_at, id)) = after {
+            query = query.bind(created_at).bind(id);
+        }
+        query.fetch_all(conn).await
     })
     .await
+}
+
+/// The text of [`list`]'s statement, one per shape (with or without the status filter,
+/// with or without the cursor), so that even a generic plan scans
+/// `domain_exports_domain_cursor_idx` from the cursor: a `$n IS NULL OR ...` condition
+/// would leave the cursor out of the index condition. `$1` domain, `$2` org, `$3` limit,
+/// then the status, then the cursor's `created_at` and id.
+fn list_sql(with_status: bool, with_cursor: bool) -> String {
+    let mut sql =
+        format!("SELECT {ROW_COLUMNS} FROM domain_exports WHERE domain_id = $1 AND org_id = $2");
+    let mut next = 4;
+    if with_status {
+        sql.push_str(&format!(" AND status = ${next}"));
+        next += 1;
+    }
+    if with_cursor {
+        sql.push_str(&format!(
+            " AND (created_at, id) < (${}, ${})",
+            next,
+            next + 1
+        ));
+    }
+    sql.push_str(" ORDER BY created_at DESC, id DESC LIMIT $3");
+    sql
 }
 
 /// What the download endpoint needs.
@@ -430,6 +484,13 @@ pub async fn download_info(
 /// The bump fences the worker holding a running job: its next heartbeat (or its
 /// completion) gets [`FenceError::Fenced`], so it cannot overwrite the cancellation. A
 /// running job's cancel is also notified on [`CANCEL_CHANNEL`].
+///
+/// A transaction of two statements: `SELECT ... FOR UPDATE` of the job first, which waits
+/// for a concurrent claim (or completion, failure, reclaim) to commit, then the cancel
+/// itself. Under READ COMMITTED the second statement takes a fresh snapshot, so it sees
+/// the attempt row a claim that committed meanwhile inserted, and ends it; a single
+/// statement would re-check the job row after the wait but not see that attempt row,
+/// leaving it `running` and notifying nobody.
 pub async fn cancel(db: &Database, org_id: Uuid, id: Uuid) -> Result<CancelOutcome, DbError> {
     let sql = format!(
         "WITH c AS ( \
@@ -437,40 +498,52 @@ pub async fn cancel(db: &Database, org_id: Uuid, id: Uuid) -> Result<CancelOutco
                  fencing_token = fencing_token + 1, finished_at = now(), updated_at = now(), \
                  lease_owner = NULL, lease_expires_at = NULL \
              WHERE id = $1 AND org_id = $2 AND status IN ('queued', 'running') \
-             RETURNING {ROW_COLUMNS}, fencing_token), \
+             RETURNING {ROW_COLUMNS}), \
          att AS ( \
              UPDATE domain_export_attempts a SET outcome = 'cancelled', finished_at = now() \
-             FROM c WHERE a.export_id = c.id AND a.fencing_token = c.fencing_token - 1 \
-             AND a.outcome = 'running' \
-             RETURNING a.export_id) \
+             FROM c WHERE a.export_id = c.id AND a.outcome = 'running') \
          SELECT {ROW_COLUMNS}, \
-             (SELECT pg_notify($3, export_id::text)::text FROM att) AS notified \
+             CASE WHEN $4 THEN pg_notify($3, id::text)::text END AS notified \
          FROM c"
     );
-    let get_sql = format!("SELECT {ROW_COLUMNS} FROM domain_exports WHERE id = $1 AND org_id = $2");
-    db.run(async |conn| {
-        let cancelled = sqlx::query_as::<_, ExportRow>(&sql)
+    let mut tx = db.begin().await?;
+    let status: Option<String> = tx
+        .run(async |conn| {
+            sqlx::query_scalar(
+                "SELECT status FROM domain_exports WHERE id = $1 AND org_id = $2 FOR UPDATE",
+            )
             .bind(id)
             .bind(org_id)
-            .bind(CANCEL_CHANNEL)
-            .fetch_optional(&mut *conn)
-            .await?;
-        if let Some(row) = cancelled {
-            return Ok(CancelOutcome::Cancelled(Box::new(row)));
-        }
-        // Not cancelled: a finished job (which never becomes queued or running again), or
-        // none of this org's. This read only names which.
-        let existing = sqlx::query_as::<_, ExportRow>(&get_sql)
-            .bind(id)
-            .bind(org_id)
-            .fetch_optional(&mut *conn)
-            .await?;
-        Ok(match existing {
-            Some(row) => CancelOutcome::NotCancellable(row.status),
-            None => CancelOutcome::NotFound,
+            .fetch_optional(conn)
+            .await
         })
-    })
-    .await
+        .await?;
+    let was_running = match status.as_deref() {
+        Some("queued") => false,
+        Some("running") => true,
+        // A finished job (which never becomes queued or running again), or none of this
+        // org's: nothing to write.
+        Some(_) | None => {
+            tx.rollback().await?;
+            return Ok(match status {
+                Some(status) => CancelOutcome::NotCancellable(status),
+                None => CancelOutcome::NotFound,
+            });
+        }
+    };
+    let cancelled = tx
+        .run(async |conn| {
+            sqlx::query_as::<_, ExportRow>(&sql)
+                .bind(id)
+                .bind(org_id)
+                .bind(CANCEL_CHANNEL)
+                .bind(was_running)
+                .fetch_one(conn)
+                .await
+        })
+        .await?;
+    tx.commit().await?;
+    Ok(CancelOutcome::Cancelled(Box::new(cancelled)))
 }
 
 /// The row [`claim`] returns for each job.
@@ -581,67 +654,79 @@ pub async fn heartbeat(
     let rows_written = progress.map(|p| p.rows_written.max(0));
     let renewed = db
         .run(async |conn| {
-            sqlx::query(
-                "UPDATE domain_exports SET lease_expires_at = now() + $3 * interval '1 second', \
-                     heartbeat_at = now(), updated_at = now(), \
-                     progress = COALESCE($4, progress), \
-                     rows_written = COALESCE($5, rows_written), \
-                     progress_at = CASE WHEN $4::integer IS NULL THEN progress_at ELSE now() END \
-                 WHERE id = $1 AND fencing_token = $2 AND status = 'running'",
-            )
-            .bind(fence.id)
-            .bind(fence.token)
-            .bind(lease.as_secs_f64())
-            .bind(percent)
-            .bind(rows_written)
-            .execute(conn)
-            .await
+            sqlx::query(HEARTBEAT_SQL)
+                .bind(fence.id)
+                .bind(fence.token)
+                .bind(lease.as_secs_f64())
+                .bind(percent)
+                .bind(rows_written)
+                .execute(conn)
+                .await
         })
         .await?
         .rows_affected();
     fenced_unless(renewed, fence)
 }
 
+/// The heartbeat statement: `$1` id, `$2` token, `$3` lease in seconds, `$4` percent,
+/// `$5` rows written.
+const HEARTBEAT_SQL: &str = "UPDATE domain_exports SET \
+         lease_expires_at = now() + $3 * interval '1 second', \
+         heartbeat_at = now(), updated_at = now(), \
+         progress = COALESCE($4, progress), \
+         rows_written = COALESCE($5, rows_written), \
+         progress_at = CASE WHEN $4::integer IS NULL THEN progress_at ELSE now() END \
+     WHERE id = $1 AND fencing_token = $2 AND status = 'running'";
+
 /// Records the finished file: `succeeded`, lease cleared, attempt `succeeded`.
+///
+/// `storage_path` must be [`crate::jobs::paths::file_name`] of the job's id with a known
+/// extension (`csv`, `zip`, `json`, `md`): the schema's `domain_exports_storage_path_check`
+/// refuses anything else ([`FenceError::Db`], a constraint violation). The file is already
+/// in place when this runs: see the module docs for what a worker does with it on
+/// [`FenceError::Fenced`] (delete it) and on [`FenceError::Db`] (re-read the row first).
 pub async fn complete(db: &Database, fence: Fence, done: &Completed) -> Result<(), FenceError> {
     let completed: Option<Uuid> = db
         .run(async |conn| {
-            sqlx::query_scalar(
-                "WITH done AS ( \
-                     UPDATE domain_exports SET status = 'succeeded', storage_path = $3, \
-                         size_bytes = $4, record_count = $5, checksum_sha256 = $6, \
-                         expires_at = $7, progress = 100, rows_written = $5, \
-                         progress_at = now(), error = NULL, finished_at = now(), \
-                         updated_at = now(), fencing_token = fencing_token + 1, \
-                         lease_owner = NULL, lease_expires_at = NULL \
-                     WHERE id = $1 AND fencing_token = $2 AND status = 'running' \
-                     RETURNING id), \
-                 att AS ( \
-                     UPDATE domain_export_attempts a SET outcome = 'succeeded', \
-                         finished_at = now() \
-                     FROM done WHERE a.export_id = done.id AND a.fencing_token = $2 \
-                     AND a.outcome = 'running') \
-                 SELECT id FROM done",
-            )
-            .bind(fence.id)
-            .bind(fence.token)
-            .bind(&done.storage_path)
-            .bind(done.size_bytes)
-            .bind(done.record_count)
-            .bind(&done.checksum_sha256)
-            .bind(done.expires_at)
-            .fetch_optional(conn)
-            .await
+            sqlx::query_scalar(COMPLETE_SQL)
+                .bind(fence.id)
+                .bind(fence.token)
+                .bind(&done.storage_path)
+                .bind(done.size_bytes)
+                .bind(done.record_count)
+                .bind(&done.checksum_sha256)
+                .bind(done.expires_at)
+                .fetch_optional(conn)
+                .await
         })
         .await?;
     fenced_unless(u64::from(completed.is_some()), fence)
 }
 
+/// The completion statement: `$1` id, `$2` token, `$3` storage path, `$4` size, `$5`
+/// record count, `$6` checksum, `$7` expiry.
+const COMPLETE_SQL: &str = "WITH done AS ( \
+         UPDATE domain_exports SET status = 'succeeded', storage_path = $3, \
+             size_bytes = $4, record_count = $5, checksum_sha256 = $6, \
+             expires_at = $7, progress = 100, rows_written = $5, \
+             progress_at = now(), error = NULL, finished_at = now(), \
+             updated_at = now(), fencing_token = fencing_token + 1, \
+             lease_owner = NULL, lease_expires_at = NULL \
+         WHERE id = $1 AND fencing_token = $2 AND status = 'running' \
+         RETURNING id), \
+     att AS ( \
+         UPDATE domain_export_attempts a SET outcome = 'succeeded', \
+             finished_at = now() \
+         FROM done WHERE a.export_id = done.id AND a.fencing_token = $2 \
+         AND a.outcome = 'running') \
+     SELECT id FROM done";
+
 /// Ends a failed attempt: back to `queued` at `now() + retry_after` when `retry_after` is
 /// given and attempts remain, else `failed` (dead letter) with `error`.
 ///
 /// The error is kept on the job (the last one) and on the attempt row (`retried` or
-/// `failed`); the token is bumped either way.
+/// `failed`); the token is bumped either way. A re-queued job is notified on [`CHANNEL`]
+/// (whatever its backoff: one due at once must not wait for an idle worker's poll).
 pub async fn fail(
     db: &Database,
     fence: Fence,
@@ -649,7 +734,7 @@ pub async fn fail(
     retry_after: Option<Duration>,
 ) -> Result<FailOutcome, FenceError> {
     let error = clean_error(error);
-    let ended: Option<(String, DateTime<Utc>)> = db
+    let ended: Option<(String, DateTime<Utc>, Option<String>)> = db
         .run(async |conn| {
             sqlx::query_as(
                 "WITH f AS ( \
@@ -671,24 +756,33 @@ pub async fn fail(
                          finished_at = now(), error = $3 \
                      FROM f WHERE a.export_id = f.id AND a.fencing_token = $2 \
                      AND a.outcome = 'running') \
-                 SELECT status, run_after FROM f",
+                 SELECT status, run_after, \
+                     CASE WHEN status = 'queued' THEN pg_notify($5, id::text)::text END \
+                         AS notified \
+                 FROM f",
             )
             .bind(fence.id)
             .bind(fence.token)
             .bind(&error)
             .bind(retry_after.map(|d| d.as_secs_f64()))
+            .bind(CHANNEL)
             .fetch_optional(conn)
             .await
         })
         .await?;
     match ended {
         None => Err(FenceError::Fenced(fence.id)),
-        Some((status, run_after)) if status == "queued" => Ok(FailOutcome::Retried { run_after }),
+        Some((status, run_after, _)) if status == "queued" => {
+            Ok(FailOutcome::Retried { run_after })
+        }
         Some(_) => Ok(FailOutcome::DeadLettered),
     }
 }
 
 /// Gives a job back at shutdown: `queued`, due now, token bumped, the attempt returned.
+///
+/// A release does not count as an attempt (`attempts - 1`, see the module docs): the next
+/// claim reuses this attempt's number. Its attempt row ends `released`.
 pub async fn release(db: &Database, fence: Fence) -> Result<(), FenceError> {
     let released: Option<Uuid> = db
         .run(async |conn| {
@@ -721,49 +815,23 @@ pub async fn release(db: &Database, fence: Fence) -> Result<(), FenceError> {
 /// attempt `reclaimed`), or to `failed` when no attempts remain. Up to `limit` per call.
 ///
 /// The reclaimed attempt was counted when it was claimed, so `attempts` is not bumped
-/// again: the next claim makes it `attempts + 1`. A re-queued job is due at once and
-/// notified on [`CHANNEL`]. Rows locked by another reaper (or a late heartbeat) are
-/// skipped.
+/// again (a deliberate departure from the issue's text, see the module docs): the next
+/// claim makes it `attempts + 1`. A re-queued job is due at once and notified on
+/// [`CHANNEL`]. Rows locked by another reaper (or a late heartbeat) are skipped. The job's
+/// error is the generic `lease expired: the worker stopped heartbeating` (tenants see
+/// it); the attempt row's error names the worker whose lease expired.
 pub async fn reclaim_expired(db: &Database, limit: i64) -> Result<Vec<Reclaimed>, DbError> {
     if limit <= 0 {
         return Ok(Vec::new());
     }
     let rows: Vec<(Uuid, bool)> = db
         .run(async |conn| {
-            sqlx::query_as(
-                "WITH expired AS ( \
-                     SELECT id FROM domain_exports \
-                     WHERE status = 'running' AND lease_expires_at < now() \
-                     ORDER BY lease_expires_at LIMIT $1 \
-                     FOR UPDATE SKIP LOCKED), \
-                 r AS ( \
-                     UPDATE domain_exports e SET \
-                         status = CASE WHEN e.attempts >= e.max_attempts \
-                             THEN 'failed' ELSE 'queued' END, \
-                         run_after = CASE WHEN e.attempts >= e.max_attempts \
-                             THEN e.run_after ELSE now() END, \
-                         finished_at = CASE WHEN e.attempts >= e.max_attempts \
-                             THEN now() ELSE NULL END, \
-                         error = 'lease expired (worker ' || COALESCE(e.lease_owner, '?') \
-                             || ' stopped heartbeating)', \
-                         fencing_token = e.fencing_token + 1, \
-                         lease_owner = NULL, lease_expires_at = NULL, updated_at = now() \
-                     FROM expired x WHERE e.id = x.id \
-                     RETURNING e.id, e.status, e.fencing_token, e.error), \
-                 att AS ( \
-                     UPDATE domain_export_attempts a SET outcome = 'reclaimed', \
-                         finished_at = now(), error = r.error \
-                     FROM r WHERE a.export_id = r.id \
-                     AND a.fencing_token = r.fencing_token - 1 AND a.outcome = 'running') \
-                 SELECT id, status = 'failed' AS dead_lettered, \
-                     CASE WHEN status = 'queued' THEN pg_notify($2, id::text)::text END \
-                         AS notified \
-                 FROM r ORDER BY id",
-            )
-            .bind(limit)
-            .bind(CHANNEL)
-            .fetch_all(conn)
-            .await
+            sqlx::query_as(RECLAIM_SQL)
+                .bind(limit)
+                .bind(CHANNEL)
+                .bind(LEASE_EXPIRED)
+                .fetch_all(conn)
+                .await
         })
         .await?;
     Ok(rows
@@ -771,6 +839,42 @@ pub async fn reclaim_expired(db: &Database, limit: i64) -> Result<Vec<Reclaimed>
         .map(|(id, dead_lettered)| Reclaimed { id, dead_lettered })
         .collect())
 }
+
+/// The reaper's statement: `$1` limit, `$2` [`CHANNEL`], `$3` [`LEASE_EXPIRED`] (the
+/// job's error; the attempt row's error names the worker).
+const RECLAIM_SQL: &str = "WITH expired AS ( \
+     SELECT id, lease_owner FROM domain_exports \
+     WHERE status = 'running' AND lease_expires_at < now() \
+     ORDER BY lease_expires_at LIMIT $1 \
+     FOR UPDATE SKIP LOCKED), \
+     r AS ( \
+     UPDATE domain_exports e SET \
+     status = CASE WHEN e.attempts >= e.max_attempts \
+     THEN 'failed' ELSE 'queued' END, \
+     run_after = CASE WHEN e.attempts >= e.max_attempts \
+     THEN e.run_after ELSE now() END, \
+     finished_at = CASE WHEN e.attempts >= e.max_attempts \
+     THEN now() ELSE NULL END, \
+     error = $3, \
+     fencing_token = e.fencing_token + 1, \
+     lease_owner = NULL, lease_expires_at = NULL, updated_at = now() \
+     FROM expired x WHERE e.id = x.id \
+     RETURNING e.id, e.status, e.fencing_token, x.lease_owner), \
+     att AS ( \
+     UPDATE domain_export_attempts a SET outcome = 'reclaimed', \
+     finished_at = now(), \
+     error = 'lease expired: worker ' || COALESCE(r.lease_owner, '?') \
+     || ' stopped heartbeating' \
+     FROM r WHERE a.export_id = r.id \
+     AND a.fencing_token = r.fencing_token - 1 AND a.outcome = 'running') \
+     SELECT id, status = 'failed' AS dead_lettered, \
+     CASE WHEN status = 'queued' THEN pg_notify($2, id::text)::text END \
+     AS notified \
+     FROM r ORDER BY id";
+
+/// The error the reaper stores on a job it reclaims. Tenants read it (`GET
+/// /v1/exports/{id}`), so it names no worker; the attempt row's error names it.
+pub(crate) const LEASE_EXPIRED: &str = "lease expired: the worker stopped heartbeating";
 
 /// Queue depth and the oldest due job's age.
 ///

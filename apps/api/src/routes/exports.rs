@@ -5,7 +5,8 @@
 //! Every statement is in [`crate::jobs::queue`], shared with the export worker: its module
 //! docs are the contract (states, the fence, attempts). Files are read through
 //! [`crate::jobs::paths::resolve_inside`], the one check that a path stays inside
-//! `EXPORT_DIR`.
+//! `EXPORT_DIR`, then opened without following symlinks and compared (device, inode) with
+//! what was checked.
 
 use std::path::Path;
 use std::str::FromStr;
@@ -215,43 +216,21 @@ pub async fn download(
     let digest = hex::decode(&checksum)
         .map_err(|e| ApiError::internal(format!("export {id} has a malformed checksum: {e}")))?;
     let etag = format!("\"{checksum}\"");
-    if if_none_match(&request_headers, &etag) {
-        let mut response = StatusCode::NOT_MODIFIED.into_response();
-        insert(response.headers_mut(), header::ETAG, &etag);
-        return Ok(response);
-    }
 
-    let path = match paths::resolve_inside(&state.config.export_dir, &storage_path) {
-        Ok(path) => path,
-        Err(PathError::NotFound(_)) => return Err(ApiError::NotFound("export file")),
-        Err(PathError::Outside(_)) => {
-            // Only a tampered directory or row gets here: the worker stores names built from
-            // ids. The client learns nothing beyond "no file".
-            tracing::warn!(export = %id, storage_path, "export file refused: it leads outside EXPORT_DIR");
-            return Err(ApiError::NotFound("export file"));
-        }
-        Err(PathError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-            return Err(ApiError::NotFound("export file"));
-        }
-        Err(err) => return Err(ApiError::internal(err)),
-    };
-    let file = match tokio::fs::File::open(&path).await {
-        Ok(file) => file,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-            return Err(ApiError::NotFound("export file"));
-        }
-        Err(err) => return Err(ApiError::internal(err)),
-    };
+    let file = open_export_file(&state.config.export_dir, id, &storage_path).await?;
     let metadata = file.metadata().await.map_err(ApiError::internal)?;
-    if !metadata.is_file() {
-        return Err(ApiError::NotFound("export file"));
-    }
     let length = metadata.len();
     if u64::try_from(size).ok() != Some(length) {
         // The digest headers would be wrong: refuse rather than send them.
         return Err(ApiError::internal(format!(
             "export file {storage_path} has {length} bytes, its row records {size}"
         )));
+    }
+    if if_none_match(&request_headers, &etag) {
+        // Only once the file is known to be there, this export's own and whole.
+        let mut response = StatusCode::NOT_MODIFIED.into_response();
+        insert(response.headers_mut(), header::ETAG, &etag);
+        return Ok(response);
     }
     let (content_type, extension) = file_type(&storage_path, &info.format);
 
@@ -302,6 +281,76 @@ pub async fn cancel(
         }),
         CancelOutcome::NotFound => Err(ApiError::NotFound("export")),
     }
+}
+
+/// Opens export `id`'s stored file for reading, or 404 `export file` when it is missing or
+/// refused.
+///
+/// Refused: a `storage_path` that is not one name whose stem is the export's own id (a row
+/// must not point at another export's file; the schema's CHECK says so too), a path
+/// leading out of `EXPORT_DIR` ([`paths::resolve_inside`]), a symlink even inside it (the
+/// canonical name must be the stored one), and a file swapped between the check and the
+/// open: the file is opened with `O_NOFOLLOW` and its (device, inode) must be those of
+/// the canonical path examined before.
+async fn open_export_file(
+    export_dir: &Path,
+    id: Uuid,
+    storage_path: &str,
+) -> Result<tokio::fs::File, ApiError> {
+    use std::os::unix::fs::MetadataExt as _;
+
+    let refuse = |why: &'static str| {
+        // Only a tampered directory or row gets here: the worker stores names built from
+        // ids. The client learns nothing beyond "no file".
+        tracing::warn!(export = %id, storage_path, why, "export file refused");
+        ApiError::NotFound("export file")
+    };
+    let stored = Path::new(storage_path);
+    let own_stem = id.simple().to_string();
+    if stored.components().count() != 1
+        || stored.file_stem().and_then(|s| s.to_str()) != Some(own_stem.as_str())
+    {
+        return Err(refuse("the stored name is not the export's own id"));
+    }
+    let path = match paths::resolve_inside(export_dir, storage_path) {
+        Ok(path) => path,
+        Err(PathError::NotFound(_)) => return Err(ApiError::NotFound("export file")),
+        Err(PathError::Outside(_)) => return Err(refuse("it leads outside EXPORT_DIR")),
+        Err(PathError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ApiError::NotFound("export file"));
+        }
+        Err(err) => return Err(ApiError::internal(err)),
+    };
+    if path.file_name() != stored.file_name() {
+        return Err(refuse("it is a symlink to another file"));
+    }
+    let checked = match tokio::fs::symlink_metadata(&path).await {
+        Ok(metadata) => metadata,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ApiError::NotFound("export file"));
+        }
+        Err(err) => return Err(ApiError::internal(err)),
+    };
+    let file = match tokio::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .await
+    {
+        Ok(file) => file,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ApiError::NotFound("export file"));
+        }
+        Err(err) if err.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(refuse("it became a symlink before it was opened"));
+        }
+        Err(err) => return Err(ApiError::internal(err)),
+    };
+    let opened = file.metadata().await.map_err(ApiError::internal)?;
+    if !opened.is_file() || (opened.dev(), opened.ino()) != (checked.dev(), checked.ino()) {
+        return Err(refuse("it changed between the check and the open"));
+    }
+    Ok(file)
 }
 
 /// Content type and file name extension of a stored file: its own extension says which

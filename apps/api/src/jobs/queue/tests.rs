@@ -231,15 +231,26 @@ async fn a_claim_skips_jobs_not_yet_due_and_each_claim_has_its_own_token() {
         later.id,
     )
     .await;
+    f.exec(
+        "UPDATE domain_exports SET run_after = now() - interval '60 seconds' WHERE id = $1",
+        now.id,
+    )
+    .await;
     let stats_before = stats(&f.db).await.unwrap();
     assert_eq!(stats_before.queued, 2);
-    assert!(stats_before.oldest_queued_age_secs >= 0.0);
+    // The due job has waited 60 s.
+    let age = stats_before.oldest_queued_age_secs;
+    assert!((55.0..120.0).contains(&age), "oldest due job's age {age}");
 
     let first = claim_one(&f, "w1").await;
     assert_eq!(first.fence.id, now.id, "the job due later is skipped");
     assert_eq!((first.attempt, first.max_attempts), (1, 3));
     assert_eq!(first.spec.format, ExportFormat::Markdown);
     assert!(claim(&f.db, "w1", 10, LEASE).await.unwrap().is_empty());
+    // Only the job due in an hour is queued: it is not waiting, so no age.
+    let stats_after = stats(&f.db).await.unwrap();
+    assert_eq!((stats_after.queued, stats_after.running), (1, 1));
+    assert_eq!(stats_after.oldest_queued_age_secs, 0.0);
 
     // Retried at once: the next claim is attempt 2 with a new token, and only it writes.
     let outcome = fail(&f.db, first.fence, "database timeout", Some(Duration::ZERO))
@@ -415,7 +426,8 @@ async fn a_reclaimed_job_fences_the_old_worker_and_the_new_claim_completes_it() 
     assert_eq!(queued.finished_at, None);
     assert_eq!(
         queued.error.as_deref(),
-        Some("lease expired (worker dead-worker stopped heartbeating)")
+        Some("lease expired: the worker stopped heartbeating"),
+        "the tenant-visible error names no worker"
     );
     assert_eq!(f.token(row.id).await, old.fence.token + 1);
 
@@ -452,7 +464,7 @@ async fn a_reclaimed_job_fences_the_old_worker_and_the_new_claim_completes_it() 
             (
                 1,
                 "reclaimed".into(),
-                Some("lease expired (worker dead-worker stopped heartbeating)".into())
+                Some("lease expired: worker dead-worker stopped heartbeating".into())
             ),
             (2, "succeeded".into(), None),
         ]
@@ -487,15 +499,17 @@ async fn a_reclaim_at_max_attempts_dead_letters_the_job() {
     let failed = f.row(row.id).await;
     assert_eq!(failed.status, "failed");
     assert!(failed.finished_at.is_some());
-    assert!(
-        failed
-            .error
-            .unwrap()
-            .contains("worker w stopped heartbeating")
-    );
+    assert_eq!(failed.error.as_deref(), Some(LEASE_EXPIRED));
     assert_eq!(f.token(row.id).await, job.fence.token + 1);
     assert!(claim(&f.db, "w", 10, LEASE).await.unwrap().is_empty());
-    assert_eq!(f.attempts(row.id).await.len(), 1);
+    assert_eq!(
+        f.attempts(row.id).await,
+        vec![(
+            1,
+            "reclaimed".into(),
+            Some("lease expired: worker w stopped heartbeating".into())
+        )]
+    );
     f.finish().await;
 }
 
@@ -620,7 +634,8 @@ async fn the_schema_refuses_a_running_row_without_lease_and_a_success_without_ch
     assert_eq!(
         violation(
             "UPDATE domain_exports SET status = 'succeeded', finished_at = now(), \
-             storage_path = 'x.json', size_bytes = 1, record_count = 1, \
+             storage_path = replace(id::text, '-', '') || '.json', size_bytes = 1, \
+             record_count = 1, \
              expires_at = now() WHERE id = $1"
         )
         .await,
@@ -634,6 +649,36 @@ async fn the_schema_refuses_a_running_row_without_lease_and_a_success_without_ch
         violation("UPDATE domain_exports SET attempts = -1 WHERE id = $1").await,
         Some("domain_exports_attempts_check".into())
     );
+    for bad in [
+        "UPDATE domain_exports SET storage_path = '../secret' WHERE id = $1",
+        "UPDATE domain_exports SET storage_path = replace(id::text, '-', '') || '.txt' \
+         WHERE id = $1",
+        "UPDATE domain_exports SET storage_path = 'sub/' || replace(id::text, '-', '') \
+         || '.csv' WHERE id = $1",
+        "UPDATE domain_exports SET storage_path = id::text || '.csv' WHERE id = $1",
+        "UPDATE domain_exports SET storage_path = replace(gen_random_uuid()::text, '-', '') \
+         || '.csv' WHERE id = $1",
+    ] {
+        assert_eq!(
+            violation(bad).await,
+            Some("domain_exports_storage_path_check".into()),
+            "{bad}"
+        );
+    }
+    for extension in ["csv", "zip", "json", "md"] {
+        let name = crate::jobs::paths::file_name(row.id, extension);
+        let set =
+            f.db.run(async |conn| {
+                sqlx::query("UPDATE domain_exports SET storage_path = $2 WHERE id = $1")
+                    .bind(row.id)
+                    .bind(&name)
+                    .execute(conn)
+                    .await
+            })
+            .await
+            .unwrap();
+        assert_eq!(set.rows_affected(), 1, "{name}");
+    }
     f.finish().await;
 }
 
@@ -684,5 +729,353 @@ async fn list_pages_newest_first_with_a_status_filter() {
             .unwrap()
             .is_empty()
     );
+    f.finish().await;
+}
+
+/// Waits (bounded) until some session of this test's database waits for a lock: the
+/// competing statement is blocked on the row the held transaction locked.
+async fn wait_for_lock_waiter(db: &Database) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let waiting: i64 = db
+            .run(async |conn| {
+                sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+                     WHERE NOT l.granted AND a.datname = current_database()",
+                )
+                .fetch_one(conn)
+                .await
+            })
+            .await
+            .unwrap();
+        if waiting > 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no statement started waiting on the held lock"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_cancel_overlapping_a_claim_ends_its_attempt_and_tells_the_worker() {
+    let f = Fixture::new().await;
+    let row = f.enqueue(ExportFormat::Csv).await;
+    let mut listener = PgListener::connect_with(f.db.primary()).await.unwrap();
+    listener.listen(CANCEL_CHANNEL).await.unwrap();
+
+    // The claim's statement has run (row locked, attempt row inserted) but not committed.
+    let mut claim_tx = f.db.begin().await.unwrap();
+    let claimed: Vec<Uuid> = claim_tx
+        .run(async |conn| {
+            sqlx::query_scalar::<_, Uuid>(CLAIM_SQL)
+                .bind(1_i64)
+                .bind("racing-worker")
+                .bind(LEASE.as_secs_f64())
+                .fetch_all(conn)
+                .await
+        })
+        .await
+        .unwrap();
+    assert_eq!(claimed, vec![row.id]);
+    let db = f.db.clone();
+    let org = f.org;
+    let cancelling = tokio::spawn(async move { cancel(&db, org, row.id).await });
+    wait_for_lock_waiter(&f.db).await;
+    claim_tx.commit().await.unwrap();
+
+    let outcome = cancelling.await.unwrap().unwrap();
+    let CancelOutcome::Cancelled(cancelled) = outcome else {
+        panic!("the job was running when the cancel got its lock: {outcome:?}");
+    };
+    assert_eq!(cancelled.status, "cancelled");
+    assert_eq!(cancelled.attempts, 1);
+    assert_eq!(
+        f.attempts(row.id).await,
+        vec![(1, "cancelled".into(), None)],
+        "the attempt the claim inserted is ended, not left running"
+    );
+    let note = tokio::time::timeout(Duration::from_secs(10), listener.recv())
+        .await
+        .expect("the worker that claimed it is told on CANCEL_CHANNEL")
+        .unwrap();
+    assert_eq!(note.channel(), CANCEL_CHANNEL);
+    assert_eq!(note.payload(), row.id.to_string());
+    // The worker's claim (token 1) is fenced.
+    assert!(matches!(
+        heartbeat(
+            &f.db,
+            Fence {
+                id: row.id,
+                token: 1
+            },
+            LEASE,
+            None
+        )
+        .await,
+        Err(FenceError::Fenced(_))
+    ));
+    drop(listener);
+    f.finish().await;
+}
+
+#[tokio::test]
+async fn a_cancel_waiting_on_a_completion_finds_the_job_succeeded() {
+    let f = Fixture::new().await;
+    let row = f.enqueue(ExportFormat::Json).await;
+    let job = claim_one(&f, "w").await;
+    let done = completed(row.id);
+    let mut complete_tx = f.db.begin().await.unwrap();
+    let completed_id: Option<Uuid> = complete_tx
+        .run(async |conn| {
+            sqlx::query_scalar(COMPLETE_SQL)
+                .bind(job.fence.id)
+                .bind(job.fence.token)
+                .bind(&done.storage_path)
+                .bind(done.size_bytes)
+                .bind(done.record_count)
+                .bind(&done.checksum_sha256)
+                .bind(done.expires_at)
+                .fetch_optional(conn)
+                .await
+        })
+        .await
+        .unwrap();
+    assert_eq!(completed_id, Some(row.id));
+    let db = f.db.clone();
+    let org = f.org;
+    let cancelling = tokio::spawn(async move { cancel(&db, org, row.id).await });
+    wait_for_lock_waiter(&f.db).await;
+    complete_tx.commit().await.unwrap();
+
+    let outcome = cancelling.await.unwrap().unwrap();
+    assert!(
+        matches!(&outcome, CancelOutcome::NotCancellable(status) if status == "succeeded"),
+        "{outcome:?}"
+    );
+    let after = f.row(row.id).await;
+    assert_eq!(after.status, "succeeded");
+    assert_eq!(
+        f.token(row.id).await,
+        job.fence.token + 1,
+        "only the completion bumped it"
+    );
+    assert_eq!(
+        f.attempts(row.id).await,
+        vec![(1, "succeeded".into(), None)]
+    );
+    f.finish().await;
+}
+
+#[tokio::test]
+async fn a_heartbeat_waiting_on_a_reclaim_is_fenced_and_a_reclaim_skips_a_heartbeating_row() {
+    let f = Fixture::new().await;
+    let row = f.enqueue(ExportFormat::Markdown).await;
+    let job = claim_one(&f, "slow-worker").await;
+    let expire =
+        "UPDATE domain_exports SET lease_expires_at = now() - interval '1 second' WHERE id = $1";
+
+    // A heartbeat holds the row (lease renewed, not yet committed): the reaper skips it
+    // rather than wait, and after the commit the lease is live, so it is not reclaimed.
+    f.exec(expire, row.id).await;
+    let mut heartbeat_tx = f.db.begin().await.unwrap();
+    let renewed = heartbeat_tx
+        .run(async |conn| {
+            sqlx::query(HEARTBEAT_SQL)
+                .bind(job.fence.id)
+                .bind(job.fence.token)
+                .bind(LEASE.as_secs_f64())
+                .bind(None::<i32>)
+                .bind(None::<i64>)
+                .execute(conn)
+                .await
+        })
+        .await
+        .unwrap();
+    assert_eq!(renewed.rows_affected(), 1);
+    assert!(reclaim_expired(&f.db, 10).await.unwrap().is_empty());
+    heartbeat_tx.commit().await.unwrap();
+    assert!(reclaim_expired(&f.db, 10).await.unwrap().is_empty());
+    assert_eq!(f.row(row.id).await.status, "running");
+
+    // The reaper holds the row (reclaimed, not yet committed): the heartbeat waits on the
+    // row lock, then finds the token moved.
+    f.exec(expire, row.id).await;
+    let mut reclaim_tx = f.db.begin().await.unwrap();
+    let reclaimed: Vec<Uuid> = reclaim_tx
+        .run(async |conn| {
+            sqlx::query_scalar(RECLAIM_SQL)
+                .bind(10_i64)
+                .bind(CHANNEL)
+                .bind(LEASE_EXPIRED)
+                .fetch_all(conn)
+                .await
+        })
+        .await
+        .unwrap();
+    assert_eq!(reclaimed, vec![row.id]);
+    let db = f.db.clone();
+    let fence = job.fence;
+    let beating = tokio::spawn(async move { heartbeat(&db, fence, LEASE, None).await });
+    wait_for_lock_waiter(&f.db).await;
+    reclaim_tx.commit().await.unwrap();
+    assert!(matches!(
+        beating.await.unwrap(),
+        Err(FenceError::Fenced(id)) if id == row.id
+    ));
+    let queued = f.row(row.id).await;
+    assert_eq!(queued.status, "queued");
+    assert_eq!(f.token(row.id).await, job.fence.token + 1);
+    assert_eq!(
+        f.attempts(row.id).await,
+        vec![(
+            1,
+            "reclaimed".into(),
+            Some("lease expired: worker slow-worker stopped heartbeating".into())
+        )]
+    );
+    f.finish().await;
+}
+
+#[tokio::test]
+async fn a_retry_due_at_once_wakes_idle_workers() {
+    let f = Fixture::new().await;
+    let row = f.enqueue(ExportFormat::Json).await;
+    let job = claim_one(&f, "w").await;
+    let mut listener = PgListener::connect_with(f.db.primary()).await.unwrap();
+    listener.listen(CHANNEL).await.unwrap();
+    let outcome = fail(&f.db, job.fence, "database timeout", Some(Duration::ZERO))
+        .await
+        .unwrap();
+    assert!(matches!(outcome, FailOutcome::Retried { .. }));
+    let note = tokio::time::timeout(Duration::from_secs(10), listener.recv())
+        .await
+        .expect("a re-queued job is notified")
+        .unwrap();
+    assert_eq!(note.channel(), CHANNEL);
+    assert_eq!(note.payload(), row.id.to_string());
+    drop(listener);
+    f.finish().await;
+}
+
+#[tokio::test]
+async fn complete_refuses_a_storage_path_that_is_not_the_jobs_own_file() {
+    let f = Fixture::new().await;
+    let row = f.enqueue(ExportFormat::Csv).await;
+    let job = claim_one(&f, "w").await;
+    for bad in [
+        "../secret".to_owned(),
+        "/etc/passwd".to_owned(),
+        crate::jobs::paths::file_name(row.id, "exe"),
+        crate::jobs::paths::file_name(Uuid::new_v4(), "csv"),
+        format!("sub/{}", crate::jobs::paths::file_name(row.id, "csv")),
+    ] {
+        let done = Completed {
+            storage_path: bad.clone(),
+            ..completed(row.id)
+        };
+        match complete(&f.db, job.fence, &done).await {
+            Err(FenceError::Db(smartbeak_database::DbError::Query(sqlx::Error::Database(e)))) => {
+                assert_eq!(
+                    e.constraint(),
+                    Some("domain_exports_storage_path_check"),
+                    "{bad}"
+                );
+            }
+            other => panic!("{bad}: expected the storage path CHECK, got {other:?}"),
+        }
+    }
+    assert_eq!(f.row(row.id).await.status, "running", "nothing recorded");
+    let done = Completed {
+        storage_path: crate::jobs::paths::file_name(row.id, "zip"),
+        ..completed(row.id)
+    };
+    complete(&f.db, job.fence, &done).await.unwrap();
+    f.finish().await;
+}
+
+#[tokio::test]
+async fn every_list_shape_scans_the_cursor_index_from_the_cursor_even_in_a_generic_plan() {
+    let f = Fixture::new().await;
+    let org = f.org;
+    let domain = f.domain;
+    let other = add_domain(&f.db, org, "other.example.com").await;
+    f.db.run(async |conn| {
+        sqlx::query(
+            "INSERT INTO domain_exports (id, org_id, domain_id, format, status, finished_at, \
+                 created_at) \
+             SELECT gen_random_uuid(), $1, CASE WHEN i % 10 = 0 THEN $2 ELSE $3 END, 'json', \
+                 'cancelled', now(), now() - i * interval '1 second' \
+             FROM generate_series(1, 20000) i",
+        )
+        .bind(org)
+        .bind(domain)
+        .bind(other)
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query("ANALYZE domain_exports")
+            .execute(&mut *conn)
+            .await
+    })
+    .await
+    .unwrap();
+    for (with_status, with_cursor) in [(false, false), (true, false), (false, true), (true, true)] {
+        let sql = list_sql(with_status, with_cursor);
+        let mut types = vec!["uuid", "uuid", "bigint"];
+        if with_status {
+            types.push("text");
+        }
+        if with_cursor {
+            types.extend(["timestamptz", "uuid"]);
+        }
+        let mut args = vec![format!("'{domain}'"), format!("'{org}'"), "51".to_owned()];
+        if with_status {
+            args.push("'cancelled'".into());
+        }
+        if with_cursor {
+            args.extend([
+                "now() - interval '1 hour'".to_owned(),
+                format!("'{}'", Uuid::max()),
+            ]);
+        }
+        let mut conn = f.db.acquire().await.unwrap();
+        sqlx::query("SET plan_cache_mode = force_generic_plan")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        sqlx::raw_sql(&format!(
+            "PREPARE list_shape ({}) AS {sql}",
+            types.join(", ")
+        ))
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+        let plan: Vec<String> =
+            sqlx::query_scalar(&format!("EXPLAIN EXECUTE list_shape ({})", args.join(", ")))
+                .fetch_all(&mut *conn)
+                .await
+                .unwrap();
+        sqlx::raw_sql("DEALLOCATE list_shape; RESET plan_cache_mode")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        let plan = plan.join("\n");
+        assert!(
+            plan.contains("domain_exports_domain_cursor_idx"),
+            "({with_status}, {with_cursor}) must scan the cursor index:\n{plan}"
+        );
+        if with_cursor {
+            let index_cond = plan
+                .lines()
+                .find(|l| l.contains("Index Cond"))
+                .unwrap_or_default();
+            assert!(
+                index_cond.contains("created_at"),
+                "the cursor must be in the index condition:\n{plan}"
+            );
+        }
+    }
     f.finish().await;
 }

@@ -383,7 +383,7 @@ async fn a_download_streams_the_file_with_its_name_length_etag_and_digest() {
     assert_eq!(status["progress"], 100);
     assert!(status["expires_at"].is_string());
 
-    // Gone from the directory: 404, not a 500.
+    // Gone from the directory: 404, not a 500, and not a 304 for a cached ETag.
     std::fs::remove_file(api.export_dir.join(&zip_file)).unwrap();
     let answer = api
         .call("GET", &format!("/v1/exports/{zip_id}/download"), None)
@@ -393,6 +393,15 @@ async fn a_download_streams_the_file_with_its_name_length_etag_and_digest() {
         answer.json(),
         json!({"error": "export file not found", "code": "NOT_FOUND"})
     );
+    let cached = api
+        .call_with(
+            "GET",
+            &format!("/v1/exports/{zip_id}/download"),
+            None,
+            &[("if-none-match", &format!("\"{zip_sum}\""))],
+        )
+        .await;
+    assert_eq!(cached.status, StatusCode::NOT_FOUND);
     api.finish().await;
 }
 
@@ -408,25 +417,60 @@ async fn a_symlink_or_a_path_leading_out_of_export_dir_is_refused() {
     let link = paths::file_name(linked, "csv");
     std::os::unix::fs::symlink(outside.join("secret"), api.export_dir.join(&link)).unwrap();
     api.finish_with_file(linked, &link, &secret).await;
-    // A row pointing out of the directory (a tampered row).
-    let dotted = api.create("json").await;
-    let jobs = queue::claim(&api.f.db, "w", 10, LEASE).await.unwrap();
-    let job = jobs.into_iter().find(|j| j.fence.id == dotted).unwrap();
-    queue::complete(
-        &api.f.db,
-        job.fence,
-        &Completed {
-            storage_path: "../secret".into(),
-            size_bytes: i64::try_from(secret.len()).unwrap(),
-            record_count: 1,
-            checksum_sha256: hex::encode(Sha256::digest(&secret)),
-            expires_at: chrono::Utc::now() + chrono::Duration::hours(1),
-        },
+    // A symlink to another export's file, inside the directory.
+    let theirs = api.create("json").await;
+    let their_bytes = br#"{"theirs": true}"#.to_vec();
+    let their_file = paths::file_name(theirs, "json");
+    api.finish_with_file(theirs, &their_file, &their_bytes)
+        .await;
+    let inner = api.create("json").await;
+    let inner_link = paths::file_name(inner, "json");
+    std::os::unix::fs::symlink(
+        api.export_dir.join(&their_file),
+        api.export_dir.join(&inner_link),
     )
-    .await
     .unwrap();
+    api.finish_with_file(inner, &inner_link, &their_bytes).await;
+    // Rows pointing at another export's file, or out of the directory: the schema refuses
+    // both (domain_exports_storage_path_check); a tampered or older database may not.
+    let borrowed = api.create("json").await;
+    api.finish_with_file(borrowed, &paths::file_name(borrowed, "json"), &their_bytes)
+        .await;
+    let dotted = api.create("json").await;
+    api.finish_with_file(dotted, &paths::file_name(dotted, "json"), &secret)
+        .await;
+    let tamper = |id: Uuid, path: String| {
+        let db = api.f.db.clone();
+        async move {
+            db.run(async |conn| {
+                sqlx::query("UPDATE domain_exports SET storage_path = $2 WHERE id = $1")
+                    .bind(id)
+                    .bind(&path)
+                    .execute(conn)
+                    .await
+            })
+            .await
+        }
+    };
+    assert!(
+        tamper(borrowed, their_file.clone()).await.is_err(),
+        "the CHECK refuses it"
+    );
+    api.f
+        .db
+        .run(async |conn| {
+            sqlx::query(
+                "ALTER TABLE domain_exports DROP CONSTRAINT domain_exports_storage_path_check",
+            )
+            .execute(conn)
+            .await
+        })
+        .await
+        .unwrap();
+    tamper(borrowed, their_file.clone()).await.unwrap();
+    tamper(dotted, "../secret".into()).await.unwrap();
 
-    for id in [linked, dotted] {
+    for id in [linked, inner, borrowed, dotted] {
         let answer = api
             .call("GET", &format!("/v1/exports/{id}/download"), None)
             .await;
@@ -435,6 +479,23 @@ async fn a_symlink_or_a_path_leading_out_of_export_dir_is_refused() {
             answer.json(),
             json!({"error": "export file not found", "code": "NOT_FOUND"})
         );
+        // Not a 304 either: the ETag matches only a file that was opened and checked.
+        let etag = format!("\"{}\"", api.f.row(id).await.checksum_sha256.unwrap());
+        let cached = api
+            .call_with(
+                "GET",
+                &format!("/v1/exports/{id}/download"),
+                None,
+                &[("if-none-match", &etag)],
+            )
+            .await;
+        assert_eq!(cached.status, StatusCode::NOT_FOUND, "{id}");
     }
+    // The export whose file it is still downloads.
+    let answer = api
+        .call("GET", &format!("/v1/exports/{theirs}/download"), None)
+        .await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.body, their_bytes);
     api.finish().await;
 }
