@@ -7,7 +7,7 @@
 //! 3. the api: create a key for the seeded org with the admin CLI, start `smartbeak-api` on a
 //!    free port, make real calls with the demo client, then stop it with SIGTERM and show
 //!    the exit code from its shutdown report;
-//! 4. the export job: enqueue a CSV export through the api, start a
+//! 4. the export job: enqueue a JSON export through the api, start a
 //!    `smartbeak-domain-export worker`, wait (bounded) for the job to succeed, download it
 //!    through the api and verify its SHA-256, print its path, checksum and first lines, then
 //!    stop the worker with SIGTERM and show its exit code.

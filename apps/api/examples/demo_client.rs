@@ -5,7 +5,7 @@
 //! on the command line). The key's org is expected to hold the demo's seeded domains (the
 //! database demo seeds them).
 //!
-//! The export part: `demo_client <base url> export-enqueue` queues a CSV export of the first
+//! The export part: `demo_client <base url> export-enqueue` queues a JSON export of the first
 //! domain and prints `export id: <id>`; `demo_client <base url> export-fetch <id>` waits (at
 //! most 60 s) for a worker to finish it, downloads it, checks its SHA-256 against the ETag
 //! and the job's checksum, and prints its name, checksum and first lines.
@@ -275,7 +275,7 @@ fn client(base: &str, key: &str) -> Api {
     }
 }
 
-/// Queues a CSV export of the key's first domain; prints its id.
+/// Queues a JSON export of the key's first domain (every section); prints its id.
 async fn export_enqueue(base: &str, key: &str) -> Result<()> {
     let api = client(base, key);
     let (domains, _) = api
@@ -293,7 +293,7 @@ async fn export_enqueue(base: &str, key: &str) -> Result<()> {
         .expect(
             Method::POST,
             &format!("/v1/domains/{domain}/exports"),
-            Some(json!({"format": "csv", "include_content": true, "include_keywords": false, "include_analytics": false})),
+            Some(json!({"format": "json", "include_content": true, "include_keywords": true, "include_analytics": true})),
             StatusCode::ACCEPTED,
         )
         .await?;
@@ -378,9 +378,15 @@ async fn export_fetch(base: &str, key: &str, id: &str) -> Result<()> {
         bail!("the ETag {etag} does not carry the download's SHA-256 {sha}");
     }
     println!("  checksum verified (the job's checksum_sha256 and the ETag)");
-    println!("  first lines:");
-    for line in String::from_utf8_lossy(&body).lines().take(5) {
-        println!("    {line}");
+    match std::str::from_utf8(&body) {
+        Ok(text) => {
+            println!("  first lines:");
+            for line in text.lines().take(8) {
+                let shown: String = line.chars().take(160).collect();
+                println!("    {shown}");
+            }
+        }
+        Err(_) => println!("  (binary: {kind})"),
     }
     Ok(())
 }
