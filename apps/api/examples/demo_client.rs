@@ -207,7 +207,7 @@ async fn run(base: &str, key: &str) -> Result<()> {
         )
         .await?;
     println!(
-        "  status {} (no export worker runs in this demo yet)",
+        "  status {} (cancelled before the demo starts its export worker)",
         cancelled["status"].as_str().unwrap_or("?")
     );
 
