@@ -53,8 +53,10 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// The long-running service: every operation on its own interval.
+    #[command(after_help = AFTER_HELP)]
     Run(RunArgs),
     /// One run of one operation now; exit code non-zero when any item failed.
+    #[command(after_help = AFTER_HELP)]
     Batch(BatchArgs),
 }
 

@@ -25,8 +25,8 @@ use smartbeak_control_plane::runner::{
 use smartbeak_database::Database;
 use smartbeak_database::testing::TestDatabase;
 use smartbeak_resilience::{
-    AdapterName, BreakerConfig, BreakerPolicy, BreakerState, Policy, Resilience,
-    ResilienceConfig, RetryPolicy,
+    AdapterName, BreakerConfig, BreakerPolicy, BreakerState, Policy, Resilience, ResilienceConfig,
+    RetryPolicy,
 };
 use smartbeak_utils::fetch::HttpClient;
 use sqlx::PgPool;
@@ -191,11 +191,18 @@ async fn content_scheduler_publishes_the_good_rows_and_records_every_failure() {
     assert_eq!(expected_bad.len(), 1_000);
 
     let op = ContentScheduler::new(fx.db.clone());
-    let report = ran(run_once(&op, &fx.ctx(), options(100, 4, Mode::SettleAll), None)
-        .await
-        .unwrap());
+    let report = ran(
+        run_once(&op, &fx.ctx(), options(100, 4, Mode::SettleAll), None)
+            .await
+            .unwrap(),
+    );
     assert_eq!(
-        (report.total, report.succeeded, report.failed, report.skipped),
+        (
+            report.total,
+            report.succeeded,
+            report.failed,
+            report.skipped
+        ),
         (10_000, 9_000, 1_000, 0),
         "{}",
         report.summary()
@@ -232,15 +239,20 @@ async fn content_scheduler_publishes_the_good_rows_and_records_every_failure() {
     .fetch_all(&fx.admin)
     .await
     .unwrap();
-    let recorded_ids: Vec<(i64, String)> =
-        recorded.iter().map(|(i, id, _, _)| (*i, id.clone())).collect();
+    let recorded_ids: Vec<(i64, String)> = recorded
+        .iter()
+        .map(|(i, id, _, _)| (*i, id.clone()))
+        .collect();
     assert_eq!(recorded_ids, expected_bad);
     assert!(
         recorded[0].2.contains("test_no_bad_published"),
         "{}",
         recorded[0].2
     );
-    assert!(recorded.iter().all(|r| r.3 > 1), "bisected items were tried more than once");
+    assert!(
+        recorded.iter().all(|r| r.3 > 1),
+        "bisected items were tried more than once"
+    );
     assert_eq!(
         run_row(&fx.admin, run_id).await,
         RunRow {
@@ -262,9 +274,11 @@ async fn strict_mode_stops_after_the_failing_batch() {
     // Batches of 100: failures in the third batch (250, 260, 299) and the seventh (650).
     seed_scheduled(&fx, 1_000, "i IN (250, 260, 299, 650)").await;
     let op = ContentScheduler::new(fx.db.clone());
-    let report = ran(run_once(&op, &fx.ctx(), options(100, 4, Mode::Strict), None)
-        .await
-        .unwrap());
+    let report = ran(
+        run_once(&op, &fx.ctx(), options(100, 4, Mode::Strict), None)
+            .await
+            .unwrap(),
+    );
     let indexes: Vec<usize> = report.failures.iter().map(|f| f.index).collect();
     assert_eq!(indexes, [250, 260, 299], "{}", report.summary());
     assert_eq!(
@@ -295,7 +309,11 @@ async fn dry_run_changes_nothing() {
     opts.dry_run = true;
     let report = ran(run_once(&op, &fx.ctx(), opts, None).await.unwrap());
     assert_eq!((report.status, report.total), (RunStatus::DryRun, 20));
-    assert!(report.summary().contains("would process"), "{}", report.summary());
+    assert!(
+        report.summary().contains("would process"),
+        "{}",
+        report.summary()
+    );
     let (published, runs): (i64, i64) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM content_items WHERE status = 'published'), \
          (SELECT count(*) FROM batch_runs)",
@@ -350,9 +368,11 @@ async fn a_held_lock_skips_the_run_and_a_stale_run_is_abandoned() {
         .execute(&fx.admin)
         .await
         .unwrap();
-    let report = ran(run_once(&op, &fx.ctx(), options(10, 1, Mode::SettleAll), None)
-        .await
-        .unwrap());
+    let report = ran(
+        run_once(&op, &fx.ctx(), options(10, 1, Mode::SettleAll), None)
+            .await
+            .unwrap(),
+    );
     assert_eq!(report.status, RunStatus::Succeeded);
     let status: String = sqlx::query_scalar("SELECT status FROM batch_runs WHERE id = $1")
         .bind(dead)
@@ -426,9 +446,11 @@ async fn export_retention_deletes_expired_files_and_refuses_paths_outside() {
         .unwrap();
 
     let op = ExportRetention::new(fx.db.clone(), dir.clone());
-    let report = ran(run_once(&op, &fx.ctx(), options(10, 2, Mode::SettleAll), None)
-        .await
-        .unwrap());
+    let report = ran(
+        run_once(&op, &fx.ctx(), options(10, 2, Mode::SettleAll), None)
+            .await
+            .unwrap(),
+    );
     assert_eq!(
         (report.total, report.succeeded, report.failed),
         (5, 3, 2),
@@ -443,20 +465,33 @@ async fn export_retention_deletes_expired_files_and_refuses_paths_outside() {
     assert_eq!(export_status(&fx, fresh).await, "succeeded");
     assert!(dir.join("fresh.json").exists());
     for id in [outside, link] {
-        assert_eq!(export_status(&fx, id).await, "succeeded", "refused, untouched");
+        assert_eq!(
+            export_status(&fx, id).await,
+            "succeeded",
+            "refused, untouched"
+        );
     }
-    assert!(base.path().join("secret").exists(), "nothing outside was deleted");
+    assert!(
+        base.path().join("secret").exists(),
+        "nothing outside was deleted"
+    );
     assert!(dir.join("link.json").exists());
-    let errors: Vec<String> = report.failures.iter().map(|f| f.error.error.clone()).collect();
+    let errors: Vec<String> = report
+        .failures
+        .iter()
+        .map(|f| f.error.error.clone())
+        .collect();
     assert!(
         errors.iter().all(|e| e.contains("outside EXPORT_DIR")),
         "{errors:?}"
     );
 
     // A re-run finds only the refused rows again.
-    let again = ran(run_once(&op, &fx.ctx(), options(10, 2, Mode::SettleAll), None)
-        .await
-        .unwrap());
+    let again = ran(
+        run_once(&op, &fx.ctx(), options(10, 2, Mode::SettleAll), None)
+            .await
+            .unwrap(),
+    );
     assert_eq!((again.total, again.failed), (2, 2));
     fx.done().await;
 }
@@ -495,12 +530,20 @@ async fn gsc(State(p): State<Arc<FakeProvider>>, Query(q): Query<SiteQuery>) -> 
     if p.gsc_down.load(Ordering::SeqCst) {
         return (StatusCode::SERVICE_UNAVAILABLE, "down").into_response();
     }
-    ([("content-type", "application/json")], keywords_body(&q.site)).into_response()
+    (
+        [("content-type", "application/json")],
+        keywords_body(&q.site),
+    )
+        .into_response()
 }
 
 async fn ahrefs(State(p): State<Arc<FakeProvider>>, Query(q): Query<SiteQuery>) -> Response {
     p.ahrefs_hits.fetch_add(1, Ordering::SeqCst);
-    ([("content-type", "application/json")], keywords_body(&q.site)).into_response()
+    (
+        [("content-type", "application/json")],
+        keywords_body(&q.site),
+    )
+        .into_response()
 }
 
 /// Headers at once, then a first chunk, then nothing, forever.
@@ -592,7 +635,11 @@ async fn keyword_sync_isolates_a_failing_provider_and_upserts_without_duplicates
         .await
         .unwrap();
     let admin_addr = admin.local_addr();
-    admin.serve(&shutdown, Some(recorder), Arc::new(|| Box::pin(async { Ok(()) })));
+    admin.serve(
+        &shutdown,
+        Some(recorder),
+        Arc::new(|| Box::pin(async { Ok(()) })),
+    );
 
     let fx = Fixture::new().await;
     add_sources(&fx, "gsc", 8).await;
@@ -609,9 +656,11 @@ async fn keyword_sync_isolates_a_failing_provider_and_upserts_without_duplicates
             ahrefs: Some(provider(&base, "ahrefs")),
         },
     );
-    let report = ran(run_once(&op, &fx.ctx(), options(4, 1, Mode::SettleAll), None)
-        .await
-        .unwrap());
+    let report = ran(
+        run_once(&op, &fx.ctx(), options(4, 1, Mode::SettleAll), None)
+            .await
+            .unwrap(),
+    );
     assert_eq!(
         (report.total, report.succeeded, report.failed),
         (16, 8, 8),
@@ -630,13 +679,15 @@ async fn keyword_sync_isolates_a_failing_provider_and_upserts_without_duplicates
     assert_eq!(fake.ahrefs_hits.load(Ordering::SeqCst), 8);
     let text = metrics_text(admin_addr).await;
     assert!(
-        text.lines()
-            .any(|l| l.starts_with("circuit_breaker_state{") && l.contains("adapter=\"gsc\"") && l.ends_with(" 1")),
+        text.lines().any(|l| l.starts_with("circuit_breaker_state{")
+            && l.contains("adapter=\"gsc\"")
+            && l.ends_with(" 1")),
         "{text}"
     );
     assert!(
-        text.lines()
-            .any(|l| l.starts_with("circuit_breaker_state{") && l.contains("adapter=\"ahrefs\"") && l.ends_with(" 0")),
+        text.lines().any(|l| l.starts_with("circuit_breaker_state{")
+            && l.contains("adapter=\"ahrefs\"")
+            && l.ends_with(" 0")),
         "{text}"
     );
     assert!(text.contains("control_plane_runs_total"), "{text}");
@@ -654,9 +705,11 @@ async fn keyword_sync_isolates_a_failing_provider_and_upserts_without_duplicates
     })
     .await
     .unwrap();
-    let report = ran(run_once(&op, &fx.ctx(), options(4, 1, Mode::SettleAll), None)
-        .await
-        .unwrap());
+    let report = ran(
+        run_once(&op, &fx.ctx(), options(4, 1, Mode::SettleAll), None)
+            .await
+            .unwrap(),
+    );
     assert_eq!(
         (report.succeeded, report.failed),
         (16, 0),
@@ -671,9 +724,11 @@ async fn keyword_sync_isolates_a_failing_provider_and_upserts_without_duplicates
     };
     assert_eq!(count().await, 16 * 6);
     // A re-run stores no duplicates.
-    let report = ran(run_once(&op, &fx.ctx(), options(4, 1, Mode::SettleAll), None)
-        .await
-        .unwrap());
+    let report = ran(
+        run_once(&op, &fx.ctx(), options(4, 1, Mode::SettleAll), None)
+            .await
+            .unwrap(),
+    );
     assert_eq!(report.succeeded, 16);
     assert_eq!(count().await, 16 * 6);
     let synced: i64 = sqlx::query_scalar(
@@ -723,15 +778,16 @@ async fn keyword_sync_names_an_unconfigured_provider() {
         client(Duration::from_secs(30), Duration::from_secs(1)),
         Providers::default(),
     );
-    let report = ran(run_once(&op, &fx.ctx(), options(10, 1, Mode::SettleAll), None)
-        .await
-        .unwrap());
+    let report = ran(
+        run_once(&op, &fx.ctx(), options(10, 1, Mode::SettleAll), None)
+            .await
+            .unwrap(),
+    );
     assert_eq!(report.status, RunStatus::Failed);
     assert!(
-        report.failures[0]
-            .error
-            .error
-            .contains("keyword source ahrefs is not configured (set CP_AHREFS_BASE_URL and CP_AHREFS_API_KEY)"),
+        report.failures[0].error.error.contains(
+            "keyword source ahrefs is not configured (set CP_AHREFS_BASE_URL and CP_AHREFS_API_KEY)"
+        ),
         "{:?}",
         report.failures
     );
@@ -751,7 +807,10 @@ async fn a_cancelled_run_is_interrupted_with_its_counts() {
     assert_eq!(report.status, RunStatus::Interrupted);
     assert_eq!((report.total, report.skipped), (50, 50));
     let row = run_row(&fx.admin, report.run_id.unwrap()).await;
-    assert_eq!((row.status.as_str(), row.items_skipped), ("interrupted", 50));
+    assert_eq!(
+        (row.status.as_str(), row.items_skipped),
+        ("interrupted", 50)
+    );
     fx.done().await;
 }
 
@@ -762,7 +821,11 @@ async fn losing_the_lock_connection_stops_the_run() {
     // A provider slow enough for the heartbeat to notice the lock connection is gone.
     async fn slow(Query(q): Query<SiteQuery>) -> Response {
         tokio::time::sleep(Duration::from_millis(400)).await;
-        ([("content-type", "application/json")], keywords_body(&q.site)).into_response()
+        (
+            [("content-type", "application/json")],
+            keywords_body(&q.site),
+        )
+            .into_response()
     }
     let app = Router::new().route("/slow/v1/keywords", get(slow));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -802,11 +865,19 @@ async fn losing_the_lock_connection_stops_the_run() {
     assert!(killer.await.unwrap(), "the lock was never seen");
     assert_eq!(report.status, RunStatus::Failed, "{}", report.summary());
     assert!(
-        report.error.as_deref().unwrap_or("").contains("lock connection was lost"),
+        report
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("lock connection was lost"),
         "{}",
         report.summary()
     );
-    assert!(report.skipped > 0, "no further items were started: {}", report.summary());
+    assert!(
+        report.skipped > 0,
+        "no further items were started: {}",
+        report.summary()
+    );
     assert_eq!(report.succeeded + report.failed + report.skipped, 6);
     fx.done().await;
 }
