@@ -14,7 +14,7 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use smartbeak_control_plane::operations::content_scheduler::ContentScheduler;
+use smartbeak_control_plane::operations::content_scheduler::{ContentScheduler, Isolation};
 use smartbeak_control_plane::operations::export_retention::ExportRetention;
 use smartbeak_control_plane::operations::keyword_sync::{
     KeywordSync, ProviderConfig, Providers, Secret,
@@ -297,6 +297,27 @@ async fn strict_mode_stops_after_the_failing_batch() {
     assert_eq!(later_published, 0, "later batches untouched");
     let row = run_row(&fx.admin, report.run_id.unwrap()).await;
     assert_eq!((row.mode.as_str(), row.items_skipped), ("strict", 700));
+    fx.done().await;
+}
+
+#[tokio::test]
+async fn bisecting_isolates_the_same_rows() {
+    let fx = Fixture::new().await;
+    seed_scheduled(&fx, 1_000, "i % 10 = 3").await;
+    let op = ContentScheduler::with_isolation(fx.db.clone(), Isolation::Bisect);
+    let report = ran(
+        run_once(&op, &fx.ctx(), options(100, 2, Mode::SettleAll), None)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        (report.succeeded, report.failed),
+        (900, 100),
+        "{}",
+        report.summary()
+    );
+    assert!(report.failures.iter().all(|f| f.index % 10 == 3));
+    assert!(report.failures.iter().all(|f| f.error.attempts > 1));
     fx.done().await;
 }
 

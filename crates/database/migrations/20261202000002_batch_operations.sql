@@ -53,3 +53,33 @@ CREATE TABLE domain_keyword_sources (
 ALTER TABLE keyword_metrics ADD COLUMN source text CHECK (source IN ('gsc', 'ahrefs'));
 CREATE UNIQUE INDEX keyword_metrics_natural_key_idx
     ON keyword_metrics (domain_id, source, keyword, recorded_at) WHERE source IS NOT NULL;
+
+-- content-scheduler's isolation path: a batch whose one-statement UPDATE failed is
+-- published again item by item, each in its own subtransaction (a savepoint per item),
+-- in one round trip. `WHEN OTHERS` does not catch query_canceled, so statement_timeout
+-- still ends the call. Returns one row per id: published, or not (no longer due), or the
+-- error that item raised.
+CREATE FUNCTION content_publish_each(ids uuid[])
+RETURNS TABLE (item_id uuid, published boolean, error_message text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    item uuid;
+    constraint_name text;
+BEGIN
+    FOREACH item IN ARRAY ids LOOP
+        item_id := item;
+        error_message := NULL;
+        BEGIN
+            UPDATE content_items c
+               SET status = 'published', published_at = now(), updated_at = now()
+             WHERE c.id = item AND c.status = 'scheduled' AND c.publish_at <= now();
+            published := FOUND;
+        EXCEPTION WHEN OTHERS THEN
+            GET STACKED DIAGNOSTICS constraint_name = CONSTRAINT_NAME;
+            published := false;
+            error_message := SQLERRM || coalesce(' (constraint ' || nullif(constraint_name, '') || ')', '');
+        END;
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
