@@ -72,7 +72,7 @@ pub struct CommonArgs {
     #[arg(long, env = "CP_CONCURRENCY", default_value_t = DEFAULT_CONCURRENCY,
         value_parser = clap::value_parser!(u16).range(1..=256).map(usize::from))]
     pub concurrency: usize,
-    /// This runner's name in batch_runs.runner (default: <hostname>:<pid>).
+    /// This runner's name in batch_runs.runner (default: HOSTNAME:PID).
     #[arg(long, env = "CP_RUNNER")]
     pub runner: Option<String>,
     /// How often a run heartbeats its batch_runs row, in milliseconds.

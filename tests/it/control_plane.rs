@@ -382,6 +382,35 @@ async fn sigterm_mid_run_finishes_in_flight_items_and_records_the_run_interrupte
         state.hits.load(Ordering::SeqCst) >= 2
     })
     .await;
+    // The admin port (its address is logged) shows the lock held and the breaker closed.
+    let admin_addr = log
+        .lock()
+        .unwrap()
+        .iter()
+        .find_map(|l| {
+            l.split("admin listening on ")
+                .nth(1)
+                .map(|a| a.trim().to_owned())
+        })
+        .expect("the admin address is logged");
+    let metrics = reqwest::get(format!("{admin_addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("control_plane_lock_held{operation=\"keyword-sync\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("circuit_breaker_state{") && l.contains("adapter=\"gsc\"")),
+        "{metrics}"
+    );
+    let ready = reqwest::get(format!("{admin_addr}/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 200);
     smartbeak_test_support::signal(child.id().unwrap(), "TERM").unwrap();
     let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
         .await

@@ -37,8 +37,10 @@ async fn aggregates_and_a_burst_of_500_runs_one_query() {
         .http
         .post(api.url(&format!("/v1/domains/{d}/content")))
         .header("authorization", t.bearer())
-        .json(&json!({"title": "Later", "slug": "later", "status": "scheduled",
-            "publish_at": "2030-01-02T03:04:05Z"}))
+        .json(
+            &json!({"title": "Later", "slug": "later", "status": "scheduled",
+            "publish_at": "2030-01-02T03:04:05Z"}),
+        )
         .send()
         .await
         .unwrap()
@@ -46,7 +48,10 @@ async fn aggregates_and_a_burst_of_500_runs_one_query() {
         .await
         .unwrap();
     assert_eq!(scheduled["status"], "scheduled", "{scheduled}");
-    assert_eq!(scheduled["publish_at"], "2030-01-02T03:04:05Z", "{scheduled}");
+    assert_eq!(
+        scheduled["publish_at"], "2030-01-02T03:04:05Z",
+        "{scheduled}"
+    );
     let response = api
         .http
         .post(api.url(&format!("/v1/domains/{d}/metrics")))
