@@ -6,7 +6,9 @@
 //!    aggregates back, show the session settings the server sees and the pool's figures;
 //! 3. the api: create a key for the seeded org with the admin CLI, start `smartbeak-api` on a
 //!    free port, make real calls with the demo client, then stop it with SIGTERM and show
-//!    the exit code from its shutdown report.
+//!    the exit code from its shutdown report;
+//! 4. the control-plane: one `batch` of each operation on the seeded data
+//!    ([`control_plane`], with a fake keyword provider inside xtask).
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -19,6 +21,8 @@ use xshell::{Shell, cmd};
 
 use crate::services::Services;
 use crate::test::FreshDatabase;
+
+mod control_plane;
 
 pub(crate) struct Demo;
 
@@ -95,6 +99,7 @@ impl Demo {
         if code != 0 {
             bail!("smartbeak-api exited with {code} after SIGTERM");
         }
+        control_plane::run(sh, &bin, &database.url)?;
         section("demo finished");
         Ok(())
     }
