@@ -1,18 +1,31 @@
-//! The control-plane batch service.
-//!
-//! Today it is the service skeleton that later issues fill: it reads its configuration,
-//! connects to PostgreSQL (applying migrations unless `DB_RUN_MIGRATIONS=false`), wires the
-//! shutdown coordinator, and waits for SIGTERM/SIGINT. It runs no batch operation yet; the
-//! recurring bulk operations (one runner per operation through an advisory lock, every run
-//! recorded in `batch_runs`) are a later issue.
+//! The `smartbeak-control-plane` binary: `run` (the default) is the long-running service,
+//! `batch <operation>` one run now. The library holds the operations and the runner; this
+//! file is the wiring: configuration, logs, database, metrics, admin port, shutdown.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+use metrics_exporter_prometheus::PrometheusBuilder;
+use smartbeak_control_plane::config::{BatchArgs, Cli, Command, CommonArgs, RunArgs};
+use smartbeak_control_plane::operations::content_scheduler::ContentScheduler;
+use smartbeak_control_plane::operations::export_retention::ExportRetention;
+use smartbeak_control_plane::operations::keyword_sync::KeywordSync;
+use smartbeak_control_plane::operations::{Operation, OperationName};
+use smartbeak_control_plane::runner::{
+    Mode, RunContext, RunOptions, RunOutcome, RunStatus, run_once,
+};
+use smartbeak_control_plane::service::spawn_operation;
 use smartbeak_database::{Database, DatabaseConfig};
-use smartbeak_shutdown::telemetry::{self, LogFormat, Output};
-use smartbeak_shutdown::{Phase, RegisterError, Shutdown};
+use smartbeak_resilience::{AdapterName, Resilience, ResilienceConfig};
+use smartbeak_shutdown::admin::{AdminServer, Check};
+use smartbeak_shutdown::telemetry::{self, LogFormat, LogGuard, Output};
+use smartbeak_shutdown::{HandlerGuard, Phase, RegisterError, Shutdown, ShutdownReason};
+use smartbeak_utils::fetch::HttpClient;
 
 const APPLICATION_NAME: &str = "smartbeak-control-plane";
 
@@ -20,37 +33,65 @@ const APPLICATION_NAME: &str = "smartbeak-control-plane";
 const POOL_CLOSE_ENV: &str = "SHUTDOWN_POOL_CLOSE_MS";
 const DEFAULT_POOL_CLOSE: Duration = Duration::from_secs(5);
 
+/// Exit code of `batch` when another runner holds the operation's lock.
+const EXIT_LOCK_HELD: u8 = 3;
+
 fn main() -> ExitCode {
-    let logs =
-        match LogFormat::from_env().and_then(|format| telemetry::init(format, Output::Stdout)) {
-            Ok(guard) => guard,
-            Err(e) => {
-                eprintln!("{APPLICATION_NAME}: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
+    let command = match Cli::try_parse() {
+        Ok(Cli {
+            command: Some(command),
+        }) => command,
+        Ok(Cli { command: None }) => match Cli::try_parse_from([APPLICATION_NAME, "run"]) {
+            Ok(Cli {
+                command: Some(command),
+            }) => command,
+            Ok(_) => return ExitCode::from(2),
+            Err(e) => return clap_exit(&e),
+        },
+        Err(e) => return clap_exit(&e),
+    };
+    let output = match command {
+        Command::Run(_) => Output::Stdout,
+        // stdout carries the summary line.
+        Command::Batch(_) => Output::Stderr,
+    };
+    let logs = match LogFormat::from_env().and_then(|format| telemetry::init(format, output)) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("{APPLICATION_NAME}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     // The runtime's teardown is bounded, so a handler stuck in blocking code still ends
     // with the report's exit code.
     let code = smartbeak_shutdown::run_main(async {
-        match run(&logs).await {
-            Ok(code) => code,
-            Err(e) => {
-                tracing::error!(error = format!("{e:#}"), "control-plane failed to start");
-                ExitCode::FAILURE
-            }
-        }
+        let result = match command {
+            Command::Run(args) => serve(args, &logs).await,
+            Command::Batch(args) => batch(args, &logs).await,
+        };
+        result.unwrap_or_else(|e| {
+            tracing::error!(error = format!("{e:#}"), "control-plane failed to start");
+            ExitCode::FAILURE
+        })
     });
     logs.flush();
     code
 }
 
-async fn run(logs: &telemetry::LogGuard) -> anyhow::Result<ExitCode> {
-    let shutdown = Shutdown::from_env().context("invalid shutdown configuration")?;
-    shutdown
-        .listen_for_signals()
-        .context("cannot listen for signals")?;
-    logs.flush_on_force_exit(&shutdown);
+/// Prints clap's message (help, version or a usage error) and returns its exit code,
+/// without `std::process::exit`.
+fn clap_exit(error: &clap::Error) -> ExitCode {
+    let _ = error.print();
+    if error.use_stderr() {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
 
+/// The database, connected (and migrated unless `DB_RUN_MIGRATIONS=false`), with its pools
+/// registered for release; `Err(code)` when a signal ended start-up.
+async fn start(shutdown: &Shutdown) -> anyhow::Result<Result<(Database, HandlerGuard), ExitCode>> {
     let pool_close = pool_close_deadline(|name| std::env::var(name).ok())?;
     let config = DatabaseConfig::from_env().context("invalid database configuration")?;
     let run_migrations = config.run_migrations;
@@ -60,7 +101,11 @@ async fn run(logs: &telemetry::LogGuard) -> anyhow::Result<ExitCode> {
         .await
         .transpose()?
     else {
-        return Ok(interrupted_start_up(&shutdown, "connecting to the database").await);
+        return Ok(Err(interrupted_start_up(
+            shutdown,
+            "connecting to the database",
+        )
+        .await));
     };
     let pools = db.clone();
     let registered = shutdown.register_with_timeout(
@@ -69,12 +114,16 @@ async fn run(logs: &telemetry::LogGuard) -> anyhow::Result<ExitCode> {
         pool_close,
         move || async move { pools.close(pool_close).await },
     );
-    let _db_guard = match registered {
+    let guard = match registered {
         Ok(guard) => guard,
         // The signal came just after the connect: close the pool here, then report.
         Err(RegisterError::ShutdownStarted { .. }) => {
             db.close(pool_close).await?;
-            return Ok(interrupted_start_up(&shutdown, "connecting to the database").await);
+            return Ok(Err(interrupted_start_up(
+                shutdown,
+                "connecting to the database",
+            )
+            .await));
         }
     };
     if run_migrations {
@@ -83,13 +132,212 @@ async fn run(logs: &telemetry::LogGuard) -> anyhow::Result<ExitCode> {
             .await
         {
             Some(migrated) => migrated?,
-            None => return Ok(interrupted_start_up(&shutdown, "applying migrations").await),
+            None => {
+                return Ok(Err(
+                    interrupted_start_up(shutdown, "applying migrations").await
+                ));
+            }
         }
     }
+    Ok(Ok((db, guard)))
+}
 
-    tracing::info!("control-plane ready (no batch operations are defined yet)");
+/// The three operations over `db`, with one `Resilience` for the process.
+struct Operations {
+    content: Arc<ContentScheduler>,
+    keywords: Arc<KeywordSync>,
+    exports: Arc<ExportRetention>,
+}
+
+fn operations(db: &Database, common: &CommonArgs) -> anyhow::Result<Operations> {
+    let providers = common
+        .providers(|name| std::env::var(name).ok())
+        .context("invalid keyword provider configuration")?;
+    let policy = common.provider_policy()?;
+    let client = HttpClient::builder(Resilience::new(ResilienceConfig::default()))
+        .user_agent(concat!(
+            "smartbeak-control-plane/",
+            env!("CARGO_PKG_VERSION")
+        ))
+        .adapter(AdapterName::Gsc, policy.clone())
+        .adapter(AdapterName::Ahrefs, policy)
+        .build()
+        .context("building the http client")?;
+    // The breakers exist (and show in /metrics) from the start.
+    let _ = client.breaker(AdapterName::Gsc);
+    let _ = client.breaker(AdapterName::Ahrefs);
+    Ok(Operations {
+        content: Arc::new(ContentScheduler::new(db.clone())),
+        keywords: Arc::new(KeywordSync::new(db.clone(), client, providers)),
+        exports: Arc::new(ExportRetention::new(db.clone(), common.export_dir.clone())),
+    })
+}
+
+fn context(db: &Database, common: &CommonArgs, shutdown: &Shutdown) -> RunContext {
+    RunContext {
+        db: db.clone(),
+        runner: common.runner(),
+        heartbeat: Duration::from_millis(common.heartbeat_ms),
+        stale_after: Duration::from_millis(common.stale_after_ms),
+        cancel: shutdown.token(),
+    }
+}
+
+async fn serve(args: RunArgs, logs: &LogGuard) -> anyhow::Result<ExitCode> {
+    let shutdown = Shutdown::from_env().context("invalid shutdown configuration")?;
+    shutdown
+        .listen_for_signals()
+        .context("cannot listen for signals")?;
+    logs.flush_on_force_exit(&shutdown);
+
+    let metrics = PrometheusBuilder::new()
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    let upkeep = metrics.clone();
+    shutdown.spawn({
+        let token = shutdown.token();
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            while token.run_until_cancelled(tick.tick()).await.is_some() {
+                upkeep.run_upkeep();
+            }
+        }
+    });
+    let (db, _db_guard) = match start(&shutdown).await? {
+        Ok(started) => started,
+        Err(code) => return Ok(code),
+    };
+    let admin = AdminServer::bind(args.admin_addr).await.with_context(|| {
+        format!(
+            "binding the admin listener on {} (CP_ADMIN_ADDR)",
+            args.admin_addr
+        )
+    })?;
+    let admin_addr = admin.local_addr();
+    let ops = operations(&db, &args.common)?;
+    for operation in OperationName::ALL {
+        smartbeak_control_plane::metrics::set_lock_held(operation, false);
+    }
+    let ready_db = db.clone();
+    let ready: Check = Arc::new(move || {
+        let db = ready_db.clone();
+        Box::pin(async move { db.ping().await.map_err(|_| "database".to_owned()) })
+    });
+    admin.serve(&shutdown, Some(metrics), ready);
+    tracing::info!("admin listening on http://{admin_addr}");
+
+    let ctx = context(&db, &args.common, &shutdown);
+    let options = args.common.run_options(Mode::SettleAll, false);
+    let mut scheduled = Vec::new();
+    for operation in OperationName::ALL {
+        let Some(every) = args.interval(operation) else {
+            tracing::info!(%operation, "operation disabled (interval 0)");
+            continue;
+        };
+        scheduled.push(operation.as_str());
+        match operation {
+            OperationName::ContentScheduler => {
+                spawn_operation(&shutdown, ops.content.clone(), ctx.clone(), options, every);
+            }
+            OperationName::KeywordSync => {
+                spawn_operation(&shutdown, ops.keywords.clone(), ctx.clone(), options, every);
+            }
+            OperationName::ExportRetention => {
+                spawn_operation(&shutdown, ops.exports.clone(), ctx.clone(), options, every);
+            }
+        }
+    }
+    tracing::info!(runner = %ctx.runner, operations = ?scheduled, "control-plane ready");
     shutdown.triggered().await;
     Ok(shutdown.run().await.exit_code())
+}
+
+async fn batch(args: BatchArgs, logs: &LogGuard) -> anyhow::Result<ExitCode> {
+    let shutdown = Shutdown::from_env().context("invalid shutdown configuration")?;
+    shutdown
+        .listen_for_signals()
+        .context("cannot listen for signals")?;
+    logs.flush_on_force_exit(&shutdown);
+    let (db, _db_guard) = match start(&shutdown).await? {
+        Ok(started) => started,
+        Err(code) => return Ok(code),
+    };
+    let ops = operations(&db, &args.common)?;
+    let ctx = context(&db, &args.common, &shutdown);
+    let mode = if args.strict {
+        Mode::Strict
+    } else {
+        Mode::SettleAll
+    };
+    let options = args.common.run_options(mode, args.dry_run);
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = ProgressBar::new(0);
+        if let Ok(style) = ProgressStyle::with_template(
+            "{prefix} [{bar:40}] {pos}/{len} items ({per_sec}, eta {eta})",
+        ) {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        bar.set_prefix(args.operation.as_str());
+        bar
+    });
+    let outcome = match args.operation {
+        OperationName::ContentScheduler => {
+            one_run(&*ops.content, &ctx, options, bar.as_ref()).await
+        }
+        OperationName::KeywordSync => one_run(&*ops.keywords, &ctx, options, bar.as_ref()).await,
+        OperationName::ExportRetention => one_run(&*ops.exports, &ctx, options, bar.as_ref()).await,
+    };
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let code = match outcome {
+        Ok(RunOutcome::Ran(report)) => {
+            #[allow(clippy::print_stdout)]
+            {
+                println!("{}", report.summary());
+            }
+            if report.failed > 0 || report.status == RunStatus::Failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Ok(RunOutcome::LockHeld(operation)) => {
+            #[allow(clippy::print_stdout)]
+            {
+                println!("{operation}: not run: another runner holds its lock");
+            }
+            ExitCode::from(EXIT_LOCK_HELD)
+        }
+        Ok(RunOutcome::StillRunning { operation, run_id }) => {
+            #[allow(clippy::print_stdout)]
+            {
+                println!("{operation}: not run: run {run_id} of another runner is still running");
+            }
+            ExitCode::from(EXIT_LOCK_HELD)
+        }
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "the run could not start");
+            ExitCode::FAILURE
+        }
+    };
+    // Release the pools through the same handlers a signal would run.
+    shutdown.trigger(ShutdownReason::Requested("batch finished".into()));
+    let report = shutdown.run().await;
+    if code == ExitCode::SUCCESS {
+        Ok(report.exit_code())
+    } else {
+        Ok(code)
+    }
+}
+
+async fn one_run<O: Operation>(
+    op: &O,
+    ctx: &RunContext,
+    options: RunOptions,
+    bar: Option<&ProgressBar>,
+) -> Result<RunOutcome, smartbeak_control_plane::runner::RunError> {
+    run_once(op, ctx, options, bar).await
 }
 
 /// A signal ended start-up during `step`: runs the shutdown (the handlers registered so far

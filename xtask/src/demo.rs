@@ -10,7 +10,9 @@
 //! 4. the export job: enqueue a JSON export through the api, start a
 //!    `smartbeak-domain-export worker`, wait (bounded) for the job to succeed, download it
 //!    through the api and verify its SHA-256, print its path, checksum and first lines, then
-//!    stop the worker with SIGTERM and show its exit code.
+//!    stop the worker with SIGTERM and show its exit code;
+//! 5. the control-plane: one `batch` of each operation on the seeded data
+//!    ([`control_plane`], with a fake keyword provider inside xtask).
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -23,6 +25,8 @@ use xshell::{Shell, cmd};
 
 use crate::services::Services;
 use crate::test::FreshDatabase;
+
+mod control_plane;
 
 pub(crate) struct Demo;
 
@@ -122,6 +126,7 @@ impl Demo {
         if code != 0 {
             bail!("smartbeak-api exited with {code} after SIGTERM");
         }
+        control_plane::run(sh, &bin, &database.url)?;
         section("demo finished");
         Ok(())
     }

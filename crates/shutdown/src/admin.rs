@@ -174,14 +174,23 @@ mod tests {
 
     async fn get_status(addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        let mut stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| io::Error::new(e.kind(), format!("connect {path}: {e}")))?;
         stream
             .write_all(
                 format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
             )
             .await?;
-        let mut raw = String::new();
-        stream.read_to_string(&mut raw).await?;
+        let mut raw = Vec::new();
+        // The server may reset the connection after its answer (Connection: close); what
+        // was read before that is the answer.
+        if let Err(e) = stream.read_to_end(&mut raw).await
+            && raw.is_empty()
+        {
+            return Err(io::Error::new(e.kind(), format!("GET {path}: {e}")));
+        }
+        let raw = String::from_utf8_lossy(&raw).into_owned();
         let status = raw
             .split(' ')
             .nth(1)
@@ -192,7 +201,10 @@ mod tests {
 
     #[tokio::test]
     async fn readiness_follows_the_check_and_the_shutdown() -> anyhow::Result<()> {
-        let shutdown = Shutdown::new(ShutdownConfig::default());
+        // A readiness delay keeps the listener open after the trigger, as in production.
+        let mut config = ShutdownConfig::default();
+        config.readiness_delay = std::time::Duration::from_secs(60);
+        let shutdown = Shutdown::new(config);
         let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let flag = healthy.clone();
         let ready: Check = Arc::new(move || {
@@ -215,7 +227,7 @@ mod tests {
         let (status, body) = get_status(addr, "/readyz").await?;
         assert_eq!(
             status, 503,
-            "the listener still answers until StopAccepting ends"
+            "the listener still answers during the readiness delay"
         );
         assert!(body.contains(r#""shutting_down":true"#), "{body}");
         Ok(())

@@ -2,8 +2,9 @@
 //! whose results come back in input order, its streaming sibling
 //! [`for_each_bounded`] for long-running consumers (the export worker: the
 //! source is polled only when a slot is free), and the batch helpers
-//! ([`process_in_batches`], [`process_in_batches_strict`], [`map_in_batches`])
-//! used by the export job and the control-plane.
+//! ([`process_in_batches`], [`process_in_batches_strict`], [`map_in_batches`],
+//! and [`map_batches_bounded`] for work done a whole batch at a time) used by the
+//! export job and the control-plane.
 //!
 //! Every item is settled: one failing item never cancels the others, and each
 //! item gets its own `Result` at its own index.
@@ -39,13 +40,17 @@ use std::task::Poll;
 use futures::stream::{self, FuturesUnordered, Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 
-/// Largest batch size accepted by the batch helpers (as in the original service).
-pub const MAX_BATCH_SIZE: usize = 100;
+/// Largest batch size accepted by the batch helpers. The original service capped it at
+/// 100; the control-plane's content-scheduler updates a whole batch in one statement, and
+/// its benchmark (BENCHMARKS.md, "Control-plane") measures batches of 1,000, so the cap is
+/// 1,000. A helper that runs every item of a batch at once ([`process_in_batches`]) still
+/// starts up to this many futures together: pick the size for the work.
+pub const MAX_BATCH_SIZE: usize = 1_000;
 
 /// An argument of a batch helper was out of range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ConcurrencyError {
-    /// A batch helper was called with a batch size outside `1..=100`.
+    /// A batch helper was called with a batch size outside `1..=MAX_BATCH_SIZE`.
     #[error("batch size must be between 1 and {max}, got {got}", max = MAX_BATCH_SIZE)]
     InvalidBatchSize {
         /// The batch size that was passed.
@@ -330,7 +335,13 @@ fn failed_indices<E>(failures: &[ItemFailure<E>]) -> Vec<usize> {
     failures.iter().map(|failure| failure.index).collect()
 }
 
-fn check_batch_size(batch_size: usize) -> Result<(), ConcurrencyError> {
+/// Checks a batch size the way every batch helper does (`1..=MAX_BATCH_SIZE`), for a
+/// caller that validates its options before doing anything else.
+///
+/// # Errors
+///
+/// [`ConcurrencyError::InvalidBatchSize`] outside the range.
+pub fn check_batch_size(batch_size: usize) -> Result<(), ConcurrencyError> {
     if (1..=MAX_BATCH_SIZE).contains(&batch_size) {
         Ok(())
     } else {
@@ -354,7 +365,7 @@ where
 ///
 /// # Errors
 ///
-/// [`ConcurrencyError::InvalidBatchSize`] when `batch_size` is not in `1..=100`
+/// [`ConcurrencyError::InvalidBatchSize`] when `batch_size` is not in `1..=MAX_BATCH_SIZE`
 /// (nothing is run). Item failures are not errors: they are in the report.
 pub async fn process_in_batches<T, R, E, F, Fut>(
     items: Vec<T>,
@@ -388,7 +399,7 @@ where
 ///
 /// # Errors
 ///
-/// [`StrictBatchError::Invalid`] for a batch size outside `1..=100`,
+/// [`StrictBatchError::Invalid`] for a batch size outside `1..=MAX_BATCH_SIZE`,
 /// [`StrictBatchError::BatchFailed`] for the first batch with failures.
 pub async fn process_in_batches_strict<T, R, E, F, Fut>(
     items: Vec<T>,
@@ -445,7 +456,7 @@ where
 ///
 /// # Errors
 ///
-/// [`ConcurrencyError::InvalidBatchSize`] when `batch_size` is not in `1..=100`.
+/// [`ConcurrencyError::InvalidBatchSize`] when `batch_size` is not in `1..=MAX_BATCH_SIZE`.
 pub async fn map_in_batches<T, R, E, F, Fut>(
     items: Vec<T>,
     batch_size: usize,
@@ -479,6 +490,83 @@ where
                 failed,
             });
         }
+    }
+    Ok(out)
+}
+
+/// Splits `items` into batches of `batch_size` and runs `f` once per batch, with at most
+/// `concurrency` batches in flight (a sliding window, [`map_bounded`]): for work done a
+/// batch at a time, such as one statement per batch.
+///
+/// `f` gets the input index of the batch's first item and the batch, and returns one
+/// result per item, in order. The returned vector has one entry per item, in input order:
+/// `Some(result)`, or `None` for the items of a batch that was never started (because
+/// `cancel` fired, or after a failed batch in strict mode). A batch whose `f` returned too
+/// few results has `None` for the missing ones.
+///
+/// With `strict`, batches run one at a time and none starts after a batch that returned a
+/// failure (`concurrency` is ignored): the failed batch is the last one run, and every
+/// later item is `None`.
+///
+/// # Errors
+///
+/// [`ConcurrencyError::InvalidBatchSize`] when `batch_size` is not in
+/// `1..=MAX_BATCH_SIZE` (nothing is run).
+pub async fn map_batches_bounded<T, R, E, F, Fut>(
+    items: Vec<T>,
+    batch_size: usize,
+    concurrency: NonZeroUsize,
+    strict: bool,
+    mut f: F,
+    cancel: Option<CancellationToken>,
+) -> Result<Vec<Option<Result<R, E>>>, ConcurrencyError>
+where
+    F: FnMut(usize, Vec<T>) -> Fut,
+    Fut: Future<Output = Vec<Result<R, E>>>,
+{
+    check_batch_size(batch_size)?;
+    let total = items.len();
+    let mut batches = Vec::with_capacity(total.div_ceil(batch_size));
+    let mut items = items.into_iter();
+    let mut first = 0;
+    while first < total {
+        let batch: Vec<T> = items.by_ref().take(batch_size).collect();
+        let len = batch.len();
+        batches.push((first, batch));
+        first += len;
+    }
+    let lens: Vec<usize> = batches.iter().map(|(_, batch)| batch.len()).collect();
+    let stop = cancel.map_or_else(CancellationToken::new, |token| token.child_token());
+    let limit = if strict {
+        NonZeroUsize::MIN
+    } else {
+        concurrency
+    };
+    let outcomes = map_bounded(
+        batches,
+        limit,
+        |(first, batch)| {
+            let fut = f(first, batch);
+            let stop = stop.clone();
+            async move {
+                let results = fut.await;
+                if strict && results.iter().any(Result::is_err) {
+                    stop.cancel();
+                }
+                Ok::<_, std::convert::Infallible>(results)
+            }
+        },
+        Some(stop.clone()),
+    )
+    .await;
+    let mut out = Vec::with_capacity(total);
+    for (len, outcome) in lens.into_iter().zip(outcomes) {
+        let mut results = match outcome {
+            Ok(results) => results.into_iter().map(Some).collect::<Vec<_>>(),
+            Err(_) => Vec::new(),
+        };
+        results.resize_with(len, || None);
+        out.extend(results);
     }
     Ok(out)
 }

@@ -32,6 +32,26 @@ async fn aggregates_and_a_burst_of_500_runs_one_query() {
         .await
         .unwrap();
     let content_id = item["id"].as_str().unwrap();
+    // A scheduled item carries its publish_at (for the control-plane's content-scheduler).
+    let scheduled: Value = api
+        .http
+        .post(api.url(&format!("/v1/domains/{d}/content")))
+        .header("authorization", t.bearer())
+        .json(
+            &json!({"title": "Later", "slug": "later", "status": "scheduled",
+            "publish_at": "2030-01-02T03:04:05Z"}),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(scheduled["status"], "scheduled", "{scheduled}");
+    assert_eq!(
+        scheduled["publish_at"], "2030-01-02T03:04:05Z",
+        "{scheduled}"
+    );
     let response = api
         .http
         .post(api.url(&format!("/v1/domains/{d}/metrics")))

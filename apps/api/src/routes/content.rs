@@ -36,8 +36,11 @@ pub struct ContentItem {
     pub body: String,
     /// `draft`, `scheduled`, `published` or `archived`.
     pub status: String,
-    /// Publication time, if any.
+    /// Publication time, if any (set by the control-plane's content-scheduler when it
+    /// publishes a `scheduled` item).
     pub published_at: Option<DateTime<Utc>>,
+    /// For a `scheduled` item: when the content-scheduler publishes it.
+    pub publish_at: Option<DateTime<Utc>>,
     /// Creation time.
     pub created_at: DateTime<Utc>,
     /// Last change.
@@ -55,10 +58,14 @@ pub struct CreateContent {
     /// Body text (default empty).
     #[serde(default)]
     pub body: String,
-    /// Default `draft`.
+    /// Default `draft`. `scheduled` needs `publish_at`.
     pub status: Option<String>,
     /// Publication time, in the years 0001 to 9999 (UTC).
     pub published_at: Option<DateTime<Utc>>,
+    /// When to publish (RFC 3339, years 0001 to 9999): required with `status: "scheduled"`
+    /// and refused with any other status. The control-plane's content-scheduler publishes
+    /// the item once this time has passed.
+    pub publish_at: Option<DateTime<Utc>>,
 }
 
 /// Query of `GET /v1/domains/{id}/content`.
@@ -74,7 +81,7 @@ pub struct ContentQuery {
 }
 
 const COLUMNS: &str =
-    "id, domain_id, title, slug, body, status, published_at, created_at, updated_at";
+    "id, domain_id, title, slug, body, status, published_at, publish_at, created_at, updated_at";
 const MAX_BODY_CHARS: usize = 200_000;
 
 /// Creates a content item.
@@ -114,11 +121,29 @@ pub async fn create(
     if let Some(at) = body.published_at {
         check_year("published_at", at)?;
     }
+    match (status, body.publish_at) {
+        ("scheduled", Some(at)) => {
+            check_year("publish_at", at)?;
+        }
+        ("scheduled", None) => {
+            return Err(ApiError::validation(
+                "publish_at",
+                "is required when status is scheduled (an RFC 3339 timestamp)",
+            ));
+        }
+        (_, Some(_)) => {
+            return Err(ApiError::validation(
+                "publish_at",
+                "is allowed only when status is scheduled",
+            ));
+        }
+        (_, None) => {}
+    }
     let result = state
         .db
         .run(async |conn| sqlx::query_as::<_, ContentItem>(&format!(
-                "INSERT INTO content_items (id, domain_id, title, slug, body, status, published_at) \
-                 SELECT $1, d.id, $3, $4, $5, $6, $7 FROM domains d WHERE d.id = $2 AND d.org_id = $8 \
+                "INSERT INTO content_items (id, domain_id, title, slug, body, status, published_at, publish_at) \
+                 SELECT $1, d.id, $3, $4, $5, $6, $7, $9 FROM domains d WHERE d.id = $2 AND d.org_id = $8 \
                  RETURNING {COLUMNS}"
             ))
             .bind(Uuid::new_v4())
@@ -129,6 +154,7 @@ pub async fn create(
             .bind(status)
             .bind(body.published_at)
             .bind(auth.org_id)
+            .bind(body.publish_at)
             .fetch_optional(conn).await)
         .await;
     match result {

@@ -237,14 +237,14 @@ async fn empty_input_gives_empty_output() {
 
 #[tokio::test]
 async fn batch_size_is_validated() {
-    for size in [0, 101] {
+    for size in [0, MAX_BATCH_SIZE + 1] {
         let err = process_in_batches(vec![1], size, |i| async move { Ok::<_, ()>(i) }, None)
             .await
             .unwrap_err();
         assert_eq!(err, ConcurrencyError::InvalidBatchSize { got: size });
         assert_eq!(
             err.to_string(),
-            format!("batch size must be between 1 and 100, got {size}")
+            format!("batch size must be between 1 and 1000, got {size}")
         );
         assert!(
             map_in_batches(vec![1], size, |i| async move { Ok::<_, ()>(i) }, None)
@@ -258,7 +258,7 @@ async fn batch_size_is_validated() {
             ))
         ));
     }
-    for size in [1, 100] {
+    for size in [1, MAX_BATCH_SIZE] {
         assert!(
             process_in_batches(vec![1], size, |i| async move { Ok::<_, ()>(i) }, None)
                 .await
@@ -444,6 +444,79 @@ proptest! {
         prop_assert!(hw.max.load(Ordering::SeqCst) <= limit);
         prop_assert_eq!(hw.max.load(Ordering::SeqCst), limit.min(delays.len()));
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn map_batches_bounded_runs_whole_batches_within_the_limit() {
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let (in_flight2, peak2) = (in_flight.clone(), peak.clone());
+    let out = map_batches_bounded(
+        (0..25_usize).collect(),
+        10,
+        NonZeroUsize::new(2).unwrap(),
+        false,
+        move |first, batch: Vec<usize>| {
+            let (in_flight, peak) = (in_flight2.clone(), peak2.clone());
+            async move {
+                let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                in_flight.fetch_sub(1, Ordering::SeqCst);
+                assert_eq!(batch[0], first);
+                batch
+                    .into_iter()
+                    .map(|i| if i == 13 { Err(i) } else { Ok(i) })
+                    .collect()
+            }
+        },
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(out.len(), 25);
+    assert_eq!(out[13], Some(Err(13)));
+    assert_eq!(out.iter().filter(|o| matches!(o, Some(Ok(_)))).count(), 24);
+    assert_eq!(peak.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn map_batches_bounded_strict_stops_after_the_failed_batch() {
+    let out = map_batches_bounded(
+        (0..50_usize).collect(),
+        10,
+        NonZeroUsize::new(4).unwrap(),
+        true,
+        |_, batch: Vec<usize>| async move {
+            batch
+                .into_iter()
+                .map(|i| if i == 12 || i == 17 { Err(i) } else { Ok(i) })
+                .collect()
+        },
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(out[12], Some(Err(12)));
+    assert_eq!(out[17], Some(Err(17)));
+    assert!(out[..20].iter().all(Option::is_some));
+    assert!(
+        out[20..].iter().all(Option::is_none),
+        "later batches untouched"
+    );
+    let cancelled = CancellationToken::new();
+    cancelled.cancel();
+    let out = map_batches_bounded(
+        vec![1, 2, 3],
+        2,
+        NonZeroUsize::MIN,
+        false,
+        |_, batch: Vec<i32>| async move { batch.into_iter().map(Ok::<_, ()>).collect() },
+        Some(cancelled),
+    )
+    .await
+    .unwrap();
+    assert_eq!(out, vec![None, None, None]);
 }
 
 /// A source that counts how many items were pulled from it, for [`for_each_bounded`].

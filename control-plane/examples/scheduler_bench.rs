@@ -1,0 +1,156 @@
+//! The content-scheduler benchmark (BENCHMARKS.md, "Control-plane"): throughput over
+//! 100,000 due items at batch sizes 10, 100 and 1,000 and concurrency 1, 4 and 16, with 0 %
+//! and 1 % failing items, beside a single `UPDATE ... WHERE status = 'scheduled' AND
+//! publish_at <= now()` on the same rows (the physical anchor, no isolation).
+//!
+//! A fresh database (`TestDatabase`, `DATABASE_URL`); the rows are rebuilt before every
+//! measurement (TRUNCATE, insert, VACUUM ANALYZE) so no run pays for another's dead tuples.
+//! Run once, in release:
+//!
+//! ```sh
+//! DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres \
+//!   cargo run --release -p smartbeak-control-plane --example scheduler_bench [ITEMS]
+//! ```
+
+#![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)]
+
+use std::num::NonZeroUsize;
+use std::time::{Duration, Instant};
+
+use smartbeak_control_plane::operations::content_scheduler::{ContentScheduler, Isolation};
+use smartbeak_control_plane::runner::{Mode, RunContext, RunOptions, RunOutcome, run_once};
+use smartbeak_database::Database;
+use smartbeak_database::testing::TestDatabase;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+async fn seed(admin: &PgPool, domain: Uuid, n: i64, failing_every: Option<i64>) {
+    sqlx::query("TRUNCATE batch_run_items, batch_runs, content_items CASCADE")
+        .execute(admin)
+        .await
+        .unwrap();
+    let bad = failing_every.map_or("false".to_owned(), |k| format!("i % {k} = {}", k / 2));
+    sqlx::query(&format!(
+        "INSERT INTO content_items (id, domain_id, title, slug, status, publish_at) \
+         SELECT gen_random_uuid(), $1, CASE WHEN {bad} THEN 'bad ' || i ELSE 'good ' || i END, \
+         'item-' || i, 'scheduled', now() - make_interval(secs => $2 - i) \
+         FROM generate_series(0, $2 - 1) AS i"
+    ))
+    .bind(domain)
+    .bind(n)
+    .execute(admin)
+    .await
+    .unwrap();
+    sqlx::query("VACUUM ANALYZE content_items")
+        .execute(admin)
+        .await
+        .unwrap();
+}
+
+async fn anchor(admin: &PgPool, domain: Uuid, n: i64) -> f64 {
+    seed(admin, domain, n, None).await;
+    let started = Instant::now();
+    let done = sqlx::query(
+        "UPDATE content_items SET status = 'published', published_at = now(), updated_at = now() \
+         WHERE status = 'scheduled' AND publish_at <= now()",
+    )
+    .execute(admin)
+    .await
+    .unwrap();
+    assert_eq!(done.rows_affected() as i64, n);
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
+#[tokio::main]
+async fn main() {
+    let n: i64 = std::env::args()
+        .nth(1)
+        .map_or(100_000, |a| a.parse().expect("ITEMS is a number"));
+    let tdb = TestDatabase::create().await.unwrap();
+    let mut config = tdb.config();
+    config.pool_max = 20;
+    let db = Database::connect(config, "scheduler-bench").await.unwrap();
+    let admin = PgPool::connect(tdb.url().expose()).await.unwrap();
+    let org = Uuid::new_v4();
+    let domain = Uuid::new_v4();
+    sqlx::query("INSERT INTO orgs (id, name) VALUES ($1, 'bench')")
+        .bind(org)
+        .execute(&admin)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO domains (id, org_id, name) VALUES ($1, $2, 'bench.example')")
+        .bind(domain)
+        .bind(org)
+        .execute(&admin)
+        .await
+        .unwrap();
+    sqlx::query(
+        "ALTER TABLE content_items ADD CONSTRAINT bench_no_bad_published \
+         CHECK (status <> 'published' OR title NOT LIKE 'bad %') NOT VALID",
+    )
+    .execute(&admin)
+    .await
+    .unwrap();
+    let ctx = RunContext {
+        db: db.clone(),
+        runner: "bench".into(),
+        heartbeat: Duration::from_secs(5),
+        stale_after: Duration::from_secs(60),
+        cancel: CancellationToken::new(),
+    };
+
+    let mut anchors = vec![anchor(&admin, domain, n).await];
+    println!("items: {n}");
+    println!("single UPDATE (anchor): {:.0} items/s", anchors[0]);
+    println!("| failing | isolation | batch | concurrency | items/s | vs anchor |");
+    let mut results = Vec::new();
+    let cases = [
+        (None, Isolation::Savepoints),
+        (Some(100), Isolation::Savepoints),
+        (Some(100), Isolation::Bisect),
+    ];
+    for (failing, isolation) in cases {
+        let op = ContentScheduler::with_isolation(db.clone(), isolation);
+        for batch_size in [10, 100, 1_000] {
+            for concurrency in [1, 4, 16] {
+                seed(&admin, domain, n, failing).await;
+                let options = RunOptions {
+                    batch_size,
+                    concurrency: NonZeroUsize::new(concurrency).unwrap(),
+                    mode: Mode::SettleAll,
+                    dry_run: false,
+                };
+                let started = Instant::now();
+                let RunOutcome::Ran(report) = run_once(&op, &ctx, options, None).await.unwrap()
+                else {
+                    panic!("not run");
+                };
+                let rate = n as f64 / started.elapsed().as_secs_f64();
+                let expected_failed = failing.map_or(0, |k| n / k) as u64;
+                assert_eq!(report.failed, expected_failed, "{}", report.summary());
+                assert_eq!(report.succeeded, n as u64 - expected_failed);
+                results.push((failing, isolation, batch_size, concurrency, rate));
+            }
+        }
+        anchors.push(anchor(&admin, domain, n).await);
+    }
+    anchors.sort_by(f64::total_cmp);
+    let anchor_rate = anchors[anchors.len() / 2];
+    println!("anchors measured: {anchors:.0?}; median {anchor_rate:.0} items/s");
+    for (failing, isolation, batch_size, concurrency, rate) in results {
+        println!(
+            "| {} | {} | {batch_size} | {concurrency} | {rate:.0} | {:.2}x |",
+            if failing.is_some() { "1 %" } else { "0 %" },
+            match (failing, isolation) {
+                (None, _) => "(none needed)",
+                (Some(_), Isolation::Savepoints) => "savepoints",
+                (Some(_), Isolation::Bisect) => "bisect",
+            },
+            rate / anchor_rate
+        );
+    }
+    db.close(Duration::from_secs(5)).await.unwrap();
+    admin.close().await;
+    tdb.drop_database().await.unwrap();
+}

@@ -1,0 +1,234 @@
+//! `content-scheduler`: publishes content items whose status is `scheduled` and whose
+//! `publish_at` has passed (setting `published_at`).
+//!
+//! A batch is one `UPDATE ... WHERE id = ANY($1)`: the cost of a single statement per
+//! batch. When that statement fails on a row (a constraint, a trigger), the batch is done
+//! again item by item, each item in its own subtransaction, in one more round trip
+//! ([`Isolation::Savepoints`], the migration's `content_publish_each`), so only the
+//! failing rows fail and the cost of isolation is paid only by the batches that had a
+//! failure. [`Isolation::Bisect`] (split in halves down to the failing rows) is the other
+//! strategy, kept because the benchmark compares them (BENCHMARKS.md). Connection errors
+//! and timeouts are not isolated: they fail the rows of the statement that met them
+//! (retrying row by row would only multiply the load on a sick server).
+
+use std::collections::HashSet;
+use std::num::NonZeroUsize;
+use std::ops::Range;
+
+use smartbeak_database::{Database, DbError};
+use uuid::Uuid;
+
+use super::{ItemError, ItemOutcome, Operation, OperationName, Parallelism, error_chain};
+
+/// How a batch whose one statement failed on a row is narrowed down to the failing rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isolation {
+    /// The batch again, item by item, each in its own subtransaction, in one round trip
+    /// (the `content_publish_each` function of the migration). The default: it costs one
+    /// extra statement per failed batch, whatever the number of failing rows.
+    Savepoints,
+    /// Split in halves, recursively, down to the failing rows: about `2 f log2(n / f)`
+    /// extra statements for `f` failing rows of `n`. Kept for comparison (the benchmark).
+    Bisect,
+}
+
+/// The content-scheduler over a database.
+#[derive(Debug, Clone)]
+pub struct ContentScheduler {
+    db: Database,
+    strategy: Isolation,
+}
+
+impl ContentScheduler {
+    /// On `db`, isolating failures with [`Isolation::Savepoints`].
+    pub fn new(db: Database) -> Self {
+        Self::with_isolation(db, Isolation::Savepoints)
+    }
+
+    /// On `db`, with the given isolation strategy.
+    pub fn with_isolation(db: Database, strategy: Isolation) -> Self {
+        Self { db, strategy }
+    }
+
+    /// The batch in one statement; when it fails on a row, item by item with a savepoint
+    /// each, in one more round trip.
+    async fn publish_with_savepoints(&self, batch: &[Uuid]) -> Vec<Result<ItemOutcome, ItemError>> {
+        let error = match self.publish(batch).await {
+            Ok(published) => return outcomes(batch, &published),
+            Err(error) => error,
+        };
+        if !is_row_error(&error) {
+            return fail_all(batch.len(), &describe(&error), 1);
+        }
+        let each: Result<Vec<(Uuid, bool, Option<String>)>, DbError> = self
+            .db
+            .run(async |conn| {
+                sqlx::query_as(
+                    "SELECT item_id, published, error_message FROM content_publish_each($1)",
+                )
+                .bind(batch)
+                .fetch_all(conn)
+                .await
+            })
+            .await;
+        match each {
+            Ok(rows) if rows.len() == batch.len() => rows
+                .into_iter()
+                .map(|(_, published, error)| match error {
+                    Some(error) => Err(ItemError { error, attempts: 2 }),
+                    None if published => Ok(ItemOutcome::Done),
+                    None => Ok(ItemOutcome::Skipped),
+                })
+                .collect(),
+            Ok(rows) => fail_all(
+                batch.len(),
+                &format!(
+                    "content_publish_each returned {} rows for {}",
+                    rows.len(),
+                    batch.len()
+                ),
+                2,
+            ),
+            Err(error) => fail_all(batch.len(), &describe(&error), 2),
+        }
+    }
+
+    /// The batch in one statement; when it fails on a row, halves recursively.
+    async fn publish_bisecting(&self, batch: &[Uuid]) -> Vec<Result<ItemOutcome, ItemError>> {
+        let mut results: Vec<Option<Result<ItemOutcome, ItemError>>> = vec![None; batch.len()];
+        // Depth-first over the halves of failed ranges, first half first.
+        let mut pending: Vec<(Range<usize>, u32)> = vec![(0..batch.len(), 1)];
+        while let Some((range, attempts)) = pending.pop() {
+            if range.is_empty() {
+                continue;
+            }
+            match self.publish(&batch[range.clone()]).await {
+                Ok(published) => {
+                    for (slot, outcome) in results[range.clone()]
+                        .iter_mut()
+                        .zip(outcomes(&batch[range], &published))
+                    {
+                        *slot = Some(outcome);
+                    }
+                }
+                Err(error) if range.len() > 1 && is_row_error(&error) => {
+                    let mid = range.start + range.len() / 2;
+                    pending.push((mid..range.end, attempts + 1));
+                    pending.push((range.start..mid, attempts + 1));
+                }
+                Err(error) => {
+                    let message = describe(&error);
+                    for slot in &mut results[range] {
+                        *slot = Some(Err(ItemError {
+                            error: message.clone(),
+                            attempts,
+                        }));
+                    }
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(ItemError::once("not processed"))))
+            .collect()
+    }
+
+    /// One statement: publishes those of `ids` still due; returns the ids it published.
+    async fn publish(&self, ids: &[Uuid]) -> Result<HashSet<Uuid>, DbError> {
+        let published: Vec<Uuid> = self
+            .db
+            .run(async |conn| {
+                sqlx::query_scalar(
+                    "UPDATE content_items SET status = 'published', published_at = now(), \
+                     updated_at = now() \
+                     WHERE id = ANY($1) AND status = 'scheduled' AND publish_at <= now() \
+                     RETURNING id",
+                )
+                .bind(ids)
+                .fetch_all(conn)
+                .await
+            })
+            .await?;
+        Ok(published.into_iter().collect())
+    }
+}
+
+fn outcomes(ids: &[Uuid], published: &HashSet<Uuid>) -> Vec<Result<ItemOutcome, ItemError>> {
+    ids.iter()
+        .map(|id| {
+            Ok(if published.contains(id) {
+                ItemOutcome::Done
+            } else {
+                ItemOutcome::Skipped
+            })
+        })
+        .collect()
+}
+
+fn fail_all(n: usize, message: &str, attempts: u32) -> Vec<Result<ItemOutcome, ItemError>> {
+    (0..n)
+        .map(|_| {
+            Err(ItemError {
+                error: message.to_owned(),
+                attempts,
+            })
+        })
+        .collect()
+}
+
+/// True for an error the server raised about the rows (constraint, trigger, data):
+/// splitting the batch finds the rows. Anything else (timeouts, connection) is not.
+fn is_row_error(error: &DbError) -> bool {
+    matches!(error, DbError::Query(sqlx::Error::Database(_)))
+}
+
+fn describe(error: &DbError) -> String {
+    match error {
+        DbError::Query(sqlx::Error::Database(db)) => match db.constraint() {
+            Some(constraint) => format!("{} (constraint {constraint})", db.message()),
+            None => db.message().to_owned(),
+        },
+        other => error_chain(other),
+    }
+}
+
+impl Operation for ContentScheduler {
+    type Item = Uuid;
+
+    fn name(&self) -> OperationName {
+        OperationName::ContentScheduler
+    }
+
+    fn parallelism(&self) -> Parallelism {
+        Parallelism::Batches
+    }
+
+    async fn load(&self) -> anyhow::Result<Vec<Uuid>> {
+        Ok(self
+            .db
+            .run(async |conn| {
+                sqlx::query_scalar(
+                    "SELECT id FROM content_items WHERE status = 'scheduled' AND publish_at <= now() \
+                     ORDER BY publish_at, id",
+                )
+                .fetch_all(conn)
+                .await
+            })
+            .await?)
+    }
+
+    fn item_id(&self, item: &Uuid) -> String {
+        item.to_string()
+    }
+
+    async fn process_batch(
+        &self,
+        batch: Vec<Uuid>,
+        _concurrency: NonZeroUsize,
+    ) -> Vec<Result<ItemOutcome, ItemError>> {
+        match self.strategy {
+            Isolation::Savepoints => self.publish_with_savepoints(&batch).await,
+            Isolation::Bisect => self.publish_bisecting(&batch).await,
+        }
+    }
+}

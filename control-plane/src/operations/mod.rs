@@ -1,0 +1,145 @@
+//! The operations: each loads its due items and processes a batch of them, one outcome
+//! per item. The [`crate::runner`] owns everything around that (lock, run row, batches,
+//! modes, recording).
+//!
+//! - [`content_scheduler`]: publishes due `scheduled` content, a whole batch per
+//!   statement, bisecting a failed batch down to its failing rows.
+//! - [`keyword_sync`]: fetches keyword metrics per configured source (`gsc`, `ahrefs`)
+//!   through `smartbeak_utils::fetch` and upserts them on their natural key.
+//! - [`export_retention`]: deletes expired export files, `expiring` before the delete and
+//!   `expired` after it.
+
+use std::fmt;
+use std::future::Future;
+use std::num::NonZeroUsize;
+
+pub mod content_scheduler;
+pub mod export_retention;
+pub mod keyword_sync;
+
+/// The operations, by their CLI and `batch_runs.operation` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum OperationName {
+    /// Publish `scheduled` content whose `publish_at` has passed.
+    ContentScheduler,
+    /// Fetch keyword metrics from the configured providers.
+    KeywordSync,
+    /// Delete expired export files and mark their rows expired.
+    ExportRetention,
+}
+
+impl OperationName {
+    /// Every operation.
+    pub const ALL: [OperationName; 3] = [
+        Self::ContentScheduler,
+        Self::KeywordSync,
+        Self::ExportRetention,
+    ];
+
+    /// `content-scheduler`, `keyword-sync` or `export-retention`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::ContentScheduler => "content-scheduler",
+            Self::KeywordSync => "keyword-sync",
+            Self::ExportRetention => "export-retention",
+        }
+    }
+
+    /// The second key of the operation's advisory lock
+    /// (`pg_try_advisory_lock(LOCK_CLASS, key)`).
+    pub const fn lock_key(self) -> i32 {
+        match self {
+            Self::ContentScheduler => 1,
+            Self::KeywordSync => 2,
+            Self::ExportRetention => 3,
+        }
+    }
+}
+
+impl fmt::Display for OperationName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What happened to an item that did not fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ItemOutcome {
+    /// The item was processed.
+    Done,
+    /// Nothing to do any more (e.g. the row changed since it was loaded).
+    Skipped,
+}
+
+/// Why an item failed, and how many times it was tried.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ItemError {
+    /// A message naming what was wrong (never a credential).
+    pub error: String,
+    /// Statements or requests the item was part of.
+    pub attempts: u32,
+}
+
+impl ItemError {
+    /// An error after one attempt.
+    pub fn once(error: impl Into<String>) -> Self {
+        Self {
+            error: error.into(),
+            attempts: 1,
+        }
+    }
+}
+
+/// How items are run inside a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Parallelism {
+    /// `concurrency` batches in flight, each one unit of work (a statement).
+    Batches,
+    /// One batch at a time; `concurrency` items of it in flight.
+    ItemsInBatch,
+}
+
+/// One operation: its due items and how a batch of them is processed.
+pub trait Operation: Send + Sync + 'static {
+    /// One unit of work (a content id, a keyword source, an expired export).
+    type Item: Send + 'static;
+
+    /// The operation's name.
+    fn name(&self) -> OperationName;
+
+    /// How `--concurrency` applies.
+    fn parallelism(&self) -> Parallelism;
+
+    /// What the run was asked beyond the common params, for `batch_runs.params`.
+    fn params(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+
+    /// The items due now, in processing order.
+    fn load(&self) -> impl Future<Output = anyhow::Result<Vec<Self::Item>>> + Send;
+
+    /// The id recorded in `batch_run_items.item_id`.
+    fn item_id(&self, item: &Self::Item) -> String;
+
+    /// Processes one batch: one outcome per item, in order.
+    fn process_batch(
+        &self,
+        batch: Vec<Self::Item>,
+        concurrency: NonZeroUsize,
+    ) -> impl Future<Output = Vec<Result<ItemOutcome, ItemError>>> + Send;
+}
+
+/// The message of an error and its sources, `: `-separated.
+pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
+}

@@ -1,0 +1,779 @@
+//! One run of an operation, recorded.
+//!
+//! 1. A dedicated connection from [`Database::acquire`] takes the operation's session
+//!    advisory lock (`pg_try_advisory_lock(LOCK_CLASS, key)`) and keeps it for the whole
+//!    run: a lock taken through the pool would go back with its connection. Held
+//!    elsewhere: [`RunOutcome::LockHeld`], nothing else happens.
+//! 2. Runs of the operation still `running` whose heartbeat is older than
+//!    [`RunContext::stale_after`] are marked `abandoned` (their runner died: it lost its
+//!    lock with its session). The new run's `batch_runs` row is inserted `running`; the
+//!    unique partial index on `(operation) WHERE status = 'running'` refuses a second one
+//!    ([`RunOutcome::StillRunning`] when a live run's row is in the way).
+//! 3. The items are loaded and run in batches through
+//!    [`smartbeak_utils::concurrency::map_batches_bounded`]: settle-all (every item tried)
+//!    or strict (stop after the first batch with failures). Failures go to
+//!    `batch_run_items` as each batch ends (the first [`MAX_RECORDED_FAILURES`] in full,
+//!    the rest counted in `items_failed`).
+//! 4. Meanwhile the lock connection heartbeats the row (`heartbeat_at` and the counts so
+//!    far). When that statement fails or times out, the lock is presumed lost: no further
+//!    batch starts and the run ends `failed`. The cancellation token (shutdown) also stops
+//!    new batches; in-flight ones finish and the run ends `interrupted`.
+//! 5. The row gets its status and counts; the lock is released (or its connection closed).
+
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use indicatif::ProgressBar;
+use serde::Serialize;
+use smartbeak_database::{Database, DbError};
+use sqlx::PgConnection;
+use sqlx::pool::PoolConnection;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::metrics;
+use crate::operations::{ItemError, ItemOutcome, Operation, OperationName, Parallelism};
+
+/// First key of every control-plane advisory lock ("SBCP"); the second is
+/// [`OperationName::lock_key`].
+pub const LOCK_CLASS: i32 = 0x5342_4350;
+
+/// Failed items recorded in full in `batch_run_items` per run; later ones are counted.
+pub const MAX_RECORDED_FAILURES: u64 = 1_000;
+
+/// How a run treats failures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Every item is tried; failures are reported (the default).
+    SettleAll,
+    /// Stop after the first batch with failures; later batches are not started.
+    Strict,
+}
+
+impl Mode {
+    /// `settle_all` or `strict` (as stored in `batch_runs.mode`).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::SettleAll => "settle_all",
+            Self::Strict => "strict",
+        }
+    }
+}
+
+/// What one run is asked to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct RunOptions {
+    /// Items per batch, 1 to [`smartbeak_utils::concurrency::MAX_BATCH_SIZE`].
+    pub batch_size: usize,
+    /// Batches (content-scheduler) or items of a batch (the others) in flight.
+    pub concurrency: NonZeroUsize,
+    /// Settle-all or strict.
+    pub mode: Mode,
+    /// Load and report the items; change nothing (no lock, no run row).
+    pub dry_run: bool,
+}
+
+/// What every run of a process shares.
+#[derive(Debug, Clone)]
+pub struct RunContext {
+    /// The database.
+    pub db: Database,
+    /// This runner's name, stored in `batch_runs.runner`.
+    pub runner: String,
+    /// How often the lock connection heartbeats the run row.
+    pub heartbeat: Duration,
+    /// A `running` row whose heartbeat is older than this belongs to a dead runner.
+    pub stale_after: Duration,
+    /// Fired at shutdown: no new batch starts; in-flight ones finish.
+    pub cancel: CancellationToken,
+}
+
+/// The status a run ends with (`batch_runs.status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunStatus {
+    /// Every item succeeded (or had nothing to do).
+    Succeeded,
+    /// Some items failed, some succeeded.
+    Partial,
+    /// Every item tried failed, or the run could not go on (lock lost, load failed).
+    Failed,
+    /// Shutdown stopped it before every item was started.
+    Interrupted,
+    /// A dry run (nothing recorded).
+    DryRun,
+}
+
+impl RunStatus {
+    /// The stored name (`dry_run` is never stored).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Succeeded => "succeeded",
+            Self::Partial => "partial",
+            Self::Failed => "failed",
+            Self::Interrupted => "interrupted",
+            Self::DryRun => "dry_run",
+        }
+    }
+}
+
+/// One failed item.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailedItem {
+    /// Index of the item in the run's load order.
+    pub index: usize,
+    /// Its id.
+    pub item_id: String,
+    /// Why.
+    pub error: ItemError,
+}
+
+/// What a finished run did.
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    /// The operation.
+    pub operation: OperationName,
+    /// The `batch_runs` row (`None` for a dry run).
+    pub run_id: Option<Uuid>,
+    /// How it ended.
+    pub status: RunStatus,
+    /// Items loaded.
+    pub total: u64,
+    /// Items processed.
+    pub succeeded: u64,
+    /// Items that failed.
+    pub failed: u64,
+    /// Items not started (shutdown, strict stop, lock lost) or with nothing to do.
+    pub skipped: u64,
+    /// The failed items, in index order, at most [`MAX_RECORDED_FAILURES`].
+    pub failures: Vec<FailedItem>,
+    /// Why the run stopped early or failed as a whole, if it did.
+    pub error: Option<String>,
+    /// Wall time.
+    pub duration: Duration,
+    /// For a dry run: the ids of the first items that would be processed.
+    pub sample: Vec<String>,
+}
+
+impl RunReport {
+    /// The one-line summary printed by `batch` (and logged by `run`).
+    pub fn summary(&self) -> String {
+        let mut line = format!(
+            "{}: {} in {:.2?}: {} items, {} succeeded, {} failed, {} skipped",
+            self.operation,
+            self.status.as_str(),
+            self.duration,
+            self.total,
+            self.succeeded,
+            self.failed,
+            self.skipped
+        );
+        if let Some(id) = self.run_id {
+            line.push_str(&format!("; run {id}"));
+            if self.failed > 0 {
+                line.push_str(&format!(
+                    " (failed items: SELECT * FROM batch_run_items WHERE run_id = '{id}')"
+                ));
+            }
+        }
+        if let Some(error) = &self.error {
+            line.push_str(&format!("; {error}"));
+        }
+        if self.status == RunStatus::DryRun && !self.sample.is_empty() {
+            line.push_str(&format!("; would process {}", self.sample.join(", ")));
+            if self.total > self.sample.len() as u64 {
+                line.push_str(", ...");
+            }
+        }
+        line
+    }
+}
+
+/// The result of asking for a run.
+#[derive(Debug, Clone)]
+pub enum RunOutcome {
+    /// The run happened (possibly with failures).
+    Ran(RunReport),
+    /// Another runner holds the operation's advisory lock.
+    LockHeld(OperationName),
+    /// A run of the operation by another runner is still `running` with a fresh heartbeat
+    /// (its runner lost the lock but has not given up its row yet).
+    StillRunning {
+        /// The operation.
+        operation: OperationName,
+        /// That run.
+        run_id: Uuid,
+    },
+}
+
+/// A run could not start for a reason other than another runner.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The batch size is out of range.
+    #[error(transparent)]
+    Options(#[from] smartbeak_utils::concurrency::ConcurrencyError),
+    /// A database statement of the runner itself failed.
+    #[error("{what}: {source}")]
+    Database {
+        /// What the runner was doing.
+        what: &'static str,
+        /// The error.
+        #[source]
+        source: DbError,
+    },
+    /// Loading the due items failed before the run row existed (dry run).
+    #[error("loading the items of {operation}: {message}")]
+    Load {
+        /// The operation.
+        operation: OperationName,
+        /// Why.
+        message: String,
+    },
+}
+
+fn db_error(what: &'static str) -> impl FnOnce(DbError) -> RunError {
+    move |source| RunError::Database { what, source }
+}
+
+/// Counts shared by the batches and the heartbeat.
+#[derive(Debug, Default)]
+struct Counts {
+    succeeded: AtomicU64,
+    failed: AtomicU64,
+    skipped: AtomicU64,
+    recorded: AtomicU64,
+}
+
+impl Counts {
+    fn get(&self) -> (u64, u64, u64) {
+        (
+            self.succeeded.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+            self.skipped.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Runs `op` once: see the module docs. `progress`, when given, is advanced by one per
+/// item settled and gets its length when the items are loaded.
+///
+/// # Errors
+///
+/// [`RunError`] when the runner's own statements fail before the run row exists (after
+/// that, failures end the run `failed` and are in its row).
+pub async fn run_once<O: Operation>(
+    op: &O,
+    ctx: &RunContext,
+    options: RunOptions,
+    progress: Option<&ProgressBar>,
+) -> Result<RunOutcome, RunError> {
+    smartbeak_utils::concurrency::check_batch_size(options.batch_size)?;
+    let started = Instant::now();
+    let operation = op.name();
+    if options.dry_run {
+        let items = op.load().await.map_err(|e| RunError::Load {
+            operation,
+            message: format!("{e:#}"),
+        })?;
+        let sample = items.iter().take(10).map(|i| op.item_id(i)).collect();
+        return Ok(RunOutcome::Ran(RunReport {
+            operation,
+            run_id: None,
+            status: RunStatus::DryRun,
+            total: items.len() as u64,
+            succeeded: 0,
+            failed: 0,
+            skipped: 0,
+            failures: Vec::new(),
+            error: None,
+            duration: started.elapsed(),
+            sample,
+        }));
+    }
+
+    let mut lock = ctx
+        .db
+        .acquire()
+        .await
+        .map_err(db_error("checking out the lock connection"))?;
+    let bound = ctx.db.config().query_timeout();
+    let locked = bounded(
+        bound,
+        sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1, $2)")
+            .bind(LOCK_CLASS)
+            .bind(operation.lock_key())
+            .fetch_one(&mut *lock),
+    )
+    .await;
+    match locked {
+        Ok(true) => {}
+        Ok(false) => {
+            metrics::record_skipped_run(operation);
+            tracing::info!(%operation, "the operation's lock is held by another runner; not running");
+            return Ok(RunOutcome::LockHeld(operation));
+        }
+        Err(e) => {
+            discard(lock);
+            return Err(RunError::Database {
+                what: "taking the advisory lock",
+                source: e,
+            });
+        }
+    }
+    metrics::set_lock_held(operation, true);
+    let (outcome, lock_ok) = locked_run(op, ctx, options, progress, &mut lock, started).await;
+    if !lock_ok {
+        // The session is gone or in an unknown state: closing it releases the lock.
+        discard(lock);
+        metrics::set_lock_held(operation, false);
+        return outcome;
+    }
+    // Release the lock; a connection that cannot say so is closed (which releases it).
+    let released = bounded(
+        bound,
+        sqlx::query_scalar::<_, bool>("SELECT pg_advisory_unlock($1, $2)")
+            .bind(LOCK_CLASS)
+            .bind(operation.lock_key())
+            .fetch_one(&mut *lock),
+    )
+    .await;
+    if !matches!(released, Ok(true)) {
+        tracing::warn!(%operation, "could not release the advisory lock; closing its connection");
+        discard(lock);
+    }
+    metrics::set_lock_held(operation, false);
+    outcome
+}
+
+/// The run under the lock; the flag is false when the lock connection failed.
+async fn locked_run<O: Operation>(
+    op: &O,
+    ctx: &RunContext,
+    options: RunOptions,
+    progress: Option<&ProgressBar>,
+    lock: &mut PoolConnection<sqlx::Postgres>,
+    started: Instant,
+) -> (Result<RunOutcome, RunError>, bool) {
+    match run_locked(op, ctx, options, progress, lock, started).await {
+        Ok((outcome, lost)) => (Ok(outcome), !lost),
+        Err(e) => (Err(e), true),
+    }
+}
+
+async fn run_locked<O: Operation>(
+    op: &O,
+    ctx: &RunContext,
+    options: RunOptions,
+    progress: Option<&ProgressBar>,
+    lock: &mut PoolConnection<sqlx::Postgres>,
+    started: Instant,
+) -> Result<(RunOutcome, bool), RunError> {
+    let operation = op.name();
+    let abandoned = ctx
+        .db
+        .run(async |conn| {
+            sqlx::query_scalar::<_, Uuid>(
+                "UPDATE batch_runs SET status = 'abandoned', finished_at = now(), \
+                 error = 'abandoned: its runner stopped heartbeating (last at ' || heartbeat_at || ')' \
+                 WHERE operation = $1 AND status = 'running' \
+                 AND heartbeat_at < now() - make_interval(secs => $2) RETURNING id",
+            )
+            .bind(operation.as_str())
+            .bind(ctx.stale_after.as_secs_f64())
+            .fetch_all(conn)
+            .await
+        })
+        .await
+        .map_err(db_error("marking abandoned runs"))?;
+    for id in &abandoned {
+        tracing::warn!(%operation, run_id = %id, "marked a run abandoned: its runner stopped heartbeating");
+    }
+
+    let run_id = Uuid::new_v4();
+    let params = serde_json::json!({
+        "batch_size": options.batch_size,
+        "concurrency": options.concurrency.get(),
+        "operation": op.params(),
+    });
+    let inserted = ctx
+        .db
+        .run(async |conn| {
+            sqlx::query(
+                "INSERT INTO batch_runs (id, operation, runner, status, mode, params, heartbeat_at) \
+                 VALUES ($1, $2, $3, 'running', $4, $5, now())",
+            )
+            .bind(run_id)
+            .bind(operation.as_str())
+            .bind(&ctx.runner)
+            .bind(options.mode.as_str())
+            .bind(&params)
+            .execute(conn)
+            .await
+        })
+        .await;
+    match inserted {
+        Ok(_) => {}
+        Err(DbError::Query(sqlx::Error::Database(e))) if e.is_unique_violation() => {
+            let other: Option<Uuid> = ctx
+                .db
+                .run(async |conn| {
+                    sqlx::query_scalar(
+                        "SELECT id FROM batch_runs WHERE operation = $1 AND status = 'running'",
+                    )
+                    .bind(operation.as_str())
+                    .fetch_optional(conn)
+                    .await
+                })
+                .await
+                .map_err(db_error("reading the running run"))?;
+            metrics::record_skipped_run(operation);
+            tracing::info!(%operation, "a run of another runner is still running with a fresh heartbeat; not running");
+            return Ok((
+                RunOutcome::StillRunning {
+                    operation,
+                    run_id: other.unwrap_or_default(),
+                },
+                false,
+            ));
+        }
+        Err(e) => {
+            return Err(RunError::Database {
+                what: "inserting the run row",
+                source: e,
+            });
+        }
+    }
+    tracing::info!(%operation, %run_id, mode = options.mode.as_str(), "run started");
+
+    let items = match op.load().await {
+        Ok(items) => items,
+        Err(e) => {
+            let report = RunReport {
+                operation,
+                run_id: Some(run_id),
+                status: RunStatus::Failed,
+                total: 0,
+                succeeded: 0,
+                failed: 0,
+                skipped: 0,
+                failures: Vec::new(),
+                error: Some(format!("loading the items failed: {e:#}")),
+                duration: started.elapsed(),
+                sample: Vec::new(),
+            };
+            finish(ctx, &report).await;
+            return Ok((RunOutcome::Ran(report), false));
+        }
+    };
+    let total = items.len() as u64;
+    let ids: Vec<String> = items.iter().map(|item| op.item_id(item)).collect();
+    if let Some(bar) = progress {
+        bar.set_length(total);
+    }
+    // The total goes in at once, so a watcher (or the next runner) sees the size.
+    if let Err(e) = ctx
+        .db
+        .run(async |conn| {
+            sqlx::query("UPDATE batch_runs SET items_total = $2 WHERE id = $1")
+                .bind(run_id)
+                .bind(clamp_i32(total))
+                .execute(conn)
+                .await
+        })
+        .await
+    {
+        tracing::warn!(%operation, %run_id, error = %e, "could not record the run's total");
+    }
+
+    let counts = Arc::new(Counts::default());
+    let stop_items = ctx.cancel.child_token();
+    let heartbeat_done = CancellationToken::new();
+    let (batch_concurrency, item_concurrency) = match op.parallelism() {
+        Parallelism::Batches => (options.concurrency, NonZeroUsize::MIN),
+        Parallelism::ItemsInBatch => (NonZeroUsize::MIN, options.concurrency),
+    };
+    let strict = options.mode == Mode::Strict;
+
+    let work = async {
+        let outcomes = smartbeak_utils::concurrency::map_batches_bounded(
+            items,
+            options.batch_size,
+            batch_concurrency,
+            strict,
+            |first, batch| {
+                let counts = counts.clone();
+                let ids = &ids;
+                async move {
+                    let len = batch.len();
+                    let results = op.process_batch(batch, item_concurrency).await;
+                    let mut failures = Vec::new();
+                    for (offset, result) in results.iter().enumerate().take(len) {
+                        match result {
+                            Ok(ItemOutcome::Done) => {
+                                counts.succeeded.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Ok(ItemOutcome::Skipped) => {
+                                counts.skipped.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(error) => {
+                                counts.failed.fetch_add(1, Ordering::Relaxed);
+                                failures.push(FailedItem {
+                                    index: first + offset,
+                                    item_id: ids[first + offset].clone(),
+                                    error: error.clone(),
+                                });
+                            }
+                        }
+                    }
+                    record_failures(ctx, run_id, operation, &counts, &failures).await;
+                    if let Some(bar) = progress {
+                        bar.inc(len as u64);
+                    }
+                    results
+                }
+            },
+            Some(stop_items.clone()),
+        )
+        .await;
+        heartbeat_done.cancel();
+        outcomes
+    };
+    let heartbeat = heartbeat(
+        lock,
+        run_id,
+        ctx.heartbeat,
+        ctx.db.config().query_timeout(),
+        &counts,
+        &heartbeat_done,
+        &stop_items,
+    );
+    let (outcomes, lost) = tokio::join!(work, heartbeat);
+    // `Options` was checked above, so this is only ever Ok.
+    let outcomes = outcomes.unwrap_or_default();
+
+    let mut failures = Vec::new();
+    let mut not_started = 0_u64;
+    for (index, outcome) in outcomes.into_iter().enumerate() {
+        match outcome {
+            None => not_started += 1,
+            Some(Err(error)) if (failures.len() as u64) < MAX_RECORDED_FAILURES => {
+                failures.push(FailedItem {
+                    index,
+                    item_id: ids[index].clone(),
+                    error,
+                });
+            }
+            Some(_) => {}
+        }
+    }
+    counts.skipped.fetch_add(not_started, Ordering::Relaxed);
+    if let Some(bar) = progress {
+        bar.inc(not_started);
+    }
+    let (succeeded, failed, skipped) = counts.get();
+    let mut error = None;
+    let status = if let Some(why) = &lost {
+        error = Some(format!(
+            "the lock connection was lost ({why}); no further items were started"
+        ));
+        RunStatus::Failed
+    } else if ctx.cancel.is_cancelled() && not_started > 0 {
+        error = Some(format!(
+            "interrupted by shutdown: {not_started} items were not started"
+        ));
+        RunStatus::Interrupted
+    } else if failed == 0 {
+        RunStatus::Succeeded
+    } else if succeeded == 0 {
+        RunStatus::Failed
+    } else {
+        RunStatus::Partial
+    };
+    if strict && failed > 0 && error.is_none() {
+        let indices: Vec<String> = failures.iter().map(|f| f.index.to_string()).collect();
+        error = Some(format!(
+            "strict: stopped after the first batch with failures, failed indexes [{}]; {not_started} later items not started",
+            indices.join(", ")
+        ));
+    }
+    let report = RunReport {
+        operation,
+        run_id: Some(run_id),
+        status,
+        total,
+        succeeded,
+        failed,
+        skipped,
+        failures,
+        error,
+        duration: started.elapsed(),
+        sample: Vec::new(),
+    };
+    finish(ctx, &report).await;
+    Ok((RunOutcome::Ran(report), lost.is_some()))
+}
+
+/// Heartbeats the run on the lock connection until `done`; when a heartbeat fails, fires
+/// `stop_items` and returns why (the lock is presumed lost).
+async fn heartbeat(
+    lock: &mut PgConnection,
+    run_id: Uuid,
+    every: Duration,
+    bound: Duration,
+    counts: &Counts,
+    done: &CancellationToken,
+    stop_items: &CancellationToken,
+) -> Option<String> {
+    loop {
+        tokio::select! {
+            () = done.cancelled() => return None,
+            () = tokio::time::sleep(every) => {}
+        }
+        let (succeeded, failed, skipped) = counts.get();
+        let beat = bounded(
+            bound,
+            sqlx::query(
+                "UPDATE batch_runs SET heartbeat_at = now(), items_succeeded = $2, \
+                 items_failed = $3, items_skipped = $4 WHERE id = $1 AND status = 'running'",
+            )
+            .bind(run_id)
+            .bind(clamp_i32(succeeded))
+            .bind(clamp_i32(failed))
+            .bind(clamp_i32(skipped))
+            .execute(&mut *lock),
+        )
+        .await;
+        let why = match beat {
+            Ok(done) if done.rows_affected() == 1 => continue,
+            Ok(_) => "the run row is no longer running (another runner marked it)".to_owned(),
+            Err(e) => e.to_string(),
+        };
+        tracing::error!(run_id = %run_id, error = %why, "heartbeat failed; stopping the run");
+        stop_items.cancel();
+        return Some(why);
+    }
+}
+
+/// Inserts a batch's failures into `batch_run_items`, up to [`MAX_RECORDED_FAILURES`]
+/// per run.
+async fn record_failures(
+    ctx: &RunContext,
+    run_id: Uuid,
+    operation: OperationName,
+    counts: &Counts,
+    failures: &[FailedItem],
+) {
+    if failures.is_empty() {
+        return;
+    }
+    let before = counts
+        .recorded
+        .fetch_add(failures.len() as u64, Ordering::Relaxed);
+    let room = MAX_RECORDED_FAILURES.saturating_sub(before) as usize;
+    let kept = &failures[..failures.len().min(room)];
+    if kept.is_empty() {
+        return;
+    }
+    let indexes: Vec<i64> = kept.iter().map(|f| f.index as i64).collect();
+    let item_ids: Vec<&str> = kept.iter().map(|f| f.item_id.as_str()).collect();
+    let errors: Vec<&str> = kept.iter().map(|f| f.error.error.as_str()).collect();
+    let attempts: Vec<i32> = kept
+        .iter()
+        .map(|f| i32::try_from(f.error.attempts.max(1)).unwrap_or(i32::MAX))
+        .collect();
+    let inserted = ctx
+        .db
+        .run(async |conn| {
+            sqlx::query(
+                "INSERT INTO batch_run_items (run_id, item_index, item_id, error, attempts) \
+                 SELECT $1, * FROM UNNEST($2::int8[], $3::text[], $4::text[], $5::int4[]) \
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(run_id)
+            .bind(&indexes)
+            .bind(&item_ids)
+            .bind(&errors)
+            .bind(&attempts)
+            .execute(conn)
+            .await
+        })
+        .await;
+    if let Err(e) = inserted {
+        // They are still counted in items_failed; the log names them.
+        tracing::error!(%operation, %run_id, error = %e, failed = ?indexes, "could not record failed items");
+    }
+}
+
+/// Writes the run's final status and counts (only while it is still `running`: another
+/// runner may have marked it abandoned) and records its metrics.
+async fn finish(ctx: &RunContext, report: &RunReport) {
+    let Some(run_id) = report.run_id else {
+        return;
+    };
+    let written = ctx
+        .db
+        .run(async |conn| {
+            sqlx::query(
+                "UPDATE batch_runs SET status = $2, items_total = $3, items_succeeded = $4, \
+                 items_failed = $5, items_skipped = $6, error = $7, finished_at = now(), \
+                 heartbeat_at = now() WHERE id = $1 AND status = 'running'",
+            )
+            .bind(run_id)
+            .bind(report.status.as_str())
+            .bind(clamp_i32(report.total))
+            .bind(clamp_i32(report.succeeded))
+            .bind(clamp_i32(report.failed))
+            .bind(clamp_i32(report.skipped))
+            .bind(report.error.as_deref())
+            .execute(conn)
+            .await
+        })
+        .await;
+    match written {
+        Ok(done) if done.rows_affected() == 1 => {}
+        Ok(_) => tracing::warn!(operation = %report.operation, %run_id,
+            "the run row was no longer running (marked abandoned by another runner); its counts are in this log"),
+        Err(e) => tracing::error!(operation = %report.operation, %run_id, error = %e,
+            "could not record the end of the run; the next runner marks it abandoned"),
+    }
+    metrics::record_run(
+        report.operation,
+        report.status,
+        [
+            ("succeeded", report.succeeded),
+            ("failed", report.failed),
+            ("skipped", report.skipped),
+        ],
+        report.duration,
+    );
+    let level_error = report.failed > 0 || report.status == RunStatus::Failed;
+    if level_error {
+        tracing::warn!(operation = %report.operation, %run_id, "{}", report.summary());
+    } else {
+        tracing::info!(operation = %report.operation, %run_id, "{}", report.summary());
+    }
+}
+
+/// Runs a statement on the lock connection under `bound` (statements on an acquired
+/// connection are not bounded by the `Database`).
+async fn bounded<T>(
+    bound: Duration,
+    statement: impl Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T, DbError> {
+    match tokio::time::timeout(bound, statement).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(DbError::Query(e)),
+        Err(_) => Err(DbError::QueryTimeout(bound)),
+    }
+}
+
+/// Closes a connection instead of returning it to the pool.
+fn discard(conn: PoolConnection<sqlx::Postgres>) {
+    drop(conn.detach());
+}
+
+fn clamp_i32(n: u64) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
+}

@@ -1,0 +1,904 @@
+//! The operations and the runner against a fresh PostgreSQL database (and, for
+//! keyword-sync, a fake provider: an axum server on a free port). No mocks.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use smartbeak_control_plane::operations::content_scheduler::{ContentScheduler, Isolation};
+use smartbeak_control_plane::operations::export_retention::ExportRetention;
+use smartbeak_control_plane::operations::keyword_sync::{
+    KeywordSync, ProviderConfig, Providers, Secret,
+};
+use smartbeak_control_plane::runner::{
+    LOCK_CLASS, Mode, RunContext, RunOptions, RunOutcome, RunReport, RunStatus, run_once,
+};
+use smartbeak_database::Database;
+use smartbeak_database::testing::TestDatabase;
+use smartbeak_resilience::{
+    AdapterName, BreakerConfig, BreakerPolicy, BreakerState, Policy, Resilience, ResilienceConfig,
+    RetryPolicy,
+};
+use smartbeak_utils::fetch::HttpClient;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+struct Fixture {
+    tdb: TestDatabase,
+    db: Database,
+    admin: PgPool,
+    domain: Uuid,
+}
+
+impl Fixture {
+    async fn new() -> Self {
+        let tdb = TestDatabase::create().await.unwrap();
+        let db = Database::connect(tdb.config(), "control-plane-test")
+            .await
+            .unwrap();
+        let admin = PgPool::connect(tdb.url().expose()).await.unwrap();
+        let org = Uuid::new_v4();
+        sqlx::query("INSERT INTO orgs (id, name) VALUES ($1, 'org')")
+            .bind(org)
+            .execute(&admin)
+            .await
+            .unwrap();
+        let domain = new_domain(&admin, org, "example.com").await;
+        Self {
+            tdb,
+            db,
+            admin,
+            domain,
+        }
+    }
+
+    fn ctx(&self) -> RunContext {
+        RunContext {
+            db: self.db.clone(),
+            runner: "test-runner".into(),
+            heartbeat: Duration::from_millis(200),
+            stale_after: Duration::from_secs(30),
+            cancel: CancellationToken::new(),
+        }
+    }
+
+    async fn org(&self) -> Uuid {
+        sqlx::query_scalar("SELECT org_id FROM domains WHERE id = $1")
+            .bind(self.domain)
+            .fetch_one(&self.admin)
+            .await
+            .unwrap()
+    }
+
+    async fn done(self) {
+        self.db.close(Duration::from_secs(5)).await.unwrap();
+        self.admin.close().await;
+        self.tdb.drop_database().await.unwrap();
+    }
+}
+
+async fn new_domain(admin: &PgPool, org: Uuid, name: &str) -> Uuid {
+    let id = Uuid::new_v4();
+    sqlx::query("INSERT INTO domains (id, org_id, name) VALUES ($1, $2, $3)")
+        .bind(id)
+        .bind(org)
+        .bind(name)
+        .execute(admin)
+        .await
+        .unwrap();
+    id
+}
+
+fn options(batch_size: usize, concurrency: usize, mode: Mode) -> RunOptions {
+    RunOptions {
+        batch_size,
+        concurrency: NonZeroUsize::new(concurrency).unwrap(),
+        mode,
+        dry_run: false,
+    }
+}
+
+fn ran(outcome: RunOutcome) -> RunReport {
+    match outcome {
+        RunOutcome::Ran(report) => report,
+        other => panic!("expected a run, got {other:?}"),
+    }
+}
+
+/// `n` due scheduled items, item `i` due `n - i` seconds ago (so the load order is `i`);
+/// those with `bad(i)` get a title that the test's constraint refuses once published.
+async fn seed_scheduled(fx: &Fixture, n: i64, bad: &str) {
+    sqlx::query(&format!(
+        "INSERT INTO content_items (id, domain_id, title, slug, status, publish_at) \
+         SELECT gen_random_uuid(), $1, CASE WHEN {bad} THEN 'bad ' || i ELSE 'good ' || i END, \
+         'item-' || i, 'scheduled', now() - make_interval(secs => $2 - i) \
+         FROM generate_series(0, $2 - 1) AS i"
+    ))
+    .bind(fx.domain)
+    .bind(n)
+    .execute(&fx.admin)
+    .await
+    .unwrap();
+    // A row that violates a constraint at update time: published with a 'bad' title.
+    sqlx::query(
+        "ALTER TABLE content_items ADD CONSTRAINT test_no_bad_published \
+         CHECK (status <> 'published' OR title NOT LIKE 'bad %') NOT VALID",
+    )
+    .execute(&fx.admin)
+    .await
+    .unwrap();
+}
+
+#[derive(Debug, sqlx::FromRow, PartialEq, Eq)]
+struct RunRow {
+    status: String,
+    mode: String,
+    items_total: i32,
+    items_succeeded: i32,
+    items_failed: i32,
+    items_skipped: i32,
+    finished: bool,
+}
+
+async fn run_row(admin: &PgPool, id: Uuid) -> RunRow {
+    sqlx::query_as(
+        "SELECT status, mode, items_total, items_succeeded, items_failed, items_skipped, \
+         finished_at IS NOT NULL AS finished FROM batch_runs WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(admin)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn content_scheduler_publishes_the_good_rows_and_records_every_failure() {
+    let fx = Fixture::new().await;
+    seed_scheduled(&fx, 10_000, "i % 10 = 7").await;
+    // Not due, and a draft: both untouched.
+    sqlx::query(
+        "INSERT INTO content_items (id, domain_id, title, slug, status, publish_at) VALUES \
+         (gen_random_uuid(), $1, 'later', 'later', 'scheduled', now() + interval '1 day'), \
+         (gen_random_uuid(), $1, 'draft', 'draft', 'draft', NULL)",
+    )
+    .bind(fx.domain)
+    .execute(&fx.admin)
+    .await
+    .unwrap();
+    let expected_bad: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT (row_number() OVER (ORDER BY publish_at, id) - 1)::int8, id::text, title \
+         FROM content_items WHERE status = 'scheduled' AND publish_at <= now()",
+    )
+    .fetch_all(&fx.admin)
+    .await
+    .map(|rows: Vec<(i64, String, String)>| {
+        rows.into_iter()
+            .filter(|(_, _, title)| title.starts_with("bad "))
+            .map(|(i, id, _)| (i, id))
+            .collect()
+    })
+    .unwrap();
+    assert_eq!(expected_bad.len(), 1_000);
+
+    let op = ContentScheduler::new(fx.db.clone());
+    let report = ran(
+        run_once(&op, &fx.ctx(), options(100, 4, Mode::SettleAll), None)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        (
+            report.total,
+            report.succeeded,
+            report.failed,
+            report.skipped
+        ),
+        (10_000, 9_000, 1_000, 0),
+        "{}",
+        report.summary()
+    );
+    assert_eq!(report.status, RunStatus::Partial);
+
+    let published: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM content_items WHERE status = 'published' AND published_at IS NOT NULL",
+    )
+    .fetch_one(&fx.admin)
+    .await
+    .unwrap();
+    assert_eq!(published, 9_000);
+    let bad_published: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM content_items WHERE status = 'published' AND title LIKE 'bad %'",
+    )
+    .fetch_one(&fx.admin)
+    .await
+    .unwrap();
+    assert_eq!(bad_published, 0);
+    let untouched: Vec<String> =
+        sqlx::query_scalar("SELECT slug FROM content_items WHERE status <> 'published' AND title NOT LIKE 'bad %' ORDER BY slug")
+            .fetch_all(&fx.admin)
+            .await
+            .unwrap();
+    assert_eq!(untouched, ["draft", "later"]);
+
+    let run_id = report.run_id.unwrap();
+    let recorded: Vec<(i64, String, String, i32)> = sqlx::query_as(
+        "SELECT item_index, item_id, error, attempts FROM batch_run_items WHERE run_id = $1 \
+         ORDER BY item_index",
+    )
+    .bind(run_id)
+    .fetch_all(&fx.admin)
+    .await
+    .unwrap();
+    let recorded_ids: Vec<(i64, String)> = recorded
+        .iter()
+        .map(|(i, id, _, _)| (*i, id.clone()))
+        .collect();
+    assert_eq!(recorded_ids, expected_bad);
+    assert!(
+        recorded[0].2.contains("test_no_bad_published"),
+        "{}",
+        recorded[0].2
+    );
+    assert!(
+        recorded.iter().all(|r| r.3 > 1),
+        "bisected items were tried more than once"
+    );
+    assert_eq!(
+        run_row(&fx.admin, run_id).await,
+        RunRow {
+            status: "partial".into(),
+            mode: "settle_all".into(),
+            items_total: 10_000,
+            items_succeeded: 9_000,
+            items_failed: 1_000,
+            items_skipped: 0,
+            finished: true,
+        }
+    );
+    fx.done().await;
+}
+
+#[tokio::test]
+async fn strict_mode_stops_after_the_failing_batch() {
+    let fx = Fixture::new().await;
+    // Batches of 100: failures in the third batch (250, 260, 299) and the seventh (650).
+    seed_scheduled(&fx, 1_000, "i IN (250, 260, 299, 650)").await;
+    let op = ContentScheduler::new(fx.db.clone());
+    let report = ran(
+        run_once(&op, &fx.ctx(), options(100, 4, Mode::Strict), None)
+            .await
+            .unwrap(),
+    );
+    let indexes: Vec<usize> = report.failures.iter().map(|f| f.index).collect();
+    assert_eq!(indexes, [250, 260, 299], "{}", report.summary());
+    assert_eq!(
+        (report.succeeded, report.failed, report.skipped),
+        (297, 3, 700)
+    );
+    let error = report.error.clone().unwrap();
+    assert!(error.contains("[250, 260, 299]"), "{error}");
+    let later_published: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM content_items WHERE status = 'published' \
+         AND split_part(slug, '-', 2)::int >= 300",
+    )
+    .fetch_one(&fx.admin)
+    .await
+    .unwrap();
+    assert_eq!(later_published, 0, "later batches untouched");
+    let row = run_row(&fx.admin, report.run_id.unwrap()).await;
+    assert_eq!((row.mode.as_str(), row.items_skipped), ("strict", 700));
+    fx.done().await;
+}
+
+#[tokio::test]
+async fn bisecting_isolates_the_same_rows() {
+    let fx = Fixture::new().await;
+    seed_scheduled(&fx, 1_000, "i % 10 = 3").await;
+    let op = ContentScheduler::with_isolation(fx.db.clone(), Isolation::Bisect);
+    let report = ran(
+        run_once(&op, &fx.ctx(), options(100, 2, Mode::SettleAll), None)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        (report.succeeded, report.failed),
+        (900, 100),
+        "{}",
+        report.summary()
+    );
+    assert!(report.failures.iter().all(|f| f.index % 10 == 3));
+    assert!(report.failures.iter().all(|f| f.error.attempts > 1));
+    fx.done().await;
+}
+
+#[tokio::test]
+async fn dry_run_changes_nothing() {
+    let fx = Fixture::new().await;
+    seed_scheduled(&fx, 20, "false").await;
+    let op = ContentScheduler::new(fx.db.clone());
+    let mut opts = options(10, 1, Mode::SettleAll);
+    opts.dry_run = true;
+    let report = ran(run_once(&op, &fx.ctx(), opts, None).await.unwrap());
+    assert_eq!((report.status, report.total), (RunStatus::DryRun, 20));
+    assert!(
+        report.summary().contains("would process"),
+        "{}",
+        report.summary()
+    );
+    let (published, runs): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM content_items WHERE status = 'published'), \
+         (SELECT count(*) FROM batch_runs)",
+    )
+    .fetch_one(&fx.admin)
+    .await
+    .unwrap();
+    assert_eq!((published, runs), (0, 0));
+    fx.done().await;
+}
+
+#[tokio::test]
+async fn a_held_lock_skips_the_run_and_a_stale_run_is_abandoned() {
+    let fx = Fixture::new().await;
+    let op = ContentScheduler::new(fx.db.clone());
+    let mut holder = fx.admin.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock($1, $2)")
+        .bind(LOCK_CLASS)
+        .bind(1_i32)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let outcome = run_once(&op, &fx.ctx(), options(10, 1, Mode::SettleAll), None)
+        .await
+        .unwrap();
+    assert!(matches!(outcome, RunOutcome::LockHeld(_)), "{outcome:?}");
+    sqlx::query("SELECT pg_advisory_unlock_all()")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    drop(holder);
+
+    // A dead runner's row: fresh heartbeat blocks a new run, a stale one is abandoned.
+    let dead = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO batch_runs (id, operation, runner, status, heartbeat_at) \
+         VALUES ($1, 'content-scheduler', 'dead', 'running', now())",
+    )
+    .bind(dead)
+    .execute(&fx.admin)
+    .await
+    .unwrap();
+    let outcome = run_once(&op, &fx.ctx(), options(10, 1, Mode::SettleAll), None)
+        .await
+        .unwrap();
+    assert!(
+        matches!(outcome, RunOutcome::StillRunning { run_id, .. } if run_id == dead),
+        "{outcome:?}"
+    );
+    sqlx::query("UPDATE batch_runs SET heartbeat_at = now() - interval '1 hour' WHERE id = $1")
+        .bind(dead)
+        .execute(&fx.admin)
+        .await
+        .unwrap();
+    let report = ran(
+        run_once(&op, &fx.ctx(), options(10, 1, Mode::SettleAll), None)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(report.status, RunStatus::Succeeded);
+    let status: String = sqlx::query_scalar("SELECT status FROM batch_runs WHERE id = $1")
+        .bind(dead)
+        .fetch_one(&fx.admin)
+        .await
+        .unwrap();
+    assert_eq!(status, "abandoned");
+    // The lock was released: it can be taken again.
+    let free: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, 1)")
+        .bind(LOCK_CLASS)
+        .fetch_one(&fx.admin)
+        .await
+        .unwrap();
+    assert!(free);
+    fx.done().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// export-retention
+
+async fn insert_export(fx: &Fixture, path: &str, expires_in_secs: i64) -> Uuid {
+    let id = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO domain_exports (id, org_id, domain_id, format, status, storage_path, \
+         size_bytes, record_count, checksum_sha256, expires_at, finished_at) \
+         VALUES ($1, $2, $3, 'json', 'succeeded', $4, 1, 1, repeat('a', 64), \
+         now() + make_interval(secs => $5), now())",
+    )
+    .bind(id)
+    .bind(fx.org().await)
+    .bind(fx.domain)
+    .bind(path)
+    .bind(expires_in_secs as f64)
+    .execute(&fx.admin)
+    .await
+    .unwrap();
+    id
+}
+
+async fn export_status(fx: &Fixture, id: Uuid) -> String {
+    sqlx::query_scalar("SELECT status FROM domain_exports WHERE id = $1")
+        .bind(id)
+        .fetch_one(&fx.admin)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn export_retention_deletes_expired_files_and_refuses_paths_outside() {
+    let fx = Fixture::new().await;
+    let base = tempfile::tempdir().unwrap();
+    let dir = base.path().join("exports");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("expired.json"), b"x").unwrap();
+    std::fs::write(dir.join("fresh.json"), b"x").unwrap();
+    std::fs::write(dir.join("resumed.json"), b"x").unwrap();
+    std::fs::write(base.path().join("secret"), b"s").unwrap();
+    std::os::unix::fs::symlink(base.path().join("secret"), dir.join("link.json")).unwrap();
+
+    let expired = insert_export(&fx, "expired.json", -60).await;
+    let missing = insert_export(&fx, "missing.json", -60).await;
+    let fresh = insert_export(&fx, "fresh.json", 3_600).await;
+    let outside = insert_export(&fx, "../secret", -60).await;
+    let link = insert_export(&fx, "link.json", -60).await;
+    // A run that died after marking: the row is `expiring`, the file still there.
+    let resumed = insert_export(&fx, "resumed.json", -60).await;
+    sqlx::query("UPDATE domain_exports SET status = 'expiring' WHERE id = $1")
+        .bind(resumed)
+        .execute(&fx.admin)
+        .await
+        .unwrap();
+
+    let op = ExportRetention::new(fx.db.clone(), dir.clone());
+    let report = ran(
+        run_once(&op, &fx.ctx(), options(10, 2, Mode::SettleAll), None)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        (report.total, report.succeeded, report.failed),
+        (5, 3, 2),
+        "{}",
+        report.summary()
+    );
+    for id in [expired, missing, resumed] {
+        assert_eq!(export_status(&fx, id).await, "expired");
+    }
+    assert!(!dir.join("expired.json").exists());
+    assert!(!dir.join("resumed.json").exists());
+    assert_eq!(export_status(&fx, fresh).await, "succeeded");
+    assert!(dir.join("fresh.json").exists());
+    for id in [outside, link] {
+        assert_eq!(
+            export_status(&fx, id).await,
+            "succeeded",
+            "refused, untouched"
+        );
+    }
+    assert!(
+        base.path().join("secret").exists(),
+        "nothing outside was deleted"
+    );
+    assert!(dir.join("link.json").exists());
+    let errors: Vec<String> = report
+        .failures
+        .iter()
+        .map(|f| f.error.error.clone())
+        .collect();
+    assert!(
+        errors.iter().all(|e| e.contains("outside EXPORT_DIR")),
+        "{errors:?}"
+    );
+
+    // A re-run finds only the refused rows again.
+    let again = ran(
+        run_once(&op, &fx.ctx(), options(10, 2, Mode::SettleAll), None)
+            .await
+            .unwrap(),
+    );
+    assert_eq!((again.total, again.failed), (2, 2));
+    fx.done().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// keyword-sync against a fake provider
+
+#[derive(Default)]
+struct FakeProvider {
+    gsc_down: AtomicBool,
+    gsc_hits: AtomicUsize,
+    ahrefs_hits: AtomicUsize,
+}
+
+#[derive(serde::Deserialize)]
+struct SiteQuery {
+    site: String,
+}
+
+fn keywords_body(site: &str) -> String {
+    let rows: Vec<serde_json::Value> = ["alpha", "beta", "gamma"]
+        .iter()
+        .flat_map(|k| {
+            ["2026-11-29", "2026-11-30"].map(|date| {
+                serde_json::json!({"keyword": format!("{k} {site}"), "date": date,
+                    "search_volume": 100, "position": 3.5, "clicks": 10,
+                    "impressions": 200, "ctr": 0.05})
+            })
+        })
+        .collect();
+    serde_json::json!({ "keywords": rows }).to_string()
+}
+
+async fn gsc(State(p): State<Arc<FakeProvider>>, Query(q): Query<SiteQuery>) -> Response {
+    p.gsc_hits.fetch_add(1, Ordering::SeqCst);
+    if p.gsc_down.load(Ordering::SeqCst) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "down").into_response();
+    }
+    (
+        [("content-type", "application/json")],
+        keywords_body(&q.site),
+    )
+        .into_response()
+}
+
+async fn ahrefs(State(p): State<Arc<FakeProvider>>, Query(q): Query<SiteQuery>) -> Response {
+    p.ahrefs_hits.fetch_add(1, Ordering::SeqCst);
+    (
+        [("content-type", "application/json")],
+        keywords_body(&q.site),
+    )
+        .into_response()
+}
+
+/// Headers at once, then a first chunk, then nothing, forever.
+async fn stall() -> Response {
+    let stream = futures::stream::once(async {
+        Ok::<_, std::io::Error>(axum::body::Bytes::from_static(b"{\"keywords\": ["))
+    })
+    .chain(futures::stream::pending());
+    Response::builder()
+        .header("content-type", "application/json")
+        .body(Body::from_stream(stream))
+        .unwrap()
+}
+
+use futures::StreamExt as _;
+
+async fn start_provider(state: Arc<FakeProvider>) -> String {
+    let app = Router::new()
+        .route("/gsc/v1/keywords", get(gsc))
+        .route("/ahrefs/v1/keywords", get(ahrefs))
+        .route("/stall/v1/keywords", get(stall))
+        .with_state(state);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}")
+}
+
+fn provider(base: &str, path: &str) -> ProviderConfig {
+    ProviderConfig {
+        base_url: format!("{base}/{path}/").parse().unwrap(),
+        api_key: Secret::new("test-key"),
+    }
+}
+
+fn client(open: Duration, attempt: Duration) -> HttpClient {
+    let policy = Policy {
+        breaker: BreakerPolicy::new(BreakerConfig {
+            open_duration: open,
+            ..BreakerConfig::default()
+        })
+        .unwrap(),
+        retry: RetryPolicy {
+            max_attempts: 1,
+            max_elapsed: Duration::from_secs(5),
+            ..RetryPolicy::default()
+        },
+        attempt_timeout: Some(attempt),
+    };
+    HttpClient::builder(Resilience::new(ResilienceConfig::default()))
+        .adapter(AdapterName::Gsc, policy.clone())
+        .adapter(AdapterName::Ahrefs, policy)
+        .build()
+        .unwrap()
+}
+
+async fn add_sources(fx: &Fixture, adapter: &str, n: usize) {
+    let org = fx.org().await;
+    for i in 0..n {
+        let domain = new_domain(&fx.admin, org, &format!("{adapter}-{i}.example")).await;
+        sqlx::query(
+            "INSERT INTO domain_keyword_sources (domain_id, adapter, site) VALUES ($1, $2, $3)",
+        )
+        .bind(domain)
+        .bind(adapter)
+        .bind(format!("{adapter}-{i}"))
+        .execute(&fx.admin)
+        .await
+        .unwrap();
+    }
+}
+
+async fn metrics_text(addr: std::net::SocketAddr) -> String {
+    reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn keyword_sync_isolates_a_failing_provider_and_upserts_without_duplicates() {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .unwrap();
+    let shutdown = smartbeak_shutdown::Shutdown::new(smartbeak_shutdown::ShutdownConfig::default());
+    let admin = smartbeak_shutdown::admin::AdminServer::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let admin_addr = admin.local_addr();
+    admin.serve(
+        &shutdown,
+        Some(recorder),
+        Arc::new(|| Box::pin(async { Ok(()) })),
+    );
+
+    let fx = Fixture::new().await;
+    add_sources(&fx, "gsc", 8).await;
+    add_sources(&fx, "ahrefs", 8).await;
+    let fake = Arc::new(FakeProvider::default());
+    fake.gsc_down.store(true, Ordering::SeqCst);
+    let base = start_provider(fake.clone()).await;
+    let client = client(Duration::from_millis(300), Duration::from_secs(5));
+    let op = KeywordSync::new(
+        fx.db.clone(),
+        client.clone(),
+        Providers {
+            gsc: Some(provider(&base, "gsc")),
+            ahrefs: Some(provider(&base, "ahrefs")),
+        },
+    );
+    let report = ran(
+        run_once(&op, &fx.ctx(), options(4, 1, Mode::SettleAll), None)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        (report.total, report.succeeded, report.failed),
+        (16, 8, 8),
+        "{}",
+        report.summary()
+    );
+    assert!(report.failures.iter().all(|f| f.item_id.ends_with("/gsc")));
+    // Five failures in a row open the breaker; the other three fail without a request.
+    assert_eq!(fake.gsc_hits.load(Ordering::SeqCst), 5);
+    let fast = report
+        .failures
+        .iter()
+        .filter(|f| f.error.error.contains("circuit breaker for gsc is open"))
+        .count();
+    assert_eq!(fast, 3, "{:?}", report.failures);
+    assert_eq!(fake.ahrefs_hits.load(Ordering::SeqCst), 8);
+    let text = metrics_text(admin_addr).await;
+    assert!(
+        text.lines().any(|l| l.starts_with("circuit_breaker_state{")
+            && l.contains("adapter=\"gsc\"")
+            && l.ends_with(" 1")),
+        "{text}"
+    );
+    assert!(
+        text.lines().any(|l| l.starts_with("circuit_breaker_state{")
+            && l.contains("adapter=\"ahrefs\"")
+            && l.ends_with(" 0")),
+        "{text}"
+    );
+    assert!(text.contains("control_plane_runs_total"), "{text}");
+
+    // Recovery: once the breaker lets probes through, the next run succeeds.
+    fake.gsc_down.store(false, Ordering::SeqCst);
+    let breaker = client.breaker(AdapterName::Gsc);
+    assert_eq!(breaker.state(), BreakerState::Open);
+    // Poll until the breaker admits a probe (the permit is dropped unused: its slot goes
+    // back), i.e. the open period is over.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while breaker.try_acquire().is_err() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap();
+    let report = ran(
+        run_once(&op, &fx.ctx(), options(4, 1, Mode::SettleAll), None)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        (report.succeeded, report.failed),
+        (16, 0),
+        "{}",
+        report.summary()
+    );
+    let count = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM keyword_metrics")
+            .fetch_one(&fx.admin)
+            .await
+            .unwrap()
+    };
+    assert_eq!(count().await, 16 * 6);
+    // A re-run stores no duplicates.
+    let report = ran(
+        run_once(&op, &fx.ctx(), options(4, 1, Mode::SettleAll), None)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(report.succeeded, 16);
+    assert_eq!(count().await, 16 * 6);
+    let synced: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM domain_keyword_sources WHERE last_synced_at IS NOT NULL",
+    )
+    .fetch_one(&fx.admin)
+    .await
+    .unwrap();
+    assert_eq!(synced, 16);
+    fx.done().await;
+}
+
+#[tokio::test]
+async fn keyword_sync_times_out_a_provider_that_stalls_its_body() {
+    let fx = Fixture::new().await;
+    add_sources(&fx, "gsc", 1).await;
+    let base = start_provider(Arc::new(FakeProvider::default())).await;
+    let op = KeywordSync::new(
+        fx.db.clone(),
+        client(Duration::from_secs(30), Duration::from_millis(300)),
+        Providers {
+            gsc: Some(provider(&base, "stall")),
+            ahrefs: None,
+        },
+    );
+    let report = tokio::time::timeout(
+        Duration::from_secs(20),
+        run_once(&op, &fx.ctx(), options(10, 1, Mode::SettleAll), None),
+    )
+    .await
+    .expect("a stalled body ends in a timeout, not a hang")
+    .unwrap();
+    let report = ran(report);
+    assert_eq!(report.failed, 1, "{}", report.summary());
+    let error = &report.failures[0].error.error;
+    assert!(error.contains("timed out"), "{error}");
+    assert!(!error.contains("test-key"), "{error}");
+    fx.done().await;
+}
+
+#[tokio::test]
+async fn keyword_sync_names_an_unconfigured_provider() {
+    let fx = Fixture::new().await;
+    add_sources(&fx, "ahrefs", 1).await;
+    let op = KeywordSync::new(
+        fx.db.clone(),
+        client(Duration::from_secs(30), Duration::from_secs(1)),
+        Providers::default(),
+    );
+    let report = ran(
+        run_once(&op, &fx.ctx(), options(10, 1, Mode::SettleAll), None)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(report.status, RunStatus::Failed);
+    assert!(
+        report.failures[0].error.error.contains(
+            "keyword source ahrefs is not configured (set CP_AHREFS_BASE_URL and CP_AHREFS_API_KEY)"
+        ),
+        "{:?}",
+        report.failures
+    );
+    fx.done().await;
+}
+
+#[tokio::test]
+async fn a_cancelled_run_is_interrupted_with_its_counts() {
+    let fx = Fixture::new().await;
+    seed_scheduled(&fx, 50, "false").await;
+    let op = ContentScheduler::new(fx.db.clone());
+    let ctx = fx.ctx();
+    ctx.cancel.cancel();
+    let report = ran(run_once(&op, &ctx, options(10, 1, Mode::SettleAll), None)
+        .await
+        .unwrap());
+    assert_eq!(report.status, RunStatus::Interrupted);
+    assert_eq!((report.total, report.skipped), (50, 50));
+    let row = run_row(&fx.admin, report.run_id.unwrap()).await;
+    assert_eq!(
+        (row.status.as_str(), row.items_skipped),
+        ("interrupted", 50)
+    );
+    fx.done().await;
+}
+
+#[tokio::test]
+async fn losing_the_lock_connection_stops_the_run() {
+    let fx = Fixture::new().await;
+    add_sources(&fx, "gsc", 6).await;
+    // A provider slow enough for the heartbeat to notice the lock connection is gone.
+    async fn slow(Query(q): Query<SiteQuery>) -> Response {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        (
+            [("content-type", "application/json")],
+            keywords_body(&q.site),
+        )
+            .into_response()
+    }
+    let app = Router::new().route("/slow/v1/keywords", get(slow));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let op = KeywordSync::new(
+        fx.db.clone(),
+        client(Duration::from_secs(30), Duration::from_secs(5)),
+        Providers {
+            gsc: Some(provider(&format!("http://{addr}"), "slow")),
+            ahrefs: None,
+        },
+    );
+    let ctx = fx.ctx();
+    let admin = fx.admin.clone();
+    let killer = tokio::spawn(async move {
+        // Wait until the lock is held, then end its session.
+        for _ in 0..200 {
+            let killed: Option<bool> = sqlx::query_scalar(
+                "SELECT pg_terminate_backend(pid) FROM pg_locks \
+                 WHERE locktype = 'advisory' AND classid = $1 AND objid = 2 AND granted",
+            )
+            .bind(LOCK_CLASS)
+            .fetch_optional(&admin)
+            .await
+            .unwrap();
+            if killed == Some(true) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    });
+    let report = ran(run_once(&op, &ctx, options(1, 1, Mode::SettleAll), None)
+        .await
+        .unwrap());
+    assert!(killer.await.unwrap(), "the lock was never seen");
+    assert_eq!(report.status, RunStatus::Failed, "{}", report.summary());
+    assert!(
+        report
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("lock connection was lost"),
+        "{}",
+        report.summary()
+    );
+    assert!(
+        report.skipped > 0,
+        "no further items were started: {}",
+        report.summary()
+    );
+    assert_eq!(report.succeeded + report.failed + report.skipped, 6);
+    fx.done().await;
+}

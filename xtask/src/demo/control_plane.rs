@@ -1,0 +1,108 @@
+//! The control-plane step of `cargo xtask demo`: one `batch` of each operation against the
+//! seeded data, with the summaries printed.
+//!
+//! The seeded data gets what the operations act on: the draft item of each domain
+//! become `scheduled` and due, every domain gets a keyword source (`gsc` or `ahrefs`,
+//! alternately), and one export of the seeded org is a succeeded, expired file in a
+//! temporary `EXPORT_DIR`. keyword-sync talks to a fake provider that lives here, in
+//! xtask (a few lines of `std::net`), never in the binary.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use smartbeak_database::SecretUrl;
+use xshell::{Shell, cmd};
+
+use crate::services::psql;
+
+pub(crate) fn run(sh: &Shell, bin: &Path, database_url: &SecretUrl) -> Result<()> {
+    super::section("control-plane: one batch of each operation");
+    cmd!(
+        sh,
+        "cargo build --quiet -p smartbeak-control-plane --bin smartbeak-control-plane"
+    )
+    .run()
+    .context("build failed")?;
+    let export_dir =
+        std::env::temp_dir().join(format!("smartbeak-demo-exports-{}", std::process::id()));
+    std::fs::create_dir_all(&export_dir).context("creating the demo EXPORT_DIR")?;
+    std::fs::write(export_dir.join("demo-expired.json"), b"{}\n")
+        .context("writing the demo export file")?;
+    psql(
+        database_url,
+        "UPDATE content_items SET status = 'scheduled', publish_at = now() - interval '1 minute' \
+         WHERE status = 'draft' AND slug = 'article-4'; \
+         INSERT INTO domain_keyword_sources (domain_id, adapter, site) \
+         SELECT id, CASE WHEN row_number() OVER (ORDER BY name) % 2 = 0 THEN 'gsc' ELSE 'ahrefs' END, name \
+         FROM domains ON CONFLICT DO NOTHING; \
+         INSERT INTO domain_exports (id, org_id, domain_id, format, status, storage_path, size_bytes, \
+         record_count, checksum_sha256, expires_at, finished_at) \
+         SELECT gen_random_uuid(), org_id, id, 'json', 'succeeded', 'demo-expired.json', 3, 0, \
+         repeat('0', 64), now() - interval '1 day', now() - interval '8 days' \
+         FROM domains ORDER BY name LIMIT 1;",
+    )?;
+    let provider = FakeProvider::start()?;
+    let control_plane = bin.join("smartbeak-control-plane");
+    let base = format!("http://{}", provider.addr);
+    let _env = [
+        sh.push_env("EXPORT_DIR", &export_dir),
+        sh.push_env("CP_GSC_BASE_URL", format!("{base}/gsc/")),
+        sh.push_env("CP_GSC_API_KEY", "demo-gsc-key"),
+        sh.push_env("CP_AHREFS_BASE_URL", format!("{base}/ahrefs/")),
+        sh.push_env("CP_AHREFS_API_KEY", "demo-ahrefs-key"),
+        sh.push_env("RUST_LOG", "warn"),
+    ];
+    let mut failed = Vec::new();
+    for operation in ["content-scheduler", "keyword-sync", "export-retention"] {
+        let output = cmd!(sh, "{control_plane} batch {operation}")
+            .ignore_status()
+            .output()
+            .context("cannot run smartbeak-control-plane")?;
+        print!("{}", String::from_utf8_lossy(&output.stdout));
+        if !output.status.success() {
+            eprint!("{}", String::from_utf8_lossy(&output.stderr));
+            failed.push(operation);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&export_dir);
+    anyhow::ensure!(
+        failed.is_empty(),
+        "control-plane batches failed: {failed:?}"
+    );
+    Ok(())
+}
+
+/// A keyword provider answering every request with two keywords (thread per process).
+struct FakeProvider {
+    addr: std::net::SocketAddr,
+}
+
+impl FakeProvider {
+    fn start() -> Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").context("binding the fake provider")?;
+        let addr = listener.local_addr()?;
+        std::thread::spawn(move || {
+            for stream in listener.incoming().map_while(Result::ok) {
+                let _ = answer(stream);
+            }
+        });
+        Ok(Self { addr })
+    }
+}
+
+fn answer(mut stream: TcpStream) -> std::io::Result<()> {
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut line = String::new();
+    while reader.read_line(&mut line)? > 0 && line != "\r\n" {
+        line.clear();
+    }
+    let body = r#"{"keywords":[{"keyword":"rust batch jobs","date":"2026-11-30","search_volume":1200,"position":4.5,"clicks":40,"impressions":900,"ctr":0.044},{"keyword":"advisory locks","date":"2026-11-30","search_volume":300,"position":2.1,"clicks":25,"impressions":260,"ctr":0.096}]}"#;
+    write!(
+        stream,
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    stream.flush()
+}
