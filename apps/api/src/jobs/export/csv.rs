@@ -5,6 +5,10 @@
 //! Formula-injection guard: in every column holding user text, a value starting with `=`,
 //! `+`, `-`, `@`, tab, CR or `|` is written with a `'` in front ([`guard`]).
 //! Timestamps are RFC 3339 in UTC with microseconds, an absent one an empty field.
+//!
+//! The content section, the big one, is PostgreSQL's own CSV writer (`COPY (SELECT ...) TO
+//! STDOUT`, the guard in the SELECT: see `sections`), so every file ends its lines with LF
+//! (RFC 4180 readers accept either).
 
 use std::borrow::Cow;
 use std::io::{self, BufWriter, Write};
@@ -69,11 +73,11 @@ const BUFFER: usize = 128 * 1024;
 
 pub(crate) fn write(feed: &mut Feed, out: Output, header: &Header) -> io::Result<Output> {
     if header.sections.len() == 1 {
-        let mut writer = builder().from_writer(out);
+        let mut out = BufWriter::with_capacity(BUFFER, out);
         if let Some(section) = feed.next_section()? {
-            write_section(feed, &mut writer, section)?;
+            write_section(feed, &mut out, section)?;
         }
-        return writer.into_inner().map_err(|err| err.into_error());
+        return out.into_inner().map_err(|err| err.into_error());
     }
     let mut zip = ZipWriter::new_stream(BufWriter::with_capacity(BUFFER, out));
     let options = SimpleFileOptions::default()
@@ -83,9 +87,7 @@ pub(crate) fn write(feed: &mut Feed, out: Output, header: &Header) -> io::Result
     while let Some(section) = feed.next_section()? {
         zip.start_file(format!("{}.csv", section.name()), options)
             .map_err(io::Error::from)?;
-        let mut writer = builder().from_writer(&mut zip);
-        write_section(feed, &mut writer, section)?;
-        writer.flush()?;
+        write_section(feed, &mut zip, section)?;
     }
     let stream = zip.finish().map_err(io::Error::from)?;
     stream
@@ -98,7 +100,8 @@ fn builder() -> ::csv::WriterBuilder {
     let mut builder = ::csv::WriterBuilder::new();
     builder
         .buffer_capacity(BUFFER)
-        .terminator(::csv::Terminator::CRLF);
+        // LF like PostgreSQL's CSV writer, which writes the content section.
+        .terminator(::csv::Terminator::Any(b'\n'));
     builder
 }
 
@@ -106,14 +109,17 @@ fn time(at: &DateTime<Utc>) -> String {
     at.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 
-fn write_section<W: Write>(
-    feed: &mut Feed,
-    writer: &mut ::csv::Writer<W>,
-    section: Section,
-) -> io::Result<()> {
+fn write_section<W: Write>(feed: &mut Feed, out: W, section: Section) -> io::Result<()> {
+    let mut writer = builder().from_writer(out);
     writer.write_record(columns(section))?;
     while let Some(batch) = feed.next_batch()? {
         match batch {
+            Batch::ContentCsv { csv, .. } => {
+                // PostgreSQL's CSV writer already guarded and quoted these rows.
+                let mut raw = writer.into_inner().map_err(|err| err.into_error())?;
+                raw.write_all(&csv)?;
+                writer = builder().from_writer(raw);
+            }
             Batch::Content(rows) => {
                 for r in rows {
                     writer.write_field(r.id.hyphenated().to_string())?;
@@ -161,5 +167,5 @@ fn write_section<W: Write>(
             }
         }
     }
-    Ok(())
+    writer.flush()
 }

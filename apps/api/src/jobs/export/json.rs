@@ -31,6 +31,9 @@ pub(crate) fn write(feed: &mut Feed, out: Output, header: &Header) -> io::Result
                 Batch::Content(rows) => elements(&mut w, &mut first, &rows)?,
                 Batch::Keywords(rows) => elements(&mut w, &mut first, &rows)?,
                 Batch::Analytics(rows) => elements(&mut w, &mut first, &rows)?,
+                Batch::ContentCsv { .. } => {
+                    return Err(io::Error::other("CSV content in a non-CSV export"));
+                }
                 Batch::Settings(rows) => {
                     for row in rows {
                         separator(&mut w, &mut first)?;

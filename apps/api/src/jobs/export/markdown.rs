@@ -122,6 +122,9 @@ pub(crate) fn write(feed: &mut Feed, out: Output, header: &Header) -> io::Result
                         w.write_all(line.as_bytes())?;
                     }
                 }
+                Batch::ContentCsv { .. } => {
+                    return Err(io::Error::other("CSV content in a non-CSV export"));
+                }
                 Batch::Settings(rows) => {
                     for r in rows {
                         line.clear();

@@ -306,6 +306,7 @@ pub(crate) async fn run_export_with(
         sections,
         total,
         chunk_rows: hooks.chunk_rows.unwrap_or(sections::CHUNK_ROWS),
+        copy_csv: spec.format == ExportFormat::Csv,
     };
     let produced = produce(db, spec, &plan, tx, progress, cancel).await;
     let written = match writer.await {
@@ -335,6 +336,8 @@ struct Plan {
     /// Rows counted beforehand (for the percentage).
     total: u64,
     chunk_rows: i64,
+    /// Content through `COPY ... CSV` (the CSV format).
+    copy_csv: bool,
 }
 
 /// `work`, unless `cancel` fires first.
@@ -369,7 +372,7 @@ async fn produce(
     let mut rows: u64 = 0;
     for &section in &plan.sections {
         send(Msg::Section(section)).await?;
-        let mut reader = ChunkReader::new(section, plan.chunk_rows);
+        let mut reader = ChunkReader::new(section, plan.chunk_rows, plan.copy_csv);
         loop {
             if cancel.is_cancelled() {
                 return Err(Some(ExportError::Cancelled));

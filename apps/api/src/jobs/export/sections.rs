@@ -8,6 +8,7 @@
 //! metrics and the performance rows aggregated; settings have no date.
 
 use chrono::{DateTime, Utc};
+use futures::TryStreamExt;
 use serde::Serialize;
 use smartbeak_database::{Database, DbError};
 use sqlx::types::Json;
@@ -109,6 +110,12 @@ pub(crate) struct SettingRow {
 #[derive(Debug)]
 pub(crate) enum Batch {
     Content(Vec<ContentRow>),
+    /// Content rows as PostgreSQL's CSV writer wrote them (`COPY ... TO STDOUT`, LF line
+    /// ends, the formula guard applied in the SELECT): the CSV format's content section.
+    ContentCsv {
+        csv: Vec<u8>,
+        rows: usize,
+    },
     Keywords(Vec<KeywordRow>),
     Analytics(Vec<ContentAggregate>),
     Settings(Vec<SettingRow>),
@@ -124,6 +131,7 @@ impl Batch {
     pub(crate) fn len(&self) -> usize {
         match self {
             Self::Content(rows) => rows.len(),
+            Self::ContentCsv { rows, .. } => *rows,
             Self::Keywords(rows) => rows.len(),
             Self::Analytics(rows) => rows.len(),
             Self::Settings(rows) => rows.len(),
@@ -252,6 +260,8 @@ fn statements(section: Section) -> Statements {
 /// Reads one section in chunks of [`CHUNK_ROWS`].
 pub(crate) struct ChunkReader {
     section: Section,
+    /// Content as `COPY ... CSV` bytes instead of rows.
+    copy_csv: bool,
     statements: Statements,
     cursor: Option<Cursor>,
     chunk_rows: i64,
@@ -260,9 +270,10 @@ pub(crate) struct ChunkReader {
 
 impl ChunkReader {
     /// A reader of `section`, `chunk_rows` rows a statement.
-    pub(crate) fn new(section: Section, chunk_rows: i64) -> Self {
+    pub(crate) fn new(section: Section, chunk_rows: i64, copy_csv: bool) -> Self {
         Self {
             section,
+            copy_csv: copy_csv && section == Section::Content,
             statements: statements(section),
             cursor: None,
             chunk_rows: chunk_rows.max(1),
@@ -278,6 +289,9 @@ impl ChunkReader {
     ) -> Result<Option<Batch>, DbError> {
         if self.done {
             return Ok(None);
+        }
+        if self.copy_csv {
+            return self.next_copy(db, spec).await;
         }
         let sql = match self.cursor {
             None => self.statements.first.as_str(),
@@ -330,6 +344,7 @@ impl ChunkReader {
             .await?;
         self.cursor = match &batch {
             Batch::Content(rows) => rows.last().map(|r| Cursor::Content(r.created_at, r.id)),
+            Batch::ContentCsv { .. } => None,
             Batch::Keywords(rows) => rows.last().map(|r| Cursor::Keywords(r.recorded_at, r.id)),
             Batch::Analytics(rows) => rows.last().map(|r| Cursor::Analytics(r.content_id)),
             Batch::Settings(rows) => rows.last().map(|r| Cursor::Settings(r.key.clone())),
@@ -342,4 +357,122 @@ impl ChunkReader {
         }
         Ok(Some(batch))
     }
+}
+
+impl ChunkReader {
+    /// The next content chunk through `COPY (SELECT ...) TO STDOUT (FORMAT csv)`: first the
+    /// key of the chunk's last row (an index-only `OFFSET`), then the rows up to it, both on
+    /// one connection in one bounded call. `COPY` takes no parameters: the values inlined
+    /// are ids and timestamps formatted here, never text from a row or a caller.
+    async fn next_copy(
+        &mut self,
+        db: &Database,
+        spec: &ExportSpec,
+    ) -> Result<Option<Batch>, DbError> {
+        let after = match &self.cursor {
+            Some(Cursor::Content(at, id)) => {
+                format!(
+                    " AND (created_at, id) > ({}, '{id}')",
+                    literal(Some(*at), "")
+                )
+            }
+            _ => String::new(),
+        };
+        let filter = format!(
+            "domain_id = '{}' AND created_at >= {} AND created_at < {}{after}",
+            spec.domain_id,
+            literal(spec.date_from, "-infinity"),
+            literal(spec.date_to, "infinity"),
+        );
+        let boundary_sql = format!(
+            "SELECT created_at, id FROM content_items WHERE {filter} \
+             ORDER BY created_at, id OFFSET $1 LIMIT 1"
+        );
+        let chunk_rows = self.chunk_rows;
+        let ((csv, boundary), _) = db
+            .run_analytics(async |conn| {
+                let boundary: Option<(DateTime<Utc>, Uuid)> = sqlx::query_as(&boundary_sql)
+                    .bind(chunk_rows - 1)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                let upto = match boundary {
+                    Some((at, id)) => {
+                        format!(
+                            " AND (created_at, id) <= ({}, '{id}')",
+                            literal(Some(at), "")
+                        )
+                    }
+                    None => String::new(),
+                };
+                let copy = format!(
+                    "COPY (SELECT id, {title}, {slug}, {body}, {status}, {published}, \
+                     {created}, {updated} FROM content_items WHERE {filter}{upto} \
+                     ORDER BY created_at, id) TO STDOUT WITH (FORMAT csv)",
+                    title = guard_sql("title"),
+                    slug = guard_sql("slug"),
+                    body = guard_sql("body"),
+                    status = guard_sql("status"),
+                    published = time_sql("published_at"),
+                    created = time_sql("created_at"),
+                    updated = time_sql("updated_at"),
+                );
+                let mut stream = conn.copy_out_raw(&copy).await?;
+                let mut csv = Vec::with_capacity(256 * usize::try_from(chunk_rows).unwrap_or(0));
+                while let Some(bytes) = stream.try_next().await? {
+                    csv.extend_from_slice(&bytes);
+                }
+                Ok((csv, boundary))
+            })
+            .await?;
+        match boundary {
+            Some((at, id)) => self.cursor = Some(Cursor::Content(at, id)),
+            None => self.done = true,
+        }
+        let rows = count_records(&csv);
+        if rows == 0 {
+            self.done = true;
+            return Ok(None);
+        }
+        Ok(Some(Batch::ContentCsv { csv, rows }))
+    }
+}
+
+/// A timestamp literal for an inlined statement (`fallback` for `None`).
+fn literal(at: Option<DateTime<Utc>>, fallback: &str) -> String {
+    match at {
+        Some(at) => format!(
+            "'{}'::timestamptz",
+            at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+        ),
+        None => format!("'{fallback}'::timestamptz"),
+    }
+}
+
+/// The CSV formula guard in SQL: `'` before a value starting with `=`, `+`, `-`, `@`, tab,
+/// CR or `|` (the same rule as `csv::guard`).
+fn guard_sql(column: &str) -> String {
+    format!(
+        "CASE WHEN left({column}, 1) IN ('=', '+', '-', '@', E'\\t', E'\\r', '|') \
+         THEN '''' || {column} ELSE {column} END"
+    )
+}
+
+/// A timestamp as the writers print it: RFC 3339, UTC, microseconds (`...T...Z`).
+fn time_sql(column: &str) -> String {
+    format!("to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')")
+}
+
+/// Records in PostgreSQL CSV output: line feeds outside quotes (a doubled quote inside a
+/// quoted field toggles twice).
+fn count_records(csv: &[u8]) -> usize {
+    let mut quoted = false;
+    let mut records = 0;
+    for &byte in csv {
+        match byte {
+            b'"' => quoted = !quoted,
+            b'\n' if !quoted => records += 1,
+            _ => {}
+        }
+    }
+    records
 }
