@@ -141,7 +141,7 @@ async fn child(args: &Args) -> Result<()> {
 }
 
 /// Seeds `rows` content items (about 250 bytes of text each), one a second from
-/// [`base_time`], in statements of 100,000 rows on a dedicated session.
+/// [`base_time`], in statements of 20,000 rows on a dedicated session.
 async fn seed(db: &Database, org: Uuid, domain: Uuid, rows: u64) -> Result<()> {
     let mut conn = db.acquire().await?;
     sqlx::query("INSERT INTO orgs (id, name) VALUES ($1, 'bench')")
@@ -160,7 +160,8 @@ async fn seed(db: &Database, org: Uuid, domain: Uuid, rows: u64) -> Result<()> {
     .bind(domain)
     .execute(&mut *conn)
     .await?;
-    let step: u64 = 100_000;
+    // Short statements: the session keeps its statement_timeout.
+    let step: u64 = 20_000;
     let mut start = 0;
     while start < rows {
         let end = (start + step).min(rows);
@@ -187,7 +188,9 @@ async fn seed(db: &Database, org: Uuid, domain: Uuid, rows: u64) -> Result<()> {
         .execute(&mut *conn)
         .await?;
         start = end;
-        eprintln!("seeded {end} rows");
+        if end % 100_000 == 0 || end == rows {
+            eprintln!("seeded {end} rows");
+        }
     }
     sqlx::query("ANALYZE content_items")
         .execute(&mut *conn)

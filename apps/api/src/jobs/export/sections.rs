@@ -370,10 +370,12 @@ impl ChunkReader {
         spec: &ExportSpec,
     ) -> Result<Option<Batch>, DbError> {
         let after = match &self.cursor {
+            // The scalar bound lets the planner estimate the range (a row comparison it
+            // cannot), so it keeps to the index.
             Some(Cursor::Content(at, id)) => {
                 format!(
-                    " AND (created_at, id) > ({}, '{id}')",
-                    literal(Some(*at), "")
+                    " AND created_at >= {at} AND (created_at, id) > ({at}, '{id}')",
+                    at = literal(Some(*at), "")
                 )
             }
             _ => String::new(),
@@ -398,8 +400,8 @@ impl ChunkReader {
                 let upto = match boundary {
                     Some((at, id)) => {
                         format!(
-                            " AND (created_at, id) <= ({}, '{id}')",
-                            literal(Some(at), "")
+                            " AND created_at <= {at} AND (created_at, id) <= ({at}, '{id}')",
+                            at = literal(Some(at), "")
                         )
                     }
                     None => String::new(),
@@ -407,7 +409,7 @@ impl ChunkReader {
                 let copy = format!(
                     "COPY (SELECT id, {title}, {slug}, {body}, {status}, {published}, \
                      {created}, {updated} FROM content_items WHERE {filter}{upto} \
-                     ORDER BY created_at, id) TO STDOUT WITH (FORMAT csv)",
+                     ORDER BY created_at, id LIMIT {chunk_rows}) TO STDOUT WITH (FORMAT csv)",
                     title = guard_sql("title"),
                     slug = guard_sql("slug"),
                     body = guard_sql("body"),
