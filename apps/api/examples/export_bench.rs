@@ -188,7 +188,7 @@ async fn seed(db: &Database, org: Uuid, domain: Uuid, rows: u64) -> Result<()> {
         .execute(&mut *conn)
         .await?;
         start = end;
-        if end % 100_000 == 0 || end == rows {
+        if end.is_multiple_of(100_000) || end == rows {
             eprintln!("seeded {end} rows");
         }
     }
