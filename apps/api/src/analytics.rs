@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -56,7 +56,7 @@ pub struct KeywordAggregate {
 }
 
 /// Aggregates of one content item over the range.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
 pub struct ContentAggregate {
     /// The content item.
     pub content_id: Uuid,
@@ -176,38 +176,55 @@ impl AnalyticsReads {
     }
 }
 
+/// The content performance aggregate, one definition for the analytics endpoint and the
+/// domain export: the select list of one [`ContentAggregate`] row, over
+/// [`CONTENT_AGGREGATE_FROM`], grouped by [`CONTENT_AGGREGATE_GROUP_BY`] (the caller adds
+/// the domain and range filter on `p.domain_id` and `p.recorded_at`).
+pub(crate) const CONTENT_AGGREGATE_COLUMNS: &str = "p.content_id, ci.title, \
+    sum(p.page_views)::int8 AS page_views, sum(p.unique_visitors)::int8 AS unique_visitors, \
+    avg(p.bounce_rate)::float8 AS avg_bounce_rate, sum(p.conversions)::int8 AS conversions, \
+    sum(p.revenue_cents)::int8 AS revenue_cents";
+/// The tables [`CONTENT_AGGREGATE_COLUMNS`] reads: `p` the performance rows, `ci` the items.
+pub(crate) const CONTENT_AGGREGATE_FROM: &str =
+    "content_performance p JOIN content_items ci ON ci.id = p.content_id";
+/// The grouping of [`CONTENT_AGGREGATE_COLUMNS`]: one row per content item.
+pub(crate) const CONTENT_AGGREGATE_GROUP_BY: &str = "p.content_id, ci.title";
+
+/// The report's statement: $1 domain, $2 org, $3 inclusive start, $4 exclusive end.
+static REPORT_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT \
+         (SELECT coalesce(json_agg(k ORDER BY k.keyword), '[]'::json) FROM ( \
+            SELECT keyword, avg(search_volume)::float8 AS avg_search_volume, \
+                   avg(position)::float8 AS avg_position, sum(clicks)::int8 AS total_clicks, \
+                   sum(impressions)::int8 AS total_impressions, avg(ctr)::float8 AS avg_ctr, \
+                   count(*)::int8 AS samples \
+            FROM keyword_metrics \
+            WHERE domain_id = d.id AND recorded_at >= $3 AND recorded_at < $4 \
+            GROUP BY keyword) k) AS keywords, \
+         (SELECT coalesce(json_agg(c ORDER BY c.title, c.content_id), '[]'::json) FROM ( \
+            SELECT {CONTENT_AGGREGATE_COLUMNS} FROM {CONTENT_AGGREGATE_FROM} \
+            WHERE p.domain_id = d.id AND p.recorded_at >= $3 AND p.recorded_at < $4 \
+            GROUP BY {CONTENT_AGGREGATE_GROUP_BY}) c) AS content \
+         FROM domains d WHERE d.id = $1 AND d.org_id = $2"
+    )
+});
+
 async fn query(db: &Database, key: &AnalyticsKey) -> Result<AnalyticsReport, ApiError> {
     type Row = (
         sqlx::types::Json<Vec<KeywordAggregate>>,
         sqlx::types::Json<Vec<ContentAggregate>>,
     );
     let (row, read_source): (Option<Row>, _) = db
-        .run_analytics(async |conn| sqlx::query_as(
-                "SELECT \
-                 (SELECT coalesce(json_agg(k ORDER BY k.keyword), '[]'::json) FROM ( \
-                    SELECT keyword, avg(search_volume)::float8 AS avg_search_volume, \
-                           avg(position)::float8 AS avg_position, sum(clicks)::int8 AS total_clicks, \
-                           sum(impressions)::int8 AS total_impressions, avg(ctr)::float8 AS avg_ctr, \
-                           count(*)::int8 AS samples \
-                    FROM keyword_metrics \
-                    WHERE domain_id = d.id AND recorded_at >= $3 AND recorded_at < $4 \
-                    GROUP BY keyword) k) AS keywords, \
-                 (SELECT coalesce(json_agg(c ORDER BY c.title, c.content_id), '[]'::json) FROM ( \
-                    SELECT p.content_id, ci.title, sum(p.page_views)::int8 AS page_views, \
-                           sum(p.unique_visitors)::int8 AS unique_visitors, \
-                           avg(p.bounce_rate)::float8 AS avg_bounce_rate, \
-                           sum(p.conversions)::int8 AS conversions, \
-                           sum(p.revenue_cents)::int8 AS revenue_cents \
-                    FROM content_performance p JOIN content_items ci ON ci.id = p.content_id \
-                    WHERE p.domain_id = d.id AND p.recorded_at >= $3 AND p.recorded_at < $4 \
-                    GROUP BY p.content_id, ci.title) c) AS content \
-                 FROM domains d WHERE d.id = $1 AND d.org_id = $2",
-            )
-            .bind(key.domain_id)
-            .bind(key.org_id)
-            .bind(key.from)
-            .bind(key.to)
-            .fetch_optional(conn).await)
+        .run_analytics(async |conn| {
+            sqlx::query_as(REPORT_SQL.as_str())
+                .bind(key.domain_id)
+                .bind(key.org_id)
+                .bind(key.from)
+                .bind(key.to)
+                .fetch_optional(conn)
+                .await
+        })
         .await?;
     let (keywords, content) = row.ok_or(ApiError::NotFound("domain"))?;
     Ok(AnalyticsReport {

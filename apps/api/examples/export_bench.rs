@@ -1,0 +1,358 @@
+//! Domain export benchmark (issue 11): exports N content rows of one domain to CSV, JSON and
+//! Markdown, beside `psql -c "\copy (SELECT ...) TO ... CSV"` on the same rows, each as a
+//! separate process under `/usr/bin/time -v` (wall time and peak RSS); then 5 exports of
+//! N/5 rows each (disjoint date ranges of the same domain), one after another and then
+//! concurrently through `smartbeak_utils::concurrency::map_bounded`.
+//!
+//! Usage (release build; DATABASE_URL names the server, default
+//! postgres://postgres@127.0.0.1:5432/postgres):
+//!
+//! ```sh
+//! cargo run --release -p smartbeak-api --example export_bench -- --rows 1000000
+//! ```
+//!
+//! It creates its own database `sb_bench_<pid>`, seeds it, and drops it at the end; it
+//! never touches the tables of the database DATABASE_URL names. `--only` is the child mode
+//! (one export of an already seeded database, timing printed on stdout).
+
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use clap::Parser;
+use smartbeak_api::jobs::export::{ExportDir, ExportLimits, run_export};
+use smartbeak_api::jobs::queue::{ExportFormat, ExportSpec, Progress};
+use smartbeak_database::{Database, DatabaseConfig, SecretUrl};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// Content rows to seed.
+    #[arg(long, default_value_t = 1_000_000)]
+    rows: u64,
+    /// Child mode: run one export of `--database` and print its timing.
+    #[arg(long)]
+    only: bool,
+    /// Child mode: the format.
+    #[arg(long, default_value = "csv")]
+    format: String,
+    /// Child mode: the seeded database's name.
+    #[arg(long)]
+    database: Option<String>,
+    /// Child mode: the org.
+    #[arg(long)]
+    org: Option<Uuid>,
+    /// Child mode: the domain.
+    #[arg(long)]
+    domain: Option<Uuid>,
+    /// Where the files go (a temp dir by default).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+fn base_time() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0)
+        .single()
+        .unwrap_or_default()
+}
+
+fn admin_url() -> Result<SecretUrl> {
+    let raw = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    Ok(SecretUrl::parse("DATABASE_URL", &raw)?)
+}
+
+async fn connect(url: &SecretUrl) -> Result<Database> {
+    let config = DatabaseConfig::new(url.expose())?;
+    Ok(Database::connect(config, "export-bench").await?)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    let result = if args.only {
+        child(&args).await
+    } else {
+        parent(&args).await
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("export_bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn spec(org: Uuid, domain: Uuid, format: ExportFormat) -> ExportSpec {
+    ExportSpec {
+        id: Uuid::new_v4(),
+        org_id: org,
+        domain_id: domain,
+        format,
+        include_content: true,
+        include_keywords: false,
+        include_analytics: false,
+        date_from: None,
+        date_to: None,
+    }
+}
+
+async fn export_once(db: &Database, spec: &ExportSpec, dir: &ExportDir) -> Result<(u64, u64)> {
+    let (progress, _) = watch::channel(Progress::default());
+    let output = run_export(
+        db,
+        spec,
+        dir,
+        ExportLimits {
+            max_bytes: u64::MAX,
+        },
+        &progress,
+        &CancellationToken::new(),
+    )
+    .await?;
+    std::fs::remove_file(dir.root().join(&output.storage_path))?;
+    Ok((output.record_count, output.size_bytes))
+}
+
+/// One export in this process; prints `elapsed_s rows size` for the parent.
+async fn child(args: &Args) -> Result<()> {
+    let (Some(name), Some(org), Some(domain), Some(out)) =
+        (&args.database, args.org, args.domain, &args.out)
+    else {
+        bail!("--only needs --database, --org, --domain and --out");
+    };
+    let format: ExportFormat = args.format.parse()?;
+    let db = connect(&admin_url()?.with_database(name)).await?;
+    let dir = ExportDir::open(out)?;
+    let started = Instant::now();
+    let (rows, size) = export_once(&db, &spec(org, domain, format), &dir).await?;
+    let elapsed = started.elapsed().as_secs_f64();
+    #[allow(clippy::print_stdout)]
+    {
+        println!("{elapsed:.3} {rows} {size}");
+    }
+    Ok(())
+}
+
+/// Seeds `rows` content items (about 250 bytes of text each), one a second from
+/// [`base_time`], in statements of 20,000 rows on a dedicated session.
+async fn seed(db: &Database, org: Uuid, domain: Uuid, rows: u64) -> Result<()> {
+    let mut conn = db.acquire().await?;
+    sqlx::query("INSERT INTO orgs (id, name) VALUES ($1, 'bench')")
+        .bind(org)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("INSERT INTO domains (id, org_id, name) VALUES ($1, $2, 'bench.example')")
+        .bind(domain)
+        .bind(org)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query(
+        "INSERT INTO domain_settings (domain_id, settings) \
+         VALUES ($1, '{\"theme\": \"dark\", \"locale\": \"en\"}')",
+    )
+    .bind(domain)
+    .execute(&mut *conn)
+    .await?;
+    // Short statements: the session keeps its statement_timeout.
+    let step: u64 = 20_000;
+    let mut start = 0;
+    while start < rows {
+        let end = (start + step).min(rows);
+        sqlx::query(
+            "INSERT INTO content_items (id, domain_id, title, slug, body, status, published_at, \
+             created_at, updated_at) \
+             SELECT gen_random_uuid(), $1, \
+               'How to ' || (ARRAY['grow','tend','prune','water','harvest'])[1 + i % 5] \
+                 || ' your ' || (ARRAY['tomatoes','roses','basil','apple trees','orchids'])[1 + (i / 5) % 5] \
+                 || ' in ' || (2000 + i % 26), \
+               'post-' || i || '-' || left(md5(i::text), 12), \
+               format('Part %s of the series. Notes on soil, light and \"timing\", with a \
+                 checklist: %s; %s. Water early, mulch well, and check the leaves weekly.', \
+                 i, md5(i::text), md5((i + 1)::text)), \
+               (ARRAY['draft','published','scheduled','archived'])[1 + i % 4], \
+               CASE WHEN i % 4 = 1 THEN $4 + i * interval '1 second' END, \
+               $4 + i * interval '1 second', $4 + i * interval '1 second' \
+             FROM generate_series($2::int8, $3::int8 - 1) AS i",
+        )
+        .bind(domain)
+        .bind(i64::try_from(start)?)
+        .bind(i64::try_from(end)?)
+        .bind(base_time())
+        .execute(&mut *conn)
+        .await?;
+        start = end;
+        if end.is_multiple_of(100_000) || end == rows {
+            eprintln!("seeded {end} rows");
+        }
+    }
+    sqlx::query("ANALYZE content_items")
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Wall time and peak RSS (kB) of `command` run under `/usr/bin/time -v`, and its stdout.
+fn timed(command: Command) -> Result<(f64, u64, String)> {
+    let mut time = Command::new("/usr/bin/time");
+    time.arg("-v").arg(command.get_program());
+    time.args(command.get_args());
+    for (k, v) in command.get_envs() {
+        if let Some(v) = v {
+            time.env(k, v);
+        }
+    }
+    let started = Instant::now();
+    let output = time
+        .output()
+        .context("running /usr/bin/time (apt-get install time)")?;
+    let wall = started.elapsed().as_secs_f64();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if !output.status.success() {
+        bail!("{:?} failed: {stderr}", command.get_program());
+    }
+    let rss = stderr
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("Maximum resident set size (kbytes): ")
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    Ok((
+        wall,
+        rss,
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    ))
+}
+
+async fn parent(args: &Args) -> Result<()> {
+    let admin = admin_url()?;
+    let name = format!("sb_bench_{}", std::process::id());
+    let admin_db = connect(&admin).await?;
+    {
+        let mut conn = admin_db.acquire().await?;
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut *conn)
+            .await?;
+    }
+    let result = bench(args, &admin, &name).await;
+    {
+        let mut conn = admin_db.acquire().await?;
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .execute(&mut *conn)
+            .await?;
+    }
+    result
+}
+
+#[allow(clippy::print_stdout)]
+async fn bench(args: &Args, admin: &SecretUrl, name: &str) -> Result<()> {
+    let url = admin.with_database(name);
+    let db = connect(&url).await?;
+    smartbeak_database::migrate(db.primary()).await?;
+    let (org, domain) = (Uuid::new_v4(), Uuid::new_v4());
+    let seeding = Instant::now();
+    seed(&db, org, domain, args.rows).await?;
+    eprintln!("seeded in {:.1} s", seeding.elapsed().as_secs_f64());
+    let temp = tempfile::tempdir()?;
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| temp.path().to_path_buf());
+    let dir = ExportDir::open(&out)?;
+    let exe = std::env::current_exe()?;
+    let rows = args.rows as f64;
+
+    println!(
+        "rows: {}   (load average at start: {})",
+        args.rows,
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+    );
+    println!("| run | wall (s) | in-process (s) | rows/s | / COPY | peak RSS (MB) | file (MB) |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+
+    let copy_path = out.join("copy.csv");
+    let mut psql = Command::new("psql");
+    psql.arg("-X").arg("-q").arg("-d").arg(url.expose()).arg("-c").arg(format!(
+        "\\copy (SELECT id, title, slug, body, status, published_at, created_at, updated_at \
+         FROM content_items WHERE domain_id = '{domain}' ORDER BY created_at, id) TO '{}' CSV HEADER",
+        copy_path.display()
+    ));
+    let (copy_wall, copy_rss, _) = timed(psql)?;
+    let copy_size = std::fs::metadata(&copy_path)?.len();
+    std::fs::remove_file(&copy_path)?;
+    println!(
+        "| psql \\copy CSV | {copy_wall:.2} | | {:.0} | 1.00 | {:.1} | {:.1} |",
+        rows / copy_wall,
+        copy_rss as f64 / 1024.0,
+        copy_size as f64 / 1e6
+    );
+
+    for format in ["csv", "json", "markdown"] {
+        let mut child = Command::new(&exe);
+        child
+            .args(["--only", "--format", format, "--database", name])
+            .arg("--org")
+            .arg(org.to_string())
+            .arg("--domain")
+            .arg(domain.to_string())
+            .arg("--out")
+            .arg(&out);
+        let (wall, rss, stdout) = timed(child)?;
+        let mut fields = stdout.split_whitespace();
+        let inside: f64 = fields.next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+        let _records = fields.next();
+        let size: f64 = fields.next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+        println!(
+            "| {format} | {wall:.2} | {inside:.2} | {:.0} | {:.2} | {:.1} | {:.1} |",
+            rows / wall,
+            wall / copy_wall,
+            rss as f64 / 1024.0,
+            size / 1e6
+        );
+    }
+
+    // 5 exports of a fifth of the rows each: disjoint created_at ranges.
+    let part = i64::try_from(args.rows / 5)?;
+    let specs: Vec<ExportSpec> = (0..5)
+        .map(|k| {
+            let mut s = spec(org, domain, ExportFormat::Csv);
+            s.date_from = Some(base_time() + Duration::seconds(k * part));
+            s.date_to = Some(base_time() + Duration::seconds((k + 1) * part));
+            s
+        })
+        .collect();
+    let started = Instant::now();
+    for s in &specs {
+        export_once(&db, s, &dir).await?;
+    }
+    let sequential = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    let results = smartbeak_utils::concurrency::map_bounded(
+        specs.iter(),
+        NonZeroUsize::MIN.saturating_add(4),
+        |s| export_once(&db, s, &dir),
+        None,
+    )
+    .await;
+    let concurrent = started.elapsed().as_secs_f64();
+    for r in results {
+        r.map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    println!();
+    println!(
+        "5 CSV exports of {part} rows: one after another {sequential:.2} s, concurrently \
+         (map_bounded, limit 5) {concurrent:.2} s, speedup {:.2}x",
+        sequential / concurrent
+    );
+    Ok(())
+}
