@@ -414,8 +414,12 @@ async fn a_held_lock_skips_the_run_and_a_stale_run_is_abandoned() {
 // ---------------------------------------------------------------------------------------
 // export-retention
 
-async fn insert_export(fx: &Fixture, path: &str, expires_in_secs: i64) -> Uuid {
-    let id = Uuid::new_v4();
+/// The stored name of an export's file (what the worker writes; a CHECK requires it).
+fn stored_name(id: Uuid) -> String {
+    format!("{}.json", id.simple())
+}
+
+async fn insert_export(fx: &Fixture, id: Uuid, path: &str, expires_in_secs: i64) -> Uuid {
     sqlx::query(
         "INSERT INTO domain_exports (id, org_id, domain_id, format, status, storage_path, \
          size_bytes, record_count, checksum_sha256, expires_at, finished_at) \
@@ -447,19 +451,26 @@ async fn export_retention_deletes_expired_files_and_refuses_paths_outside() {
     let base = tempfile::tempdir().unwrap();
     let dir = base.path().join("exports");
     std::fs::create_dir(&dir).unwrap();
-    std::fs::write(dir.join("expired.json"), b"x").unwrap();
-    std::fs::write(dir.join("fresh.json"), b"x").unwrap();
-    std::fs::write(dir.join("resumed.json"), b"x").unwrap();
+    let [expired, missing, fresh, outside, link, resumed] = [(); 6].map(|()| Uuid::new_v4());
+    for id in [expired, fresh, resumed] {
+        std::fs::write(dir.join(stored_name(id)), b"x").unwrap();
+    }
     std::fs::write(base.path().join("secret"), b"s").unwrap();
-    std::os::unix::fs::symlink(base.path().join("secret"), dir.join("link.json")).unwrap();
+    std::os::unix::fs::symlink(base.path().join("secret"), dir.join(stored_name(link))).unwrap();
 
-    let expired = insert_export(&fx, "expired.json", -60).await;
-    let missing = insert_export(&fx, "missing.json", -60).await;
-    let fresh = insert_export(&fx, "fresh.json", 3_600).await;
-    let outside = insert_export(&fx, "../secret", -60).await;
-    let link = insert_export(&fx, "link.json", -60).await;
+    insert_export(&fx, expired, &stored_name(expired), -60).await;
+    insert_export(&fx, missing, &stored_name(missing), -60).await;
+    insert_export(&fx, fresh, &stored_name(fresh), 3_600).await;
+    insert_export(&fx, link, &stored_name(link), -60).await;
+    // The schema refuses a stored path that is not the export's own file name; retention
+    // must still refuse one written before that CHECK (or by hand), so this test drops it.
+    sqlx::query("ALTER TABLE domain_exports DROP CONSTRAINT domain_exports_storage_path_check")
+        .execute(&fx.admin)
+        .await
+        .unwrap();
+    insert_export(&fx, outside, "../secret", -60).await;
     // A run that died after marking: the row is `expiring`, the file still there.
-    let resumed = insert_export(&fx, "resumed.json", -60).await;
+    insert_export(&fx, resumed, &stored_name(resumed), -60).await;
     sqlx::query("UPDATE domain_exports SET status = 'expiring' WHERE id = $1")
         .bind(resumed)
         .execute(&fx.admin)
@@ -481,10 +492,10 @@ async fn export_retention_deletes_expired_files_and_refuses_paths_outside() {
     for id in [expired, missing, resumed] {
         assert_eq!(export_status(&fx, id).await, "expired");
     }
-    assert!(!dir.join("expired.json").exists());
-    assert!(!dir.join("resumed.json").exists());
+    assert!(!dir.join(stored_name(expired)).exists());
+    assert!(!dir.join(stored_name(resumed)).exists());
     assert_eq!(export_status(&fx, fresh).await, "succeeded");
-    assert!(dir.join("fresh.json").exists());
+    assert!(dir.join(stored_name(fresh)).exists());
     for id in [outside, link] {
         assert_eq!(
             export_status(&fx, id).await,
@@ -496,7 +507,7 @@ async fn export_retention_deletes_expired_files_and_refuses_paths_outside() {
         base.path().join("secret").exists(),
         "nothing outside was deleted"
     );
-    assert!(dir.join("link.json").exists());
+    assert!(dir.join(stored_name(link)).symlink_metadata().is_ok());
     let errors: Vec<String> = report
         .failures
         .iter()
