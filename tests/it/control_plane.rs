@@ -122,13 +122,18 @@ async fn control_plane_refuses_bad_configuration_with_the_variable_named() {
 }
 
 #[tokio::test]
-async fn domain_export_placeholder_says_it_is_not_implemented() {
+async fn domain_export_without_a_command_prints_its_usage() {
+    // No longer a placeholder (its tests are in export_worker.rs): without a subcommand it
+    // names them and exits 2, like any usage error.
     let output = Command::new(binary("smartbeak-api", "smartbeak-domain-export").unwrap())
         .output()
         .await
         .unwrap();
     assert_eq!(output.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&output.stderr).contains("not implemented yet"));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for command in ["worker", "run", "enqueue", "status"] {
+        assert!(stderr.contains(command), "{stderr}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------

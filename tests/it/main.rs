@@ -4,5 +4,6 @@
 
 mod api;
 mod control_plane;
+mod export_worker;
 mod startup;
 mod support;

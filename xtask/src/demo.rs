@@ -7,7 +7,11 @@
 //! 3. the api: create a key for the seeded org with the admin CLI, start `smartbeak-api` on a
 //!    free port, make real calls with the demo client, then stop it with SIGTERM and show
 //!    the exit code from its shutdown report;
-//! 4. the control-plane: one `batch` of each operation on the seeded data
+//! 4. the export job: enqueue a JSON export through the api, start a
+//!    `smartbeak-domain-export worker`, wait (bounded) for the job to succeed, download it
+//!    through the api and verify its SHA-256, print its path, checksum and first lines, then
+//!    stop the worker with SIGTERM and show its exit code;
+//! 5. the control-plane: one `batch` of each operation on the seeded data
 //!    ([`control_plane`], with a fake keyword provider inside xtask).
 
 use std::io::{BufRead, BufReader};
@@ -37,7 +41,7 @@ impl Demo {
         .context("build failed")?;
         cmd!(
             sh,
-            "cargo build --quiet -p smartbeak-api --bin smartbeak-api --example demo_client"
+            "cargo build --quiet -p smartbeak-api --bin smartbeak-api --bin smartbeak-domain-export --example demo_client"
         )
         .run()
         .context("build failed")?;
@@ -78,7 +82,14 @@ impl Demo {
         println!("created key {prefix}… for org {org} (stored as SHA-256 only)");
 
         section("api: serve and call");
-        let mut server = ApiProcess::start(&api, database.url.expose(), &services.redis_url)?;
+        let export_dir = target_dir(sh).join(format!("demo-exports-{}", std::process::id()));
+        std::fs::create_dir_all(&export_dir).context("creating the demo's export directory")?;
+        let mut server = ApiProcess::start(
+            &api,
+            database.url.expose(),
+            &services.redis_url,
+            &export_dir,
+        )?;
         println!("smartbeak-api listening on {}", server.base);
         let client = bin.join("examples").join("demo_client");
         let base = server.base.clone();
@@ -86,6 +97,21 @@ impl Demo {
         let calls = cmd!(sh, "{client} {base}")
             .env("SMARTBEAK_API_KEY", &key)
             .run();
+
+        let exported = if calls.is_ok() {
+            export_demo(
+                sh,
+                &bin,
+                &client,
+                &base,
+                &key,
+                database.url.expose(),
+                &export_dir,
+            )
+        } else {
+            Ok(())
+        };
+        std::fs::remove_dir_all(&export_dir).ok();
 
         section("api: SIGTERM");
         let code = server.terminate()?;
@@ -96,12 +122,154 @@ impl Demo {
         }
         println!("smartbeak-api exited with code {code}");
         calls.context("the demo client failed")?;
+        exported.context("the export demo failed")?;
         if code != 0 {
             bail!("smartbeak-api exited with {code} after SIGTERM");
         }
         control_plane::run(sh, &bin, &database.url)?;
         section("demo finished");
         Ok(())
+    }
+}
+
+/// The export job end to end: enqueue through the api, a worker process completes it, the
+/// download through the api is verified; the worker is stopped with SIGTERM.
+fn export_demo(
+    sh: &Shell,
+    bin: &std::path::Path,
+    client: &std::path::Path,
+    base: &str,
+    key: &str,
+    database_url: &str,
+    export_dir: &std::path::Path,
+) -> Result<()> {
+    section("export: enqueue through the api");
+    let queued = cmd!(sh, "{client} {base} export-enqueue")
+        .env("SMARTBEAK_API_KEY", key)
+        .read()
+        .context("enqueueing an export failed")?;
+    println!("{queued}");
+    let id = queued
+        .lines()
+        .find_map(|l| l.strip_prefix("export id: "))
+        .context("the demo client printed no export id")?
+        .trim()
+        .to_owned();
+
+    section("export: a worker process");
+    let mut worker = WorkerProcess::start(
+        &bin.join("smartbeak-domain-export"),
+        database_url,
+        export_dir,
+    )?;
+    println!(
+        "smartbeak-domain-export worker up; admin on http://{}",
+        worker.admin
+    );
+
+    section("export: wait, download through the api, verify");
+    let fetched = cmd!(sh, "{client} {base} export-fetch {id}")
+        .env("SMARTBEAK_API_KEY", key)
+        .run();
+    let files: Vec<String> = std::fs::read_dir(export_dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.path().display().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    for file in &files {
+        println!("  on disk: {file}");
+    }
+
+    section("export: SIGTERM the worker");
+    let code = worker.terminate()?;
+    for line in worker.lines.try_iter() {
+        if line.contains("export succeeded")
+            || line.contains("shutdown handler finished")
+            || line.contains("shutdown complete")
+        {
+            println!("{line}");
+        }
+    }
+    println!("smartbeak-domain-export exited with code {code}");
+    fetched.context("the export did not complete and verify")?;
+    if code != 0 {
+        bail!("smartbeak-domain-export exited with {code} after SIGTERM");
+    }
+    Ok(())
+}
+
+/// The export worker as a child process whose log lines are read on a thread.
+struct WorkerProcess {
+    child: Child,
+    admin: String,
+    lines: mpsc::Receiver<String>,
+}
+
+impl WorkerProcess {
+    fn start(
+        bin: &std::path::Path,
+        database_url: &str,
+        export_dir: &std::path::Path,
+    ) -> Result<Self> {
+        let mut child = Command::new(bin)
+            .arg("worker")
+            .env("DATABASE_URL", database_url)
+            .env("EXPORT_DIR", export_dir)
+            .env("EXPORT_ADMIN_ADDR", "127.0.0.1:0")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("cannot start smartbeak-domain-export worker")?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut worker = Self {
+            child,
+            admin: String::new(),
+            lines,
+        };
+        loop {
+            match worker.lines.recv_timeout(Duration::from_secs(60)) {
+                Ok(line) => {
+                    if let Some(rest) = line.split("admin listening on http://").nth(1) {
+                        worker.admin = rest.split_whitespace().next().unwrap_or("").to_owned();
+                        return Ok(worker);
+                    }
+                }
+                Err(_) => {
+                    let _ = worker.child.kill();
+                    bail!("smartbeak-domain-export worker did not start within 60 s");
+                }
+            }
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit code.
+    fn terminate(&mut self) -> Result<i32> {
+        smartbeak_test_support::signal(self.child.id(), "TERM").map_err(anyhow::Error::msg)?;
+        let status = self
+            .child
+            .wait()
+            .context("waiting for smartbeak-domain-export")?;
+        Ok(status.code().unwrap_or(-1))
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
@@ -130,10 +298,16 @@ struct ApiProcess {
 }
 
 impl ApiProcess {
-    fn start(bin: &PathBuf, database_url: &str, redis_url: &str) -> Result<Self> {
+    fn start(
+        bin: &PathBuf,
+        database_url: &str,
+        redis_url: &str,
+        export_dir: &std::path::Path,
+    ) -> Result<Self> {
         let mut child = Command::new(bin)
             .env("DATABASE_URL", database_url)
             .env("REDIS_URL", redis_url)
+            .env("EXPORT_DIR", export_dir)
             .env("API_BIND", "127.0.0.1:0")
             .env(
                 "RATE_LIMIT_KEY_PREFIX",

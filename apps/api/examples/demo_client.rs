@@ -4,6 +4,11 @@
 //! Usage: `SMARTBEAK_API_KEY=<key> demo_client <base url>` (the key in the environment, not
 //! on the command line). The key's org is expected to hold the demo's seeded domains (the
 //! database demo seeds them).
+//!
+//! The export part: `demo_client <base url> export-enqueue` queues a JSON export of the first
+//! domain and prints `export id: <id>`; `demo_client <base url> export-fetch <id>` waits (at
+//! most 60 s) for a worker to finish it, downloads it, checks its SHA-256 against the ETag
+//! and the job's checksum, and prints its name, checksum and first lines.
 
 use std::process::ExitCode;
 
@@ -19,7 +24,19 @@ async fn main() -> ExitCode {
         eprintln!("usage: SMARTBEAK_API_KEY=<key> demo_client <base url>");
         return ExitCode::from(2);
     };
-    match run(&base, &key).await {
+    let mode = std::env::args().nth(2);
+    let result = match mode.as_deref() {
+        None => run(&base, &key).await,
+        Some("export-enqueue") => export_enqueue(&base, &key).await,
+        Some("export-fetch") => match std::env::args().nth(3) {
+            Some(id) => export_fetch(&base, &key, &id).await,
+            None => Err(anyhow::anyhow!(
+                "usage: demo_client <base url> export-fetch <id>"
+            )),
+        },
+        Some(other) => Err(anyhow::anyhow!("unknown mode {other:?}")),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("demo_client: {e:#}");
@@ -190,7 +207,7 @@ async fn run(base: &str, key: &str) -> Result<()> {
         )
         .await?;
     println!(
-        "  status {} (no export worker runs in this demo yet)",
+        "  status {} (cancelled before the demo starts its export worker)",
         cancelled["status"].as_str().unwrap_or("?")
     );
 
@@ -246,6 +263,130 @@ async fn run(base: &str, key: &str) -> Result<()> {
         .take(8)
     {
         println!("  {line}");
+    }
+    Ok(())
+}
+
+fn client(base: &str, key: &str) -> Api {
+    Api {
+        http: Client::new(),
+        base: base.trim_end_matches('/').to_owned(),
+        key: key.to_owned(),
+    }
+}
+
+/// Queues a JSON export of the key's first domain (every section); prints its id.
+async fn export_enqueue(base: &str, key: &str) -> Result<()> {
+    let api = client(base, key);
+    let (domains, _) = api
+        .expect(Method::GET, "/v1/domains", None, StatusCode::OK)
+        .await?;
+    let Some(domain) = domains["items"]
+        .as_array()
+        .and_then(|items| items.first())
+        .and_then(|d| d["id"].as_str())
+        .map(str::to_owned)
+    else {
+        bail!("the key's org has no domains; was the demo data seeded?");
+    };
+    let (export, _) = api
+        .expect(
+            Method::POST,
+            &format!("/v1/domains/{domain}/exports"),
+            Some(json!({"format": "json", "include_content": true, "include_keywords": true, "include_analytics": true})),
+            StatusCode::ACCEPTED,
+        )
+        .await?;
+    println!(
+        "  status {} (no worker has claimed it yet)",
+        export["status"].as_str().unwrap_or("?")
+    );
+    println!(
+        "export id: {}",
+        export["id"].as_str().context("the export has no id")?
+    );
+    Ok(())
+}
+
+/// Waits for export `id` to succeed, downloads it and verifies its checksum.
+async fn export_fetch(base: &str, key: &str, id: &str) -> Result<()> {
+    use sha2::Digest;
+
+    let api = client(base, key);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        let (status, value, _) = api
+            .call(Method::GET, &format!("/v1/exports/{id}"), None)
+            .await?;
+        if status != StatusCode::OK {
+            bail!("GET /v1/exports/{id}: {status}: {value}");
+        }
+        let state = value["status"].as_str().unwrap_or("?").to_owned();
+        println!("  status {state} progress {}", value["progress"]);
+        match state.as_str() {
+            "succeeded" => break value,
+            "failed" | "cancelled" => bail!("the export ended {state}: {value}"),
+            _ if tokio::time::Instant::now() > deadline => {
+                bail!("the export is still {state} after 60 s")
+            }
+            _ => tokio::time::sleep(std::time::Duration::from_millis(250)).await,
+        }
+    };
+    let response = api
+        .http
+        .get(format!("{}/v1/exports/{id}/download", api.base))
+        .bearer_auth(&api.key)
+        .send()
+        .await?;
+    println!(
+        "\nGET /v1/exports/{id}/download -> {}",
+        response.status().as_u16()
+    );
+    if response.status() != StatusCode::OK {
+        bail!("download failed: {}", response.status());
+    }
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    };
+    let (etag, digest, disposition, kind) = (
+        header("etag"),
+        header("repr-digest"),
+        header("content-disposition"),
+        header("content-type"),
+    );
+    let body = response.bytes().await?;
+    let sha = hex::encode(sha2::Sha256::digest(&body));
+    println!("  content-type:        {kind}");
+    println!("  content-disposition: {disposition}");
+    println!("  etag:                {etag}");
+    println!("  repr-digest:         {digest}");
+    println!("  bytes:               {}", body.len());
+    println!("  sha256 (recomputed): {sha}");
+    let recorded = status["checksum_sha256"].as_str().unwrap_or("");
+    if recorded.is_empty() && etag.is_empty() {
+        bail!("neither the job nor the download carries a checksum");
+    }
+    if !recorded.is_empty() && sha != recorded {
+        bail!("the download's SHA-256 {sha} is not the job's {recorded}");
+    }
+    if !etag.is_empty() && !etag.contains(&sha) {
+        bail!("the ETag {etag} does not carry the download's SHA-256 {sha}");
+    }
+    println!("  checksum verified (the job's checksum_sha256 and the ETag)");
+    match std::str::from_utf8(&body) {
+        Ok(text) => {
+            println!("  first lines:");
+            for line in text.lines().take(8) {
+                let shown: String = line.chars().take(160).collect();
+                println!("    {shown}");
+            }
+        }
+        Err(_) => println!("  (binary: {kind})"),
     }
     Ok(())
 }

@@ -52,6 +52,9 @@ pub enum ConfigError {
 
 pub use smartbeak_shutdown::telemetry::LogFormat;
 
+/// Default `EXPORT_DIR`, shared by the api (downloads) and the export worker (writes).
+pub const DEFAULT_EXPORT_DIR: &str = "./exports";
+
 /// Everything the api reads from its environment (except the database settings).
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
@@ -187,7 +190,7 @@ impl ApiConfig {
             analytics_cache_ttl: env.millis("ANALYTICS_CACHE_TTL_MS", 5_000)?,
             export_dir: env
                 .string("EXPORT_DIR")
-                .map_or_else(|| PathBuf::from("./exports"), PathBuf::from),
+                .map_or_else(|| PathBuf::from(DEFAULT_EXPORT_DIR), PathBuf::from),
         })
     }
 }
@@ -205,14 +208,16 @@ impl ApiConfig {
     }
 }
 
-struct Env<'a, F: Fn(&str) -> Option<String>>(&'a F);
+/// The variable parsers shared by the api's and the export worker's configuration
+/// (`jobs::worker::config`): one wording of every "invalid value" error.
+pub(crate) struct Env<'a, F: Fn(&str) -> Option<String>>(pub(crate) &'a F);
 
 impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
-    fn string(&self, var: &str) -> Option<String> {
+    pub(crate) fn string(&self, var: &str) -> Option<String> {
         (self.0)(var).filter(|v| !v.trim().is_empty())
     }
 
-    fn parse<T: FromStr>(
+    pub(crate) fn parse<T: FromStr>(
         &self,
         var: &'static str,
         expected: &'static str,
@@ -227,7 +232,7 @@ impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
         }
     }
 
-    fn positive<T: FromStr + PartialOrd + Default>(
+    pub(crate) fn positive<T: FromStr + PartialOrd + Default>(
         &self,
         var: &'static str,
         default: T,
@@ -256,11 +261,11 @@ impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
         Ok(limit)
     }
 
-    fn millis(&self, var: &'static str, default: u64) -> Result<Duration, ConfigError> {
+    pub(crate) fn millis(&self, var: &'static str, default: u64) -> Result<Duration, ConfigError> {
         Ok(Duration::from_millis(self.positive(var, default)?))
     }
 
-    fn boolean(&self, var: &'static str, default: bool) -> Result<bool, ConfigError> {
+    pub(crate) fn boolean(&self, var: &'static str, default: bool) -> Result<bool, ConfigError> {
         match self
             .string(var)
             .map(|v| v.trim().to_ascii_lowercase())

@@ -1,5 +1,7 @@
 //! Bounded concurrency and batch processing: a sliding-window [`map_bounded`]
-//! whose results come back in input order, and the batch helpers
+//! whose results come back in input order, its streaming sibling
+//! [`for_each_bounded`] for long-running consumers (the export worker: the
+//! source is polled only when a slot is free), and the batch helpers
 //! ([`process_in_batches`], [`process_in_batches_strict`], [`map_in_batches`],
 //! and [`map_batches_bounded`] for work done a whole batch at a time) used by the
 //! export job and the control-plane.
@@ -32,8 +34,10 @@
 use std::fmt;
 use std::future::Future;
 use std::num::NonZeroUsize;
+use std::pin::{Pin, pin};
+use std::task::Poll;
 
-use futures::stream::{FuturesUnordered, StreamExt};
+use futures::stream::{self, FuturesUnordered, Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 
 /// Largest batch size accepted by the batch helpers. The original service capped it at
@@ -93,38 +97,169 @@ where
     F: FnMut(T) -> Fut,
     Fut: Future<Output = Result<R, E>>,
 {
-    let limit = limit.get();
-    let is_cancelled = || cancel.as_ref().is_some_and(CancellationToken::is_cancelled);
-
-    let mut items = items.into_iter().enumerate();
+    let items = items.into_iter();
     let mut slots: Vec<Option<Result<R, ItemError<E>>>> = Vec::with_capacity(items.size_hint().0);
-    let mut running = FuturesUnordered::new();
-
-    loop {
-        // Fill the window.
-        while running.len() < limit && !is_cancelled() {
-            let Some((index, item)) = items.next() else {
-                break;
-            };
-            slots.push(None);
-            let fut = f(item);
-            running.push(async move { (index, fut.await) });
-        }
-        match running.next().await {
-            Some((index, outcome)) => {
+    let mut source = pin!(stream::iter(items.enumerate()));
+    {
+        let slots = &mut slots;
+        drive_bounded(
+            source.as_mut(),
+            limit,
+            |(index, item)| {
+                let fut = f(item);
+                async move { (index, fut.await) }
+            },
+            |_| {},
+            |(index, outcome)| {
+                // Every started item finishes before the driver returns, so the
+                // slots end up covering exactly the items started.
+                if slots.len() <= index {
+                    slots.resize_with(index + 1, || None);
+                }
                 slots[index] = Some(outcome.map_err(ItemError::Failed));
-            }
-            None => break,
-        }
+            },
+            cancel.as_ref(),
+        )
+        .await;
     }
-    // Anything left in the iterator was never started (cancellation).
-    for _ in items {
+    // Anything left in the source was never started (cancellation): `stream::iter` is
+    // always ready, so this drains it without waiting.
+    while source.next().await.is_some() {
         slots.push(Some(Err(ItemError::NotStarted)));
     }
     slots
         .into_iter()
         .map(|slot| slot.unwrap_or(Err(ItemError::NotStarted)))
         .collect()
+}
+
+/// Runs `f` on each item of `source` as it comes, with at most `limit` futures
+/// in flight at once; returns the number of items started once the source has
+/// ended (or `cancel` fired) and every started future has finished.
+///
+/// The streaming sibling of [`map_bounded`], for a consumer that runs for a
+/// long time on a source that waits for work (a job queue): the source is
+/// polled only while fewer than `limit` futures are running, so it never
+/// produces an item (claims a job) that no slot is free to run, and one slow
+/// item never holds back the free slots. Outputs of `f` are dropped; `f`
+/// reports its own outcome (a future that wants to run on another thread
+/// spawns itself and awaits its `JoinHandle`).
+///
+/// When `cancel` fires, the source is not polled again (an item it was
+/// producing is abandoned with it, so a source with side effects, such as a
+/// claim, should rather end by itself at a safe point and pass `None` here);
+/// the futures already running are awaited as usual.
+///
+/// ```
+/// use std::num::NonZeroUsize;
+///
+/// use smartbeak_utils::concurrency::for_each_bounded;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let source = futures::stream::iter(1_u32..=5);
+/// let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+/// let started = for_each_bounded(source, NonZeroUsize::new(2).unwrap(), |n| {
+///     let tx = tx.clone();
+///     async move { tx.send(n * 10).unwrap() }
+/// }, None)
+/// .await;
+/// assert_eq!(started, 5);
+/// drop(tx);
+/// let mut sum = 0;
+/// while let Some(v) = rx.recv().await { sum += v; }
+/// assert_eq!(sum, 150);
+/// # }
+/// ```
+pub async fn for_each_bounded<S, F, Fut>(
+    source: S,
+    limit: NonZeroUsize,
+    f: F,
+    cancel: Option<CancellationToken>,
+) -> usize
+where
+    S: Stream,
+    F: FnMut(S::Item) -> Fut,
+    Fut: Future,
+{
+    let mut started = 0;
+    let source = pin!(source);
+    drive_bounded(source, limit, f, |_| started += 1, |_| {}, cancel.as_ref()).await;
+    started
+}
+
+/// What the driver's poll found.
+enum Event<T, O> {
+    /// The source gave an item and a slot is free.
+    Item(T),
+    /// A running future finished.
+    Done(O),
+    /// The source ended (or cancellation), and nothing is running.
+    End,
+}
+
+/// The one sliding window behind [`map_bounded`] and [`for_each_bounded`]:
+/// polls `source` only while fewer than `limit` futures run, calls `started`
+/// with each item's index (counted from 0) as it starts it, and `done` with
+/// each output as it finishes. Stops polling the source once `cancel` fires.
+async fn drive_bounded<S, F, Fut, St, D>(
+    mut source: Pin<&mut S>,
+    limit: NonZeroUsize,
+    mut f: F,
+    mut started: St,
+    mut done: D,
+    cancel: Option<&CancellationToken>,
+) where
+    S: Stream,
+    F: FnMut(S::Item) -> Fut,
+    Fut: Future,
+    St: FnMut(usize),
+    D: FnMut(Fut::Output),
+{
+    let limit = limit.get();
+    let mut running = FuturesUnordered::new();
+    let mut source_done = false;
+    let mut count = 0;
+    let mut cancelled = pin!(async {
+        match cancel {
+            Some(token) => token.cancelled().await,
+            None => std::future::pending().await,
+        }
+    });
+    let mut is_cancelled = false;
+    loop {
+        let event = std::future::poll_fn(|cx| {
+            if !running.is_empty()
+                && let Poll::Ready(Some(output)) = running.poll_next_unpin(cx)
+            {
+                return Poll::Ready(Event::Done(output));
+            }
+            if !is_cancelled && cancelled.as_mut().poll(cx).is_ready() {
+                is_cancelled = true;
+            }
+            if !source_done && !is_cancelled && running.len() < limit {
+                match source.as_mut().poll_next(cx) {
+                    Poll::Ready(Some(item)) => return Poll::Ready(Event::Item(item)),
+                    Poll::Ready(None) => source_done = true,
+                    Poll::Pending => {}
+                }
+            }
+            if running.is_empty() && (source_done || is_cancelled) {
+                return Poll::Ready(Event::End);
+            }
+            Poll::Pending
+        })
+        .await;
+        match event {
+            Event::Item(item) => {
+                started(count);
+                count += 1;
+                running.push(f(item));
+            }
+            Event::Done(output) => done(output),
+            Event::End => break,
+        }
+    }
 }
 
 /// Progress of a batch helper, reported once after each batch.

@@ -28,8 +28,13 @@ pub(crate) fn run(sh: &Shell, bin: &Path, database_url: &SecretUrl) -> Result<()
     let export_dir =
         std::env::temp_dir().join(format!("smartbeak-demo-exports-{}", std::process::id()));
     std::fs::create_dir_all(&export_dir).context("creating the demo EXPORT_DIR")?;
-    std::fs::write(export_dir.join("demo-expired.json"), b"{}\n")
-        .context("writing the demo export file")?;
+    // A stored name is `<id without dashes>.<ext>` (a CHECK of the schema): a fixed id, as the
+    // demo's database is fresh.
+    std::fs::write(
+        export_dir.join("5eb0c0de000040008000000000000001.json"),
+        b"{}\n",
+    )
+    .context("writing the demo export file")?;
     psql(
         database_url,
         "UPDATE content_items SET status = 'scheduled', publish_at = now() - interval '1 minute' \
@@ -39,7 +44,8 @@ pub(crate) fn run(sh: &Shell, bin: &Path, database_url: &SecretUrl) -> Result<()
          FROM domains ON CONFLICT DO NOTHING; \
          INSERT INTO domain_exports (id, org_id, domain_id, format, status, storage_path, size_bytes, \
          record_count, checksum_sha256, expires_at, finished_at) \
-         SELECT gen_random_uuid(), org_id, id, 'json', 'succeeded', 'demo-expired.json', 3, 0, \
+         SELECT '5eb0c0de-0000-4000-8000-000000000001', org_id, id, 'json', 'succeeded', \
+         '5eb0c0de000040008000000000000001.json', 3, 0, \
          repeat('0', 64), now() - interval '1 day', now() - interval '8 days' \
          FROM domains ORDER BY name LIMIT 1;",
     )?;

@@ -1,1 +1,389 @@
-//! The export worker (skeleton: filled by the worker change).
+//! The export worker: claims `domain_exports` jobs, runs them with bounded concurrency,
+//! keeps their leases, and gives back what it cannot finish.
+//!
+//! - **Claiming.** [`Worker::run`] drives a stream of claims through
+//!   `smartbeak_utils::concurrency::for_each_bounded`: the stream is polled only while fewer
+//!   than `EXPORT_CONCURRENCY` exports run, and each poll claims one job
+//!   (`queue::claim`, `FOR UPDATE SKIP LOCKED`), so the worker never holds a lease it has
+//!   no slot for and a slow export never holds back the free slots. When the queue is
+//!   empty it waits for a `NOTIFY` on `queue::CHANNEL` (a dedicated `PgListener`
+//!   session, `listen`) or a poll timer backing off from 100 ms to `EXPORT_POLL_MAX_MS`:
+//!   the poll catches retries falling due and covers a lost listener connection while it
+//!   reconnects.
+//! - **Per job** (`job`): a `CancellationToken` child of the worker's; `run_export`
+//!   writes the file; a watcher calls `queue::heartbeat` every `min(1 s,
+//!   EXPORT_HEARTBEAT_SECS)`, renewing the lease and recording progress when it changed
+//!   (so at most one progress write a second). A `Fenced` answer (the job was cancelled or
+//!   its lease reclaimed) cancels the token at once: the export stops within a second and
+//!   removes its temp file, and nothing more is written. Outcomes: success ->
+//!   `queue::complete` (a fenced completion deletes the renamed file); a retryable error
+//!   -> `queue::fail` with the delay of `smartbeak_resilience::RetryPolicy` (exponential,
+//!   full jitter, `EXPORT_RETRY_BASE_MS` doubling to `EXPORT_RETRY_MAX_MS`, the job's
+//!   `max_attempts`), else dead letter.
+//! - **Reaper.** Every worker runs `queue::reclaim_expired` every
+//!   `EXPORT_REAPER_INTERVAL_SECS` and refreshes the queue gauges.
+//! - **Shutdown** ([`install`]): `stop-claiming` (`StopAccepting`) ends the claim stream;
+//!   `drain-exports` (`Drain`) lets running exports finish until a margin before the
+//!   drain deadline, then cancels the rest and releases their leases (`queue::release`:
+//!   queued, due now, token bumped) while the pools are still open, so another worker
+//!   takes them at once.
+//!
+//! Metrics are in [`metrics`]; configuration in [`config`]; the CLI's helpers in [`cli`].
+
+pub mod cli;
+pub mod config;
+mod job;
+mod listen;
+pub mod metrics;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use futures::stream::{self, Stream};
+use smartbeak_database::Database;
+use smartbeak_shutdown::{HandlerGuard, Phase, RegisterError, Shutdown};
+use smartbeak_utils::concurrency::for_each_bounded;
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+pub use config::WorkerConfig;
+
+use super::export::ExportDir;
+use super::queue::{self, ClaimedJob};
+
+/// Name of the `StopAccepting` handler [`install`] registers.
+pub const STOP_CLAIMING: &str = "stop-claiming";
+/// Name of the `Drain` handler [`install`] registers.
+pub const DRAIN_EXPORTS: &str = "drain-exports";
+
+/// Leases the reaper takes back per statement.
+const RECLAIM_BATCH: i64 = 100;
+
+/// One worker process's export loop. Cheap to clone (shared state).
+#[derive(Clone)]
+pub struct Worker {
+    ctx: Arc<Ctx>,
+}
+
+/// What the worker's tasks share.
+struct Ctx {
+    db: Database,
+    config: WorkerConfig,
+    dir: ExportDir,
+    /// Ends the claim stream (and the listener and the reaper).
+    stop: CancellationToken,
+    /// Parent of every job's token: cancelled when the drain deadline nears.
+    abandon: CancellationToken,
+    /// Woken by a `NOTIFY` (or a reclaim) while the claim stream idles.
+    wake: Notify,
+    /// Exports running now.
+    running: watch::Sender<usize>,
+    /// The watcher of each running job, woken by a cancel notification.
+    watchers: Mutex<HashMap<Uuid, Arc<Notify>>>,
+    /// True once [`Worker::run`] has returned.
+    finished: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("worker_id", &self.ctx.config.worker_id)
+            .field("running", &*self.ctx.running.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Worker {
+    /// A worker on `db`, writing into `dir`.
+    pub fn new(db: Database, config: WorkerConfig, dir: ExportDir) -> Self {
+        Self {
+            ctx: Arc::new(Ctx {
+                db,
+                config,
+                dir,
+                stop: CancellationToken::new(),
+                abandon: CancellationToken::new(),
+                wake: Notify::new(),
+                running: watch::channel(0).0,
+                watchers: Mutex::new(HashMap::new()),
+                finished: watch::channel(false).0,
+            }),
+        }
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &WorkerConfig {
+        &self.ctx.config
+    }
+
+    /// Stops claiming: the claim stream ends (a claim in flight completes and its job runs);
+    /// running exports go on.
+    pub fn stop_claiming(&self) {
+        self.ctx.stop.cancel();
+    }
+
+    /// Cancels every running export; each one's lease is released (`queue::release`) for
+    /// another worker.
+    pub fn abandon_running(&self) {
+        self.ctx.abandon.cancel();
+    }
+
+    /// The number of exports running now (also the `export_jobs_running` gauge).
+    pub fn running(&self) -> watch::Receiver<usize> {
+        self.ctx.running.subscribe()
+    }
+
+    /// Whether [`Worker::run`] has returned.
+    pub fn finished(&self) -> watch::Receiver<bool> {
+        self.ctx.finished.subscribe()
+    }
+
+    /// Claims and runs jobs until [`Worker::stop_claiming`]; then waits for the running
+    /// exports (finished, or cancelled and released after [`Worker::abandon_running`]).
+    /// Returns the number of jobs it claimed.
+    pub async fn run(&self) -> usize {
+        let ctx = &self.ctx;
+        metrics::register();
+        tracing::info!(
+            worker_id = %ctx.config.worker_id,
+            concurrency = ctx.config.concurrency.get(),
+            lease_secs = ctx.config.lease.as_secs(),
+            export_dir = %ctx.dir.root().display(),
+            "export worker started"
+        );
+        let claims = for_each_bounded(
+            claim_stream(ctx.clone()),
+            ctx.config.concurrency,
+            |job| self.start(job),
+            None,
+        );
+        let (claimed, (), ()) = tokio::join!(
+            claims,
+            listen::run(&ctx.db, &ctx.wake, |id| ctx.wake_watcher(id), &ctx.stop),
+            reaper(ctx)
+        );
+        tracing::info!(claimed, "export worker stopped");
+        ctx.finished.send_replace(true);
+        claimed
+    }
+
+    /// Starts one claimed job on a task of its own (exports use every core) and returns
+    /// the future the bounded loop waits for; the running count covers a panicking job.
+    fn start(&self, job: ClaimedJob) -> impl Future<Output = ()> + use<> {
+        let ctx = self.ctx.clone();
+        ctx.running.send_modify(|n| *n += 1);
+        ::metrics::gauge!(metrics::RUNNING).set(*ctx.running.borrow() as f64);
+        let id = job.fence.id;
+        let handle = tokio::spawn(job::run(ctx.clone(), job));
+        async move {
+            if let Err(error) = handle.await {
+                tracing::error!(export_id = %id, %error, "export task failed; its lease will expire and be reclaimed");
+            }
+            ctx.running.send_modify(|n| *n = n.saturating_sub(1));
+            ::metrics::gauge!(metrics::RUNNING).set(*ctx.running.borrow() as f64);
+        }
+    }
+}
+
+impl Ctx {
+    /// Registers a running job's watcher; the returned guard removes it.
+    fn watch(self: &Arc<Self>, id: Uuid) -> (Arc<Notify>, WatcherGuard) {
+        let notify = Arc::new(Notify::new());
+        self.watchers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, notify.clone());
+        (
+            notify,
+            WatcherGuard {
+                ctx: self.clone(),
+                id,
+            },
+        )
+    }
+
+    /// Wakes the watcher of `id` if that job runs here.
+    fn wake_watcher(&self, id: Uuid) {
+        if let Some(notify) = self
+            .watchers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&id)
+        {
+            notify.notify_one();
+        }
+    }
+}
+
+/// Removes a job's watcher from [`Ctx::watchers`] when dropped.
+struct WatcherGuard {
+    ctx: Arc<Ctx>,
+    id: Uuid,
+}
+
+impl Drop for WatcherGuard {
+    fn drop(&mut self) {
+        self.ctx
+            .watchers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
+    }
+}
+
+/// The claims, one per poll: ends when the worker stops claiming (checked between
+/// claims, never in the middle of one, so no claimed job is dropped).
+fn claim_stream(ctx: Arc<Ctx>) -> impl Stream<Item = ClaimedJob> {
+    stream::unfold((ctx, config::POLL_MIN), |(ctx, mut backoff)| async move {
+        loop {
+            if ctx.stop.is_cancelled() {
+                return None;
+            }
+            let config = &ctx.config;
+            match queue::claim(&ctx.db, &config.worker_id, 1, config.lease).await {
+                Ok(jobs) => {
+                    if let Some(job) = jobs.into_iter().next() {
+                        ::metrics::counter!(metrics::CLAIMED).increment(1);
+                        tracing::info!(
+                            export_id = %job.fence.id,
+                            attempt = job.attempt,
+                            format = job.spec.format.as_str(),
+                            "claimed export"
+                        );
+                        return Some((job, (ctx, config::POLL_MIN)));
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "claiming export jobs failed; retrying after a backoff");
+                }
+            }
+            tokio::select! {
+                () = ctx.stop.cancelled() => return None,
+                () = ctx.wake.notified() => backoff = config::POLL_MIN,
+                () = tokio::time::sleep(backoff) => {
+                    backoff = (backoff * 2).min(config.poll_max);
+                }
+            }
+        }
+    })
+}
+
+/// Reclaims expired leases and refreshes the queue gauges every reaper interval, until
+/// the worker stops claiming.
+async fn reaper(ctx: &Ctx) {
+    let mut tick = tokio::time::interval(ctx.config.reaper_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while ctx.stop.run_until_cancelled(tick.tick()).await.is_some() {
+        match ctx
+            .stop
+            .run_until_cancelled(queue::reclaim_expired(&ctx.db, RECLAIM_BATCH))
+            .await
+        {
+            None => break,
+            Some(Ok(reclaimed)) => {
+                ::metrics::counter!(metrics::RECLAIMED).increment(reclaimed.len() as u64);
+                for job in &reclaimed {
+                    tracing::info!(
+                        export_id = %job.id,
+                        dead_lettered = job.dead_lettered,
+                        "reclaimed an export whose lease expired"
+                    );
+                }
+                if !reclaimed.is_empty() {
+                    ctx.wake.notify_one();
+                }
+            }
+            Some(Err(error)) => tracing::warn!(%error, "reclaiming expired leases failed"),
+        }
+        match ctx.stop.run_until_cancelled(queue::stats(&ctx.db)).await {
+            None => break,
+            Some(Ok(stats)) => {
+                ::metrics::gauge!(metrics::QUEUE_DEPTH).set(stats.queued as f64);
+                ::metrics::gauge!(metrics::QUEUE_OLDEST_AGE).set(stats.oldest_queued_age_secs);
+            }
+            Some(Err(error)) => tracing::warn!(%error, "reading the queue stats failed"),
+        }
+    }
+}
+
+/// The handlers and task [`install`] set up; dropping it deregisters the handlers.
+#[derive(Debug)]
+#[must_use = "dropping the guards deregisters the worker's shutdown handlers"]
+pub struct Installed {
+    /// `stop-claiming` and `drain-exports`.
+    pub guards: Vec<HandlerGuard>,
+}
+
+/// Wires `worker` into `shutdown` and starts it as a tracked task: `stop-claiming`
+/// (`StopAccepting`) stops claiming at once; `drain-exports` (`Drain`) waits for the
+/// running exports until [`release_margin`] before the drain deadline, then cancels them
+/// and waits for their leases to be released (before `db-pools` closes in `Release`).
+pub fn install(shutdown: &Shutdown, worker: &Worker) -> Result<Installed, RegisterError> {
+    let stopping = worker.clone();
+    let stop = shutdown.register(STOP_CLAIMING, Phase::StopAccepting, move || async move {
+        stopping.stop_claiming();
+        tracing::info!("stopped claiming export jobs");
+    })?;
+    let config = shutdown.config();
+    let drain = config
+        .drain_timeout
+        .unwrap_or(config.timeout * 2 / 3)
+        .min(config.timeout);
+    let draining = worker.clone();
+    let drain_guard = shutdown.register(DRAIN_EXPORTS, Phase::Drain, move || async move {
+        drain_exports(&draining, drain).await
+    })?;
+    let running = worker.clone();
+    shutdown.spawn(async move {
+        running.run().await;
+    });
+    Ok(Installed {
+        guards: vec![stop, drain_guard],
+    })
+}
+
+/// The part of the drain deadline kept for cancelling the exports still running and
+/// releasing their leases: a quarter of it, between 1 s and 3 s (all of a drain shorter
+/// than that: the exports are then released at once).
+pub fn release_margin(drain: Duration) -> Duration {
+    (drain / 4)
+        .clamp(Duration::from_secs(1), Duration::from_secs(3))
+        .min(drain)
+}
+
+/// Waits for the worker to finish its running exports within `drain` less the release
+/// margin; then cancels the rest (each releases its lease) and waits for that.
+async fn drain_exports(worker: &Worker, drain: Duration) -> Result<(), String> {
+    let margin = release_margin(drain);
+    let mut finished = worker.finished();
+    let wait = drain.saturating_sub(margin);
+    if tokio::time::timeout(wait, finished.wait_for(|done| *done))
+        .await
+        .is_ok()
+    {
+        return Ok(());
+    }
+    let running = *worker.running().borrow();
+    tracing::info!(
+        running,
+        "drain deadline near: cancelling the exports still running and releasing their leases"
+    );
+    worker.abandon_running();
+    // The rest of the margin, less a little so this handler ends before the built-in
+    // `in-flight-tasks` entry's own deadline.
+    let bound = margin.saturating_sub(margin / 10);
+    match tokio::time::timeout(bound, finished.wait_for(|done| *done)).await {
+        Ok(_) => Ok(()),
+        Err(_) => Err(format!(
+            "{} exports still running {} ms after they were cancelled",
+            *worker.running().borrow(),
+            bound.as_millis()
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -518,3 +518,115 @@ async fn map_batches_bounded_strict_stops_after_the_failed_batch() {
     .unwrap();
     assert_eq!(out, vec![None, None, None]);
 }
+
+/// A source that counts how many items were pulled from it, for [`for_each_bounded`].
+fn counted_source(
+    n: u64,
+    pulled: Arc<AtomicUsize>,
+) -> impl futures::Stream<Item = u64> + Send + 'static {
+    futures::stream::iter(durations(n)).map(move |ms| {
+        pulled.fetch_add(1, Ordering::SeqCst);
+        ms
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn for_each_bounded_pulls_only_when_a_slot_is_free() {
+    let hw = Arc::new(HighWater::default());
+    let pulled = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let started = for_each_bounded(
+        counted_source(40, pulled.clone()),
+        nz(3),
+        |ms| {
+            let (hw, pulled, done) = (hw.clone(), pulled.clone(), done.clone());
+            async move {
+                hw.enter();
+                // Never more pulled than started: nothing waits for a slot after being
+                // taken from the source (the worker claims no job it cannot run).
+                assert!(pulled.load(Ordering::SeqCst) <= done.load(Ordering::SeqCst) + 3);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                hw.leave();
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+        },
+        None,
+    )
+    .await;
+    assert_eq!(started, 40);
+    assert_eq!(pulled.load(Ordering::SeqCst), 40);
+    assert_eq!(done.load(Ordering::SeqCst), 40);
+    assert_eq!(hw.max.load(Ordering::SeqCst), 3);
+    assert_eq!(hw.now.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn for_each_bounded_a_slow_item_does_not_hold_back_free_slots() {
+    // The first item takes 10 s, the others 10 ms each: with two slots, the 20 fast items
+    // run one after another in the second slot while the slow one runs.
+    let finished_fast = Arc::new(AtomicUsize::new(0));
+    let at_slow_end = Arc::new(AtomicUsize::new(usize::MAX));
+    let items = std::iter::once(10_000_u64).chain(std::iter::repeat_n(10, 20));
+    let start = Instant::now();
+    let started = for_each_bounded(
+        futures::stream::iter(items),
+        nz(2),
+        |ms| {
+            let (fast, slow_end) = (finished_fast.clone(), at_slow_end.clone());
+            async move {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                if ms == 10 {
+                    fast.fetch_add(1, Ordering::SeqCst);
+                } else {
+                    slow_end.store(fast.load(Ordering::SeqCst), Ordering::SeqCst);
+                }
+            }
+        },
+        None,
+    )
+    .await;
+    assert_eq!(started, 21);
+    assert_eq!(at_slow_end.load(Ordering::SeqCst), 20);
+    assert!(start.elapsed() < Duration::from_secs(11));
+}
+
+#[tokio::test(start_paused = true)]
+async fn for_each_bounded_cancel_stops_pulling_and_awaits_the_running() {
+    // A source that waits: one item every 100 ms, forever.
+    let source = futures::stream::unfold(0_u32, |n| async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        Some((n, n + 1))
+    });
+    let token = CancellationToken::new();
+    let finished = Arc::new(AtomicUsize::new(0));
+    let canceller = {
+        let token = token.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(350)).await;
+            token.cancel();
+        })
+    };
+    let started = for_each_bounded(
+        source,
+        nz(10),
+        |_| {
+            let finished = finished.clone();
+            async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                finished.fetch_add(1, Ordering::SeqCst);
+            }
+        },
+        Some(token),
+    )
+    .await;
+    canceller.await.unwrap();
+    assert_eq!(
+        started, 3,
+        "items at 100, 200 and 300 ms; none after the cancel"
+    );
+    assert_eq!(
+        finished.load(Ordering::SeqCst),
+        3,
+        "the running ones were awaited"
+    );
+}
