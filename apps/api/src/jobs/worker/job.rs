@@ -70,7 +70,7 @@ pub(super) async fn run(ctx: Arc<Ctx>, job: ClaimedJob) -> Outcome {
 
     let outcome = if fenced.load(Ordering::SeqCst) {
         if let Ok(output) = &result {
-            remove_file(&ctx, output);
+            remove_file(&ctx, id, output).await;
         }
         fenced_outcome(&ctx, id).await
     } else {
@@ -187,7 +187,7 @@ async fn finish(ctx: &Ctx, job: &ClaimedJob, output: &ExportOutput, started: Ins
             Outcome::Succeeded
         }
         Err(FenceError::Fenced(_)) => {
-            remove_file(ctx, output);
+            remove_file(ctx, id, output).await;
             fenced_outcome(ctx, id).await
         }
         Err(FenceError::Db(error)) => {
@@ -199,8 +199,21 @@ async fn finish(ctx: &Ctx, job: &ClaimedJob, output: &ExportOutput, started: Ins
     }
 }
 
-/// Deletes a finished file this worker may no longer record.
-fn remove_file(ctx: &Ctx, output: &ExportOutput) {
+/// Deletes a finished file this worker may no longer record, unless the row says the job
+/// succeeded: every attempt writes the same `<id>.<ext>`, so the file may then be the one
+/// a newer attempt recorded (when the row cannot be read, the file is kept too).
+async fn remove_file(ctx: &Ctx, id: uuid::Uuid, output: &ExportOutput) {
+    match queue::get_any(&ctx.db, id).await {
+        Ok(Some(row)) if row.status == "succeeded" || row.status == "expiring" => {
+            tracing::info!(export_id = %id, "fenced, but the job succeeded in another attempt: its file stays");
+            return;
+        }
+        Ok(_) => {}
+        Err(error) => {
+            tracing::warn!(export_id = %id, %error, "fenced; reading the job failed, so its file stays");
+            return;
+        }
+    }
     match ctx.dir.resolve(&output.storage_path) {
         Ok(path) => match std::fs::remove_file(&path) {
             Ok(()) => {}
