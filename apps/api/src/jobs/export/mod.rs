@@ -139,9 +139,45 @@ pub enum ExportError {
 }
 
 impl ExportError {
-    /// Whether a later attempt can succeed (a database timeout yes, the size cap no).
+    /// Whether a later attempt can succeed: a database timeout, a lost connection, a
+    /// serialization or resource failure, or an error of the operating system (a full disk
+    /// may be freed) yes; the size cap, a missing domain, a path outside the directory, a
+    /// query the server refuses for good, or an internal error of the writer (a panic, a
+    /// broken invariant: not an OS error) no.
     pub fn retryable(&self) -> bool {
-        matches!(self, Self::Db(_) | Self::Io(_))
+        match self {
+            Self::Db(error) => db_error_is_transient(error),
+            Self::Io(error) => error.raw_os_error().is_some(),
+            Self::Cancelled
+            | Self::TooLarge { .. }
+            | Self::DomainNotFound(_)
+            | Self::OutsideDir(_)
+            | Self::Dir { .. } => false,
+        }
+    }
+}
+
+/// Timeouts, connection failures, and SQLSTATE classes 08 (connection), 40 (transaction
+/// rollback: serialization, deadlock, a recovery conflict on the replica), 53 (insufficient
+/// resources) and 57P (operator intervention: shutdown, terminated backend).
+fn db_error_is_transient(error: &DbError) -> bool {
+    match error {
+        DbError::StatementTimeout(_)
+        | DbError::QueryTimeout(_)
+        | DbError::AcquireTimeout(_)
+        | DbError::Connect { .. }
+        | DbError::Discarded
+        | DbError::BeginAborted => true,
+        DbError::Query(inner) => match inner {
+            sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Protocol(_) => true,
+            sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+                ["08", "40", "53", "57P"]
+                    .iter()
+                    .any(|class| code.starts_with(class))
+            }),
+            _ => false,
+        },
+        _ => false,
     }
 }
 
@@ -441,3 +477,27 @@ fn write_file(
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod retryable_tests {
+    use super::*;
+
+    #[test]
+    fn only_what_a_later_attempt_can_survive_is_retried() {
+        use std::io;
+        let enospc = ExportError::Io(io::Error::from_raw_os_error(libc::ENOSPC));
+        let internal = ExportError::Io(io::Error::other("the writer thread panicked"));
+        let timeout = ExportError::Db(DbError::StatementTimeout(sqlx::Error::PoolTimedOut));
+        let refused = ExportError::Db(DbError::Query(sqlx::Error::RowNotFound));
+        let lost = ExportError::Db(DbError::Query(sqlx::Error::Io(io::Error::from(
+            io::ErrorKind::ConnectionReset,
+        ))));
+        assert!(enospc.retryable());
+        assert!(timeout.retryable());
+        assert!(lost.retryable());
+        assert!(!internal.retryable());
+        assert!(!refused.retryable());
+        assert!(!ExportError::TooLarge { limit: 1 }.retryable());
+        assert!(!ExportError::Cancelled.retryable());
+    }
+}
