@@ -92,6 +92,7 @@ async fn main() -> ExitCode {
 fn spec(org: Uuid, domain: Uuid, format: ExportFormat) -> ExportSpec {
     ExportSpec {
         id: Uuid::new_v4(),
+        token: 0,
         org_id: org,
         domain_id: domain,
         format,

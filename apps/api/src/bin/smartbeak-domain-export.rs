@@ -414,6 +414,8 @@ async fn run_once(args: RunArgs) -> anyhow::Result<()> {
     let e = &args.export;
     let spec = ExportSpec {
         id: Uuid::new_v4(),
+        // A fresh id per run: no other attempt shares its name.
+        token: 0,
         org_id,
         domain_id: e.domain,
         format: e.format,
