@@ -37,7 +37,9 @@ impl TcpForwarder {
     /// must be a loopback address.
     pub fn start(target: SocketAddr) -> Result<Self> {
         if !target.ip().is_loopback() {
-            return Err(err(format!("the forwarder's target {target} is not loopback")));
+            return Err(err(format!(
+                "the forwarder's target {target} is not loopback"
+            )));
         }
         let listener = TcpListener::bind("127.0.0.1:0")
             .map_err(|e| err(format!("forwarder: cannot listen: {e}")))?;
@@ -132,7 +134,11 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, shared: &Shared) {
                     break;
                 }
             }
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(_) => break,
         }
@@ -161,7 +167,8 @@ mod tests {
         });
         let fwd = TcpForwarder::start(target).unwrap();
         let mut c = TcpStream::connect(("127.0.0.1", fwd.port())).unwrap();
-        c.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        c.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
         let mut buf = [0u8; 4];
         c.write_all(b"ping").unwrap();
         c.read_exact(&mut buf).unwrap();

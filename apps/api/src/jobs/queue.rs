@@ -1,7 +1,8 @@
 //! Every statement on the export queue (`domain_exports`, `domain_export_attempts`).
 //!
-//! The api (enqueue, list, get, cancel, download) and the worker (claim, heartbeat,
-//! complete, fail, release, reclaim) share this module; nothing else touches the tables.
+//! The api (enqueue, list, get, cancel, download) and the worker (claim, heartbeat, the
+//! fence check, complete and its re-read, fail, release, reclaim, the sweep's referenced
+//! files) share this module; nothing else touches the tables.
 //!
 //! # States
 //! | from | statement | to | token | `attempts` | attempt row |

@@ -277,7 +277,10 @@ mod with_a_database {
     fn through_forwarder(
         s: &Setup,
         statement_timeout: Duration,
-    ) -> (smartbeak_test_support::TcpForwarder, smartbeak_database::DatabaseConfig) {
+    ) -> (
+        smartbeak_test_support::TcpForwarder,
+        smartbeak_database::DatabaseConfig,
+    ) {
         use std::net::ToSocketAddrs as _;
         let direct = s.tdb.url().expose().to_owned();
         let (scheme, rest) = direct.split_once("://").unwrap();
@@ -289,10 +292,7 @@ mod with_a_database {
             .find(|a| a.ip().is_loopback())
             .unwrap();
         let forwarder = smartbeak_test_support::TcpForwarder::start(target).unwrap();
-        let via = format!(
-            "{scheme}://{user}@127.0.0.1:{}/{path}",
-            forwarder.port()
-        );
+        let via = format!("{scheme}://{user}@127.0.0.1:{}/{path}", forwarder.port());
         let mut config = s.tdb.config();
         config.url = smartbeak_database::SecretUrl::parse("DATABASE_URL", &via).unwrap();
         config.analytics_url = Some(s.tdb.url().clone());
@@ -329,7 +329,9 @@ mod with_a_database {
         let s = setup().await;
         // Lease 13 s, client bound 11 s: the local deadline is 2 s after a renewal.
         let (forwarder, config) = through_forwarder(&s, Duration::from_secs(10));
-        let stale_db = Database::connect(config, "worker-tests-stale").await.unwrap();
+        let stale_db = Database::connect(config, "worker-tests-stale")
+            .await
+            .unwrap();
         let stale = worker_on(
             &s,
             stale_db.clone(),
@@ -362,7 +364,11 @@ mod with_a_database {
             "the stale worker ended its attempt {} ms after the cut",
             cut.elapsed().as_millis()
         );
-        assert_eq!(names(s.dir.path()), Vec::<String>::new(), "no file, no temp file");
+        assert_eq!(
+            names(s.dir.path()),
+            Vec::<String>::new(),
+            "no file, no temp file"
+        );
 
         // Another worker's reaper reclaims the job once its lease expired (made so now),
         // and that worker completes it.
@@ -391,9 +397,16 @@ mod with_a_database {
         // The stale worker's connection comes back: it still writes nothing.
         forwarder.restore();
         stale.stop_claiming();
-        let info = queue::download_info(&s.db, s.org, row.id).await.unwrap().unwrap();
+        let info = queue::download_info(&s.db, s.org, row.id)
+            .await
+            .unwrap()
+            .unwrap();
         let path = info.storage_path.unwrap();
-        assert_eq!(names(s.dir.path()), vec![path.clone()], "one file: the newer attempt's");
+        assert_eq!(
+            names(s.dir.path()),
+            vec![path.clone()],
+            "one file: the newer attempt's"
+        );
         let bytes = std::fs::read(s.dir.path().join(&path)).unwrap();
         use sha2::Digest as _;
         assert_eq!(
@@ -401,9 +414,8 @@ mod with_a_database {
             info.checksum_sha256.unwrap()
         );
         assert_eq!(bytes.len() as i64, info.size_bytes.unwrap());
-        let attempts: Vec<(String, String)> = s
-            .db
-            .run(async |conn| {
+        let attempts: Vec<(String, String)> =
+            s.db.run(async |conn| {
                 sqlx::query_as(
                     "SELECT worker, outcome FROM domain_export_attempts \
                      WHERE export_id = $1 ORDER BY fencing_token",
@@ -463,7 +475,9 @@ mod with_a_database {
             .remove(0);
         let done = done_for(job.fence);
         let (forwarder, config) = through_forwarder(&s, Duration::from_secs(4));
-        let cut_db = Database::connect(config, "worker-tests-complete").await.unwrap();
+        let cut_db = Database::connect(config, "worker-tests-complete")
+            .await
+            .unwrap();
         // The completion waits on this row lock until the connection is cut.
         let mut lock = s.db.acquire().await.unwrap();
         sqlx::query("BEGIN").execute(&mut *lock).await.unwrap();
@@ -482,9 +496,8 @@ mod with_a_database {
         let db_name = s.tdb.name().to_owned();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
-            let waiting: i64 = s
-                .db
-                .run(async |conn| {
+            let waiting: i64 =
+                s.db.run(async |conn| {
                     sqlx::query_scalar(
                         "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 \
                          AND application_name = 'worker-tests-complete' \
@@ -499,7 +512,10 @@ mod with_a_database {
             if waiting == 1 {
                 break;
             }
-            assert!(tokio::time::Instant::now() < deadline, "the completion never waited");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the completion never waited"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         forwarder.black_hole();
@@ -523,7 +539,10 @@ mod with_a_database {
         };
         let completion =
             job::complete_recovering(&s.db, stale, &done_for(stale), &long_lease()).await;
-        assert!(matches!(completion, job::Completion::Fenced), "{completion:?}");
+        assert!(
+            matches!(completion, job::Completion::Fenced),
+            "{completion:?}"
+        );
         cut_db.close(Duration::from_secs(1)).await.ok();
         drop(forwarder);
         s.tdb.drop_database().await.unwrap();
@@ -623,9 +642,8 @@ mod with_a_database {
             }
         };
         let first = listener_pid(0).await;
-        let terminated: bool = s
-            .db
-            .run(async |conn| {
+        let terminated: bool =
+            s.db.run(async |conn| {
                 sqlx::query_scalar(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
                      WHERE datname = $1 AND application_name = 'worker-tests-listener' \
