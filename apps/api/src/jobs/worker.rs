@@ -27,7 +27,7 @@
 //!   else dead letter.
 //! - **Reaper.** Every worker runs `queue::reclaim_expired` every
 //!   `EXPORT_REAPER_INTERVAL_SECS`, refreshes the queue gauges, and sweeps `EXPORT_DIR`
-//!   ([`sweep`], also once at start): temp files older than two leases (a killed
+//!   ([`sweep_dir`], also once at start): temp files older than two leases (a killed
 //!   worker's), and final files older than two leases that no row references (a fenced or
 //!   killed attempt's). A younger file is never touched: its rename's `complete` may
 //!   still be in flight (the local lease deadline bounds that to less than one lease).
@@ -340,7 +340,7 @@ async fn reaper(ctx: &Ctx) {
     }
 }
 
-/// What [`sweep`] removed.
+/// What [`sweep_dir`] removed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Swept {
     /// Temp files (`.<id>.<random>.tmp`) older than two leases.
