@@ -366,6 +366,135 @@ mod tests {
         assert!(!format!("{providers:?}").contains("sekrit"));
     }
 
+    fn batch_args(extra: &[&str]) -> BatchArgs {
+        let mut argv = vec!["smartbeak-control-plane", "batch", "keyword-sync"];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv) {
+            Ok(Cli {
+                command: Some(Command::Batch(args)),
+            }) => args,
+            other => panic!("parse failed: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_base_url_with_credentials_is_refused_and_never_shown() {
+        let args = batch_args(&["--gsc-base-url", "https://bob:hunter2@gsc.example/"]);
+        let err = args
+            .common
+            .providers(|_| Some("key".to_owned()))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap();
+        assert_eq!(
+            err,
+            "CP_GSC_BASE_URL must not carry credentials (user:password@ in the URL); \
+             put the credential in CP_GSC_API_KEY"
+        );
+        let debug = format!("{args:?}");
+        assert!(
+            !debug.contains("hunter2") && !debug.contains("bob"),
+            "{debug}"
+        );
+        assert!(debug.contains("gsc.example"), "{debug}");
+        // A user name alone is refused too.
+        let args = batch_args(&["--ahrefs-base-url", "https://token@ahrefs.example/"]);
+        assert!(args.common.providers(|_| Some("key".to_owned())).is_err());
+        assert!(!format!("{args:?}").contains("token@"));
+    }
+
+    #[test]
+    fn stale_after_must_be_several_heartbeats_and_concurrency_below_the_pool() {
+        let db = smartbeak_database::DatabaseConfig::new("postgres://127.0.0.1/x").unwrap();
+        assert!(
+            batch_args(&[]).common.check(&db).is_ok(),
+            "the defaults fit"
+        );
+        let err = batch_args(&["--heartbeat-ms", "5000", "--stale-after-ms", "10000"])
+            .common
+            .check(&db)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap();
+        assert!(
+            err.starts_with(
+                "CP_STALE_AFTER_MS (10000 ms) must be at least 3 times CP_HEARTBEAT_MS (5000 ms)"
+            ),
+            "{err}"
+        );
+        assert!(
+            batch_args(&["--heartbeat-ms", "5000", "--stale-after-ms", "15000"])
+                .common
+                .check(&db)
+                .is_ok()
+        );
+        let err = batch_args(&["--concurrency", "20"])
+            .common
+            .check(&db)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap();
+        assert!(
+            err.starts_with("CP_CONCURRENCY (20) must be less than DB_POOL_MAX (20)"),
+            "{err}"
+        );
+        assert!(
+            batch_args(&["--concurrency", "19"])
+                .common
+                .check(&db)
+                .is_ok()
+        );
+    }
+
+    /// Every variable the binary or the crates it wires read, from their sources, is in
+    /// `--help` (flags show theirs through clap; the rest through [`after_help`]).
+    #[test]
+    fn help_lists_every_variable_read() {
+        use clap::CommandFactory as _;
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut read = std::collections::BTreeSet::new();
+        for file in [
+            "crates/database/src/config.rs",
+            "crates/shutdown/src/config.rs",
+            "crates/shutdown/src/telemetry.rs",
+            "control-plane/src/config.rs",
+            "control-plane/src/main.rs",
+        ] {
+            let text = std::fs::read_to_string(root.join(file)).unwrap();
+            // The code, not its tests.
+            let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+            for quoted in code.split('"').skip(1).step_by(2) {
+                let is_var = quoted.len() > 3
+                    && quoted.contains('_')
+                    && quoted
+                        .chars()
+                        .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+                    && !quoted.starts_with('_')
+                    && !quoted.starts_with("CARGO_");
+                if is_var {
+                    read.insert(quoted.to_owned());
+                }
+            }
+        }
+        // Named only in a doc comment of the database crate (the api's variable).
+        read.remove("HTTP_REQUEST_TIMEOUT_MS");
+        assert!(read.len() > 20, "too few variables found: {read:?}");
+        for sub in ["run", "batch"] {
+            let mut cmd = Cli::command();
+            let help = cmd
+                .find_subcommand_mut(sub)
+                .unwrap()
+                .render_long_help()
+                .to_string();
+            // `run` alone has an admin port and intervals.
+            let run_only = |var: &str| var == "CP_ADMIN_ADDR" || var.ends_with("_INTERVAL_SECS");
+            for var in read.iter().filter(|v| sub == "run" || !run_only(v)) {
+                assert!(help.contains(var.as_str()), "`{sub} --help` lacks {var}");
+            }
+            assert!(help.contains("[default: 1000]"), "{help}");
+        }
+    }
+
     #[test]
     fn batch_size_is_bounded() {
         for bad in ["0", "1001"] {
