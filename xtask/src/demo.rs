@@ -397,6 +397,7 @@ impl Drop for ApiProcess {
 #[cfg(test)]
 mod tests {
     #[test]
+    #[allow(clippy::unwrap_used)]
     fn terminate_kills_a_child_that_ignores_sigterm() {
         // A process that ignores SIGTERM (an ignored signal stays ignored across exec) and
         // says when it is ready to be signalled.
