@@ -41,9 +41,10 @@ pub struct DueContent {
 /// How a batch whose one statement failed on a row is narrowed down to the failing rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isolation {
-    /// The batch again, item by item, each in its own subtransaction, in one round trip
-    /// (the `content_publish_each` function of the migration). The default: it costs one
-    /// extra statement per failed batch, whatever the number of failing rows.
+    /// The batch again, item by item, each in its own subtransaction, [`SAVEPOINT_CHUNK`]
+    /// items per statement (the `content_publish_each` function of the migration). The
+    /// default: it costs `ceil(n / 64)` extra statements per failed batch of `n`, whatever
+    /// the number of failing rows (BENCHMARKS.md, "Control-plane").
     Savepoints,
     /// Split in halves, recursively, down to the failing rows: about `2 f log2(n / f)`
     /// extra statements for `f` failing rows of `n`. Kept for comparison (the benchmark).
