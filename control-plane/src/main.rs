@@ -25,7 +25,7 @@ use smartbeak_control_plane::service::spawn_operation;
 use smartbeak_database::{Database, DatabaseConfig};
 use smartbeak_resilience::Policy;
 use smartbeak_resilience::{AdapterName, Resilience, ResilienceConfig};
-use smartbeak_shutdown::admin::{AdminServer, Check};
+use smartbeak_shutdown::admin::AdminServer;
 use smartbeak_shutdown::telemetry::{self, LogFormat, LogGuard, Output};
 use smartbeak_shutdown::{HandlerGuard, Shutdown, ShutdownReason};
 use smartbeak_utils::fetch::HttpClient;
@@ -227,12 +227,7 @@ async fn serve(args: RunArgs, logs: &LogGuard) -> anyhow::Result<ExitCode> {
     for operation in OperationName::ALL {
         smartbeak_control_plane::metrics::set_lock_held(operation, false);
     }
-    let ready_db = db.clone();
-    let ready: Check = Arc::new(move || {
-        let db = ready_db.clone();
-        Box::pin(async move { db.ping().await.map_err(|_| "database".to_owned()) })
-    });
-    admin.serve(&shutdown, Some(metrics), ready);
+    admin.serve(&shutdown, Some(metrics), startup::database_ready(&db));
     tracing::info!("admin listening on http://{admin_addr}");
 
     let ctx = context(&db, &args.common, &shutdown);

@@ -1078,3 +1078,24 @@ async fn failures_past_the_cap_are_counted_but_not_recorded() {
     );
     fx.done().await;
 }
+
+#[tokio::test]
+async fn a_scheduled_row_needs_its_publish_at() {
+    let fx = Fixture::new().await;
+    // Migration 20261202000005: a scheduled row without publish_at would never be due.
+    let refused = sqlx::query(
+        "INSERT INTO content_items (id, domain_id, title, slug, status) \
+         VALUES (gen_random_uuid(), $1, 't', 's', 'scheduled')",
+    )
+    .bind(fx.domain)
+    .execute(&fx.admin)
+    .await
+    .unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains("content_items_scheduled_publish_at_check"),
+        "{refused}"
+    );
+    fx.done().await;
+}

@@ -1,7 +1,8 @@
 //! The start-up wiring every service binary shares (`smartbeak-api`,
 //! `smartbeak-domain-export worker`, `smartbeak-control-plane`): the metrics recorder and
 //! its upkeep task, the database connected under the shutdown (a signal ends the connect
-//! and the migrations), its pools registered for release, and the `--help` text of the
+//! and the migrations), its pools registered for release, the admin port's database
+//! readiness check, and the `--help` text of the
 //! variables the database and shutdown crates read.
 //!
 //! It lives here, in the api's library, because it needs both `smartbeak-database` and
@@ -14,6 +15,7 @@ use std::time::Duration;
 use anyhow::Context;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use smartbeak_database::{Database, DatabaseConfig};
+use smartbeak_shutdown::admin::Check;
 use smartbeak_shutdown::{HandlerGuard, Phase, RegisterError, Shutdown};
 
 /// The name of the handler that closes the database pools (phase `Release`).
@@ -136,6 +138,16 @@ pub async fn connect_database(
         }
     }
     Ok(Ok((db, guard)))
+}
+
+/// The admin port's readiness check: `db` answers a ping (`/readyz` names `database`
+/// when it does not).
+pub fn database_ready(db: &Database) -> Check {
+    let db = db.clone();
+    std::sync::Arc::new(move || {
+        let db = db.clone();
+        Box::pin(async move { db.ping().await.map_err(|_| "database".to_owned()) })
+    })
 }
 
 /// A signal ended start-up during `step`: logs it and runs the shutdown (the handlers

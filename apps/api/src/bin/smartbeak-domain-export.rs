@@ -6,7 +6,6 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -21,7 +20,7 @@ use smartbeak_api::jobs::worker::{self, Worker, cli};
 use smartbeak_api::routes::analytics::parse_instant;
 use smartbeak_api::startup;
 use smartbeak_database::{Database, DatabaseConfig};
-use smartbeak_shutdown::admin::{AdminServer, Check};
+use smartbeak_shutdown::admin::AdminServer;
 use smartbeak_shutdown::telemetry::{self, Output};
 use smartbeak_shutdown::{RegisterError, Shutdown};
 use tokio::sync::watch;
@@ -329,12 +328,7 @@ async fn serve(config: WorkerConfig, logs: &telemetry::LogGuard) -> anyhow::Resu
             return Ok(startup::interrupted_start_up(&shutdown, "starting the worker").await);
         }
     };
-    let ready_db = db.clone();
-    let ready: Check = Arc::new(move || {
-        let db = ready_db.clone();
-        Box::pin(async move { db.ping().await.map_err(|_| "database".to_owned()) })
-    });
-    admin.serve(&shutdown, Some(metrics), ready);
+    admin.serve(&shutdown, Some(metrics), startup::database_ready(&db));
     tracing::info!("admin listening on http://{admin_addr}");
 
     shutdown.triggered().await;
