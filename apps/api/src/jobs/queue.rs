@@ -86,6 +86,8 @@ use smartbeak_database::{Database, DbError};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+pub mod retention;
+
 /// The `LISTEN/NOTIFY` channel that wakes idle workers.
 pub const CHANNEL: &str = "smartbeak_export_jobs";
 

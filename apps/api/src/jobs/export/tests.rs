@@ -89,8 +89,9 @@ impl Fixture {
             let id = Uuid::new_v4();
             sqlx::query(
                 "INSERT INTO content_items (id, domain_id, title, slug, body, status, \
-                 published_at, created_at, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)",
+                 published_at, created_at, updated_at, publish_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, \
+                 CASE WHEN $6 = 'scheduled' THEN $8 END)",
             )
             .bind(id)
             .bind(domain)
