@@ -477,7 +477,7 @@ async fn a_killed_worker_s_export_is_finished_by_another_after_its_lease() {
     // A short lease: the heartbeat plus the statement timeout's client bound must nest
     // under it.
     let short = [
-        ("EXPORT_LEASE_SECS", "3"),
+        ("EXPORT_LEASE_SECS", "4"),
         ("EXPORT_HEARTBEAT_SECS", "1"),
         ("DB_STATEMENT_TIMEOUT_MS", "1500"),
     ];

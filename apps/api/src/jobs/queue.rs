@@ -66,7 +66,7 @@
 //!   moved: cancelled, failed, another claim's): as `Fenced`. A failed re-read decides
 //!   nothing: keep the file rather than delete one a row may reference; the worker's
 //!   orphan sweep deletes it once it is old (two leases) and no row references it
-//!   ([`referenced_paths`]).
+//!   ([`file_owners`]).
 //!
 //! The worker's completion helper implements these rules.
 //!
@@ -266,6 +266,15 @@ pub enum FenceError {
     /// The statement failed.
     #[error(transparent)]
     Db(#[from] DbError),
+    /// [`complete`] was given a file name that is not this claim's
+    /// (`paths::file_name(id, token, ext)`): refused before any statement.
+    #[error("export {id} cannot record {path:?}: not the file name of its claim's token")]
+    ForeignFile {
+        /// The job.
+        id: Uuid,
+        /// The refused `storage_path`.
+        path: String,
+    },
 }
 
 /// Progress as the worker reports it (at a bounded rate).
@@ -720,26 +729,42 @@ pub async fn completion_state(db: &Database, id: Uuid) -> Result<Option<Completi
     .await
 }
 
-/// Of `names` (file names in `EXPORT_DIR`), those a `domain_exports` row records as its
-/// `storage_path`, whatever its status: the worker's orphan sweep keeps these.
-pub async fn referenced_paths(
+/// What the orphan sweep needs of a job whose id a file in `EXPORT_DIR` carries.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct FileOwner {
+    /// The job's id.
+    pub id: Uuid,
+    /// Its status (`running`: one of its attempts may still record a file).
+    pub status: String,
+    /// The file it records, if any.
+    pub storage_path: Option<String>,
+}
+
+/// Ids looked up per statement by [`file_owners`].
+const FILE_OWNERS_CHUNK: usize = 1000;
+
+/// The rows of the jobs `ids` (parsed from file names in `EXPORT_DIR`), by primary key, in
+/// chunks of [`FILE_OWNERS_CHUNK`]: the worker's orphan sweep keeps every file a row
+/// records, and every file of a job that is still `running`.
+pub async fn file_owners(
     db: &Database,
-    names: &[String],
-) -> Result<std::collections::HashSet<String>, DbError> {
-    if names.is_empty() {
-        return Ok(std::collections::HashSet::new());
+    ids: &[Uuid],
+) -> Result<std::collections::HashMap<Uuid, FileOwner>, DbError> {
+    let mut owners = std::collections::HashMap::new();
+    for chunk in ids.chunks(FILE_OWNERS_CHUNK) {
+        let rows: Vec<FileOwner> = db
+            .run(async |conn| {
+                sqlx::query_as(
+                    "SELECT id, status, storage_path FROM domain_exports WHERE id = ANY($1)",
+                )
+                .bind(chunk)
+                .fetch_all(conn)
+                .await
+            })
+            .await?;
+        owners.extend(rows.into_iter().map(|row| (row.id, row)));
     }
-    let found: Vec<String> = db
-        .run(async |conn| {
-            sqlx::query_scalar(
-                "SELECT storage_path FROM domain_exports WHERE storage_path = ANY($1)",
-            )
-            .bind(names)
-            .fetch_all(conn)
-            .await
-        })
-        .await?;
-    Ok(found.into_iter().collect())
+    Ok(owners)
 }
 
 /// The heartbeat statement: `$1` id, `$2` token, `$3` lease in seconds, `$4` percent,
@@ -755,12 +780,22 @@ const HEARTBEAT_SQL: &str = "UPDATE domain_exports SET \
 /// Records the finished file: `succeeded`, lease cleared, attempt `succeeded`.
 ///
 /// `storage_path` must be [`crate::jobs::paths::file_name`] of the job's id and this
-/// claim's token with a known extension (`csv`, `zip`, `json`, `md`; the legacy
-/// `<id>.<ext>` is accepted too): the schema's `domain_exports_storage_path_check`
-/// refuses anything else ([`FenceError::Db`], a constraint violation). The file is already
+/// claim's token with a known extension (`csv`, `zip`, `json`, `md`): any other name
+/// (another attempt's token, the legacy `<id>.<ext>`, which rows written before per-attempt
+/// names still carry) is refused with [`FenceError::ForeignFile`] before any statement,
+/// and the schema's `domain_exports_storage_path_check` refuses a malformed name
+/// ([`FenceError::Db`], a constraint violation). The file is already
 /// in place when this runs: see the module docs for what a worker does with it on
 /// [`FenceError::Fenced`] (delete it) and on [`FenceError::Db`] (re-read the row first).
 pub async fn complete(db: &Database, fence: Fence, done: &Completed) -> Result<(), FenceError> {
+    if crate::jobs::paths::parse_file_name(&done.storage_path)
+        != Some((fence.id, Some(fence.token)))
+    {
+        return Err(FenceError::ForeignFile {
+            id: fence.id,
+            path: done.storage_path.clone(),
+        });
+    }
     let completed: Option<Uuid> = db
         .run(async |conn| {
             sqlx::query_scalar(COMPLETE_SQL)

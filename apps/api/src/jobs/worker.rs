@@ -27,10 +27,11 @@
 //!   else dead letter.
 //! - **Reaper.** Every worker runs `queue::reclaim_expired` every
 //!   `EXPORT_REAPER_INTERVAL_SECS`, refreshes the queue gauges, and sweeps `EXPORT_DIR`
-//!   ([`sweep_dir`], also once at start): temp files older than two leases (a killed
-//!   worker's), and final files older than two leases that no row references (a fenced or
-//!   killed attempt's). A younger file is never touched: its rename's `complete` may
-//!   still be in flight (the local lease deadline bounds that to less than one lease).
+//!   ([`sweep_dir`], also once at start, on a timer of its own): temp files older than two
+//!   leases (a killed worker's), and final files older than two leases that no row
+//!   references (a fenced or killed attempt's), never a file of a job whose row is
+//!   `running` (an attempt may still write it or record it: a rename keeps the temp
+//!   file's mtime, so a file just renamed can look old).
 //! - **Shutdown** ([`install`]): `stop-claiming` (`StopAccepting`) ends the claim stream;
 //!   `drain-exports` (`Drain`) lets running exports finish until a margin before the
 //!   drain deadline, then cancels the rest and releases their leases (`queue::release`:
@@ -180,7 +181,7 @@ impl Worker {
             |job| self.start(job),
             None,
         );
-        let (claimed, (), ()) = tokio::join!(
+        let (claimed, (), (), ()) = tokio::join!(
             claims,
             listen::run(
                 &ctx.db,
@@ -189,7 +190,8 @@ impl Worker {
                 |id| ctx.wake_watcher(id),
                 &ctx.stop
             ),
-            reaper(ctx)
+            reaper(ctx),
+            sweeper(ctx)
         );
         tracing::info!(claimed, "export worker stopped");
         ctx.finished.send_replace(true);
@@ -300,7 +302,7 @@ fn claim_stream(ctx: Arc<Ctx>) -> impl Stream<Item = (ClaimedJob, Instant)> {
 }
 
 /// Reclaims expired leases and refreshes the queue gauges every reaper interval, until
-/// the worker stops claiming.
+/// the worker stops claiming (the sweep runs beside it: [`sweeper`]).
 async fn reaper(ctx: &Ctx) {
     let mut tick = tokio::time::interval(ctx.config.reaper_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -334,6 +336,17 @@ async fn reaper(ctx: &Ctx) {
             }
             Some(Err(error)) => tracing::warn!(%error, "reading the queue stats failed"),
         }
+    }
+}
+
+/// Sweeps `EXPORT_DIR` every reaper interval (on its own timer, so a slow directory never
+/// delays a reclaim), until the worker stops claiming.
+async fn sweeper(ctx: &Ctx) {
+    let mut tick = tokio::time::interval(ctx.config.reaper_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is immediate: `run` swept once at start.
+    tick.tick().await;
+    while ctx.stop.run_until_cancelled(tick.tick()).await.is_some() {
         if ctx.stop.run_until_cancelled(sweep(ctx)).await.is_none() {
             break;
         }
@@ -343,9 +356,10 @@ async fn reaper(ctx: &Ctx) {
 /// What [`sweep_dir`] removed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Swept {
-    /// Temp files (`.<id>.<random>.tmp`) older than two leases.
+    /// Temp files (`.<id>.<random>.tmp`) older than two leases of jobs not running.
     pub temp_files: usize,
-    /// Final files older than two leases that no `domain_exports` row references.
+    /// Final files older than two leases that no `domain_exports` row references, of
+    /// jobs not running.
     pub orphans: usize,
 }
 
@@ -362,15 +376,19 @@ async fn sweep(ctx: &Ctx) -> Swept {
     swept
 }
 
-/// Deletes, in `dir`, the temp files last modified more than `min_age` ago, and the final
-/// export files (`paths::parse_file_name`) as old that no `domain_exports` row references
-/// (`queue::referenced_paths`; when that query fails none is deleted). Anything younger
-/// is kept: a file renamed a moment ago may be recorded by a `complete` still in flight.
-/// Other names (not an export's) are never touched.
+/// Deletes, in `dir`, the temp files (`.<id>.<random>.tmp`) and final export files
+/// (`paths::parse_file_name`) last modified more than `min_age` ago that no attempt may
+/// still need: any file of a job whose row is `running` is kept, whatever its age (its
+/// attempt may be writing the temp file, or have renamed the final file with its
+/// `complete` still in flight: a rename keeps the temp file's mtime, so age alone says
+/// nothing); a final file a row records as its `storage_path` is kept; a temp file of a
+/// job not running, or a final file no row records, is deleted. The rows are read by
+/// primary key (`queue::file_owners`); when that fails nothing is deleted. Other names
+/// (not an export's) are never touched. The file system work runs on the blocking pool.
 pub async fn sweep_dir(db: &Database, dir: &ExportDir, min_age: Duration) -> Swept {
     let root = dir.root().to_path_buf();
     let listed = tokio::task::spawn_blocking(move || old_files(&root, min_age)).await;
-    let (temps, finals) = match listed {
+    let found = match listed {
         Ok(Ok(found)) => found,
         Ok(Err(error)) => {
             tracing::warn!(%error, "listing EXPORT_DIR for the sweep failed");
@@ -381,47 +399,71 @@ pub async fn sweep_dir(db: &Database, dir: &ExportDir, min_age: Duration) -> Swe
             return Swept::default();
         }
     };
-    let mut swept = Swept::default();
-    for name in temps {
-        if remove_swept(dir, &name) {
-            swept.temp_files += 1;
-        }
+    if found.is_empty() {
+        return Swept::default();
     }
-    if finals.is_empty() {
-        return swept;
-    }
-    let referenced = match queue::referenced_paths(db, &finals).await {
-        Ok(referenced) => referenced,
+    let mut ids: Vec<Uuid> = found.iter().map(|f| f.id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let owners = match queue::file_owners(db, &ids).await {
+        Ok(owners) => owners,
         Err(error) => {
-            tracing::warn!(%error, "reading the referenced export files failed; no orphan swept");
-            return swept;
+            tracing::warn!(%error, "reading the jobs of the old export files failed; none swept");
+            return Swept::default();
         }
     };
-    for name in finals.iter().filter(|n| !referenced.contains(*n)) {
-        if remove_swept(dir, name) {
-            swept.orphans += 1;
+    let doomed: Vec<OldFile> = found
+        .into_iter()
+        .filter(|file| match owners.get(&file.id) {
+            Some(owner) if owner.status == "running" => false,
+            Some(owner) if !file.temp => owner.storage_path.as_deref() != Some(&file.name),
+            _ => true,
+        })
+        .collect();
+    let root = dir.root().to_path_buf();
+    match tokio::task::spawn_blocking(move || remove_swept(&root, doomed)).await {
+        Ok(swept) => swept,
+        Err(error) => {
+            tracing::warn!(%error, "the sweep's removal task failed");
+            Swept::default()
         }
     }
-    swept
+}
+
+/// A temp or final export file found by [`old_files`].
+#[derive(Debug)]
+struct OldFile {
+    name: String,
+    /// The job whose file it is (from the name).
+    id: Uuid,
+    temp: bool,
+}
+
+/// The job id in a temp file's name (`.<id>.<random>.tmp`).
+fn temp_file_id(name: &str) -> Option<Uuid> {
+    let id = name.strip_prefix('.')?.split('.').next()?;
+    (id.len() == 32).then(|| Uuid::try_parse(id).ok()).flatten()
 }
 
 /// The temp files and final export files directly in `root` (plain files, not symlinks)
-/// last modified at least `min_age` ago.
-fn old_files(
-    root: &std::path::Path,
-    min_age: Duration,
-) -> std::io::Result<(Vec<String>, Vec<String>)> {
+/// last modified at least `min_age` ago, with the job id their names carry.
+fn old_files(root: &std::path::Path, min_age: Duration) -> std::io::Result<Vec<OldFile>> {
     let now = SystemTime::now();
-    let (mut temps, mut finals) = (Vec::new(), Vec::new());
+    let mut found = Vec::new();
     for entry in std::fs::read_dir(root)? {
         let entry = entry?;
         let Ok(name) = entry.file_name().into_string() else {
             continue;
         };
         let temp = is_temp_name(&name);
-        if !temp && paths::parse_file_name(&name).is_none() {
+        let id = if temp {
+            temp_file_id(&name)
+        } else {
+            paths::parse_file_name(&name).map(|(id, _)| id)
+        };
+        let Some(id) = id else {
             continue;
-        }
+        };
         let Ok(metadata) = entry.metadata() else {
             continue;
         };
@@ -430,32 +472,34 @@ fn old_files(
             .ok()
             .and_then(|at| now.duration_since(at).ok())
             .is_some_and(|age| age >= min_age);
-        if !metadata.file_type().is_file() || !old {
-            continue;
-        }
-        if temp {
-            temps.push(name)
-        } else {
-            finals.push(name)
+        if metadata.file_type().is_file() && old {
+            found.push(OldFile { name, id, temp });
         }
     }
-    Ok((temps, finals))
+    Ok(found)
 }
 
-/// Removes one swept file; true when it was removed.
-fn remove_swept(dir: &ExportDir, name: &str) -> bool {
-    let path = dir.root().join(name);
-    match std::fs::remove_file(&path) {
-        Ok(()) => {
-            tracing::info!(path = %path.display(), "removed a leftover export file");
-            true
-        }
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => false,
-        Err(error) => {
-            tracing::warn!(path = %path.display(), %error, "removing a leftover export file failed");
-            false
+/// Removes the swept files (blocking) and counts what was removed.
+fn remove_swept(root: &std::path::Path, files: Vec<OldFile>) -> Swept {
+    let mut swept = Swept::default();
+    for file in files {
+        let path = root.join(&file.name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {
+                tracing::info!(path = %path.display(), "removed a leftover export file");
+                if file.temp {
+                    swept.temp_files += 1;
+                } else {
+                    swept.orphans += 1;
+                }
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => {
+                tracing::warn!(path = %path.display(), %error, "removing a leftover export file failed");
+            }
         }
     }
+    swept
 }
 
 /// The handlers and task [`install`] set up; dropping it deregisters the handlers.

@@ -120,9 +120,10 @@ pub(crate) fn new_export(format: ExportFormat) -> NewExport {
     }
 }
 
-pub(crate) fn completed(id: Uuid) -> Completed {
+/// A completion of the claim `fence` (its own file name).
+pub(crate) fn completed(fence: Fence) -> Completed {
     Completed {
-        storage_path: crate::jobs::paths::file_name(id, 1, "json"),
+        storage_path: crate::jobs::paths::file_name(fence.id, fence.token, "json"),
         size_bytes: 2,
         record_count: 0,
         checksum_sha256: "0".repeat(64),
@@ -355,7 +356,9 @@ async fn after_a_cancel_every_write_with_the_old_token_is_fenced_and_changes_not
     assert!(fenced(
         heartbeat(&f.db, job.fence, LEASE, Some(Progress::default())).await
     ));
-    assert!(fenced(complete(&f.db, job.fence, &completed(row.id)).await));
+    assert!(fenced(
+        complete(&f.db, job.fence, &completed(job.fence)).await
+    ));
     assert!(fenced(
         fail(&f.db, job.fence, "boom", Some(Duration::ZERO))
             .await
@@ -436,14 +439,14 @@ async fn a_reclaimed_job_fences_the_old_worker_and_the_new_claim_completes_it() 
         Err(FenceError::Fenced(_))
     ));
     assert!(matches!(
-        complete(&f.db, old.fence, &completed(row.id)).await,
+        complete(&f.db, old.fence, &completed(old.fence)).await,
         Err(FenceError::Fenced(_))
     ));
     let new = claim_one(&f, "live-worker").await;
     assert_eq!(new.attempt, 2);
     assert_eq!(new.fence.token, old.fence.token + 2);
     heartbeat(&f.db, new.fence, LEASE, None).await.unwrap();
-    let done = completed(row.id);
+    let done = completed(new.fence);
     complete(&f.db, new.fence, &done).await.unwrap();
     let succeeded = f.row(row.id).await;
     assert_eq!(succeeded.status, "succeeded");
@@ -840,7 +843,7 @@ async fn a_cancel_waiting_on_a_completion_finds_the_job_succeeded() {
     let f = Fixture::new().await;
     let row = f.enqueue(ExportFormat::Json).await;
     let job = claim_one(&f, "w").await;
-    let done = completed(row.id);
+    let done = completed(job.fence);
     let mut complete_tx = f.db.begin().await.unwrap();
     let completed_id: Option<Uuid> = complete_tx
         .run(async |conn| {
@@ -979,32 +982,50 @@ async fn complete_refuses_a_storage_path_that_is_not_the_jobs_own_file() {
     let f = Fixture::new().await;
     let row = f.enqueue(ExportFormat::Csv).await;
     let job = claim_one(&f, "w").await;
+    let token = job.fence.token;
     for bad in [
         "../secret".to_owned(),
         "/etc/passwd".to_owned(),
-        crate::jobs::paths::file_name(row.id, 1, "exe"),
-        crate::jobs::paths::file_name(Uuid::new_v4(), 1, "csv"),
-        format!("sub/{}", crate::jobs::paths::file_name(row.id, 1, "csv")),
+        crate::jobs::paths::file_name(row.id, token, "exe"),
+        crate::jobs::paths::file_name(Uuid::new_v4(), token, "csv"),
+        format!(
+            "sub/{}",
+            crate::jobs::paths::file_name(row.id, token, "csv")
+        ),
+        // Another attempt's file, and the legacy name: well-formed, not this claim's.
+        crate::jobs::paths::file_name(row.id, token + 1, "csv"),
+        format!("{}.csv", row.id.simple()),
     ] {
         let done = Completed {
             storage_path: bad.clone(),
-            ..completed(row.id)
+            ..completed(job.fence)
         };
         match complete(&f.db, job.fence, &done).await {
-            Err(FenceError::Db(smartbeak_database::DbError::Query(sqlx::Error::Database(e)))) => {
-                assert_eq!(
-                    e.constraint(),
-                    Some("domain_exports_storage_path_check"),
-                    "{bad}"
-                );
+            Err(FenceError::ForeignFile { id, path }) => {
+                assert_eq!((id, path.as_str()), (row.id, bad.as_str()));
             }
-            other => panic!("{bad}: expected the storage path CHECK, got {other:?}"),
+            other => panic!("{bad}: expected ForeignFile, got {other:?}"),
         }
     }
     assert_eq!(f.row(row.id).await.status, "running", "nothing recorded");
+    // The schema refuses a malformed name even from a statement of its own.
+    let refused =
+        f.db.run(async |conn| {
+            sqlx::query("UPDATE domain_exports SET storage_path = '../secret' WHERE id = $1")
+                .bind(row.id)
+                .execute(conn)
+                .await
+        })
+        .await;
+    match refused {
+        Err(smartbeak_database::DbError::Query(sqlx::Error::Database(e))) => {
+            assert_eq!(e.constraint(), Some("domain_exports_storage_path_check"));
+        }
+        other => panic!("expected the storage path CHECK, got {other:?}"),
+    }
     let done = Completed {
-        storage_path: crate::jobs::paths::file_name(row.id, 1, "zip"),
-        ..completed(row.id)
+        storage_path: crate::jobs::paths::file_name(row.id, token, "zip"),
+        ..completed(job.fence)
     };
     complete(&f.db, job.fence, &done).await.unwrap();
     f.finish().await;

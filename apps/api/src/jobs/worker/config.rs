@@ -160,22 +160,24 @@ impl WorkerConfig {
     /// up to `DatabaseConfig::query_timeout`, and must be able to return before the lease
     /// it renews has run out; and that the local lease deadline (`lease - query timeout`
     /// after the last renewal, when a job stops by itself) leaves room for the next
-    /// heartbeat: `EXPORT_LEASE_SECS >= EXPORT_HEARTBEAT_SECS + query timeout`. The error
-    /// names the variables.
+    /// heartbeats: `EXPORT_LEASE_SECS >= 2 x EXPORT_HEARTBEAT_SECS + query timeout` (the
+    /// next renewal goes out a heartbeat after the previous one's answer, which may take
+    /// up to the query timeout, and one failed renewal must leave time for a second). The
+    /// error names the variables.
     pub fn check_timeouts(
         &self,
         db: &smartbeak_database::DatabaseConfig,
     ) -> Result<(), smartbeak_database::ConfigError> {
         db.check_deadline("EXPORT_LEASE_SECS", self.lease)?;
         let bound = db.query_timeout();
-        if self.lease < self.heartbeat + bound {
+        if self.lease < self.heartbeat * 2 + bound {
             return Err(smartbeak_database::ConfigError::Invalid {
                 var: "EXPORT_LEASE_SECS",
                 reason: format!(
-                    "EXPORT_LEASE_SECS ({} s) is below EXPORT_HEARTBEAT_SECS ({} s) plus the \
-                     database client bound of {} ms (DB_STATEMENT_TIMEOUT_MS {} ms plus a \
-                     margin): a job would stop at its local lease deadline before its next \
-                     heartbeat; raise EXPORT_LEASE_SECS or lower EXPORT_HEARTBEAT_SECS or \
+                    "EXPORT_LEASE_SECS ({} s) is below twice EXPORT_HEARTBEAT_SECS ({} s) plus \
+                     the database client bound of {} ms (DB_STATEMENT_TIMEOUT_MS {} ms plus a \
+                     margin): a job could stop at its local lease deadline before its next \
+                     heartbeat is answered; raise EXPORT_LEASE_SECS or lower EXPORT_HEARTBEAT_SECS or \
                      DB_STATEMENT_TIMEOUT_MS",
                     self.lease.as_secs(),
                     self.heartbeat.as_secs(),
@@ -283,10 +285,16 @@ mod tests {
             err.contains("EXPORT_LEASE_SECS") && err.contains("DB_STATEMENT_TIMEOUT_MS"),
             "{err}"
         );
-        assert!(short.check_timeouts(&db("1500")).is_ok());
-        // The client bound (1750 ms) fits the lease, but not with a heartbeat of 2 s.
+        assert!(short.check_timeouts(&db("700")).is_ok());
+        // The client bound (1750 ms) fits the lease with one heartbeat of 1 s, not with the
+        // two it must leave room for.
+        let err = short.check_timeouts(&db("1500")).unwrap_err().to_string();
+        assert!(
+            err.contains("EXPORT_HEARTBEAT_SECS") && err.contains("local lease deadline"),
+            "{err}"
+        );
         let slow = config(&[("EXPORT_LEASE_SECS", "3"), ("EXPORT_HEARTBEAT_SECS", "2")]).unwrap();
-        let err = slow.check_timeouts(&db("1500")).unwrap_err().to_string();
+        let err = slow.check_timeouts(&db("700")).unwrap_err().to_string();
         assert!(
             err.contains("EXPORT_HEARTBEAT_SECS") && err.contains("local lease deadline"),
             "{err}"

@@ -231,6 +231,9 @@ async fn watch_job(
     check.tick().await;
     renew.tick().await;
     let mut written = Progress::default();
+    // A renewal that failed is owed: sent again on the next check tick (at most a second
+    // later), not a whole heartbeat interval later.
+    let mut owed = false;
     loop {
         let deadline = tokio::time::Instant::from_std(lease.deadline());
         let renewing = tokio::select! {
@@ -240,7 +243,7 @@ async fn watch_job(
             _ = check.tick() => Some(false),
             () = poke.notified() => Some(false),
         };
-        let Some(renewing) = renewing else {
+        let Some(renewing) = renewing.map(|due| due || owed) else {
             stopped.expired.store(true, Ordering::SeqCst);
             token.cancel();
             return;
@@ -272,6 +275,7 @@ async fn watch_job(
                 if renewed {
                     lease.renewed(sent);
                     written = now;
+                    owed = false;
                     renew.reset();
                 }
             }
@@ -281,8 +285,9 @@ async fn watch_job(
                 token.cancel();
                 return;
             }
-            Some(Err(FenceError::Db(error))) => {
-                tracing::warn!(export_id = %fence.id, %error, "heartbeat failed; retrying on the next tick");
+            Some(Err(error)) => {
+                owed |= renewing || changed.is_some();
+                tracing::warn!(export_id = %fence.id, %error, "heartbeat failed; retrying on the next check tick");
             }
         }
     }
@@ -330,10 +335,23 @@ pub(super) enum Completion {
     /// Undecided (the row could not be read, or the local lease ran out before a retry):
     /// keep the file; the orphan sweep removes it if no row references it.
     Unknown(String),
+    /// The server refused the completion for good (a constraint violation, a file name
+    /// not this attempt's): nothing committed; delete the file and fail the attempt.
+    Refused(FenceError),
 }
 
-/// `queue::complete` with the recovery of a lost reply: on a database error the row is
-/// re-read (up to [`COMPLETE_TRIES`] times, backing off by `RetryPolicy`) and
+/// Whether a failed `complete` may have committed all the same: only when the statement
+/// (or its reply) was lost on the way: a timeout or a connection failure. Any other error
+/// is the server's answer that it did not.
+fn outcome_unknown(error: &FenceError) -> bool {
+    match error {
+        FenceError::Db(error) => error.is_timeout() || error.is_connection_failure(),
+        FenceError::Fenced(_) | FenceError::ForeignFile { .. } => false,
+    }
+}
+
+/// `queue::complete` with the recovery of a lost reply: on an error that leaves the
+/// outcome unknown (a timeout, a lost connection: `outcome_unknown`) the row is re-read (up to [`COMPLETE_TRIES`] times, backing off by `RetryPolicy`) and
 /// [`decide`]d; `Retry` calls `complete` again, while the local lease holds.
 pub(super) async fn complete_recovering(
     db: &smartbeak_database::Database,
@@ -357,7 +375,15 @@ pub(super) async fn complete_recovering(
             Err(FenceError::Fenced(_)) if !uncertain => return Completion::Fenced,
             // A retry fenced: maybe because an earlier call did commit.
             Err(FenceError::Fenced(_)) => "fenced after an unanswered completion".to_owned(),
-            Err(FenceError::Db(error)) => error.to_string(),
+            Err(error) if !outcome_unknown(&error) => {
+                if uncertain {
+                    // An earlier call may have committed: the row decides.
+                    error.to_string()
+                } else {
+                    return Completion::Refused(error);
+                }
+            }
+            Err(error) => error.to_string(),
         };
         uncertain = true;
         tracing::warn!(export_id = %fence.id, call, %error, "recording the finished export got no answer; re-reading the job");
@@ -438,6 +464,15 @@ async fn finish(
             remove_file(ctx, output);
             fenced_outcome(ctx, id).await
         }
+        Completion::Refused(error) => {
+            remove_file(ctx, output);
+            let message = format!("recording the finished export failed: {error}");
+            let retryable = match error {
+                FenceError::Db(db) => ExportError::Db(db).retryable(),
+                FenceError::Fenced(_) | FenceError::ForeignFile { .. } => false,
+            };
+            end_failed(ctx, job, message, retryable).await
+        }
         Completion::Unknown(why) => {
             // The row may reference the file: it stays (the orphan sweep deletes it later
             // if no row does); if it was not recorded, the lease expires and the job is
@@ -491,11 +526,11 @@ async fn release(ctx: &Ctx, fence: Fence) -> Outcome {
             Outcome::Released
         }
         Err(FenceError::Fenced(_)) => fenced_outcome(ctx, fence.id).await,
-        Err(FenceError::Db(error)) => {
+        Err(error) => {
             // The shutdown report must say so: the job now waits for its lease to expire.
             ctx.release_failures.fetch_add(1, Ordering::SeqCst);
             tracing::warn!(export_id = %fence.id, %error, "releasing the export failed; its lease will expire");
-            Outcome::Released
+            Outcome::Failed
         }
     }
 }
@@ -523,10 +558,13 @@ pub(super) fn retry_delay(
 /// Ends a failed attempt: retried after a backoff when the error is retryable and
 /// attempts remain, else dead-lettered with the error.
 async fn failed(ctx: &Ctx, job: &ClaimedJob, error: &ExportError) -> Outcome {
+    end_failed(ctx, job, error.to_string(), error.retryable()).await
+}
+
+/// [`failed`] with the error's message and whether it is retryable.
+async fn end_failed(ctx: &Ctx, job: &ClaimedJob, message: String, retryable: bool) -> Outcome {
     let id = job.fence.id;
-    let message = error.to_string();
-    let delay = error
-        .retryable()
+    let delay = retryable
         .then(|| {
             retry_delay(
                 ctx.config.retry_base,
@@ -546,7 +584,7 @@ async fn failed(ctx: &Ctx, job: &ClaimedJob, error: &ExportError) -> Outcome {
             Outcome::Failed
         }
         Err(FenceError::Fenced(_)) => fenced_outcome(ctx, id).await,
-        Err(FenceError::Db(db_error)) => {
+        Err(db_error) => {
             tracing::error!(export_id = %id, error = %message, %db_error, "recording the failed attempt failed; its lease will expire");
             Outcome::Failed
         }

@@ -303,7 +303,7 @@ async fn cancel_bumps_the_token_so_the_worker_is_fenced() {
         queue::complete(
             &api.f.db,
             job.fence,
-            &crate::jobs::queue::tests::completed(id)
+            &crate::jobs::queue::tests::completed(job.fence)
         )
         .await,
         Err(FenceError::Fenced(_))
@@ -328,11 +328,12 @@ async fn cancel_bumps_the_token_so_the_worker_is_fenced() {
 async fn a_download_streams_the_file_with_its_name_length_etag_and_digest() {
     let api = TestApi::new().await;
     // A CSV export of several sections is a ZIP; a JSON export a .json.
+    // Each job is finished before the next is created: its first claim has token 1.
     let zip_id = api.create("csv").await;
-    let json_id = api.create("json").await;
     let zip_bytes = b"PK\x03\x04 not really a zip, but bytes all the same\r\n\0\xff".to_vec();
     let zip_file = paths::file_name(zip_id, 1, "zip");
     let zip_sum = api.finish_with_file(zip_id, &zip_file, &zip_bytes).await;
+    let json_id = api.create("json").await;
     let json_bytes = br#"{"content": [], "keywords": []}"#.to_vec();
     let json_sum = api
         .finish_with_file(json_id, &paths::file_name(json_id, 1, "json"), &json_bytes)
