@@ -320,15 +320,48 @@ mod with_a_database {
         names
     }
 
-    /// The reviewer's hazard: a worker cut off from the primary (its analytics reads still
-    /// flowing) while another worker reclaims and completes its job. The stale worker
-    /// stops by itself at its local lease deadline, before the reclaim, writes nothing, and
-    /// the recorded file stays intact.
+    /// Waits until a session of `application` in the test database waits on a lock.
+    async fn wait_for_lock_wait(s: &Setup, application: &str) {
+        let db_name = s.tdb.name().to_owned();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let waiting: i64 =
+                s.db.run(async |conn| {
+                    sqlx::query_scalar(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 \
+                         AND application_name = $2 AND wait_event_type = 'Lock'",
+                    )
+                    .bind(&db_name)
+                    .bind(application)
+                    .fetch_one(conn)
+                    .await
+                })
+                .await
+                .unwrap();
+            if waiting > 0 {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no session of {application} waits on a lock"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The reviewer's hazard: a worker cut off from the primary (its analytics read still
+    /// blocked, with a statement timeout longer than the whole scenario) while its job is
+    /// reclaimed and another attempt completes it and records its file; only then does the
+    /// stale read get its rows. The stale attempt stops by itself at its local lease
+    /// deadline (outcome `expired`): no file carries its token, and the recorded file is
+    /// intact.
     #[tokio::test]
     async fn a_worker_cut_off_from_the_primary_stops_at_its_local_lease_deadline() {
+        use sha2::Digest as _;
         let s = setup().await;
-        // Lease 13 s, client bound 11 s: the local deadline is 2 s after a renewal.
-        let (forwarder, config) = through_forwarder(&s, Duration::from_secs(10));
+        // Statement timeout 60 s (client bound 66 s): the blocked read outlives the
+        // scenario. Lease 68 s, heartbeat 1 s: the local deadline is 2 s after a renewal.
+        let (forwarder, config) = through_forwarder(&s, Duration::from_secs(60));
         let stale_db = Database::connect(config, "worker-tests-stale")
             .await
             .unwrap();
@@ -336,42 +369,31 @@ mod with_a_database {
             &s,
             stale_db.clone(),
             &[
-                ("EXPORT_LEASE_SECS", "13"),
+                ("EXPORT_LEASE_SECS", "68"),
                 ("EXPORT_HEARTBEAT_SECS", "1"),
                 ("EXPORT_WORKER_ID", "stale"),
             ],
         );
-        let stale_run = tokio::spawn({
-            let w = stale.clone();
-            async move { w.run().await }
-        });
         let mut lock = lock_content(&s.db).await;
         let row = queue::enqueue(&s.db, s.org, s.domain, &content_only(ExportFormat::Json))
             .await
             .unwrap()
             .unwrap();
-        wait_for_status(&s.db, row.id, "running").await;
+        // The stale attempt, run as the worker runs it (so its outcome can be read).
+        let sent = std::time::Instant::now();
+        let claimed = queue::claim(&stale_db, "stale", 1, stale.config().lease)
+            .await
+            .unwrap()
+            .remove(0);
+        let stale_token = claimed.fence.token;
+        let attempt = tokio::spawn(job::run(stale.ctx.clone(), claimed, sent));
+        // Its export waits on the lock, on the analytics connection (not cut).
+        wait_for_lock_wait(&s, "worker-tests-stale-analytics").await;
         forwarder.black_hole();
         let cut = std::time::Instant::now();
-        // Its export still waits on the lock (on the analytics connection): only the local
-        // deadline can stop it.
-        let mut running = stale.running();
-        tokio::time::timeout(Duration::from_secs(15), running.wait_for(|n| *n == 0))
-            .await
-            .expect("the stale worker must end its attempt by itself")
-            .unwrap();
-        eprintln!(
-            "the stale worker ended its attempt {} ms after the cut",
-            cut.elapsed().as_millis()
-        );
-        assert_eq!(
-            names(s.dir.path()),
-            Vec::<String>::new(),
-            "no file, no temp file"
-        );
 
-        // Another worker's reaper reclaims the job once its lease expired (made so now),
-        // and that worker completes it.
+        // Its lease is reclaimed (expired now), and a newer attempt completes the job and
+        // records its own file while the stale read still waits.
         s.db.run(async |conn| {
             sqlx::query(
                 "UPDATE domain_exports SET lease_expires_at = now() - interval '1 second' \
@@ -384,35 +406,74 @@ mod with_a_database {
         .await
         .unwrap();
         assert_eq!(queue::reclaim_expired(&s.db, 10).await.unwrap().len(), 1);
+        let newer = queue::claim(&s.db, "newer", 1, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .remove(0);
+        let contents = br#"{"content": "the newer attempt's"}"#.to_vec();
+        let recorded = crate::jobs::paths::file_name(row.id, newer.fence.token, "json");
+        std::fs::write(s.dir.path().join(&recorded), &contents).unwrap();
+        let checksum = hex::encode(sha2::Sha256::digest(&contents));
+        queue::complete(
+            &s.db,
+            newer.fence,
+            &queue::Completed {
+                storage_path: recorded.clone(),
+                size_bytes: contents.len() as i64,
+                record_count: 1,
+                checksum_sha256: checksum.clone(),
+                expires_at: chrono::Utc::now() + chrono::Duration::hours(1),
+            },
+        )
+        .await
+        .unwrap();
+
+        // The stale read still waits. Its attempt must end by itself (the local deadline,
+        // 2 s after its last renewal); the lock is held until then, or at most 30 s (a
+        // bound on the wait, not a timed assertion: an attempt that does not stop by
+        // itself then gets its rows, renames its file and tries to record it, and the
+        // assertions below fail).
+        let mut attempt = attempt;
+        let early = tokio::time::timeout(Duration::from_secs(30), &mut attempt).await;
+        eprintln!(
+            "the stale attempt ended by itself: {}, {} ms after the cut",
+            early.is_ok(),
+            cut.elapsed().as_millis()
+        );
         sqlx::query("ROLLBACK").execute(&mut *lock).await.unwrap();
         drop(lock);
-        let newer = worker(&s, &[("EXPORT_WORKER_ID", "newer")]);
-        let newer_run = tokio::spawn({
-            let w = newer.clone();
-            async move { w.run().await }
-        });
-        wait_for_status(&s.db, row.id, "succeeded").await;
-        newer.stop_claiming();
-        newer_run.await.unwrap();
-        // The stale worker's connection comes back: it still writes nothing.
+        let outcome = match early {
+            Ok(outcome) => outcome.unwrap(),
+            Err(_) => tokio::time::timeout(Duration::from_secs(240), attempt)
+                .await
+                .expect("the stale attempt must end")
+                .unwrap(),
+        };
         forwarder.restore();
-        stale.stop_claiming();
+        eprintln!(
+            "the stale attempt ended {} ms after the cut",
+            cut.elapsed().as_millis()
+        );
+        assert_eq!(outcome, job::Outcome::Expired);
         let info = queue::download_info(&s.db, s.org, row.id)
             .await
             .unwrap()
             .unwrap();
-        let path = info.storage_path.unwrap();
+        assert_eq!(info.storage_path.as_deref(), Some(recorded.as_str()));
         assert_eq!(
             names(s.dir.path()),
-            vec![path.clone()],
+            vec![recorded.clone()],
             "one file: the newer attempt's"
         );
-        let bytes = std::fs::read(s.dir.path().join(&path)).unwrap();
-        use sha2::Digest as _;
-        assert_eq!(
-            hex::encode(sha2::Sha256::digest(&bytes)),
-            info.checksum_sha256.unwrap()
+        assert!(
+            names(s.dir.path())
+                .iter()
+                .all(|n| !n.contains(&format!(".{stale_token}."))),
+            "no file of the stale attempt"
         );
+        let bytes = std::fs::read(s.dir.path().join(&recorded)).unwrap();
+        assert_eq!(hex::encode(sha2::Sha256::digest(&bytes)), checksum);
+        assert_eq!(info.checksum_sha256.as_deref(), Some(checksum.as_str()));
         assert_eq!(bytes.len() as i64, info.size_bytes.unwrap());
         let attempts: Vec<(String, String)> =
             s.db.run(async |conn| {
@@ -434,10 +495,6 @@ mod with_a_database {
             ]
         );
         drop(forwarder);
-        tokio::time::timeout(Duration::from_secs(30), stale_run)
-            .await
-            .unwrap()
-            .unwrap();
         stale_db.close(Duration::from_secs(1)).await.ok();
         s.tdb.drop_database().await.unwrap();
     }
@@ -548,6 +605,57 @@ mod with_a_database {
         s.tdb.drop_database().await.unwrap();
     }
 
+    /// A completion the server refuses for good (here a trigger; in life a constraint) is
+    /// not an unknown outcome: it is refused after one call, and so is a file name that is
+    /// not the claim's.
+    #[tokio::test]
+    async fn a_completion_refused_for_good_is_not_retried_as_unknown() {
+        let s = setup().await;
+        let row = queue::enqueue(&s.db, s.org, s.domain, &content_only(ExportFormat::Json))
+            .await
+            .unwrap()
+            .unwrap();
+        let job = queue::claim(&s.db, "w", 1, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .remove(0);
+        let foreign = queue::Completed {
+            storage_path: format!("{}.json", row.id.simple()),
+            ..done_for(job.fence)
+        };
+        let completion = job::complete_recovering(&s.db, job.fence, &foreign, &long_lease()).await;
+        assert!(
+            matches!(
+                completion,
+                job::Completion::Refused(queue::FenceError::ForeignFile { .. })
+            ),
+            "{completion:?}"
+        );
+        s.db.run(async |conn| {
+            sqlx::raw_sql(
+                "CREATE FUNCTION refuse_success() RETURNS trigger LANGUAGE plpgsql AS \
+                 $$ BEGIN RAISE EXCEPTION 'completion refused by the test'; END $$; \
+                 CREATE TRIGGER refuse_success BEFORE UPDATE ON domain_exports FOR EACH ROW \
+                 WHEN (NEW.status = 'succeeded') EXECUTE FUNCTION refuse_success();",
+            )
+            .execute(conn)
+            .await
+        })
+        .await
+        .unwrap();
+        let completion =
+            job::complete_recovering(&s.db, job.fence, &done_for(job.fence), &long_lease()).await;
+        assert!(
+            matches!(
+                completion,
+                job::Completion::Refused(queue::FenceError::Db(_))
+            ),
+            "{completion:?}"
+        );
+        assert_eq!(status(&s.db, row.id).await, "running");
+        s.tdb.drop_database().await.unwrap();
+    }
+
     /// The sweep removes old temp files and old unreferenced final files, and keeps young
     /// files, referenced files and names that are not an export's.
     #[tokio::test]
@@ -581,6 +689,22 @@ mod with_a_database {
         plant(&young_orphan, None);
         plant(&done.storage_path, Some(old));
         plant("notes.txt", Some(old));
+        // A running job's files are kept, however old they look: its attempt may still
+        // write the temp file, or have renamed the final one (a rename keeps the temp
+        // file's mtime) with its completion in flight.
+        let busy = queue::enqueue(&s.db, s.org, s.domain, &content_only(ExportFormat::Json))
+            .await
+            .unwrap()
+            .unwrap();
+        let busy_job = queue::claim(&s.db, "w", 1, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .remove(0);
+        assert_eq!(busy_job.fence.id, busy.id);
+        let busy_temp = format!(".{}.{}.tmp", busy.id.simple(), Uuid::new_v4().simple());
+        let busy_final = crate::jobs::paths::file_name(busy.id, busy_job.fence.token, "json");
+        plant(&busy_temp, Some(old));
+        plant(&busy_final, Some(old));
         let dir = ExportDir::open(s.dir.path()).unwrap();
         let swept = sweep_dir(&s.db, &dir, Duration::from_secs(120)).await;
         assert_eq!(
@@ -595,6 +719,8 @@ mod with_a_database {
             young_orphan,
             done.storage_path.clone(),
             "notes.txt".to_owned(),
+            busy_temp,
+            busy_final,
         ];
         kept.sort();
         assert_eq!(names(s.dir.path()), kept);
