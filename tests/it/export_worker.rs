@@ -638,13 +638,18 @@ async fn a_cancel_through_the_api_stops_a_running_export_with_no_file_left() {
     db.drop().await;
 }
 
+/// A worker whose completion is fenced by a newer attempt that finished first: the
+/// newer attempt records its file (named as the worker names it,
+/// `smartbeak_api::jobs::paths::file_name`) while the fenced worker's completion waits on
+/// the row, after its rename; the fenced worker then removes only its own file.
 #[tokio::test]
 async fn a_fenced_worker_cannot_complete_and_removes_its_file() {
+    use sha2::Digest as _;
     let db = Db::create().await;
     let dir = tempfile::tempdir().unwrap();
     let (_, domains) = db.seed(1, 10).await;
     let worker = WorkerProc::start(&db.url, dir.path(), &[]).await.unwrap();
-    let lock = db.lock("content_items").await;
+    let content = db.lock("content_items").await;
     let id = enqueue(
         &db.url,
         domains[0],
@@ -653,23 +658,64 @@ async fn a_fenced_worker_cannot_complete_and_removes_its_file() {
     )
     .await;
     wait_status(&db, id, "running", Duration::from_secs(10)).await;
-    // Another "worker" steals the lease: a newer token, its own owner and expiry.
-    let stolen: i64 = sqlx::query_scalar(
-        "UPDATE domain_exports SET fencing_token = fencing_token + 1, lease_owner = 'thief', \
+    // The row is held: the worker's completion (and any heartbeat) waits on it.
+    let mut row = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM domain_exports WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .execute(&mut *row)
+        .await
+        .unwrap();
+    content.commit().await.unwrap();
+    // The export finishes, renames its file and sends its completion, which waits.
+    eventually(
+        "the worker's completion to wait on the row",
+        Duration::from_secs(20),
+        || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND wait_event_type = 'Lock' AND query LIKE '%status = ''succeeded''%'",
+            )
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+            (waiting == 1).then_some(())
+        },
+    )
+    .await;
+    let worker_file = finished_files(dir.path());
+    assert_eq!(worker_file.len(), 1, "{:?}", files(dir.path()));
+    // Meanwhile the lease is reclaimed and a newer attempt (this test) completes the job
+    // with a file of its own, as the worker names it.
+    let newer: i64 = sqlx::query_scalar(
+        "UPDATE domain_exports SET fencing_token = fencing_token + 2, lease_owner = 'newer', \
          lease_expires_at = now() + interval '1 hour' WHERE id = $1 RETURNING fencing_token",
     )
     .bind(id)
-    .fetch_one(&db.pool)
+    .fetch_one(&mut *row)
     .await
     .unwrap();
-    // The thief's attempt has written its own file: the fenced worker must not touch it.
-    let thief_file = format!("{}.{stolen}.csv", id.simple());
-    std::fs::write(dir.path().join(&thief_file), b"the newer attempt's file").unwrap();
-    lock.commit().await.unwrap();
-    // The export finishes (or its watcher notices first): either way it is fenced.
+    let recorded = smartbeak_api::jobs::paths::file_name(id, newer, "csv");
+    let contents = b"id,title\r\nthe newer attempt's file\r\n".to_vec();
+    std::fs::write(dir.path().join(&recorded), &contents).unwrap();
+    let checksum = hex::encode(sha2::Sha256::digest(&contents));
+    sqlx::query(
+        "UPDATE domain_exports SET status = 'succeeded', storage_path = $2, size_bytes = $3, \
+         record_count = 1, checksum_sha256 = $4, expires_at = now() + interval '1 hour', \
+         finished_at = now(), fencing_token = fencing_token + 1, lease_owner = NULL, \
+         lease_expires_at = NULL WHERE id = $1",
+    )
+    .bind(id)
+    .bind(&recorded)
+    .bind(contents.len() as i64)
+    .bind(&checksum)
+    .execute(&mut *row)
+    .await
+    .unwrap();
+    row.commit().await.unwrap();
+    // The worker's completion now finds the token moved: fenced.
     eventually(
         "the worker to count the fence",
-        Duration::from_secs(10),
+        Duration::from_secs(20),
         || async {
             let n = worker
                 .metric("export_jobs_total", Some(r#"outcome="fenced""#))
@@ -678,9 +724,9 @@ async fn a_fenced_worker_cannot_complete_and_removes_its_file() {
         },
     )
     .await;
-    let (status, owner, token, path): (String, Option<String>, i64, Option<String>) =
+    let (status, path, size, sum): (String, Option<String>, Option<i64>, Option<String>) =
         sqlx::query_as(
-            "SELECT status, lease_owner, fencing_token, storage_path FROM domain_exports \
+            "SELECT status, storage_path, size_bytes, checksum_sha256 FROM domain_exports \
              WHERE id = $1",
         )
         .bind(id)
@@ -688,20 +734,18 @@ async fn a_fenced_worker_cannot_complete_and_removes_its_file() {
         .await
         .unwrap();
     assert_eq!(
-        (status.as_str(), owner.as_deref(), token, path),
-        ("running", Some("thief"), stolen, None),
-        "the row shows the thief's state"
+        (status.as_str(), path.as_deref()),
+        ("succeeded", Some(recorded.as_str())),
+        "the row shows the newer attempt's file"
     );
     assert_eq!(
         files(dir.path()),
-        vec![thief_file.clone()],
-        "its own file removed, the newer attempt's kept"
+        vec![recorded.clone()],
+        "exactly one file, the recorded one (the worker's own {worker_file:?} removed)"
     );
-    assert_eq!(
-        std::fs::read(dir.path().join(&thief_file)).unwrap(),
-        b"the newer attempt's file",
-        "the newer attempt's file intact"
-    );
+    let bytes = std::fs::read(dir.path().join(&recorded)).unwrap();
+    assert_eq!(Some(bytes.len() as i64), size);
+    assert_eq!(Some(hex::encode(sha2::Sha256::digest(&bytes))), sum);
     assert_eq!(
         worker
             .metric("export_jobs_total", Some(r#"outcome="succeeded""#))
@@ -838,16 +882,6 @@ async fn sigterm_completes_what_finishes_and_releases_the_rest_for_another_worke
     let db = Db::create().await;
     let dir = tempfile::tempdir().unwrap();
     let (_, domains) = db.seed(2, 10).await;
-    // The export to abandon is a long one: 60,000 content items.
-    sqlx::query(
-        "INSERT INTO content_items (id, domain_id, title, slug) \
-         SELECT gen_random_uuid(), $1, 'Long ' || i, 'long-' || i \
-         FROM generate_series(1, 60000) AS i",
-    )
-    .bind(domains[0])
-    .execute(&db.pool)
-    .await
-    .unwrap();
     let env = [
         ("SHUTDOWN_TIMEOUT_MS", "8000"),
         ("SHUTDOWN_DRAIN_TIMEOUT_MS", "3000"),
@@ -880,13 +914,49 @@ async fn sigterm_completes_what_finishes_and_releases_the_rest_for_another_worke
     wait_status(&db, abandoned, "running", Duration::from_secs(10)).await;
     wait_status(&db, finishing, "running", Duration::from_secs(10)).await;
     db.wait_for_waiters("domain_settings", 2).await;
+    // The export to abandon is held by construction: an ACCESS EXCLUSIVE lock on
+    // `content_items` (which only it reads rows of) is requested now, before the counts
+    // are let go, and seen in pg_locks (granted, or queued behind a count that opened the
+    // table). Once granted, the abandoned export's read of content waits behind it,
+    // whatever its count did; the keywords-only export never reads content rows.
+    let content = tokio::spawn({
+        let pool = db.pool.clone();
+        async move {
+            let mut tx = pool.begin().await.unwrap();
+            sqlx::query("LOCK TABLE content_items IN ACCESS EXCLUSIVE MODE")
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            tx
+        }
+    });
+    eventually(
+        "the content lock to be requested",
+        Duration::from_secs(10),
+        || async {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
+                 WHERE l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                 AND c.relname = 'content_items' AND l.mode = 'AccessExclusiveLock'",
+            )
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+            (n == 1).then_some(())
+        },
+    )
+    .await;
 
     first.signal("TERM");
     settings.commit().await.unwrap();
     // The small export finishes within the drain and completes...
-    wait_status(&db, finishing, "succeeded", Duration::from_secs(2)).await;
-    // ...while the long one, still streaming, is held from here to the drain deadline.
-    let content = db.lock("content_items").await;
+    wait_status(&db, finishing, "succeeded", Duration::from_secs(10)).await;
+    // ...while the other waits on the content lock, from here to the drain deadline.
+    let content = tokio::time::timeout(Duration::from_secs(10), content)
+        .await
+        .expect("the content lock is granted once the counts are done")
+        .unwrap();
+    db.wait_for_waiters("content_items", 1).await;
     let code = first.wait(Duration::from_secs(15)).await;
     let output = first.output();
     assert_eq!(code, Some(0), "{output}");
