@@ -107,8 +107,9 @@ struct WorkerArgs {
     #[arg(long, env = "EXPORT_LEASE_SECS", value_name = "SECS",
           default_value_t = defaults::DEFAULT_LEASE_SECS.to_string())]
     lease_secs: String,
-    /// Longest interval between lease renewals (below the lease; a running job checks its
-    /// fence and renews every min(1 s, this)).
+    /// Interval between lease renewals (a failed renewal is retried on the next check; the
+    /// lease must cover two of these plus the database client bound); a running job checks
+    /// its fence, and writes its progress when it changed, every min(1 s, this).
     #[arg(long, env = "EXPORT_HEARTBEAT_SECS", value_name = "SECS",
           default_value_t = defaults::DEFAULT_HEARTBEAT_SECS.to_string())]
     heartbeat_secs: String,

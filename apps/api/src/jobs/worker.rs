@@ -18,8 +18,9 @@
 //!   (the job was cancelled or its lease reclaimed) cancels the token at once: the export
 //!   stops within a second and removes its temp file, and nothing more is written. The
 //!   **local lease deadline** (`job::LocalLease`): with no successful renewal for `lease -
-//!   query timeout`, the job stops by itself, deletes its own files and writes nothing
-//!   more, before any reaper can reclaim it. Outcomes: success -> `queue::complete`,
+//!   query timeout`, the job stops by itself, deletes its own files and records nothing
+//!   more (a late rename of its own file is possible, never recorded), before any reaper
+//!   can reclaim it. Outcomes: success -> `queue::complete`,
 //!   with the recovery of a lost reply (`job::complete_recovering`); a fenced completion
 //!   deletes the attempt's own file; a retryable error -> `queue::fail` with the delay of
 //!   `smartbeak_resilience::RetryPolicy` (exponential, full jitter,

@@ -3,7 +3,7 @@
 //!
 //! The temp file is `.<id>.<random>.tmp`, created with `O_EXCL` (a symlink planted under
 //! that name is refused, never followed), in the directory itself so the final `rename` is
-//! atomic. [`TempFile::persist`] `sync_all`s the file, renames it to `<id>.<ext>` (a
+//! atomic. [`TempFile::persist`] `sync_all`s the file, renames it to its final name (`<id>.<token>.<ext>`) (a
 //! `rename` replaces a symlink planted there, it does not follow it) and fsyncs the
 //! directory so the new name survives a crash.
 

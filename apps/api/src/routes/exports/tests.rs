@@ -406,6 +406,40 @@ async fn a_download_streams_the_file_with_its_name_length_etag_and_digest() {
     api.finish().await;
 }
 
+/// A row recorded before per-attempt names (`<id>.<ext>`, which `complete` no longer
+/// writes) still downloads.
+#[tokio::test]
+async fn a_legacy_file_name_still_downloads() {
+    let api = TestApi::new().await;
+    let id = api.create("json").await;
+    let bytes = br#"{"legacy": true}"#.to_vec();
+    let current = paths::file_name(id, 1, "json");
+    let sum = api.finish_with_file(id, &current, &bytes).await;
+    let legacy = format!("{}.json", id.simple());
+    std::fs::rename(api.export_dir.join(&current), api.export_dir.join(&legacy)).unwrap();
+    api.f
+        .db
+        .run(async |conn| {
+            sqlx::query("UPDATE domain_exports SET storage_path = $2 WHERE id = $1")
+                .bind(id)
+                .bind(&legacy)
+                .execute(conn)
+                .await
+        })
+        .await
+        .unwrap();
+    let answer = api
+        .call("GET", &format!("/v1/exports/{id}/download"), None)
+        .await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.body, bytes);
+    assert_eq!(
+        answer.headers["etag"].to_str().unwrap(),
+        format!("\"{sum}\"")
+    );
+    api.finish().await;
+}
+
 #[tokio::test]
 async fn a_symlink_or_a_path_leading_out_of_export_dir_is_refused() {
     let api = TestApi::new().await;
