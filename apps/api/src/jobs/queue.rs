@@ -744,7 +744,7 @@ pub struct FileOwner {
 const FILE_OWNERS_CHUNK: usize = 1000;
 
 /// The rows of the jobs `ids` (parsed from file names in `EXPORT_DIR`), by primary key, in
-/// chunks of [`FILE_OWNERS_CHUNK`]: the worker's orphan sweep keeps every file a row
+/// chunks of 1,000 ids: the worker's orphan sweep keeps every file a row
 /// records, and every file of a job that is still `running`.
 pub async fn file_owners(
     db: &Database,
