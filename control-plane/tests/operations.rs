@@ -1021,6 +1021,82 @@ async fn shutdown_mid_batch_starts_no_new_item_and_counts_the_rest_skipped() {
 }
 
 #[tokio::test]
+async fn shutdown_after_a_full_page_started_is_interrupted_not_succeeded() {
+    let fx = Fixture::new().await;
+    add_sources(&fx, "gsc", 6).await;
+    let state = Arc::new(GatedProvider::default());
+    let app = Router::new()
+        .route("/gated/v1/keywords", get(gated))
+        .with_state(state.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let op = KeywordSync::new(
+        fx.db.clone(),
+        client(Duration::from_secs(30), Duration::from_secs(10)),
+        Providers {
+            gsc: Some(provider(&format!("http://{addr}"), "gated")),
+            ahrefs: None,
+        },
+    );
+    // Pages of 2 (one batch of 2, both items in flight): the stop comes when every item of
+    // the first page has started, so nothing of that page is `not started`.
+    let ctx = RunContext {
+        page_size: 2,
+        ..fx.ctx()
+    };
+    let cancel = ctx.cancel.clone();
+    let trigger = {
+        let state = state.clone();
+        tokio::spawn(async move {
+            for _ in 0..1_000 {
+                if state.hits.load(Ordering::SeqCst) >= 2 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            cancel.cancel();
+            state.released.store(true, Ordering::SeqCst);
+            state.open.notify_waiters();
+        })
+    };
+    let report = ran(run_once(&op, &ctx, options(2, 2, Mode::SettleAll), None)
+        .await
+        .unwrap());
+    trigger.await.unwrap();
+    assert_eq!(state.hits.load(Ordering::SeqCst), 2, "{}", report.summary());
+    assert_eq!(
+        report.status,
+        RunStatus::Interrupted,
+        "{}",
+        report.summary()
+    );
+    assert!(
+        report
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("later pages were not loaded"),
+        "{}",
+        report.summary()
+    );
+    assert_eq!(
+        (
+            report.total,
+            report.succeeded,
+            report.failed,
+            report.skipped
+        ),
+        (2, 2, 0, 0),
+        "{}",
+        report.summary()
+    );
+    let row = run_row(&fx.admin, report.run_id.unwrap()).await;
+    assert_eq!(row.status.as_str(), "interrupted");
+    fx.done().await;
+}
+
+#[tokio::test]
 async fn failures_past_the_cap_are_counted_but_not_recorded() {
     let fx = Fixture::new().await;
     // 2,000 items, 1,500 failing; batches of 1,000 (so the savepoint fallback runs in
