@@ -1175,3 +1175,83 @@ async fn a_scheduled_row_needs_its_publish_at() {
     );
     fx.done().await;
 }
+
+/// A stop while a batch's one statement is in flight: when that statement fails on a row,
+/// no isolation statement (savepoint chunk, bisection step) starts after the stop.
+#[tokio::test]
+async fn no_isolation_statement_starts_after_a_stop() {
+    for strategy in [Isolation::Savepoints, Isolation::Bisect] {
+        let fx = Fixture::new().await;
+        // 200 items, one refused once published: the batch statement fails.
+        seed_scheduled(&fx, 200, "i = 150").await;
+        // Every row update waits for advisory lock 4242, held by the test.
+        sqlx::raw_sql(
+            "CREATE FUNCTION test_gate() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN PERFORM pg_advisory_xact_lock(4242); RETURN NEW; END $$; \
+             CREATE TRIGGER test_gate BEFORE UPDATE ON content_items \
+             FOR EACH ROW EXECUTE FUNCTION test_gate();",
+        )
+        .execute(&fx.admin)
+        .await
+        .unwrap();
+        let mut gate = fx.admin.acquire().await.unwrap();
+        sqlx::query("SELECT pg_advisory_lock(4242)")
+            .execute(&mut *gate)
+            .await
+            .unwrap();
+        let op = ContentScheduler::with_isolation(fx.db.clone(), strategy);
+        let ctx = fx.ctx();
+        let cancel = ctx.cancel.clone();
+        let admin = fx.admin.clone();
+        let trigger = tokio::spawn(async move {
+            // The batch statement waits on the gate: stop, then open the gate.
+            let mut waiting = false;
+            for _ in 0..1_000 {
+                let n: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database \
+                     WHERE l.locktype = 'advisory' AND NOT l.granted \
+                     AND d.datname = current_database()",
+                )
+                .fetch_one(&admin)
+                .await
+                .unwrap();
+                if n > 0 {
+                    waiting = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            cancel.cancel();
+            sqlx::query("SELECT pg_advisory_unlock(4242)")
+                .execute(&mut *gate)
+                .await
+                .unwrap();
+            waiting
+        });
+        let report = ran(
+            run_once(&op, &ctx, options(1_000, 1, Mode::SettleAll), None)
+                .await
+                .unwrap(),
+        );
+        assert!(trigger.await.unwrap(), "the batch never waited on the gate");
+        assert_eq!(
+            (
+                report.status,
+                report.total,
+                report.succeeded,
+                report.failed,
+                report.skipped
+            ),
+            (RunStatus::Interrupted, 200, 0, 0, 200),
+            "{strategy:?}: {}",
+            report.summary()
+        );
+        let published: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM content_items WHERE status = 'published'")
+                .fetch_one(&fx.admin)
+                .await
+                .unwrap();
+        assert_eq!(published, 0, "{strategy:?}");
+        fx.done().await;
+    }
+}
