@@ -1255,3 +1255,151 @@ async fn no_isolation_statement_starts_after_a_stop() {
         fx.done().await;
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Keyset paging across ties on the first key
+
+#[tokio::test]
+async fn content_scheduler_pages_through_ties_on_publish_at() {
+    let fx = Fixture::new().await;
+    // 2,500 items due at the same instant; 5 refused once published.
+    sqlx::query(
+        "INSERT INTO content_items (id, domain_id, title, slug, status, publish_at) \
+         SELECT gen_random_uuid(), $1, CASE WHEN i % 500 = 7 THEN 'bad ' || i ELSE 'good ' || i END, \
+         'item-' || i, 'scheduled', now() - interval '1 hour' FROM generate_series(0, 2499) AS i",
+    )
+    .bind(fx.domain)
+    .execute(&fx.admin)
+    .await
+    .unwrap();
+    sqlx::query(
+        "ALTER TABLE content_items ADD CONSTRAINT test_no_bad_published \
+         CHECK (status <> 'published' OR title NOT LIKE 'bad %') NOT VALID",
+    )
+    .execute(&fx.admin)
+    .await
+    .unwrap();
+    let op = ContentScheduler::new(fx.db.clone());
+    // Pages of 1,000 rounded up to whole batches of 300: 1,200, 1,200, 100.
+    let ctx = RunContext {
+        page_size: 1_000,
+        ..fx.ctx()
+    };
+    let report = ran(run_once(&op, &ctx, options(300, 2, Mode::SettleAll), None)
+        .await
+        .unwrap());
+    assert_eq!(
+        (
+            report.total,
+            report.succeeded,
+            report.failed,
+            report.skipped
+        ),
+        (2_500, 2_495, 5, 0),
+        "{}",
+        report.summary()
+    );
+    let indexes: std::collections::BTreeSet<usize> =
+        report.failures.iter().map(|f| f.index).collect();
+    let ids: std::collections::BTreeSet<&str> =
+        report.failures.iter().map(|f| f.item_id.as_str()).collect();
+    assert_eq!((indexes.len(), ids.len()), (5, 5), "{:?}", report.failures);
+    assert!(indexes.iter().all(|i| *i < 2_500));
+    let published: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM content_items WHERE status = 'published'")
+            .fetch_one(&fx.admin)
+            .await
+            .unwrap();
+    assert_eq!(published, 2_495);
+    fx.done().await;
+}
+
+#[tokio::test]
+async fn keyword_sync_pages_through_ties_on_the_domain() {
+    let fx = Fixture::new().await;
+    // Three domains with both adapters each: pages of one cross (domain, adapter) ties.
+    let org = fx.org().await;
+    for i in 0..3 {
+        let domain = new_domain(&fx.admin, org, &format!("both-{i}.example")).await;
+        for adapter in ["gsc", "ahrefs"] {
+            sqlx::query(
+                "INSERT INTO domain_keyword_sources (domain_id, adapter, site) VALUES ($1, $2, $3)",
+            )
+            .bind(domain)
+            .bind(adapter)
+            .bind(format!("{adapter}-{i}"))
+            .execute(&fx.admin)
+            .await
+            .unwrap();
+        }
+    }
+    let base = start_provider(Arc::new(FakeProvider::default())).await;
+    let op = KeywordSync::new(
+        fx.db.clone(),
+        client(Duration::from_secs(30), Duration::from_secs(5)),
+        Providers {
+            gsc: Some(provider(&base, "gsc")),
+            ahrefs: Some(provider(&base, "ahrefs")),
+        },
+    );
+    let ctx = RunContext {
+        page_size: 1,
+        ..fx.ctx()
+    };
+    let report = ran(run_once(&op, &ctx, options(1, 1, Mode::SettleAll), None)
+        .await
+        .unwrap());
+    assert_eq!(
+        (
+            report.total,
+            report.succeeded,
+            report.failed,
+            report.skipped
+        ),
+        (6, 6, 0, 0),
+        "{}",
+        report.summary()
+    );
+    fx.done().await;
+}
+
+#[tokio::test]
+async fn export_retention_pages_through_ties_on_expires_at() {
+    let fx = Fixture::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Five expired exports with the same expires_at (one statement, one now()); their
+    // files are missing, which is not an error.
+    sqlx::query(
+        "WITH ids AS (SELECT gen_random_uuid() AS id FROM generate_series(1, 5)) \
+         INSERT INTO domain_exports (id, org_id, domain_id, format, status, storage_path, \
+         size_bytes, record_count, checksum_sha256, expires_at, finished_at) \
+         SELECT id, $1, $2, 'json', 'succeeded', replace(id::text, '-', '') || '.json', 1, 1, \
+         repeat('a', 64), now() - interval '1 minute', now() FROM ids",
+    )
+    .bind(fx.org().await)
+    .bind(fx.domain)
+    .execute(&fx.admin)
+    .await
+    .unwrap();
+    let op = ExportRetention::new(fx.db.clone(), dir.path().to_path_buf());
+    let ctx = RunContext {
+        page_size: 1,
+        ..fx.ctx()
+    };
+    let report = ran(run_once(&op, &ctx, options(1, 1, Mode::SettleAll), None)
+        .await
+        .unwrap());
+    assert_eq!(
+        (report.total, report.succeeded, report.failed),
+        (5, 5, 0),
+        "{}",
+        report.summary()
+    );
+    let expired: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM domain_exports WHERE status = 'expired'")
+            .fetch_one(&fx.admin)
+            .await
+            .unwrap();
+    assert_eq!(expired, 5);
+    fx.done().await;
+}
