@@ -14,7 +14,7 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use smartbeak_control_plane::operations::content_scheduler::{ContentScheduler, Isolation};
+use smartbeak_control_plane::operations::content_scheduler::{self, ContentScheduler, Isolation};
 use smartbeak_control_plane::operations::export_retention::ExportRetention;
 use smartbeak_control_plane::operations::keyword_sync::{
     KeywordSync, ProviderConfig, Providers, Secret,
@@ -1103,6 +1103,17 @@ async fn failures_past_the_cap_are_counted_but_not_recorded() {
     // chunks of at most 64 subtransactions) one at a time, so the first failures recorded
     // are the lowest indexes.
     seed_scheduled(&fx, 2_000, "i % 4 <> 0").await;
+    // Each published row logs its top-level transaction: the chunks keep each to 64.
+    sqlx::raw_sql(
+        "CREATE TABLE test_publish_tx (txid int8 NOT NULL, id uuid NOT NULL); \
+         CREATE FUNCTION test_log_tx() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN INSERT INTO test_publish_tx VALUES (txid_current(), NEW.id); RETURN NEW; END $$; \
+         CREATE TRIGGER test_log_tx AFTER UPDATE ON content_items FOR EACH ROW \
+         WHEN (NEW.status = 'published') EXECUTE FUNCTION test_log_tx();",
+    )
+    .execute(&fx.admin)
+    .await
+    .unwrap();
     let op = ContentScheduler::new(fx.db.clone());
     let report = ran(
         run_once(&op, &fx.ctx(), options(1_000, 1, Mode::SettleAll), None)
@@ -1122,6 +1133,19 @@ async fn failures_past_the_cap_are_counted_but_not_recorded() {
     );
     assert_eq!(report.status, RunStatus::Partial);
     assert_eq!(report.failures.len(), 1_000);
+    let (rows, most): (i64, Option<i64>) = sqlx::query_as(
+        "SELECT sum(n)::int8, max(n) FROM \
+         (SELECT count(*) AS n FROM test_publish_tx GROUP BY txid) AS per_tx",
+    )
+    .fetch_one(&fx.admin)
+    .await
+    .unwrap();
+    assert_eq!(rows, 500, "every published row logged once");
+    assert!(
+        // PostgreSQL caches 64 subtransactions per backend (PGPROC_MAX_CACHED_SUBXIDS).
+        most.unwrap_or(0) <= 64,
+        "a transaction published {most:?} rows"
+    );
     let run_id = report.run_id.unwrap();
     let recorded: Vec<(i64, String, String)> = sqlx::query_as(
         "SELECT item_index, item_id, error FROM batch_run_items WHERE run_id = $1 \
