@@ -1427,3 +1427,75 @@ async fn export_retention_pages_through_ties_on_expires_at() {
     assert_eq!(expired, 5);
     fx.done().await;
 }
+
+/// Migration 20261202000005 on a database that had a `scheduled` row without
+/// `publish_at` (possible up to 20261202000002): the row gets `publish_at = updated_at`,
+/// and a content-scheduler run publishes it.
+#[tokio::test]
+async fn the_publish_at_backfill_makes_old_scheduled_rows_due() {
+    let fx = Fixture::new().await;
+    // Back to the schema of 20261202000002: the migrated schema is dropped and the
+    // migrations up to that one applied again.
+    sqlx::raw_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public;")
+        .execute(&fx.admin)
+        .await
+        .unwrap();
+    let upto = |last: i64| sqlx::migrate::Migrator {
+        migrations: std::borrow::Cow::Owned(
+            smartbeak_database::MIGRATOR
+                .iter()
+                .filter(|m| m.version <= last)
+                .cloned()
+                .collect(),
+        ),
+        ..sqlx::migrate::Migrator::DEFAULT
+    };
+    upto(20_261_202_000_002).run(&fx.admin).await.unwrap();
+    let org = Uuid::new_v4();
+    sqlx::query("INSERT INTO orgs (id, name) VALUES ($1, 'org')")
+        .bind(org)
+        .execute(&fx.admin)
+        .await
+        .unwrap();
+    let domain = new_domain(&fx.admin, org, "old.example").await;
+    let old = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO content_items (id, domain_id, title, slug, status, updated_at) \
+         VALUES ($1, $2, 'old', 'old', 'scheduled', now() - interval '1 day')",
+    )
+    .bind(old)
+    .bind(domain)
+    .execute(&fx.admin)
+    .await
+    .unwrap();
+    // The rest, as a deployment would apply them.
+    smartbeak_database::migrate(&fx.admin).await.unwrap();
+    let (publish_at, updated_at): (
+        Option<chrono::DateTime<chrono::Utc>>,
+        chrono::DateTime<chrono::Utc>,
+    ) = sqlx::query_as("SELECT publish_at, updated_at FROM content_items WHERE id = $1")
+        .bind(old)
+        .fetch_one(&fx.admin)
+        .await
+        .unwrap();
+    assert_eq!(publish_at, Some(updated_at));
+    let op = ContentScheduler::new(fx.db.clone());
+    let report = ran(
+        run_once(&op, &fx.ctx(), options(10, 1, Mode::SettleAll), None)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        (report.total, report.succeeded),
+        (1, 1),
+        "{}",
+        report.summary()
+    );
+    let status: String = sqlx::query_scalar("SELECT status FROM content_items WHERE id = $1")
+        .bind(old)
+        .fetch_one(&fx.admin)
+        .await
+        .unwrap();
+    assert_eq!(status, "published");
+    fx.done().await;
+}
