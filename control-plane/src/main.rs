@@ -222,7 +222,10 @@ async fn serve(args: RunArgs, logs: &LogGuard) -> anyhow::Result<ExitCode> {
         .context("cannot listen for signals")?;
     logs.flush_on_force_exit(&shutdown);
 
-    let metrics = startup::install_metrics(&shutdown, PrometheusBuilder::new())?;
+    let metrics = PrometheusBuilder::new()
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    startup::spawn_metrics_upkeep(&shutdown, metrics.clone());
     let (db, _db_guard) = match start(&shutdown, &settings).await? {
         Ok(started) => started,
         Err(code) => return Ok(code),

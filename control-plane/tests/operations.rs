@@ -14,7 +14,7 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use smartbeak_control_plane::operations::content_scheduler::{self, ContentScheduler, Isolation};
+use smartbeak_control_plane::operations::content_scheduler::{ContentScheduler, Isolation};
 use smartbeak_control_plane::operations::export_retention::ExportRetention;
 use smartbeak_control_plane::operations::keyword_sync::{
     KeywordSync, ProviderConfig, Providers, Secret,

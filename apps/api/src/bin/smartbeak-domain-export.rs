@@ -283,7 +283,10 @@ async fn serve(config: WorkerConfig, logs: &telemetry::LogGuard) -> anyhow::Resu
             )
         })
         .context("metrics buckets")?;
-    let metrics = startup::install_metrics(&shutdown, metrics)?;
+    let metrics = metrics
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    startup::spawn_metrics_upkeep(&shutdown, metrics.clone());
 
     let db_config = DatabaseConfig::from_env().context("database configuration")?;
     config
