@@ -259,20 +259,35 @@ impl Operation for ContentScheduler {
         limit: usize,
     ) -> anyhow::Result<Vec<DueContent>> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        // Two statements rather than `$1 IS NULL OR (publish_at, id) > ($1, $2)`: under a
+        // generic plan that OR keeps the row comparison from bounding an index scan of
+        // `content_items_due_keyset_idx` (migration 20261202000006).
         let rows: Vec<(Uuid, DateTime<Utc>)> = self
             .db
-            .run(async |conn| {
-                sqlx::query_as(
-                    "SELECT id, publish_at FROM content_items \
-                     WHERE status = 'scheduled' AND publish_at <= now() \
-                     AND ($1::timestamptz IS NULL OR (publish_at, id) > ($1, $2)) \
-                     ORDER BY publish_at, id LIMIT $3",
-                )
-                .bind(after.map(|(at, _)| at))
-                .bind(after.map(|(_, id)| id))
-                .bind(limit)
-                .fetch_all(conn)
-                .await
+            .run(async |conn| match after {
+                None => {
+                    sqlx::query_as(
+                        "SELECT id, publish_at FROM content_items \
+                         WHERE status = 'scheduled' AND publish_at <= now() \
+                         ORDER BY publish_at, id LIMIT $1",
+                    )
+                    .bind(limit)
+                    .fetch_all(conn)
+                    .await
+                }
+                Some((at, id)) => {
+                    sqlx::query_as(
+                        "SELECT id, publish_at FROM content_items \
+                         WHERE status = 'scheduled' AND publish_at <= now() \
+                         AND (publish_at, id) > ($1, $2) \
+                         ORDER BY publish_at, id LIMIT $3",
+                    )
+                    .bind(at)
+                    .bind(id)
+                    .bind(limit)
+                    .fetch_all(conn)
+                    .await
+                }
             })
             .await?;
         Ok(rows
