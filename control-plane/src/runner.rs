@@ -18,8 +18,10 @@
 //!    [`MAX_RECORDED_FAILURES`] in full, the rest counted in `items_failed`).
 //! 4. Meanwhile the lock connection heartbeats the row (`heartbeat_at` and the counts so
 //!    far). When that statement fails or times out, the lock is presumed lost: the stop
-//!    token fires and the run ends `failed`. The cancellation token (shutdown) is that
-//!    token's parent; the run ends `interrupted`. Either way the token reaches every
+//!    token fires and the run ends `failed` (not `interrupted`: the run's exclusivity is
+//!    no longer vouched for, which an operator should see). The cancellation token
+//!    (shutdown) is that token's parent; the run ends `interrupted`, also when every item
+//!    loaded had started but the stop came after a full page (later pages not loaded). Either way the token reaches every
 //!    operation's `process_batch`, so no new *item* starts (not only no new batch): the
 //!    items in flight finish, every item never started is counted `skipped`, and
 //!    `succeeded + failed + skipped = total` (the items loaded).
