@@ -101,18 +101,19 @@ pub struct CommonArgs {
     pub export_dir: PathBuf,
     /// Base URL of the gsc keyword provider (keyword-sync; no userinfo: the credential is
     /// CP_GSC_API_KEY). Unset: gsc sources fail as not configured.
-    #[arg(long, env = "CP_GSC_BASE_URL", hide_env_values = true)]
+    #[arg(long, env = "CP_GSC_BASE_URL", hide_env_values = true, value_parser = BaseUrlParser)]
     pub gsc_base_url: Option<Url>,
     /// Base URL of the ahrefs keyword provider (keyword-sync; no userinfo: the credential
     /// is CP_AHREFS_API_KEY). Unset: ahrefs sources fail as not configured.
-    #[arg(long, env = "CP_AHREFS_BASE_URL", hide_env_values = true)]
+    #[arg(long, env = "CP_AHREFS_BASE_URL", hide_env_values = true, value_parser = BaseUrlParser)]
     pub ahrefs_base_url: Option<Url>,
     /// Per-attempt timeout of a provider request, in milliseconds.
     #[arg(long, env = "CP_PROVIDER_ATTEMPT_TIMEOUT_MS", default_value_t = 10_000,
         value_parser = clap::value_parser!(u64).range(1..))]
     pub provider_attempt_timeout_ms: u64,
     /// Total deadline of a provider request (attempts, waits, body), in milliseconds.
-    #[arg(long, env = "CP_PROVIDER_DEADLINE_MS", default_value_t = 30_000,
+    /// Must be below the shutdown drain deadline (16.7 s by default).
+    #[arg(long, env = "CP_PROVIDER_DEADLINE_MS", default_value_t = 15_000,
         value_parser = clap::value_parser!(u64).range(1..))]
     pub provider_deadline_ms: u64,
     /// Attempts per provider request, the first included.
@@ -203,6 +204,45 @@ impl std::fmt::Debug for CommonArgs {
     }
 }
 
+/// Parses a provider base URL without repeating the value in its error (clap's own
+/// "invalid value '...'" would print a malformed URL's credentials to stderr).
+#[derive(Debug, Clone, Copy)]
+struct BaseUrlParser;
+
+impl clap::builder::TypedValueParser for BaseUrlParser {
+    type Value = Url;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<Url, clap::Error> {
+        let name = arg.map_or_else(
+            || "a provider base URL".to_owned(),
+            |arg| {
+                let env = arg
+                    .get_env()
+                    .map(|e| format!(" ({})", e.to_string_lossy()))
+                    .unwrap_or_default();
+                format!("--{}{env}", arg.get_long().unwrap_or("base-url"))
+            },
+        );
+        let invalid = |why: String| {
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("{name} is not a valid URL: {why} (the value is not shown)\n"),
+            )
+            .with_cmd(cmd)
+        };
+        let text = value
+            .to_str()
+            .ok_or_else(|| invalid("not UTF-8".to_owned()))?;
+        // `url::ParseError` names the kind of fault, never the input.
+        Url::parse(text).map_err(|e| invalid(e.to_string()))
+    }
+}
+
 /// `url` with any username and password replaced by `redacted`.
 pub fn redacted(url: &Url) -> String {
     if url.username().is_empty() && url.password().is_none() {
@@ -216,13 +256,21 @@ pub fn redacted(url: &Url) -> String {
 
 impl CommonArgs {
     /// Checks how the settings fit together and with the database's: the stale threshold
-    /// is at least [`MIN_HEARTBEATS_PER_STALE`] heartbeats, and the concurrency leaves a
-    /// pool connection for the run's lock connection (held for the whole run).
+    /// is at least [`MIN_HEARTBEATS_PER_STALE`] heartbeats and more than one heartbeat plus
+    /// its statement bound ([`smartbeak_database::DatabaseConfig::query_timeout`]), and the
+    /// pool has room for
+    /// `runs_at_once` runs (1 for `batch`, the enabled operations for `run`), each holding
+    /// its lock connection plus up to `concurrency` connections:
+    /// `runs_at_once * (concurrency + 1) <= DB_POOL_MAX`.
     ///
     /// # Errors
     ///
     /// Naming the variables that do not fit.
-    pub fn check(&self, db: &smartbeak_database::DatabaseConfig) -> anyhow::Result<()> {
+    pub fn check(
+        &self,
+        db: &smartbeak_database::DatabaseConfig,
+        runs_at_once: usize,
+    ) -> anyhow::Result<()> {
         let min_stale = self
             .heartbeat_ms
             .saturating_mul(u64::from(MIN_HEARTBEATS_PER_STALE));
@@ -235,12 +283,52 @@ impl CommonArgs {
                 self.heartbeat_ms
             );
         }
-        let pool = usize::try_from(db.pool_max).unwrap_or(usize::MAX);
-        if self.concurrency >= pool {
+        // A heartbeat may take up to the statement bound on top of its interval.
+        let beat = Duration::from_millis(self.heartbeat_ms).saturating_add(db.query_timeout());
+        if Duration::from_millis(self.stale_after_ms) <= beat {
             anyhow::bail!(
-                "CP_CONCURRENCY ({}) must be less than DB_POOL_MAX ({pool}): each item or \
-                 batch in flight uses a pool connection, and a run holds one more for its lock",
+                "CP_STALE_AFTER_MS ({} ms) must be more than CP_HEARTBEAT_MS ({} ms) plus the \
+                 statement bound ({} ms: DB_STATEMENT_TIMEOUT_MS + 10%): a live runner's slow \
+                 heartbeat would look stale",
+                self.stale_after_ms,
+                self.heartbeat_ms,
+                db.query_timeout().as_millis()
+            );
+        }
+        let pool = usize::try_from(db.pool_max).unwrap_or(usize::MAX);
+        let runs = runs_at_once.max(1);
+        let needed = runs.saturating_mul(self.concurrency.saturating_add(1));
+        if needed > pool {
+            anyhow::bail!(
+                "CP_CONCURRENCY ({}) does not fit DB_POOL_MAX ({pool}): {runs} run(s) at once, \
+                 each with up to {} items or batches in flight (a pool connection each) and \
+                 one lock connection, need {needed} connections",
+                self.concurrency,
                 self.concurrency
+            );
+        }
+        Ok(())
+    }
+
+    /// Checks the provider deadline against the shutdown drain deadline: a keyword-sync
+    /// item in flight at shutdown may run for `CP_PROVIDER_DEADLINE_MS`, and must end
+    /// before the drain does, so the run row still gets its final status.
+    ///
+    /// # Errors
+    ///
+    /// `CP_PROVIDER_DEADLINE_MS` not below `drain` (the `SHUTDOWN_DRAIN_TIMEOUT_MS` in
+    /// effect; `None`: no drain deadline, nothing to check).
+    pub fn check_drain(&self, drain: Option<Duration>) -> anyhow::Result<()> {
+        let Some(drain) = drain else {
+            return Ok(());
+        };
+        if Duration::from_millis(self.provider_deadline_ms) >= drain {
+            anyhow::bail!(
+                "CP_PROVIDER_DEADLINE_MS ({} ms) must be less than the shutdown drain deadline \
+                 ({} ms, SHUTDOWN_DRAIN_TIMEOUT_MS, by default two thirds of SHUTDOWN_TIMEOUT_MS): \
+                 a keyword-sync item in flight at shutdown must end before the drain does",
+                self.provider_deadline_ms,
+                drain.as_millis()
             );
         }
         Ok(())
@@ -404,15 +492,37 @@ mod tests {
     }
 
     #[test]
-    fn stale_after_must_be_several_heartbeats_and_concurrency_below_the_pool() {
+    fn a_malformed_base_url_is_refused_without_echoing_it() {
+        for flag in ["--gsc-base-url", "--ahrefs-base-url"] {
+            let err = Cli::try_parse_from([
+                "smartbeak-control-plane",
+                "batch",
+                "keyword-sync",
+                flag,
+                "https://bob:hunter2@gsc.example:99999/",
+            ])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap();
+            assert!(!err.contains("hunter2") && !err.contains("bob"), "{err}");
+            assert!(
+                err.contains(flag) && err.contains("not a valid URL"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn stale_after_must_be_several_heartbeats_and_the_runs_fit_the_pool() {
         let db = smartbeak_database::DatabaseConfig::new("postgres://127.0.0.1/x").unwrap();
+        assert_eq!(db.pool_max, 20, "the test assumes the default pool");
         assert!(
-            batch_args(&[]).common.check(&db).is_ok(),
-            "the defaults fit"
+            batch_args(&[]).common.check(&db, 3).is_ok(),
+            "the defaults fit three runs at once"
         );
         let err = batch_args(&["--heartbeat-ms", "5000", "--stale-after-ms", "10000"])
             .common
-            .check(&db)
+            .check(&db, 1)
             .err()
             .map(|e| e.to_string())
             .unwrap();
@@ -425,23 +535,89 @@ mod tests {
         assert!(
             batch_args(&["--heartbeat-ms", "5000", "--stale-after-ms", "15000"])
                 .common
-                .check(&db)
+                .check(&db, 1)
                 .is_ok()
         );
-        let err = batch_args(&["--concurrency", "20"])
+        // Heartbeat 1 s, stale 3 s: three heartbeats, but not above 1 s + the 8.8 s bound.
+        let err = batch_args(&["--heartbeat-ms", "1000", "--stale-after-ms", "3000"])
             .common
-            .check(&db)
+            .check(&db, 1)
             .err()
             .map(|e| e.to_string())
             .unwrap();
         assert!(
-            err.starts_with("CP_CONCURRENCY (20) must be less than DB_POOL_MAX (20)"),
+            err.starts_with("CP_STALE_AFTER_MS (3000 ms) must be more than CP_HEARTBEAT_MS (1000 ms) plus the statement bound"),
+            "{err}"
+        );
+        // `batch`: one run, concurrency + 1 <= 20.
+        let err = batch_args(&["--concurrency", "20"])
+            .common
+            .check(&db, 1)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap();
+        assert!(
+            err.starts_with("CP_CONCURRENCY (20) does not fit DB_POOL_MAX (20)")
+                && err.contains("need 21 connections"),
             "{err}"
         );
         assert!(
             batch_args(&["--concurrency", "19"])
                 .common
-                .check(&db)
+                .check(&db, 1)
+                .is_ok()
+        );
+        // `run` with three operations: 3 x (16 + 1) = 51 > 20, though 16 < 20.
+        let err = batch_args(&["--concurrency", "16"])
+            .common
+            .check(&db, 3)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap();
+        assert!(
+            err.contains("3 run(s) at once") && err.contains("need 51"),
+            "{err}"
+        );
+        // 3 x (5 + 1) = 18 fits; 3 x (6 + 1) = 21 does not.
+        assert!(
+            batch_args(&["--concurrency", "5"])
+                .common
+                .check(&db, 3)
+                .is_ok()
+        );
+        assert!(
+            batch_args(&["--concurrency", "6"])
+                .common
+                .check(&db, 3)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn the_provider_deadline_ends_before_the_drain() {
+        let drain = smartbeak_shutdown::ShutdownConfig::default()
+            .drain_timeout
+            .unwrap();
+        assert!(
+            batch_args(&[]).common.check_drain(Some(drain)).is_ok(),
+            "the defaults fit"
+        );
+        let err = batch_args(&["--provider-deadline-ms", "30000"])
+            .common
+            .check_drain(Some(drain))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap();
+        assert!(
+            err.starts_with(
+                "CP_PROVIDER_DEADLINE_MS (30000 ms) must be less than the shutdown drain deadline"
+            ),
+            "{err}"
+        );
+        assert!(
+            batch_args(&["--provider-deadline-ms", "30000"])
+                .common
+                .check_drain(None)
                 .is_ok()
         );
     }

@@ -114,14 +114,21 @@ struct Settings {
 
 /// Reads and checks the configuration of `common`: the database's, the providers', the
 /// pool-close deadline, and how they fit together.
-fn settings(common: &CommonArgs) -> Result<Settings, ConfigError> {
+fn settings(
+    common: &CommonArgs,
+    runs_at_once: usize,
+    shutdown: &Shutdown,
+) -> Result<Settings, ConfigError> {
     let invalid = |what: &str, e: anyhow::Error| ConfigError(format!("{what}: {e:#}"));
     let pool_close = pool_close_deadline(|name| std::env::var(name).ok())
         .map_err(|e| invalid("invalid shutdown configuration", e))?;
     let db = DatabaseConfig::from_env()
         .map_err(|e| invalid("invalid database configuration", e.into()))?;
     common
-        .check(&db)
+        .check(&db, runs_at_once)
+        .map_err(|e| invalid("invalid configuration", e))?;
+    common
+        .check_drain(shutdown.config().drain_timeout)
         .map_err(|e| invalid("invalid configuration", e))?;
     let providers = common
         .providers(|name| std::env::var(name).ok())
@@ -203,15 +210,22 @@ fn context(db: &Database, common: &CommonArgs, shutdown: &Shutdown) -> RunContex
 }
 
 async fn serve(args: RunArgs, logs: &LogGuard) -> anyhow::Result<ExitCode> {
-    let settings = settings(&args.common)?;
     let shutdown = Shutdown::from_env()
         .map_err(|e| ConfigError(format!("invalid shutdown configuration: {e}")))?;
+    let enabled = OperationName::ALL
+        .into_iter()
+        .filter(|op| args.interval(*op).is_some())
+        .count();
+    let settings = settings(&args.common, enabled, &shutdown)?;
     shutdown
         .listen_for_signals()
         .context("cannot listen for signals")?;
     logs.flush_on_force_exit(&shutdown);
 
-    let metrics = startup::install_metrics(&shutdown, PrometheusBuilder::new())?;
+    let metrics = PrometheusBuilder::new()
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    startup::spawn_metrics_upkeep(&shutdown, metrics.clone());
     let (db, _db_guard) = match start(&shutdown, &settings).await? {
         Ok(started) => started,
         Err(code) => return Ok(code),
@@ -257,9 +271,9 @@ async fn serve(args: RunArgs, logs: &LogGuard) -> anyhow::Result<ExitCode> {
 }
 
 async fn batch(args: BatchArgs, logs: &LogGuard) -> anyhow::Result<ExitCode> {
-    let settings = settings(&args.common)?;
     let shutdown = Shutdown::from_env()
         .map_err(|e| ConfigError(format!("invalid shutdown configuration: {e}")))?;
+    let settings = settings(&args.common, 1, &shutdown)?;
     shutdown
         .listen_for_signals()
         .context("cannot listen for signals")?;

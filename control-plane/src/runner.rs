@@ -18,8 +18,10 @@
 //!    [`MAX_RECORDED_FAILURES`] in full, the rest counted in `items_failed`).
 //! 4. Meanwhile the lock connection heartbeats the row (`heartbeat_at` and the counts so
 //!    far). When that statement fails or times out, the lock is presumed lost: the stop
-//!    token fires and the run ends `failed`. The cancellation token (shutdown) is that
-//!    token's parent; the run ends `interrupted`. Either way the token reaches every
+//!    token fires and the run ends `failed` (not `interrupted`: the run's exclusivity is
+//!    no longer vouched for, which an operator should see). The cancellation token
+//!    (shutdown) is that token's parent; the run ends `interrupted`, also when every item
+//!    loaded had started but the stop came after a full page (later pages not loaded). Either way the token reaches every
 //!    operation's `process_batch`, so no new *item* starts (not only no new batch): the
 //!    items in flight finish, every item never started is counted `skipped`, and
 //!    `succeeded + failed + skipped = total` (the items loaded).
@@ -268,6 +270,9 @@ struct Pages {
     failures: Vec<FailedItem>,
     /// Why loading a page failed, if it did (the run ends there, `failed`).
     load_error: Option<String>,
+    /// A stop (shutdown, lost lock) ended the loop after a full page: later pages may hold
+    /// due items that were never loaded, so never counted in `not_started`.
+    stopped_early: bool,
 }
 
 /// Items per page: `requested` rounded up to whole batches (at least one batch).
@@ -585,9 +590,8 @@ async fn run_locked<O: Operation>(
                             }
                         }
                         // An operation that returned too few outcomes: the rest did not run.
-                        let missing = len.saturating_sub(results.len()) as u64;
-                        counts.skipped.fetch_add(missing, Ordering::Relaxed);
-                        counts.not_started.fetch_add(missing, Ordering::Relaxed);
+                        // `map_batches_bounded` pads those slots with `None`, counted
+                        // skipped (not started) by the loop below, so not here.
                         record_failures(ctx, run_id, operation, &counts, &failures).await;
                         if let Some(bar) = progress {
                             bar.inc(len as u64);
@@ -624,7 +628,12 @@ async fn run_locked<O: Operation>(
                     Some(Ok(_)) => {}
                 }
             }
-            if (strict && page_failed) || len < page_size || stop_items.is_cancelled() {
+            if (strict && page_failed) || len < page_size {
+                break;
+            }
+            if stop_items.is_cancelled() {
+                // A full page: the next one was never loaded.
+                pages.stopped_early = true;
                 break;
             }
         }
@@ -645,22 +654,28 @@ async fn run_locked<O: Operation>(
         total,
         failures,
         load_error,
+        stopped_early,
     } = pages;
+    let later_pages = if stopped_early {
+        "; later pages were not loaded"
+    } else {
+        ""
+    };
     let not_started = counts.not_started.load(Ordering::Relaxed);
     let (succeeded, failed, skipped) = counts.get();
     let mut error = None;
     let status = if let Some(why) = &lost {
         error = Some(format!(
             "the lock connection was lost ({why}); no further items were started \
-             ({not_started} not started)"
+             ({not_started} not started{later_pages})"
         ));
         RunStatus::Failed
     } else if let Some(why) = load_error {
         error = Some(why);
         RunStatus::Failed
-    } else if ctx.cancel.is_cancelled() && not_started > 0 {
+    } else if ctx.cancel.is_cancelled() && (not_started > 0 || stopped_early) {
         error = Some(format!(
-            "interrupted by shutdown: {not_started} items were not started"
+            "interrupted by shutdown: {not_started} items were not started{later_pages}"
         ));
         RunStatus::Interrupted
     } else if failed == 0 {
@@ -673,7 +688,7 @@ async fn run_locked<O: Operation>(
     if strict && failed > 0 && error.is_none() {
         let indices: Vec<String> = failures.iter().map(|f| f.index.to_string()).collect();
         error = Some(format!(
-            "strict: stopped after the first batch with failures, failed indexes [{}]; {not_started} later items not started",
+            "strict: stopped after the first batch with failures, failed indexes [{}]; {not_started} later items of its page not started; later pages not loaded",
             indices.join(", ")
         ));
     }

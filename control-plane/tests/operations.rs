@@ -1021,12 +1021,99 @@ async fn shutdown_mid_batch_starts_no_new_item_and_counts_the_rest_skipped() {
 }
 
 #[tokio::test]
+async fn shutdown_after_a_full_page_started_is_interrupted_not_succeeded() {
+    let fx = Fixture::new().await;
+    add_sources(&fx, "gsc", 6).await;
+    let state = Arc::new(GatedProvider::default());
+    let app = Router::new()
+        .route("/gated/v1/keywords", get(gated))
+        .with_state(state.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let op = KeywordSync::new(
+        fx.db.clone(),
+        client(Duration::from_secs(30), Duration::from_secs(10)),
+        Providers {
+            gsc: Some(provider(&format!("http://{addr}"), "gated")),
+            ahrefs: None,
+        },
+    );
+    // Pages of 2 (one batch of 2, both items in flight): the stop comes when every item of
+    // the first page has started, so nothing of that page is `not started`.
+    let ctx = RunContext {
+        page_size: 2,
+        ..fx.ctx()
+    };
+    let cancel = ctx.cancel.clone();
+    let trigger = {
+        let state = state.clone();
+        tokio::spawn(async move {
+            for _ in 0..1_000 {
+                if state.hits.load(Ordering::SeqCst) >= 2 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            cancel.cancel();
+            state.released.store(true, Ordering::SeqCst);
+            state.open.notify_waiters();
+        })
+    };
+    let report = ran(run_once(&op, &ctx, options(2, 2, Mode::SettleAll), None)
+        .await
+        .unwrap());
+    trigger.await.unwrap();
+    assert_eq!(state.hits.load(Ordering::SeqCst), 2, "{}", report.summary());
+    assert_eq!(
+        report.status,
+        RunStatus::Interrupted,
+        "{}",
+        report.summary()
+    );
+    assert!(
+        report
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("later pages were not loaded"),
+        "{}",
+        report.summary()
+    );
+    assert_eq!(
+        (
+            report.total,
+            report.succeeded,
+            report.failed,
+            report.skipped
+        ),
+        (2, 2, 0, 0),
+        "{}",
+        report.summary()
+    );
+    let row = run_row(&fx.admin, report.run_id.unwrap()).await;
+    assert_eq!(row.status.as_str(), "interrupted");
+    fx.done().await;
+}
+
+#[tokio::test]
 async fn failures_past_the_cap_are_counted_but_not_recorded() {
     let fx = Fixture::new().await;
     // 2,000 items, 1,500 failing; batches of 1,000 (so the savepoint fallback runs in
     // chunks of at most 64 subtransactions) one at a time, so the first failures recorded
     // are the lowest indexes.
     seed_scheduled(&fx, 2_000, "i % 4 <> 0").await;
+    // Each published row logs its top-level transaction: the chunks keep each to 64.
+    sqlx::raw_sql(
+        "CREATE TABLE test_publish_tx (txid int8 NOT NULL, id uuid NOT NULL); \
+         CREATE FUNCTION test_log_tx() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN INSERT INTO test_publish_tx VALUES (txid_current(), NEW.id); RETURN NEW; END $$; \
+         CREATE TRIGGER test_log_tx AFTER UPDATE ON content_items FOR EACH ROW \
+         WHEN (NEW.status = 'published') EXECUTE FUNCTION test_log_tx();",
+    )
+    .execute(&fx.admin)
+    .await
+    .unwrap();
     let op = ContentScheduler::new(fx.db.clone());
     let report = ran(
         run_once(&op, &fx.ctx(), options(1_000, 1, Mode::SettleAll), None)
@@ -1046,6 +1133,19 @@ async fn failures_past_the_cap_are_counted_but_not_recorded() {
     );
     assert_eq!(report.status, RunStatus::Partial);
     assert_eq!(report.failures.len(), 1_000);
+    let (rows, most): (i64, Option<i64>) = sqlx::query_as(
+        "SELECT sum(n)::int8, max(n) FROM \
+         (SELECT count(*) AS n FROM test_publish_tx GROUP BY txid) AS per_tx",
+    )
+    .fetch_one(&fx.admin)
+    .await
+    .unwrap();
+    assert_eq!(rows, 500, "every published row logged once");
+    assert!(
+        // PostgreSQL caches 64 subtransactions per backend (PGPROC_MAX_CACHED_SUBXIDS).
+        most.unwrap_or(0) <= 64,
+        "a transaction published {most:?} rows"
+    );
     let run_id = report.run_id.unwrap();
     let recorded: Vec<(i64, String, String)> = sqlx::query_as(
         "SELECT item_index, item_id, error FROM batch_run_items WHERE run_id = $1 \
@@ -1097,5 +1197,305 @@ async fn a_scheduled_row_needs_its_publish_at() {
             .contains("content_items_scheduled_publish_at_check"),
         "{refused}"
     );
+    fx.done().await;
+}
+
+/// A stop while a batch's one statement is in flight: when that statement fails on a row,
+/// no isolation statement (savepoint chunk, bisection step) starts after the stop.
+#[tokio::test]
+async fn no_isolation_statement_starts_after_a_stop() {
+    for strategy in [Isolation::Savepoints, Isolation::Bisect] {
+        let fx = Fixture::new().await;
+        // 200 items, one refused once published: the batch statement fails.
+        seed_scheduled(&fx, 200, "i = 150").await;
+        // Every row update waits for advisory lock 4242, held by the test.
+        sqlx::raw_sql(
+            "CREATE FUNCTION test_gate() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN PERFORM pg_advisory_xact_lock(4242); RETURN NEW; END $$; \
+             CREATE TRIGGER test_gate BEFORE UPDATE ON content_items \
+             FOR EACH ROW EXECUTE FUNCTION test_gate();",
+        )
+        .execute(&fx.admin)
+        .await
+        .unwrap();
+        let mut gate = fx.admin.acquire().await.unwrap();
+        sqlx::query("SELECT pg_advisory_lock(4242)")
+            .execute(&mut *gate)
+            .await
+            .unwrap();
+        let op = ContentScheduler::with_isolation(fx.db.clone(), strategy);
+        let ctx = fx.ctx();
+        let cancel = ctx.cancel.clone();
+        let admin = fx.admin.clone();
+        let trigger = tokio::spawn(async move {
+            // The batch statement waits on the gate: stop, then open the gate.
+            let mut waiting = false;
+            for _ in 0..1_000 {
+                let n: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database \
+                     WHERE l.locktype = 'advisory' AND NOT l.granted \
+                     AND d.datname = current_database()",
+                )
+                .fetch_one(&admin)
+                .await
+                .unwrap();
+                if n > 0 {
+                    waiting = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            cancel.cancel();
+            sqlx::query("SELECT pg_advisory_unlock(4242)")
+                .execute(&mut *gate)
+                .await
+                .unwrap();
+            waiting
+        });
+        let report = ran(
+            run_once(&op, &ctx, options(1_000, 1, Mode::SettleAll), None)
+                .await
+                .unwrap(),
+        );
+        assert!(trigger.await.unwrap(), "the batch never waited on the gate");
+        assert_eq!(
+            (
+                report.status,
+                report.total,
+                report.succeeded,
+                report.failed,
+                report.skipped
+            ),
+            (RunStatus::Interrupted, 200, 0, 0, 200),
+            "{strategy:?}: {}",
+            report.summary()
+        );
+        let published: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM content_items WHERE status = 'published'")
+                .fetch_one(&fx.admin)
+                .await
+                .unwrap();
+        assert_eq!(published, 0, "{strategy:?}");
+        fx.done().await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Keyset paging across ties on the first key
+
+#[tokio::test]
+async fn content_scheduler_pages_through_ties_on_publish_at() {
+    let fx = Fixture::new().await;
+    // 2,500 items due at the same instant; 5 refused once published.
+    sqlx::query(
+        "INSERT INTO content_items (id, domain_id, title, slug, status, publish_at) \
+         SELECT gen_random_uuid(), $1, CASE WHEN i % 500 = 7 THEN 'bad ' || i ELSE 'good ' || i END, \
+         'item-' || i, 'scheduled', now() - interval '1 hour' FROM generate_series(0, 2499) AS i",
+    )
+    .bind(fx.domain)
+    .execute(&fx.admin)
+    .await
+    .unwrap();
+    sqlx::query(
+        "ALTER TABLE content_items ADD CONSTRAINT test_no_bad_published \
+         CHECK (status <> 'published' OR title NOT LIKE 'bad %') NOT VALID",
+    )
+    .execute(&fx.admin)
+    .await
+    .unwrap();
+    let op = ContentScheduler::new(fx.db.clone());
+    // Pages of 1,000 rounded up to whole batches of 300: 1,200, 1,200, 100.
+    let ctx = RunContext {
+        page_size: 1_000,
+        ..fx.ctx()
+    };
+    let report = ran(run_once(&op, &ctx, options(300, 2, Mode::SettleAll), None)
+        .await
+        .unwrap());
+    assert_eq!(
+        (
+            report.total,
+            report.succeeded,
+            report.failed,
+            report.skipped
+        ),
+        (2_500, 2_495, 5, 0),
+        "{}",
+        report.summary()
+    );
+    let indexes: std::collections::BTreeSet<usize> =
+        report.failures.iter().map(|f| f.index).collect();
+    let ids: std::collections::BTreeSet<&str> =
+        report.failures.iter().map(|f| f.item_id.as_str()).collect();
+    assert_eq!((indexes.len(), ids.len()), (5, 5), "{:?}", report.failures);
+    assert!(indexes.iter().all(|i| *i < 2_500));
+    let published: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM content_items WHERE status = 'published'")
+            .fetch_one(&fx.admin)
+            .await
+            .unwrap();
+    assert_eq!(published, 2_495);
+    fx.done().await;
+}
+
+#[tokio::test]
+async fn keyword_sync_pages_through_ties_on_the_domain() {
+    let fx = Fixture::new().await;
+    // Three domains with both adapters each: pages of one cross (domain, adapter) ties.
+    let org = fx.org().await;
+    for i in 0..3 {
+        let domain = new_domain(&fx.admin, org, &format!("both-{i}.example")).await;
+        for adapter in ["gsc", "ahrefs"] {
+            sqlx::query(
+                "INSERT INTO domain_keyword_sources (domain_id, adapter, site) VALUES ($1, $2, $3)",
+            )
+            .bind(domain)
+            .bind(adapter)
+            .bind(format!("{adapter}-{i}"))
+            .execute(&fx.admin)
+            .await
+            .unwrap();
+        }
+    }
+    let base = start_provider(Arc::new(FakeProvider::default())).await;
+    let op = KeywordSync::new(
+        fx.db.clone(),
+        client(Duration::from_secs(30), Duration::from_secs(5)),
+        Providers {
+            gsc: Some(provider(&base, "gsc")),
+            ahrefs: Some(provider(&base, "ahrefs")),
+        },
+    );
+    let ctx = RunContext {
+        page_size: 1,
+        ..fx.ctx()
+    };
+    let report = ran(run_once(&op, &ctx, options(1, 1, Mode::SettleAll), None)
+        .await
+        .unwrap());
+    assert_eq!(
+        (
+            report.total,
+            report.succeeded,
+            report.failed,
+            report.skipped
+        ),
+        (6, 6, 0, 0),
+        "{}",
+        report.summary()
+    );
+    fx.done().await;
+}
+
+#[tokio::test]
+async fn export_retention_pages_through_ties_on_expires_at() {
+    let fx = Fixture::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Five expired exports with the same expires_at (one statement, one now()); their
+    // files are missing, which is not an error.
+    sqlx::query(
+        "WITH ids AS (SELECT gen_random_uuid() AS id FROM generate_series(1, 5)) \
+         INSERT INTO domain_exports (id, org_id, domain_id, format, status, storage_path, \
+         size_bytes, record_count, checksum_sha256, expires_at, finished_at) \
+         SELECT id, $1, $2, 'json', 'succeeded', replace(id::text, '-', '') || '.json', 1, 1, \
+         repeat('a', 64), now() - interval '1 minute', now() FROM ids",
+    )
+    .bind(fx.org().await)
+    .bind(fx.domain)
+    .execute(&fx.admin)
+    .await
+    .unwrap();
+    let op = ExportRetention::new(fx.db.clone(), dir.path().to_path_buf());
+    let ctx = RunContext {
+        page_size: 1,
+        ..fx.ctx()
+    };
+    let report = ran(run_once(&op, &ctx, options(1, 1, Mode::SettleAll), None)
+        .await
+        .unwrap());
+    assert_eq!(
+        (report.total, report.succeeded, report.failed),
+        (5, 5, 0),
+        "{}",
+        report.summary()
+    );
+    let expired: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM domain_exports WHERE status = 'expired'")
+            .fetch_one(&fx.admin)
+            .await
+            .unwrap();
+    assert_eq!(expired, 5);
+    fx.done().await;
+}
+
+/// Migration 20261202000005 on a database that had a `scheduled` row without
+/// `publish_at` (possible up to 20261202000002): the row gets `publish_at = updated_at`,
+/// and a content-scheduler run publishes it.
+#[tokio::test]
+async fn the_publish_at_backfill_makes_old_scheduled_rows_due() {
+    let fx = Fixture::new().await;
+    // Back to the schema of 20261202000002: the migrated schema is dropped and the
+    // migrations up to that one applied again.
+    sqlx::raw_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public;")
+        .execute(&fx.admin)
+        .await
+        .unwrap();
+    let upto = |last: i64| sqlx::migrate::Migrator {
+        migrations: std::borrow::Cow::Owned(
+            smartbeak_database::MIGRATOR
+                .iter()
+                .filter(|m| m.version <= last)
+                .cloned()
+                .collect(),
+        ),
+        ..sqlx::migrate::Migrator::DEFAULT
+    };
+    upto(20_261_202_000_002).run(&fx.admin).await.unwrap();
+    let org = Uuid::new_v4();
+    sqlx::query("INSERT INTO orgs (id, name) VALUES ($1, 'org')")
+        .bind(org)
+        .execute(&fx.admin)
+        .await
+        .unwrap();
+    let domain = new_domain(&fx.admin, org, "old.example").await;
+    let old = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO content_items (id, domain_id, title, slug, status, updated_at) \
+         VALUES ($1, $2, 'old', 'old', 'scheduled', now() - interval '1 day')",
+    )
+    .bind(old)
+    .bind(domain)
+    .execute(&fx.admin)
+    .await
+    .unwrap();
+    // The rest, as a deployment would apply them.
+    smartbeak_database::migrate(&fx.admin).await.unwrap();
+    let (publish_at, updated_at): (
+        Option<chrono::DateTime<chrono::Utc>>,
+        chrono::DateTime<chrono::Utc>,
+    ) = sqlx::query_as("SELECT publish_at, updated_at FROM content_items WHERE id = $1")
+        .bind(old)
+        .fetch_one(&fx.admin)
+        .await
+        .unwrap();
+    assert_eq!(publish_at, Some(updated_at));
+    let op = ContentScheduler::new(fx.db.clone());
+    let report = ran(
+        run_once(&op, &fx.ctx(), options(10, 1, Mode::SettleAll), None)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        (report.total, report.succeeded),
+        (1, 1),
+        "{}",
+        report.summary()
+    );
+    let status: String = sqlx::query_scalar("SELECT status FROM content_items WHERE id = $1")
+        .bind(old)
+        .fetch_one(&fx.admin)
+        .await
+        .unwrap();
+    assert_eq!(status, "published");
     fx.done().await;
 }

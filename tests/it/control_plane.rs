@@ -51,7 +51,8 @@ async fn control_plane_migrates_and_exits_zero_on_sigterm() {
     // Its sessions carry its application_name and the schema is there.
     let admin = sqlx::PgPool::connect(&url).await.unwrap();
     let sessions: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'smartbeak-control-plane'",
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'smartbeak-control-plane' \
+         AND datname = current_database()",
     )
     .fetch_one(&admin)
     .await
@@ -128,8 +129,16 @@ async fn control_plane_refuses_bad_configuration_with_the_variable_named() {
             "CP_STALE_AFTER_MS (6000 ms) must be at least 3 times CP_HEARTBEAT_MS (5000 ms)",
         ),
         (
-            &[("CP_CONCURRENCY", "32")][..],
-            "CP_CONCURRENCY (32) must be less than DB_POOL_MAX (20)",
+            &[("CP_CONCURRENCY", "20")][..],
+            "CP_CONCURRENCY (20) does not fit DB_POOL_MAX (20): 1 run(s) at once",
+        ),
+        // A malformed URL carrying credentials: clap's own error would echo it.
+        (
+            &[
+                ("CP_GSC_BASE_URL", "https://bob:hunter2@gsc.example:99999/"),
+                ("CP_GSC_API_KEY", "key"),
+            ][..],
+            "--gsc-base-url (CP_GSC_BASE_URL) is not a valid URL: invalid port number",
         ),
         (
             &[
@@ -159,6 +168,23 @@ async fn control_plane_refuses_bad_configuration_with_the_variable_named() {
             "the password reached the output: {out}"
         );
     }
+    // `run` runs the enabled operations at once: 3 x (16 + 1) connections > 20.
+    let output = control_plane("postgres://postgres@127.0.0.1:5432/sb_cp_no_such_database")
+        .arg("run")
+        .env("CP_CONCURRENCY", "16")
+        .output()
+        .await
+        .unwrap();
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(output.status.code(), Some(2), "{out}");
+    assert!(
+        out.contains("CP_CONCURRENCY (16) does not fit DB_POOL_MAX (20): 3 run(s) at once"),
+        "{out}"
+    );
     // `--help` shows no value of a base URL from the environment.
     let help = control_plane("postgres://postgres@127.0.0.1:5432/postgres")
         .env("CP_GSC_BASE_URL", "https://bob:hunter2@gsc.example/")
@@ -266,7 +292,9 @@ fn keyword_runner(url: &str, provider: &str, runner: &str) -> Command {
         .env("CP_BATCH_SIZE", "1")
         .env("CP_CONCURRENCY", "1")
         .env("CP_HEARTBEAT_MS", "200")
-        .env("CP_STALE_AFTER_MS", "1000");
+        .env("CP_STALE_AFTER_MS", "1000")
+        // The stale threshold must exceed a heartbeat plus its bound (500 + 250 ms).
+        .env("DB_STATEMENT_TIMEOUT_MS", "500");
     cmd
 }
 

@@ -195,7 +195,10 @@ async fn serve(config: ApiConfig, logs: &LogGuard) -> anyhow::Result<ExitCode> {
         .context("installing signal handlers")?;
     logs.flush_on_force_exit(&shutdown);
 
-    let metrics = startup::install_metrics(&shutdown, PrometheusBuilder::new())?;
+    let metrics = PrometheusBuilder::new()
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    startup::spawn_metrics_upkeep(&shutdown, metrics.clone());
 
     // Every slow start-up step (connect, migrations, waiting for Redis) ends at the first
     // signal; what is open by then is released by the registered handlers and the process

@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 use smartbeak_database::{Database, DatabaseConfig};
 use smartbeak_shutdown::admin::Check;
 use smartbeak_shutdown::{HandlerGuard, Phase, RegisterError, Shutdown};
@@ -51,28 +51,17 @@ Database and shutdown variables (defaults in brackets):
 /// started meanwhile (the handlers registered so far released what was open).
 pub type Started<T> = Result<T, ExitCode>;
 
-/// Installs `builder` as the process's metrics recorder and runs its upkeep every
-/// [`METRICS_UPKEEP_EVERY`] in a task tracked by `shutdown` (it stops at shutdown).
-///
-/// # Errors
-///
-/// A recorder is already installed.
-pub fn install_metrics(
-    shutdown: &Shutdown,
-    builder: PrometheusBuilder,
-) -> anyhow::Result<PrometheusHandle> {
-    let metrics = builder
-        .install_recorder()
-        .context("installing the metrics recorder")?;
-    let upkeep = metrics.clone();
+/// Runs the upkeep of `metrics` (the handle of the recorder the binary installed: only
+/// binaries install one) every [`METRICS_UPKEEP_EVERY`] in a task tracked by `shutdown`
+/// (it stops at shutdown).
+pub fn spawn_metrics_upkeep(shutdown: &Shutdown, metrics: PrometheusHandle) {
     let token = shutdown.token();
     shutdown.spawn(async move {
         let mut tick = tokio::time::interval(METRICS_UPKEEP_EVERY);
         while token.run_until_cancelled(tick.tick()).await.is_some() {
-            upkeep.run_upkeep();
+            metrics.run_upkeep();
         }
     });
-    Ok(metrics)
 }
 
 /// Connects to the database as `application_name`, registers the [`POOL_HANDLER`]

@@ -70,8 +70,13 @@ impl ContentScheduler {
     }
 
     /// The batch in one statement; when it fails on a row, item by item with a savepoint
-    /// each, [`SAVEPOINT_CHUNK`] items per statement.
-    async fn publish_with_savepoints(&self, batch: &[Uuid]) -> Vec<Result<ItemOutcome, ItemError>> {
+    /// each, [`SAVEPOINT_CHUNK`] items per statement. No chunk starts after `stop`: its
+    /// items (rolled back with the batch's statement) are [`ItemOutcome::NotStarted`].
+    async fn publish_with_savepoints(
+        &self,
+        batch: &[Uuid],
+        stop: &CancellationToken,
+    ) -> Vec<Result<ItemOutcome, ItemError>> {
         let error = match self.publish(batch).await {
             Ok(published) => return outcomes(batch, &published),
             Err(error) => error,
@@ -81,6 +86,10 @@ impl ContentScheduler {
         }
         let mut results = Vec::with_capacity(batch.len());
         for chunk in batch.chunks(SAVEPOINT_CHUNK) {
+            if stop.is_cancelled() {
+                results.resize(batch.len(), Ok(ItemOutcome::NotStarted));
+                break;
+            }
             results.extend(self.publish_each(chunk).await);
         }
         results
@@ -122,13 +131,24 @@ impl ContentScheduler {
         }
     }
 
-    /// The batch in one statement; when it fails on a row, halves recursively.
-    async fn publish_bisecting(&self, batch: &[Uuid]) -> Vec<Result<ItemOutcome, ItemError>> {
+    /// The batch in one statement; when it fails on a row, halves recursively. No step
+    /// starts after `stop`: the ranges still pending are [`ItemOutcome::NotStarted`].
+    async fn publish_bisecting(
+        &self,
+        batch: &[Uuid],
+        stop: &CancellationToken,
+    ) -> Vec<Result<ItemOutcome, ItemError>> {
         let mut results: Vec<Option<Result<ItemOutcome, ItemError>>> = vec![None; batch.len()];
         // Depth-first over the halves of failed ranges, first half first.
         let mut pending: Vec<(Range<usize>, u32)> = vec![(0..batch.len(), 1)];
         while let Some((range, attempts)) = pending.pop() {
             if range.is_empty() {
+                continue;
+            }
+            if stop.is_cancelled() {
+                for slot in &mut results[range] {
+                    *slot = Some(Ok(ItemOutcome::NotStarted));
+                }
                 continue;
             }
             match self.publish(&batch[range.clone()]).await {
@@ -239,20 +259,35 @@ impl Operation for ContentScheduler {
         limit: usize,
     ) -> anyhow::Result<Vec<DueContent>> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        // Two statements rather than `$1 IS NULL OR (publish_at, id) > ($1, $2)`: under a
+        // generic plan that OR keeps the row comparison from bounding an index scan of
+        // `content_items_due_keyset_idx` (migration 20261202000006).
         let rows: Vec<(Uuid, DateTime<Utc>)> = self
             .db
-            .run(async |conn| {
-                sqlx::query_as(
-                    "SELECT id, publish_at FROM content_items \
-                     WHERE status = 'scheduled' AND publish_at <= now() \
-                     AND ($1::timestamptz IS NULL OR (publish_at, id) > ($1, $2)) \
-                     ORDER BY publish_at, id LIMIT $3",
-                )
-                .bind(after.map(|(at, _)| at))
-                .bind(after.map(|(_, id)| id))
-                .bind(limit)
-                .fetch_all(conn)
-                .await
+            .run(async |conn| match after {
+                None => {
+                    sqlx::query_as(
+                        "SELECT id, publish_at FROM content_items \
+                         WHERE status = 'scheduled' AND publish_at <= now() \
+                         ORDER BY publish_at, id LIMIT $1",
+                    )
+                    .bind(limit)
+                    .fetch_all(conn)
+                    .await
+                }
+                Some((at, id)) => {
+                    sqlx::query_as(
+                        "SELECT id, publish_at FROM content_items \
+                         WHERE status = 'scheduled' AND publish_at <= now() \
+                         AND (publish_at, id) > ($1, $2) \
+                         ORDER BY publish_at, id LIMIT $3",
+                    )
+                    .bind(at)
+                    .bind(id)
+                    .bind(limit)
+                    .fetch_all(conn)
+                    .await
+                }
             })
             .await?;
         Ok(rows
@@ -275,15 +310,16 @@ impl Operation for ContentScheduler {
         _concurrency: NonZeroUsize,
         stop: &CancellationToken,
     ) -> Vec<Result<ItemOutcome, ItemError>> {
-        // The batch is one statement: it starts whole or not at all. (Once started, its
-        // isolation statements finish: they settle items already in flight.)
+        // The batch is one statement: it starts whole or not at all. After a stop, no
+        // isolation statement starts either (each is bounded by the statement timeout),
+        // so a batch in flight ends within the drain deadline.
         if stop.is_cancelled() {
             return vec![Ok(ItemOutcome::NotStarted); batch.len()];
         }
         let ids: Vec<Uuid> = batch.iter().map(|item| item.id).collect();
         match self.strategy {
-            Isolation::Savepoints => self.publish_with_savepoints(&ids).await,
-            Isolation::Bisect => self.publish_bisecting(&ids).await,
+            Isolation::Savepoints => self.publish_with_savepoints(&ids, stop).await,
+            Isolation::Bisect => self.publish_bisecting(&ids, stop).await,
         }
     }
 }

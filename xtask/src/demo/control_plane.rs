@@ -7,9 +7,11 @@
 //! temporary `EXPORT_DIR`. keyword-sync talks to a fake provider that lives here, in
 //! xtask (a few lines of `std::net`), never in the binary.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use smartbeak_database::SecretUrl;
@@ -52,23 +54,25 @@ pub(crate) fn run(sh: &Shell, bin: &Path, database_url: &SecretUrl) -> Result<()
     let provider = FakeProvider::start()?;
     let control_plane = bin.join("smartbeak-control-plane");
     let base = format!("http://{}", provider.addr);
-    let _env = [
-        sh.push_env("EXPORT_DIR", &export_dir),
-        sh.push_env("CP_GSC_BASE_URL", format!("{base}/gsc/")),
-        sh.push_env("CP_GSC_API_KEY", "demo-gsc-key"),
-        sh.push_env("CP_AHREFS_BASE_URL", format!("{base}/ahrefs/")),
-        sh.push_env("CP_AHREFS_API_KEY", "demo-ahrefs-key"),
-        sh.push_env("RUST_LOG", "warn"),
+    let env = [
+        ("EXPORT_DIR", export_dir.display().to_string()),
+        ("CP_GSC_BASE_URL", format!("{base}/gsc/")),
+        ("CP_GSC_API_KEY", "demo-gsc-key".to_owned()),
+        ("CP_AHREFS_BASE_URL", format!("{base}/ahrefs/")),
+        ("CP_AHREFS_API_KEY", "demo-ahrefs-key".to_owned()),
+        ("RUST_LOG", "warn".to_owned()),
     ];
     let mut failed = Vec::new();
     for operation in ["content-scheduler", "keyword-sync", "export-retention"] {
-        let output = cmd!(sh, "{control_plane} batch {operation}")
-            .ignore_status()
-            .output()
-            .context("cannot run smartbeak-control-plane")?;
-        print!("{}", String::from_utf8_lossy(&output.stdout));
-        if !output.status.success() {
-            eprint!("{}", String::from_utf8_lossy(&output.stderr));
+        let mut command = Command::new(&control_plane);
+        command
+            .args(["batch", operation])
+            .envs(env.iter().map(|(k, v)| (k, v)));
+        let (ok, stdout, stderr) = run_bounded(command, BATCH_DEADLINE)
+            .with_context(|| format!("smartbeak-control-plane batch {operation}"))?;
+        print!("{stdout}");
+        if !ok {
+            eprint!("{stderr}");
             failed.push(operation);
         }
     }
@@ -78,6 +82,58 @@ pub(crate) fn run(sh: &Shell, bin: &Path, database_url: &SecretUrl) -> Result<()
         "control-plane batches failed: {failed:?}"
     );
     Ok(())
+}
+
+/// How long one demo `batch` may take before it is killed (the demo's data is a handful of
+/// rows; a hang is a bug, not a slow run).
+const BATCH_DEADLINE: Duration = Duration::from_secs(120);
+
+/// Runs `command` to its end or `deadline`, whichever comes first (then kills it and
+/// fails), returning whether it succeeded and its output. The pipes are drained on threads,
+/// so a chatty child cannot block on a full pipe.
+fn run_bounded(mut command: Command, deadline: Duration) -> Result<(bool, String, String)> {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot start it")?;
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_string(&mut text);
+            }
+            text
+        })
+    };
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().context("waiting for it")? {
+            break status;
+        }
+        if started.elapsed() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!("still running after {deadline:?}; killed");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stdout = stdout.join().unwrap_or_default();
+    let stderr = stderr.join().unwrap_or_default();
+    Ok((status.success(), stdout, stderr))
 }
 
 /// A keyword provider answering every request with two keywords (thread per process).
@@ -99,6 +155,8 @@ impl FakeProvider {
 }
 
 fn answer(mut stream: TcpStream) -> std::io::Result<()> {
+    // One connection at a time: a client that stalls must not block the others for ever.
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut line = String::new();
     while reader.read_line(&mut line)? > 0 && line != "\r\n" {

@@ -27,35 +27,21 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-/// The variables read by the database and shutdown crates (not flags), for `--help`.
-const OTHER_VARIABLES: &str = "\
-Other environment variables (defaults in brackets):
-  DATABASE_URL                       the primary database (required)
-  ANALYTICS_DB_URL                   a read replica for the export reads [the primary]
-  DB_STATEMENT_TIMEOUT_MS            server-side statement timeout [8000]
-  DB_IDLE_IN_TRANSACTION_TIMEOUT_MS  [60000]
-  DB_POOL_MIN / DB_POOL_MAX          pool size [2 / 20]
-  DB_IDLE_TIMEOUT_MS                 [30000]
-  DB_ACQUIRE_TIMEOUT_MS              [5000]
-  DB_MAX_LIFETIME_MS                 [1800000]
-  DB_PING_BYPASS_MS                  [1000]
-  DB_TCP_KEEPALIVE                   [true]
-  DB_RUN_MIGRATIONS                  apply pending migrations on start (worker) [true]
-  ANALYTICS_DB_PING_INTERVAL_MS      [5000]
-  SHUTDOWN_TIMEOUT_MS                overall shutdown deadline [25000]
-  SHUTDOWN_DRAIN_TIMEOUT_MS          running exports get this long to finish [2/3 of SHUTDOWN_TIMEOUT_MS]
-  SHUTDOWN_READINESS_DELAY_MS        [0]
-  SHUTDOWN_POOL_CLOSE_MS             [5000]
-  LOG_FORMAT                         text or json [text]
-  RUST_LOG                           log filter [info]
-EXPORT_LEASE_SECS must be at least DB_STATEMENT_TIMEOUT_MS plus 10% (at least 250 ms).";
+/// The variables read by the database and shutdown crates (not flags), for `--help`: the
+/// shared [`startup::DATABASE_AND_SHUTDOWN_HELP`] and the worker's own constraint.
+fn other_variables() -> String {
+    format!(
+        "{}\n\nEXPORT_LEASE_SECS must be at least DB_STATEMENT_TIMEOUT_MS plus 10% (at least 250 ms).",
+        startup::DATABASE_AND_SHUTDOWN_HELP
+    )
+}
 
 #[derive(Debug, Parser)]
 #[command(
     name = "smartbeak-domain-export",
     version,
     about = "The SmartBeak domain export job: the queue worker and one-off exports",
-    after_help = OTHER_VARIABLES
+    after_help = other_variables()
 )]
 struct Cli {
     #[command(subcommand)]
@@ -65,16 +51,16 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Claim and run queued exports until SIGTERM (admin port: /healthz, /readyz, /metrics).
-    #[command(after_help = OTHER_VARIABLES)]
+    #[command(after_help = other_variables())]
     Worker(WorkerArgs),
     /// Export one domain now, without the queue; prints the path, size, records and SHA-256.
-    #[command(after_help = OTHER_VARIABLES)]
+    #[command(after_help = other_variables())]
     Run(RunArgs),
     /// Queue an export for the workers; prints the job id.
-    #[command(after_help = OTHER_VARIABLES)]
+    #[command(after_help = other_variables())]
     Enqueue(EnqueueArgs),
     /// Show a job's row.
-    #[command(after_help = OTHER_VARIABLES)]
+    #[command(after_help = other_variables())]
     Status {
         /// The job id (as `enqueue` or the api printed it).
         #[arg(value_name = "JOB_ID")]
@@ -298,7 +284,10 @@ async fn serve(config: WorkerConfig, logs: &telemetry::LogGuard) -> anyhow::Resu
             )
         })
         .context("metrics buckets")?;
-    let metrics = startup::install_metrics(&shutdown, metrics)?;
+    let metrics = metrics
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    startup::spawn_metrics_upkeep(&shutdown, metrics.clone());
 
     let db_config = DatabaseConfig::from_env().context("database configuration")?;
     config
