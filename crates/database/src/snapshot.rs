@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgArguments, PgRow};
@@ -86,7 +87,7 @@ impl Snapshot {
              SET LOCAL statement_timeout = {timeout_ms}; SELECT 1"
         );
         let conn = snapshot.conn_mut()?;
-        let started = tokio::time::timeout(bound, sqlx::raw_sql(&sql).execute(&mut **conn)).await;
+        let started = tokio::time::timeout(bound, simple(conn, &sql)).await;
         match started {
             Ok(Ok(_)) => {
                 snapshot.dirty = false;
@@ -120,7 +121,11 @@ impl Snapshot {
         let Some(conn) = self.conn.as_deref_mut() else {
             return Err(DbError::Discarded);
         };
-        let started = tokio::time::timeout(gap, conn.copy_out_raw(statement)).await;
+        // Boxed as `Send` here, where the lifetimes are concrete: left to the caller's
+        // future, rustc fails to prove it `Send` for every lifetime (rust-lang/rust#102211).
+        let start: BoxFuture<'_, Result<BoxStream<'_, _>, sqlx::Error>> =
+            Box::pin(conn.copy_out_raw(statement));
+        let started = tokio::time::timeout(gap, start).await;
         match started {
             Ok(Ok(stream)) => Ok(CopyOut {
                 stream,
@@ -165,7 +170,7 @@ impl Snapshot {
         }
         let gap = self.options.gap_timeout;
         let conn = self.conn_mut()?;
-        match tokio::time::timeout(gap, sqlx::raw_sql("COMMIT").execute(&mut **conn)).await {
+        match tokio::time::timeout(gap, simple(conn, "COMMIT")).await {
             Ok(Ok(_)) => {
                 // Back to the pool (its release hook pings it first).
                 drop(self.conn.take());
@@ -245,6 +250,15 @@ impl<T> Rows<'_, T> {
     pub async fn next(&mut self) -> Result<Option<T>, DbError> {
         next_bounded(&mut self.stream, &self.inner, self.gap, self.dirty).await
     }
+}
+
+/// Runs `sql` (one or more statements) through the simple-query protocol. Boxed as `Send`
+/// here, where the lifetimes are concrete (see [`Snapshot::copy_out`]).
+fn simple<'c>(
+    conn: &'c mut PoolConnection<Postgres>,
+    sql: &'c str,
+) -> BoxFuture<'c, Result<sqlx::postgres::PgQueryResult, sqlx::Error>> {
+    sqlx::Executor::execute(&mut **conn, sqlx::raw_sql(sql))
 }
 
 async fn next_bounded<T>(
