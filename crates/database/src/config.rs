@@ -431,6 +431,8 @@ mod tests {
         let c = DatabaseConfig::from_lookup(lookup(&[("DATABASE_URL", URL)])).unwrap();
         assert_eq!(c.statement_timeout, Duration::from_millis(8_000));
         assert_eq!(c.analytics_ping_interval, Duration::from_secs(5));
+        assert_eq!(c.long_read_timeout, Duration::from_secs(30 * 60));
+        assert_eq!(c.stream_gap_timeout, Duration::from_secs(30));
         assert_eq!(c.idle_in_transaction_timeout, Duration::from_millis(60_000));
         assert_eq!((c.pool_min, c.pool_max), (2, 20));
         assert_eq!(c.idle_timeout, Duration::from_millis(30_000));
