@@ -7,11 +7,10 @@
 //! Formula-injection guard: in every column holding user text (titles, slugs, bodies,
 //! keywords, settings keys and values; not ids, numbers, timestamps or the status enum), a
 //! value starting with `=`, `+`, `-`, `@`, tab, CR or `|` is written with a `'` in front,
-//! applied in the SELECT (the rule of [`guard`]). Timestamps are RFC 3339 in UTC with
+//! applied in the SELECT (`sections::copy_sql`). Timestamps are RFC 3339 in UTC with
 //! microseconds, an absent one an empty field; a non-finite number is an empty field;
 //! settings values are PostgreSQL's `jsonb` text.
 
-use std::borrow::Cow;
 use std::io::{self, BufWriter, Write};
 
 use zip::write::SimpleFileOptions;
@@ -20,20 +19,6 @@ use zip::{CompressionMethod, ZipWriter};
 use super::file::Output;
 use super::sections::Section;
 use super::{Feed, Header};
-
-/// The prefixes the guard neutralises.
-const FORMULA_PREFIXES: [char; 7] = ['=', '+', '-', '@', '\t', '\r', '|'];
-
-/// `value`, with a `'` in front when a spreadsheet could read it as a formula (the rule the
-/// SQL applies; kept here as its reference).
-#[cfg_attr(not(test), allow(dead_code))]
-pub(crate) fn guard(value: &str) -> Cow<'_, str> {
-    if value.starts_with(FORMULA_PREFIXES) {
-        Cow::Owned(format!("'{value}"))
-    } else {
-        Cow::Borrowed(value)
-    }
-}
 
 /// The column names of a section's CSV.
 pub(crate) fn columns(section: Section) -> &'static [&'static str] {
