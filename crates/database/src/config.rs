@@ -260,8 +260,7 @@ impl DatabaseConfig {
             config.idle_in_transaction_timeout,
         )?;
         config.long_read_timeout = millis("DB_LONG_READ_TIMEOUT_MS", config.long_read_timeout)?;
-        config.stream_gap_timeout =
-            millis("DB_STREAM_GAP_TIMEOUT_MS", config.stream_gap_timeout)?;
+        config.stream_gap_timeout = millis("DB_STREAM_GAP_TIMEOUT_MS", config.stream_gap_timeout)?;
         config.idle_timeout = millis("DB_IDLE_TIMEOUT_MS", config.idle_timeout)?;
         config.acquire_timeout = millis("DB_ACQUIRE_TIMEOUT_MS", config.acquire_timeout)?;
         config.max_lifetime = millis("DB_MAX_LIFETIME_MS", config.max_lifetime)?;

@@ -1836,7 +1836,10 @@ async fn snapshot_gap_timeout_fires_on_a_stalled_copy_and_a_stalled_query() {
     let mut rows = snapshot
         .fetch(sqlx::query_as::<_, (String,)>("SELECT pg_sleep(30)::text"))
         .unwrap();
-    let err = rows.next().await.expect_err("a stalled query must time out");
+    let err = rows
+        .next()
+        .await
+        .expect_err("a stalled query must time out");
     assert!(matches!(err, DbError::StreamGap(_)), "{err:?}");
     drop(rows);
     drop(snapshot);
@@ -1913,7 +1916,11 @@ async fn snapshot_does_not_see_rows_committed_after_it_began_and_is_read_only() 
     assert_eq!(snapshot.source(), ReadSource::Primary);
     // Committed after the snapshot began: invisible to it.
     fx.db
-        .run(async |conn| sqlx::query("INSERT INTO snap VALUES (3)").execute(conn).await)
+        .run(async |conn| {
+            sqlx::query("INSERT INTO snap VALUES (3)")
+                .execute(conn)
+                .await
+        })
         .await
         .unwrap();
     let mut csv = Vec::new();
@@ -1954,7 +1961,11 @@ async fn snapshot_does_not_see_rows_committed_after_it_began_and_is_read_only() 
     // A finished snapshot gives its connection back: the pool keeps serving.
     let n: i64 = fx
         .db
-        .run(async |conn| sqlx::query_scalar("SELECT count(*) FROM snap").fetch_one(conn).await)
+        .run(async |conn| {
+            sqlx::query_scalar("SELECT count(*) FROM snap")
+                .fetch_one(conn)
+                .await
+        })
         .await
         .unwrap();
     assert_eq!(n, 3);

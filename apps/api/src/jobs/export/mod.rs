@@ -505,19 +505,29 @@ async fn produce(
                 if bytes.len() >= BATCH_BYTES {
                     rows += in_bytes;
                     let full = std::mem::replace(&mut bytes, Vec::with_capacity(2 * BATCH_BYTES));
-                    send(&tx, cancel, Msg::Csv {
-                        bytes: full,
-                        rows: std::mem::take(&mut in_bytes),
-                    }).await?;
+                    send(
+                        &tx,
+                        cancel,
+                        Msg::Csv {
+                            bytes: full,
+                            rows: std::mem::take(&mut in_bytes),
+                        },
+                    )
+                    .await?;
                     report(rows);
                 }
             }
             if !bytes.is_empty() {
                 rows += in_bytes;
-                send(&tx, cancel, Msg::Csv {
-                    bytes,
-                    rows: in_bytes,
-                }).await?;
+                send(
+                    &tx,
+                    cancel,
+                    Msg::Csv {
+                        bytes,
+                        rows: in_bytes,
+                    },
+                )
+                .await?;
                 report(rows);
             }
         } else {

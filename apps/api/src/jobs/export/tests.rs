@@ -917,7 +917,12 @@ async fn csv_honours_the_date_range_in_every_section() {
             .unwrap();
         let (headers, rows) = parse_csv(&text);
         assert_eq!(headers, csv::columns(section));
-        assert_eq!(rows, f.expected_csv(section, &spec).await, "{}", section.name());
+        assert_eq!(
+            rows,
+            f.expected_csv(section, &spec).await,
+            "{}",
+            section.name()
+        );
         assert_eq!(rows.len(), want, "{}", section.name());
         records += rows.len() as u64;
     }
@@ -928,7 +933,11 @@ async fn csv_honours_the_date_range_in_every_section() {
             .unwrap()
             .read_to_end(&mut text)
             .unwrap();
-        parse_csv(&text).1.into_iter().map(|r| r[1].clone()).collect()
+        parse_csv(&text)
+            .1
+            .into_iter()
+            .map(|r| r[1].clone())
+            .collect()
     };
     let mut want: Vec<String> = NASTY[4..8].iter().map(|v| expected_guard(v)).collect();
     let mut got = titles;
@@ -942,14 +951,23 @@ async fn csv_honours_the_date_range_in_every_section() {
 #[test]
 fn markdown_renders_hostile_text_literally() {
     for (value, want) in [
-        ("<script>alert(1)</script>", r"\<script\>alert\(1\)\</script\>"),
+        (
+            "<script>alert(1)</script>",
+            r"\<script\>alert\(1\)\</script\>",
+        ),
         ("&amp; &lt;", r"\&amp; \&lt;"),
-        ("[x](https://evil.example)", r"\[x\]\(https://evil.example\)"),
+        (
+            "[x](https://evil.example)",
+            r"\[x\]\(https://evil.example\)",
+        ),
         ("![img](y.png)", r"\!\[img\]\(y.png\)"),
         ("**bold** _em_ *em*", r"\*\*bold\*\* \_em\_ \*em\*"),
         ("# heading", r"\# heading"),
         ("`code` ~~strike~~", r"\`code\` \~\~strike\~\~"),
-        ("<https://autolink.example>", r"\<https://autolink.example\>"),
+        (
+            "<https://autolink.example>",
+            r"\<https://autolink.example\>",
+        ),
         ("a | b \\ c", r"a \| b \\ c"),
         ("two\nlines\r\nthree\rfour", "two<br>lines<br>three<br>four"),
         ("plain, text: 1.5 - ok", "plain, text: 1.5 - ok"),
@@ -977,8 +995,7 @@ async fn non_finite_numbers_are_null_in_json_and_empty_in_csv_and_markdown() {
     spec.date_from = Some(Utc.with_ymd_and_hms(2030, 1, 1, 0, 0, 0).unwrap());
 
     let output = f.run(&spec, Hooks::default()).await.unwrap();
-    let mut archive =
-        zip::ZipArchive::new(std::io::Cursor::new(f.read_output(&output))).unwrap();
+    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(f.read_output(&output))).unwrap();
     let mut text = Vec::new();
     archive
         .by_name("keywords.csv")
@@ -1012,7 +1029,10 @@ async fn non_finite_numbers_are_null_in_json_and_empty_in_csv_and_markdown() {
             .unwrap_or_else(|| panic!("{keyword} missing"));
         let cells: Vec<&str> = line.split(" | ").collect();
         assert_eq!(cells[3], "", "{line}");
-        assert!(!line.contains("NaN") && !line.contains("Infinity"), "{line}");
+        assert!(
+            !line.contains("NaN") && !line.contains("Infinity"),
+            "{line}"
+        );
     }
     f.tdb.drop_database().await.unwrap();
 }
