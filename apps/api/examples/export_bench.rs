@@ -74,7 +74,9 @@ fn admin_url() -> Result<SecretUrl> {
 }
 
 async fn connect(url: &SecretUrl) -> Result<Database> {
-    let config = DatabaseConfig::new(url.expose())?;
+    let mut config = DatabaseConfig::new(url.expose())?;
+    // Seeding batches and ANALYZE on a shared, loaded machine can exceed the default 8 s.
+    config.statement_timeout = std::time::Duration::from_secs(600);
     Ok(Database::connect(config, "export-bench").await?)
 }
 
