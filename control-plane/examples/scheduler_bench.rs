@@ -18,7 +18,9 @@ use std::num::NonZeroUsize;
 use std::time::{Duration, Instant};
 
 use smartbeak_control_plane::operations::content_scheduler::{ContentScheduler, Isolation};
-use smartbeak_control_plane::runner::{Mode, RunContext, RunOptions, RunOutcome, run_once};
+use smartbeak_control_plane::runner::{
+    DEFAULT_PAGE_SIZE, Mode, RunContext, RunOptions, RunOutcome, run_once,
+};
 use smartbeak_database::Database;
 use smartbeak_database::testing::TestDatabase;
 use sqlx::PgPool;
@@ -98,6 +100,7 @@ async fn main() {
         heartbeat: Duration::from_secs(5),
         stale_after: Duration::from_secs(60),
         cancel: CancellationToken::new(),
+        page_size: DEFAULT_PAGE_SIZE,
     };
 
     let mut anchors = vec![anchor(&admin, domain, n).await];

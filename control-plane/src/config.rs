@@ -22,18 +22,29 @@ pub const DEFAULT_BATCH_SIZE: usize = 1_000;
 /// Default concurrency.
 pub const DEFAULT_CONCURRENCY: usize = 4;
 
-const AFTER_HELP: &str = "\
+/// What `--help` says after the flags: the variables that are not flags (credentials,
+/// database, shutdown, logs) with their defaults, and the exit codes.
+pub fn after_help() -> String {
+    format!(
+        "\
 Provider credentials come from the environment only, never from flags:
   CP_GSC_API_KEY     bearer credential for CP_GSC_BASE_URL (keyword-sync, adapter gsc)
   CP_AHREFS_API_KEY  bearer credential for CP_AHREFS_BASE_URL (adapter ahrefs)
-Database: DATABASE_URL and the DB_* variables (see README); DB_RUN_MIGRATIONS=false skips
-migrations. Shutdown: SHUTDOWN_TIMEOUT_MS, SHUTDOWN_DRAIN_TIMEOUT_MS, SHUTDOWN_POOL_CLOSE_MS.
-Logs: LOG_FORMAT (text|json), RUST_LOG.
+A base URL must not carry credentials (user:password@ is refused).
 
-Exit codes of `batch`: 0 every item succeeded (or a dry run); 1 an item failed or the run
-failed (the summary names the batch_runs id); 2 bad usage or configuration; 3 another
-runner holds the operation's lock (nothing was run). `run` exits with its shutdown
-report's code (0 after a clean SIGTERM).";
+{}
+
+Exit codes: 0 every item succeeded (or a dry run; `run`: a clean SIGTERM); 1 an item
+failed or the run failed (the summary names the batch_runs id), or start-up failed; 2 bad
+usage or configuration; 3 another runner holds the operation's lock (nothing was run).
+`run` exits with its shutdown report's code.",
+        smartbeak_api::startup::DATABASE_AND_SHUTDOWN_HELP
+    )
+}
+
+/// `stale_after` must be at least this many heartbeats: a runner that misses two
+/// heartbeats (a slow statement, a GC pause) is not yet taken for dead.
+pub const MIN_HEARTBEATS_PER_STALE: u32 = 3;
 
 /// `smartbeak-control-plane`.
 #[derive(Debug, Parser)]
@@ -41,7 +52,7 @@ report's code (0 after a clean SIGTERM).";
     name = "smartbeak-control-plane",
     version,
     about = "The SmartBeak control-plane: recurring batch operations, one runner each",
-    after_help = AFTER_HELP
+    after_help = after_help()
 )]
 pub struct Cli {
     /// What to do (default `run`).
@@ -53,15 +64,16 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// The long-running service: every operation on its own interval.
-    #[command(after_help = AFTER_HELP)]
+    #[command(after_help = after_help())]
     Run(RunArgs),
     /// One run of one operation now; exit code non-zero when any item failed.
-    #[command(after_help = AFTER_HELP)]
+    #[command(after_help = after_help())]
     Batch(BatchArgs),
 }
 
-/// Settings shared by `run` and `batch`.
-#[derive(Debug, Clone, Args)]
+/// Settings shared by `run` and `batch`. `Debug` shows the provider base URLs without
+/// any userinfo.
+#[derive(Clone, Args)]
 pub struct CommonArgs {
     /// Items per batch (1 to 1000).
     #[arg(long, env = "CP_BATCH_SIZE", default_value_t = DEFAULT_BATCH_SIZE,
@@ -87,11 +99,13 @@ pub struct CommonArgs {
     /// Where export files live (export-retention).
     #[arg(long, env = "EXPORT_DIR", default_value = "./exports")]
     pub export_dir: PathBuf,
-    /// Base URL of the gsc keyword provider (keyword-sync).
-    #[arg(long, env = "CP_GSC_BASE_URL")]
+    /// Base URL of the gsc keyword provider (keyword-sync; no userinfo: the credential is
+    /// CP_GSC_API_KEY). Unset: gsc sources fail as not configured.
+    #[arg(long, env = "CP_GSC_BASE_URL", hide_env_values = true)]
     pub gsc_base_url: Option<Url>,
-    /// Base URL of the ahrefs keyword provider (keyword-sync).
-    #[arg(long, env = "CP_AHREFS_BASE_URL")]
+    /// Base URL of the ahrefs keyword provider (keyword-sync; no userinfo: the credential
+    /// is CP_AHREFS_API_KEY). Unset: ahrefs sources fail as not configured.
+    #[arg(long, env = "CP_AHREFS_BASE_URL", hide_env_values = true)]
     pub ahrefs_base_url: Option<Url>,
     /// Per-attempt timeout of a provider request, in milliseconds.
     #[arg(long, env = "CP_PROVIDER_ATTEMPT_TIMEOUT_MS", default_value_t = 10_000,
@@ -164,7 +178,74 @@ pub struct BatchArgs {
     pub common: CommonArgs,
 }
 
+impl std::fmt::Debug for CommonArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CommonArgs")
+            .field("batch_size", &self.batch_size)
+            .field("concurrency", &self.concurrency)
+            .field("runner", &self.runner)
+            .field("heartbeat_ms", &self.heartbeat_ms)
+            .field("stale_after_ms", &self.stale_after_ms)
+            .field("export_dir", &self.export_dir)
+            .field("gsc_base_url", &self.gsc_base_url.as_ref().map(redacted))
+            .field(
+                "ahrefs_base_url",
+                &self.ahrefs_base_url.as_ref().map(redacted),
+            )
+            .field(
+                "provider_attempt_timeout_ms",
+                &self.provider_attempt_timeout_ms,
+            )
+            .field("provider_deadline_ms", &self.provider_deadline_ms)
+            .field("provider_max_attempts", &self.provider_max_attempts)
+            .field("provider_breaker_open_ms", &self.provider_breaker_open_ms)
+            .finish()
+    }
+}
+
+/// `url` with any username and password replaced by `redacted`.
+pub fn redacted(url: &Url) -> String {
+    if url.username().is_empty() && url.password().is_none() {
+        return url.to_string();
+    }
+    let mut shown = url.clone();
+    let _ = shown.set_username("redacted");
+    let _ = shown.set_password(None);
+    shown.to_string()
+}
+
 impl CommonArgs {
+    /// Checks how the settings fit together and with the database's: the stale threshold
+    /// is at least [`MIN_HEARTBEATS_PER_STALE`] heartbeats, and the concurrency leaves a
+    /// pool connection for the run's lock connection (held for the whole run).
+    ///
+    /// # Errors
+    ///
+    /// Naming the variables that do not fit.
+    pub fn check(&self, db: &smartbeak_database::DatabaseConfig) -> anyhow::Result<()> {
+        let min_stale = self
+            .heartbeat_ms
+            .saturating_mul(u64::from(MIN_HEARTBEATS_PER_STALE));
+        if self.stale_after_ms < min_stale {
+            anyhow::bail!(
+                "CP_STALE_AFTER_MS ({} ms) must be at least {MIN_HEARTBEATS_PER_STALE} times \
+                 CP_HEARTBEAT_MS ({} ms), i.e. >= {min_stale} ms: a live runner would be taken \
+                 for dead after one slow heartbeat",
+                self.stale_after_ms,
+                self.heartbeat_ms
+            );
+        }
+        let pool = usize::try_from(db.pool_max).unwrap_or(usize::MAX);
+        if self.concurrency >= pool {
+            anyhow::bail!(
+                "CP_CONCURRENCY ({}) must be less than DB_POOL_MAX ({pool}): each item or \
+                 batch in flight uses a pool connection, and a run holds one more for its lock",
+                self.concurrency
+            );
+        }
+        Ok(())
+    }
+
     /// The run options these settings give, in `mode`.
     pub fn run_options(&self, mode: Mode, dry_run: bool) -> RunOptions {
         RunOptions {
@@ -192,9 +273,18 @@ impl CommonArgs {
     ///
     /// # Errors
     ///
-    /// A base URL without its credential, or a credential without its URL.
+    /// A base URL without its credential, or a credential without its URL, or a base URL
+    /// carrying userinfo (`user:password@`; the message does not repeat it).
     pub fn providers(&self, lookup: impl Fn(&str) -> Option<String>) -> anyhow::Result<Providers> {
         let one = |url: &Option<Url>, var: &str, url_var: &str| -> anyhow::Result<_> {
+            if let Some(url) = url
+                && (!url.username().is_empty() || url.password().is_some())
+            {
+                anyhow::bail!(
+                    "{url_var} must not carry credentials (user:password@ in the URL); \
+                     put the credential in {var}"
+                );
+            }
             let key = lookup(var).filter(|k| !k.trim().is_empty());
             match (url, key) {
                 (Some(base_url), Some(key)) => Ok(Some(ProviderConfig {
@@ -274,6 +364,135 @@ mod tests {
             .unwrap();
         assert!(providers.ahrefs.is_none());
         assert!(!format!("{providers:?}").contains("sekrit"));
+    }
+
+    fn batch_args(extra: &[&str]) -> BatchArgs {
+        let mut argv = vec!["smartbeak-control-plane", "batch", "keyword-sync"];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv) {
+            Ok(Cli {
+                command: Some(Command::Batch(args)),
+            }) => args,
+            other => panic!("parse failed: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_base_url_with_credentials_is_refused_and_never_shown() {
+        let args = batch_args(&["--gsc-base-url", "https://bob:hunter2@gsc.example/"]);
+        let err = args
+            .common
+            .providers(|_| Some("key".to_owned()))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap();
+        assert_eq!(
+            err,
+            "CP_GSC_BASE_URL must not carry credentials (user:password@ in the URL); \
+             put the credential in CP_GSC_API_KEY"
+        );
+        let debug = format!("{args:?}");
+        assert!(
+            !debug.contains("hunter2") && !debug.contains("bob"),
+            "{debug}"
+        );
+        assert!(debug.contains("gsc.example"), "{debug}");
+        // A user name alone is refused too.
+        let args = batch_args(&["--ahrefs-base-url", "https://token@ahrefs.example/"]);
+        assert!(args.common.providers(|_| Some("key".to_owned())).is_err());
+        assert!(!format!("{args:?}").contains("token@"));
+    }
+
+    #[test]
+    fn stale_after_must_be_several_heartbeats_and_concurrency_below_the_pool() {
+        let db = smartbeak_database::DatabaseConfig::new("postgres://127.0.0.1/x").unwrap();
+        assert!(
+            batch_args(&[]).common.check(&db).is_ok(),
+            "the defaults fit"
+        );
+        let err = batch_args(&["--heartbeat-ms", "5000", "--stale-after-ms", "10000"])
+            .common
+            .check(&db)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap();
+        assert!(
+            err.starts_with(
+                "CP_STALE_AFTER_MS (10000 ms) must be at least 3 times CP_HEARTBEAT_MS (5000 ms)"
+            ),
+            "{err}"
+        );
+        assert!(
+            batch_args(&["--heartbeat-ms", "5000", "--stale-after-ms", "15000"])
+                .common
+                .check(&db)
+                .is_ok()
+        );
+        let err = batch_args(&["--concurrency", "20"])
+            .common
+            .check(&db)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap();
+        assert!(
+            err.starts_with("CP_CONCURRENCY (20) must be less than DB_POOL_MAX (20)"),
+            "{err}"
+        );
+        assert!(
+            batch_args(&["--concurrency", "19"])
+                .common
+                .check(&db)
+                .is_ok()
+        );
+    }
+
+    /// Every variable the binary or the crates it wires read, from their sources, is in
+    /// `--help` (flags show theirs through clap; the rest through [`after_help`]).
+    #[test]
+    fn help_lists_every_variable_read() {
+        use clap::CommandFactory as _;
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut read = std::collections::BTreeSet::new();
+        for file in [
+            "crates/database/src/config.rs",
+            "crates/shutdown/src/config.rs",
+            "crates/shutdown/src/telemetry.rs",
+            "control-plane/src/config.rs",
+            "control-plane/src/main.rs",
+        ] {
+            let text = std::fs::read_to_string(root.join(file)).unwrap();
+            // The code, not its tests.
+            let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+            for quoted in code.split('"').skip(1).step_by(2) {
+                let is_var = quoted.len() > 3
+                    && quoted.contains('_')
+                    && quoted
+                        .chars()
+                        .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+                    && !quoted.starts_with('_')
+                    && !quoted.starts_with("CARGO_");
+                if is_var {
+                    read.insert(quoted.to_owned());
+                }
+            }
+        }
+        // Named only in a doc comment of the database crate (the api's variable).
+        read.remove("HTTP_REQUEST_TIMEOUT_MS");
+        assert!(read.len() > 20, "too few variables found: {read:?}");
+        for sub in ["run", "batch"] {
+            let mut cmd = Cli::command();
+            let help = cmd
+                .find_subcommand_mut(sub)
+                .unwrap()
+                .render_long_help()
+                .to_string();
+            // `run` alone has an admin port and intervals.
+            let run_only = |var: &str| var == "CP_ADMIN_ADDR" || var.ends_with("_INTERVAL_SECS");
+            for var in read.iter().filter(|v| sub == "run" || !run_only(v)) {
+                assert!(help.contains(var.as_str()), "`{sub} --help` lacks {var}");
+            }
+            assert!(help.contains("[default: 1000]"), "{help}");
+        }
     }
 
     #[test]

@@ -11,20 +11,23 @@ use anyhow::Context;
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use metrics_exporter_prometheus::PrometheusBuilder;
+use smartbeak_api::startup;
 use smartbeak_control_plane::config::{BatchArgs, Cli, Command, CommonArgs, RunArgs};
 use smartbeak_control_plane::operations::content_scheduler::ContentScheduler;
 use smartbeak_control_plane::operations::export_retention::ExportRetention;
 use smartbeak_control_plane::operations::keyword_sync::KeywordSync;
+use smartbeak_control_plane::operations::keyword_sync::Providers;
 use smartbeak_control_plane::operations::{Operation, OperationName};
 use smartbeak_control_plane::runner::{
     Mode, RunContext, RunOptions, RunOutcome, RunStatus, run_once,
 };
 use smartbeak_control_plane::service::spawn_operation;
 use smartbeak_database::{Database, DatabaseConfig};
+use smartbeak_resilience::Policy;
 use smartbeak_resilience::{AdapterName, Resilience, ResilienceConfig};
-use smartbeak_shutdown::admin::{AdminServer, Check};
+use smartbeak_shutdown::admin::AdminServer;
 use smartbeak_shutdown::telemetry::{self, LogFormat, LogGuard, Output};
-use smartbeak_shutdown::{HandlerGuard, Phase, RegisterError, Shutdown, ShutdownReason};
+use smartbeak_shutdown::{HandlerGuard, Shutdown, ShutdownReason};
 use smartbeak_utils::fetch::HttpClient;
 
 const APPLICATION_NAME: &str = "smartbeak-control-plane";
@@ -32,6 +35,9 @@ const APPLICATION_NAME: &str = "smartbeak-control-plane";
 /// How long the database pools get to close at shutdown, in milliseconds (as in the api).
 const POOL_CLOSE_ENV: &str = "SHUTDOWN_POOL_CLOSE_MS";
 const DEFAULT_POOL_CLOSE: Duration = Duration::from_secs(5);
+
+/// Exit code of a configuration error (as of a usage error).
+const EXIT_CONFIG: u8 = 2;
 
 /// Exit code of `batch` when another runner holds the operation's lock.
 const EXIT_LOCK_HELD: u8 = 3;
@@ -59,7 +65,7 @@ fn main() -> ExitCode {
         Ok(guard) => guard,
         Err(e) => {
             eprintln!("{APPLICATION_NAME}: {e}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(EXIT_CONFIG);
         }
     };
     // The runtime's teardown is bounded, so a handler stuck in blocking code still ends
@@ -70,8 +76,16 @@ fn main() -> ExitCode {
             Command::Batch(args) => batch(args, &logs).await,
         };
         result.unwrap_or_else(|e| {
-            tracing::error!(error = format!("{e:#}"), "control-plane failed to start");
-            ExitCode::FAILURE
+            if e.is::<ConfigError>() {
+                tracing::error!(
+                    error = format!("{e:#}"),
+                    "control-plane refused its configuration"
+                );
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                tracing::error!(error = format!("{e:#}"), "control-plane failed to start");
+                ExitCode::FAILURE
+            }
         })
     });
     logs.flush();
@@ -89,57 +103,58 @@ fn clap_exit(error: &clap::Error) -> ExitCode {
     }
 }
 
+/// The settings read before anything starts; every error here is a configuration error
+/// (exit code 2).
+struct Settings {
+    db: DatabaseConfig,
+    pool_close: Duration,
+    providers: Providers,
+    policy: Policy,
+}
+
+/// Reads and checks the configuration of `common`: the database's, the providers', the
+/// pool-close deadline, and how they fit together.
+fn settings(common: &CommonArgs) -> Result<Settings, ConfigError> {
+    let invalid = |what: &str, e: anyhow::Error| ConfigError(format!("{what}: {e:#}"));
+    let pool_close = pool_close_deadline(|name| std::env::var(name).ok())
+        .map_err(|e| invalid("invalid shutdown configuration", e))?;
+    let db = DatabaseConfig::from_env()
+        .map_err(|e| invalid("invalid database configuration", e.into()))?;
+    common
+        .check(&db)
+        .map_err(|e| invalid("invalid configuration", e))?;
+    let providers = common
+        .providers(|name| std::env::var(name).ok())
+        .map_err(|e| invalid("invalid keyword provider configuration", e))?;
+    let policy = common
+        .provider_policy()
+        .map_err(|e| invalid("invalid keyword provider configuration", e))?;
+    Ok(Settings {
+        db,
+        pool_close,
+        providers,
+        policy,
+    })
+}
+
+/// A configuration error: `main` exits 2 (README, "Exit codes").
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct ConfigError(String);
+
 /// The database, connected (and migrated unless `DB_RUN_MIGRATIONS=false`), with its pools
 /// registered for release; `Err(code)` when a signal ended start-up.
-async fn start(shutdown: &Shutdown) -> anyhow::Result<Result<(Database, HandlerGuard), ExitCode>> {
-    let pool_close = pool_close_deadline(|name| std::env::var(name).ok())?;
-    let config = DatabaseConfig::from_env().context("invalid database configuration")?;
-    let run_migrations = config.run_migrations;
-    // Start-up steps end at the first signal; the report's code is the exit code.
-    let Some(db) = shutdown
-        .until_triggered(Database::connect(config, APPLICATION_NAME))
-        .await
-        .transpose()?
-    else {
-        return Ok(Err(interrupted_start_up(
-            shutdown,
-            "connecting to the database",
-        )
-        .await));
-    };
-    let pools = db.clone();
-    let registered = shutdown.register_with_timeout(
-        "db-pools",
-        Phase::Release,
-        pool_close,
-        move || async move { pools.close(pool_close).await },
-    );
-    let guard = match registered {
-        Ok(guard) => guard,
-        // The signal came just after the connect: close the pool here, then report.
-        Err(RegisterError::ShutdownStarted { .. }) => {
-            db.close(pool_close).await?;
-            return Ok(Err(interrupted_start_up(
-                shutdown,
-                "connecting to the database",
-            )
-            .await));
-        }
-    };
-    if run_migrations {
-        match shutdown
-            .until_triggered(smartbeak_database::migrate(db.primary()))
-            .await
-        {
-            Some(migrated) => migrated?,
-            None => {
-                return Ok(Err(
-                    interrupted_start_up(shutdown, "applying migrations").await
-                ));
-            }
-        }
-    }
-    Ok(Ok((db, guard)))
+async fn start(
+    shutdown: &Shutdown,
+    settings: &Settings,
+) -> anyhow::Result<Result<(Database, HandlerGuard), ExitCode>> {
+    startup::connect_database(
+        shutdown,
+        settings.db.clone(),
+        APPLICATION_NAME,
+        settings.pool_close,
+    )
+    .await
 }
 
 /// The three operations over `db`, with one `Resilience` for the process.
@@ -149,11 +164,14 @@ struct Operations {
     exports: Arc<ExportRetention>,
 }
 
-fn operations(db: &Database, common: &CommonArgs) -> anyhow::Result<Operations> {
-    let providers = common
-        .providers(|name| std::env::var(name).ok())
-        .context("invalid keyword provider configuration")?;
-    let policy = common.provider_policy()?;
+fn operations(
+    db: &Database,
+    common: &CommonArgs,
+    settings: Settings,
+) -> anyhow::Result<Operations> {
+    let Settings {
+        providers, policy, ..
+    } = settings;
     let client = HttpClient::builder(Resilience::new(ResilienceConfig::default()))
         .user_agent(concat!(
             "smartbeak-control-plane/",
@@ -180,30 +198,21 @@ fn context(db: &Database, common: &CommonArgs, shutdown: &Shutdown) -> RunContex
         heartbeat: Duration::from_millis(common.heartbeat_ms),
         stale_after: Duration::from_millis(common.stale_after_ms),
         cancel: shutdown.token(),
+        page_size: smartbeak_control_plane::runner::DEFAULT_PAGE_SIZE,
     }
 }
 
 async fn serve(args: RunArgs, logs: &LogGuard) -> anyhow::Result<ExitCode> {
-    let shutdown = Shutdown::from_env().context("invalid shutdown configuration")?;
+    let settings = settings(&args.common)?;
+    let shutdown = Shutdown::from_env()
+        .map_err(|e| ConfigError(format!("invalid shutdown configuration: {e}")))?;
     shutdown
         .listen_for_signals()
         .context("cannot listen for signals")?;
     logs.flush_on_force_exit(&shutdown);
 
-    let metrics = PrometheusBuilder::new()
-        .install_recorder()
-        .context("installing the metrics recorder")?;
-    let upkeep = metrics.clone();
-    shutdown.spawn({
-        let token = shutdown.token();
-        async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(5));
-            while token.run_until_cancelled(tick.tick()).await.is_some() {
-                upkeep.run_upkeep();
-            }
-        }
-    });
-    let (db, _db_guard) = match start(&shutdown).await? {
+    let metrics = startup::install_metrics(&shutdown, PrometheusBuilder::new())?;
+    let (db, _db_guard) = match start(&shutdown, &settings).await? {
         Ok(started) => started,
         Err(code) => return Ok(code),
     };
@@ -214,16 +223,11 @@ async fn serve(args: RunArgs, logs: &LogGuard) -> anyhow::Result<ExitCode> {
         )
     })?;
     let admin_addr = admin.local_addr();
-    let ops = operations(&db, &args.common)?;
+    let ops = operations(&db, &args.common, settings)?;
     for operation in OperationName::ALL {
         smartbeak_control_plane::metrics::set_lock_held(operation, false);
     }
-    let ready_db = db.clone();
-    let ready: Check = Arc::new(move || {
-        let db = ready_db.clone();
-        Box::pin(async move { db.ping().await.map_err(|_| "database".to_owned()) })
-    });
-    admin.serve(&shutdown, Some(metrics), ready);
+    admin.serve(&shutdown, Some(metrics), startup::database_ready(&db));
     tracing::info!("admin listening on http://{admin_addr}");
 
     let ctx = context(&db, &args.common, &shutdown);
@@ -253,16 +257,18 @@ async fn serve(args: RunArgs, logs: &LogGuard) -> anyhow::Result<ExitCode> {
 }
 
 async fn batch(args: BatchArgs, logs: &LogGuard) -> anyhow::Result<ExitCode> {
-    let shutdown = Shutdown::from_env().context("invalid shutdown configuration")?;
+    let settings = settings(&args.common)?;
+    let shutdown = Shutdown::from_env()
+        .map_err(|e| ConfigError(format!("invalid shutdown configuration: {e}")))?;
     shutdown
         .listen_for_signals()
         .context("cannot listen for signals")?;
     logs.flush_on_force_exit(&shutdown);
-    let (db, _db_guard) = match start(&shutdown).await? {
+    let (db, _db_guard) = match start(&shutdown, &settings).await? {
         Ok(started) => started,
         Err(code) => return Ok(code),
     };
-    let ops = operations(&db, &args.common)?;
+    let ops = operations(&db, &args.common, settings)?;
     let ctx = context(&db, &args.common, &shutdown);
     let mode = if args.strict {
         Mode::Strict
@@ -338,13 +344,6 @@ async fn one_run<O: Operation>(
     bar: Option<&ProgressBar>,
 ) -> Result<RunOutcome, smartbeak_control_plane::runner::RunError> {
     run_once(op, ctx, options, bar).await
-}
-
-/// A signal ended start-up during `step`: runs the shutdown (the handlers registered so far
-/// release what is open) and returns the report's exit code.
-async fn interrupted_start_up(shutdown: &Shutdown, step: &str) -> ExitCode {
-    tracing::info!(step, "shutdown requested during start-up; not running");
-    shutdown.run().await.exit_code()
 }
 
 /// `SHUTDOWN_POOL_CLOSE_MS` (a positive number of milliseconds), default 5 s.

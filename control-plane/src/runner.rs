@@ -9,15 +9,20 @@
 //!    lock with its session). The new run's `batch_runs` row is inserted `running`; the
 //!    unique partial index on `(operation) WHERE status = 'running'` refuses a second one
 //!    ([`RunOutcome::StillRunning`] when a live run's row is in the way).
-//! 3. The items are loaded and run in batches through
+//! 3. The items are loaded a page at a time ([`RunContext::page_size`], `LIMIT` and a
+//!    keyset after the previous page's last item, so memory is bounded whatever the
+//!    backlog) and each page is run in batches through
 //!    [`smartbeak_utils::concurrency::map_batches_bounded`]: settle-all (every item tried)
-//!    or strict (stop after the first batch with failures). Failures go to
-//!    `batch_run_items` as each batch ends (the first [`MAX_RECORDED_FAILURES`] in full,
-//!    the rest counted in `items_failed`).
+//!    or strict (stop after the first batch with failures; later pages are not loaded).
+//!    Failures go to `batch_run_items` as each batch ends (the first
+//!    [`MAX_RECORDED_FAILURES`] in full, the rest counted in `items_failed`).
 //! 4. Meanwhile the lock connection heartbeats the row (`heartbeat_at` and the counts so
-//!    far). When that statement fails or times out, the lock is presumed lost: no further
-//!    batch starts and the run ends `failed`. The cancellation token (shutdown) also stops
-//!    new batches; in-flight ones finish and the run ends `interrupted`.
+//!    far). When that statement fails or times out, the lock is presumed lost: the stop
+//!    token fires and the run ends `failed`. The cancellation token (shutdown) is that
+//!    token's parent; the run ends `interrupted`. Either way the token reaches every
+//!    operation's `process_batch`, so no new *item* starts (not only no new batch): the
+//!    items in flight finish, every item never started is counted `skipped`, and
+//!    `succeeded + failed + skipped = total` (the items loaded).
 //! 5. The row gets its status and counts; the lock is released (or its connection closed).
 
 use std::num::NonZeroUsize;
@@ -87,9 +92,15 @@ pub struct RunContext {
     pub heartbeat: Duration,
     /// A `running` row whose heartbeat is older than this belongs to a dead runner.
     pub stale_after: Duration,
-    /// Fired at shutdown: no new batch starts; in-flight ones finish.
+    /// Fired at shutdown: no new item starts; in-flight ones finish.
     pub cancel: CancellationToken,
+    /// Due items loaded per page (rounded up to whole batches; [`DEFAULT_PAGE_SIZE`]):
+    /// what bounds a run's memory whatever the backlog.
+    pub page_size: usize,
 }
+
+/// Due items loaded per page by default.
+pub const DEFAULT_PAGE_SIZE: usize = 10_000;
 
 /// The status a run ends with (`batch_runs.status`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -243,7 +254,26 @@ struct Counts {
     succeeded: AtomicU64,
     failed: AtomicU64,
     skipped: AtomicU64,
+    /// Of `skipped`: the items never started (stop token, strict stop).
+    not_started: AtomicU64,
     recorded: AtomicU64,
+}
+
+/// What the pages of a run add up to, besides the [`Counts`].
+#[derive(Debug, Default)]
+struct Pages {
+    /// Items loaded.
+    total: u64,
+    /// The failed items, in index order, at most [`MAX_RECORDED_FAILURES`].
+    failures: Vec<FailedItem>,
+    /// Why loading a page failed, if it did (the run ends there, `failed`).
+    load_error: Option<String>,
+}
+
+/// Items per page: `requested` rounded up to whole batches (at least one batch).
+fn page_size(requested: usize, batch_size: usize) -> usize {
+    let batch_size = batch_size.max(1);
+    requested.max(1).div_ceil(batch_size) * batch_size
 }
 
 impl Counts {
@@ -273,16 +303,35 @@ pub async fn run_once<O: Operation>(
     let started = Instant::now();
     let operation = op.name();
     if options.dry_run {
-        let items = op.load().await.map_err(|e| RunError::Load {
-            operation,
-            message: format!("{e:#}"),
-        })?;
-        let sample = items.iter().take(10).map(|i| op.item_id(i)).collect();
+        // Paged like a run, keeping only the count and a sample.
+        let page_size = page_size(ctx.page_size, options.batch_size);
+        let mut total = 0_u64;
+        let mut sample = Vec::new();
+        let mut after = None;
+        loop {
+            let page =
+                op.load_page(after.clone(), page_size)
+                    .await
+                    .map_err(|e| RunError::Load {
+                        operation,
+                        message: format!("{e:#}"),
+                    })?;
+            let Some(last) = page.last() else {
+                break;
+            };
+            after = Some(op.cursor(last));
+            total += page.len() as u64;
+            let room = 10_usize.saturating_sub(sample.len());
+            sample.extend(page.iter().take(room).map(|i| op.item_id(i)));
+            if page.len() < page_size || ctx.cancel.is_cancelled() {
+                break;
+            }
+        }
         return Ok(RunOutcome::Ran(RunReport {
             operation,
             run_id: None,
             status: RunStatus::DryRun,
-            total: items.len() as u64,
+            total,
             succeeded: 0,
             failed: 0,
             skipped: 0,
@@ -447,46 +496,6 @@ async fn run_locked<O: Operation>(
     }
     tracing::info!(%operation, %run_id, mode = options.mode.as_str(), "run started");
 
-    let items = match op.load().await {
-        Ok(items) => items,
-        Err(e) => {
-            let report = RunReport {
-                operation,
-                run_id: Some(run_id),
-                status: RunStatus::Failed,
-                total: 0,
-                succeeded: 0,
-                failed: 0,
-                skipped: 0,
-                failures: Vec::new(),
-                error: Some(format!("loading the items failed: {e:#}")),
-                duration: started.elapsed(),
-                sample: Vec::new(),
-            };
-            finish(ctx, &report).await;
-            return Ok((RunOutcome::Ran(report), false));
-        }
-    };
-    let total = items.len() as u64;
-    let ids: Vec<String> = items.iter().map(|item| op.item_id(item)).collect();
-    if let Some(bar) = progress {
-        bar.set_length(total);
-    }
-    // The total goes in at once, so a watcher (or the next runner) sees the size.
-    if let Err(e) = ctx
-        .db
-        .run(async |conn| {
-            sqlx::query("UPDATE batch_runs SET items_total = $2 WHERE id = $1")
-                .bind(run_id)
-                .bind(clamp_i32(total))
-                .execute(conn)
-                .await
-        })
-        .await
-    {
-        tracing::warn!(%operation, %run_id, error = %e, "could not record the run's total");
-    }
-
     let counts = Arc::new(Counts::default());
     let stop_items = ctx.cancel.child_token();
     let heartbeat_done = CancellationToken::new();
@@ -495,50 +504,132 @@ async fn run_locked<O: Operation>(
         Parallelism::ItemsInBatch => (NonZeroUsize::MIN, options.concurrency),
     };
     let strict = options.mode == Mode::Strict;
+    let page_size = page_size(ctx.page_size, options.batch_size);
 
+    // Pages of due items, each run in batches; the next page starts after the last
+    // item of this one (keyset), so rows that failed are not loaded again by this run.
     let work = async {
-        let outcomes = smartbeak_utils::concurrency::map_batches_bounded(
-            items,
-            options.batch_size,
-            batch_concurrency,
-            strict,
-            |first, batch| {
-                let counts = counts.clone();
-                let ids = &ids;
-                async move {
-                    let len = batch.len();
-                    let results = op.process_batch(batch, item_concurrency).await;
-                    let mut failures = Vec::new();
-                    for (offset, result) in results.iter().enumerate().take(len) {
-                        match result {
-                            Ok(ItemOutcome::Done) => {
-                                counts.succeeded.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Ok(ItemOutcome::Skipped) => {
-                                counts.skipped.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Err(error) => {
-                                counts.failed.fetch_add(1, Ordering::Relaxed);
-                                failures.push(FailedItem {
-                                    index: first + offset,
-                                    item_id: ids[first + offset].clone(),
-                                    error: error.clone(),
-                                });
+        let mut pages = Pages::default();
+        let mut after = None;
+        // A stop before the first page still loads it: its items are counted skipped, so
+        // the run row says what was due.
+        loop {
+            let page = match op.load_page(after.clone(), page_size).await {
+                Ok(page) => page,
+                Err(e) => {
+                    pages.load_error = Some(format!("loading the items failed: {e:#}"));
+                    break;
+                }
+            };
+            let len = page.len();
+            let Some(last) = page.last() else {
+                break;
+            };
+            after = Some(op.cursor(last));
+            let first_index = pages.total as usize;
+            pages.total += len as u64;
+            if let Some(bar) = progress {
+                bar.set_length(pages.total);
+            }
+            // The total so far goes in at once, so a watcher (or the next runner) sees it.
+            let total = pages.total;
+            if let Err(e) = ctx
+                .db
+                .run(async |conn| {
+                    sqlx::query(
+                        "UPDATE batch_runs SET items_total = $2 WHERE id = $1 AND status = 'running'",
+                    )
+                    .bind(run_id)
+                    .bind(clamp_i32(total))
+                    .execute(conn)
+                    .await
+                })
+                .await
+            {
+                tracing::warn!(%operation, %run_id, error = %e, "could not record the run's total");
+            }
+            let ids: Vec<String> = page.iter().map(|item| op.item_id(item)).collect();
+            let outcomes = smartbeak_utils::concurrency::map_batches_bounded(
+                page,
+                options.batch_size,
+                batch_concurrency,
+                strict,
+                |first, batch| {
+                    let counts = counts.clone();
+                    let ids = &ids;
+                    let stop_items = &stop_items;
+                    async move {
+                        let len = batch.len();
+                        let results = op.process_batch(batch, item_concurrency, stop_items).await;
+                        let mut failures = Vec::new();
+                        for (offset, result) in results.iter().enumerate().take(len) {
+                            match result {
+                                Ok(ItemOutcome::Done) => {
+                                    counts.succeeded.fetch_add(1, Ordering::Relaxed);
+                                }
+                                Ok(ItemOutcome::Skipped) => {
+                                    counts.skipped.fetch_add(1, Ordering::Relaxed);
+                                }
+                                Ok(ItemOutcome::NotStarted) => {
+                                    counts.skipped.fetch_add(1, Ordering::Relaxed);
+                                    counts.not_started.fetch_add(1, Ordering::Relaxed);
+                                }
+                                Err(error) => {
+                                    counts.failed.fetch_add(1, Ordering::Relaxed);
+                                    failures.push(FailedItem {
+                                        index: first_index + first + offset,
+                                        item_id: ids[first + offset].clone(),
+                                        error: error.clone(),
+                                    });
+                                }
                             }
                         }
+                        // An operation that returned too few outcomes: the rest did not run.
+                        let missing = len.saturating_sub(results.len()) as u64;
+                        counts.skipped.fetch_add(missing, Ordering::Relaxed);
+                        counts.not_started.fetch_add(missing, Ordering::Relaxed);
+                        record_failures(ctx, run_id, operation, &counts, &failures).await;
+                        if let Some(bar) = progress {
+                            bar.inc(len as u64);
+                        }
+                        results
                     }
-                    record_failures(ctx, run_id, operation, &counts, &failures).await;
-                    if let Some(bar) = progress {
-                        bar.inc(len as u64);
+                },
+                Some(stop_items.clone()),
+            )
+            .await
+            // `Options` was checked above, so this is only ever Ok.
+            .unwrap_or_default();
+            let mut page_failed = false;
+            for (offset, outcome) in outcomes.into_iter().enumerate() {
+                match outcome {
+                    // A batch never started (shutdown, lost lock, strict stop).
+                    None => {
+                        counts.skipped.fetch_add(1, Ordering::Relaxed);
+                        counts.not_started.fetch_add(1, Ordering::Relaxed);
+                        if let Some(bar) = progress {
+                            bar.inc(1);
+                        }
                     }
-                    results
+                    Some(Err(error)) => {
+                        page_failed = true;
+                        if (pages.failures.len() as u64) < MAX_RECORDED_FAILURES {
+                            pages.failures.push(FailedItem {
+                                index: first_index + offset,
+                                item_id: ids[offset].clone(),
+                                error,
+                            });
+                        }
+                    }
+                    Some(Ok(_)) => {}
                 }
-            },
-            Some(stop_items.clone()),
-        )
-        .await;
+            }
+            if (strict && page_failed) || len < page_size || stop_items.is_cancelled() {
+                break;
+            }
+        }
         heartbeat_done.cancel();
-        outcomes
+        pages
     };
     let heartbeat = heartbeat(
         lock,
@@ -549,35 +640,23 @@ async fn run_locked<O: Operation>(
         &heartbeat_done,
         &stop_items,
     );
-    let (outcomes, lost) = tokio::join!(work, heartbeat);
-    // `Options` was checked above, so this is only ever Ok.
-    let outcomes = outcomes.unwrap_or_default();
-
-    let mut failures = Vec::new();
-    let mut not_started = 0_u64;
-    for (index, outcome) in outcomes.into_iter().enumerate() {
-        match outcome {
-            None => not_started += 1,
-            Some(Err(error)) if (failures.len() as u64) < MAX_RECORDED_FAILURES => {
-                failures.push(FailedItem {
-                    index,
-                    item_id: ids[index].clone(),
-                    error,
-                });
-            }
-            Some(_) => {}
-        }
-    }
-    counts.skipped.fetch_add(not_started, Ordering::Relaxed);
-    if let Some(bar) = progress {
-        bar.inc(not_started);
-    }
+    let (pages, lost) = tokio::join!(work, heartbeat);
+    let Pages {
+        total,
+        failures,
+        load_error,
+    } = pages;
+    let not_started = counts.not_started.load(Ordering::Relaxed);
     let (succeeded, failed, skipped) = counts.get();
     let mut error = None;
     let status = if let Some(why) = &lost {
         error = Some(format!(
-            "the lock connection was lost ({why}); no further items were started"
+            "the lock connection was lost ({why}); no further items were started \
+             ({not_started} not started)"
         ));
+        RunStatus::Failed
+    } else if let Some(why) = load_error {
+        error = Some(why);
         RunStatus::Failed
     } else if ctx.cancel.is_cancelled() && not_started > 0 {
         error = Some(format!(

@@ -3,9 +3,10 @@
 //! so across the deployment only one instance runs a given operation at a time; a run
 //! that finds the lock held is skipped until the next interval.
 //!
-//! At shutdown the tasks stop starting batches (the runs' cancellation token is the
-//! shutdown's), in-flight batches finish within the drain deadline, and each run is
-//! recorded `interrupted` with its counts before the pools close.
+//! At shutdown the tasks stop starting items (the runs' cancellation token is the
+//! shutdown's, and it reaches every operation's `process_batch`), in-flight items finish
+//! within the drain deadline, and each run is recorded `interrupted` with its counts
+//! (never-started items `skipped`) before the pools close.
 
 use std::sync::Arc;
 use std::time::Duration;

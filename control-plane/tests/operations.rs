@@ -20,7 +20,8 @@ use smartbeak_control_plane::operations::keyword_sync::{
     KeywordSync, ProviderConfig, Providers, Secret,
 };
 use smartbeak_control_plane::runner::{
-    LOCK_CLASS, Mode, RunContext, RunOptions, RunOutcome, RunReport, RunStatus, run_once,
+    DEFAULT_PAGE_SIZE, LOCK_CLASS, Mode, RunContext, RunOptions, RunOutcome, RunReport, RunStatus,
+    run_once,
 };
 use smartbeak_database::Database;
 use smartbeak_database::testing::TestDatabase;
@@ -69,6 +70,7 @@ impl Fixture {
             heartbeat: Duration::from_millis(200),
             stale_after: Duration::from_secs(30),
             cancel: CancellationToken::new(),
+            page_size: DEFAULT_PAGE_SIZE,
         }
     }
 
@@ -191,11 +193,12 @@ async fn content_scheduler_publishes_the_good_rows_and_records_every_failure() {
     assert_eq!(expected_bad.len(), 1_000);
 
     let op = ContentScheduler::new(fx.db.clone());
-    let report = ran(
-        run_once(&op, &fx.ctx(), options(100, 4, Mode::SettleAll), None)
-            .await
-            .unwrap(),
-    );
+    // Pages of 1,000: the failed rows stay due, yet the keyset never loads them again.
+    let mut ctx = fx.ctx();
+    ctx.page_size = 1_000;
+    let report = ran(run_once(&op, &ctx, options(100, 4, Mode::SettleAll), None)
+        .await
+        .unwrap());
     assert_eq!(
         (
             report.total,
@@ -876,9 +879,13 @@ async fn losing_the_lock_connection_stops_the_run() {
     let killer = tokio::spawn(async move {
         // Wait until the lock is held, then end its session.
         for _ in 0..200 {
+            // Only the lock holder of this test's database: `admin` is connected to it,
+            // and the lock's row names the holder's pid.
             let killed: Option<bool> = sqlx::query_scalar(
                 "SELECT pg_terminate_backend(pid) FROM pg_locks \
-                 WHERE locktype = 'advisory' AND classid = $1 AND objid = 2 AND granted",
+                 WHERE locktype = 'advisory' AND classid = $1 AND objid = 2 AND granted \
+                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                 AND pid <> pg_backend_pid()",
             )
             .bind(LOCK_CLASS)
             .fetch_optional(&admin)
@@ -891,7 +898,8 @@ async fn losing_the_lock_connection_stops_the_run() {
         }
         false
     });
-    let report = ran(run_once(&op, &ctx, options(1, 1, Mode::SettleAll), None)
+    // One batch larger than the run: the stop must reach the items of the batch in flight.
+    let report = ran(run_once(&op, &ctx, options(100, 1, Mode::SettleAll), None)
         .await
         .unwrap());
     assert!(killer.await.unwrap(), "the lock was never seen");
@@ -911,5 +919,183 @@ async fn losing_the_lock_connection_stops_the_run() {
         report.summary()
     );
     assert_eq!(report.succeeded + report.failed + report.skipped, 6);
+    fx.done().await;
+}
+
+/// A provider that answers only when released, counting the requests it got.
+#[derive(Default)]
+struct GatedProvider {
+    hits: AtomicUsize,
+    open: tokio::sync::Notify,
+    released: AtomicBool,
+}
+
+async fn gated(State(p): State<Arc<GatedProvider>>, Query(q): Query<SiteQuery>) -> Response {
+    p.hits.fetch_add(1, Ordering::SeqCst);
+    loop {
+        // Created before the check, so a release in between still wakes it.
+        let notified = p.open.notified();
+        if p.released.load(Ordering::SeqCst) {
+            break;
+        }
+        notified.await;
+    }
+    (
+        [("content-type", "application/json")],
+        keywords_body(&q.site),
+    )
+        .into_response()
+}
+
+#[tokio::test]
+async fn shutdown_mid_batch_starts_no_new_item_and_counts_the_rest_skipped() {
+    let fx = Fixture::new().await;
+    add_sources(&fx, "gsc", 6).await;
+    let state = Arc::new(GatedProvider::default());
+    let app = Router::new()
+        .route("/gated/v1/keywords", get(gated))
+        .with_state(state.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let op = KeywordSync::new(
+        fx.db.clone(),
+        client(Duration::from_secs(30), Duration::from_secs(10)),
+        Providers {
+            gsc: Some(provider(&format!("http://{addr}"), "gated")),
+            ahrefs: None,
+        },
+    );
+    let ctx = fx.ctx();
+    let cancel = ctx.cancel.clone();
+    let trigger = {
+        let state = state.clone();
+        tokio::spawn(async move {
+            // Two items in flight (concurrency 2), then shutdown, then they may finish.
+            for _ in 0..1_000 {
+                if state.hits.load(Ordering::SeqCst) >= 2 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            cancel.cancel();
+            state.released.store(true, Ordering::SeqCst);
+            state.open.notify_waiters();
+        })
+    };
+    // One batch of 100 for 6 items: without the stop reaching process_batch, all 6 ran.
+    let report = ran(run_once(&op, &ctx, options(100, 2, Mode::SettleAll), None)
+        .await
+        .unwrap());
+    trigger.await.unwrap();
+    assert_eq!(state.hits.load(Ordering::SeqCst), 2, "{}", report.summary());
+    assert_eq!(
+        report.status,
+        RunStatus::Interrupted,
+        "{}",
+        report.summary()
+    );
+    assert_eq!(
+        (
+            report.total,
+            report.succeeded,
+            report.failed,
+            report.skipped
+        ),
+        (6, 2, 0, 4),
+        "{}",
+        report.summary()
+    );
+    let row = run_row(&fx.admin, report.run_id.unwrap()).await;
+    assert_eq!(
+        (
+            row.status.as_str(),
+            row.items_total,
+            row.items_succeeded,
+            row.items_failed,
+            row.items_skipped
+        ),
+        ("interrupted", 6, 2, 0, 4)
+    );
+    fx.done().await;
+}
+
+#[tokio::test]
+async fn failures_past_the_cap_are_counted_but_not_recorded() {
+    let fx = Fixture::new().await;
+    // 2,000 items, 1,500 failing; batches of 1,000 (so the savepoint fallback runs in
+    // chunks of at most 64 subtransactions) one at a time, so the first failures recorded
+    // are the lowest indexes.
+    seed_scheduled(&fx, 2_000, "i % 4 <> 0").await;
+    let op = ContentScheduler::new(fx.db.clone());
+    let report = ran(
+        run_once(&op, &fx.ctx(), options(1_000, 1, Mode::SettleAll), None)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        (
+            report.total,
+            report.succeeded,
+            report.failed,
+            report.skipped
+        ),
+        (2_000, 500, 1_500, 0),
+        "{}",
+        report.summary()
+    );
+    assert_eq!(report.status, RunStatus::Partial);
+    assert_eq!(report.failures.len(), 1_000);
+    let run_id = report.run_id.unwrap();
+    let recorded: Vec<(i64, String, String)> = sqlx::query_as(
+        "SELECT item_index, item_id, error FROM batch_run_items WHERE run_id = $1 \
+         ORDER BY item_index",
+    )
+    .bind(run_id)
+    .fetch_all(&fx.admin)
+    .await
+    .unwrap();
+    assert_eq!(recorded.len(), 1_000);
+    let expected: Vec<i64> = (0..2_000_i64).filter(|i| i % 4 != 0).take(1_000).collect();
+    let indexes: Vec<i64> = recorded.iter().map(|r| r.0).collect();
+    assert_eq!(indexes, expected);
+    assert!(
+        recorded
+            .iter()
+            .all(|r| !r.1.is_empty() && r.2.contains("test_no_bad_published")),
+        "every recorded failure is in full"
+    );
+    let row = run_row(&fx.admin, run_id).await;
+    assert_eq!(
+        (
+            row.status.as_str(),
+            row.items_total,
+            row.items_succeeded,
+            row.items_failed,
+            row.items_skipped
+        ),
+        ("partial", 2_000, 500, 1_500, 0)
+    );
+    fx.done().await;
+}
+
+#[tokio::test]
+async fn a_scheduled_row_needs_its_publish_at() {
+    let fx = Fixture::new().await;
+    // Migration 20261202000005: a scheduled row without publish_at would never be due.
+    let refused = sqlx::query(
+        "INSERT INTO content_items (id, domain_id, title, slug, status) \
+         VALUES (gen_random_uuid(), $1, 't', 's', 'scheduled')",
+    )
+    .bind(fx.domain)
+    .execute(&fx.admin)
+    .await
+    .unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains("content_items_scheduled_publish_at_check"),
+        "{refused}"
+    );
     fx.done().await;
 }

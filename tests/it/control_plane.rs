@@ -98,7 +98,8 @@ async fn control_plane_refuses_bad_configuration_with_the_variable_named() {
         .await
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    // A configuration error exits 2 (README, "Exit codes"), before any connection.
+    assert_eq!(output.status.code(), Some(2), "{stdout}");
     assert!(
         stdout.contains("DB_POOL_MIN (30) is greater than DB_POOL_MAX (20)"),
         "{stdout}"
@@ -110,7 +111,7 @@ async fn control_plane_refuses_bad_configuration_with_the_variable_named() {
         .await
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    assert_eq!(output.status.code(), Some(2), "{stdout}");
     assert!(
         stdout.contains("DATABASE_URL is invalid") && stdout.contains("placeholder"),
         "{stdout}"
@@ -119,6 +120,55 @@ async fn control_plane_refuses_bad_configuration_with_the_variable_named() {
         !stdout.contains(":password@"),
         "the password reached the log: {stdout}"
     );
+
+    // Settings that do not fit together, and credentials in a base URL.
+    for (vars, expected) in [
+        (
+            &[("CP_HEARTBEAT_MS", "5000"), ("CP_STALE_AFTER_MS", "6000")][..],
+            "CP_STALE_AFTER_MS (6000 ms) must be at least 3 times CP_HEARTBEAT_MS (5000 ms)",
+        ),
+        (
+            &[("CP_CONCURRENCY", "32")][..],
+            "CP_CONCURRENCY (32) must be less than DB_POOL_MAX (20)",
+        ),
+        (
+            &[
+                ("CP_GSC_BASE_URL", "https://bob:hunter2@gsc.example/"),
+                ("CP_GSC_API_KEY", "key"),
+            ][..],
+            "CP_GSC_BASE_URL must not carry credentials",
+        ),
+    ] {
+        // A database that does not exist: were the check to pass, the connect fails (exit
+        // 1) and nothing touches a real database.
+        let mut cmd = control_plane("postgres://postgres@127.0.0.1:5432/sb_cp_no_such_database");
+        cmd.args(["batch", "keyword-sync"]);
+        for (name, value) in vars {
+            cmd.env(name, value);
+        }
+        let output = cmd.output().await.unwrap();
+        let out = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert_eq!(output.status.code(), Some(2), "{vars:?}: {out}");
+        assert!(out.contains(expected), "{vars:?}: {out}");
+        assert!(
+            !out.contains("hunter2"),
+            "the password reached the output: {out}"
+        );
+    }
+    // `--help` shows no value of a base URL from the environment.
+    let help = control_plane("postgres://postgres@127.0.0.1:5432/postgres")
+        .env("CP_GSC_BASE_URL", "https://bob:hunter2@gsc.example/")
+        .args(["batch", "--help"])
+        .output()
+        .await
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("CP_GSC_BASE_URL"), "{help}");
+    assert!(!help.contains("hunter2"), "{help}");
 }
 
 #[tokio::test]
@@ -377,8 +427,10 @@ async fn sigterm_mid_run_finishes_in_flight_items_and_records_the_run_interrupte
     seed_sources(&admin, 8).await;
     let (provider, state) = start_slow_provider(700).await;
 
+    // One batch larger than the run: SIGTERM must stop the items of the batch in flight.
     let mut child = keyword_runner(&url, &provider, "runner-term")
         .env("CP_KEYWORD_SYNC_INTERVAL_SECS", "3600")
+        .env("CP_BATCH_SIZE", "100")
         .spawn()
         .unwrap();
     let log = collect_lines(&mut child);
@@ -439,6 +491,10 @@ async fn sigterm_mid_run_finishes_in_flight_items_and_records_the_run_interrupte
     assert_eq!(run.items_failed, 0);
     assert_eq!(run.items_total, 8);
     assert_eq!(run.items_skipped, 8 - hits, "{run:?}");
+    assert_eq!(
+        run.items_succeeded + run.items_failed + run.items_skipped,
+        run.items_total
+    );
     assert!(run.finished_at.is_some());
     let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM keyword_metrics")
         .fetch_one(&admin)
@@ -527,6 +583,9 @@ async fn batch_exits_non_zero_naming_the_run_and_serves_help() {
     for var in [
         "CP_BATCH_SIZE",
         "default: 1000",
+        "DB_POOL_MAX",
+        "SHUTDOWN_DRAIN_TIMEOUT_MS",
+        "SHUTDOWN_POOL_CLOSE_MS",
         "CP_CONCURRENCY",
         "EXPORT_DIR",
         "CP_GSC_API_KEY",

@@ -474,9 +474,10 @@ async fn a_killed_worker_s_export_is_finished_by_another_after_its_lease() {
     let db = Db::create().await;
     let dir = tempfile::tempdir().unwrap();
     let (_, domains) = db.seed(1, 20).await;
-    // A short lease: the statement timeout must nest under it.
+    // A short lease: the heartbeat plus the statement timeout's client bound must nest
+    // under it.
     let short = [
-        ("EXPORT_LEASE_SECS", "2"),
+        ("EXPORT_LEASE_SECS", "3"),
         ("EXPORT_HEARTBEAT_SECS", "1"),
         ("DB_STATEMENT_TIMEOUT_MS", "1500"),
     ];
@@ -500,6 +501,18 @@ async fn a_killed_worker_s_export_is_finished_by_another_after_its_lease() {
     a.signal("KILL");
     a.wait(Duration::from_secs(10)).await;
     lock.commit().await.unwrap();
+    // What a worker killed mid-write leaves (this one was killed in its count, before its
+    // writer opened a file): a temp file and an unrecorded final file of an earlier
+    // attempt, both older than two leases. The survivor's sweep removes them.
+    let old = std::time::SystemTime::now() - Duration::from_secs(60);
+    let leftover = [
+        format!(".{}.{}.tmp", id.simple(), Uuid::new_v4().simple()),
+        format!("{}.999.csv", id.simple()),
+    ];
+    for name in &leftover {
+        let file = std::fs::File::create(dir.path().join(name)).unwrap();
+        file.set_modified(old).unwrap();
+    }
 
     let b = WorkerProc::start(
         &db.url,
@@ -517,6 +530,14 @@ async fn a_killed_worker_s_export_is_finished_by_another_after_its_lease() {
             (2, "survivor".to_owned(), "succeeded".to_owned()),
         ]
     );
+    // The sweep (at start and every reaper tick) removed both leftovers and kept the
+    // recorded file.
+    eventually(
+        "the sweep to remove the leftovers",
+        Duration::from_secs(10),
+        || async { (files(dir.path()).len() == 1).then_some(()) },
+    )
+    .await;
     assert_eq!(
         finished_files(dir.path()).len(),
         1,
@@ -569,6 +590,7 @@ async fn a_cancel_through_the_api_stops_a_running_export_with_no_file_left() {
         .unwrap();
     let id: Uuid = created["id"].as_str().unwrap().parse().unwrap();
     wait_status(&db, id, "running", Duration::from_secs(10)).await;
+    let deleted = std::time::Instant::now();
     let response = api
         .http
         .delete(api.url(&format!("/v1/exports/{id}")))
@@ -577,19 +599,25 @@ async fn a_cancel_through_the_api_stops_a_running_export_with_no_file_left() {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    // The worker's watcher sees the cancel on its next fenced heartbeat (every second) and
-    // stops the export, still waiting on the lock; a bound of a few seconds, not a timing.
+    // The cancel NOTIFY (or the once-a-second fence check) stops the export, still waiting
+    // on the lock: the job ends `cancelled`, counted by the worker, with no file. A bound,
+    // not a timing: the measured time is printed.
     eventually(
-        "the worker to count the cancel",
-        Duration::from_secs(5),
+        "the export to end cancelled with no file",
+        Duration::from_secs(10),
         || async {
             let n = worker
                 .metric("export_jobs_total", Some(r#"outcome="cancelled""#))
                 .await;
-            (n == 1.0).then_some(())
+            (n == 1.0 && db.status(id).await == "cancelled" && files(dir.path()).is_empty())
+                .then_some(())
         },
     )
     .await;
+    eprintln!(
+        "from DELETE to cancelled with no file: {} ms",
+        deleted.elapsed().as_millis()
+    );
     assert_eq!(worker.metric("export_jobs_running", None).await, 0.0);
     lock.commit().await.unwrap();
     assert_eq!(db.status(id).await, "cancelled");
@@ -634,6 +662,9 @@ async fn a_fenced_worker_cannot_complete_and_removes_its_file() {
     .fetch_one(&db.pool)
     .await
     .unwrap();
+    // The thief's attempt has written its own file: the fenced worker must not touch it.
+    let thief_file = format!("{}.{stolen}.csv", id.simple());
+    std::fs::write(dir.path().join(&thief_file), b"the newer attempt's file").unwrap();
     lock.commit().await.unwrap();
     // The export finishes (or its watcher notices first): either way it is fenced.
     eventually(
@@ -663,8 +694,13 @@ async fn a_fenced_worker_cannot_complete_and_removes_its_file() {
     );
     assert_eq!(
         files(dir.path()),
-        Vec::<String>::new(),
-        "its file was removed"
+        vec![thief_file.clone()],
+        "its own file removed, the newer attempt's kept"
+    );
+    assert_eq!(
+        std::fs::read(dir.path().join(&thief_file)).unwrap(),
+        b"the newer attempt's file",
+        "the newer attempt's file intact"
     );
     assert_eq!(
         worker

@@ -255,12 +255,7 @@ impl WorkerProcess {
 
     /// Sends SIGTERM and waits for the exit code.
     fn terminate(&mut self) -> Result<i32> {
-        smartbeak_test_support::signal(self.child.id(), "TERM").map_err(anyhow::Error::msg)?;
-        let status = self
-            .child
-            .wait()
-            .context("waiting for smartbeak-domain-export")?;
-        Ok(status.code().unwrap_or(-1))
+        terminate(&mut self.child, "smartbeak-domain-export")
     }
 }
 
@@ -271,6 +266,43 @@ impl Drop for WorkerProcess {
             let _ = self.child.wait();
         }
     }
+}
+
+/// How long a demo process gets to exit after SIGTERM: its shutdown deadline
+/// (`SHUTDOWN_TIMEOUT_MS`, 25 s by default) and a margin.
+const TERMINATE_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Sends SIGTERM to `child` and waits up to [`TERMINATE_DEADLINE`] for its exit code; a
+/// child still running then is killed (SIGKILL) and the demo fails saying so.
+fn terminate(child: &mut Child, name: &str) -> Result<i32> {
+    terminate_within(child, name, TERMINATE_DEADLINE)
+}
+
+fn terminate_within(child: &mut Child, name: &str, deadline: Duration) -> Result<i32> {
+    smartbeak_test_support::signal(child.id(), "TERM").map_err(anyhow::Error::msg)?;
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(status) = child
+            .try_wait()
+            .with_context(|| format!("waiting for {name}"))?
+        {
+            return Ok(status.code().unwrap_or(-1));
+        }
+        if started.elapsed() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let killed = child.kill();
+    let _ = child.wait();
+    bail!(
+        "{name} (pid {}) did not exit within {deadline:?} of SIGTERM; it was killed with SIGKILL{}",
+        child.id(),
+        killed
+            .err()
+            .map(|e| format!(" (kill: {e})"))
+            .unwrap_or_default()
+    )
 }
 
 fn section(title: &str) {
@@ -349,9 +381,7 @@ impl ApiProcess {
 
     /// Sends SIGTERM and waits for the exit code.
     fn terminate(&mut self) -> Result<i32> {
-        smartbeak_test_support::signal(self.child.id(), "TERM").map_err(anyhow::Error::msg)?;
-        let status = self.child.wait().context("waiting for smartbeak-api")?;
-        Ok(status.code().unwrap_or(-1))
+        terminate(&mut self.child, "smartbeak-api")
     }
 }
 
@@ -366,6 +396,36 @@ impl Drop for ApiProcess {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn terminate_kills_a_child_that_ignores_sigterm() {
+        // A process that ignores SIGTERM (an ignored signal stays ignored across exec) and
+        // says when it is ready to be signalled.
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "trap '' TERM; echo ready; exec sleep 60"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let err = super::terminate_within(
+            &mut child,
+            "stubborn",
+            std::time::Duration::from_millis(200),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("did not exit within 200ms of SIGTERM; it was killed with SIGKILL"),
+            "{err}"
+        );
+        assert!(child.try_wait().unwrap().is_some(), "the child is gone");
+    }
+
     use super::*;
 
     #[test]

@@ -100,6 +100,7 @@ async fn main() -> ExitCode {
 fn spec(org: Uuid, domain: Uuid, format: ExportFormat) -> ExportSpec {
     ExportSpec {
         id: Uuid::new_v4(),
+        token: 0,
         org_id: org,
         domain_id: domain,
         format,
@@ -175,7 +176,7 @@ async fn seed(db: &Database, org: Uuid, domain: Uuid, rows: u64) -> Result<()> {
         let end = (start + step).min(rows);
         sqlx::query(
             "INSERT INTO content_items (id, domain_id, title, slug, body, status, published_at, \
-             created_at, updated_at) \
+             created_at, updated_at, publish_at) \
              SELECT gen_random_uuid(), $1, \
                'How to ' || (ARRAY['grow','tend','prune','water','harvest'])[1 + i % 5] \
                  || ' your ' || (ARRAY['tomatoes','roses','basil','apple trees','orchids'])[1 + (i / 5) % 5] \
@@ -186,7 +187,8 @@ async fn seed(db: &Database, org: Uuid, domain: Uuid, rows: u64) -> Result<()> {
                  i, md5(i::text), md5((i + 1)::text)), \
                (ARRAY['draft','published','scheduled','archived'])[1 + i % 4], \
                CASE WHEN i % 4 = 1 THEN $4 + i * interval '1 second' END, \
-               $4 + i * interval '1 second', $4 + i * interval '1 second' \
+               $4 + i * interval '1 second', $4 + i * interval '1 second', \
+               CASE WHEN i % 4 = 2 THEN $4 + i * interval '1 second' END \
              FROM generate_series($2::int8, $3::int8 - 1) AS i",
         )
         .bind(domain)

@@ -5,7 +5,8 @@
 //! [`ratelimit`] (Redis GCRA with fail-open/closed), [`routes`] (handlers by resource),
 //! [`analytics`] (single-flight cached aggregates), [`http`] (router and layers),
 //! [`openapi`] (the generated document), [`state`] (what handlers share), [`jobs`] (the
-//! domain export job: its queue, writers and worker).
+//! domain export job: its queue, writers and worker), [`startup`] (the start-up wiring the
+//! three service binaries share: metrics recorder, database connect and pool handler).
 
 #![warn(missing_docs)]
 
@@ -18,6 +19,7 @@ pub mod jobs;
 pub mod openapi;
 pub mod ratelimit;
 pub mod routes;
+pub mod startup;
 pub mod state;
 
 pub use http::app;

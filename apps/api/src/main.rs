@@ -10,14 +10,50 @@ use clap::{Parser, Subcommand};
 use metrics_exporter_prometheus::PrometheusBuilder;
 use smartbeak_api::config::{ApiConfig, LogFormat};
 use smartbeak_api::ratelimit::RateLimiter;
-use smartbeak_api::{AppState, auth};
+use smartbeak_api::{AppState, auth, startup};
 use smartbeak_database::{Database, DatabaseConfig};
 use smartbeak_shutdown::telemetry::{self, LogGuard, Output};
 use smartbeak_shutdown::{Phase, RegisterError, Shutdown, ShutdownReason};
 use uuid::Uuid;
 
+/// The variables `smartbeak-api` reads besides the database and shutdown ones (it has no
+/// flags for them), for `--help`.
+const API_VARIABLES: &str = "\
+API variables (defaults in brackets):
+  API_BIND                     listen address [127.0.0.1:8080]
+  HTTP_BODY_LIMIT_BYTES        [1048576]
+  HTTP_REQUEST_TIMEOUT_MS      [10000]
+  HTTP_MAX_CONCURRENCY         [1024]
+  REDIS_URL                    the rate limiter's Redis [unset: in-process limiter]
+  REDIS_CONNECT_TIMEOUT_MS     [1000]
+  REDIS_COMMAND_TIMEOUT_MS     [100]
+  REDIS_RECONNECT_MIN_MS       [100]
+  REDIS_RECONNECT_MAX_MS       [5000]
+  REDIS_BREAKER_FAILURES       [3]
+  REDIS_BREAKER_COOLDOWN_MS    [500]
+  RATE_LIMIT_ENABLED           [true]
+  RATE_LIMIT_PER_KEY           requests per window per API key [600]
+  RATE_LIMIT_PER_IP            requests per window per client IP [1200]
+  RATE_LIMIT_WINDOW_SECS       [60]
+  RATE_LIMIT_FAIL_CLOSED       [false]
+  RATE_LIMIT_REPLICAS          [1]
+  RATE_LIMIT_KEY_PREFIX        [smartbeak:rl]
+  TRUST_X_FORWARDED_FOR        [false]
+  ANALYTICS_CACHE_TTL_MS       [5000]
+  EXPORT_DIR                   where export files live [./exports]";
+
+/// Every variable the binary reads, for `--help`.
+fn variables_help() -> String {
+    format!("{API_VARIABLES}\n\n{}", startup::DATABASE_AND_SHUTDOWN_HELP)
+}
+
 #[derive(Debug, Parser)]
-#[command(name = "smartbeak-api", version, about = "The SmartBeak HTTP API")]
+#[command(
+    name = "smartbeak-api",
+    version,
+    about = "The SmartBeak HTTP API",
+    after_help = variables_help()
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -159,19 +195,7 @@ async fn serve(config: ApiConfig, logs: &LogGuard) -> anyhow::Result<ExitCode> {
         .context("installing signal handlers")?;
     logs.flush_on_force_exit(&shutdown);
 
-    let metrics = PrometheusBuilder::new()
-        .install_recorder()
-        .context("installing the metrics recorder")?;
-    let upkeep = metrics.clone();
-    shutdown.spawn({
-        let token = shutdown.token();
-        async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(5));
-            while token.run_until_cancelled(tick.tick()).await.is_some() {
-                upkeep.run_upkeep();
-            }
-        }
-    });
+    let metrics = startup::install_metrics(&shutdown, PrometheusBuilder::new())?;
 
     // Every slow start-up step (connect, migrations, waiting for Redis) ends at the first
     // signal; what is open by then is released by the registered handlers and the process
@@ -180,42 +204,17 @@ async fn serve(config: ApiConfig, logs: &LogGuard) -> anyhow::Result<ExitCode> {
     config
         .check_timeouts(&db_config)
         .context("timeouts must nest")?;
-    let run_migrations = db_config.run_migrations;
-    let pool_close_deadline = config.pool_close_deadline;
-    let Some(db) = shutdown
-        .until_triggered(Database::connect(db_config, "smartbeak-api"))
-        .await
-        .transpose()
-        .context("connecting to the database")?
-    else {
-        return Ok(interrupted_start_up(&shutdown, "connecting to the database").await);
+    let (db, _database) = match startup::connect_database(
+        &shutdown,
+        db_config,
+        "smartbeak-api",
+        config.pool_close_deadline,
+    )
+    .await?
+    {
+        Ok(started) => started,
+        Err(code) => return Ok(code),
     };
-    let pools = db.clone();
-    let _database = match shutdown.register_with_timeout(
-        "database-pools",
-        Phase::Release,
-        pool_close_deadline,
-        move || async move { pools.close(pool_close_deadline).await },
-    ) {
-        Ok(guard) => guard,
-        // The signal came just after the connect: close the pools here, then report.
-        Err(RegisterError::ShutdownStarted { .. }) => {
-            db.close(pool_close_deadline).await?;
-            return Ok(interrupted_start_up(&shutdown, "connecting to the database").await);
-        }
-    };
-    if run_migrations {
-        // Dropped mid-way, a migration's transaction is rolled back by the server.
-        match shutdown
-            .until_triggered(smartbeak_database::migrate(db.primary()))
-            .await
-        {
-            Some(migrated) => {
-                migrated.context("applying migrations (set DB_RUN_MIGRATIONS=false to skip)")?
-            }
-            None => return Ok(interrupted_start_up(&shutdown, "applying migrations").await),
-        }
-    }
 
     let limiter = RateLimiter::new(config.rate_limit.clone(), config.redis.as_ref())
         .context("rate limiter configuration (REDIS_URL)")?;
@@ -236,7 +235,7 @@ async fn serve(config: ApiConfig, logs: &LogGuard) -> anyhow::Result<ExitCode> {
             .until_triggered(limiter.wait_for_redis(connect_timeout))
             .await
         else {
-            return Ok(interrupted_start_up(&shutdown, "waiting for redis").await);
+            return Ok(startup::interrupted_start_up(&shutdown, "waiting for redis").await);
         };
         if reachable {
             tracing::info!(
@@ -269,7 +268,7 @@ async fn serve(config: ApiConfig, logs: &LogGuard) -> anyhow::Result<ExitCode> {
             Ok(guard) => guard,
             // The database handler made it in before the trigger and runs with the report.
             Err(RegisterError::ShutdownStarted { .. }) => {
-                return Ok(interrupted_start_up(&shutdown, "binding the listener").await);
+                return Ok(startup::interrupted_start_up(&shutdown, "binding the listener").await);
             }
         };
 
@@ -295,11 +294,4 @@ async fn serve(config: ApiConfig, logs: &LogGuard) -> anyhow::Result<ExitCode> {
 
     shutdown.triggered().await;
     Ok(shutdown.run().await.exit_code())
-}
-
-/// A signal ended start-up during `step`: logs it and runs the shutdown (the handlers
-/// registered so far release what is open); returns the report's exit code.
-async fn interrupted_start_up(shutdown: &Shutdown, step: &str) -> ExitCode {
-    tracing::info!(step, "shutdown requested during start-up; not serving");
-    shutdown.run().await.exit_code()
 }

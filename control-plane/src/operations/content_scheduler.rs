@@ -3,10 +3,12 @@
 //!
 //! A batch is one `UPDATE ... WHERE id = ANY($1)`: the cost of a single statement per
 //! batch. When that statement fails on a row (a constraint, a trigger), the batch is done
-//! again item by item, each item in its own subtransaction, in one more round trip
-//! ([`Isolation::Savepoints`], the migration's `content_publish_each`), so only the
-//! failing rows fail and the cost of isolation is paid only by the batches that had a
-//! failure. [`Isolation::Bisect`] (split in halves down to the failing rows) is the other
+//! again item by item, each item in its own subtransaction ([`Isolation::Savepoints`], the
+//! migration's `content_publish_each`), in chunks of at most [`SAVEPOINT_CHUNK`] items,
+//! one statement (and so one transaction) per chunk: PostgreSQL caches 64 subtransactions
+//! per backend, and a transaction with more overflows that cache and slows every
+//! snapshot on the server. So only the failing rows fail and the cost of isolation is
+//! paid only by the batches that had a failure. [`Isolation::Bisect`] (split in halves down to the failing rows) is the other
 //! strategy, kept because the benchmark compares them (BENCHMARKS.md). Connection errors
 //! and timeouts are not isolated: they fail the rows of the statement that met them
 //! (retrying row by row would only multiply the load on a sick server).
@@ -18,14 +20,31 @@ use std::ops::Range;
 use smartbeak_database::{Database, DbError};
 use uuid::Uuid;
 
+use chrono::{DateTime, Utc};
+use tokio_util::sync::CancellationToken;
+
 use super::{ItemError, ItemOutcome, Operation, OperationName, Parallelism, error_chain};
+
+/// Most items (so subtransactions) per `content_publish_each` call: PostgreSQL's
+/// per-backend subtransaction cache (`PGPROC_MAX_CACHED_SUBXIDS`) holds 64.
+pub const SAVEPOINT_CHUNK: usize = 64;
+
+/// One due item, with its keyset `(publish_at, id)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DueContent {
+    /// The content item.
+    pub id: Uuid,
+    /// When it was due.
+    pub publish_at: DateTime<Utc>,
+}
 
 /// How a batch whose one statement failed on a row is narrowed down to the failing rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isolation {
-    /// The batch again, item by item, each in its own subtransaction, in one round trip
-    /// (the `content_publish_each` function of the migration). The default: it costs one
-    /// extra statement per failed batch, whatever the number of failing rows.
+    /// The batch again, item by item, each in its own subtransaction, [`SAVEPOINT_CHUNK`]
+    /// items per statement (the `content_publish_each` function of the migration). The
+    /// default: it costs `ceil(n / 64)` extra statements per failed batch of `n`, whatever
+    /// the number of failing rows (BENCHMARKS.md, "Control-plane").
     Savepoints,
     /// Split in halves, recursively, down to the failing rows: about `2 f log2(n / f)`
     /// extra statements for `f` failing rows of `n`. Kept for comparison (the benchmark).
@@ -51,7 +70,7 @@ impl ContentScheduler {
     }
 
     /// The batch in one statement; when it fails on a row, item by item with a savepoint
-    /// each, in one more round trip.
+    /// each, [`SAVEPOINT_CHUNK`] items per statement.
     async fn publish_with_savepoints(&self, batch: &[Uuid]) -> Vec<Result<ItemOutcome, ItemError>> {
         let error = match self.publish(batch).await {
             Ok(published) => return outcomes(batch, &published),
@@ -60,19 +79,29 @@ impl ContentScheduler {
         if !is_row_error(&error) {
             return fail_all(batch.len(), &describe(&error), 1);
         }
+        let mut results = Vec::with_capacity(batch.len());
+        for chunk in batch.chunks(SAVEPOINT_CHUNK) {
+            results.extend(self.publish_each(chunk).await);
+        }
+        results
+    }
+
+    /// `chunk` (at most [`SAVEPOINT_CHUNK`] ids) item by item, a subtransaction each, in
+    /// one statement.
+    async fn publish_each(&self, chunk: &[Uuid]) -> Vec<Result<ItemOutcome, ItemError>> {
         let each: Result<Vec<(Uuid, bool, Option<String>)>, DbError> = self
             .db
             .run(async |conn| {
                 sqlx::query_as(
                     "SELECT item_id, published, error_message FROM content_publish_each($1)",
                 )
-                .bind(batch)
+                .bind(chunk)
                 .fetch_all(conn)
                 .await
             })
             .await;
         match each {
-            Ok(rows) if rows.len() == batch.len() => rows
+            Ok(rows) if rows.len() == chunk.len() => rows
                 .into_iter()
                 .map(|(_, published, error)| match error {
                     Some(error) => Err(ItemError { error, attempts: 2 }),
@@ -81,15 +110,15 @@ impl ContentScheduler {
                 })
                 .collect(),
             Ok(rows) => fail_all(
-                batch.len(),
+                chunk.len(),
                 &format!(
                     "content_publish_each returned {} rows for {}",
                     rows.len(),
-                    batch.len()
+                    chunk.len()
                 ),
                 2,
             ),
-            Err(error) => fail_all(batch.len(), &describe(&error), 2),
+            Err(error) => fail_all(chunk.len(), &describe(&error), 2),
         }
     }
 
@@ -193,7 +222,8 @@ fn describe(error: &DbError) -> String {
 }
 
 impl Operation for ContentScheduler {
-    type Item = Uuid;
+    type Item = DueContent;
+    type Cursor = (DateTime<Utc>, Uuid);
 
     fn name(&self) -> OperationName {
         OperationName::ContentScheduler
@@ -203,32 +233,57 @@ impl Operation for ContentScheduler {
         Parallelism::Batches
     }
 
-    async fn load(&self) -> anyhow::Result<Vec<Uuid>> {
-        Ok(self
+    async fn load_page(
+        &self,
+        after: Option<(DateTime<Utc>, Uuid)>,
+        limit: usize,
+    ) -> anyhow::Result<Vec<DueContent>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows: Vec<(Uuid, DateTime<Utc>)> = self
             .db
             .run(async |conn| {
-                sqlx::query_scalar(
-                    "SELECT id FROM content_items WHERE status = 'scheduled' AND publish_at <= now() \
-                     ORDER BY publish_at, id",
+                sqlx::query_as(
+                    "SELECT id, publish_at FROM content_items \
+                     WHERE status = 'scheduled' AND publish_at <= now() \
+                     AND ($1::timestamptz IS NULL OR (publish_at, id) > ($1, $2)) \
+                     ORDER BY publish_at, id LIMIT $3",
                 )
+                .bind(after.map(|(at, _)| at))
+                .bind(after.map(|(_, id)| id))
+                .bind(limit)
                 .fetch_all(conn)
                 .await
             })
-            .await?)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, publish_at)| DueContent { id, publish_at })
+            .collect())
     }
 
-    fn item_id(&self, item: &Uuid) -> String {
-        item.to_string()
+    fn cursor(&self, item: &DueContent) -> (DateTime<Utc>, Uuid) {
+        (item.publish_at, item.id)
+    }
+
+    fn item_id(&self, item: &DueContent) -> String {
+        item.id.to_string()
     }
 
     async fn process_batch(
         &self,
-        batch: Vec<Uuid>,
+        batch: Vec<DueContent>,
         _concurrency: NonZeroUsize,
+        stop: &CancellationToken,
     ) -> Vec<Result<ItemOutcome, ItemError>> {
+        // The batch is one statement: it starts whole or not at all. (Once started, its
+        // isolation statements finish: they settle items already in flight.)
+        if stop.is_cancelled() {
+            return vec![Ok(ItemOutcome::NotStarted); batch.len()];
+        }
+        let ids: Vec<Uuid> = batch.iter().map(|item| item.id).collect();
         match self.strategy {
-            Isolation::Savepoints => self.publish_with_savepoints(&batch).await,
-            Isolation::Bisect => self.publish_bisecting(&batch).await,
+            Isolation::Savepoints => self.publish_with_savepoints(&ids).await,
+            Isolation::Bisect => self.publish_bisecting(&ids).await,
         }
     }
 }

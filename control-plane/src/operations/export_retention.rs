@@ -1,5 +1,5 @@
 //! `export-retention`: deletes the files of expired exports and marks their rows expired,
-//! through the statements of `smartbeak_api::jobs::retention` and the one path check,
+//! through the statements of `smartbeak_api::jobs::queue::retention` and the one path check,
 //! `smartbeak_api::jobs::paths::resolve_inside`.
 //!
 //! Per export: the path is checked first (a row naming a path outside `EXPORT_DIR`, or a
@@ -12,33 +12,28 @@ use std::io;
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use smartbeak_api::jobs::paths::{self, PathError};
-use smartbeak_api::jobs::retention::{self, ExpiredExport};
+use smartbeak_api::jobs::queue::retention::{self, ExpiredExport};
 use smartbeak_database::Database;
-use smartbeak_utils::concurrency::map_bounded;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
-use super::{ItemError, ItemOutcome, Operation, OperationName, Parallelism, error_chain};
-
-/// Largest number of exports one run handles (the next run takes the rest).
-pub const DEFAULT_MAX_ITEMS: i64 = 100_000;
+use super::{
+    ItemError, ItemOutcome, Operation, OperationName, Parallelism, each_item, error_chain,
+};
 
 /// The export-retention operation.
 #[derive(Debug, Clone)]
 pub struct ExportRetention {
     db: Database,
     export_dir: PathBuf,
-    max_items: i64,
 }
 
 impl ExportRetention {
     /// Over `db`, with files under `export_dir` (`EXPORT_DIR`).
     pub fn new(db: Database, export_dir: PathBuf) -> Self {
-        Self {
-            db,
-            export_dir,
-            max_items: DEFAULT_MAX_ITEMS,
-        }
+        Self { db, export_dir }
     }
 
     async fn expire(&self, export: ExpiredExport) -> Result<ItemOutcome, ItemError> {
@@ -82,6 +77,7 @@ impl ExportRetention {
 
 impl Operation for ExportRetention {
     type Item = ExpiredExport;
+    type Cursor = (DateTime<Utc>, Uuid);
 
     fn name(&self) -> OperationName {
         OperationName::ExportRetention
@@ -95,8 +91,17 @@ impl Operation for ExportRetention {
         serde_json::json!({ "export_dir": self.export_dir.display().to_string() })
     }
 
-    async fn load(&self) -> anyhow::Result<Vec<ExpiredExport>> {
-        Ok(retention::due(&self.db, Utc::now(), self.max_items).await?)
+    async fn load_page(
+        &self,
+        after: Option<(DateTime<Utc>, Uuid)>,
+        limit: usize,
+    ) -> anyhow::Result<Vec<ExpiredExport>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        Ok(retention::due(&self.db, Utc::now(), after, limit).await?)
+    }
+
+    fn cursor(&self, item: &ExpiredExport) -> (DateTime<Utc>, Uuid) {
+        (item.expires_at, item.id)
     }
 
     fn item_id(&self, item: &ExpiredExport) -> String {
@@ -107,18 +112,8 @@ impl Operation for ExportRetention {
         &self,
         batch: Vec<ExpiredExport>,
         concurrency: NonZeroUsize,
+        stop: &CancellationToken,
     ) -> Vec<Result<ItemOutcome, ItemError>> {
-        map_bounded(batch, concurrency, |e| self.expire(e), None)
-            .await
-            .into_iter()
-            .map(|r| {
-                r.map_err(|e| match e {
-                    smartbeak_utils::concurrency::ItemError::Failed(e) => e,
-                    smartbeak_utils::concurrency::ItemError::NotStarted => {
-                        ItemError::once("not started")
-                    }
-                })
-            })
-            .collect()
+        each_item(batch, concurrency, stop, |e| self.expire(e)).await
     }
 }

@@ -26,12 +26,14 @@ use chrono::{DateTime, NaiveDate, Utc};
 use serde::Deserialize;
 use smartbeak_database::Database;
 use smartbeak_resilience::AdapterName;
-use smartbeak_utils::concurrency::map_bounded;
 use smartbeak_utils::fetch::HttpClient;
+use tokio_util::sync::CancellationToken;
 use url::Url;
 use uuid::Uuid;
 
-use super::{ItemError, ItemOutcome, Operation, OperationName, Parallelism, error_chain};
+use super::{
+    ItemError, ItemOutcome, Operation, OperationName, Parallelism, each_item, error_chain,
+};
 
 /// A credential: `Debug` and `Display` never show it.
 #[derive(Clone, PartialEq, Eq)]
@@ -248,6 +250,7 @@ fn validate(
 
 impl Operation for KeywordSync {
     type Item = KeywordSource;
+    type Cursor = (Uuid, String);
 
     fn name(&self) -> OperationName {
         OperationName::KeywordSync
@@ -264,14 +267,23 @@ impl Operation for KeywordSync {
         })
     }
 
-    async fn load(&self) -> anyhow::Result<Vec<KeywordSource>> {
+    async fn load_page(
+        &self,
+        after: Option<(Uuid, String)>,
+        limit: usize,
+    ) -> anyhow::Result<Vec<KeywordSource>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows: Vec<(Uuid, String, String)> = self
             .db
             .run(async |conn| {
                 sqlx::query_as(
                     "SELECT domain_id, adapter, site FROM domain_keyword_sources \
-                     WHERE enabled ORDER BY domain_id, adapter",
+                     WHERE enabled AND ($1::uuid IS NULL OR (domain_id, adapter) > ($1, $2)) \
+                     ORDER BY domain_id, adapter LIMIT $3",
                 )
+                .bind(after.as_ref().map(|(domain, _)| *domain))
+                .bind(after.as_ref().map(|(_, adapter)| adapter.as_str()))
+                .bind(limit)
                 .fetch_all(conn)
                 .await
             })
@@ -286,6 +298,10 @@ impl Operation for KeywordSync {
             .collect())
     }
 
+    fn cursor(&self, item: &KeywordSource) -> (Uuid, String) {
+        (item.domain_id, item.adapter.as_str().to_owned())
+    }
+
     fn item_id(&self, item: &KeywordSource) -> String {
         format!("{}/{}", item.domain_id, item.adapter)
     }
@@ -294,18 +310,8 @@ impl Operation for KeywordSync {
         &self,
         batch: Vec<KeywordSource>,
         concurrency: NonZeroUsize,
+        stop: &CancellationToken,
     ) -> Vec<Result<ItemOutcome, ItemError>> {
-        map_bounded(batch, concurrency, |s| self.sync(s), None)
-            .await
-            .into_iter()
-            .map(|r| {
-                r.map_err(|e| match e {
-                    smartbeak_utils::concurrency::ItemError::Failed(e) => e,
-                    smartbeak_utils::concurrency::ItemError::NotStarted => {
-                        ItemError::once("not started")
-                    }
-                })
-            })
-            .collect()
+        each_item(batch, concurrency, stop, |s| self.sync(s)).await
     }
 }

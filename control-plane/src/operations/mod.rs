@@ -1,9 +1,10 @@
-//! The operations: each loads its due items and processes a batch of them, one outcome
-//! per item. The [`crate::runner`] owns everything around that (lock, run row, batches,
-//! modes, recording).
+//! The operations: each loads its due items a page at a time (`LIMIT` and a keyset, so a
+//! run's memory is bounded whatever the backlog) and processes a batch of them, one
+//! outcome per item. The [`crate::runner`] owns everything around that (lock, run row,
+//! pages, batches, modes, recording, stopping).
 //!
 //! - [`content_scheduler`]: publishes due `scheduled` content, a whole batch per
-//!   statement, bisecting a failed batch down to its failing rows.
+//!   statement, isolating a failed batch's rows with savepoints (or bisecting).
 //! - [`keyword_sync`]: fetches keyword metrics per configured source (`gsc`, `ahrefs`)
 //!   through `smartbeak_utils::fetch` and upserts them on their natural key.
 //! - [`export_retention`]: deletes expired export files, `expiring` before the delete and
@@ -12,6 +13,8 @@
 use std::fmt;
 use std::future::Future;
 use std::num::NonZeroUsize;
+
+use tokio_util::sync::CancellationToken;
 
 pub mod content_scheduler;
 pub mod export_retention;
@@ -69,6 +72,9 @@ pub enum ItemOutcome {
     Done,
     /// Nothing to do any more (e.g. the row changed since it was loaded).
     Skipped,
+    /// Not started: the run's stop token (shutdown, lost lock) fired first. Counted as
+    /// skipped.
+    NotStarted,
 }
 
 /// Why an item failed, and how many times it was tried.
@@ -104,6 +110,9 @@ pub trait Operation: Send + Sync + 'static {
     /// One unit of work (a content id, a keyword source, an expired export).
     type Item: Send + 'static;
 
+    /// Where a page of items ends: the keyset the next page starts after.
+    type Cursor: Clone + Send + Sync + 'static;
+
     /// The operation's name.
     fn name(&self) -> OperationName;
 
@@ -115,18 +124,53 @@ pub trait Operation: Send + Sync + 'static {
         serde_json::Value::Null
     }
 
-    /// The items due now, in processing order.
-    fn load(&self) -> impl Future<Output = anyhow::Result<Vec<Self::Item>>> + Send;
+    /// Up to `limit` items due now, in processing order, after `after` (the cursor of the
+    /// last item of the previous page; `None` for the first page). A page shorter than
+    /// `limit` is the last.
+    fn load_page(
+        &self,
+        after: Option<Self::Cursor>,
+        limit: usize,
+    ) -> impl Future<Output = anyhow::Result<Vec<Self::Item>>> + Send;
+
+    /// The keyset of `item`, for [`Operation::load_page`].
+    fn cursor(&self, item: &Self::Item) -> Self::Cursor;
 
     /// The id recorded in `batch_run_items.item_id`.
     fn item_id(&self, item: &Self::Item) -> String;
 
-    /// Processes one batch: one outcome per item, in order.
+    /// Processes one batch: one outcome per item, in order. Once `stop` has fired no
+    /// further item (or statement) starts: those items are [`ItemOutcome::NotStarted`];
+    /// the ones in flight finish.
     fn process_batch(
         &self,
         batch: Vec<Self::Item>,
         concurrency: NonZeroUsize,
+        stop: &CancellationToken,
     ) -> impl Future<Output = Vec<Result<ItemOutcome, ItemError>>> + Send;
+}
+
+/// Runs `f` over `batch`, `concurrency` at a time, starting no item after `stop` fired
+/// (those are [`ItemOutcome::NotStarted`]): the shared body of the per-item operations.
+pub(crate) async fn each_item<T, F, Fut>(
+    batch: Vec<T>,
+    concurrency: NonZeroUsize,
+    stop: &CancellationToken,
+    f: F,
+) -> Vec<Result<ItemOutcome, ItemError>>
+where
+    F: FnMut(T) -> Fut,
+    Fut: Future<Output = Result<ItemOutcome, ItemError>>,
+{
+    smartbeak_utils::concurrency::map_bounded(batch, concurrency, f, Some(stop.clone()))
+        .await
+        .into_iter()
+        .map(|r| match r {
+            Ok(outcome) => Ok(outcome),
+            Err(smartbeak_utils::concurrency::ItemError::Failed(e)) => Err(e),
+            Err(smartbeak_utils::concurrency::ItemError::NotStarted) => Ok(ItemOutcome::NotStarted),
+        })
+        .collect()
 }
 
 /// The message of an error and its sources, `: `-separated.

@@ -25,10 +25,17 @@
 //! The binaries are found under `/usr/lib/postgresql/*/bin` (newest first) or on `PATH`;
 //! `SMARTBEAK_PG_BIN` (a directory) and `SMARTBEAK_REDIS_SERVER` (a file) override that.
 //!
+//! [`TcpForwarder`] is a loopback TCP forwarder a test can black-hole, to play a dead
+//! network between a client and a server.
+//!
 //! This crate is synchronous on purpose (std, plus `nix` for signals): xtask uses it without
 //! a runtime.
 
 #![warn(missing_docs)]
+
+mod forward;
+
+pub use forward::TcpForwarder;
 
 use std::fs;
 use std::io::{self, Read, Write};

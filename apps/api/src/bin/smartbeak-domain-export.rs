@@ -6,7 +6,6 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -19,10 +18,11 @@ use smartbeak_api::jobs::queue::{self, ExportFormat, ExportSpec, NewExport, Prog
 use smartbeak_api::jobs::worker::config::{self as defaults, WorkerConfig};
 use smartbeak_api::jobs::worker::{self, Worker, cli};
 use smartbeak_api::routes::analytics::parse_instant;
+use smartbeak_api::startup;
 use smartbeak_database::{Database, DatabaseConfig};
-use smartbeak_shutdown::admin::{AdminServer, Check};
+use smartbeak_shutdown::admin::AdminServer;
 use smartbeak_shutdown::telemetry::{self, Output};
-use smartbeak_shutdown::{Phase, RegisterError, Shutdown};
+use smartbeak_shutdown::{RegisterError, Shutdown};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -296,58 +296,24 @@ async fn serve(config: WorkerConfig, logs: &telemetry::LogGuard) -> anyhow::Resu
                 &worker::metrics::RATE_BUCKETS,
             )
         })
-        .context("metrics buckets")?
-        .install_recorder()
-        .context("installing the metrics recorder")?;
-    let upkeep = metrics.clone();
-    shutdown.spawn({
-        let token = shutdown.token();
-        async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(5));
-            while token.run_until_cancelled(tick.tick()).await.is_some() {
-                upkeep.run_upkeep();
-            }
-        }
-    });
+        .context("metrics buckets")?;
+    let metrics = startup::install_metrics(&shutdown, metrics)?;
 
     let db_config = DatabaseConfig::from_env().context("database configuration")?;
     config
         .check_timeouts(&db_config)
         .context("timeouts must nest")?;
-    let run_migrations = db_config.run_migrations;
-    let pool_close_deadline = config.pool_close_deadline;
-    let Some(db) = shutdown
-        .until_triggered(Database::connect(db_config, "smartbeak-domain-export"))
-        .await
-        .transpose()
-        .context("connecting to the database")?
-    else {
-        return Ok(interrupted_start_up(&shutdown, "connecting to the database").await);
+    let (db, _pools) = match startup::connect_database(
+        &shutdown,
+        db_config,
+        "smartbeak-domain-export",
+        config.pool_close_deadline,
+    )
+    .await?
+    {
+        Ok(started) => started,
+        Err(code) => return Ok(code),
     };
-    let pools = db.clone();
-    let _pools = match shutdown.register_with_timeout(
-        "db-pools",
-        Phase::Release,
-        pool_close_deadline,
-        move || async move { pools.close(pool_close_deadline).await },
-    ) {
-        Ok(guard) => guard,
-        Err(RegisterError::ShutdownStarted { .. }) => {
-            db.close(pool_close_deadline).await?;
-            return Ok(interrupted_start_up(&shutdown, "connecting to the database").await);
-        }
-    };
-    if run_migrations {
-        match shutdown
-            .until_triggered(smartbeak_database::migrate(db.primary()))
-            .await
-        {
-            Some(migrated) => {
-                migrated.context("applying migrations (set DB_RUN_MIGRATIONS=false to skip)")?
-            }
-            None => return Ok(interrupted_start_up(&shutdown, "applying migrations").await),
-        }
-    }
 
     let dir = ExportDir::open(&config.export_dir)
         .with_context(|| format!("EXPORT_DIR {}", config.export_dir.display()))?;
@@ -359,25 +325,14 @@ async fn serve(config: WorkerConfig, logs: &telemetry::LogGuard) -> anyhow::Resu
     let _installed = match worker::install(&shutdown, &worker) {
         Ok(installed) => installed,
         Err(RegisterError::ShutdownStarted { .. }) => {
-            return Ok(interrupted_start_up(&shutdown, "starting the worker").await);
+            return Ok(startup::interrupted_start_up(&shutdown, "starting the worker").await);
         }
     };
-    let ready_db = db.clone();
-    let ready: Check = Arc::new(move || {
-        let db = ready_db.clone();
-        Box::pin(async move { db.ping().await.map_err(|_| "database".to_owned()) })
-    });
-    admin.serve(&shutdown, Some(metrics), ready);
+    admin.serve(&shutdown, Some(metrics), startup::database_ready(&db));
     tracing::info!("admin listening on http://{admin_addr}");
 
     shutdown.triggered().await;
     Ok(shutdown.run().await.exit_code())
-}
-
-/// A signal ended start-up during `step`: runs the shutdown and returns its exit code.
-async fn interrupted_start_up(shutdown: &Shutdown, step: &str) -> ExitCode {
-    tracing::info!(step, "shutdown requested during start-up; not working");
-    shutdown.run().await.exit_code()
 }
 
 /// Connects for a one-off command (no migrations: the worker or `smartbeak-migrate` owns
@@ -414,6 +369,8 @@ async fn run_once(args: RunArgs) -> anyhow::Result<()> {
     let e = &args.export;
     let spec = ExportSpec {
         id: Uuid::new_v4(),
+        // A fresh id per run: no other attempt shares its name.
+        token: 0,
         org_id,
         domain_id: e.domain,
         format: e.format,

@@ -2,7 +2,8 @@
 //! download (reading).
 //!
 //! A stored `storage_path` is relative to `EXPORT_DIR` and built from ids only
-//! ([`file_name`]). [`resolve_inside`] (reading) refuses anything else: `..`, an absolute
+//! ([`file_name`]: `<id>.<fencing token>.<ext>`, one name per attempt, so no attempt can
+//! replace another's file; [`parse_file_name`] reads it back, the legacy `<id>.<ext>` too). [`resolve_inside`] (reading) refuses anything else: `..`, an absolute
 //! path, a path whose canonical form (symlinks followed) leaves the directory.
 //! [`create_inside`] (writing) creates a new file of one plain name directly in the
 //! directory, never through a symlink.
@@ -34,9 +35,48 @@ pub enum PathError {
     },
 }
 
-/// The stored name of an export's file: `<id>.<extension>`, nothing user-supplied.
-pub fn file_name(id: Uuid, extension: &str) -> String {
-    format!("{}.{extension}", id.simple())
+/// The extensions a stored export file may have.
+pub const EXTENSIONS: [&str; 4] = ["csv", "zip", "json", "md"];
+
+/// The stored name of one attempt's file: `<id>.<token>.<extension>` (`token` is the
+/// claim's fencing token), nothing user-supplied. Each attempt has its own name, so a
+/// stale attempt that renames its file late cannot replace the file a newer attempt
+/// recorded; the schema's `domain_exports_storage_path_check` accepts this form and the
+/// legacy `<id>.<extension>`.
+pub fn file_name(id: Uuid, token: i64, extension: &str) -> String {
+    format!("{}.{token}.{extension}", id.simple())
+}
+
+/// A final file's name as [`file_name`] builds it (or the legacy `<id>.<ext>`): the
+/// export's id and the token (`None` for a legacy name); `None` for any other name (temp
+/// files included).
+pub fn parse_file_name(name: &str) -> Option<(Uuid, Option<i64>)> {
+    let mut parts = name.split('.');
+    let id = parts.next()?;
+    let (token, extension) = match (parts.next()?, parts.next(), parts.next()) {
+        (ext, None, None) => (None, ext),
+        (token, Some(ext), None) => (Some(token), ext),
+        _ => return None,
+    };
+    if id.len() != 32
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    {
+        return None;
+    }
+    let id = Uuid::try_parse(id).ok()?;
+    if !EXTENSIONS.contains(&extension) {
+        return None;
+    }
+    let token = match token {
+        None => None,
+        Some(t) if !t.is_empty() && t.len() <= 19 && t.bytes().all(|b| b.is_ascii_digit()) => {
+            Some(t.parse().ok()?)
+        }
+        Some(_) => return None,
+    };
+    Some((id, token))
 }
 
 /// The existing file `storage_path` names inside `root`, canonical. Refuses `..`, absolute
@@ -208,8 +248,33 @@ mod tests {
     }
 
     #[test]
-    fn file_names_come_from_ids() {
+    fn file_names_come_from_ids_and_tokens_and_parse_back() {
         let id = Uuid::nil();
-        assert_eq!(file_name(id, "zip"), "00000000000000000000000000000000.zip");
+        assert_eq!(
+            file_name(id, 7, "zip"),
+            "00000000000000000000000000000000.7.zip"
+        );
+        let id = Uuid::new_v4();
+        assert_eq!(
+            parse_file_name(&file_name(id, 42, "csv")),
+            Some((id, Some(42)))
+        );
+        assert_eq!(
+            parse_file_name(&format!("{}.json", id.simple())),
+            Some((id, None))
+        );
+        let simple = id.simple().to_string();
+        for bad in [
+            format!(".{simple}.abc.tmp"),
+            format!("{simple}.7.exe"),
+            format!("{simple}.x.csv"),
+            format!("{simple}..csv"),
+            format!("{simple}.1.2.csv"),
+            format!("{}.1.csv", simple.to_uppercase()),
+            format!("{}.1.csv", id.hyphenated()),
+            "notes.txt".to_owned(),
+        ] {
+            assert_eq!(parse_file_name(&bad), None, "{bad}");
+        }
     }
 }

@@ -1,7 +1,8 @@
 //! Every statement on the export queue (`domain_exports`, `domain_export_attempts`).
 //!
-//! The api (enqueue, list, get, cancel, download) and the worker (claim, heartbeat,
-//! complete, fail, release, reclaim) share this module; nothing else touches the tables.
+//! The api (enqueue, list, get, cancel, download) and the worker (claim, heartbeat, the
+//! fence check, complete and its re-read, fail, release, reclaim, the sweep's referenced
+//! files) share this module; nothing else touches the tables.
 //!
 //! # States
 //! | from | statement | to | token | `attempts` | attempt row |
@@ -52,19 +53,20 @@
 //! - on `Ok`: keeps the file;
 //! - on [`FenceError::Fenced`]: the job was cancelled or reclaimed before the completion
 //!   committed, and the row does not reference this attempt's file: delete the final
-//!   file. File names are per job, not per attempt ([`crate::jobs::paths::file_name`]), so
-//!   the claim that fenced this one may already have renamed its own file to the same
-//!   name: delete only while the path still names the file this attempt wrote (same
-//!   device and inode as the file it renamed);
+//!   file. File names are per attempt (`<id>.<token>.<ext>`,
+//!   [`crate::jobs::paths::file_name`]), so the file is this attempt's alone: no other
+//!   attempt writes, records or deletes it;
 //! - on [`FenceError::Db`]: the outcome is unknown (a client-side timeout can fire after
 //!   the server committed the completion, or while the statement still runs there).
-//!   Re-read the row with [`get_any`] before deleting anything. `succeeded` with this
-//!   file's checksum: the completion committed, keep the file. Still `running` with this
-//!   claim's token: undecided, call `complete` again with the same fence (it either
-//!   commits, or is `Fenced` because the first one did: re-read again). Any other state
-//!   (its token moved: cancelled, failed, another claim's): as `Fenced`. A failed re-read
-//!   decides nothing: keep the file (a file no row references is harmless; retention or
-//!   the next attempt's rename replaces it) rather than delete one a row may reference.
+//!   Re-read the row with [`completion_state`] (a few tries) before deleting anything.
+//!   `succeeded` (or later) with this attempt's `storage_path`: the completion committed
+//!   and only its reply was lost, keep the file. Still `running` with this claim's
+//!   token: undecided, call `complete` again with the same fence (it either commits, or
+//!   is `Fenced` because the first one did: re-read again). Any other state (its token
+//!   moved: cancelled, failed, another claim's): as `Fenced`. A failed re-read decides
+//!   nothing: keep the file rather than delete one a row may reference; the worker's
+//!   orphan sweep deletes it once it is old (two leases) and no row references it
+//!   ([`referenced_paths`]).
 //!
 //! The worker's completion helper implements these rules.
 //!
@@ -83,6 +85,8 @@ use serde::{Deserialize, Serialize};
 use smartbeak_database::{Database, DbError};
 use utoipa::ToSchema;
 use uuid::Uuid;
+
+pub mod retention;
 
 /// The `LISTEN/NOTIFY` channel that wakes idle workers.
 pub const CHANNEL: &str = "smartbeak_export_jobs";
@@ -138,6 +142,9 @@ pub struct UnknownFormat(pub String);
 pub struct ExportSpec {
     /// The job (or, for `run`, a fresh id naming the file).
     pub id: Uuid,
+    /// The fencing token of this attempt's claim: with the id it names the file
+    /// (`paths::file_name`), so every attempt writes a file of its own (`run` uses 0).
+    pub token: i64,
     /// The owning org.
     pub org_id: Uuid,
     /// The exported domain.
@@ -598,6 +605,7 @@ pub async fn claim(
             Ok(ClaimedJob {
                 spec: ExportSpec {
                     id: row.id,
+                    token: row.fencing_token,
                     org_id: row.org_id,
                     domain_id: row.domain_id,
                     format,
@@ -668,6 +676,72 @@ pub async fn heartbeat(
     fenced_unless(renewed, fence)
 }
 
+/// Whether this claim still holds the job (`running` with this token), without renewing
+/// the lease: the worker's once-a-second cancel check between two heartbeats. `Fenced`
+/// when the job was cancelled or reclaimed.
+pub async fn check_fence(db: &Database, fence: Fence) -> Result<(), FenceError> {
+    let held: Option<i32> = db
+        .run(async |conn| {
+            sqlx::query_scalar(
+                "SELECT 1 FROM domain_exports \
+                 WHERE id = $1 AND fencing_token = $2 AND status = 'running'",
+            )
+            .bind(fence.id)
+            .bind(fence.token)
+            .fetch_optional(conn)
+            .await
+        })
+        .await?;
+    fenced_unless(u64::from(held.is_some()), fence)
+}
+
+/// What a worker re-reads after a [`complete`] whose outcome it does not know.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct CompletionState {
+    /// The job's status.
+    pub status: String,
+    /// Its token now (a committed completion bumped the claim's by one).
+    pub fencing_token: i64,
+    /// The recorded file, if any.
+    pub storage_path: Option<String>,
+}
+
+/// The state of job `id` a worker needs to decide what its unanswered [`complete`] did
+/// (see "Ending an attempt" in the module docs). `None` when the row is gone.
+pub async fn completion_state(db: &Database, id: Uuid) -> Result<Option<CompletionState>, DbError> {
+    db.run(async |conn| {
+        sqlx::query_as::<_, CompletionState>(
+            "SELECT status, fencing_token, storage_path FROM domain_exports WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(conn)
+        .await
+    })
+    .await
+}
+
+/// Of `names` (file names in `EXPORT_DIR`), those a `domain_exports` row records as its
+/// `storage_path`, whatever its status: the worker's orphan sweep keeps these.
+pub async fn referenced_paths(
+    db: &Database,
+    names: &[String],
+) -> Result<std::collections::HashSet<String>, DbError> {
+    if names.is_empty() {
+        return Ok(std::collections::HashSet::new());
+    }
+    let found: Vec<String> = db
+        .run(async |conn| {
+            sqlx::query_scalar(
+                "SELECT storage_path FROM domain_exports WHERE storage_path = ANY($1)",
+            )
+            .bind(names)
+            .fetch_all(conn)
+            .await
+        })
+        .await?;
+    Ok(found.into_iter().collect())
+}
+
 /// The heartbeat statement: `$1` id, `$2` token, `$3` lease in seconds, `$4` percent,
 /// `$5` rows written.
 const HEARTBEAT_SQL: &str = "UPDATE domain_exports SET \
@@ -680,8 +754,9 @@ const HEARTBEAT_SQL: &str = "UPDATE domain_exports SET \
 
 /// Records the finished file: `succeeded`, lease cleared, attempt `succeeded`.
 ///
-/// `storage_path` must be [`crate::jobs::paths::file_name`] of the job's id with a known
-/// extension (`csv`, `zip`, `json`, `md`): the schema's `domain_exports_storage_path_check`
+/// `storage_path` must be [`crate::jobs::paths::file_name`] of the job's id and this
+/// claim's token with a known extension (`csv`, `zip`, `json`, `md`; the legacy
+/// `<id>.<ext>` is accepted too): the schema's `domain_exports_storage_path_check`
 /// refuses anything else ([`FenceError::Db`], a constraint violation). The file is already
 /// in place when this runs: see the module docs for what a worker does with it on
 /// [`FenceError::Fenced`] (delete it) and on [`FenceError::Db`] (re-read the row first).

@@ -11,22 +11,32 @@
 //!   the poll catches retries falling due and covers a lost listener connection while it
 //!   reconnects.
 //! - **Per job** (`job`): a `CancellationToken` child of the worker's; `run_export`
-//!   writes the file; a watcher calls `queue::heartbeat` every `min(1 s,
-//!   EXPORT_HEARTBEAT_SECS)`, renewing the lease and recording progress when it changed
-//!   (so at most one progress write a second). A `Fenced` answer (the job was cancelled or
-//!   its lease reclaimed) cancels the token at once: the export stops within a second and
-//!   removes its temp file, and nothing more is written. Outcomes: success ->
-//!   `queue::complete` (a fenced completion deletes the renamed file); a retryable error
-//!   -> `queue::fail` with the delay of `smartbeak_resilience::RetryPolicy` (exponential,
-//!   full jitter, `EXPORT_RETRY_BASE_MS` doubling to `EXPORT_RETRY_MAX_MS`, the job's
-//!   `max_attempts`), else dead letter.
+//!   writes the file `<id>.<token>.<ext>` (one name per attempt); a watcher renews the
+//!   lease (`queue::heartbeat`) every `EXPORT_HEARTBEAT_SECS` and checks the fence every
+//!   `min(1 s, EXPORT_HEARTBEAT_SECS)` (and at once on a cancel `NOTIFY`), writing the
+//!   progress when it changed (so at most one progress write a second). A `Fenced` answer
+//!   (the job was cancelled or its lease reclaimed) cancels the token at once: the export
+//!   stops within a second and removes its temp file, and nothing more is written. The
+//!   **local lease deadline** (`job::LocalLease`): with no successful renewal for `lease -
+//!   query timeout`, the job stops by itself, deletes its own files and writes nothing
+//!   more, before any reaper can reclaim it. Outcomes: success -> `queue::complete`,
+//!   with the recovery of a lost reply (`job::complete_recovering`); a fenced completion
+//!   deletes the attempt's own file; a retryable error -> `queue::fail` with the delay of
+//!   `smartbeak_resilience::RetryPolicy` (exponential, full jitter,
+//!   `EXPORT_RETRY_BASE_MS` doubling to `EXPORT_RETRY_MAX_MS`, the job's `max_attempts`),
+//!   else dead letter.
 //! - **Reaper.** Every worker runs `queue::reclaim_expired` every
-//!   `EXPORT_REAPER_INTERVAL_SECS` and refreshes the queue gauges.
+//!   `EXPORT_REAPER_INTERVAL_SECS`, refreshes the queue gauges, and sweeps `EXPORT_DIR`
+//!   ([`sweep_dir`], also once at start): temp files older than two leases (a killed
+//!   worker's), and final files older than two leases that no row references (a fenced or
+//!   killed attempt's). A younger file is never touched: its rename's `complete` may
+//!   still be in flight (the local lease deadline bounds that to less than one lease).
 //! - **Shutdown** ([`install`]): `stop-claiming` (`StopAccepting`) ends the claim stream;
 //!   `drain-exports` (`Drain`) lets running exports finish until a margin before the
 //!   drain deadline, then cancels the rest and releases their leases (`queue::release`:
 //!   queued, due now, token bumped) while the pools are still open, so another worker
-//!   takes them at once.
+//!   takes them at once. A release that fails fails the handler, so the shutdown report
+//!   (and the exit code) says so.
 //!
 //! Metrics are in [`metrics`]; configuration in [`config`]; the CLI's helpers in [`cli`].
 
@@ -38,8 +48,9 @@ pub mod metrics;
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::stream::{self, Stream};
 use smartbeak_database::Database;
@@ -51,7 +62,8 @@ use uuid::Uuid;
 
 pub use config::WorkerConfig;
 
-use super::export::ExportDir;
+use super::export::{ExportDir, is_temp_name};
+use super::paths;
 use super::queue::{self, ClaimedJob};
 
 /// Name of the `StopAccepting` handler [`install`] registers.
@@ -85,6 +97,10 @@ struct Ctx {
     watchers: Mutex<HashMap<Uuid, Arc<Notify>>>,
     /// True once [`Worker::run`] has returned.
     finished: watch::Sender<bool>,
+    /// The margin of the local lease deadline: the database client bound.
+    lease_margin: Duration,
+    /// Leases whose release at shutdown failed (the drain handler reports them).
+    release_failures: AtomicUsize,
 }
 
 impl std::fmt::Debug for Worker {
@@ -99,8 +115,11 @@ impl std::fmt::Debug for Worker {
 impl Worker {
     /// A worker on `db`, writing into `dir`.
     pub fn new(db: Database, config: WorkerConfig, dir: ExportDir) -> Self {
+        let lease_margin = db.config().query_timeout();
         Self {
             ctx: Arc::new(Ctx {
+                lease_margin,
+                release_failures: AtomicUsize::new(0),
                 db,
                 config,
                 dir,
@@ -154,6 +173,7 @@ impl Worker {
             export_dir = %ctx.dir.root().display(),
             "export worker started"
         );
+        sweep(ctx).await;
         let claims = for_each_bounded(
             claim_stream(ctx.clone()),
             ctx.config.concurrency,
@@ -162,7 +182,13 @@ impl Worker {
         );
         let (claimed, (), ()) = tokio::join!(
             claims,
-            listen::run(&ctx.db, &ctx.wake, |id| ctx.wake_watcher(id), &ctx.stop),
+            listen::run(
+                &ctx.db,
+                ctx.config.poll_max,
+                &ctx.wake,
+                |id| ctx.wake_watcher(id),
+                &ctx.stop
+            ),
             reaper(ctx)
         );
         tracing::info!(claimed, "export worker stopped");
@@ -172,12 +198,12 @@ impl Worker {
 
     /// Starts one claimed job on a task of its own (exports use every core) and returns
     /// the future the bounded loop waits for; the running count covers a panicking job.
-    fn start(&self, job: ClaimedJob) -> impl Future<Output = ()> + use<> {
+    fn start(&self, (job, claimed_at): (ClaimedJob, Instant)) -> impl Future<Output = ()> + use<> {
         let ctx = self.ctx.clone();
         ctx.running.send_modify(|n| *n += 1);
         ::metrics::gauge!(metrics::RUNNING).set(*ctx.running.borrow() as f64);
         let id = job.fence.id;
-        let handle = tokio::spawn(job::run(ctx.clone(), job));
+        let handle = tokio::spawn(job::run(ctx.clone(), job, claimed_at));
         async move {
             if let Err(error) = handle.await {
                 tracing::error!(export_id = %id, %error, "export task failed; its lease will expire and be reclaimed");
@@ -236,13 +262,15 @@ impl Drop for WatcherGuard {
 
 /// The claims, one per poll: ends when the worker stops claiming (checked between
 /// claims, never in the middle of one, so no claimed job is dropped).
-fn claim_stream(ctx: Arc<Ctx>) -> impl Stream<Item = ClaimedJob> {
+/// Each claim comes with the instant its statement was sent (the start of its local lease).
+fn claim_stream(ctx: Arc<Ctx>) -> impl Stream<Item = (ClaimedJob, Instant)> {
     stream::unfold((ctx, config::POLL_MIN), |(ctx, mut backoff)| async move {
         loop {
             if ctx.stop.is_cancelled() {
                 return None;
             }
             let config = &ctx.config;
+            let sent = Instant::now();
             match queue::claim(&ctx.db, &config.worker_id, 1, config.lease).await {
                 Ok(jobs) => {
                     if let Some(job) = jobs.into_iter().next() {
@@ -253,7 +281,7 @@ fn claim_stream(ctx: Arc<Ctx>) -> impl Stream<Item = ClaimedJob> {
                             format = job.spec.format.as_str(),
                             "claimed export"
                         );
-                        return Some((job, (ctx, config::POLL_MIN)));
+                        return Some(((job, sent), (ctx, config::POLL_MIN)));
                     }
                 }
                 Err(error) => {
@@ -305,6 +333,127 @@ async fn reaper(ctx: &Ctx) {
                 ::metrics::gauge!(metrics::QUEUE_OLDEST_AGE).set(stats.oldest_queued_age_secs);
             }
             Some(Err(error)) => tracing::warn!(%error, "reading the queue stats failed"),
+        }
+        if ctx.stop.run_until_cancelled(sweep(ctx)).await.is_none() {
+            break;
+        }
+    }
+}
+
+/// What [`sweep_dir`] removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Swept {
+    /// Temp files (`.<id>.<random>.tmp`) older than two leases.
+    pub temp_files: usize,
+    /// Final files older than two leases that no `domain_exports` row references.
+    pub orphans: usize,
+}
+
+/// Sweeps the worker's `EXPORT_DIR` (see [`sweep_dir`]); failures are logged, never fatal.
+async fn sweep(ctx: &Ctx) -> Swept {
+    let swept = sweep_dir(&ctx.db, &ctx.dir, ctx.config.lease * 2).await;
+    if swept != Swept::default() {
+        tracing::info!(
+            temp_files = swept.temp_files,
+            orphans = swept.orphans,
+            "swept leftover export files"
+        );
+    }
+    swept
+}
+
+/// Deletes, in `dir`, the temp files last modified more than `min_age` ago, and the final
+/// export files (`paths::parse_file_name`) as old that no `domain_exports` row references
+/// (`queue::referenced_paths`; when that query fails none is deleted). Anything younger
+/// is kept: a file renamed a moment ago may be recorded by a `complete` still in flight.
+/// Other names (not an export's) are never touched.
+pub async fn sweep_dir(db: &Database, dir: &ExportDir, min_age: Duration) -> Swept {
+    let root = dir.root().to_path_buf();
+    let listed = tokio::task::spawn_blocking(move || old_files(&root, min_age)).await;
+    let (temps, finals) = match listed {
+        Ok(Ok(found)) => found,
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "listing EXPORT_DIR for the sweep failed");
+            return Swept::default();
+        }
+        Err(error) => {
+            tracing::warn!(%error, "the sweep's listing task failed");
+            return Swept::default();
+        }
+    };
+    let mut swept = Swept::default();
+    for name in temps {
+        if remove_swept(dir, &name) {
+            swept.temp_files += 1;
+        }
+    }
+    if finals.is_empty() {
+        return swept;
+    }
+    let referenced = match queue::referenced_paths(db, &finals).await {
+        Ok(referenced) => referenced,
+        Err(error) => {
+            tracing::warn!(%error, "reading the referenced export files failed; no orphan swept");
+            return swept;
+        }
+    };
+    for name in finals.iter().filter(|n| !referenced.contains(*n)) {
+        if remove_swept(dir, name) {
+            swept.orphans += 1;
+        }
+    }
+    swept
+}
+
+/// The temp files and final export files directly in `root` (plain files, not symlinks)
+/// last modified at least `min_age` ago.
+fn old_files(
+    root: &std::path::Path,
+    min_age: Duration,
+) -> std::io::Result<(Vec<String>, Vec<String>)> {
+    let now = SystemTime::now();
+    let (mut temps, mut finals) = (Vec::new(), Vec::new());
+    for entry in std::fs::read_dir(root)? {
+        let entry = entry?;
+        let Ok(name) = entry.file_name().into_string() else {
+            continue;
+        };
+        let temp = is_temp_name(&name);
+        if !temp && paths::parse_file_name(&name).is_none() {
+            continue;
+        }
+        let Ok(metadata) = entry.metadata() else {
+            continue;
+        };
+        let old = metadata
+            .modified()
+            .ok()
+            .and_then(|at| now.duration_since(at).ok())
+            .is_some_and(|age| age >= min_age);
+        if !metadata.file_type().is_file() || !old {
+            continue;
+        }
+        if temp {
+            temps.push(name)
+        } else {
+            finals.push(name)
+        }
+    }
+    Ok((temps, finals))
+}
+
+/// Removes one swept file; true when it was removed.
+fn remove_swept(dir: &ExportDir, name: &str) -> bool {
+    let path = dir.root().join(name);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {
+            tracing::info!(path = %path.display(), "removed a leftover export file");
+            true
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => false,
+        Err(error) => {
+            tracing::warn!(path = %path.display(), %error, "removing a leftover export file failed");
+            false
         }
     }
 }
@@ -364,7 +513,7 @@ async fn drain_exports(worker: &Worker, drain: Duration) -> Result<(), String> {
         .await
         .is_ok()
     {
-        return Ok(());
+        return release_report(worker);
     }
     let running = *worker.running().borrow();
     tracing::info!(
@@ -376,11 +525,22 @@ async fn drain_exports(worker: &Worker, drain: Duration) -> Result<(), String> {
     // `in-flight-tasks` entry's own deadline.
     let bound = margin.saturating_sub(margin / 10);
     match tokio::time::timeout(bound, finished.wait_for(|done| *done)).await {
-        Ok(_) => Ok(()),
+        Ok(_) => release_report(worker),
         Err(_) => Err(format!(
             "{} exports still running {} ms after they were cancelled",
             *worker.running().borrow(),
             bound.as_millis()
+        )),
+    }
+}
+
+/// `Err` naming the leases whose release failed (they wait for their expiry and the
+/// reaper instead of being taken at once): the shutdown report marks the handler failed.
+fn release_report(worker: &Worker) -> Result<(), String> {
+    match worker.ctx.release_failures.load(Ordering::SeqCst) {
+        0 => Ok(()),
+        n => Err(format!(
+            "{n} export leases could not be released; they will be reclaimed after their lease expires"
         )),
     }
 }

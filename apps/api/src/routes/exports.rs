@@ -286,7 +286,8 @@ pub async fn cancel(
 /// Opens export `id`'s stored file for reading, or 404 `export file` when it is missing or
 /// refused.
 ///
-/// Refused: a `storage_path` that is not one name whose stem is the export's own id (a row
+/// Refused: a `storage_path` that is not one name of the export's own id
+/// (`<id>.<token>.<ext>` or the legacy `<id>.<ext>`, [`paths::parse_file_name`]; a row
 /// must not point at another export's file; the schema's CHECK says so too), a path
 /// leading out of `EXPORT_DIR` ([`paths::resolve_inside`]), a symlink even inside it (the
 /// canonical name must be the stored one), and a file swapped between the check and the
@@ -306,9 +307,8 @@ async fn open_export_file(
         ApiError::NotFound("export file")
     };
     let stored = Path::new(storage_path);
-    let own_stem = id.simple().to_string();
     if stored.components().count() != 1
-        || stored.file_stem().and_then(|s| s.to_str()) != Some(own_stem.as_str())
+        || paths::parse_file_name(storage_path).is_none_or(|(owner, _)| owner != id)
     {
         return Err(refuse("the stored name is not the export's own id"));
     }

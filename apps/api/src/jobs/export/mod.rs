@@ -396,7 +396,7 @@ pub(crate) async fn run_export_with(
         ExportFormat::Json => "json",
         ExportFormat::Markdown => "md",
     };
-    let name = paths::file_name(spec.id, extension);
+    let name = paths::file_name(spec.id, spec.token, extension);
     let sections = header.sections.clone();
     let (tx, rx) = mpsc::channel(CHANNEL_MESSAGES);
     let root = dir.root.clone();

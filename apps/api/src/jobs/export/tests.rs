@@ -89,8 +89,9 @@ impl Fixture {
             let id = Uuid::new_v4();
             sqlx::query(
                 "INSERT INTO content_items (id, domain_id, title, slug, body, status, \
-                 published_at, created_at, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)",
+                 published_at, created_at, updated_at, publish_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, \
+                 CASE WHEN $6 = 'scheduled' THEN $8 END)",
             )
             .bind(id)
             .bind(domain)
@@ -163,6 +164,7 @@ impl Fixture {
     fn spec(&self, format: ExportFormat) -> ExportSpec {
         ExportSpec {
             id: Uuid::new_v4(),
+            token: 1,
             org_id: self.org,
             domain_id: self.domain,
             format,
@@ -372,7 +374,10 @@ async fn csv_zip_round_trips_every_section() {
     let f = Fixture::new().await;
     let spec = f.spec(ExportFormat::Csv);
     let output = f.run(&spec, Hooks::default()).await.unwrap();
-    assert_eq!(output.storage_path, paths::file_name(spec.id, "zip"));
+    assert_eq!(
+        output.storage_path,
+        paths::file_name(spec.id, spec.token, "zip")
+    );
     assert_eq!(
         f.files(),
         vec![output.storage_path.clone()],
@@ -458,7 +463,10 @@ async fn csv_of_one_section_is_a_bare_csv() {
     spec.include_keywords = false;
     spec.include_analytics = false;
     let output = f.run(&spec, Hooks::default()).await.unwrap();
-    assert_eq!(output.storage_path, paths::file_name(spec.id, "csv"));
+    assert_eq!(
+        output.storage_path,
+        paths::file_name(spec.id, spec.token, "csv")
+    );
     let bytes = f.read_output(&output);
     let (headers, rows) = parse_csv(&bytes);
     assert_eq!(headers, ["key", "value"]);
@@ -476,7 +484,10 @@ async fn json_round_trips() {
     let f = Fixture::new().await;
     let spec = f.spec(ExportFormat::Json);
     let output = f.run(&spec, Hooks::default()).await.unwrap();
-    assert_eq!(output.storage_path, paths::file_name(spec.id, "json"));
+    assert_eq!(
+        output.storage_path,
+        paths::file_name(spec.id, spec.token, "json")
+    );
     let bytes = f.read_output(&output);
     let doc: Value = serde_json::from_slice(&bytes).unwrap();
 
@@ -551,7 +562,10 @@ async fn markdown_has_the_summary_and_every_title_escaped() {
     let f = Fixture::new().await;
     let spec = f.spec(ExportFormat::Markdown);
     let output = f.run(&spec, Hooks::default()).await.unwrap();
-    assert_eq!(output.storage_path, paths::file_name(spec.id, "md"));
+    assert_eq!(
+        output.storage_path,
+        paths::file_name(spec.id, spec.token, "md")
+    );
     let text = String::from_utf8(f.read_output(&output)).unwrap();
     let n = NASTY.len();
     for line in [
@@ -667,7 +681,12 @@ async fn the_size_cap_leaves_no_file() {
     // The same export fits a cap of its own size exactly.
     let spec = f.spec(ExportFormat::Json);
     let size = f.run(&spec, Hooks::default()).await.unwrap().size_bytes;
-    std::fs::remove_file(f.export_dir.root().join(paths::file_name(spec.id, "json"))).unwrap();
+    std::fs::remove_file(
+        f.export_dir
+            .root()
+            .join(paths::file_name(spec.id, spec.token, "json")),
+    )
+    .unwrap();
     let fits = f.run_limited(&spec, size, Hooks::default()).await.unwrap();
     assert_eq!(fits.size_bytes, size);
     assert!(matches!(
@@ -838,7 +857,10 @@ async fn a_symlink_planted_at_the_file_name_is_replaced_not_followed() {
     let spec = f.spec(ExportFormat::Json);
     let outside = f.dir.path().join("outside.json");
     std::fs::write(&outside, b"untouched").unwrap();
-    let planted = f.export_dir.root().join(paths::file_name(spec.id, "json"));
+    let planted = f
+        .export_dir
+        .root()
+        .join(paths::file_name(spec.id, spec.token, "json"));
     std::os::unix::fs::symlink(&outside, &planted).unwrap();
     let output = f.run(&spec, Hooks::default()).await.unwrap();
     assert_eq!(std::fs::read(&outside).unwrap(), b"untouched");

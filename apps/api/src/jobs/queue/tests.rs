@@ -122,7 +122,7 @@ pub(crate) fn new_export(format: ExportFormat) -> NewExport {
 
 pub(crate) fn completed(id: Uuid) -> Completed {
     Completed {
-        storage_path: crate::jobs::paths::file_name(id, "json"),
+        storage_path: crate::jobs::paths::file_name(id, 1, "json"),
         size_bytes: 2,
         record_count: 0,
         checksum_sha256: "0".repeat(64),
@@ -658,6 +658,12 @@ async fn the_schema_refuses_a_running_row_without_lease_and_a_success_without_ch
         "UPDATE domain_exports SET storage_path = id::text || '.csv' WHERE id = $1",
         "UPDATE domain_exports SET storage_path = replace(gen_random_uuid()::text, '-', '') \
          || '.csv' WHERE id = $1",
+        "UPDATE domain_exports SET storage_path = replace(id::text, '-', '') || '.x.csv' \
+         WHERE id = $1",
+        "UPDATE domain_exports SET storage_path = replace(id::text, '-', '') || '..csv' \
+         WHERE id = $1",
+        "UPDATE domain_exports SET storage_path = replace(id::text, '-', '') || '.1/2.csv' \
+         WHERE id = $1",
     ] {
         assert_eq!(
             violation(bad).await,
@@ -665,8 +671,16 @@ async fn the_schema_refuses_a_running_row_without_lease_and_a_success_without_ch
             "{bad}"
         );
     }
-    for extension in ["csv", "zip", "json", "md"] {
-        let name = crate::jobs::paths::file_name(row.id, extension);
+    // Both the per-attempt name and the legacy `<id>.<ext>` of rows written before it.
+    for name in ["csv", "zip", "json", "md"]
+        .into_iter()
+        .flat_map(|extension| {
+            [
+                crate::jobs::paths::file_name(row.id, 3, extension),
+                format!("{}.{extension}", row.id.simple()),
+            ]
+        })
+    {
         let set =
             f.db.run(async |conn| {
                 sqlx::query("UPDATE domain_exports SET storage_path = $2 WHERE id = $1")
@@ -968,9 +982,9 @@ async fn complete_refuses_a_storage_path_that_is_not_the_jobs_own_file() {
     for bad in [
         "../secret".to_owned(),
         "/etc/passwd".to_owned(),
-        crate::jobs::paths::file_name(row.id, "exe"),
-        crate::jobs::paths::file_name(Uuid::new_v4(), "csv"),
-        format!("sub/{}", crate::jobs::paths::file_name(row.id, "csv")),
+        crate::jobs::paths::file_name(row.id, 1, "exe"),
+        crate::jobs::paths::file_name(Uuid::new_v4(), 1, "csv"),
+        format!("sub/{}", crate::jobs::paths::file_name(row.id, 1, "csv")),
     ] {
         let done = Completed {
             storage_path: bad.clone(),
@@ -989,7 +1003,7 @@ async fn complete_refuses_a_storage_path_that_is_not_the_jobs_own_file() {
     }
     assert_eq!(f.row(row.id).await.status, "running", "nothing recorded");
     let done = Completed {
-        storage_path: crate::jobs::paths::file_name(row.id, "zip"),
+        storage_path: crate::jobs::paths::file_name(row.id, 1, "zip"),
         ..completed(row.id)
     };
     complete(&f.db, job.fence, &done).await.unwrap();

@@ -46,9 +46,10 @@ pub struct WorkerConfig {
     pub ttl: Duration,
     /// `EXPORT_LEASE_SECS`, default 30: how long a claim holds without a heartbeat.
     pub lease: Duration,
-    /// `EXPORT_HEARTBEAT_SECS`, default 10, below the lease: the longest interval between
-    /// two lease renewals. The job's watcher renews (and checks its fence) every
-    /// `min(1 s, this)`, so a cancel is seen within a second.
+    /// `EXPORT_HEARTBEAT_SECS`, default 10, below the lease: how often a running job renews
+    /// its lease (`queue::heartbeat`). Its cancel check (a read of the fence, or the
+    /// progress write when the progress changed) runs every `min(1 s, this)` besides, so a
+    /// cancel is seen within a second.
     pub heartbeat: Duration,
     /// `EXPORT_POLL_MAX_MS`, default 5000: idle polls back off from 100 ms up to this. A
     /// `NOTIFY` wakes the worker at once; polling catches retries falling due and
@@ -157,15 +158,36 @@ impl WorkerConfig {
 
     /// Checks that the database client bound nests under the lease: a heartbeat may take
     /// up to `DatabaseConfig::query_timeout`, and must be able to return before the lease
-    /// it renews has run out. The error names both variables.
+    /// it renews has run out; and that the local lease deadline (`lease - query timeout`
+    /// after the last renewal, when a job stops by itself) leaves room for the next
+    /// heartbeat: `EXPORT_LEASE_SECS >= EXPORT_HEARTBEAT_SECS + query timeout`. The error
+    /// names the variables.
     pub fn check_timeouts(
         &self,
         db: &smartbeak_database::DatabaseConfig,
     ) -> Result<(), smartbeak_database::ConfigError> {
-        db.check_deadline("EXPORT_LEASE_SECS", self.lease)
+        db.check_deadline("EXPORT_LEASE_SECS", self.lease)?;
+        let bound = db.query_timeout();
+        if self.lease < self.heartbeat + bound {
+            return Err(smartbeak_database::ConfigError::Invalid {
+                var: "EXPORT_LEASE_SECS",
+                reason: format!(
+                    "EXPORT_LEASE_SECS ({} s) is below EXPORT_HEARTBEAT_SECS ({} s) plus the \
+                     database client bound of {} ms (DB_STATEMENT_TIMEOUT_MS {} ms plus a \
+                     margin): a job would stop at its local lease deadline before its next \
+                     heartbeat; raise EXPORT_LEASE_SECS or lower EXPORT_HEARTBEAT_SECS or \
+                     DB_STATEMENT_TIMEOUT_MS",
+                    self.lease.as_secs(),
+                    self.heartbeat.as_secs(),
+                    bound.as_millis(),
+                    db.statement_timeout.as_millis()
+                ),
+            });
+        }
+        Ok(())
     }
 
-    /// How often a running job checks its fence and renews its lease.
+    /// How often a running job checks its fence (the cancel check), at most a second.
     pub fn check_interval(&self) -> Duration {
         self.heartbeat.min(Duration::from_secs(1))
     }
@@ -255,12 +277,19 @@ mod tests {
         };
         let defaults = config(&[]).unwrap();
         assert!(defaults.check_timeouts(&db("8000")).is_ok());
-        let short = config(&[("EXPORT_LEASE_SECS", "2"), ("EXPORT_HEARTBEAT_SECS", "1")]).unwrap();
+        let short = config(&[("EXPORT_LEASE_SECS", "3"), ("EXPORT_HEARTBEAT_SECS", "1")]).unwrap();
         let err = short.check_timeouts(&db("8000")).unwrap_err().to_string();
         assert!(
             err.contains("EXPORT_LEASE_SECS") && err.contains("DB_STATEMENT_TIMEOUT_MS"),
             "{err}"
         );
         assert!(short.check_timeouts(&db("1500")).is_ok());
+        // The client bound (1750 ms) fits the lease, but not with a heartbeat of 2 s.
+        let slow = config(&[("EXPORT_LEASE_SECS", "3"), ("EXPORT_HEARTBEAT_SECS", "2")]).unwrap();
+        let err = slow.check_timeouts(&db("1500")).unwrap_err().to_string();
+        assert!(
+            err.contains("EXPORT_HEARTBEAT_SECS") && err.contains("local lease deadline"),
+            "{err}"
+        );
     }
 }

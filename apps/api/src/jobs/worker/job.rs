@@ -1,8 +1,21 @@
 //! One claimed job, from `run_export` to the statement that ends its attempt: the
-//! watcher (fenced heartbeats, progress), the outcome, and the metrics.
+//! watcher (fenced heartbeats, the once-a-second cancel check, progress, the local lease
+//! deadline), the outcome, and the metrics.
+//!
+//! **The local lease deadline.** [`LocalLease`] is this worker's own view of the lease:
+//! renewed when a heartbeat (or the claim) succeeds, measured from the instant the
+//! statement was *sent* (never later than the server's `now()` that set the expiry). Once
+//! `lease - margin` has passed without a renewal (`margin` = the database client bound,
+//! `DatabaseConfig::query_timeout`, so even a statement sent just before still ends before
+//! the lease does) the job stops by itself: its token is cancelled, its temp file (or
+//! finished file) removed, and nothing more is written: no rename is recorded, no
+//! `complete`, `fail` or `release`. Another worker's reaper can reclaim the job only after
+//! the server-side expiry, which is later, so a worker cut off from the primary stops
+//! before anyone else starts. Each attempt writes a file of its own
+//! (`paths::file_name(id, token, ext)`), so what it deletes is only ever its own.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -12,11 +25,17 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Ctx, metrics};
 use crate::jobs::export::{ExportError, ExportLimits, ExportOutput, run_export};
-use crate::jobs::queue::{self, ClaimedJob, Completed, FailOutcome, Fence, FenceError, Progress};
+use crate::jobs::queue::{
+    self, ClaimedJob, Completed, CompletionState, FailOutcome, Fence, FenceError, Progress,
+};
 
 /// How long a cancelled export gets to return (and remove its temp file) before it is
 /// dropped.
 const CANCEL_GRACE: Duration = Duration::from_millis(500);
+
+/// Re-reads of the row after a `complete` whose reply was lost, and calls of `complete`
+/// in all.
+const COMPLETE_TRIES: u32 = 3;
 
 /// How one attempt ended, as the `outcome` label says it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +46,8 @@ pub(super) enum Outcome {
     Cancelled,
     Fenced,
     Released,
+    /// The local lease deadline passed without a renewal: stopped, nothing written.
+    Expired,
 }
 
 impl Outcome {
@@ -38,17 +59,67 @@ impl Outcome {
             Self::Cancelled => "cancelled",
             Self::Fenced => "fenced",
             Self::Released => "released",
+            Self::Expired => "expired",
         }
     }
 }
 
-/// Runs `job` to the end of its attempt and counts the outcome.
-pub(super) async fn run(ctx: Arc<Ctx>, job: ClaimedJob) -> Outcome {
+/// This worker's view of a job's lease (see the module docs).
+#[derive(Debug)]
+pub(super) struct LocalLease {
+    renewed: Mutex<Instant>,
+    /// `lease - margin`: how long after a renewal the job must stop.
+    valid_for: Duration,
+}
+
+impl LocalLease {
+    /// A lease renewed at `sent` (the instant the claim was sent).
+    pub(super) fn new(sent: Instant, lease: Duration, margin: Duration) -> Self {
+        Self {
+            renewed: Mutex::new(sent),
+            valid_for: lease.saturating_sub(margin),
+        }
+    }
+
+    /// Records a renewal whose statement was sent at `sent`.
+    pub(super) fn renewed(&self, sent: Instant) {
+        let mut renewed = self.renewed.lock().unwrap_or_else(PoisonError::into_inner);
+        *renewed = (*renewed).max(sent);
+    }
+
+    /// When the job must have stopped unless renewed meanwhile.
+    pub(super) fn deadline(&self) -> Instant {
+        *self.renewed.lock().unwrap_or_else(PoisonError::into_inner) + self.valid_for
+    }
+
+    /// Whether the deadline has passed.
+    pub(super) fn expired(&self) -> bool {
+        Instant::now() >= self.deadline()
+    }
+}
+
+/// Why the watcher stopped the export.
+#[derive(Debug, Default)]
+struct Stopped {
+    /// A write found the token moved (cancelled or reclaimed).
+    fenced: AtomicBool,
+    /// The local lease deadline passed.
+    expired: AtomicBool,
+}
+
+/// Runs `job` (claimed by a statement sent at `claimed_at`) to the end of its attempt and
+/// counts the outcome.
+pub(super) async fn run(ctx: Arc<Ctx>, job: ClaimedJob, claimed_at: Instant) -> Outcome {
     let started = Instant::now();
     let format = job.spec.format.as_str();
     let id = job.fence.id;
     let token = ctx.abandon.child_token();
-    let fenced = Arc::new(AtomicBool::new(false));
+    let lease = Arc::new(LocalLease::new(
+        claimed_at,
+        ctx.config.lease,
+        ctx.lease_margin,
+    ));
+    let stopped = Arc::new(Stopped::default());
     let (progress_tx, progress_rx) = watch::channel(Progress::default());
     let watcher_stop = CancellationToken::new();
     let (poke, _registered) = ctx.watch(id);
@@ -57,7 +128,8 @@ pub(super) async fn run(ctx: Arc<Ctx>, job: ClaimedJob) -> Outcome {
         job.fence,
         progress_rx,
         token.clone(),
-        fenced.clone(),
+        stopped.clone(),
+        lease.clone(),
         poke,
         watcher_stop.clone(),
     ));
@@ -68,14 +140,19 @@ pub(super) async fn run(ctx: Arc<Ctx>, job: ClaimedJob) -> Outcome {
         tracing::warn!(export_id = %id, "the export's watcher failed");
     }
 
-    let outcome = if fenced.load(Ordering::SeqCst) {
+    let outcome = if stopped.expired.load(Ordering::SeqCst) || lease.expired() {
         if let Ok(output) = &result {
-            remove_file(&ctx, id, output).await;
+            remove_file(&ctx, output);
+        }
+        expired(id, &lease)
+    } else if stopped.fenced.load(Ordering::SeqCst) {
+        if let Ok(output) = &result {
+            remove_file(&ctx, output);
         }
         fenced_outcome(&ctx, id).await
     } else {
         match result {
-            Ok(output) => finish(&ctx, &job, &output, started).await,
+            Ok(output) => finish(&ctx, &job, &output, started, &lease).await,
             Err(_) if token.is_cancelled() => release(&ctx, job.fence).await,
             Err(error) => failed(&ctx, &job, &error).await,
         }
@@ -83,6 +160,17 @@ pub(super) async fn run(ctx: Arc<Ctx>, job: ClaimedJob) -> Outcome {
     ::metrics::counter!(metrics::JOBS, "format" => format, "outcome" => outcome.as_str())
         .increment(1);
     outcome
+}
+
+/// The end of an attempt whose local lease ran out: nothing more is written anywhere.
+fn expired(id: uuid::Uuid, lease: &LocalLease) -> Outcome {
+    tracing::warn!(
+        export_id = %id,
+        lease_valid_ms = lease.valid_for.as_millis() as u64,
+        "export stopped: no lease renewal within the local lease deadline; \
+         its files removed, nothing recorded (another worker may reclaim it)"
+    );
+    Outcome::Expired
 }
 
 /// `run_export`, given [`CANCEL_GRACE`] to return once the token is cancelled.
@@ -113,49 +201,209 @@ async fn export(
     }
 }
 
-/// Every check interval, and at once when `poke` says the job was cancelled: a fenced
-/// heartbeat renewing the lease, with the progress when it changed. `Fenced` cancels the
-/// export at once.
+/// The job's watcher until `stop`:
+/// - every `EXPORT_HEARTBEAT_SECS`, a fenced heartbeat renewing the lease (with the
+///   progress when it changed);
+/// - every `min(1 s, EXPORT_HEARTBEAT_SECS)`, and at once when `poke` says the job was
+///   cancelled, the cancel check: the progress write when the progress changed (a
+///   heartbeat, so at most one progress write a second), else a read of the fence
+///   (`queue::check_fence`);
+/// - at the local lease deadline (raced against every statement, which may hang on a dead
+///   connection), it stops the export.
+///
+/// `Fenced` or the deadline cancels the export at once.
+#[allow(clippy::too_many_arguments)]
 async fn watch_job(
     ctx: Arc<Ctx>,
     fence: Fence,
     progress: watch::Receiver<Progress>,
     token: CancellationToken,
-    fenced: Arc<AtomicBool>,
+    stopped: Arc<Stopped>,
+    lease: Arc<LocalLease>,
     poke: Arc<tokio::sync::Notify>,
     stop: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(ctx.config.check_interval());
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // The claim just set the lease: the first tick (immediate) is skipped.
-    tick.tick().await;
+    let mut check = tokio::time::interval(ctx.config.check_interval());
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut renew = tokio::time::interval(ctx.config.heartbeat);
+    renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The claim just set the lease: the first ticks (immediate) are skipped.
+    check.tick().await;
+    renew.tick().await;
     let mut written = Progress::default();
     loop {
-        tokio::select! {
+        let deadline = tokio::time::Instant::from_std(lease.deadline());
+        let renewing = tokio::select! {
             () = stop.cancelled() => break,
-            _ = tick.tick() => {}
-            () = poke.notified() => {}
-        }
+            () = tokio::time::sleep_until(deadline) => None,
+            _ = renew.tick() => Some(true),
+            _ = check.tick() => Some(false),
+            () = poke.notified() => Some(false),
+        };
+        let Some(renewing) = renewing else {
+            stopped.expired.store(true, Ordering::SeqCst);
+            token.cancel();
+            return;
+        };
         let now = *progress.borrow();
         let changed = (now != written).then_some(now);
-        match queue::heartbeat(&ctx.db, fence, ctx.config.lease, changed).await {
-            Ok(()) => written = now,
-            Err(FenceError::Fenced(_)) => {
-                tracing::info!(export_id = %fence.id, "export fenced (cancelled or reclaimed): stopping it");
-                fenced.store(true, Ordering::SeqCst);
+        let sent = Instant::now();
+        let call = async {
+            if renewing || changed.is_some() {
+                queue::heartbeat(&ctx.db, fence, ctx.config.lease, changed)
+                    .await
+                    .map(|()| true)
+            } else {
+                queue::check_fence(&ctx.db, fence).await.map(|()| false)
+            }
+        };
+        let answer = tokio::select! {
+            () = stop.cancelled() => break,
+            () = tokio::time::sleep_until(deadline) => None,
+            answer = call => Some(answer),
+        };
+        match answer {
+            None => {
+                stopped.expired.store(true, Ordering::SeqCst);
                 token.cancel();
                 return;
             }
-            Err(FenceError::Db(error)) => {
+            Some(Ok(renewed)) => {
+                if renewed {
+                    lease.renewed(sent);
+                    written = now;
+                    renew.reset();
+                }
+            }
+            Some(Err(FenceError::Fenced(_))) => {
+                tracing::info!(export_id = %fence.id, "export fenced (cancelled or reclaimed): stopping it");
+                stopped.fenced.store(true, Ordering::SeqCst);
+                token.cancel();
+                return;
+            }
+            Some(Err(FenceError::Db(error))) => {
                 tracing::warn!(export_id = %fence.id, %error, "heartbeat failed; retrying on the next tick");
             }
         }
     }
 }
 
+/// What an unanswered `complete` did, from the row re-read after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Decision {
+    /// The completion committed (only its reply was lost): success.
+    Recorded,
+    /// Still this claim's and running: call `complete` again.
+    Retry,
+    /// The job moved on (cancelled, failed, another claim's, gone): fenced.
+    Fenced,
+}
+
+/// The rule of the queue docs ("Ending an attempt"): `succeeded` (or later, retention's
+/// `expiring`/`expired`) with this attempt's own file -> recorded (the file name is per
+/// attempt, so the path says whose completion it was); `running` with this claim's token
+/// -> retry; anything else -> fenced.
+pub(super) fn decide(
+    state: Option<&CompletionState>,
+    fence: Fence,
+    storage_path: &str,
+) -> Decision {
+    match state {
+        Some(s)
+            if matches!(s.status.as_str(), "succeeded" | "expiring" | "expired")
+                && s.storage_path.as_deref() == Some(storage_path) =>
+        {
+            Decision::Recorded
+        }
+        Some(s) if s.status == "running" && s.fencing_token == fence.token => Decision::Retry,
+        _ => Decision::Fenced,
+    }
+}
+
+/// How [`complete_recovering`] ended.
+#[derive(Debug)]
+pub(super) enum Completion {
+    /// Recorded: the file is the job's.
+    Recorded,
+    /// Not recorded and never will be: delete the file.
+    Fenced,
+    /// Undecided (the row could not be read, or the local lease ran out before a retry):
+    /// keep the file; the orphan sweep removes it if no row references it.
+    Unknown(String),
+}
+
+/// `queue::complete` with the recovery of a lost reply: on a database error the row is
+/// re-read (up to [`COMPLETE_TRIES`] times, backing off by `RetryPolicy`) and
+/// [`decide`]d; `Retry` calls `complete` again, while the local lease holds.
+pub(super) async fn complete_recovering(
+    db: &smartbeak_database::Database,
+    fence: Fence,
+    done: &Completed,
+    lease: &LocalLease,
+) -> Completion {
+    let policy = RetryPolicy {
+        max_attempts: COMPLETE_TRIES,
+        base_delay: Duration::from_millis(100),
+        max_delay: Duration::from_secs(1),
+        max_elapsed: Duration::MAX,
+        min_last_attempt: Duration::ZERO,
+        max_retry_after: Duration::ZERO,
+    };
+    let mut uncertain = false;
+    for call in 1..=COMPLETE_TRIES {
+        let error = match queue::complete(db, fence, done).await {
+            Ok(()) => return Completion::Recorded,
+            // The first call fenced: nothing of ours committed.
+            Err(FenceError::Fenced(_)) if !uncertain => return Completion::Fenced,
+            // A retry fenced: maybe because an earlier call did commit.
+            Err(FenceError::Fenced(_)) => "fenced after an unanswered completion".to_owned(),
+            Err(FenceError::Db(error)) => error.to_string(),
+        };
+        uncertain = true;
+        tracing::warn!(export_id = %fence.id, call, %error, "recording the finished export got no answer; re-reading the job");
+        let mut state = None;
+        for read in 1..=COMPLETE_TRIES {
+            match queue::completion_state(db, fence.id).await {
+                Ok(row) => {
+                    state = Some(row);
+                    break;
+                }
+                Err(error) => {
+                    tracing::warn!(export_id = %fence.id, read, %error, "re-reading the job failed");
+                    if let Ok(delay) = policy.next_delay(read, None, Duration::ZERO) {
+                        tokio::time::sleep(delay).await;
+                    }
+                }
+            }
+        }
+        let Some(state) = state else {
+            return Completion::Unknown("the job could not be re-read".to_owned());
+        };
+        match decide(state.as_ref(), fence, &done.storage_path) {
+            Decision::Recorded => return Completion::Recorded,
+            Decision::Fenced => return Completion::Fenced,
+            Decision::Retry if lease.expired() => {
+                return Completion::Unknown("the local lease ran out before a retry".to_owned());
+            }
+            Decision::Retry => {}
+        }
+    }
+    Completion::Unknown(format!("no answer after {COMPLETE_TRIES} completions"))
+}
+
 /// Records the finished file; a fenced completion deletes it (it is not ours any more).
-async fn finish(ctx: &Ctx, job: &ClaimedJob, output: &ExportOutput, started: Instant) -> Outcome {
+async fn finish(
+    ctx: &Ctx,
+    job: &ClaimedJob,
+    output: &ExportOutput,
+    started: Instant,
+    lease: &LocalLease,
+) -> Outcome {
     let id = job.fence.id;
+    if lease.expired() {
+        remove_file(ctx, output);
+        return expired(id, lease);
+    }
     let ttl = chrono::Duration::from_std(ctx.config.ttl).unwrap_or(chrono::Duration::days(7));
     let done = Completed {
         storage_path: output.storage_path.clone(),
@@ -164,8 +412,8 @@ async fn finish(ctx: &Ctx, job: &ClaimedJob, output: &ExportOutput, started: Ins
         checksum_sha256: output.checksum_sha256.clone(),
         expires_at: Utc::now() + ttl,
     };
-    match queue::complete(&ctx.db, job.fence, &done).await {
-        Ok(()) => {
+    match complete_recovering(&ctx.db, job.fence, &done, lease).await {
+        Completion::Recorded => {
             let format = job.spec.format.as_str();
             let elapsed = started.elapsed().as_secs_f64();
             ::metrics::histogram!(metrics::DURATION, "format" => format).record(elapsed);
@@ -186,44 +434,33 @@ async fn finish(ctx: &Ctx, job: &ClaimedJob, output: &ExportOutput, started: Ins
             );
             Outcome::Succeeded
         }
-        Err(FenceError::Fenced(_)) => {
-            remove_file(ctx, id, output).await;
+        Completion::Fenced => {
+            remove_file(ctx, output);
             fenced_outcome(ctx, id).await
         }
-        Err(FenceError::Db(error)) => {
-            // The row may or may not have been updated: the file stays (it may be
-            // recorded); if it was not, the lease expires and the job is done again.
-            tracing::error!(export_id = %id, %error, "recording the finished export failed; its lease will expire");
+        Completion::Unknown(why) => {
+            // The row may reference the file: it stays (the orphan sweep deletes it later
+            // if no row does); if it was not recorded, the lease expires and the job is
+            // done again, under a file name of its own.
+            tracing::error!(export_id = %id, path = %output.storage_path, why, "recording the finished export failed; its file stays");
             Outcome::Failed
         }
     }
 }
 
-/// Deletes a finished file this worker may no longer record, unless the row says the job
-/// succeeded: every attempt writes the same `<id>.<ext>`, so the file may then be the one
-/// a newer attempt recorded (when the row cannot be read, the file is kept too).
-async fn remove_file(ctx: &Ctx, id: uuid::Uuid, output: &ExportOutput) {
-    match queue::get_any(&ctx.db, id).await {
-        Ok(Some(row)) if row.status == "succeeded" || row.status == "expiring" => {
-            tracing::info!(export_id = %id, "fenced, but the job succeeded in another attempt: its file stays");
-            return;
-        }
-        Ok(_) => {}
-        Err(error) => {
-            tracing::warn!(export_id = %id, %error, "fenced; reading the job failed, so its file stays");
-            return;
-        }
-    }
+/// Deletes this attempt's own finished file (one it may no longer record). The name is
+/// per attempt (`<id>.<token>.<ext>`): no other attempt's file can be at this path.
+fn remove_file(ctx: &Ctx, output: &ExportOutput) {
     match ctx.dir.resolve(&output.storage_path) {
         Ok(path) => match std::fs::remove_file(&path) {
             Ok(()) => {}
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
             Err(error) => {
-                tracing::warn!(path = %path.display(), %error, "removing a fenced export's file failed");
+                tracing::warn!(path = %path.display(), %error, "removing an unrecorded export file failed");
             }
         },
         Err(error) => {
-            tracing::warn!(path = %output.storage_path, %error, "cannot resolve a fenced export's file");
+            tracing::warn!(path = %output.storage_path, %error, "cannot resolve an unrecorded export file");
         }
     }
 }
@@ -255,6 +492,8 @@ async fn release(ctx: &Ctx, fence: Fence) -> Outcome {
         }
         Err(FenceError::Fenced(_)) => fenced_outcome(ctx, fence.id).await,
         Err(FenceError::Db(error)) => {
+            // The shutdown report must say so: the job now waits for its lease to expire.
+            ctx.release_failures.fetch_add(1, Ordering::SeqCst);
             tracing::warn!(export_id = %fence.id, %error, "releasing the export failed; its lease will expire");
             Outcome::Released
         }

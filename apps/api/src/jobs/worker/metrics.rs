@@ -22,13 +22,14 @@ pub const QUEUE_OLDEST_AGE: &str = "export_queue_oldest_age_seconds";
 pub const RUNNING: &str = "export_jobs_running";
 
 /// Every value of the `outcome` label of [`JOBS`].
-pub const OUTCOMES: [&str; 6] = [
+pub const OUTCOMES: [&str; 7] = [
     "succeeded",
     "failed",
     "retried",
     "cancelled",
     "fenced",
     "released",
+    "expired",
 ];
 
 /// Every value of the `format` label.

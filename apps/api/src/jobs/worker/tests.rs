@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use super::job::retry_delay;
+use super::job::{self, Decision, decide, retry_delay};
 use super::*;
 
 #[test]
@@ -43,6 +43,62 @@ fn the_release_margin_is_a_bounded_share_of_the_drain() {
         Duration::from_millis(600),
         "a drain below a second releases at once"
     );
+}
+
+#[test]
+fn an_unanswered_completion_is_decided_by_the_row() {
+    let fence = queue::Fence {
+        id: uuid::Uuid::new_v4(),
+        token: 4,
+    };
+    let ours = crate::jobs::paths::file_name(fence.id, 4, "csv");
+    let state = |status: &str, token: i64, path: Option<&str>| queue::CompletionState {
+        status: status.to_owned(),
+        fencing_token: token,
+        storage_path: path.map(str::to_owned),
+    };
+    for status in ["succeeded", "expiring", "expired"] {
+        assert_eq!(
+            decide(Some(&state(status, 5, Some(&ours))), fence, &ours),
+            Decision::Recorded
+        );
+    }
+    let theirs = crate::jobs::paths::file_name(fence.id, 6, "csv");
+    assert_eq!(
+        decide(Some(&state("succeeded", 7, Some(&theirs))), fence, &ours),
+        Decision::Fenced,
+        "another attempt's success"
+    );
+    assert_eq!(
+        decide(Some(&state("running", 4, None)), fence, &ours),
+        Decision::Retry
+    );
+    assert_eq!(
+        decide(Some(&state("running", 5, None)), fence, &ours),
+        Decision::Fenced,
+        "reclaimed and claimed again"
+    );
+    for status in ["queued", "cancelled", "failed"] {
+        assert_eq!(
+            decide(Some(&state(status, 5, None)), fence, &ours),
+            Decision::Fenced
+        );
+    }
+    assert_eq!(decide(None, fence, &ours), Decision::Fenced, "row gone");
+}
+
+#[test]
+fn the_local_lease_runs_out_lease_minus_margin_after_the_last_renewal() {
+    let start = std::time::Instant::now();
+    let lease = job::LocalLease::new(start, Duration::from_secs(30), Duration::from_secs(9));
+    assert_eq!(lease.deadline(), start + Duration::from_secs(21));
+    lease.renewed(start + Duration::from_secs(10));
+    assert_eq!(lease.deadline(), start + Duration::from_secs(31));
+    // An older renewal (a slow reply) never moves it back.
+    lease.renewed(start + Duration::from_secs(5));
+    assert_eq!(lease.deadline(), start + Duration::from_secs(31));
+    let gone = job::LocalLease::new(start, Duration::from_secs(1), Duration::from_secs(2));
+    assert!(gone.expired());
 }
 
 mod with_a_database {
@@ -100,6 +156,10 @@ mod with_a_database {
     }
 
     fn worker(s: &Setup, vars: &[(&str, &str)]) -> Worker {
+        worker_on(s, s.db.clone(), vars)
+    }
+
+    fn worker_on(s: &Setup, db: Database, vars: &[(&str, &str)]) -> Worker {
         let mut map: HashMap<String, String> = [
             ("EXPORT_POLL_MAX_MS", "100"),
             ("EXPORT_REAPER_INTERVAL_SECS", "1"),
@@ -113,7 +173,7 @@ mod with_a_database {
         }
         let config = WorkerConfig::from_lookup(|name| map.get(name).cloned()).unwrap();
         let dir = ExportDir::open(s.dir.path()).unwrap();
-        Worker::new(s.db.clone(), config, dir)
+        Worker::new(db, config, dir)
     }
 
     fn content_only(format: ExportFormat) -> NewExport {
@@ -209,6 +269,457 @@ mod with_a_database {
             0,
             "no temp file"
         );
+        s.tdb.drop_database().await.unwrap();
+    }
+
+    /// A forwarder to the test database's server, and a configuration whose primary goes
+    /// through it (the analytics reads go straight to the server, as to a replica).
+    fn through_forwarder(
+        s: &Setup,
+        statement_timeout: Duration,
+    ) -> (
+        smartbeak_test_support::TcpForwarder,
+        smartbeak_database::DatabaseConfig,
+    ) {
+        use std::net::ToSocketAddrs as _;
+        let direct = s.tdb.url().expose().to_owned();
+        let (scheme, rest) = direct.split_once("://").unwrap();
+        let (user, rest) = rest.rsplit_once('@').unwrap();
+        let (host_port, path) = rest.split_once('/').unwrap();
+        let target = host_port
+            .to_socket_addrs()
+            .unwrap()
+            .find(|a| a.ip().is_loopback())
+            .unwrap();
+        let forwarder = smartbeak_test_support::TcpForwarder::start(target).unwrap();
+        let via = format!("{scheme}://{user}@127.0.0.1:{}/{path}", forwarder.port());
+        let mut config = s.tdb.config();
+        config.url = smartbeak_database::SecretUrl::parse("DATABASE_URL", &via).unwrap();
+        config.analytics_url = Some(s.tdb.url().clone());
+        config.statement_timeout = statement_timeout;
+        (forwarder, config)
+    }
+
+    /// Locks `content_items` until the returned connection rolls back: an export waits.
+    async fn lock_content(db: &Database) -> sqlx::pool::PoolConnection<sqlx::Postgres> {
+        let mut lock = db.acquire().await.unwrap();
+        sqlx::query("BEGIN").execute(&mut *lock).await.unwrap();
+        sqlx::query("LOCK TABLE content_items IN ACCESS EXCLUSIVE MODE")
+            .execute(&mut *lock)
+            .await
+            .unwrap();
+        lock
+    }
+
+    fn names(dir: &std::path::Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// The reviewer's hazard: a worker cut off from the primary (its analytics reads still
+    /// flowing) while another worker reclaims and completes its job. The stale worker
+    /// stops by itself at its local lease deadline, before the reclaim, writes nothing, and
+    /// the recorded file stays intact.
+    #[tokio::test]
+    async fn a_worker_cut_off_from_the_primary_stops_at_its_local_lease_deadline() {
+        let s = setup().await;
+        // Lease 13 s, client bound 11 s: the local deadline is 2 s after a renewal.
+        let (forwarder, config) = through_forwarder(&s, Duration::from_secs(10));
+        let stale_db = Database::connect(config, "worker-tests-stale")
+            .await
+            .unwrap();
+        let stale = worker_on(
+            &s,
+            stale_db.clone(),
+            &[
+                ("EXPORT_LEASE_SECS", "13"),
+                ("EXPORT_HEARTBEAT_SECS", "1"),
+                ("EXPORT_WORKER_ID", "stale"),
+            ],
+        );
+        let stale_run = tokio::spawn({
+            let w = stale.clone();
+            async move { w.run().await }
+        });
+        let mut lock = lock_content(&s.db).await;
+        let row = queue::enqueue(&s.db, s.org, s.domain, &content_only(ExportFormat::Json))
+            .await
+            .unwrap()
+            .unwrap();
+        wait_for_status(&s.db, row.id, "running").await;
+        forwarder.black_hole();
+        let cut = std::time::Instant::now();
+        // Its export still waits on the lock (on the analytics connection): only the local
+        // deadline can stop it.
+        let mut running = stale.running();
+        tokio::time::timeout(Duration::from_secs(15), running.wait_for(|n| *n == 0))
+            .await
+            .expect("the stale worker must end its attempt by itself")
+            .unwrap();
+        eprintln!(
+            "the stale worker ended its attempt {} ms after the cut",
+            cut.elapsed().as_millis()
+        );
+        assert_eq!(
+            names(s.dir.path()),
+            Vec::<String>::new(),
+            "no file, no temp file"
+        );
+
+        // Another worker's reaper reclaims the job once its lease expired (made so now),
+        // and that worker completes it.
+        s.db.run(async |conn| {
+            sqlx::query(
+                "UPDATE domain_exports SET lease_expires_at = now() - interval '1 second' \
+                 WHERE id = $1",
+            )
+            .bind(row.id)
+            .execute(conn)
+            .await
+        })
+        .await
+        .unwrap();
+        assert_eq!(queue::reclaim_expired(&s.db, 10).await.unwrap().len(), 1);
+        sqlx::query("ROLLBACK").execute(&mut *lock).await.unwrap();
+        drop(lock);
+        let newer = worker(&s, &[("EXPORT_WORKER_ID", "newer")]);
+        let newer_run = tokio::spawn({
+            let w = newer.clone();
+            async move { w.run().await }
+        });
+        wait_for_status(&s.db, row.id, "succeeded").await;
+        newer.stop_claiming();
+        newer_run.await.unwrap();
+        // The stale worker's connection comes back: it still writes nothing.
+        forwarder.restore();
+        stale.stop_claiming();
+        let info = queue::download_info(&s.db, s.org, row.id)
+            .await
+            .unwrap()
+            .unwrap();
+        let path = info.storage_path.unwrap();
+        assert_eq!(
+            names(s.dir.path()),
+            vec![path.clone()],
+            "one file: the newer attempt's"
+        );
+        let bytes = std::fs::read(s.dir.path().join(&path)).unwrap();
+        use sha2::Digest as _;
+        assert_eq!(
+            hex::encode(sha2::Sha256::digest(&bytes)),
+            info.checksum_sha256.unwrap()
+        );
+        assert_eq!(bytes.len() as i64, info.size_bytes.unwrap());
+        let attempts: Vec<(String, String)> =
+            s.db.run(async |conn| {
+                sqlx::query_as(
+                    "SELECT worker, outcome FROM domain_export_attempts \
+                     WHERE export_id = $1 ORDER BY fencing_token",
+                )
+                .bind(row.id)
+                .fetch_all(conn)
+                .await
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            attempts,
+            vec![
+                ("stale".to_owned(), "reclaimed".to_owned()),
+                ("newer".to_owned(), "succeeded".to_owned())
+            ]
+        );
+        drop(forwarder);
+        tokio::time::timeout(Duration::from_secs(30), stale_run)
+            .await
+            .unwrap()
+            .unwrap();
+        stale_db.close(Duration::from_secs(1)).await.ok();
+        s.tdb.drop_database().await.unwrap();
+    }
+
+    fn done_for(fence: queue::Fence) -> queue::Completed {
+        queue::Completed {
+            storage_path: crate::jobs::paths::file_name(fence.id, fence.token, "json"),
+            size_bytes: 2,
+            record_count: 0,
+            checksum_sha256: "0".repeat(64),
+            expires_at: chrono::Utc::now() + chrono::Duration::hours(1),
+        }
+    }
+
+    fn long_lease() -> job::LocalLease {
+        job::LocalLease::new(
+            std::time::Instant::now(),
+            Duration::from_secs(3600),
+            Duration::ZERO,
+        )
+    }
+
+    /// A completion that commits while its reply is lost (the connection black-holed
+    /// between the two) is re-read and counted a success; a stale claim's is fenced.
+    #[tokio::test]
+    async fn a_completion_whose_reply_is_lost_is_recovered_by_re_reading_the_row() {
+        let s = setup().await;
+        let row = queue::enqueue(&s.db, s.org, s.domain, &content_only(ExportFormat::Json))
+            .await
+            .unwrap()
+            .unwrap();
+        let job = queue::claim(&s.db, "w", 1, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .remove(0);
+        let done = done_for(job.fence);
+        let (forwarder, config) = through_forwarder(&s, Duration::from_secs(4));
+        let cut_db = Database::connect(config, "worker-tests-complete")
+            .await
+            .unwrap();
+        // The completion waits on this row lock until the connection is cut.
+        let mut lock = s.db.acquire().await.unwrap();
+        sqlx::query("BEGIN").execute(&mut *lock).await.unwrap();
+        sqlx::query("SELECT 1 FROM domain_exports WHERE id = $1 FOR UPDATE")
+            .bind(row.id)
+            .execute(&mut *lock)
+            .await
+            .unwrap();
+        let completing = tokio::spawn({
+            let (db, done) = (cut_db.clone(), done.clone());
+            async move {
+                let lease = long_lease();
+                job::complete_recovering(&db, job.fence, &done, &lease).await
+            }
+        });
+        let db_name = s.tdb.name().to_owned();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let waiting: i64 =
+                s.db.run(async |conn| {
+                    sqlx::query_scalar(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 \
+                         AND application_name = 'worker-tests-complete' \
+                         AND wait_event_type = 'Lock'",
+                    )
+                    .bind(&db_name)
+                    .fetch_one(conn)
+                    .await
+                })
+                .await
+                .unwrap();
+            if waiting == 1 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the completion never waited"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        forwarder.black_hole();
+        sqlx::query("COMMIT").execute(&mut *lock).await.unwrap();
+        drop(lock);
+        // The server commits the completion; its reply is swallowed.
+        wait_for_status(&s.db, row.id, "succeeded").await;
+        forwarder.restore();
+        let completion = tokio::time::timeout(Duration::from_secs(30), completing)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(completion, job::Completion::Recorded),
+            "{completion:?}"
+        );
+        // A claim whose token moved on: fenced at once.
+        let stale = queue::Fence {
+            id: row.id,
+            token: job.fence.token - 1,
+        };
+        let completion =
+            job::complete_recovering(&s.db, stale, &done_for(stale), &long_lease()).await;
+        assert!(
+            matches!(completion, job::Completion::Fenced),
+            "{completion:?}"
+        );
+        cut_db.close(Duration::from_secs(1)).await.ok();
+        drop(forwarder);
+        s.tdb.drop_database().await.unwrap();
+    }
+
+    /// The sweep removes old temp files and old unreferenced final files, and keeps young
+    /// files, referenced files and names that are not an export's.
+    #[tokio::test]
+    async fn the_sweep_removes_old_leftovers_and_keeps_young_and_referenced_files() {
+        let s = setup().await;
+        let row = queue::enqueue(&s.db, s.org, s.domain, &content_only(ExportFormat::Json))
+            .await
+            .unwrap()
+            .unwrap();
+        let job = queue::claim(&s.db, "w", 1, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .remove(0);
+        let done = done_for(job.fence);
+        queue::complete(&s.db, job.fence, &done).await.unwrap();
+        let id = row.id.simple();
+        let old = std::time::SystemTime::now() - Duration::from_secs(600);
+        let plant = |name: &str, at: Option<std::time::SystemTime>| {
+            let file = std::fs::File::create(s.dir.path().join(name)).unwrap();
+            if let Some(at) = at {
+                file.set_modified(at).unwrap();
+            }
+        };
+        let old_temp = format!(".{id}.{}.tmp", Uuid::new_v4().simple());
+        let young_temp = format!(".{id}.{}.tmp", Uuid::new_v4().simple());
+        let old_orphan = crate::jobs::paths::file_name(row.id, job.fence.token - 1, "json");
+        let young_orphan = crate::jobs::paths::file_name(row.id, job.fence.token + 5, "json");
+        plant(&old_temp, Some(old));
+        plant(&young_temp, None);
+        plant(&old_orphan, Some(old));
+        plant(&young_orphan, None);
+        plant(&done.storage_path, Some(old));
+        plant("notes.txt", Some(old));
+        let dir = ExportDir::open(s.dir.path()).unwrap();
+        let swept = sweep_dir(&s.db, &dir, Duration::from_secs(120)).await;
+        assert_eq!(
+            swept,
+            Swept {
+                temp_files: 1,
+                orphans: 1
+            }
+        );
+        let mut kept = vec![
+            young_temp,
+            young_orphan,
+            done.storage_path.clone(),
+            "notes.txt".to_owned(),
+        ];
+        kept.sort();
+        assert_eq!(names(s.dir.path()), kept);
+        s.tdb.drop_database().await.unwrap();
+    }
+
+    /// The listener's session terminated: jobs are still claimed (polling, then the
+    /// reopened listener), and the listener comes back on a session of its own.
+    #[tokio::test]
+    async fn a_terminated_listener_reconnects_and_jobs_are_still_claimed() {
+        let s = setup().await;
+        let w = worker(&s, &[]);
+        let running = tokio::spawn({
+            let w = w.clone();
+            async move { w.run().await }
+        });
+        let db_name = s.tdb.name().to_owned();
+        let listener_pid = |not: i32| {
+            let (db, name) = (s.db.clone(), db_name.clone());
+            async move {
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                loop {
+                    let pid: Option<i32> = db
+                        .run(async |conn| {
+                            sqlx::query_scalar(
+                                "SELECT pid FROM pg_stat_activity WHERE datname = $1 \
+                                 AND application_name = 'worker-tests-listener' AND pid <> $2",
+                            )
+                            .bind(&name)
+                            .bind(not)
+                            .fetch_optional(conn)
+                            .await
+                        })
+                        .await
+                        .unwrap();
+                    if let Some(pid) = pid {
+                        return pid;
+                    }
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "no listener session (other than {not})"
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        let first = listener_pid(0).await;
+        let terminated: bool =
+            s.db.run(async |conn| {
+                sqlx::query_scalar(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE datname = $1 AND application_name = 'worker-tests-listener' \
+                     AND pid = $2",
+                )
+                .bind(&db_name)
+                .bind(first)
+                .fetch_one(conn)
+                .await
+            })
+            .await
+            .unwrap();
+        assert!(terminated);
+        let row = queue::enqueue(&s.db, s.org, s.domain, &content_only(ExportFormat::Csv))
+            .await
+            .unwrap()
+            .unwrap();
+        wait_for_status(&s.db, row.id, "succeeded").await;
+        let second = listener_pid(first).await;
+        assert_ne!(first, second);
+        w.stop_claiming();
+        assert_eq!(running.await.unwrap(), 1);
+        s.tdb.drop_database().await.unwrap();
+    }
+
+    /// A release that fails at shutdown fails the drain handler: the report is not a
+    /// success and the exit code is not 0.
+    #[tokio::test]
+    async fn a_failed_release_at_shutdown_fails_the_report() {
+        let s = setup().await;
+        let w = worker(&s, &[]);
+        let shutdown = Shutdown::new(
+            ShutdownConfig::default()
+                .with_timeout(Duration::from_secs(5))
+                .with_drain_timeout(Duration::from_secs(2)),
+        );
+        let _installed = install(&shutdown, &w).unwrap();
+        let mut lock = lock_content(&s.db).await;
+        let row = queue::enqueue(&s.db, s.org, s.domain, &content_only(ExportFormat::Json))
+            .await
+            .unwrap()
+            .unwrap();
+        wait_for_status(&s.db, row.id, "running").await;
+        // Every release now fails on the server.
+        s.db.run(async |conn| {
+            sqlx::raw_sql(
+                "CREATE FUNCTION refuse_release() RETURNS trigger LANGUAGE plpgsql AS \
+                 $$ BEGIN RAISE EXCEPTION 'release refused by the test'; END $$; \
+                 CREATE TRIGGER refuse_release BEFORE UPDATE ON domain_exports FOR EACH ROW \
+                 WHEN (OLD.status = 'running' AND NEW.status = 'queued') \
+                 EXECUTE FUNCTION refuse_release();",
+            )
+            .execute(conn)
+            .await
+        })
+        .await
+        .unwrap();
+        shutdown.trigger(ShutdownReason::Requested("test".into()));
+        let report = shutdown.run().await;
+        assert!(!report.is_success(), "{report}");
+        assert_ne!(
+            format!("{:?}", report.exit_code()),
+            format!("{:?}", std::process::ExitCode::SUCCESS),
+            "{report}"
+        );
+        let drain = report
+            .handlers
+            .iter()
+            .find(|h| h.name == DRAIN_EXPORTS)
+            .unwrap();
+        assert!(
+            format!("{:?}", drain.outcome).contains("could not be released"),
+            "{report}"
+        );
+        sqlx::query("ROLLBACK").execute(&mut *lock).await.unwrap();
+        drop(lock);
         s.tdb.drop_database().await.unwrap();
     }
 }

@@ -331,11 +331,11 @@ async fn a_download_streams_the_file_with_its_name_length_etag_and_digest() {
     let zip_id = api.create("csv").await;
     let json_id = api.create("json").await;
     let zip_bytes = b"PK\x03\x04 not really a zip, but bytes all the same\r\n\0\xff".to_vec();
-    let zip_file = paths::file_name(zip_id, "zip");
+    let zip_file = paths::file_name(zip_id, 1, "zip");
     let zip_sum = api.finish_with_file(zip_id, &zip_file, &zip_bytes).await;
     let json_bytes = br#"{"content": [], "keywords": []}"#.to_vec();
     let json_sum = api
-        .finish_with_file(json_id, &paths::file_name(json_id, "json"), &json_bytes)
+        .finish_with_file(json_id, &paths::file_name(json_id, 1, "json"), &json_bytes)
         .await;
 
     for (id, bytes, sum, content_type, extension) in [
@@ -414,17 +414,17 @@ async fn a_symlink_or_a_path_leading_out_of_export_dir_is_refused() {
 
     // A symlink planted in the directory under the name the worker would use.
     let linked = api.create("csv").await;
-    let link = paths::file_name(linked, "csv");
+    let link = paths::file_name(linked, 1, "csv");
     std::os::unix::fs::symlink(outside.join("secret"), api.export_dir.join(&link)).unwrap();
     api.finish_with_file(linked, &link, &secret).await;
     // A symlink to another export's file, inside the directory.
     let theirs = api.create("json").await;
     let their_bytes = br#"{"theirs": true}"#.to_vec();
-    let their_file = paths::file_name(theirs, "json");
+    let their_file = paths::file_name(theirs, 1, "json");
     api.finish_with_file(theirs, &their_file, &their_bytes)
         .await;
     let inner = api.create("json").await;
-    let inner_link = paths::file_name(inner, "json");
+    let inner_link = paths::file_name(inner, 1, "json");
     std::os::unix::fs::symlink(
         api.export_dir.join(&their_file),
         api.export_dir.join(&inner_link),
@@ -434,10 +434,14 @@ async fn a_symlink_or_a_path_leading_out_of_export_dir_is_refused() {
     // Rows pointing at another export's file, or out of the directory: the schema refuses
     // both (domain_exports_storage_path_check); a tampered or older database may not.
     let borrowed = api.create("json").await;
-    api.finish_with_file(borrowed, &paths::file_name(borrowed, "json"), &their_bytes)
-        .await;
+    api.finish_with_file(
+        borrowed,
+        &paths::file_name(borrowed, 1, "json"),
+        &their_bytes,
+    )
+    .await;
     let dotted = api.create("json").await;
-    api.finish_with_file(dotted, &paths::file_name(dotted, "json"), &secret)
+    api.finish_with_file(dotted, &paths::file_name(dotted, 1, "json"), &secret)
         .await;
     let tamper = |id: Uuid, path: String| {
         let db = api.f.db.clone();

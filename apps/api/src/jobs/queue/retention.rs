@@ -1,6 +1,6 @@
 //! The retention statements on `domain_exports`, for the control-plane's
-//! `export-retention` operation: a sibling of [`super::queue`], which owns every other
-//! statement on the table.
+//! `export-retention` operation: a child of [`super`] (the queue module), which owns every
+//! statement on the table, so these live with the others.
 //!
 //! The order that makes a crash harmless: [`mark_expiring`] (the row says its file is
 //! going), delete the file, [`mark_expired`]. A run that dies between the steps leaves an
@@ -21,26 +21,33 @@ pub struct ExpiredExport {
     /// `succeeded` or `expiring`.
     pub status: String,
     /// Its file, relative to `EXPORT_DIR` (to be checked with
-    /// [`super::paths::resolve_inside`]).
+    /// [`crate::jobs::paths::resolve_inside`]).
     pub storage_path: String,
     /// When it expired.
     pub expires_at: DateTime<Utc>,
 }
 
 /// Up to `limit` exports due for deletion at `now`, oldest expiry first (on the
-/// `domain_exports_expiry_idx` partial index).
+/// `domain_exports_expiry_idx` partial index), after the keyset `after` (the
+/// `(expires_at, id)` of the last row of the previous page), so a caller pages through any
+/// backlog in bounded memory and rows it failed on are not returned again in the same run.
 pub async fn due(
     db: &Database,
     now: DateTime<Utc>,
+    after: Option<(DateTime<Utc>, Uuid)>,
     limit: i64,
 ) -> Result<Vec<ExpiredExport>, DbError> {
     db.run(async |conn| {
         sqlx::query_as::<_, ExpiredExport>(
             "SELECT id, status, storage_path, expires_at FROM domain_exports \
              WHERE status IN ('succeeded', 'expiring') AND expires_at <= $1 \
-             AND storage_path IS NOT NULL ORDER BY expires_at, id LIMIT $2",
+             AND storage_path IS NOT NULL \
+             AND ($2::timestamptz IS NULL OR (expires_at, id) > ($2, $3)) \
+             ORDER BY expires_at, id LIMIT $4",
         )
         .bind(now)
+        .bind(after.map(|(at, _)| at))
+        .bind(after.map(|(_, id)| id))
         .bind(limit)
         .fetch_all(conn)
         .await
