@@ -26,10 +26,20 @@ pub struct SnapshotOptions {
     /// The server's `statement_timeout` inside the snapshot (`SET LOCAL`): the longest one
     /// statement may run. Default [`DatabaseConfig::long_read_timeout`](crate::DatabaseConfig::long_read_timeout).
     pub statement_timeout: Duration,
-    /// The longest wait for the next row or COPY frame (and for a statement's first answer)
-    /// before the read fails with [`DbError::StreamGap`]. Default
+    /// The longest wait for the next row or COPY frame once a statement's first one came,
+    /// before the read fails with [`DbError::StreamGap`]. The wait for the first (a sort or
+    /// an aggregate answers only when done) is bounded by [`Self::first_frame_bound`]. Default
     /// [`DatabaseConfig::stream_gap_timeout`](crate::DatabaseConfig::stream_gap_timeout).
     pub gap_timeout: Duration,
+}
+
+impl SnapshotOptions {
+    /// The longest wait for a statement's first row or frame: the statement timeout (the
+    /// server cancels the statement then and the error arrives) plus the gap timeout, the
+    /// client's own bound when nothing answers at all (a black-holed connection).
+    pub fn first_frame_bound(&self) -> Duration {
+        self.statement_timeout.saturating_add(self.gap_timeout)
+    }
 }
 
 /// One connection in a read-only repeatable-read transaction, from the analytics pool
@@ -115,6 +125,7 @@ impl Snapshot {
     /// from a user, may be inlined). Frames come as PostgreSQL sends them (one per row).
     pub async fn copy_out(&mut self, statement: &str) -> Result<CopyOut<'_>, DbError> {
         let gap = self.options.gap_timeout;
+        let first = self.options.first_frame_bound();
         self.dirty = true;
         // The stream borrows the connection; errors are classified through `inner`.
         let inner = Arc::clone(&self.inner);
@@ -125,16 +136,19 @@ impl Snapshot {
         // future, rustc fails to prove it `Send` for every lifetime (rust-lang/rust#102211).
         let start: BoxFuture<'_, Result<BoxStream<'_, _>, sqlx::Error>> =
             Box::pin(conn.copy_out_raw(statement));
-        let started = tokio::time::timeout(gap, start).await;
+        // PostgreSQL answers `CopyOutResponse` before running the query, but the wait is
+        // bounded as the first frame's.
+        let started = tokio::time::timeout(first, start).await;
         match started {
             Ok(Ok(stream)) => Ok(CopyOut {
                 stream,
                 inner,
                 gap,
+                first: Some(first),
                 dirty: &mut self.dirty,
             }),
             Ok(Err(e)) => Err(inner.count_query_error(inner.classify(e))),
-            Err(_) => Err(inner.count_query_error(DbError::StreamGap(gap))),
+            Err(_) => Err(inner.count_query_error(DbError::StreamGap(first))),
         }
     }
 
@@ -148,6 +162,7 @@ impl Snapshot {
         T: for<'r> FromRow<'r, PgRow> + Send + Unpin + 's,
     {
         let gap = self.options.gap_timeout;
+        let first = self.options.first_frame_bound();
         self.dirty = true;
         let inner = Arc::clone(&self.inner);
         let Some(conn) = self.conn.as_deref_mut() else {
@@ -157,6 +172,7 @@ impl Snapshot {
             stream: query.fetch(conn),
             inner,
             gap,
+            first: Some(first),
             dirty: &mut self.dirty,
         })
     }
@@ -209,6 +225,8 @@ pub struct CopyOut<'s> {
     stream: BoxStream<'s, Result<bytes::Bytes, sqlx::Error>>,
     inner: Arc<Inner>,
     gap: Duration,
+    /// The bound of the next wait while no frame came yet.
+    first: Option<Duration>,
     dirty: &'s mut bool,
 }
 
@@ -222,9 +240,11 @@ impl std::fmt::Debug for CopyOut<'_> {
 
 impl CopyOut<'_> {
     /// The next frame, `None` at the end of the output. Fails with [`DbError::StreamGap`]
-    /// when nothing arrived for the gap timeout.
+    /// when nothing arrived for the gap timeout (for the first frame:
+    /// [`SnapshotOptions::first_frame_bound`]).
     pub async fn next(&mut self) -> Result<Option<bytes::Bytes>, DbError> {
-        next_bounded(&mut self.stream, &self.inner, self.gap, self.dirty).await
+        let bound = self.first.take().unwrap_or(self.gap);
+        next_bounded(&mut self.stream, &self.inner, bound, self.dirty).await
     }
 }
 
@@ -233,6 +253,8 @@ pub struct Rows<'s, T> {
     stream: BoxStream<'s, Result<T, sqlx::Error>>,
     inner: Arc<Inner>,
     gap: Duration,
+    /// The bound of the next wait while no row came yet.
+    first: Option<Duration>,
     dirty: &'s mut bool,
 }
 
@@ -246,9 +268,11 @@ impl<T> std::fmt::Debug for Rows<'_, T> {
 
 impl<T> Rows<'_, T> {
     /// The next row, `None` after the last. Fails with [`DbError::StreamGap`] when nothing
-    /// arrived for the gap timeout.
+    /// arrived for the gap timeout (for the first row:
+    /// [`SnapshotOptions::first_frame_bound`]).
     pub async fn next(&mut self) -> Result<Option<T>, DbError> {
-        next_bounded(&mut self.stream, &self.inner, self.gap, self.dirty).await
+        let bound = self.first.take().unwrap_or(self.gap);
+        next_bounded(&mut self.stream, &self.inner, bound, self.dirty).await
     }
 }
 

@@ -1809,8 +1809,10 @@ fn snapshot_options(statement_ms: u64, gap_ms: u64) -> smartbeak_database::Snaps
 
 #[tokio::test]
 async fn snapshot_gap_timeout_fires_on_a_stalled_copy_and_a_stalled_query() {
-    // The server would let the statement run (long statement timeout): the client's gap
-    // timeout ends it, and the connection is discarded, not returned mid-answer.
+    // The server would let the statement run (long statement timeout): once the first row
+    // came, the client's gap timeout ends it, and the connection is discarded, not returned
+    // mid-answer. The server sends what its 8 KiB buffer holds only when more follows: two
+    // large rows before the stall, so the first arrives whole.
     let fx = Fixture::new(|_| {}).await;
     let mut snapshot = fx
         .db
@@ -1818,10 +1820,16 @@ async fn snapshot_gap_timeout_fires_on_a_stalled_copy_and_a_stalled_query() {
         .await
         .unwrap();
     let err = match snapshot
-        .copy_out("COPY (SELECT pg_sleep(30)) TO STDOUT (FORMAT csv)")
+        .copy_out(
+            "COPY (SELECT CASE WHEN i < 3 THEN repeat('x', 100000) \
+             ELSE pg_sleep(30)::text END FROM generate_series(1, 3) i) TO STDOUT (FORMAT csv)",
+        )
         .await
     {
-        Ok(mut copy) => copy.next().await.expect_err("a stalled COPY must time out"),
+        Ok(mut copy) => {
+            assert!(copy.next().await.unwrap().is_some(), "the first frame");
+            copy.next().await.expect_err("a stalled COPY must time out")
+        }
         Err(err) => err,
     };
     assert!(matches!(err, DbError::StreamGap(_)), "{err:?}");
@@ -1834,8 +1842,12 @@ async fn snapshot_gap_timeout_fires_on_a_stalled_copy_and_a_stalled_query() {
         .await
         .unwrap();
     let mut rows = snapshot
-        .fetch(sqlx::query_as::<_, (String,)>("SELECT pg_sleep(30)::text"))
+        .fetch(sqlx::query_as::<_, (String,)>(
+            "SELECT CASE WHEN i < 3 THEN repeat('x', 100000) ELSE pg_sleep(30)::text END \
+             FROM generate_series(1, 3) i",
+        ))
         .unwrap();
+    assert!(rows.next().await.unwrap().is_some(), "the first row");
     let err = rows
         .next()
         .await
@@ -1851,6 +1863,36 @@ async fn snapshot_gap_timeout_fires_on_a_stalled_copy_and_a_stalled_query() {
         .await
         .unwrap();
     assert_eq!(one, 1);
+    fx.finish().await;
+}
+
+#[tokio::test]
+async fn snapshot_waits_for_a_slow_first_row_up_to_the_statement_timeout() {
+    // A blocking plan (a sort, an aggregate) answers only when done: the gap timeout
+    // (200 ms) does not bound the wait for the first row or frame.
+    let fx = Fixture::new(|_| {}).await;
+    let mut snapshot = fx
+        .db
+        .read_snapshot_with(snapshot_options(10_000, 200))
+        .await
+        .unwrap();
+    let mut rows = snapshot
+        .fetch(sqlx::query_as::<_, (i32,)>("SELECT 1 FROM pg_sleep(0.5)"))
+        .unwrap();
+    assert_eq!(rows.next().await.unwrap().unwrap().0, 1);
+    assert!(rows.next().await.unwrap().is_none());
+    drop(rows);
+    let mut frames = Vec::new();
+    let mut copy = snapshot
+        .copy_out("COPY (SELECT 1 FROM pg_sleep(0.5)) TO STDOUT (FORMAT csv)")
+        .await
+        .unwrap();
+    while let Some(frame) = copy.next().await.unwrap() {
+        frames.extend_from_slice(&frame);
+    }
+    drop(copy);
+    assert_eq!(frames, b"1\n");
+    snapshot.finish().await.unwrap();
     fx.finish().await;
 }
 
