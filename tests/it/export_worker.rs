@@ -979,6 +979,8 @@ async fn help_lists_every_variable_and_bad_input_gets_a_clear_error() {
     for var in [
         "DATABASE_URL",
         "DB_STATEMENT_TIMEOUT_MS",
+        "DB_LONG_READ_TIMEOUT_MS",
+        "DB_STREAM_GAP_TIMEOUT_MS",
         "DB_POOL_MAX",
         "SHUTDOWN_TIMEOUT_MS",
         "SHUTDOWN_DRAIN_TIMEOUT_MS",

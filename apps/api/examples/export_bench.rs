@@ -299,7 +299,12 @@ async fn bench(args: &Args, admin: &SecretUrl, name: &str) -> Result<()> {
     let mut runs: Vec<Vec<(f64, f64, u64, f64)>> = vec![Vec::new(); formats.len()];
     for round in 0..args.rounds.max(1) {
         let mut psql = Command::new("psql");
-        psql.arg("-X").arg("-q").arg("-d").arg(url.expose()).arg("-c").arg(format!(
+        // The password goes to psql's environment, never its argv (visible to `ps`).
+        let (conninfo, password) = split_password(url.expose());
+        if let Some(password) = password {
+            psql.env("PGPASSWORD", password);
+        }
+        psql.arg("-X").arg("-q").arg("-d").arg(conninfo).arg("-c").arg(format!(
             "\\copy (SELECT id, title, slug, body, status, published_at, created_at, updated_at \
              FROM content_items WHERE domain_id = '{domain}' ORDER BY created_at, id) TO '{}' CSV HEADER",
             copy_path.display()
@@ -396,4 +401,45 @@ async fn bench(args: &Args, admin: &SecretUrl, name: &str) -> Result<()> {
         sequential / concurrent
     );
     Ok(())
+}
+
+/// `url` without its password, and the password (percent-decoded), for a `postgres://`
+/// URL `user:password@host/...`: the password then goes to `PGPASSWORD`.
+fn split_password(url: &str) -> (String, Option<String>) {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return (url.to_owned(), None);
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return (url.to_owned(), None);
+    };
+    let Some((user, password)) = rest[..at].split_once(':') else {
+        return (url.to_owned(), None);
+    };
+    let stripped = format!("{scheme}://{user}{}", &rest[at..]);
+    (stripped, Some(percent_decode(password)))
+}
+
+/// `%XX` escapes decoded (a malformed one is kept as it is).
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }

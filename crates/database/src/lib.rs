@@ -141,6 +141,16 @@ impl Inner {
     fn count_query_error(&self, error: DbError) -> DbError {
         self.counters.count_query_error(error)
     }
+
+    /// [`Self::count_query_error`] of a snapshot's failure, also recorded against the
+    /// replica's health when the snapshot reads from replica `generation`.
+    fn snapshot_error(&self, generation: Option<u64>, error: DbError) -> DbError {
+        let error = self.count_query_error(error);
+        if let Some(generation) = generation {
+            self.analytics.record_error(generation, &error);
+        }
+        error
+    }
 }
 
 /// Checks out a connection of `pool`, counting waiters, latency and timeouts.
@@ -367,7 +377,8 @@ impl Database {
                     .start_snapshot(&replica, ReadSource::Replica, options)
                     .await;
                 inner.analytics.record(generation, &result);
-                result
+                // Its stream failures count against the replica's health too.
+                result.map(|snapshot| snapshot.on_replica(generation))
             }
             None => {
                 self.start_snapshot(&inner.primary, ReadSource::Primary, options)

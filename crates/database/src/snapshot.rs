@@ -55,6 +55,8 @@ pub struct Snapshot {
     inner: Arc<Inner>,
     conn: Option<PoolConnection<Postgres>>,
     source: ReadSource,
+    /// The replica's generation when reading from one: failures count against its health.
+    replica: Option<u64>,
     options: SnapshotOptions,
     /// A statement's answer was not read to its end, or an error left the session in doubt:
     /// the connection may not go back to the pool.
@@ -85,6 +87,7 @@ impl Snapshot {
             inner,
             conn: Some(conn),
             source,
+            replica: None,
             options,
             dirty: true,
         };
@@ -92,9 +95,14 @@ impl Snapshot {
         // One simple-query round trip; the value is a number formatted here. The `SELECT`
         // takes the transaction's snapshot now (PostgreSQL takes it at the first query, not
         // at `BEGIN`), so nothing committed after this call returns is visible.
+        // `client_connection_check_interval` (PostgreSQL 14+): a running statement checks
+        // every second that the client is still there, so a snapshot discarded after a gap
+        // timeout ends its backend (and its snapshot, which holds back vacuum) within about
+        // a second, not at the statement timeout.
         let sql = format!(
             "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; \
-             SET LOCAL statement_timeout = {timeout_ms}; SELECT 1"
+             SET LOCAL statement_timeout = {timeout_ms}; \
+             SET LOCAL client_connection_check_interval = 1000; SELECT 1"
         );
         let conn = snapshot.conn_mut()?;
         let started = tokio::time::timeout(bound, simple(conn, &sql)).await;
@@ -108,6 +116,12 @@ impl Snapshot {
                 .inner
                 .count_query_error(DbError::QueryTimeout(bound))),
         }
+    }
+
+    /// Marks the snapshot as reading from replica `generation`.
+    pub(crate) fn on_replica(mut self, generation: u64) -> Self {
+        self.replica = Some(generation);
+        self
     }
 
     /// Which pool the snapshot reads from.
@@ -126,6 +140,7 @@ impl Snapshot {
     pub async fn copy_out(&mut self, statement: &str) -> Result<CopyOut<'_>, DbError> {
         let gap = self.options.gap_timeout;
         let first = self.options.first_frame_bound();
+        let replica = self.replica;
         self.dirty = true;
         // The stream borrows the connection; errors are classified through `inner`.
         let inner = Arc::clone(&self.inner);
@@ -145,10 +160,11 @@ impl Snapshot {
                 inner,
                 gap,
                 first: Some(first),
+                replica,
                 dirty: &mut self.dirty,
             }),
-            Ok(Err(e)) => Err(inner.count_query_error(inner.classify(e))),
-            Err(_) => Err(inner.count_query_error(DbError::StreamGap(first))),
+            Ok(Err(e)) => Err(inner.snapshot_error(replica, inner.classify(e))),
+            Err(_) => Err(inner.snapshot_error(replica, DbError::StreamGap(first))),
         }
     }
 
@@ -163,6 +179,7 @@ impl Snapshot {
     {
         let gap = self.options.gap_timeout;
         let first = self.options.first_frame_bound();
+        let replica = self.replica;
         self.dirty = true;
         let inner = Arc::clone(&self.inner);
         let Some(conn) = self.conn.as_deref_mut() else {
@@ -173,15 +190,21 @@ impl Snapshot {
             inner,
             gap,
             first: Some(first),
+            replica,
             dirty: &mut self.dirty,
         })
     }
 
     /// Ends the transaction (`COMMIT`, bounded by the gap timeout) and returns the
     /// connection to the pool. A snapshot left dirty (a stream not read to its end) is
-    /// discarded instead, and that is not an error.
+    /// discarded instead (logged at `info`), and that is not an error: nothing it read is
+    /// in doubt, only the session.
     pub async fn finish(mut self) -> Result<(), DbError> {
         if self.dirty {
+            tracing::info!(
+                source = ?self.source,
+                "read snapshot finished with a statement not read to its end; connection discarded"
+            );
             return Ok(());
         }
         let gap = self.options.gap_timeout;
@@ -195,7 +218,9 @@ impl Snapshot {
             Ok(Err(e)) => Err(self.fail(e)),
             Err(_) => {
                 self.dirty = true;
-                Err(self.inner.count_query_error(DbError::StreamGap(gap)))
+                Err(self
+                    .inner
+                    .snapshot_error(self.replica, DbError::StreamGap(gap)))
             }
         }
     }
@@ -206,7 +231,8 @@ impl Snapshot {
 
     fn fail(&mut self, error: sqlx::Error) -> DbError {
         self.dirty = true;
-        self.inner.count_query_error(self.inner.classify(error))
+        self.inner
+            .snapshot_error(self.replica, self.inner.classify(error))
     }
 }
 
@@ -227,6 +253,7 @@ pub struct CopyOut<'s> {
     gap: Duration,
     /// The bound of the next wait while no frame came yet.
     first: Option<Duration>,
+    replica: Option<u64>,
     dirty: &'s mut bool,
 }
 
@@ -244,7 +271,14 @@ impl CopyOut<'_> {
     /// [`SnapshotOptions::first_frame_bound`]).
     pub async fn next(&mut self) -> Result<Option<bytes::Bytes>, DbError> {
         let bound = self.first.take().unwrap_or(self.gap);
-        next_bounded(&mut self.stream, &self.inner, bound, self.dirty).await
+        next_bounded(
+            &mut self.stream,
+            &self.inner,
+            self.replica,
+            bound,
+            self.dirty,
+        )
+        .await
     }
 }
 
@@ -255,6 +289,7 @@ pub struct Rows<'s, T> {
     gap: Duration,
     /// The bound of the next wait while no row came yet.
     first: Option<Duration>,
+    replica: Option<u64>,
     dirty: &'s mut bool,
 }
 
@@ -272,7 +307,14 @@ impl<T> Rows<'_, T> {
     /// [`SnapshotOptions::first_frame_bound`]).
     pub async fn next(&mut self) -> Result<Option<T>, DbError> {
         let bound = self.first.take().unwrap_or(self.gap);
-        next_bounded(&mut self.stream, &self.inner, bound, self.dirty).await
+        next_bounded(
+            &mut self.stream,
+            &self.inner,
+            self.replica,
+            bound,
+            self.dirty,
+        )
+        .await
     }
 }
 
@@ -288,6 +330,7 @@ fn simple<'c>(
 async fn next_bounded<T>(
     stream: &mut BoxStream<'_, Result<T, sqlx::Error>>,
     inner: &Inner,
+    replica: Option<u64>,
     gap: Duration,
     dirty: &mut bool,
 ) -> Result<Option<T>, DbError> {
@@ -298,7 +341,7 @@ async fn next_bounded<T>(
             *dirty = false;
             Ok(None)
         }
-        Ok(Some(Err(e))) => Err(inner.count_query_error(inner.classify(e))),
-        Err(_) => Err(inner.count_query_error(DbError::StreamGap(gap))),
+        Ok(Some(Err(e))) => Err(inner.snapshot_error(replica, inner.classify(e))),
+        Err(_) => Err(inner.snapshot_error(replica, DbError::StreamGap(gap))),
     }
 }

@@ -1811,58 +1811,69 @@ fn snapshot_options(statement_ms: u64, gap_ms: u64) -> smartbeak_database::Snaps
 async fn snapshot_gap_timeout_fires_on_a_stalled_copy_and_a_stalled_query() {
     // The server would let the statement run (long statement timeout): once the first row
     // came, the client's gap timeout ends it, and the connection is discarded, not returned
-    // mid-answer. The server sends what its 8 KiB buffer holds only when more follows: two
+    // mid-answer: one pool connection, so a connection returned mid-COPY would break the
+    // next query. The server sends what its 8 KiB buffer holds only when more follows: two
     // large rows before the stall, so the first arrives whole.
-    let fx = Fixture::new(|_| {}).await;
-    let mut snapshot = fx
-        .db
-        .read_snapshot_with(snapshot_options(60_000, 200))
-        .await
-        .unwrap();
-    let err = match snapshot
-        .copy_out(
-            "COPY (SELECT CASE WHEN i < 3 THEN repeat('x', 100000) \
-             ELSE pg_sleep(30)::text END FROM generate_series(1, 3) i) TO STDOUT (FORMAT csv)",
-        )
-        .await
-    {
-        Ok(mut copy) => {
-            assert!(copy.next().await.unwrap().is_some(), "the first frame");
-            copy.next().await.expect_err("a stalled COPY must time out")
-        }
-        Err(err) => err,
-    };
-    assert!(matches!(err, DbError::StreamGap(_)), "{err:?}");
-    assert!(err.is_timeout());
-    drop(snapshot);
-
-    let mut snapshot = fx
-        .db
-        .read_snapshot_with(snapshot_options(60_000, 200))
-        .await
-        .unwrap();
-    let mut rows = snapshot
-        .fetch(sqlx::query_as::<_, (String,)>(
-            "SELECT CASE WHEN i < 3 THEN repeat('x', 100000) ELSE pg_sleep(30)::text END \
-             FROM generate_series(1, 3) i",
-        ))
-        .unwrap();
-    assert!(rows.next().await.unwrap().is_some(), "the first row");
-    let err = rows
-        .next()
-        .await
-        .expect_err("a stalled query must time out");
-    assert!(matches!(err, DbError::StreamGap(_)), "{err:?}");
-    drop(rows);
-    drop(snapshot);
-    // Both sessions are closed (the sleeping backends notice the closed socket when they
-    // next write; their client side is gone at once): the pool serves again.
-    let one: i32 = fx
-        .db
-        .run(async |conn| sqlx::query_scalar("SELECT 1").fetch_one(conn).await)
-        .await
-        .unwrap();
-    assert_eq!(one, 1);
+    let fx = Fixture::new(|c| {
+        c.pool_min = 0;
+        c.pool_max = 1;
+    })
+    .await;
+    for copy in [true, false] {
+        let mut snapshot = fx
+            .db
+            .read_snapshot_with(snapshot_options(60_000, 200))
+            .await
+            .unwrap();
+        let pid = {
+            let mut rows = snapshot
+                .fetch(sqlx::query_as::<_, (i32,)>("SELECT pg_backend_pid()"))
+                .unwrap();
+            let (pid,) = rows.next().await.unwrap().unwrap();
+            assert!(rows.next().await.unwrap().is_none());
+            pid
+        };
+        let stall = "SELECT CASE WHEN i < 3 THEN repeat('x', 100000) \
+             ELSE pg_sleep(30)::text END FROM generate_series(1, 3) i";
+        let err = if copy {
+            let mut out = snapshot
+                .copy_out(&format!("COPY ({stall}) TO STDOUT (FORMAT csv)"))
+                .await
+                .unwrap();
+            assert!(out.next().await.unwrap().is_some(), "the first frame");
+            out.next().await.expect_err("a stalled COPY must time out")
+        } else {
+            let mut rows = snapshot
+                .fetch(sqlx::query_as::<_, (String,)>(stall))
+                .unwrap();
+            assert!(rows.next().await.unwrap().is_some(), "the first row");
+            rows.next()
+                .await
+                .expect_err("a stalled query must time out")
+        };
+        assert!(matches!(err, DbError::StreamGap(_)), "{err:?}");
+        assert!(err.is_timeout());
+        drop(snapshot);
+        // The server side ends too (client_connection_check_interval), long before the
+        // sleep or the statement timeout would end it.
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                let alive: i64 = fx
+                    .db
+                    .run(async |conn| {
+                        sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = $1")
+                            .bind(pid)
+                            .fetch_one(conn)
+                            .await
+                    })
+                    .await
+                    .unwrap();
+                alive == 0
+            })
+            .await,
+            "backend {pid} still runs after the snapshot was discarded"
+        );
+    }
     fx.finish().await;
 }
 

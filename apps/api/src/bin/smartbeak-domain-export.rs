@@ -33,6 +33,8 @@ Other environment variables (defaults in brackets):
   DATABASE_URL                       the primary database (required)
   ANALYTICS_DB_URL                   a read replica for the export reads [the primary]
   DB_STATEMENT_TIMEOUT_MS            server-side statement timeout [8000]
+  DB_LONG_READ_TIMEOUT_MS            statement timeout inside an export's read [1800000]
+  DB_STREAM_GAP_TIMEOUT_MS           an export's longest wait for the next row [30000]
   DB_IDLE_IN_TRANSACTION_TIMEOUT_MS  [60000]
   DB_POOL_MIN / DB_POOL_MAX          pool size [2 / 20]
   DB_IDLE_TIMEOUT_MS                 [30000]

@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use super::ExportError;
 use crate::jobs::paths::{self, PathError};
 
 /// A temp file that is removed when dropped, unless [`TempFile::persist`] renamed it.
@@ -29,15 +30,17 @@ pub(crate) struct TempFile {
 
 impl TempFile {
     /// Creates `.<id>.<random>.tmp` in `dir` (which must exist), returning the guard and
-    /// the open file.
-    pub(crate) fn create(dir: &Path, id: Uuid) -> io::Result<(Self, File)> {
+    /// the open file. A symlink planted under that name is [`ExportError::OutsideDir`].
+    pub(crate) fn create(dir: &Path, id: Uuid) -> Result<(Self, File), ExportError> {
         let name = temp_name(id);
-        let file = paths::create_inside(dir, &name).map_err(|err| match err {
-            PathError::Io { source, .. } => source,
-            other => io::Error::other(other.to_string()),
+        // The path `create_inside` opened (under the canonical directory).
+        let (file, path) = paths::create_inside(dir, &name).map_err(|err| match err {
+            PathError::Io { source, .. } => ExportError::Io(source),
+            PathError::Outside(name) => ExportError::OutsideDir(name),
+            PathError::NotFound(name) => {
+                ExportError::Io(io::Error::new(io::ErrorKind::NotFound, name))
+            }
         })?;
-        // `create_inside` opened it under the canonical directory.
-        let path = dir.canonicalize()?.join(name);
         Ok((
             Self {
                 path,

@@ -65,7 +65,10 @@ impl ExportDir {
             )));
         }
         // Writable: create (O_EXCL) and remove a probe file.
-        let (probe, _file) = TempFile::create(&root, Uuid::nil()).map_err(dir_error)?;
+        let (probe, _file) = TempFile::create(&root, Uuid::nil()).map_err(|err| match err {
+            ExportError::Io(source) => dir_error(source),
+            other => other,
+        })?;
         drop(probe);
         Ok(Self { root })
     }
@@ -171,6 +174,11 @@ impl ExportError {
 /// Timeouts, connection failures, and SQLSTATE classes 08 (connection), 40 (transaction
 /// rollback: serialization, deadlock, a recovery conflict on the replica), 53 (insufficient
 /// resources) and 57P (operator intervention: shutdown, terminated backend).
+///
+/// A `StatementTimeout` stays retryable also inside the export's snapshot, where it means a
+/// statement ran for `DB_LONG_READ_TIMEOUT_MS` (30 min by default): the cause may pass (a
+/// lock, a replica under load), so each of the `max_attempts` may spend that long before
+/// the job is dead-lettered. Lower `DB_LONG_READ_TIMEOUT_MS` to bound the total.
 fn db_error_is_transient(error: &DbError) -> bool {
     match error {
         DbError::StatementTimeout(_)
@@ -278,13 +286,8 @@ impl Feed {
         if self.total() > 0
             && let Some(stall) = self.stall.take()
         {
-            // Bounded poll: the test cancels within seconds.
-            for _ in 0..30_000 {
-                if stall.is_cancelled() {
-                    break;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(1));
-            }
+            // Blocks this (blocking-pool) thread until the test cancels: no polling.
+            futures::executor::block_on(stall.cancelled());
         }
         match self.rx.blocking_recv() {
             Some(msg) => Ok(msg),
@@ -571,7 +574,7 @@ fn write_file(
     hooks: Hooks,
     cancel: &CancellationToken,
 ) -> Result<ExportOutput, ExportError> {
-    let (temp, file) = TempFile::create(root, header.export_id).map_err(ExportError::Io)?;
+    let (temp, file) = TempFile::create(root, header.export_id)?;
     let out = Output::new(file, limits.max_bytes, hooks.fail_after_bytes);
     let cap_hit = out.cap_flag();
     let mut feed = Feed::new(rx, hooks.stall_writer.then(|| cancel.clone()));
