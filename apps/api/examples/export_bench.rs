@@ -53,6 +53,12 @@ struct Args {
     /// Where the files go (a temp dir by default).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Rounds of (COPY, csv, json, markdown), interleaved; the table shows medians.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Formats to run beside COPY (comma separated).
+    #[arg(long, default_value = "csv,json,markdown")]
+    formats: String,
 }
 
 fn base_time() -> DateTime<Utc> {
@@ -68,7 +74,9 @@ fn admin_url() -> Result<SecretUrl> {
 }
 
 async fn connect(url: &SecretUrl) -> Result<Database> {
-    let config = DatabaseConfig::new(url.expose())?;
+    let mut config = DatabaseConfig::new(url.expose())?;
+    // Seeding batches and ANALYZE on a shared, loaded machine can exceed the default 8 s.
+    config.statement_timeout = std::time::Duration::from_secs(600);
     Ok(Database::connect(config, "export-bench").await?)
 }
 
@@ -283,43 +291,79 @@ async fn bench(args: &Args, admin: &SecretUrl, name: &str) -> Result<()> {
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
 
     let copy_path = out.join("copy.csv");
-    let mut psql = Command::new("psql");
-    psql.arg("-X").arg("-q").arg("-d").arg(url.expose()).arg("-c").arg(format!(
-        "\\copy (SELECT id, title, slug, body, status, published_at, created_at, updated_at \
-         FROM content_items WHERE domain_id = '{domain}' ORDER BY created_at, id) TO '{}' CSV HEADER",
-        copy_path.display()
-    ));
-    let (copy_wall, copy_rss, _) = timed(psql)?;
-    let copy_size = std::fs::metadata(&copy_path)?.len();
-    std::fs::remove_file(&copy_path)?;
+    let formats: Vec<&str> = args.formats.split(',').filter(|f| !f.is_empty()).collect();
+    // Per run: (wall, in-process, peak RSS kB, file bytes) of every round. The runs of a
+    // round are interleaved (COPY, then each format), so a busier moment of the shared
+    // machine hits them alike; the table shows the median of the rounds.
+    let mut copy_runs = Vec::new();
+    let mut runs: Vec<Vec<(f64, f64, u64, f64)>> = vec![Vec::new(); formats.len()];
+    for round in 0..args.rounds.max(1) {
+        let mut psql = Command::new("psql");
+        // The password goes to psql's environment, never its argv (visible to `ps`).
+        let (conninfo, password) = split_password(url.expose());
+        if let Some(password) = password {
+            psql.env("PGPASSWORD", password);
+        }
+        psql.arg("-X").arg("-q").arg("-d").arg(conninfo).arg("-c").arg(format!(
+            "\\copy (SELECT id, title, slug, body, status, published_at, created_at, updated_at \
+             FROM content_items WHERE domain_id = '{domain}' ORDER BY created_at, id) TO '{}' CSV HEADER",
+            copy_path.display()
+        ));
+        let (wall, rss, _) = timed(psql)?;
+        let size = std::fs::metadata(&copy_path)?.len();
+        std::fs::remove_file(&copy_path)?;
+        copy_runs.push((wall, wall, rss, size as f64));
+        for (i, format) in formats.iter().enumerate() {
+            let mut child = Command::new(&exe);
+            child
+                .args(["--only", "--format", format, "--database", name])
+                .arg("--org")
+                .arg(org.to_string())
+                .arg("--domain")
+                .arg(domain.to_string())
+                .arg("--out")
+                .arg(&out);
+            let (wall, rss, stdout) = timed(child)?;
+            let mut fields = stdout.split_whitespace();
+            let inside: f64 = fields.next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+            let _records = fields.next();
+            let size: f64 = fields.next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+            runs[i].push((wall, inside, rss, size));
+        }
+        eprintln!(
+            "round {round}: copy {:.2} s, {}",
+            copy_runs[round].0,
+            formats
+                .iter()
+                .zip(&runs)
+                .map(|(f, r)| format!("{f} {:.2} s", r[round].0))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let median = |values: &mut Vec<f64>| {
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
+    };
+    let copy_wall = median(&mut copy_runs.iter().map(|r| r.0).collect());
+    let copy_rss = copy_runs.iter().map(|r| r.2).max().unwrap_or(0);
     println!(
         "| psql \\copy CSV | {copy_wall:.2} | | {:.0} | 1.00 | {:.1} | {:.1} |",
         rows / copy_wall,
         copy_rss as f64 / 1024.0,
-        copy_size as f64 / 1e6
+        copy_runs[0].3 / 1e6
     );
-
-    for format in ["csv", "json", "markdown"] {
-        let mut child = Command::new(&exe);
-        child
-            .args(["--only", "--format", format, "--database", name])
-            .arg("--org")
-            .arg(org.to_string())
-            .arg("--domain")
-            .arg(domain.to_string())
-            .arg("--out")
-            .arg(&out);
-        let (wall, rss, stdout) = timed(child)?;
-        let mut fields = stdout.split_whitespace();
-        let inside: f64 = fields.next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
-        let _records = fields.next();
-        let size: f64 = fields.next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    for (format, runs) in formats.iter().zip(&runs) {
+        let wall = median(&mut runs.iter().map(|r| r.0).collect());
+        let inside = median(&mut runs.iter().map(|r| r.1).collect());
+        // The worst round's peak, not the median.
+        let rss = runs.iter().map(|r| r.2).max().unwrap_or(0);
         println!(
             "| {format} | {wall:.2} | {inside:.2} | {:.0} | {:.2} | {:.1} | {:.1} |",
             rows / wall,
             wall / copy_wall,
             rss as f64 / 1024.0,
-            size / 1e6
+            runs[0].3 / 1e6
         );
     }
 
@@ -357,4 +401,45 @@ async fn bench(args: &Args, admin: &SecretUrl, name: &str) -> Result<()> {
         sequential / concurrent
     );
     Ok(())
+}
+
+/// `url` without its password, and the password (percent-decoded), for a `postgres://`
+/// URL `user:password@host/...`: the password then goes to `PGPASSWORD`.
+fn split_password(url: &str) -> (String, Option<String>) {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return (url.to_owned(), None);
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return (url.to_owned(), None);
+    };
+    let Some((user, password)) = rest[..at].split_once(':') else {
+        return (url.to_owned(), None);
+    };
+    let stripped = format!("{scheme}://{user}{}", &rest[at..]);
+    (stripped, Some(percent_decode(password)))
+}
+
+/// `%XX` escapes decoded (a malformed one is kept as it is).
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }

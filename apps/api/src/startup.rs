@@ -32,6 +32,8 @@ Database and shutdown variables (defaults in brackets):
   ANALYTICS_DB_URL                   a read replica for analytics reads [the primary]
   ANALYTICS_DB_PING_INTERVAL_MS      [5000]
   DB_STATEMENT_TIMEOUT_MS            server-side statement timeout [8000]
+  DB_LONG_READ_TIMEOUT_MS            statement timeout inside a long read (an export) [1800000]
+  DB_STREAM_GAP_TIMEOUT_MS           a long read's longest wait for the next row [30000]
   DB_IDLE_IN_TRANSACTION_TIMEOUT_MS  [60000]
   DB_POOL_MIN / DB_POOL_MAX          pool size [2 / 20]
   DB_IDLE_TIMEOUT_MS                 [30000]

@@ -158,27 +158,32 @@ impl Analytics {
     /// failure count, a connection failure adds to it and drops the replica at
     /// [`REPLICA_ERRORS`].
     pub(crate) fn record<T>(self: &Arc<Self>, generation: u64, result: &Result<T, DbError>) {
+        match result {
+            Ok(_) => {
+                let mut errors = self.errors.lock().unwrap_or_else(|e| e.into_inner());
+                if errors.0 == generation {
+                    errors.1 = 0;
+                }
+            }
+            Err(error) => self.record_error(generation, error),
+        }
+    }
+
+    /// [`Self::record`] of a failure (also one in the middle of a snapshot's stream).
+    pub(crate) fn record_error(self: &Arc<Self>, generation: u64, error: &DbError) {
         let n = {
             let mut errors = self.errors.lock().unwrap_or_else(|e| e.into_inner());
             if errors.0 != generation {
                 // A read on a replica dropped since: it says nothing about the current one.
                 return;
             }
-            match result {
-                Ok(_) => {
-                    errors.1 = 0;
-                    return;
-                }
-                Err(error) if error.is_connection_failure() => {
-                    errors.1 += 1;
-                    errors.1
-                }
-                Err(_) => return,
+            if !error.is_connection_failure() {
+                return;
             }
+            errors.1 += 1;
+            errors.1
         };
-        if n >= REPLICA_ERRORS
-            && let Err(error) = result
-        {
+        if n >= REPLICA_ERRORS {
             self.drop_replica(generation, &format!("{n} consecutive failures"), error);
         }
     }

@@ -174,6 +174,12 @@ pub struct DatabaseConfig {
     /// `DB_IDLE_IN_TRANSACTION_TIMEOUT_MS` (60000): the server ends a session idle inside a
     /// transaction for longer.
     pub idle_in_transaction_timeout: Duration,
+    /// `DB_LONG_READ_TIMEOUT_MS` (1800000): the server's `statement_timeout` inside a
+    /// [`Snapshot`](crate::Snapshot) (long reads such as exports), set per transaction.
+    pub long_read_timeout: Duration,
+    /// `DB_STREAM_GAP_TIMEOUT_MS` (30000): a [`Snapshot`](crate::Snapshot)'s read fails when
+    /// no row or frame arrived for this long (instead of a bound on the whole read).
+    pub stream_gap_timeout: Duration,
     /// `DB_POOL_MIN` (2): connections kept open.
     pub pool_min: u32,
     /// `DB_POOL_MAX` (20): the most connections a pool opens.
@@ -211,6 +217,8 @@ impl DatabaseConfig {
             analytics_url: None,
             statement_timeout: Duration::from_millis(8_000),
             idle_in_transaction_timeout: Duration::from_millis(60_000),
+            long_read_timeout: Duration::from_millis(30 * 60 * 1000),
+            stream_gap_timeout: Duration::from_millis(30_000),
             pool_min: 2,
             pool_max: 20,
             idle_timeout: Duration::from_millis(30_000),
@@ -251,6 +259,8 @@ impl DatabaseConfig {
             "DB_IDLE_IN_TRANSACTION_TIMEOUT_MS",
             config.idle_in_transaction_timeout,
         )?;
+        config.long_read_timeout = millis("DB_LONG_READ_TIMEOUT_MS", config.long_read_timeout)?;
+        config.stream_gap_timeout = millis("DB_STREAM_GAP_TIMEOUT_MS", config.stream_gap_timeout)?;
         config.idle_timeout = millis("DB_IDLE_TIMEOUT_MS", config.idle_timeout)?;
         config.acquire_timeout = millis("DB_ACQUIRE_TIMEOUT_MS", config.acquire_timeout)?;
         config.max_lifetime = millis("DB_MAX_LIFETIME_MS", config.max_lifetime)?;
@@ -302,6 +312,8 @@ impl DatabaseConfig {
                 self.idle_in_transaction_timeout,
             ),
             ("DB_ACQUIRE_TIMEOUT_MS", self.acquire_timeout),
+            ("DB_LONG_READ_TIMEOUT_MS", self.long_read_timeout),
+            ("DB_STREAM_GAP_TIMEOUT_MS", self.stream_gap_timeout),
             ("DB_IDLE_TIMEOUT_MS", self.idle_timeout),
             ("DB_MAX_LIFETIME_MS", self.max_lifetime),
             (
@@ -418,6 +430,8 @@ mod tests {
         let c = DatabaseConfig::from_lookup(lookup(&[("DATABASE_URL", URL)])).unwrap();
         assert_eq!(c.statement_timeout, Duration::from_millis(8_000));
         assert_eq!(c.analytics_ping_interval, Duration::from_secs(5));
+        assert_eq!(c.long_read_timeout, Duration::from_secs(30 * 60));
+        assert_eq!(c.stream_gap_timeout, Duration::from_secs(30));
         assert_eq!(c.idle_in_transaction_timeout, Duration::from_millis(60_000));
         assert_eq!((c.pool_min, c.pool_max), (2, 20));
         assert_eq!(c.idle_timeout, Duration::from_millis(30_000));

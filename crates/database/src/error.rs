@@ -26,6 +26,10 @@ pub enum DbError {
     /// the connection is probably black-holed.
     #[error("query did not complete within {0:?}")]
     QueryTimeout(Duration),
+    /// A streaming read ([`Snapshot`](crate::Snapshot)) received no row or frame for the gap
+    /// timeout: the query stalled or the connection is black-holed.
+    #[error("no data received from the database for {0:?}")]
+    StreamGap(Duration),
     /// The server cancelled the statement (SQLSTATE 57014, `statement_timeout`).
     #[error("statement cancelled by the server after statement_timeout")]
     StatementTimeout(#[source] sqlx::Error),
@@ -69,7 +73,10 @@ impl DbError {
     pub fn is_timeout(&self) -> bool {
         matches!(
             self,
-            Self::AcquireTimeout(_) | Self::QueryTimeout(_) | Self::StatementTimeout(_)
+            Self::AcquireTimeout(_)
+                | Self::QueryTimeout(_)
+                | Self::StreamGap(_)
+                | Self::StatementTimeout(_)
         )
     }
 
@@ -78,7 +85,10 @@ impl DbError {
     /// dropped after a few of these in a row.
     pub fn is_connection_failure(&self) -> bool {
         match self {
-            Self::AcquireTimeout(_) | Self::QueryTimeout(_) | Self::Connect { .. } => true,
+            Self::AcquireTimeout(_)
+            | Self::QueryTimeout(_)
+            | Self::StreamGap(_)
+            | Self::Connect { .. } => true,
             Self::Query(e) => matches!(
                 e,
                 sqlx::Error::Io(_)

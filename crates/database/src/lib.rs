@@ -69,6 +69,7 @@ mod config;
 mod error;
 mod metrics;
 mod pool;
+mod snapshot;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod transaction;
@@ -85,6 +86,7 @@ pub use config::{ConfigError, DatabaseConfig, SecretUrl};
 pub use error::DbError;
 pub use metrics::{ACQUIRE_BUCKETS, PoolMetrics, PoolStats};
 pub use pool::{LIFETIME_JITTER, PING_BYPASS};
+pub use snapshot::{CopyOut, Rows, Snapshot, SnapshotOptions};
 pub use transaction::Tx;
 
 /// The schema migrations under `crates/database/migrations`, embedded at build time.
@@ -138,6 +140,16 @@ impl Inner {
     /// Counts a failed query (and a timed-out one); returns the error.
     fn count_query_error(&self, error: DbError) -> DbError {
         self.counters.count_query_error(error)
+    }
+
+    /// [`Self::count_query_error`] of a snapshot's failure, also recorded against the
+    /// replica's health when the snapshot reads from replica `generation`.
+    fn snapshot_error(&self, generation: Option<u64>, error: DbError) -> DbError {
+        let error = self.count_query_error(error);
+        if let Some(generation) = generation {
+            self.analytics.record_error(generation, &error);
+        }
+        error
     }
 }
 
@@ -339,6 +351,58 @@ impl Database {
                 .await
                 .map(|value| (value, ReadSource::Primary)),
         }
+    }
+
+    /// Opens a [`Snapshot`] for a long read with the configured bounds
+    /// ([`DatabaseConfig::long_read_timeout`], [`DatabaseConfig::stream_gap_timeout`]): one
+    /// connection of the analytics pool (the replica while it answers, else the primary) in
+    /// `BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY`, the statement timeout raised for
+    /// that transaction only. Starting it is bounded like [`Database::run`]; a connection
+    /// failure on the replica counts towards dropping it.
+    pub async fn read_snapshot(&self) -> Result<Snapshot, DbError> {
+        let config = &self.inner.config;
+        self.read_snapshot_with(SnapshotOptions {
+            statement_timeout: config.long_read_timeout,
+            gap_timeout: config.stream_gap_timeout,
+        })
+        .await
+    }
+
+    /// [`Database::read_snapshot`] with explicit bounds.
+    pub async fn read_snapshot_with(&self, options: SnapshotOptions) -> Result<Snapshot, DbError> {
+        let inner = &self.inner;
+        match inner.analytics.get().await {
+            Some((generation, replica)) => {
+                let result = self
+                    .start_snapshot(&replica, ReadSource::Replica, options)
+                    .await;
+                inner.analytics.record(generation, &result);
+                // Its stream failures count against the replica's health too.
+                result.map(|snapshot| snapshot.on_replica(generation))
+            }
+            None => {
+                self.start_snapshot(&inner.primary, ReadSource::Primary, options)
+                    .await
+            }
+        }
+    }
+
+    async fn start_snapshot(
+        &self,
+        pool: &PgPool,
+        source: ReadSource,
+        options: SnapshotOptions,
+    ) -> Result<Snapshot, DbError> {
+        let inner = &self.inner;
+        let bound = inner.config.query_timeout();
+        let deadline = tokio::time::Instant::now() + bound;
+        let conn = match tokio::time::timeout_at(deadline, inner.acquire_from(pool)).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => return Err(inner.count_query_error(e)),
+            Err(_) => return Err(inner.count_query_error(DbError::QueryTimeout(bound))),
+        };
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        Snapshot::begin(Arc::clone(inner), conn, source, options, left).await
     }
 
     /// The pool for analytics reads: the replica when `ANALYTICS_DB_URL` is set and

@@ -1797,3 +1797,230 @@ async fn test_databases_are_named_by_run_and_dropped_when_a_test_panics() {
 async fn database_exists_not(name: &str) -> bool {
     !database_exists(name).await
 }
+
+/// Snapshot bounds for the tests: `statement_timeout` on the server, `gap_timeout` on the
+/// client.
+fn snapshot_options(statement_ms: u64, gap_ms: u64) -> smartbeak_database::SnapshotOptions {
+    smartbeak_database::SnapshotOptions {
+        statement_timeout: Duration::from_millis(statement_ms),
+        gap_timeout: Duration::from_millis(gap_ms),
+    }
+}
+
+#[tokio::test]
+async fn snapshot_gap_timeout_fires_on_a_stalled_copy_and_a_stalled_query() {
+    // The server would let the statement run (long statement timeout): once the first row
+    // came, the client's gap timeout ends it, and the connection is discarded, not returned
+    // mid-answer: one pool connection, so a connection returned mid-COPY would break the
+    // next query. The server sends what its 8 KiB buffer holds only when more follows: two
+    // large rows before the stall, so the first arrives whole.
+    let fx = Fixture::new(|c| {
+        c.pool_min = 0;
+        c.pool_max = 1;
+    })
+    .await;
+    for copy in [true, false] {
+        let mut snapshot = fx
+            .db
+            .read_snapshot_with(snapshot_options(60_000, 200))
+            .await
+            .unwrap();
+        let pid = {
+            let mut rows = snapshot
+                .fetch(sqlx::query_as::<_, (i32,)>("SELECT pg_backend_pid()"))
+                .unwrap();
+            let (pid,) = rows.next().await.unwrap().unwrap();
+            assert!(rows.next().await.unwrap().is_none());
+            pid
+        };
+        let stall = "SELECT CASE WHEN i < 3 THEN repeat('x', 100000) \
+             ELSE pg_sleep(30)::text END FROM generate_series(1, 3) i";
+        let err = if copy {
+            let mut out = snapshot
+                .copy_out(&format!("COPY ({stall}) TO STDOUT (FORMAT csv)"))
+                .await
+                .unwrap();
+            assert!(out.next().await.unwrap().is_some(), "the first frame");
+            out.next().await.expect_err("a stalled COPY must time out")
+        } else {
+            let mut rows = snapshot
+                .fetch(sqlx::query_as::<_, (String,)>(stall))
+                .unwrap();
+            assert!(rows.next().await.unwrap().is_some(), "the first row");
+            rows.next()
+                .await
+                .expect_err("a stalled query must time out")
+        };
+        assert!(matches!(err, DbError::StreamGap(_)), "{err:?}");
+        assert!(err.is_timeout());
+        drop(snapshot);
+        // The server side ends too (client_connection_check_interval), long before the
+        // sleep or the statement timeout would end it.
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                let alive: i64 = fx
+                    .db
+                    .run(async |conn| {
+                        sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = $1")
+                            .bind(pid)
+                            .fetch_one(conn)
+                            .await
+                    })
+                    .await
+                    .unwrap();
+                alive == 0
+            })
+            .await,
+            "backend {pid} still runs after the snapshot was discarded"
+        );
+    }
+    fx.finish().await;
+}
+
+#[tokio::test]
+async fn snapshot_waits_for_a_slow_first_row_up_to_the_statement_timeout() {
+    // A blocking plan (a sort, an aggregate) answers only when done: the gap timeout
+    // (200 ms) does not bound the wait for the first row or frame.
+    let fx = Fixture::new(|_| {}).await;
+    let mut snapshot = fx
+        .db
+        .read_snapshot_with(snapshot_options(10_000, 200))
+        .await
+        .unwrap();
+    let mut rows = snapshot
+        .fetch(sqlx::query_as::<_, (i32,)>("SELECT 1 FROM pg_sleep(0.5)"))
+        .unwrap();
+    assert_eq!(rows.next().await.unwrap().unwrap().0, 1);
+    assert!(rows.next().await.unwrap().is_none());
+    drop(rows);
+    let mut frames = Vec::new();
+    let mut copy = snapshot
+        .copy_out("COPY (SELECT 1 FROM pg_sleep(0.5)) TO STDOUT (FORMAT csv)")
+        .await
+        .unwrap();
+    while let Some(frame) = copy.next().await.unwrap() {
+        frames.extend_from_slice(&frame);
+    }
+    drop(copy);
+    assert_eq!(frames, b"1\n");
+    snapshot.finish().await.unwrap();
+    fx.finish().await;
+}
+
+#[tokio::test]
+async fn snapshot_raises_the_statement_timeout_for_its_transaction_only() {
+    let fx = Fixture::new(|c| c.statement_timeout = Duration::from_millis(300)).await;
+    // Inside a snapshot with a long bound, a statement longer than the pool's 300 ms runs.
+    let mut snapshot = fx
+        .db
+        .read_snapshot_with(snapshot_options(30_000, 10_000))
+        .await
+        .unwrap();
+    let mut rows = snapshot
+        .fetch(sqlx::query_as::<_, (String,)>(
+            "SELECT current_setting('statement_timeout')",
+        ))
+        .unwrap();
+    assert_eq!(rows.next().await.unwrap().unwrap().0, "30s");
+    assert!(rows.next().await.unwrap().is_none());
+    drop(rows);
+    snapshot.finish().await.unwrap();
+    // Outside, the pool's bound is back.
+    let setting: String = fx
+        .db
+        .run(async |conn| {
+            sqlx::query_scalar("SELECT current_setting('statement_timeout')")
+                .fetch_one(conn)
+                .await
+        })
+        .await
+        .unwrap();
+    assert_eq!(setting, "300ms");
+    // A snapshot's own bound is enforced by the server, as a StatementTimeout.
+    let mut snapshot = fx
+        .db
+        .read_snapshot_with(snapshot_options(100, 10_000))
+        .await
+        .unwrap();
+    let err = match snapshot
+        .copy_out("COPY (SELECT pg_sleep(30)) TO STDOUT (FORMAT csv)")
+        .await
+    {
+        Ok(mut copy) => copy.next().await.expect_err("cancelled by the server"),
+        Err(err) => err,
+    };
+    assert!(matches!(err, DbError::StatementTimeout(_)), "{err:?}");
+    drop(snapshot);
+    fx.finish().await;
+}
+
+#[tokio::test]
+async fn snapshot_does_not_see_rows_committed_after_it_began_and_is_read_only() {
+    let fx = Fixture::new(|_| {}).await;
+    fx.db
+        .run(async |conn| {
+            sqlx::raw_sql("CREATE TABLE snap (n int); INSERT INTO snap VALUES (1), (2)")
+                .execute(conn)
+                .await
+        })
+        .await
+        .unwrap();
+    let mut snapshot = fx.db.read_snapshot().await.unwrap();
+    assert_eq!(snapshot.source(), ReadSource::Primary);
+    // Committed after the snapshot began: invisible to it.
+    fx.db
+        .run(async |conn| {
+            sqlx::query("INSERT INTO snap VALUES (3)")
+                .execute(conn)
+                .await
+        })
+        .await
+        .unwrap();
+    let mut csv = Vec::new();
+    {
+        let mut copy = snapshot
+            .copy_out("COPY (SELECT n FROM snap ORDER BY n) TO STDOUT (FORMAT csv, HEADER)")
+            .await
+            .unwrap();
+        while let Some(frame) = copy.next().await.unwrap() {
+            csv.extend_from_slice(&frame);
+        }
+    }
+    assert_eq!(csv, b"n\n1\n2\n");
+    let mut rows = snapshot
+        .fetch(sqlx::query_as::<_, (i64,)>("SELECT count(*) FROM snap"))
+        .unwrap();
+    assert_eq!(rows.next().await.unwrap(), Some((2,)));
+    assert_eq!(rows.next().await.unwrap(), None);
+    drop(rows);
+    snapshot.finish().await.unwrap();
+
+    // Read only: a write is refused (SQLSTATE 25006), as a Query error.
+    let mut snapshot = fx.db.read_snapshot().await.unwrap();
+    let mut rows = snapshot
+        .fetch(sqlx::query_as::<_, (i32,)>(
+            "INSERT INTO snap VALUES (4) RETURNING n",
+        ))
+        .unwrap();
+    let err = rows.next().await.expect_err("read only");
+    match &err {
+        DbError::Query(sqlx::Error::Database(db)) => {
+            assert_eq!(db.code().as_deref(), Some("25006"));
+        }
+        other => panic!("{other:?}"),
+    }
+    drop(rows);
+    drop(snapshot);
+    // A finished snapshot gives its connection back: the pool keeps serving.
+    let n: i64 = fx
+        .db
+        .run(async |conn| {
+            sqlx::query_scalar("SELECT count(*) FROM snap")
+                .fetch_one(conn)
+                .await
+        })
+        .await
+        .unwrap();
+    assert_eq!(n, 3);
+    fx.finish().await;
+}

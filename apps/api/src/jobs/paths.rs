@@ -122,7 +122,7 @@ pub fn resolve_inside(root: &Path, storage_path: &str) -> Result<PathBuf, PathEr
 /// is opened with `create_new` (`O_CREAT | O_EXCL`) and `O_NOFOLLOW`: an existing file, and
 /// a symlink planted under that name (pointing anywhere, even at nothing), are refused,
 /// never followed, so nothing is created or truncated outside the directory.
-pub fn create_inside(root: &Path, name: &str) -> Result<File, PathError> {
+pub fn create_inside(root: &Path, name: &str) -> Result<(File, PathBuf), PathError> {
     let outside = || PathError::Outside(name.to_owned());
     let mut components = Path::new(name).components();
     let plain = matches!(
@@ -143,7 +143,7 @@ pub fn create_inside(root: &Path, name: &str) -> Result<File, PathError> {
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(&path)
     {
-        Ok(file) => Ok(file),
+        Ok(file) => Ok((file, path)),
         Err(err) if err.raw_os_error() == Some(libc::ELOOP) => Err(outside()),
         Err(err)
             if err.kind() == io::ErrorKind::AlreadyExists
@@ -204,7 +204,8 @@ mod tests {
         let dangling = base.path().join("not-yet");
         std::os::unix::fs::symlink(&dangling, root.join("dangling.csv"))?;
 
-        let mut file = create_inside(&root, "a.csv")?;
+        let (mut file, path) = create_inside(&root, "a.csv")?;
+        assert_eq!(path, root.canonicalize()?.join("a.csv"));
         file.write_all(b"data")?;
         drop(file);
         assert_eq!(std::fs::read(root.join("a.csv"))?, b"data");

@@ -1,20 +1,25 @@
 //! The export's file: a temp file in `EXPORT_DIR` removed on drop unless persisted, and the
 //! writer every byte goes through (SHA-256, byte count, the size cap).
 //!
-//! The temp file is `.<id>.<random>.tmp`, created with `O_EXCL` (a symlink planted under
-//! that name is refused, never followed), in the directory itself so the final `rename` is
-//! atomic. [`TempFile::persist`] `sync_all`s the file, renames it to its final name (`<id>.<token>.<ext>`) (a
-//! `rename` replaces a symlink planted there, it does not follow it) and fsyncs the
-//! directory so the new name survives a crash.
+//! The temp file is `.<id>.<random>.tmp`, created by `paths::create_inside` (one plain
+//! name, `O_EXCL | O_NOFOLLOW`: a file or a symlink planted under that name is refused,
+//! never followed), in the directory itself so the final `rename` is atomic.
+//! [`TempFile::persist`] `sync_all`s the file, checks the cancellation token, renames it to
+//! its final name, `<id>.<token>.<ext>` (a `rename` replaces a symlink planted there, it does not follow it) and
+//! fsyncs the directory so the new name survives a crash.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+
+use super::ExportError;
+use crate::jobs::paths::{self, PathError};
 
 /// A temp file that is removed when dropped, unless [`TempFile::persist`] renamed it.
 #[derive(Debug)]
@@ -25,13 +30,17 @@ pub(crate) struct TempFile {
 
 impl TempFile {
     /// Creates `.<id>.<random>.tmp` in `dir` (which must exist), returning the guard and
-    /// the open file.
-    pub(crate) fn create(dir: &Path, id: Uuid) -> io::Result<(Self, File)> {
-        let path = dir.join(temp_name(id));
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)?;
+    /// the open file. A symlink planted under that name is [`ExportError::OutsideDir`].
+    pub(crate) fn create(dir: &Path, id: Uuid) -> Result<(Self, File), ExportError> {
+        let name = temp_name(id);
+        // The path `create_inside` opened (under the canonical directory).
+        let (file, path) = paths::create_inside(dir, &name).map_err(|err| match err {
+            PathError::Io { source, .. } => ExportError::Io(source),
+            PathError::Outside(name) => ExportError::OutsideDir(name),
+            PathError::NotFound(name) => {
+                ExportError::Io(io::Error::new(io::ErrorKind::NotFound, name))
+            }
+        })?;
         Ok((
             Self {
                 path,
@@ -42,16 +51,25 @@ impl TempFile {
     }
 
     /// Flushes `file` to disk, renames it to `target` (in the same directory) and fsyncs
-    /// the directory.
-    pub(crate) fn persist(mut self, file: File, target: &Path) -> io::Result<()> {
+    /// the directory. Returns `false`, and removes the temp file, when `cancel` fired before
+    /// the rename.
+    pub(crate) fn persist(
+        mut self,
+        file: File,
+        target: &Path,
+        cancel: &CancellationToken,
+    ) -> io::Result<bool> {
         file.sync_all()?;
         drop(file);
+        if cancel.is_cancelled() {
+            return Ok(false);
+        }
         std::fs::rename(&self.path, target)?;
         self.persisted = true;
         if let Some(dir) = target.parent() {
             File::open(dir)?.sync_all()?;
         }
-        Ok(())
+        Ok(true)
     }
 }
 

@@ -1,6 +1,7 @@
 //! JSON: one document, streamed element by element with `serde_json` (no `Value` of the
 //! whole): `{"export_id":..,"domain":{..},"date_from":..,"date_to":..,"content":[..],
-//! "keywords":[..],"analytics":[..],"settings":{..}}`, the excluded sections absent.
+//! "keywords":[..],"analytics":[..],"settings":{..}}`, the excluded sections absent. A
+//! non-finite number (`NaN`, `Infinity`) is `null` (what `serde_json` writes for one).
 
 use std::io::{self, BufWriter, Write};
 
@@ -31,9 +32,6 @@ pub(crate) fn write(feed: &mut Feed, out: Output, header: &Header) -> io::Result
                 Batch::Content(rows) => elements(&mut w, &mut first, &rows)?,
                 Batch::Keywords(rows) => elements(&mut w, &mut first, &rows)?,
                 Batch::Analytics(rows) => elements(&mut w, &mut first, &rows)?,
-                Batch::ContentCsv { .. } => {
-                    return Err(io::Error::other("CSV content in a non-CSV export"));
-                }
                 Batch::Settings(rows) => {
                     for row in rows {
                         separator(&mut w, &mut first)?;

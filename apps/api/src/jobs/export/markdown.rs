@@ -1,7 +1,12 @@
 //! Markdown: a title with the domain and the date range, one table per section with its
-//! items, and a summary table (rows per section, as written) at the end. In table cells
-//! `\` and `|` are escaped with a backslash and line breaks (LF, CR, CRLF) become `<br>`
-//! ([`cell`]).
+//! items, and a summary table (rows per section, as written) at the end.
+//!
+//! User text renders as literal text ([`cell`]): every character Markdown or HTML gives a
+//! meaning inline (`\`, `` ` ``, `*`, `_`, `[`, `]`, `(`, `)`, `<`, `>`, `!`, `|`, `~`, `&`,
+//! `#`) is escaped with a backslash (CommonMark escapes any ASCII punctuation), so no HTML
+//! tag, entity, link, image, emphasis, code span or heading comes out of a value; line
+//! breaks (LF, CR, CRLF) become `<br>`, so a row stays one line. A non-finite number
+//! (`NaN`, `Infinity`) is an empty cell.
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
@@ -16,17 +21,24 @@ use super::{Feed, Header};
 
 const BUFFER: usize = 128 * 1024;
 
-/// `value` made safe for one Markdown table cell.
+/// The characters [`cell`] escapes with a backslash.
+const SPECIAL: [char; 15] = [
+    '\\', '`', '*', '_', '[', ']', '(', ')', '<', '>', '!', '|', '~', '&', '#',
+];
+
+/// `value` made safe for one Markdown table cell (and the title): literal text.
 pub(crate) fn cell(value: &str) -> Cow<'_, str> {
-    if !value.contains(['|', '\\', '\n', '\r']) {
+    if !value.contains(SPECIAL) && !value.contains(['\n', '\r']) {
         return Cow::Borrowed(value);
     }
     let mut out = String::with_capacity(value.len() + 8);
     let mut chars = value.chars().peekable();
     while let Some(c) = chars.next() {
         match c {
-            '|' => out.push_str("\\|"),
-            '\\' => out.push_str("\\\\"),
+            c if SPECIAL.contains(&c) => {
+                out.push('\\');
+                out.push(c);
+            }
             '\r' => {
                 if chars.peek() == Some(&'\n') {
                     chars.next();
@@ -38,6 +50,15 @@ pub(crate) fn cell(value: &str) -> Cow<'_, str> {
         }
     }
     Cow::Owned(out)
+}
+
+/// A float as a cell: empty when not finite.
+fn num(value: f64) -> String {
+    if value.is_finite() {
+        value.to_string()
+    } else {
+        String::new()
+    }
 }
 
 fn time(at: &DateTime<Utc>) -> String {
@@ -79,7 +100,7 @@ pub(crate) fn write(feed: &mut Feed, out: Output, header: &Header) -> io::Result
                             cell(&r.title),
                             cell(&r.slug),
                             cell(&r.body),
-                            cell(&r.status),
+                            r.status,
                             published,
                             time(&r.created_at),
                             time(&r.updated_at)
@@ -96,10 +117,10 @@ pub(crate) fn write(feed: &mut Feed, out: Output, header: &Header) -> io::Result
                             r.id,
                             cell(&r.keyword),
                             r.search_volume,
-                            r.position,
+                            num(r.position),
                             r.clicks,
                             r.impressions,
-                            r.ctr,
+                            num(r.ctr),
                             time(&r.recorded_at)
                         );
                         w.write_all(line.as_bytes())?;
@@ -115,15 +136,12 @@ pub(crate) fn write(feed: &mut Feed, out: Output, header: &Header) -> io::Result
                             cell(&r.title),
                             r.page_views,
                             r.unique_visitors,
-                            r.avg_bounce_rate,
+                            num(r.avg_bounce_rate),
                             r.conversions,
                             r.revenue_cents
                         );
                         w.write_all(line.as_bytes())?;
                     }
-                }
-                Batch::ContentCsv { .. } => {
-                    return Err(io::Error::other("CSV content in a non-CSV export"));
                 }
                 Batch::Settings(rows) => {
                     for r in rows {

@@ -1,15 +1,21 @@
 //! Writes one export: [`run_export`].
 //!
-//! The spec's sections are read from the analytics pool in keyset-paginated chunks
-//! (`sections`: one bounded statement per 10,000 rows) by an async reader, and handed
-//! through a channel of two chunks to a blocking writer thread that encodes them (`csv`,
-//! `json`, `markdown`) into a temp file in the [`ExportDir`], hashing (SHA-256), counting
-//! and capping every byte (`file`). At the end the file is fsynced and renamed into place.
-//! Memory is bounded by a few chunks whatever the domain's size.
+//! Everything is read in one read snapshot of the analytics pool
+//! ([`Database::read_snapshot`]: repeatable read, the long-read statement bound, a gap
+//! timeout instead of a bound on the whole read), so the counts and every section agree:
+//! one statement per section (`sections`), streamed. The CSV format's sections are
+//! PostgreSQL's own CSV writer (`COPY (SELECT ...) TO STDOUT`), handed on frame by frame;
+//! JSON and Markdown stream rows. An async reader hands them through a small channel
+//! (four messages of about 64 KiB of frames or 256 rows each) to a blocking writer thread
+//! that encodes them (`csv`, `json`, `markdown`) into a temp file in the [`ExportDir`],
+//! hashing (SHA-256), counting and capping every byte (`file`). At the end the file is
+//! fsynced and renamed into place. Memory is bounded by those few messages (and the largest
+//! row) whatever the domain's size.
 //!
 //! Any error, the cancellation token, or dropping the future removes the temp file: the
-//! writer thread owns a guard that deletes it unless it was persisted, and [`run_export`]
-//! waits for that thread before it returns an error.
+//! writer thread owns a guard that deletes it unless it was persisted, checks the token
+//! (and whether the future is still there) before it persists, and [`run_export`] waits for
+//! that thread before it returns.
 
 mod csv;
 mod file;
@@ -22,13 +28,13 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
 use chrono::{DateTime, Utc};
-use smartbeak_database::{Database, DbError};
+use smartbeak_database::{Database, DbError, ReadSource, Snapshot};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use self::file::{Output, TempFile};
-use self::sections::{Batch, ChunkReader, DomainRow, Section};
+use self::sections::{BATCH_BYTES, Batch, DomainRow, RowReader, Section};
 use super::paths::{self, PathError};
 use super::queue::{ExportFormat, ExportSpec, Progress};
 
@@ -59,7 +65,10 @@ impl ExportDir {
             )));
         }
         // Writable: create (O_EXCL) and remove a probe file.
-        let (probe, _file) = TempFile::create(&root, Uuid::nil()).map_err(dir_error)?;
+        let (probe, _file) = TempFile::create(&root, Uuid::nil()).map_err(|err| match err {
+            ExportError::Io(source) => dir_error(source),
+            other => other,
+        })?;
         drop(probe);
         Ok(Self { root })
     }
@@ -118,6 +127,10 @@ pub enum ExportError {
     /// The domain does not exist (or is not the org's).
     #[error("domain {0} not found")]
     DomainNotFound(Uuid),
+    /// The replica does not have the domain yet, the primary does: a later attempt can
+    /// succeed.
+    #[error("domain {0} is not on the analytics replica yet (it lags the primary)")]
+    ReplicaBehind(Uuid),
     /// A path would leave `EXPORT_DIR`.
     #[error("path {0:?} is outside EXPORT_DIR")]
     OutsideDir(String),
@@ -148,6 +161,7 @@ impl ExportError {
         match self {
             Self::Db(error) => db_error_is_transient(error),
             Self::Io(error) => error.raw_os_error().is_some(),
+            Self::ReplicaBehind(_) => true,
             Self::Cancelled
             | Self::TooLarge { .. }
             | Self::DomainNotFound(_)
@@ -160,10 +174,16 @@ impl ExportError {
 /// Timeouts, connection failures, and SQLSTATE classes 08 (connection), 40 (transaction
 /// rollback: serialization, deadlock, a recovery conflict on the replica), 53 (insufficient
 /// resources) and 57P (operator intervention: shutdown, terminated backend).
+///
+/// A `StatementTimeout` stays retryable also inside the export's snapshot, where it means a
+/// statement ran for `DB_LONG_READ_TIMEOUT_MS` (30 min by default): the cause may pass (a
+/// lock, a replica under load), so each of the `max_attempts` may spend that long before
+/// the job is dead-lettered. Lower `DB_LONG_READ_TIMEOUT_MS` to bound the total.
 fn db_error_is_transient(error: &DbError) -> bool {
     match error {
         DbError::StatementTimeout(_)
         | DbError::QueryTimeout(_)
+        | DbError::StreamGap(_)
         | DbError::AcquireTimeout(_)
         | DbError::Connect { .. }
         | DbError::Discarded
@@ -182,11 +202,13 @@ fn db_error_is_transient(error: &DbError) -> bool {
 }
 
 /// Writes one export. `progress` receives rows written and percent as it goes (the worker
-/// forwards it to the row at a bounded rate, the CLI to its progress bar): at most once a
-/// chunk (10,000 rows), and 100 % with the record count at the end.
+/// forwards it to the row at a bounded rate, the CLI to its progress bar): once per message
+/// handed to the writer, and 100 % with the record count at the end.
 ///
-/// The domain must belong to `spec.org_id` ([`ExportError::DomainNotFound`]). When this
-/// returns an error no file and no temp file of this call is left in `dir`.
+/// The domain must belong to `spec.org_id` ([`ExportError::DomainNotFound`]; when the
+/// replica lacks it but the primary has it, [`ExportError::ReplicaBehind`], retryable).
+/// When this returns an error no file and no temp file of this call is left in `dir`; it
+/// returns only after the writer thread has ended.
 pub async fn run_export(
     db: &Database,
     spec: &ExportSpec,
@@ -203,17 +225,25 @@ pub async fn run_export(
 pub(crate) struct Hooks {
     /// The file writer fails with ENOSPC once the file would exceed this many bytes.
     pub(crate) fail_after_bytes: Option<u64>,
-    /// Rows per statement instead of [`sections::CHUNK_ROWS`].
-    pub(crate) chunk_rows: Option<i64>,
+    /// The writer stops reading after the first data message until the export is
+    /// cancelled (or `run_export` dropped): a reader held mid-statement.
+    pub(crate) stall_writer: bool,
 }
+
+/// Messages in flight between the reader and the writer thread (each about
+/// [`BATCH_BYTES`] of frames or [`sections::BATCH_ROWS`] rows).
+const CHANNEL_MESSAGES: usize = 4;
 
 /// What the reader sends the writer thread.
 #[derive(Debug)]
 pub(crate) enum Msg {
     /// The next section starts.
     Section(Section),
-    /// Rows of the current section.
+    /// Rows of the current section (JSON, Markdown).
     Batch(Batch),
+    /// `COPY ... CSV` output of the current section (the CSV format): whole frames, about
+    /// [`BATCH_BYTES`], holding `rows` records (the header frame counts none).
+    Csv { bytes: Vec<u8>, rows: u64 },
     /// Every section was sent: finish the file.
     End,
 }
@@ -234,21 +264,30 @@ pub(crate) struct Feed {
     pending: Option<Msg>,
     counts: Vec<(Section, u64)>,
     aborted: bool,
+    /// Test hook ([`Hooks::stall_writer`]): stall once data came, until this fires.
+    stall: Option<CancellationToken>,
 }
 
 impl Feed {
-    fn new(rx: mpsc::Receiver<Msg>) -> Self {
+    fn new(rx: mpsc::Receiver<Msg>, stall: Option<CancellationToken>) -> Self {
         Self {
             rx,
             pending: None,
             counts: Vec::with_capacity(4),
             aborted: false,
+            stall,
         }
     }
 
     fn recv(&mut self) -> io::Result<Msg> {
         if let Some(msg) = self.pending.take() {
             return Ok(msg);
+        }
+        if self.total() > 0
+            && let Some(stall) = self.stall.take()
+        {
+            // Blocks this (blocking-pool) thread until the test cancels: no polling.
+            futures::executor::block_on(stall.cancelled());
         }
         match self.rx.blocking_recv() {
             Some(msg) => Ok(msg),
@@ -271,25 +310,45 @@ impl Feed {
                     self.pending = Some(Msg::End);
                     return Ok(None);
                 }
-                // A batch nobody asked for (the encoder skipped a section): drop it.
-                Msg::Batch(_) => {}
+                // Data nobody asked for (the encoder skipped a section): drop it.
+                Msg::Batch(_) | Msg::Csv { .. } => {}
             }
         }
     }
 
-    /// The next chunk of the current section, or `None` at its end.
+    /// The next rows of the current section, or `None` at its end.
     pub(crate) fn next_batch(&mut self) -> io::Result<Option<Batch>> {
         match self.recv()? {
             Msg::Batch(batch) => {
-                if let Some((_, count)) = self.counts.last_mut() {
-                    *count += batch.len() as u64;
-                }
+                self.add(batch.len() as u64);
                 Ok(Some(batch))
             }
+            Msg::Csv { .. } => Err(io::Error::other("CSV data in a non-CSV export")),
             other => {
                 self.pending = Some(other);
                 Ok(None)
             }
+        }
+    }
+
+    /// The next CSV bytes of the current section, or `None` at its end.
+    pub(crate) fn next_csv(&mut self) -> io::Result<Option<Vec<u8>>> {
+        match self.recv()? {
+            Msg::Csv { bytes, rows } => {
+                self.add(rows);
+                Ok(Some(bytes))
+            }
+            Msg::Batch(_) => Err(io::Error::other("rows in a CSV export")),
+            other => {
+                self.pending = Some(other);
+                Ok(None)
+            }
+        }
+    }
+
+    fn add(&mut self, rows: u64) {
+        if let Some((_, count)) = self.counts.last_mut() {
+            *count += rows;
         }
     }
 
@@ -313,10 +372,20 @@ pub(crate) async fn run_export_with(
     cancel: &CancellationToken,
     hooks: Hooks,
 ) -> Result<ExportOutput, ExportError> {
-    let domain = cancellable(cancel, sections::domain(db, spec))
-        .await?
-        .ok_or(ExportError::DomainNotFound(spec.domain_id))?;
-    let total = cancellable(cancel, sections::count(db, spec)).await?;
+    let mut snapshot = cancellable(cancel, db.read_snapshot()).await?;
+    let domain = match cancellable(cancel, sections::domain(&mut snapshot, spec)).await? {
+        Some(domain) => domain,
+        None => {
+            // A replica that lags may not have a domain made a moment ago: ask the primary.
+            if snapshot.source() == ReadSource::Replica
+                && cancellable(cancel, sections::domain_on_primary(db, spec)).await?
+            {
+                return Err(ExportError::ReplicaBehind(spec.domain_id));
+            }
+            return Err(ExportError::DomainNotFound(spec.domain_id));
+        }
+    };
+    let total = cancellable(cancel, sections::count(&mut snapshot, spec)).await?;
     let header = Header {
         export_id: spec.id,
         domain,
@@ -332,31 +401,42 @@ pub(crate) async fn run_export_with(
     };
     let name = paths::file_name(spec.id, spec.token, extension);
     let sections = header.sections.clone();
-    let (tx, rx) = mpsc::channel(2);
+    let (tx, rx) = mpsc::channel(CHANNEL_MESSAGES);
     let root = dir.root.clone();
     let format = spec.format;
-    let writer = tokio::task::spawn_blocking(move || {
-        write_file(rx, &root, name, &header, format, limits, hooks)
+    // Cancelled with `cancel`, and also when this future is dropped (the guard): a writer
+    // that outlives its caller never persists.
+    let writer_cancel = cancel.child_token();
+    let dropped = writer_cancel.clone().drop_guard();
+    let writer = tokio::task::spawn_blocking({
+        let cancel = writer_cancel.clone();
+        move || write_file(rx, &root, name, &header, format, limits, hooks, &cancel)
     });
     let plan = Plan {
         sections,
         total,
-        chunk_rows: hooks.chunk_rows.unwrap_or(sections::CHUNK_ROWS),
         copy_csv: spec.format == ExportFormat::Csv,
     };
-    let produced = produce(db, spec, &plan, tx, progress, cancel).await;
+    let produced = produce(&mut snapshot, spec, &plan, tx, progress, cancel).await;
     let written = match writer.await {
         Ok(result) => result,
         Err(err) => Err(ExportError::Io(io::Error::other(format!(
             "the export writer failed: {err}"
         )))),
     };
+    dropped.disarm();
     match produced {
         // The reader's own error (cancelled, database) wins over the writer's view of it
         // (the channel closed early).
         Err(Some(err)) => Err(err),
         Err(None) | Ok(()) => {
             let output = written?;
+            // Every statement was read to its end: `COMMIT`, the connection goes back.
+            // The file is in place; a failed `COMMIT` of a read-only snapshot changes
+            // nothing (the connection is discarded).
+            if let Err(err) = snapshot.finish().await {
+                tracing::debug!(error = %err, "ending the export's read snapshot failed");
+            }
             progress.send_replace(Progress {
                 rows_written: i64::try_from(output.record_count).unwrap_or(i64::MAX),
                 percent: 100,
@@ -371,8 +451,7 @@ struct Plan {
     sections: Vec<Section>,
     /// Rows counted beforehand (for the percentage).
     total: u64,
-    chunk_rows: i64,
-    /// Content through `COPY ... CSV` (the CSV format).
+    /// Every section through `COPY ... CSV` (the CSV format).
     copy_csv: bool,
 }
 
@@ -388,53 +467,103 @@ async fn cancellable<T>(
     }
 }
 
-/// Reads every section into the channel. `Err(None)`: the writer stopped reading (its
-/// result says why).
+/// Reads every section into the channel, one statement each. `Err(None)`: the writer
+/// stopped reading (its result says why).
 async fn produce(
-    db: &Database,
+    snapshot: &mut Snapshot,
     spec: &ExportSpec,
     plan: &Plan,
     tx: mpsc::Sender<Msg>,
     progress: &watch::Sender<Progress>,
     cancel: &CancellationToken,
 ) -> Result<(), Option<ExportError>> {
-    let send = async |msg: Msg| -> Result<(), Option<ExportError>> {
-        tokio::select! {
-            biased;
-            () = cancel.cancelled() => Err(Some(ExportError::Cancelled)),
-            sent = tx.send(msg) => sent.map_err(|_| None),
-        }
-    };
     let mut rows: u64 = 0;
+    let report = |rows: u64| {
+        let percent = rows
+            .saturating_mul(100)
+            .checked_div(plan.total)
+            .map_or(99, |p| p.min(99));
+        progress.send_replace(Progress {
+            rows_written: i64::try_from(rows).unwrap_or(i64::MAX),
+            percent: i32::try_from(percent).unwrap_or(99),
+        });
+    };
     for &section in &plan.sections {
-        send(Msg::Section(section)).await?;
-        let mut reader = ChunkReader::new(section, plan.chunk_rows, plan.copy_csv);
-        loop {
-            if cancel.is_cancelled() {
-                return Err(Some(ExportError::Cancelled));
-            }
-            let Some(batch) = cancellable(cancel, reader.next(db, spec))
+        send(&tx, cancel, Msg::Section(section)).await?;
+        if plan.copy_csv {
+            let sql = sections::copy_sql(section, spec);
+            let mut copy = cancellable(cancel, snapshot.copy_out(&sql))
                 .await
-                .map_err(Some)?
-            else {
-                break;
-            };
-            rows += batch.len() as u64;
-            send(Msg::Batch(batch)).await?;
-            let percent = rows
-                .saturating_mul(100)
-                .checked_div(plan.total)
-                .map_or(99, |p| p.min(99));
-            progress.send_replace(Progress {
-                rows_written: i64::try_from(rows).unwrap_or(i64::MAX),
-                percent: i32::try_from(percent).unwrap_or(99),
-            });
+                .map_err(Some)?;
+            let mut bytes = Vec::with_capacity(2 * BATCH_BYTES);
+            let mut in_bytes = 0;
+            // The first frame is the header; every other frame is one record
+            // (PostgreSQL sends one CopyData message per row).
+            let mut header = true;
+            while let Some(frame) = cancellable(cancel, copy.next()).await.map_err(Some)? {
+                bytes.extend_from_slice(&frame);
+                if !std::mem::take(&mut header) {
+                    in_bytes += 1;
+                }
+                if bytes.len() >= BATCH_BYTES {
+                    rows += in_bytes;
+                    let full = std::mem::replace(&mut bytes, Vec::with_capacity(2 * BATCH_BYTES));
+                    send(
+                        &tx,
+                        cancel,
+                        Msg::Csv {
+                            bytes: full,
+                            rows: std::mem::take(&mut in_bytes),
+                        },
+                    )
+                    .await?;
+                    report(rows);
+                }
+            }
+            if !bytes.is_empty() {
+                rows += in_bytes;
+                send(
+                    &tx,
+                    cancel,
+                    Msg::Csv {
+                        bytes,
+                        rows: in_bytes,
+                    },
+                )
+                .await?;
+                report(rows);
+            }
+        } else {
+            let sql = sections::select_sql(section);
+            let mut reader = RowReader::start(snapshot, section, &sql, spec)
+                .map_err(|err| Some(ExportError::Db(err)))?;
+            while let Some(batch) = cancellable(cancel, reader.next()).await.map_err(Some)? {
+                rows += batch.len() as u64;
+                send(&tx, cancel, Msg::Batch(batch)).await?;
+                report(rows);
+            }
         }
     }
-    send(Msg::End).await
+    send(&tx, cancel, Msg::End).await
 }
 
-/// The writer thread: encodes the feed into a temp file, then persists it.
+/// Sends `msg` to the writer, unless `cancel` fires first. `Err(None)`: the writer stopped
+/// reading.
+async fn send(
+    tx: &mpsc::Sender<Msg>,
+    cancel: &CancellationToken,
+    msg: Msg,
+) -> Result<(), Option<ExportError>> {
+    tokio::select! {
+        biased;
+        () = cancel.cancelled() => Err(Some(ExportError::Cancelled)),
+        sent = tx.send(msg) => sent.map_err(|_| None),
+    }
+}
+
+/// The writer thread: encodes the feed into a temp file, then persists it unless
+/// `cancel` fired.
+#[allow(clippy::too_many_arguments)]
 fn write_file(
     rx: mpsc::Receiver<Msg>,
     root: &Path,
@@ -443,11 +572,12 @@ fn write_file(
     format: ExportFormat,
     limits: ExportLimits,
     hooks: Hooks,
+    cancel: &CancellationToken,
 ) -> Result<ExportOutput, ExportError> {
-    let (temp, file) = TempFile::create(root, header.export_id).map_err(ExportError::Io)?;
+    let (temp, file) = TempFile::create(root, header.export_id)?;
     let out = Output::new(file, limits.max_bytes, hooks.fail_after_bytes);
     let cap_hit = out.cap_flag();
-    let mut feed = Feed::new(rx);
+    let mut feed = Feed::new(rx, hooks.stall_writer.then(|| cancel.clone()));
     let encoded = match format {
         ExportFormat::Csv => csv::write(&mut feed, out, header),
         ExportFormat::Json => json::write(&mut feed, out, header),
@@ -465,8 +595,16 @@ fn write_file(
         }
     })?;
     let (file, size_bytes, checksum_sha256) = out.finish();
-    temp.persist(file, &root.join(&name))
-        .map_err(ExportError::Io)?;
+    // Cancelled meanwhile (or `run_export` dropped): the guard removes the temp file.
+    if cancel.is_cancelled() {
+        return Err(ExportError::Cancelled);
+    }
+    if !temp
+        .persist(file, &root.join(&name), cancel)
+        .map_err(ExportError::Io)?
+    {
+        return Err(ExportError::Cancelled);
+    }
     Ok(ExportOutput {
         storage_path: name,
         size_bytes,
@@ -499,5 +637,10 @@ mod retryable_tests {
         assert!(!refused.retryable());
         assert!(!ExportError::TooLarge { limit: 1 }.retryable());
         assert!(!ExportError::Cancelled.retryable());
+        // A replica behind the primary catches up; a domain missing on both does not.
+        assert!(ExportError::ReplicaBehind(Uuid::nil()).retryable());
+        assert!(!ExportError::DomainNotFound(Uuid::nil()).retryable());
+        let gap = ExportError::Db(DbError::StreamGap(std::time::Duration::from_secs(1)));
+        assert!(gap.retryable());
     }
 }

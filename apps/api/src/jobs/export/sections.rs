@@ -1,16 +1,20 @@
-//! The export's queries: the domain, the row counts, and each section read in
-//! keyset-paginated chunks through the analytics pool.
+//! The export's queries: the domain, the row counts, and one statement per section, all in
+//! one read [`Snapshot`] of the analytics pool (so the sections and the counts agree).
 //!
-//! Every chunk is one bounded [`Database::run_analytics`] call (`... AND (key) > ($cursor)
-//! ORDER BY key LIMIT n`), so each statement is short whatever the domain's size and no
-//! section is ever collected. Ranges: `date_from` inclusive, `date_to` exclusive (as the
-//! analytics endpoint), on `created_at` for content items and on `recorded_at` for keyword
-//! metrics and the performance rows aggregated; settings have no date.
+//! The CSV format reads each section with one `COPY (SELECT ...) TO STDOUT (FORMAT csv,
+//! HEADER)` ([`copy_sql`]: the formula guard and the non-finite rule in the SELECT); JSON
+//! and Markdown read each section with one streamed row query ([`RowReader`]). Nothing is
+//! collected: rows and frames are handed on as they arrive. Ranges: `date_from` inclusive,
+//! `date_to` exclusive (as the analytics endpoint), on `created_at` for content items and
+//! on `recorded_at` for keyword metrics and the performance rows aggregated; settings have
+//! no date.
+//!
+//! Non-finite numbers (`NaN`, `Infinity`: `keyword_metrics.position` admits them) have one
+//! rule in every format: JSON `null`, an empty CSV field, an empty Markdown cell.
 
 use chrono::{DateTime, Utc};
-use futures::TryStreamExt;
 use serde::Serialize;
-use smartbeak_database::{Database, DbError};
+use smartbeak_database::{Database, DbError, Rows, Snapshot};
 use sqlx::types::Json;
 use uuid::Uuid;
 
@@ -19,8 +23,11 @@ use crate::analytics::{
 };
 use crate::jobs::queue::ExportSpec;
 
-/// Rows per chunk (one statement each).
-pub(crate) const CHUNK_ROWS: i64 = 10_000;
+/// Rows handed to the writer at a time (JSON, Markdown): a batch closes at this many rows
+/// or at [`BATCH_BYTES`] of text, whichever comes first.
+pub(crate) const BATCH_ROWS: usize = 256;
+/// Text bytes (approximate) after which a batch of rows, or of COPY frames, is handed on.
+pub(crate) const BATCH_BYTES: usize = 64 * 1024;
 
 /// One part of an export, in file order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,32 +113,21 @@ pub(crate) struct SettingRow {
     pub(crate) value: Json<serde_json::Value>,
 }
 
-/// A chunk of one section's rows.
+/// Rows of one section, handed to the writer (at most [`BATCH_ROWS`], about
+/// [`BATCH_BYTES`] of text).
 #[derive(Debug)]
 pub(crate) enum Batch {
     Content(Vec<ContentRow>),
-    /// Content rows as PostgreSQL's CSV writer wrote them (`COPY ... TO STDOUT`, LF line
-    /// ends, the formula guard applied in the SELECT): the CSV format's content section.
-    ContentCsv {
-        csv: Vec<u8>,
-        rows: usize,
-    },
     Keywords(Vec<KeywordRow>),
     Analytics(Vec<ContentAggregate>),
     Settings(Vec<SettingRow>),
 }
 
 impl Batch {
-    /// Whether the chunk has no rows.
-    pub(crate) fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Rows in the chunk.
+    /// Rows in the batch.
     pub(crate) fn len(&self) -> usize {
         match self {
             Self::Content(rows) => rows.len(),
-            Self::ContentCsv { rows, .. } => *rows,
             Self::Keywords(rows) => rows.len(),
             Self::Analytics(rows) => rows.len(),
             Self::Settings(rows) => rows.len(),
@@ -139,29 +135,35 @@ impl Batch {
     }
 }
 
-/// Where the next chunk of a section starts (the key of the last row read).
-#[derive(Debug, Clone)]
-pub(crate) enum Cursor {
-    Content(DateTime<Utc>, Uuid),
-    Keywords(DateTime<Utc>, i64),
-    Analytics(Uuid),
-    Settings(String),
+/// The domain, if it exists and belongs to `spec.org_id`, as the snapshot sees it.
+pub(crate) async fn domain(
+    snapshot: &mut Snapshot,
+    spec: &ExportSpec,
+) -> Result<Option<DomainRow>, DbError> {
+    let mut rows = snapshot.fetch(
+        sqlx::query_as(
+            "SELECT id, name, status, created_at FROM domains WHERE id = $1 AND org_id = $2",
+        )
+        .bind(spec.domain_id)
+        .bind(spec.org_id),
+    )?;
+    let row = rows.next().await?;
+    // Read to the end, so the session is ready for the next statement.
+    while rows.next().await?.is_some() {}
+    Ok(row)
 }
 
-/// The domain, if it exists and belongs to `spec.org_id`.
-pub(crate) async fn domain(db: &Database, spec: &ExportSpec) -> Result<Option<DomainRow>, DbError> {
-    let (row, _) = db
-        .run_analytics(async |conn| {
-            sqlx::query_as(
-                "SELECT id, name, status, created_at FROM domains WHERE id = $1 AND org_id = $2",
-            )
+/// Whether the domain exists (and is the org's) on the primary: asked when the replica
+/// does not have it, to tell a replica that lags from a domain that is not there.
+pub(crate) async fn domain_on_primary(db: &Database, spec: &ExportSpec) -> Result<bool, DbError> {
+    db.run(async |conn| {
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM domains WHERE id = $1 AND org_id = $2)")
             .bind(spec.domain_id)
             .bind(spec.org_id)
-            .fetch_optional(conn)
+            .fetch_one(conn)
             .await
-        })
-        .await?;
-    Ok(row)
+    })
+    .await
 }
 
 const RANGE: &str =
@@ -174,269 +176,226 @@ fn range(col: &str) -> String {
 const SETTINGS_FROM: &str = "domain_settings s, jsonb_each(CASE WHEN jsonb_typeof(s.settings) = 'object' \
      THEN s.settings ELSE jsonb_build_object('value', s.settings) END) e";
 
-/// Rows each section will export (for the percentage), one statement.
-pub(crate) async fn count(db: &Database, spec: &ExportSpec) -> Result<u64, DbError> {
-    let sql = format!(
-        "SELECT \
-           CASE WHEN $4 THEN (SELECT count(*) FROM content_items \
-                WHERE domain_id = $1 AND {content}) ELSE 0 END \
-         + CASE WHEN $5 THEN (SELECT count(*) FROM keyword_metrics \
-                WHERE domain_id = $1 AND {keywords}) ELSE 0 END \
-         + CASE WHEN $6 THEN (SELECT count(*) FROM (SELECT 1 FROM {CONTENT_AGGREGATE_FROM} \
-                WHERE p.domain_id = $1 AND {perf} GROUP BY {CONTENT_AGGREGATE_GROUP_BY}) a) \
-                ELSE 0 END \
-         + (SELECT count(*) FROM {SETTINGS_FROM} WHERE s.domain_id = $1)",
-        content = range("created_at"),
-        keywords = range("recorded_at"),
-        perf = range("p.recorded_at"),
-    );
-    let (total, _): (i64, _) = db
-        .run_analytics(async |conn| {
-            sqlx::query_scalar(&sql)
-                .bind(spec.domain_id)
-                .bind(spec.date_from)
-                .bind(spec.date_to)
-                .bind(spec.include_content)
-                .bind(spec.include_keywords)
-                .bind(spec.include_analytics)
-                .fetch_one(conn)
-                .await
-        })
-        .await?;
+/// Rows the included sections will export (for the percentage), cheaply: index-only
+/// counts (`content_items_domain_cursor_idx`, `keyword_metrics_domain_time_idx`). The
+/// analytics aggregate yields one row per content item with performance rows in the range,
+/// so its count is the domain's content items, an upper bound read from the same index:
+/// counting the distinct items of `content_performance` took 13 s for 3M rows on the
+/// shared bench machine (BENCHMARKS.md), the items 1.2 s. The percentage stays below 100
+/// until the end anyway (and, with analytics, may jump at the end). One statement, in the
+/// export's snapshot, naming only the tables of the included sections (PostgreSQL locks
+/// every table a statement names, even in a branch it never takes).
+pub(crate) async fn count(snapshot: &mut Snapshot, spec: &ExportSpec) -> Result<u64, DbError> {
+    let sql = count_sql(spec);
+    let mut rows = snapshot.fetch(
+        sqlx::query_as::<_, (i64,)>(&sql)
+            .bind(spec.domain_id)
+            .bind(spec.date_from)
+            .bind(spec.date_to),
+    )?;
+    let total = rows.next().await?.map_or(0, |(n,)| n);
+    while rows.next().await?.is_some() {}
     Ok(u64::try_from(total).unwrap_or(0))
 }
 
-/// The statements of one section: the first chunk and the ones after a cursor.
-struct Statements {
-    first: String,
-    after: String,
+/// The statement of [`count`]: `$1` the domain, `$2`/`$3` the range (typed even when no
+/// included section uses them).
+fn count_sql(spec: &ExportSpec) -> String {
+    let mut parts = Vec::new();
+    if spec.include_content {
+        parts.push(format!(
+            "(SELECT count(*) FROM content_items WHERE domain_id = $1 AND {})",
+            range("created_at")
+        ));
+    }
+    if spec.include_keywords {
+        parts.push(format!(
+            "(SELECT count(*) FROM keyword_metrics WHERE domain_id = $1 AND {})",
+            range("recorded_at")
+        ));
+    }
+    if spec.include_analytics {
+        parts.push("(SELECT count(*) FROM content_items WHERE domain_id = $1)".to_owned());
+    }
+    parts.push(format!(
+        "(SELECT count(*) FROM {SETTINGS_FROM} WHERE s.domain_id = $1)"
+    ));
+    format!(
+        "SELECT {} WHERE ($2::timestamptz IS NULL OR true) AND ($3::timestamptz IS NULL OR true)",
+        parts.join(" + ")
+    )
 }
 
-fn statements(section: Section) -> Statements {
-    let (select, filter, key, after) = match section {
-        Section::Content => (
+/// The row query of one section: `$1` the domain, `$2`/`$3` the range.
+pub(crate) fn select_sql(section: Section) -> String {
+    match section {
+        Section::Content => format!(
             "SELECT id, title, slug, body, status, published_at, created_at, updated_at \
-             FROM content_items"
-                .to_owned(),
-            format!("domain_id = $1 AND {}", range("created_at")),
-            "created_at, id",
-            "(created_at, id) > ($5, $6)",
+             FROM content_items WHERE domain_id = $1 AND {} ORDER BY created_at, id",
+            range("created_at")
         ),
-        Section::Keywords => (
+        Section::Keywords => format!(
             "SELECT id, keyword, search_volume, position, clicks, impressions, ctr, recorded_at \
-             FROM keyword_metrics"
-                .to_owned(),
-            format!("domain_id = $1 AND {}", range("recorded_at")),
-            "recorded_at, id",
-            "(recorded_at, id) > ($5, $6)",
+             FROM keyword_metrics WHERE domain_id = $1 AND {} ORDER BY recorded_at, id",
+            range("recorded_at")
         ),
-        Section::Analytics => (
-            format!("SELECT {CONTENT_AGGREGATE_COLUMNS} FROM {CONTENT_AGGREGATE_FROM}"),
-            format!("p.domain_id = $1 AND {}", range("p.recorded_at")),
-            "p.content_id",
-            "p.content_id > $5",
+        Section::Analytics => format!(
+            "SELECT {CONTENT_AGGREGATE_COLUMNS} FROM {CONTENT_AGGREGATE_FROM} \
+             WHERE p.domain_id = $1 AND {} GROUP BY {CONTENT_AGGREGATE_GROUP_BY} \
+             ORDER BY p.content_id",
+            range("p.recorded_at")
         ),
-        Section::Settings => (
-            format!("SELECT e.key, e.value FROM {SETTINGS_FROM}"),
-            // $2 and $3 are bound for every section; settings have no date.
-            "s.domain_id = $1 AND ($2::timestamptz IS NULL OR true) \
-             AND ($3::timestamptz IS NULL OR true)"
-                .to_owned(),
-            "e.key",
-            "e.key > $5",
+        // $2 and $3 are bound for every section; settings have no date.
+        Section::Settings => format!(
+            "SELECT e.key, e.value FROM {SETTINGS_FROM} WHERE s.domain_id = $1 \
+             AND ($2::timestamptz IS NULL OR true) AND ($3::timestamptz IS NULL OR true) \
+             ORDER BY e.key"
+        ),
+    }
+}
+
+/// Reads one section's rows in batches (JSON, Markdown): the section's one statement,
+/// streamed.
+pub(crate) enum RowReader<'s> {
+    Content(Rows<'s, ContentRow>),
+    Keywords(Rows<'s, KeywordRow>),
+    Analytics(Rows<'s, ContentAggregate>),
+    Settings(Rows<'s, SettingRow>),
+}
+
+impl<'s> RowReader<'s> {
+    /// Starts `section`'s statement (`sql`, from [`select_sql`]) in `snapshot`.
+    pub(crate) fn start(
+        snapshot: &'s mut Snapshot,
+        section: Section,
+        sql: &'s str,
+        spec: &ExportSpec,
+    ) -> Result<Self, DbError> {
+        macro_rules! query {
+            ($row:ty) => {
+                sqlx::query_as::<_, $row>(sql)
+                    .bind(spec.domain_id)
+                    .bind(spec.date_from)
+                    .bind(spec.date_to)
+            };
+        }
+        Ok(match section {
+            Section::Content => Self::Content(snapshot.fetch(query!(ContentRow))?),
+            Section::Keywords => Self::Keywords(snapshot.fetch(query!(KeywordRow))?),
+            Section::Analytics => Self::Analytics(snapshot.fetch(query!(ContentAggregate))?),
+            Section::Settings => Self::Settings(snapshot.fetch(query!(SettingRow))?),
+        })
+    }
+
+    /// The next batch of rows, `None` at the section's end.
+    pub(crate) async fn next(&mut self) -> Result<Option<Batch>, DbError> {
+        let batch = match self {
+            Self::Content(rows) => Batch::Content(fill(rows).await?),
+            Self::Keywords(rows) => Batch::Keywords(fill(rows).await?),
+            Self::Analytics(rows) => Batch::Analytics(fill(rows).await?),
+            Self::Settings(rows) => Batch::Settings(fill(rows).await?),
+        };
+        Ok((batch.len() > 0).then_some(batch))
+    }
+}
+
+/// The text a row holds, roughly (for [`BATCH_BYTES`]).
+trait TextLen {
+    fn text_len(&self) -> usize;
+}
+
+impl TextLen for ContentRow {
+    fn text_len(&self) -> usize {
+        self.title.len() + self.slug.len() + self.body.len()
+    }
+}
+
+impl TextLen for KeywordRow {
+    fn text_len(&self) -> usize {
+        self.keyword.len()
+    }
+}
+
+impl TextLen for ContentAggregate {
+    fn text_len(&self) -> usize {
+        self.title.len()
+    }
+}
+
+impl TextLen for SettingRow {
+    fn text_len(&self) -> usize {
+        // The value's size is unknown without encoding it; settings are few.
+        self.key.len() + 64
+    }
+}
+
+/// Up to [`BATCH_ROWS`] rows or about [`BATCH_BYTES`] of text.
+async fn fill<T: TextLen>(rows: &mut Rows<'_, T>) -> Result<Vec<T>, DbError> {
+    let mut out = Vec::new();
+    let mut bytes = 0;
+    while out.len() < BATCH_ROWS && bytes < BATCH_BYTES {
+        let Some(row) = rows.next().await? else {
+            break;
+        };
+        bytes += row.text_len() + 64;
+        out.push(row);
+    }
+    Ok(out)
+}
+
+/// The `COPY (SELECT ...) TO STDOUT (FORMAT csv, HEADER)` of one section; its header is
+/// [`super::csv::columns`]. `COPY` takes no parameters: the values inlined are the domain
+/// id and timestamps formatted here, never text from a row or a caller.
+///
+/// In the SELECT: the formula guard on the user-text columns only ([`guard_sql`]; not on
+/// ids, numbers, timestamps or the `status` enum), timestamps as the other writers print
+/// them ([`time_sql`]), non-finite floats as NULL, an empty field ([`finite_sql`]).
+pub(crate) fn copy_sql(section: Section, spec: &ExportSpec) -> String {
+    let domain = spec.domain_id.hyphenated();
+    let from = literal(spec.date_from, "-infinity");
+    let to = literal(spec.date_to, "infinity");
+    let select = match section {
+        Section::Content => format!(
+            "SELECT id, {title} AS title, {slug} AS slug, {body} AS body, status, \
+             {published} AS published_at, {created} AS created_at, {updated} AS updated_at \
+             FROM content_items WHERE domain_id = '{domain}' \
+             AND created_at >= {from} AND created_at < {to} ORDER BY created_at, id",
+            title = guard_sql("title"),
+            slug = guard_sql("slug"),
+            body = guard_sql("body"),
+            published = time_sql("published_at"),
+            created = time_sql("created_at"),
+            updated = time_sql("updated_at"),
+        ),
+        Section::Keywords => format!(
+            "SELECT id, {keyword} AS keyword, search_volume, {position} AS position, clicks, \
+             impressions, {ctr} AS ctr, {recorded} AS recorded_at FROM keyword_metrics \
+             WHERE domain_id = '{domain}' AND recorded_at >= {from} AND recorded_at < {to} \
+             ORDER BY recorded_at, id",
+            keyword = guard_sql("keyword"),
+            position = finite_sql("position"),
+            ctr = finite_sql("ctr"),
+            recorded = time_sql("recorded_at"),
+        ),
+        // The api's aggregate (shared SQL), the guard and the finite rule applied outside.
+        Section::Analytics => format!(
+            "SELECT content_id, {title} AS title, page_views, unique_visitors, \
+             {bounce} AS avg_bounce_rate, conversions, revenue_cents FROM ( \
+             SELECT {CONTENT_AGGREGATE_COLUMNS} FROM {CONTENT_AGGREGATE_FROM} \
+             WHERE p.domain_id = '{domain}' AND p.recorded_at >= {from} \
+             AND p.recorded_at < {to} GROUP BY {CONTENT_AGGREGATE_GROUP_BY}) a \
+             ORDER BY content_id",
+            title = guard_sql("title"),
+            bounce = finite_sql("avg_bounce_rate"),
+        ),
+        Section::Settings => format!(
+            "SELECT {key} AS key, {value} AS value FROM {SETTINGS_FROM} \
+             WHERE s.domain_id = '{domain}' ORDER BY e.key",
+            key = guard_sql("e.key"),
+            value = guard_sql("e.value::text"),
         ),
     };
-    let group = if section == Section::Analytics {
-        format!(" GROUP BY {CONTENT_AGGREGATE_GROUP_BY}")
-    } else {
-        String::new()
-    };
-    Statements {
-        first: format!("{select} WHERE {filter}{group} ORDER BY {key} LIMIT $4"),
-        after: format!("{select} WHERE {filter} AND {after}{group} ORDER BY {key} LIMIT $4"),
-    }
-}
-
-/// Reads one section in chunks of [`CHUNK_ROWS`].
-pub(crate) struct ChunkReader {
-    section: Section,
-    /// Content as `COPY ... CSV` bytes instead of rows.
-    copy_csv: bool,
-    statements: Statements,
-    cursor: Option<Cursor>,
-    chunk_rows: i64,
-    done: bool,
-}
-
-impl ChunkReader {
-    /// A reader of `section`, `chunk_rows` rows a statement.
-    pub(crate) fn new(section: Section, chunk_rows: i64, copy_csv: bool) -> Self {
-        Self {
-            section,
-            copy_csv: copy_csv && section == Section::Content,
-            statements: statements(section),
-            cursor: None,
-            chunk_rows: chunk_rows.max(1),
-            done: false,
-        }
-    }
-
-    /// The next chunk, or `None` when the section is exhausted.
-    pub(crate) async fn next(
-        &mut self,
-        db: &Database,
-        spec: &ExportSpec,
-    ) -> Result<Option<Batch>, DbError> {
-        if self.done {
-            return Ok(None);
-        }
-        if self.copy_csv {
-            return self.next_copy(db, spec).await;
-        }
-        let sql = match self.cursor {
-            None => self.statements.first.as_str(),
-            Some(_) => self.statements.after.as_str(),
-        };
-        let cursor = self.cursor.clone();
-        let chunk_rows = self.chunk_rows;
-        let (batch, _) = db
-            .run_analytics(async |conn| {
-                macro_rules! query {
-                    ($row:ty) => {
-                        sqlx::query_as::<_, $row>(sql)
-                            .bind(spec.domain_id)
-                            .bind(spec.date_from)
-                            .bind(spec.date_to)
-                            .bind(chunk_rows)
-                    };
-                }
-                Ok(match self.section {
-                    Section::Content => {
-                        let mut q = query!(ContentRow);
-                        if let Some(Cursor::Content(at, id)) = &cursor {
-                            q = q.bind(*at).bind(*id);
-                        }
-                        Batch::Content(q.fetch_all(&mut *conn).await?)
-                    }
-                    Section::Keywords => {
-                        let mut q = query!(KeywordRow);
-                        if let Some(Cursor::Keywords(at, id)) = &cursor {
-                            q = q.bind(*at).bind(*id);
-                        }
-                        Batch::Keywords(q.fetch_all(&mut *conn).await?)
-                    }
-                    Section::Analytics => {
-                        let mut q = query!(ContentAggregate);
-                        if let Some(Cursor::Analytics(id)) = &cursor {
-                            q = q.bind(*id);
-                        }
-                        Batch::Analytics(q.fetch_all(&mut *conn).await?)
-                    }
-                    Section::Settings => {
-                        let mut q = query!(SettingRow);
-                        if let Some(Cursor::Settings(key)) = &cursor {
-                            q = q.bind(key.clone());
-                        }
-                        Batch::Settings(q.fetch_all(&mut *conn).await?)
-                    }
-                })
-            })
-            .await?;
-        self.cursor = match &batch {
-            Batch::Content(rows) => rows.last().map(|r| Cursor::Content(r.created_at, r.id)),
-            Batch::ContentCsv { .. } => None,
-            Batch::Keywords(rows) => rows.last().map(|r| Cursor::Keywords(r.recorded_at, r.id)),
-            Batch::Analytics(rows) => rows.last().map(|r| Cursor::Analytics(r.content_id)),
-            Batch::Settings(rows) => rows.last().map(|r| Cursor::Settings(r.key.clone())),
-        };
-        if i64::try_from(batch.len()).unwrap_or(i64::MAX) < self.chunk_rows {
-            self.done = true;
-        }
-        if batch.is_empty() {
-            return Ok(None);
-        }
-        Ok(Some(batch))
-    }
-}
-
-impl ChunkReader {
-    /// The next content chunk through `COPY (SELECT ...) TO STDOUT (FORMAT csv)`: first the
-    /// key of the chunk's last row (an index-only `OFFSET`), then the rows up to it, both on
-    /// one connection in one bounded call. `COPY` takes no parameters: the values inlined
-    /// are ids and timestamps formatted here, never text from a row or a caller.
-    async fn next_copy(
-        &mut self,
-        db: &Database,
-        spec: &ExportSpec,
-    ) -> Result<Option<Batch>, DbError> {
-        let after = match &self.cursor {
-            // The scalar bound lets the planner estimate the range (a row comparison it
-            // cannot), so it keeps to the index.
-            Some(Cursor::Content(at, id)) => {
-                format!(
-                    " AND created_at >= {at} AND (created_at, id) > ({at}, '{id}')",
-                    at = literal(Some(*at), "")
-                )
-            }
-            _ => String::new(),
-        };
-        let filter = format!(
-            "domain_id = '{}' AND created_at >= {} AND created_at < {}{after}",
-            spec.domain_id,
-            literal(spec.date_from, "-infinity"),
-            literal(spec.date_to, "infinity"),
-        );
-        let boundary_sql = format!(
-            "SELECT created_at, id FROM content_items WHERE {filter} \
-             ORDER BY created_at, id OFFSET $1 LIMIT 1"
-        );
-        let chunk_rows = self.chunk_rows;
-        let ((csv, boundary), _) = db
-            .run_analytics(async |conn| {
-                let boundary: Option<(DateTime<Utc>, Uuid)> = sqlx::query_as(&boundary_sql)
-                    .bind(chunk_rows - 1)
-                    .fetch_optional(&mut *conn)
-                    .await?;
-                let upto = match boundary {
-                    Some((at, id)) => {
-                        format!(
-                            " AND created_at <= {at} AND (created_at, id) <= ({at}, '{id}')",
-                            at = literal(Some(at), "")
-                        )
-                    }
-                    None => String::new(),
-                };
-                let copy = format!(
-                    "COPY (SELECT id, {title}, {slug}, {body}, {status}, {published}, \
-                     {created}, {updated} FROM content_items WHERE {filter}{upto} \
-                     ORDER BY created_at, id LIMIT {chunk_rows}) TO STDOUT WITH (FORMAT csv)",
-                    title = guard_sql("title"),
-                    slug = guard_sql("slug"),
-                    body = guard_sql("body"),
-                    status = guard_sql("status"),
-                    published = time_sql("published_at"),
-                    created = time_sql("created_at"),
-                    updated = time_sql("updated_at"),
-                );
-                let mut stream = conn.copy_out_raw(&copy).await?;
-                let mut csv = Vec::with_capacity(256 * usize::try_from(chunk_rows).unwrap_or(0));
-                while let Some(bytes) = stream.try_next().await? {
-                    csv.extend_from_slice(&bytes);
-                }
-                Ok((csv, boundary))
-            })
-            .await?;
-        match boundary {
-            Some((at, id)) => self.cursor = Some(Cursor::Content(at, id)),
-            None => self.done = true,
-        }
-        let rows = count_records(&csv);
-        if rows == 0 {
-            self.done = true;
-            return Ok(None);
-        }
-        Ok(Some(Batch::ContentCsv { csv, rows }))
-    }
+    format!("COPY ({select}) TO STDOUT (FORMAT csv, HEADER)")
 }
 
 /// A timestamp literal for an inlined statement (`fallback` for `None`).
@@ -450,31 +409,22 @@ fn literal(at: Option<DateTime<Utc>>, fallback: &str) -> String {
     }
 }
 
-/// The CSV formula guard in SQL: `'` before a value starting with `=`, `+`, `-`, `@`, tab,
-/// CR or `|` (the same rule as `csv::guard`).
-fn guard_sql(column: &str) -> String {
+/// The CSV formula guard in SQL: `'` before a value whose first character is `=`, `+`,
+/// `-`, `@`, tab, CR or `|` (the original's rule). `ascii()` looks at the first
+/// character only (all of these are ASCII; `ascii('')` is 0): no substring is built.
+fn guard_sql(expr: &str) -> String {
     format!(
-        "CASE WHEN left({column}, 1) IN ('=', '+', '-', '@', E'\\t', E'\\r', '|') \
-         THEN '''' || {column} ELSE {column} END"
+        "CASE WHEN ascii({expr}) IN (61, 43, 45, 64, 9, 13, 124) \
+         THEN '''' || {expr} ELSE {expr} END"
     )
+}
+
+/// A float, NULL (an empty CSV field) when not finite (`NaN`, `Infinity`, `-Infinity`).
+fn finite_sql(expr: &str) -> String {
+    format!("CASE WHEN {expr} IN ('NaN', 'Infinity', '-Infinity') THEN NULL ELSE {expr} END")
 }
 
 /// A timestamp as the writers print it: RFC 3339, UTC, microseconds (`...T...Z`).
 fn time_sql(column: &str) -> String {
     format!("to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')")
-}
-
-/// Records in PostgreSQL CSV output: line feeds outside quotes (a doubled quote inside a
-/// quoted field toggles twice).
-fn count_records(csv: &[u8]) -> usize {
-    let mut quoted = false;
-    let mut records = 0;
-    for &byte in csv {
-        match byte {
-            b'"' => quoted = !quoted,
-            b'\n' if !quoted => records += 1,
-            _ => {}
-        }
-    }
-    records
 }

@@ -326,16 +326,28 @@ impl Fixture {
                     .collect()
             }
             Section::Settings => {
-                let settings: sqlx::types::Json<BTreeMap<String, Value>> =
+                // Values as PostgreSQL's jsonb text (the CSV's), each parsed back below.
+                let settings: Vec<(String, String)> = sqlx::query_as(
+                    "SELECT e.key, e.value::text FROM domain_settings s, jsonb_each(s.settings) e \
+                     WHERE s.domain_id = $1 ORDER BY e.key",
+                )
+                .bind(self.domain)
+                .fetch_all(pool)
+                .await
+                .unwrap();
+                let json: sqlx::types::Json<BTreeMap<String, Value>> =
                     sqlx::query_scalar("SELECT settings FROM domain_settings WHERE domain_id = $1")
                         .bind(self.domain)
                         .fetch_one(pool)
                         .await
                         .unwrap();
+                for (key, text) in &settings {
+                    let parsed: Value = serde_json::from_str(text).unwrap();
+                    assert_eq!(json.0.get(key), Some(&parsed), "{key}");
+                }
                 settings
-                    .0
                     .into_iter()
-                    .map(|(k, v)| vec![expected_guard(&k), expected_guard(&v.to_string())])
+                    .map(|(k, v)| vec![expected_guard(&k), expected_guard(&v)])
                     .collect()
             }
         }
@@ -357,18 +369,11 @@ fn parse_csv(bytes: &[u8]) -> (Vec<String>, Vec<Vec<String>>) {
     (headers, records)
 }
 
-fn small_chunks() -> Hooks {
-    Hooks {
-        chunk_rows: Some(3),
-        ..Hooks::default()
-    }
-}
-
 #[tokio::test]
 async fn csv_zip_round_trips_every_section() {
     let f = Fixture::new().await;
     let spec = f.spec(ExportFormat::Csv);
-    let output = f.run(&spec, small_chunks()).await.unwrap();
+    let output = f.run(&spec, Hooks::default()).await.unwrap();
     assert_eq!(
         output.storage_path,
         paths::file_name(spec.id, spec.token, "zip")
@@ -478,7 +483,7 @@ async fn csv_of_one_section_is_a_bare_csv() {
 async fn json_round_trips() {
     let f = Fixture::new().await;
     let spec = f.spec(ExportFormat::Json);
-    let output = f.run(&spec, small_chunks()).await.unwrap();
+    let output = f.run(&spec, Hooks::default()).await.unwrap();
     assert_eq!(
         output.storage_path,
         paths::file_name(spec.id, spec.token, "json")
@@ -556,7 +561,7 @@ async fn json_round_trips() {
 async fn markdown_has_the_summary_and_every_title_escaped() {
     let f = Fixture::new().await;
     let spec = f.spec(ExportFormat::Markdown);
-    let output = f.run(&spec, small_chunks()).await.unwrap();
+    let output = f.run(&spec, Hooks::default()).await.unwrap();
     assert_eq!(
         output.storage_path,
         paths::file_name(spec.id, spec.token, "md")
@@ -598,7 +603,7 @@ async fn include_flags_and_date_range_are_honoured() {
     // Items are created two a day from base_time: days 2 and 3 hold items 4 to 7.
     spec.date_from = Some(base_time() + Duration::days(2));
     spec.date_to = Some(base_time() + Duration::days(4));
-    let output = f.run(&spec, small_chunks()).await.unwrap();
+    let output = f.run(&spec, Hooks::default()).await.unwrap();
     let doc: Value = serde_json::from_slice(&f.read_output(&output)).unwrap();
     assert!(doc.get("keywords").is_none());
     let titles: Vec<&str> = doc["content"]
@@ -662,7 +667,7 @@ async fn the_size_cap_leaves_no_file() {
     ] {
         let spec = f.spec(format);
         let err = f
-            .run_limited(&spec, 1024, small_chunks())
+            .run_limited(&spec, 1024, Hooks::default())
             .await
             .unwrap_err();
         assert!(
@@ -702,7 +707,7 @@ async fn enospc_ends_the_export_with_io_and_no_file() {
         let spec = f.spec(format);
         let hooks = Hooks {
             fail_after_bytes: Some(700),
-            chunk_rows: Some(3),
+            ..Hooks::default()
         };
         let err = f.run(&spec, hooks).await.unwrap_err();
         match &err {
@@ -716,12 +721,29 @@ async fn enospc_ends_the_export_with_io_and_no_file() {
     f.tdb.drop_database().await.unwrap();
 }
 
-#[tokio::test]
-async fn cancel_mid_export_leaves_no_file() {
-    let f = Fixture::new().await;
-    let spec = f.spec(ExportFormat::Json);
+/// Adds `n` content items of about 2 KB each (a section far larger than the channel).
+async fn add_large_content(f: &Fixture, n: i32) {
+    sqlx::query(
+        "INSERT INTO content_items (id, domain_id, title, slug, body, status, created_at) \
+         SELECT gen_random_uuid(), $1, 'bulk ' || g, 'bulk-' || g, repeat('x', 2000), 'draft', \
+                '2020-01-01'::timestamptz + g * interval '1 second' \
+         FROM generate_series(1, $2) g",
+    )
+    .bind(f.domain)
+    .bind(n)
+    .execute(f.db.primary())
+    .await
+    .unwrap();
+}
+
+/// Starts an export whose writer stalls after its first data (the reader is then held
+/// mid-statement), and waits until rows were handed on.
+async fn start_stalled(
+    f: &Fixture,
+    spec: &ExportSpec,
+    cancel: &CancellationToken,
+) -> tokio::task::JoinHandle<Result<ExportOutput, ExportError>> {
     let (progress, mut seen) = watch::channel(Progress::default());
-    let cancel = CancellationToken::new();
     let task = tokio::spawn({
         let (db, dir, cancel, spec) = (
             f.db.clone(),
@@ -731,29 +753,73 @@ async fn cancel_mid_export_leaves_no_file() {
         );
         async move {
             let hooks = Hooks {
-                chunk_rows: Some(1),
+                stall_writer: true,
                 ..Hooks::default()
             };
             let limits = ExportLimits {
-                max_bytes: DEFAULT_MAX_BYTES,
+                max_bytes: u64::MAX,
             };
             run_export_with(&db, &spec, &dir, limits, &progress, &cancel, hooks).await
         }
     });
-    // The first chunk was written: the export is under way.
-    tokio::time::timeout(std::time::Duration::from_secs(10), seen.changed())
-        .await
-        .unwrap()
-        .unwrap();
-    let rows = seen.borrow().rows_written;
-    assert!(rows >= 1);
-    cancel.cancel();
-    let result = tokio::time::timeout(std::time::Duration::from_secs(10), task)
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(matches!(result, Err(ExportError::Cancelled)), "{result:?}");
-    assert!(f.files().is_empty(), "{:?}", f.files());
+    tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while seen.borrow_and_update().rows_written == 0 {
+            seen.changed().await.unwrap();
+        }
+    })
+    .await
+    .unwrap();
+    task
+}
+
+/// Polls (bounded) until the export directory is empty.
+async fn wait_empty(f: &Fixture) {
+    for _ in 0..500 {
+        if f.files().is_empty() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("files left: {:?}", f.files());
+}
+
+#[tokio::test]
+async fn cancel_mid_copy_returns_cancelled_with_no_file_and_no_temp_file() {
+    let f = Fixture::new().await;
+    add_large_content(&f, 5_000).await;
+    for format in [ExportFormat::Csv, ExportFormat::Json] {
+        let spec = f.spec(format);
+        let cancel = CancellationToken::new();
+        let task = start_stalled(&f, &spec, &cancel).await;
+        // The section's one statement is under way (10 MB, the channel holds a few
+        // messages): cancel it.
+        cancel.cancel();
+        let result = tokio::time::timeout(std::time::Duration::from_secs(10), task)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(result, Err(ExportError::Cancelled)),
+            "{format:?}: {result:?}"
+        );
+        // `run_export` returned after its writer ended: nothing is left, at once.
+        assert!(f.files().is_empty(), "{format:?}: {:?}", f.files());
+    }
+    f.tdb.drop_database().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_dropped_export_never_persists_and_leaves_no_temp_file() {
+    let f = Fixture::new().await;
+    add_large_content(&f, 5_000).await;
+    let spec = f.spec(ExportFormat::Csv);
+    let cancel = CancellationToken::new();
+    let task = start_stalled(&f, &spec, &cancel).await;
+    // The caller gives up on the future (a worker's cancel grace ran out) without
+    // cancelling the token: the writer thread must still not persist.
+    task.abort();
+    assert!(task.await.unwrap_err().is_cancelled());
+    wait_empty(&f).await;
     f.tdb.drop_database().await.unwrap();
 }
 
@@ -771,7 +837,7 @@ async fn progress_reaches_100_with_the_record_count() {
         },
         &progress,
         &CancellationToken::new(),
-        small_chunks(),
+        Hooks::default(),
     )
     .await
     .unwrap();
@@ -846,4 +912,149 @@ fn temp_names_are_recognisable() {
     assert!(name.is_err());
     assert!(is_temp_name(".0000.abcd.tmp"));
     assert!(!is_temp_name("0000.csv"));
+}
+
+#[tokio::test]
+async fn csv_honours_the_date_range_in_every_section() {
+    let f = Fixture::new().await;
+    let mut spec = f.spec(ExportFormat::Csv);
+    // Items are created two a day from base_time: days 2 and 3 hold items 4 to 7.
+    spec.date_from = Some(base_time() + Duration::days(2));
+    spec.date_to = Some(base_time() + Duration::days(4));
+    let output = f.run(&spec, Hooks::default()).await.unwrap();
+    let bytes = f.read_output(&output);
+    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(bytes)).unwrap();
+    let mut records = 0;
+    for (section, want) in [
+        (Section::Content, 4),
+        (Section::Keywords, 4),
+        (Section::Analytics, 6),
+        (Section::Settings, 4),
+    ] {
+        let mut text = Vec::new();
+        archive
+            .by_name(&format!("{}.csv", section.name()))
+            .unwrap()
+            .read_to_end(&mut text)
+            .unwrap();
+        let (headers, rows) = parse_csv(&text);
+        assert_eq!(headers, csv::columns(section));
+        assert_eq!(
+            rows,
+            f.expected_csv(section, &spec).await,
+            "{}",
+            section.name()
+        );
+        assert_eq!(rows.len(), want, "{}", section.name());
+        records += rows.len() as u64;
+    }
+    let titles: Vec<String> = {
+        let mut text = Vec::new();
+        archive
+            .by_name("content.csv")
+            .unwrap()
+            .read_to_end(&mut text)
+            .unwrap();
+        parse_csv(&text)
+            .1
+            .into_iter()
+            .map(|r| r[1].clone())
+            .collect()
+    };
+    let mut want: Vec<String> = NASTY[4..8].iter().map(|v| expected_guard(v)).collect();
+    let mut got = titles;
+    want.sort_unstable();
+    got.sort_unstable();
+    assert_eq!(got, want);
+    assert_eq!(output.record_count, records);
+    f.tdb.drop_database().await.unwrap();
+}
+
+#[test]
+fn markdown_renders_hostile_text_literally() {
+    for (value, want) in [
+        (
+            "<script>alert(1)</script>",
+            r"\<script\>alert\(1\)\</script\>",
+        ),
+        ("&amp; &lt;", r"\&amp; \&lt;"),
+        (
+            "[x](https://evil.example)",
+            r"\[x\]\(https://evil.example\)",
+        ),
+        ("![img](y.png)", r"\!\[img\]\(y.png\)"),
+        ("**bold** _em_ *em*", r"\*\*bold\*\* \_em\_ \*em\*"),
+        ("# heading", r"\# heading"),
+        ("`code` ~~strike~~", r"\`code\` \~\~strike\~\~"),
+        (
+            "<https://autolink.example>",
+            r"\<https://autolink.example\>",
+        ),
+        ("a | b \\ c", r"a \| b \\ c"),
+        ("two\nlines\r\nthree\rfour", "two<br>lines<br>three<br>four"),
+        ("plain, text: 1.5 - ok", "plain, text: 1.5 - ok"),
+    ] {
+        assert_eq!(markdown::cell(value), want, "{value:?}");
+    }
+}
+
+#[tokio::test]
+async fn non_finite_numbers_are_null_in_json_and_empty_in_csv_and_markdown() {
+    let f = Fixture::new().await;
+    sqlx::query(
+        "INSERT INTO keyword_metrics (domain_id, keyword, search_volume, position, clicks, \
+         impressions, ctr, recorded_at) VALUES \
+         ($1, 'nan-kw', 1, 'NaN', 0, 0, 0, '2030-01-01'), \
+         ($1, 'inf-kw', 1, 'Infinity', 0, 0, 0, '2030-01-02')",
+    )
+    .bind(f.domain)
+    .execute(f.db.primary())
+    .await
+    .unwrap();
+    let mut spec = f.spec(ExportFormat::Csv);
+    spec.include_content = false;
+    spec.include_analytics = false;
+    spec.date_from = Some(Utc.with_ymd_and_hms(2030, 1, 1, 0, 0, 0).unwrap());
+
+    let output = f.run(&spec, Hooks::default()).await.unwrap();
+    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(f.read_output(&output))).unwrap();
+    let mut text = Vec::new();
+    archive
+        .by_name("keywords.csv")
+        .unwrap()
+        .read_to_end(&mut text)
+        .unwrap();
+    let (_, rows) = parse_csv(&text);
+    assert_eq!(rows.len(), 2);
+    for row in &rows {
+        assert_eq!(row[3], "", "{row:?}");
+    }
+
+    spec.id = Uuid::new_v4();
+    spec.format = ExportFormat::Json;
+    let output = f.run(&spec, Hooks::default()).await.unwrap();
+    let doc: Value = serde_json::from_slice(&f.read_output(&output)).unwrap();
+    let keywords = doc["keywords"].as_array().unwrap();
+    assert_eq!(keywords.len(), 2);
+    for k in keywords {
+        assert_eq!(k["position"], Value::Null, "{k}");
+    }
+
+    spec.id = Uuid::new_v4();
+    spec.format = ExportFormat::Markdown;
+    let output = f.run(&spec, Hooks::default()).await.unwrap();
+    let text = String::from_utf8(f.read_output(&output)).unwrap();
+    for keyword in ["nan-kw", "inf-kw"] {
+        let line = text
+            .lines()
+            .find(|l| l.contains(keyword))
+            .unwrap_or_else(|| panic!("{keyword} missing"));
+        let cells: Vec<&str> = line.split(" | ").collect();
+        assert_eq!(cells[3], "", "{line}");
+        assert!(
+            !line.contains("NaN") && !line.contains("Infinity"),
+            "{line}"
+        );
+    }
+    f.tdb.drop_database().await.unwrap();
 }
