@@ -5,7 +5,7 @@
 
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -45,6 +45,15 @@ pub enum ApiError {
     /// 404 `NOT_FOUND`: absent, or owned by another org (never 403: that would leak existence).
     #[error("{0} not found")]
     NotFound(&'static str),
+    /// 404 `NOT_FOUND`: a field of the body refers to something that does not exist (or
+    /// belongs to another org), e.g. `content[2].content_id`.
+    #[error("{field}: {what} not found")]
+    ReferenceNotFound {
+        /// The field holding the reference.
+        field: String,
+        /// What it refers to, e.g. `content item`.
+        what: &'static str,
+    },
     /// 409 with a specific code: the request conflicts with the current state.
     #[error("{message}")]
     Conflict {
@@ -99,6 +108,10 @@ impl ApiError {
             Self::UnsupportedMediaType => Self::UnsupportedMediaType,
             Self::Unauthorized => Self::Unauthorized,
             Self::NotFound(what) => Self::NotFound(what),
+            Self::ReferenceNotFound { field, what } => Self::ReferenceNotFound {
+                field: field.clone(),
+                what,
+            },
             Self::Conflict { code, message } => Self::Conflict {
                 code,
                 message: message.clone(),
@@ -120,7 +133,7 @@ impl ApiError {
             Self::InvalidBody(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
-            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::NotFound(_) | Self::ReferenceNotFound { .. } => StatusCode::NOT_FOUND,
             Self::Conflict { .. } => StatusCode::CONFLICT,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
@@ -140,7 +153,7 @@ impl ApiError {
             Self::InvalidBody(_) => "INVALID_BODY",
             Self::UnsupportedMediaType => "UNSUPPORTED_MEDIA_TYPE",
             Self::Unauthorized => "UNAUTHORIZED",
-            Self::NotFound(_) => "NOT_FOUND",
+            Self::NotFound(_) | Self::ReferenceNotFound { .. } => "NOT_FOUND",
             Self::Conflict { code, .. } => code,
             Self::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
             Self::RateLimited => "RATE_LIMITED",
@@ -172,7 +185,14 @@ impl IntoResponse for ApiError {
             }
             _ => {}
         }
-        (self.status(), Json(self.body())).into_response()
+        let mut response = (self.status(), Json(self.body())).into_response();
+        if matches!(self, Self::Unauthorized) {
+            // RFC 9110 section 11.6.1: a 401 names the scheme that would work.
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
     }
 }
 
@@ -369,6 +389,15 @@ mod tests {
                 "{shown}"
             );
         }
+    }
+
+    #[test]
+    fn a_401_names_the_bearer_scheme_and_no_other_error_does() {
+        let response = ApiError::Unauthorized.into_response();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(response.headers()[header::WWW_AUTHENTICATE], "Bearer");
+        let response = ApiError::NotFound("domain").into_response();
+        assert!(response.headers().get(header::WWW_AUTHENTICATE).is_none());
     }
 
     #[tokio::test]

@@ -61,8 +61,11 @@ pub struct ExportListQuery {
     pub status: Option<String>,
 }
 
+/// Every format an export can be written in.
+pub const FORMATS: [&str; 3] = ["json", "csv", "markdown"];
+
 /// Every status an export can have.
-const STATUSES: [&str; 7] = [
+pub const STATUSES: [&str; 7] = [
     "queued",
     "running",
     "succeeded",
