@@ -1,6 +1,9 @@
 //! Workspace automation, run as `cargo xtask <task>`:
 //!
-//! - `test`: what CI runs: services, a fresh database, fmt, clippy, docs, the whole test suite;
+//! - `test`: what CI runs: services, a fresh database, fmt, clippy, docs, the whole test suite,
+//!   then schema fuzzing (`fuzz`);
+//! - `fuzz`: schemathesis against the real api (installed into a virtualenv under the target
+//!   directory when missing; needs `python3` and `python3-venv`);
 //! - `demo`: services, migrations, seed data, and the main job end to end;
 //! - `services up|down|status`: throwaway PostgreSQL and Redis for local work.
 //!
@@ -13,6 +16,7 @@
 //! never on its command line.
 
 mod demo;
+mod fuzz;
 mod services;
 mod test;
 
@@ -26,7 +30,8 @@ const USAGE: &str = "\
 usage: cargo xtask <task>
 
 tasks:
-  test                      fmt, clippy, docs and the whole test suite against real services
+  test                      fmt, clippy, docs, the whole test suite and the schema fuzzing
+  fuzz                      schemathesis against the real api (needs python3, python3-venv)
   demo                      seed a database and run the main job end to end
   services up|down|status   throwaway PostgreSQL and Redis for local work
 ";
@@ -50,6 +55,13 @@ fn run(args: &[String]) -> Result<ExitCode> {
     ctrlc::set_handler(|| eprintln!("xtask: interrupted, cleaning up"))?;
     match args.first().map(String::as_str) {
         Some("test") => test::Test::parse(&args[1..])?.run(&sh),
+        Some("fuzz") => fuzz::Fuzz.run(&sh).map(|ok| {
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }),
         Some("demo") => demo::Demo.run(&sh).map(|()| ExitCode::SUCCESS),
         Some("services") => services::ServicesTask::parse(&args[1..])?
             .run(&sh)

@@ -45,15 +45,6 @@ pub enum ApiError {
     /// 404 `NOT_FOUND`: absent, or owned by another org (never 403: that would leak existence).
     #[error("{0} not found")]
     NotFound(&'static str),
-    /// 404 `NOT_FOUND`: a field of the body refers to something that does not exist (or
-    /// belongs to another org), e.g. `content[2].content_id`.
-    #[error("{field}: {what} not found")]
-    ReferenceNotFound {
-        /// The field holding the reference.
-        field: String,
-        /// What it refers to, e.g. `content item`.
-        what: &'static str,
-    },
     /// 409 with a specific code: the request conflicts with the current state.
     #[error("{message}")]
     Conflict {
@@ -108,10 +99,6 @@ impl ApiError {
             Self::UnsupportedMediaType => Self::UnsupportedMediaType,
             Self::Unauthorized => Self::Unauthorized,
             Self::NotFound(what) => Self::NotFound(what),
-            Self::ReferenceNotFound { field, what } => Self::ReferenceNotFound {
-                field: field.clone(),
-                what,
-            },
             Self::Conflict { code, message } => Self::Conflict {
                 code,
                 message: message.clone(),
@@ -133,7 +120,7 @@ impl ApiError {
             Self::InvalidBody(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
-            Self::NotFound(_) | Self::ReferenceNotFound { .. } => StatusCode::NOT_FOUND,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Conflict { .. } => StatusCode::CONFLICT,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
@@ -153,7 +140,7 @@ impl ApiError {
             Self::InvalidBody(_) => "INVALID_BODY",
             Self::UnsupportedMediaType => "UNSUPPORTED_MEDIA_TYPE",
             Self::Unauthorized => "UNAUTHORIZED",
-            Self::NotFound(_) | Self::ReferenceNotFound { .. } => "NOT_FOUND",
+            Self::NotFound(_) => "NOT_FOUND",
             Self::Conflict { code, .. } => code,
             Self::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
             Self::RateLimited => "RATE_LIMITED",

@@ -430,7 +430,7 @@ mod tests {
         let app = Router::new()
             .route(
                 "/id",
-                get(|request: Request| async move {
+                get(|request: axum::extract::Request| async move {
                     request
                         .headers()
                         .get("x-request-id")
@@ -467,7 +467,8 @@ mod tests {
             &[long.as_str()][..],
             &["has space"],
             &["quote\"inject"],
-            &["new\u{7f}line"],
+            &["tab\tinside"],
+            &["{\"json\":1}"],
             &["ok-1", "ok-2"],
         ] {
             let id = seen(bad).await;

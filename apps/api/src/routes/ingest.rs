@@ -109,7 +109,9 @@ pub struct IngestResult {
     params(("id" = Uuid, Path, description = "domain id")),
     security(("api_key" = [])),
     responses((status = 201, body = IngestResult), (status = 400, body = ErrorBody),
-        (status = 404, body = ErrorBody), (status = 413, body = ErrorBody), (status = 422, body = ErrorBody)))]
+        (status = 404, body = ErrorBody),
+        (status = 409, description = "`UNKNOWN_CONTENT_ITEM`: a `content_id` is not a content item of this domain", body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub async fn ingest(
     State(state): State<AppState>,
     auth: Auth,
@@ -156,9 +158,11 @@ pub async fn ingest(
             .iter()
             .position(|c| !found.contains(&c.content_id))
         {
-            return Err(ApiError::ReferenceNotFound {
-                field: format!("content[{i}].content_id"),
-                what: "content item of this domain",
+            // 409, not 400: the body is valid, the domain's state does not have the item
+            // (and not 404, which would say the domain itself is missing).
+            return Err(ApiError::Conflict {
+                code: "UNKNOWN_CONTENT_ITEM",
+                message: format!("content[{i}].content_id: not a content item of this domain"),
             });
         }
     }

@@ -292,7 +292,7 @@ mod tests {
         }
         for bad in [
             hex::encode(format!("12345678901234567:{}", Uuid::nil())),
-            hex::encode(format!("1:{}", Uuid::nil()).to_uppercase()),
+            hex::encode("1:A0000000-0000-4000-8000-00000000000A"),
             cursor.encode().to_uppercase(),
         ] {
             assert!(!pattern.is_match(&bad), "{bad}");
