@@ -94,6 +94,9 @@ pub(crate) fn run_fuzz(sh: &Shell, services: &Services) -> Result<bool> {
                 "RATE_LIMIT_KEY_PREFIX",
                 format!("smartbeak:fuzz:{}", std::process::id()),
             )
+            // Bodies up to 8 MiB: the document bounds fields in characters, and 200,000
+            // characters of `\u0000`-style escapes are over the default 1 MiB.
+            .env("HTTP_BODY_LIMIT_BYTES", "8388608")
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
