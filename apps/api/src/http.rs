@@ -25,7 +25,7 @@ use crate::routes::{analytics, content, domains, exports, health, ingest, settin
 use crate::state::AppState;
 
 /// Declares routes once: expands to a function that adds them to a router and to the
-/// `(METHOD, path)` list [`ROUTES`] that the contract test compares with the OpenAPI
+/// `(METHOD, path)` list (`V1_ROUTES`, `OPERATIONAL_ROUTES`) that the contract test compares with the OpenAPI
 /// document, so a route cannot be added without the test seeing it.
 macro_rules! routes {
     ($(#[$meta:meta])* fn $add:ident, const $list:ident = {

@@ -6,7 +6,7 @@
 //! (401, 429, 503...) with the one error schema, the rate limit headers, the enums and
 //! patterns, unique `operationId`s, and the links a stateful client follows from
 //! `POST /v1/domains` (and `POST .../exports`) to the routes that take the new id. A test
-//! compares its paths and methods with the router's ([`crate::http::ROUTES`]).
+//! compares its paths and methods with the router's ([`crate::http::routes`]).
 
 use std::sync::OnceLock;
 
