@@ -22,9 +22,13 @@ mod test;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Result;
 use xshell::Shell;
+
+/// Set by the Ctrl-C handler: long waits (the schema fuzzing) stop on it.
+pub(crate) static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 const USAGE: &str = "\
 usage: cargo xtask <task>
@@ -52,7 +56,10 @@ fn run(args: &[String]) -> Result<ExitCode> {
     sh.change_dir(project_root());
     // Ctrl-C reaches every process of the terminal's group: the cargo child stops on its
     // own, and we keep running long enough to drop the servers and the database.
-    ctrlc::set_handler(|| eprintln!("xtask: interrupted, cleaning up"))?;
+    ctrlc::set_handler(|| {
+        INTERRUPTED.store(true, Ordering::SeqCst);
+        eprintln!("xtask: interrupted, cleaning up");
+    })?;
     match args.first().map(String::as_str) {
         Some("test") => test::Test::parse(&args[1..])?.run(&sh),
         Some("fuzz") => fuzz::Fuzz.run(&sh).map(|ok| {

@@ -94,6 +94,10 @@ impl Test {
         eprintln!("xtask: schema fuzzing (schemathesis)");
         let fuzz_ok = match crate::fuzz::run_fuzz(sh, &services) {
             Ok(ok) => ok,
+            // Ctrl-C: stop here (the guards drop the database and the servers).
+            Err(e) if e.is::<crate::fuzz::Interrupted>() => {
+                return Err(e.context("schema fuzzing"));
+            }
             Err(e) => {
                 eprintln!("xtask: error: schema fuzzing: {e:#}");
                 false
