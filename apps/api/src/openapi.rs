@@ -30,7 +30,8 @@ use crate::routes::{self, Page, content, domains, exports, health, ingest, setti
         queries and export bodies `from` must not be after `to` and an analytics range is at most \
         366 days; dates and timestamps fall in the years 0001 to 9999 in UTC; a content item has \
         `publish_at` exactly when its status is `scheduled`; a metrics body has at most 5,000 \
-        rows in both lists together."),
+        rows in both lists together. Request bodies are limited to `HTTP_BODY_LIMIT_BYTES` \
+        (default 1,048,576 bytes) on every route: 413 `PAYLOAD_TOO_LARGE`."),
     paths(
         health::healthz, health::readyz, health::metrics, openapi_json,
         domains::create, domains::list, domains::get,
@@ -117,17 +118,29 @@ pub fn operations(doc: &Value) -> Vec<(String, String)> {
 }
 
 fn build() -> Value {
-    let mut doc = match serde_json::to_value(ApiDoc::openapi()) {
-        Ok(doc) => doc,
+    match build_checked() {
+        Ok((doc, missing)) => {
+            for pointer in &missing {
+                tracing::error!(pointer, "OpenAPI document: no schema at this pointer");
+            }
+            doc
+        }
         Err(e) => {
             tracing::error!(error = %e, "could not serialise the OpenAPI document");
-            return json!({});
+            json!({})
         }
-    };
-    add_constraints(&mut doc);
+    }
+}
+
+/// The document and the pointers [`add_constraints`] and [`add_links`] found nothing at
+/// (a test asserts there are none: a renamed field must not drop a constraint silently).
+fn build_checked() -> Result<(Value, Vec<String>), serde_json::Error> {
+    let mut doc = serde_json::to_value(ApiDoc::openapi())?;
+    let mut missing = Vec::new();
+    add_constraints(&mut doc, &mut missing);
     add_common_responses(&mut doc);
-    add_links(&mut doc);
-    doc
+    add_links(&mut doc, &mut missing);
+    Ok((doc, missing))
 }
 
 /// `operationId` of an operation: `get_v1_domains_id_settings` (utoipa's default, the
@@ -206,8 +219,13 @@ fn add_common_responses(doc: &mut Value) {
             if has_id {
                 add("404", "`NOT_FOUND`: absent or owned by another org");
             }
+            // The body limit is a layer over every route, bodiless ones included.
+            add(
+                "413",
+                "`PAYLOAD_TOO_LARGE`: a body over `HTTP_BODY_LIMIT_BYTES` (default 1,048,576 \
+                 bytes; checked on every route)",
+            );
             if has_body {
-                add("413", "`PAYLOAD_TOO_LARGE`: over `HTTP_BODY_LIMIT_BYTES`");
                 add(
                     "415",
                     "`UNSUPPORTED_MEDIA_TYPE`: the body is not `application/json`",
@@ -268,7 +286,7 @@ fn add_common_responses(doc: &mut Value) {
 }
 
 /// Links from the responses that create a resource to the operations that take its id.
-fn add_links(doc: &mut Value) {
+fn add_links(doc: &mut Value, missing: &mut Vec<String>) {
     let ops = operations(doc);
     let link_sources = [
         ("/v1/domains", "201", "/v1/domains/{id}"),
@@ -292,20 +310,31 @@ fn add_links(doc: &mut Value) {
             "/paths/{}/post/responses/{status}",
             source.replace('~', "~0").replace('/', "~1")
         );
-        if let Some(response) = doc.pointer_mut(&pointer).and_then(Value::as_object_mut) {
+        if let Some(response) = object_at(doc, missing, &pointer) {
             response.insert("links".into(), Value::Object(links));
         }
     }
 }
 
-/// Sets `key` of the schema at `pointer` (a JSON pointer into the document).
-fn set(doc: &mut Value, pointer: &str, key: &str, value: Value) {
-    match doc.pointer_mut(pointer).and_then(Value::as_object_mut) {
-        Some(schema) => {
-            schema.insert(key.into(), value);
-        }
-        None => tracing::error!(pointer, "OpenAPI document: no schema at this pointer"),
+/// Sets `key` of the schema at `pointer` (a JSON pointer into the document); a pointer
+/// that finds no object goes into `missing`.
+fn set(doc: &mut Value, missing: &mut Vec<String>, pointer: &str, key: &str, value: Value) {
+    if let Some(schema) = object_at(doc, missing, pointer) {
+        schema.insert(key.into(), value);
     }
+}
+
+/// The object at `pointer`; `None` (and the pointer in `missing`) when there is none.
+fn object_at<'d>(
+    doc: &'d mut Value,
+    missing: &mut Vec<String>,
+    pointer: &str,
+) -> Option<&'d mut Map<String, Value>> {
+    let found = doc.pointer_mut(pointer).and_then(Value::as_object_mut);
+    if found.is_none() {
+        missing.push(pointer.to_owned());
+    }
+    found
 }
 
 /// The schema of query parameter `name` of `method path`, as a JSON pointer.
@@ -323,16 +352,18 @@ fn schema_prop(schema: &str, property: &str) -> String {
 }
 
 /// Enums and patterns, from the constants the handlers check against.
-fn add_constraints(doc: &mut Value) {
+fn add_constraints(doc: &mut Value, missing: &mut Vec<String>) {
     let text = json!(routes::TEXT_PATTERN);
     set(
         doc,
+        missing,
         &schema_prop("CreateDomain", "name"),
         "pattern",
         json!(domains::HOST_PATTERN),
     );
     set(
         doc,
+        missing,
         &schema_prop("Domain", "status"),
         "enum",
         json!(domains::STATUSES),
@@ -340,23 +371,43 @@ fn add_constraints(doc: &mut Value) {
     for property in ["title", "slug", "body", "status"] {
         let pointer = schema_prop("CreateContent", property);
         match property {
-            "title" => set(doc, &pointer, "pattern", text.clone()),
-            "slug" => set(doc, &pointer, "pattern", json!(content::SLUG_PATTERN)),
-            "body" => set(doc, &pointer, "pattern", json!(routes::NO_NUL_PATTERN)),
+            "title" => set(doc, missing, &pointer, "pattern", text.clone()),
+            "slug" => set(
+                doc,
+                missing,
+                &pointer,
+                "pattern",
+                json!(content::SLUG_PATTERN),
+            ),
+            "body" => set(
+                doc,
+                missing,
+                &pointer,
+                "pattern",
+                json!(routes::NO_NUL_PATTERN),
+            ),
             _ => {
-                set(doc, &pointer, "type", json!(["string", "null"]));
-                set(doc, &pointer, "enum", json!(with_null(&content::STATUSES)));
+                set(doc, missing, &pointer, "type", json!(["string", "null"]));
+                set(
+                    doc,
+                    missing,
+                    &pointer,
+                    "enum",
+                    json!(with_null(&content::STATUSES)),
+                );
             }
         }
     }
     set(
         doc,
+        missing,
         &schema_prop("ContentItem", "status"),
         "enum",
         json!(content::STATUSES),
     );
     set(
         doc,
+        missing,
         &schema_prop("KeywordMetric", "keyword"),
         "pattern",
         text,
@@ -364,6 +415,7 @@ fn add_constraints(doc: &mut Value) {
     // At least one row in either list.
     set(
         doc,
+        missing,
         "/components/schemas/IngestMetrics",
         "anyOf",
         json!([
@@ -377,7 +429,7 @@ fn add_constraints(doc: &mut Value) {
     ]);
     for property in ["from", "to"] {
         let pointer = schema_prop("CreateExport", property);
-        if let Some(schema) = doc.pointer_mut(&pointer).and_then(Value::as_object_mut) {
+        if let Some(schema) = object_at(doc, missing, &pointer) {
             schema.remove("type");
             schema.insert(
                 "anyOf".into(),
@@ -385,13 +437,14 @@ fn add_constraints(doc: &mut Value) {
             );
         }
         let pointer = query_param(doc, "get", "/v1/domains/{id}/analytics", property);
-        if let Some(schema) = doc.pointer_mut(&pointer).and_then(Value::as_object_mut) {
+        if let Some(schema) = object_at(doc, missing, &pointer) {
             schema.remove("type");
             schema.insert("anyOf".into(), instant.clone());
         }
     }
     set(
         doc,
+        missing,
         &schema_prop("CreateExport", "format"),
         "enum",
         json!(exports::FORMATS),
@@ -401,8 +454,8 @@ fn add_constraints(doc: &mut Value) {
         ("/v1/domains/{id}/exports", &exports::STATUSES[..]),
     ] {
         let pointer = query_param(doc, "get", path, "status");
-        set(doc, &pointer, "type", json!("string"));
-        set(doc, &pointer, "enum", json!(statuses));
+        set(doc, missing, &pointer, "type", json!("string"));
+        set(doc, missing, &pointer, "enum", json!(statuses));
     }
     for path in [
         "/v1/domains",
@@ -410,19 +463,22 @@ fn add_constraints(doc: &mut Value) {
         "/v1/domains/{id}/exports",
     ] {
         let pointer = query_param(doc, "get", path, "cursor");
-        set(doc, &pointer, "type", json!("string"));
-        set(doc, &pointer, "pattern", json!(routes::CURSOR_PATTERN));
+        set(doc, missing, &pointer, "type", json!("string"));
+        set(
+            doc,
+            missing,
+            &pointer,
+            "pattern",
+            json!(routes::CURSOR_PATTERN),
+        );
         let pointer = query_param(doc, "get", path, "limit");
-        set(doc, &pointer, "type", json!("integer"));
-        set(doc, &pointer, "minimum", json!(1));
-        set(doc, &pointer, "maximum", json!(100));
+        set(doc, missing, &pointer, "type", json!("integer"));
+        set(doc, missing, &pointer, "minimum", json!(1));
+        set(doc, missing, &pointer, "maximum", json!(100));
     }
     // Settings: any JSON object whose keys and strings, at any depth, have no NUL.
     let no_nul = json!(routes::NO_NUL_PATTERN);
-    if let Some(schemas) = doc
-        .pointer_mut("/components/schemas")
-        .and_then(Value::as_object_mut)
-    {
+    if let Some(schemas) = object_at(doc, missing, "/components/schemas") {
         schemas.insert(
             "SettingsValue".into(),
             json!({
@@ -447,6 +503,7 @@ fn add_constraints(doc: &mut Value) {
     }
     set(
         doc,
+        missing,
         "/paths/~1v1~1domains~1{id}~1settings/put/requestBody/content/application~1json",
         "schema",
         json!({"$ref": "#/components/schemas/Settings"}),

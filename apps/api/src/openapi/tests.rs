@@ -124,8 +124,32 @@ fn documented_patterns_accept_what_the_handlers_accept() {
         );
     }
     let title = pattern_at("/components/schemas/CreateContent/properties/title");
+    // Blank means Unicode White_Space only, in the pattern as in the handler.
+    for blank in ["\u{3000}", "\u{a0}", "\u{2003}"] {
+        assert!(!title.is_match(blank), "{blank:?}");
+        assert!(check_len("title", blank, 1, 500).is_err(), "{blank:?}");
+    }
     for text in [
-        "hello", " x ", "", " ", "\t\n", "a\0b", "\u{a0}", "\u{1c}", "\u{b}", "\u{c}", "ok\u{b}",
+        "hello",
+        " x ",
+        "",
+        " ",
+        "\t\n",
+        "a\0b",
+        "\u{a0}",
+        "\u{1c}",
+        "\u{b}",
+        "\u{c}",
+        "ok\u{b}",
+        "\u{3000}",
+        "\u{2003}",
+        "\u{85}",
+        "\u{1680}",
+        "\u{200a}",
+        "\u{200b}",
+        "\u{feff}",
+        "\u{3000}x",
+        "\u{2028}\u{2029}\u{202f}\u{205f}",
     ] {
         let valid = !text.is_empty() && text.chars().count() <= 500;
         assert_eq!(
@@ -154,4 +178,48 @@ fn enums_come_from_the_handlers_constants() {
         .find(|p| p["name"] == "status")
         .unwrap();
     assert_eq!(status["schema"]["enum"], json!(exports::STATUSES));
+}
+
+#[test]
+fn the_fuzz_hooks_copy_the_handlers_limits() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/hooks.py");
+    let hooks = std::fs::read_to_string(&path).unwrap();
+    let constant = |name: &str| {
+        hooks
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} = ")))
+            .unwrap_or_else(|| panic!("{name} is not set in {}", path.display()))
+            .trim()
+            .parse::<i64>()
+            .unwrap()
+    };
+    assert_eq!(
+        constant("MAX_RANGE_DAYS"),
+        crate::routes::analytics::MAX_RANGE_DAYS
+    );
+    assert_eq!(
+        constant("MAX_ROWS"),
+        i64::try_from(ingest::MAX_ROWS).unwrap()
+    );
+    // The document's description states both too.
+    let info = document()["info"]["description"].as_str().unwrap();
+    let rows = ingest::MAX_ROWS;
+    let rows = format!("{},{:03} rows", rows / 1000, rows % 1000);
+    assert!(info.contains(&rows), "{rows}");
+    let days = format!("{} days", crate::routes::analytics::MAX_RANGE_DAYS);
+    assert!(info.contains(&days), "{days}");
+}
+
+#[test]
+fn every_operation_documents_413() {
+    for (method, path) in operations(document()) {
+        let op = &document()["paths"][&path][method.to_lowercase()];
+        assert!(op["responses"]["413"].is_object(), "{method} {path}");
+    }
+}
+
+#[test]
+fn every_constraint_and_link_finds_its_place_in_the_document() {
+    let (_, missing) = build_checked().unwrap();
+    assert!(missing.is_empty(), "no schema at {missing:?}");
 }

@@ -225,15 +225,20 @@ pub fn check_no_nul(field: &str, value: &str) -> Result<(), ApiError> {
 }
 
 /// The `pattern` of a required text field in the OpenAPI document: no NUL character and at
-/// least one character that is not ASCII whitespace (what [`check_len`] enforces with
-/// `min > 0`; ASCII only, so that every regex engine agrees on it).
-pub const TEXT_PATTERN: &str = r"^[^\u0000]*[^\u0000 \t\n\r\f\v][^\u0000]*$";
+/// least one character that is not Unicode `White_Space` (what [`check_len`] enforces with
+/// `min > 0`, as [`char::is_whitespace`]). The 25 code points are spelled out as `\uXXXX`
+/// rather than `\s`, whose meaning differs between regex engines.
+pub const TEXT_PATTERN: &str = concat!(
+    r"^[^\u0000]*[^\u0000",
+    r"\u0009-\u000D\u0020\u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000",
+    r"][^\u0000]*$"
+);
 
 /// The `pattern` of an optional text field: no NUL character.
 pub const NO_NUL_PATTERN: &str = r"^[^\u0000]*$";
 
 /// Validates a text field's length in characters (and that it has no NUL character and,
-/// with `min > 0`, is not blank: ASCII whitespace only).
+/// with `min > 0`, is not blank: Unicode whitespace only).
 pub fn check_len(field: &str, value: &str, min: usize, max: usize) -> Result<(), ApiError> {
     let len = value.chars().count();
     if len < min || len > max {
@@ -242,7 +247,7 @@ pub fn check_len(field: &str, value: &str, min: usize, max: usize) -> Result<(),
             format!("must be between {min} and {max} characters"),
         ));
     }
-    if min > 0 && value.bytes().all(|b| b.is_ascii_whitespace() || b == 0x0b) {
+    if min > 0 && value.chars().all(char::is_whitespace) {
         return Err(ApiError::validation(field, "must not be blank"));
     }
     check_no_nul(field, value)
