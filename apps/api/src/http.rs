@@ -26,7 +26,10 @@ use crate::state::AppState;
 
 /// Declares routes once: expands to a function that adds them to a router and to the
 /// `(METHOD, path)` list (`V1_ROUTES`, `OPERATIONAL_ROUTES`) that the contract test compares with the OpenAPI
-/// document, so a route cannot be added without the test seeing it.
+/// document, so a route cannot be added without the test seeing it. A route added any other
+/// way (`.route`, `.nest` or another `.merge` in [`app`]) would escape that test; a tidy test
+/// (`routes_are_added_only_through_the_macro`) fails on one. axum answers `HEAD` on every
+/// `GET` route; the document lists the `GET` only.
 macro_rules! routes {
     ($(#[$meta:meta])* fn $add:ident, const $list:ident = {
         $( $path:literal => { $( $method:ident : $handler:path ),+ $(,)? } ),+ $(,)?
@@ -289,6 +292,26 @@ where
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    /// Tidy: outside the tests, this file adds routes only in `routes!` (one `.route(`) and
+    /// merges only the v1 routes, so `routes()` is every route the router serves.
+    #[test]
+    fn routes_are_added_only_through_the_macro() {
+        let source = include_str!("http.rs");
+        let code = &source[..source.find("#[cfg(test)]").unwrap()];
+        let count = |needle: &str| code.matches(needle).count();
+        assert_eq!(count(".route("), 1, "a .route( outside routes!");
+        assert_eq!(count(".merge("), 1, "only .merge(v1)");
+        assert!(code.contains(".merge(v1)"));
+        for needle in [
+            ".nest(",
+            ".nest_service(",
+            ".route_service(",
+            ".fallback_service(",
+        ] {
+            assert_eq!(count(needle), 0, "{needle}");
+        }
+    }
 
     use axum::body::Body;
     use axum::http::Request;
