@@ -376,6 +376,9 @@ fn install_schemathesis(sh: &Shell, target: &Path) -> Result<PathBuf> {
     .run()
     .is_err()
     {
+        if crate::INTERRUPTED.load(Ordering::SeqCst) {
+            return Err(Interrupted("pip install".to_owned()).into());
+        }
         bail!(
             "pip install -r {} failed (PyPI unreachable? set PIP_INDEX_URL or PIP_FIND_LINKS, or \
              install that file into {} yourself and create {})",

@@ -4,7 +4,7 @@
 //! `cargo fmt --check`, clippy with `-D warnings`, rustdoc with `-D warnings`, the doctests,
 //! the binaries, schema fuzzing of the api with schemathesis (`crate::fuzz`), and the whole
 //! test suite (cargo-nextest when installed, else `cargo test`); a failed fuzzing run fails
-//! the task, after the tests ran. The database is dropped and throwaway servers stopped
+//! the task, after the tests ran; an interrupted one (Ctrl-C) stops it there. The database is dropped and throwaway servers stopped
 //! afterwards, on failure too. The output ends with the test runner's own summary line.
 
 use std::process::ExitCode;
