@@ -1,6 +1,9 @@
 //! Workspace automation, run as `cargo xtask <task>`:
 //!
-//! - `test`: what CI runs: services, a fresh database, fmt, clippy, docs, the whole test suite;
+//! - `test`: what CI runs: services, a fresh database, fmt, clippy, docs, the whole test suite,
+//!   then schema fuzzing (`fuzz`);
+//! - `fuzz`: schemathesis against the real api (installed into a virtualenv under the target
+//!   directory when missing; needs `python3` and `python3-venv`);
 //! - `demo`: services, migrations, seed data, and the main job end to end;
 //! - `services up|down|status`: throwaway PostgreSQL and Redis for local work.
 //!
@@ -13,20 +16,26 @@
 //! never on its command line.
 
 mod demo;
+mod fuzz;
 mod services;
 mod test;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Result;
 use xshell::Shell;
+
+/// Set by the Ctrl-C handler: long waits (the schema fuzzing) stop on it.
+pub(crate) static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 const USAGE: &str = "\
 usage: cargo xtask <task>
 
 tasks:
-  test                      fmt, clippy, docs and the whole test suite against real services
+  test                      fmt, clippy, docs, the whole test suite and the schema fuzzing
+  fuzz                      schemathesis against the real api (needs python3, python3-venv)
   demo                      seed a database and run the main job end to end
   services up|down|status   throwaway PostgreSQL and Redis for local work
 ";
@@ -47,9 +56,19 @@ fn run(args: &[String]) -> Result<ExitCode> {
     sh.change_dir(project_root());
     // Ctrl-C reaches every process of the terminal's group: the cargo child stops on its
     // own, and we keep running long enough to drop the servers and the database.
-    ctrlc::set_handler(|| eprintln!("xtask: interrupted, cleaning up"))?;
+    ctrlc::set_handler(|| {
+        INTERRUPTED.store(true, Ordering::SeqCst);
+        eprintln!("xtask: interrupted, cleaning up");
+    })?;
     match args.first().map(String::as_str) {
         Some("test") => test::Test::parse(&args[1..])?.run(&sh),
+        Some("fuzz") => fuzz::Fuzz.run(&sh).map(|ok| {
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }),
         Some("demo") => demo::Demo.run(&sh).map(|()| ExitCode::SUCCESS),
         Some("services") => services::ServicesTask::parse(&args[1..])?
             .run(&sh)

@@ -1,10 +1,11 @@
 //! `cargo xtask test`: exactly what CI runs.
 //!
 //! Services (found or started), a fresh database for the run with migrations applied, then
-//! `cargo fmt --check`, clippy with `-D warnings`, rustdoc with `-D warnings`, the doctests and
-//! the whole test suite (cargo-nextest when installed, else `cargo test`). The database is
-//! dropped and throwaway servers stopped afterwards, on failure too. The output ends with the
-//! test runner's own summary line.
+//! `cargo fmt --check`, clippy with `-D warnings`, rustdoc with `-D warnings`, the doctests,
+//! the binaries, schema fuzzing of the api with schemathesis (`crate::fuzz`), and the whole
+//! test suite (cargo-nextest when installed, else `cargo test`); a failed fuzzing run fails
+//! the task, after the tests ran; an interrupted one (Ctrl-C) stops it there. The database is dropped and throwaway servers stopped
+//! afterwards, on failure too. The output ends with the test runner's own summary line.
 
 use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -89,11 +90,35 @@ impl Test {
             .run()
             .context("building the binaries failed")?;
 
+        // Before the tests, so that the runner's summary stays the last line of the output.
+        eprintln!("xtask: schema fuzzing (schemathesis)");
+        let fuzz_ok = match crate::fuzz::run_fuzz(sh, &services) {
+            Ok(ok) => ok,
+            // Ctrl-C: stop here (the guards drop the database and the servers).
+            Err(e) if e.is::<crate::fuzz::Interrupted>() => {
+                return Err(e.context("schema fuzzing"));
+            }
+            Err(e) => {
+                eprintln!("xtask: error: schema fuzzing: {e:#}");
+                false
+            }
+        };
+        if !fuzz_ok {
+            eprintln!(
+                "xtask: schema fuzzing FAILED (schemathesis' report is above); running the tests anyway"
+            );
+        }
+
         let args = &self.runner_args;
         let result = if nextest {
             cmd!(sh, "cargo nextest run --workspace --no-fail-fast {args...}").run()
         } else {
             cmd!(sh, "cargo test --workspace --no-fail-fast {args...}").run()
+        };
+        let result = if fuzz_ok {
+            result.map_err(|_| ())
+        } else {
+            Err(())
         };
         if !services.owns_postgres() {
             drop_test_databases(&services.postgres_url, &run_id);

@@ -8,10 +8,9 @@ use std::time::Instant;
 
 use axum::error_handling::HandleErrorLayer;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use axum::{BoxError, Router};
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -25,40 +24,87 @@ use crate::ratelimit;
 use crate::routes::{analytics, content, domains, exports, health, ingest, settings};
 use crate::state::AppState;
 
+/// Declares routes once: expands to a function that adds them to a router and to the
+/// `(METHOD, path)` list (`V1_ROUTES`, `OPERATIONAL_ROUTES`) that the contract test compares with the OpenAPI
+/// document, so a route cannot be added without the test seeing it. A route added any other
+/// way (`.route`, `.nest` or another `.merge` in [`app`]) would escape that test; a tidy test
+/// (`routes_are_added_only_through_the_macro`) fails on one. axum answers `HEAD` on every
+/// `GET` route; the document lists the `GET` only.
+macro_rules! routes {
+    ($(#[$meta:meta])* fn $add:ident, const $list:ident = {
+        $( $path:literal => { $( $method:ident : $handler:path ),+ $(,)? } ),+ $(,)?
+    }) => {
+        $(#[$meta])*
+        fn $add(router: Router<AppState>) -> Router<AppState> {
+            router$(.route(
+                $path,
+                axum::routing::MethodRouter::new()$(.$method($handler))+,
+            ))+
+        }
+
+        /// Every `(METHOD, path)` the router serves (paths as in the OpenAPI document).
+        pub const $list: &[(&str, &str)] = &[$($(
+            (method_name(stringify!($method)), $path),
+        )+)+];
+    };
+}
+
+const fn method_name(method: &str) -> &'static str {
+    match method.as_bytes() {
+        b"get" => "GET",
+        b"post" => "POST",
+        b"put" => "PUT",
+        b"delete" => "DELETE",
+        b"patch" => "PATCH",
+        _ => "OTHER",
+    }
+}
+
+routes! {
+    /// The routes under the rate limiter and authentication, with their full paths.
+    fn add_v1_routes, const V1_ROUTES = {
+        "/v1/domains" => { get: domains::list, post: domains::create },
+        "/v1/domains/{id}" => { get: domains::get },
+        "/v1/domains/{id}/content" => { get: content::list, post: content::create },
+        "/v1/domains/{id}/settings" => { get: settings::get, put: settings::put },
+        "/v1/domains/{id}/metrics" => { post: ingest::ingest },
+        "/v1/domains/{id}/analytics" => { get: analytics::get },
+        "/v1/domains/{id}/exports" => { get: exports::list, post: exports::create },
+        "/v1/exports/{id}" => { get: exports::get, delete: exports::cancel },
+        "/v1/exports/{id}/download" => { get: exports::download },
+    }
+}
+
+routes! {
+    /// The operational routes (no key, no rate limit).
+    fn add_operational_routes, const OPERATIONAL_ROUTES = {
+        "/healthz" => { get: health::healthz },
+        "/readyz" => { get: health::readyz },
+        "/metrics" => { get: health::metrics },
+        "/openapi.json" => { get: crate::openapi::serve },
+    }
+}
+
+/// Every `(METHOD, path)` the router serves: [`V1_ROUTES`] then [`OPERATIONAL_ROUTES`].
+pub fn routes() -> Vec<(&'static str, &'static str)> {
+    V1_ROUTES
+        .iter()
+        .chain(OPERATIONAL_ROUTES)
+        .copied()
+        .collect()
+}
+
 /// The whole application: routes plus every layer. Serve it with
 /// `into_make_service_with_connect_info::<SocketAddr>()` so the limiter sees client IPs.
 pub fn app(state: AppState) -> Router {
-    let v1 = Router::new()
-        .route("/domains", get(domains::list).post(domains::create))
-        .route("/domains/{id}", get(domains::get))
-        .route(
-            "/domains/{id}/content",
-            get(content::list).post(content::create),
-        )
-        .route(
-            "/domains/{id}/settings",
-            get(settings::get).put(settings::put),
-        )
-        .route("/domains/{id}/metrics", axum::routing::post(ingest::ingest))
-        .route("/domains/{id}/analytics", get(analytics::get))
-        .route(
-            "/domains/{id}/exports",
-            get(exports::list).post(exports::create),
-        )
-        .route("/exports/{id}", get(exports::get).delete(exports::cancel))
-        .route("/exports/{id}/download", get(exports::download))
-        .route_layer(middleware::from_fn_with_state(
-            Arc::clone(&state.limiter),
-            ratelimit::middleware,
-        ));
+    let v1 = add_v1_routes(Router::new()).route_layer(middleware::from_fn_with_state(
+        Arc::clone(&state.limiter),
+        ratelimit::middleware,
+    ));
 
     let http = state.config.http.clone();
-    let routes = Router::new()
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .route("/metrics", get(health::metrics))
-        .route("/openapi.json", get(crate::openapi::serve))
-        .nest("/v1", v1)
+    let routes = add_operational_routes(Router::new())
+        .merge(v1)
         .fallback(|| async { ApiError::NotFound("route") })
         .layer(middleware::from_fn(route_metrics))
         .with_state(state);
@@ -66,6 +112,7 @@ pub fn app(state: AppState) -> Router {
     // Layers around the whole router (not per route, which would give each route its own
     // concurrency limit): outermost first.
     let stack = ServiceBuilder::new()
+        .layer(middleware::map_request(drop_bad_request_id))
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
             let request_id = request
@@ -139,15 +186,62 @@ async fn route_metrics(request: Request, next: Next) -> Response {
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = request.method().as_str().to_owned();
+    let method = method_label(request.method());
     let started = Instant::now();
     let response = next.run(request).await;
     let status = response.status().as_u16().to_string();
-    metrics::counter!("http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status)
+    metrics::counter!("http_requests_total", "method" => method, "route" => route.clone(), "status" => status)
         .increment(1);
     metrics::histogram!("http_request_duration_seconds", "method" => method, "route" => route)
         .record(started.elapsed().as_secs_f64());
     response
+}
+
+/// The `method` label of the HTTP metrics: the standard methods by name, anything else
+/// (a client may send any token as a method) `other`, so the label set stays bounded.
+pub fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        Method::TRACE => "TRACE",
+        Method::CONNECT => "CONNECT",
+        _ => "other",
+    }
+}
+
+/// Longest client-supplied `x-request-id` kept.
+pub const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// True for a request id fit for logs and response headers: 1 to [`MAX_REQUEST_ID_LEN`]
+/// characters of `[A-Za-z0-9._:-]` (a UUID, a ULID, a trace id...).
+pub fn is_acceptable_request_id(value: &HeaderValue) -> bool {
+    let bytes = value.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= MAX_REQUEST_ID_LEN
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+/// Removes a client's `x-request-id` unless it is one acceptable value (see
+/// [`is_acceptable_request_id`]); the layer after this one then generates a UUID.
+async fn drop_bad_request_id(mut request: Request) -> Request {
+    let headers = request.headers_mut();
+    let mut values = headers.get_all("x-request-id").iter();
+    let keep = match (values.next(), values.next()) {
+        (None, _) => true,
+        (Some(value), None) => is_acceptable_request_id(value),
+        (Some(_), Some(_)) => false,
+    };
+    if !keep {
+        headers.remove("x-request-id");
+    }
+    request
 }
 
 /// Gives the bare answers of tower layers (413 from the body limit, 503 from the timeout,
@@ -199,11 +293,30 @@ where
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+    /// Tidy: outside the tests, this file adds routes only in `routes!` (one `.route(`),
+    /// merges only the v1 routes and nests nothing, so `routes()` is every route served.
+    #[test]
+    fn routes_are_added_only_through_the_macro() {
+        let source = include_str!("http.rs");
+        let code = &source[..source.find("#[cfg(test)]").unwrap()];
+        let count = |needle: &str| code.matches(needle).count();
+        assert_eq!(count(".route("), 1, "a .route( outside routes!");
+        assert_eq!(count(".merge("), 1, "only .merge(v1)");
+        assert!(code.contains(".merge(v1)"));
+        // The one fallback service is the layered stack around those routes.
+        assert_eq!(count(".fallback_service("), 1, "only the layered stack");
+        for needle in [".nest(", ".nest_service(", ".route_service("] {
+            assert_eq!(count(needle), 0, "{needle}");
+        }
+    }
+
     use axum::body::Body;
     use axum::http::Request;
     use smartbeak_database::Database;
     use smartbeak_database::testing::TestDatabase;
     use tower::ServiceExt;
+
+    use axum::routing::get;
 
     use super::*;
     use crate::config::ApiConfig;
@@ -263,6 +376,125 @@ mod tests {
 
         db.close(std::time::Duration::from_secs(5)).await.unwrap();
         tdb.drop_database().await.unwrap();
+    }
+
+    #[test]
+    fn methods_outside_the_standard_set_are_labelled_other() {
+        for (method, label) in [
+            (Method::GET, "GET"),
+            (Method::DELETE, "DELETE"),
+            (Method::PATCH, "PATCH"),
+            (Method::from_bytes(b"BREW").unwrap(), "other"),
+            (Method::from_bytes(b"GETX1234").unwrap(), "other"),
+        ] {
+            assert_eq!(method_label(&method), label, "{method}");
+        }
+    }
+
+    #[test]
+    fn made_up_methods_and_paths_do_not_make_new_metric_series() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let app = Router::new()
+            .route("/known", get(|| async { "ok" }))
+            .layer(middleware::from_fn(route_metrics));
+        let send = |method: &'static [u8], path: &'static str| {
+            let app = app.clone();
+            async move {
+                app.oneshot(
+                    Request::builder()
+                        .method(Method::from_bytes(method).unwrap())
+                        .uri(path)
+                        .body(Body::empty())
+                        .unwrap(),
+                )
+                .await
+                .unwrap()
+            }
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        metrics::with_local_recorder(&recorder, || {
+            runtime.block_on(async {
+                for i in 0..20 {
+                    let method: &'static [u8] = Box::leak(format!("M{i}").into_bytes().into());
+                    let path: &'static str = Box::leak(format!("/made-up/{i}").into());
+                    send(method, path).await;
+                }
+                send(b"GET", "/known").await;
+            })
+        });
+        let text = handle.render();
+        let series: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("http_requests_total{"))
+            .collect();
+        assert_eq!(series.len(), 2, "{series:#?}");
+        assert!(
+            series
+                .iter()
+                .any(|l| l.contains("method=\"other\"") && l.contains("route=\"unmatched\"")),
+            "{series:#?}"
+        );
+        assert!(
+            series
+                .iter()
+                .any(|l| l.contains("method=\"GET\"") && l.contains("route=\"/known\"")),
+            "{series:#?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_bad_request_id_is_replaced_and_a_good_one_kept() {
+        let app = Router::new()
+            .route(
+                "/id",
+                get(|request: axum::extract::Request| async move {
+                    request
+                        .headers()
+                        .get("x-request-id")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("none")
+                        .to_owned()
+                }),
+            )
+            .layer(
+                ServiceBuilder::new()
+                    .layer(middleware::map_request(drop_bad_request_id))
+                    .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid)),
+            );
+        let seen = |ids: &[&str]| {
+            let mut request = Request::get("/id");
+            for id in ids {
+                request = request.header("x-request-id", *id);
+            }
+            let request = request.body(Body::empty()).unwrap();
+            let app = app.clone();
+            async move {
+                let response = app.oneshot(request).await.unwrap();
+                let bytes = axum::body::to_bytes(response.into_body(), 1 << 16)
+                    .await
+                    .unwrap();
+                String::from_utf8(bytes.to_vec()).unwrap()
+            }
+        };
+        let good = "0b6c1f0e-3a5e-4c1b-9d0f-7e2a5b8c9d10";
+        assert_eq!(seen(&[good]).await, good);
+        assert_eq!(seen(&["trace:abc_1.2"]).await, "trace:abc_1.2");
+        let long = "a".repeat(MAX_REQUEST_ID_LEN + 1);
+        for bad in [
+            &[long.as_str()][..],
+            &["has space"],
+            &["quote\"inject"],
+            &["tab\tinside"],
+            &["{\"json\":1}"],
+            &["ok-1", "ok-2"],
+        ] {
+            let id = seen(bad).await;
+            assert!(uuid::Uuid::parse_str(&id).is_ok(), "{bad:?} -> {id}");
+        }
+        assert!(uuid::Uuid::parse_str(&seen(&[]).await).is_ok());
     }
 
     #[tokio::test]

@@ -219,9 +219,9 @@ async fn an_ingest_with_one_bad_row_stores_nothing() {
             .send()
             .await
             .unwrap();
-        assert_eq!(response.status(), 400);
+        assert_eq!(response.status(), 409);
         let body: Value = response.json().await.unwrap();
-        assert_eq!(body["code"], "VALIDATION_ERROR");
+        assert_eq!(body["code"], "UNKNOWN_CONTENT_ITEM");
         assert!(
             body["error"]
                 .as_str()

@@ -83,7 +83,7 @@ async fn bad_inputs_get_their_status_and_code() {
         ("POST", metrics.clone(), Body::Json(kw(json!({"ctr": 1.5}))), 400, "VALIDATION_ERROR", Some("keywords[0].ctr:")),
         ("POST", metrics.clone(), Body::Json(kw(json!({"clicks": -1}))), 400, "VALIDATION_ERROR", Some("keywords[0].clicks:")),
         ("POST", metrics.clone(), Body::Json(kw(json!({"search_volume": "lots"}))), 422, "INVALID_BODY", Some("search_volume")),
-        ("POST", metrics.clone(), Body::Json(json!({"content": [{"content_id": unknown, "recorded_at": "2026-01-05T00:00:00Z"}]})), 400, "VALIDATION_ERROR", Some("content[0].content_id:")),
+        ("POST", metrics.clone(), Body::Json(json!({"content": [{"content_id": unknown, "recorded_at": "2026-01-05T00:00:00Z"}]})), 409, "UNKNOWN_CONTENT_ITEM", Some("content[0].content_id:")),
         ("PUT", settings.clone(), Body::Json(json!([1, 2])), 400, "VALIDATION_ERROR", Some("settings:")),
         ("GET", "/v1/nowhere".into(), Body::None, 404, "NOT_FOUND", None),
         ("DELETE", "/v1/domains".into(), Body::None, 405, "METHOD_NOT_ALLOWED", None),

@@ -10,7 +10,8 @@ mod local;
 mod redis;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::extract::{ConnectInfo, Request, State};
@@ -109,7 +110,7 @@ pub struct RateLimiter {
     config: RateLimitConfig,
     redis: Option<RedisBackend>,
     local: LocalLimiter,
-    last_warning: Mutex<Option<Instant>>,
+    warnings: WarnThrottle,
 }
 
 const POLICY_KEY: usize = 0;
@@ -133,7 +134,7 @@ impl RateLimiter {
             config,
             redis,
             local,
-            last_warning: Mutex::new(None),
+            warnings: WarnThrottle::new(WARNING_INTERVAL),
         });
         let weak = Arc::downgrade(&limiter);
         tokio::spawn(async move {
@@ -289,11 +290,7 @@ impl RateLimiter {
     }
 
     fn warn_failure(&self, kind: &'static str) {
-        let now = Instant::now();
-        let mut last = self.last_warning.lock().unwrap_or_else(|p| p.into_inner());
-        if last.is_none_or(|at| now.duration_since(at) >= WARNING_INTERVAL) {
-            *last = Some(now);
-            drop(last);
+        if self.warnings.should_warn(Instant::now()) {
             if self.config.fail_closed {
                 tracing::warn!(kind, "redis rate limiter unavailable, failing closed (503)");
             } else {
@@ -303,6 +300,40 @@ impl RateLimiter {
                 );
             }
         }
+    }
+}
+
+/// At most one warning per interval, decided without a lock: every request that finds
+/// Redis down asks, so under load this is on the hot path of every request.
+#[derive(Debug)]
+pub(crate) struct WarnThrottle {
+    origin: Instant,
+    interval_ms: u64,
+    /// Milliseconds after `origin` of the last warning, plus one; 0 before the first.
+    last: AtomicU64,
+}
+
+impl WarnThrottle {
+    pub(crate) fn new(interval: Duration) -> Self {
+        Self {
+            origin: Instant::now(),
+            interval_ms: u64::try_from(interval.as_millis()).unwrap_or(u64::MAX),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    /// True for the one caller that gets to warn at `now` (none again for an interval).
+    pub(crate) fn should_warn(&self, now: Instant) -> bool {
+        let now_ms = u64::try_from(now.saturating_duration_since(self.origin).as_millis())
+            .unwrap_or(u64::MAX - 1)
+            + 1;
+        let last = self.last.load(Ordering::Relaxed);
+        if last != 0 && now_ms.saturating_sub(last) < self.interval_ms {
+            return false;
+        }
+        self.last
+            .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
     }
 }
 

@@ -837,3 +837,23 @@ async fn a_dropped_probe_does_not_wedge_the_breaker() {
     }
     assert_eq!(limiter.redis_health(), RedisHealth::Up);
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_fail_open_warning_is_throttled_without_a_lock() {
+    let throttle = Arc::new(super::WarnThrottle::new(Duration::from_secs(10)));
+    let now = tokio::time::Instant::now();
+    // Many threads at the same instant: exactly one warns.
+    let winners: usize = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                let throttle = Arc::clone(&throttle);
+                scope.spawn(move || (0..1000).filter(|_| throttle.should_warn(now)).count())
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).sum()
+    });
+    assert_eq!(winners, 1);
+    assert!(!throttle.should_warn(now + Duration::from_secs(9)));
+    assert!(throttle.should_warn(now + Duration::from_secs(10)));
+    assert!(!throttle.should_warn(now + Duration::from_secs(11)));
+}

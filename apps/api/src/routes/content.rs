@@ -51,12 +51,15 @@ pub struct ContentItem {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateContent {
-    /// 1 to 500 characters.
+    /// 1 to 500 characters, not only whitespace.
+    #[schema(min_length = 1, max_length = 500)]
     pub title: String,
     /// 1 to 500 of lowercase letters, digits and hyphens.
+    #[schema(min_length = 1, max_length = 500)]
     pub slug: String,
-    /// Body text (default empty).
+    /// Body text (default empty), at most 200,000 characters.
     #[serde(default)]
+    #[schema(max_length = 200_000)]
     pub body: String,
     /// Default `draft`. `scheduled` needs `publish_at`.
     pub status: Option<String>,
@@ -79,6 +82,9 @@ pub struct ContentQuery {
     /// Only items with this status.
     pub status: Option<String>,
 }
+
+/// The `pattern` of a slug in the OpenAPI document.
+pub const SLUG_PATTERN: &str = "^[a-z0-9-]{1,500}$";
 
 const COLUMNS: &str =
     "id, domain_id, title, slug, body, status, published_at, publish_at, created_at, updated_at";

@@ -33,8 +33,17 @@ pub struct Domain {
 #[serde(deny_unknown_fields)]
 pub struct CreateDomain {
     /// Host name: lowercase letters, digits, hyphens and dots, at most 253 characters.
+    #[schema(min_length = 1, max_length = 253)]
     pub name: String,
 }
+
+/// Every status a domain can have.
+pub const STATUSES: [&str; 3] = ["active", "paused", "archived"];
+
+/// The `pattern` of a host name in the OpenAPI document: what [`validate_host`] accepts
+/// (with `maxLength` 253).
+pub const HOST_PATTERN: &str =
+    r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$";
 
 const COLUMNS: &str = "id, name, status, created_at, updated_at";
 

@@ -61,8 +61,11 @@ pub struct ExportListQuery {
     pub status: Option<String>,
 }
 
+/// Every format an export can be written in.
+pub const FORMATS: [&str; 3] = ["json", "csv", "markdown"];
+
 /// Every status an export can have.
-const STATUSES: [&str; 7] = [
+pub const STATUSES: [&str; 7] = [
     "queued",
     "running",
     "succeeded",
@@ -185,7 +188,9 @@ pub async fn get(
     params(("id" = Uuid, Path, description = "export id")),
     security(("api_key" = [])),
     responses((status = 200, description = "the file: JSON, CSV (a ZIP of one CSV per section \
-        when several are included), or Markdown", content_type = "application/octet-stream",
+        when several are included), or Markdown; CSV and Markdown are sent with \
+        `charset=utf-8`",
+        content(("application/json"), ("text/csv"), ("application/zip"), ("text/markdown")),
         headers(("ETag" = String, description = "the quoted hex SHA-256 of the file"),
             ("Repr-Digest" = String, description = "`sha-256=:<base64>:` (RFC 9530)"))),
         (status = 304, description = "not modified (`If-None-Match` matched the ETag)"),

@@ -25,20 +25,27 @@ pub const MAX_ROWS: usize = 5_000;
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KeywordMetric {
-    /// 1 to 500 characters.
+    /// 1 to 500 characters, not only whitespace.
+    #[schema(min_length = 1, max_length = 500)]
     pub keyword: String,
     /// Monthly search volume, >= 0.
+    #[schema(minimum = 0)]
+    #[serde(deserialize_with = "super::integer")]
     pub search_volume: i32,
     /// Average ranking position, >= 0.
+    #[schema(minimum = 0)]
     pub position: f64,
     /// Clicks, >= 0.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::integer")]
+    #[schema(minimum = 0)]
     pub clicks: i64,
     /// Impressions, >= 0.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::integer")]
+    #[schema(minimum = 0)]
     pub impressions: i64,
     /// Click-through rate, 0 to 1.
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 1)]
     pub ctr: f64,
     /// When the figures were recorded, in the years 0001 to 9999 (UTC).
     pub recorded_at: DateTime<Utc>,
@@ -51,19 +58,24 @@ pub struct ContentPerformance {
     /// A content item of this domain.
     pub content_id: Uuid,
     /// Page views, >= 0.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::integer")]
+    #[schema(minimum = 0)]
     pub page_views: i64,
     /// Unique visitors, >= 0.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::integer")]
+    #[schema(minimum = 0)]
     pub unique_visitors: i64,
     /// Bounce rate, 0 to 1.
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 1)]
     pub bounce_rate: f64,
     /// Conversions, >= 0.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::integer")]
+    #[schema(minimum = 0)]
     pub conversions: i64,
     /// Revenue in cents, >= 0.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::integer")]
+    #[schema(minimum = 0)]
     pub revenue_cents: i64,
     /// When the figures were recorded, in the years 0001 to 9999 (UTC).
     pub recorded_at: DateTime<Utc>,
@@ -75,9 +87,11 @@ pub struct ContentPerformance {
 pub struct IngestMetrics {
     /// Keyword rows.
     #[serde(default)]
+    #[schema(max_items = 5000)]
     pub keywords: Vec<KeywordMetric>,
     /// Content performance rows.
     #[serde(default)]
+    #[schema(max_items = 5000)]
     pub content: Vec<ContentPerformance>,
 }
 
@@ -95,7 +109,9 @@ pub struct IngestResult {
     params(("id" = Uuid, Path, description = "domain id")),
     security(("api_key" = [])),
     responses((status = 201, body = IngestResult), (status = 400, body = ErrorBody),
-        (status = 404, body = ErrorBody), (status = 413, body = ErrorBody), (status = 422, body = ErrorBody)))]
+        (status = 404, body = ErrorBody),
+        (status = 409, description = "`UNKNOWN_CONTENT_ITEM`: a `content_id` is not a content item of this domain", body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub async fn ingest(
     State(state): State<AppState>,
     auth: Auth,
@@ -142,10 +158,12 @@ pub async fn ingest(
             .iter()
             .position(|c| !found.contains(&c.content_id))
         {
-            return Err(ApiError::validation(
-                format!("content[{i}].content_id"),
-                "is not a content item of this domain",
-            ));
+            // 409, not 400: the body is valid, the domain's state does not have the item
+            // (and not 404, which would say the domain itself is missing).
+            return Err(ApiError::Conflict {
+                code: "UNKNOWN_CONTENT_ITEM",
+                message: format!("content[{i}].content_id: not a content item of this domain"),
+            });
         }
     }
 

@@ -45,6 +45,12 @@ pub struct PageQuery {
     pub cursor: Option<String>,
 }
 
+/// The `pattern` of a cursor in the OpenAPI document: lowercase hex of `<micros>:<uuid>`
+/// (an optional `-`, 1 to 16 digits, `:`, a lowercase hyphenated UUID). Every string it
+/// matches decodes to a position in the [`YEARS`], and [`Cursor::decode`] accepts nothing
+/// else, so the document and the handler agree.
+pub const CURSOR_PATTERN: &str = r"^(2d)?(3[0-9]){1,16}3a(3[0-9]|6[1-6]){8}2d(3[0-9]|6[1-6]){4}2d(3[0-9]|6[1-6]){4}2d(3[0-9]|6[1-6]){4}2d(3[0-9]|6[1-6]){12}$";
+
 /// A page of items and the cursor of the next page (absent on the last page).
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Page<T> {
@@ -73,12 +79,27 @@ impl Cursor {
         ))
     }
 
-    /// Decodes a cursor made by [`Cursor::encode`].
+    /// Decodes a cursor made by [`Cursor::encode`]: exactly the strings of
+    /// [`CURSOR_PATTERN`] (lowercase hex, at most 16 digits, a hyphenated lowercase UUID).
     pub fn decode(raw: &str) -> Result<Self, ApiError> {
         let invalid = || ApiError::validation("cursor", "is not a cursor returned by this api");
+        if raw.bytes().any(|b| b.is_ascii_uppercase()) {
+            return Err(invalid());
+        }
         let bytes = hex::decode(raw).map_err(|_| invalid())?;
         let text = String::from_utf8(bytes).map_err(|_| invalid())?;
         let (micros, id) = text.split_once(':').ok_or_else(invalid)?;
+        let digits = micros.strip_prefix('-').unwrap_or(micros);
+        if digits.is_empty() || digits.len() > 16 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(invalid());
+        }
+        let canonical_uuid = id.len() == 36
+            && id
+                .bytes()
+                .all(|b| b == b'-' || b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if !canonical_uuid {
+            return Err(invalid());
+        }
         let micros: i64 = micros.parse().map_err(|_| invalid())?;
         let created_at = DateTime::from_timestamp_micros(micros)
             .filter(|at| YEARS.contains(&at.year()))
@@ -132,6 +153,46 @@ pub async fn require_domain(state: &AppState, org_id: Uuid, id: Uuid) -> Result<
     found.map(|_| ()).ok_or(ApiError::NotFound("domain"))
 }
 
+/// Deserializes an integer field as JSON Schema defines integers: `247` and also `247.0`
+/// or `2.47e2` (a number with no fractional part), within the range of `T`.
+pub fn integer<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: TryFrom<i64>,
+{
+    struct Integral;
+
+    impl serde::de::Visitor<'_> for Integral {
+        type Value = i64;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an integer")
+        }
+
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<i64, E> {
+            Ok(v)
+        }
+
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<i64, E> {
+            i64::try_from(v).map_err(|_| E::custom("integer out of range"))
+        }
+
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<i64, E> {
+            // 2^63 is exact in f64; every f64 in [-2^63, 2^63) with no fraction fits i64.
+            const LIMIT: f64 = 9_223_372_036_854_775_808.0;
+            if v.fract() == 0.0 && (-LIMIT..LIMIT).contains(&v) {
+                #[allow(clippy::cast_possible_truncation)]
+                Ok(v as i64)
+            } else {
+                Err(E::custom(format!("expected an integer, found {v}")))
+            }
+        }
+    }
+
+    let value = deserializer.deserialize_any(Integral)?;
+    T::try_from(value).map_err(|_| serde::de::Error::custom("integer out of range"))
+}
+
 /// The years a date or timestamp of a request may fall in (UTC). PostgreSQL would store
 /// more (4713 BC to 294276 AD) and chrono parses more (±262143), but outside these years
 /// the arithmetic and the database's range checks are where requests used to fail.
@@ -163,7 +224,21 @@ pub fn check_no_nul(field: &str, value: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Validates a text field's length in characters (and that it has no NUL character).
+/// The `pattern` of a required text field in the OpenAPI document: no NUL character and at
+/// least one character that is not Unicode `White_Space` (what [`check_len`] enforces with
+/// `min > 0`, as [`char::is_whitespace`]). The 25 code points are spelled out as `\uXXXX`
+/// rather than `\s`, whose meaning differs between regex engines.
+pub const TEXT_PATTERN: &str = concat!(
+    r"^[^\u0000]*[^\u0000",
+    r"\u0009-\u000D\u0020\u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000",
+    r"][^\u0000]*$"
+);
+
+/// The `pattern` of an optional text field: no NUL character.
+pub const NO_NUL_PATTERN: &str = r"^[^\u0000]*$";
+
+/// Validates a text field's length in characters (and that it has no NUL character and,
+/// with `min > 0`, is not blank: Unicode whitespace only).
 pub fn check_len(field: &str, value: &str, min: usize, max: usize) -> Result<(), ApiError> {
     let len = value.chars().count();
     if len < min || len > max {
@@ -172,7 +247,7 @@ pub fn check_len(field: &str, value: &str, min: usize, max: usize) -> Result<(),
             format!("must be between {min} and {max} characters"),
         ));
     }
-    if value.trim().is_empty() && min > 0 {
+    if min > 0 && value.chars().all(char::is_whitespace) {
         return Err(ApiError::validation(field, "must not be blank"));
     }
     check_no_nul(field, value)
@@ -197,9 +272,58 @@ mod tests {
             "00",
             &hex::encode("1:not-a-uuid"),
             &hex::encode("x:y"),
+            &hex::encode(format!("1:{}", Uuid::nil().simple())),
+            &hex::encode(format!("12345678901234567:{}", Uuid::nil())),
+            &cursor.encode().to_uppercase(),
         ] {
             let err = Cursor::decode(bad).unwrap_err();
             assert_eq!(err.code(), "VALIDATION_ERROR", "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_documented_cursor_pattern_is_what_decode_accepts() {
+        let pattern = regex::Regex::new(CURSOR_PATTERN).unwrap();
+        let cursor = Cursor {
+            created_at: DateTime::from_timestamp_micros(-1_234).unwrap(),
+            id: Uuid::new_v4(),
+        };
+        assert!(pattern.is_match(&cursor.encode()));
+        // The extremes of the pattern decode to positions in the years.
+        for micros in ["9999999999999999", "-9999999999999999", "0"] {
+            let raw = hex::encode(format!("{micros}:{}", Uuid::nil()));
+            assert!(pattern.is_match(&raw), "{raw}");
+            assert!(Cursor::decode(&raw).is_ok(), "{micros}");
+        }
+        for bad in [
+            hex::encode(format!("12345678901234567:{}", Uuid::nil())),
+            hex::encode("1:A0000000-0000-4000-8000-00000000000A"),
+            cursor.encode().to_uppercase(),
+        ] {
+            assert!(!pattern.is_match(&bad), "{bad}");
+            assert!(Cursor::decode(&bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn integers_with_a_zero_fraction_are_integers() {
+        #[derive(Deserialize)]
+        struct Row {
+            #[serde(deserialize_with = "integer")]
+            n: i32,
+        }
+        let n = |json: &str| serde_json::from_str::<Row>(json).map(|r| r.n);
+        assert_eq!(n(r#"{"n": 247}"#).unwrap(), 247);
+        assert_eq!(n(r#"{"n": 247.0}"#).unwrap(), 247);
+        assert_eq!(n(r#"{"n": 2.47e2}"#).unwrap(), 247);
+        assert_eq!(n(r#"{"n": -3.0}"#).unwrap(), -3);
+        for bad in [
+            r#"{"n": 1.5}"#,
+            r#"{"n": 3e9}"#,
+            r#"{"n": "1"}"#,
+            r#"{"n": 1e300}"#,
+        ] {
+            assert!(n(bad).is_err(), "{bad}");
         }
     }
 

@@ -123,6 +123,28 @@ mod tests {
 
     use super::*;
 
+    #[tokio::test]
+    async fn every_number_jsonb_stores_reads_back() {
+        use smartbeak_database::testing::TestDatabase;
+
+        let tdb = TestDatabase::create().await.unwrap();
+        let pool = sqlx::PgPool::connect(tdb.url().expose()).await.unwrap();
+        // jsonb prints numbers in plain notation (f64::MAX as 309 digits); without
+        // serde_json's float_roundtrip some of those parsed to infinity: a 500 on GET.
+        let value = json!({"max": f64::MAX, "min": f64::MIN, "tiny": 5e-324, "big": 1.0e300, "n": [-0.0, 0.1, 1e22]});
+        let (back,): (sqlx::types::Json<serde_json::Value>,) = sqlx::query_as("SELECT $1::jsonb")
+            .bind(sqlx::types::Json(&value))
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(
+            back.0,
+            json!({"max": f64::MAX, "min": f64::MIN, "tiny": 5e-324, "big": 1.0e300, "n": [0.0, 0.1, 1e22]})
+        );
+        pool.close().await;
+        tdb.drop_database().await.unwrap();
+    }
+
     #[test]
     fn nul_characters_are_found_anywhere_and_named_by_path() {
         assert!(check_strings("settings", &json!({"a": ["x", {"b": "ok"}], "n": 1})).is_ok());
