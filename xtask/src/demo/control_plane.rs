@@ -54,7 +54,10 @@ pub(crate) fn run(sh: &Shell, bin: &Path, database_url: &SecretUrl) -> Result<()
     let provider = FakeProvider::start()?;
     let control_plane = bin.join("smartbeak-control-plane");
     let base = format!("http://{}", provider.addr);
+    // The children get exactly this environment on top of xtask's own (a `Command` does not
+    // see the `Shell`'s pushed variables, so the database is named here).
     let env = [
+        ("DATABASE_URL", database_url.expose().to_owned()),
         ("EXPORT_DIR", export_dir.display().to_string()),
         ("CP_GSC_BASE_URL", format!("{base}/gsc/")),
         ("CP_GSC_API_KEY", "demo-gsc-key".to_owned()),
