@@ -155,7 +155,7 @@ impl Snapshot {
         // bounded as the first frame's.
         let started = tokio::time::timeout(first, start).await;
         match started {
-            Ok(Ok(stream)) => Ok(CopyOut {
+            Ok(Ok(stream)) => Ok(Rows {
                 stream,
                 inner,
                 gap,
@@ -246,43 +246,11 @@ impl Drop for Snapshot {
     }
 }
 
-/// The frames of one `COPY ... TO STDOUT` ([`Snapshot::copy_out`]).
-pub struct CopyOut<'s> {
-    stream: BoxStream<'s, Result<bytes::Bytes, sqlx::Error>>,
-    inner: Arc<Inner>,
-    gap: Duration,
-    /// The bound of the next wait while no frame came yet.
-    first: Option<Duration>,
-    replica: Option<u64>,
-    dirty: &'s mut bool,
-}
+/// The frames of one `COPY ... TO STDOUT` ([`Snapshot::copy_out`]): a stream of
+/// [`Rows`] whose items are the raw frames, under the same gap timeout.
+pub type CopyOut<'s> = Rows<'s, bytes::Bytes>;
 
-impl std::fmt::Debug for CopyOut<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CopyOut")
-            .field("gap", &self.gap)
-            .finish_non_exhaustive()
-    }
-}
-
-impl CopyOut<'_> {
-    /// The next frame, `None` at the end of the output. Fails with [`DbError::StreamGap`]
-    /// when nothing arrived for the gap timeout (for the first frame:
-    /// [`SnapshotOptions::first_frame_bound`]).
-    pub async fn next(&mut self) -> Result<Option<bytes::Bytes>, DbError> {
-        let bound = self.first.take().unwrap_or(self.gap);
-        next_bounded(
-            &mut self.stream,
-            &self.inner,
-            self.replica,
-            bound,
-            self.dirty,
-        )
-        .await
-    }
-}
-
-/// The rows of one query ([`Snapshot::fetch`]).
+/// The rows of one query ([`Snapshot::fetch`]), or the frames of a `COPY` ([`CopyOut`]).
 pub struct Rows<'s, T> {
     stream: BoxStream<'s, Result<T, sqlx::Error>>,
     inner: Arc<Inner>,
@@ -302,8 +270,8 @@ impl<T> std::fmt::Debug for Rows<'_, T> {
 }
 
 impl<T> Rows<'_, T> {
-    /// The next row, `None` after the last. Fails with [`DbError::StreamGap`] when nothing
-    /// arrived for the gap timeout (for the first row:
+    /// The next row (or frame), `None` after the last. Fails with [`DbError::StreamGap`]
+    /// when nothing arrived for the gap timeout (for the first one:
     /// [`SnapshotOptions::first_frame_bound`]).
     pub async fn next(&mut self) -> Result<Option<T>, DbError> {
         let bound = self.first.take().unwrap_or(self.gap);
