@@ -10,7 +10,6 @@ use axum::http::request::Parts;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use smartbeak_database::{Database, DbError};
-use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
 use crate::error::ApiError;
@@ -76,34 +75,27 @@ pub struct Auth {
     pub key_id: Uuid,
 }
 
+/// The outcome of the key lookup the rate limit middleware ran beside the limiter's call
+/// (so the handler does not look it up again): the caller, or `None` for a bad key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResolvedKey(pub Option<Auth>);
+
 impl FromRequestParts<AppState> for Auth {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        if let Some(ResolvedKey(resolved)) = parts.extensions.get::<ResolvedKey>() {
+            return resolved.ok_or(ApiError::Unauthorized);
+        }
         let presented = match parts.extensions.get::<PresentedKey>() {
             Some(presented) => presented.clone(),
             None => PresentedKey::from_headers(&parts.headers).ok_or(ApiError::Unauthorized)?,
         };
-        let row: Option<(Uuid, Uuid, Vec<u8>)> = state
-            .db
-            .run(async |conn| {
-                sqlx::query_as(
-                    "SELECT id, org_id, key_hash FROM api_keys \
-                     WHERE key_hash = $1 AND revoked_at IS NULL",
-                )
-                .bind(&presented.hash[..])
-                .fetch_optional(conn)
-                .await
-            })
-            .await?;
-        match row {
-            // The index lookup found the row by hash; compare again in constant time so
-            // that no code path branches on a partial match of secret material.
-            Some((key_id, org_id, stored)) if bool::from(stored.ct_eq(&presented.hash[..])) => {
-                Ok(Self { org_id, key_id })
-            }
-            _ => Err(ApiError::Unauthorized),
-        }
+        state
+            .keys
+            .resolve(&state.db, &presented)
+            .await?
+            .ok_or(ApiError::Unauthorized)
     }
 }
 

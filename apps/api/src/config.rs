@@ -75,6 +75,21 @@ pub struct ApiConfig {
     pub analytics_cache_ttl: Duration,
     /// `EXPORT_DIR`, default `./exports`: where the export worker writes finished files.
     pub export_dir: PathBuf,
+    /// The in-process API key cache.
+    pub auth_cache: AuthCacheConfig,
+}
+
+/// The in-process cache of API key lookups (`auth_cache`).
+#[derive(Debug, Clone)]
+pub struct AuthCacheConfig {
+    /// `AUTH_CACHE_CAPACITY`, default 10000: keys (valid or not) held at most.
+    pub capacity: usize,
+    /// `AUTH_CACHE_TTL_MS`, default 5000: how long a valid key is trusted without asking
+    /// PostgreSQL; bounds a revocation's delay when the listener is lost.
+    pub positive_ttl: Duration,
+    /// `AUTH_CACHE_NEGATIVE_TTL_MS`, default 2000: how long an unknown or revoked key is
+    /// answered 401 without asking PostgreSQL (a key created meanwhile waits this long).
+    pub negative_ttl: Duration,
 }
 
 /// Request hardening (tower-http layers).
@@ -191,6 +206,11 @@ impl ApiConfig {
             export_dir: env
                 .string("EXPORT_DIR")
                 .map_or_else(|| PathBuf::from(DEFAULT_EXPORT_DIR), PathBuf::from),
+            auth_cache: AuthCacheConfig {
+                capacity: env.positive("AUTH_CACHE_CAPACITY", 10_000)?,
+                positive_ttl: env.millis("AUTH_CACHE_TTL_MS", 5_000)?,
+                negative_ttl: env.millis("AUTH_CACHE_NEGATIVE_TTL_MS", 2_000)?,
+            },
         })
     }
 }

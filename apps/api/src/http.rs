@@ -3,7 +3,6 @@
 //! one JSON error shape for the answers that tower layers produce on their own.
 
 use std::any::Any;
-use std::sync::Arc;
 use std::time::Instant;
 
 use axum::error_handling::HandleErrorLayer;
@@ -98,7 +97,7 @@ pub fn routes() -> Vec<(&'static str, &'static str)> {
 /// `into_make_service_with_connect_info::<SocketAddr>()` so the limiter sees client IPs.
 pub fn app(state: AppState) -> Router {
     let v1 = add_v1_routes(Router::new()).route_layer(middleware::from_fn_with_state(
-        Arc::clone(&state.limiter),
+        state.clone(),
         ratelimit::middleware,
     ));
 

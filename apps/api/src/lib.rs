@@ -1,7 +1,8 @@
 //! The SmartBeak HTTP API as a library: the binary (`src/main.rs`) wires it to the process
 //! (config, telemetry, signals), tests build the same [`http::app`] router.
 //!
-//! Codemap: [`config`] (env), [`error`] (the one error shape), [`auth`] (API keys),
+//! Codemap: [`config`] (env), [`error`] (the one error shape), [`auth`] (API keys), [`auth_cache`] (their
+//! in-process cache, evicted by `LISTEN/NOTIFY` through [`listen`]),
 //! [`ratelimit`] (Redis GCRA with fail-open/closed), [`routes`] (handlers by resource),
 //! [`analytics`] (single-flight cached aggregates), [`http`] (router and layers),
 //! [`openapi`] (the generated document), [`state`] (what handlers share), [`jobs`] (the
@@ -12,10 +13,12 @@
 
 pub mod analytics;
 pub mod auth;
+pub mod auth_cache;
 pub mod config;
 pub mod error;
 pub mod http;
 pub mod jobs;
+pub mod listen;
 pub mod openapi;
 pub mod ratelimit;
 pub mod routes;

@@ -40,7 +40,10 @@ API variables (defaults in brackets):
   RATE_LIMIT_KEY_PREFIX        [smartbeak:rl]
   TRUST_X_FORWARDED_FOR        [false]
   ANALYTICS_CACHE_TTL_MS       [5000]
-  EXPORT_DIR                   where export files live [./exports]";
+  EXPORT_DIR                   where export files live [./exports]
+  AUTH_CACHE_CAPACITY          API keys cached in-process at most [10000]
+  AUTH_CACHE_TTL_MS            a valid key is trusted this long without a lookup [5000]
+  AUTH_CACHE_NEGATIVE_TTL_MS   an unknown/revoked key is refused this long without one [2000]";
 
 /// Every variable the binary reads, for `--help`.
 fn variables_help() -> String {
@@ -257,6 +260,10 @@ async fn serve(config: ApiConfig, logs: &LogGuard) -> anyhow::Result<ExitCode> {
     let bind = config.bind;
     let state = AppState::new(db.clone(), config, limiter, Some(metrics));
     let readiness = state.readiness.clone();
+    // Revocations reach the key cache through LISTEN/NOTIFY (see `auth_cache`).
+    let keys = std::sync::Arc::clone(&state.keys);
+    let (listen_db, listen_stop) = (db.clone(), shutdown.token());
+    shutdown.spawn(async move { keys.listen(&listen_db, &listen_stop).await });
     let app = smartbeak_api::app(state);
 
     let listener = tokio::net::TcpListener::bind(bind)

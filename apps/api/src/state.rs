@@ -9,6 +9,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use smartbeak_database::Database;
 
 use crate::analytics::AnalyticsReads;
+use crate::auth_cache::KeyCache;
 use crate::config::ApiConfig;
 use crate::ratelimit::RateLimiter;
 
@@ -30,6 +31,8 @@ pub struct AppContext {
     pub metrics: Option<PrometheusHandle>,
     /// Single-flight + TTL cache in front of the analytics aggregates.
     pub analytics: AnalyticsReads,
+    /// The in-process API key cache (its listener is started by the binary).
+    pub keys: Arc<KeyCache>,
 }
 
 impl AppState {
@@ -41,6 +44,7 @@ impl AppState {
         metrics: Option<PrometheusHandle>,
     ) -> Self {
         let analytics = AnalyticsReads::new(config.analytics_cache_ttl);
+        let keys = Arc::new(KeyCache::new(&config.auth_cache));
         Self(Arc::new(AppContext {
             db,
             config,
@@ -48,6 +52,7 @@ impl AppState {
             readiness: Readiness::default(),
             metrics,
             analytics,
+            keys,
         }))
     }
 }

@@ -7,7 +7,7 @@
 //!   (`queue::claim`, `FOR UPDATE SKIP LOCKED`), so the worker never holds a lease it has
 //!   no slot for and a slow export never holds back the free slots. When the queue is
 //!   empty it waits for a `NOTIFY` on `queue::CHANNEL` (a dedicated `PgListener`
-//!   session, `listen`) or a poll timer backing off from 100 ms to `EXPORT_POLL_MAX_MS`:
+//!   session, `crate::listen`) or a poll timer backing off from 100 ms to `EXPORT_POLL_MAX_MS`:
 //!   the poll catches retries falling due and covers a lost listener connection while it
 //!   reconnects.
 //! - **Per job** (`job`): a `CancellationToken` child of the worker's; `run_export`
@@ -45,7 +45,6 @@
 pub mod cli;
 pub mod config;
 mod job;
-mod listen;
 pub mod metrics;
 
 use std::collections::HashMap;
@@ -67,6 +66,7 @@ pub use config::WorkerConfig;
 use super::export::{ExportDir, is_temp_name};
 use super::paths;
 use super::queue::{self, ClaimedJob};
+use crate::listen;
 
 /// Name of the `StopAccepting` handler [`install`] registers.
 pub const STOP_CLAIMING: &str = "stop-claiming";
@@ -184,11 +184,26 @@ impl Worker {
         );
         let (claimed, (), (), ()) = tokio::join!(
             claims,
-            listen::run(
+            crate::listen::run(
                 &ctx.db,
+                &[queue::CHANNEL, queue::CANCEL_CHANNEL],
+                "export jobs",
                 ctx.config.poll_max,
-                &ctx.wake,
-                |id| ctx.wake_watcher(id),
+                |event| match event {
+                    // A cancelled running job's id wakes that job's watcher (its fence check
+                    // then stops it at once); anything else, or a gap in the notifications,
+                    // wakes the idle claim stream.
+                    listen::Event::Notification { channel, payload }
+                        if channel == queue::CANCEL_CHANNEL =>
+                    {
+                        if let Ok(id) = payload.parse() {
+                            ctx.wake_watcher(id);
+                        }
+                    }
+                    listen::Event::Notification { .. }
+                    | listen::Event::Subscribed
+                    | listen::Event::Lost => ctx.wake.notify_one(),
+                },
                 &ctx.stop
             ),
             reaper(ctx),

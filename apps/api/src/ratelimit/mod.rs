@@ -22,9 +22,10 @@ use tokio::time::Instant;
 
 use self::local::{LocalLimiter, PolicyCheck};
 use self::redis::{KeyLimit, KeyState, RedisBackend};
-use crate::auth::PresentedKey;
+use crate::auth::{PresentedKey, ResolvedKey};
 use crate::config::{RateLimitConfig, RedisConfig};
 use crate::error::ApiError;
+use crate::state::AppState;
 
 /// Who a request is counted against.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -387,25 +388,47 @@ impl Decision {
 }
 
 /// Axum middleware: limits the request, answers 429/503 or runs it and adds the headers.
+///
+/// The limiter's call needs only the key's hash, so it runs concurrently with the key
+/// lookup (`auth_cache`; on a cache hit the lookup is immediate). The limiter's answer
+/// comes first as before: a limited or fail-closed request gets 429/503 whatever its key;
+/// an allowed one carries the lookup's outcome to the `Auth` extractor ([`ResolvedKey`]),
+/// which answers 401 for a bad key. A lookup that failed is not carried: the extractor
+/// looks again and answers with that error.
 pub async fn middleware(
-    State(limiter): State<Arc<RateLimiter>>,
+    State(state): State<AppState>,
     mut request: Request,
     next: Next,
 ) -> Response {
+    let limiter = &state.limiter;
     let presented = PresentedKey::from_headers(request.headers());
     let client = ClientIdentity {
         key_id: presented.as_ref().map(PresentedKey::limiter_id),
         ip: client_ip(&request, limiter.config.trust_forwarded_for),
     };
+    let lookup = async {
+        match &presented {
+            Some(presented) => state.keys.resolve(&state.db, presented).await.ok(),
+            None => Some(None),
+        }
+    };
+    if !limiter.enabled() {
+        if let Some(resolved) = lookup.await {
+            request.extensions_mut().insert(ResolvedKey(resolved));
+        }
+        return next.run(request).await;
+    }
+    let (decision, resolved) = tokio::join!(limiter.check(&client), lookup);
     if let Some(presented) = presented {
         request.extensions_mut().insert(presented);
     }
-    if !limiter.enabled() {
-        return next.run(request).await;
-    }
-    let decision = limiter.check(&client).await;
     let mut response = match decision.outcome {
-        Outcome::Allowed => next.run(request).await,
+        Outcome::Allowed => {
+            if let Some(resolved) = resolved {
+                request.extensions_mut().insert(ResolvedKey(resolved));
+            }
+            next.run(request).await
+        }
         Outcome::Limited => ApiError::RateLimited.into_response(),
         Outcome::Unavailable => ApiError::RateLimitUnavailable.into_response(),
     };

@@ -1,0 +1,140 @@
+//! Tests of the key cache against a real PostgreSQL: revocation across processes' caches,
+//! a lost listener, and the negative cache under a bad-key flood.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::{HeaderMap, HeaderValue};
+use smartbeak_database::testing::TestDatabase;
+
+use super::*;
+use crate::auth::{create_key, create_org, revoke_key};
+
+fn config(positive_ms: u64, negative_ms: u64) -> AuthCacheConfig {
+    AuthCacheConfig {
+        capacity: 1000,
+        positive_ttl: Duration::from_millis(positive_ms),
+        negative_ttl: Duration::from_millis(negative_ms),
+    }
+}
+
+fn presented(key: &str) -> PresentedKey {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        "authorization",
+        HeaderValue::from_str(&format!("Bearer {key}")).unwrap(),
+    );
+    PresentedKey::from_headers(&headers).unwrap()
+}
+
+/// Polls `condition` every 10 ms for at most 10 s.
+async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    for _ in 0..1000 {
+        if condition() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+async fn listener_pid(db: &Database, not: i32) -> i32 {
+    for _ in 0..1000 {
+        let pid: Option<i32> = sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
+             AND application_name LIKE '%-listener' AND pid <> $1 AND query LIKE 'LISTEN%'",
+        )
+        .bind(not)
+        .fetch_optional(db.primary())
+        .await
+        .unwrap();
+        if let Some(pid) = pid {
+            return pid;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("no listener session other than {not}");
+}
+
+#[tokio::test]
+async fn a_revoke_evicts_the_key_in_another_process_cache_and_a_lost_listener_flushes() {
+    let tdb = TestDatabase::create().await.unwrap();
+    let db = Database::connect(tdb.config(), "auth-cache-tests")
+        .await
+        .unwrap();
+    let org = create_org(&db, "cache").await.unwrap();
+    let a = create_key(&db, org, "a").await.unwrap();
+    let b = create_key(&db, org, "b").await.unwrap();
+    // An hour's TTL: only the notification can evict within the test.
+    let cache = Arc::new(KeyCache::new(&config(3_600_000, 3_600_000)));
+    let stop = CancellationToken::new();
+    let listener = tokio::spawn({
+        let (cache, db, stop) = (cache.clone(), db.clone(), stop.clone());
+        async move { cache.listen(&db, &stop).await }
+    });
+    let first = listener_pid(&db, 0).await;
+
+    let (pa, pb) = (presented(&a.key), presented(&b.key));
+    assert_eq!(cache.resolve(&db, &pa).await.unwrap().unwrap().key_id, a.id);
+    assert_eq!(cache.resolve(&db, &pb).await.unwrap().unwrap().key_id, b.id);
+    let lookups = cache.db_lookups();
+    assert_eq!(cache.resolve(&db, &pa).await.unwrap().unwrap().org_id, org);
+    assert_eq!(cache.db_lookups(), lookups, "the second use is a hit");
+
+    // `keys revoke`, through another connection (another process's): a's entry goes,
+    // b's stays.
+    assert!(revoke_key(&db, a.id).await.unwrap());
+    eventually("the revoked key's eviction", || cache.len() == 1).await;
+    assert_eq!(cache.resolve(&db, &pa).await.unwrap(), None);
+    assert_eq!(cache.db_lookups(), lookups + 1);
+    assert!(cache.resolve(&db, &pb).await.unwrap().is_some());
+    assert_eq!(cache.db_lookups(), lookups + 1, "b is still cached");
+
+    // The listener's session is terminated: the cache is flushed and a new session listens.
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(first)
+        .execute(db.primary())
+        .await
+        .unwrap();
+    eventually("the flush after the lost session", || cache.is_empty()).await;
+    let second = listener_pid(&db, first).await;
+    assert_ne!(second, first);
+    // ... and the new session evicts too.
+    assert!(cache.resolve(&db, &pb).await.unwrap().is_some());
+    eventually("b cached again", || cache.len() == 1).await;
+    assert!(revoke_key(&db, b.id).await.unwrap());
+    eventually("b's eviction through the new session", || cache.is_empty()).await;
+    assert_eq!(cache.resolve(&db, &pb).await.unwrap(), None);
+
+    stop.cancel();
+    listener.await.unwrap();
+    db.close(Duration::from_secs(5)).await.unwrap();
+    tdb.drop_database().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_flood_of_bad_keys_reaches_postgres_once_per_key_per_negative_ttl() {
+    let tdb = TestDatabase::create().await.unwrap();
+    let db = Database::connect(tdb.config(), "auth-cache-tests")
+        .await
+        .unwrap();
+    let cache = KeyCache::new(&config(3_600_000, 3_600_000));
+    let bad = presented("sbk_not-a-key");
+    for _ in 0..500 {
+        assert_eq!(cache.resolve(&db, &bad).await.unwrap(), None);
+    }
+    assert_eq!(cache.db_lookups(), 1);
+
+    // A short negative TTL: once it passed, the key is looked up again (a key created in
+    // the meantime is found).
+    let short = KeyCache::new(&config(3_600_000, 1));
+    assert_eq!(short.resolve(&db, &bad).await.unwrap(), None);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(short.resolve(&db, &bad).await.unwrap(), None);
+    assert_eq!(short.db_lookups(), 2);
+
+    db.close(Duration::from_secs(5)).await.unwrap();
+    tdb.drop_database().await.unwrap();
+}
