@@ -3,7 +3,7 @@
 //!
 //! Codemap: [`config`] (env), [`error`] (the one error shape), [`auth`] (API keys),
 //! [`ratelimit`] (Redis GCRA with fail-open/closed), [`routes`] (handlers by resource),
-//! [`analytics`] (single-flight cached aggregates), [`http`] (router and layers),
+//! [`analytics`] (single-flight cached aggregates), [`http`] (router and layers), [`serve`] (connections: header-read timeout, cap, drain),
 //! [`openapi`] (the generated document), [`state`] (what handlers share), [`jobs`] (the
 //! domain export job: its queue, writers and worker), [`startup`] (the start-up wiring the
 //! three service binaries share: metrics recorder, database connect and pool handler).
@@ -19,6 +19,7 @@ pub mod jobs;
 pub mod openapi;
 pub mod ratelimit;
 pub mod routes;
+pub mod serve;
 pub mod startup;
 pub mod state;
 
