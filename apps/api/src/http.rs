@@ -1,6 +1,8 @@
 //! The router and its middleware: request ids in spans, HTTP metrics, a panic turned into
-//! the JSON 500, body limit, per-request timeout, concurrency limit with load shedding, and
-//! one JSON error shape for the answers that tower layers produce on their own.
+//! the JSON 500, body limit, per-request timeout (504, its deadline flowing into every
+//! query), concurrency limit with load shedding, rate limiting of unmatched routes, and one
+//! JSON error shape for the answers that tower layers produce on their own. The probes
+//! (`/healthz`, `/readyz`) sit outside all of it.
 
 use std::any::Any;
 use std::sync::Arc;
@@ -76,19 +78,28 @@ routes! {
 }
 
 routes! {
-    /// The operational routes (no key, no rate limit).
-    fn add_operational_routes, const OPERATIONAL_ROUTES = {
+    /// The probes, served outside every layer (no load shedding, concurrency limit or
+    /// timeout can answer a liveness probe with 503 under saturation).
+    fn add_probe_routes, const PROBE_ROUTES = {
         "/healthz" => { get: health::healthz },
         "/readyz" => { get: health::readyz },
+    }
+}
+
+routes! {
+    /// The operational routes (no key, no rate limit).
+    fn add_operational_routes, const OPERATIONAL_ROUTES = {
         "/metrics" => { get: health::metrics },
         "/openapi.json" => { get: crate::openapi::serve },
     }
 }
 
-/// Every `(METHOD, path)` the router serves: [`V1_ROUTES`] then [`OPERATIONAL_ROUTES`].
+/// Every `(METHOD, path)` the router serves: [`V1_ROUTES`], [`PROBE_ROUTES`] then
+/// [`OPERATIONAL_ROUTES`].
 pub fn routes() -> Vec<(&'static str, &'static str)> {
     V1_ROUTES
         .iter()
+        .chain(PROBE_ROUTES)
         .chain(OPERATIONAL_ROUTES)
         .copied()
         .collect()
@@ -103,9 +114,15 @@ pub fn app(state: AppState) -> Router {
     ));
 
     let http = state.config.http.clone();
+    let probes = add_probe_routes(Router::new()).with_state(state.clone());
     let routes = add_operational_routes(Router::new())
         .merge(v1)
         .fallback(|| async { ApiError::NotFound("route") })
+        // Unmatched paths and methods are rate limited too (matched ones pass through).
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&state.limiter),
+            ratelimit::unmatched,
+        ))
         .layer(middleware::from_fn(route_metrics))
         .with_state(state);
 
@@ -136,16 +153,31 @@ pub fn app(state: AppState) -> Router {
         }))
         .load_shed()
         .concurrency_limit(http.max_concurrency)
+        // The deadline starts with the timeout below (a from_fn layer takes the plain
+        // body, so it sits above the body limit).
+        .layer(middleware::from_fn(move |request: Request, next: Next| {
+            request_deadline(http.request_timeout, request, next)
+        }))
         .layer(RequestBodyLimitLayer::new(http.body_limit_bytes))
         // axum's extractors have a 2 MiB limit of their own; HTTP_BODY_LIMIT_BYTES (the
         // layer above) is the one limit, larger or smaller.
         .layer(DefaultBodyLimit::disable())
         .layer(TimeoutLayer::with_status_code(
-            StatusCode::SERVICE_UNAVAILABLE,
+            StatusCode::GATEWAY_TIMEOUT,
             http.request_timeout,
         ))
         .service(routes);
-    Router::new().fallback_service(stack)
+    probes.fallback_service(stack)
+}
+
+/// Runs the request inside a [`smartbeak_database::deadline::scope`] ending when the
+/// request timeout fires, so every query it makes is bounded by what is left of it (and
+/// an ingest transaction's `statement_timeout` lowered to fit): no query outlives its
+/// request. An outbound call made by a handler takes
+/// [`smartbeak_database::deadline::remaining`] as its deadline.
+async fn request_deadline(timeout: std::time::Duration, request: Request, next: Next) -> Response {
+    let deadline = tokio::time::Instant::now() + timeout;
+    smartbeak_database::deadline::scope(deadline, next.run(request)).await
 }
 
 /// Turns a panic anywhere below it into the JSON 500 `INTERNAL_ERROR` (the panic message
@@ -244,7 +276,7 @@ async fn drop_bad_request_id(mut request: Request) -> Request {
     request
 }
 
-/// Gives the bare answers of tower layers (413 from the body limit, 503 from the timeout,
+/// Gives the bare answers of tower layers (413 from the body limit, 504 from the timeout,
 /// 405 from routing) the JSON error shape.
 async fn normalize_error<B>(response: axum::http::Response<B>) -> Response
 where
@@ -265,7 +297,7 @@ where
     }
     let error = match status {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
-        StatusCode::SERVICE_UNAVAILABLE => ApiError::Timeout,
+        StatusCode::GATEWAY_TIMEOUT => ApiError::Timeout,
         StatusCode::METHOD_NOT_ALLOWED => {
             let mut r = (
                 status,
@@ -302,6 +334,7 @@ mod tests {
         let count = |needle: &str| code.matches(needle).count();
         assert_eq!(count(".route("), 1, "a .route( outside routes!");
         assert_eq!(count(".merge("), 1, "only .merge(v1)");
+        assert!(code.contains("probes.fallback_service(stack)"));
         assert!(code.contains(".merge(v1)"));
         // The one fallback service is the layered stack around those routes.
         assert_eq!(count(".fallback_service("), 1, "only the layered stack");
@@ -356,7 +389,8 @@ mod tests {
         let (status, body) = call(&app, "/readyz").await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(body["code"], "NOT_READY");
-        assert_eq!(body["error"], "not ready: shutdown");
+        assert_eq!(body["error"], "not ready: shutting down");
+        assert_eq!(body["shutting_down"], true);
         assert_eq!(call(&app, "/healthz").await.0, StatusCode::OK);
 
         let (status, doc) = call(&app, "/openapi.json").await;

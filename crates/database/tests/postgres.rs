@@ -2045,7 +2045,11 @@ async fn a_query_never_outlives_the_deadline_of_its_scope() {
     // statement_timeout (8 s).
     let mut tx = fx.db.begin().await.unwrap();
     let shown: String = tx
-        .run(async |conn| sqlx::query_scalar("SHOW statement_timeout").fetch_one(conn).await)
+        .run(async |conn| {
+            sqlx::query_scalar("SHOW statement_timeout")
+                .fetch_one(conn)
+                .await
+        })
         .await
         .unwrap();
     assert_eq!(show_millis(&shown), 8000);
@@ -2062,7 +2066,10 @@ async fn a_query_never_outlives_the_deadline_of_its_scope() {
     .expect_err("pg_sleep(5) must not outlive its deadline");
     match err {
         DbError::QueryTimeout(bound) => {
-            assert!(bound <= Duration::from_millis(300) && bound < configured, "{bound:?}");
+            assert!(
+                bound <= Duration::from_millis(300) && bound < configured,
+                "{bound:?}"
+            );
         }
         other => panic!("expected the client bound, got {other:?}"),
     }
@@ -2073,7 +2080,11 @@ async fn a_query_never_outlives_the_deadline_of_its_scope() {
     let (shown, slept) = deadline::scope(later, async {
         let mut tx = fx.db.begin().await.unwrap();
         let shown: String = tx
-            .run(async |conn| sqlx::query_scalar("SHOW statement_timeout").fetch_one(conn).await)
+            .run(async |conn| {
+                sqlx::query_scalar("SHOW statement_timeout")
+                    .fetch_one(conn)
+                    .await
+            })
             .await
             .unwrap();
         let slept = tx
@@ -2090,7 +2101,11 @@ async fn a_query_never_outlives_the_deadline_of_its_scope() {
     // The setting was local to that transaction.
     let shown: String = fx
         .db
-        .run(async |conn| sqlx::query_scalar("SHOW statement_timeout").fetch_one(conn).await)
+        .run(async |conn| {
+            sqlx::query_scalar("SHOW statement_timeout")
+                .fetch_one(conn)
+                .await
+        })
         .await
         .unwrap();
     assert_eq!(show_millis(&shown), 8000);

@@ -31,19 +31,17 @@ struct Gate {
 }
 
 async fn start(config: ServeConfig, gate: Arc<Gate>) -> Server {
-    let app = Router::new()
-        .route("/", get(|| async { "ok" }))
-        .route(
-            "/slow",
-            get(move || {
-                let gate = Arc::clone(&gate);
-                async move {
-                    gate.entered.notify_one();
-                    gate.release.notified().await;
-                    "slow"
-                }
-            }),
-        );
+    let app = Router::new().route("/", get(|| async { "ok" })).route(
+        "/slow",
+        get(move || {
+            let gate = Arc::clone(&gate);
+            async move {
+                gate.entered.notify_one();
+                gate.release.notified().await;
+                "slow"
+            }
+        }),
+    );
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
@@ -112,7 +110,10 @@ async fn a_half_sent_head_does_not_hold_the_drain_but_an_in_flight_request_does(
     )
     .await;
     let mut stuck = TcpStream::connect(server.addr).await.unwrap();
-    stuck.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    stuck
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
     let mut in_flight = TcpStream::connect(server.addr).await.unwrap();
     in_flight
         .write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
