@@ -480,6 +480,58 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn unmatched_routes_are_rate_limited_and_the_probes_are_not() {
+        let tdb = TestDatabase::create().await.unwrap();
+        let db = Database::connect(tdb.config(), "smartbeak-api-test")
+            .await
+            .unwrap();
+        let config = ApiConfig::from_lookup(|var| match var {
+            "RATE_LIMIT_PER_IP" => Some("2".to_owned()),
+            _ => None,
+        })
+        .unwrap();
+        let limiter = RateLimiter::new(config.rate_limit.clone(), None).unwrap();
+        let app = app(AppState::new(db.clone(), config, limiter, None));
+        let peer: std::net::SocketAddr = "192.0.2.44:1".parse().unwrap();
+        let send = |method: &str, path: &str| {
+            let mut request = Request::builder()
+                .method(method)
+                .uri(path)
+                .body(Body::empty())
+                .unwrap();
+            request
+                .extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
+            app.clone().oneshot(request)
+        };
+        assert_eq!(send("GET", "/nope").await.unwrap().status(), 404);
+        let made_up = send("BREW", "/made/up").await.unwrap();
+        assert_eq!(made_up.status(), 404);
+        assert!(made_up.headers().contains_key("ratelimit"));
+        let limited = send("GET", "/nope/again").await.unwrap();
+        assert_eq!(limited.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert!(limited.headers().contains_key("retry-after"));
+        // The probes and the operational routes are not limited.
+        for _ in 0..3 {
+            assert_eq!(send("GET", "/healthz").await.unwrap().status(), 200);
+            assert_eq!(send("GET", "/openapi.json").await.unwrap().status(), 200);
+        }
+        db.close(std::time::Duration::from_secs(5)).await.unwrap();
+        tdb.drop_database().await.unwrap();
+    }
+
+    #[test]
+    fn the_request_timeout_is_504_request_timeout_not_503_overloaded() {
+        assert_eq!(ApiError::Timeout.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(ApiError::Timeout.code(), "REQUEST_TIMEOUT");
+        assert_eq!(
+            ApiError::Overloaded.status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(ApiError::Overloaded.code(), "OVERLOADED");
+    }
+
+    #[tokio::test]
     async fn a_bad_request_id_is_replaced_and_a_good_one_kept() {
         let app = Router::new()
             .route(
