@@ -40,6 +40,14 @@ impl<T> fmt::Display for Secret<T> {
 /// A configuration variable that was present but unusable.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// A variable that is no longer read is set; the message says what replaced it.
+    #[error("{var} is no longer supported: {instead}")]
+    Removed {
+        /// The environment variable.
+        var: &'static str,
+        /// What to set instead.
+        instead: &'static str,
+    },
     /// The variable could not be parsed; the value is not echoed (it may be a secret).
     #[error("invalid value for {var}: expected {expected}")]
     Invalid {
@@ -97,12 +105,19 @@ pub struct AuthCacheConfig {
 pub struct HttpConfig {
     /// `HTTP_BODY_LIMIT_BYTES`, default 1 MiB; larger bodies get 413.
     pub body_limit_bytes: usize,
-    /// `HTTP_REQUEST_TIMEOUT_MS`, default 10000; slower requests get 503. Must be at least
+    /// `HTTP_REQUEST_TIMEOUT_MS`, default 10000; slower requests get 504 `REQUEST_TIMEOUT`, and
+    /// what is left of it bounds each of the request's queries. Must be at least
     /// the database client bound (`DB_STATEMENT_TIMEOUT_MS` plus a margin): see
     /// [`ApiConfig::check_timeouts`].
     pub request_timeout: Duration,
     /// `HTTP_MAX_CONCURRENCY`, default 1024; requests beyond it are shed with 503.
     pub max_concurrency: usize,
+    /// `HTTP_HEADER_READ_TIMEOUT_MS`, default 10000: a connection that has not sent a whole
+    /// request head this long after it opened (or after its previous response) is closed.
+    pub header_read_timeout: Duration,
+    /// `HTTP_MAX_CONNECTIONS`, default 4096: connections served at once; further ones wait
+    /// in the listen backlog.
+    pub max_connections: usize,
 }
 
 /// How the api talks to Redis; every wait is bounded.
@@ -143,10 +158,11 @@ pub struct RateLimitConfig {
     pub replicas: u32,
     /// `RATE_LIMIT_KEY_PREFIX`, default `smartbeak:rl`: Redis key prefix, also the hash tag.
     pub key_prefix: String,
-    /// `TRUST_X_FORWARDED_FOR`, default false: take the client IP from the last (rightmost)
-    /// `X-Forwarded-For` entry. Set it only right behind exactly one proxy that appends the
-    /// peer address to that header: every entry left of it came from the client.
-    pub trust_forwarded_for: bool,
+    /// `TRUSTED_PROXIES`, default empty: comma-separated CIDRs (`10.0.0.0/8, ::1/128`) of
+    /// the proxies in front of the api. `X-Forwarded-For` is read only when the peer is one
+    /// of them, walking right to left past trusted hops; the first untrusted address is
+    /// the client.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl ApiConfig {
@@ -187,6 +203,8 @@ impl ApiConfig {
                 body_limit_bytes: env.positive("HTTP_BODY_LIMIT_BYTES", 1024 * 1024)?,
                 request_timeout: env.millis("HTTP_REQUEST_TIMEOUT_MS", 10_000)?,
                 max_concurrency: env.positive("HTTP_MAX_CONCURRENCY", 1024)?,
+                header_read_timeout: env.millis("HTTP_HEADER_READ_TIMEOUT_MS", 10_000)?,
+                max_connections: env.positive("HTTP_MAX_CONNECTIONS", 4096)?,
             },
             pool_close_deadline: env.millis("SHUTDOWN_POOL_CLOSE_MS", 5_000)?,
             redis,
@@ -200,7 +218,7 @@ impl ApiConfig {
                 key_prefix: env
                     .string("RATE_LIMIT_KEY_PREFIX")
                     .unwrap_or_else(|| "smartbeak:rl".to_owned()),
-                trust_forwarded_for: env.boolean("TRUST_X_FORWARDED_FOR", false)?,
+                trusted_proxies: trusted_proxies(&env)?,
             },
             analytics_cache_ttl: env.millis("ANALYTICS_CACHE_TTL_MS", 5_000)?,
             export_dir: env
@@ -226,6 +244,37 @@ impl ApiConfig {
     ) -> Result<(), smartbeak_database::ConfigError> {
         db.check_deadline("HTTP_REQUEST_TIMEOUT_MS", self.http.request_timeout)
     }
+}
+
+/// `TRUSTED_PROXIES`, refusing the boolean it replaced (`TRUST_X_FORWARDED_FOR`) so a
+/// deployment that relied on it does not silently start keying every client by the proxy.
+fn trusted_proxies<F: Fn(&str) -> Option<String>>(
+    env: &Env<'_, F>,
+) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+    if (env.0)("TRUST_X_FORWARDED_FOR").is_some() {
+        return Err(ConfigError::Removed {
+            var: "TRUST_X_FORWARDED_FOR",
+            instead: "set TRUSTED_PROXIES to the CIDRs of the proxies in front of the api \
+                      (e.g. TRUSTED_PROXIES=10.0.0.0/8), and unset TRUST_X_FORWARDED_FOR",
+        });
+    }
+    let Some(raw) = env.string("TRUSTED_PROXIES") else {
+        return Ok(Vec::new());
+    };
+    raw.split(',')
+        .map(str::trim)
+        .filter(|entry| !entry.is_empty())
+        .map(|entry| {
+            entry
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| entry.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map(|net| net.trunc())
+                .map_err(|_| ConfigError::Invalid {
+                    var: "TRUSTED_PROXIES",
+                    expected: "a comma-separated list of CIDRs or addresses, e.g. 10.0.0.0/8, ::1",
+                })
+        })
+        .collect()
 }
 
 /// The variable parsers shared by the api's and the export worker's configuration
@@ -358,6 +407,58 @@ mod tests {
         assert!(err.to_string().contains("LOG_FORMAT"));
         let err = config(&[("RATE_LIMIT_FAIL_CLOSED", "maybe")]).unwrap_err();
         assert!(err.to_string().contains("RATE_LIMIT_FAIL_CLOSED"));
+    }
+
+    #[test]
+    fn trusted_proxies_replace_the_old_boolean_with_a_clear_error() {
+        assert!(config(&[]).unwrap().rate_limit.trusted_proxies.is_empty());
+        let c = config(&[(
+            "TRUSTED_PROXIES",
+            " 10.0.0.0/8, 192.0.2.7 ,::1, 2001:db8::/32",
+        )])
+        .unwrap();
+        let nets: Vec<String> = c
+            .rate_limit
+            .trusted_proxies
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            nets,
+            ["10.0.0.0/8", "192.0.2.7/32", "::1/128", "2001:db8::/32"]
+        );
+        let err = config(&[("TRUSTED_PROXIES", "10.0.0.0/8, proxy.internal")]).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("invalid value for TRUSTED_PROXIES"),
+            "{err}"
+        );
+        assert!(!err.to_string().contains("proxy.internal"), "{err}");
+        for old in ["true", "false"] {
+            let err = config(&[("TRUST_X_FORWARDED_FOR", old)])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("TRUST_X_FORWARDED_FOR is no longer supported")
+                    && err.contains("TRUSTED_PROXIES"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn connection_limits_have_defaults_and_are_read() {
+        let c = config(&[]).unwrap();
+        assert_eq!(c.http.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.http.max_connections, 4096);
+        let c = config(&[
+            ("HTTP_HEADER_READ_TIMEOUT_MS", "250"),
+            ("HTTP_MAX_CONNECTIONS", "8"),
+        ])
+        .unwrap();
+        assert_eq!(c.http.header_read_timeout, Duration::from_millis(250));
+        assert_eq!(c.http.max_connections, 8);
+        assert!(config(&[("HTTP_MAX_CONNECTIONS", "0")]).is_err());
     }
 
     #[test]

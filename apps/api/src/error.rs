@@ -65,7 +65,8 @@ pub enum ApiError {
     /// 503 `OVERLOADED`: the concurrency limit is reached; retry later.
     #[error("server is overloaded, retry later")]
     Overloaded,
-    /// 503 `REQUEST_TIMEOUT`: the request took longer than the per-request timeout.
+    /// 504 `REQUEST_TIMEOUT`: the request took longer than the per-request timeout
+    /// (distinct from 503 `OVERLOADED`).
     #[error("request took too long")]
     Timeout,
     /// 503 `DATABASE_UNAVAILABLE`: the database did not answer in time.
@@ -124,10 +125,10 @@ impl ApiError {
             Self::Conflict { .. } => StatusCode::CONFLICT,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-            Self::RateLimitUnavailable
-            | Self::Overloaded
-            | Self::Timeout
-            | Self::DatabaseUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::RateLimitUnavailable | Self::Overloaded | Self::DatabaseUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

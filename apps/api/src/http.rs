@@ -1,6 +1,8 @@
 //! The router and its middleware: request ids in spans, HTTP metrics, a panic turned into
-//! the JSON 500, body limit, per-request timeout, concurrency limit with load shedding, and
-//! one JSON error shape for the answers that tower layers produce on their own.
+//! the JSON 500, body limit, per-request timeout (504, its deadline flowing into every
+//! query), concurrency limit with load shedding, rate limiting of unmatched routes, and one
+//! JSON error shape for the answers that tower layers produce on their own. The probes
+//! (`/healthz`, `/readyz`) sit outside all of it.
 
 use std::any::Any;
 use std::time::Instant;
@@ -75,19 +77,28 @@ routes! {
 }
 
 routes! {
-    /// The operational routes (no key, no rate limit).
-    fn add_operational_routes, const OPERATIONAL_ROUTES = {
+    /// The probes, served outside every layer (no load shedding, concurrency limit or
+    /// timeout can answer a liveness probe with 503 under saturation).
+    fn add_probe_routes, const PROBE_ROUTES = {
         "/healthz" => { get: health::healthz },
         "/readyz" => { get: health::readyz },
+    }
+}
+
+routes! {
+    /// The operational routes (no key, no rate limit).
+    fn add_operational_routes, const OPERATIONAL_ROUTES = {
         "/metrics" => { get: health::metrics },
         "/openapi.json" => { get: crate::openapi::serve },
     }
 }
 
-/// Every `(METHOD, path)` the router serves: [`V1_ROUTES`] then [`OPERATIONAL_ROUTES`].
+/// Every `(METHOD, path)` the router serves: [`V1_ROUTES`], [`PROBE_ROUTES`] then
+/// [`OPERATIONAL_ROUTES`].
 pub fn routes() -> Vec<(&'static str, &'static str)> {
     V1_ROUTES
         .iter()
+        .chain(PROBE_ROUTES)
         .chain(OPERATIONAL_ROUTES)
         .copied()
         .collect()
@@ -102,9 +113,15 @@ pub fn app(state: AppState) -> Router {
     ));
 
     let http = state.config.http.clone();
+    let probes = add_probe_routes(Router::new()).with_state(state.clone());
     let routes = add_operational_routes(Router::new())
         .merge(v1)
         .fallback(|| async { ApiError::NotFound("route") })
+        // Unmatched paths and methods are rate limited too (matched ones pass through).
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            ratelimit::unmatched,
+        ))
         .layer(middleware::from_fn(route_metrics))
         .with_state(state);
 
@@ -135,16 +152,31 @@ pub fn app(state: AppState) -> Router {
         }))
         .load_shed()
         .concurrency_limit(http.max_concurrency)
+        // The deadline starts with the timeout below (a from_fn layer takes the plain
+        // body, so it sits above the body limit).
+        .layer(middleware::from_fn(move |request: Request, next: Next| {
+            request_deadline(http.request_timeout, request, next)
+        }))
         .layer(RequestBodyLimitLayer::new(http.body_limit_bytes))
         // axum's extractors have a 2 MiB limit of their own; HTTP_BODY_LIMIT_BYTES (the
         // layer above) is the one limit, larger or smaller.
         .layer(DefaultBodyLimit::disable())
         .layer(TimeoutLayer::with_status_code(
-            StatusCode::SERVICE_UNAVAILABLE,
+            StatusCode::GATEWAY_TIMEOUT,
             http.request_timeout,
         ))
         .service(routes);
-    Router::new().fallback_service(stack)
+    probes.fallback_service(stack)
+}
+
+/// Runs the request inside a [`smartbeak_database::deadline::scope`] ending when the
+/// request timeout fires, so every query it makes is bounded by what is left of it (and
+/// an ingest transaction's `statement_timeout` lowered to fit): no query outlives its
+/// request. An outbound call made by a handler takes
+/// [`smartbeak_database::deadline::remaining`] as its deadline.
+async fn request_deadline(timeout: std::time::Duration, request: Request, next: Next) -> Response {
+    let deadline = tokio::time::Instant::now() + timeout;
+    smartbeak_database::deadline::scope(deadline, next.run(request)).await
 }
 
 /// Turns a panic anywhere below it into the JSON 500 `INTERNAL_ERROR` (the panic message
@@ -243,7 +275,7 @@ async fn drop_bad_request_id(mut request: Request) -> Request {
     request
 }
 
-/// Gives the bare answers of tower layers (413 from the body limit, 503 from the timeout,
+/// Gives the bare answers of tower layers (413 from the body limit, 504 from the timeout,
 /// 405 from routing) the JSON error shape.
 async fn normalize_error<B>(response: axum::http::Response<B>) -> Response
 where
@@ -264,7 +296,7 @@ where
     }
     let error = match status {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
-        StatusCode::SERVICE_UNAVAILABLE => ApiError::Timeout,
+        StatusCode::GATEWAY_TIMEOUT => ApiError::Timeout,
         StatusCode::METHOD_NOT_ALLOWED => {
             let mut r = (
                 status,
@@ -301,6 +333,7 @@ mod tests {
         let count = |needle: &str| code.matches(needle).count();
         assert_eq!(count(".route("), 1, "a .route( outside routes!");
         assert_eq!(count(".merge("), 1, "only .merge(v1)");
+        assert!(code.contains("probes.fallback_service(stack)"));
         assert!(code.contains(".merge(v1)"));
         // The one fallback service is the layered stack around those routes.
         assert_eq!(count(".fallback_service("), 1, "only the layered stack");
@@ -355,7 +388,8 @@ mod tests {
         let (status, body) = call(&app, "/readyz").await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(body["code"], "NOT_READY");
-        assert_eq!(body["error"], "not ready: shutdown");
+        assert_eq!(body["error"], "not ready: shutting down");
+        assert_eq!(body["shutting_down"], true);
         assert_eq!(call(&app, "/healthz").await.0, StatusCode::OK);
 
         let (status, doc) = call(&app, "/openapi.json").await;
@@ -442,6 +476,58 @@ mod tests {
                 .any(|l| l.contains("method=\"GET\"") && l.contains("route=\"/known\"")),
             "{series:#?}"
         );
+    }
+
+    #[tokio::test]
+    async fn unmatched_routes_are_rate_limited_and_the_probes_are_not() {
+        let tdb = TestDatabase::create().await.unwrap();
+        let db = Database::connect(tdb.config(), "smartbeak-api-test")
+            .await
+            .unwrap();
+        let config = ApiConfig::from_lookup(|var| match var {
+            "RATE_LIMIT_PER_IP" => Some("2".to_owned()),
+            _ => None,
+        })
+        .unwrap();
+        let limiter = RateLimiter::new(config.rate_limit.clone(), None).unwrap();
+        let app = app(AppState::new(db.clone(), config, limiter, None));
+        let peer: std::net::SocketAddr = "192.0.2.44:1".parse().unwrap();
+        let send = |method: &str, path: &str| {
+            let mut request = Request::builder()
+                .method(method)
+                .uri(path)
+                .body(Body::empty())
+                .unwrap();
+            request
+                .extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
+            app.clone().oneshot(request)
+        };
+        assert_eq!(send("GET", "/nope").await.unwrap().status(), 404);
+        let made_up = send("BREW", "/made/up").await.unwrap();
+        assert_eq!(made_up.status(), 404);
+        assert!(made_up.headers().contains_key("ratelimit"));
+        let limited = send("GET", "/nope/again").await.unwrap();
+        assert_eq!(limited.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert!(limited.headers().contains_key("retry-after"));
+        // The probes and the operational routes are not limited.
+        for _ in 0..3 {
+            assert_eq!(send("GET", "/healthz").await.unwrap().status(), 200);
+            assert_eq!(send("GET", "/openapi.json").await.unwrap().status(), 200);
+        }
+        db.close(std::time::Duration::from_secs(5)).await.unwrap();
+        tdb.drop_database().await.unwrap();
+    }
+
+    #[test]
+    fn the_request_timeout_is_504_request_timeout_not_503_overloaded() {
+        assert_eq!(ApiError::Timeout.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(ApiError::Timeout.code(), "REQUEST_TIMEOUT");
+        assert_eq!(
+            ApiError::Overloaded.status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(ApiError::Overloaded.code(), "OVERLOADED");
     }
 
     #[tokio::test]

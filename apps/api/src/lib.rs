@@ -4,7 +4,7 @@
 //! Codemap: [`config`] (env), [`error`] (the one error shape), [`auth`] (API keys), [`auth_cache`] (their
 //! in-process cache, evicted by `LISTEN/NOTIFY` through [`listen`]),
 //! [`ratelimit`] (Redis GCRA with fail-open/closed), [`routes`] (handlers by resource),
-//! [`analytics`] (single-flight cached aggregates), [`http`] (router and layers),
+//! [`analytics`] (single-flight cached aggregates), [`http`] (router and layers), [`serve`] (connections: header-read timeout, cap, drain),
 //! [`openapi`] (the generated document), [`state`] (what handlers share), [`jobs`] (the
 //! domain export job: its queue, writers and worker), [`startup`] (the start-up wiring the
 //! three service binaries share: metrics recorder, database connect and pool handler).
@@ -22,6 +22,7 @@ pub mod listen;
 pub mod openapi;
 pub mod ratelimit;
 pub mod routes;
+pub mod serve;
 pub mod startup;
 pub mod state;
 

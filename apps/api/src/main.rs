@@ -1,7 +1,6 @@
 //! The `smartbeak-api` binary: `serve` (the default) runs the HTTP API; `migrate`,
 //! `orgs create` and `keys create|revoke` are the admin commands (JSON on stdout).
 
-use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -13,7 +12,7 @@ use smartbeak_api::ratelimit::RateLimiter;
 use smartbeak_api::{AppState, auth, startup};
 use smartbeak_database::{Database, DatabaseConfig};
 use smartbeak_shutdown::telemetry::{self, LogGuard, Output};
-use smartbeak_shutdown::{Phase, RegisterError, Shutdown, ShutdownReason};
+use smartbeak_shutdown::{Phase, RegisterError, Shutdown};
 use uuid::Uuid;
 
 /// The variables `smartbeak-api` reads besides the database and shutdown ones (it has no
@@ -23,7 +22,9 @@ API variables (defaults in brackets):
   API_BIND                     listen address [127.0.0.1:8080]
   HTTP_BODY_LIMIT_BYTES        [1048576]
   HTTP_REQUEST_TIMEOUT_MS      [10000]
-  HTTP_MAX_CONCURRENCY         [1024]
+  HTTP_MAX_CONCURRENCY         requests served at once; more are shed with 503 [1024]
+  HTTP_HEADER_READ_TIMEOUT_MS  a connection gets this long to send a request head [10000]
+  HTTP_MAX_CONNECTIONS         connections served at once [4096]
   REDIS_URL                    the rate limiter's Redis [unset: in-process limiter]
   REDIS_CONNECT_TIMEOUT_MS     [1000]
   REDIS_COMMAND_TIMEOUT_MS     [100]
@@ -38,7 +39,7 @@ API variables (defaults in brackets):
   RATE_LIMIT_FAIL_CLOSED       [false]
   RATE_LIMIT_REPLICAS          [1]
   RATE_LIMIT_KEY_PREFIX        [smartbeak:rl]
-  TRUST_X_FORWARDED_FOR        [false]
+  TRUSTED_PROXIES              CIDRs whose X-Forwarded-For is read [empty: none]
   ANALYTICS_CACHE_TTL_MS       [5000]
   EXPORT_DIR                   where export files live [./exports]
   AUTH_CACHE_CAPACITY          API keys cached in-process at most [10000]
@@ -258,6 +259,10 @@ async fn serve(config: ApiConfig, logs: &LogGuard) -> anyhow::Result<ExitCode> {
     }
 
     let bind = config.bind;
+    let serve_config = smartbeak_api::serve::ServeConfig {
+        header_read_timeout: config.http.header_read_timeout,
+        max_connections: config.http.max_connections,
+    };
     let state = AppState::new(db.clone(), config, limiter, Some(metrics));
     let readiness = state.readiness.clone();
     // Revocations reach the key cache through LISTEN/NOTIFY (see `auth_cache`).
@@ -287,19 +292,12 @@ async fn serve(config: ApiConfig, logs: &LogGuard) -> anyhow::Result<ExitCode> {
     // listener is dropped), and the drain phase waits for in-flight requests to finish, up
     // to SHUTDOWN_DRAIN_TIMEOUT_MS.
     let stop = shutdown.listener_token();
-    let on_error = shutdown.clone();
-    shutdown.spawn(async move {
-        let served = axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await;
-        if let Err(err) = served {
-            tracing::error!(error = %err, "http server failed");
-            on_error.trigger(ShutdownReason::Fatal("http server failed".into()));
-        }
-    });
+    shutdown.spawn(smartbeak_api::serve::serve(
+        listener,
+        app,
+        serve_config,
+        stop.cancelled_owned(),
+    ));
     tracing::info!("listening on http://{addr}");
 
     shutdown.triggered().await;

@@ -194,10 +194,18 @@ fn add_common_responses(doc: &mut Value) {
                     .entry(status)
                     .or_insert_with(|| error_response(description));
             };
+            // The probes are served outside every layer: only their own answers.
+            if crate::http::PROBE_ROUTES.iter().any(|(_, p)| p == path) {
+                continue;
+            }
             add(
                 "503",
-                "`OVERLOADED` (the concurrency limit), `REQUEST_TIMEOUT`, \
-                 `DATABASE_UNAVAILABLE` or `RATE_LIMIT_SERVICE_ERROR` (Redis down, fail-closed)",
+                "`OVERLOADED` (the concurrency limit), `DATABASE_UNAVAILABLE` or \
+                 `RATE_LIMIT_SERVICE_ERROR` (Redis down, fail-closed)",
+            );
+            add(
+                "504",
+                "`REQUEST_TIMEOUT`: the request took longer than `HTTP_REQUEST_TIMEOUT_MS`",
             );
             if versioned {
                 add(

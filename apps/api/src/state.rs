@@ -3,7 +3,8 @@
 
 use std::ops::Deref;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::time::Duration;
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use smartbeak_database::Database;
@@ -45,11 +46,13 @@ impl AppState {
     ) -> Self {
         let analytics = AnalyticsReads::new(config.analytics_cache_ttl);
         let keys = Arc::new(KeyCache::new(&config.auth_cache));
+        let readiness = Readiness::default();
+        readiness.spawn_database_checker(db.clone(), DATABASE_CHECK_EVERY);
         Self(Arc::new(AppContext {
             db,
             config,
             limiter,
-            readiness: Readiness::default(),
+            readiness,
             metrics,
             analytics,
             keys,
@@ -65,24 +68,85 @@ impl Deref for AppState {
     }
 }
 
-/// Whether the process accepts new work; flipped once, at shutdown.
+/// How often the background checker pings the database for `/readyz`.
+pub const DATABASE_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// What `/readyz` reads: the shutdown flag (flipped once) and the database's state as the
+/// background checker last saw it, so a probe never waits on a saturated pool.
 #[derive(Debug, Clone)]
-pub struct Readiness(Arc<AtomicBool>);
+pub struct Readiness(Arc<ReadinessState>);
+
+#[derive(Debug)]
+struct ReadinessState {
+    accepting: AtomicBool,
+    database: AtomicU8,
+}
+
+/// The database as the background checker last saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatabaseState {
+    /// Not checked yet.
+    Unknown,
+    /// The last ping answered.
+    Ok,
+    /// The last ping failed.
+    Unreachable,
+}
 
 impl Default for Readiness {
     fn default() -> Self {
-        Self(Arc::new(AtomicBool::new(true)))
+        Self(Arc::new(ReadinessState {
+            accepting: AtomicBool::new(true),
+            database: AtomicU8::new(0),
+        }))
     }
 }
 
 impl Readiness {
     /// True until [`Readiness::shut_down`] is called.
     pub fn is_ready(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+        self.0.accepting.load(Ordering::Acquire)
     }
 
-    /// Makes `/readyz` answer 503 from now on.
+    /// Makes `/readyz` answer 503 "shutting down" from now on; the checker stops.
     pub fn shut_down(&self) {
-        self.0.store(false, Ordering::Release);
+        self.0.accepting.store(false, Ordering::Release);
+    }
+
+    /// The database's state at the last check.
+    pub fn database(&self) -> DatabaseState {
+        match self.0.database.load(Ordering::Acquire) {
+            1 => DatabaseState::Ok,
+            2 => DatabaseState::Unreachable,
+            _ => DatabaseState::Unknown,
+        }
+    }
+
+    /// Records a check's result.
+    pub fn record_database(&self, reachable: bool) {
+        self.0
+            .database
+            .store(if reachable { 1 } else { 2 }, Ordering::Release);
+    }
+
+    /// Pings `db` now and then every `every` (each ping bounded by the acquire timeout),
+    /// recording the result, until shutdown or until every other handle is dropped.
+    fn spawn_database_checker(&self, db: Database, every: Duration) {
+        let weak = Arc::downgrade(&self.0);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(state) = weak.upgrade().map(Readiness) else {
+                    return;
+                };
+                if !state.is_ready() {
+                    return;
+                }
+                let reachable = db.ping().await.is_ok();
+                state.record_database(reachable);
+            }
+        });
     }
 }

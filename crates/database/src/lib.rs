@@ -66,6 +66,7 @@
 
 mod analytics;
 mod config;
+pub mod deadline;
 mod error;
 mod metrics;
 mod pool;
@@ -320,14 +321,19 @@ impl Database {
     /// returned: its pool slot is free at once.
     ///
     /// `work` gets the connection for one statement or several (autocommit each); for a
-    /// transaction use [`Database::begin`].
+    /// transaction use [`Database::begin`]. Inside a [`deadline::scope`] the bound is the
+    /// smaller of that and what is left of the deadline.
     pub async fn run<T>(
         &self,
         work: impl AsyncFnOnce(&mut PgConnection) -> Result<T, sqlx::Error>,
     ) -> Result<T, DbError> {
         let inner = &self.inner;
         inner
-            .run_on(&inner.primary, inner.config.query_timeout(), work)
+            .run_on(
+                &inner.primary,
+                deadline::bounded(inner.config.query_timeout()),
+                work,
+            )
             .await
     }
 
@@ -339,7 +345,7 @@ impl Database {
         work: impl AsyncFnOnce(&mut PgConnection) -> Result<T, sqlx::Error>,
     ) -> Result<(T, ReadSource), DbError> {
         let inner = &self.inner;
-        let bound = inner.config.query_timeout();
+        let bound = deadline::bounded(inner.config.query_timeout());
         match inner.analytics.get().await {
             Some((generation, replica)) => {
                 let result = inner.run_on(&replica, bound, work).await;
@@ -394,7 +400,7 @@ impl Database {
         options: SnapshotOptions,
     ) -> Result<Snapshot, DbError> {
         let inner = &self.inner;
-        let bound = inner.config.query_timeout();
+        let bound = deadline::bounded(inner.config.query_timeout());
         let deadline = tokio::time::Instant::now() + bound;
         let conn = match tokio::time::timeout_at(deadline, inner.acquire_from(pool)).await {
             Ok(Ok(conn)) => conn,
@@ -441,11 +447,19 @@ impl Database {
     /// like [`Database::run`]: a caller gets [`DbError::QueryTimeout`] after
     /// [`DatabaseConfig::query_timeout`] (acquire included) even if the connection went
     /// silent, and that connection is discarded. The connection is counted like
-    /// [`Database::acquire`].
+    /// [`Database::acquire`]. Inside a [`deadline::scope`] the bound (of the `BEGIN` and of
+    /// every [`Tx::run`]) is at most what is left of the deadline, and the transaction's
+    /// `statement_timeout` is lowered with `SET LOCAL` to nine tenths of it when that is
+    /// below `DB_STATEMENT_TIMEOUT_MS`.
     pub async fn begin(&self) -> Result<Tx, DbError> {
         let inner = Arc::clone(&self.inner);
-        let bound = self.inner.config.query_timeout();
+        let bound = deadline::bounded(self.inner.config.query_timeout());
         let deadline = tokio::time::Instant::now() + bound;
+        // Inside a request's deadline the server-side timeout of this transaction's
+        // statements is lowered to fit it (`SET LOCAL`, gone at its end).
+        let statement_timeout = deadline::remaining().and_then(|left| {
+            transaction::nested_statement_timeout(self.inner.config.statement_timeout, left)
+        });
         // The task always runs to its end, even if this future is dropped or gives up
         // below: its output, a live `Tx`, is then dropped by tokio, which queues the
         // `ROLLBACK`. The task bounds the `BEGIN` itself and discards the connection when
@@ -456,7 +470,7 @@ impl Database {
                     Ok(result) => result?,
                     Err(_) => return Err(inner.count_query_error(DbError::QueryTimeout(bound))),
                 };
-            Tx::begin(inner, conn, deadline, bound).await
+            Tx::begin(inner, conn, deadline, bound, statement_timeout).await
         });
         match tokio::time::timeout_at(deadline, &mut task).await {
             Ok(Ok(result)) => result,

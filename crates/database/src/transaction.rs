@@ -40,15 +40,25 @@ impl std::fmt::Debug for Tx {
 }
 
 impl Tx {
-    /// Runs `BEGIN` on `conn` until `deadline`; on timeout the connection is discarded.
+    /// Runs `BEGIN` on `conn` until `deadline`, then `SET LOCAL statement_timeout` when
+    /// `statement_timeout` is set; on timeout the connection is discarded.
     pub(crate) async fn begin(
         inner: Arc<Inner>,
         mut conn: PoolConnection<Postgres>,
         deadline: Instant,
         bound: Duration,
+        statement_timeout: Option<Duration>,
     ) -> Result<Self, DbError> {
-        match tokio::time::timeout_at(deadline, PgTransactionManager::begin(&mut conn, None)).await
-        {
+        let begin = async {
+            PgTransactionManager::begin(&mut conn, None).await?;
+            if let Some(limit) = statement_timeout {
+                // A whole number of milliseconds, never from input: no injection possible.
+                let set = format!("SET LOCAL statement_timeout = {}", limit.as_millis());
+                sqlx::query(&set).execute(&mut *conn).await?;
+            }
+            Ok::<(), sqlx::Error>(())
+        };
+        match tokio::time::timeout_at(deadline, begin).await {
             Ok(Ok(())) => Ok(Self {
                 inner,
                 conn: Some(conn),
@@ -70,7 +80,7 @@ impl Tx {
         &mut self,
         work: impl AsyncFnOnce(&mut PgConnection) -> Result<T, sqlx::Error>,
     ) -> Result<T, DbError> {
-        let bound = self.inner.config.query_timeout();
+        let bound = crate::deadline::bounded(self.inner.config.query_timeout());
         if self.busy {
             // The previous `run` was dropped mid-statement: the session's state is unknown.
             self.discard();
@@ -113,6 +123,15 @@ impl Tx {
         }
         self.open = false;
     }
+}
+
+/// The server-side statement timeout of a transaction that has `left` before its deadline
+/// (see [`crate::deadline`]): nine tenths of it, so the server cancels a statement before
+/// the client bound fires; `None` when that is not below the configured
+/// `DB_STATEMENT_TIMEOUT_MS` (nothing to lower, no extra round trip).
+pub(crate) fn nested_statement_timeout(configured: Duration, left: Duration) -> Option<Duration> {
+    let limit = (left * 9 / 10).max(Duration::from_millis(1));
+    (limit < configured).then_some(limit)
 }
 
 impl Drop for Tx {

@@ -2024,3 +2024,90 @@ async fn snapshot_does_not_see_rows_committed_after_it_began_and_is_read_only() 
     assert_eq!(n, 3);
     fx.finish().await;
 }
+
+/// Milliseconds of `SHOW statement_timeout` (`8s`, `1799ms`, ...).
+fn show_millis(shown: &str) -> u64 {
+    if let Some(ms) = shown.strip_suffix("ms") {
+        ms.parse().unwrap()
+    } else if let Some(s) = shown.strip_suffix('s') {
+        s.parse::<u64>().unwrap() * 1000
+    } else {
+        panic!("unexpected statement_timeout {shown}")
+    }
+}
+
+#[tokio::test]
+async fn a_query_never_outlives_the_deadline_of_its_scope() {
+    use smartbeak_database::deadline;
+    let fx = Fixture::new(|_| {}).await;
+    let configured = fx.db.config().query_timeout();
+    // Outside a scope: the configured bound, and the transaction keeps the session's
+    // statement_timeout (8 s).
+    let mut tx = fx.db.begin().await.unwrap();
+    let shown: String = tx
+        .run(async |conn| {
+            sqlx::query_scalar("SHOW statement_timeout")
+                .fetch_one(conn)
+                .await
+        })
+        .await
+        .unwrap();
+    assert_eq!(show_millis(&shown), 8000);
+    tx.rollback().await.unwrap();
+
+    // A deadline 300 ms away bounds `run` by it: the client-side bound fires at it.
+    let soon = tokio::time::Instant::now() + Duration::from_millis(300);
+    let err = deadline::scope(soon, async {
+        fx.db
+            .run(async |conn| sqlx::query("SELECT pg_sleep(5)").execute(conn).await)
+            .await
+    })
+    .await
+    .expect_err("pg_sleep(5) must not outlive its deadline");
+    match err {
+        DbError::QueryTimeout(bound) => {
+            assert!(
+                bound <= Duration::from_millis(300) && bound < configured,
+                "{bound:?}"
+            );
+        }
+        other => panic!("expected the client bound, got {other:?}"),
+    }
+
+    // Inside a transaction the server's timeout is lowered to fit the deadline, so the
+    // server cancels the statement (57014) before the client bound.
+    let later = tokio::time::Instant::now() + Duration::from_millis(2000);
+    let (shown, slept) = deadline::scope(later, async {
+        let mut tx = fx.db.begin().await.unwrap();
+        let shown: String = tx
+            .run(async |conn| {
+                sqlx::query_scalar("SHOW statement_timeout")
+                    .fetch_one(conn)
+                    .await
+            })
+            .await
+            .unwrap();
+        let slept = tx
+            .run(async |conn| sqlx::query("SELECT pg_sleep(5)").execute(conn).await)
+            .await;
+        (shown, slept)
+    })
+    .await;
+    let lowered = show_millis(&shown);
+    assert!(lowered > 0 && lowered <= 1800, "{shown}");
+    let err = slept.expect_err("pg_sleep(5) must be cancelled");
+    assert!(matches!(err, DbError::StatementTimeout(_)), "{err:?}");
+
+    // The setting was local to that transaction.
+    let shown: String = fx
+        .db
+        .run(async |conn| {
+            sqlx::query_scalar("SHOW statement_timeout")
+                .fetch_one(conn)
+                .await
+        })
+        .await
+        .unwrap();
+    assert_eq!(show_millis(&shown), 8000);
+    fx.finish().await;
+}

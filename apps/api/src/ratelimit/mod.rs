@@ -32,8 +32,9 @@ use crate::state::AppState;
 pub struct ClientIdentity {
     /// Hex id of the presented API key (a truncated SHA-256), if any.
     pub key_id: Option<String>,
-    /// The client IP.
-    pub ip: IpAddr,
+    /// The client IP's quota bucket ([`quota_ip`]: IPv6 by /64, IPv4-mapped as IPv4);
+    /// `None` for a request with a key (limited per key only, until its key fails).
+    pub ip: Option<IpAddr>,
 }
 
 /// Whether a request may proceed.
@@ -208,11 +209,13 @@ impl RateLimiter {
             });
             policies.push(POLICY_KEY);
         }
-        keys.push(KeyLimit {
-            key: format!("{{{prefix}}}:ip:{}", client.ip),
-            limit: self.config.per_ip,
-        });
-        policies.push(POLICY_IP);
+        if let Some(ip) = client.ip {
+            keys.push(KeyLimit {
+                key: format!("{{{prefix}}}:ip:{ip}"),
+                limit: self.config.per_ip,
+            });
+            policies.push(POLICY_IP);
+        }
 
         match redis.check(&keys, self.config.window).await {
             Ok(outcome) => {
@@ -244,8 +247,8 @@ impl RateLimiter {
     }
 
     fn check_local(&self, client: &ClientIdentity) -> Decision {
-        let ip = client.ip.to_string();
-        let (allowed, checks) = self.local.check(&[client.key_id.as_deref(), Some(&ip)]);
+        let ip = client.ip.map(|ip| ip.to_string());
+        let (allowed, checks) = self.local.check(&[client.key_id.as_deref(), ip.as_deref()]);
         let mut quotas = Vec::new();
         let mut consulted = Vec::new();
         for (policy, check) in checks.iter().enumerate() {
@@ -389,36 +392,63 @@ impl Decision {
 
 /// Axum middleware: limits the request, answers 429/503 or runs it and adds the headers.
 ///
+/// A request with a key counts against that key's quota only (behind a load balancer every
+/// tenant shares one address); one without a key, or whose key fails authentication (a
+/// 401), counts against its client IP's quota: a flood of bad keys is limited by IP.
+///
 /// The limiter's call needs only the key's hash, so it runs concurrently with the key
 /// lookup (`auth_cache`; on a cache hit the lookup is immediate). The limiter's answer
 /// comes first as before: a limited or fail-closed request gets 429/503 whatever its key;
 /// an allowed one carries the lookup's outcome to the `Auth` extractor ([`ResolvedKey`]),
 /// which answers 401 for a bad key. A lookup that failed is not carried: the extractor
 /// looks again and answers with that error.
-pub async fn middleware(
-    State(state): State<AppState>,
+pub async fn middleware(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    limit(&state.limiter, Some(&state), request, next).await
+}
+
+/// [`middleware`] without the key lookup (the `Auth` extractor looks the key up itself): for
+/// tests of the limiter's decisions on a router with no database.
+#[cfg(test)]
+pub(crate) async fn limiter_only(
+    State(limiter): State<Arc<RateLimiter>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    limit(&limiter, None, request, next).await
+}
+
+/// The limiter's decision for one request, with the key looked up concurrently when `state`
+/// is given (see [`middleware`]).
+async fn limit(
+    limiter: &RateLimiter,
+    state: Option<&AppState>,
     mut request: Request,
     next: Next,
 ) -> Response {
-    let limiter = &state.limiter;
     let presented = PresentedKey::from_headers(request.headers());
+    let ip = quota_ip(client_ip(&request, &limiter.config.trusted_proxies));
     let client = ClientIdentity {
         key_id: presented.as_ref().map(PresentedKey::limiter_id),
-        ip: client_ip(&request, limiter.config.trust_forwarded_for),
+        ip: if presented.is_some() { None } else { Some(ip) },
     };
+    let keyed = presented.is_some();
     let lookup = async {
-        match &presented {
-            Some(presented) => state.keys.resolve(&state.db, presented).await.ok(),
-            None => Some(None),
+        match (&presented, state) {
+            (Some(presented), Some(state)) => state.keys.resolve(&state.db, presented).await.ok(),
+            (Some(_), None) => None,
+            (None, _) => Some(None),
         }
     };
     if !limiter.enabled() {
         if let Some(resolved) = lookup.await {
             request.extensions_mut().insert(ResolvedKey(resolved));
         }
+        if let Some(presented) = presented {
+            request.extensions_mut().insert(presented);
+        }
         return next.run(request).await;
     }
-    let (decision, resolved) = tokio::join!(limiter.check(&client), lookup);
+    let (mut decision, resolved) = tokio::join!(limiter.check(&client), lookup);
     if let Some(presented) = presented {
         request.extensions_mut().insert(presented);
     }
@@ -432,30 +462,86 @@ pub async fn middleware(
         Outcome::Limited => ApiError::RateLimited.into_response(),
         Outcome::Unavailable => ApiError::RateLimitUnavailable.into_response(),
     };
+    if keyed && response.status() == axum::http::StatusCode::UNAUTHORIZED {
+        // The key failed: the attempt counts against the client IP, and once that quota is
+        // spent the answer is 429 (the bad key's own quota says nothing about the client).
+        decision = limiter
+            .check(&ClientIdentity {
+                key_id: None,
+                ip: Some(ip),
+            })
+            .await;
+        match decision.outcome {
+            Outcome::Allowed => {}
+            Outcome::Limited => response = ApiError::RateLimited.into_response(),
+            Outcome::Unavailable => response = ApiError::RateLimitUnavailable.into_response(),
+        }
+    }
     decision.apply_headers(response.headers_mut());
     response
 }
 
-/// The client IP: the peer address, or with `TRUST_X_FORWARDED_FOR` the rightmost
-/// `X-Forwarded-For` entry, the one our proxy appended (every entry left of it came with
-/// the request, so the client chose it). Only right behind exactly one proxy that appends.
-fn client_ip(request: &Request, trust_forwarded_for: bool) -> IpAddr {
-    if trust_forwarded_for
-        && let Some(ip) = request
-            .headers()
-            .get_all("x-forwarded-for")
-            .iter()
-            .next_back()
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.rsplit(',').next())
-            .and_then(|v| v.trim().parse().ok())
+/// [`middleware`] for requests that matched no route (404, and 405 on a known path): they
+/// are rate limited like `/v1`, so a client cannot probe made-up paths and methods for
+/// free. Requests that matched a route pass (the `/v1` routes have their own layer).
+pub async fn unmatched(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .is_some()
     {
-        return ip;
+        return next.run(request).await;
     }
-    request
+    middleware(State(state), request, next).await
+}
+
+/// The bucket a client IP is counted in: an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) is
+/// the IPv4 address, an IPv6 address is its /64 (one subscriber's prefix: a client rotating
+/// through its addresses stays one client).
+pub fn quota_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & (u128::MAX << 64))),
+        },
+    }
+}
+
+/// The client IP: the peer address, unless the peer is one of `trusted` proxies; then
+/// `X-Forwarded-For` (every header line, one list) is walked right to left past trusted
+/// hops, and the first address not trusted is the client. An unparsable entry stops the
+/// walk at the last trusted hop (the entries left of it cannot be believed), and so does a
+/// list made only of trusted hops.
+fn client_ip(request: &Request, trusted: &[ipnet::IpNet]) -> IpAddr {
+    let canonical = |ip: IpAddr| ip.to_canonical();
+    let peer = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
-        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |info| info.0.ip())
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |info| {
+            canonical(info.0.ip())
+        });
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let mut client = peer;
+    let lines: Vec<&str> = request
+        .headers()
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    for entry in lines.iter().rev().flat_map(|line| line.rsplit(',')) {
+        let Ok(ip) = entry.trim().parse::<IpAddr>().map(canonical) else {
+            break;
+        };
+        client = ip;
+        if !is_trusted(&ip) {
+            break;
+        }
+    }
+    client
 }
 
 #[cfg(test)]

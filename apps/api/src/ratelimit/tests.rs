@@ -19,7 +19,7 @@ fn policy(per_key: u32, per_ip: u32) -> RateLimitConfig {
         fail_closed: false,
         replicas: 1,
         key_prefix: format!("sbtest:{}", uuid::Uuid::new_v4().simple()),
-        trust_forwarded_for: false,
+        trusted_proxies: Vec::new(),
     }
 }
 
@@ -56,7 +56,7 @@ fn redis(url: &str) -> RedisConfig {
 fn client(key: Option<&str>) -> ClientIdentity {
     ClientIdentity {
         key_id: key.map(str::to_owned),
-        ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
+        ip: Some(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))),
     }
 }
 
@@ -376,9 +376,9 @@ async fn without_redis_the_in_process_limiter_is_the_limiter() {
 }
 
 #[test]
-fn forwarded_for_is_trusted_only_when_configured_and_then_its_rightmost_entry() {
-    let peer: std::net::SocketAddr = "192.0.2.10:40000".parse().unwrap();
-    let request = |forwarded: &[&str]| {
+fn forwarded_for_is_read_only_from_trusted_proxies_right_to_left() {
+    let request = |peer: &str, forwarded: &[&str]| {
+        let peer: std::net::SocketAddr = peer.parse().unwrap();
         let mut builder = axum::http::Request::get("/v1/domains");
         for value in forwarded {
             builder = builder.header("x-forwarded-for", *value);
@@ -388,31 +388,125 @@ fn forwarded_for_is_trusted_only_when_configured_and_then_its_rightmost_entry() 
         request
     };
     let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-    // Not trusted: the peer, whatever the header says.
+    let nets =
+        |list: &[&str]| -> Vec<ipnet::IpNet> { list.iter().map(|n| n.parse().unwrap()).collect() };
+    let lb = "192.0.2.10:40000";
+    // No trusted proxies: the peer, whatever the header says.
     assert_eq!(
-        client_ip(&request(&["203.0.113.7"]), false),
+        client_ip(&request(lb, &["203.0.113.7"]), &[]),
         ip("192.0.2.10")
     );
-    // Trusted: the entry our proxy appended (the rightmost), not the client's own claims.
+    // A peer outside the trusted set: its header is the client's own claim.
+    let trusted = nets(&["10.0.0.0/8", "192.0.2.10/32"]);
     assert_eq!(
-        client_ip(&request(&["1.2.3.4, 203.0.113.7"]), true),
+        client_ip(&request("198.51.100.1:1", &["203.0.113.7"]), &trusted),
+        ip("198.51.100.1")
+    );
+    // Trusted peer: right to left past trusted hops; the client's spoofed entry (leftmost)
+    // is never reached.
+    assert_eq!(
+        client_ip(&request(lb, &["1.2.3.4, 203.0.113.7, 10.1.2.3"]), &trusted),
         ip("203.0.113.7")
     );
     assert_eq!(
-        client_ip(&request(&["1.2.3.4", "5.6.7.8,  203.0.113.9 "]), true),
+        client_ip(
+            &request(lb, &["1.2.3.4", "5.6.7.8,  203.0.113.9 "]),
+            &trusted
+        ),
         ip("203.0.113.9"),
         "several header lines are one list"
     );
     assert_eq!(
-        client_ip(&request(&["2001:db8::1"]), true),
+        client_ip(&request(lb, &["2001:db8::1"]), &trusted),
         ip("2001:db8::1")
     );
-    // Missing or unparsable: the peer.
-    assert_eq!(client_ip(&request(&[]), true), ip("192.0.2.10"));
+    // Missing: the peer. Unparsable: the last trusted hop (nothing left of it is believed).
+    assert_eq!(client_ip(&request(lb, &[]), &trusted), ip("192.0.2.10"));
     assert_eq!(
-        client_ip(&request(&["1.2.3.4, unknown"]), true),
-        ip("192.0.2.10")
+        client_ip(&request(lb, &["1.2.3.4, unknown, 10.0.0.5"]), &trusted),
+        ip("10.0.0.5")
     );
+    // Only trusted hops: the leftmost of them.
+    assert_eq!(
+        client_ip(&request(lb, &["10.0.0.9, 10.0.0.5"]), &trusted),
+        ip("10.0.0.9")
+    );
+    // An IPv4-mapped peer matches an IPv4 CIDR, and mapped entries read as IPv4.
+    assert_eq!(
+        client_ip(
+            &request("[::ffff:192.0.2.10]:1", &["::ffff:203.0.113.7"]),
+            &trusted
+        ),
+        ip("203.0.113.7")
+    );
+}
+
+#[test]
+fn ipv6_clients_are_keyed_by_their_64_and_mapped_addresses_as_ipv4() {
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    assert_eq!(quota_ip(ip("203.0.113.7")), ip("203.0.113.7"));
+    assert_eq!(quota_ip(ip("::ffff:203.0.113.7")), ip("203.0.113.7"));
+    assert_eq!(quota_ip(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
+    assert_eq!(
+        quota_ip(ip("2001:db8:1:2:ffff:ffff:ffff:ffff")),
+        quota_ip(ip("2001:db8:1:2::5"))
+    );
+    assert_ne!(
+        quota_ip(ip("2001:db8:1:3::1")),
+        quota_ip(ip("2001:db8:1:2::1"))
+    );
+}
+
+#[tokio::test]
+async fn keyed_requests_skip_the_ip_quota_and_failed_keys_spend_it() {
+    use axum::routing::get;
+    use tower::ServiceExt;
+    // One IP unit: a key with room and a client behind the same address must not share it.
+    let limiter = RateLimiter::new(policy(100, 1), None).unwrap();
+    // The handler stands in for authentication: key `good` passes, any other gets 401.
+    let app = axum::Router::new()
+        .route(
+            "/v1/x",
+            get(|headers: HeaderMap| async move {
+                let good = headers
+                    .get(header::AUTHORIZATION)
+                    .is_some_and(|v| v == "Bearer sk_good");
+                if good {
+                    "ok".into_response()
+                } else {
+                    ApiError::Unauthorized.into_response()
+                }
+            }),
+        )
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&limiter),
+            limiter_only,
+        ));
+    let call = |key: Option<&str>| {
+        let mut builder = axum::http::Request::get("/v1/x");
+        if let Some(key) = key {
+            builder = builder.header(header::AUTHORIZATION, format!("Bearer {key}"));
+        }
+        let mut request = builder.body(axum::body::Body::empty()).unwrap();
+        let peer: SocketAddr = "192.0.2.10:1".parse().unwrap();
+        request.extensions_mut().insert(ConnectInfo(peer));
+        app.clone().oneshot(request)
+    };
+    for _ in 0..5 {
+        let response = call(Some("sk_good")).await.unwrap();
+        assert_eq!(response.status(), 200);
+        // Only the key's quota is shown: the IP's would show every tenant the total.
+        assert_eq!(response.headers()["ratelimit-policy"], "\"key\";q=100;w=60");
+    }
+    // The first bad key spends the IP's one unit and still gets its 401...
+    let response = call(Some("sk_bad")).await.unwrap();
+    assert_eq!(response.status(), 401);
+    assert_eq!(response.headers()["ratelimit-policy"], "\"ip\";q=1;w=60");
+    // ...the next is over the IP quota (429), and so is an unauthenticated request.
+    assert_eq!(call(Some("sk_bad2")).await.unwrap().status(), 429);
+    assert_eq!(call(None).await.unwrap().status(), 429);
+    // The good key is unaffected.
+    assert_eq!(call(Some("sk_good")).await.unwrap().status(), 200);
 }
 
 /// Calls of `EVAL` and `EVALSHA` so far, from `INFO commandstats`.

@@ -1,5 +1,7 @@
-//! Operational endpoints: `/healthz` (alive), `/readyz` (database reachable and not shutting
-//! down; says which read source serves analytics and how Redis is), `/metrics` (Prometheus).
+//! Operational endpoints: `/healthz` (alive), `/readyz` (the database reachable at the
+//! background checker's last ping and not shutting down; says which read source serves
+//! analytics and how Redis is), `/metrics` (Prometheus). The probes are served outside the
+//! load shedder, the concurrency limit and the request timeout (`http::app`).
 
 use axum::Json;
 use axum::extract::State;
@@ -8,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::state::AppState;
+use crate::state::{AppState, DatabaseState};
 
 /// `/healthz` body.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -30,7 +32,7 @@ pub struct Readiness {
     pub redis: String,
     /// `true` once shutdown has begun.
     pub shutting_down: bool,
-    /// On 503: the failing dependency (`database` or `shutdown`).
+    /// On 503: `not ready: database` or `not ready: shutting down`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// On 503: `NOT_READY`.
@@ -51,13 +53,20 @@ pub async fn healthz() -> Json<Health> {
     responses((status = 200, body = Readiness), (status = 503, body = Readiness)))]
 pub async fn readyz(State(state): State<AppState>) -> Response {
     let shutting_down = !state.readiness.is_ready();
-    let database_ok = if shutting_down {
-        false
-    } else {
-        state.db.ping().await.is_ok()
+    // The background checker's last result; only before its first check does the probe
+    // ping (once per process start, bounded by the acquire timeout).
+    let database_ok = match state.readiness.database() {
+        DatabaseState::Ok => true,
+        DatabaseState::Unreachable => false,
+        DatabaseState::Unknown if shutting_down => false,
+        DatabaseState::Unknown => {
+            let ok = state.db.ping().await.is_ok();
+            state.readiness.record_database(ok);
+            ok
+        }
     };
     let failed = if shutting_down {
-        Some("shutdown")
+        Some("shutting down")
     } else if !database_ok {
         Some("database")
     } else {

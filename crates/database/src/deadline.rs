@@ -1,0 +1,68 @@
+//! The deadline of the work a query belongs to (an HTTP request, say), carried in a task-local
+//! so that every bound of this crate nests under it without each caller passing it along:
+//! [`scope`] sets it for a future; [`crate::Database::run`], [`crate::Database::begin`] and
+//! [`crate::Tx::run`] bound themselves by the smaller of their configured bound and
+//! [`remaining`]. A query never outlives the work it serves.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+tokio::task_local! {
+    static DEADLINE: Instant;
+}
+
+/// Runs `fut` with `deadline` as the deadline of every query it makes (in this task; a task
+/// it spawns does not inherit it). A nested scope keeps the earlier of the two deadlines.
+pub async fn scope<F: Future>(deadline: Instant, fut: F) -> F::Output {
+    let deadline = current().map_or(deadline, |outer| outer.min(deadline));
+    DEADLINE.scope(deadline, fut).await
+}
+
+/// The deadline set by the innermost [`scope`] around the caller, if any.
+pub fn current() -> Option<Instant> {
+    DEADLINE.try_with(|deadline| *deadline).ok()
+}
+
+/// What is left of the current deadline (zero once it has passed); `None` outside a
+/// [`scope`].
+pub fn remaining() -> Option<Duration> {
+    current().map(|deadline| deadline.saturating_duration_since(Instant::now()))
+}
+
+/// `bound`, shortened to what is left of the current deadline.
+pub fn bounded(bound: Duration) -> Duration {
+    remaining().map_or(bound, |left| left.min(bound))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_bound_is_the_smaller_of_the_configured_one_and_what_is_left() {
+        let bound = Duration::from_secs(8);
+        assert_eq!(bounded(bound), bound);
+        assert_eq!(remaining(), None);
+        let deadline = Instant::now() + Duration::from_secs(3);
+        scope(deadline, async {
+            assert_eq!(bounded(bound), Duration::from_secs(3));
+            tokio::time::advance(Duration::from_secs(2)).await;
+            assert_eq!(bounded(bound), Duration::from_secs(1));
+            // A nested scope cannot extend the outer deadline, only shorten it.
+            scope(Instant::now() + Duration::from_secs(60), async {
+                assert_eq!(remaining(), Some(Duration::from_secs(1)));
+            })
+            .await;
+            scope(Instant::now() + Duration::from_millis(10), async {
+                assert_eq!(remaining(), Some(Duration::from_millis(10)));
+            })
+            .await;
+            tokio::time::advance(Duration::from_secs(5)).await;
+            assert_eq!(bounded(bound), Duration::ZERO);
+        })
+        .await;
+        assert_eq!(bounded(bound), bound);
+    }
+}
