@@ -4,7 +4,7 @@
 //! Codemap: [`config`] (env), [`error`] (the one error shape), [`auth`] (API keys),
 //! [`ratelimit`] (Redis GCRA with fail-open/closed), [`routes`] (handlers by resource),
 //! [`analytics`] (single-flight cached aggregates), [`http`] (router and layers),
-//! [`openapi`] (the generated document), [`state`] (what handlers share), [`jobs`] (the
+//! [`openapi`] (the generated document), [`idempotency`] (`Idempotency-Key` records), [`state`] (what handlers share), [`jobs`] (the
 //! domain export job: its queue, writers and worker), [`startup`] (the start-up wiring the
 //! three service binaries share: metrics recorder, database connect and pool handler).
 
@@ -15,6 +15,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod idempotency;
 pub mod jobs;
 pub mod openapi;
 pub mod ratelimit;

@@ -75,7 +75,7 @@ async fn aggregates_and_a_burst_of_500_runs_one_query() {
     let stored: Value = response.json().await.unwrap();
     assert_eq!(
         stored,
-        json!({"keywords_inserted": 4, "content_inserted": 2})
+        json!({"keywords_inserted": 4, "content_inserted": 2, "keywords_updated": 0, "content_updated": 0})
     );
 
     let path = api.url(&format!(
