@@ -40,6 +40,8 @@ API variables (defaults in brackets):
   RATE_LIMIT_KEY_PREFIX        [smartbeak:rl]
   TRUST_X_FORWARDED_FOR        [false]
   ANALYTICS_CACHE_TTL_MS       [5000]
+  ANALYTICS_CACHE_MAX_BYTES    serialised report bytes cached [67108864]
+  ANALYTICS_REPORT_TOP_N       keywords / content items listed per report [100]
   EXPORT_DIR                   where export files live [./exports]";
 
 /// Every variable the binary reads, for `--help`.

@@ -40,7 +40,11 @@ impl AppState {
         limiter: Arc<RateLimiter>,
         metrics: Option<PrometheusHandle>,
     ) -> Self {
-        let analytics = AnalyticsReads::new(config.analytics_cache_ttl);
+        let analytics = AnalyticsReads::new(
+            config.analytics_cache_ttl,
+            config.analytics_cache_max_bytes,
+            config.analytics_top_n,
+        );
         Self(Arc::new(AppContext {
             db,
             config,

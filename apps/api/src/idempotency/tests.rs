@@ -260,3 +260,50 @@ async fn concurrent_requests_with_one_key_run_once() {
     assert_eq!(count(&api, "SELECT count(*) FROM domain_exports").await, 1);
     api.f.finish().await;
 }
+
+/// Issue 13 gap 6: a report lists the top N (by clicks, by page views) with totals over
+/// every row.
+#[tokio::test]
+async fn an_analytics_report_lists_the_top_n_with_totals_over_every_row() {
+    let api = TestApi::new().await;
+    let content = add_content(&api).await;
+    let path = format!("/v1/domains/{}/metrics", api.f.domain);
+    let mut body = rows(content, 10);
+    body["keywords"] = json!([
+        {"keyword": "few", "search_volume": 1, "position": 1.0, "clicks": 1, "impressions": 5,
+         "recorded_at": "2026-01-02T00:00:00Z"},
+        {"keyword": "most", "search_volume": 1, "position": 1.0, "clicks": 30, "impressions": 5,
+         "recorded_at": "2026-01-02T00:00:00Z"},
+        {"keyword": "some", "search_volume": 1, "position": 1.0, "clicks": 7, "impressions": 5,
+         "recorded_at": "2026-01-02T00:00:00Z"}
+    ]);
+    assert_eq!(
+        api.call("POST", &path, Some(body)).await.status,
+        StatusCode::CREATED
+    );
+    let reads = crate::analytics::AnalyticsReads::new(std::time::Duration::ZERO, 1 << 20, 2);
+    let key = crate::analytics::AnalyticsKey {
+        org_id: api.f.org,
+        domain_id: api.f.domain,
+        from: "2026-01-01T00:00:00Z".parse().unwrap(),
+        to: "2026-02-01T00:00:00Z".parse().unwrap(),
+    };
+    let shared = reads.get(&api.f.db, key).await.unwrap();
+    let listed: Vec<&str> = shared
+        .report
+        .keywords
+        .iter()
+        .map(|k| k.keyword.as_str())
+        .collect();
+    assert_eq!(listed, ["most", "some"]);
+    assert_eq!(shared.report.content.len(), 1);
+    let totals = &shared.report.totals;
+    assert_eq!(
+        (totals.keywords, totals.clicks, totals.impressions),
+        (3, 38, 15)
+    );
+    assert_eq!((totals.content_items, totals.page_views), (1, 10));
+    let json: Value = serde_json::from_slice(&shared.json).unwrap();
+    assert_eq!(json["totals"]["clicks"], 38);
+    api.f.finish().await;
+}
