@@ -256,6 +256,8 @@ mod tests;
 
 #[cfg(test)]
 mod unit_tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
     use super::*;
 
     #[test]
