@@ -81,6 +81,12 @@ pub struct ApiConfig {
     pub rate_limit: RateLimitConfig,
     /// `ANALYTICS_CACHE_TTL_MS`, default 5000: how long an analytics aggregate is reused.
     pub analytics_cache_ttl: Duration,
+    /// `ANALYTICS_CACHE_MAX_BYTES`, default 67108864 (64 MiB): the most serialised report
+    /// bytes the analytics cache holds (least recently used reports go first).
+    pub analytics_cache_max_bytes: u64,
+    /// `ANALYTICS_REPORT_TOP_N`, default 100: the most keywords (by clicks) and content
+    /// items (by page views) a report lists; its `totals` cover every row.
+    pub analytics_top_n: i64,
     /// `EXPORT_DIR`, default `./exports`: where the export worker writes finished files.
     pub export_dir: PathBuf,
     /// The in-process API key cache.
@@ -221,6 +227,8 @@ impl ApiConfig {
                 trusted_proxies: trusted_proxies(&env)?,
             },
             analytics_cache_ttl: env.millis("ANALYTICS_CACHE_TTL_MS", 5_000)?,
+            analytics_cache_max_bytes: env.positive("ANALYTICS_CACHE_MAX_BYTES", 64 << 20)?,
+            analytics_top_n: env.positive("ANALYTICS_REPORT_TOP_N", 100)?,
             export_dir: env
                 .string("EXPORT_DIR")
                 .map_or_else(|| PathBuf::from(DEFAULT_EXPORT_DIR), PathBuf::from),

@@ -53,6 +53,10 @@ pub enum ApiError {
         /// What conflicts.
         message: String,
     },
+    /// 422 `IDEMPOTENCY_KEY_REUSED`: the `Idempotency-Key` was used within 24 hours for a
+    /// request with another body.
+    #[error("Idempotency-Key: already used for a request with a different body")]
+    IdempotencyKeyReused,
     /// 413 `PAYLOAD_TOO_LARGE`.
     #[error("request body is too large")]
     PayloadTooLarge,
@@ -104,6 +108,7 @@ impl ApiError {
                 code,
                 message: message.clone(),
             },
+            Self::IdempotencyKeyReused => Self::IdempotencyKeyReused,
             Self::PayloadTooLarge => Self::PayloadTooLarge,
             Self::RateLimited => Self::RateLimited,
             Self::RateLimitUnavailable => Self::RateLimitUnavailable,
@@ -118,7 +123,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::Validation { .. } | Self::InvalidJson(_) => StatusCode::BAD_REQUEST,
-            Self::InvalidBody(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::InvalidBody(_) | Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
@@ -143,6 +148,7 @@ impl ApiError {
             Self::Unauthorized => "UNAUTHORIZED",
             Self::NotFound(_) => "NOT_FOUND",
             Self::Conflict { code, .. } => code,
+            Self::IdempotencyKeyReused => "IDEMPOTENCY_KEY_REUSED",
             Self::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
             Self::RateLimited => "RATE_LIMITED",
             Self::RateLimitUnavailable => "RATE_LIMIT_SERVICE_ERROR",

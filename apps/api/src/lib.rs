@@ -5,7 +5,7 @@
 //! in-process cache, evicted by `LISTEN/NOTIFY` through [`listen`]),
 //! [`ratelimit`] (Redis GCRA with fail-open/closed), [`routes`] (handlers by resource),
 //! [`analytics`] (single-flight cached aggregates), [`http`] (router and layers), [`serve`] (connections: header-read timeout, cap, drain),
-//! [`openapi`] (the generated document), [`state`] (what handlers share), [`jobs`] (the
+//! [`openapi`] (the generated document), [`idempotency`] (`Idempotency-Key` records), [`state`] (what handlers share), [`jobs`] (the
 //! domain export job: its queue, writers and worker), [`startup`] (the start-up wiring the
 //! three service binaries share: metrics recorder, database connect and pool handler).
 
@@ -17,6 +17,7 @@ pub mod auth_cache;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod idempotency;
 pub mod jobs;
 pub mod listen;
 pub mod openapi;

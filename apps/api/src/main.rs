@@ -41,10 +41,12 @@ API variables (defaults in brackets):
   RATE_LIMIT_KEY_PREFIX        [smartbeak:rl]
   TRUSTED_PROXIES              CIDRs whose X-Forwarded-For is read [empty: none]
   ANALYTICS_CACHE_TTL_MS       [5000]
-  EXPORT_DIR                   where export files live [./exports]
   AUTH_CACHE_CAPACITY          API keys cached in-process at most [10000]
   AUTH_CACHE_TTL_MS            a valid key is trusted this long without a lookup [5000]
-  AUTH_CACHE_NEGATIVE_TTL_MS   an unknown/revoked key is refused this long without one [2000]";
+  AUTH_CACHE_NEGATIVE_TTL_MS   an unknown/revoked key is refused this long without one [2000]
+  ANALYTICS_CACHE_MAX_BYTES    serialised report bytes cached [67108864]
+  ANALYTICS_REPORT_TOP_N       keywords / content items listed per report [100]
+  EXPORT_DIR                   where export files live [./exports]";
 
 /// Every variable the binary reads, for `--help`.
 fn variables_help() -> String {

@@ -44,7 +44,11 @@ impl AppState {
         limiter: Arc<RateLimiter>,
         metrics: Option<PrometheusHandle>,
     ) -> Self {
-        let analytics = AnalyticsReads::new(config.analytics_cache_ttl);
+        let analytics = AnalyticsReads::new(
+            config.analytics_cache_ttl,
+            config.analytics_cache_max_bytes,
+            config.analytics_top_n,
+        );
         let keys = Arc::new(KeyCache::new(&config.auth_cache));
         let readiness = Readiness::default();
         readiness.spawn_database_checker(db.clone(), DATABASE_CHECK_EVERY);

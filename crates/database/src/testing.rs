@@ -167,6 +167,41 @@ async fn admin_pool(admin: &SecretUrl) -> Result<sqlx::PgPool, DbError> {
         })
 }
 
+/// The plan PostgreSQL picks for `sql` as a *generic* plan (`plan_cache_mode =
+/// force_generic_plan`, the plan a prepared statement switches to after five executions),
+/// with parameters of `types` bound to the SQL literals `args`: `EXPLAIN EXECUTE` of a
+/// `PREPARE`d statement, one line of the plan per line. The session's settings are reset
+/// afterwards.
+///
+/// Tests use it to check that a query's index condition survives a generic plan (a
+/// `$n IS NULL OR ...` filter does not: the planner cannot know `$n` at plan time).
+pub async fn explain_generic(
+    conn: &mut sqlx::PgConnection,
+    sql: &str,
+    types: &[&str],
+    args: &[String],
+) -> Result<String, sqlx::Error> {
+    sqlx::raw_sql("SET plan_cache_mode = force_generic_plan")
+        .execute(&mut *conn)
+        .await?;
+    sqlx::raw_sql(&format!(
+        "PREPARE explain_generic_shape ({}) AS {sql}",
+        types.join(", ")
+    ))
+    .execute(&mut *conn)
+    .await?;
+    let plan: Result<Vec<String>, sqlx::Error> = sqlx::query_scalar(&format!(
+        "EXPLAIN EXECUTE explain_generic_shape ({})",
+        args.join(", ")
+    ))
+    .fetch_all(&mut *conn)
+    .await;
+    sqlx::raw_sql("DEALLOCATE explain_generic_shape; RESET plan_cache_mode")
+        .execute(&mut *conn)
+        .await?;
+    Ok(plan?.join("\n"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

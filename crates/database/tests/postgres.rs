@@ -2111,3 +2111,83 @@ async fn a_query_never_outlives_the_deadline_of_its_scope() {
     assert_eq!(show_millis(&shown), 8000);
     fx.finish().await;
 }
+
+/// Issue 13 gap 5: the natural-key migration applies over rows that repeat a key (written
+/// before it, when the ingest inserted blindly): the last row written of each key is kept.
+#[tokio::test]
+async fn the_natural_key_migration_keeps_the_last_row_of_each_key() {
+    const VERSION: i64 = 20261202000013;
+    let admin = PgPool::connect(TestDatabase::admin_url().unwrap().expose())
+        .await
+        .unwrap();
+    let name = format!("{}{}", testing::run_prefix(), uuid::Uuid::new_v4().simple());
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let url = TestDatabase::admin_url().unwrap().with_database(&name);
+    let pool = PgPool::connect(url.expose()).await.unwrap();
+    let mut ours = None;
+    for migration in smartbeak_database::MIGRATOR.iter() {
+        if migration.version < VERSION {
+            sqlx::raw_sql(&migration.sql).execute(&pool).await.unwrap();
+        } else if migration.version == VERSION {
+            ours = Some(migration.sql.clone());
+        }
+    }
+    let ours = ours.expect("the natural-key migration exists");
+    sqlx::raw_sql(
+        "INSERT INTO orgs (id, name) VALUES ('00000000-0000-0000-0000-00000000000a', 'a');
+         INSERT INTO domains (id, org_id, name) VALUES
+             ('00000000-0000-0000-0000-0000000000d1', '00000000-0000-0000-0000-00000000000a', 'a.example');
+         INSERT INTO content_items (id, domain_id, title, slug) VALUES
+             ('00000000-0000-0000-0000-0000000000c1', '00000000-0000-0000-0000-0000000000d1', 't', 's');
+         -- Three writes of one api key, one other time, and a synced row of the same key
+         -- (its own natural key, untouched).
+         INSERT INTO keyword_metrics (domain_id, keyword, search_volume, position, recorded_at, source)
+         SELECT '00000000-0000-0000-0000-0000000000d1', 'rust', v, 1, '2026-01-01', s
+         FROM (VALUES (1, NULL), (2, NULL), (3, NULL), (9, 'gsc')) AS t(v, s);
+         INSERT INTO keyword_metrics (domain_id, keyword, search_volume, position, recorded_at)
+         VALUES ('00000000-0000-0000-0000-0000000000d1', 'rust', 4, 1, '2026-01-02');
+         INSERT INTO content_performance (domain_id, content_id, page_views, recorded_at)
+         SELECT '00000000-0000-0000-0000-0000000000d1', '00000000-0000-0000-0000-0000000000c1', v, '2026-01-01'
+         FROM generate_series(1, 3) v;",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::raw_sql(&ours)
+        .execute(&pool)
+        .await
+        .expect("the migration applies over duplicated rows");
+    let keywords: Vec<(i32, Option<String>)> =
+        sqlx::query_as("SELECT search_volume, source FROM keyword_metrics ORDER BY search_volume")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        keywords,
+        vec![(3, None), (4, None), (9, Some("gsc".to_owned()))]
+    );
+    let views: Vec<i64> = sqlx::query_scalar("SELECT page_views FROM content_performance")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(views, vec![3]);
+    // The keys hold from now on.
+    let again = sqlx::query(
+        "INSERT INTO keyword_metrics (domain_id, keyword, search_volume, position, recorded_at) \
+         VALUES ('00000000-0000-0000-0000-0000000000d1', 'rust', 5, 1, '2026-01-01')",
+    )
+    .execute(&pool)
+    .await;
+    assert!(
+        matches!(&again, Err(sqlx::Error::Database(e)) if e.is_unique_violation()),
+        "{again:?}"
+    );
+    pool.close().await;
+    sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
+        .execute(&admin)
+        .await
+        .unwrap();
+}

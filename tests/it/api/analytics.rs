@@ -75,7 +75,7 @@ async fn aggregates_and_a_burst_of_500_runs_one_query() {
     let stored: Value = response.json().await.unwrap();
     assert_eq!(
         stored,
-        json!({"keywords_inserted": 4, "content_inserted": 2})
+        json!({"keywords_inserted": 4, "content_inserted": 2, "keywords_updated": 0, "content_updated": 0})
     );
 
     let path = api.url(&format!(
@@ -158,12 +158,20 @@ async fn aggregates_and_a_burst_of_500_runs_one_query() {
         2,
         "the 2025 row is outside the range: {report}"
     );
-    assert_eq!(keywords[1]["keyword"], "rust");
-    assert_eq!(keywords[1]["avg_search_volume"], 200.0);
-    assert_eq!(keywords[1]["avg_position"], 3.0);
-    assert_eq!(keywords[1]["total_clicks"], 40);
-    assert_eq!(keywords[1]["total_impressions"], 200);
-    assert!((keywords[1]["avg_ctr"].as_f64().unwrap() - 0.2).abs() < 1e-9);
+    // Top keywords by clicks first.
+    assert_eq!(keywords[0]["keyword"], "rust");
+    assert_eq!(keywords[1]["keyword"], "axum");
+    assert_eq!(
+        report["totals"],
+        json!({"keywords": 2, "content_items": 1, "clicks": 40, "impressions": 200,
+               "page_views": 150, "revenue_cents": 1500}),
+        "{report}"
+    );
+    assert_eq!(keywords[0]["avg_search_volume"], 200.0);
+    assert_eq!(keywords[0]["avg_position"], 3.0);
+    assert_eq!(keywords[0]["total_clicks"], 40);
+    assert_eq!(keywords[0]["total_impressions"], 200);
+    assert!((keywords[0]["avg_ctr"].as_f64().unwrap() - 0.2).abs() < 1e-9);
     let content = &report["content"][0];
     assert_eq!(content["title"], "Hello");
     assert_eq!(content["page_views"], 150);

@@ -82,7 +82,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use smartbeak_database::{Database, DbError};
+use smartbeak_database::{Database, DbError, Tx};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -370,6 +370,28 @@ pub async fn enqueue(
     domain_id: Uuid,
     new: &NewExport,
 ) -> Result<Option<ExportRow>, DbError> {
+    db.run(async |conn| insert_job(conn, org_id, domain_id, new).await)
+        .await
+}
+
+/// [`enqueue`] in the transaction `tx` (an `Idempotency-Key` record commits with the job);
+/// the notification is delivered when `tx` commits.
+pub async fn enqueue_in(
+    tx: &mut Tx,
+    org_id: Uuid,
+    domain_id: Uuid,
+    new: &NewExport,
+) -> Result<Option<ExportRow>, DbError> {
+    tx.run(async |conn| insert_job(conn, org_id, domain_id, new).await)
+        .await
+}
+
+async fn insert_job(
+    conn: &mut sqlx::PgConnection,
+    org_id: Uuid,
+    domain_id: Uuid,
+    new: &NewExport,
+) -> Result<Option<ExportRow>, sqlx::Error> {
     let sql = format!(
         "WITH ins AS ( \
              INSERT INTO domain_exports (id, org_id, domain_id, format, include_content, \
@@ -379,22 +401,19 @@ pub async fn enqueue(
              RETURNING {ROW_COLUMNS}) \
          SELECT {ROW_COLUMNS}, pg_notify($10, id::text)::text AS notified FROM ins"
     );
-    db.run(async |conn| {
-        sqlx::query_as::<_, ExportRow>(&sql)
-            .bind(Uuid::new_v4())
-            .bind(domain_id)
-            .bind(org_id)
-            .bind(new.format.as_str())
-            .bind(new.include_content)
-            .bind(new.include_keywords)
-            .bind(new.include_analytics)
-            .bind(new.date_from)
-            .bind(new.date_to)
-            .bind(CHANNEL)
-            .fetch_optional(conn)
-            .await
-    })
-    .await
+    sqlx::query_as::<_, ExportRow>(&sql)
+        .bind(Uuid::new_v4())
+        .bind(domain_id)
+        .bind(org_id)
+        .bind(new.format.as_str())
+        .bind(new.include_content)
+        .bind(new.include_keywords)
+        .bind(new.include_analytics)
+        .bind(new.date_from)
+        .bind(new.date_to)
+        .bind(CHANNEL)
+        .fetch_optional(conn)
+        .await
 }
 
 /// One job of `org_id`.

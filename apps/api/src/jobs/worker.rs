@@ -379,8 +379,15 @@ pub struct Swept {
     pub orphans: usize,
 }
 
-/// Sweeps the worker's `EXPORT_DIR` (see [`sweep_dir`]); failures are logged, never fatal.
+/// Sweeps the worker's `EXPORT_DIR` (see [`sweep_dir`]) and deletes a batch of expired
+/// `Idempotency-Key` records ([`crate::idempotency::purge_expired`]); failures are logged,
+/// never fatal.
 async fn sweep(ctx: &Ctx) -> Swept {
+    match crate::idempotency::purge_expired(&ctx.db, 1_000).await {
+        Ok(0) => {}
+        Ok(purged) => tracing::info!(purged, "deleted expired idempotency records"),
+        Err(error) => tracing::warn!(%error, "deleting expired idempotency records failed"),
+    }
     let swept = sweep_dir(&ctx.db, &ctx.dir, ctx.config.lease * 2).await;
     if swept != Swept::default() {
         tracing::info!(

@@ -17,7 +17,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio_util::io::ReaderStream;
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
@@ -26,12 +26,13 @@ use super::analytics::parse_instant;
 use super::{ApiJson, ApiPath, ApiQuery, Cursor, Page, PageQuery, paginate, require_domain};
 use crate::auth::Auth;
 use crate::error::{ApiError, ErrorBody};
+use crate::idempotency::{self, Claim, IdempotencyKey};
 use crate::jobs::paths::{self, PathError};
 use crate::jobs::queue::{self, CancelOutcome, ExportFormat, ExportRow, NewExport};
 use crate::state::AppState;
 
 /// Body of `POST /v1/domains/{id}/exports`.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateExport {
     /// `json`, `csv` or `markdown`.
@@ -75,16 +76,19 @@ pub const STATUSES: [&str; 7] = [
     "expired",
 ];
 
-/// Queues an export (202, `Location: /v1/exports/{id}`).
+/// Queues an export (202, `Location: /v1/exports/{id}`). With an `Idempotency-Key`, a
+/// repeat within 24 hours gets the first 202 again instead of a second job.
 #[utoipa::path(post, path = "/v1/domains/{id}/exports", tag = "exports", request_body = CreateExport,
-    params(("id" = Uuid, Path, description = "domain id")),
+    params(("id" = Uuid, Path, description = "domain id"), IdempotencyKey),
     security(("api_key" = [])),
     responses((status = 202, body = ExportRow), (status = 400, body = ErrorBody),
-        (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+        (status = 404, body = ErrorBody),
+        (status = 422, description = "`INVALID_BODY`, or `IDEMPOTENCY_KEY_REUSED`: the `Idempotency-Key` was used with another body", body = ErrorBody)))]
 pub async fn create(
     State(state): State<AppState>,
     auth: Auth,
     ApiPath(domain_id): ApiPath<Uuid>,
+    idempotency_key: IdempotencyKey,
     ApiJson(body): ApiJson<CreateExport>,
 ) -> Result<Response, ApiError> {
     let format = ExportFormat::from_str(&body.format)
@@ -112,15 +116,46 @@ pub async fn create(
         date_from: from,
         date_to: to,
     };
-    let export = queue::enqueue(&state.db, auth.org_id, domain_id, &new)
+    let Some(key) = idempotency_key.key else {
+        let export = queue::enqueue(&state.db, auth.org_id, domain_id, &new)
+            .await?
+            .ok_or(ApiError::NotFound("domain"))?;
+        metrics::counter!("exports_queued_total").increment(1);
+        let location = format!("/v1/exports/{}", export.id);
+        return Ok(idempotency::respond(
+            StatusCode::ACCEPTED,
+            &export,
+            Some(&location),
+        ));
+    };
+    let mut tx = state.db.begin().await?;
+    let scope = format!("create_export:{domain_id}");
+    let claimed = match idempotency::claim(
+        &mut tx,
+        auth.org_id,
+        scope,
+        key,
+        idempotency::body_hash(&body)?,
+    )
+    .await?
+    {
+        Claim::Replay(response) => return Ok(response),
+        Claim::New(claimed) => claimed,
+    };
+    let export = queue::enqueue_in(&mut tx, auth.org_id, domain_id, &new)
         .await?
         .ok_or(ApiError::NotFound("domain"))?;
+    let location = format!("/v1/exports/{}", export.id);
+    claimed
+        .store(&mut tx, StatusCode::ACCEPTED, &export, Some(&location))
+        .await?;
+    tx.commit().await?;
     metrics::counter!("exports_queued_total").increment(1);
-    let mut response = (StatusCode::ACCEPTED, Json(&export)).into_response();
-    if let Ok(location) = HeaderValue::from_str(&format!("/v1/exports/{}", export.id)) {
-        response.headers_mut().insert(header::LOCATION, location);
-    }
-    Ok(response)
+    Ok(idempotency::respond(
+        StatusCode::ACCEPTED,
+        &export,
+        Some(&location),
+    ))
 }
 
 /// Lists a domain's exports, newest first, optionally by status.
@@ -391,4 +426,4 @@ fn insert(headers: &mut HeaderMap, name: header::HeaderName, value: &str) {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

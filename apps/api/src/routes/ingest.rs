@@ -1,13 +1,19 @@
 //! `POST /v1/domains/{id}/metrics`: bulk ingest of keyword metrics and content performance
 //! rows. Every row is validated first (errors name the row and field, e.g.
-//! `keywords[3].ctr`); then all rows go in with one `UNNEST` insert per table, in one
+//! `keywords[3].ctr`); then all rows go in with one `UNNEST` upsert per table, in one
 //! transaction: either every row is stored or none is.
+//!
+//! Rows are upserted on their natural keys, a keyword's figures at one time
+//! `(domain_id, keyword, recorded_at)` and a content item's `(content_id, recorded_at)`: a
+//! row repeating a stored key replaces its figures, so a retried request (after a timeout
+//! that followed a commit) stores nothing twice. A request naming one key twice is refused.
+//! An `Idempotency-Key` ([`crate::idempotency`]) also replays the first response.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
-use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::response::Response;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -16,6 +22,7 @@ use uuid::Uuid;
 use super::{ApiJson, ApiPath, check_len, check_year};
 use crate::auth::Auth;
 use crate::error::{ApiError, ErrorBody};
+use crate::idempotency::{self, Claim, IdempotencyKey};
 use crate::state::AppState;
 
 /// Most rows accepted in one request (both lists together).
@@ -82,7 +89,7 @@ pub struct ContentPerformance {
 }
 
 /// Body of `POST /v1/domains/{id}/metrics`.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IngestMetrics {
     /// Keyword rows.
@@ -98,28 +105,48 @@ pub struct IngestMetrics {
 /// What was stored.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct IngestResult {
-    /// Keyword rows inserted.
+    /// Keyword rows inserted (their natural key was new).
     pub keywords_inserted: u64,
-    /// Content performance rows inserted.
+    /// Content performance rows inserted (their natural key was new).
     pub content_inserted: u64,
+    /// Keyword rows that replaced the figures of a stored row with the same
+    /// `(keyword, recorded_at)`.
+    pub keywords_updated: u64,
+    /// Content performance rows that replaced the figures of a stored row with the same
+    /// `(content_id, recorded_at)`.
+    pub content_updated: u64,
 }
 
-/// Validates and stores the rows in one transaction.
+/// Validates and upserts the rows in one transaction. With an `Idempotency-Key`, a repeat
+/// within 24 hours gets the first 201 again without running.
 #[utoipa::path(post, path = "/v1/domains/{id}/metrics", tag = "analytics", request_body = IngestMetrics,
-    params(("id" = Uuid, Path, description = "domain id")),
+    params(("id" = Uuid, Path, description = "domain id"), IdempotencyKey),
     security(("api_key" = [])),
     responses((status = 201, body = IngestResult), (status = 400, body = ErrorBody),
         (status = 404, body = ErrorBody),
         (status = 409, description = "`UNKNOWN_CONTENT_ITEM`: a `content_id` is not a content item of this domain", body = ErrorBody),
-        (status = 413, body = ErrorBody), (status = 422, body = ErrorBody)))]
+        (status = 413, body = ErrorBody),
+        (status = 422, description = "`INVALID_BODY`, or `IDEMPOTENCY_KEY_REUSED`: the `Idempotency-Key` was used with another body", body = ErrorBody)))]
 pub async fn ingest(
     State(state): State<AppState>,
     auth: Auth,
     ApiPath(domain_id): ApiPath<Uuid>,
+    idempotency_key: IdempotencyKey,
     ApiJson(body): ApiJson<IngestMetrics>,
-) -> Result<(StatusCode, Json<IngestResult>), ApiError> {
+) -> Result<Response, ApiError> {
     validate(&body)?;
     let mut tx = state.db.begin().await?;
+    let claimed = match idempotency_key.key {
+        None => None,
+        Some(key) => {
+            let scope = format!("ingest_metrics:{domain_id}");
+            let hash = idempotency::body_hash(&body)?;
+            match idempotency::claim(&mut tx, auth.org_id, scope, key, hash).await? {
+                Claim::Replay(response) => return Ok(response),
+                Claim::New(claimed) => Some(claimed),
+            }
+        }
+    };
     let owned: Option<i32> = tx
         .run(async |conn| {
             sqlx::query_scalar("SELECT 1 FROM domains WHERE id = $1 AND org_id = $2 FOR SHARE")
@@ -167,14 +194,21 @@ pub async fn ingest(
         }
     }
 
-    let mut keywords_inserted = 0;
+    let (mut keywords_inserted, mut keywords_updated) = (0, 0);
     if !body.keywords.is_empty() {
         let k = &body.keywords;
-        keywords_inserted = tx.run(async |conn| sqlx::query(
-                    "INSERT INTO keyword_metrics \
+        (keywords_inserted, keywords_updated) = tx.run(async |conn| sqlx::query_as::<_, (i64, i64)>(
+                    "WITH stored AS ( \
+                     INSERT INTO keyword_metrics \
                      (domain_id, keyword, search_volume, position, clicks, impressions, ctr, recorded_at) \
                      SELECT $1, * FROM UNNEST($2::text[], $3::int4[], $4::float8[], $5::int8[], \
-                     $6::int8[], $7::float8[], $8::timestamptz[])",
+                     $6::int8[], $7::float8[], $8::timestamptz[]) \
+                     ON CONFLICT (domain_id, keyword, recorded_at) WHERE source IS NULL DO UPDATE SET \
+                     search_volume = EXCLUDED.search_volume, position = EXCLUDED.position, \
+                     clicks = EXCLUDED.clicks, impressions = EXCLUDED.impressions, ctr = EXCLUDED.ctr \
+                     RETURNING xmax = 0 AS inserted) \
+                     SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) \
+                     FROM stored",
                 )
                 .bind(domain_id)
                 .bind(k.iter().map(|r| r.keyword.clone()).collect::<Vec<_>>())
@@ -184,19 +218,26 @@ pub async fn ingest(
                 .bind(k.iter().map(|r| r.impressions).collect::<Vec<_>>())
                 .bind(k.iter().map(|r| r.ctr).collect::<Vec<_>>())
                 .bind(k.iter().map(|r| r.recorded_at).collect::<Vec<_>>())
-                .execute(conn).await)
-            .await?
-            .rows_affected();
+                .fetch_one(conn).await)
+            .await?;
     }
-    let mut content_inserted = 0;
+    let (mut content_inserted, mut content_updated) = (0, 0);
     if !body.content.is_empty() {
         let c = &body.content;
-        content_inserted = tx.run(async |conn| sqlx::query(
-                    "INSERT INTO content_performance \
+        (content_inserted, content_updated) = tx.run(async |conn| sqlx::query_as::<_, (i64, i64)>(
+                    "WITH stored AS ( \
+                     INSERT INTO content_performance \
                      (domain_id, content_id, page_views, unique_visitors, bounce_rate, conversions, \
                      revenue_cents, recorded_at) \
                      SELECT $1, * FROM UNNEST($2::uuid[], $3::int8[], $4::int8[], $5::float8[], \
-                     $6::int8[], $7::int8[], $8::timestamptz[])",
+                     $6::int8[], $7::int8[], $8::timestamptz[]) \
+                     ON CONFLICT (content_id, recorded_at) DO UPDATE SET \
+                     page_views = EXCLUDED.page_views, unique_visitors = EXCLUDED.unique_visitors, \
+                     bounce_rate = EXCLUDED.bounce_rate, conversions = EXCLUDED.conversions, \
+                     revenue_cents = EXCLUDED.revenue_cents \
+                     RETURNING xmax = 0 AS inserted) \
+                     SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) \
+                     FROM stored",
                 )
                 .bind(domain_id)
                 .bind(c.iter().map(|r| r.content_id).collect::<Vec<_>>())
@@ -206,23 +247,28 @@ pub async fn ingest(
                 .bind(c.iter().map(|r| r.conversions).collect::<Vec<_>>())
                 .bind(c.iter().map(|r| r.revenue_cents).collect::<Vec<_>>())
                 .bind(c.iter().map(|r| r.recorded_at).collect::<Vec<_>>())
-                .execute(conn).await)
-            .await?
-            .rows_affected();
+                .fetch_one(conn).await)
+            .await?;
+    }
+    let count = |n: i64| u64::try_from(n).unwrap_or(0);
+    let result = IngestResult {
+        keywords_inserted: count(keywords_inserted),
+        content_inserted: count(content_inserted),
+        keywords_updated: count(keywords_updated),
+        content_updated: count(content_updated),
+    };
+    if let Some(claimed) = claimed {
+        claimed
+            .store(&mut tx, StatusCode::CREATED, &result, None)
+            .await?;
     }
     tx.commit().await?;
     state.analytics.invalidate_domain(domain_id);
     metrics::counter!("metrics_rows_ingested_total", "table" => "keyword_metrics")
-        .increment(keywords_inserted);
+        .increment(result.keywords_inserted + result.keywords_updated);
     metrics::counter!("metrics_rows_ingested_total", "table" => "content_performance")
-        .increment(content_inserted);
-    Ok((
-        StatusCode::CREATED,
-        Json(IngestResult {
-            keywords_inserted,
-            content_inserted,
-        }),
-    ))
+        .increment(result.content_inserted + result.content_updated);
+    Ok(idempotency::respond(StatusCode::CREATED, &result, None))
 }
 
 /// Checks every row; the first problem is reported with its row index and field.
@@ -255,6 +301,25 @@ pub fn validate(body: &IngestMetrics) -> Result<(), ApiError> {
         unit_interval(&field("ctr"), row.ctr)?;
         check_year(&field("recorded_at"), row.recorded_at)?;
     }
+    let mut keys = HashMap::new();
+    for (i, row) in body.keywords.iter().enumerate() {
+        if let Some(first) = keys.insert((row.keyword.as_str(), stored_micros(row.recorded_at)), i)
+        {
+            return Err(ApiError::validation(
+                format!("keywords[{i}]"),
+                format!("repeats the keyword and recorded_at of keywords[{first}]"),
+            ));
+        }
+    }
+    let mut keys = HashMap::new();
+    for (i, row) in body.content.iter().enumerate() {
+        if let Some(first) = keys.insert((row.content_id, stored_micros(row.recorded_at)), i) {
+            return Err(ApiError::validation(
+                format!("content[{i}]"),
+                format!("repeats the content_id and recorded_at of content[{first}]"),
+            ));
+        }
+    }
     for (i, row) in body.content.iter().enumerate() {
         let field = |name: &str| format!("content[{i}].{name}");
         non_negative(&field("page_views"), row.page_views)?;
@@ -265,6 +330,13 @@ pub fn validate(body: &IngestMetrics) -> Result<(), ApiError> {
         check_year(&field("recorded_at"), row.recorded_at)?;
     }
     Ok(())
+}
+
+/// The instant as PostgreSQL stores it (whole microseconds, as sqlx encodes a
+/// `timestamptz`): two rows equal here are one natural key to the table.
+fn stored_micros(at: DateTime<Utc>) -> Option<i64> {
+    let postgres_epoch = DateTime::<Utc>::from_timestamp(946_684_800, 0).unwrap_or_default();
+    (at - postgres_epoch).num_microseconds()
 }
 
 fn non_negative(field: &str, value: i64) -> Result<(), ApiError> {

@@ -7,6 +7,8 @@ pub mod domains;
 pub mod exports;
 pub mod health;
 pub mod ingest;
+#[cfg(test)]
+mod list_plans;
 pub mod settings;
 
 use std::ops::RangeInclusive;

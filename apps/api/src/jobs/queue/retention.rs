@@ -38,21 +38,32 @@ pub async fn due(
     limit: i64,
 ) -> Result<Vec<ExpiredExport>, DbError> {
     db.run(async |conn| {
-        sqlx::query_as::<_, ExpiredExport>(
-            "SELECT id, status, storage_path, expires_at FROM domain_exports \
-             WHERE status IN ('succeeded', 'expiring') AND expires_at <= $1 \
-             AND storage_path IS NOT NULL \
-             AND ($2::timestamptz IS NULL OR (expires_at, id) > ($2, $3)) \
-             ORDER BY expires_at, id LIMIT $4",
-        )
-        .bind(now)
-        .bind(after.map(|(at, _)| at))
-        .bind(after.map(|(_, id)| id))
-        .bind(limit)
-        .fetch_all(conn)
-        .await
+        let sql = due_sql(after.is_some());
+        let mut query = sqlx::query_as::<_, ExpiredExport>(&sql)
+            .bind(now)
+            .bind(limit);
+        if let Some((at, id)) = after {
+            query = query.bind(at).bind(id);
+        }
+        query.fetch_all(conn).await
     })
     .await
+}
+
+/// The text of [`due`]'s statement, with or without the keyset, so that even a generic plan
+/// starts the `domain_exports_expiry_idx` scan at the keyset (a `$n IS NULL OR ...`
+/// condition would not). `$1` now, `$2` limit, then the keyset's `expires_at` and id.
+pub(crate) fn due_sql(with_after: bool) -> String {
+    let after = if with_after {
+        " AND (expires_at, id) > ($3, $4)"
+    } else {
+        ""
+    };
+    format!(
+        "SELECT id, status, storage_path, expires_at FROM domain_exports \
+         WHERE status IN ('succeeded', 'expiring') AND expires_at <= $1 \
+         AND storage_path IS NOT NULL{after} ORDER BY expires_at, id LIMIT $2"
+    )
 }
 
 /// Marks a due `succeeded` export `expiring` (before its file is deleted). True when the

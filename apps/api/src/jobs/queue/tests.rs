@@ -1076,27 +1076,9 @@ async fn every_list_shape_scans_the_cursor_index_from_the_cursor_even_in_a_gener
             ]);
         }
         let mut conn = f.db.acquire().await.unwrap();
-        sqlx::query("SET plan_cache_mode = force_generic_plan")
-            .execute(&mut *conn)
+        let plan = smartbeak_database::testing::explain_generic(&mut conn, &sql, &types, &args)
             .await
             .unwrap();
-        sqlx::raw_sql(&format!(
-            "PREPARE list_shape ({}) AS {sql}",
-            types.join(", ")
-        ))
-        .execute(&mut *conn)
-        .await
-        .unwrap();
-        let plan: Vec<String> =
-            sqlx::query_scalar(&format!("EXPLAIN EXECUTE list_shape ({})", args.join(", ")))
-                .fetch_all(&mut *conn)
-                .await
-                .unwrap();
-        sqlx::raw_sql("DEALLOCATE list_shape; RESET plan_cache_mode")
-            .execute(&mut *conn)
-            .await
-            .unwrap();
-        let plan = plan.join("\n");
         assert!(
             plan.contains("domain_exports_domain_cursor_idx"),
             "({with_status}, {with_cursor}) must scan the cursor index:\n{plan}"

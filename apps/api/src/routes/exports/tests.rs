@@ -24,28 +24,28 @@ use crate::state::AppState;
 
 const LEASE: Duration = Duration::from_secs(30);
 
-struct TestApi {
-    f: Fixture,
+pub(crate) struct TestApi {
+    pub(crate) f: Fixture,
     app: Router,
     key: String,
     export_dir: PathBuf,
     _temp: tempfile::TempDir,
 }
 
-struct Answer {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Vec<u8>,
+pub(crate) struct Answer {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: Vec<u8>,
 }
 
 impl Answer {
-    fn json(&self) -> Value {
+    pub(crate) fn json(&self) -> Value {
         serde_json::from_slice(&self.body).unwrap()
     }
 }
 
 impl TestApi {
-    async fn new() -> Self {
+    pub(crate) async fn new() -> Self {
         let f = Fixture::new().await;
         let key = crate::auth::create_key(&f.db, f.org, "test")
             .await
@@ -68,11 +68,11 @@ impl TestApi {
         }
     }
 
-    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> Answer {
+    pub(crate) async fn call(&self, method: &str, path: &str, body: Option<Value>) -> Answer {
         self.call_with(method, path, body, &[]).await
     }
 
-    async fn call_with(
+    pub(crate) async fn call_with(
         &self,
         method: &str,
         path: &str,
