@@ -71,6 +71,7 @@ impl Fixture {
             stale_after: Duration::from_secs(30),
             cancel: CancellationToken::new(),
             page_size: DEFAULT_PAGE_SIZE,
+            drain: None,
         }
     }
 
