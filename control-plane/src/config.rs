@@ -307,7 +307,10 @@ impl CommonArgs {
         let runs = runs_at_once.max(1);
         let needed = runs.saturating_mul(self.concurrency.saturating_add(1));
         let (fits, spare) = if admin {
-            (needed < pool, "; one more must stay free for the admin /readyz database check")
+            (
+                needed < pool,
+                "; one more must stay free for the admin /readyz database check",
+            )
         } else {
             (needed <= pool, "")
         };
@@ -335,7 +338,11 @@ impl CommonArgs {
     ///
     /// For keyword-sync: a value set above `drain` less the margin, or a drain too short
     /// to leave any time for a request; the message names both variables.
-    pub fn provider_deadline(&self, drain: Duration, keyword_sync: bool) -> anyhow::Result<Duration> {
+    pub fn provider_deadline(
+        &self,
+        drain: Duration,
+        keyword_sync: bool,
+    ) -> anyhow::Result<Duration> {
         let margin = crate::runner::finish_margin(drain);
         let room = drain.saturating_sub(margin);
         match self.provider_deadline_ms.map(Duration::from_millis) {
@@ -620,7 +627,12 @@ mod tests {
             err.contains("need 20 connections; one more must stay free for the admin /readyz"),
             "{err}"
         );
-        assert!(batch_args(&["--concurrency", "8"]).common.check(&db, 2, true).is_ok());
+        assert!(
+            batch_args(&["--concurrency", "8"])
+                .common
+                .check(&db, 2, true)
+                .is_ok()
+        );
         // 3 x (5 + 1) = 18 fits; 3 x (6 + 1) = 21 does not.
         assert!(
             batch_args(&["--concurrency", "5"])

@@ -773,7 +773,9 @@ async fn run_locked<O: Operation>(
     } else if let Some(why) = load_error {
         error = Some(why);
         RunStatus::Failed
-    } else if ctx.cancel.is_cancelled() && (not_started > 0 || stopped_early) {
+    } else if ctx.cancel.is_cancelled()
+        && (not_started > 0 || stopped_early || stop.in_flight.is_cancelled())
+    {
         error = Some(format!(
             "interrupted by shutdown: {not_started} items were not started{later_pages}\
              {cancelled_in_flight}"

@@ -92,7 +92,10 @@ impl ContentScheduler {
             }
             match stop.unless_cancelled(self.publish_each(chunk)).await {
                 Some(each) => results.extend(each),
-                None => results.extend(std::iter::repeat_n(Err(ItemError::cancelled()), chunk.len())),
+                None => results.extend(std::iter::repeat_n(
+                    Err(ItemError::cancelled()),
+                    chunk.len(),
+                )),
             }
         }
         results
@@ -154,7 +157,9 @@ impl ContentScheduler {
                 }
                 continue;
             }
-            let Some(published) = stop.unless_cancelled(self.publish(&batch[range.clone()])).await
+            let Some(published) = stop
+                .unless_cancelled(self.publish(&batch[range.clone()]))
+                .await
             else {
                 for slot in &mut results[range] {
                     *slot = Some(Err(ItemError::cancelled()));
