@@ -101,6 +101,7 @@ async fn main() {
         stale_after: Duration::from_secs(60),
         cancel: CancellationToken::new(),
         page_size: DEFAULT_PAGE_SIZE,
+        drain: None,
     };
 
     let mut anchors = vec![anchor(&admin, domain, n).await];

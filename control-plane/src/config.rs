@@ -42,6 +42,10 @@ usage or configuration; 3 another runner holds the operation's lock (nothing was
     )
 }
 
+/// The longest provider deadline derived from the drain deadline (a provider that has not
+/// answered in 15 s is not waited for longer, whatever the drain allows).
+pub const MAX_DEFAULT_PROVIDER_DEADLINE: Duration = Duration::from_secs(15);
+
 /// `stale_after` must be at least this many heartbeats: a runner that misses two
 /// heartbeats (a slow statement, a GC pause) is not yet taken for dead.
 pub const MIN_HEARTBEATS_PER_STALE: u32 = 3;
@@ -112,10 +116,12 @@ pub struct CommonArgs {
         value_parser = clap::value_parser!(u64).range(1..))]
     pub provider_attempt_timeout_ms: u64,
     /// Total deadline of a provider request (attempts, waits, body), in milliseconds.
-    /// Must be below the shutdown drain deadline (16.7 s by default).
-    #[arg(long, env = "CP_PROVIDER_DEADLINE_MS", default_value_t = 15_000,
+    /// Default: the shutdown drain deadline less its finishing margin, at most 15000
+    /// (13666 with the default SHUTDOWN_TIMEOUT_MS, 10333 with SHUTDOWN_TIMEOUT_MS=20000).
+    /// A value set must fit that too (checked when keyword-sync runs).
+    #[arg(long, env = "CP_PROVIDER_DEADLINE_MS",
         value_parser = clap::value_parser!(u64).range(1..))]
-    pub provider_deadline_ms: u64,
+    pub provider_deadline_ms: Option<u64>,
     /// Attempts per provider request, the first included.
     #[arg(long, env = "CP_PROVIDER_MAX_ATTEMPTS", default_value_t = 3,
         value_parser = clap::value_parser!(u32).range(1..=10))]
@@ -258,10 +264,11 @@ impl CommonArgs {
     /// Checks how the settings fit together and with the database's: the stale threshold
     /// is at least [`MIN_HEARTBEATS_PER_STALE`] heartbeats and more than one heartbeat plus
     /// its statement bound ([`smartbeak_database::DatabaseConfig::query_timeout`]), and the
-    /// pool has room for
-    /// `runs_at_once` runs (1 for `batch`, the enabled operations for `run`), each holding
-    /// its lock connection plus up to `concurrency` connections:
-    /// `runs_at_once * (concurrency + 1) <= DB_POOL_MAX`.
+    /// pool has room for `runs_at_once` runs (1 for `batch`, the enabled operations for
+    /// `run`), each holding its lock connection plus up to `concurrency` connections:
+    /// `runs_at_once * (concurrency + 1) <= DB_POOL_MAX` for `batch`, and `<` for `run`
+    /// (`admin`), whose `/readyz` checks the database through the same pool and must still
+    /// get a connection while every run is at full concurrency.
     ///
     /// # Errors
     ///
@@ -270,6 +277,7 @@ impl CommonArgs {
         &self,
         db: &smartbeak_database::DatabaseConfig,
         runs_at_once: usize,
+        admin: bool,
     ) -> anyhow::Result<()> {
         let min_stale = self
             .heartbeat_ms
@@ -288,8 +296,8 @@ impl CommonArgs {
         if Duration::from_millis(self.stale_after_ms) <= beat {
             anyhow::bail!(
                 "CP_STALE_AFTER_MS ({} ms) must be more than CP_HEARTBEAT_MS ({} ms) plus the \
-                 statement bound ({} ms: DB_STATEMENT_TIMEOUT_MS + 10%): a live runner's slow \
-                 heartbeat would look stale",
+                 statement bound ({} ms: DB_STATEMENT_TIMEOUT_MS + max(10%, 250 ms)): a live \
+                 runner's slow heartbeat would look stale",
                 self.stale_after_ms,
                 self.heartbeat_ms,
                 db.query_timeout().as_millis()
@@ -298,11 +306,19 @@ impl CommonArgs {
         let pool = usize::try_from(db.pool_max).unwrap_or(usize::MAX);
         let runs = runs_at_once.max(1);
         let needed = runs.saturating_mul(self.concurrency.saturating_add(1));
-        if needed > pool {
+        let (fits, spare) = if admin {
+            (
+                needed < pool,
+                "; one more must stay free for the admin /readyz database check",
+            )
+        } else {
+            (needed <= pool, "")
+        };
+        if !fits {
             anyhow::bail!(
                 "CP_CONCURRENCY ({}) does not fit DB_POOL_MAX ({pool}): {runs} run(s) at once, \
                  each with up to {} items or batches in flight (a pool connection each) and \
-                 one lock connection, need {needed} connections",
+                 one lock connection, need {needed} connections{spare}",
                 self.concurrency,
                 self.concurrency
             );
@@ -310,28 +326,49 @@ impl CommonArgs {
         Ok(())
     }
 
-    /// Checks the provider deadline against the shutdown drain deadline: a keyword-sync
-    /// item in flight at shutdown may run for `CP_PROVIDER_DEADLINE_MS`, and must end
-    /// before the drain does, so the run row still gets its final status.
+    /// The provider deadline (`CP_PROVIDER_DEADLINE_MS`) against the shutdown drain
+    /// deadline `drain`: a keyword-sync item in flight at shutdown may run for the provider
+    /// deadline, and must end before the runner cancels what is still in flight
+    /// ([`crate::runner::finish_margin`] before the end of the drain), so it ends on its
+    /// own and the run row still gets its final status. Unset: `drain` less that margin, at
+    /// most [`MAX_DEFAULT_PROVIDER_DEADLINE`]. Only `keyword_sync` runs check it (no other
+    /// operation sends a provider request).
     ///
     /// # Errors
     ///
-    /// `CP_PROVIDER_DEADLINE_MS` not below `drain` (the `SHUTDOWN_DRAIN_TIMEOUT_MS` in
-    /// effect; `None`: no drain deadline, nothing to check).
-    pub fn check_drain(&self, drain: Option<Duration>) -> anyhow::Result<()> {
-        let Some(drain) = drain else {
-            return Ok(());
-        };
-        if Duration::from_millis(self.provider_deadline_ms) >= drain {
-            anyhow::bail!(
-                "CP_PROVIDER_DEADLINE_MS ({} ms) must be less than the shutdown drain deadline \
-                 ({} ms, SHUTDOWN_DRAIN_TIMEOUT_MS, by default two thirds of SHUTDOWN_TIMEOUT_MS): \
-                 a keyword-sync item in flight at shutdown must end before the drain does",
-                self.provider_deadline_ms,
-                drain.as_millis()
-            );
+    /// For keyword-sync: a value set above `drain` less the margin, or a drain too short
+    /// to leave any time for a request; the message names both variables.
+    pub fn provider_deadline(
+        &self,
+        drain: Duration,
+        keyword_sync: bool,
+    ) -> anyhow::Result<Duration> {
+        let margin = crate::runner::finish_margin(drain);
+        let room = drain.saturating_sub(margin);
+        match self.provider_deadline_ms.map(Duration::from_millis) {
+            Some(set) if keyword_sync && set > room => anyhow::bail!(
+                "CP_PROVIDER_DEADLINE_MS ({} ms) does not fit the shutdown drain deadline \
+                 ({} ms, SHUTDOWN_DRAIN_TIMEOUT_MS, by default two thirds of \
+                 SHUTDOWN_TIMEOUT_MS) less its {} ms for recording the run: at most {} ms, so \
+                 a keyword-sync request in flight at shutdown ends before the drain does \
+                 (or leave CP_PROVIDER_DEADLINE_MS unset to derive it)",
+                set.as_millis(),
+                drain.as_millis(),
+                margin.as_millis(),
+                room.as_millis()
+            ),
+            Some(set) => Ok(set),
+            None if keyword_sync && room.is_zero() => anyhow::bail!(
+                "the shutdown drain deadline ({} ms, SHUTDOWN_DRAIN_TIMEOUT_MS, by default two \
+                 thirds of SHUTDOWN_TIMEOUT_MS) leaves no time for a keyword-sync request \
+                 (CP_PROVIDER_DEADLINE_MS) after its {} ms for recording the run",
+                drain.as_millis(),
+                margin.as_millis()
+            ),
+            None => Ok(room
+                .min(MAX_DEFAULT_PROVIDER_DEADLINE)
+                .max(Duration::from_millis(1))),
         }
-        Ok(())
     }
 
     /// The run options these settings give, in `mode`.
@@ -394,12 +431,13 @@ impl CommonArgs {
         })
     }
 
-    /// The fetch policy of both keyword providers.
+    /// The fetch policy of both keyword providers; `deadline` is
+    /// [`CommonArgs::provider_deadline`].
     ///
     /// # Errors
     ///
     /// A breaker setting out of range.
-    pub fn provider_policy(&self) -> anyhow::Result<Policy> {
+    pub fn provider_policy(&self, deadline: Duration) -> anyhow::Result<Policy> {
         let open = Duration::from_millis(self.provider_breaker_open_ms);
         let breaker = BreakerPolicy::new(BreakerConfig {
             open_duration: open,
@@ -411,7 +449,7 @@ impl CommonArgs {
             breaker,
             retry: RetryPolicy {
                 max_attempts: self.provider_max_attempts,
-                max_elapsed: Duration::from_millis(self.provider_deadline_ms),
+                max_elapsed: deadline,
                 ..RetryPolicy::default()
             },
             attempt_timeout: Some(Duration::from_millis(self.provider_attempt_timeout_ms)),
@@ -517,12 +555,12 @@ mod tests {
         let db = smartbeak_database::DatabaseConfig::new("postgres://127.0.0.1/x").unwrap();
         assert_eq!(db.pool_max, 20, "the test assumes the default pool");
         assert!(
-            batch_args(&[]).common.check(&db, 3).is_ok(),
+            batch_args(&[]).common.check(&db, 3, true).is_ok(),
             "the defaults fit three runs at once"
         );
         let err = batch_args(&["--heartbeat-ms", "5000", "--stale-after-ms", "10000"])
             .common
-            .check(&db, 1)
+            .check(&db, 1, false)
             .err()
             .map(|e| e.to_string())
             .unwrap();
@@ -535,13 +573,13 @@ mod tests {
         assert!(
             batch_args(&["--heartbeat-ms", "5000", "--stale-after-ms", "15000"])
                 .common
-                .check(&db, 1)
+                .check(&db, 1, false)
                 .is_ok()
         );
         // Heartbeat 1 s, stale 3 s: three heartbeats, but not above 1 s + the 8.8 s bound.
         let err = batch_args(&["--heartbeat-ms", "1000", "--stale-after-ms", "3000"])
             .common
-            .check(&db, 1)
+            .check(&db, 1, false)
             .err()
             .map(|e| e.to_string())
             .unwrap();
@@ -552,7 +590,7 @@ mod tests {
         // `batch`: one run, concurrency + 1 <= 20.
         let err = batch_args(&["--concurrency", "20"])
             .common
-            .check(&db, 1)
+            .check(&db, 1, false)
             .err()
             .map(|e| e.to_string())
             .unwrap();
@@ -564,13 +602,13 @@ mod tests {
         assert!(
             batch_args(&["--concurrency", "19"])
                 .common
-                .check(&db, 1)
+                .check(&db, 1, false)
                 .is_ok()
         );
         // `run` with three operations: 3 x (16 + 1) = 51 > 20, though 16 < 20.
         let err = batch_args(&["--concurrency", "16"])
             .common
-            .check(&db, 3)
+            .check(&db, 3, true)
             .err()
             .map(|e| e.to_string())
             .unwrap();
@@ -578,47 +616,113 @@ mod tests {
             err.contains("3 run(s) at once") && err.contains("need 51"),
             "{err}"
         );
+        // `run` keeps one connection for /readyz: 2 x (9 + 1) = 20 is one too many.
+        let err = batch_args(&["--concurrency", "9"])
+            .common
+            .check(&db, 2, true)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap();
+        assert!(
+            err.contains("need 20 connections; one more must stay free for the admin /readyz"),
+            "{err}"
+        );
+        assert!(
+            batch_args(&["--concurrency", "8"])
+                .common
+                .check(&db, 2, true)
+                .is_ok()
+        );
         // 3 x (5 + 1) = 18 fits; 3 x (6 + 1) = 21 does not.
         assert!(
             batch_args(&["--concurrency", "5"])
                 .common
-                .check(&db, 3)
+                .check(&db, 3, true)
                 .is_ok()
         );
         assert!(
             batch_args(&["--concurrency", "6"])
                 .common
-                .check(&db, 3)
+                .check(&db, 3, true)
                 .is_err()
         );
     }
 
     #[test]
-    fn the_provider_deadline_ends_before_the_drain() {
-        let drain = smartbeak_shutdown::ShutdownConfig::default()
-            .drain_timeout
+    fn the_provider_deadline_fits_the_drain_and_is_derived_from_it() {
+        use smartbeak_shutdown::ShutdownConfig;
+        let drain = |vars: &[(&str, &str)]| {
+            let config = ShutdownConfig::from_lookup(|name| {
+                vars.iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, v)| (*v).to_owned())
+            })
             .unwrap();
-        assert!(
-            batch_args(&[]).common.check_drain(Some(drain)).is_ok(),
-            "the defaults fit"
+            config.drain_timeout.unwrap()
+        };
+        let default = drain(&[]);
+        let k8s = drain(&[("SHUTDOWN_TIMEOUT_MS", "20000")]);
+        assert_eq!(k8s, Duration::from_millis(13_333));
+        // Unset: the drain less its 3 s margin, at most 15 s.
+        let common = batch_args(&[]).common;
+        assert_eq!(
+            common.provider_deadline(default, true).unwrap(),
+            Duration::from_millis(13_666)
         );
-        let err = batch_args(&["--provider-deadline-ms", "30000"])
-            .common
-            .check_drain(Some(drain))
+        // The shutdown crate's documented Kubernetes setting starts.
+        assert_eq!(
+            common.provider_deadline(k8s, true).unwrap(),
+            Duration::from_millis(10_333)
+        );
+        assert_eq!(
+            common
+                .provider_deadline(Duration::from_secs(60), true)
+                .unwrap(),
+            Duration::from_secs(15)
+        );
+        // A value set that does not fit is refused, naming both variables.
+        let common = batch_args(&["--provider-deadline-ms", "15000"]).common;
+        let err = common
+            .provider_deadline(k8s, true)
             .err()
             .map(|e| e.to_string())
             .unwrap();
         assert!(
-            err.starts_with(
-                "CP_PROVIDER_DEADLINE_MS (30000 ms) must be less than the shutdown drain deadline"
-            ),
+            err.starts_with("CP_PROVIDER_DEADLINE_MS (15000 ms) does not fit the shutdown drain deadline (13333 ms, SHUTDOWN_DRAIN_TIMEOUT_MS")
+                && err.contains("SHUTDOWN_TIMEOUT_MS")
+                && err.contains("at most 10333 ms"),
             "{err}"
         );
-        assert!(
-            batch_args(&["--provider-deadline-ms", "30000"])
+        // ... but only where keyword-sync runs: no other operation sends a request.
+        assert_eq!(
+            common.provider_deadline(k8s, false).unwrap(),
+            Duration::from_secs(15)
+        );
+        assert_eq!(
+            batch_args(&["--provider-deadline-ms", "10333"])
                 .common
-                .check_drain(None)
-                .is_ok()
+                .provider_deadline(k8s, true)
+                .unwrap(),
+            Duration::from_millis(10_333)
+        );
+        // A drain below a second leaves no time for a request.
+        assert!(
+            batch_args(&[])
+                .common
+                .provider_deadline(Duration::from_millis(800), true)
+                .is_err()
+        );
+        // `--help` says how the default is derived.
+        use clap::CommandFactory as _;
+        let help = Cli::command()
+            .find_subcommand_mut("run")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        assert!(
+            help.contains("CP_PROVIDER_DEADLINE_MS")
+                && help.contains("10333 with SHUTDOWN_TIMEOUT_MS=20000"),
+            "{help}"
         );
     }
 

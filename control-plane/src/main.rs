@@ -117,6 +117,8 @@ struct Settings {
 fn settings(
     common: &CommonArgs,
     runs_at_once: usize,
+    admin: bool,
+    keyword_sync: bool,
     shutdown: &Shutdown,
 ) -> Result<Settings, ConfigError> {
     let invalid = |what: &str, e: anyhow::Error| ConfigError(format!("{what}: {e:#}"));
@@ -125,16 +127,16 @@ fn settings(
     let db = DatabaseConfig::from_env()
         .map_err(|e| invalid("invalid database configuration", e.into()))?;
     common
-        .check(&db, runs_at_once)
+        .check(&db, runs_at_once, admin)
         .map_err(|e| invalid("invalid configuration", e))?;
-    common
-        .check_drain(shutdown.config().drain_timeout)
+    let provider_deadline = common
+        .provider_deadline(drain_deadline(shutdown), keyword_sync)
         .map_err(|e| invalid("invalid configuration", e))?;
     let providers = common
         .providers(|name| std::env::var(name).ok())
         .map_err(|e| invalid("invalid keyword provider configuration", e))?;
     let policy = common
-        .provider_policy()
+        .provider_policy(provider_deadline)
         .map_err(|e| invalid("invalid keyword provider configuration", e))?;
     Ok(Settings {
         db,
@@ -142,6 +144,16 @@ fn settings(
         providers,
         policy,
     })
+}
+
+/// The drain deadline in effect: `SHUTDOWN_DRAIN_TIMEOUT_MS` (by default two thirds of
+/// `SHUTDOWN_TIMEOUT_MS`), never past the overall deadline.
+fn drain_deadline(shutdown: &Shutdown) -> Duration {
+    let config = shutdown.config();
+    config
+        .drain_timeout
+        .unwrap_or(config.timeout)
+        .min(config.timeout)
 }
 
 /// A configuration error: `main` exits 2 (README, "Exit codes").
@@ -206,6 +218,7 @@ fn context(db: &Database, common: &CommonArgs, shutdown: &Shutdown) -> RunContex
         stale_after: Duration::from_millis(common.stale_after_ms),
         cancel: shutdown.token(),
         page_size: smartbeak_control_plane::runner::DEFAULT_PAGE_SIZE,
+        drain: Some(drain_deadline(shutdown)),
     }
 }
 
@@ -216,7 +229,8 @@ async fn serve(args: RunArgs, logs: &LogGuard) -> anyhow::Result<ExitCode> {
         .into_iter()
         .filter(|op| args.interval(*op).is_some())
         .count();
-    let settings = settings(&args.common, enabled, &shutdown)?;
+    let keyword_sync = args.interval(OperationName::KeywordSync).is_some();
+    let settings = settings(&args.common, enabled, true, keyword_sync, &shutdown)?;
     shutdown
         .listen_for_signals()
         .context("cannot listen for signals")?;
@@ -273,7 +287,8 @@ async fn serve(args: RunArgs, logs: &LogGuard) -> anyhow::Result<ExitCode> {
 async fn batch(args: BatchArgs, logs: &LogGuard) -> anyhow::Result<ExitCode> {
     let shutdown = Shutdown::from_env()
         .map_err(|e| ConfigError(format!("invalid shutdown configuration: {e}")))?;
-    let settings = settings(&args.common, 1, &shutdown)?;
+    let keyword_sync = args.operation == OperationName::KeywordSync;
+    let settings = settings(&args.common, 1, false, keyword_sync, &shutdown)?;
     shutdown
         .listen_for_signals()
         .context("cannot listen for signals")?;

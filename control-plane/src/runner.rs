@@ -28,9 +28,11 @@
 //! 5. The row gets its status and counts; the lock is released (or its connection closed).
 
 use std::num::NonZeroUsize;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use indicatif::ProgressBar;
 use serde::Serialize;
@@ -41,7 +43,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::metrics;
-use crate::operations::{ItemError, ItemOutcome, Operation, OperationName, Parallelism};
+use crate::operations::{ItemError, ItemOutcome, Operation, OperationName, Parallelism, Stop};
 
 /// First key of every control-plane advisory lock ("SBCP"); the second is
 /// [`OperationName::lock_key`].
@@ -99,6 +101,62 @@ pub struct RunContext {
     /// Due items loaded per page (rounded up to whole batches; [`DEFAULT_PAGE_SIZE`]):
     /// what bounds a run's memory whatever the backlog.
     pub page_size: usize,
+    /// The shutdown drain deadline, counted from `cancel`: the run (its items, its final
+    /// bookkeeping and the lock's release) ends within it. [`finish_margin`] before its
+    /// end the items still in flight are cancelled; the margin is for recording them and
+    /// the run. `None`: no deadline (the items in flight finish on their own bounds).
+    pub drain: Option<Duration>,
+}
+
+/// The part of the drain deadline kept for the end of a run after its items in flight
+/// are cancelled: recording their failures, the run's final row and the lock's release,
+/// each statement bounded by what is left of it. A quarter of the drain, between 1 s and
+/// 3 s (all of a drain shorter than 1 s). (The export worker's `release_margin` has the
+/// same shape, for the same reason.)
+pub fn finish_margin(drain: Duration) -> Duration {
+    (drain / 4)
+        .clamp(Duration::from_secs(1), Duration::from_secs(3))
+        .min(drain)
+}
+
+/// The bound of the run's own statements (failures, totals, heartbeats, the final row,
+/// the unlock): the database's statement bound, and, once a shutdown with a drain
+/// deadline has begun, no later than the end of that drain less a tenth of its
+/// [`finish_margin`] (the rest is for the runtime to see the task end).
+#[derive(Debug, Clone)]
+struct Budget {
+    bound: Duration,
+    end: Arc<OnceLock<Instant>>,
+}
+
+impl Budget {
+    fn new(bound: Duration) -> Self {
+        Self {
+            bound,
+            end: Arc::new(OnceLock::new()),
+        }
+    }
+
+    fn bound(&self) -> Duration {
+        match self.end.get() {
+            Some(end) => self
+                .bound
+                .min(end.saturating_duration_since(Instant::now())),
+            None => self.bound,
+        }
+    }
+
+    /// `statement`, bounded by [`Budget::bound`] when it starts.
+    async fn run<T>(
+        &self,
+        statement: impl Future<Output = Result<T, DbError>>,
+    ) -> Result<T, DbError> {
+        let bound = self.bound();
+        match tokio::time::timeout(bound, statement).await {
+            Ok(result) => result,
+            Err(_) => Err(DbError::QueryTimeout(bound)),
+        }
+    }
 }
 
 /// Due items loaded per page by default.
@@ -273,6 +331,8 @@ struct Pages {
     /// A stop (shutdown, lost lock) ended the loop after a full page: later pages may hold
     /// due items that were never loaded, so never counted in `not_started`.
     stopped_early: bool,
+    /// Strict mode stopped after a full page: later pages may hold due items.
+    strict_stopped_full_page: bool,
 }
 
 /// Items per page: `requested` rounded up to whole batches (at least one batch).
@@ -377,7 +437,9 @@ pub async fn run_once<O: Operation>(
         }
     }
     metrics::set_lock_held(operation, true);
-    let (outcome, lock_ok) = locked_run(op, ctx, options, progress, &mut lock, started).await;
+    let budget = Budget::new(bound);
+    let (outcome, lock_ok) =
+        locked_run(op, ctx, options, progress, &mut lock, started, &budget).await;
     if !lock_ok {
         // The session is gone or in an unknown state: closing it releases the lock.
         discard(lock);
@@ -386,7 +448,7 @@ pub async fn run_once<O: Operation>(
     }
     // Release the lock; a connection that cannot say so is closed (which releases it).
     let released = bounded(
-        bound,
+        budget.bound(),
         sqlx::query_scalar::<_, bool>("SELECT pg_advisory_unlock($1, $2)")
             .bind(LOCK_CLASS)
             .bind(operation.lock_key())
@@ -409,8 +471,9 @@ async fn locked_run<O: Operation>(
     progress: Option<&ProgressBar>,
     lock: &mut PoolConnection<sqlx::Postgres>,
     started: Instant,
+    budget: &Budget,
 ) -> (Result<RunOutcome, RunError>, bool) {
-    match run_locked(op, ctx, options, progress, lock, started).await {
+    match run_locked(op, ctx, options, progress, lock, started, budget).await {
         Ok((outcome, lost)) => (Ok(outcome), !lost),
         Err(e) => (Err(e), true),
     }
@@ -423,6 +486,7 @@ async fn run_locked<O: Operation>(
     progress: Option<&ProgressBar>,
     lock: &mut PoolConnection<sqlx::Postgres>,
     started: Instant,
+    budget: &Budget,
 ) -> Result<(RunOutcome, bool), RunError> {
     let operation = op.name();
     let abandoned = ctx
@@ -503,6 +567,10 @@ async fn run_locked<O: Operation>(
 
     let counts = Arc::new(Counts::default());
     let stop_items = ctx.cancel.child_token();
+    let stop = Stop {
+        starting: stop_items.clone(),
+        in_flight: CancellationToken::new(),
+    };
     let heartbeat_done = CancellationToken::new();
     let (batch_concurrency, item_concurrency) = match op.parallelism() {
         Parallelism::Batches => (options.concurrency, NonZeroUsize::MIN),
@@ -538,9 +606,8 @@ async fn run_locked<O: Operation>(
             }
             // The total so far goes in at once, so a watcher (or the next runner) sees it.
             let total = pages.total;
-            if let Err(e) = ctx
-                .db
-                .run(async |conn| {
+            if let Err(e) = budget
+                .run(ctx.db.run(async |conn| {
                     sqlx::query(
                         "UPDATE batch_runs SET items_total = $2 WHERE id = $1 AND status = 'running'",
                     )
@@ -548,7 +615,7 @@ async fn run_locked<O: Operation>(
                     .bind(clamp_i32(total))
                     .execute(conn)
                     .await
-                })
+                }))
                 .await
             {
                 tracing::warn!(%operation, %run_id, error = %e, "could not record the run's total");
@@ -562,10 +629,10 @@ async fn run_locked<O: Operation>(
                 |first, batch| {
                     let counts = counts.clone();
                     let ids = &ids;
-                    let stop_items = &stop_items;
+                    let stop = &stop;
                     async move {
                         let len = batch.len();
-                        let results = op.process_batch(batch, item_concurrency, stop_items).await;
+                        let results = op.process_batch(batch, item_concurrency, stop).await;
                         let mut failures = Vec::new();
                         for (offset, result) in results.iter().enumerate().take(len) {
                             match result {
@@ -592,7 +659,7 @@ async fn run_locked<O: Operation>(
                         // An operation that returned too few outcomes: the rest did not run.
                         // `map_batches_bounded` pads those slots with `None`, counted
                         // skipped (not started) by the loop below, so not here.
-                        record_failures(ctx, run_id, operation, &counts, &failures).await;
+                        record_failures(ctx, budget, run_id, operation, &counts, &failures).await;
                         if let Some(bar) = progress {
                             bar.inc(len as u64);
                         }
@@ -628,7 +695,12 @@ async fn run_locked<O: Operation>(
                     Some(Ok(_)) => {}
                 }
             }
-            if (strict && page_failed) || len < page_size {
+            if strict && page_failed {
+                // A full page: a later one may hold due items, never loaded.
+                pages.strict_stopped_full_page = len == page_size;
+                break;
+            }
+            if len < page_size {
                 break;
             }
             if stop_items.is_cancelled() {
@@ -644,18 +716,46 @@ async fn run_locked<O: Operation>(
         lock,
         run_id,
         ctx.heartbeat,
-        ctx.db.config().query_timeout(),
+        budget,
         &counts,
         &heartbeat_done,
         &stop_items,
     );
-    let (pages, lost) = tokio::join!(work, heartbeat);
+    // At shutdown: the items in flight get the drain deadline less the finishing margin,
+    // then are cancelled; every statement of the run's own is bounded by what is left.
+    let drain_watch = async {
+        tokio::select! {
+            () = ctx.cancel.cancelled() => {}
+            () = heartbeat_done.cancelled() => return,
+        }
+        let Some(drain) = ctx.drain else {
+            return;
+        };
+        let margin = finish_margin(drain);
+        let stopped = Instant::now();
+        let _ = budget.end.set(stopped + drain.saturating_sub(margin / 10));
+        tokio::select! {
+            () = tokio::time::sleep(drain.saturating_sub(margin)) => {
+                tracing::warn!(%operation, %run_id, margin_ms = margin.as_millis() as u64,
+                    "shutdown drain deadline near: cancelling the items still in flight");
+                stop.in_flight.cancel();
+            }
+            () = heartbeat_done.cancelled() => {}
+        }
+    };
+    let (pages, lost, ()) = tokio::join!(work, heartbeat, drain_watch);
     let Pages {
         total,
         failures,
         load_error,
         stopped_early,
+        strict_stopped_full_page,
     } = pages;
+    let cancelled_in_flight = if stop.in_flight.is_cancelled() {
+        "; items still in flight shortly before the drain deadline were cancelled (failed)"
+    } else {
+        ""
+    };
     let later_pages = if stopped_early {
         "; later pages were not loaded"
     } else {
@@ -673,9 +773,12 @@ async fn run_locked<O: Operation>(
     } else if let Some(why) = load_error {
         error = Some(why);
         RunStatus::Failed
-    } else if ctx.cancel.is_cancelled() && (not_started > 0 || stopped_early) {
+    } else if ctx.cancel.is_cancelled()
+        && (not_started > 0 || stopped_early || stop.in_flight.is_cancelled())
+    {
         error = Some(format!(
-            "interrupted by shutdown: {not_started} items were not started{later_pages}"
+            "interrupted by shutdown: {not_started} items were not started{later_pages}\
+             {cancelled_in_flight}"
         ));
         RunStatus::Interrupted
     } else if failed == 0 {
@@ -687,8 +790,14 @@ async fn run_locked<O: Operation>(
     };
     if strict && failed > 0 && error.is_none() {
         let indices: Vec<String> = failures.iter().map(|f| f.index.to_string()).collect();
+        let later_pages = if strict_stopped_full_page {
+            "; later pages not loaded"
+        } else {
+            ""
+        };
         error = Some(format!(
-            "strict: stopped after the first batch with failures, failed indexes [{}]; {not_started} later items of its page not started; later pages not loaded",
+            "strict: stopped after the first batch with failures, failed indexes [{}]; \
+             {not_started} later items of its page not started{later_pages}",
             indices.join(", ")
         ));
     }
@@ -705,7 +814,7 @@ async fn run_locked<O: Operation>(
         duration: started.elapsed(),
         sample: Vec::new(),
     };
-    finish(ctx, &report).await;
+    finish(ctx, budget, &report).await;
     Ok((RunOutcome::Ran(report), lost.is_some()))
 }
 
@@ -715,7 +824,7 @@ async fn heartbeat(
     lock: &mut PgConnection,
     run_id: Uuid,
     every: Duration,
-    bound: Duration,
+    budget: &Budget,
     counts: &Counts,
     done: &CancellationToken,
     stop_items: &CancellationToken,
@@ -727,7 +836,7 @@ async fn heartbeat(
         }
         let (succeeded, failed, skipped) = counts.get();
         let beat = bounded(
-            bound,
+            budget.bound(),
             sqlx::query(
                 "UPDATE batch_runs SET heartbeat_at = now(), items_succeeded = $2, \
                  items_failed = $3, items_skipped = $4 WHERE id = $1 AND status = 'running'",
@@ -754,6 +863,7 @@ async fn heartbeat(
 /// per run.
 async fn record_failures(
     ctx: &RunContext,
+    budget: &Budget,
     run_id: Uuid,
     operation: OperationName,
     counts: &Counts,
@@ -777,9 +887,8 @@ async fn record_failures(
         .iter()
         .map(|f| i32::try_from(f.error.attempts.max(1)).unwrap_or(i32::MAX))
         .collect();
-    let inserted = ctx
-        .db
-        .run(async |conn| {
+    let inserted = budget
+        .run(ctx.db.run(async |conn| {
             sqlx::query(
                 "INSERT INTO batch_run_items (run_id, item_index, item_id, error, attempts) \
                  SELECT $1, * FROM UNNEST($2::int8[], $3::text[], $4::text[], $5::int4[]) \
@@ -792,7 +901,7 @@ async fn record_failures(
             .bind(&attempts)
             .execute(conn)
             .await
-        })
+        }))
         .await;
     if let Err(e) = inserted {
         // They are still counted in items_failed; the log names them.
@@ -802,13 +911,12 @@ async fn record_failures(
 
 /// Writes the run's final status and counts (only while it is still `running`: another
 /// runner may have marked it abandoned) and records its metrics.
-async fn finish(ctx: &RunContext, report: &RunReport) {
+async fn finish(ctx: &RunContext, budget: &Budget, report: &RunReport) {
     let Some(run_id) = report.run_id else {
         return;
     };
-    let written = ctx
-        .db
-        .run(async |conn| {
+    let written = budget
+        .run(ctx.db.run(async |conn| {
             sqlx::query(
                 "UPDATE batch_runs SET status = $2, items_total = $3, items_succeeded = $4, \
                  items_failed = $5, items_skipped = $6, error = $7, finished_at = now(), \
@@ -823,7 +931,7 @@ async fn finish(ctx: &RunContext, report: &RunReport) {
             .bind(report.error.as_deref())
             .execute(conn)
             .await
-        })
+        }))
         .await;
     match written {
         Ok(done) if done.rows_affected() == 1 => {}

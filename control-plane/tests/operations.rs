@@ -71,6 +71,7 @@ impl Fixture {
             stale_after: Duration::from_secs(30),
             cancel: CancellationToken::new(),
             page_size: DEFAULT_PAGE_SIZE,
+            drain: None,
         }
     }
 
@@ -595,11 +596,19 @@ async fn stall() -> Response {
 
 use futures::StreamExt as _;
 
+/// Counts the request, then never answers (not even headers).
+async fn hang(State(p): State<Arc<FakeProvider>>) -> Response {
+    p.gsc_hits.fetch_add(1, Ordering::SeqCst);
+    futures::future::pending::<()>().await;
+    StatusCode::OK.into_response()
+}
+
 async fn start_provider(state: Arc<FakeProvider>) -> String {
     let app = Router::new()
         .route("/gsc/v1/keywords", get(gsc))
         .route("/ahrefs/v1/keywords", get(ahrefs))
         .route("/stall/v1/keywords", get(stall))
+        .route("/hang/v1/keywords", get(hang))
         .with_state(state);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -1497,5 +1506,161 @@ async fn the_publish_at_backfill_makes_old_scheduled_rows_due() {
         .await
         .unwrap();
     assert_eq!(status, "published");
+    fx.done().await;
+}
+
+/// A keyword-sync item stuck on a provider that never answers, with a provider policy far
+/// longer than the drain (60 s per attempt, three attempts): at shutdown the run still ends
+/// within the drain deadline, the stuck items cancelled `finish_margin` before it and
+/// failed, the never-started ones skipped, the run recorded `interrupted`.
+#[tokio::test]
+async fn a_stuck_keyword_item_is_cancelled_within_the_drain_and_the_run_recorded() {
+    let fx = Fixture::new().await;
+    let state = Arc::new(FakeProvider::default());
+    let base = start_provider(state.clone()).await;
+    add_sources(&fx, "gsc", 4).await;
+    let policy = Policy {
+        breaker: BreakerPolicy::new(BreakerConfig::default()).unwrap(),
+        retry: RetryPolicy {
+            max_attempts: 3,
+            max_elapsed: Duration::from_secs(180),
+            ..RetryPolicy::default()
+        },
+        attempt_timeout: Some(Duration::from_secs(60)),
+    };
+    let client = HttpClient::builder(Resilience::new(ResilienceConfig::default()))
+        .adapter(AdapterName::Gsc, policy)
+        .build()
+        .unwrap();
+    let op = KeywordSync::new(
+        fx.db.clone(),
+        client,
+        Providers {
+            gsc: Some(provider(&base, "hang")),
+            ahrefs: None,
+        },
+    );
+    let drain = Duration::from_secs(2);
+    let ctx = RunContext {
+        drain: Some(drain),
+        ..fx.ctx()
+    };
+    let cancel = ctx.cancel.clone();
+    let hits = state.clone();
+    let trigger = async move {
+        while hits.gsc_hits.load(Ordering::SeqCst) < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        cancel.cancel();
+        std::time::Instant::now()
+    };
+    // One batch of 4, two in flight: both hang; the other two never start.
+    let run = async {
+        let report = ran(run_once(&op, &ctx, options(10, 2, Mode::SettleAll), None)
+            .await
+            .unwrap());
+        (report, std::time::Instant::now())
+    };
+    let guarded = tokio::time::timeout(Duration::from_secs(30), async {
+        tokio::join!(trigger, run)
+    });
+    let (stopped, (report, ended)) = guarded.await.expect("the run ignored its drain deadline");
+    let took = ended.duration_since(stopped);
+    assert!(
+        took <= drain,
+        "the run took {took:?} after the stop, drain {drain:?}"
+    );
+    assert_eq!(
+        report.status,
+        RunStatus::Interrupted,
+        "{}",
+        report.summary()
+    );
+    assert_eq!(
+        (
+            report.total,
+            report.succeeded,
+            report.failed,
+            report.skipped
+        ),
+        (4, 0, 2, 2),
+        "{}",
+        report.summary()
+    );
+    assert!(
+        report
+            .failures
+            .iter()
+            .all(|f| f.error.error.contains("cancelled")),
+        "{:?}",
+        report.failures
+    );
+    let row = run_row(&fx.admin, report.run_id.unwrap()).await;
+    assert_eq!(
+        (
+            row.status.as_str(),
+            row.items_total,
+            row.items_succeeded,
+            row.items_failed,
+            row.items_skipped,
+            row.finished
+        ),
+        ("interrupted", 4, 0, 2, 2, true)
+    );
+    let recorded: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM batch_run_items WHERE run_id = $1")
+            .bind(report.run_id.unwrap())
+            .fetch_one(&fx.admin)
+            .await
+            .unwrap();
+    assert_eq!(recorded, 2, "the cancelled items are recorded failures");
+    // The lock was released.
+    let free: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, 2)")
+        .bind(LOCK_CLASS)
+        .fetch_one(&fx.admin)
+        .await
+        .unwrap();
+    assert!(free);
+    fx.done().await;
+}
+
+/// One failing row per batch of 1,000: the savepoint fallback really splits each failed
+/// batch into ceil(1000 / 64) = 16 statements (top-level transactions) of 64 items, the
+/// last of 40, the one holding the bad row publishing 63.
+#[tokio::test]
+async fn the_savepoint_fallback_runs_in_chunks_of_64() {
+    let fx = Fixture::new().await;
+    seed_scheduled(&fx, 2_000, "i IN (500, 1500)").await;
+    sqlx::raw_sql(
+        "CREATE TABLE test_publish_tx (txid int8 NOT NULL, id uuid NOT NULL); \
+         CREATE FUNCTION test_log_tx() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN INSERT INTO test_publish_tx VALUES (txid_current(), NEW.id); RETURN NEW; END $$; \
+         CREATE TRIGGER test_log_tx AFTER UPDATE ON content_items FOR EACH ROW \
+         WHEN (NEW.status = 'published') EXECUTE FUNCTION test_log_tx();",
+    )
+    .execute(&fx.admin)
+    .await
+    .unwrap();
+    let op = ContentScheduler::new(fx.db.clone());
+    let report = ran(
+        run_once(&op, &fx.ctx(), options(1_000, 1, Mode::SettleAll), None)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        (report.succeeded, report.failed),
+        (1_998, 2),
+        "{}",
+        report.summary()
+    );
+    let sizes: Vec<i64> = sqlx::query_scalar(
+        "SELECT count(*) FROM test_publish_tx GROUP BY txid ORDER BY count(*) DESC",
+    )
+    .fetch_all(&fx.admin)
+    .await
+    .unwrap();
+    let mut expected = vec![64_i64; 28];
+    expected.extend([63, 63, 40, 40]);
+    assert_eq!(sizes, expected, "transactions per failed batch");
     fx.done().await;
 }

@@ -21,9 +21,8 @@ use smartbeak_database::{Database, DbError};
 use uuid::Uuid;
 
 use chrono::{DateTime, Utc};
-use tokio_util::sync::CancellationToken;
 
-use super::{ItemError, ItemOutcome, Operation, OperationName, Parallelism, error_chain};
+use super::{ItemError, ItemOutcome, Operation, OperationName, Parallelism, Stop, error_chain};
 
 /// Most items (so subtransactions) per `content_publish_each` call: PostgreSQL's
 /// per-backend subtransaction cache (`PGPROC_MAX_CACHED_SUBXIDS`) holds 64.
@@ -75,22 +74,29 @@ impl ContentScheduler {
     async fn publish_with_savepoints(
         &self,
         batch: &[Uuid],
-        stop: &CancellationToken,
+        stop: &Stop,
     ) -> Vec<Result<ItemOutcome, ItemError>> {
-        let error = match self.publish(batch).await {
-            Ok(published) => return outcomes(batch, &published),
-            Err(error) => error,
+        let error = match stop.unless_cancelled(self.publish(batch)).await {
+            None => return vec![Err(ItemError::cancelled()); batch.len()],
+            Some(Ok(published)) => return outcomes(batch, &published),
+            Some(Err(error)) => error,
         };
         if !is_row_error(&error) {
             return fail_all(batch.len(), &describe(&error), 1);
         }
         let mut results = Vec::with_capacity(batch.len());
         for chunk in batch.chunks(SAVEPOINT_CHUNK) {
-            if stop.is_cancelled() {
+            if stop.starting.is_cancelled() {
                 results.resize(batch.len(), Ok(ItemOutcome::NotStarted));
                 break;
             }
-            results.extend(self.publish_each(chunk).await);
+            match stop.unless_cancelled(self.publish_each(chunk)).await {
+                Some(each) => results.extend(each),
+                None => results.extend(std::iter::repeat_n(
+                    Err(ItemError::cancelled()),
+                    chunk.len(),
+                )),
+            }
         }
         results
     }
@@ -136,7 +142,7 @@ impl ContentScheduler {
     async fn publish_bisecting(
         &self,
         batch: &[Uuid],
-        stop: &CancellationToken,
+        stop: &Stop,
     ) -> Vec<Result<ItemOutcome, ItemError>> {
         let mut results: Vec<Option<Result<ItemOutcome, ItemError>>> = vec![None; batch.len()];
         // Depth-first over the halves of failed ranges, first half first.
@@ -145,13 +151,22 @@ impl ContentScheduler {
             if range.is_empty() {
                 continue;
             }
-            if stop.is_cancelled() {
+            if stop.starting.is_cancelled() {
                 for slot in &mut results[range] {
                     *slot = Some(Ok(ItemOutcome::NotStarted));
                 }
                 continue;
             }
-            match self.publish(&batch[range.clone()]).await {
+            let Some(published) = stop
+                .unless_cancelled(self.publish(&batch[range.clone()]))
+                .await
+            else {
+                for slot in &mut results[range] {
+                    *slot = Some(Err(ItemError::cancelled()));
+                }
+                continue;
+            };
+            match published {
                 Ok(published) => {
                     for (slot, outcome) in results[range.clone()]
                         .iter_mut()
@@ -308,12 +323,13 @@ impl Operation for ContentScheduler {
         &self,
         batch: Vec<DueContent>,
         _concurrency: NonZeroUsize,
-        stop: &CancellationToken,
+        stop: &Stop,
     ) -> Vec<Result<ItemOutcome, ItemError>> {
         // The batch is one statement: it starts whole or not at all. After a stop, no
-        // isolation statement starts either (each is bounded by the statement timeout),
-        // so a batch in flight ends within the drain deadline.
-        if stop.is_cancelled() {
+        // isolation statement starts either, and the statement in flight is dropped when
+        // `stop.in_flight` fires (its items are then failed as cancelled: the statement may
+        // have committed), so a batch in flight ends within the drain deadline.
+        if stop.starting.is_cancelled() {
             return vec![Ok(ItemOutcome::NotStarted); batch.len()];
         }
         let ids: Vec<Uuid> = batch.iter().map(|item| item.id).collect();

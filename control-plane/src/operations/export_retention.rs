@@ -16,11 +16,11 @@ use chrono::{DateTime, Utc};
 use smartbeak_api::jobs::paths::{self, PathError};
 use smartbeak_api::jobs::queue::retention::{self, ExpiredExport};
 use smartbeak_database::Database;
-use tokio_util::sync::CancellationToken;
+
 use uuid::Uuid;
 
 use super::{
-    ItemError, ItemOutcome, Operation, OperationName, Parallelism, each_item, error_chain,
+    ItemError, ItemOutcome, Operation, OperationName, Parallelism, Stop, each_item, error_chain,
 };
 
 /// The export-retention operation.
@@ -112,7 +112,7 @@ impl Operation for ExportRetention {
         &self,
         batch: Vec<ExpiredExport>,
         concurrency: NonZeroUsize,
-        stop: &CancellationToken,
+        stop: &Stop,
     ) -> Vec<Result<ItemOutcome, ItemError>> {
         each_item(batch, concurrency, stop, |e| self.expire(e)).await
     }

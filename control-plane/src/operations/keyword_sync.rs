@@ -32,7 +32,7 @@ use url::Url;
 use uuid::Uuid;
 
 use super::{
-    ItemError, ItemOutcome, Operation, OperationName, Parallelism, each_item, error_chain,
+    ItemError, ItemOutcome, Operation, OperationName, Parallelism, Stop, each_item, error_chain,
 };
 
 /// A credential: `Debug` and `Display` never show it.
@@ -151,7 +151,13 @@ impl KeywordSync {
         })
     }
 
-    async fn sync(&self, source: KeywordSource) -> Result<ItemOutcome, ItemError> {
+    /// One source; its request is cancelled (retries, backoff and body read included)
+    /// when `cancel` fires ([`super::Stop::in_flight`]).
+    async fn sync(
+        &self,
+        source: KeywordSource,
+        cancel: CancellationToken,
+    ) -> Result<ItemOutcome, ItemError> {
         let provider = self.provider(source.adapter)?;
         let mut url = provider.base_url.clone();
         url.path_segments_mut()
@@ -168,6 +174,7 @@ impl KeywordSync {
             .client
             .get(source.adapter, url)
             .bearer_auth(provider.api_key.expose())
+            .cancel(cancel)
             .fetch_json()
             .await
             .map_err(|e| ItemError {
@@ -310,8 +317,11 @@ impl Operation for KeywordSync {
         &self,
         batch: Vec<KeywordSource>,
         concurrency: NonZeroUsize,
-        stop: &CancellationToken,
+        stop: &Stop,
     ) -> Vec<Result<ItemOutcome, ItemError>> {
-        each_item(batch, concurrency, stop, |s| self.sync(s)).await
+        each_item(batch, concurrency, stop, |s| {
+            self.sync(s, stop.in_flight.clone())
+        })
+        .await
     }
 }

@@ -96,6 +96,38 @@ impl ItemError {
     }
 }
 
+impl ItemError {
+    /// An item still in flight when the runner cancelled it, shortly before the shutdown
+    /// drain deadline ([`Stop::in_flight`]).
+    pub fn cancelled() -> Self {
+        Self::once(
+            "cancelled in flight shortly before the shutdown drain deadline; its outcome is \
+             unknown (a statement may have committed) and the next run takes it up again",
+        )
+    }
+}
+
+/// What stops the items of a run (the runner's tokens, given to
+/// [`Operation::process_batch`]).
+#[derive(Debug, Clone, Default)]
+pub struct Stop {
+    /// Once fired (shutdown, a lost lock) no further item, nor statement of an item,
+    /// starts: those items are [`ItemOutcome::NotStarted`].
+    pub starting: CancellationToken,
+    /// Once fired (shortly before the shutdown drain deadline, see
+    /// [`crate::runner::finish_margin`]) the items still in flight are cancelled: their
+    /// provider requests and statements are dropped and they fail with
+    /// [`ItemError::cancelled`]. Fires only after [`Stop::starting`].
+    pub in_flight: CancellationToken,
+}
+
+impl Stop {
+    /// `work`, or `None` when [`Stop::in_flight`] fires first.
+    pub async fn unless_cancelled<F: Future>(&self, work: F) -> Option<F::Output> {
+        self.in_flight.run_until_cancelled(work).await
+    }
+}
+
 /// How items are run inside a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Parallelism {
@@ -139,30 +171,41 @@ pub trait Operation: Send + Sync + 'static {
     /// The id recorded in `batch_run_items.item_id`.
     fn item_id(&self, item: &Self::Item) -> String;
 
-    /// Processes one batch: one outcome per item, in order. Once `stop` has fired no
-    /// further item (or statement) starts: those items are [`ItemOutcome::NotStarted`];
-    /// the ones in flight finish.
+    /// Processes one batch: one outcome per item, in order. Once [`Stop::starting`] has
+    /// fired no further item (or statement) starts: those items are
+    /// [`ItemOutcome::NotStarted`]; the ones in flight finish, unless
+    /// [`Stop::in_flight`] fires too: then they are [`ItemError::cancelled`].
     fn process_batch(
         &self,
         batch: Vec<Self::Item>,
         concurrency: NonZeroUsize,
-        stop: &CancellationToken,
+        stop: &Stop,
     ) -> impl Future<Output = Vec<Result<ItemOutcome, ItemError>>> + Send;
 }
 
-/// Runs `f` over `batch`, `concurrency` at a time, starting no item after `stop` fired
-/// (those are [`ItemOutcome::NotStarted`]): the shared body of the per-item operations.
+/// Runs `f` over `batch`, `concurrency` at a time, starting no item after
+/// [`Stop::starting`] fired (those are [`ItemOutcome::NotStarted`]) and cancelling those in
+/// flight when [`Stop::in_flight`] fires ([`ItemError::cancelled`]): the shared body of
+/// the per-item operations.
 pub(crate) async fn each_item<T, F, Fut>(
     batch: Vec<T>,
     concurrency: NonZeroUsize,
-    stop: &CancellationToken,
-    f: F,
+    stop: &Stop,
+    mut f: F,
 ) -> Vec<Result<ItemOutcome, ItemError>>
 where
     F: FnMut(T) -> Fut,
     Fut: Future<Output = Result<ItemOutcome, ItemError>>,
 {
-    smartbeak_utils::concurrency::map_bounded(batch, concurrency, f, Some(stop.clone()))
+    let item = |t: T| {
+        let work = f(t);
+        async move {
+            stop.unless_cancelled(work)
+                .await
+                .unwrap_or_else(|| Err(ItemError::cancelled()))
+        }
+    };
+    smartbeak_utils::concurrency::map_bounded(batch, concurrency, item, Some(stop.starting.clone()))
         .await
         .into_iter()
         .map(|r| match r {
