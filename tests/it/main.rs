@@ -4,6 +4,7 @@
 
 mod api;
 mod control_plane;
+mod deploy;
 mod export_worker;
 mod startup;
 mod support;

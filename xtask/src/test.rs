@@ -90,6 +90,9 @@ impl Test {
             .run()
             .context("building the binaries failed")?;
 
+        eprintln!("xtask: promtool check rules / test rules (deploy/prometheus)");
+        promtool(sh)?;
+
         // Before the tests, so that the runner's summary stays the last line of the output.
         eprintln!("xtask: schema fuzzing (schemathesis)");
         let fuzz_ok = match crate::fuzz::run_fuzz(sh, &services) {
@@ -228,4 +231,37 @@ impl Drop for FreshDatabase {
             );
         }
     }
+}
+
+/// `promtool check rules` and `promtool test rules` on `deploy/prometheus`; promtool comes
+/// from Debian's `prometheus` package, installed with apt-get when missing.
+fn promtool(sh: &Shell) -> Result<()> {
+    if cmd!(sh, "promtool --version")
+        .quiet()
+        .ignore_stdout()
+        .ignore_stderr()
+        .run()
+        .is_err()
+    {
+        eprintln!("xtask: promtool missing, trying `apt-get install -y prometheus`");
+        let installed = cmd!(sh, "apt-get install -y --no-install-recommends prometheus")
+            .quiet()
+            .ignore_stdout()
+            .run()
+            .is_ok();
+        if !installed {
+            anyhow::bail!(
+                "promtool is not installed and apt-get could not install it: install Debian's \
+                 `prometheus` package (or put promtool on PATH) to check deploy/prometheus"
+            );
+        }
+    }
+    let _dir = sh.push_dir("deploy/prometheus");
+    cmd!(sh, "promtool check rules rules.yaml")
+        .run()
+        .context("promtool check rules failed")?;
+    cmd!(sh, "promtool test rules rules.test.yaml")
+        .run()
+        .context("promtool test rules failed")?;
+    Ok(())
 }
