@@ -404,8 +404,11 @@ impl Proc {
     }
 }
 
+/// A metric name with the `label -> values` its selectors ask for.
+type Selector = (String, Vec<(String, Vec<String>)>);
+
 /// Metric names and `label -> values` of selectors in a PromQL expression.
-fn promql_names(expr: &str) -> Vec<(String, Vec<(String, Vec<String>)>)> {
+fn promql_names(expr: &str) -> Vec<Selector> {
     const NOT_METRICS: &[&str] = &[
         "sum",
         "min",
