@@ -176,15 +176,15 @@ fn range(col: &str) -> String {
 const SETTINGS_FROM: &str = "domain_settings s, jsonb_each(CASE WHEN jsonb_typeof(s.settings) = 'object' \
      THEN s.settings ELSE jsonb_build_object('value', s.settings) END) e";
 
-/// Rows the included sections will export (for the percentage), cheaply: index-only
-/// counts (`content_items_domain_cursor_idx`, `keyword_metrics_domain_time_idx`). The
-/// analytics aggregate yields one row per content item with performance rows in the range,
-/// so its count is the domain's content items, an upper bound read from the same index:
-/// counting the distinct items of `content_performance` took 13 s for 3M rows on the
-/// shared bench machine (BENCHMARKS.md), the items 1.2 s. The percentage stays below 100
-/// until the end anyway (and, with analytics, may jump at the end). One statement, in the
-/// export's snapshot, naming only the tables of the included sections (PostgreSQL locks
-/// every table a statement names, even in a branch it never takes).
+/// Rows the included sections will export (for the percentage): the same rows the
+/// sections write. Content items and keyword metrics are index-only counts
+/// (`content_items_domain_cursor_idx`, `keyword_metrics_domain_time_idx`) in the range; the
+/// analytics count is the number of groups of the section's own aggregate (the same FROM,
+/// range and GROUP BY), so a date range counts only the items with performance rows in it
+/// (before i11-finish it was every content item of the domain, an upper bound that ignored
+/// the range; the aggregate costs more than that index count, BENCHMARKS.md). One
+/// statement, in the export's snapshot, naming only the tables of the included sections
+/// (PostgreSQL locks every table a statement names, even in a branch it never takes).
 pub(crate) async fn count(snapshot: &mut Snapshot, spec: &ExportSpec) -> Result<u64, DbError> {
     let sql = count_sql(spec);
     let mut rows = snapshot.fetch(
@@ -215,7 +215,12 @@ fn count_sql(spec: &ExportSpec) -> String {
         ));
     }
     if spec.include_analytics {
-        parts.push("(SELECT count(*) FROM content_items WHERE domain_id = $1)".to_owned());
+        // The groups the section writes: the same FROM, range and GROUP BY.
+        parts.push(format!(
+            "(SELECT count(*) FROM (SELECT 1 FROM {CONTENT_AGGREGATE_FROM} \
+             WHERE p.domain_id = $1 AND {} GROUP BY {CONTENT_AGGREGATE_GROUP_BY}) g)",
+            range("p.recorded_at")
+        ));
     }
     parts.push(format!(
         "(SELECT count(*) FROM {SETTINGS_FROM} WHERE s.domain_id = $1)"
@@ -324,8 +329,8 @@ impl TextLen for ContentAggregate {
 
 impl TextLen for SettingRow {
     fn text_len(&self) -> usize {
-        // The value's size is unknown without encoding it; settings are few.
-        self.key.len() + 64
+        // The value counts too: its JSON text (settings are few; encoding one is cheap).
+        self.key.len() + serde_json::to_string(&self.value.0).map_or(0, |text| text.len())
     }
 }
 

@@ -637,6 +637,27 @@ async fn include_flags_and_date_range_are_honoured() {
 }
 
 #[tokio::test]
+async fn the_progress_total_counts_the_rows_written_in_the_date_range() {
+    let f = Fixture::new().await;
+    let mut spec = f.spec(ExportFormat::Json);
+    spec.date_from = Some(base_time() + Duration::days(2));
+    spec.date_to = Some(base_time() + Duration::days(4));
+    for (content, keywords) in [(false, false), (true, true)] {
+        spec.include_content = content;
+        spec.include_keywords = keywords;
+        let mut snapshot = f.db.read_snapshot().await.unwrap();
+        let total = sections::count(&mut snapshot, &spec).await.unwrap();
+        snapshot.finish().await.unwrap();
+        let output = f.run(&spec, Hooks::default()).await.unwrap();
+        assert_eq!(
+            total, output.record_count,
+            "content {content}, keywords {keywords}"
+        );
+    }
+    f.tdb.drop_database().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_domain_of_another_org_is_not_found() {
     let f = Fixture::new().await;
     let mut spec = f.spec(ExportFormat::Csv);
