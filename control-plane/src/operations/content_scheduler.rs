@@ -28,6 +28,17 @@ use super::{ItemError, ItemOutcome, Operation, OperationName, Parallelism, Stop,
 /// per-backend subtransaction cache (`PGPROC_MAX_CACHED_SUBXIDS`) holds 64.
 pub const SAVEPOINT_CHUNK: usize = 64;
 
+/// The first page of due items (`$1`: the page size).
+const FIRST_PAGE_SQL: &str = "SELECT id, publish_at FROM content_items \
+     WHERE status = 'scheduled' AND publish_at <= now() \
+     ORDER BY publish_at, id LIMIT $1";
+
+/// The page after the keyset `($1, $2)` = `(publish_at, id)` (`$3`: the page size).
+const NEXT_PAGE_SQL: &str = "SELECT id, publish_at FROM content_items \
+     WHERE status = 'scheduled' AND publish_at <= now() \
+     AND (publish_at, id) > ($1, $2) \
+     ORDER BY publish_at, id LIMIT $3";
+
 /// One due item, with its keyset `(publish_at, id)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DueContent {
@@ -281,27 +292,18 @@ impl Operation for ContentScheduler {
             .db
             .run(async |conn| match after {
                 None => {
-                    sqlx::query_as(
-                        "SELECT id, publish_at FROM content_items \
-                         WHERE status = 'scheduled' AND publish_at <= now() \
-                         ORDER BY publish_at, id LIMIT $1",
-                    )
-                    .bind(limit)
-                    .fetch_all(conn)
-                    .await
+                    sqlx::query_as(FIRST_PAGE_SQL)
+                        .bind(limit)
+                        .fetch_all(conn)
+                        .await
                 }
                 Some((at, id)) => {
-                    sqlx::query_as(
-                        "SELECT id, publish_at FROM content_items \
-                         WHERE status = 'scheduled' AND publish_at <= now() \
-                         AND (publish_at, id) > ($1, $2) \
-                         ORDER BY publish_at, id LIMIT $3",
-                    )
-                    .bind(at)
-                    .bind(id)
-                    .bind(limit)
-                    .fetch_all(conn)
-                    .await
+                    sqlx::query_as(NEXT_PAGE_SQL)
+                        .bind(at)
+                        .bind(id)
+                        .bind(limit)
+                        .fetch_all(conn)
+                        .await
                 }
             })
             .await?;
@@ -337,5 +339,132 @@ impl Operation for ContentScheduler {
             Isolation::Savepoints => self.publish_with_savepoints(&ids, stop).await,
             Isolation::Bisect => self.publish_bisecting(&ids, stop).await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The due query's plans: both pages scan `content_items_due_keyset_idx` (the partial
+    //! index `(publish_at, id) WHERE status = 'scheduled'`, migration 20261202000006) with
+    //! the due bound, and the next page's keyset, in the index condition and take their order
+    //! from it (no sort), as a custom plan and as the generic plan a prepared statement
+    //! switches to after five executions (`plan_cache_mode = force_generic_plan`).
+
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::{FIRST_PAGE_SQL, NEXT_PAGE_SQL};
+    use smartbeak_database::testing::{TestDatabase, explain_generic};
+    use sqlx::Connection as _;
+    use uuid::Uuid;
+
+    /// The plan's `Index Cond` lines, joined.
+    fn index_conds(plan: &str) -> String {
+        plan.lines()
+            .filter(|l| l.contains("Index Cond"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// `sql` with `$1..$n` replaced by `args`, for a custom plan.
+    fn with_literals(sql: &str, args: &[String]) -> String {
+        let mut sql = sql.to_owned();
+        for (i, arg) in args.iter().enumerate().rev() {
+            sql = sql.replace(&format!("${}", i + 1), arg);
+        }
+        sql
+    }
+
+    fn assert_keyset_plan(plan: &str, keyset: bool, what: &str) {
+        assert!(
+            plan.contains("content_items_due_keyset_idx"),
+            "{what}: must scan the due keyset index:\n{plan}"
+        );
+        let cond = index_conds(plan);
+        assert!(
+            cond.contains("publish_at <= now()"),
+            "{what}: the due bound in the index condition:\n{plan}"
+        );
+        assert_eq!(
+            cond.contains("ROW(publish_at, id) >"),
+            keyset,
+            "{what}: the keyset (and only on a next page) in the index condition:\n{plan}"
+        );
+        assert!(
+            !plan.contains("Sort"),
+            "{what}: the order comes from the index:\n{plan}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_due_pages_are_bounded_by_the_keyset_index_also_in_a_generic_plan() {
+        let tdb = TestDatabase::create().await.unwrap();
+        let mut conn = sqlx::PgConnection::connect(tdb.url().expose())
+            .await
+            .unwrap();
+        let (org, domain) = (Uuid::new_v4(), Uuid::new_v4());
+        // 20,000 items of which 2,000 are scheduled (half of them due), so a sequential scan
+        // is not the cheap choice, then fresh statistics.
+        sqlx::query("INSERT INTO orgs (id, name) VALUES ($1, 'plans')")
+            .bind(org)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO domains (id, org_id, name) VALUES ($1, $2, 'plans.example')")
+            .bind(domain)
+            .bind(org)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        sqlx::query(
+            "INSERT INTO content_items (id, domain_id, title, slug, status, publish_at) \
+             SELECT gen_random_uuid(), $1, 't' || i, 's' || i, \
+                 CASE WHEN i % 10 = 0 THEN 'scheduled' ELSE 'published' END, \
+                 now() + CASE WHEN i % 20 = 0 THEN interval '1 day' ELSE -interval '1 day' END \
+                     + i * interval '1 second' \
+             FROM generate_series(1, 20000) i",
+        )
+        .bind(domain)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        sqlx::raw_sql("ANALYZE content_items")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+
+        let first_args = ["1000".to_owned()];
+        let next_args = [
+            "now() - interval '1 day'".to_owned(),
+            format!("'{}'", Uuid::nil()),
+            "1000".to_owned(),
+        ];
+        let shapes: [(&str, &str, &[&str], &[String], bool); 2] = [
+            (
+                "first page",
+                FIRST_PAGE_SQL,
+                &["bigint"],
+                &first_args,
+                false,
+            ),
+            (
+                "next page",
+                NEXT_PAGE_SQL,
+                &["timestamptz", "uuid", "bigint"],
+                &next_args,
+                true,
+            ),
+        ];
+        for (what, sql, types, args, keyset) in shapes {
+            let generic = explain_generic(&mut conn, sql, types, args).await.unwrap();
+            assert_keyset_plan(&generic, keyset, &format!("{what} (generic plan)"));
+            let custom: Vec<String> =
+                sqlx::query_scalar(&format!("EXPLAIN {}", with_literals(sql, args)))
+                    .fetch_all(&mut conn)
+                    .await
+                    .unwrap();
+            assert_keyset_plan(&custom.join("\n"), keyset, &format!("{what} (custom plan)"));
+        }
+        conn.close().await.unwrap();
+        tdb.drop_database().await.unwrap();
     }
 }
