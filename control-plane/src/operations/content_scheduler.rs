@@ -357,6 +357,10 @@ mod tests {
     use sqlx::Connection as _;
     use uuid::Uuid;
 
+    /// A statement to explain: what, its SQL, its parameter types, their literals, whether
+    /// it has the keyset bound.
+    type Shape<'a> = (&'a str, &'a str, &'a [&'a str], &'a [String], bool);
+
     /// The plan's `Index Cond` lines, joined.
     fn index_conds(plan: &str) -> String {
         plan.lines()
@@ -438,7 +442,7 @@ mod tests {
             format!("'{}'", Uuid::nil()),
             "1000".to_owned(),
         ];
-        let shapes: [(&str, &str, &[&str], &[String], bool); 2] = [
+        let shapes: [Shape<'_>; 2] = [
             (
                 "first page",
                 FIRST_PAGE_SQL,
