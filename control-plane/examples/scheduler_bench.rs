@@ -162,7 +162,11 @@ async fn main() {
                      {concurrency}: {rate:.0} items/s ({:.2}x the first anchor){}",
                     if failing.is_some() { "1 %" } else { "0 %" },
                     rate / anchors[0],
-                    if unexpected { " UNEXPECTED FAILURES" } else { "" }
+                    if unexpected {
+                        " UNEXPECTED FAILURES"
+                    } else {
+                        ""
+                    }
                 );
                 results.push((failing, isolation, batch_size, concurrency, rate));
             }

@@ -119,26 +119,42 @@ pub fn finish_margin(drain: Duration) -> Duration {
         .min(drain)
 }
 
-/// The bound of the run's own statements (failures, totals, heartbeats, the final row,
-/// the unlock): the database's statement bound, and, once a shutdown with a drain
-/// deadline has begun, no later than the end of that drain less a tenth of its
-/// [`finish_margin`] (the rest is for the runtime to see the task end).
+/// The bound of the run's own statements (the lock, the run row, failures, totals,
+/// heartbeats, the final row, the unlock): the database's statement bound, and, once a
+/// shutdown with a drain deadline has begun, no later than the end of that drain less a
+/// tenth of its [`finish_margin`] (the rest is for the runtime to see the task end). The
+/// drain is counted from the moment the stop fired, which `run_once` records whenever in
+/// the run that is (also while it takes the lock or inserts its row).
 #[derive(Debug, Clone)]
 struct Budget {
     bound: Duration,
-    end: Arc<OnceLock<Instant>>,
+    drain: Option<Duration>,
+    stopped: Arc<OnceLock<Instant>>,
 }
 
 impl Budget {
-    fn new(bound: Duration) -> Self {
+    fn new(bound: Duration, drain: Option<Duration>) -> Self {
         Self {
             bound,
-            end: Arc::new(OnceLock::new()),
+            drain,
+            stopped: Arc::new(OnceLock::new()),
         }
     }
 
+    /// Records the stop (the first call wins): the drain is counted from here.
+    fn stop(&self) -> Instant {
+        *self.stopped.get_or_init(Instant::now)
+    }
+
+    /// The end of the run's own statements: `None` before a stop, or without a drain.
+    fn end(&self) -> Option<Instant> {
+        let drain = self.drain?;
+        let stopped = self.stopped.get()?;
+        Some(*stopped + drain.saturating_sub(finish_margin(drain) / 10))
+    }
+
     fn bound(&self) -> Duration {
-        match self.end.get() {
+        match self.end() {
             Some(end) => self
                 .bound
                 .min(end.saturating_duration_since(Instant::now())),
@@ -407,14 +423,51 @@ pub async fn run_once<O: Operation>(
         }));
     }
 
-    let mut lock = ctx
-        .db
-        .acquire()
-        .await
-        .map_err(db_error("checking out the lock connection"))?;
-    let bound = ctx.db.config().query_timeout();
+    let budget = Budget::new(ctx.db.config().query_timeout(), ctx.drain);
+    if ctx.cancel.is_cancelled() {
+        budget.stop();
+    }
+    // The stop's moment, whenever it comes: the drain is counted from it.
+    let done = CancellationToken::new();
+    let watch = async {
+        tokio::select! {
+            () = ctx.cancel.cancelled() => {
+                budget.stop();
+            }
+            () = done.cancelled() => {}
+        }
+    };
+    let body = async {
+        let outcome = run_recorded(op, ctx, options, progress, started, &budget).await;
+        done.cancel();
+        outcome
+    };
+    let (outcome, ()) = tokio::join!(body, watch);
+    outcome
+}
+
+/// The run (not a dry run): the lock, the run under it, the unlock.
+async fn run_recorded<O: Operation>(
+    op: &O,
+    ctx: &RunContext,
+    options: RunOptions,
+    progress: Option<&ProgressBar>,
+    started: Instant,
+    budget: &Budget,
+) -> Result<RunOutcome, RunError> {
+    let operation = op.name();
+    let bound = budget.bound();
+    let mut lock = match tokio::time::timeout(bound, ctx.db.acquire()).await {
+        Ok(lock) => lock.map_err(db_error("checking out the lock connection"))?,
+        Err(_) => {
+            return Err(RunError::Database {
+                what: "checking out the lock connection",
+                source: DbError::QueryTimeout(bound),
+            });
+        }
+    };
     let locked = bounded(
-        bound,
+        budget.bound(),
         sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1, $2)")
             .bind(LOCK_CLASS)
             .bind(operation.lock_key())
@@ -437,9 +490,8 @@ pub async fn run_once<O: Operation>(
         }
     }
     metrics::set_lock_held(operation, true);
-    let budget = Budget::new(bound);
     let (outcome, lock_ok) =
-        locked_run(op, ctx, options, progress, &mut lock, started, &budget).await;
+        locked_run(op, ctx, options, progress, &mut lock, started, budget).await;
     if !lock_ok {
         // The session is gone or in an unknown state: closing it releases the lock.
         discard(lock);
@@ -489,9 +541,8 @@ async fn run_locked<O: Operation>(
     budget: &Budget,
 ) -> Result<(RunOutcome, bool), RunError> {
     let operation = op.name();
-    let abandoned = ctx
-        .db
-        .run(async |conn| {
+    let abandoned = budget
+        .run(ctx.db.run(async |conn| {
             sqlx::query_scalar::<_, Uuid>(
                 "UPDATE batch_runs SET status = 'abandoned', finished_at = now(), \
                  error = 'abandoned: its runner stopped heartbeating (last at ' || heartbeat_at || ')' \
@@ -502,7 +553,7 @@ async fn run_locked<O: Operation>(
             .bind(ctx.stale_after.as_secs_f64())
             .fetch_all(conn)
             .await
-        })
+        }))
         .await
         .map_err(db_error("marking abandoned runs"))?;
     for id in &abandoned {
@@ -515,9 +566,8 @@ async fn run_locked<O: Operation>(
         "concurrency": options.concurrency.get(),
         "operation": op.params(),
     });
-    let inserted = ctx
-        .db
-        .run(async |conn| {
+    let inserted = budget
+        .run(ctx.db.run(async |conn| {
             sqlx::query(
                 "INSERT INTO batch_runs (id, operation, runner, status, mode, params, heartbeat_at) \
                  VALUES ($1, $2, $3, 'running', $4, $5, now())",
@@ -529,21 +579,20 @@ async fn run_locked<O: Operation>(
             .bind(&params)
             .execute(conn)
             .await
-        })
+        }))
         .await;
     match inserted {
         Ok(_) => {}
         Err(DbError::Query(sqlx::Error::Database(e))) if e.is_unique_violation() => {
-            let other: Option<Uuid> = ctx
-                .db
-                .run(async |conn| {
+            let other: Option<Uuid> = budget
+                .run(ctx.db.run(async |conn| {
                     sqlx::query_scalar(
                         "SELECT id FROM batch_runs WHERE operation = $1 AND status = 'running'",
                     )
                     .bind(operation.as_str())
                     .fetch_optional(conn)
                     .await
-                })
+                }))
                 .await
                 .map_err(db_error("reading the running run"))?;
             metrics::record_skipped_run(operation);
@@ -585,12 +634,21 @@ async fn run_locked<O: Operation>(
         let mut pages = Pages::default();
         let mut after = None;
         // A stop before the first page still loads it: its items are counted skipped, so
-        // the run row says what was due.
+        // the run row says what was due. A load still running when the items in flight are
+        // cancelled (shortly before the drain deadline) is dropped.
         loop {
-            let page = match op.load_page(after.clone(), page_size).await {
-                Ok(page) => page,
-                Err(e) => {
+            let page = match stop
+                .unless_cancelled(op.load_page(after.clone(), page_size))
+                .await
+            {
+                Some(Ok(page)) => page,
+                Some(Err(e)) => {
                     pages.load_error = Some(format!("loading the items failed: {e:#}"));
+                    break;
+                }
+                None => {
+                    // Its items were never loaded, so never counted.
+                    pages.stopped_early = true;
                     break;
                 }
             };
@@ -728,14 +786,14 @@ async fn run_locked<O: Operation>(
             () = ctx.cancel.cancelled() => {}
             () = heartbeat_done.cancelled() => return,
         }
-        let Some(drain) = ctx.drain else {
+        let Some(drain) = budget.drain else {
             return;
         };
         let margin = finish_margin(drain);
-        let stopped = Instant::now();
-        let _ = budget.end.set(stopped + drain.saturating_sub(margin / 10));
+        // Counted from the stop, which may have come before the run row existed.
+        let stopped = budget.stop();
         tokio::select! {
-            () = tokio::time::sleep(drain.saturating_sub(margin)) => {
+            () = tokio::time::sleep_until(stopped + drain.saturating_sub(margin)) => {
                 tracing::warn!(%operation, %run_id, margin_ms = margin.as_millis() as u64,
                     "shutdown drain deadline near: cancelling the items still in flight");
                 stop.in_flight.cancel();
@@ -833,6 +891,12 @@ async fn heartbeat(
         tokio::select! {
             () = done.cancelled() => return None,
             () = tokio::time::sleep(every) => {}
+        }
+        if budget.end().is_some() {
+            // The run is ending within the drain: its final row is written by `finish`.
+            // A beat here would get only what is left of the budget, and its timeout
+            // would read as a lost lock (the run recorded failed, not interrupted).
+            continue;
         }
         let (succeeded, failed, skipped) = counts.get();
         let beat = bounded(

@@ -301,6 +301,26 @@ async fn strict_mode_stops_after_the_failing_batch() {
     assert_eq!(later_published, 0, "later batches untouched");
     let row = run_row(&fx.admin, report.run_id.unwrap()).await;
     assert_eq!((row.mode.as_str(), row.items_skipped), ("strict", 700));
+    // One short page: nothing was left unloaded, so the message does not say so.
+    assert!(!error.contains("later pages not loaded"), "{error}");
+
+    // Pages of 100: the failing batch (the three rows again, first in the due order) fills
+    // its page, so later pages may hold due items that were never loaded.
+    let ctx = RunContext {
+        page_size: 100,
+        ..fx.ctx()
+    };
+    let report = ran(run_once(&op, &ctx, options(100, 4, Mode::Strict), None)
+        .await
+        .unwrap());
+    assert_eq!(
+        (report.total, report.succeeded, report.failed),
+        (100, 97, 3),
+        "{}",
+        report.summary()
+    );
+    let error = report.error.clone().unwrap();
+    assert!(error.contains("later pages not loaded"), "{error}");
     fx.done().await;
 }
 
@@ -1540,7 +1560,9 @@ async fn a_stuck_keyword_item_is_cancelled_within_the_drain_and_the_run_recorded
             ahrefs: None,
         },
     );
-    let drain = Duration::from_secs(2);
+    // 6 s (a margin of 1.5 s: the cancel at 4.5 s), so the run's own statements fit on a
+    // loaded machine; without the cancel the run would take up to 3 x 60 s.
+    let drain = Duration::from_secs(6);
     let ctx = RunContext {
         drain: Some(drain),
         ..fx.ctx()
