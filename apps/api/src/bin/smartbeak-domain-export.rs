@@ -48,6 +48,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per process: the worker's flags (all strings) make that variant large.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Claim and run queued exports until SIGTERM (admin port: /healthz, /readyz, /metrics).
