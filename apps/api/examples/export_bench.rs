@@ -59,6 +59,9 @@ struct Args {
     /// Formats to run beside COPY (comma separated).
     #[arg(long, default_value = "csv,json,markdown")]
     formats: String,
+    /// EXPORT_ZIP_LEVEL of the CSV exports' ZIP: 0 stored, 1 to 9 deflate.
+    #[arg(long, default_value_t = smartbeak_api::jobs::export::DEFAULT_ZIP_LEVEL)]
+    zip_level: u8,
 }
 
 fn base_time() -> DateTime<Utc> {
@@ -112,7 +115,12 @@ fn spec(org: Uuid, domain: Uuid, format: ExportFormat) -> ExportSpec {
     }
 }
 
-async fn export_once(db: &Database, spec: &ExportSpec, dir: &ExportDir) -> Result<(u64, u64)> {
+async fn export_once(
+    db: &Database,
+    spec: &ExportSpec,
+    dir: &ExportDir,
+    zip_level: u8,
+) -> Result<(u64, u64)> {
     let (progress, _) = watch::channel(Progress::default());
     let output = run_export(
         db,
@@ -120,6 +128,7 @@ async fn export_once(db: &Database, spec: &ExportSpec, dir: &ExportDir) -> Resul
         dir,
         ExportLimits {
             max_bytes: u64::MAX,
+            zip_level,
         },
         &progress,
         &CancellationToken::new(),
@@ -140,7 +149,7 @@ async fn child(args: &Args) -> Result<()> {
     let db = connect(&admin_url()?.with_database(name)).await?;
     let dir = ExportDir::open(out)?;
     let started = Instant::now();
-    let (rows, size) = export_once(&db, &spec(org, domain, format), &dir).await?;
+    let (rows, size) = export_once(&db, &spec(org, domain, format), &dir, args.zip_level).await?;
     let elapsed = started.elapsed().as_secs_f64();
     #[allow(clippy::print_stdout)]
     {
@@ -281,8 +290,9 @@ async fn bench(args: &Args, admin: &SecretUrl, name: &str) -> Result<()> {
     let rows = args.rows as f64;
 
     println!(
-        "rows: {}   (load average at start: {})",
+        "rows: {}   zip level: {}   (load average at start: {})",
         args.rows,
+        args.zip_level,
         std::fs::read_to_string("/proc/loadavg")
             .unwrap_or_default()
             .trim()
@@ -322,7 +332,9 @@ async fn bench(args: &Args, admin: &SecretUrl, name: &str) -> Result<()> {
                 .arg("--domain")
                 .arg(domain.to_string())
                 .arg("--out")
-                .arg(&out);
+                .arg(&out)
+                .arg("--zip-level")
+                .arg(args.zip_level.to_string());
             let (wall, rss, stdout) = timed(child)?;
             let mut fields = stdout.split_whitespace();
             let inside: f64 = fields.next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
@@ -336,7 +348,11 @@ async fn bench(args: &Args, admin: &SecretUrl, name: &str) -> Result<()> {
             formats
                 .iter()
                 .zip(&runs)
-                .map(|(f, r)| format!("{f} {:.2} s", r[round].0))
+                .map(|(f, r)| format!(
+                    "{f} {:.2} s ({:.2}x COPY)",
+                    r[round].0,
+                    r[round].0 / copy_runs[round].0
+                ))
                 .collect::<Vec<_>>()
                 .join(", ")
         );
@@ -379,14 +395,14 @@ async fn bench(args: &Args, admin: &SecretUrl, name: &str) -> Result<()> {
         .collect();
     let started = Instant::now();
     for s in &specs {
-        export_once(&db, s, &dir).await?;
+        export_once(&db, s, &dir, args.zip_level).await?;
     }
     let sequential = started.elapsed().as_secs_f64();
     let started = Instant::now();
     let results = smartbeak_utils::concurrency::map_bounded(
         specs.iter(),
         NonZeroUsize::MIN.saturating_add(4),
-        |s| export_once(&db, s, &dir),
+        |s| export_once(&db, s, &dir, args.zip_level),
         None,
     )
     .await;

@@ -48,6 +48,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per process: the worker's flags (all strings) make that variant large.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Claim and run queued exports until SIGTERM (admin port: /healthz, /readyz, /metrics).
@@ -85,6 +87,10 @@ struct WorkerArgs {
     #[arg(long, env = "EXPORT_MAX_BYTES", value_name = "BYTES",
           default_value_t = export::DEFAULT_MAX_BYTES.to_string())]
     max_bytes: String,
+    /// A CSV export's ZIP entries: 0 stored, 1 (fastest) to 9 (smallest) deflate.
+    #[arg(long, env = "EXPORT_ZIP_LEVEL", value_name = "LEVEL",
+          default_value_t = export::DEFAULT_ZIP_LEVEL.to_string())]
+    zip_level: String,
     /// Hours a finished file is kept (its expires_at).
     #[arg(long, env = "EXPORT_TTL_HOURS", value_name = "HOURS",
           default_value_t = defaults::DEFAULT_TTL_HOURS.to_string())]
@@ -136,6 +142,7 @@ impl WorkerArgs {
             "EXPORT_DIR" => &self.export_dir,
             "EXPORT_CONCURRENCY" => &self.concurrency,
             "EXPORT_MAX_BYTES" => &self.max_bytes,
+            "EXPORT_ZIP_LEVEL" => &self.zip_level,
             "EXPORT_TTL_HOURS" => &self.ttl_hours,
             "EXPORT_LEASE_SECS" => &self.lease_secs,
             "EXPORT_HEARTBEAT_SECS" => &self.heartbeat_secs,
@@ -191,6 +198,11 @@ struct RunArgs {
     #[arg(long, env = "EXPORT_MAX_BYTES", value_name = "BYTES",
           default_value_t = export::DEFAULT_MAX_BYTES)]
     max_bytes: u64,
+    /// A CSV export's ZIP entries: 0 stored, 1 (fastest) to 9 (smallest) deflate.
+    #[arg(long, env = "EXPORT_ZIP_LEVEL", value_name = "LEVEL",
+          default_value_t = export::DEFAULT_ZIP_LEVEL,
+          value_parser = clap::value_parser!(u8).range(0..=i64::from(export::MAX_ZIP_LEVEL)))]
+    zip_level: u8,
 }
 
 #[derive(Debug, Args)]
@@ -385,6 +397,7 @@ async fn run_once(args: RunArgs) -> anyhow::Result<()> {
     ));
     let limits = ExportLimits {
         max_bytes: args.max_bytes,
+        zip_level: args.zip_level,
     };
     let result = export::run_export(&db, &spec, &dir, limits, &progress_tx, &cancel).await;
     drop(progress_tx);

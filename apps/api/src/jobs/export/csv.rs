@@ -16,6 +16,7 @@ use std::io::{self, BufWriter, Write};
 use zip::write::SimpleFileOptions;
 use zip::{CompressionMethod, ZipWriter};
 
+use super::MAX_ZIP_LEVEL;
 use super::file::Output;
 use super::sections::Section;
 use super::{Feed, Header};
@@ -58,12 +59,25 @@ pub(crate) fn columns(section: Section) -> &'static [&'static str] {
 
 const BUFFER: usize = 128 * 1024;
 
-/// ZIP entries are deflated at level 1: a file about a third of the stored size
-/// (BENCHMARKS.md "Domain export"). Stored vs deflate was measured only with the previous
-/// engine (deflate was not the main cost there); not yet with the streaming one.
-const ZIP_METHOD: CompressionMethod = CompressionMethod::Deflated;
+/// The ZIP entries' options: stored at `level` 0, else deflated at `level` (1 fastest, at
+/// most [`MAX_ZIP_LEVEL`]); see `EXPORT_ZIP_LEVEL` and BENCHMARKS.md "Domain export".
+fn zip_options(level: u8) -> SimpleFileOptions {
+    let options = SimpleFileOptions::default().large_file(true);
+    if level == 0 {
+        options.compression_method(CompressionMethod::Stored)
+    } else {
+        options
+            .compression_method(CompressionMethod::Deflated)
+            .compression_level(Some(i64::from(level.min(MAX_ZIP_LEVEL))))
+    }
+}
 
-pub(crate) fn write(feed: &mut Feed, out: Output, header: &Header) -> io::Result<Output> {
+pub(crate) fn write(
+    feed: &mut Feed,
+    out: Output,
+    header: &Header,
+    zip_level: u8,
+) -> io::Result<Output> {
     if header.sections.len() == 1 {
         let mut out = BufWriter::with_capacity(BUFFER, out);
         if feed.next_section()?.is_some() {
@@ -72,10 +86,7 @@ pub(crate) fn write(feed: &mut Feed, out: Output, header: &Header) -> io::Result
         return out.into_inner().map_err(|err| err.into_error());
     }
     let mut zip = ZipWriter::new_stream(BufWriter::with_capacity(BUFFER, out));
-    let options = SimpleFileOptions::default()
-        .compression_method(ZIP_METHOD)
-        .compression_level((ZIP_METHOD == CompressionMethod::Deflated).then_some(1))
-        .large_file(true);
+    let options = zip_options(zip_level);
     while let Some(section) = feed.next_section()? {
         zip.start_file(format!("{}.csv", section.name()), options)
             .map_err(io::Error::from)?;

@@ -92,11 +92,31 @@ impl ExportDir {
     }
 }
 
-/// Limits of one export.
+/// Default `EXPORT_ZIP_LEVEL`: deflate level 1 (BENCHMARKS.md "Domain export").
+pub const DEFAULT_ZIP_LEVEL: u8 = 1;
+
+/// The highest `EXPORT_ZIP_LEVEL` (deflate's best compression).
+pub const MAX_ZIP_LEVEL: u8 = 9;
+
+/// Limits and settings of one export.
 #[derive(Debug, Clone, Copy)]
 pub struct ExportLimits {
     /// `EXPORT_MAX_BYTES`: the file may not grow beyond this.
     pub max_bytes: u64,
+    /// `EXPORT_ZIP_LEVEL`: the entries of a CSV export's ZIP are stored uncompressed at 0,
+    /// deflated at this level from 1 (fastest) to [`MAX_ZIP_LEVEL`]; a higher value is
+    /// treated as [`MAX_ZIP_LEVEL`].
+    pub zip_level: u8,
+}
+
+impl ExportLimits {
+    /// `max_bytes` with the default [`DEFAULT_ZIP_LEVEL`].
+    pub fn new(max_bytes: u64) -> Self {
+        Self {
+            max_bytes,
+            zip_level: DEFAULT_ZIP_LEVEL,
+        }
+    }
 }
 
 /// A file written and renamed into place.
@@ -221,13 +241,16 @@ pub async fn run_export(
 }
 
 /// Test hooks of [`run_export_with`].
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct Hooks {
     /// The file writer fails with ENOSPC once the file would exceed this many bytes.
     pub(crate) fail_after_bytes: Option<u64>,
     /// The writer stops reading after the first data message until the export is
     /// cancelled (or `run_export` dropped): a reader held mid-statement.
     pub(crate) stall_writer: bool,
+    /// The writer, once the file is encoded (it read `End`) and before it is persisted,
+    /// notifies this and waits until the export is cancelled (or `run_export` dropped).
+    pub(crate) before_persist: Option<std::sync::Arc<tokio::sync::Notify>>,
 }
 
 /// Messages in flight between the reader and the writer thread (each about
@@ -579,7 +602,7 @@ fn write_file(
     let cap_hit = out.cap_flag();
     let mut feed = Feed::new(rx, hooks.stall_writer.then(|| cancel.clone()));
     let encoded = match format {
-        ExportFormat::Csv => csv::write(&mut feed, out, header),
+        ExportFormat::Csv => csv::write(&mut feed, out, header, limits.zip_level),
         ExportFormat::Json => json::write(&mut feed, out, header),
         ExportFormat::Markdown => markdown::write(&mut feed, out, header),
     };
@@ -595,6 +618,11 @@ fn write_file(
         }
     })?;
     let (file, size_bytes, checksum_sha256) = out.finish();
+    if let Some(reached) = &hooks.before_persist {
+        reached.notify_one();
+        // Blocks this (blocking-pool) thread until the test cancels: no polling.
+        futures::executor::block_on(cancel.cancelled());
+    }
     // Cancelled meanwhile (or `run_export` dropped): the guard removes the temp file.
     if cancel.is_cancelled() {
         return Err(ExportError::Cancelled);

@@ -191,7 +191,7 @@ impl Fixture {
             &self.db,
             spec,
             &self.export_dir,
-            ExportLimits { max_bytes },
+            ExportLimits::new(max_bytes),
             &progress,
             &CancellationToken::new(),
             hooks,
@@ -777,9 +777,7 @@ async fn start_stalled(
                 stall_writer: true,
                 ..Hooks::default()
             };
-            let limits = ExportLimits {
-                max_bytes: u64::MAX,
-            };
+            let limits = ExportLimits::new(u64::MAX);
             run_export_with(&db, &spec, &dir, limits, &progress, &cancel, hooks).await
         }
     });
@@ -830,6 +828,59 @@ async fn cancel_mid_copy_returns_cancelled_with_no_file_and_no_temp_file() {
 }
 
 #[tokio::test]
+async fn a_cancel_after_the_writer_read_end_and_before_persist_leaves_no_file() {
+    let f = Fixture::new().await;
+    add_large_content(&f, 50).await;
+    for format in [
+        ExportFormat::Csv,
+        ExportFormat::Json,
+        ExportFormat::Markdown,
+    ] {
+        let spec = f.spec(format);
+        let cancel = CancellationToken::new();
+        let reached = std::sync::Arc::new(tokio::sync::Notify::new());
+        let (progress, _seen) = watch::channel(Progress::default());
+        let task = tokio::spawn({
+            let (db, dir, cancel, spec) = (
+                f.db.clone(),
+                f.export_dir.clone(),
+                cancel.clone(),
+                spec.clone(),
+            );
+            let hooks = Hooks {
+                before_persist: Some(reached.clone()),
+                ..Hooks::default()
+            };
+            async move {
+                let limits = ExportLimits::new(u64::MAX);
+                run_export_with(&db, &spec, &dir, limits, &progress, &cancel, hooks).await
+            }
+        });
+        // The whole file is encoded (the writer got `End`), the temp file is there, not
+        // yet renamed.
+        tokio::time::timeout(std::time::Duration::from_secs(30), reached.notified())
+            .await
+            .unwrap();
+        let files = f.files();
+        assert!(
+            files.len() == 1 && files.iter().all(|name| is_temp_name(name)),
+            "{format:?}: {files:?}"
+        );
+        cancel.cancel();
+        let result = tokio::time::timeout(std::time::Duration::from_secs(10), task)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(result, Err(ExportError::Cancelled)),
+            "{format:?}: {result:?}"
+        );
+        assert!(f.files().is_empty(), "{format:?}: {:?}", f.files());
+    }
+    f.tdb.drop_database().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_dropped_export_never_persists_and_leaves_no_temp_file() {
     let f = Fixture::new().await;
     add_large_content(&f, 5_000).await;
@@ -853,9 +904,7 @@ async fn progress_reaches_100_with_the_record_count() {
         &f.db,
         &spec,
         &f.export_dir,
-        ExportLimits {
-            max_bytes: DEFAULT_MAX_BYTES,
-        },
+        ExportLimits::new(DEFAULT_MAX_BYTES),
         &progress,
         &CancellationToken::new(),
         Hooks::default(),
@@ -1077,5 +1126,46 @@ async fn non_finite_numbers_are_null_in_json_and_empty_in_csv_and_markdown() {
             "{line}"
         );
     }
+    f.tdb.drop_database().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_zip_level_picks_stored_or_deflated_entries_with_the_same_csv() {
+    let f = Fixture::new().await;
+    add_large_content(&f, 200).await;
+    let mut texts = Vec::new();
+    for (level, method) in [
+        (0, zip::CompressionMethod::Stored),
+        (1, zip::CompressionMethod::Deflated),
+        (9, zip::CompressionMethod::Deflated),
+    ] {
+        let spec = f.spec(ExportFormat::Csv);
+        let (progress, _) = watch::channel(Progress::default());
+        let limits = ExportLimits {
+            max_bytes: DEFAULT_MAX_BYTES,
+            zip_level: level,
+        };
+        let output = run_export_with(
+            &f.db,
+            &spec,
+            &f.export_dir,
+            limits,
+            &progress,
+            &CancellationToken::new(),
+            Hooks::default(),
+        )
+        .await
+        .unwrap();
+        let mut archive =
+            zip::ZipArchive::new(std::io::Cursor::new(f.read_output(&output))).unwrap();
+        let mut entry = archive.by_name("content.csv").unwrap();
+        assert_eq!(entry.compression(), method, "level {level}");
+        let mut text = Vec::new();
+        entry.read_to_end(&mut text).unwrap();
+        texts.push((output.size_bytes, text));
+    }
+    assert_eq!(texts[0].1, texts[1].1);
+    assert_eq!(texts[0].1, texts[2].1);
+    assert!(texts[1].0 < texts[0].0, "deflate 1 smaller than stored");
     f.tdb.drop_database().await.unwrap();
 }

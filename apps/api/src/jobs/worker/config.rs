@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::config::{ConfigError, DEFAULT_EXPORT_DIR, Env, LogFormat};
-use crate::jobs::export::DEFAULT_MAX_BYTES;
+use crate::jobs::export::{DEFAULT_MAX_BYTES, DEFAULT_ZIP_LEVEL, MAX_ZIP_LEVEL};
+
+const ZIP_LEVEL_EXPECTED: &str = "an integer from 0 (stored) to 9";
 
 /// Default `EXPORT_CONCURRENCY`.
 pub const DEFAULT_CONCURRENCY: usize = 5;
@@ -42,6 +44,9 @@ pub struct WorkerConfig {
     pub concurrency: NonZeroUsize,
     /// `EXPORT_MAX_BYTES`, default 10 MiB: the largest file an export may write.
     pub max_bytes: u64,
+    /// `EXPORT_ZIP_LEVEL`, default 1: a CSV export's ZIP entries are stored at 0, deflated
+    /// at 1 (fastest) to 9 (smallest).
+    pub zip_level: u8,
     /// `EXPORT_TTL_HOURS`, default 168: a finished file's `expires_at` is this far ahead.
     pub ttl: Duration,
     /// `EXPORT_LEASE_SECS`, default 30: how long a claim holds without a heartbeat.
@@ -129,6 +134,15 @@ impl WorkerConfig {
             Some(id) => id.trim().to_owned(),
             None => default_worker_id(),
         };
+        let zip_level = env
+            .parse::<u8>("EXPORT_ZIP_LEVEL", ZIP_LEVEL_EXPECTED)?
+            .unwrap_or(DEFAULT_ZIP_LEVEL);
+        if zip_level > MAX_ZIP_LEVEL {
+            return Err(ConfigError::Invalid {
+                var: "EXPORT_ZIP_LEVEL",
+                expected: ZIP_LEVEL_EXPECTED,
+            });
+        }
         let default_admin = SocketAddr::from(([127, 0, 0, 1], 9465));
         Ok(Self {
             export_dir: env
@@ -136,6 +150,7 @@ impl WorkerConfig {
                 .map_or_else(|| PathBuf::from(DEFAULT_EXPORT_DIR), PathBuf::from),
             concurrency,
             max_bytes: env.positive("EXPORT_MAX_BYTES", DEFAULT_MAX_BYTES)?,
+            zip_level,
             ttl: Duration::from_secs(ttl_hours * 3600),
             lease,
             heartbeat,
@@ -228,6 +243,9 @@ mod tests {
         assert_eq!(c.export_dir, PathBuf::from("./exports"));
         assert_eq!(c.concurrency.get(), 5);
         assert_eq!(c.max_bytes, DEFAULT_MAX_BYTES);
+        assert_eq!(c.zip_level, 1);
+        assert_eq!(config(&[("EXPORT_ZIP_LEVEL", "0")]).unwrap().zip_level, 0);
+        assert_eq!(config(&[("EXPORT_ZIP_LEVEL", "9")]).unwrap().zip_level, 9);
         assert_eq!(c.ttl, Duration::from_secs(168 * 3600));
         assert_eq!(c.lease, Duration::from_secs(30));
         assert_eq!(c.heartbeat, Duration::from_secs(10));
@@ -248,6 +266,9 @@ mod tests {
             ("EXPORT_ADMIN_ADDR", "localhost"),
             ("EXPORT_TTL_HOURS", "99999999"),
             ("EXPORT_POLL_MAX_MS", "soon"),
+            ("EXPORT_ZIP_LEVEL", "10"),
+            ("EXPORT_ZIP_LEVEL", "-1"),
+            ("EXPORT_ZIP_LEVEL", "fast"),
         ] {
             let err = config(&[(var, value)]).unwrap_err().to_string();
             assert!(err.contains(var), "{var}={value}: {err}");

@@ -182,6 +182,7 @@ async fn export(
 ) -> Result<ExportOutput, ExportError> {
     let limits = ExportLimits {
         max_bytes: ctx.config.max_bytes,
+        zip_level: ctx.config.zip_level,
     };
     let export = run_export(&ctx.db, &job.spec, &ctx.dir, limits, progress, token);
     tokio::pin!(export);
