@@ -14,6 +14,7 @@
 //! a generation, and a lookup stores its answer only if the generation did not move while
 //! it ran. Database errors are not cached.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -26,6 +27,7 @@ use uuid::Uuid;
 use crate::auth::{Auth, PresentedKey};
 use crate::config::AuthCacheConfig;
 use crate::error::ApiError;
+use crate::key_usage::{KeyUsage, UsageMark};
 use crate::listen::{self, Event};
 
 /// The `LISTEN/NOTIFY` channel of key changes (payload: hex of the key hash); the
@@ -40,10 +42,12 @@ pub const REQUESTS_METRIC: &str = "auth_cache_requests_total";
 /// Counter of removed entries, label `reason`: `revoked`, `flushed` or `expired`.
 pub const EVICTIONS_METRIC: &str = "auth_cache_evictions_total";
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Entry {
     auth: Option<Auth>,
     expires: Instant,
+    /// Whether the key was marked used in the current `last_used_at` interval.
+    mark: Arc<UsageMark>,
 }
 
 /// The cache shared by every request of the process.
@@ -54,6 +58,7 @@ pub struct KeyCache {
     negative_ttl: Duration,
     generation: AtomicU64,
     db_lookups: AtomicU64,
+    usage: Arc<KeyUsage>,
 }
 
 impl KeyCache {
@@ -65,7 +70,13 @@ impl KeyCache {
             negative_ttl: config.negative_ttl,
             generation: AtomicU64::new(0),
             db_lookups: AtomicU64::new(0),
+            usage: Arc::new(KeyUsage::default()),
         }
+    }
+
+    /// The keys used since the last `last_used_at` flush ([`crate::key_usage`]).
+    pub fn usage(&self) -> &Arc<KeyUsage> {
+        &self.usage
     }
 
     /// The key's org and id, `None` for an unknown or revoked key: from the cache, or from
@@ -79,6 +90,9 @@ impl KeyCache {
         if let Some(entry) = self.entries.get(hash) {
             if entry.expires > Instant::now() {
                 metrics::counter!(REQUESTS_METRIC, "result" => "hit").increment(1);
+                if let Some(auth) = entry.auth {
+                    self.usage.touch(auth.key_id, &entry.mark);
+                }
                 return Ok(entry.auth);
             }
             metrics::counter!(EVICTIONS_METRIC, "reason" => "expired").increment(1);
@@ -92,12 +106,17 @@ impl KeyCache {
         } else {
             self.negative_ttl
         };
+        let mark = Arc::new(UsageMark::default());
+        if let Some(auth) = auth {
+            self.usage.touch(auth.key_id, &mark);
+        }
         if self.generation.load(Ordering::Acquire) == generation {
             self.entries.insert(
                 *hash,
                 Entry {
                     auth,
                     expires: Instant::now() + ttl,
+                    mark,
                 },
             );
         }

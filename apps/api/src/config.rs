@@ -104,6 +104,9 @@ pub struct AuthCacheConfig {
     /// `AUTH_CACHE_NEGATIVE_TTL_MS`, default 2000: how long an unknown or revoked key is
     /// answered 401 without asking PostgreSQL (a key created meanwhile waits this long).
     pub negative_ttl: Duration,
+    /// `API_KEY_LAST_USED_INTERVAL_MS`, default 60000: `api_keys.last_used_at` is written in
+    /// one batch this often (each key at most once per interval) and at shutdown.
+    pub last_used_interval: Duration,
 }
 
 /// Request hardening (tower-http layers).
@@ -236,6 +239,7 @@ impl ApiConfig {
                 capacity: env.positive("AUTH_CACHE_CAPACITY", 10_000)?,
                 positive_ttl: env.millis("AUTH_CACHE_TTL_MS", 5_000)?,
                 negative_ttl: env.millis("AUTH_CACHE_NEGATIVE_TTL_MS", 2_000)?,
+                last_used_interval: env.millis("API_KEY_LAST_USED_INTERVAL_MS", 60_000)?,
             },
         })
     }

@@ -519,6 +519,86 @@ mod tests {
         tdb.drop_database().await.unwrap();
     }
 
+    #[tokio::test]
+    async fn the_limiter_and_the_concurrent_key_lookup_keep_401_429_and_200() {
+        let tdb = TestDatabase::create().await.unwrap();
+        let db = Database::connect(tdb.config(), "smartbeak-api-test")
+            .await
+            .unwrap();
+        let config = ApiConfig::from_lookup(|var| match var {
+            "RATE_LIMIT_PER_KEY" => Some("3".to_owned()),
+            "RATE_LIMIT_PER_IP" => Some("3".to_owned()),
+            _ => None,
+        })
+        .unwrap();
+        let limiter = RateLimiter::new(config.rate_limit.clone(), None).unwrap();
+        let state = AppState::new(db.clone(), config, limiter, None);
+        let keys = std::sync::Arc::clone(&state.keys);
+        let app = app(state);
+        let org = crate::auth::create_org(&db, "router").await.unwrap();
+        let good = crate::auth::create_key(&db, org, "good").await.unwrap();
+        let send = |peer: &str, key: &str| {
+            let mut request = Request::get("/v1/domains")
+                .header("authorization", format!("Bearer {key}"))
+                .body(Body::empty())
+                .unwrap();
+            let peer: std::net::SocketAddr = peer.parse().unwrap();
+            request
+                .extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
+            app.clone().oneshot(request)
+        };
+        let (a, b) = ("192.0.2.10:1", "192.0.2.11:1");
+
+        let ok = send(a, &good.key).await.unwrap();
+        assert_eq!(ok.status(), StatusCode::OK);
+        assert!(
+            ok.headers()["ratelimit"]
+                .to_str()
+                .unwrap()
+                .contains("\"key\"")
+        );
+
+        // A bad-key flood from `a`: 401 while its IP quota lasts, then 429.
+        for _ in 0..3 {
+            let refused = send(a, "sbk_bad").await.unwrap();
+            assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+            assert!(
+                refused.headers()["ratelimit"]
+                    .to_str()
+                    .unwrap()
+                    .contains("\"ip\"")
+            );
+        }
+        let limited = send(a, "sbk_bad").await.unwrap();
+        assert_eq!(limited.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert!(limited.headers().contains_key("retry-after"));
+        // The flood reached PostgreSQL once (the negative cache), and another client's bad
+        // key is still a 401 (another key: the flooded one has spent its own key quota too).
+        assert_eq!(
+            send(b, "sbk_other_bad").await.unwrap().status(),
+            StatusCode::UNAUTHORIZED
+        );
+        let lookups = keys.db_lookups();
+        assert_eq!(
+            lookups, 3,
+            "one lookup per key: the good one and the two bad ones"
+        );
+
+        // The good key is limited per key, not by the IP its neighbour exhausted.
+        assert_eq!(send(a, &good.key).await.unwrap().status(), StatusCode::OK);
+        assert_eq!(send(b, &good.key).await.unwrap().status(), StatusCode::OK);
+        let over = send(a, &good.key).await.unwrap();
+        assert_eq!(over.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            keys.db_lookups(),
+            lookups,
+            "the good key came from the cache"
+        );
+        db.close(std::time::Duration::from_secs(5)).await.unwrap();
+        tdb.drop_database().await.unwrap();
+    }
+
     #[test]
     fn the_request_timeout_is_504_request_timeout_not_503_overloaded() {
         assert_eq!(ApiError::Timeout.status(), StatusCode::GATEWAY_TIMEOUT);

@@ -19,6 +19,7 @@ pub mod error;
 pub mod http;
 pub mod idempotency;
 pub mod jobs;
+pub mod key_usage;
 pub mod listen;
 pub mod openapi;
 pub mod ratelimit;

@@ -44,6 +44,8 @@ API variables (defaults in brackets):
   AUTH_CACHE_CAPACITY          API keys cached in-process at most [10000]
   AUTH_CACHE_TTL_MS            a valid key is trusted this long without a lookup [5000]
   AUTH_CACHE_NEGATIVE_TTL_MS   an unknown/revoked key is refused this long without one [2000]
+  API_KEY_LAST_USED_INTERVAL_MS  api_keys.last_used_at written in a batch this often, each
+                               key at most once, and at shutdown [60000]
   ANALYTICS_CACHE_MAX_BYTES    serialised report bytes cached [67108864]
   ANALYTICS_REPORT_TOP_N       keywords / content items listed per report [100]
   EXPORT_DIR                   where export files live [./exports]";
@@ -265,10 +267,12 @@ async fn serve(config: ApiConfig, logs: &LogGuard) -> anyhow::Result<ExitCode> {
         header_read_timeout: config.http.header_read_timeout,
         max_connections: config.http.max_connections,
     };
+    let last_used_interval = config.auth_cache.last_used_interval;
     let state = AppState::new(db.clone(), config, limiter, Some(metrics));
     let readiness = state.readiness.clone();
     // Revocations reach the key cache through LISTEN/NOTIFY (see `auth_cache`).
     let keys = std::sync::Arc::clone(&state.keys);
+    let usage = std::sync::Arc::clone(&state.keys);
     let (listen_db, listen_stop) = (db.clone(), shutdown.token());
     shutdown.spawn(async move { keys.listen(&listen_db, &listen_stop).await });
     let app = smartbeak_api::app(state);
@@ -293,13 +297,27 @@ async fn serve(config: ApiConfig, logs: &LogGuard) -> anyhow::Result<ExitCode> {
     // SHUTDOWN_READINESS_DELAY_MS has passed (the listener token), it stops accepting (the
     // listener is dropped), and the drain phase waits for in-flight requests to finish, up
     // to SHUTDOWN_DRAIN_TIMEOUT_MS.
+    // `api_keys.last_used_at`: written in batches, and once more after the last request.
+    let served = tokio_util::sync::CancellationToken::new();
+    let _key_usage = match smartbeak_api::key_usage::install(
+        &shutdown,
+        std::sync::Arc::clone(usage.usage()),
+        db.clone(),
+        last_used_interval,
+        served.clone(),
+    ) {
+        Ok(guard) => guard,
+        Err(RegisterError::ShutdownStarted { .. }) => {
+            return Ok(startup::interrupted_start_up(&shutdown, "binding the listener").await);
+        }
+    };
+
     let stop = shutdown.listener_token();
-    shutdown.spawn(smartbeak_api::serve::serve(
-        listener,
-        app,
-        serve_config,
-        stop.cancelled_owned(),
-    ));
+    let server = smartbeak_api::serve::serve(listener, app, serve_config, stop.cancelled_owned());
+    shutdown.spawn(async move {
+        server.await;
+        served.cancel();
+    });
     tracing::info!("listening on http://{addr}");
 
     shutdown.triggered().await;

@@ -17,6 +17,7 @@ fn config(positive_ms: u64, negative_ms: u64) -> AuthCacheConfig {
         capacity: 1000,
         positive_ttl: Duration::from_millis(positive_ms),
         negative_ttl: Duration::from_millis(negative_ms),
+        last_used_interval: Duration::from_secs(60),
     }
 }
 
