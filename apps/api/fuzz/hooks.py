@@ -7,7 +7,7 @@ in the document itself.
 
 One rule depends on earlier requests: an `Idempotency-Key` sent again with another body is
 422 `IDEMPOTENCY_KEY_REUSED`. The generator repeats header values across cases, so
-`before_call` gives every valid key a value of its own (invalid ones are kept: the api must
+`map_headers` gives every valid key a value of its own (invalid ones are kept: the api must
 reject them). Replays are tested in apps/api (`idempotency::tests`).
 """
 
@@ -129,8 +129,10 @@ _fresh_keys = itertools.count()
 
 
 @schemathesis.hook
-def before_call(ctx, case, kwargs):
-    headers = case.headers or {}
+def map_headers(ctx, headers):
+    if not headers:
+        return headers
     for name, value in list(headers.items()):
         if name.lower() == "idempotency-key" and isinstance(value, str) and _IDEMPOTENCY_KEY.fullmatch(value):
             headers[name] = f"fuzz-{next(_fresh_keys)}"
+    return headers
