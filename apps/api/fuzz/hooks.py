@@ -4,8 +4,15 @@ The OpenAPI document describes them in its `info.description`; the api answers 4
 `VALIDATION_ERROR` to a request that breaks one. These hooks drop generated requests that
 break one, so that "schema-valid request rejected" means what it says. Every other rule is
 in the document itself.
+
+One rule depends on earlier requests: an `Idempotency-Key` sent again with another body is
+422 `IDEMPOTENCY_KEY_REUSED`. The generator repeats header values across cases, so
+`map_headers` gives every valid key a value of its own (invalid ones are kept: the api must
+reject them). Replays are tested in apps/api (`idempotency::tests`).
 """
 
+import itertools
+import re
 from datetime import date, datetime, timedelta, timezone
 
 import schemathesis
@@ -63,6 +70,27 @@ def _range_ok(raw_from, raw_to, analytics):
     return start is None or to is None or start <= to
 
 
+_EPOCH = datetime(2000, 1, 1, tzinfo=timezone.utc)
+
+
+def _keys_unique(rows, field):
+    """No two rows with one `field` and one `recorded_at` to the microsecond (as PostgreSQL
+    stores it). Neighbouring microseconds count as one too: the api truncates toward the
+    year 2000, Python toward the past, so they may round apart by one."""
+    seen = set()
+    for row in rows:
+        if not isinstance(row, dict):
+            continue
+        name, at = row.get(field), row.get("recorded_at")
+        if not isinstance(name, str) or at is None:
+            continue
+        micros = (_timestamp(at) - _EPOCH) // timedelta(microseconds=1)
+        if any((name, micros + d) in seen for d in (-1, 0, 1)):
+            return False
+        seen.add((name, micros))
+    return True
+
+
 def _years_ok(rows, field):
     return all(row.get(field) is None or _in_years(_timestamp(row[field])) for row in rows)
 
@@ -86,8 +114,25 @@ def filter_case(ctx, case):
             keywords, content = body.get("keywords") or [], body.get("content") or []
             if len(keywords) + len(content) > MAX_ROWS:
                 return False
-            return _years_ok(keywords, "recorded_at") and _years_ok(content, "recorded_at")
+            if not (_years_ok(keywords, "recorded_at") and _years_ok(content, "recorded_at")):
+                return False
+            return _keys_unique(keywords, "keyword") and _keys_unique(content, "content_id")
     except (ValueError, TypeError, AttributeError, OverflowError):
         # Not a value of the documented type: a negative case, the api must reject it.
         return True
     return True
+
+
+# The api's Idempotency-Key: 1 to 255 visible ASCII characters.
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+_fresh_keys = itertools.count()
+
+
+@schemathesis.hook
+def map_headers(ctx, headers):
+    if not headers:
+        return headers
+    for name, value in list(headers.items()):
+        if name.lower() == "idempotency-key" and isinstance(value, str) and _IDEMPOTENCY_KEY.fullmatch(value):
+            headers[name] = f"fuzz-{next(_fresh_keys)}"
+    return headers

@@ -196,9 +196,10 @@ impl From<sqlx::Error> for ApiError {
             sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
                 Self::DatabaseUnavailable(Box::new(err))
             }
-            // 57014 query_canceled: the server-side statement_timeout fired.
+            // 57014 query_canceled: the server-side statement_timeout fired; inside a
+            // request that is its deadline run out (504), see `out_of_time`.
             sqlx::Error::Database(ref db) if db.code().as_deref() == Some("57014") => {
-                Self::DatabaseUnavailable(Box::new(err))
+                out_of_time(Box::new(err))
             }
             // Class 22, data exception (22021 a NUL in text, 22P05 `\u0000` in jsonb, 22008
             // a timestamp out of range, ...): a value of the request the database cannot
@@ -225,6 +226,8 @@ impl From<sqlx::Error> for ApiError {
 impl From<smartbeak_database::DbError> for ApiError {
     fn from(err: smartbeak_database::DbError) -> Self {
         match err {
+            smartbeak_database::DbError::QueryTimeout(_)
+            | smartbeak_database::DbError::StatementTimeout(_) => out_of_time(Box::new(err)),
             // First, so a driver-level connection failure (I/O, TLS, protocol, a closed
             // pool) is 503 like the timeouts, whatever the sqlx mapping below says. A
             // transaction whose connection was discarded after a timeout: as unavailable as
@@ -239,6 +242,19 @@ impl From<smartbeak_database::DbError> for ApiError {
             smartbeak_database::DbError::Query(inner) => inner.into(),
             other => Self::internal(other),
         }
+    }
+}
+
+/// A statement cut short by its time bound (the client-side bound or the server's
+/// `statement_timeout`): inside a request (a [`smartbeak_database::deadline`] scope, whose
+/// deadline both bounds follow) the request ran out of time, 504 `REQUEST_TIMEOUT` like the
+/// request timeout itself, with the cause in the log; outside one, 503.
+fn out_of_time(cause: Box<dyn std::error::Error + Send + Sync>) -> ApiError {
+    if smartbeak_database::deadline::current().is_some() {
+        tracing::warn!(error = %cause, "a statement ran out of the request's time");
+        ApiError::Timeout
+    } else {
+        ApiError::DatabaseUnavailable(cause)
     }
 }
 

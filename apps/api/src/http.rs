@@ -306,8 +306,12 @@ where
                 }),
             )
                 .into_response();
-            if let Some(allow) = response.headers().get(header::ALLOW) {
-                r.headers_mut().insert(header::ALLOW, allow.clone());
+            // `Allow`, the limiter's `RateLimit` headers, the request id: all but the
+            // body's own.
+            for (name, value) in response.headers() {
+                if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+                    r.headers_mut().append(name.clone(), value.clone());
+                }
             }
             return r;
         }
@@ -319,6 +323,9 @@ where
     }
     r
 }
+
+#[cfg(test)]
+mod stack_tests;
 
 #[cfg(test)]
 mod tests {
@@ -595,6 +602,61 @@ mod tests {
             lookups,
             "the good key came from the cache"
         );
+        db.close(std::time::Duration::from_secs(5)).await.unwrap();
+        tdb.drop_database().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_405_on_a_known_path_is_rate_limited_too() {
+        let tdb = TestDatabase::create().await.unwrap();
+        let db = Database::connect(tdb.config(), "smartbeak-api-test")
+            .await
+            .unwrap();
+        let config = ApiConfig::from_lookup(|var| match var {
+            "RATE_LIMIT_PER_IP" => Some("2".to_owned()),
+            _ => None,
+        })
+        .unwrap();
+        let limiter = RateLimiter::new(config.rate_limit.clone(), None).unwrap();
+        let app = app(AppState::new(db.clone(), config, limiter, None));
+        let peer: std::net::SocketAddr = "192.0.2.45:1".parse().unwrap();
+        let send = |method: &str, path: &str| {
+            let mut request = Request::builder()
+                .method(method)
+                .uri(path)
+                .body(Body::empty())
+                .unwrap();
+            request
+                .extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
+            app.clone().oneshot(request)
+        };
+        // A /v1 path and an operational one, with methods they do not serve: each charged
+        // once, with the limiter's headers on the 405.
+        let first = send("PATCH", "/v1/domains").await.unwrap();
+        assert_eq!(first.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert!(first.headers().contains_key("ratelimit"));
+        assert!(first.headers().contains_key("allow"));
+        let second = send("DELETE", "/openapi.json").await.unwrap();
+        assert_eq!(second.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert!(second.headers().contains_key("ratelimit"));
+        for (method, path) in [
+            ("POST", "/metrics"),
+            ("PUT", "/v1/domains/00000000-0000-0000-0000-000000000000"),
+        ] {
+            let limited = send(method, path).await.unwrap();
+            assert_eq!(
+                limited.status(),
+                StatusCode::TOO_MANY_REQUESTS,
+                "{method} {path}"
+            );
+            assert!(limited.headers().contains_key("retry-after"));
+        }
+        // The methods a route serves (HEAD being its GET) are not charged here.
+        for _ in 0..3 {
+            assert_eq!(send("GET", "/openapi.json").await.unwrap().status(), 200);
+            assert_eq!(send("HEAD", "/openapi.json").await.unwrap().status(), 200);
+        }
         db.close(std::time::Duration::from_secs(5)).await.unwrap();
         tdb.drop_database().await.unwrap();
     }

@@ -30,7 +30,10 @@ use crate::routes::{self, Page, content, domains, exports, health, ingest, setti
         queries and export bodies `from` must not be after `to` and an analytics range is at most \
         366 days; dates and timestamps fall in the years 0001 to 9999 in UTC; a content item has \
         `publish_at` exactly when its status is `scheduled`; a metrics body has at most 5,000 \
-        rows in both lists together. Request bodies are limited to `HTTP_BODY_LIMIT_BYTES` \
+        rows in both lists together, and no two of its rows share a natural key (`keyword` and \
+        `recorded_at`, or `content_id` and `recorded_at`, to the microsecond). An \
+        `Idempotency-Key` sent again with another body is 422 `IDEMPOTENCY_KEY_REUSED` for 24 \
+        hours. Request bodies are limited to `HTTP_BODY_LIMIT_BYTES` \
         (default 1,048,576 bytes) on every route: 413 `PAYLOAD_TOO_LARGE`."),
     paths(
         health::healthz, health::readyz, health::metrics, openapi_json,

@@ -481,18 +481,36 @@ async fn limit(
     response
 }
 
-/// [`middleware`] for requests that matched no route (404, and 405 on a known path): they
-/// are rate limited like `/v1`, so a client cannot probe made-up paths and methods for
-/// free. Requests that matched a route pass (the `/v1` routes have their own layer).
+/// [`middleware`] for requests that matched no route: a path no route has (404), or an
+/// operational path (`/metrics`, `/openapi.json`) with a method it does not serve (405;
+/// axum sets the `MatchedPath` of the path then, so the method is looked up in
+/// [`crate::http::OPERATIONAL_ROUTES`], `HEAD` counting as the `GET` axum answers it with).
+/// They are rate limited like `/v1`, so a client cannot probe made-up paths and methods
+/// for free. The `/v1` paths pass: their own layer (a `route_layer`, which axum also runs
+/// for their 405s) limits them once. The probes are outside this router: a 405 on
+/// `/healthz` or `/readyz` is not limited (like the probes themselves).
 pub async fn unmatched(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    if request
+    let served = request
         .extensions()
         .get::<axum::extract::MatchedPath>()
-        .is_some()
-    {
+        .is_some_and(|path| serves(path.as_str(), request.method()));
+    if served {
         return next.run(request).await;
     }
     middleware(State(state), request, next).await
+}
+
+/// True when `path` (a route template) is a `/v1` path, or has a route for `method`.
+fn serves(path: &str, method: &axum::http::Method) -> bool {
+    let method = if method == axum::http::Method::HEAD {
+        "GET"
+    } else {
+        method.as_str()
+    };
+    crate::http::V1_ROUTES.iter().any(|&(_, p)| p == path)
+        || crate::http::OPERATIONAL_ROUTES
+            .iter()
+            .any(|&(m, p)| m == method && p == path)
 }
 
 /// The bucket a client IP is counted in: an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) is

@@ -46,6 +46,11 @@ impl Answer {
 
 impl TestApi {
     pub(crate) async fn new() -> Self {
+        Self::with_env(&[]).await
+    }
+
+    /// [`TestApi::new`] with these api variables set too.
+    pub(crate) async fn with_env(vars: &[(&str, &str)]) -> Self {
         let f = Fixture::new().await;
         let key = crate::auth::create_key(&f.db, f.org, "test")
             .await
@@ -55,8 +60,14 @@ impl TestApi {
         let export_dir = temp.path().join("exports");
         std::fs::create_dir(&export_dir).unwrap();
         let dir = export_dir.to_str().unwrap().to_owned();
-        let config =
-            ApiConfig::from_lookup(|name| (name == "EXPORT_DIR").then(|| dir.clone())).unwrap();
+        let config = ApiConfig::from_lookup(|name| match name {
+            "EXPORT_DIR" => Some(dir.clone()),
+            _ => vars
+                .iter()
+                .find(|(var, _)| *var == name)
+                .map(|(_, value)| (*value).to_owned()),
+        })
+        .unwrap();
         let limiter = RateLimiter::new(config.rate_limit.clone(), None).unwrap();
         let app = crate::app(AppState::new(f.db.clone(), config, limiter, None));
         Self {

@@ -1,0 +1,95 @@
+//! The layer stack of [`crate::app`] under load and past its deadline, through the real
+//! router on a fresh database; requests are held on a PostgreSQL lock the test takes.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use serde_json::json;
+use sqlx::PgPool;
+
+use crate::routes::exports::tests::TestApi;
+
+/// Waits, polling for at most 10 s, until `want` backends of the test database wait on a
+/// lock.
+async fn wait_for_lock_waiters(pool: &PgPool, want: i64) {
+    let mut seen = -1;
+    for _ in 0..500 {
+        seen = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if seen == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{seen} backends wait on a lock after 10 s, not {want}");
+}
+
+#[tokio::test]
+async fn the_probes_answer_200_while_the_concurrency_limit_is_saturated() {
+    let api = TestApi::with_env(&[("HTTP_MAX_CONCURRENCY", "1")]).await;
+    let pool = api.f.db.primary().clone();
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE domains IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let path = format!("/v1/domains/{}", api.f.domain);
+    let held = api.call("GET", &path, None);
+    let checks = async {
+        // The one permit is taken by the request waiting on the lock.
+        wait_for_lock_waiters(&pool, 1).await;
+        let shed = api.call("GET", "/openapi.json", None).await;
+        assert_eq!(shed.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(shed.json()["code"], "OVERLOADED");
+        for probe in ["/healthz", "/readyz"] {
+            let answer = api.call("GET", probe, None).await;
+            assert_eq!(
+                answer.status,
+                StatusCode::OK,
+                "{probe}: {:?}",
+                answer.json()
+            );
+        }
+        holder.commit().await.unwrap();
+    };
+    let (held, ()) = tokio::join!(held, checks);
+    assert_eq!(held.status, StatusCode::OK, "{:?}", held.json());
+}
+
+#[tokio::test]
+async fn a_request_past_its_timeout_is_504_and_the_server_cancels_its_statement() {
+    let api = TestApi::with_env(&[("HTTP_REQUEST_TIMEOUT_MS", "2000")]).await;
+    let pool = api.f.db.primary().clone();
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE keyword_metrics IN EXCLUSIVE MODE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let path = format!("/v1/domains/{}/metrics", api.f.domain);
+    let body = json!({"keywords": [{"keyword": "rust", "search_volume": 1, "position": 1.0,
+                                    "recorded_at": "2026-01-02T00:00:00Z"}]});
+    let ingest = api.call("POST", &path, Some(body));
+    let checks = async {
+        wait_for_lock_waiters(&pool, 1).await;
+        // The lock is still held: the statement stops waiting only because the server
+        // cancelled it (the transaction's statement_timeout, from the request's deadline).
+        // A client that only gave up would leave its backend waiting.
+        wait_for_lock_waiters(&pool, 0).await;
+    };
+    let (answer, ()) = tokio::join!(ingest, checks);
+    assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(answer.json()["code"], "REQUEST_TIMEOUT");
+    holder.rollback().await.unwrap();
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM keyword_metrics")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 0);
+}
