@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::redis::FailureKind;
 use super::*;
-use crate::config::{RateLimitConfig, RedisConfig, Secret};
+use crate::config::{RateLimitConfig, RedisConfig, RedisTarget, Secret};
 
 fn policy(per_key: u32, per_ip: u32) -> RateLimitConfig {
     RateLimitConfig {
@@ -43,7 +43,7 @@ async fn connect(url: &str) -> ::redis::aio::MultiplexedConnection {
 
 fn redis(url: &str) -> RedisConfig {
     RedisConfig {
-        url: Secret::new(url.to_owned()),
+        target: RedisTarget::Single(Secret::new(url.to_owned())),
         connect_timeout: Duration::from_secs(1),
         command_timeout: Duration::from_millis(500),
         reconnect_min: Duration::from_millis(50),
