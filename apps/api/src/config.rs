@@ -56,6 +56,14 @@ pub enum ConfigError {
         /// What a valid value looks like.
         expected: &'static str,
     },
+    /// Two variables that exclude each other are both set.
+    #[error("{var} and {other} are both set: set only one of them")]
+    Exclusive {
+        /// The variable refused.
+        var: &'static str,
+        /// The variable it conflicts with.
+        other: &'static str,
+    },
 }
 
 pub use smartbeak_shutdown::telemetry::LogFormat;
@@ -132,8 +140,8 @@ pub struct HttpConfig {
 /// How the api talks to Redis; every wait is bounded.
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
-    /// `REDIS_URL` (may contain a password, hence secret).
-    pub url: Secret<String>,
+    /// `REDIS_URL` (one node) or `REDIS_CLUSTER_URLS` (a cluster).
+    pub target: RedisTarget,
     /// `REDIS_CONNECT_TIMEOUT_MS`, default 1000.
     pub connect_timeout: Duration,
     /// `REDIS_COMMAND_TIMEOUT_MS`, default 100: the most a request waits for Redis.
@@ -146,6 +154,16 @@ pub struct RedisConfig {
     pub breaker_failures: u32,
     /// `REDIS_BREAKER_COOLDOWN_MS`, default 500: how long the breaker stays open before a probe.
     pub breaker_cooldown: Duration,
+}
+
+/// Where the limiter's Redis is; the URLs may contain a password, hence secret.
+#[derive(Debug, Clone)]
+pub enum RedisTarget {
+    /// `REDIS_URL`: one node (or a proxy in front of several).
+    Single(Secret<String>),
+    /// `REDIS_CLUSTER_URLS`: comma-separated seed nodes of a Redis Cluster; the client
+    /// discovers the others from them.
+    Cluster(Vec<Secret<String>>),
 }
 
 /// Rate limit policy, applied to every `/v1` request.
@@ -183,9 +201,34 @@ impl ApiConfig {
     /// Reads the configuration through `lookup` (tests pass a map).
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let env = Env(&lookup);
-        let redis = match env.string("REDIS_URL") {
-            Some(url) => Some(RedisConfig {
-                url: Secret::new(url),
+        let target = match (env.string("REDIS_URL"), env.string("REDIS_CLUSTER_URLS")) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Exclusive {
+                    var: "REDIS_CLUSTER_URLS",
+                    other: "REDIS_URL",
+                });
+            }
+            (Some(url), None) => Some(RedisTarget::Single(Secret::new(url))),
+            (None, Some(list)) => {
+                let urls: Vec<Secret<String>> = list
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|url| !url.is_empty())
+                    .map(|url| Secret::new(url.to_owned()))
+                    .collect();
+                if urls.is_empty() {
+                    return Err(ConfigError::Invalid {
+                        var: "REDIS_CLUSTER_URLS",
+                        expected: "comma-separated redis:// URLs of cluster nodes",
+                    });
+                }
+                Some(RedisTarget::Cluster(urls))
+            }
+            (None, None) => None,
+        };
+        let redis = match target {
+            Some(target) => Some(RedisConfig {
+                target,
                 connect_timeout: env.millis("REDIS_CONNECT_TIMEOUT_MS", 1000)?,
                 command_timeout: env.millis("REDIS_COMMAND_TIMEOUT_MS", 100)?,
                 reconnect_min: env.millis("REDIS_RECONNECT_MIN_MS", 100)?,
@@ -387,6 +430,43 @@ mod tests {
         assert_eq!(c.rate_limit.per_key, 600);
         assert!(!c.rate_limit.fail_closed);
         assert_eq!(c.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn redis_cluster_urls_are_a_list_exclusive_with_redis_url() {
+        let c = config(&[(
+            "REDIS_CLUSTER_URLS",
+            " redis://:hunter2@127.0.0.1:7000, redis://127.0.0.1:7001 ,,redis://127.0.0.1:7002",
+        )])
+        .unwrap();
+        let redis = c.redis.as_ref().unwrap();
+        let RedisTarget::Cluster(urls) = &redis.target else {
+            panic!("expected a cluster target: {redis:?}");
+        };
+        let urls: Vec<&str> = urls.iter().map(|u| u.expose().as_str()).collect();
+        assert_eq!(
+            urls,
+            [
+                "redis://:hunter2@127.0.0.1:7000",
+                "redis://127.0.0.1:7001",
+                "redis://127.0.0.1:7002"
+            ]
+        );
+        assert_eq!(redis.command_timeout, Duration::from_millis(100));
+        let debug = format!("{c:?}");
+        assert!(!debug.contains("hunter2"), "{debug}");
+
+        let both = config(&[
+            ("REDIS_URL", "redis://127.0.0.1:6379"),
+            ("REDIS_CLUSTER_URLS", "redis://127.0.0.1:7000"),
+        ])
+        .unwrap_err();
+        assert_eq!(
+            both.to_string(),
+            "REDIS_CLUSTER_URLS and REDIS_URL are both set: set only one of them"
+        );
+        let empty = config(&[("REDIS_CLUSTER_URLS", " , ,")]).unwrap_err();
+        assert!(empty.to_string().contains("REDIS_CLUSTER_URLS"), "{empty}");
     }
 
     #[test]

@@ -26,6 +26,8 @@ API variables (defaults in brackets):
   HTTP_HEADER_READ_TIMEOUT_MS  a connection gets this long to send a request head [10000]
   HTTP_MAX_CONNECTIONS         connections served at once [4096]
   REDIS_URL                    the rate limiter's Redis [unset: in-process limiter]
+  REDIS_CLUSTER_URLS           comma-separated seed nodes of a Redis Cluster instead of
+                               REDIS_URL (not both) [unset]
   REDIS_CONNECT_TIMEOUT_MS     [1000]
   REDIS_COMMAND_TIMEOUT_MS     [100]
   REDIS_RECONNECT_MIN_MS       [100]
@@ -228,14 +230,14 @@ async fn serve(config: ApiConfig, logs: &LogGuard) -> anyhow::Result<ExitCode> {
     };
 
     let limiter = RateLimiter::new(config.rate_limit.clone(), config.redis.as_ref())
-        .context("rate limiter configuration (REDIS_URL)")?;
+        .context("rate limiter configuration (REDIS_URL / REDIS_CLUSTER_URLS)")?;
     if !config.rate_limit.enabled {
         tracing::warn!("RATE_LIMIT_ENABLED=false: requests are not rate limited");
     } else if config.redis.is_none() {
         tracing::warn!(
             per_key = config.rate_limit.per_key,
             per_ip = config.rate_limit.per_ip,
-            "REDIS_URL is not set: rate limiting with the in-process limiter (limits hold per process, not across replicas)"
+            "neither REDIS_URL nor REDIS_CLUSTER_URLS is set: rate limiting with the in-process limiter (limits hold per process, not across replicas)"
         );
     } else {
         let connect_timeout = config

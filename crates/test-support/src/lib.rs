@@ -692,7 +692,9 @@ fn server_command(program: &Path, account: Option<(u32, u32)>, lifetime: Lifetim
 /// True if a start failed because its port was taken (a race with another process after
 /// [`free_port`] released it).
 fn port_was_taken(e: &Error) -> bool {
-    e.0.contains("Address already in use") || e.0.contains("could not bind")
+    e.0.contains("Address already in use")
+        || e.0.contains("could not bind")
+        || e.0.contains("(cluster), aborting")
 }
 
 /// True if every existing ancestor of `dir` lets others through (mode o+x).
@@ -708,6 +710,8 @@ fn world_traversable(dir: &Path) -> bool {
 pub struct RedisServer {
     dir: PathBuf,
     port: u16,
+    /// The cluster bus port of a cluster node (`--cluster-port`); `None` for a plain server.
+    cluster_port: Option<u16>,
     child: Option<Child>,
     lifetime: Lifetime,
 }
@@ -721,20 +725,33 @@ impl RedisServer {
     /// As [`RedisServer::start`], choosing what happens on drop. On any error the run
     /// directory is removed and no process is left running.
     pub fn start_with(lifetime: Lifetime) -> Result<Self> {
-        Self::start_on_ports(lifetime, &services_root(), free_port)
+        Self::start_on_ports(lifetime, &services_root(), free_port, false)
     }
 
     fn start_on_ports(
         lifetime: Lifetime,
         root: &Path,
         mut next_port: impl FnMut() -> Result<u16>,
+        cluster: bool,
     ) -> Result<Self> {
-        let dir = RunDir::create("redis", root, lifetime)?;
+        let dir = RunDir::create(if cluster { "redis-node" } else { "redis" }, root, lifetime)?;
         let mut last = None;
         for _ in 0..PORT_ATTEMPTS {
+            let port = next_port()?;
+            let cluster_port = if cluster {
+                let bus = next_port()?;
+                if bus == port {
+                    last = Some(err("the cluster bus port equals the client port"));
+                    continue;
+                }
+                Some(bus)
+            } else {
+                None
+            };
             let mut server = Self {
                 dir: dir.path.clone(),
-                port: next_port()?,
+                port,
+                cluster_port,
                 child: None,
                 lifetime,
             };
@@ -762,8 +779,22 @@ impl RedisServer {
         cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .args(["--dir", &self.dir.to_string_lossy()])
-            .args(["--logfile", &log.to_string_lossy()])
-            .stdin(Stdio::null())
+            .args(["--logfile", &log.to_string_lossy()]);
+        if let Some(bus) = self.cluster_port {
+            // nodes.conf lives in the node's own directory, so a restarted node rejoins
+            // with its id and slots.
+            cmd.args(["--cluster-enabled", "yes"])
+                .args([
+                    "--cluster-config-file",
+                    &self.dir.join("nodes.conf").to_string_lossy(),
+                ])
+                .args([
+                    "--cluster-node-timeout",
+                    &CLUSTER_NODE_TIMEOUT_MS.to_string(),
+                ])
+                .args(["--cluster-port", &bus.to_string()]);
+        }
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         let mut child = cmd
@@ -835,6 +866,185 @@ impl Drop for RedisServer {
     }
 }
 
+/// `--cluster-node-timeout` of a [`RedisCluster`] node, in milliseconds: how long a master
+/// may be unreachable before the others mark it failed (and the cluster goes down, having
+/// no replicas).
+pub const CLUSTER_NODE_TIMEOUT_MS: u64 = 500;
+
+/// How long [`RedisCluster`] waits for `redis-cli --cluster create` and for
+/// `cluster_state:ok`.
+const CLUSTER_READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The `redis-cli` binary.
+pub fn redis_cli_bin() -> Result<PathBuf> {
+    which("redis-cli").ok_or_else(|| err(format!("redis-cli was not found; {INSTALL_HINT}")))
+}
+
+/// A throwaway Redis Cluster of masters only (no replicas), each node a [`RedisServer`]
+/// with `--cluster-enabled yes`, its `nodes.conf` in its own run directory,
+/// `--cluster-node-timeout 500`, no persistence, and client and bus ports picked free.
+/// Every node is killed and its directory removed on drop.
+#[derive(Debug)]
+pub struct RedisCluster {
+    nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Starts `masters` (at least 3) nodes, joins them with
+    /// `redis-cli --cluster create ... --cluster-replicas 0 --cluster-yes` and waits (at
+    /// most 30 s) until every node reports `cluster_state:ok`.
+    pub fn start(masters: usize) -> Result<Self> {
+        if masters < 3 {
+            return Err(err("a Redis Cluster needs at least 3 masters"));
+        }
+        let cli = redis_cli_bin()?;
+        let root = services_root();
+        let nodes = (0..masters)
+            .map(|_| RedisServer::start_on_ports(Lifetime::Guarded, &root, free_port, true))
+            .collect::<Result<Vec<_>>>()?;
+        let cluster = Self { nodes };
+        let mut create = Command::new(&cli);
+        create.arg("--cluster").arg("create");
+        for node in &cluster.nodes {
+            create.arg(format!("127.0.0.1:{}", node.port()));
+        }
+        create
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = create
+            .spawn()
+            .map_err(|e| err(format!("cannot run redis-cli --cluster create: {e}")))?;
+        if !wait_exit(&mut child, CLUSTER_READY_TIMEOUT) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(err(format!(
+                "redis-cli --cluster create did not finish within {CLUSTER_READY_TIMEOUT:?}"
+            )));
+        }
+        let out = child
+            .wait_with_output()
+            .map_err(|e| err(format!("redis-cli --cluster create: {e}")))?;
+        if !out.status.success() {
+            return Err(err(format!(
+                "redis-cli --cluster create failed ({}):\n{}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        cluster.wait_ok(CLUSTER_READY_TIMEOUT)?;
+        Ok(cluster)
+    }
+
+    /// The nodes' URLs, `redis://127.0.0.1:<port>`.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// Node `index`.
+    pub fn node(&self, index: usize) -> &RedisServer {
+        &self.nodes[index]
+    }
+
+    /// Kills node `index` (as a crash would); its port and `nodes.conf` are kept for
+    /// [`RedisCluster::restart_node`].
+    pub fn stop_node(&mut self, index: usize) {
+        self.nodes[index].stop();
+    }
+
+    /// Starts node `index` again on its ports with its `nodes.conf` (it rejoins with its id
+    /// and slots, its data empty) and waits (at most 30 s) for `cluster_state:ok` on every node.
+    pub fn restart_node(&mut self, index: usize) -> Result<()> {
+        self.nodes[index].restart()?;
+        self.wait_ok(CLUSTER_READY_TIMEOUT)
+    }
+
+    /// The index of the master serving `key`'s slot (`CLUSTER KEYSLOT`, `CLUSTER NODES`).
+    pub fn master_of(&self, key: &str) -> Result<usize> {
+        let asked = self
+            .nodes
+            .iter()
+            .find(|n| n.pid().is_some())
+            .ok_or_else(|| err("no cluster node is running"))?
+            .port();
+        let slot: u16 = cli(asked, &["CLUSTER", "KEYSLOT", key])?
+            .trim()
+            .parse()
+            .map_err(|e| err(format!("CLUSTER KEYSLOT answered no slot: {e}")))?;
+        let nodes = cli(asked, &["CLUSTER", "NODES"])?;
+        let port = nodes
+            .lines()
+            .find_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                let master = fields.get(2)?.split(',').any(|f| f == "master");
+                let serves = fields.iter().skip(8).any(|range| {
+                    let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+                    matches!((lo.parse::<u16>(), hi.parse::<u16>()), (Ok(lo), Ok(hi)) if (lo..=hi).contains(&slot))
+                });
+                if !(master && serves) {
+                    return None;
+                }
+                let addr = fields.get(1)?.split('@').next()?;
+                addr.rsplit_once(':')?.1.parse::<u16>().ok()
+            })
+            .ok_or_else(|| err(format!("no master serves slot {slot}:\n{nodes}")))?;
+        self.nodes
+            .iter()
+            .position(|n| n.port() == port)
+            .ok_or_else(|| err(format!("slot {slot} is served by unknown port {port}")))
+    }
+
+    /// Polls `CLUSTER INFO` of every running node every 50 ms until each reports
+    /// `cluster_state:ok`, at most `bound`.
+    pub fn wait_ok(&self, bound: Duration) -> Result<()> {
+        let deadline = Instant::now() + bound;
+        loop {
+            let pending: Vec<u16> = self
+                .nodes
+                .iter()
+                .filter(|n| n.pid().is_some())
+                .map(RedisServer::port)
+                .filter(|&port| {
+                    !cli(port, &["CLUSTER", "INFO"])
+                        .is_ok_and(|info| info.lines().any(|l| l.trim() == "cluster_state:ok"))
+                })
+                .collect();
+            if pending.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(err(format!(
+                    "cluster nodes on ports {pending:?} did not reach cluster_state:ok within {bound:?}"
+                )));
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Runs `redis-cli -h 127.0.0.1 -p <port> <args>` and returns its standard output (a
+/// killed node refuses the connection at once, so this does not hang).
+fn cli(port: u16, args: &[&str]) -> Result<String> {
+    let out = Command::new(redis_cli_bin()?)
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| err(format!("cannot run redis-cli: {e}")))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() || stdout.starts_with("ERR") || stdout.starts_with("Could not connect")
+    {
+        return Err(err(format!(
+            "redis-cli -p {port} {}: {stdout}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    Ok(stdout)
+}
+
 /// True if a Redis server at 127.0.0.1:`port` answers `PING` with `PONG`.
 pub fn redis_ping(port: u16) -> bool {
     redis_ping_at("127.0.0.1", port)
@@ -879,6 +1089,37 @@ mod tests {
         drop(redis);
         assert!(!redis_ping(port));
         assert!(!dir.exists());
+    }
+
+    #[test]
+    fn a_cluster_of_three_masters_serves_every_slot_and_a_killed_master_rejoins() {
+        let mut cluster = RedisCluster::start(3).unwrap();
+        assert_eq!(cluster.urls().len(), 3);
+        let owner = cluster.master_of("{smartbeak:rl}:k:x").unwrap();
+        // The hash tag alone decides the slot.
+        assert_eq!(
+            cluster.master_of("{smartbeak:rl}:ip:1.2.3.4").unwrap(),
+            owner
+        );
+        let other = (owner + 1) % 3;
+        let info = cli(cluster.node(other).port(), &["CLUSTER", "INFO"]).unwrap();
+        assert!(info.contains("cluster_known_nodes:3"), "{info}");
+        cluster.stop_node(owner);
+        assert!(!redis_ping(cluster.node(owner).port()));
+        // Without replicas the survivors mark the cluster down once the node timeout passed.
+        assert!(eventually(|| {
+            cli(cluster.node(other).port(), &["CLUSTER", "INFO"])
+                .is_ok_and(|info| info.contains("cluster_state:fail"))
+        }));
+        cluster.restart_node(owner).unwrap();
+        assert_eq!(cluster.master_of("{smartbeak:rl}:k:x").unwrap(), owner);
+        let dirs: Vec<PathBuf> = (0..3).map(|i| cluster.node(i).dir().to_owned()).collect();
+        let ports: Vec<u16> = (0..3).map(|i| cluster.node(i).port()).collect();
+        drop(cluster);
+        for (dir, port) in dirs.iter().zip(ports) {
+            assert!(!dir.exists());
+            assert!(!redis_ping(port));
+        }
     }
 
     /// Polls `cond` every 20 ms for at most 10 s.
@@ -975,9 +1216,12 @@ mod tests {
 
         let tmp = tempfile::tempdir().unwrap();
         let mut first = Some(taken_port);
-        let redis = RedisServer::start_on_ports(Lifetime::Guarded, tmp.path(), || {
-            first.take().map_or_else(free_port, Ok)
-        })
+        let redis = RedisServer::start_on_ports(
+            Lifetime::Guarded,
+            tmp.path(),
+            || first.take().map_or_else(free_port, Ok),
+            false,
+        )
         .unwrap();
         assert_ne!(redis.port(), taken_port);
         assert!(redis_ping(redis.port()));

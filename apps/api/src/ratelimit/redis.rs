@@ -12,12 +12,21 @@
 //! requests keep coming, the breaker's probe (one per cooldown) cuts the back-off sleep
 //! short, so a restarted Redis is used again within about two cooldowns, however long it
 //! was down; without traffic the back-off alone paces the attempts.
+//!
+//! A Redis Cluster (`REDIS_CLUSTER_URLS`) changes only what the slot holds: a
+//! [`Connection::Cluster`] (redis-rs's async `ClusterConnection`, which routes each EVALSHA
+//! by its first key's slot and follows MOVED/ASK itself) instead of a
+//! [`Connection::Single`]. The breaker, the command timeout, the failure classification,
+//! the supervisor and the limiter's fail-open/closed decision are the same code for both.
+//! The limiter's keys share one hash tag, so every script call touches one slot.
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, ErrorKind, RedisError, ServerErrorKind};
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
+use redis::cluster_async::ClusterConnection;
+use redis::{AsyncConnectionConfig, Cmd, ErrorKind, RedisError, ServerErrorKind};
 use smartbeak_resilience::breaker::MAX_WINDOW;
 use smartbeak_resilience::{
     BreakerConfig, BreakerPolicy, BreakerState, CancelledCalls, CircuitBreaker, ConfigError,
@@ -26,7 +35,7 @@ use smartbeak_resilience::{
 use tokio::sync::Notify;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::config::RedisConfig;
+use crate::config::{RedisConfig, RedisTarget};
 
 const SCRIPT: &str = include_str!("gcra.lua");
 
@@ -121,10 +130,73 @@ pub(crate) struct ScriptOutcome {
     pub(crate) keys: Vec<KeyState>,
 }
 
+/// How the supervisor connects: to one node, or to a cluster through its seed nodes.
+enum Connector {
+    Single {
+        client: redis::Client,
+        config: AsyncConnectionConfig,
+    },
+    Cluster(ClusterClient),
+}
+
+impl Connector {
+    /// Parses the URL(s); connects to nothing yet. Both kinds get the connect timeout per
+    /// connection attempt and the command timeout per response.
+    fn new(config: &RedisConfig) -> Result<Self, RedisError> {
+        match &config.target {
+            RedisTarget::Single(url) => Ok(Self::Single {
+                client: redis::Client::open(url.expose().as_str())?,
+                config: AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(config.connect_timeout))
+                    .set_response_timeout(Some(config.command_timeout)),
+            }),
+            RedisTarget::Cluster(urls) => {
+                let client =
+                    ClusterClientBuilder::new(urls.iter().map(|url| url.expose().as_str()))
+                        .connection_timeout(config.connect_timeout)
+                        // Per node response, and (by default) the whole call with its
+                        // MOVED/ASK retries: a call never outlives the command timeout.
+                        .response_timeout(config.command_timeout)
+                        .build()?;
+                Ok(Self::Cluster(client))
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<Connection, RedisError> {
+        match self {
+            Self::Single { client, config } => client
+                .get_multiplexed_async_connection_with_config(config)
+                .await
+                .map(Connection::Single),
+            Self::Cluster(client) => client
+                .get_async_connection()
+                .await
+                .map(|c| Connection::Cluster(Box::new(c))),
+        }
+    }
+}
+
+/// The limiter's connection: both kinds are multiplexed handles, cheap to clone.
+#[derive(Clone)]
+enum Connection {
+    Single(MultiplexedConnection),
+    Cluster(Box<ClusterConnection>),
+}
+
+impl Connection {
+    async fn query(&mut self, cmd: &Cmd) -> Result<Vec<i64>, RedisError> {
+        match self {
+            Self::Single(connection) => cmd.query_async(connection).await,
+            Self::Cluster(connection) => cmd.query_async(connection.as_mut()).await,
+        }
+    }
+}
+
 struct Shared {
     /// The live connection with its generation, so a late failure report about an old
     /// connection cannot tear down its replacement.
-    connection: RwLock<Option<(u64, MultiplexedConnection)>>,
+    connection: RwLock<Option<(u64, Connection)>>,
     /// A caller took a broken connection out of the slot.
     broken: Notify,
     /// A breaker probe found no connection: try to connect now instead of finishing the
@@ -133,7 +205,7 @@ struct Shared {
 }
 
 impl Shared {
-    fn current(&self) -> Option<(u64, MultiplexedConnection)> {
+    fn current(&self) -> Option<(u64, Connection)> {
         self.connection
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -158,9 +230,9 @@ pub(crate) struct RedisBackend {
 }
 
 impl RedisBackend {
-    /// Parses the URL and starts the connection supervisor; never waits for Redis.
+    /// Parses the URL(s) and starts the connection supervisor; never waits for Redis.
     pub(crate) fn start(config: &RedisConfig) -> Result<Self, RedisError> {
-        let client = redis::Client::open(config.url.expose().as_str())?;
+        let connector = Connector::new(config)?;
         let policy = breaker_policy(config).map_err(|err| {
             RedisError::from((
                 ErrorKind::InvalidClientConfig,
@@ -175,7 +247,7 @@ impl RedisBackend {
         });
         let cancel = CancellationToken::new();
         tokio::spawn(supervise(
-            client,
+            connector,
             shared.clone(),
             config.clone(),
             cancel.clone(),
@@ -272,7 +344,7 @@ impl RedisBackend {
     /// script again. Any other error is returned as is: no reload, no retry.
     async fn run_script(
         &self,
-        connection: &mut MultiplexedConnection,
+        connection: &mut Connection,
         keys: &[KeyLimit],
         period: Duration,
     ) -> Result<ScriptOutcome, FailureKind> {
@@ -289,11 +361,11 @@ impl RedisBackend {
             cmd
         };
         let evalsha = build("EVALSHA", self.script.get_hash());
-        let reply: Result<Vec<i64>, RedisError> = evalsha.query_async(connection).await;
+        let reply = connection.query(&evalsha).await;
         let reply = match reply {
             Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
                 metrics::counter!("rate_limit_script_loads_total").increment(1);
-                build("EVAL", SCRIPT).query_async(connection).await
+                connection.query(&build("EVAL", SCRIPT)).await
             }
             other => other,
         };
@@ -347,20 +419,17 @@ fn parse_reply(values: &[i64], keys: usize) -> Option<ScriptOutcome> {
 /// Keeps one connection up: connects, waits until a caller reports it broken, reconnects
 /// with exponential back-off. Ends when the backend is dropped.
 async fn supervise(
-    client: redis::Client,
+    connector: Connector,
     shared: Arc<Shared>,
     config: RedisConfig,
     cancel: CancellationToken,
 ) {
-    let connection_config = AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(config.connect_timeout))
-        .set_response_timeout(Some(config.command_timeout));
     let mut delay = config.reconnect_min;
     let mut generation = 0_u64;
     loop {
         let attempt = tokio::select! {
             () = cancel.cancelled() => return,
-            r = client.get_multiplexed_async_connection_with_config(&connection_config) => r,
+            r = connector.connect() => r,
         };
         match attempt {
             Ok(connection) => {
@@ -407,7 +476,7 @@ mod tests {
 
     fn config(failures: u32, cooldown_ms: u64) -> RedisConfig {
         RedisConfig {
-            url: Secret::new("redis://127.0.0.1:1".to_owned()),
+            target: RedisTarget::Single(Secret::new("redis://127.0.0.1:1".to_owned())),
             connect_timeout: Duration::from_secs(1),
             command_timeout: Duration::from_millis(100),
             reconnect_min: Duration::from_millis(100),

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::redis::FailureKind;
 use super::*;
-use crate::config::{RateLimitConfig, RedisConfig, Secret};
+use crate::config::{RateLimitConfig, RedisConfig, RedisTarget, Secret};
 
 fn policy(per_key: u32, per_ip: u32) -> RateLimitConfig {
     RateLimitConfig {
@@ -43,7 +43,7 @@ async fn connect(url: &str) -> ::redis::aio::MultiplexedConnection {
 
 fn redis(url: &str) -> RedisConfig {
     RedisConfig {
-        url: Secret::new(url.to_owned()),
+        target: RedisTarget::Single(Secret::new(url.to_owned())),
         connect_timeout: Duration::from_secs(1),
         command_timeout: Duration::from_millis(500),
         reconnect_min: Duration::from_millis(50),
@@ -950,4 +950,72 @@ async fn the_fail_open_warning_is_throttled_without_a_lock() {
     assert!(!throttle.should_warn(now + Duration::from_secs(9)));
     assert!(throttle.should_warn(now + Duration::from_secs(10)));
     assert!(!throttle.should_warn(now + Duration::from_secs(11)));
+}
+
+fn cluster_config(urls: &[String]) -> RedisConfig {
+    let mut config = redis("redis://unused");
+    config.target = RedisTarget::Cluster(urls.iter().map(|u| Secret::new(u.clone())).collect());
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_limits_fails_open_or_closed_when_the_keys_master_dies_and_recovers() {
+    use std::time::Instant;
+
+    let mut cluster = smartbeak_test_support::RedisCluster::start(3).unwrap();
+    for fail_closed in [false, true] {
+        let mut limits = policy(3, 1000);
+        limits.replicas = 1;
+        limits.fail_closed = fail_closed;
+        let prefix = limits.key_prefix.clone();
+        let limiter = RateLimiter::new(limits, Some(&cluster_config(&cluster.urls()))).unwrap();
+        wait_connected(&limiter).await;
+        let c = client(Some("k"));
+        for _ in 0..3 {
+            assert_eq!(limiter.check(&c).await.outcome, Outcome::Allowed);
+        }
+        // The fourth is refused by the script in the cluster (the quota is 3).
+        assert_eq!(limiter.check(&c).await.outcome, Outcome::Limited);
+
+        let owner = cluster.master_of(&format!("{{{prefix}}}:k:k")).unwrap();
+        cluster.stop_node(owner);
+        let stopped = Instant::now();
+        let expected = if fail_closed {
+            Outcome::Unavailable
+        } else {
+            Outcome::Allowed
+        };
+        loop {
+            let asked = Instant::now();
+            let d = limiter.check(&c).await;
+            // Bounded by the command timeout (500 ms here) plus scheduling slack.
+            assert!(
+                asked.elapsed() < Duration::from_secs(2),
+                "{:?}",
+                asked.elapsed()
+            );
+            if d.outcome == expected {
+                break;
+            }
+            assert!(
+                stopped.elapsed() < Duration::from_secs(10),
+                "no fallback: {d:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        cluster.restart_node(owner).unwrap();
+        let restarted = Instant::now();
+        // The restarted master is empty: the quota starts again in Redis.
+        while limiter.check(&c).await.outcome == expected
+            || limiter.redis_health() != RedisHealth::Up
+        {
+            assert!(
+                restarted.elapsed() < Duration::from_secs(10),
+                "cluster limiting did not resume"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    drop(cluster);
 }
