@@ -254,6 +254,7 @@ async fn serve(args: RunArgs, logs: &LogGuard) -> anyhow::Result<ExitCode> {
     let ops = operations(&db, &args.common, settings)?;
     for operation in OperationName::ALL {
         smartbeak_control_plane::metrics::set_lock_held(operation, false);
+        smartbeak_control_plane::metrics::record_abandoned_runs(operation, 0);
     }
     admin.serve(&shutdown, Some(metrics), startup::database_ready(&db));
     tracing::info!("admin listening on http://{admin_addr}");

@@ -16,6 +16,10 @@ pub const ITEMS_TOTAL: &str = "control_plane_items_total";
 pub const RUN_DURATION_SECONDS: &str = "control_plane_run_duration_seconds";
 /// 1 while this process holds the operation's advisory lock, else 0.
 pub const LOCK_HELD: &str = "control_plane_lock_held";
+/// Runs this process marked `abandoned` (their runner stopped heartbeating), by operation.
+/// Registered at 0 for every operation at start so a rate over it is defined before the
+/// first abandoned run.
+pub const RUNS_ABANDONED_TOTAL: &str = "control_plane_runs_abandoned_total";
 
 /// Records a finished run.
 pub fn record_run(
@@ -36,6 +40,12 @@ pub fn record_run(
 pub fn record_skipped_run(operation: OperationName) {
     ::metrics::counter!(RUNS_TOTAL, "operation" => operation.as_str(), "outcome" => "skipped")
         .increment(1);
+}
+
+/// Records `n` runs of `operation` this process marked abandoned (`n` = 0 registers the
+/// series).
+pub fn record_abandoned_runs(operation: OperationName, n: u64) {
+    ::metrics::counter!(RUNS_ABANDONED_TOTAL, "operation" => operation.as_str()).increment(n);
 }
 
 /// Sets the lock gauge of `operation`.

@@ -559,6 +559,9 @@ async fn run_locked<O: Operation>(
     for id in &abandoned {
         tracing::warn!(%operation, run_id = %id, "marked a run abandoned: its runner stopped heartbeating");
     }
+    if !abandoned.is_empty() {
+        metrics::record_abandoned_runs(operation, abandoned.len() as u64);
+    }
 
     let run_id = Uuid::new_v4();
     let params = serde_json::json!({

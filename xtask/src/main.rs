@@ -4,6 +4,8 @@
 //!   then schema fuzzing (`fuzz`);
 //! - `fuzz`: schemathesis against the real api (installed into a virtualenv under the target
 //!   directory when missing; needs `python3` and `python3-venv`);
+//! - `promtool`: only the rules step of `test` (`promtool check rules` and `test rules` on
+//!   `deploy/prometheus`, installing Debian's `prometheus` package when promtool is missing);
 //! - `demo`: services, migrations, seed data, and the main job end to end;
 //! - `services up|down|status`: throwaway PostgreSQL and Redis for local work.
 //!
@@ -36,6 +38,7 @@ usage: cargo xtask <task>
 tasks:
   test                      fmt, clippy, docs, the whole test suite and the schema fuzzing
   fuzz                      schemathesis against the real api (needs python3, python3-venv)
+  promtool                  only test's step promtool check/test rules on deploy/prometheus
   demo                      seed a database and run the main job end to end
   services up|down|status   throwaway PostgreSQL and Redis for local work
 ";
@@ -69,6 +72,7 @@ fn run(args: &[String]) -> Result<ExitCode> {
                 ExitCode::FAILURE
             }
         }),
+        Some("promtool") => test::promtool(&sh).map(|()| ExitCode::SUCCESS),
         Some("demo") => demo::Demo.run(&sh).map(|()| ExitCode::SUCCESS),
         Some("services") => services::ServicesTask::parse(&args[1..])?
             .run(&sh)

@@ -234,8 +234,9 @@ impl Drop for FreshDatabase {
 }
 
 /// `promtool check rules` and `promtool test rules` on `deploy/prometheus`; promtool comes
-/// from Debian's `prometheus` package, installed with apt-get when missing.
-fn promtool(sh: &Shell) -> Result<()> {
+/// from Debian's `prometheus` package, installed with apt-get when missing. The paths are
+/// relative to `sh`'s directory, the workspace root (`cargo xtask promtool` runs only this).
+pub(crate) fn promtool(sh: &Shell) -> Result<()> {
     if cmd!(sh, "promtool --version")
         .quiet()
         .ignore_stdout()
