@@ -4,6 +4,8 @@
 //!   then schema fuzzing (`fuzz`);
 //! - `fuzz`: schemathesis against the real api (installed into a virtualenv under the target
 //!   directory when missing; needs `python3` and `python3-venv`);
+//! - `chaos [--scenario N] [--quick]`: faults injected into the running system, checked from
+//!   outside (`chaos`);
 //! - `demo`: services, migrations, seed data, and the main job end to end;
 //! - `services up|down|status`: throwaway PostgreSQL and Redis for local work.
 //!
@@ -15,6 +17,7 @@
 //! (`SecretUrl` of `smartbeak-database`), and psql gets passwords through `PGPASSWORD`,
 //! never on its command line.
 
+mod chaos;
 mod demo;
 mod fuzz;
 mod services;
@@ -36,6 +39,8 @@ usage: cargo xtask <task>
 tasks:
   test                      fmt, clippy, docs, the whole test suite and the schema fuzzing
   fuzz                      schemathesis against the real api (needs python3, python3-venv)
+  chaos [--scenario N] [--quick]
+                            faults injected into the running system (throwaway servers)
   demo                      seed a database and run the main job end to end
   services up|down|status   throwaway PostgreSQL and Redis for local work
 ";
@@ -69,6 +74,7 @@ fn run(args: &[String]) -> Result<ExitCode> {
                 ExitCode::FAILURE
             }
         }),
+        Some("chaos") => chaos::Chaos::parse(&args[1..])?.run(&sh),
         Some("demo") => demo::Demo.run(&sh).map(|()| ExitCode::SUCCESS),
         Some("services") => services::ServicesTask::parse(&args[1..])?
             .run(&sh)
