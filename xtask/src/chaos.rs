@@ -354,8 +354,9 @@ fn start_api(bin: &Path, work: &Path, i: usize, db: &str, redis: &str) -> Result
         )
         .env("REDIS_RECONNECT_MAX_MS", "500")
         // Limits far above the load: every decision allows, so any refusal is a fault's.
-        .env("RATE_LIMIT_PER_KEY", "10000000")
-        .env("RATE_LIMIT_PER_IP", "10000000")
+        .env("RATE_LIMIT_WINDOW_SECS", "60")
+        .env("RATE_LIMIT_PER_KEY", "60000")
+        .env("RATE_LIMIT_PER_IP", "60000")
         .env("RATE_LIMIT_REPLICAS", "2")
         .env("RATE_LIMIT_KEY_PREFIX", "chaos")
         .env("SHUTDOWN_TIMEOUT_MS", "5000")
@@ -493,6 +494,27 @@ fn redis_keys(port: u16) -> Result<u64> {
         .strip_prefix(':')
         .and_then(|n| n.parse().ok())
         .with_context(|| format!("DBSIZE answered {answer:?}"))
+}
+
+/// The sum of the api replicas' `rate_limit_decisions_total{decision="failed_open"}`.
+fn failed_open_decisions(system: &System) -> Result<f64> {
+    let mut total = 0.0;
+    for api in &system.apis {
+        let metrics = raw_request(
+            api.port,
+            "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+        )
+        .with_context(|| format!("reading the metrics of {}", api.name))?;
+        total += metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("rate_limit_decisions_total")
+                    && l.contains("decision=\"failed_open\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>();
+    }
+    Ok(total)
 }
 
 /// Backends connected to the chaos database, this psql's own excepted.

@@ -92,6 +92,7 @@ fn redis_outage(system: &mut System, rt: &Runtime, scale: u32) -> Result<Scenari
     let mut r = ScenarioResult::new(1, "redis killed, black-holed");
     let s = |secs: u32| Duration::from_secs(u64::from(secs * scale));
     let port = system.redis.port();
+    let failed_open_before = super::failed_open_decisions(system)?;
     let start = Instant::now();
     let handle = rt.spawn(load(system, 100, s(10)).run());
 
@@ -114,6 +115,11 @@ fn redis_outage(system: &mut System, rt: &Runtime, scale: u32) -> Result<Scenari
     let report = rt.block_on(handle)?;
 
     tally(&mut r, &report);
+    // The fault must have reached the limiter, or the scenario proved nothing.
+    let failed_open = super::failed_open_decisions(system)? - failed_open_before;
+    if failed_open < 1.0 {
+        r.fail("no decision failed open: the fault did not reach the limiter");
+    }
     for (what, recovery) in [("restart", after_restart), ("black hole", after_black_hole)] {
         match recovery {
             Some(d) if d <= LIMITER_RECOVERY => {}
@@ -201,6 +207,9 @@ fn postgres_black_hole(system: &mut System, rt: &Runtime, quick: bool) -> Result
     let report = rt.block_on(handle)?;
     tally(&mut r, &report);
     judge_errors_and_recovery(&mut r, &report, restored);
+    if r.errors.is_empty() {
+        r.fail("no request failed while PostgreSQL was black-holed: the fault had no effect");
+    }
     let late = REQUEST_TIMEOUT + Duration::from_secs(1);
     let past_deadline = report
         .outcomes
