@@ -72,6 +72,14 @@ impl Chaos {
         Ok(Self { scenarios, quick })
     }
 
+    /// The reduced set `cargo xtask test` runs: every implemented scenario, short.
+    pub(crate) fn quick() -> Self {
+        Self {
+            scenarios: SCENARIOS.to_vec(),
+            quick: true,
+        }
+    }
+
     /// Builds the binaries, then [`Chaos::run_built`].
     pub(crate) fn run(&self, sh: &Shell) -> Result<ExitCode> {
         cmd!(sh, "cargo build --workspace --bins --quiet")
