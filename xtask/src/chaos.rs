@@ -29,7 +29,7 @@ use xshell::{Shell, cmd};
 use crate::services::{psql, psql_read};
 
 /// The scenarios implemented, in the order they run.
-const SCENARIOS: &[u32] = &[1, 3, 4];
+const SCENARIOS: &[u32] = &[1, 3, 4, 8];
 
 /// The api's deadline in the chaos setup (`HTTP_REQUEST_TIMEOUT_MS`).
 const REQUEST_TIMEOUT: Duration = Duration::from_millis(3000);
@@ -238,6 +238,9 @@ pub(crate) struct System {
     key: String,
     domain: String,
     work: PathBuf,
+    bin: PathBuf,
+    /// The database and Redis URLs through the proxies, for a replica started again.
+    via_proxy: (String, String),
     _pg: PostgresServer,
 }
 
@@ -311,6 +314,8 @@ impl System {
             key,
             domain,
             work,
+            bin: bin.to_path_buf(),
+            via_proxy: (via_proxy, redis_via_proxy),
             _pg: pg,
         })
     }
@@ -322,6 +327,15 @@ impl System {
                 bail!("{} exited ({status}); see {}", p.name, p.log.display());
             }
         }
+        Ok(())
+    }
+
+    /// Starts api replica `i` again (after a scenario stopped it), on a new port.
+    fn restart_api(&mut self, i: usize) -> Result<()> {
+        let (db, redis) = &self.via_proxy;
+        let mut api = start_api(&self.bin, &self.work, i + 10, db, redis)?;
+        wait_for_port(&mut api, Duration::from_secs(60))?;
+        self.apis[i] = api;
         Ok(())
     }
 

@@ -51,6 +51,8 @@ pub(crate) struct Load {
     pub(crate) duration: Duration,
     /// The client's deadline per request: past it the request counts as hung.
     pub(crate) deadline: Duration,
+    /// The instant send times count from, shared with the fault schedule.
+    pub(crate) epoch: Instant,
 }
 
 /// What a load run produced: the outcomes, and how many requests were sent.
@@ -76,7 +78,7 @@ impl Load {
                 };
             }
         };
-        let start = Instant::now();
+        let start = self.epoch;
         let period = Duration::from_secs_f64(1.0 / f64::from(self.rate.max(1)));
         // Burst: a late tick is made up at once, so the rate stays fixed (open loop).
         let mut ticks = tokio::time::interval(period);

@@ -1,4 +1,4 @@
-//! The scenarios of issue 14 implemented so far (1, 3, 4): each runs its load on the
+//! The scenarios of issue 14 implemented so far (1, 3, 4, 8 for the api): each runs its load on the
 //! runtime, injects its fault from this thread on a fixed schedule, and judges the outcomes.
 
 use std::time::{Duration, Instant};
@@ -31,6 +31,7 @@ pub(super) fn run(
         1 => redis_outage(system, rt, scale),
         3 => backends_terminated(system, rt, scale),
         4 => postgres_black_hole(system, rt, quick),
+        8 => api_sigterm(system, rt),
         other => bail!("scenario {other} is not implemented"),
     }
 }
@@ -43,6 +44,7 @@ fn load(system: &System, rate: u32, duration: Duration) -> Load {
         duration,
         // Past the api's own deadline plus a margin: a request still open then hangs.
         deadline: REQUEST_TIMEOUT + Duration::from_secs(2),
+        epoch: Instant::now(),
     }
 }
 
@@ -93,8 +95,9 @@ fn redis_outage(system: &mut System, rt: &Runtime, scale: u32) -> Result<Scenari
     let s = |secs: u32| Duration::from_secs(u64::from(secs * scale));
     let port = system.redis.port();
     let failed_open_before = super::failed_open_decisions(system)?;
-    let start = Instant::now();
-    let handle = rt.spawn(load(system, 100, s(10)).run());
+    let load = load(system, 100, s(10));
+    let start = load.epoch;
+    let handle = rt.spawn(load.run());
 
     at(start, s(2));
     system.redis.stop();
@@ -158,8 +161,9 @@ fn backends_terminated(system: &mut System, rt: &Runtime, scale: u32) -> Result<
     let mut r = ScenarioResult::new(3, "pg_terminate_backend");
     let s = |secs: u32| Duration::from_secs(u64::from(secs * scale));
     let before = backends(&system.db_url)?;
-    let start = Instant::now();
-    let handle = rt.spawn(load(system, 100, s(8)).run());
+    let load = load(system, 100, s(8));
+    let start = load.epoch;
+    let handle = rt.spawn(load.run());
     let mut last_fault = Duration::ZERO;
     for i in 0..3 {
         at(start, s(2) + Duration::from_secs(i));
@@ -190,15 +194,13 @@ fn backends_terminated(system: &mut System, rt: &Runtime, scale: u32) -> Result<
 fn postgres_black_hole(system: &mut System, rt: &Runtime, quick: bool) -> Result<ScenarioResult> {
     let mut r = ScenarioResult::new(4, "postgres black-holed");
     let hole = Duration::from_secs(if quick { 5 } else { 10 });
-    let start = Instant::now();
-    let handle = rt.spawn(
-        load(
-            system,
-            50,
-            Duration::from_secs(2) + hole + Duration::from_secs(4),
-        )
-        .run(),
+    let load = load(
+        system,
+        50,
+        Duration::from_secs(2) + hole + Duration::from_secs(4),
     );
+    let start = load.epoch;
+    let handle = rt.spawn(load.run());
     at(start, Duration::from_secs(2));
     system.pg_proxy.set_fault(Fault::Stall);
     at(start, Duration::from_secs(2) + hole);
@@ -257,4 +259,68 @@ fn judge_errors_and_recovery(r: &mut ScenarioResult, report: &Report, fault_end:
             "{after} errors more than 1 s after the fault ended"
         ));
     }
+}
+
+/// Scenario 8, the api part: SIGTERM to one replica under load, with 30 ms of database
+/// latency so that requests are in flight when it comes. Every request sent before the
+/// signal is answered 200; after it the replica only refuses connections (or answers); it
+/// exits 0 (its shutdown report) within its `SHUTDOWN_TIMEOUT_MS`; then it is started again.
+fn api_sigterm(system: &mut System, rt: &Runtime) -> Result<ScenarioResult> {
+    let mut r = ScenarioResult::new(8, "SIGTERM api under load");
+    system.pg_proxy.set_fault(Fault::Latency(30));
+    let load = load(system, 40, Duration::from_secs(5));
+    let start = load.epoch;
+    let handle = rt.spawn(load.run());
+    at(start, Duration::from_secs(2));
+    let pid = system.apis[1].child.id();
+    let signalled = start.elapsed();
+    smartbeak_test_support::signal(pid, "TERM")?;
+    let exited = time_until(Duration::from_secs(10), || {
+        matches!(system.apis[1].child.try_wait(), Ok(Some(_)))
+    });
+    let report = rt.block_on(handle)?;
+    system.pg_proxy.set_fault(Fault::Pass);
+    tally(&mut r, &report);
+    let failed_in_flight: Vec<String> = report
+        .outcomes
+        .iter()
+        .filter(|o| o.sent < signalled && o.kind != Kind::Ok)
+        .map(|o| {
+            format!(
+                "{} sent {:?} before the signal, after {:?}",
+                o.kind.label(),
+                signalled - o.sent,
+                o.latency
+            )
+        })
+        .collect();
+    if !failed_in_flight.is_empty() {
+        r.fail(format!(
+            "{} requests sent before the SIGTERM failed ({})",
+            failed_in_flight.len(),
+            failed_in_flight.join(", ")
+        ));
+    }
+    let odd = report
+        .outcomes
+        .iter()
+        .filter(|o| o.sent >= signalled && !matches!(o.kind, Kind::Ok | Kind::Transport))
+        .count();
+    if odd > 0 {
+        r.fail(format!(
+            "{odd} answers after the SIGTERM other than 200 or a refused connection"
+        ));
+    }
+    match exited {
+        None => r.fail("the api did not exit within 10 s of SIGTERM"),
+        Some(d) => {
+            r.recovery = Some(d);
+            let status = system.apis[1].child.try_wait()?;
+            if status.and_then(|s| s.code()) != Some(0) {
+                r.fail(format!("the api exited with {status:?}, not 0"));
+            }
+        }
+    }
+    system.restart_api(1)?;
+    Ok(r)
 }
