@@ -6,6 +6,8 @@
 //!   directory when missing; needs `python3` and `python3-venv`);
 //! - `promtool`: only the rules step of `test` (`promtool check rules` and `test rules` on
 //!   `deploy/prometheus`, installing Debian's `prometheus` package when promtool is missing);
+//! - `chaos [--scenario N] [--quick]`: faults injected into the running system, checked from
+//!   outside (`chaos`);
 //! - `demo`: services, migrations, seed data, and the main job end to end;
 //! - `services up|down|status`: throwaway PostgreSQL and Redis for local work.
 //!
@@ -17,6 +19,7 @@
 //! (`SecretUrl` of `smartbeak-database`), and psql gets passwords through `PGPASSWORD`,
 //! never on its command line.
 
+mod chaos;
 mod demo;
 mod fuzz;
 mod services;
@@ -39,6 +42,8 @@ tasks:
   test                      fmt, clippy, docs, the whole test suite and the schema fuzzing
   fuzz                      schemathesis against the real api (needs python3, python3-venv)
   promtool                  only test's step promtool check/test rules on deploy/prometheus
+  chaos [--scenario N] [--quick]
+                            faults injected into the running system (throwaway servers)
   demo                      seed a database and run the main job end to end
   services up|down|status   throwaway PostgreSQL and Redis for local work
 ";
@@ -73,6 +78,7 @@ fn run(args: &[String]) -> Result<ExitCode> {
             }
         }),
         Some("promtool") => test::promtool(&sh).map(|()| ExitCode::SUCCESS),
+        Some("chaos") => chaos::Chaos::parse(&args[1..])?.run(&sh),
         Some("demo") => demo::Demo.run(&sh).map(|()| ExitCode::SUCCESS),
         Some("services") => services::ServicesTask::parse(&args[1..])?
             .run(&sh)

@@ -2,7 +2,8 @@
 //!
 //! Services (found or started), a fresh database for the run with migrations applied, then
 //! `cargo fmt --check`, clippy with `-D warnings`, rustdoc with `-D warnings`, the doctests,
-//! the binaries, schema fuzzing of the api with schemathesis (`crate::fuzz`), and the whole
+//! the binaries, schema fuzzing of the api with schemathesis (`crate::fuzz`), the quick chaos
+//! scenarios (`crate::chaos`, on servers of their own), and the whole
 //! test suite (cargo-nextest when installed, else `cargo test`); a failed fuzzing run fails
 //! the task, after the tests ran; an interrupted one (Ctrl-C) stops it there. The database is dropped and throwaway servers stopped
 //! afterwards, on failure too. The output ends with the test runner's own summary line.
@@ -112,13 +113,29 @@ impl Test {
             );
         }
 
+        // Its own throwaway servers and processes: the quick chaos set (scenarios 1, 3, 4).
+        eprintln!("xtask: chaos (quick)");
+        let chaos_ok = match crate::chaos::Chaos::quick().run_built(sh) {
+            Ok(code) => code == ExitCode::SUCCESS,
+            Err(e) if crate::INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) => {
+                return Err(e.context("chaos"));
+            }
+            Err(e) => {
+                eprintln!("xtask: error: chaos: {e:#}");
+                false
+            }
+        };
+        if !chaos_ok {
+            eprintln!("xtask: chaos FAILED (its lines are above); running the tests anyway");
+        }
+
         let args = &self.runner_args;
         let result = if nextest {
             cmd!(sh, "cargo nextest run --workspace --no-fail-fast {args...}").run()
         } else {
             cmd!(sh, "cargo test --workspace --no-fail-fast {args...}").run()
         };
-        let result = if fuzz_ok {
+        let result = if fuzz_ok && chaos_ok {
             result.map_err(|_| ())
         } else {
             Err(())

@@ -1,31 +1,87 @@
-//! A loopback TCP forwarder the tests put between a client and a server, to cut the
-//! connection without closing it: [`TcpForwarder::black_hole`] swallows every byte both
-//! ways on the open connections (and on new ones), as a dead network does, so the client
-//! sees no reset, only silence; [`TcpForwarder::restore`] forwards again. Loopback only.
+//! A loopback TCP fault proxy the tests and `cargo xtask chaos` put between a client and a
+//! server (the toxiproxy idea, in-process). Its [`Fault`] is switchable while traffic flows
+//! and applies to the open connections and to new ones alike: [`Fault::Pass`] forwards,
+//! [`Fault::Latency`] delays every chunk, [`Fault::Stall`] swallows every byte both ways
+//! keeping the connections open (a dead network: the client sees silence, no reset),
+//! [`Fault::Reset`] aborts every connection with an RST, [`Fault::Cut`] closes them (FIN).
+//! Loopback only.
 
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::Duration;
 
 use crate::{Result, err};
 
-/// How often the threads look at the flags.
+/// How often the threads look at the fault.
 const TICK: Duration = Duration::from_millis(20);
 
-/// The forwarder's shared state.
-#[derive(Debug, Default)]
-struct Shared {
-    black_hole: AtomicBool,
-    stop: AtomicBool,
-    /// Every socket opened, to shut them down on drop.
-    sockets: Mutex<Vec<TcpStream>>,
+/// What the proxy does to the traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Forward every byte as it comes.
+    Pass,
+    /// Forward every chunk after this many milliseconds, both ways.
+    Latency(u64),
+    /// Swallow every byte both ways and keep the connections open; new connections are
+    /// accepted and swallowed too (a black hole). Bytes swallowed stay lost after the switch
+    /// back.
+    Stall,
+    /// Abort every connection with an RST (`SO_LINGER` 0); new ones are reset at once.
+    Reset,
+    /// Close every connection (FIN both ways); new ones are closed at once.
+    Cut,
 }
 
-/// A forwarder from a free port on 127.0.0.1 to `target`; stops (and closes every
-/// connection) on drop.
+impl Fault {
+    fn encode(self) -> u64 {
+        match self {
+            Self::Pass => 0,
+            Self::Stall => 1,
+            Self::Reset => 2,
+            Self::Cut => 3,
+            // Latency in the upper bits, so that one atomic holds the whole fault.
+            Self::Latency(ms) => 4 | (ms.min(u64::MAX >> 3) << 3),
+        }
+    }
+
+    fn decode(raw: u64) -> Self {
+        match raw & 0b111 {
+            0 => Self::Pass,
+            1 => Self::Stall,
+            2 => Self::Reset,
+            3 => Self::Cut,
+            _ => Self::Latency(raw >> 3),
+        }
+    }
+}
+
+/// The proxy's shared state.
+#[derive(Debug, Default)]
+struct Shared {
+    fault: AtomicU64,
+    stop: AtomicBool,
+    next_id: AtomicU64,
+    /// A handle on both sockets of every open connection, to shut them down on drop;
+    /// removed when the connection ends.
+    sockets: Mutex<HashMap<u64, (TcpStream, TcpStream)>>,
+}
+
+impl Shared {
+    fn fault(&self) -> Fault {
+        Fault::decode(self.fault.load(Ordering::SeqCst))
+    }
+
+    fn sockets(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (TcpStream, TcpStream)>> {
+        self.sockets.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A fault proxy from a free port on 127.0.0.1 to `target`, passing traffic until told
+/// otherwise; stops (and closes every connection) on drop.
 #[derive(Debug)]
 pub struct TcpForwarder {
     addr: SocketAddr,
@@ -60,28 +116,40 @@ impl TcpForwarder {
         self.addr.port()
     }
 
-    /// Swallows every byte from now on, both ways, keeping the connections open.
-    pub fn black_hole(&self) {
-        self.shared.black_hole.store(true, Ordering::SeqCst);
+    /// Switches to `fault`, for the open connections (within a few tens of milliseconds)
+    /// and for new ones.
+    pub fn set_fault(&self, fault: Fault) {
+        self.shared.fault.store(fault.encode(), Ordering::SeqCst);
     }
 
-    /// Forwards again (bytes swallowed meanwhile stay lost).
+    /// The fault in force.
+    pub fn fault(&self) -> Fault {
+        self.shared.fault()
+    }
+
+    /// How many connections are open through the proxy.
+    pub fn connections(&self) -> usize {
+        self.shared.sockets().len()
+    }
+
+    /// [`Fault::Stall`]: swallows every byte from now on, both ways, keeping the
+    /// connections open.
+    pub fn black_hole(&self) {
+        self.set_fault(Fault::Stall);
+    }
+
+    /// [`Fault::Pass`]: forwards again (bytes swallowed meanwhile stay lost).
     pub fn restore(&self) {
-        self.shared.black_hole.store(false, Ordering::SeqCst);
+        self.set_fault(Fault::Pass);
     }
 }
 
 impl Drop for TcpForwarder {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
-        for socket in self
-            .shared
-            .sockets
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .drain(..)
-        {
-            let _ = socket.shutdown(Shutdown::Both);
+        for (_, (client, server)) in self.shared.sockets().drain() {
+            let _ = client.shutdown(Shutdown::Both);
+            let _ = server.shutdown(Shutdown::Both);
         }
     }
 }
@@ -91,26 +159,9 @@ fn accept(listener: &TcpListener, target: SocketAddr, shared: &Arc<Shared>) {
         match listener.accept() {
             Ok((client, _)) => {
                 let _ = client.set_nonblocking(false);
-                let Ok(server) = TcpStream::connect(target) else {
-                    continue;
-                };
-                let pair = (
-                    client.try_clone(),
-                    server.try_clone(),
-                    client.try_clone(),
-                    server.try_clone(),
-                );
-                let (Ok(c2), Ok(s2), Ok(c3), Ok(s3)) = pair else {
-                    continue;
-                };
-                shared
-                    .sockets
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .extend([c3, s3]);
-                let (up, down) = (shared.clone(), shared.clone());
-                thread::spawn(move || pipe(client, server, &up));
-                thread::spawn(move || pipe(s2, c2, &down));
+                let shared = shared.clone();
+                // The connect to the target may take a while (or fail): not on this thread.
+                thread::spawn(move || connection(client, target, &shared));
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => thread::sleep(TICK),
             Err(_) => thread::sleep(TICK),
@@ -118,68 +169,125 @@ fn accept(listener: &TcpListener, target: SocketAddr, shared: &Arc<Shared>) {
     }
 }
 
-/// Copies `from` to `to` until either ends or the forwarder stops; drops the bytes while
-/// black-holed.
+/// One accepted connection, from its first byte to its end.
+fn connection(client: TcpStream, target: SocketAddr, shared: &Arc<Shared>) {
+    match shared.fault() {
+        Fault::Reset => return abort(&client),
+        Fault::Cut => return close(&client),
+        Fault::Stall => {
+            // A black hole from the first byte: nothing reaches the server (it may be down
+            // too). The client is held, silent, until the fault changes, then closed.
+            swallow_until_switched(client, shared);
+            return;
+        }
+        Fault::Pass | Fault::Latency(_) => {}
+    }
+    let Ok(server) = TcpStream::connect_timeout(&target, Duration::from_secs(5)) else {
+        // The server is down: the client sees what it would see without the proxy.
+        return abort(&client);
+    };
+    let handles = (
+        client.try_clone(),
+        server.try_clone(),
+        client.try_clone(),
+        server.try_clone(),
+    );
+    let (Ok(c2), Ok(s2), Ok(c3), Ok(s3)) = handles else {
+        return;
+    };
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    shared.sockets().insert(id, (c3, s3));
+    let down_shared = shared.clone();
+    let down = thread::spawn(move || pipe(s2, c2, &down_shared));
+    pipe(client, server, shared);
+    let _ = down.join();
+    shared.sockets().remove(&id);
+}
+
+/// Reads and drops what `client` sends while the fault is [`Fault::Stall`], then closes it.
+fn swallow_until_switched(mut client: TcpStream, shared: &Shared) {
+    let _ = client.set_read_timeout(Some(TICK));
+    let mut buf = [0u8; 16 * 1024];
+    while !shared.stop.load(Ordering::SeqCst) && shared.fault() == Fault::Stall {
+        match client.read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if is_timeout(&e) => {}
+            Err(_) => return,
+        }
+    }
+    close(&client);
+}
+
+/// An abortive close: the peer gets an RST, not a FIN.
+fn abort(stream: &TcpStream) {
+    // The RST goes when the last handle closes (the other pipe sees the fault within a
+    // tick and drops its handles); a shutdown would send a FIN first.
+    let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}
+
+fn close(stream: &TcpStream) {
+    let _ = stream.shutdown(Shutdown::Both);
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+    )
+}
+
+/// Copies `from` to `to` until either ends, the forwarder stops or the fault ends the
+/// connection; drops the bytes while stalled, delays them under latency.
 fn pipe(mut from: TcpStream, mut to: TcpStream, shared: &Shared) {
     let _ = from.set_read_timeout(Some(TICK));
+    let _ = to.set_write_timeout(Some(Duration::from_secs(30)));
     let mut buf = [0u8; 16 * 1024];
-    while !shared.stop.load(Ordering::SeqCst) {
+    loop {
+        if shared.stop.load(Ordering::SeqCst) {
+            break;
+        }
+        match shared.fault() {
+            Fault::Reset => {
+                abort(&from);
+                abort(&to);
+                return;
+            }
+            Fault::Cut => {
+                close(&from);
+                close(&to);
+                return;
+            }
+            Fault::Pass | Fault::Latency(_) | Fault::Stall => {}
+        }
         match from.read(&mut buf) {
             Ok(0) => break,
-            Ok(n) => {
-                if shared.black_hole.load(Ordering::SeqCst) {
-                    continue;
+            Ok(n) => match shared.fault() {
+                Fault::Stall => {}
+                Fault::Latency(ms) => {
+                    thread::sleep(Duration::from_millis(ms));
+                    if to.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
                 }
-                if to.write_all(&buf[..n]).is_err() {
-                    break;
+                Fault::Pass => {
+                    if to.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
                 }
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // The top of the loop ends the connection.
+                Fault::Reset | Fault::Cut => {}
+            },
+            Err(e) if is_timeout(&e) => {}
             Err(_) => break,
         }
     }
-    let _ = to.shutdown(Shutdown::Write);
+    if shared.fault() == Fault::Reset {
+        abort(&to);
+    } else {
+        let _ = to.shutdown(Shutdown::Write);
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-
-    use super::*;
-
-    #[test]
-    fn forwards_then_swallows_then_forwards_again() {
-        let echo = TcpListener::bind("127.0.0.1:0").unwrap();
-        let target = echo.local_addr().unwrap();
-        thread::spawn(move || {
-            let (mut s, _) = echo.accept().unwrap();
-            let mut buf = [0u8; 64];
-            while let Ok(n) = s.read(&mut buf) {
-                if n == 0 || s.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-        });
-        let fwd = TcpForwarder::start(target).unwrap();
-        let mut c = TcpStream::connect(("127.0.0.1", fwd.port())).unwrap();
-        c.set_read_timeout(Some(Duration::from_millis(300)))
-            .unwrap();
-        let mut buf = [0u8; 4];
-        c.write_all(b"ping").unwrap();
-        c.read_exact(&mut buf).unwrap();
-        assert_eq!(&buf, b"ping");
-        fwd.black_hole();
-        c.write_all(b"lost").unwrap();
-        assert!(c.read(&mut buf).is_err(), "nothing comes back, no reset");
-        fwd.restore();
-        c.write_all(b"back").unwrap();
-        c.read_exact(&mut buf).unwrap();
-        assert_eq!(&buf, b"back");
-        assert!(TcpForwarder::start("10.0.0.1:5432".parse().unwrap()).is_err());
-    }
-}
+mod tests;

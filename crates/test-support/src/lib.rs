@@ -25,17 +25,19 @@
 //! The binaries are found under `/usr/lib/postgresql/*/bin` (newest first) or on `PATH`;
 //! `SMARTBEAK_PG_BIN` (a directory) and `SMARTBEAK_REDIS_SERVER` (a file) override that.
 //!
-//! [`TcpForwarder`] is a loopback TCP forwarder a test can black-hole, to play a dead
-//! network between a client and a server.
+//! [`TcpForwarder`] is a loopback TCP fault proxy between a client and a server, switchable
+//! while traffic flows between the [`Fault`]s pass, latency, stall (a black hole: a dead
+//! network), reset (RST) and cut (FIN); `cargo xtask chaos` puts one in front of each server.
 //!
-//! This crate is synchronous on purpose (std, plus `nix` for signals): xtask uses it without
+//! This crate is synchronous on purpose (std, plus `nix` for signals and `socket2` for the
+//! proxy's RST): xtask uses it without
 //! a runtime.
 
 #![warn(missing_docs)]
 
 mod forward;
 
-pub use forward::TcpForwarder;
+pub use forward::{Fault, TcpForwarder};
 
 use std::fs;
 use std::io::{self, Read, Write};

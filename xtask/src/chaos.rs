@@ -1,0 +1,549 @@
+//! `cargo xtask chaos`: faults injected into the running system, checked from outside.
+//!
+//! Starts a throwaway PostgreSQL and Redis (the test-support guards, never the machine's
+//! shared servers), a fault proxy ([`TcpForwarder`]) in front of each, migrates and seeds a
+//! database, and starts two api replicas and two export workers as real processes pointed
+//! at the proxies. Each scenario drives open-loop load from [`load`] (a fixed rate; every
+//! request has a deadline, so a slow answer cannot hide by slowing the load), injects its
+//! fault from this thread, and prints one line: requests, errors by kind, lost, duplicated,
+//! recovery time. Everything is stopped on drop (failure and Ctrl-C included: the handler
+//! in `main` sets [`crate::INTERRUPTED`], which ends the run between steps).
+
+mod load;
+mod scenarios;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use smartbeak_database::SecretUrl;
+use smartbeak_test_support::{PostgresServer, RedisServer, TcpForwarder};
+use xshell::{Shell, cmd};
+
+use crate::services::{psql, psql_read};
+
+/// The scenarios implemented, in the order they run.
+const SCENARIOS: &[u32] = &[1, 3, 4, 8];
+
+/// The api's deadline in the chaos setup (`HTTP_REQUEST_TIMEOUT_MS`).
+const REQUEST_TIMEOUT: Duration = Duration::from_millis(3000);
+
+/// The api's Redis command timeout in the chaos setup (`REDIS_COMMAND_TIMEOUT_MS`).
+const REDIS_COMMAND_TIMEOUT: Duration = Duration::from_millis(100);
+
+pub(crate) struct Chaos {
+    scenarios: Vec<u32>,
+    quick: bool,
+}
+
+impl Chaos {
+    /// `--scenario N` (repeatable; default: all implemented) and `--quick`.
+    pub(crate) fn parse(args: &[String]) -> Result<Self> {
+        let mut scenarios = Vec::new();
+        let mut quick = false;
+        let mut args = args.iter();
+        while let Some(arg) = args.next() {
+            match arg.as_str() {
+                "--quick" => quick = true,
+                "--scenario" => {
+                    let n = args.next().context("--scenario needs a number")?;
+                    let n: u32 = n
+                        .parse()
+                        .with_context(|| format!("--scenario {n:?} is not a number"))?;
+                    if !SCENARIOS.contains(&n) {
+                        bail!("--scenario {n}: implemented scenarios are {SCENARIOS:?}");
+                    }
+                    scenarios.push(n);
+                }
+                other => {
+                    bail!("unexpected argument {other:?}; usage: chaos [--scenario N]... [--quick]")
+                }
+            }
+        }
+        if scenarios.is_empty() {
+            scenarios = SCENARIOS.to_vec();
+        }
+        Ok(Self { scenarios, quick })
+    }
+
+    /// The reduced set `cargo xtask test` runs: every implemented scenario, short.
+    pub(crate) fn quick() -> Self {
+        Self {
+            scenarios: SCENARIOS.to_vec(),
+            quick: true,
+        }
+    }
+
+    /// Builds the binaries, then [`Chaos::run_built`].
+    pub(crate) fn run(&self, sh: &Shell) -> Result<ExitCode> {
+        cmd!(sh, "cargo build --workspace --bins --quiet")
+            .run()
+            .context("building the binaries failed")?;
+        self.run_built(sh)
+    }
+
+    /// Runs the scenarios against the debug binaries; prints the summary table; the exit
+    /// code fails when any scenario failed.
+    pub(crate) fn run_built(&self, sh: &Shell) -> Result<ExitCode> {
+        let bin = crate::fuzz::target_dir(sh).join("debug");
+        let mut system = System::start(&bin, &crate::fuzz::target_dir(sh))?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("starting the load generator's runtime")?;
+        let mut results = Vec::new();
+        for &n in &self.scenarios {
+            if crate::INTERRUPTED.load(Ordering::SeqCst) {
+                bail!("interrupted");
+            }
+            let result = match scenarios::run(n, &mut system, &runtime, self.quick) {
+                Ok(result) => result,
+                Err(e) => {
+                    let mut r = ScenarioResult::new(n, "(did not run)");
+                    r.fail(format!("{e:#}"));
+                    r
+                }
+            };
+            println!("{}", result.line());
+            results.push(result);
+            system.check_alive()?;
+        }
+        println!(
+            "\nchaos summary ({} mode)",
+            if self.quick { "quick" } else { "full" }
+        );
+        println!(
+            "{:<4} {:<28} {:>8} {:>7} {:>5} {:>5} {:>10}  result",
+            "#", "scenario", "requests", "errors", "lost", "dup", "recovery"
+        );
+        for r in &results {
+            println!(
+                "{:<4} {:<28} {:>8} {:>7} {:>5} {:>5} {:>10}  {}",
+                r.id,
+                r.name,
+                r.requests,
+                r.errors.values().sum::<usize>(),
+                r.lost,
+                r.duplicated,
+                r.recovery
+                    .map_or_else(|| "-".to_owned(), |d| format!("{:.2}s", d.as_secs_f64())),
+                if r.failures.is_empty() {
+                    "ok"
+                } else {
+                    "FAILED"
+                }
+            );
+        }
+        let failed = results.iter().any(|r| !r.failures.is_empty());
+        eprintln!("xtask: chaos: logs in {}", system.work.display());
+        Ok(if failed {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        })
+    }
+}
+
+/// One scenario's outcome, printed as one line.
+#[derive(Debug)]
+pub(crate) struct ScenarioResult {
+    id: u32,
+    name: &'static str,
+    requests: usize,
+    /// Requests that did not succeed, by kind (`503 REQUEST_TIMEOUT`, `deadline`, ...).
+    errors: BTreeMap<String, usize>,
+    /// Requests sent that got no outcome at all.
+    lost: usize,
+    duplicated: usize,
+    recovery: Option<Duration>,
+    /// Why the scenario failed; empty: it passed.
+    failures: Vec<String>,
+}
+
+impl ScenarioResult {
+    fn new(id: u32, name: &'static str) -> Self {
+        Self {
+            id,
+            name,
+            requests: 0,
+            errors: BTreeMap::new(),
+            lost: 0,
+            duplicated: 0,
+            recovery: None,
+            failures: Vec::new(),
+        }
+    }
+
+    fn fail(&mut self, why: impl Into<String>) {
+        self.failures.push(why.into());
+    }
+
+    fn line(&self) -> String {
+        let errors = if self.errors.is_empty() {
+            "none".to_owned()
+        } else {
+            self.errors
+                .iter()
+                .map(|(k, n)| format!("{k}: {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let recovery = self
+            .recovery
+            .map_or_else(|| "-".to_owned(), |d| format!("{:.2}s", d.as_secs_f64()));
+        let verdict = if self.failures.is_empty() {
+            "ok".to_owned()
+        } else {
+            format!("FAILED: {}", self.failures.join("; "))
+        };
+        format!(
+            "chaos: scenario {} ({}): requests {}, errors {{{errors}}}, lost {}, duplicated {}, recovery {recovery}: {verdict}",
+            self.id, self.name, self.requests, self.lost, self.duplicated
+        )
+    }
+}
+
+/// A child process killed on drop.
+pub(crate) struct Proc {
+    name: String,
+    child: Child,
+    /// The api's listening port, or the worker's admin port.
+    port: u16,
+    log: PathBuf,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Everything a scenario acts on. Dropped in reverse: processes, proxies, then servers.
+pub(crate) struct System {
+    apis: Vec<Proc>,
+    workers: Vec<Proc>,
+    pg_proxy: TcpForwarder,
+    redis_proxy: TcpForwarder,
+    redis: RedisServer,
+    /// The chaos database, directly (not through the proxy): for psql.
+    db_url: SecretUrl,
+    key: String,
+    domain: String,
+    work: PathBuf,
+    bin: PathBuf,
+    /// The database and Redis URLs through the proxies, for a replica started again.
+    via_proxy: (String, String),
+    _pg: PostgresServer,
+}
+
+impl System {
+    fn start(bin: &Path, target: &Path) -> Result<Self> {
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        let work = target
+            .join("chaos")
+            .join(format!("{}_{stamp}", std::process::id()));
+        std::fs::create_dir_all(work.join("exports"))
+            .with_context(|| format!("creating {}", work.display()))?;
+        eprintln!("xtask: chaos: starting a throwaway PostgreSQL and Redis");
+        let pg = PostgresServer::start().context("starting the throwaway PostgreSQL")?;
+        let redis = RedisServer::start().context("starting the throwaway Redis")?;
+        let admin = SecretUrl::parse("DATABASE_URL", &pg.url())?;
+        psql(&admin, "CREATE DATABASE chaos")?;
+        let db_url = SecretUrl::parse(
+            "DATABASE_URL",
+            &format!("postgres://postgres@127.0.0.1:{}/chaos", pg.port()),
+        )?;
+        let pg_proxy = TcpForwarder::start(loopback(pg.port()))?;
+        let redis_proxy = TcpForwarder::start(loopback(redis.port()))?;
+        let via_proxy = format!("postgres://postgres@127.0.0.1:{}/chaos", pg_proxy.port());
+        let redis_via_proxy = format!("redis://127.0.0.1:{}", redis_proxy.port());
+
+        eprintln!("xtask: chaos: migrating and seeding");
+        let migrate = Command::new(bin.join("smartbeak-migrate"))
+            .env("DATABASE_URL", db_url.expose())
+            .stdin(Stdio::null())
+            .output()
+            .context("running smartbeak-migrate")?;
+        if !migrate.status.success() {
+            bail!(
+                "smartbeak-migrate failed: {}",
+                String::from_utf8_lossy(&migrate.stderr)
+            );
+        }
+        let org = admin_cmd(bin, &db_url, &["orgs", "create", "--name", "chaos"])?;
+        let org_id = json_field(&org, "id").context("`orgs create` printed no id")?;
+        let key = admin_cmd(bin, &db_url, &["keys", "create", "--org", &org_id])?;
+        let key = json_field(&key, "key").context("`keys create` printed no key")?;
+
+        let mut apis = Vec::new();
+        for i in 0..2 {
+            apis.push(start_api(bin, &work, i, &via_proxy, &redis_via_proxy)?);
+        }
+        let mut workers = Vec::new();
+        for i in 0..2 {
+            workers.push(start_worker(bin, &work, i, &via_proxy)?);
+        }
+        for p in apis.iter_mut().chain(workers.iter_mut()) {
+            wait_for_port(p, Duration::from_secs(60))?;
+        }
+        let domain = seed_domain(apis[0].port, &key)?;
+        eprintln!(
+            "xtask: chaos: 2 api replicas (ports {}, {}), 2 export workers; logs in {}",
+            apis[0].port,
+            apis[1].port,
+            work.display()
+        );
+        Ok(Self {
+            apis,
+            workers,
+            pg_proxy,
+            redis_proxy,
+            redis,
+            db_url,
+            key,
+            domain,
+            work,
+            bin: bin.to_path_buf(),
+            via_proxy: (via_proxy, redis_via_proxy),
+            _pg: pg,
+        })
+    }
+
+    /// Fails when a process exited on its own (a crash is a finding).
+    fn check_alive(&mut self) -> Result<()> {
+        for p in self.apis.iter_mut().chain(self.workers.iter_mut()) {
+            if let Some(status) = p.child.try_wait()? {
+                bail!("{} exited ({status}); see {}", p.name, p.log.display());
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts api replica `i` again (after a scenario stopped it), on a new port.
+    fn restart_api(&mut self, i: usize) -> Result<()> {
+        let (db, redis) = &self.via_proxy;
+        let mut api = start_api(&self.bin, &self.work, i + 10, db, redis)?;
+        wait_for_port(&mut api, Duration::from_secs(60))?;
+        self.apis[i] = api;
+        Ok(())
+    }
+
+    /// `GET /v1/domains/{id}` on each replica: the target the load spreads over.
+    fn urls(&self) -> Vec<String> {
+        self.apis
+            .iter()
+            .map(|a| format!("http://127.0.0.1:{}/v1/domains/{}", a.port, self.domain))
+            .collect()
+    }
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn start_api(bin: &Path, work: &Path, i: usize, db: &str, redis: &str) -> Result<Proc> {
+    let port = smartbeak_test_support::free_port()?;
+    let log = work.join(format!("api-{i}.log"));
+    let file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let child = Command::new(bin.join("smartbeak-api"))
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("DATABASE_URL", db)
+        .env("DB_RUN_MIGRATIONS", "false")
+        .env("REDIS_URL", redis)
+        .env("API_BIND", format!("127.0.0.1:{port}"))
+        .env("EXPORT_DIR", work.join("exports"))
+        .env(
+            "HTTP_REQUEST_TIMEOUT_MS",
+            REQUEST_TIMEOUT.as_millis().to_string(),
+        )
+        .env("DB_STATEMENT_TIMEOUT_MS", "1500")
+        .env("DB_ACQUIRE_TIMEOUT_MS", "1000")
+        .env(
+            "REDIS_COMMAND_TIMEOUT_MS",
+            REDIS_COMMAND_TIMEOUT.as_millis().to_string(),
+        )
+        .env("REDIS_RECONNECT_MAX_MS", "500")
+        // Limits far above the load: every decision allows, so any refusal is a fault's.
+        .env("RATE_LIMIT_WINDOW_SECS", "60")
+        .env("RATE_LIMIT_PER_KEY", "60000")
+        .env("RATE_LIMIT_PER_IP", "60000")
+        .env("RATE_LIMIT_REPLICAS", "2")
+        .env("RATE_LIMIT_KEY_PREFIX", "chaos")
+        .env("SHUTDOWN_TIMEOUT_MS", "5000")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .spawn()
+        .context("spawning smartbeak-api")?;
+    Ok(Proc {
+        name: format!("api-{i}"),
+        child,
+        port,
+        log,
+    })
+}
+
+fn start_worker(bin: &Path, work: &Path, i: usize, db: &str) -> Result<Proc> {
+    let port = smartbeak_test_support::free_port()?;
+    let log = work.join(format!("export-worker-{i}.log"));
+    let file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let child = Command::new(bin.join("smartbeak-domain-export"))
+        .arg("worker")
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("DATABASE_URL", db)
+        .env("DB_RUN_MIGRATIONS", "false")
+        .env("EXPORT_DIR", work.join("exports"))
+        .env("EXPORT_ADMIN_ADDR", format!("127.0.0.1:{port}"))
+        .env("EXPORT_POLL_MAX_MS", "200")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .spawn()
+        .context("spawning smartbeak-domain-export worker")?;
+    Ok(Proc {
+        name: format!("export-worker-{i}"),
+        child,
+        port,
+        log,
+    })
+}
+
+/// Polls until `p` listens on its port; fails early when it exits.
+fn wait_for_port(p: &mut Proc, bound: Duration) -> Result<()> {
+    let deadline = Instant::now() + bound;
+    while !smartbeak_test_support::port_answers("127.0.0.1", p.port) {
+        if let Some(status) = p.child.try_wait()? {
+            bail!(
+                "{} exited ({status}) during start-up; see {}",
+                p.name,
+                p.log.display()
+            );
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "{} did not listen within {bound:?}; see {}",
+                p.name,
+                p.log.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// Runs an admin command of the api binary; its stdout.
+fn admin_cmd(bin: &Path, db: &SecretUrl, args: &[&str]) -> Result<String> {
+    let output = Command::new(bin.join("smartbeak-api"))
+        .args(args)
+        .env("DATABASE_URL", db.expose())
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running smartbeak-api {}", args.join(" ")))?;
+    if !output.status.success() {
+        bail!(
+            "smartbeak-api {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    String::from_utf8(output.stdout).context("smartbeak-api printed something other than UTF-8")
+}
+
+/// The string value of `"name":"..."` in one-line JSON (ids, keys and codes have no escapes).
+pub(crate) fn json_field(json: &str, name: &str) -> Option<String> {
+    let start = json.find(&format!("\"{name}\":\""))? + name.len() + 4;
+    let len = json[start..].find('"')?;
+    Some(json[start..start + len].to_owned())
+}
+
+/// Creates the domain the load reads, with a plain HTTP/1.1 request; its id.
+fn seed_domain(port: u16, key: &str) -> Result<String> {
+    let body = r#"{"name":"chaos.example.com"}"#;
+    let request = format!(
+        "POST /v1/domains HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let response = raw_request(port, &request).context("creating the seed domain")?;
+    if !response.starts_with("HTTP/1.1 201") {
+        bail!(
+            "creating the seed domain: {}",
+            response.lines().next().unwrap_or("no answer")
+        );
+    }
+    json_field(&response, "id").context("the created domain has no id")
+}
+
+fn raw_request(port: u16, request: &str) -> Result<String> {
+    let mut stream = TcpStream::connect(loopback(port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(request.as_bytes())?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    Ok(response)
+}
+
+/// One Redis command in RESP inline form, straight to the server (not through the proxy);
+/// the first line of its answer.
+fn redis_command(port: u16, command: &str) -> Result<String> {
+    let mut stream = TcpStream::connect(loopback(port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    stream.write_all(format!("{command}\r\n").as_bytes())?;
+    let mut buf = [0u8; 256];
+    let n = stream.read(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).trim().to_owned())
+}
+
+/// How many keys the Redis server holds (the limiter's counters).
+fn redis_keys(port: u16) -> Result<u64> {
+    let answer = redis_command(port, "DBSIZE")?;
+    answer
+        .strip_prefix(':')
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("DBSIZE answered {answer:?}"))
+}
+
+/// The sum of the api replicas' `rate_limit_decisions_total{decision="failed_open"}`.
+fn failed_open_decisions(system: &System) -> Result<f64> {
+    let mut total = 0.0;
+    for api in &system.apis {
+        let metrics = raw_request(
+            api.port,
+            "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+        )
+        .with_context(|| format!("reading the metrics of {}", api.name))?;
+        total += metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("rate_limit_decisions_total")
+                    && l.contains("decision=\"failed_open\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>();
+    }
+    Ok(total)
+}
+
+/// Backends connected to the chaos database, this psql's own excepted.
+fn backends(db: &SecretUrl) -> Result<u64> {
+    let n = psql_read(
+        db,
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = 'chaos' AND pid <> pg_backend_pid()",
+    )?;
+    n.trim().parse().context("counting backends")
+}

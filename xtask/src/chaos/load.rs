@@ -1,0 +1,137 @@
+//! The open-loop HTTP load generator: requests at a fixed rate whatever the answers take,
+//! each with a deadline, every outcome recorded with its send time and kind.
+
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinSet;
+
+/// What one request ended in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// A 2xx answer.
+    Ok,
+    /// An error answer with the standard body `{"error": .., "code": ..}`.
+    Status(u16, String),
+    /// An error answer whose body is not the standard one.
+    BadBody(u16),
+    /// No answer within the client's deadline.
+    Deadline,
+    /// The connection failed (refused, reset, closed before an answer).
+    Transport,
+}
+
+impl Kind {
+    /// The key the scenario line counts errors under.
+    pub(crate) fn label(&self) -> String {
+        match self {
+            Self::Ok => "ok".to_owned(),
+            Self::Status(status, code) => format!("{status} {code}"),
+            Self::BadBody(status) => format!("{status} non-standard body"),
+            Self::Deadline => "client deadline".to_owned(),
+            Self::Transport => "transport".to_owned(),
+        }
+    }
+}
+
+/// One request's outcome.
+#[derive(Debug, Clone)]
+pub(crate) struct Outcome {
+    /// When it was sent, from the start of the load.
+    pub(crate) sent: Duration,
+    pub(crate) latency: Duration,
+    pub(crate) kind: Kind,
+}
+
+/// The load: `rate` requests a second for `duration`, spread round-robin over `urls`.
+#[derive(Debug, Clone)]
+pub(crate) struct Load {
+    pub(crate) urls: Vec<String>,
+    pub(crate) key: String,
+    pub(crate) rate: u32,
+    pub(crate) duration: Duration,
+    /// The client's deadline per request: past it the request counts as hung.
+    pub(crate) deadline: Duration,
+    /// The instant send times count from, shared with the fault schedule.
+    pub(crate) epoch: Instant,
+}
+
+/// What a load run produced: the outcomes, and how many requests were sent.
+#[derive(Debug)]
+pub(crate) struct Report {
+    pub(crate) sent: usize,
+    pub(crate) outcomes: Vec<Outcome>,
+}
+
+impl Load {
+    /// Runs the load to its end and waits for every request.
+    pub(crate) async fn run(self) -> Report {
+        let client = match reqwest::Client::builder()
+            .no_proxy()
+            .pool_max_idle_per_host(256)
+            .build()
+        {
+            Ok(client) => client,
+            Err(_) => {
+                return Report {
+                    sent: 0,
+                    outcomes: Vec::new(),
+                };
+            }
+        };
+        let start = self.epoch;
+        let period = Duration::from_secs_f64(1.0 / f64::from(self.rate.max(1)));
+        // Burst: a late tick is made up at once, so the rate stays fixed (open loop).
+        let mut ticks = tokio::time::interval(period);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let mut tasks = JoinSet::new();
+        let mut sent = 0usize;
+        while start.elapsed() < self.duration {
+            ticks.tick().await;
+            let url = self.urls[sent % self.urls.len()].clone();
+            let request = client.get(url).bearer_auth(&self.key);
+            let deadline = self.deadline;
+            sent += 1;
+            tasks.spawn(async move {
+                let sent = start.elapsed();
+                let begun = Instant::now();
+                let kind = match tokio::time::timeout(deadline, one(request)).await {
+                    Ok(kind) => kind,
+                    Err(_) => Kind::Deadline,
+                };
+                Outcome {
+                    sent,
+                    latency: begun.elapsed(),
+                    kind,
+                }
+            });
+        }
+        let mut outcomes = Vec::with_capacity(sent);
+        while let Some(done) = tasks.join_next().await {
+            if let Ok(outcome) = done {
+                outcomes.push(outcome);
+            }
+        }
+        outcomes.sort_by_key(|o| o.sent);
+        Report { sent, outcomes }
+    }
+}
+
+async fn one(request: reqwest::RequestBuilder) -> Kind {
+    let Ok(response) = request.send().await else {
+        return Kind::Transport;
+    };
+    let status = response.status();
+    let Ok(body) = response.text().await else {
+        return Kind::Transport;
+    };
+    if status.is_success() {
+        return Kind::Ok;
+    }
+    match (
+        super::json_field(&body, "error"),
+        super::json_field(&body, "code"),
+    ) {
+        (Some(_), Some(code)) => Kind::Status(status.as_u16(), code),
+        _ => Kind::BadBody(status.as_u16()),
+    }
+}
