@@ -123,11 +123,12 @@ async fn aggregates_and_a_burst_of_500_runs_one_query() {
             .unwrap()
             >= 1.0
     );
-    // Every acquire is counted (issue 10, item 4): the 500 requests' key lookups and the
-    // one aggregate each checked out a connection through the database layer, which keeps
-    // the latency histogram; waiters are exported too.
+    // Every acquire is counted (issue 10, item 4): the key lookup (once: the key cache
+    // answers the other 499, issue 13) and the one aggregate each checked out a connection
+    // through the database layer, which keeps the latency histogram; waiters are exported
+    // too. The background readiness check adds its own acquires.
     let count = api.metric("db_acquire_seconds_count").await.unwrap();
-    assert!(count >= 501.0, "db_acquire_seconds_count {count}");
+    assert!(count >= 2.0, "db_acquire_seconds_count {count}");
     assert_eq!(
         api.metric_with("db_acquire_seconds_bucket", "le=\"+Inf\"")
             .await
