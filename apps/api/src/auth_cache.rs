@@ -11,8 +11,9 @@
 //! once a new session listens; meanwhile the TTL bounds staleness.
 //!
 //! A lookup that raced a revocation cannot re-insert the revoked key: every eviction bumps
-//! a generation, and a lookup stores its answer only if the generation did not move while
-//! it ran. Database errors are not cached.
+//! a generation before it removes, and a lookup stores its answer only if the generation
+//! did not move while it ran, and takes it out again if the generation moved while it was
+//! storing it. Database errors are not cached.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -119,6 +120,13 @@ impl KeyCache {
                     mark,
                 },
             );
+            // An eviction that bumped the generation after the check above may have removed
+            // the key before this insert: look again, and take the answer back out if so.
+            // (An eviction bumps the generation before it removes, so either it sees this
+            // entry and removes it, or this second check sees its bump.)
+            if self.generation.load(Ordering::SeqCst) != generation {
+                self.entries.remove(hash);
+            }
         }
         Ok(auth)
     }

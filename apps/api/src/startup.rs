@@ -131,13 +131,15 @@ pub async fn connect_database(
     Ok(Ok((db, guard)))
 }
 
-/// The admin port's readiness check: `db` answers a ping (`/readyz` names `database`
-/// when it does not).
+/// The admin port's readiness check: `db` answers a ping on a connection of the check's
+/// own, outside the pools ([`smartbeak_database::Pinger`]: busy workers holding every pool
+/// connection are not an unreachable database); `/readyz` names `database` when it does
+/// not answer.
 pub fn database_ready(db: &Database) -> Check {
-    let db = db.clone();
+    let pinger = db.pinger();
     std::sync::Arc::new(move || {
-        let db = db.clone();
-        Box::pin(async move { db.ping().await.map_err(|_| "database".to_owned()) })
+        let pinger = pinger.clone();
+        Box::pin(async move { pinger.ping().await.map_err(|_| "database".to_owned()) })
     })
 }
 

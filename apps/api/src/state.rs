@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::Duration;
 
 use metrics_exporter_prometheus::PrometheusHandle;
-use smartbeak_database::Database;
+use smartbeak_database::{Database, Pinger};
 
 use crate::analytics::AnalyticsReads;
 use crate::auth_cache::KeyCache;
@@ -34,6 +34,9 @@ pub struct AppContext {
     pub analytics: AnalyticsReads,
     /// The in-process API key cache (its listener is started by the binary).
     pub keys: Arc<KeyCache>,
+    /// Readiness pings on a connection of their own, outside the pools (a saturated pool is
+    /// not an unreachable database).
+    pub pinger: Pinger,
 }
 
 impl AppState {
@@ -51,7 +54,8 @@ impl AppState {
         );
         let keys = Arc::new(KeyCache::new(&config.auth_cache));
         let readiness = Readiness::default();
-        readiness.spawn_database_checker(db.clone(), DATABASE_CHECK_EVERY);
+        let pinger = db.pinger();
+        readiness.spawn_database_checker(pinger.clone(), DATABASE_CHECK_EVERY);
         Self(Arc::new(AppContext {
             db,
             config,
@@ -60,6 +64,7 @@ impl AppState {
             metrics,
             analytics,
             keys,
+            pinger,
         }))
     }
 }
@@ -76,7 +81,8 @@ impl Deref for AppState {
 pub const DATABASE_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// What `/readyz` reads: the shutdown flag (flipped once) and the database's state as the
-/// background checker last saw it, so a probe never waits on a saturated pool.
+/// background checker last saw it, so a probe never waits on a saturated pool
+/// (and the checker pings on a connection of its own, [`Pinger`]).
 #[derive(Debug, Clone)]
 pub struct Readiness(Arc<ReadinessState>);
 
@@ -133,9 +139,10 @@ impl Readiness {
             .store(if reachable { 1 } else { 2 }, Ordering::Release);
     }
 
-    /// Pings `db` now and then every `every` (each ping bounded by the acquire timeout),
-    /// recording the result, until shutdown or until every other handle is dropped.
-    fn spawn_database_checker(&self, db: Database, every: Duration) {
+    /// Pings through `pinger` (its own connection, outside the pools) now and then every
+    /// `every`, each ping bounded by the acquire timeout, recording the result, until
+    /// shutdown or until every other handle is dropped.
+    fn spawn_database_checker(&self, pinger: Pinger, every: Duration) {
         let weak = Arc::downgrade(&self.0);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
@@ -148,7 +155,7 @@ impl Readiness {
                 if !state.is_ready() {
                     return;
                 }
-                let reachable = db.ping().await.is_ok();
+                let reachable = pinger.ping().await.is_ok();
                 state.record_database(reachable);
             }
         });

@@ -69,6 +69,7 @@ mod config;
 pub mod deadline;
 mod error;
 mod metrics;
+mod pinger;
 mod pool;
 mod snapshot;
 #[cfg(feature = "testing")]
@@ -86,6 +87,7 @@ pub use analytics::{REPLICA_ERRORS, ReadSource};
 pub use config::{ConfigError, DatabaseConfig, SecretUrl};
 pub use error::DbError;
 pub use metrics::{ACQUIRE_BUCKETS, PoolMetrics, PoolStats};
+pub use pinger::Pinger;
 pub use pool::{LIFETIME_JITTER, PING_BYPASS};
 pub use snapshot::{CopyOut, Rows, Snapshot, SnapshotOptions};
 pub use transaction::Tx;
@@ -491,6 +493,17 @@ impl Database {
                 sqlx::query("SELECT 1").execute(conn).await.map(|_| ())
             })
             .await
+    }
+
+    /// A readiness check on a connection of its own, outside the pools, so that a saturated
+    /// pool does not read as an unreachable database ([`Pinger`]). Call it once and keep the
+    /// handle: each `Pinger` holds (at most) one connection.
+    pub fn pinger(&self) -> Pinger {
+        let inner = &self.inner;
+        Pinger::new(
+            inner.primary.connect_options(),
+            inner.config.acquire_timeout,
+        )
     }
 
     /// A snapshot of pool sizes and counters.

@@ -2191,3 +2191,57 @@ async fn the_natural_key_migration_keeps_the_last_row_of_each_key() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn the_pinger_answers_while_every_pool_connection_is_checked_out() {
+    let fx = Fixture::new(|c| {
+        c.pool_max = 2;
+        c.pool_min = 0;
+        c.acquire_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let pinger = fx.db.pinger();
+    let held = (
+        fx.db.acquire().await.unwrap(),
+        fx.db.acquire().await.unwrap(),
+    );
+    // The pool has nothing to give: a ping through it waits out the acquire timeout...
+    assert!(
+        matches!(fx.db.ping().await, Err(DbError::AcquireTimeout(_))),
+        "the pool should be saturated"
+    );
+    // ...while the pinger's own connection answers, and keeps answering.
+    for _ in 0..3 {
+        pinger.ping().await.unwrap();
+    }
+    // It is one session beside the pool's two, under the same application name.
+    let sessions: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1")
+            .bind(&fx.app)
+            .fetch_one(&fx.admin)
+            .await
+            .unwrap();
+    assert_eq!(sessions, 3);
+    // A session that dies is replaced on the next check (the failed one reports the error).
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = $1 AND pid NOT IN (SELECT pg_backend_pid())",
+    )
+    .bind(&fx.app)
+    .execute(&fx.admin)
+    .await
+    .unwrap();
+    drop(held);
+    let mut answered = false;
+    for _ in 0..3 {
+        if pinger.ping().await.is_ok() {
+            answered = true;
+            break;
+        }
+    }
+    assert!(
+        answered,
+        "the pinger did not reconnect after its session was terminated"
+    );
+    fx.finish().await;
+}

@@ -60,7 +60,7 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
         DatabaseState::Unreachable => false,
         DatabaseState::Unknown if shutting_down => false,
         DatabaseState::Unknown => {
-            let ok = state.db.ping().await.is_ok();
+            let ok = state.pinger.ping().await.is_ok();
             state.readiness.record_database(ok);
             ok
         }
