@@ -807,6 +807,8 @@ async fn batch_draws_a_progress_bar_on_a_terminal() {
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("DATABASE_URL", &url)
             .env("RUST_LOG", "warn")
+            // A terminal has a TERM; without one `console` (under indicatif) draws nothing.
+            .env("TERM", "xterm")
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .output(),
