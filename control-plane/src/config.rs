@@ -28,8 +28,8 @@ pub fn after_help() -> String {
     format!(
         "\
 Provider credentials come from the environment only, never from flags:
-  CP_GSC_API_KEY     bearer credential for CP_GSC_BASE_URL (keyword-sync, adapter gsc)
-  CP_AHREFS_API_KEY  bearer credential for CP_AHREFS_BASE_URL (adapter ahrefs)
+  CP_GSC_API_KEY     bearer credential for CP_GSC_BASE_URL (keyword-sync, adapter gsc) [unset]
+  CP_AHREFS_API_KEY  bearer credential for CP_AHREFS_BASE_URL (adapter ahrefs) [unset]
 A base URL must not carry credentials (user:password@ is refused).
 
 {}
@@ -772,6 +772,74 @@ mod tests {
                 assert!(help.contains(var.as_str()), "`{sub} --help` lacks {var}");
             }
             assert!(help.contains("[default: 1000]"), "{help}");
+        }
+    }
+
+    /// `--help` gives every variable's default: a flag's `[default: ...]` (or its doc
+    /// saying what happens unset), and the variables listed after the flags a `[...]` each
+    /// (`DATABASE_URL` is required).
+    #[test]
+    fn help_gives_every_variable_its_default() {
+        use clap::CommandFactory as _;
+        for sub in ["run", "batch"] {
+            let mut cmd = Cli::command();
+            let sub_cmd = cmd.find_subcommand_mut(sub).unwrap();
+            let help = sub_cmd.render_long_help().to_string();
+            for arg in sub_cmd.get_arguments() {
+                let Some(env) = arg.get_env() else {
+                    continue;
+                };
+                let env = env.to_string_lossy();
+                let doc = arg
+                    .get_long_help()
+                    .or(arg.get_help())
+                    .map(ToString::to_string)
+                    .unwrap_or_default()
+                    .to_lowercase();
+                let says = !arg.get_default_values().is_empty()
+                    || doc.contains("default")
+                    || doc.contains("unset");
+                assert!(
+                    says,
+                    "`{sub} --help`: {env} has no default nor says what unset means"
+                );
+                assert!(help.contains(env.as_ref()), "`{sub} --help` lacks {env}");
+                if let Some(default) = arg.get_default_values().first() {
+                    let shown = format!("[default: {}]", default.to_string_lossy());
+                    assert!(
+                        help.contains(&shown),
+                        "`{sub} --help` lacks {shown} for {env}"
+                    );
+                }
+            }
+            let after = help
+                .split("Provider credentials come from the environment only")
+                .nth(1)
+                .unwrap_or_else(|| panic!("`{sub} --help` lacks the variables after the flags"));
+            let mut listed = 0;
+            for line in after.lines() {
+                let Some(first) = line.split_whitespace().next() else {
+                    continue;
+                };
+                let is_var = line.starts_with("  ")
+                    && first.len() > 3
+                    && first.contains('_')
+                    && first
+                        .chars()
+                        .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+                if !is_var {
+                    continue;
+                }
+                listed += 1;
+                assert!(
+                    line.contains('[') || line.contains("(required)"),
+                    "`{sub} --help` gives no default for {first}: {line:?}"
+                );
+            }
+            assert!(
+                listed >= 20,
+                "`{sub} --help`: only {listed} variables after the flags"
+            );
         }
     }
 

@@ -14,6 +14,7 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use smartbeak_control_plane::operations::OperationName;
 use smartbeak_control_plane::operations::content_scheduler::{ContentScheduler, Isolation};
 use smartbeak_control_plane::operations::export_retention::ExportRetention;
 use smartbeak_control_plane::operations::keyword_sync::{
@@ -689,6 +690,22 @@ async fn metrics_text(addr: std::net::SocketAddr) -> String {
         .unwrap()
 }
 
+/// The value of the sample of `name` whose labels include every one of `labels` (the
+/// Prometheus text format); `None` when there is none.
+fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?;
+        let (set, value) = match rest.strip_prefix('{') {
+            Some(rest) => rest.split_once("} ")?,
+            None => ("", rest.strip_prefix(' ')?),
+        };
+        let matches = labels
+            .iter()
+            .all(|(k, v)| set.split(',').any(|pair| pair == format!("{k}=\"{v}\"")));
+        matches.then(|| value.trim().parse().ok()).flatten()
+    })
+}
+
 #[tokio::test]
 async fn keyword_sync_isolates_a_failing_provider_and_upserts_without_duplicates() {
     let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
@@ -754,7 +771,38 @@ async fn keyword_sync_isolates_a_failing_provider_and_upserts_without_duplicates
             && l.ends_with(" 0")),
         "{text}"
     );
-    assert!(text.contains("control_plane_runs_total"), "{text}");
+    // The run's own metrics, by value: one partial run, its items by outcome, one
+    // duration sample, the lock given back.
+    let kw = [("operation", "keyword-sync")];
+    let partial = [("operation", "keyword-sync"), ("outcome", "partial")];
+    let items = |outcome| [("operation", "keyword-sync"), ("outcome", outcome)];
+    assert_eq!(
+        metric(&text, "control_plane_runs_total", &partial),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "control_plane_items_total", &items("succeeded")),
+        Some(8.0)
+    );
+    assert_eq!(
+        metric(&text, "control_plane_items_total", &items("failed")),
+        Some(8.0)
+    );
+    assert_eq!(
+        metric(&text, "control_plane_items_total", &items("skipped")),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(&text, "control_plane_run_duration_seconds_count", &kw),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "control_plane_lock_held", &kw),
+        Some(0.0),
+        "{text}"
+    );
 
     // Recovery: once the breaker lets probes through, the next run succeeds.
     fake.gsc_down.store(false, Ordering::SeqCst);
@@ -802,6 +850,38 @@ async fn keyword_sync_isolates_a_failing_provider_and_upserts_without_duplicates
     .await
     .unwrap();
     assert_eq!(synced, 16);
+    // Three runs: one partial, two succeeded; 8 + 16 + 16 items succeeded, 8 failed; the
+    // gsc breaker closed again.
+    let text = metrics_text(admin_addr).await;
+    let succeeded = [("operation", "keyword-sync"), ("outcome", "succeeded")];
+    assert_eq!(
+        metric(&text, "control_plane_runs_total", &partial),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "control_plane_runs_total", &succeeded),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "control_plane_items_total", &items("succeeded")),
+        Some(40.0)
+    );
+    assert_eq!(
+        metric(&text, "control_plane_items_total", &items("failed")),
+        Some(8.0)
+    );
+    assert_eq!(
+        metric(&text, "control_plane_run_duration_seconds_count", &kw),
+        Some(3.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "circuit_breaker_state", &[("adapter", "gsc")]),
+        Some(0.0),
+        "{text}"
+    );
     fx.done().await;
 }
 
@@ -1684,5 +1764,287 @@ async fn the_savepoint_fallback_runs_in_chunks_of_64() {
     let mut expected = vec![64_i64; 28];
     expected.extend([63, 63, 40, 40]);
     assert_eq!(sizes, expected, "transactions per failed batch");
+    fx.done().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Shutdown: row locks, start-up, heartbeats
+
+/// Logs every heartbeat of a `running` row of `batch_runs` (an update that moves
+/// `heartbeat_at` and leaves the row running) with the server's clock.
+async fn log_heartbeats(admin: &PgPool) {
+    sqlx::raw_sql(
+        "CREATE TABLE test_beats (at timestamptz NOT NULL); \
+         CREATE FUNCTION test_log_beat() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN INSERT INTO test_beats VALUES (clock_timestamp()); RETURN NEW; END $$; \
+         CREATE TRIGGER test_log_beat BEFORE UPDATE ON batch_runs FOR EACH ROW \
+         WHEN (NEW.status = 'running' AND NEW.heartbeat_at IS DISTINCT FROM OLD.heartbeat_at) \
+         EXECUTE FUNCTION test_log_beat();",
+    )
+    .execute(admin)
+    .await
+    .unwrap();
+}
+
+/// Waits (bounded) until a session of this database waits on a lock in a statement
+/// starting with `statement`.
+async fn wait_for_lock_wait(admin: &PgPool, statement: &str) {
+    let pattern = format!("{statement}%");
+    for _ in 0..1_000 {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock' AND query LIKE $1",
+        )
+        .bind(&pattern)
+        .fetch_one(admin)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("no session ever waited on a lock in {statement:?}");
+}
+
+/// The operation's advisory lock is held by no session and can be taken (then released).
+async fn assert_lock_free(admin: &PgPool, operation: OperationName) {
+    let holders: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted \
+         AND classid = $1 AND objid = $2 \
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    .bind(LOCK_CLASS)
+    .bind(operation.lock_key())
+    .fetch_one(admin)
+    .await
+    .unwrap();
+    assert_eq!(holders, 0, "the advisory lock of {operation} is still held");
+    let mut conn = admin.acquire().await.unwrap();
+    let free: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+        .bind(LOCK_CLASS)
+        .bind(operation.lock_key())
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert!(free, "the advisory lock of {operation} could not be taken");
+    sqlx::query("SELECT pg_advisory_unlock($1, $2)")
+        .bind(LOCK_CLASS)
+        .bind(operation.lock_key())
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+}
+
+/// A content-scheduler batch blocked on a row lock (another transaction holds
+/// `FOR UPDATE` on a due row): at shutdown the statement is cancelled `finish_margin`
+/// before the drain deadline, its items failed as cancelled, the rest skipped, the run
+/// recorded `interrupted` within the drain and its advisory lock released. And no
+/// heartbeat is written after the stop (the final row carries the counts).
+#[tokio::test]
+async fn a_batch_blocked_on_a_row_lock_is_cancelled_at_the_drain_deadline_without_heartbeats() {
+    let fx = Fixture::new().await;
+    seed_scheduled(&fx, 30, "false").await;
+    log_heartbeats(&fx.admin).await;
+    // Item 0 (the first due, so in the first batch) locked by another transaction.
+    let mut holder = fx.admin.begin().await.unwrap();
+    sqlx::query("SELECT id FROM content_items WHERE slug = 'item-0' FOR UPDATE")
+        .fetch_one(&mut *holder)
+        .await
+        .unwrap();
+    let op = ContentScheduler::new(fx.db.clone());
+    // 4 s: a margin of 1 s, so the cancel comes at 3 s; without it the statement waits
+    // for the lock until the statement timeout (8 s), past the drain.
+    let drain = Duration::from_secs(4);
+    let ctx = RunContext {
+        drain: Some(drain),
+        heartbeat: Duration::from_millis(100),
+        ..fx.ctx()
+    };
+    let cancel = ctx.cancel.clone();
+    let admin = fx.admin.clone();
+    let trigger = async move {
+        wait_for_lock_wait(&admin, "UPDATE content_items").await;
+        // A few heartbeats while the batch waits: the run is alive and beating.
+        for _ in 0..1_000 {
+            let beats: i64 = sqlx::query_scalar("SELECT count(*) FROM test_beats")
+                .fetch_one(&admin)
+                .await
+                .unwrap();
+            if beats >= 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let at: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
+            .fetch_one(&admin)
+            .await
+            .unwrap();
+        cancel.cancel();
+        (std::time::Instant::now(), at)
+    };
+    // Batches of 10, one at a time: the first blocks, the other two never start.
+    let run = async {
+        let report = ran(run_once(&op, &ctx, options(10, 1, Mode::SettleAll), None)
+            .await
+            .unwrap());
+        (report, std::time::Instant::now())
+    };
+    let guarded = tokio::time::timeout(Duration::from_secs(30), async {
+        tokio::join!(trigger, run)
+    });
+    let ((stopped, stopped_at), (report, ended)) =
+        guarded.await.expect("the run ignored its drain deadline");
+    let took = ended.duration_since(stopped);
+    assert!(
+        took <= drain,
+        "the run took {took:?} after the stop, drain {drain:?}: {}",
+        report.summary()
+    );
+    assert_eq!(
+        report.status,
+        RunStatus::Interrupted,
+        "{}",
+        report.summary()
+    );
+    assert_eq!(
+        (
+            report.total,
+            report.succeeded,
+            report.failed,
+            report.skipped
+        ),
+        (30, 0, 10, 20),
+        "{}",
+        report.summary()
+    );
+    assert!(
+        report
+            .failures
+            .iter()
+            .all(|f| f.error.error.contains("cancelled")),
+        "{:?}",
+        report.failures
+    );
+    let run_id = report.run_id.unwrap();
+    let row = run_row(&fx.admin, run_id).await;
+    assert_eq!(
+        (
+            row.status.as_str(),
+            row.items_total,
+            row.items_succeeded,
+            row.items_failed,
+            row.items_skipped,
+            row.finished
+        ),
+        ("interrupted", 30, 0, 10, 20, true)
+    );
+    let recorded: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM batch_run_items WHERE run_id = $1")
+            .bind(run_id)
+            .fetch_one(&fx.admin)
+            .await
+            .unwrap();
+    assert_eq!(recorded, 10, "the cancelled items are recorded failures");
+    assert_lock_free(&fx.admin, OperationName::ContentScheduler).await;
+    // Heartbeats before the stop, none after it (a beat already on its way at the stop
+    // may land a moment later: 500 ms of grace, against one beat every 100 ms).
+    let (before, after): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE at <= $1), \
+         count(*) FILTER (WHERE at > $1 + interval '500 milliseconds') FROM test_beats",
+    )
+    .bind(stopped_at)
+    .fetch_one(&fx.admin)
+    .await
+    .unwrap();
+    assert!(before >= 2, "{before} heartbeats before the stop");
+    assert_eq!(after, 0, "heartbeats written after the stop");
+    holder.rollback().await.unwrap();
+    fx.done().await;
+}
+
+/// A stop that arrives during start-up (the run waits for `batch_runs`, locked by another
+/// transaction, to mark abandoned runs): the drain deadline is counted from the stop, not
+/// from when the run row exists. The run then blocks loading its first page
+/// (`content_items` locked too); that load is dropped `finish_margin` before the drain
+/// deadline counted from the stop, and the run ends `interrupted` within the drain.
+#[tokio::test]
+async fn the_drain_is_counted_from_a_stop_during_start_up() {
+    let fx = Fixture::new().await;
+    seed_scheduled(&fx, 5, "false").await;
+    let mut runs_lock = fx.admin.begin().await.unwrap();
+    sqlx::query("LOCK TABLE batch_runs IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *runs_lock)
+        .await
+        .unwrap();
+    let mut items_lock = fx.admin.begin().await.unwrap();
+    sqlx::query("LOCK TABLE content_items IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *items_lock)
+        .await
+        .unwrap();
+    let op = ContentScheduler::new(fx.db.clone());
+    // 4 s: the page load is dropped 3 s after the stop. `batch_runs` is held 1.5 s past
+    // the stop: a drain counted from the run row would end 5.5 s after the stop.
+    let drain = Duration::from_secs(4);
+    let ctx = RunContext {
+        drain: Some(drain),
+        ..fx.ctx()
+    };
+    let cancel = ctx.cancel.clone();
+    let admin = fx.admin.clone();
+    let trigger = async move {
+        wait_for_lock_wait(&admin, "UPDATE batch_runs").await;
+        cancel.cancel();
+        let stopped = std::time::Instant::now();
+        // The start-up statement still waits: the stop came before the run row existed.
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        runs_lock.commit().await.unwrap();
+        stopped
+    };
+    let run = async {
+        let report = ran(run_once(&op, &ctx, options(10, 1, Mode::SettleAll), None)
+            .await
+            .unwrap());
+        (report, std::time::Instant::now())
+    };
+    let guarded = tokio::time::timeout(Duration::from_secs(30), async {
+        tokio::join!(trigger, run)
+    });
+    let (stopped, (report, ended)) = guarded.await.expect("the run ignored its drain deadline");
+    let took = ended.duration_since(stopped);
+    assert!(
+        took <= drain,
+        "the run took {took:?} after the stop, drain {drain:?}: {}",
+        report.summary()
+    );
+    assert_eq!(
+        report.status,
+        RunStatus::Interrupted,
+        "{}",
+        report.summary()
+    );
+    assert!(
+        report
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("later pages were not loaded"),
+        "{}",
+        report.summary()
+    );
+    let row = run_row(&fx.admin, report.run_id.unwrap()).await;
+    assert_eq!(
+        (row.status.as_str(), row.items_total, row.finished),
+        ("interrupted", 0, true)
+    );
+    assert_lock_free(&fx.admin, OperationName::ContentScheduler).await;
+    items_lock.rollback().await.unwrap();
+    // Nothing was published: the load never returned.
+    let published: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM content_items WHERE status = 'published'")
+            .fetch_one(&fx.admin)
+            .await
+            .unwrap();
+    assert_eq!(published, 0);
     fx.done().await;
 }

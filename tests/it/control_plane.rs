@@ -539,6 +539,142 @@ async fn sigterm_mid_run_finishes_in_flight_items_and_records_the_run_interrupte
     tdb.drop_database().await.unwrap();
 }
 
+/// A keyword provider that counts each request and never answers it (not even headers).
+async fn start_hanging_provider() -> (String, Arc<AtomicUsize>) {
+    use axum::extract::State;
+    use axum::routing::get;
+    async fn keywords(State(hits): State<Arc<AtomicUsize>>) -> axum::response::Response {
+        use axum::response::IntoResponse;
+        hits.fetch_add(1, Ordering::SeqCst);
+        futures::future::pending::<()>().await;
+        axum::http::StatusCode::OK.into_response()
+    }
+    let hits = Arc::new(AtomicUsize::new(0));
+    let app = axum::Router::new()
+        .route("/v1/keywords", get(keywords))
+        .with_state(hits.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}/"), hits)
+}
+
+/// SIGTERM to `run` while keyword-sync is stuck on a provider that never answers: the
+/// process ends within the drain deadline with its report's exit code (0), the run is
+/// recorded `interrupted` (the stuck item failed, the others never started, skipped), the
+/// lock released. The two operations disabled by config (interval 0) never ran, and the
+/// log says so once each.
+#[tokio::test]
+async fn sigterm_while_keyword_sync_is_stuck_on_a_hanging_provider_ends_within_the_drain() {
+    let tdb = TestDatabase::create().await.unwrap();
+    let url = tdb.url().expose().to_owned();
+    let admin = sqlx::PgPool::connect(&url).await.unwrap();
+    seed_sources(&admin, 4).await;
+    let (provider, hits) = start_hanging_provider().await;
+    // A drain of 4 s (its margin 1 s): the provider deadline derived from it is 3 s, and
+    // the runner cancels what is still in flight 3 s after the stop.
+    let drain = Duration::from_secs(4);
+    let mut child = keyword_runner(&url, &provider, "runner-stuck")
+        .env("CP_KEYWORD_SYNC_INTERVAL_SECS", "3600")
+        .env("CP_BATCH_SIZE", "100")
+        .env("SHUTDOWN_TIMEOUT_MS", "8000")
+        .env("SHUTDOWN_DRAIN_TIMEOUT_MS", drain.as_millis().to_string())
+        .spawn()
+        .unwrap();
+    let log = collect_lines(&mut child);
+    wait_for("the first request", Duration::from_secs(30), || async {
+        hits.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    let stopped_at: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+    smartbeak_test_support::signal(child.id().unwrap(), "TERM").unwrap();
+    let stopped = std::time::Instant::now();
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .unwrap();
+    let took = stopped.elapsed();
+    // The stdout reader ends at EOF, after the exit: wait for the last line.
+    wait_for("the end of the log", Duration::from_secs(10), || async {
+        log.lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("shutdown complete"))
+    })
+    .await;
+    let text = log.lock().unwrap().join("\n");
+    assert!(
+        took <= drain,
+        "exited {took:?} after SIGTERM, drain {drain:?}:\n{text}"
+    );
+    assert_eq!(status.code(), Some(0), "{text}");
+    assert!(
+        !text.contains("cp-test-secret"),
+        "the credential reached the log"
+    );
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        1,
+        "no item started after SIGTERM"
+    );
+
+    let all = runs(&admin).await;
+    assert_eq!(all.len(), 1, "{all:?}");
+    let run = &all[0];
+    assert_eq!(run.status, "interrupted", "{run:?}\n{text}");
+    assert_eq!(
+        (
+            run.items_total,
+            run.items_succeeded,
+            run.items_failed,
+            run.items_skipped
+        ),
+        (4, 0, 1, 3),
+        "{run:?}"
+    );
+    let finished_at = run.finished_at.expect("the run row was finished");
+    assert!(
+        finished_at <= stopped_at + drain,
+        "finished at {finished_at}, stopped at {stopped_at}, drain {drain:?}"
+    );
+    let failed: Vec<String> =
+        sqlx::query_scalar("SELECT error FROM batch_run_items WHERE run_id = $1")
+            .bind(run.id)
+            .fetch_all(&admin)
+            .await
+            .unwrap();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert!(!failed[0].contains("cp-test-secret"), "{failed:?}");
+    let free: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(1396851536, 2)")
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+    assert!(free);
+
+    // Disabled by config: never run, said once each.
+    let others: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM batch_runs WHERE operation <> 'keyword-sync'")
+            .fetch_one(&admin)
+            .await
+            .unwrap();
+    assert_eq!(others, 0, "a disabled operation ran");
+    for operation in ["content-scheduler", "export-retention"] {
+        let said = text
+            .lines()
+            .filter(|l| l.contains("operation disabled") && l.contains(operation))
+            .count();
+        assert_eq!(
+            said, 1,
+            "{operation}: {said} lines say it is disabled:\n{text}"
+        );
+    }
+    admin.close().await;
+    tdb.drop_database().await.unwrap();
+}
+
 #[tokio::test]
 async fn batch_exits_non_zero_naming_the_run_and_serves_help() {
     let tdb = TestDatabase::create().await.unwrap();
@@ -601,6 +737,11 @@ async fn batch_exits_non_zero_naming_the_run_and_serves_help() {
         1,
         "one summary line off a terminal: {stdout}"
     );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !stderr.contains(" items ("),
+        "a progress bar off a terminal: {stderr}"
+    );
 
     let help = control_plane(&url)
         .args(["batch", "--help"])
@@ -620,6 +761,72 @@ async fn batch_exits_non_zero_naming_the_run_and_serves_help() {
     ] {
         assert!(help.contains(var), "--help lacks {var}: {help}");
     }
+    admin.close().await;
+    tdb.drop_database().await.unwrap();
+}
+
+/// `batch` on a terminal draws indicatif's progress bar (stderr), then the summary line.
+/// The terminal is a pty from util-linux `script` (in every Debian-based image: bsdutils).
+#[tokio::test]
+async fn batch_draws_a_progress_bar_on_a_terminal() {
+    let tdb = TestDatabase::create().await.unwrap();
+    let url = tdb.url().expose().to_owned();
+    let admin = sqlx::PgPool::connect(&url).await.unwrap();
+    let org = uuid::Uuid::new_v4();
+    let domain = uuid::Uuid::new_v4();
+    sqlx::query("INSERT INTO orgs (id, name) VALUES ($1, 'cp')")
+        .bind(org)
+        .execute(&admin)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO domains (id, org_id, name) VALUES ($1, $2, 'd.example')")
+        .bind(domain)
+        .bind(org)
+        .execute(&admin)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO content_items (id, domain_id, title, slug, status, publish_at) \
+         SELECT gen_random_uuid(), $1, 'item ' || i, 'item-' || i, 'scheduled', \
+         now() - interval '1 minute' FROM generate_series(1, 200) AS i",
+    )
+    .bind(domain)
+    .execute(&admin)
+    .await
+    .unwrap();
+    let bin = binary("smartbeak-control-plane", "smartbeak-control-plane").unwrap();
+    let inner = format!(
+        "stty cols 160 rows 40; exec '{}' batch content-scheduler --batch-size 1 --concurrency 1",
+        bin.display()
+    );
+    let output = tokio::time::timeout(
+        Duration::from_secs(60),
+        Command::new("script")
+            .args(["--quiet", "--return", "--command", &inner, "/dev/null"])
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("DATABASE_URL", &url)
+            .env("RUST_LOG", "warn")
+            // A terminal has a TERM; without one `console` (under indicatif) draws nothing.
+            .env("TERM", "xterm")
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("batch under a pty ends")
+    .expect("util-linux `script` runs");
+    let out = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{out}");
+    // The bar's template: "{prefix} [{bar:40}] {pos}/{len} items ({per_sec}, eta {eta})".
+    assert!(
+        out.contains("content-scheduler [") && out.contains("/200 items ("),
+        "no progress bar on the terminal: {out:?}"
+    );
+    assert!(
+        out.contains("content-scheduler: succeeded") && out.contains("200 items, 200 succeeded"),
+        "{out:?}"
+    );
     admin.close().await;
     tdb.drop_database().await.unwrap();
 }
