@@ -66,8 +66,7 @@ pub fn register(scheduled: &[OperationName]) {
             ::metrics::counter!(RUNS_TOTAL, "operation" => op, "outcome" => outcome).increment(0);
         }
         for outcome in ITEM_OUTCOMES {
-            ::metrics::counter!(ITEMS_TOTAL, "operation" => op, "outcome" => outcome)
-                .increment(0);
+            ::metrics::counter!(ITEMS_TOTAL, "operation" => op, "outcome" => outcome).increment(0);
         }
     }
     for operation in OperationName::ALL {

@@ -612,7 +612,11 @@ const fn topic(topic: &'static str, metric: &'static str, by: &'static [&'static
 const TOPICS: &[Topic] = &[
     Topic {
         contains: Some("rate(http_requests_total"),
-        ..topic("api request rate", "http_requests_total", &["route", "status"])
+        ..topic(
+            "api request rate",
+            "http_requests_total",
+            &["route", "status"],
+        )
     },
     Topic {
         matcher: Some(("quantile", "0.99")),
@@ -714,9 +718,9 @@ fn dashboard_is_an_importable_model_with_a_panel_per_topic() {
     assert!(dash["schemaVersion"].is_u64(), "dashboard schemaVersion");
     let variables = dash["templating"]["list"].as_array().expect("templating");
     assert!(
-        variables
-            .iter()
-            .any(|v| v["name"] == "datasource" && v["type"] == "datasource" && v["query"] == "prometheus"),
+        variables.iter().any(|v| v["name"] == "datasource"
+            && v["type"] == "datasource"
+            && v["query"] == "prometheus"),
         "a `datasource` variable of type prometheus (what `${{datasource}}` refers to)"
     );
     let panels = dashboard_panels(&dash);
@@ -731,7 +735,9 @@ fn dashboard_is_an_importable_model_with_a_panel_per_topic() {
     for panel in &panels {
         let title = panel["title"].as_str().unwrap_or_default();
         assert!(!title.is_empty(), "a panel without a title: {panel}");
-        let id = panel["id"].as_u64().unwrap_or_else(|| panic!("{title}: no id"));
+        let id = panel["id"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{title}: no id"));
         assert!(ids.insert(id), "{title}: id {id} used twice");
         let grid = &panel["gridPos"];
         for key in ["h", "w", "x", "y"] {
@@ -750,10 +756,7 @@ fn dashboard_is_an_importable_model_with_a_panel_per_topic() {
             row = title.to_owned();
             continue;
         }
-        assert!(
-            panel["type"].is_string(),
-            "{row} / {title}: no panel type"
-        );
+        assert!(panel["type"].is_string(), "{row} / {title}: no panel type");
         let datasource = &panel["datasource"];
         assert!(
             datasource["type"] == "prometheus" && datasource["uid"] == "${datasource}",

@@ -185,7 +185,10 @@ async fn request_deadline(timeout: std::time::Duration, request: Request, next: 
 /// `http_request_duration_seconds` appear with their first request of a route. Call once,
 /// after the recorder is installed.
 pub fn register_metrics() {
-    metrics::describe_counter!("http_requests_total", "requests by method, route and status");
+    metrics::describe_counter!(
+        "http_requests_total",
+        "requests by method, route and status"
+    );
     metrics::describe_histogram!(
         "http_request_duration_seconds",
         metrics::Unit::Seconds,

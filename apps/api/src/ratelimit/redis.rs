@@ -278,10 +278,12 @@ impl RedisBackend {
             "redis_connection_error_total",
             "failed limiter calls and connects to Redis, by kind"
         );
-        metrics::describe_gauge!("redis_connected", "1 while the limiter has a Redis connection");
+        metrics::describe_gauge!(
+            "redis_connected",
+            "1 while the limiter has a Redis connection"
+        );
         for kind in FailureKind::COUNTED {
-            metrics::counter!("redis_connection_error_total", "kind" => kind.as_str())
-                .increment(0);
+            metrics::counter!("redis_connection_error_total", "kind" => kind.as_str()).increment(0);
         }
     }
 
