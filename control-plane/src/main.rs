@@ -252,10 +252,11 @@ async fn serve(args: RunArgs, logs: &LogGuard) -> anyhow::Result<ExitCode> {
     })?;
     let admin_addr = admin.local_addr();
     let ops = operations(&db, &args.common, settings)?;
-    for operation in OperationName::ALL {
-        smartbeak_control_plane::metrics::set_lock_held(operation, false);
-        smartbeak_control_plane::metrics::record_abandoned_runs(operation, 0);
-    }
+    let enabled_ops: Vec<OperationName> = OperationName::ALL
+        .into_iter()
+        .filter(|op| args.interval(*op).is_some())
+        .collect();
+    smartbeak_control_plane::metrics::register(&enabled_ops);
     admin.serve(&shutdown, Some(metrics), startup::database_ready(&db));
     tracing::info!("admin listening on http://{admin_addr}");
 

@@ -1010,11 +1010,7 @@ async fn finish(ctx: &RunContext, budget: &Budget, report: &RunReport) {
     metrics::record_run(
         report.operation,
         report.status,
-        [
-            ("succeeded", report.succeeded),
-            ("failed", report.failed),
-            ("skipped", report.skipped),
-        ],
+        [report.succeeded, report.failed, report.skipped],
         report.duration,
     );
     let level_error = report.failed > 0 || report.status == RunStatus::Failed;

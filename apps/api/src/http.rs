@@ -179,6 +179,32 @@ async fn request_deadline(timeout: std::time::Duration, request: Request, next: 
     smartbeak_database::deadline::scope(deadline, next.run(request)).await
 }
 
+/// Describes the HTTP layer's metrics and registers its label-less counters at 0
+/// (`http_requests_shed_total`, `http_panics_total`), so a rate over them is defined before
+/// the first shed request or panic. `http_requests_total` and
+/// `http_request_duration_seconds` appear with their first request of a route. Call once,
+/// after the recorder is installed.
+pub fn register_metrics() {
+    metrics::describe_counter!(
+        "http_requests_total",
+        "requests by method, route and status"
+    );
+    metrics::describe_histogram!(
+        "http_request_duration_seconds",
+        metrics::Unit::Seconds,
+        "request duration by method and route"
+    );
+    metrics::describe_counter!(
+        "http_requests_shed_total",
+        "requests refused with 503 at HTTP_MAX_CONCURRENCY"
+    );
+    metrics::describe_counter!("http_panics_total", "request handlers that panicked");
+    metrics::describe_gauge!("http_requests_in_flight", "requests being served");
+    metrics::counter!("http_requests_shed_total").increment(0);
+    metrics::counter!("http_panics_total").increment(0);
+    metrics::gauge!("http_requests_in_flight").set(0.0);
+}
+
 /// Turns a panic anywhere below it into the JSON 500 `INTERNAL_ERROR` (the panic message
 /// goes to the log, `http_panics_total` counts it) instead of a dropped connection.
 pub fn catch_panic() -> CatchPanicLayer<fn(Box<dyn Any + Send + 'static>) -> Response> {

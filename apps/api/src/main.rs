@@ -231,6 +231,8 @@ async fn serve(config: ApiConfig, logs: &LogGuard) -> anyhow::Result<ExitCode> {
 
     let limiter = RateLimiter::new(config.rate_limit.clone(), config.redis.as_ref())
         .context("rate limiter configuration (REDIS_URL / REDIS_CLUSTER_URLS)")?;
+    limiter.register_metrics();
+    smartbeak_api::http::register_metrics();
     if !config.rate_limit.enabled {
         tracing::warn!("RATE_LIMIT_ENABLED=false: requests are not rate limited");
     } else if config.redis.is_none() {

@@ -166,6 +166,37 @@ impl RateLimiter {
         }
     }
 
+    /// Describes the limiter's metrics and registers at 0 every series this configuration
+    /// can record: each `(decision, backend)` of `rate_limit_decisions_total` the
+    /// [`Self::check`] paths reach (in-process only; or Redis, with the fail-open or the
+    /// fail-closed fallback), and with Redis `redis_connection_error_total` for every
+    /// `kind`. A first failed-open decision is then an increase from 0, which the alerts'
+    /// `increase()` sees, instead of a new series. Call once, after the recorder is
+    /// installed.
+    pub fn register_metrics(&self) {
+        metrics::describe_counter!(
+            "rate_limit_decisions_total",
+            "rate-limit decisions by decision and backend"
+        );
+        if !self.config.enabled {
+            return;
+        }
+        let Some(redis) = &self.redis else {
+            count_decision(Outcome::Allowed, "local", false, 0);
+            count_decision(Outcome::Limited, "local", false, 0);
+            return;
+        };
+        count_decision(Outcome::Allowed, "redis", false, 0);
+        count_decision(Outcome::Limited, "redis", false, 0);
+        if self.config.fail_closed {
+            count_decision(Outcome::Unavailable, "redis", true, 0);
+        } else {
+            count_decision(Outcome::Allowed, "local", true, 0);
+            count_decision(Outcome::Limited, "local", true, 0);
+        }
+        redis.register_metrics();
+    }
+
     /// Redis connection state for `/readyz`.
     pub fn redis_health(&self) -> RedisHealth {
         match &self.redis {
@@ -341,7 +372,12 @@ impl WarnThrottle {
     }
 }
 
+/// Counts one decision in `rate_limit_decisions_total{decision, backend}`.
 fn record(outcome: Outcome, backend: &'static str, redis_failed: bool) {
+    count_decision(outcome, backend, redis_failed, 1);
+}
+
+fn count_decision(outcome: Outcome, backend: &'static str, redis_failed: bool, n: u64) {
     let decision = match (outcome, redis_failed) {
         (Outcome::Allowed, false) => "allowed",
         (Outcome::Allowed, true) => "failed_open",
@@ -349,7 +385,7 @@ fn record(outcome: Outcome, backend: &'static str, redis_failed: bool) {
         (Outcome::Unavailable, _) => "failed_closed",
     };
     metrics::counter!("rate_limit_decisions_total", "decision" => decision, "backend" => backend)
-        .increment(1);
+        .increment(n);
 }
 
 impl Decision {

@@ -96,6 +96,15 @@ pub(crate) enum FailureKind {
 }
 
 impl FailureKind {
+    /// The kinds `redis_connection_error_total` counts (`BreakerOpen` is the breaker's).
+    const COUNTED: [FailureKind; 5] = [
+        Self::Disconnected,
+        Self::Timeout,
+        Self::Io,
+        Self::Server,
+        Self::Protocol,
+    ];
+
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Disconnected => "disconnected",
@@ -260,6 +269,22 @@ impl RedisBackend {
             script: redis::Script::new(SCRIPT),
             _supervisor: cancel.drop_guard(),
         })
+    }
+
+    /// Describes `redis_connection_error_total` and `redis_connected` and registers the
+    /// counter at 0 for every counted kind.
+    pub(crate) fn register_metrics(&self) {
+        metrics::describe_counter!(
+            "redis_connection_error_total",
+            "failed limiter calls and connects to Redis, by kind"
+        );
+        metrics::describe_gauge!(
+            "redis_connected",
+            "1 while the limiter has a Redis connection"
+        );
+        for kind in FailureKind::COUNTED {
+            metrics::counter!("redis_connection_error_total", "kind" => kind.as_str()).increment(0);
+        }
     }
 
     /// True while a connection is established and the breaker is closed.
