@@ -1050,7 +1050,7 @@ fn markdown_renders_hostile_text_literally() {
         ("&amp; &lt;", r"\&amp; \&lt;"),
         (
             "[x](https://evil.example)",
-            r"\[x\]\(https://evil.example\)",
+            r"\[x\]\(https\://evil.example\)",
         ),
         ("![img](y.png)", r"\!\[img\]\(y.png\)"),
         ("**bold** _em_ *em*", r"\*\*bold\*\* \_em\_ \*em\*"),
@@ -1058,11 +1058,13 @@ fn markdown_renders_hostile_text_literally() {
         ("`code` ~~strike~~", r"\`code\` \~\~strike\~\~"),
         (
             "<https://autolink.example>",
-            r"\<https://autolink.example\>",
+            r"\<https\://autolink.example\>",
         ),
         ("a | b \\ c", r"a \| b \\ c"),
         ("two\nlines\r\nthree\rfour", "two<br>lines<br>three<br>four"),
-        ("plain, text: 1.5 - ok", "plain, text: 1.5 - ok"),
+        ("plain, text; 1.5 - ok", "plain, text; 1.5 - ok"),
+        ("see https://x.y or www.x.y", r"see https\://x.y or www\.x.y"),
+        ("mail a@b.c, WWW.X.Y", r"mail a\@b.c, WWW\.X.Y"),
     ] {
         assert_eq!(markdown::cell(value), want, "{value:?}");
     }
@@ -1309,5 +1311,79 @@ async fn the_reader_waits_for_the_byte_budget_while_the_writer_stalls() {
         );
         assert!(f.files().is_empty(), "{format:?}: {:?}", f.files());
     }
+    f.tdb.drop_database().await.unwrap();
+}
+
+/// GFM as GitHub renders it: tables, strikethrough and extended autolinks.
+fn gfm_html(markdown: &str) -> String {
+    let mut options = comrak::Options::default();
+    options.extension.table = true;
+    options.extension.strikethrough = true;
+    options.extension.autolink = true;
+    comrak::markdown_to_html(markdown, &options)
+}
+
+/// Text as an HTML renderer escapes it.
+fn html_text(value: &str) -> String {
+    value
+        .replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// A real GFM renderer (comrak, extended autolinks on) turns no cell into a link, and each
+/// cell's text comes out as the value.
+#[test]
+fn markdown_cells_render_as_text_under_gfm_autolinks() {
+    for value in [
+        "https://x.y",
+        "http://x.y/path?q=1#f",
+        "ftp://x.y",
+        "see https://x.y.",
+        "www.x.y",
+        "WWW.X.Y/path",
+        "(www.x.y)",
+        "_www.x.y_",
+        "a@b.c",
+        "first.last+tag@sub.example.org",
+        "mailto:a@b.c",
+        "xmpp:a@b.c/res",
+        "<https://x.y>",
+        "<a@b.c>",
+        "[x](https://evil.example)",
+        "~~https://x.y~~",
+        "*www.x.y*",
+    ] {
+        let html = gfm_html(&format!("| v |\n|---|\n| {} |\n", markdown::cell(value)));
+        assert!(!html.contains("<a"), "{value:?} became a link: {html}");
+        assert!(
+            html.contains(&format!("<td>{}</td>", html_text(value))),
+            "{value:?} is not the cell's text: {html}"
+        );
+    }
+}
+
+/// The Markdown export of rows holding URLs, www names and e-mail addresses renders with
+/// no link at all.
+#[tokio::test]
+async fn the_markdown_export_has_no_autolink_for_user_text() {
+    let f = Fixture::new().await;
+    sqlx::query(
+        "INSERT INTO content_items (id, domain_id, title, slug, body, status, created_at) \
+         VALUES (gen_random_uuid(), $1, 'go to https://x.y now', 'www.x.y', \
+                 'write to a@b.c or see http://x.y/z', 'draft', '2021-01-01')",
+    )
+    .bind(f.domain)
+    .execute(f.db.primary())
+    .await
+    .unwrap();
+    let spec = f.spec(ExportFormat::Markdown);
+    let output = f.run(&spec, Hooks::default()).await.unwrap();
+    let bytes = f.read_output(&output);
+    let html = gfm_html(std::str::from_utf8(&bytes).unwrap());
+    assert!(html.contains("go to https://x.y now"), "{html}");
+    assert!(html.contains("write to a@b.c or see http://x.y/z"), "{html}");
+    assert!(!html.contains("<a"), "{html}");
     f.tdb.drop_database().await.unwrap();
 }
