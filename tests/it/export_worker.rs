@@ -551,11 +551,17 @@ async fn a_killed_worker_s_export_is_finished_by_another_after_its_lease() {
     a.wait(Duration::from_secs(10)).await;
     assert_eq!(db.status(id).await, "running", "killed before it finished");
     assert!(
-        temp_files(dir.path(), id).iter().any(|(n, _)| *n == partial.0),
+        temp_files(dir.path(), id)
+            .iter()
+            .any(|(n, _)| *n == partial.0),
         "the killed worker's partial file stays behind: {:?}",
         files(dir.path())
     );
-    assert!(finished_files(dir.path()).is_empty(), "{:?}", files(dir.path()));
+    assert!(
+        finished_files(dir.path()).is_empty(),
+        "{:?}",
+        files(dir.path())
+    );
     drop(slow);
 
     let b = WorkerProc::start(
@@ -574,12 +580,11 @@ async fn a_killed_worker_s_export_is_finished_by_another_after_its_lease() {
             (2, "survivor".to_owned(), "succeeded".to_owned()),
         ]
     );
-    let records: i64 =
-        sqlx::query_scalar("SELECT record_count FROM domain_exports WHERE id = $1")
-            .bind(id)
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
+    let records: i64 = sqlx::query_scalar("SELECT record_count FROM domain_exports WHERE id = $1")
+        .bind(id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
     assert_eq!(records, ROWS as i64);
     // The sweep (every reaper tick) removes the dead worker's temp file once it is older
     // than two leases, and keeps the recorded file.

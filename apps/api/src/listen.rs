@@ -144,7 +144,11 @@ pub async fn run(
                 tracing::warn!(%error, what, retry_ms, "the listener failed; reopening it");
             }
             (End::Lost, _) => {
-                tracing::warn!(what, retry_ms, "the listener's connection was lost; reconnecting");
+                tracing::warn!(
+                    what,
+                    retry_ms,
+                    "the listener's connection was lost; reconnecting"
+                );
             }
             (End::Unanswered, _) => {
                 tracing::warn!(
@@ -229,7 +233,11 @@ impl Drop for Session {
 /// The body of a session's thread: runs the session to its end or its stop, shuts the
 /// runtime down (the connection, the pool and any task sqlx left behind go with it), and
 /// only then reports the end, so the next session never overlaps this one.
-fn session_thread(spec: SessionSpec, tx: &mpsc::UnboundedSender<Message>, stop: &CancellationToken) {
+fn session_thread(
+    spec: SessionSpec,
+    tx: &mpsc::UnboundedSender<Message>,
+    stop: &CancellationToken,
+) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -114,9 +114,14 @@ async fn one_listener_other_than(db: &Database, datname: &str, app: &str, not: i
 #[tokio::test]
 async fn a_terminated_listener_falls_back_and_resubscribes() {
     let tdb = TestDatabase::create().await.unwrap();
-    let db = Database::connect(tdb.config(), "listen-kill").await.unwrap();
+    let db = Database::connect(tdb.config(), "listen-kill")
+        .await
+        .unwrap();
     let (mut rx, stop, task) = listen(&db, Duration::from_secs(30));
-    assert_eq!(next(&mut rx, Duration::from_secs(10)).await, Heard::Subscribed);
+    assert_eq!(
+        next(&mut rx, Duration::from_secs(10)).await,
+        Heard::Subscribed
+    );
     let first = one_listener_other_than(&db, tdb.name(), "listen-kill", 0).await;
     let killed: bool = db
         .run(async |conn| {
@@ -129,7 +134,10 @@ async fn a_terminated_listener_falls_back_and_resubscribes() {
         .unwrap();
     assert!(killed);
     assert_eq!(next(&mut rx, Duration::from_secs(10)).await, Heard::Lost);
-    assert_eq!(next(&mut rx, Duration::from_secs(10)).await, Heard::Subscribed);
+    assert_eq!(
+        next(&mut rx, Duration::from_secs(10)).await,
+        Heard::Subscribed
+    );
     notify(&db, "after-recovery").await;
     assert_eq!(
         next(&mut rx, Duration::from_secs(10)).await,
@@ -146,9 +154,14 @@ async fn a_terminated_listener_falls_back_and_resubscribes() {
 #[tokio::test]
 async fn a_listener_killed_over_and_over_backs_off() {
     let tdb = TestDatabase::create().await.unwrap();
-    let db = Database::connect(tdb.config(), "listen-churn").await.unwrap();
+    let db = Database::connect(tdb.config(), "listen-churn")
+        .await
+        .unwrap();
     let (mut rx, stop, task) = listen(&db, Duration::from_secs(30));
-    assert_eq!(next(&mut rx, Duration::from_secs(10)).await, Heard::Subscribed);
+    assert_eq!(
+        next(&mut rx, Duration::from_secs(10)).await,
+        Heard::Subscribed
+    );
     let app = format!("listen-churn{APPLICATION_SUFFIX}");
     let until = tokio::time::Instant::now() + Duration::from_millis(1500);
     let mut kills = 0u32;
@@ -200,13 +213,19 @@ async fn a_black_holed_listener_is_detected_and_replaced() {
     let (forwarder, config) = through_forwarder(&tdb);
     let db = Database::connect(config, "listen-bh").await.unwrap();
     let (mut rx, stop, task) = listen(&db, Duration::from_millis(200));
-    assert_eq!(next(&mut rx, Duration::from_secs(10)).await, Heard::Subscribed);
+    assert_eq!(
+        next(&mut rx, Duration::from_secs(10)).await,
+        Heard::Subscribed
+    );
     let first = one_listener_other_than(&direct, tdb.name(), "listen-bh", 0).await;
     forwarder.black_hole();
     // Found by the ping: liveness (200 ms) plus the ping's bound (750 ms).
     assert_eq!(next(&mut rx, Duration::from_secs(10)).await, Heard::Lost);
     forwarder.restore();
-    assert_eq!(next(&mut rx, Duration::from_secs(15)).await, Heard::Subscribed);
+    assert_eq!(
+        next(&mut rx, Duration::from_secs(15)).await,
+        Heard::Subscribed
+    );
     notify(&direct, "after-black-hole").await;
     assert_eq!(
         next(&mut rx, Duration::from_secs(10)).await,

@@ -33,7 +33,9 @@ pub(crate) struct Held {
 
 impl Drop for Held {
     fn drop(&mut self) {
-        self.budget.in_flight.fetch_sub(self.bytes, Ordering::SeqCst);
+        self.budget
+            .in_flight
+            .fetch_sub(self.bytes, Ordering::SeqCst);
     }
 }
 

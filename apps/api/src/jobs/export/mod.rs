@@ -11,7 +11,7 @@
 //! and capping every byte (`file`). At the end the file is fsynced and renamed into place.
 //!
 //! **Memory is bounded by bytes, not by messages** (`budget`): a message takes as many
-//! bytes of a budget ([`budget::IN_FLIGHT_BYTES`], 256 KiB) as it holds before it is sent
+//! bytes of a budget (`budget::IN_FLIGHT_BYTES`, 256 KiB) as it holds before it is sent
 //! and gives them back once the writer has encoded it, so at most 256 KiB of data are in
 //! flight, or one message alone when a single row is larger than that (a 20 MB body is in
 //! memory once in flight, not once per message slot). Besides that: the row the reader
@@ -469,11 +469,7 @@ pub(crate) async fn run_export_with(
         total,
         copy_csv: spec.format == ExportFormat::Csv,
     };
-    let pipe = Pipe {
-        tx,
-        budget,
-        cancel,
-    };
+    let pipe = Pipe { tx, budget, cancel };
     let produced = produce(&mut snapshot, spec, &plan, &pipe, progress).await;
     drop(pipe);
     let written = match writer.await {

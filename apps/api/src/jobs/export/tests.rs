@@ -1063,7 +1063,10 @@ fn markdown_renders_hostile_text_literally() {
         ("a | b \\ c", r"a \| b \\ c"),
         ("two\nlines\r\nthree\rfour", "two<br>lines<br>three<br>four"),
         ("plain, text; 1.5 - ok", "plain, text; 1.5 - ok"),
-        ("see https://x.y or www.x.y", r"see https\://x.y or www\.x.y"),
+        (
+            "see https://x.y or www.x.y",
+            r"see https\://x.y or www\.x.y",
+        ),
         ("mail a@b.c, WWW.X.Y", r"mail a\@b.c, WWW\.X.Y"),
     ] {
         assert_eq!(markdown::cell(value), want, "{value:?}");
@@ -1299,7 +1302,10 @@ async fn the_reader_waits_for_the_byte_budget_while_the_writer_stalls() {
             "{format:?}: {} bytes in flight, bound {bound}",
             budget.max_in_flight()
         );
-        assert!(budget.max_in_flight() >= BODY, "{format:?}: nothing was sent");
+        assert!(
+            budget.max_in_flight() >= BODY,
+            "{format:?}: nothing was sent"
+        );
         cancel.cancel();
         let result = tokio::time::timeout(std::time::Duration::from_secs(10), task)
             .await
@@ -1383,7 +1389,10 @@ async fn the_markdown_export_has_no_autolink_for_user_text() {
     let bytes = f.read_output(&output);
     let html = gfm_html(std::str::from_utf8(&bytes).unwrap());
     assert!(html.contains("go to https://x.y now"), "{html}");
-    assert!(html.contains("write to a@b.c or see http://x.y/z"), "{html}");
+    assert!(
+        html.contains("write to a@b.c or see http://x.y/z"),
+        "{html}"
+    );
     assert!(!html.contains("<a"), "{html}");
     f.tdb.drop_database().await.unwrap();
 }
