@@ -469,21 +469,59 @@ async fn two_workers_share_fifty_jobs_and_do_each_exactly_once() {
     db.drop().await;
 }
 
+/// A forwarder to the database's server that delays every chunk by `latency_ms`, and
+/// `url` rewritten to go through it.
+fn slow_path(url: &str, latency_ms: u64) -> (smartbeak_test_support::TcpForwarder, String) {
+    use std::net::ToSocketAddrs as _;
+    let (scheme, rest) = url.split_once("://").unwrap();
+    let (user, rest) = rest.rsplit_once('@').unwrap();
+    let (host_port, path) = rest.split_once('/').unwrap();
+    let target = host_port
+        .to_socket_addrs()
+        .unwrap()
+        .find(|a| a.ip().is_loopback())
+        .unwrap();
+    let forwarder = smartbeak_test_support::TcpForwarder::start(target).unwrap();
+    forwarder.set_fault(smartbeak_test_support::Fault::Latency(latency_ms));
+    let via = format!("{scheme}://{user}@127.0.0.1:{}/{path}", forwarder.port());
+    (forwarder, via)
+}
+
+/// The temp files of export `id` in `dir`, with their sizes.
+fn temp_files(dir: &Path, id: Uuid) -> Vec<(String, u64)> {
+    let prefix = format!(".{}.", id.simple());
+    files(dir)
+        .into_iter()
+        .filter(|n| n.starts_with(&prefix) && n.ends_with(".tmp"))
+        .map(|n| {
+            let len = std::fs::metadata(dir.join(&n)).map_or(0, |m| m.len());
+            (n, len)
+        })
+        .collect()
+}
+
+/// A worker SIGKILLed in the middle of writing a large export (its database path slowed by
+/// a latency proxy, killed once its temp file holds data): the other worker reclaims the
+/// job after the lease and finishes it. One complete file, one success, both attempts
+/// recorded, and the dead worker's partial temp file swept.
 #[tokio::test]
 async fn a_killed_worker_s_export_is_finished_by_another_after_its_lease() {
+    const ROWS: usize = 20_000;
     let db = Db::create().await;
     let dir = tempfile::tempdir().unwrap();
-    let (_, domains) = db.seed(1, 20).await;
+    let (_, domains) = db.seed(1, ROWS).await;
     // A short lease: the heartbeat plus the statement timeout's client bound must nest
     // under it.
     let short = [
         ("EXPORT_LEASE_SECS", "4"),
         ("EXPORT_HEARTBEAT_SECS", "1"),
         ("DB_STATEMENT_TIMEOUT_MS", "1500"),
+        ("EXPORT_MAX_BYTES", "67108864"),
     ];
-    let lock = db.lock("content_items").await;
+    // About 2.5 MB of COPY output at 16 KiB per 30 ms: seconds of writing.
+    let (slow, slow_url) = slow_path(&db.url, 30);
     let mut a = WorkerProc::start(
-        &db.url,
+        &slow_url,
         dir.path(),
         &[short.as_slice(), &[("EXPORT_WORKER_ID", "doomed")]].concat(),
     )
@@ -498,21 +536,33 @@ async fn a_killed_worker_s_export_is_finished_by_another_after_its_lease() {
     .await;
     wait_status(&db, id, "running", Duration::from_secs(10)).await;
     assert_eq!(db.lease_owner(id).await.as_deref(), Some("doomed"));
+    // Mid-write: the temp file is on disk and holds part of the export.
+    let partial = eventually(
+        "the doomed worker's temp file to hold data",
+        Duration::from_secs(20),
+        || async {
+            temp_files(dir.path(), id)
+                .into_iter()
+                .find(|(_, len)| *len > 0)
+        },
+    )
+    .await;
     a.signal("KILL");
     a.wait(Duration::from_secs(10)).await;
-    lock.commit().await.unwrap();
-    // What a worker killed mid-write leaves (this one was killed in its count, before its
-    // writer opened a file): a temp file and an unrecorded final file of an earlier
-    // attempt, both older than two leases. The survivor's sweep removes them.
-    let old = std::time::SystemTime::now() - Duration::from_secs(60);
-    let leftover = [
-        format!(".{}.{}.tmp", id.simple(), Uuid::new_v4().simple()),
-        format!("{}.999.csv", id.simple()),
-    ];
-    for name in &leftover {
-        let file = std::fs::File::create(dir.path().join(name)).unwrap();
-        file.set_modified(old).unwrap();
-    }
+    assert_eq!(db.status(id).await, "running", "killed before it finished");
+    assert!(
+        temp_files(dir.path(), id)
+            .iter()
+            .any(|(n, _)| *n == partial.0),
+        "the killed worker's partial file stays behind: {:?}",
+        files(dir.path())
+    );
+    assert!(
+        finished_files(dir.path()).is_empty(),
+        "{:?}",
+        files(dir.path())
+    );
+    drop(slow);
 
     let b = WorkerProc::start(
         &db.url,
@@ -521,7 +571,7 @@ async fn a_killed_worker_s_export_is_finished_by_another_after_its_lease() {
     )
     .await
     .unwrap();
-    wait_status(&db, id, "succeeded", Duration::from_secs(15)).await;
+    wait_status(&db, id, "succeeded", Duration::from_secs(30)).await;
     let attempts = db.attempts(id).await;
     assert_eq!(
         attempts,
@@ -530,11 +580,17 @@ async fn a_killed_worker_s_export_is_finished_by_another_after_its_lease() {
             (2, "survivor".to_owned(), "succeeded".to_owned()),
         ]
     );
-    // The sweep (at start and every reaper tick) removed both leftovers and kept the
-    // recorded file.
+    let records: i64 = sqlx::query_scalar("SELECT record_count FROM domain_exports WHERE id = $1")
+        .bind(id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(records, ROWS as i64);
+    // The sweep (every reaper tick) removes the dead worker's temp file once it is older
+    // than two leases, and keeps the recorded file.
     eventually(
-        "the sweep to remove the leftovers",
-        Duration::from_secs(10),
+        "the sweep to remove the killed worker's temp file",
+        Duration::from_secs(30),
         || async { (files(dir.path()).len() == 1).then_some(()) },
     )
     .await;

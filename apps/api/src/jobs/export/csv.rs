@@ -101,8 +101,10 @@ pub(crate) fn write(
 
 /// Copies the section's COPY output (header included) as it arrives.
 fn copy_section<W: Write>(feed: &mut Feed, out: &mut W) -> io::Result<()> {
-    while let Some(bytes) = feed.next_csv()? {
-        out.write_all(&bytes)?;
+    while let Some(frames) = feed.next_csv()? {
+        for frame in &frames {
+            out.write_all(frame)?;
+        }
     }
     Ok(())
 }

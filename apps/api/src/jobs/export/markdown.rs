@@ -1,15 +1,19 @@
 //! Markdown: a title with the domain and the date range, one table per section with its
 //! items, and a summary table (rows per section, as written) at the end.
 //!
-//! User text renders as literal text ([`cell`]): every character Markdown or HTML gives a
-//! meaning inline (`\`, `` ` ``, `*`, `_`, `[`, `]`, `(`, `)`, `<`, `>`, `!`, `|`, `~`, `&`,
-//! `#`) is escaped with a backslash (CommonMark escapes any ASCII punctuation), so no HTML
-//! tag, entity, link, image, emphasis, code span or heading comes out of a value; line
-//! breaks (LF, CR, CRLF) become `<br>`, so a row stays one line. A non-finite number
-//! (`NaN`, `Infinity`) is an empty cell.
+//! User text renders as literal text ([`Cell`], [`cell`]): every character Markdown or
+//! HTML gives a meaning inline (`\`, `` ` ``, `*`, `_`, `[`, `]`, `(`, `)`, `<`, `>`, `!`,
+//! `|`, `~`, `&`, `#`) is escaped with a backslash (CommonMark escapes any ASCII
+//! punctuation), so no HTML tag, entity, link, image, emphasis, code span or heading comes
+//! out of a value. GFM's extended autolinks (`https://x.y`, `www.x.y`, `a@b.c`, which a
+//! GFM renderer turns into links without any markup) are broken the same way: every `:`
+//! and `@` is escaped, and the `.` after `www`. Line breaks (LF, CR, CRLF) become `<br>`,
+//! so a row stays one line. A non-finite number (`NaN`, `Infinity`) is an empty cell.
+//! Cells are escaped straight into the buffered writer: a huge value is not copied again.
 
+#[cfg(test)]
 use std::borrow::Cow;
-use std::fmt::Write as _;
+use std::fmt;
 use std::io::{self, BufWriter, Write};
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -21,35 +25,66 @@ use super::{Feed, Header};
 
 const BUFFER: usize = 128 * 1024;
 
-/// The characters [`cell`] escapes with a backslash.
-const SPECIAL: [char; 15] = [
-    '\\', '`', '*', '_', '[', ']', '(', ')', '<', '>', '!', '|', '~', '&', '#',
+/// The characters [`Cell`] escapes with a backslash wherever they are.
+#[cfg(test)]
+const SPECIAL: [char; 17] = [
+    '\\', '`', '*', '_', '[', ']', '(', ')', '<', '>', '!', '|', '~', '&', '#', ':', '@',
 ];
 
-/// `value` made safe for one Markdown table cell (and the title): literal text.
+/// A value shown as literal text in one Markdown table cell (and the title), escaped as
+/// it is written (see the module docs).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Cell<'a>(pub(crate) &'a str);
+
+impl fmt::Display for Cell<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let value = self.0;
+        let bytes = value.as_bytes();
+        // Runs of plain text are written whole; only what needs escaping is split out.
+        let mut plain = 0;
+        let mut i = 0;
+        while i < bytes.len() {
+            let b = bytes[i];
+            let escaped: Option<&str> = match b {
+                b'\\' | b'`' | b'*' | b'_' | b'[' | b']' | b'(' | b')' | b'<' | b'>' | b'!'
+                | b'|' | b'~' | b'&' | b'#' | b':' | b'@' => None,
+                // The `.` of `www.` (any case): a GFM www autolink starts there.
+                b'.' if i >= 3 && bytes[i - 3..i].eq_ignore_ascii_case(b"www") => None,
+                b'\r' | b'\n' => Some("<br>"),
+                _ => {
+                    i += 1;
+                    continue;
+                }
+            };
+            f.write_str(&value[plain..i])?;
+            match escaped {
+                None => {
+                    f.write_str("\\")?;
+                    f.write_str(&value[i..=i])?;
+                    i += 1;
+                }
+                Some(br) => {
+                    f.write_str(br)?;
+                    i += if b == b'\r' && bytes.get(i + 1) == Some(&b'\n') {
+                        2
+                    } else {
+                        1
+                    };
+                }
+            }
+            plain = i;
+        }
+        f.write_str(&value[plain..])
+    }
+}
+
+/// `value` made safe for one Markdown table cell: [`Cell`], as a string.
+#[cfg(test)]
 pub(crate) fn cell(value: &str) -> Cow<'_, str> {
-    if !value.contains(SPECIAL) && !value.contains(['\n', '\r']) {
+    if !value.contains(SPECIAL) && !value.contains(['\n', '\r', '.']) {
         return Cow::Borrowed(value);
     }
-    let mut out = String::with_capacity(value.len() + 8);
-    let mut chars = value.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            c if SPECIAL.contains(&c) => {
-                out.push('\\');
-                out.push(c);
-            }
-            '\r' => {
-                if chars.peek() == Some(&'\n') {
-                    chars.next();
-                }
-                out.push_str("<br>");
-            }
-            '\n' => out.push_str("<br>"),
-            c => out.push(c),
-        }
-    }
-    Cow::Owned(out)
+    Cow::Owned(Cell(value).to_string())
 }
 
 /// A float as a cell: empty when not finite.
@@ -77,11 +112,10 @@ pub(crate) fn range(header: &Header) -> String {
 
 pub(crate) fn write(feed: &mut Feed, out: Output, header: &Header) -> io::Result<Output> {
     let mut w = BufWriter::with_capacity(BUFFER, out);
-    writeln!(w, "# Export of {}\n", cell(&header.domain.name))?;
+    writeln!(w, "# Export of {}\n", Cell(&header.domain.name))?;
     writeln!(w, "- Domain: `{}`", header.domain.id)?;
     writeln!(w, "- Export: `{}`", header.export_id)?;
     writeln!(w, "- Date range: {}", range(header))?;
-    let mut line = String::with_capacity(1024);
     while let Some(section) = feed.next_section()? {
         let names = columns(section);
         writeln!(w, "\n## {}\n", section.name())?;
@@ -91,64 +125,56 @@ pub(crate) fn write(feed: &mut Feed, out: Output, header: &Header) -> io::Result
             match batch {
                 Batch::Content(rows) => {
                     for r in rows {
-                        line.clear();
                         let published = r.published_at.as_ref().map(time).unwrap_or_default();
-                        let _ = writeln!(
-                            line,
+                        writeln!(
+                            w,
                             "| {} | {} | {} | {} | {} | {} | {} | {} |",
                             r.id,
-                            cell(&r.title),
-                            cell(&r.slug),
-                            cell(&r.body),
+                            Cell(&r.title),
+                            Cell(&r.slug),
+                            Cell(&r.body),
                             r.status,
                             published,
                             time(&r.created_at),
                             time(&r.updated_at)
-                        );
-                        w.write_all(line.as_bytes())?;
+                        )?;
                     }
                 }
                 Batch::Keywords(rows) => {
                     for r in rows {
-                        line.clear();
-                        let _ = writeln!(
-                            line,
+                        writeln!(
+                            w,
                             "| {} | {} | {} | {} | {} | {} | {} | {} |",
                             r.id,
-                            cell(&r.keyword),
+                            Cell(&r.keyword),
                             r.search_volume,
                             num(r.position),
                             r.clicks,
                             r.impressions,
                             num(r.ctr),
                             time(&r.recorded_at)
-                        );
-                        w.write_all(line.as_bytes())?;
+                        )?;
                     }
                 }
                 Batch::Analytics(rows) => {
                     for r in rows {
-                        line.clear();
-                        let _ = writeln!(
-                            line,
+                        writeln!(
+                            w,
                             "| {} | {} | {} | {} | {} | {} | {} |",
                             r.content_id,
-                            cell(&r.title),
+                            Cell(&r.title),
                             r.page_views,
                             r.unique_visitors,
                             num(r.avg_bounce_rate),
                             r.conversions,
                             r.revenue_cents
-                        );
-                        w.write_all(line.as_bytes())?;
+                        )?;
                     }
                 }
                 Batch::Settings(rows) => {
                     for r in rows {
-                        line.clear();
                         let value = r.value.0.to_string();
-                        let _ = writeln!(line, "| {} | {} |", cell(&r.key), cell(&value));
-                        w.write_all(line.as_bytes())?;
+                        writeln!(w, "| {} | {} |", Cell(&r.key), Cell(&value))?;
                     }
                 }
             }

@@ -5,18 +5,26 @@
 //! timeout instead of a bound on the whole read), so the counts and every section agree:
 //! one statement per section (`sections`), streamed. The CSV format's sections are
 //! PostgreSQL's own CSV writer (`COPY (SELECT ...) TO STDOUT`), handed on frame by frame;
-//! JSON and Markdown stream rows. An async reader hands them through a small channel
-//! (four messages of about 64 KiB of frames or 256 rows each) to a blocking writer thread
-//! that encodes them (`csv`, `json`, `markdown`) into a temp file in the [`ExportDir`],
-//! hashing (SHA-256), counting and capping every byte (`file`). At the end the file is
-//! fsynced and renamed into place. Memory is bounded by those few messages (and the largest
-//! row) whatever the domain's size.
+//! JSON and Markdown stream rows. An async reader hands them, in messages of about 64 KiB
+//! of frames or at most 256 rows, to a blocking writer thread that encodes them (`csv`,
+//! `json`, `markdown`) into a temp file in the [`ExportDir`], hashing (SHA-256), counting
+//! and capping every byte (`file`). At the end the file is fsynced and renamed into place.
+//!
+//! **Memory is bounded by bytes, not by messages** (`budget`): a message takes as many
+//! bytes of a budget (`budget::IN_FLIGHT_BYTES`, 256 KiB) as it holds before it is sent
+//! and gives them back once the writer has encoded it, so at most 256 KiB of data are in
+//! flight, or one message alone when a single row is larger than that (a 20 MB body is in
+//! memory once in flight, not once per message slot). Besides that: the row the reader
+//! holds while it waits for the budget, sqlx's receive buffer, and the writer's 128 KiB
+//! buffer. `COPY` frames are handed on as the `Bytes` sqlx received (never copied into a
+//! batch buffer); the Markdown writer escapes cells straight into its buffered writer.
 //!
 //! Any error, the cancellation token, or dropping the future removes the temp file: the
 //! writer thread owns a guard that deletes it unless it was persisted, checks the token
 //! (and whether the future is still there) before it persists, and [`run_export`] waits for
 //! that thread before it returns.
 
+mod budget;
 mod csv;
 mod file;
 mod json;
@@ -27,12 +35,14 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use smartbeak_database::{Database, DbError, ReadSource, Snapshot};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use self::budget::{Budget, Held};
 use self::file::{Output, TempFile};
 use self::sections::{BATCH_BYTES, Batch, DomainRow, RowReader, Section};
 use super::paths::{self, PathError};
@@ -251,11 +261,17 @@ pub(crate) struct Hooks {
     /// The writer, once the file is encoded (it read `End`) and before it is persisted,
     /// notifies this and waits until the export is cancelled (or `run_export` dropped).
     pub(crate) before_persist: Option<std::sync::Arc<tokio::sync::Notify>>,
+    /// The byte budget between the reader and the writer (to observe it, or to make it
+    /// small); [`budget::IN_FLIGHT_BYTES`] when `None`.
+    pub(crate) budget: Option<std::sync::Arc<Budget>>,
 }
 
-/// Messages in flight between the reader and the writer thread (each about
-/// [`BATCH_BYTES`] of frames or [`sections::BATCH_ROWS`] rows).
-const CHANNEL_MESSAGES: usize = 4;
+/// Messages queued between the reader and the writer thread: a backstop only; the byte
+/// budget (`budget`) is the bound that matters.
+const CHANNEL_MESSAGES: usize = 64;
+
+/// A message and the bytes of the budget it holds (none for the control messages).
+type Sent = (Msg, Option<Held>);
 
 /// What the reader sends the writer thread.
 #[derive(Debug)]
@@ -264,9 +280,10 @@ pub(crate) enum Msg {
     Section(Section),
     /// Rows of the current section (JSON, Markdown).
     Batch(Batch),
-    /// `COPY ... CSV` output of the current section (the CSV format): whole frames, about
-    /// [`BATCH_BYTES`], holding `rows` records (the header frame counts none).
-    Csv { bytes: Vec<u8>, rows: u64 },
+    /// `COPY ... CSV` output of the current section (the CSV format): whole frames as sqlx
+    /// received them, about [`BATCH_BYTES`] together, holding `rows` records (the header
+    /// frame counts none).
+    Csv { frames: Vec<Bytes>, rows: u64 },
     /// Every section was sent: finish the file.
     End,
 }
@@ -283,8 +300,11 @@ pub(crate) struct Header {
 
 /// The writer side of the channel, read in order by the encoders.
 pub(crate) struct Feed {
-    rx: mpsc::Receiver<Msg>,
+    rx: mpsc::Receiver<Sent>,
     pending: Option<Msg>,
+    /// The budget held by the message handed out last: given back on the next read (the
+    /// encoder is done with that message by then).
+    held: Option<Held>,
     counts: Vec<(Section, u64)>,
     aborted: bool,
     /// Test hook ([`Hooks::stall_writer`]): stall once data came, until this fires.
@@ -292,10 +312,11 @@ pub(crate) struct Feed {
 }
 
 impl Feed {
-    fn new(rx: mpsc::Receiver<Msg>, stall: Option<CancellationToken>) -> Self {
+    fn new(rx: mpsc::Receiver<Sent>, stall: Option<CancellationToken>) -> Self {
         Self {
             rx,
             pending: None,
+            held: None,
             counts: Vec::with_capacity(4),
             aborted: false,
             stall,
@@ -303,6 +324,7 @@ impl Feed {
     }
 
     fn recv(&mut self) -> io::Result<Msg> {
+        self.held = None;
         if let Some(msg) = self.pending.take() {
             return Ok(msg);
         }
@@ -313,7 +335,10 @@ impl Feed {
             futures::executor::block_on(stall.cancelled());
         }
         match self.rx.blocking_recv() {
-            Some(msg) => Ok(msg),
+            Some((msg, held)) => {
+                self.held = held;
+                Ok(msg)
+            }
             None => {
                 self.aborted = true;
                 Err(io::Error::other("export aborted"))
@@ -355,11 +380,11 @@ impl Feed {
     }
 
     /// The next CSV bytes of the current section, or `None` at its end.
-    pub(crate) fn next_csv(&mut self) -> io::Result<Option<Vec<u8>>> {
+    pub(crate) fn next_csv(&mut self) -> io::Result<Option<Vec<Bytes>>> {
         match self.recv()? {
-            Msg::Csv { bytes, rows } => {
+            Msg::Csv { frames, rows } => {
                 self.add(rows);
-                Ok(Some(bytes))
+                Ok(Some(frames))
             }
             Msg::Batch(_) => Err(io::Error::other("rows in a CSV export")),
             other => {
@@ -425,6 +450,10 @@ pub(crate) async fn run_export_with(
     let name = paths::file_name(spec.id, spec.token, extension);
     let sections = header.sections.clone();
     let (tx, rx) = mpsc::channel(CHANNEL_MESSAGES);
+    let budget = hooks
+        .budget
+        .clone()
+        .unwrap_or_else(|| Budget::new(budget::IN_FLIGHT_BYTES));
     let root = dir.root.clone();
     let format = spec.format;
     // Cancelled with `cancel`, and also when this future is dropped (the guard): a writer
@@ -440,7 +469,9 @@ pub(crate) async fn run_export_with(
         total,
         copy_csv: spec.format == ExportFormat::Csv,
     };
-    let produced = produce(&mut snapshot, spec, &plan, tx, progress, cancel).await;
+    let pipe = Pipe { tx, budget, cancel };
+    let produced = produce(&mut snapshot, spec, &plan, &pipe, progress).await;
+    drop(pipe);
     let written = match writer.await {
         Ok(result) => result,
         Err(err) => Err(ExportError::Io(io::Error::other(format!(
@@ -490,16 +521,50 @@ async fn cancellable<T>(
     }
 }
 
+/// The reader's end of the channel: the sender, the byte budget, the cancellation.
+struct Pipe<'a> {
+    tx: mpsc::Sender<Sent>,
+    budget: std::sync::Arc<Budget>,
+    cancel: &'a CancellationToken,
+}
+
+impl Pipe<'_> {
+    /// Sends a control message (no budget), unless `cancel` fires first. `Err(None)`: the
+    /// writer stopped reading.
+    async fn control(&self, msg: Msg) -> Result<(), Option<ExportError>> {
+        self.send(msg, None).await
+    }
+
+    /// Waits for `bytes` of the budget, then sends `msg` holding them.
+    async fn data(&self, msg: Msg, bytes: usize) -> Result<(), Option<ExportError>> {
+        let held = tokio::select! {
+            biased;
+            () = self.cancel.cancelled() => return Err(Some(ExportError::Cancelled)),
+            () = self.tx.closed() => return Err(None),
+            held = self.budget.take(bytes) => held.map_err(|_| None)?,
+        };
+        self.send(msg, Some(held)).await
+    }
+
+    async fn send(&self, msg: Msg, held: Option<Held>) -> Result<(), Option<ExportError>> {
+        tokio::select! {
+            biased;
+            () = self.cancel.cancelled() => Err(Some(ExportError::Cancelled)),
+            sent = self.tx.send((msg, held)) => sent.map_err(|_| None),
+        }
+    }
+}
+
 /// Reads every section into the channel, one statement each. `Err(None)`: the writer
 /// stopped reading (its result says why).
 async fn produce(
     snapshot: &mut Snapshot,
     spec: &ExportSpec,
     plan: &Plan,
-    tx: mpsc::Sender<Msg>,
+    pipe: &Pipe<'_>,
     progress: &watch::Sender<Progress>,
-    cancel: &CancellationToken,
 ) -> Result<(), Option<ExportError>> {
+    let cancel = pipe.cancel;
     let mut rows: u64 = 0;
     let report = |rows: u64| {
         let percent = rows
@@ -512,83 +577,64 @@ async fn produce(
         });
     };
     for &section in &plan.sections {
-        send(&tx, cancel, Msg::Section(section)).await?;
+        pipe.control(Msg::Section(section)).await?;
         if plan.copy_csv {
             let sql = sections::copy_sql(section, spec);
             let mut copy = cancellable(cancel, snapshot.copy_out(&sql))
                 .await
                 .map_err(Some)?;
-            let mut bytes = Vec::with_capacity(2 * BATCH_BYTES);
-            let mut in_bytes = 0;
+            let mut frames = Vec::new();
+            let mut bytes = 0;
+            let mut in_frames = 0;
             // The first frame is the header; every other frame is one record
             // (PostgreSQL sends one CopyData message per row).
             let mut header = true;
             while let Some(frame) = cancellable(cancel, copy.next()).await.map_err(Some)? {
-                bytes.extend_from_slice(&frame);
+                bytes += frame.len();
+                frames.push(frame);
                 if !std::mem::take(&mut header) {
-                    in_bytes += 1;
+                    in_frames += 1;
                 }
-                if bytes.len() >= BATCH_BYTES {
-                    rows += in_bytes;
-                    let full = std::mem::replace(&mut bytes, Vec::with_capacity(2 * BATCH_BYTES));
-                    send(
-                        &tx,
-                        cancel,
-                        Msg::Csv {
-                            bytes: full,
-                            rows: std::mem::take(&mut in_bytes),
-                        },
-                    )
-                    .await?;
+                if bytes >= BATCH_BYTES {
+                    rows += in_frames;
+                    let msg = Msg::Csv {
+                        frames: std::mem::take(&mut frames),
+                        rows: std::mem::take(&mut in_frames),
+                    };
+                    pipe.data(msg, std::mem::take(&mut bytes)).await?;
                     report(rows);
                 }
             }
-            if !bytes.is_empty() {
-                rows += in_bytes;
-                send(
-                    &tx,
-                    cancel,
-                    Msg::Csv {
-                        bytes,
-                        rows: in_bytes,
-                    },
-                )
-                .await?;
+            if !frames.is_empty() {
+                rows += in_frames;
+                let msg = Msg::Csv {
+                    frames,
+                    rows: in_frames,
+                };
+                pipe.data(msg, bytes).await?;
                 report(rows);
             }
         } else {
             let sql = sections::select_sql(section);
             let mut reader = RowReader::start(snapshot, section, &sql, spec)
                 .map_err(|err| Some(ExportError::Db(err)))?;
-            while let Some(batch) = cancellable(cancel, reader.next()).await.map_err(Some)? {
+            while let Some((batch, bytes)) =
+                cancellable(cancel, reader.next()).await.map_err(Some)?
+            {
                 rows += batch.len() as u64;
-                send(&tx, cancel, Msg::Batch(batch)).await?;
+                pipe.data(Msg::Batch(batch), bytes).await?;
                 report(rows);
             }
         }
     }
-    send(&tx, cancel, Msg::End).await
-}
-
-/// Sends `msg` to the writer, unless `cancel` fires first. `Err(None)`: the writer stopped
-/// reading.
-async fn send(
-    tx: &mpsc::Sender<Msg>,
-    cancel: &CancellationToken,
-    msg: Msg,
-) -> Result<(), Option<ExportError>> {
-    tokio::select! {
-        biased;
-        () = cancel.cancelled() => Err(Some(ExportError::Cancelled)),
-        sent = tx.send(msg) => sent.map_err(|_| None),
-    }
+    pipe.control(Msg::End).await
 }
 
 /// The writer thread: encodes the feed into a temp file, then persists it unless
 /// `cancel` fired.
 #[allow(clippy::too_many_arguments)]
 fn write_file(
-    rx: mpsc::Receiver<Msg>,
+    rx: mpsc::Receiver<Sent>,
     root: &Path,
     name: String,
     header: &Header,

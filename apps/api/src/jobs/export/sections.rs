@@ -292,15 +292,16 @@ impl<'s> RowReader<'s> {
         })
     }
 
-    /// The next batch of rows, `None` at the section's end.
-    pub(crate) async fn next(&mut self) -> Result<Option<Batch>, DbError> {
-        let batch = match self {
-            Self::Content(rows) => Batch::Content(fill(rows).await?),
-            Self::Keywords(rows) => Batch::Keywords(fill(rows).await?),
-            Self::Analytics(rows) => Batch::Analytics(fill(rows).await?),
-            Self::Settings(rows) => Batch::Settings(fill(rows).await?),
+    /// The next batch of rows and the bytes of text it holds (roughly), `None` at the
+    /// section's end.
+    pub(crate) async fn next(&mut self) -> Result<Option<(Batch, usize)>, DbError> {
+        let (batch, bytes) = match self {
+            Self::Content(rows) => fill(rows).await.map(|(r, n)| (Batch::Content(r), n))?,
+            Self::Keywords(rows) => fill(rows).await.map(|(r, n)| (Batch::Keywords(r), n))?,
+            Self::Analytics(rows) => fill(rows).await.map(|(r, n)| (Batch::Analytics(r), n))?,
+            Self::Settings(rows) => fill(rows).await.map(|(r, n)| (Batch::Settings(r), n))?,
         };
-        Ok((batch.len() > 0).then_some(batch))
+        Ok((batch.len() > 0).then_some((batch, bytes)))
     }
 }
 
@@ -334,8 +335,8 @@ impl TextLen for SettingRow {
     }
 }
 
-/// Up to [`BATCH_ROWS`] rows or about [`BATCH_BYTES`] of text.
-async fn fill<T: TextLen>(rows: &mut Rows<'_, T>) -> Result<Vec<T>, DbError> {
+/// Up to [`BATCH_ROWS`] rows or about [`BATCH_BYTES`] of text, and their bytes.
+async fn fill<T: TextLen>(rows: &mut Rows<'_, T>) -> Result<(Vec<T>, usize), DbError> {
     let mut out = Vec::new();
     let mut bytes = 0;
     while out.len() < BATCH_ROWS && bytes < BATCH_BYTES {
@@ -345,7 +346,7 @@ async fn fill<T: TextLen>(rows: &mut Rows<'_, T>) -> Result<Vec<T>, DbError> {
         bytes += row.text_len() + 64;
         out.push(row);
     }
-    Ok(out)
+    Ok((out, bytes))
 }
 
 /// The `COPY (SELECT ...) TO STDOUT (FORMAT csv, HEADER)` of one section; its header is

@@ -1050,7 +1050,7 @@ fn markdown_renders_hostile_text_literally() {
         ("&amp; &lt;", r"\&amp; \&lt;"),
         (
             "[x](https://evil.example)",
-            r"\[x\]\(https://evil.example\)",
+            r"\[x\]\(https\://evil.example\)",
         ),
         ("![img](y.png)", r"\!\[img\]\(y.png\)"),
         ("**bold** _em_ *em*", r"\*\*bold\*\* \_em\_ \*em\*"),
@@ -1058,11 +1058,16 @@ fn markdown_renders_hostile_text_literally() {
         ("`code` ~~strike~~", r"\`code\` \~\~strike\~\~"),
         (
             "<https://autolink.example>",
-            r"\<https://autolink.example\>",
+            r"\<https\://autolink.example\>",
         ),
         ("a | b \\ c", r"a \| b \\ c"),
         ("two\nlines\r\nthree\rfour", "two<br>lines<br>three<br>four"),
-        ("plain, text: 1.5 - ok", "plain, text: 1.5 - ok"),
+        ("plain, text; 1.5 - ok", "plain, text; 1.5 - ok"),
+        (
+            "see https://x.y or www.x.y",
+            r"see https\://x.y or www\.x.y",
+        ),
+        ("mail a@b.c, WWW.X.Y", r"mail a\@b.c, WWW\.X.Y"),
     ] {
         assert_eq!(markdown::cell(value), want, "{value:?}");
     }
@@ -1167,5 +1172,227 @@ async fn the_zip_level_picks_stored_or_deflated_entries_with_the_same_csv() {
     assert_eq!(texts[0].1, texts[1].1);
     assert_eq!(texts[0].1, texts[2].1);
     assert!(texts[1].0 < texts[0].0, "deflate 1 smaller than stored");
+    f.tdb.drop_database().await.unwrap();
+}
+
+/// Adds `n` content items whose body is `body_bytes` of text (`tag` names them).
+async fn add_content_of(f: &Fixture, tag: &str, n: i32, body_bytes: i32) {
+    sqlx::query(
+        "INSERT INTO content_items (id, domain_id, title, slug, body, status, created_at) \
+         SELECT gen_random_uuid(), $1, $2 || g, $2 || '-' || g, repeat('y', $3), 'draft', \
+                '2021-01-01'::timestamptz + g * interval '1 second' \
+         FROM generate_series(1, $4) g",
+    )
+    .bind(f.domain)
+    .bind(tag)
+    .bind(body_bytes)
+    .bind(n)
+    .execute(f.db.primary())
+    .await
+    .unwrap();
+}
+
+/// One 20 MB body among the rows: every format exports it (the cap raised), and the data
+/// in flight between the reader and the writer never exceed the byte budget, or the one
+/// oversized message alone.
+#[tokio::test]
+async fn a_20_mb_body_exports_in_every_format_within_the_byte_budget() {
+    const BODY: usize = 20 * 1024 * 1024;
+    let f = Fixture::new().await;
+    add_content_of(&f, "huge", 1, BODY as i32).await;
+    add_large_content(&f, 500).await;
+    for format in [
+        ExportFormat::Csv,
+        ExportFormat::Json,
+        ExportFormat::Markdown,
+    ] {
+        let budget = Budget::new(budget::IN_FLIGHT_BYTES);
+        let spec = f.spec(format);
+        let hooks = Hooks {
+            budget: Some(budget.clone()),
+            ..Hooks::default()
+        };
+        let output = f
+            .run_limited(&spec, 64 * 1024 * 1024, hooks)
+            .await
+            .unwrap_or_else(|err| panic!("{format:?}: {err}"));
+        let bytes = f.read_output(&output);
+        if format == ExportFormat::Csv {
+            // Deflated in the ZIP: the body is in content.csv.
+            let mut archive = zip::ZipArchive::new(std::io::Cursor::new(&bytes)).unwrap();
+            let (_, rows) = parse_csv(&{
+                let mut csv = Vec::new();
+                archive
+                    .by_name("content.csv")
+                    .unwrap()
+                    .read_to_end(&mut csv)
+                    .unwrap();
+                csv
+            });
+            let longest = rows.iter().map(|row| row[3].len()).max();
+            assert_eq!(longest, Some(BODY));
+        } else {
+            assert!(output.size_bytes > BODY as u64, "{format:?}: {output:?}");
+        }
+        if format == ExportFormat::Json {
+            let doc: Value = serde_json::from_slice(&bytes).unwrap();
+            let longest = doc["content"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|item| item["body"].as_str().unwrap().len())
+                .max();
+            assert_eq!(longest, Some(BODY));
+        }
+        // The huge row's message (its text and a little overhead) travels alone.
+        let bound = budget.capacity().max(BODY + 64 * 1024);
+        assert!(
+            budget.max_in_flight() <= bound,
+            "{format:?}: {} bytes in flight, bound {bound}",
+            budget.max_in_flight()
+        );
+        std::fs::remove_file(f.export_dir.resolve(&output.storage_path).unwrap()).unwrap();
+    }
+    f.tdb.drop_database().await.unwrap();
+}
+
+/// A writer that stops reading: the reader sends until the byte budget is used up and then
+/// waits for it; the data in flight stay within the budget (or one oversized message),
+/// however many messages the channel could queue.
+#[tokio::test]
+async fn the_reader_waits_for_the_byte_budget_while_the_writer_stalls() {
+    const BODY: usize = 200 * 1024;
+    const CAPACITY: usize = 64 * 1024;
+    let f = Fixture::new().await;
+    add_content_of(&f, "big", 40, BODY as i32).await;
+    for format in [ExportFormat::Csv, ExportFormat::Json] {
+        let budget = Budget::new(CAPACITY);
+        let spec = f.spec(format);
+        let cancel = CancellationToken::new();
+        let (progress, _seen) = watch::channel(Progress::default());
+        let task = tokio::spawn({
+            let (db, dir, cancel, spec) = (
+                f.db.clone(),
+                f.export_dir.clone(),
+                cancel.clone(),
+                spec.clone(),
+            );
+            let hooks = Hooks {
+                stall_writer: true,
+                budget: Some(budget.clone()),
+                ..Hooks::default()
+            };
+            async move {
+                let limits = ExportLimits::new(u64::MAX);
+                run_export_with(&db, &spec, &dir, limits, &progress, &cancel, hooks).await
+            }
+        });
+        // One message is a row of 200 KiB, more than the whole budget: each travels alone.
+        let bound = CAPACITY.max(BODY + 64 * 1024);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+        while budget.waits() == 0 && budget.max_in_flight() <= bound {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{format:?}: the reader never waited for the budget"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(
+            budget.max_in_flight() <= bound,
+            "{format:?}: {} bytes in flight, bound {bound}",
+            budget.max_in_flight()
+        );
+        assert!(
+            budget.max_in_flight() >= BODY,
+            "{format:?}: nothing was sent"
+        );
+        cancel.cancel();
+        let result = tokio::time::timeout(std::time::Duration::from_secs(10), task)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(result, Err(ExportError::Cancelled)),
+            "{format:?}: {result:?}"
+        );
+        assert!(f.files().is_empty(), "{format:?}: {:?}", f.files());
+    }
+    f.tdb.drop_database().await.unwrap();
+}
+
+/// GFM as GitHub renders it: tables, strikethrough and extended autolinks.
+fn gfm_html(markdown: &str) -> String {
+    let mut options = comrak::Options::default();
+    options.extension.table = true;
+    options.extension.strikethrough = true;
+    options.extension.autolink = true;
+    comrak::markdown_to_html(markdown, &options)
+}
+
+/// Text as an HTML renderer escapes it.
+fn html_text(value: &str) -> String {
+    value
+        .replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// A real GFM renderer (comrak, extended autolinks on) turns no cell into a link, and each
+/// cell's text comes out as the value.
+#[test]
+fn markdown_cells_render_as_text_under_gfm_autolinks() {
+    for value in [
+        "https://x.y",
+        "http://x.y/path?q=1#f",
+        "ftp://x.y",
+        "see https://x.y.",
+        "www.x.y",
+        "WWW.X.Y/path",
+        "(www.x.y)",
+        "_www.x.y_",
+        "a@b.c",
+        "first.last+tag@sub.example.org",
+        "mailto:a@b.c",
+        "xmpp:a@b.c/res",
+        "<https://x.y>",
+        "<a@b.c>",
+        "[x](https://evil.example)",
+        "~~https://x.y~~",
+        "*www.x.y*",
+    ] {
+        let html = gfm_html(&format!("| v |\n|---|\n| {} |\n", markdown::cell(value)));
+        assert!(!html.contains("<a"), "{value:?} became a link: {html}");
+        assert!(
+            html.contains(&format!("<td>{}</td>", html_text(value))),
+            "{value:?} is not the cell's text: {html}"
+        );
+    }
+}
+
+/// The Markdown export of rows holding URLs, www names and e-mail addresses renders with
+/// no link at all.
+#[tokio::test]
+async fn the_markdown_export_has_no_autolink_for_user_text() {
+    let f = Fixture::new().await;
+    sqlx::query(
+        "INSERT INTO content_items (id, domain_id, title, slug, body, status, created_at) \
+         VALUES (gen_random_uuid(), $1, 'go to https://x.y now', 'www.x.y', \
+                 'write to a@b.c or see http://x.y/z', 'draft', '2021-01-01')",
+    )
+    .bind(f.domain)
+    .execute(f.db.primary())
+    .await
+    .unwrap();
+    let spec = f.spec(ExportFormat::Markdown);
+    let output = f.run(&spec, Hooks::default()).await.unwrap();
+    let bytes = f.read_output(&output);
+    let html = gfm_html(std::str::from_utf8(&bytes).unwrap());
+    assert!(html.contains("go to https://x.y now"), "{html}");
+    assert!(
+        html.contains("write to a@b.c or see http://x.y/z"),
+        "{html}"
+    );
+    assert!(!html.contains("<a"), "{html}");
     f.tdb.drop_database().await.unwrap();
 }
