@@ -9,6 +9,7 @@
 //! recovery time. Everything is stopped on drop (failure and Ctrl-C included: the handler
 //! in `main` sets [`crate::INTERRUPTED`], which ends the run between steps).
 
+mod conns;
 mod load;
 mod scenarios;
 
@@ -23,13 +24,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use smartbeak_database::SecretUrl;
-use smartbeak_test_support::{PostgresServer, RedisServer, TcpForwarder};
+use smartbeak_test_support::{PostgresOptions, PostgresServer, RedisServer, TcpForwarder};
 use xshell::{Shell, cmd};
 
 use crate::services::{psql, psql_read};
 
 /// The scenarios implemented, in the order they run.
-const SCENARIOS: &[u32] = &[1, 3, 4, 8];
+const SCENARIOS: &[u32] = &[1, 2, 3, 4, 8];
+
+/// The scenarios `cargo xtask test` runs (short and deterministic).
+const QUICK: &[u32] = &[1, 3, 4, 8];
 
 /// The api's deadline in the chaos setup (`HTTP_REQUEST_TIMEOUT_MS`).
 const REQUEST_TIMEOUT: Duration = Duration::from_millis(3000);
@@ -72,10 +76,10 @@ impl Chaos {
         Ok(Self { scenarios, quick })
     }
 
-    /// The reduced set `cargo xtask test` runs: every implemented scenario, short.
+    /// The reduced set `cargo xtask test` runs ([`QUICK`]), short.
     pub(crate) fn quick() -> Self {
         Self {
-            scenarios: SCENARIOS.to_vec(),
+            scenarios: QUICK.to_vec(),
             quick: true,
         }
     }
@@ -163,6 +167,8 @@ pub(crate) struct ScenarioResult {
     lost: usize,
     duplicated: usize,
     recovery: Option<Duration>,
+    /// What else the scenario measured (counts, memory), printed after the recovery.
+    notes: Vec<String>,
     /// Why the scenario failed; empty: it passed.
     failures: Vec<String>,
 }
@@ -177,12 +183,17 @@ impl ScenarioResult {
             lost: 0,
             duplicated: 0,
             recovery: None,
+            notes: Vec::new(),
             failures: Vec::new(),
         }
     }
 
     fn fail(&mut self, why: impl Into<String>) {
         self.failures.push(why.into());
+    }
+
+    fn note(&mut self, what: impl Into<String>) {
+        self.notes.push(what.into());
     }
 
     fn line(&self) -> String {
@@ -198,13 +209,18 @@ impl ScenarioResult {
         let recovery = self
             .recovery
             .map_or_else(|| "-".to_owned(), |d| format!("{:.2}s", d.as_secs_f64()));
+        let notes = if self.notes.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", self.notes.join(", "))
+        };
         let verdict = if self.failures.is_empty() {
             "ok".to_owned()
         } else {
             format!("FAILED: {}", self.failures.join("; "))
         };
         format!(
-            "chaos: scenario {} ({}): requests {}, errors {{{errors}}}, lost {}, duplicated {}, recovery {recovery}: {verdict}",
+            "chaos: scenario {} ({}): requests {}, errors {{{errors}}}, lost {}, duplicated {}, recovery {recovery}{notes}: {verdict}",
             self.id, self.name, self.requests, self.lost, self.duplicated
         )
     }
@@ -230,6 +246,9 @@ impl Drop for Proc {
 pub(crate) struct System {
     apis: Vec<Proc>,
     workers: Vec<Proc>,
+    /// The api replicas a scenario started with settings of its own, by
+    /// [`System::extra_api`]; stopped at the end of the scenario (dropped).
+    extra_apis: Vec<Proc>,
     pg_proxy: TcpForwarder,
     redis_proxy: TcpForwarder,
     redis: RedisServer,
@@ -241,7 +260,7 @@ pub(crate) struct System {
     bin: PathBuf,
     /// The database and Redis URLs through the proxies, for a replica started again.
     via_proxy: (String, String),
-    _pg: PostgresServer,
+    pg: PostgresServer,
 }
 
 impl System {
@@ -256,7 +275,15 @@ impl System {
         std::fs::create_dir_all(work.join("exports"))
             .with_context(|| format!("creating {}", work.display()))?;
         eprintln!("xtask: chaos: starting a throwaway PostgreSQL and Redis");
-        let pg = PostgresServer::start().context("starting the throwaway PostgreSQL")?;
+        // pg_stat_statements: scenario 7 counts the analytics statement server-side.
+        let pg = PostgresServer::start_with_options(PostgresOptions {
+            settings: vec![(
+                "shared_preload_libraries".to_owned(),
+                "pg_stat_statements".to_owned(),
+            )],
+            ..PostgresOptions::default()
+        })
+        .context("starting the throwaway PostgreSQL")?;
         let redis = RedisServer::start().context("starting the throwaway Redis")?;
         let admin = SecretUrl::parse("DATABASE_URL", &pg.url())?;
         psql(&admin, "CREATE DATABASE chaos")?;
@@ -264,6 +291,7 @@ impl System {
             "DATABASE_URL",
             &format!("postgres://postgres@127.0.0.1:{}/chaos", pg.port()),
         )?;
+        psql(&db_url, "CREATE EXTENSION pg_stat_statements")?;
         let pg_proxy = TcpForwarder::start(loopback(pg.port()))?;
         let redis_proxy = TcpForwarder::start(loopback(redis.port()))?;
         let via_proxy = format!("postgres://postgres@127.0.0.1:{}/chaos", pg_proxy.port());
@@ -288,7 +316,7 @@ impl System {
 
         let mut apis = Vec::new();
         for i in 0..2 {
-            apis.push(start_api(bin, &work, i, &via_proxy, &redis_via_proxy)?);
+            apis.push(start_api(bin, &work, i, &via_proxy, &redis_via_proxy, &[])?);
         }
         let mut workers = Vec::new();
         for i in 0..2 {
@@ -316,7 +344,8 @@ impl System {
             work,
             bin: bin.to_path_buf(),
             via_proxy: (via_proxy, redis_via_proxy),
-            _pg: pg,
+            extra_apis: Vec::new(),
+            pg,
         })
     }
 
@@ -333,9 +362,39 @@ impl System {
     /// Starts api replica `i` again (after a scenario stopped it), on a new port.
     fn restart_api(&mut self, i: usize) -> Result<()> {
         let (db, redis) = &self.via_proxy;
-        let mut api = start_api(&self.bin, &self.work, i + 10, db, redis)?;
+        let mut api = start_api(&self.bin, &self.work, i + 10, db, redis, &[])?;
         wait_for_port(&mut api, Duration::from_secs(60))?;
         self.apis[i] = api;
+        Ok(())
+    }
+
+    /// Starts one more api replica with `env` over the chaos settings, for one scenario;
+    /// its port. Stopped by [`System::stop_extra_apis`] (or on drop).
+    fn extra_api(&mut self, env: &[(&str, &str)]) -> Result<u16> {
+        let (db, redis) = &self.via_proxy;
+        let i = 100 + self.extra_apis.len();
+        let mut api = start_api(&self.bin, &self.work, i, db, redis, env)?;
+        wait_for_port(&mut api, Duration::from_secs(60))?;
+        let port = api.port;
+        self.extra_apis.push(api);
+        Ok(port)
+    }
+
+    /// Stops the replicas [`System::extra_api`] started; fails when one had exited by itself.
+    fn stop_extra_apis(&mut self) -> Result<()> {
+        let mut crashed = Vec::new();
+        for mut p in self.extra_apis.drain(..) {
+            if let Some(status) = p.child.try_wait()? {
+                crashed.push(format!(
+                    "{} exited ({status}); see {}",
+                    p.name,
+                    p.log.display()
+                ));
+            }
+        }
+        if !crashed.is_empty() {
+            bail!("{}", crashed.join("; "));
+        }
         Ok(())
     }
 
@@ -352,7 +411,14 @@ fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
-fn start_api(bin: &Path, work: &Path, i: usize, db: &str, redis: &str) -> Result<Proc> {
+fn start_api(
+    bin: &Path,
+    work: &Path,
+    i: usize,
+    db: &str,
+    redis: &str,
+    env: &[(&str, &str)],
+) -> Result<Proc> {
     let port = smartbeak_test_support::free_port()?;
     let log = work.join(format!("api-{i}.log"));
     let file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
@@ -383,6 +449,7 @@ fn start_api(bin: &Path, work: &Path, i: usize, db: &str, redis: &str) -> Result
         .env("RATE_LIMIT_KEY_PREFIX", "chaos")
         .env("SHUTDOWN_TIMEOUT_MS", "5000")
         .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(file.try_clone()?)
         .stderr(file)
@@ -522,21 +589,32 @@ fn redis_keys(port: u16) -> Result<u64> {
 fn failed_open_decisions(system: &System) -> Result<f64> {
     let mut total = 0.0;
     for api in &system.apis {
-        let metrics = raw_request(
+        total += metric(
             api.port,
-            "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+            "rate_limit_decisions_total",
+            "decision=\"failed_open\"",
         )
         .with_context(|| format!("reading the metrics of {}", api.name))?;
-        total += metrics
-            .lines()
-            .filter(|l| {
-                l.starts_with("rate_limit_decisions_total")
-                    && l.contains("decision=\"failed_open\"")
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>();
     }
     Ok(total)
+}
+
+/// The sum of the samples of metric `name` whose line contains `label` ("" for all) in
+/// the `/metrics` of the api on `port`.
+fn metric(port: u16, name: &str, label: &str) -> Result<f64> {
+    let metrics = raw_request(
+        port,
+        "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+    )?;
+    Ok(metrics
+        .lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(['{', ' ']))
+                && l.contains(label)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>())
 }
 
 /// Backends connected to the chaos database, this psql's own excepted.
