@@ -119,9 +119,9 @@ impl Load {
     }
 }
 
-/// `n` requests for `url` sent at once (each on a connection of its own, so the server
-/// sees them concurrently), each with `deadline`; waits for every one.
-pub(crate) async fn burst(url: &str, key: &str, n: usize, deadline: Duration) -> Report {
+/// `n` requests sent at once, round-robin over `urls` (each on a connection of its own, so
+/// the server sees them concurrently), each with `deadline`; waits for every one.
+pub(crate) async fn burst(urls: &[String], key: &str, n: usize, deadline: Duration) -> Report {
     let Ok(client) = reqwest::Client::builder()
         .no_proxy()
         .pool_max_idle_per_host(n)
@@ -136,7 +136,11 @@ pub(crate) async fn burst(url: &str, key: &str, n: usize, deadline: Duration) ->
     // Every task waits here until all are spawned: then they go together.
     let gate = std::sync::Arc::new(tokio::sync::Barrier::new(n));
     let mut tasks = JoinSet::new();
-    for _ in 0..n {
+    for i in 0..n {
+        let target = i % urls.len().max(1);
+        let Some(url) = urls.get(target) else {
+            break;
+        };
         let request = client.get(url).bearer_auth(key);
         let gate = gate.clone();
         tasks.spawn(async move {
@@ -150,7 +154,7 @@ pub(crate) async fn burst(url: &str, key: &str, n: usize, deadline: Duration) ->
                 sent,
                 latency: begun.elapsed(),
                 kind,
-                target: 0,
+                target,
             }
         });
     }
