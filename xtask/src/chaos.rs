@@ -30,7 +30,7 @@ use xshell::{Shell, cmd};
 use crate::services::{psql, psql_read};
 
 /// The scenarios implemented, in the order they run.
-const SCENARIOS: &[u32] = &[1, 2, 3, 4, 5, 7, 8];
+const SCENARIOS: &[u32] = &[1, 2, 3, 4, 5, 7, 8, 10];
 
 /// The scenarios `cargo xtask test` runs (short and deterministic).
 const QUICK: &[u32] = &[1, 3, 4, 8];

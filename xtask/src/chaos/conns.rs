@@ -49,6 +49,9 @@ pub(crate) struct Tally {
     pub(crate) peak_open: usize,
     /// The slowest answer.
     pub(crate) slowest: Duration,
+    /// How late this side's own 20 ms ticker fired at worst: a harness starved of CPU
+    /// sees deadlines pass that the server did not miss.
+    pub(crate) harness_lag: Duration,
 }
 
 impl Tally {
@@ -84,6 +87,17 @@ impl Connections {
                 this.connection(start, &open, &peak).await
             });
         }
+        let end = start + this.duration;
+        let lag = tokio::spawn(async move {
+            let mut worst = Duration::ZERO;
+            let tick = Duration::from_millis(20);
+            while Instant::now() < end {
+                let due = Instant::now() + tick;
+                tokio::time::sleep(tick).await;
+                worst = worst.max(Instant::now().saturating_duration_since(due));
+            }
+            worst
+        });
         let mut tally = Tally::default();
         while let Some(done) = tasks.join_next().await {
             match done {
@@ -97,6 +111,7 @@ impl Connections {
             }
         }
         tally.peak_open = peak.load(std::sync::atomic::Ordering::Relaxed);
+        tally.harness_lag = lag.await.unwrap_or_default();
         tally
     }
 
