@@ -1185,6 +1185,21 @@ mod tests {
     }
 
     #[test]
+    fn postgres_settings_reach_the_server() {
+        let pg = PostgresServer::start_with_options(PostgresOptions {
+            settings: vec![("work_mem".to_owned(), "7MB".to_owned())],
+            ..PostgresOptions::default()
+        })
+        .unwrap();
+        let out = std::process::Command::new("psql")
+            .args(["-X", "-A", "-t", "-d", &pg.url(), "-c", "SHOW work_mem"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "7MB");
+    }
+
+    #[test]
     fn a_failed_postgres_start_leaves_no_directory() {
         use std::os::unix::fs::PermissionsExt;
         let tmp = tempfile::tempdir().unwrap();
