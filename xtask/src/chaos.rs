@@ -30,13 +30,16 @@ use xshell::{Shell, cmd};
 use crate::services::{psql, psql_read};
 
 /// The scenarios implemented, in the order they run.
-const SCENARIOS: &[u32] = &[1, 2, 3, 4, 5, 7, 8, 10];
+const SCENARIOS: &[u32] = &[1, 2, 3, 4, 5, 7, 8, 9, 10];
 
 /// The scenarios `cargo xtask test` runs (short and deterministic).
 const QUICK: &[u32] = &[1, 3, 4, 8];
 
 /// The api's deadline in the chaos setup (`HTTP_REQUEST_TIMEOUT_MS`).
 const REQUEST_TIMEOUT: Duration = Duration::from_millis(3000);
+
+/// The export workers' `EXPORT_LEASE_SECS` in the chaos setup.
+const EXPORT_LEASE: Duration = Duration::from_secs(5);
 
 /// The api's Redis command timeout in the chaos setup (`REDIS_COMMAND_TIMEOUT_MS`).
 const REDIS_COMMAND_TIMEOUT: Duration = Duration::from_millis(100);
@@ -260,6 +263,8 @@ pub(crate) struct System {
     bin: PathBuf,
     /// The database and Redis URLs through the proxies, for a replica started again.
     via_proxy: (String, String),
+    /// Workers started again so far (their ids stay unique).
+    restarts: usize,
     pg: PostgresServer,
 }
 
@@ -345,6 +350,7 @@ impl System {
             bin: bin.to_path_buf(),
             via_proxy: (via_proxy, redis_via_proxy),
             extra_apis: Vec::new(),
+            restarts: 0,
             pg,
         })
     }
@@ -365,6 +371,17 @@ impl System {
         let mut api = start_api(&self.bin, &self.work, i + 10, db, redis, &[])?;
         wait_for_port(&mut api, Duration::from_secs(60))?;
         self.apis[i] = api;
+        Ok(())
+    }
+
+    /// Starts export worker `i` again (after a scenario killed it), on a new admin port and
+    /// with a new worker id.
+    fn restart_worker(&mut self, i: usize) -> Result<()> {
+        let n = 10 * (self.restarts + 1) + i;
+        self.restarts += 1;
+        let mut worker = start_worker(&self.bin, &self.work, n, &self.via_proxy.0)?;
+        wait_for_port(&mut worker, Duration::from_secs(60))?;
+        self.workers[i] = worker;
         Ok(())
     }
 
@@ -476,6 +493,13 @@ fn start_worker(bin: &Path, work: &Path, i: usize, db: &str) -> Result<Proc> {
         .env("EXPORT_DIR", work.join("exports"))
         .env("EXPORT_ADMIN_ADDR", format!("127.0.0.1:{port}"))
         .env("EXPORT_POLL_MAX_MS", "200")
+        // Short leases, so scenario 9's reclaim of a killed worker's job comes in seconds.
+        .env("EXPORT_LEASE_SECS", EXPORT_LEASE.as_secs().to_string())
+        .env("EXPORT_HEARTBEAT_SECS", "1")
+        // The lease must cover the database client bound (this plus a margin).
+        .env("DB_STATEMENT_TIMEOUT_MS", "1500")
+        .env("EXPORT_REAPER_INTERVAL_SECS", "1")
+        .env("EXPORT_WORKER_ID", format!("chaos-worker-{i}"))
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(file.try_clone()?)
@@ -554,6 +578,50 @@ fn seed_domain(port: u16, key: &str) -> Result<String> {
         );
     }
     json_field(&response, "id").context("the created domain has no id")
+}
+
+/// Stores 20 keyword rows of 2020 for the seed domain (`POST /v1/domains/{id}/metrics`),
+/// so that an export of 2020 has rows to write.
+fn ingest_keywords(port: u16, key: &str, domain: &str) -> Result<()> {
+    let rows: Vec<String> = (0..20)
+        .map(|i| {
+            format!(
+                r#"{{"keyword":"chaos {i}","search_volume":{i},"position":1.0,"recorded_at":"2020-06-01T00:00:00Z"}}"#
+            )
+        })
+        .collect();
+    let body = format!(r#"{{"keywords":[{}]}}"#, rows.join(","));
+    let request = format!(
+        "POST /v1/domains/{domain}/metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let response = raw_request(port, &request).context("ingesting keyword rows")?;
+    if !response.starts_with("HTTP/1.1 20") {
+        bail!(
+            "ingesting keyword rows: {}",
+            response.lines().next().unwrap_or("no answer")
+        );
+    }
+    Ok(())
+}
+
+/// Queues an export of the seed domain (`POST /v1/domains/{id}/exports`); its id.
+fn create_export(port: u16, key: &str, domain: &str) -> Result<String> {
+    let body = r#"{"format":"json","from":"2020-01-01","to":"2020-12-31"}"#;
+    let request = format!(
+        "POST /v1/domains/{domain}/exports HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let response = raw_request(port, &request).context("queueing an export")?;
+    if !response.starts_with("HTTP/1.1 202") {
+        bail!(
+            "queueing an export: {}",
+            response.lines().next().unwrap_or("no answer")
+        );
+    }
+    json_field(&response, "id").context("the queued export has no id")
 }
 
 fn raw_request(port: u16, request: &str) -> Result<String> {

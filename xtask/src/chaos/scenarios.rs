@@ -13,7 +13,10 @@ use tokio::runtime::Runtime;
 
 use super::conns::Connections;
 use super::load::{Kind, Load, Outcome, Report};
-use super::{REDIS_COMMAND_TIMEOUT, REQUEST_TIMEOUT, ScenarioResult, System, backends, redis_keys};
+use super::{
+    EXPORT_LEASE, REDIS_COMMAND_TIMEOUT, REQUEST_TIMEOUT, ScenarioResult, System, backends,
+    redis_keys,
+};
 use crate::services::psql_read;
 
 /// Fail-open answers may take the Redis command timeout plus this (a debug build on a
@@ -40,6 +43,7 @@ pub(super) fn run(
         5 => statement_timeout(system, rt),
         7 => analytics_burst(system, rt),
         8 => api_sigterm(system, rt),
+        9 => export_worker_sigkill(system),
         10 => many_connections(system, rt, quick),
         other => bail!("scenario {other} is not implemented"),
     }
@@ -818,4 +822,130 @@ fn raise_fd_limit(need: u64) -> Result<()> {
         bail!("could not raise the open-files limit to {need} (it is {soft}, hard {hard})");
     }
     Ok(())
+}
+
+/// Scenario 9, the export worker part: an export queued with 300 ms of latency on the
+/// database proxy (so the job runs for seconds); the worker holding its lease SIGKILLed
+/// mid-job; then the latency removed. Passes when the other worker completes it within the
+/// lease (`EXPORT_LEASE_SECS`, 5 here) plus 20 s, exactly once: the killed attempt is
+/// `reclaimed`, exactly one attempt `succeeded` and by the other worker, the job's
+/// `attempts` counts every attempt row, its `rows_written` equals its `record_count` and is
+/// not 0 (20 keyword rows of 2020 are stored first, the export is of 2020), and
+/// exactly one file of the export is in `EXPORT_DIR` (its `storage_path`). The killed
+/// worker is started again afterwards. (The control-plane part is not done.)
+fn export_worker_sigkill(system: &mut System) -> Result<ScenarioResult> {
+    let mut r = ScenarioResult::new(9, "SIGKILL export worker mid-job");
+    let db = system.db_url.clone();
+    let read = |sql: &str| psql_read(&db, sql).map(|s| s.trim().to_owned());
+    super::ingest_keywords(system.apis[0].port, &system.key, &system.domain)?;
+    system.pg_proxy.set_fault(Fault::Latency(300));
+    let id = super::create_export(system.apis[0].port, &system.key, &system.domain)?;
+    r.requests = 1;
+    let mut owner = String::new();
+    let claimed = time_until(Duration::from_secs(20), || {
+        owner = read(&format!(
+            "SELECT coalesce(lease_owner, '') FROM domain_exports WHERE id = '{id}' AND status = 'running'"
+        ))
+        .unwrap_or_default();
+        !owner.is_empty()
+    });
+    let victim = system.workers.iter().position(|w| {
+        w.name
+            .strip_prefix("export-worker-")
+            .is_some_and(|n| owner == format!("chaos-worker-{n}"))
+    });
+    let (Some(_), Some(victim)) = (claimed, victim) else {
+        system.pg_proxy.set_fault(Fault::Pass);
+        let status = read(&format!(
+            "SELECT status FROM domain_exports WHERE id = '{id}'"
+        ))?;
+        bail!(
+            "the export was not seen running under a known worker (status {status}, owner {owner:?})"
+        );
+    };
+    let killed_at = Instant::now();
+    smartbeak_test_support::signal(system.workers[victim].child.id(), "KILL")?;
+    let _ = system.workers[victim].child.wait();
+    system.pg_proxy.set_fault(Fault::Pass);
+    let status_now = read(&format!(
+        "SELECT status FROM domain_exports WHERE id = '{id}'"
+    ))?;
+    let done = time_until(EXPORT_LEASE + Duration::from_secs(20), || {
+        read(&format!(
+            "SELECT status FROM domain_exports WHERE id = '{id}'"
+        ))
+        .is_ok_and(|s| ["succeeded", "failed", "cancelled"].contains(&s.as_str()))
+    });
+    // From the kill to the success.
+    r.recovery = done.map(|_| killed_at.elapsed());
+    system.restart_worker(victim)?;
+    let row = read(&format!(
+        "SELECT status || ' ' || attempts || ' ' || rows_written || ' ' || coalesce(record_count::text, '-') \
+         || ' ' || coalesce(storage_path, '-') FROM domain_exports WHERE id = '{id}'"
+    ))?;
+    let fields: Vec<&str> = row.split(' ').collect();
+    let attempts = read(&format!(
+        "SELECT string_agg(worker || ':' || outcome, ',' ORDER BY attempt, id) \
+         FROM domain_export_attempts WHERE export_id = '{id}'"
+    ))?;
+    let attempt_rows: Vec<&str> = attempts.split(',').filter(|a| !a.is_empty()).collect();
+    let prefix = id.replace('-', "");
+    let files: Vec<String> = std::fs::read_dir(system.work.join("exports"))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with(&prefix))
+        .collect();
+    r.note(format!(
+        "killed {owner} while the job was {status_now}; export: {row}; attempts: {attempts}; files: {}",
+        files.join(" ")
+    ));
+    let succeeded = attempt_rows
+        .iter()
+        .filter(|a| a.ends_with(":succeeded"))
+        .count();
+    r.duplicated = succeeded.saturating_sub(1) + files.len().saturating_sub(1);
+    if done.is_none() || fields.first() != Some(&"succeeded") {
+        r.lost = 1;
+        r.fail(format!(
+            "the export did not succeed within the lease plus 20 s ({row})"
+        ));
+    }
+    if !attempt_rows
+        .iter()
+        .any(|a| *a == format!("{owner}:reclaimed"))
+    {
+        r.fail(format!(
+            "the killed worker's attempt is not `reclaimed` ({attempts}): the kill had no effect"
+        ));
+    }
+    if succeeded != 1
+        || attempt_rows
+            .iter()
+            .any(|a| *a == format!("{owner}:succeeded"))
+    {
+        r.fail(format!(
+            "not exactly one attempt succeeded, by the other worker ({attempts})"
+        ));
+    }
+    if fields.get(1) != Some(&attempt_rows.len().to_string().as_str()) {
+        r.fail(format!(
+            "the export counts {:?} attempts, the attempts table {}",
+            fields.get(1),
+            attempt_rows.len()
+        ));
+    }
+    if fields.get(2) != fields.get(3) || fields.get(2) == Some(&"0") {
+        r.fail(format!(
+            "rows written {:?}, record count {:?}",
+            fields.get(2),
+            fields.get(3)
+        ));
+    }
+    if files.len() != 1 || fields.get(4) != files.first().map(String::as_str).as_ref() {
+        r.fail(format!(
+            "files of the export in EXPORT_DIR: {files:?}, storage_path {:?}",
+            fields.get(4)
+        ));
+    }
+    Ok(r)
 }
