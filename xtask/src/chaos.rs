@@ -9,6 +9,7 @@
 //! recovery time. Everything is stopped on drop (failure and Ctrl-C included: the handler
 //! in `main` sets [`crate::INTERRUPTED`], which ends the run between steps).
 
+mod conns;
 mod load;
 mod scenarios;
 
@@ -23,16 +24,22 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use smartbeak_database::SecretUrl;
-use smartbeak_test_support::{PostgresServer, RedisServer, TcpForwarder};
+use smartbeak_test_support::{PostgresOptions, PostgresServer, RedisServer, TcpForwarder};
 use xshell::{Shell, cmd};
 
 use crate::services::{psql, psql_read};
 
 /// The scenarios implemented, in the order they run.
-const SCENARIOS: &[u32] = &[1, 3, 4, 8];
+const SCENARIOS: &[u32] = &[1, 2, 3, 4, 5, 7, 8, 9, 10];
+
+/// The scenarios `cargo xtask test` runs (short and deterministic).
+const QUICK: &[u32] = &[1, 3, 4, 8];
 
 /// The api's deadline in the chaos setup (`HTTP_REQUEST_TIMEOUT_MS`).
 const REQUEST_TIMEOUT: Duration = Duration::from_millis(3000);
+
+/// The export workers' `EXPORT_LEASE_SECS` in the chaos setup.
+const EXPORT_LEASE: Duration = Duration::from_secs(5);
 
 /// The api's Redis command timeout in the chaos setup (`REDIS_COMMAND_TIMEOUT_MS`).
 const REDIS_COMMAND_TIMEOUT: Duration = Duration::from_millis(100);
@@ -72,10 +79,10 @@ impl Chaos {
         Ok(Self { scenarios, quick })
     }
 
-    /// The reduced set `cargo xtask test` runs: every implemented scenario, short.
+    /// The reduced set `cargo xtask test` runs ([`QUICK`]), short.
     pub(crate) fn quick() -> Self {
         Self {
-            scenarios: SCENARIOS.to_vec(),
+            scenarios: QUICK.to_vec(),
             quick: true,
         }
     }
@@ -163,6 +170,8 @@ pub(crate) struct ScenarioResult {
     lost: usize,
     duplicated: usize,
     recovery: Option<Duration>,
+    /// What else the scenario measured (counts, memory), printed after the recovery.
+    notes: Vec<String>,
     /// Why the scenario failed; empty: it passed.
     failures: Vec<String>,
 }
@@ -177,12 +186,17 @@ impl ScenarioResult {
             lost: 0,
             duplicated: 0,
             recovery: None,
+            notes: Vec::new(),
             failures: Vec::new(),
         }
     }
 
     fn fail(&mut self, why: impl Into<String>) {
         self.failures.push(why.into());
+    }
+
+    fn note(&mut self, what: impl Into<String>) {
+        self.notes.push(what.into());
     }
 
     fn line(&self) -> String {
@@ -198,13 +212,18 @@ impl ScenarioResult {
         let recovery = self
             .recovery
             .map_or_else(|| "-".to_owned(), |d| format!("{:.2}s", d.as_secs_f64()));
+        let notes = if self.notes.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", self.notes.join(", "))
+        };
         let verdict = if self.failures.is_empty() {
             "ok".to_owned()
         } else {
             format!("FAILED: {}", self.failures.join("; "))
         };
         format!(
-            "chaos: scenario {} ({}): requests {}, errors {{{errors}}}, lost {}, duplicated {}, recovery {recovery}: {verdict}",
+            "chaos: scenario {} ({}): requests {}, errors {{{errors}}}, lost {}, duplicated {}, recovery {recovery}{notes}: {verdict}",
             self.id, self.name, self.requests, self.lost, self.duplicated
         )
     }
@@ -230,6 +249,9 @@ impl Drop for Proc {
 pub(crate) struct System {
     apis: Vec<Proc>,
     workers: Vec<Proc>,
+    /// The api replicas a scenario started with settings of its own, by
+    /// [`System::extra_api`]; stopped at the end of the scenario (dropped).
+    extra_apis: Vec<Proc>,
     pg_proxy: TcpForwarder,
     redis_proxy: TcpForwarder,
     redis: RedisServer,
@@ -241,7 +263,9 @@ pub(crate) struct System {
     bin: PathBuf,
     /// The database and Redis URLs through the proxies, for a replica started again.
     via_proxy: (String, String),
-    _pg: PostgresServer,
+    /// Workers started again so far (their ids stay unique).
+    restarts: usize,
+    pg: PostgresServer,
 }
 
 impl System {
@@ -256,7 +280,15 @@ impl System {
         std::fs::create_dir_all(work.join("exports"))
             .with_context(|| format!("creating {}", work.display()))?;
         eprintln!("xtask: chaos: starting a throwaway PostgreSQL and Redis");
-        let pg = PostgresServer::start().context("starting the throwaway PostgreSQL")?;
+        // pg_stat_statements: scenario 7 counts the analytics statement server-side.
+        let pg = PostgresServer::start_with_options(PostgresOptions {
+            settings: vec![(
+                "shared_preload_libraries".to_owned(),
+                "pg_stat_statements".to_owned(),
+            )],
+            ..PostgresOptions::default()
+        })
+        .context("starting the throwaway PostgreSQL")?;
         let redis = RedisServer::start().context("starting the throwaway Redis")?;
         let admin = SecretUrl::parse("DATABASE_URL", &pg.url())?;
         psql(&admin, "CREATE DATABASE chaos")?;
@@ -264,6 +296,7 @@ impl System {
             "DATABASE_URL",
             &format!("postgres://postgres@127.0.0.1:{}/chaos", pg.port()),
         )?;
+        psql(&db_url, "CREATE EXTENSION pg_stat_statements")?;
         let pg_proxy = TcpForwarder::start(loopback(pg.port()))?;
         let redis_proxy = TcpForwarder::start(loopback(redis.port()))?;
         let via_proxy = format!("postgres://postgres@127.0.0.1:{}/chaos", pg_proxy.port());
@@ -288,7 +321,7 @@ impl System {
 
         let mut apis = Vec::new();
         for i in 0..2 {
-            apis.push(start_api(bin, &work, i, &via_proxy, &redis_via_proxy)?);
+            apis.push(start_api(bin, &work, i, &via_proxy, &redis_via_proxy, &[])?);
         }
         let mut workers = Vec::new();
         for i in 0..2 {
@@ -316,7 +349,9 @@ impl System {
             work,
             bin: bin.to_path_buf(),
             via_proxy: (via_proxy, redis_via_proxy),
-            _pg: pg,
+            extra_apis: Vec::new(),
+            restarts: 0,
+            pg,
         })
     }
 
@@ -333,9 +368,50 @@ impl System {
     /// Starts api replica `i` again (after a scenario stopped it), on a new port.
     fn restart_api(&mut self, i: usize) -> Result<()> {
         let (db, redis) = &self.via_proxy;
-        let mut api = start_api(&self.bin, &self.work, i + 10, db, redis)?;
+        let mut api = start_api(&self.bin, &self.work, i + 10, db, redis, &[])?;
         wait_for_port(&mut api, Duration::from_secs(60))?;
         self.apis[i] = api;
+        Ok(())
+    }
+
+    /// Starts export worker `i` again (after a scenario killed it), on a new admin port and
+    /// with a new worker id.
+    fn restart_worker(&mut self, i: usize) -> Result<()> {
+        let n = 10 * (self.restarts + 1) + i;
+        self.restarts += 1;
+        let mut worker = start_worker(&self.bin, &self.work, n, &self.via_proxy.0)?;
+        wait_for_port(&mut worker, Duration::from_secs(60))?;
+        self.workers[i] = worker;
+        Ok(())
+    }
+
+    /// Starts one more api replica with `env` over the chaos settings, for one scenario;
+    /// its port. Stopped by [`System::stop_extra_apis`] (or on drop).
+    fn extra_api(&mut self, env: &[(&str, &str)]) -> Result<u16> {
+        let (db, redis) = &self.via_proxy;
+        let i = 100 + self.extra_apis.len();
+        let mut api = start_api(&self.bin, &self.work, i, db, redis, env)?;
+        wait_for_port(&mut api, Duration::from_secs(60))?;
+        let port = api.port;
+        self.extra_apis.push(api);
+        Ok(port)
+    }
+
+    /// Stops the replicas [`System::extra_api`] started; fails when one had exited by itself.
+    fn stop_extra_apis(&mut self) -> Result<()> {
+        let mut crashed = Vec::new();
+        for mut p in self.extra_apis.drain(..) {
+            if let Some(status) = p.child.try_wait()? {
+                crashed.push(format!(
+                    "{} exited ({status}); see {}",
+                    p.name,
+                    p.log.display()
+                ));
+            }
+        }
+        if !crashed.is_empty() {
+            bail!("{}", crashed.join("; "));
+        }
         Ok(())
     }
 
@@ -352,7 +428,14 @@ fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
-fn start_api(bin: &Path, work: &Path, i: usize, db: &str, redis: &str) -> Result<Proc> {
+fn start_api(
+    bin: &Path,
+    work: &Path,
+    i: usize,
+    db: &str,
+    redis: &str,
+    env: &[(&str, &str)],
+) -> Result<Proc> {
     let port = smartbeak_test_support::free_port()?;
     let log = work.join(format!("api-{i}.log"));
     let file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
@@ -383,6 +466,7 @@ fn start_api(bin: &Path, work: &Path, i: usize, db: &str, redis: &str) -> Result
         .env("RATE_LIMIT_KEY_PREFIX", "chaos")
         .env("SHUTDOWN_TIMEOUT_MS", "5000")
         .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(file.try_clone()?)
         .stderr(file)
@@ -409,6 +493,13 @@ fn start_worker(bin: &Path, work: &Path, i: usize, db: &str) -> Result<Proc> {
         .env("EXPORT_DIR", work.join("exports"))
         .env("EXPORT_ADMIN_ADDR", format!("127.0.0.1:{port}"))
         .env("EXPORT_POLL_MAX_MS", "200")
+        // Short leases, so scenario 9's reclaim of a killed worker's job comes in seconds.
+        .env("EXPORT_LEASE_SECS", EXPORT_LEASE.as_secs().to_string())
+        .env("EXPORT_HEARTBEAT_SECS", "1")
+        // The lease must cover the database client bound (this plus a margin).
+        .env("DB_STATEMENT_TIMEOUT_MS", "1500")
+        .env("EXPORT_REAPER_INTERVAL_SECS", "1")
+        .env("EXPORT_WORKER_ID", format!("chaos-worker-{i}"))
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(file.try_clone()?)
@@ -489,6 +580,50 @@ fn seed_domain(port: u16, key: &str) -> Result<String> {
     json_field(&response, "id").context("the created domain has no id")
 }
 
+/// Stores 20 keyword rows of 2020 for the seed domain (`POST /v1/domains/{id}/metrics`),
+/// so that an export of 2020 has rows to write.
+fn ingest_keywords(port: u16, key: &str, domain: &str) -> Result<()> {
+    let rows: Vec<String> = (0..20)
+        .map(|i| {
+            format!(
+                r#"{{"keyword":"chaos {i}","search_volume":{i},"position":1.0,"recorded_at":"2020-06-01T00:00:00Z"}}"#
+            )
+        })
+        .collect();
+    let body = format!(r#"{{"keywords":[{}]}}"#, rows.join(","));
+    let request = format!(
+        "POST /v1/domains/{domain}/metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let response = raw_request(port, &request).context("ingesting keyword rows")?;
+    if !response.starts_with("HTTP/1.1 20") {
+        bail!(
+            "ingesting keyword rows: {}",
+            response.lines().next().unwrap_or("no answer")
+        );
+    }
+    Ok(())
+}
+
+/// Queues an export of the seed domain (`POST /v1/domains/{id}/exports`); its id.
+fn create_export(port: u16, key: &str, domain: &str) -> Result<String> {
+    let body = r#"{"format":"json","from":"2020-01-01","to":"2020-12-31"}"#;
+    let request = format!(
+        "POST /v1/domains/{domain}/exports HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let response = raw_request(port, &request).context("queueing an export")?;
+    if !response.starts_with("HTTP/1.1 202") {
+        bail!(
+            "queueing an export: {}",
+            response.lines().next().unwrap_or("no answer")
+        );
+    }
+    json_field(&response, "id").context("the queued export has no id")
+}
+
 fn raw_request(port: u16, request: &str) -> Result<String> {
     let mut stream = TcpStream::connect(loopback(port))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -522,21 +657,32 @@ fn redis_keys(port: u16) -> Result<u64> {
 fn failed_open_decisions(system: &System) -> Result<f64> {
     let mut total = 0.0;
     for api in &system.apis {
-        let metrics = raw_request(
+        total += metric(
             api.port,
-            "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+            "rate_limit_decisions_total",
+            "decision=\"failed_open\"",
         )
         .with_context(|| format!("reading the metrics of {}", api.name))?;
-        total += metrics
-            .lines()
-            .filter(|l| {
-                l.starts_with("rate_limit_decisions_total")
-                    && l.contains("decision=\"failed_open\"")
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>();
     }
     Ok(total)
+}
+
+/// The sum of the samples of metric `name` whose line contains `label` ("" for all) in
+/// the `/metrics` of the api on `port`.
+fn metric(port: u16, name: &str, label: &str) -> Result<f64> {
+    let metrics = raw_request(
+        port,
+        "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+    )?;
+    Ok(metrics
+        .lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(['{', ' ']))
+                && l.contains(label)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>())
 }
 
 /// Backends connected to the chaos database, this psql's own excepted.

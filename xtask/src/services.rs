@@ -179,17 +179,25 @@ pub(crate) fn redact_redis(url: &str) -> String {
 /// its password, which goes through `PGPASSWORD` (argv is world-readable in `/proc`); `-w`
 /// makes psql fail instead of prompting when a password is needed and missing.
 pub(crate) fn psql_command(url: &SecretUrl, sql: &str) -> Command {
+    let mut cmd = psql_session(url);
+    cmd.arg("-c")
+        .arg(sql)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// psql against `url` reading its statements from stdin (the caller sets up the pipes),
+/// the password kept out of argv as in [`psql_command`]: a session that lives as long as
+/// its stdin, for a lock held over several steps.
+pub(crate) fn psql_session(url: &SecretUrl) -> Command {
     let (conninfo, password) = split_password(url);
     let mut cmd = Command::new("psql");
     cmd.args(["-w", "-v", "ON_ERROR_STOP=1", "-q", "-X", "-A", "-t", "-d"])
         .arg(conninfo)
-        .arg("-c")
-        .arg(sql)
         .env("PGOPTIONS", "-c client_min_messages=warning")
-        .env("PGCONNECT_TIMEOUT", "5")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .env("PGCONNECT_TIMEOUT", "5");
     if let Some(password) = password {
         cmd.env("PGPASSWORD", password);
     }

@@ -429,6 +429,9 @@ pub struct PostgresOptions {
     pub bin_dir: Option<PathBuf>,
     /// The folder of the run directory; `None`: [`services_root`].
     pub root: Option<PathBuf>,
+    /// Further server settings, each passed as `-c name=value` (for instance
+    /// `shared_preload_libraries=pg_stat_statements`, which only a start can set).
+    pub settings: Vec<(String, String)>,
 }
 
 impl Default for PostgresOptions {
@@ -438,6 +441,7 @@ impl Default for PostgresOptions {
             password: None,
             bin_dir: None,
             root: None,
+            settings: Vec::new(),
         }
     }
 }
@@ -557,10 +561,11 @@ impl PostgresServer {
                 .args(["-c", "listen_addresses=127.0.0.1"])
                 .args(["-c", "unix_socket_directories="])
                 .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
-                .args(["-c", "full_page_writes=off", "-c", "max_connections=300"])
-                .stdin(Stdio::null())
-                .stdout(log_file)
-                .stderr(log_err);
+                .args(["-c", "full_page_writes=off", "-c", "max_connections=300"]);
+            for (name, value) in &options.settings {
+                cmd.arg("-c").arg(format!("{name}={value}"));
+            }
+            cmd.stdin(Stdio::null()).stdout(log_file).stderr(log_err);
             let mut child = cmd
                 .spawn()
                 .map_err(|e| err(format!("cannot start postgres: {e}")))?;
@@ -1177,6 +1182,21 @@ mod tests {
         drop(pg);
         assert!(!port_answers("127.0.0.1", port));
         assert!(!dir.exists());
+    }
+
+    #[test]
+    fn postgres_settings_reach_the_server() {
+        let pg = PostgresServer::start_with_options(PostgresOptions {
+            settings: vec![("work_mem".to_owned(), "7MB".to_owned())],
+            ..PostgresOptions::default()
+        })
+        .unwrap();
+        let out = std::process::Command::new("psql")
+            .args(["-X", "-A", "-t", "-d", &pg.url(), "-c", "SHOW work_mem"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "7MB");
     }
 
     #[test]

@@ -40,6 +40,8 @@ pub(crate) struct Outcome {
     pub(crate) sent: Duration,
     pub(crate) latency: Duration,
     pub(crate) kind: Kind,
+    /// Which of the load's `urls` it went to.
+    pub(crate) target: usize,
 }
 
 /// The load: `rate` requests a second for `duration`, spread round-robin over `urls`.
@@ -87,8 +89,8 @@ impl Load {
         let mut sent = 0usize;
         while start.elapsed() < self.duration {
             ticks.tick().await;
-            let url = self.urls[sent % self.urls.len()].clone();
-            let request = client.get(url).bearer_auth(&self.key);
+            let target = sent % self.urls.len();
+            let request = client.get(&self.urls[target]).bearer_auth(&self.key);
             let deadline = self.deadline;
             sent += 1;
             tasks.spawn(async move {
@@ -102,6 +104,7 @@ impl Load {
                     sent,
                     latency: begun.elapsed(),
                     kind,
+                    target,
                 }
             });
         }
@@ -114,6 +117,54 @@ impl Load {
         outcomes.sort_by_key(|o| o.sent);
         Report { sent, outcomes }
     }
+}
+
+/// `n` requests sent at once, round-robin over `urls` (each on a connection of its own, so
+/// the server sees them concurrently), each with `deadline`; waits for every one.
+pub(crate) async fn burst(urls: &[String], key: &str, n: usize, deadline: Duration) -> Report {
+    let Ok(client) = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(n)
+        .build()
+    else {
+        return Report {
+            sent: 0,
+            outcomes: Vec::new(),
+        };
+    };
+    let start = Instant::now();
+    // Every task waits here until all are spawned: then they go together.
+    let gate = std::sync::Arc::new(tokio::sync::Barrier::new(n));
+    let mut tasks = JoinSet::new();
+    for i in 0..n {
+        let target = i % urls.len().max(1);
+        let Some(url) = urls.get(target) else {
+            break;
+        };
+        let request = client.get(url).bearer_auth(key);
+        let gate = gate.clone();
+        tasks.spawn(async move {
+            gate.wait().await;
+            let sent = start.elapsed();
+            let begun = Instant::now();
+            let kind = tokio::time::timeout(deadline, one(request))
+                .await
+                .unwrap_or(Kind::Deadline);
+            Outcome {
+                sent,
+                latency: begun.elapsed(),
+                kind,
+                target,
+            }
+        });
+    }
+    let mut outcomes = Vec::with_capacity(n);
+    while let Some(done) = tasks.join_next().await {
+        if let Ok(outcome) = done {
+            outcomes.push(outcome);
+        }
+    }
+    Report { sent: n, outcomes }
 }
 
 async fn one(request: reqwest::RequestBuilder) -> Kind {

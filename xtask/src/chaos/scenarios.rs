@@ -1,14 +1,22 @@
-//! The scenarios of issue 14 implemented so far (1, 3, 4, 8 for the api): each runs its load on the
-//! runtime, injects its fault from this thread on a fixed schedule, and judges the outcomes.
+//! The scenarios of issue 14 implemented so far (1, 2, 3, 4, 5, 7, 8 for the api, 10): each
+//! runs its load on the runtime, injects its fault from this thread on a fixed schedule, and
+//! judges the outcomes.
 
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use smartbeak_test_support::Fault;
 use tokio::runtime::Runtime;
 
-use super::load::{Kind, Load, Report};
-use super::{REDIS_COMMAND_TIMEOUT, REQUEST_TIMEOUT, ScenarioResult, System, backends, redis_keys};
+use super::conns::Connections;
+use super::load::{Kind, Load, Outcome, Report};
+use super::{
+    EXPORT_LEASE, REDIS_COMMAND_TIMEOUT, REQUEST_TIMEOUT, ScenarioResult, System, backends,
+    redis_keys,
+};
 use crate::services::psql_read;
 
 /// Fail-open answers may take the Redis command timeout plus this (a debug build on a
@@ -29,9 +37,14 @@ pub(super) fn run(
     let scale = if quick { 1 } else { 3 };
     match n {
         1 => redis_outage(system, rt, scale),
+        2 => shared_limit(system, rt, quick),
         3 => backends_terminated(system, rt, scale),
         4 => postgres_black_hole(system, rt, quick),
+        5 => statement_timeout(system, rt),
+        7 => analytics_burst(system, rt),
         8 => api_sigterm(system, rt),
+        9 => export_worker_sigkill(system),
+        10 => many_connections(system, rt, quick),
         other => bail!("scenario {other} is not implemented"),
     }
 }
@@ -322,5 +335,621 @@ fn api_sigterm(system: &mut System, rt: &Runtime) -> Result<ScenarioResult> {
         }
     }
     system.restart_api(1)?;
+    Ok(r)
+}
+
+/// Scenario 2: two fresh api replicas with a low per-key limit (1,000 per hour; 2,000 full
+/// length) under load well past it: the requests they allow together are the limit (plus
+/// what the GCRA refills over the run, about 1.4), within 1 %. Replicas each keeping their
+/// own count would allow about twice the limit; the fallback (Redis unreachable) allows
+/// `limit / replicas` each, so it could pass by accident: at most 1 % of the limit in
+/// decisions may have failed open.
+fn shared_limit(system: &mut System, rt: &Runtime, quick: bool) -> Result<ScenarioResult> {
+    let mut r = ScenarioResult::new(2, "two replicas, one limit");
+    let limit: u32 = if quick { 1000 } else { 2000 };
+    let window: u32 = 3600;
+    let prefix = format!("chaos-s2-{}", std::process::id());
+    let (limit_s, window_s) = (limit.to_string(), window.to_string());
+    let env = [
+        ("RATE_LIMIT_PER_KEY", limit_s.as_str()),
+        ("RATE_LIMIT_WINDOW_SECS", window_s.as_str()),
+        ("RATE_LIMIT_KEY_PREFIX", prefix.as_str()),
+    ];
+    let ports = [system.extra_api(&env)?, system.extra_api(&env)?];
+    let rate = 400;
+    let mut load = load(
+        system,
+        rate,
+        Duration::from_secs_f64(2.5 * f64::from(limit) / 400.0),
+    );
+    load.urls = ports
+        .iter()
+        .map(|p| format!("http://127.0.0.1:{p}/v1/domains/{}", system.domain))
+        .collect();
+    load.epoch = Instant::now();
+    let report = rt.block_on(rt.spawn(load.run()))?;
+    tally(&mut r, &report);
+    let mut failed_open = 0.0;
+    for port in ports {
+        failed_open += super::metric(port, "rate_limit_decisions_total", "failed_open")?;
+    }
+    system.stop_extra_apis()?;
+
+    let allowed: Vec<usize> = (0..2)
+        .map(|t| {
+            report
+                .outcomes
+                .iter()
+                .filter(|o| o.target == t && o.kind == Kind::Ok)
+                .count()
+        })
+        .collect();
+    let total = allowed[0] + allowed[1];
+    let limited = r.errors.get("429 RATE_LIMITED").copied().unwrap_or(0);
+    let span = report
+        .outcomes
+        .last()
+        .zip(report.outcomes.first())
+        .map_or(Duration::ZERO, |(l, f)| l.sent - f.sent);
+    let expected = f64::from(limit) * (1.0 + span.as_secs_f64() / f64::from(window));
+    let off = (total as f64 - expected).abs() / f64::from(limit);
+    r.note(format!(
+        "limit {limit}, allowed {total} ({} + {}), expected {expected:.1}, off by {:.2} %, 429: {limited}",
+        allowed[0],
+        allowed[1],
+        off * 100.0
+    ));
+    if off > 0.01 {
+        r.fail(format!(
+            "the replicas allowed {total} together, {:.2} % off the shared limit {limit}",
+            off * 100.0
+        ));
+    }
+    if allowed.contains(&0) {
+        r.fail(format!(
+            "a replica allowed nothing ({allowed:?}): the load did not reach both"
+        ));
+    }
+    if limited == 0 {
+        r.fail("no request was limited: the load did not reach the limit");
+    }
+    // A few decisions may fail open on a busy machine (a Redis command past its 100 ms
+    // timeout); enough of them to make up the count would mean it was not Redis's.
+    r.note(format!("decisions failed open: {failed_open}"));
+    if failed_open > 0.01 * f64::from(limit) {
+        r.fail(format!(
+            "{failed_open} decisions failed open, over 1 % of the limit: the count was not Redis's"
+        ));
+    }
+    let other = r.errors.values().sum::<usize>() - limited;
+    if other > 0 {
+        r.fail(format!("{other} errors other than 429 RATE_LIMITED"));
+    }
+    Ok(r)
+}
+
+/// Scenario 5: `domains` locked (ACCESS EXCLUSIVE, by a psql session of this harness) for
+/// 4 s under load: every read waits on the lock until the server's `statement_timeout`
+/// (`DB_STATEMENT_TIMEOUT_MS`, 1500 here, below the request's 3000) cancels it: 57014,
+/// counted in the throwaway server's log ("canceling statement due to statement timeout")
+/// at least once per 504; the request gets 504 `REQUEST_TIMEOUT` with the standard body; no
+/// more backends wait on the lock than arrived within one statement timeout (a client that
+/// only gave up would leave its backend waiting); from 0.5 s after the release every
+/// request succeeds (the pool is healthy).
+fn statement_timeout(system: &mut System, rt: &Runtime) -> Result<ScenarioResult> {
+    let mut r = ScenarioResult::new(5, "statement_timeout");
+    let log = system.pg.dir().join("postgres.log");
+    let cancels = || -> Result<usize> {
+        let text =
+            std::fs::read_to_string(&log).with_context(|| format!("reading {}", log.display()))?;
+        Ok(text
+            .matches("canceling statement due to statement timeout")
+            .count())
+    };
+    let cancels_before = cancels()?;
+    let rate = 10;
+    let load = load(system, rate, Duration::from_secs(8));
+    let start = load.epoch;
+    let handle = rt.spawn(load.run());
+
+    at(start, Duration::from_secs(1));
+    // Requests sent from here may find the lock taken.
+    let locking = start.elapsed();
+    let mut holder = crate::services::psql_session(&system.db_url)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting the psql session that holds the lock")?;
+    let mut stdin = holder
+        .stdin
+        .take()
+        .context("the psql session has no stdin")?;
+    stdin.write_all(b"BEGIN;\nLOCK TABLE domains IN ACCESS EXCLUSIVE MODE;\n")?;
+    stdin.flush()?;
+    let locked = time_until(Duration::from_secs(5), || {
+        psql_read(
+            &system.db_url,
+            "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
+             WHERE c.relname = 'domains' AND l.mode = 'AccessExclusiveLock' AND l.granted",
+        )
+        .is_ok_and(|n| n.trim() == "1")
+    });
+    let locked_at = start.elapsed();
+    r.note(format!(
+        "lock seen taken {:.2}s after the LOCK was sent",
+        (locked_at - locking).as_secs_f64()
+    ));
+    at(start, Duration::from_secs(5));
+    let waiting = psql_read(
+        &system.db_url,
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = 'chaos' AND wait_event_type = 'Lock'",
+    )?;
+    stdin.write_all(b"ROLLBACK;\n")?;
+    drop(stdin);
+    let released = start.elapsed();
+    let held = holder.wait_with_output()?;
+    let report = rt.block_on(handle)?;
+    tally(&mut r, &report);
+    if locked.is_none() {
+        r.fail("the lock was not taken within 5 s");
+    }
+    if !held.status.success() {
+        r.fail(format!(
+            "the psql session holding the lock failed: {}",
+            String::from_utf8_lossy(&held.stderr).trim()
+        ));
+    }
+    let cancelled = cancels()? - cancels_before;
+    let timeouts = r.errors.get("504 REQUEST_TIMEOUT").copied().unwrap_or(0);
+    let waiting: usize = waiting.trim().parse().context("counting lock waiters")?;
+    r.note(format!(
+        "lock held {:.1} s, 504: {timeouts}, statement timeouts in the server log: {cancelled}, \
+         lock waiters before the release: {waiting}",
+        (released - locking).as_secs_f64()
+    ));
+    if timeouts == 0 {
+        r.fail("no request got 504 REQUEST_TIMEOUT: the lock had no effect");
+    }
+    if cancelled < timeouts {
+        r.fail(format!(
+            "{timeouts} requests timed out but the server cancelled {cancelled} statements"
+        ));
+    }
+    // Two replicas at `rate` in all: those sent within the last statement timeout, plus
+    // a margin for the scheduling.
+    let bound = rate as usize * 3 / 2 + 5;
+    if waiting > bound {
+        r.fail(format!(
+            "{waiting} backends waited on the lock (at most {bound} expected): statements were not cancelled server-side"
+        ));
+    }
+    let other = r.errors.values().sum::<usize>() - timeouts;
+    if other > 0 {
+        r.fail(format!("{other} errors other than 504 REQUEST_TIMEOUT"));
+    }
+    let outside: Vec<&Outcome> = report
+        .outcomes
+        .iter()
+        .filter(|o| {
+            o.kind != Kind::Ok
+                && (o.sent < locking || o.sent >= released + Duration::from_millis(500))
+        })
+        .collect();
+    if !outside.is_empty() {
+        r.fail(format!(
+            "{} errors outside the lock (first: {} sent at {:?})",
+            outside.len(),
+            outside[0].kind.label(),
+            outside[0].sent
+        ));
+    }
+    // From the release to the first 200 of a request sent after it.
+    r.recovery = report
+        .outcomes
+        .iter()
+        .filter(|o| o.kind == Kind::Ok && o.sent >= released)
+        .map(|o| (o.sent + o.latency).saturating_sub(released))
+        .min();
+    if r.recovery.is_none() {
+        r.fail("no request sent after the release succeeded");
+    }
+    Ok(r)
+}
+
+/// Scenario 7: 1,000 identical analytics requests at once on one replica, for a range
+/// nobody asked for (a cold cache), with 200 ms of latency on the database proxy so that
+/// the one query is still running while the others arrive: every request gets 200, and
+/// the report's statement ran exactly once, counted server-side (`pg_stat_statements`)
+/// and by the api (`analytics_queries_total`). Single flight is per process: a burst spread
+/// over the two replicas would run two.
+fn analytics_burst(system: &mut System, rt: &Runtime) -> Result<ScenarioResult> {
+    static RUNS: AtomicU32 = AtomicU32::new(0);
+    let mut r = ScenarioResult::new(7, "analytics burst, cold cache");
+    let n = 1000;
+    let year = 2001 + RUNS.fetch_add(1, Ordering::Relaxed);
+    let url = format!(
+        "http://127.0.0.1:{}/v1/domains/{}/analytics?from={year}-01-01&to={year}-12-31",
+        system.apis[0].port, system.domain
+    );
+    let statements = || -> Result<u64> {
+        let calls = psql_read(
+            &system.db_url,
+            "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements \
+             WHERE query LIKE '%json_agg(k ORDER BY k.total_clicks DESC%' \
+             AND query NOT LIKE '%pg_stat_statements%'",
+        )?;
+        calls.trim().parse().context("reading pg_stat_statements")
+    };
+    let port = system.apis[0].port;
+    let statements_before = statements()?;
+    let computed_before = super::metric(port, "analytics_queries_total", "")?;
+    system.pg_proxy.set_fault(Fault::Latency(200));
+    let report = rt.block_on(super::load::burst(
+        &[url],
+        &system.key,
+        n,
+        REQUEST_TIMEOUT + Duration::from_secs(2),
+    ));
+    system.pg_proxy.set_fault(Fault::Pass);
+    tally(&mut r, &report);
+    let ran = statements()? - statements_before;
+    let computed = super::metric(port, "analytics_queries_total", "")? - computed_before;
+    let slowest = report
+        .outcomes
+        .iter()
+        .map(|o| o.latency)
+        .max()
+        .unwrap_or_default();
+    r.recovery = Some(slowest);
+    r.note(format!(
+        "statements run (pg_stat_statements): {ran}, computations (api metric): {computed}, slowest answer {:.2}s",
+        slowest.as_secs_f64()
+    ));
+    let errors = r.errors.values().sum::<usize>();
+    if errors > 0 {
+        r.fail(format!("{errors} of {n} requests not answered 200"));
+    }
+    if ran != 1 {
+        r.fail(format!("the burst ran the statement {ran} times, not once"));
+    }
+    if computed != 1.0 {
+        r.fail(format!(
+            "the api computed the report {computed} times, not once"
+        ));
+    }
+    Ok(r)
+}
+
+/// Scenario 10: a fresh api replica (`HTTP_MAX_CONNECTIONS` 6000, limits of an hour so no
+/// answer is a 429) held at 5,000 keep-alive connections for 30 s (10 s with `--quick`),
+/// each sending a request 100 ms after its previous answer, opened over 2 s; the file
+/// descriptor limit raised first (this process's soft limit to its hard one, inherited by
+/// the replica). Passes when the replica does not crash, every answer is 200 or
+/// 503 `OVERLOADED` (load shedding), every connect succeeds and no answer misses the
+/// client's deadline, the 5,000 were open at once, its RSS (sampled from /proc every
+/// 250 ms) stays under 1 GiB and ends no more than 64 MiB above its peak of the first
+/// half, and it answers 200 right after.
+fn many_connections(system: &mut System, rt: &Runtime, quick: bool) -> Result<ScenarioResult> {
+    const CONNECTIONS: usize = 5000;
+    const RSS_BOUND_KIB: u64 = 1 << 20;
+    const RSS_GROWTH_KIB: u64 = 64 << 10;
+    // Sized to the pool (`DB_POOL_MAX` 20): at the default 1024 the admitted excess waits
+    // for a connection and fails 503 DATABASE_UNAVAILABLE or 504 instead of being shed.
+    const MAX_CONCURRENCY: &str = "64";
+    let mut r = ScenarioResult::new(10, "5,000 connections");
+    let duration = Duration::from_secs(if quick { 10 } else { 30 });
+    // The harness's sockets, the replica's, and some room for both.
+    raise_fd_limit(CONNECTIONS as u64 + 1024)?;
+    let port = system.extra_api(&[
+        ("HTTP_MAX_CONNECTIONS", "6000"),
+        ("HTTP_MAX_CONCURRENCY", MAX_CONCURRENCY),
+        ("RATE_LIMIT_WINDOW_SECS", "3600"),
+        ("RATE_LIMIT_PER_KEY", "3600000"),
+        ("RATE_LIMIT_PER_IP", "3600000"),
+    ])?;
+    let pid = system
+        .extra_apis
+        .last()
+        .context("the replica just started is gone")?
+        .child
+        .id();
+    let load = Connections {
+        addr: super::loopback(port),
+        path: format!("/v1/domains/{}", system.domain),
+        key: system.key.clone(),
+        connections: CONNECTIONS,
+        ramp: Duration::from_secs(5),
+        duration,
+        connect_timeout: Duration::from_secs(10),
+        deadline: REQUEST_TIMEOUT + Duration::from_secs(2),
+        think: Duration::from_secs(1),
+    };
+    let rss_start = rss_kib(pid)?;
+    let started = Instant::now();
+    let handle = rt.spawn(load.run());
+    let mut samples = Vec::new();
+    while !handle.is_finished() {
+        if let Ok(kib) = rss_kib(pid) {
+            samples.push((started.elapsed(), kib));
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let tally = rt.block_on(handle)?;
+    let crashed = system
+        .extra_apis
+        .last_mut()
+        .context("the replica is gone")?
+        .child
+        .try_wait()?;
+    let recovered = time_until(Duration::from_secs(10), || {
+        super::raw_request(
+            port,
+            &format!(
+                "GET /v1/domains/{} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {}\r\n\
+                 Connection: close\r\n\r\n",
+                system.domain, system.key
+            ),
+        )
+        .is_ok_and(|answer| answer.starts_with("HTTP/1.1 200"))
+    });
+    let rss_end = rss_kib(pid).unwrap_or(0);
+    // A crash is reported below, as the scenario's failure.
+    let stopped = system.stop_extra_apis();
+    if crashed.is_none() {
+        stopped?;
+    }
+
+    r.requests = tally.requests;
+    let answered: usize = tally.outcomes.values().sum();
+    r.lost = tally.requests.saturating_sub(answered);
+    for (kind, n) in tally.outcomes.iter().chain(tally.connect_errors.iter()) {
+        if kind != "200" {
+            *r.errors.entry(kind.clone()).or_default() += n;
+        }
+    }
+    let peak = samples.iter().map(|s| s.1).max().unwrap_or(0);
+    let half = duration / 2;
+    let first_half_peak = samples
+        .iter()
+        .filter(|s| s.0 < half)
+        .map(|s| s.1)
+        .max()
+        .unwrap_or(0);
+    let last = samples.last().map_or(0, |s| s.1);
+    r.recovery = recovered;
+    r.note(format!(
+        "connections opened {}, at once (peak) {}, RSS start {} MiB, peak {} MiB, first-half peak {} MiB, last sample {} MiB, after {} MiB, slowest answer {:.2}s, harness lag {:.2}s",
+        tally.connected,
+        tally.peak_open,
+        rss_start >> 10,
+        peak >> 10,
+        first_half_peak >> 10,
+        last >> 10,
+        rss_end >> 10,
+        tally.slowest.as_secs_f64(),
+        tally.harness_lag.as_secs_f64()
+    ));
+    if let Some(status) = crashed {
+        r.fail(format!("the api exited under the load ({status})"));
+    }
+    let odd: Vec<String> = r
+        .errors
+        .iter()
+        .filter(|(kind, _)| kind.as_str() != "503 OVERLOADED")
+        .map(|(kind, n)| format!("{kind}: {n}"))
+        .collect();
+    if !odd.is_empty() {
+        r.fail(format!(
+            "errors other than 503 OVERLOADED: {}",
+            odd.join(", ")
+        ));
+    }
+    if r.lost > 0 {
+        r.fail(format!("{} requests without an outcome", r.lost));
+    }
+    if tally.peak_open < CONNECTIONS {
+        r.fail(format!(
+            "only {} connections were open at once, not {CONNECTIONS}",
+            tally.peak_open
+        ));
+    }
+    if peak > RSS_BOUND_KIB {
+        r.fail(format!("RSS peaked at {} MiB, over 1 GiB", peak >> 10));
+    }
+    if last > first_half_peak + RSS_GROWTH_KIB {
+        r.fail(format!(
+            "RSS grew from {} MiB (first half's peak) to {} MiB",
+            first_half_peak >> 10,
+            last >> 10
+        ));
+    }
+    if recovered.is_none() {
+        r.fail("the api did not answer 200 within 10 s after the load");
+    }
+    Ok(r)
+}
+
+/// The resident set of process `pid`, in KiB (`VmRSS` of `/proc/<pid>/status`).
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("no VmRSS in /proc/{pid}/status"))
+}
+
+/// Makes sure this process may open `need` files: raises its soft `RLIMIT_NOFILE` to the
+/// hard limit with `prlimit` (util-linux) when it is lower; children started afterwards
+/// inherit it. Fails, naming both limits, when even the hard limit is too low.
+fn raise_fd_limit(need: u64) -> Result<()> {
+    let read = || -> Result<(u64, u64)> {
+        let limits = std::fs::read_to_string("/proc/self/limits")?;
+        let line = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .context("no `Max open files` in /proc/self/limits")?;
+        let mut values = line
+            .trim_start_matches("Max open files")
+            .split_whitespace()
+            .map(|v| {
+                if v == "unlimited" {
+                    Ok(u64::MAX)
+                } else {
+                    v.parse()
+                }
+            });
+        match (values.next(), values.next()) {
+            (Some(Ok(soft)), Some(Ok(hard))) => Ok((soft, hard)),
+            _ => bail!("cannot read the open-files limit from {line:?}"),
+        }
+    };
+    let (soft, hard) = read()?;
+    if soft >= need {
+        return Ok(());
+    }
+    if hard < need {
+        bail!(
+            "the open-files limit is {soft} (hard {hard}), scenario 10 needs {need}: raise the hard limit (ulimit -Hn) first"
+        );
+    }
+    let status = Command::new("prlimit")
+        .arg("--pid")
+        .arg(std::process::id().to_string())
+        .arg(format!("--nofile={hard}:{hard}"))
+        .status()
+        .context("running prlimit to raise the open-files limit")?;
+    let (soft, _) = read()?;
+    if !status.success() || soft < need {
+        bail!("could not raise the open-files limit to {need} (it is {soft}, hard {hard})");
+    }
+    Ok(())
+}
+
+/// Scenario 9, the export worker part: an export queued with 300 ms of latency on the
+/// database proxy (so the job runs for seconds); the worker holding its lease SIGKILLed
+/// mid-job; then the latency removed. Passes when the other worker completes it within the
+/// lease (`EXPORT_LEASE_SECS`, 5 here) plus 20 s, exactly once: the killed attempt is
+/// `reclaimed`, exactly one attempt `succeeded` and by the other worker, the job's
+/// `attempts` counts every attempt row, its `rows_written` equals its `record_count` and is
+/// not 0 (20 keyword rows of 2020 are stored first, the export is of 2020), and
+/// exactly one file of the export is in `EXPORT_DIR` (its `storage_path`). The killed
+/// worker is started again afterwards. (The control-plane part is not done.)
+fn export_worker_sigkill(system: &mut System) -> Result<ScenarioResult> {
+    let mut r = ScenarioResult::new(9, "SIGKILL export worker mid-job");
+    let db = system.db_url.clone();
+    let read = |sql: &str| psql_read(&db, sql).map(|s| s.trim().to_owned());
+    super::ingest_keywords(system.apis[0].port, &system.key, &system.domain)?;
+    system.pg_proxy.set_fault(Fault::Latency(300));
+    let id = super::create_export(system.apis[0].port, &system.key, &system.domain)?;
+    r.requests = 1;
+    let mut owner = String::new();
+    let claimed = time_until(Duration::from_secs(20), || {
+        owner = read(&format!(
+            "SELECT coalesce(lease_owner, '') FROM domain_exports WHERE id = '{id}' AND status = 'running'"
+        ))
+        .unwrap_or_default();
+        !owner.is_empty()
+    });
+    let victim = system.workers.iter().position(|w| {
+        w.name
+            .strip_prefix("export-worker-")
+            .is_some_and(|n| owner == format!("chaos-worker-{n}"))
+    });
+    let (Some(_), Some(victim)) = (claimed, victim) else {
+        system.pg_proxy.set_fault(Fault::Pass);
+        let status = read(&format!(
+            "SELECT status FROM domain_exports WHERE id = '{id}'"
+        ))?;
+        bail!(
+            "the export was not seen running under a known worker (status {status}, owner {owner:?})"
+        );
+    };
+    let killed_at = Instant::now();
+    smartbeak_test_support::signal(system.workers[victim].child.id(), "KILL")?;
+    let _ = system.workers[victim].child.wait();
+    system.pg_proxy.set_fault(Fault::Pass);
+    let status_now = read(&format!(
+        "SELECT status FROM domain_exports WHERE id = '{id}'"
+    ))?;
+    let done = time_until(EXPORT_LEASE + Duration::from_secs(20), || {
+        read(&format!(
+            "SELECT status FROM domain_exports WHERE id = '{id}'"
+        ))
+        .is_ok_and(|s| ["succeeded", "failed", "cancelled"].contains(&s.as_str()))
+    });
+    // From the kill to the success.
+    r.recovery = done.map(|_| killed_at.elapsed());
+    system.restart_worker(victim)?;
+    let row = read(&format!(
+        "SELECT status || ' ' || attempts || ' ' || rows_written || ' ' || coalesce(record_count::text, '-') \
+         || ' ' || coalesce(storage_path, '-') FROM domain_exports WHERE id = '{id}'"
+    ))?;
+    let fields: Vec<&str> = row.split(' ').collect();
+    let attempts = read(&format!(
+        "SELECT string_agg(worker || ':' || outcome, ',' ORDER BY attempt, id) \
+         FROM domain_export_attempts WHERE export_id = '{id}'"
+    ))?;
+    let attempt_rows: Vec<&str> = attempts.split(',').filter(|a| !a.is_empty()).collect();
+    let prefix = id.replace('-', "");
+    let files: Vec<String> = std::fs::read_dir(system.work.join("exports"))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with(&prefix))
+        .collect();
+    r.note(format!(
+        "killed {owner} while the job was {status_now}; export: {row}; attempts: {attempts}; files: {}",
+        files.join(" ")
+    ));
+    let succeeded = attempt_rows
+        .iter()
+        .filter(|a| a.ends_with(":succeeded"))
+        .count();
+    r.duplicated = succeeded.saturating_sub(1) + files.len().saturating_sub(1);
+    if done.is_none() || fields.first() != Some(&"succeeded") {
+        r.lost = 1;
+        r.fail(format!(
+            "the export did not succeed within the lease plus 20 s ({row})"
+        ));
+    }
+    if !attempt_rows
+        .iter()
+        .any(|a| *a == format!("{owner}:reclaimed"))
+    {
+        r.fail(format!(
+            "the killed worker's attempt is not `reclaimed` ({attempts}): the kill had no effect"
+        ));
+    }
+    if succeeded != 1
+        || attempt_rows
+            .iter()
+            .any(|a| *a == format!("{owner}:succeeded"))
+    {
+        r.fail(format!(
+            "not exactly one attempt succeeded, by the other worker ({attempts})"
+        ));
+    }
+    if fields.get(1) != Some(&attempt_rows.len().to_string().as_str()) {
+        r.fail(format!(
+            "the export counts {:?} attempts, the attempts table {}",
+            fields.get(1),
+            attempt_rows.len()
+        ));
+    }
+    if fields.get(2) != fields.get(3) || fields.get(2) == Some(&"0") {
+        r.fail(format!(
+            "rows written {:?}, record count {:?}",
+            fields.get(2),
+            fields.get(3)
+        ));
+    }
+    if files.len() != 1 || fields.get(4) != files.first().map(String::as_str).as_ref() {
+        r.fail(format!(
+            "files of the export in EXPORT_DIR: {files:?}, storage_path {:?}",
+            fields.get(4)
+        ));
+    }
     Ok(r)
 }
