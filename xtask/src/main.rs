@@ -8,6 +8,8 @@
 //!   `deploy/prometheus`, installing Debian's `prometheus` package when promtool is missing);
 //! - `chaos [--scenario N] [--quick]`: faults injected into the running system, checked from
 //!   outside (`chaos`);
+//! - `bench [--quick] [--only SECTION,...]`: every headline claim beside its anchor, written
+//!   to `BENCHMARKS.md`, `docs/bench/*.png` and `target/bench/results.json` (`bench`);
 //! - `demo`: services, migrations, seed data, and the main job end to end;
 //! - `services up|down|status`: throwaway PostgreSQL and Redis for local work.
 //!
@@ -19,6 +21,7 @@
 //! (`SecretUrl` of `smartbeak-database`), and psql gets passwords through `PGPASSWORD`,
 //! never on its command line.
 
+mod bench;
 mod chaos;
 mod demo;
 mod fuzz;
@@ -44,6 +47,8 @@ tasks:
   promtool                  only test's step promtool check/test rules on deploy/prometheus
   chaos [--scenario N] [--quick]
                             faults injected into the running system (throwaway servers)
+  bench [--quick] [--only SECTION,...]
+                            benchmarks beside their anchors -> BENCHMARKS.md
   demo                      seed a database and run the main job end to end
   services up|down|status   throwaway PostgreSQL and Redis for local work
 ";
@@ -79,6 +84,7 @@ fn run(args: &[String]) -> Result<ExitCode> {
         }),
         Some("promtool") => test::promtool(&sh).map(|()| ExitCode::SUCCESS),
         Some("chaos") => chaos::Chaos::parse(&args[1..])?.run(&sh),
+        Some("bench") => bench::Bench::parse(&args[1..])?.run(&sh),
         Some("demo") => demo::Demo.run(&sh).map(|()| ExitCode::SUCCESS),
         Some("services") => services::ServicesTask::parse(&args[1..])?
             .run(&sh)
