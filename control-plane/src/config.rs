@@ -266,9 +266,10 @@ impl CommonArgs {
     /// its statement bound ([`smartbeak_database::DatabaseConfig::query_timeout`]), and the
     /// pool has room for `runs_at_once` runs (1 for `batch`, the enabled operations for
     /// `run`), each holding its lock connection plus up to `concurrency` connections:
-    /// `runs_at_once * (concurrency + 1) <= DB_POOL_MAX` for `batch`, and `<` for `run`
-    /// (`admin`), whose `/readyz` checks the database through the same pool and must still
-    /// get a connection while every run is at full concurrency.
+    /// `runs_at_once * (concurrency + 1) <= DB_POOL_MAX`. `run`'s admin `/readyz` needs no
+    /// connection of its own in the pool: it checks the database through the pool's
+    /// [`smartbeak_database::Pinger`], one dedicated connection outside it, so it answers
+    /// while every run is at full concurrency.
     ///
     /// # Errors
     ///
@@ -277,7 +278,6 @@ impl CommonArgs {
         &self,
         db: &smartbeak_database::DatabaseConfig,
         runs_at_once: usize,
-        admin: bool,
     ) -> anyhow::Result<()> {
         let min_stale = self
             .heartbeat_ms
@@ -306,19 +306,11 @@ impl CommonArgs {
         let pool = usize::try_from(db.pool_max).unwrap_or(usize::MAX);
         let runs = runs_at_once.max(1);
         let needed = runs.saturating_mul(self.concurrency.saturating_add(1));
-        let (fits, spare) = if admin {
-            (
-                needed < pool,
-                "; one more must stay free for the admin /readyz database check",
-            )
-        } else {
-            (needed <= pool, "")
-        };
-        if !fits {
+        if needed > pool {
             anyhow::bail!(
                 "CP_CONCURRENCY ({}) does not fit DB_POOL_MAX ({pool}): {runs} run(s) at once, \
                  each with up to {} items or batches in flight (a pool connection each) and \
-                 one lock connection, need {needed} connections{spare}",
+                 one lock connection, need {needed} connections",
                 self.concurrency,
                 self.concurrency
             );
@@ -555,12 +547,12 @@ mod tests {
         let db = smartbeak_database::DatabaseConfig::new("postgres://127.0.0.1/x").unwrap();
         assert_eq!(db.pool_max, 20, "the test assumes the default pool");
         assert!(
-            batch_args(&[]).common.check(&db, 3, true).is_ok(),
+            batch_args(&[]).common.check(&db, 3).is_ok(),
             "the defaults fit three runs at once"
         );
         let err = batch_args(&["--heartbeat-ms", "5000", "--stale-after-ms", "10000"])
             .common
-            .check(&db, 1, false)
+            .check(&db, 1)
             .err()
             .map(|e| e.to_string())
             .unwrap();
@@ -573,13 +565,13 @@ mod tests {
         assert!(
             batch_args(&["--heartbeat-ms", "5000", "--stale-after-ms", "15000"])
                 .common
-                .check(&db, 1, false)
+                .check(&db, 1)
                 .is_ok()
         );
         // Heartbeat 1 s, stale 3 s: three heartbeats, but not above 1 s + the 8.8 s bound.
         let err = batch_args(&["--heartbeat-ms", "1000", "--stale-after-ms", "3000"])
             .common
-            .check(&db, 1, false)
+            .check(&db, 1)
             .err()
             .map(|e| e.to_string())
             .unwrap();
@@ -590,7 +582,7 @@ mod tests {
         // `batch`: one run, concurrency + 1 <= 20.
         let err = batch_args(&["--concurrency", "20"])
             .common
-            .check(&db, 1, false)
+            .check(&db, 1)
             .err()
             .map(|e| e.to_string())
             .unwrap();
@@ -602,13 +594,13 @@ mod tests {
         assert!(
             batch_args(&["--concurrency", "19"])
                 .common
-                .check(&db, 1, false)
+                .check(&db, 1)
                 .is_ok()
         );
         // `run` with three operations: 3 x (16 + 1) = 51 > 20, though 16 < 20.
         let err = batch_args(&["--concurrency", "16"])
             .common
-            .check(&db, 3, true)
+            .check(&db, 3)
             .err()
             .map(|e| e.to_string())
             .unwrap();
@@ -616,34 +608,35 @@ mod tests {
             err.contains("3 run(s) at once") && err.contains("need 51"),
             "{err}"
         );
-        // `run` keeps one connection for /readyz: 2 x (9 + 1) = 20 is one too many.
-        let err = batch_args(&["--concurrency", "9"])
+        // `run` with two operations: 2 x (9 + 1) = 20 fits exactly (its /readyz uses the
+        // Pinger's own connection, not one of the pool's); 2 x (10 + 1) = 22 does not.
+        assert!(
+            batch_args(&["--concurrency", "9"])
+                .common
+                .check(&db, 2)
+                .is_ok()
+        );
+        let err = batch_args(&["--concurrency", "10"])
             .common
-            .check(&db, 2, true)
+            .check(&db, 2)
             .err()
             .map(|e| e.to_string())
             .unwrap();
         assert!(
-            err.contains("need 20 connections; one more must stay free for the admin /readyz"),
+            err.contains("2 run(s) at once") && err.ends_with("need 22 connections"),
             "{err}"
-        );
-        assert!(
-            batch_args(&["--concurrency", "8"])
-                .common
-                .check(&db, 2, true)
-                .is_ok()
         );
         // 3 x (5 + 1) = 18 fits; 3 x (6 + 1) = 21 does not.
         assert!(
             batch_args(&["--concurrency", "5"])
                 .common
-                .check(&db, 3, true)
+                .check(&db, 3)
                 .is_ok()
         );
         assert!(
             batch_args(&["--concurrency", "6"])
                 .common
-                .check(&db, 3, true)
+                .check(&db, 3)
                 .is_err()
         );
     }

@@ -117,7 +117,6 @@ struct Settings {
 fn settings(
     common: &CommonArgs,
     runs_at_once: usize,
-    admin: bool,
     keyword_sync: bool,
     shutdown: &Shutdown,
 ) -> Result<Settings, ConfigError> {
@@ -127,7 +126,7 @@ fn settings(
     let db = DatabaseConfig::from_env()
         .map_err(|e| invalid("invalid database configuration", e.into()))?;
     common
-        .check(&db, runs_at_once, admin)
+        .check(&db, runs_at_once)
         .map_err(|e| invalid("invalid configuration", e))?;
     let provider_deadline = common
         .provider_deadline(drain_deadline(shutdown), keyword_sync)
@@ -230,7 +229,7 @@ async fn serve(args: RunArgs, logs: &LogGuard) -> anyhow::Result<ExitCode> {
         .filter(|op| args.interval(*op).is_some())
         .count();
     let keyword_sync = args.interval(OperationName::KeywordSync).is_some();
-    let settings = settings(&args.common, enabled, true, keyword_sync, &shutdown)?;
+    let settings = settings(&args.common, enabled, keyword_sync, &shutdown)?;
     shutdown
         .listen_for_signals()
         .context("cannot listen for signals")?;
@@ -290,7 +289,7 @@ async fn batch(args: BatchArgs, logs: &LogGuard) -> anyhow::Result<ExitCode> {
     let shutdown = Shutdown::from_env()
         .map_err(|e| ConfigError(format!("invalid shutdown configuration: {e}")))?;
     let keyword_sync = args.operation == OperationName::KeywordSync;
-    let settings = settings(&args.common, 1, false, keyword_sync, &shutdown)?;
+    let settings = settings(&args.common, 1, keyword_sync, &shutdown)?;
     shutdown
         .listen_for_signals()
         .context("cannot listen for signals")?;
