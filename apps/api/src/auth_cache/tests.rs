@@ -223,6 +223,6 @@ async fn the_cache_holds_at_most_its_capacity_however_many_keys_come() {
             i + 1
         );
     }
-    assert!(cache.len() > 0);
+    assert!(!cache.is_empty());
     assert_eq!(calls.load(std::sync::atomic::Ordering::Relaxed), 10_000);
 }
