@@ -3,8 +3,9 @@
 //! Bounded by `AUTH_CACHE_CAPACITY` (a `quick_cache`), valid keys trusted for
 //! `AUTH_CACHE_TTL_MS`, unknown or revoked ones answered 401 for
 //! `AUTH_CACHE_NEGATIVE_TTL_MS`, so neither a hot key nor a flood of bad keys reaches
-//! PostgreSQL on every request (bad keys still count against the IP quota: the limiter
-//! runs before the handler). Revocation takes effect in every replica at once: a trigger on
+//! PostgreSQL on every request (bad keys still count against the IP quota, and once it is
+//! spent a key not in the cache is refused 429 before any lookup: `ratelimit::middleware`).
+//! Revocation takes effect in every replica at once: a trigger on
 //! `api_keys` (migration `api_key_notify`) sends `pg_notify(KEYS_CHANNEL, hex(key_hash))`
 //! when the change commits, and [`KeyCache::listen`] (one [`crate::listen`] session per
 //! process) evicts that key. When the session is lost the cache is flushed and flushed again
@@ -17,11 +18,12 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use quick_cache::sync::Cache;
 use smartbeak_database::Database;
 use subtle::ConstantTimeEq;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -87,6 +89,20 @@ impl KeyCache {
         db: &Database,
         presented: &PresentedKey,
     ) -> Result<Option<Auth>, ApiError> {
+        self.resolve_with(presented, |hash| async move { lookup(db, &hash).await })
+            .await
+    }
+
+    /// [`Self::resolve`] with `lookup` in place of the query on `api_keys` (for tests of
+    /// the cache itself).
+    async fn resolve_with<F>(
+        &self,
+        presented: &PresentedKey,
+        lookup: impl FnOnce([u8; 32]) -> F,
+    ) -> Result<Option<Auth>, ApiError>
+    where
+        F: std::future::Future<Output = Result<Option<Auth>, ApiError>>,
+    {
         let hash = presented.hash();
         if let Some(entry) = self.entries.get(hash) {
             if entry.expires > Instant::now() {
@@ -101,7 +117,7 @@ impl KeyCache {
         metrics::counter!(REQUESTS_METRIC, "result" => "miss").increment(1);
         let generation = self.generation.load(Ordering::Acquire);
         self.db_lookups.fetch_add(1, Ordering::Relaxed);
-        let auth = lookup(db, hash).await?;
+        let auth = lookup(*hash).await?;
         let ttl = if auth.is_some() {
             self.positive_ttl
         } else {
@@ -129,6 +145,14 @@ impl KeyCache {
             }
         }
         Ok(auth)
+    }
+
+    /// True when the cache answers for `presented` now (a fresh entry, valid or not), so
+    /// [`Self::resolve`] would not reach PostgreSQL.
+    pub fn is_cached(&self, presented: &PresentedKey) -> bool {
+        self.entries
+            .get(presented.hash())
+            .is_some_and(|entry| entry.expires > Instant::now())
     }
 
     /// Removes the key whose hash is `hash_hex` (a notification's payload).

@@ -196,6 +196,16 @@ impl From<sqlx::Error> for ApiError {
             sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
                 Self::DatabaseUnavailable(Box::new(err))
             }
+            // The server ended the session (57P01 from `pg_terminate_backend` or a fast
+            // shutdown, class 08 connection exceptions, ...): the database, not the request,
+            // failed, so 503 like a dropped connection.
+            sqlx::Error::Database(ref db)
+                if db
+                    .code()
+                    .is_some_and(|code| smartbeak_database::is_connection_sqlstate(&code)) =>
+            {
+                Self::DatabaseUnavailable(Box::new(err))
+            }
             // 57014 query_canceled: the server-side statement_timeout fired; inside a
             // request that is its deadline run out (504), see `out_of_time`.
             sqlx::Error::Database(ref db) if db.code().as_deref() == Some("57014") => {

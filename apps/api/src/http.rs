@@ -169,14 +169,19 @@ pub fn app(state: AppState) -> Router {
     probes.fallback_service(stack)
 }
 
-/// Runs the request inside a [`smartbeak_database::deadline::scope`] ending when the
-/// request timeout fires, so every query it makes is bounded by what is left of it (and
-/// an ingest transaction's `statement_timeout` lowered to fit): no query outlives its
-/// request. An outbound call made by a handler takes
-/// [`smartbeak_database::deadline::remaining`] as its deadline.
+/// Runs the request inside a [`smartbeak_database::deadline::scope`] and a
+/// [`smartbeak_utils::fetch::deadline::scope`] ending when the request timeout fires, so
+/// every query it makes is bounded by what is left of it (and an ingest transaction's
+/// `statement_timeout` lowered to fit), and so is every outbound call through
+/// `smartbeak_utils::fetch`: neither outlives its request, and no handler passes the
+/// deadline along.
 async fn request_deadline(timeout: std::time::Duration, request: Request, next: Next) -> Response {
     let deadline = tokio::time::Instant::now() + timeout;
-    smartbeak_database::deadline::scope(deadline, next.run(request)).await
+    smartbeak_database::deadline::scope(
+        deadline,
+        smartbeak_utils::fetch::deadline::scope(deadline, next.run(request)),
+    )
+    .await
 }
 
 /// Describes the HTTP layer's metrics and registers its label-less counters at 0
@@ -628,6 +633,176 @@ mod tests {
             lookups,
             "the good key came from the cache"
         );
+        db.close(std::time::Duration::from_secs(5)).await.unwrap();
+        tdb.drop_database().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn distinct_bad_keys_after_the_ip_quota_is_spent_reach_no_database() {
+        let tdb = TestDatabase::create().await.unwrap();
+        let db = Database::connect(tdb.config(), "smartbeak-api-test")
+            .await
+            .unwrap();
+        let config = ApiConfig::from_lookup(|var| match var {
+            "RATE_LIMIT_PER_IP" => Some("3".to_owned()),
+            _ => None,
+        })
+        .unwrap();
+        let limiter = RateLimiter::new(config.rate_limit.clone(), None).unwrap();
+        let state = AppState::new(db.clone(), config, limiter, None);
+        let keys = std::sync::Arc::clone(&state.keys);
+        let app = app(state);
+        let org = crate::auth::create_org(&db, "flood").await.unwrap();
+        let good = crate::auth::create_key(&db, org, "good").await.unwrap();
+        let send = |peer: &str, key: String| {
+            let mut request = Request::get("/v1/domains")
+                .header("authorization", format!("Bearer {key}"))
+                .body(Body::empty())
+                .unwrap();
+            let peer: std::net::SocketAddr = peer.parse().unwrap();
+            request
+                .extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
+            app.clone().oneshot(request)
+        };
+        let flooder = "192.0.2.60:1";
+        // A cached good key from the flooder's address, before the flood.
+        assert_eq!(
+            send(flooder, good.key.clone()).await.unwrap().status(),
+            StatusCode::OK
+        );
+        let before = keys.db_lookups();
+        // The IP quota (3) pays for three distinct bad keys, each looked up once...
+        for i in 0..3 {
+            let status = send(flooder, format!("sbk_bad_{i}"))
+                .await
+                .unwrap()
+                .status();
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "bad key {i}");
+        }
+        assert_eq!(keys.db_lookups(), before + 3);
+        // ...and then 50 more distinct bad keys are 429 without a lookup.
+        for i in 3..53 {
+            let response = send(flooder, format!("sbk_bad_{i}")).await.unwrap();
+            assert_eq!(
+                response.status(),
+                StatusCode::TOO_MANY_REQUESTS,
+                "bad key {i}"
+            );
+            assert!(response.headers().contains_key("retry-after"));
+            assert!(
+                response.headers()["ratelimit"]
+                    .to_str()
+                    .unwrap()
+                    .starts_with("\"ip\";r=0;")
+            );
+        }
+        assert_eq!(
+            keys.db_lookups(),
+            before + 3,
+            "a spent IP quota let bad keys reach PostgreSQL"
+        );
+        // A cached key from that address is still served; another address is untouched.
+        assert_eq!(
+            send(flooder, good.key.clone()).await.unwrap().status(),
+            StatusCode::OK
+        );
+        assert_eq!(
+            send("192.0.2.61:1", "sbk_other".to_owned())
+                .await
+                .unwrap()
+                .status(),
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(keys.db_lookups(), before + 4);
+        db.close(std::time::Duration::from_secs(5)).await.unwrap();
+        tdb.drop_database().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_request_whose_backend_was_terminated_gets_503_database_unavailable() {
+        // Chaos scenario 3: `pg_terminate_backend` on the connection a request uses. One
+        // pooled connection, never pinged on acquire (a long bypass), so the request after
+        // the kill runs its query on the dead session and sees what the server said (57P01
+        // admin_shutdown) or the closed socket.
+        let tdb = TestDatabase::create().await.unwrap();
+        let mut db_config = tdb.config();
+        db_config.pool_min = 1;
+        db_config.pool_max = 1;
+        db_config.ping_bypass = std::time::Duration::from_secs(3600);
+        let app_name = format!(
+            "sbt-term-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        let db = Database::connect(db_config, &app_name).await.unwrap();
+        let config = ApiConfig::from_lookup(|_| None).unwrap();
+        let limiter = RateLimiter::new(config.rate_limit.clone(), None).unwrap();
+        let app = app(AppState::new(db.clone(), config, limiter, None));
+        let org = crate::auth::create_org(&db, "terminated").await.unwrap();
+        let key = crate::auth::create_key(&db, org, "k").await.unwrap();
+        let send = || {
+            let mut request = Request::get("/v1/domains")
+                .header("authorization", format!("Bearer {}", key.key))
+                .body(Body::empty())
+                .unwrap();
+            let peer: std::net::SocketAddr = "192.0.2.50:1".parse().unwrap();
+            request
+                .extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
+            app.clone().oneshot(request)
+        };
+        // The key is cached now, so the next request's only query is the list.
+        assert_eq!(send().await.unwrap().status(), StatusCode::OK);
+
+        let admin = sqlx::PgPool::connect(tdb.url().expose()).await.unwrap();
+        let pool_pid: i32 = db
+            .run(async |conn| {
+                sqlx::query_scalar("SELECT pg_backend_pid()")
+                    .fetch_one(conn)
+                    .await
+            })
+            .await
+            .unwrap();
+        let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+            .bind(pool_pid)
+            .fetch_one(&admin)
+            .await
+            .unwrap();
+        assert!(killed);
+        let mut gone = false;
+        for _ in 0..250 {
+            let left: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = $1")
+                    .bind(pool_pid)
+                    .fetch_one(&admin)
+                    .await
+                    .unwrap();
+            if left == 0 {
+                gone = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(gone, "backend {pool_pid} still there after its termination");
+
+        let response = send().await.unwrap();
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert_eq!(
+            body,
+            serde_json::json!({
+                "error": "database unavailable, retry later",
+                "code": "DATABASE_UNAVAILABLE",
+            })
+        );
+        // The dead connection is gone: the next request is served on a new one.
+        assert_eq!(send().await.unwrap().status(), StatusCode::OK);
+
+        admin.close().await;
         db.close(std::time::Duration::from_secs(5)).await.unwrap();
         tdb.drop_database().await.unwrap();
     }

@@ -35,6 +35,15 @@ use super::{
     ItemError, ItemOutcome, Operation, OperationName, Parallelism, Stop, each_item, error_chain,
 };
 
+/// The first page of enabled sources (`$1`: the page size), in primary-key order.
+const FIRST_PAGE_SQL: &str = "SELECT domain_id, adapter, site FROM domain_keyword_sources \
+     WHERE enabled ORDER BY domain_id, adapter LIMIT $1";
+
+/// The page after the keyset `($1, $2)` = `(domain_id, adapter)` (`$3`: the page size).
+const NEXT_PAGE_SQL: &str = "SELECT domain_id, adapter, site FROM domain_keyword_sources \
+     WHERE enabled AND (domain_id, adapter) > ($1, $2) \
+     ORDER BY domain_id, adapter LIMIT $3";
+
 /// A credential: `Debug` and `Display` never show it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -280,19 +289,26 @@ impl Operation for KeywordSync {
         limit: usize,
     ) -> anyhow::Result<Vec<KeywordSource>> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        // Two statements rather than `$1 IS NULL OR (domain_id, adapter) > ($1, $2)`: under
+        // a generic plan that OR keeps the keyset out of the primary key's index condition,
+        // so every page would scan the table from its start.
         let rows: Vec<(Uuid, String, String)> = self
             .db
-            .run(async |conn| {
-                sqlx::query_as(
-                    "SELECT domain_id, adapter, site FROM domain_keyword_sources \
-                     WHERE enabled AND ($1::uuid IS NULL OR (domain_id, adapter) > ($1, $2)) \
-                     ORDER BY domain_id, adapter LIMIT $3",
-                )
-                .bind(after.as_ref().map(|(domain, _)| *domain))
-                .bind(after.as_ref().map(|(_, adapter)| adapter.as_str()))
-                .bind(limit)
-                .fetch_all(conn)
-                .await
+            .run(async |conn| match &after {
+                None => {
+                    sqlx::query_as(FIRST_PAGE_SQL)
+                        .bind(limit)
+                        .fetch_all(conn)
+                        .await
+                }
+                Some((domain, adapter)) => {
+                    sqlx::query_as(NEXT_PAGE_SQL)
+                        .bind(domain)
+                        .bind(adapter.as_str())
+                        .bind(limit)
+                        .fetch_all(conn)
+                        .await
+                }
             })
             .await?;
         Ok(rows
@@ -323,5 +339,88 @@ impl Operation for KeywordSync {
             self.sync(s, stop.in_flight.clone())
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod plan_tests {
+    //! The source pages scan the primary key from the keyset (an index condition, no sort),
+    //! also as the generic plan a prepared statement switches to after five executions
+    //! (`plan_cache_mode = force_generic_plan`).
+
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use smartbeak_database::testing::{TestDatabase, explain_generic};
+    use sqlx::Connection as _;
+    use uuid::Uuid;
+
+    use super::{FIRST_PAGE_SQL, NEXT_PAGE_SQL};
+
+    #[tokio::test]
+    async fn the_source_pages_start_at_the_keyset_also_in_a_generic_plan() {
+        let tdb = TestDatabase::create().await.unwrap();
+        let mut conn = sqlx::PgConnection::connect(tdb.url().expose())
+            .await
+            .unwrap();
+        let org = Uuid::new_v4();
+        sqlx::query("INSERT INTO orgs (id, name) VALUES ($1, 'plans')")
+            .bind(org)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        // 10,000 domains with both sources, fresh statistics.
+        sqlx::query(
+            "INSERT INTO domains (id, org_id, name) \
+             SELECT gen_random_uuid(), $1, 'd' || i || '.example' FROM generate_series(1, 10000) i",
+        )
+        .bind(org)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO domain_keyword_sources (domain_id, adapter, site) \
+             SELECT d.id, a, d.name FROM domains d, unnest(ARRAY['gsc', 'ahrefs']) a",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        sqlx::raw_sql("ANALYZE domains; ANALYZE domain_keyword_sources")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+
+        let first = explain_generic(&mut conn, FIRST_PAGE_SQL, &["bigint"], &["100".to_owned()])
+            .await
+            .unwrap();
+        assert!(first.contains("domain_keyword_sources_pkey"), "{first}");
+        assert!(
+            !first.contains("Sort"),
+            "the order comes from the index:\n{first}"
+        );
+
+        let next = explain_generic(
+            &mut conn,
+            NEXT_PAGE_SQL,
+            &["uuid", "text", "bigint"],
+            &[
+                format!("'{}'", Uuid::max()),
+                "'gsc'".to_owned(),
+                "100".to_owned(),
+            ],
+        )
+        .await
+        .unwrap();
+        assert!(next.contains("domain_keyword_sources_pkey"), "{next}");
+        assert!(
+            !next.contains("Sort"),
+            "the order comes from the index:\n{next}"
+        );
+        let cond: Vec<&str> = next.lines().filter(|l| l.contains("Index Cond")).collect();
+        assert!(
+            cond.iter().any(|l| l.contains("ROW(domain_id, adapter) >")),
+            "the keyset must bound the index scan:\n{next}"
+        );
+        conn.close().await.unwrap();
+        tdb.drop_database().await.unwrap();
     }
 }

@@ -81,23 +81,26 @@ impl DbError {
     }
 
     /// True when the server or the path to it failed (not the statement): acquire and
-    /// client-side timeouts, I/O, TLS and protocol errors, a closed pool. A replica is
-    /// dropped after a few of these in a row.
+    /// client-side timeouts, I/O, TLS and protocol errors, a closed pool, and a session the
+    /// server ended ([`is_connection_sqlstate`]: `pg_terminate_backend`, a server shutting
+    /// down). A replica is dropped after a few of these in a row.
     pub fn is_connection_failure(&self) -> bool {
         match self {
             Self::AcquireTimeout(_)
             | Self::QueryTimeout(_)
             | Self::StreamGap(_)
             | Self::Connect { .. } => true,
-            Self::Query(e) => matches!(
-                e,
-                sqlx::Error::Io(_)
-                    | sqlx::Error::Tls(_)
-                    | sqlx::Error::Protocol(_)
-                    | sqlx::Error::PoolTimedOut
-                    | sqlx::Error::PoolClosed
-                    | sqlx::Error::WorkerCrashed
-            ),
+            Self::Query(e) => {
+                matches!(
+                    e,
+                    sqlx::Error::Io(_)
+                        | sqlx::Error::Tls(_)
+                        | sqlx::Error::Protocol(_)
+                        | sqlx::Error::PoolTimedOut
+                        | sqlx::Error::PoolClosed
+                        | sqlx::Error::WorkerCrashed
+                ) || is_connection_error(e)
+            }
             _ => false,
         }
     }
@@ -112,4 +115,18 @@ impl DbError {
             _ => Self::Query(error),
         }
     }
+}
+
+/// True for the SQLSTATEs of a session the server ended or could not serve, not of the
+/// statement: class 08 (connection exception) and `57P01` admin_shutdown (a backend ended
+/// by `pg_terminate_backend` or a fast shutdown), `57P02` crash_shutdown, `57P03`
+/// cannot_connect_now (starting up or in recovery), `57P04` database_dropped and `57P05`
+/// idle_session_timeout. `57014` (query_canceled, a statement timeout) is not one of them.
+pub fn is_connection_sqlstate(code: &str) -> bool {
+    code.starts_with("08") || code.starts_with("57P")
+}
+
+/// True when `error` is a database error with a [`is_connection_sqlstate`] code.
+pub(crate) fn is_connection_error(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db) if db.code().is_some_and(|code| is_connection_sqlstate(&code)))
 }

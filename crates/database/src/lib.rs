@@ -85,10 +85,10 @@ use sqlx::{PgConnection, PgPool, Postgres};
 
 pub use analytics::{REPLICA_ERRORS, ReadSource};
 pub use config::{ConfigError, DatabaseConfig, SecretUrl};
-pub use error::DbError;
+pub use error::{DbError, is_connection_sqlstate};
 pub use metrics::{ACQUIRE_BUCKETS, PoolMetrics, PoolStats};
 pub use pinger::Pinger;
-pub use pool::{LIFETIME_JITTER, PING_BYPASS};
+pub use pool::{CLIENT_CHECK_INTERVAL, LIFETIME_JITTER, PING_BYPASS};
 pub use snapshot::{CopyOut, Rows, Snapshot, SnapshotOptions};
 pub use transaction::Tx;
 

@@ -29,6 +29,15 @@ use crate::config::SecretUrl;
 /// handed out without a ping.
 pub const PING_BYPASS: Duration = Duration::from_secs(1);
 
+/// `client_connection_check_interval` of every session (PostgreSQL 14+; the startup
+/// packet carries it): while a statement runs, the server checks this often that the client
+/// is still connected, and ends the statement (and the backend) when it is not. A query cut
+/// short on the client side (its bound, the request's deadline, a cancelled request) has
+/// its connection discarded, which closes the socket; without the check the server would
+/// run the statement on, up to `statement_timeout`, for no one. sqlx 0.8.6 has no way to
+/// send a cancel request, so this is how a query does not outlive its request server-side.
+pub const CLIENT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
 /// The largest fraction of `max_lifetime` taken off a connection's life (HikariCP: 2.5%).
 pub const LIFETIME_JITTER: f64 = 0.025;
 
@@ -48,6 +57,12 @@ pub(crate) fn connect_options(
         (
             "idle_in_transaction_session_timeout",
             config.idle_in_transaction_timeout.as_millis().to_string(),
+        ),
+        // A statement whose client went away stops within this interval, not at
+        // statement_timeout: see [`CLIENT_CHECK_INTERVAL`].
+        (
+            "client_connection_check_interval",
+            CLIENT_CHECK_INTERVAL.as_millis().to_string(),
         ),
     ];
     if config.tcp_keepalive {

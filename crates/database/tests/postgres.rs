@@ -520,6 +520,11 @@ async fn a_backend_killed_within_the_ping_bypass_costs_its_next_user_one_error()
                     .await
             })
             .await;
+        if let Err(e) = &result {
+            // The server ended the session (57P01 admin_shutdown, or the closed socket): a
+            // connection failure, never a statement error (the api answers 503, not 500).
+            assert!(e.is_connection_failure(), "{e:?}");
+        }
         outcomes.push(result.is_ok());
     }
     let errors = outcomes.iter().filter(|ok| !**ok).count();
@@ -2073,6 +2078,34 @@ async fn a_query_never_outlives_the_deadline_of_its_scope() {
         }
         other => panic!("expected the client bound, got {other:?}"),
     }
+    // ...and the server side ends too: the discarded connection's socket is closed, and
+    // `client_connection_check_interval` (1 s) ends the statement that no one waits for,
+    // instead of letting pg_sleep(30) run to the 8 s statement_timeout.
+    let sleeping = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE application_name = $1 AND query = 'SELECT pg_sleep(30)'",
+        )
+        .bind(&fx.app)
+        .fetch_one(&fx.admin)
+        .await
+        .unwrap()
+    };
+    let soon = tokio::time::Instant::now() + Duration::from_millis(300);
+    let err = deadline::scope(soon, async {
+        fx.db
+            .run(async |conn| sqlx::query("SELECT pg_sleep(30)").execute(conn).await)
+            .await
+    })
+    .await
+    .expect_err("pg_sleep(30) must not outlive its deadline");
+    assert!(matches!(err, DbError::QueryTimeout(_)), "{err:?}");
+    let cut_at = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(4), || async { sleeping().await == 0 }).await,
+        "the server still runs the statement of a request that gave up {:?} ago",
+        cut_at.elapsed()
+    );
 
     // Inside a transaction the server's timeout is lowered to fit the deadline, so the
     // server cancels the statement (57014) before the client bound.

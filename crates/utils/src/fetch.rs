@@ -5,7 +5,10 @@
 //! [`AdapterName`], retries of transient outcomes only on the adapter's retry
 //! budget, a fresh timeout per attempt, a total deadline
 //! ([`RetryPolicy::max_elapsed`]) over everything including the body read,
-//! and prompt cancellation through a `CancellationToken`.
+//! never past the caller's deadline when it runs inside a [`deadline::scope`]
+//! (the api opens one per request, so outbound calls get the request's
+//! deadline without each handler passing it), and prompt cancellation through
+//! a `CancellationToken`.
 //!
 //! # One way to build the shared stack
 //!
@@ -158,6 +161,8 @@ use smartbeak_resilience::{
 pub use smartbeak_resilience::{Policy, RetryPolicy, StopReason, TimeoutScope};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+pub mod deadline;
 
 /// Header that lets a non-idempotent request (POST, PATCH) be retried.
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
@@ -686,6 +691,10 @@ impl HttpClient {
         }
         if let Some(timeout) = options.attempt_timeout {
             policy.attempt_timeout = Some(timeout);
+        }
+        // Inside a caller's deadline (a request the api serves): never past it.
+        if let Some(left) = deadline::remaining() {
+            policy.retry.max_elapsed = policy.retry.max_elapsed.min(left);
         }
         let gate = Gate {
             idempotent: is_idempotent(request.method())

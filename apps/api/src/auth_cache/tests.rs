@@ -139,3 +139,90 @@ async fn a_flood_of_bad_keys_reaches_postgres_once_per_key_per_negative_ttl() {
     db.close(Duration::from_secs(5)).await.unwrap();
     tdb.drop_database().await.unwrap();
 }
+
+/// A lookup that counts its calls and finds `known` only.
+fn counting_lookup<'a>(
+    calls: &'a std::sync::atomic::AtomicU64,
+    known: &'a PresentedKey,
+    auth: Auth,
+) -> impl FnOnce([u8; 32]) -> std::future::Ready<Result<Option<Auth>, ApiError>> + 'a {
+    move |hash| {
+        calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        std::future::ready(Ok((&hash == known.hash()).then_some(auth)))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn entries_expire_at_their_ttl_valid_and_unknown_keys_each_by_their_own() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let cache = KeyCache::new(&config(5_000, 1_000));
+    let calls = AtomicU64::new(0);
+    let good = presented("sbk_good");
+    let bad = presented("sbk_bad");
+    let auth = Auth {
+        org_id: Uuid::new_v4(),
+        key_id: Uuid::new_v4(),
+    };
+    let resolve = |key: &PresentedKey| {
+        let lookup = counting_lookup(&calls, &good, auth);
+        let key = key.clone();
+        let cache = &cache;
+        async move { cache.resolve_with(&key, lookup).await.unwrap() }
+    };
+    assert_eq!(resolve(&good).await, Some(auth));
+    assert_eq!(resolve(&bad).await, None);
+    assert_eq!(calls.load(Ordering::Relaxed), 2);
+
+    // Just inside the negative TTL both are hits.
+    tokio::time::advance(Duration::from_millis(999)).await;
+    assert!(cache.is_cached(&bad));
+    assert_eq!(resolve(&good).await, Some(auth));
+    assert_eq!(resolve(&bad).await, None);
+    assert_eq!(calls.load(Ordering::Relaxed), 2);
+
+    // At the negative TTL the unknown key is looked up again; the valid one is still a hit.
+    tokio::time::advance(Duration::from_millis(1)).await;
+    assert!(!cache.is_cached(&bad));
+    assert!(cache.is_cached(&good));
+    assert_eq!(resolve(&bad).await, None);
+    assert_eq!(resolve(&good).await, Some(auth));
+    assert_eq!(calls.load(Ordering::Relaxed), 3);
+
+    // At the positive TTL (5 s after it was stored) the valid key is looked up again.
+    tokio::time::advance(Duration::from_millis(3_999)).await;
+    assert_eq!(resolve(&good).await, Some(auth));
+    assert_eq!(calls.load(Ordering::Relaxed), 3);
+    tokio::time::advance(Duration::from_millis(1)).await;
+    assert!(!cache.is_cached(&good));
+    assert_eq!(resolve(&good).await, Some(auth));
+    assert_eq!(calls.load(Ordering::Relaxed), 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_cache_holds_at_most_its_capacity_however_many_keys_come() {
+    use std::sync::atomic::AtomicU64;
+    const CAPACITY: usize = 64;
+    let cache = KeyCache::new(&AuthCacheConfig {
+        capacity: CAPACITY,
+        ..config(3_600_000, 3_600_000)
+    });
+    let calls = AtomicU64::new(0);
+    let nobody = presented("sbk_nobody");
+    let auth = Auth {
+        org_id: Uuid::nil(),
+        key_id: Uuid::nil(),
+    };
+    for i in 0..10_000 {
+        let key = presented(&format!("sbk_flood_{i}"));
+        let lookup = counting_lookup(&calls, &nobody, auth);
+        assert_eq!(cache.resolve_with(&key, lookup).await.unwrap(), None);
+        assert!(
+            cache.len() <= CAPACITY,
+            "{} entries after {} keys",
+            cache.len(),
+            i + 1
+        );
+    }
+    assert!(!cache.is_empty());
+    assert_eq!(calls.load(std::sync::atomic::Ordering::Relaxed), 10_000);
+}

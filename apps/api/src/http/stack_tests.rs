@@ -107,3 +107,35 @@ async fn a_request_past_its_timeout_is_504_and_the_server_cancels_its_statement(
         .unwrap();
     assert_eq!(rows, 0);
 }
+
+#[tokio::test]
+async fn a_read_past_its_timeout_is_504_and_its_statement_ends_server_side_too() {
+    // Outside a transaction no `SET LOCAL statement_timeout` shortens the statement: the
+    // client-side bound (what is left of the request) discards the connection, and the
+    // server, checking that its client is still there (`client_connection_check_interval`,
+    // 1 s), ends the statement instead of running it on to the session's 8 s timeout.
+    let api = TestApi::with_env(&[("HTTP_REQUEST_TIMEOUT_MS", "2000")]).await;
+    let pool = api.f.db.primary().clone();
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE domains IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let path = format!("/v1/domains/{}", api.f.domain);
+    let read = api.call("GET", &path, None);
+    let checks = async {
+        wait_for_lock_waiters(&pool, 1).await;
+        assert_eq!(
+            api.f.db.config().statement_timeout,
+            Duration::from_secs(8),
+            "the bound below assumes the fixture's 8 s statement_timeout"
+        );
+        // The lock is still held: only the server noticing the closed socket ends the
+        // wait before 8 s (2 s of request, 1 s of check interval, and some margin).
+        wait_for_lock_waiters_within(&pool, 0, Duration::from_secs(5)).await;
+    };
+    let (answer, ()) = tokio::join!(read, checks);
+    assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(answer.json()["code"], "REQUEST_TIMEOUT");
+    holder.rollback().await.unwrap();
+}

@@ -113,6 +113,73 @@ pub struct RateLimiter {
     redis: Option<RedisBackend>,
     local: LocalLimiter,
     warnings: WarnThrottle,
+    /// Client IPs whose quota this process saw spent, until when (see [`SpentIps`]).
+    spent: SpentIps,
+}
+
+/// The client IPs whose quota this process last saw spent (a 429, or an allowed request
+/// that took its last unit), and until when: a keyed request from one of them whose key is
+/// not in the key cache is answered 429 before any lookup, so a flood of distinct bad keys
+/// from one client costs PostgreSQL at most the IP quota in lookups. Bounded (the most
+/// recently spent IPs); a forgotten one costs one more lookup before it is remembered again.
+struct SpentIps {
+    until: quick_cache::sync::Cache<IpAddr, (Instant, u32)>,
+}
+
+/// How many spent client IPs a process remembers.
+const SPENT_IPS_CAPACITY: usize = 10_000;
+
+impl SpentIps {
+    fn new() -> Self {
+        Self {
+            until: quick_cache::sync::Cache::new(SPENT_IPS_CAPACITY),
+        }
+    }
+
+    /// Remembers `ip` as spent when `decision` (of a check of `ip` alone) refused it or
+    /// took its last unit.
+    fn record(&self, ip: IpAddr, decision: &Decision) {
+        let Some(quota) = decision.quotas.iter().find(|q| q.name == "ip") else {
+            return;
+        };
+        let wait_secs = match (decision.outcome, quota.usage) {
+            (Outcome::Limited, _) => decision.retry_after_secs.unwrap_or(1),
+            (Outcome::Allowed, Some(usage)) if usage.remaining == 0 => usage.next_secs,
+            _ => return,
+        };
+        if wait_secs > 0 {
+            self.until.insert(
+                ip,
+                (Instant::now() + Duration::from_secs(wait_secs), quota.limit),
+            );
+        }
+    }
+
+    /// The 429 decision for `ip` if its quota is still spent.
+    fn limited(&self, ip: IpAddr, window_secs: u64) -> Option<Decision> {
+        let (until, limit) = self.until.get(&ip)?;
+        let now = Instant::now();
+        if until <= now {
+            self.until.remove(&ip);
+            return None;
+        }
+        let wait_secs = u64::try_from(until.duration_since(now).as_millis().div_ceil(1000))
+            .unwrap_or(u64::MAX)
+            .max(1);
+        Some(Decision {
+            outcome: Outcome::Limited,
+            quotas: vec![QuotaState {
+                name: "ip",
+                limit,
+                window_secs,
+                usage: Some(QuotaUsage {
+                    remaining: 0,
+                    next_secs: wait_secs,
+                }),
+            }],
+            retry_after_secs: Some(wait_secs),
+        })
+    }
 }
 
 const POLICY_KEY: usize = 0;
@@ -137,6 +204,7 @@ impl RateLimiter {
             redis,
             local,
             warnings: WarnThrottle::new(WARNING_INTERVAL),
+            spent: SpentIps::new(),
         });
         let weak = Arc::downgrade(&limiter);
         tokio::spawn(async move {
@@ -150,6 +218,16 @@ impl RateLimiter {
             }
         });
         Ok(limiter)
+    }
+
+    /// The `backend` label of a decision made without consulting a backend (a client IP
+    /// remembered as spent).
+    fn backend_label(&self) -> &'static str {
+        if self.redis.is_some() {
+            "redis"
+        } else {
+            "local"
+        }
     }
 
     /// True unless `RATE_LIMIT_ENABLED=false`.
@@ -438,6 +516,14 @@ impl Decision {
 /// an allowed one carries the lookup's outcome to the `Auth` extractor ([`ResolvedKey`]),
 /// which answers 401 for a bad key. A lookup that failed is not carried: the extractor
 /// looks again and answers with that error.
+///
+/// The IP quota is decisive over the lookup of a key the cache does not know: once this
+/// process has seen a client IP's quota spent (a 429, or the request that took its last
+/// unit), a keyed request from it whose key is not cached gets 429 at once, with no lookup
+/// and no limiter call, until the quota regains a unit. So a flood of distinct bad keys from
+/// one client reaches PostgreSQL at most the IP quota's worth of times per replica. The
+/// price, during such a flood only: another tenant behind the same address whose key is not
+/// cached right then gets the 429 too (cached keys are unaffected).
 pub async fn middleware(State(state): State<AppState>, request: Request, next: Next) -> Response {
     limit(&state.limiter, Some(&state), request, next).await
 }
@@ -468,6 +554,16 @@ async fn limit(
         ip: if presented.is_some() { None } else { Some(ip) },
     };
     let keyed = presented.is_some();
+    if limiter.enabled()
+        && let (Some(presented), Some(state)) = (&presented, state)
+        && !state.keys.is_cached(presented)
+        && let Some(decision) = limiter.spent.limited(ip, limiter.config.window.as_secs())
+    {
+        record(Outcome::Limited, limiter.backend_label(), false);
+        let mut response = ApiError::RateLimited.into_response();
+        decision.apply_headers(response.headers_mut());
+        return response;
+    }
     let lookup = async {
         match (&presented, state) {
             (Some(presented), Some(state)) => state.keys.resolve(&state.db, presented).await.ok(),
@@ -485,6 +581,9 @@ async fn limit(
         return next.run(request).await;
     }
     let (mut decision, resolved) = tokio::join!(limiter.check(&client), lookup);
+    if !keyed {
+        limiter.spent.record(ip, &decision);
+    }
     if let Some(presented) = presented {
         request.extensions_mut().insert(presented);
     }
@@ -507,6 +606,7 @@ async fn limit(
                 ip: Some(ip),
             })
             .await;
+        limiter.spent.record(ip, &decision);
         match decision.outcome {
             Outcome::Allowed => {}
             Outcome::Limited => response = ApiError::RateLimited.into_response(),

@@ -1018,6 +1018,58 @@ async fn total_deadline_trims_the_last_backoff_instead_of_overshooting() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_call_inside_a_deadline_scope_ends_by_that_deadline() {
+    // The adapter allows 10 s per attempt and 30 s in all; the caller (a request the api
+    // serves) has 200 ms left. The call ends at the caller's deadline without being told.
+    let (client, server) = scripted(
+        settings(
+            quick_retries(1),
+            Duration::from_secs(10),
+            Duration::from_secs(30),
+        ),
+        ResilienceConfig::default(),
+        |_| Reply::Hang,
+    );
+    let started = Instant::now();
+    let err = deadline::scope(started + ms(200), async {
+        assert_eq!(deadline::remaining(), Some(ms(200)));
+        // An explicit longer deadline on the call cannot extend the caller's either.
+        client
+            .get(ADAPTER, server.url())
+            .deadline(Duration::from_secs(20))
+            .send()
+            .await
+            .unwrap_err()
+    })
+    .await;
+    assert!(
+        matches!(
+            err,
+            FetchError::Timeout {
+                scope: TimeoutScope::Deadline,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let elapsed = started.elapsed();
+    assert!(elapsed >= ms(200) && elapsed <= ms(201), "{elapsed:?}");
+    assert_eq!(
+        deadline::remaining(),
+        None,
+        "the scope ended with its future"
+    );
+    // A nested scope only shortens.
+    deadline::scope(Instant::now() + ms(50), async {
+        deadline::scope(Instant::now() + ms(500), async {
+            assert_eq!(deadline::remaining(), Some(ms(50)));
+        })
+        .await;
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn per_call_options_override_the_policy() {
     let (client, server) = scripted(
         settings(

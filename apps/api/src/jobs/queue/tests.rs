@@ -1096,3 +1096,71 @@ async fn every_list_shape_scans_the_cursor_index_from_the_cursor_even_in_a_gener
     }
     f.finish().await;
 }
+
+#[tokio::test]
+async fn the_retention_pages_scan_the_expiry_index_from_the_keyset_even_in_a_generic_plan() {
+    let f = Fixture::new().await;
+    let (org, domain) = (f.org, f.domain);
+    // 20,000 exports, one in ten a stored file (so in the partial expiry index), expiring
+    // over the last and the next few hours; fresh statistics.
+    f.db.run(async |conn| {
+        sqlx::query(
+            "INSERT INTO domain_exports (id, org_id, domain_id, format, status, finished_at, \
+                 storage_path, size_bytes, record_count, checksum_sha256, expires_at) \
+             SELECT u, $1, $2, 'json', s, now(), \
+                 CASE WHEN s = 'succeeded' THEN replace(u::text, '-', '') || '.json' END, \
+                 CASE WHEN s = 'succeeded' THEN 1 END, CASE WHEN s = 'succeeded' THEN 1 END, \
+                 CASE WHEN s = 'succeeded' THEN repeat('a', 64) END, \
+                 now() + (i - 10000) * interval '1 second' \
+             FROM (SELECT gen_random_uuid() AS u, i, \
+                       CASE WHEN i % 10 = 0 THEN 'succeeded' ELSE 'cancelled' END AS s \
+                   FROM generate_series(1, 20000) i) g",
+        )
+        .bind(org)
+        .bind(domain)
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query("ANALYZE domain_exports")
+            .execute(&mut *conn)
+            .await
+    })
+    .await
+    .unwrap();
+    for with_after in [false, true] {
+        let sql = retention::due_sql(with_after);
+        let mut types = vec!["timestamptz", "bigint"];
+        let mut args = vec!["now()".to_owned(), "100".to_owned()];
+        if with_after {
+            types.extend(["timestamptz", "uuid"]);
+            args.extend([
+                "now() - interval '10 minutes'".to_owned(),
+                format!("'{}'", Uuid::nil()),
+            ]);
+        }
+        let mut conn = f.db.acquire().await.unwrap();
+        let plan = smartbeak_database::testing::explain_generic(&mut conn, &sql, &types, &args)
+            .await
+            .unwrap();
+        drop(conn);
+        assert!(
+            plan.contains("domain_exports_expiry_idx"),
+            "(keyset: {with_after}) must scan the expiry index:\n{plan}"
+        );
+        assert!(!plan.contains("Seq Scan"), "{plan}");
+        let index_cond = plan
+            .lines()
+            .filter(|l| l.contains("Index Cond"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(
+            index_cond.contains("expires_at <= $1"),
+            "the due bound in the index condition:\n{plan}"
+        );
+        assert_eq!(
+            index_cond.contains("expires_at >= $3"),
+            with_after,
+            "the keyset starts the scan (and only on a next page):\n{plan}"
+        );
+    }
+    f.finish().await;
+}
