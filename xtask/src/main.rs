@@ -83,6 +83,10 @@ fn run(args: &[String]) -> Result<ExitCode> {
             }
         }),
         Some("promtool") => test::promtool(&sh).map(|()| ExitCode::SUCCESS),
+        Some("chaos") if args[1..].iter().any(|a| a == "--help" || a == "-h") => {
+            print!("{}", chaos::USAGE);
+            Ok(ExitCode::SUCCESS)
+        }
         Some("chaos") => chaos::Chaos::parse(&args[1..])?.run(&sh),
         Some("bench") => bench::Bench::parse(&args[1..])?.run(&sh),
         Some("demo") => demo::Demo.run(&sh).map(|()| ExitCode::SUCCESS),

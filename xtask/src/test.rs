@@ -113,7 +113,7 @@ impl Test {
             );
         }
 
-        // Its own throwaway servers and processes: the quick chaos set (scenarios 1, 3, 4).
+        // Its own throwaway servers and processes: the quick chaos set (scenarios 1, 3, 4, 8, 9).
         eprintln!("xtask: chaos (quick)");
         let chaos_ok = match crate::chaos::Chaos::quick().run_built(sh) {
             Ok(code) => code == ExitCode::SUCCESS,

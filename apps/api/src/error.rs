@@ -66,14 +66,17 @@ pub enum ApiError {
     /// 503 `RATE_LIMIT_SERVICE_ERROR`: Redis failed and the limiter is configured fail-closed.
     #[error("Rate limiting service unavailable")]
     RateLimitUnavailable,
-    /// 503 `OVERLOADED`: the concurrency limit is reached; retry later.
+    /// 503 `OVERLOADED` with `Retry-After`: the concurrency limit is reached, or every
+    /// database connection stayed busy for the acquire timeout while the database answered
+    /// (a saturated pool, [`smartbeak_database::DbError::PoolSaturated`]); retry later.
     #[error("server is overloaded, retry later")]
     Overloaded,
     /// 504 `REQUEST_TIMEOUT`: the request took longer than the per-request timeout
     /// (distinct from 503 `OVERLOADED`).
     #[error("request took too long")]
     Timeout,
-    /// 503 `DATABASE_UNAVAILABLE`: the database did not answer in time.
+    /// 503 `DATABASE_UNAVAILABLE`: the database did not answer in time (no connection came
+    /// back to the pool and none could be opened, or a connection failed).
     #[error("database unavailable, retry later")]
     DatabaseUnavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// 500 `INTERNAL_ERROR`: a bug or an unexpected failure; the cause is logged, not returned.
@@ -180,6 +183,13 @@ impl IntoResponse for ApiError {
             _ => {}
         }
         let mut response = (self.status(), Json(self.body())).into_response();
+        if matches!(self, Self::Overloaded) {
+            // A shed request did no work: retrying after a second is safe.
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(OVERLOADED_RETRY_AFTER_SECS),
+            );
+        }
         if matches!(self, Self::Unauthorized) {
             // RFC 9110 section 11.6.1: a 401 names the scheme that would work.
             response
@@ -189,6 +199,9 @@ impl IntoResponse for ApiError {
         response
     }
 }
+
+/// The `Retry-After` of a 503 `OVERLOADED`, in seconds.
+pub const OVERLOADED_RETRY_AFTER_SECS: u64 = 1;
 
 impl From<sqlx::Error> for ApiError {
     fn from(err: sqlx::Error) -> Self {
@@ -238,6 +251,11 @@ impl From<smartbeak_database::DbError> for ApiError {
         match err {
             smartbeak_database::DbError::QueryTimeout(_)
             | smartbeak_database::DbError::StatementTimeout(_) => out_of_time(Box::new(err)),
+            // Load, not an outage: every connection was busy serving other requests.
+            smartbeak_database::DbError::PoolSaturated(_) => {
+                tracing::debug!(error = %err, "shed: the database pool is saturated");
+                Self::Overloaded
+            }
             // First, so a driver-level connection failure (I/O, TLS, protocol, a closed
             // pool) is 503 like the timeouts, whatever the sqlx mapping below says. A
             // transaction whose connection was discarded after a timeout: as unavailable as
@@ -409,6 +427,106 @@ mod tests {
                 "{shown}"
             );
         }
+    }
+
+    /// An acquire timeout (sqlx's `PoolTimedOut`) classified on a real PostgreSQL through
+    /// a fault proxy: a pool saturated while the database answers is 503 `OVERLOADED` with
+    /// `Retry-After`; a pool whose one connection is stuck on a black-holed database, or
+    /// that cannot open one, is 503 `DATABASE_UNAVAILABLE`.
+    #[tokio::test]
+    async fn an_acquire_timeout_is_overloaded_when_saturated_and_unavailable_when_silent() {
+        use std::net::ToSocketAddrs;
+        use std::time::Duration;
+
+        use smartbeak_database::testing::TestDatabase;
+        use smartbeak_database::{Database, SecretUrl};
+        use smartbeak_test_support::{Fault, TcpForwarder};
+
+        let tdb = TestDatabase::create().await.unwrap();
+        let direct = tdb.url().expose().to_owned();
+        let (scheme, rest) = direct.split_once("://").unwrap();
+        let (user, rest) = rest.rsplit_once('@').unwrap();
+        let (host_port, path) = rest.split_once('/').unwrap();
+        let target = host_port
+            .to_socket_addrs()
+            .unwrap()
+            .find(|a| a.ip().is_loopback())
+            .unwrap();
+        let forwarder = TcpForwarder::start(target).unwrap();
+        let via = format!("{scheme}://{user}@127.0.0.1:{}/{path}", forwarder.port());
+        let mut config = tdb.config();
+        config.url = SecretUrl::parse("DATABASE_URL", &via).unwrap();
+        config.pool_max = 1;
+        config.pool_min = 0;
+        config.acquire_timeout = Duration::from_millis(300);
+        let db = Database::connect(config, "api-error-classification")
+            .await
+            .unwrap();
+        let sleep = |db: Database| async move {
+            db.run(async |conn| {
+                sqlx::query("SELECT pg_sleep(0.1)")
+                    .execute(conn)
+                    .await
+                    .map(|_| ())
+            })
+            .await
+        };
+
+        // Saturated: eight 100 ms queries through one connection cannot all start within
+        // the 300 ms acquire timeout, while the connection comes back every 100 ms.
+        let results = futures::future::join_all((0..8).map(|_| sleep(db.clone()))).await;
+        let errors: Vec<ApiError> = results
+            .into_iter()
+            .filter_map(Result::err)
+            .map(ApiError::from)
+            .collect();
+        assert!(!errors.is_empty(), "8 x 100 ms cannot fit in 300 ms");
+        for error in &errors {
+            assert_eq!(error.code(), "OVERLOADED", "{error:?}");
+        }
+        let response = errors.into_iter().next().unwrap().into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+
+        // Silent: the one connection is stuck in a query on a black-holed database; the
+        // next caller waits out the acquire timeout with nothing coming back.
+        forwarder.black_hole();
+        let stuck = tokio::spawn(sleep(db.clone()));
+        let bound = std::time::Instant::now() + Duration::from_secs(5);
+        while db.metrics().primary.in_use == 0 {
+            assert!(std::time::Instant::now() < bound, "the query never started");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let error = ApiError::from(sleep(db.clone()).await.unwrap_err());
+        assert_eq!(error.code(), "DATABASE_UNAVAILABLE", "{error:?}");
+        assert!(
+            error
+                .into_response()
+                .headers()
+                .get(header::RETRY_AFTER)
+                .is_none()
+        );
+        // Dropping the stuck query discards its connection.
+        stuck.abort();
+        let _ = stuck.await;
+        while db.metrics().primary.size > 0 {
+            assert!(
+                std::time::Instant::now() < bound,
+                "the stuck connection stayed"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+
+        // Unreachable: a new connection is swallowed (black hole) or reset.
+        for fault in [Fault::Stall, Fault::Reset] {
+            forwarder.set_fault(fault);
+            let error = ApiError::from(sleep(db.clone()).await.unwrap_err());
+            assert_eq!(error.code(), "DATABASE_UNAVAILABLE", "{fault:?}: {error:?}");
+        }
+
+        forwarder.restore();
+        db.close(Duration::from_secs(5)).await.unwrap();
+        tdb.drop_database().await.unwrap();
     }
 
     #[test]

@@ -203,7 +203,9 @@ fn add_common_responses(doc: &mut Value) {
             }
             add(
                 "503",
-                "`OVERLOADED` (the concurrency limit), `DATABASE_UNAVAILABLE` or \
+                "`OVERLOADED` (load shed: the concurrency limit, or every database \
+                 connection busy for `DB_ACQUIRE_TIMEOUT_MS` while the database answers), \
+                 `DATABASE_UNAVAILABLE` (the database does not answer) or \
                  `RATE_LIMIT_SERVICE_ERROR` (Redis down, fail-closed)",
             );
             add(
@@ -277,7 +279,7 @@ fn add_common_responses(doc: &mut Value) {
                     headers.insert(
                         "Retry-After".into(),
                         header(
-                            "seconds to wait (sent with 429 and with the limiter's 503)",
+                            "seconds to wait (sent with 429, with the limiter's 503 and with 503 `OVERLOADED`)",
                             json!({"type": "integer", "minimum": 1}),
                         ),
                     );

@@ -310,7 +310,8 @@ impl Analytics {
         let config = &self.config;
         let connect = async {
             crate::pool::check_settings(config, url, &self.application_name, "analytics").await?;
-            crate::pool::connect(config, url, &self.application_name, "analytics").await
+            let counters = Arc::clone(&self.counters);
+            crate::pool::connect(config, url, &self.application_name, "analytics", counters).await
         };
         let error = match tokio::time::timeout(config.acquire_timeout, connect).await {
             Ok(Ok(pool)) => return Some(pool),

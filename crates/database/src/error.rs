@@ -19,9 +19,18 @@ pub enum DbError {
         #[source]
         source: sqlx::Error,
     },
-    /// No connection became free within the acquire timeout.
+    /// No connection became free within the acquire timeout, and none came back to the
+    /// pool meanwhile or none could be opened: the database or the path to it is not
+    /// answering (sqlx says `PoolTimedOut` for both this and [`DbError::PoolSaturated`]).
     #[error("timed out after {0:?} waiting for a database connection")]
     AcquireTimeout(Duration),
+    /// No connection became free within the acquire timeout although the database kept
+    /// answering: every connection of the pool was checked out the whole time and
+    /// connections came back to the pool (their release ping answered) to the callers
+    /// queued ahead. The pool is saturated, the server is not down: load to shed, not an
+    /// outage.
+    #[error("every database connection stayed busy for {0:?} (pool saturated)")]
+    PoolSaturated(Duration),
     /// A query did not finish within the client-side bound (statement timeout plus a margin):
     /// the connection is probably black-holed.
     #[error("query did not complete within {0:?}")]
@@ -68,12 +77,13 @@ pub enum DbError {
 }
 
 impl DbError {
-    /// True for every kind of timeout (acquire, client-side query bound, server statement
-    /// timeout).
+    /// True for every kind of timeout (acquire, a saturated pool's acquire, client-side
+    /// query bound, server statement timeout).
     pub fn is_timeout(&self) -> bool {
         matches!(
             self,
             Self::AcquireTimeout(_)
+                | Self::PoolSaturated(_)
                 | Self::QueryTimeout(_)
                 | Self::StreamGap(_)
                 | Self::StatementTimeout(_)
@@ -83,7 +93,8 @@ impl DbError {
     /// True when the server or the path to it failed (not the statement): acquire and
     /// client-side timeouts, I/O, TLS and protocol errors, a closed pool, and a session the
     /// server ended ([`is_connection_sqlstate`]: `pg_terminate_backend`, a server shutting
-    /// down). A replica is dropped after a few of these in a row.
+    /// down); not [`DbError::PoolSaturated`], where the server answers. A replica is dropped
+    /// after a few of these in a row.
     pub fn is_connection_failure(&self) -> bool {
         match self {
             Self::AcquireTimeout(_)

@@ -156,13 +156,16 @@ impl Inner {
     }
 }
 
-/// Checks out a connection of `pool`, counting waiters, latency and timeouts.
+/// Checks out a connection of `pool`, counting waiters, latency and timeouts. An acquire
+/// timeout is [`DbError::PoolSaturated`] when the database kept answering (see
+/// [`saturated`]), else [`DbError::AcquireTimeout`].
 async fn acquire_from(
     counters: &metrics::Counters,
     acquire_timeout: Duration,
     pool: &PgPool,
 ) -> Result<PoolConnection<Postgres>, DbError> {
     let started = Instant::now();
+    let releases_before = counters.releases.load(Ordering::Relaxed);
     let result = {
         let _waiting = Waiting::new(&counters.waiters);
         pool.acquire().await
@@ -173,13 +176,34 @@ async fn acquire_from(
             Ok(conn)
         }
         Err(e) => {
-            let error = DbError::from_sqlx(e, acquire_timeout);
-            if matches!(error, DbError::AcquireTimeout(_)) {
-                counters.acquire_timeouts.fetch_add(1, Ordering::Relaxed);
-            }
+            let error = match DbError::from_sqlx(e, acquire_timeout) {
+                DbError::AcquireTimeout(waited) => {
+                    counters.acquire_timeouts.fetch_add(1, Ordering::Relaxed);
+                    if saturated(counters, pool, releases_before) {
+                        DbError::PoolSaturated(waited)
+                    } else {
+                        DbError::AcquireTimeout(waited)
+                    }
+                }
+                other => other,
+            };
             Err(error)
         }
     }
+}
+
+/// True when an acquire that timed out waited on a saturated pool rather than on a silent
+/// database: sqlx answers `PoolTimedOut` both when every connection stays checked out and
+/// when new ones cannot be opened (refused, black-holed; sqlx issues 2276 and 3808). The
+/// pool is saturated when it is at its maximum (every slot taken by a connection checked
+/// out or being opened) and connections came back to a pool with their release ping
+/// answered while this caller waited (the database served the callers queued ahead of
+/// it). A pool full of connections stuck on a silent server gets none back, and one whose
+/// connects fail is below its maximum or gets none back either. The release count is shared by the primary and the analytics pool: a
+/// replica answering while a full primary is silent reads as saturation of the primary.
+fn saturated(counters: &metrics::Counters, pool: &PgPool, releases_before: u64) -> bool {
+    pool.size() >= pool.options().get_max_connections()
+        && counters.releases.load(Ordering::Relaxed) > releases_before
 }
 
 /// Checks out a connection of `pool` and runs `work` on it, the whole call bounded by
@@ -283,7 +307,15 @@ impl Database {
     pub async fn connect(config: DatabaseConfig, application_name: &str) -> Result<Self, DbError> {
         config.validate()?;
         pool::check_settings(&config, &config.url, application_name, "primary").await?;
-        let primary = pool::connect(&config, &config.url, application_name, "primary").await?;
+        let counters = Arc::new(metrics::Counters::default());
+        let primary = pool::connect(
+            &config,
+            &config.url,
+            application_name,
+            "primary",
+            Arc::clone(&counters),
+        )
+        .await?;
         tracing::info!(
             url = %config.url,
             application_name,
@@ -292,7 +324,6 @@ impl Database {
             analytics = config.analytics_url.is_some(),
             "database pool ready"
         );
-        let counters = Arc::new(metrics::Counters::default());
         let analytics = analytics::Analytics::new(&config, application_name, counters.clone());
         Ok(Self {
             inner: Arc::new(Inner {

@@ -86,6 +86,10 @@ pub(crate) struct Counters {
     /// Per bucket of [`ACQUIRE_BUCKETS`], acquires that fell in it (not cumulative).
     acquire_buckets: [AtomicU64; ACQUIRE_BUCKETS.len()],
     pub(crate) acquire_timeouts: AtomicU64,
+    /// Connections that came back to a pool with their release ping answered: the
+    /// progress that tells a saturated pool from an unreachable database
+    /// ([`crate::DbError::PoolSaturated`]).
+    pub(crate) releases: AtomicU64,
     pub(crate) query_errors: AtomicU64,
     pub(crate) query_timeouts: AtomicU64,
     pub(crate) analytics_init_attempts: AtomicU64,

@@ -11,12 +11,14 @@
 //!   acquire instead;
 //! - `after_release` pings a returned connection under the acquire timeout before sqlx's
 //!   own unbounded release ping, so a path that died while the connection was checked out
-//!   costs its slot at most that long (see `release_ping`);
+//!   costs its slot at most that long (see `release_ping`); each answered release is
+//!   counted, the progress that tells a saturated pool from an unreachable database;
 //! - both hooks retire a connection once it is older than `max_lifetime` less a per
 //!   connection jitter of up to 2.5% (as HikariCP does), so a pool opened at once does not
 //!   reconnect at once.
 
-use std::sync::OnceLock;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -24,6 +26,7 @@ use sqlx::{Connection, PgPool};
 
 use crate::DatabaseConfig;
 use crate::config::SecretUrl;
+use crate::metrics::Counters;
 
 /// The default of [`DatabaseConfig::ping_bypass`]: a connection idle for less than this is
 /// handed out without a ping.
@@ -78,8 +81,9 @@ pub(crate) fn connect_options(
     Ok(options)
 }
 
-/// Pool options from the config, with the ping bypass and the jittered lifetime.
-pub(crate) fn pool_options(config: &DatabaseConfig) -> PgPoolOptions {
+/// Pool options from the config, with the ping bypass and the jittered lifetime; answered
+/// releases are counted in `counters.releases`.
+pub(crate) fn pool_options(config: &DatabaseConfig, counters: Arc<Counters>) -> PgPoolOptions {
     let lifetime = config.max_lifetime;
     let ping_bypass = config.ping_bypass;
     let release_bound = config.acquire_timeout;
@@ -104,11 +108,14 @@ pub(crate) fn pool_options(config: &DatabaseConfig) -> PgPoolOptions {
             })
         })
         .after_release(move |conn, meta| {
+            let counters = Arc::clone(&counters);
             Box::pin(async move {
                 if beyond_jittered_lifetime(meta.age, lifetime) {
                     return Ok(false);
                 }
-                release_ping(conn, release_bound).await.map(|()| true)
+                release_ping(conn, release_bound).await?;
+                counters.releases.fetch_add(1, Ordering::Relaxed);
+                Ok(true)
             })
         })
 }
@@ -136,6 +143,7 @@ pub(crate) async fn connect(
     url: &SecretUrl,
     application_name: &str,
     target: &'static str,
+    counters: Arc<Counters>,
 ) -> Result<PgPool, crate::DbError> {
     let connect_error = |source| crate::DbError::Connect {
         target,
@@ -143,7 +151,7 @@ pub(crate) async fn connect(
         source,
     };
     let options = connect_options(config, url, application_name).map_err(connect_error)?;
-    pool_options(config)
+    pool_options(config, counters)
         .connect_with(options)
         .await
         .map_err(connect_error)

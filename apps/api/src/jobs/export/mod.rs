@@ -215,6 +215,7 @@ fn db_error_is_transient(error: &DbError) -> bool {
         | DbError::QueryTimeout(_)
         | DbError::StreamGap(_)
         | DbError::AcquireTimeout(_)
+        | DbError::PoolSaturated(_)
         | DbError::Connect { .. }
         | DbError::Discarded
         | DbError::BeginAborted => true,
