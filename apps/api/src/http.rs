@@ -638,6 +638,53 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn unkeyed_requests_spending_the_ip_quota_do_not_lock_out_an_uncached_key() {
+        let tdb = TestDatabase::create().await.unwrap();
+        let db = Database::connect(tdb.config(), "smartbeak-api-test")
+            .await
+            .unwrap();
+        let config = ApiConfig::from_lookup(|var| match var {
+            "RATE_LIMIT_PER_IP" => Some("3".to_owned()),
+            _ => None,
+        })
+        .unwrap();
+        let limiter = RateLimiter::new(config.rate_limit.clone(), None).unwrap();
+        let state = AppState::new(db.clone(), config, limiter, None);
+        let app = app(state);
+        let org = crate::auth::create_org(&db, "nat").await.unwrap();
+        let good = crate::auth::create_key(&db, org, "good").await.unwrap();
+        let peer: std::net::SocketAddr = "192.0.2.70:1".parse().unwrap();
+        let send = |key: Option<&str>| {
+            let mut request = Request::get("/v1/domains");
+            if let Some(key) = key {
+                request = request.header("authorization", format!("Bearer {key}"));
+            }
+            let mut request = request.body(Body::empty()).unwrap();
+            request
+                .extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
+            app.clone().oneshot(request)
+        };
+        // Unkeyed requests spend the address's quota (3) and then get 429...
+        let mut statuses = Vec::new();
+        for _ in 0..4 {
+            statuses.push(send(None).await.unwrap().status());
+        }
+        assert_eq!(
+            statuses.last(),
+            Some(&StatusCode::TOO_MANY_REQUESTS),
+            "{statuses:?}"
+        );
+        // ...but a valid key behind the same address, not cached yet, is still served.
+        assert_eq!(
+            send(Some(&good.key)).await.unwrap().status(),
+            StatusCode::OK
+        );
+        db.close(std::time::Duration::from_secs(5)).await.unwrap();
+        tdb.drop_database().await.unwrap();
+    }
+
+    #[tokio::test]
     async fn distinct_bad_keys_after_the_ip_quota_is_spent_reach_no_database() {
         let tdb = TestDatabase::create().await.unwrap();
         let db = Database::connect(tdb.config(), "smartbeak-api-test")

@@ -117,8 +117,8 @@ pub struct RateLimiter {
     spent: SpentIps,
 }
 
-/// The client IPs whose quota this process last saw spent (a 429, or an allowed request
-/// that took its last unit), and until when: a keyed request from one of them whose key is
+/// The client IPs whose quota this process last saw spent by failed keys (a bad key's 429,
+/// or the bad key that took the last unit), and until when: a keyed request from one of them whose key is
 /// not in the key cache is answered 429 before any lookup, so a flood of distinct bad keys
 /// from one client costs PostgreSQL at most the IP quota in lookups. Bounded (the most
 /// recently spent IPs); a forgotten one costs one more lookup before it is remembered again.
@@ -518,12 +518,14 @@ impl Decision {
 /// looks again and answers with that error.
 ///
 /// The IP quota is decisive over the lookup of a key the cache does not know: once this
-/// process has seen a client IP's quota spent (a 429, or the request that took its last
-/// unit), a keyed request from it whose key is not cached gets 429 at once, with no lookup
-/// and no limiter call, until the quota regains a unit. So a flood of distinct bad keys from
-/// one client reaches PostgreSQL at most the IP quota's worth of times per replica. The
-/// price, during such a flood only: another tenant behind the same address whose key is not
-/// cached right then gets the 429 too (cached keys are unaffected).
+/// process has seen a client IP's quota spent by failed keys (a bad key's 429, or the bad
+/// key that took the last unit), a keyed request from it whose key is not cached gets 429 at
+/// once, with no lookup and no limiter call, until the quota regains a unit. So a flood of
+/// distinct bad keys sent one after another from one client reaches PostgreSQL at most the
+/// IP quota's worth of times per replica (requests already in flight when the quota runs out
+/// are still looked up). Unkeyed traffic spending the IP quota marks nothing. The price,
+/// during a bad-key flood only: another tenant behind the same address whose key is not
+/// cached right then (a key stays cached for `AUTH_CACHE_TTL_MS`) gets the 429 too.
 pub async fn middleware(State(state): State<AppState>, request: Request, next: Next) -> Response {
     limit(&state.limiter, Some(&state), request, next).await
 }
@@ -580,10 +582,9 @@ async fn limit(
         }
         return next.run(request).await;
     }
+    // Only failed keys mark an IP spent (below): unkeyed traffic that spends the IP quota
+    // is refused by the quota itself, and must not lock out valid keys behind the address.
     let (mut decision, resolved) = tokio::join!(limiter.check(&client), lookup);
-    if !keyed {
-        limiter.spent.record(ip, &decision);
-    }
     if let Some(presented) = presented {
         request.extensions_mut().insert(presented);
     }
