@@ -458,13 +458,13 @@ mod tests {
         config.url = SecretUrl::parse("DATABASE_URL", &via).unwrap();
         config.pool_max = 1;
         config.pool_min = 0;
-        config.acquire_timeout = Duration::from_millis(300);
+        config.acquire_timeout = Duration::from_millis(1000);
         let db = Database::connect(config, "api-error-classification")
             .await
             .unwrap();
         let sleep = |db: Database| async move {
             db.run(async |conn| {
-                sqlx::query("SELECT pg_sleep(0.1)")
+                sqlx::query("SELECT pg_sleep(0.05)")
                     .execute(conn)
                     .await
                     .map(|_| ())
@@ -472,15 +472,16 @@ mod tests {
             .await
         };
 
-        // Saturated: eight 100 ms queries through one connection cannot all start within
-        // the 300 ms acquire timeout, while the connection comes back every 100 ms.
-        let results = futures::future::join_all((0..8).map(|_| sleep(db.clone()))).await;
+        // Saturated: forty 50 ms queries (2 s of work) through one connection cannot all
+        // start within the 1 s acquire timeout, while the connection comes back every 50 ms
+        // (a wide margin, so a loaded machine still sees releases during every wait).
+        let results = futures::future::join_all((0..40).map(|_| sleep(db.clone()))).await;
         let errors: Vec<ApiError> = results
             .into_iter()
             .filter_map(Result::err)
             .map(ApiError::from)
             .collect();
-        assert!(!errors.is_empty(), "8 x 100 ms cannot fit in 300 ms");
+        assert!(!errors.is_empty(), "40 x 50 ms cannot fit in 1 s");
         for error in &errors {
             assert_eq!(error.code(), "OVERLOADED", "{error:?}");
         }
