@@ -91,8 +91,8 @@ async fn main() {
         .iter()
         .enumerate()
         .find(|(i, a)| {
-            !a.starts_with("--")
-                && !(*i > 0 && matches!(args[i - 1].as_str(), "--json" | "--cells"))
+            let is_value = *i > 0 && matches!(args[i - 1].as_str(), "--json" | "--cells");
+            !(a.starts_with("--") || is_value)
         })
         .map_or(100_000, |(_, a)| a.parse().expect("ITEMS is a number"));
     // Groups of cells with the same failing share and isolation, each followed by an anchor.

@@ -20,6 +20,8 @@ pub(crate) mod model;
 mod report;
 mod scheduler;
 
+use std::cell::RefCell;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::atomic::Ordering;
@@ -66,6 +68,9 @@ pub(crate) struct Ctx<'a> {
     pub(crate) out: PathBuf,
     /// The throwaway PostgreSQL (trust auth; `postgres` database; admin URL `pg.url()`).
     pub(crate) pg: &'a PostgresServer,
+    /// Every command [`run`] started, in order: a section that fails still shows what it
+    /// ran.
+    pub(crate) ran: RefCell<Vec<String>>,
     /// The throwaway Redis.
     #[allow(dead_code)] // TODO(i15-api): the api section reads it
     pub(crate) redis: &'a RedisServer,
@@ -127,6 +132,8 @@ impl Bench {
         std::fs::create_dir_all(out.join("logs"))
             .with_context(|| format!("creating {}", out.display()))?;
         build(sh)?;
+        // The load the sections start under (the build is over).
+        machine.load_start = report::load_average()?;
         let pg = PostgresServer::start().context("starting the throwaway PostgreSQL")?;
         let redis = RedisServer::start().context("starting the throwaway Redis")?;
         let ctx = Ctx {
@@ -136,6 +143,7 @@ impl Bench {
             target,
             out,
             pg: &pg,
+            ran: RefCell::new(Vec::new()),
             redis: &redis,
         };
         let mut sections = Vec::new();
@@ -148,6 +156,7 @@ impl Bench {
             }
             println!("\n== bench: {id} ==");
             let section_started = Instant::now();
+            let ran_before = ctx.ran.borrow().len();
             let result = match id {
                 "breaker" => micro::breaker(&ctx),
                 "registry-memory" => memory::registry(&ctx),
@@ -162,6 +171,7 @@ impl Bench {
             let section = result.unwrap_or_else(|e| {
                 println!("bench: {id} failed: {e:#}");
                 let mut s = Section::new(id, id);
+                s.commands = ctx.ran.borrow()[ran_before..].to_vec();
                 s.error = Some(format!("{e:#}"));
                 s
             });
@@ -308,9 +318,10 @@ pub(crate) fn display(ctx: &Ctx<'_>, command: &Command) -> String {
     parts.join(" ")
 }
 
-/// Runs `command` from the workspace root, its output into `<out>/logs/<log>.log` (printed
-/// as it comes when `echo`), and records it in `section.commands`. Fails with the log's
-/// tail when it exits non-zero. Returns the captured stdout.
+/// Runs `command` from the workspace root, its output (stdout and stderr) into
+/// `<out>/logs/<log>.log` and onto the terminal line by line (indented), and records it in
+/// `section.commands` and `ctx.ran`. Fails with the log's tail when it exits non-zero.
+/// Returns the captured stdout.
 pub(crate) fn run(
     ctx: &Ctx<'_>,
     section: &mut Section,
@@ -320,36 +331,57 @@ pub(crate) fn run(
     let shown = display(ctx, &command);
     println!("bench: $ {shown}");
     section.commands.push(shown.clone());
+    ctx.ran.borrow_mut().push(shown.clone());
     let log_path = ctx.out.join("logs").join(format!("{log}.log"));
-    let stderr = std::fs::File::create(&log_path)
+    let log_file = std::fs::File::create(&log_path)
         .with_context(|| format!("creating {}", log_path.display()))?;
-    let output = command
+    let log_file = std::sync::Mutex::new(log_file);
+    let mut child = command
         .current_dir(ctx.sh.current_dir())
         .stdin(Stdio::null())
-        .stderr(stderr)
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .with_context(|| format!("starting {shown}"))?;
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    let mut logged = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&log_path)
-        .with_context(|| format!("opening {}", log_path.display()))?;
-    std::io::Write::write_all(
-        &mut logged,
-        format!("\n--- stdout ---\n{stdout}").as_bytes(),
-    )
-    .with_context(|| format!("writing {}", log_path.display()))?;
-    if !output.status.success() {
+    let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        bail!("{shown}: no pipes to read");
+    };
+    // Each line to the log and the terminal; stdout also kept for the caller.
+    let pump = |pipe: &mut dyn std::io::Read, keep: bool| -> String {
+        let mut kept = String::new();
+        for line in std::io::BufRead::lines(std::io::BufReader::new(pipe)) {
+            let Ok(line) = line else { break };
+            println!("    {line}");
+            if let Ok(mut file) = log_file.lock() {
+                let _ = writeln!(file, "{line}");
+            }
+            if keep {
+                kept.push_str(&line);
+                kept.push('\n');
+            }
+        }
+        kept
+    };
+    let (mut stdout, mut stderr) = (stdout, stderr);
+    let kept = std::thread::scope(|s| {
+        let errors = s.spawn(|| pump(&mut stderr, false));
+        let kept = pump(&mut stdout, true);
+        let _ = errors.join();
+        kept
+    });
+    let status = child
+        .wait()
+        .with_context(|| format!("waiting for {shown}"))?;
+    if !status.success() {
         let text = std::fs::read_to_string(&log_path).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         let tail = lines[lines.len().saturating_sub(15)..].join("\n");
         bail!(
-            "{shown} failed ({}); log {}:\n{tail}",
-            output.status,
+            "{shown} failed ({status}); log {}:\n{tail}",
             log_path.display()
         );
     }
-    Ok(stdout)
+    Ok(kept)
 }
 
 /// A JSON file a section's command wrote.

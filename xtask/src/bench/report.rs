@@ -137,7 +137,7 @@ pub(crate) fn number(value: f64) -> String {
         let digits = rounded.unsigned_abs().to_string();
         let mut grouped = String::new();
         for (i, c) in digits.chars().enumerate() {
-            if i > 0 && (digits.len() - i) % 3 == 0 {
+            if i > 0 && (digits.len() - i).is_multiple_of(3) {
                 grouped.push(',');
             }
             grouped.push(c);
@@ -533,6 +533,8 @@ pub(crate) fn draw_latency(report: &Report, path: &Path) -> Result<bool> {
     let (x_hi, y_lo, y_hi) = all.fold((1.0f64, f64::MAX, 0.0f64), |(x, lo, hi), (n, ms)| {
         (x.max(*n), lo.min(*ms), hi.max(*ms))
     });
+    // Whole nines on the axis (p99.9 is 3.000...01 in floating point).
+    let x_max = (x_hi - 1e-6).ceil().max(1.0);
     let root = BitMapBackend::new(path, (1200, 720)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| chart_error(path, e))?;
     let mut chart = ChartBuilder::on(&root)
@@ -546,13 +548,12 @@ pub(crate) fn draw_latency(report: &Report, path: &Path) -> Result<bool> {
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(70)
-        .build_cartesian_2d(
-            0.0f64..(x_hi + 0.2),
-            ((y_lo / 1.5)..(y_hi * 1.5)).log_scale(),
-        )
+        .build_cartesian_2d(0.0f64..x_max, ((y_lo / 1.5)..(y_hi * 1.5)).log_scale())
         .map_err(|e| chart_error(path, e))?;
     chart
         .configure_mesh()
+        // One tick per nine: p0, p90, p99, p99.9, ...
+        .x_labels(x_max as usize + 1)
         .x_desc("percentile")
         .y_desc("ms")
         .x_label_formatter(&|x| format!("p{}", trim_percentile(100.0 * (1.0 - 10f64.powf(-x)))))

@@ -1,5 +1,7 @@
 //! The page and the verdicts on a small hand-built report.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use super::*;
 use crate::bench::model::{Figure, LatencySeries, Machine, Report, Row, Section, Table, Target};
 
