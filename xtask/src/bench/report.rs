@@ -408,14 +408,15 @@ fn chart_error(path: &Path, e: impl std::fmt::Display) -> anyhow::Error {
     anyhow!("drawing {}: {e}", path.display())
 }
 
-/// Every row with a finite, positive ratio as a bar from 1 to its ratio (log scale), its
-/// target as a tick. False (nothing written) when no row has a ratio.
+/// Every row with a finite ratio as a bar from 1 to its ratio (log scale; a ratio of 0 is
+/// drawn at the axis' left end), its target as a tick. False (nothing written) when no row
+/// has a ratio.
 pub(crate) fn draw_ratios(report: &Report, path: &Path) -> Result<bool> {
     let rows: Vec<(String, &Row)> = report
         .sections
         .iter()
         .flat_map(|s| s.rows.iter().map(move |r| (s, r)))
-        .filter(|(_, r)| r.ratio.is_finite() && r.ratio > 0.0)
+        .filter(|(_, r)| r.ratio.is_finite() && r.ratio >= 0.0)
         .map(|(s, r)| (format!("{}: {}", s.id, r.benchmark), r))
         .collect();
     if rows.is_empty() {
@@ -426,6 +427,7 @@ pub(crate) fn draw_ratios(report: &Report, path: &Path) -> Result<bool> {
         [Some(r.ratio), r.target.as_ref().map(|t| t.value)]
             .into_iter()
             .flatten()
+            .filter(|v| *v > 0.0)
     });
     let (lo, hi) = values.fold((1.0f64, 1.0f64), |(lo, hi), v| (lo.min(v), hi.max(v)));
     let (lo, hi) = (lo / 2.0, hi * 2.0);
@@ -474,12 +476,10 @@ pub(crate) fn draw_ratios(report: &Report, path: &Path) -> Result<bool> {
             Some(false) => RGBColor(214, 39, 40),
             None => RGBColor(140, 140, 140),
         };
+        let drawn = row.ratio.max(lo);
         chart
             .draw_series(std::iter::once(Rectangle::new(
-                [
-                    (1.0f64.min(row.ratio), y - 0.35),
-                    (1.0f64.max(row.ratio), y + 0.35),
-                ],
+                [(1.0f64.min(drawn), y - 0.35), (1.0f64.max(drawn), y + 0.35)],
                 colour.filled(),
             )))
             .map_err(|e| chart_error(path, e))?;
