@@ -237,9 +237,11 @@ fn build(sh: &Shell) -> Result<()> {
         .run()
         .context("building the release binaries and examples")?;
     println!("bench: building the criterion benches");
+    // `--profile release`: the release artifacts just built serve the benches too (cargo's
+    // own `bench` profile would compile every dependency once more).
     cmd!(
         sh,
-        "cargo bench --no-run -p smartbeak-resilience -p smartbeak-utils"
+        "cargo bench --profile release --no-run -p smartbeak-resilience -p smartbeak-utils"
     )
     .run()
     .context("building the criterion benches")?;

@@ -26,7 +26,16 @@ fn criterion(
     for (key, value) in env {
         command.env(key, value);
     }
-    command.args(["bench", "-p", package, "--bench", bench, "--", "--noplot"]);
+    command.args([
+        "bench",
+        "--profile",
+        "release",
+        "-p",
+        package,
+        "--bench",
+        bench,
+    ]);
+    command.args(["--", "--noplot"]);
     if ctx.quick {
         command.args(["--warm-up-time", "0.5", "--measurement-time", "1"]);
     }
