@@ -237,14 +237,12 @@ fn build(sh: &Shell) -> Result<()> {
         .run()
         .context("building the release binaries and examples")?;
     println!("bench: building the criterion benches");
-    // `--profile release`: the release artifacts just built serve the benches too (cargo's
-    // own `bench` profile would compile every dependency once more).
-    cmd!(
-        sh,
-        "cargo bench --profile release --no-run -p smartbeak-resilience -p smartbeak-utils"
-    )
-    .run()
-    .context("building the criterion benches")?;
+    // `--profile release --workspace`: the release artifacts just built serve the benches
+    // too. Cargo's own `bench` profile, or `-p` (which resolves features for fewer
+    // packages), would compile every dependency once more.
+    cmd!(sh, "cargo bench --profile release --workspace --no-run")
+        .run()
+        .context("building the criterion benches")?;
     println!("bench: built in {:.0} s", started.elapsed().as_secs_f64());
     Ok(())
 }

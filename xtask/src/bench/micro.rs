@@ -11,12 +11,11 @@ use serde::Deserialize;
 use super::model::{Figure, Row, Section, Table, Target};
 use super::{Ctx, Estimate, criterion_estimate, median, read_json, run};
 
-/// Runs `cargo bench -p <package> --bench <bench>` (short measurements under `--quick`);
+/// Runs `cargo bench --profile release --workspace --bench <bench>` (short measurements under `--quick`);
 /// returns the criterion home it wrote to.
 fn criterion(
     ctx: &Ctx<'_>,
     section: &mut Section,
-    package: &str,
     bench: &str,
     env: &[(&str, String)],
 ) -> Result<PathBuf> {
@@ -26,12 +25,12 @@ fn criterion(
     for (key, value) in env {
         command.env(key, value);
     }
+    // `--workspace`, not `-p`: the features (and so the artifacts) of the release build.
     command.args([
         "bench",
         "--profile",
         "release",
-        "-p",
-        package,
+        "--workspace",
         "--bench",
         bench,
     ]);
@@ -100,7 +99,7 @@ fn find(estimates: &[(String, String, Estimate)], group: &str, bench: &str) -> R
 
 pub(crate) fn breaker(ctx: &Ctx<'_>) -> Result<Section> {
     let mut section = Section::new("breaker", "Circuit breaker: hot paths beside failsafe");
-    let home = criterion(ctx, &mut section, "smartbeak-resilience", "breaker", &[])?;
+    let home = criterion(ctx, &mut section, "breaker", &[])?;
     let wanted = [
         ("closed_call", "smartbeak"),
         ("closed_call", "failsafe_consecutive"),
@@ -185,7 +184,6 @@ pub(crate) fn singleflight(ctx: &Ctx<'_>) -> Result<Section> {
     let home = criterion(
         ctx,
         &mut section,
-        "smartbeak-utils",
         "singleflight",
         &[(
             "SINGLEFLIGHT_COUNTS_JSON",
@@ -293,7 +291,7 @@ pub(crate) fn bounded(ctx: &Ctx<'_>) -> Result<Section> {
         "bounded",
         "Bounded concurrency: map_bounded beside buffer_unordered",
     );
-    let home = criterion(ctx, &mut section, "smartbeak-utils", "concurrency", &[])?;
+    let home = criterion(ctx, &mut section, "concurrency", &[])?;
     let group = "bounded_10000_items_limit_64";
     let wanted = [
         (group, "buffer_unordered"),

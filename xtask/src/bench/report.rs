@@ -246,7 +246,7 @@ pub(crate) fn render_markdown(report: &Report, ratios_chart: bool, latency_chart
     let _ = writeln!(
         md,
         "It first runs `cargo build --release --workspace --bins --examples` and `cargo bench \
-         --profile release --no-run -p smartbeak-resilience -p smartbeak-utils`, then starts a throwaway \
+         --profile release --workspace --no-run`, then starts a throwaway \
          PostgreSQL and Redis. Each section below lists the exact commands it ran \
          (`$CARGO_TARGET_DIR` is the cargo target directory); their output is in \
          `target/bench/logs/`. The figures are in `target/bench/results.json`.\n"
