@@ -17,7 +17,7 @@ use crate::operations::OperationName;
 use crate::operations::keyword_sync::{ProviderConfig, Providers, Secret};
 use crate::runner::{Mode, RunOptions};
 
-/// Default items per batch (from the benchmark in BENCHMARKS.md, "Control-plane").
+/// Default items per batch (from the benchmark in docs/bench/HISTORY.md, "Control-plane").
 pub const DEFAULT_BATCH_SIZE: usize = 1_000;
 /// Default concurrency.
 pub const DEFAULT_CONCURRENCY: usize = 4;

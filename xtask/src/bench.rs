@@ -1,13 +1,15 @@
-//! `cargo xtask bench [--quick] [--only SECTION,...]`: every headline claim measured beside
-//! its anchor in one run.
+//! `cargo xtask bench [--quick] [--only SECTION,...] [--write] [--render]`: every headline
+//! claim measured beside its anchor in one run.
 //!
 //! Builds the release binaries and examples, starts a throwaway PostgreSQL and Redis (the
 //! test-support guards, never the machine's shared servers), runs each section, and writes
 //! the figures three ways: `target/bench/results.json` (the [`model::Report`]),
 //! `BENCHMARKS.md` at the workspace root (regenerated whole; nothing on it is typed by
 //! hand) and PNG charts under `docs/bench/`. `--quick` runs every section at smaller sizes
-//! and writes only `target/bench` (the page is for full runs). Every section names the
-//! exact commands it ran, so any figure can be reproduced alone.
+//! and writes only `target/bench` (the page is for full runs of every section; `--write`
+//! writes it anyway). `--render` runs nothing: it redraws the page and the charts from
+//! `target/bench/results.json`. Every section names the exact commands it ran, so any
+//! figure can be reproduced alone.
 
 mod api;
 mod churn;
@@ -18,14 +20,17 @@ pub(crate) mod model;
 mod report;
 mod scheduler;
 
-use std::path::PathBuf;
-use std::process::ExitCode;
+use std::cell::RefCell;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use serde::Deserialize;
 use smartbeak_test_support::{PostgresServer, RedisServer};
-use xshell::Shell;
+use xshell::{Shell, cmd};
 
 use model::{Report, Section};
 
@@ -44,10 +49,13 @@ pub(crate) const SECTIONS: &[&str] = &[
 pub(crate) struct Bench {
     quick: bool,
     only: Vec<String>,
+    /// Write BENCHMARKS.md and the charts even for `--quick` or `--only`.
+    write: bool,
+    /// Only redraw the page and the charts from `target/bench/results.json`.
+    render: bool,
 }
 
 /// What every section gets.
-#[allow(dead_code)] // TODO(i15): every field is read once the sections are in
 pub(crate) struct Ctx<'a> {
     pub(crate) sh: &'a Shell,
     /// `--quick`: smaller sizes, shorter runs.
@@ -60,7 +68,11 @@ pub(crate) struct Ctx<'a> {
     pub(crate) out: PathBuf,
     /// The throwaway PostgreSQL (trust auth; `postgres` database; admin URL `pg.url()`).
     pub(crate) pg: &'a PostgresServer,
+    /// Every command [`run`] started, in order: a section that fails still shows what it
+    /// ran.
+    pub(crate) ran: RefCell<Vec<String>>,
     /// The throwaway Redis.
+    #[allow(dead_code)] // TODO(i15-api): the api section reads it
     pub(crate) redis: &'a RedisServer,
 }
 
@@ -68,11 +80,15 @@ impl Bench {
     /// `--quick` and `--only a,b` (ids from [`SECTIONS`]).
     pub(crate) fn parse(args: &[String]) -> Result<Self> {
         let mut quick = false;
+        let mut write = false;
+        let mut render = false;
         let mut only = Vec::new();
         let mut args = args.iter();
         while let Some(arg) = args.next() {
             match arg.as_str() {
                 "--quick" => quick = true,
+                "--write" => write = true,
+                "--render" => render = true,
                 "--only" => {
                     let list = args.next().context("--only needs a list of sections")?;
                     for id in list.split(',').filter(|s| !s.is_empty()) {
@@ -83,19 +99,41 @@ impl Bench {
                     }
                 }
                 other => bail!(
-                    "unexpected argument {other:?}; usage: bench [--quick] [--only {}]",
+                    "unexpected argument {other:?}; usage: bench [--quick] [--only {}] [--write] \
+                     [--render]",
                     SECTIONS.join(",")
                 ),
             }
         }
-        Ok(Self { quick, only })
+        Ok(Self {
+            quick,
+            only,
+            write,
+            render,
+        })
     }
 
     pub(crate) fn run(&self, sh: &Shell) -> Result<ExitCode> {
+        if self.render {
+            return render(sh);
+        }
         let started = Instant::now();
+        let started_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        let mut machine = report::machine()?;
+        let commit = commit(sh)?;
+        println!(
+            "bench: {} run at {commit} on {} cores, load average {:?}",
+            if self.quick { "quick" } else { "full" },
+            machine.cores,
+            machine.load_start
+        );
         let target = crate::fuzz::target_dir(sh);
         let out = target.join("bench");
-        std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+        std::fs::create_dir_all(out.join("logs"))
+            .with_context(|| format!("creating {}", out.display()))?;
+        build(sh)?;
+        // The load the sections start under (the build is over).
+        machine.load_start = report::load_average()?;
         let pg = PostgresServer::start().context("starting the throwaway PostgreSQL")?;
         let redis = RedisServer::start().context("starting the throwaway Redis")?;
         let ctx = Ctx {
@@ -105,6 +143,7 @@ impl Bench {
             target,
             out,
             pg: &pg,
+            ran: RefCell::new(Vec::new()),
             redis: &redis,
         };
         let mut sections = Vec::new();
@@ -116,6 +155,8 @@ impl Bench {
                 bail!("interrupted");
             }
             println!("\n== bench: {id} ==");
+            let section_started = Instant::now();
+            let ran_before = ctx.ran.borrow().len();
             let result = match id {
                 "breaker" => micro::breaker(&ctx),
                 "registry-memory" => memory::registry(&ctx),
@@ -128,21 +169,30 @@ impl Bench {
                 _ => unreachable!("SECTIONS lists only the ids above"),
             };
             let section = result.unwrap_or_else(|e| {
+                println!("bench: {id} failed: {e:#}");
                 let mut s = Section::new(id, id);
+                s.commands = ctx.ran.borrow()[ran_before..].to_vec();
                 s.error = Some(format!("{e:#}"));
                 s
             });
+            println!(
+                "bench: {id} done in {:.0} s",
+                section_started.elapsed().as_secs_f64()
+            );
             sections.push(section);
         }
+        machine.load_end = report::load_average()?;
         let report = Report {
-            started: String::new(),
-            commit: String::new(),
+            started: started_at,
+            commit,
             quick: self.quick,
-            machine: report::machine(sh)?,
+            machine,
             sections,
             duration_secs: started.elapsed().as_secs_f64(),
         };
-        report::write(&ctx, &report)?;
+        let page = self.write || (!self.quick && self.only.is_empty());
+        let written = report::write(&ctx.out, &sh.current_dir(), &report, page)?;
+        print_written(&written, report.duration_secs);
         let failed = report.sections.iter().any(|s| s.error.is_some());
         Ok(if failed {
             ExitCode::FAILURE
@@ -150,4 +200,226 @@ impl Bench {
             ExitCode::SUCCESS
         })
     }
+}
+
+/// `--render`: the page and the charts again from `target/bench/results.json`.
+fn render(sh: &Shell) -> Result<ExitCode> {
+    let out = crate::fuzz::target_dir(sh).join("bench");
+    let report: Report = read_json(&out.join("results.json"))?;
+    let written = report::write(&out, &sh.current_dir(), &report, true)?;
+    print_written(&written, report.duration_secs);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_written(written: &report::Written, duration_secs: f64) {
+    println!(
+        "\nbench: {} (run took {duration_secs:.0} s)",
+        written.json.display()
+    );
+    match &written.page {
+        Some((page, charts)) => {
+            println!("bench: {}", page.display());
+            for chart in charts {
+                println!("bench: {}", chart.display());
+            }
+        }
+        None => println!(
+            "bench: BENCHMARKS.md not rewritten (a --quick or --only run; --write forces it)"
+        ),
+    }
+}
+
+/// The release binaries and examples every section runs, and the criterion benches.
+fn build(sh: &Shell) -> Result<()> {
+    let started = Instant::now();
+    println!("bench: building release binaries and examples");
+    cmd!(sh, "cargo build --release --workspace --bins --examples")
+        .run()
+        .context("building the release binaries and examples")?;
+    println!("bench: building the criterion benches");
+    // `--profile release --workspace`: the release artifacts just built serve the benches
+    // too. Cargo's own `bench` profile, or `-p` (which resolves features for fewer
+    // packages), would compile every dependency once more.
+    cmd!(sh, "cargo bench --profile release --workspace --no-run")
+        .run()
+        .context("building the criterion benches")?;
+    println!("bench: built in {:.0} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// `git rev-parse --short HEAD`, with `-dirty` when the tree has changes.
+fn commit(sh: &Shell) -> Result<String> {
+    let head = cmd!(sh, "git rev-parse --short HEAD")
+        .quiet()
+        .read()
+        .context("git rev-parse --short HEAD (the bench runs in a git checkout)")?;
+    let status = cmd!(sh, "git status --porcelain --untracked-files=no")
+        .quiet()
+        .read()
+        .context("git status")?;
+    Ok(if status.trim().is_empty() {
+        head
+    } else {
+        format!("{head}-dirty")
+    })
+}
+
+/// Fails with what to install when `program` is not on `PATH` (or, with a `/`, not there).
+pub(crate) fn require(program: &str, what_for: &str, install: &str) -> Result<()> {
+    let found = if program.contains('/') {
+        Path::new(program).is_file()
+    } else {
+        std::env::var_os("PATH")
+            .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
+    };
+    if !found {
+        bail!("{what_for} needs {program}, which is not installed ({install})");
+    }
+    Ok(())
+}
+
+/// A command as a reader would type it: environment (URLs redacted: a password never
+/// reaches the page), program relative to the workspace, arguments.
+pub(crate) fn display(ctx: &Ctx<'_>, command: &Command) -> String {
+    let root = ctx.sh.current_dir();
+    let shorten = |text: &str| -> String {
+        let target = ctx.target.to_string_lossy();
+        let text = text.replace(target.as_ref(), "$CARGO_TARGET_DIR");
+        text.replace(&format!("{}/", root.display()), "")
+    };
+    let quote = |text: String| -> String {
+        if text.is_empty()
+            || text
+                .chars()
+                .any(|c| !(c.is_ascii_alphanumeric() || "-_./:=,$@%+".contains(c)))
+        {
+            format!("'{}'", text.replace('\'', r"'\''"))
+        } else {
+            text
+        }
+    };
+    let mut parts = Vec::new();
+    for (key, value) in command.get_envs() {
+        let Some(value) = value else { continue };
+        let (key, value) = (key.to_string_lossy(), value.to_string_lossy());
+        let value = if key.ends_with("_URL") {
+            smartbeak_database::SecretUrl::parse("url", &value)
+                .map(|url| url.redacted())
+                .unwrap_or_else(|_| "<url>".to_owned())
+        } else {
+            shorten(&value)
+        };
+        parts.push(format!("{key}={}", quote(value)));
+    }
+    parts.push(quote(shorten(&command.get_program().to_string_lossy())));
+    for arg in command.get_args() {
+        parts.push(quote(shorten(&arg.to_string_lossy())));
+    }
+    parts.join(" ")
+}
+
+/// Runs `command` from the workspace root, its output (stdout and stderr) into
+/// `<out>/logs/<log>.log` and onto the terminal line by line (indented), and records it in
+/// `section.commands` and `ctx.ran`. Fails with the log's tail when it exits non-zero.
+/// Returns the captured stdout.
+pub(crate) fn run(
+    ctx: &Ctx<'_>,
+    section: &mut Section,
+    log: &str,
+    mut command: Command,
+) -> Result<String> {
+    let shown = display(ctx, &command);
+    println!("bench: $ {shown}");
+    section.commands.push(shown.clone());
+    ctx.ran.borrow_mut().push(shown.clone());
+    let log_path = ctx.out.join("logs").join(format!("{log}.log"));
+    let log_file = std::fs::File::create(&log_path)
+        .with_context(|| format!("creating {}", log_path.display()))?;
+    let log_file = std::sync::Mutex::new(log_file);
+    let mut child = command
+        .current_dir(ctx.sh.current_dir())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {shown}"))?;
+    let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        bail!("{shown}: no pipes to read");
+    };
+    // Each line to the log and the terminal; stdout also kept for the caller.
+    let pump = |pipe: &mut dyn std::io::Read, keep: bool| -> String {
+        let mut kept = String::new();
+        for line in std::io::BufRead::lines(std::io::BufReader::new(pipe)) {
+            let Ok(line) = line else { break };
+            println!("    {line}");
+            if let Ok(mut file) = log_file.lock() {
+                let _ = writeln!(file, "{line}");
+            }
+            if keep {
+                kept.push_str(&line);
+                kept.push('\n');
+            }
+        }
+        kept
+    };
+    let (mut stdout, mut stderr) = (stdout, stderr);
+    let kept = std::thread::scope(|s| {
+        let errors = s.spawn(|| pump(&mut stderr, false));
+        let kept = pump(&mut stdout, true);
+        let _ = errors.join();
+        kept
+    });
+    let status = child
+        .wait()
+        .with_context(|| format!("waiting for {shown}"))?;
+    if !status.success() {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(15)..].join("\n");
+        bail!(
+            "{shown} failed ({status}); log {}:\n{tail}",
+            log_path.display()
+        );
+    }
+    Ok(kept)
+}
+
+/// A JSON file a section's command wrote.
+pub(crate) fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// Criterion's point estimates of one benchmark, nanoseconds per iteration.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Estimate {
+    pub(crate) mean_ns: f64,
+    pub(crate) median_ns: f64,
+}
+
+/// Reads `<criterion home>/<group>/<bench>/new/estimates.json`.
+pub(crate) fn criterion_estimate(home: &Path, group: &str, bench: &str) -> Result<Estimate> {
+    #[derive(Deserialize)]
+    struct Point {
+        point_estimate: f64,
+    }
+    #[derive(Deserialize)]
+    struct Estimates {
+        mean: Point,
+        median: Point,
+    }
+    let path = home.join(group).join(bench).join("new/estimates.json");
+    let estimates: Estimates = read_json(&path)?;
+    Ok(Estimate {
+        mean_ns: estimates.mean.point_estimate,
+        median_ns: estimates.median.point_estimate,
+    })
+}
+
+/// The median of `values` (the upper one of an even count); NaN when empty.
+pub(crate) fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
 }

@@ -14,6 +14,10 @@
 //! It creates its own database `sb_bench_<pid>`, seeds it, and drops it at the end; it
 //! never touches the tables of the database DATABASE_URL names. `--only` is the child mode
 //! (one export of an already seeded database, timing printed on stdout).
+//!
+//! `--formats` takes `FORMAT` or `FORMAT:ZIP_LEVEL` (`csv:0`: the CSV export with a stored
+//! ZIP, beside the default deflate level in the same rounds). `--json FILE` writes every
+//! round's figures and the 5-export speedup for `cargo xtask bench`.
 
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
@@ -56,9 +60,12 @@ struct Args {
     /// Rounds of (COPY, csv, json, markdown), interleaved; the table shows medians.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
-    /// Formats to run beside COPY (comma separated).
+    /// Formats to run beside COPY (comma separated; `csv:0` sets that run's ZIP level).
     #[arg(long, default_value = "csv,json,markdown")]
     formats: String,
+    /// Also write the figures (every round, the 5-export speedup) to this JSON file.
+    #[arg(long)]
+    json: Option<PathBuf>,
     /// EXPORT_ZIP_LEVEL of the CSV exports' ZIP: 0 stored, 1 to 9 deflate.
     #[arg(long, default_value_t = smartbeak_api::jobs::export::DEFAULT_ZIP_LEVEL)]
     zip_level: u8,
@@ -301,7 +308,21 @@ async fn bench(args: &Args, admin: &SecretUrl, name: &str) -> Result<()> {
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
 
     let copy_path = out.join("copy.csv");
-    let formats: Vec<&str> = args.formats.split(',').filter(|f| !f.is_empty()).collect();
+    // (label, format, zip level) of every run beside COPY.
+    let mut formats: Vec<(&str, &str, u8)> = Vec::new();
+    for label in args.formats.split(',').filter(|f| !f.is_empty()) {
+        let (format, level) = match label.split_once(':') {
+            Some((format, level)) => (
+                format,
+                level
+                    .parse()
+                    .with_context(|| format!("--formats {label:?}: the ZIP level is 0 to 9"))?,
+            ),
+            None => (label, args.zip_level),
+        };
+        format.parse::<ExportFormat>()?;
+        formats.push((label, format, level));
+    }
     // Per run: (wall, in-process, peak RSS kB, file bytes) of every round. The runs of a
     // round are interleaved (COPY, then each format), so a busier moment of the shared
     // machine hits them alike; the table shows the median of the rounds.
@@ -323,7 +344,7 @@ async fn bench(args: &Args, admin: &SecretUrl, name: &str) -> Result<()> {
         let size = std::fs::metadata(&copy_path)?.len();
         std::fs::remove_file(&copy_path)?;
         copy_runs.push((wall, wall, rss, size as f64));
-        for (i, format) in formats.iter().enumerate() {
+        for (i, (_, format, level)) in formats.iter().enumerate() {
             let mut child = Command::new(&exe);
             child
                 .args(["--only", "--format", format, "--database", name])
@@ -334,7 +355,7 @@ async fn bench(args: &Args, admin: &SecretUrl, name: &str) -> Result<()> {
                 .arg("--out")
                 .arg(&out)
                 .arg("--zip-level")
-                .arg(args.zip_level.to_string());
+                .arg(level.to_string());
             let (wall, rss, stdout) = timed(child)?;
             let mut fields = stdout.split_whitespace();
             let inside: f64 = fields.next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
@@ -348,7 +369,7 @@ async fn bench(args: &Args, admin: &SecretUrl, name: &str) -> Result<()> {
             formats
                 .iter()
                 .zip(&runs)
-                .map(|(f, r)| format!(
+                .map(|((f, _, _), r)| format!(
                     "{f} {:.2} s ({:.2}x COPY)",
                     r[round].0,
                     r[round].0 / copy_runs[round].0
@@ -369,7 +390,7 @@ async fn bench(args: &Args, admin: &SecretUrl, name: &str) -> Result<()> {
         copy_rss as f64 / 1024.0,
         copy_runs[0].3 / 1e6
     );
-    for (format, runs) in formats.iter().zip(&runs) {
+    for ((format, _, _), runs) in formats.iter().zip(&runs) {
         let wall = median(&mut runs.iter().map(|r| r.0).collect());
         let inside = median(&mut runs.iter().map(|r| r.1).collect());
         // The worst round's peak, not the median.
@@ -416,6 +437,41 @@ async fn bench(args: &Args, admin: &SecretUrl, name: &str) -> Result<()> {
          (map_bounded, limit 5) {concurrent:.2} s, speedup {:.2}x",
         sequential / concurrent
     );
+    if let Some(path) = &args.json {
+        let rounds: Vec<serde_json::Value> = copy_runs
+            .iter()
+            .enumerate()
+            .map(|(round, copy)| {
+                let runs: Vec<serde_json::Value> = formats
+                    .iter()
+                    .zip(&runs)
+                    .map(|((label, format, level), r)| {
+                        let (wall, inside, rss, size) = r[round];
+                        serde_json::json!({
+                            "label": label, "format": format, "zip_level": level,
+                            "wall_s": wall, "inside_s": inside, "peak_rss_kb": rss,
+                            "bytes": size,
+                        })
+                    })
+                    .collect();
+                serde_json::json!({
+                    "copy": {"wall_s": copy.0, "peak_rss_kb": copy.2, "bytes": copy.3},
+                    "runs": runs,
+                })
+            })
+            .collect();
+        let json = serde_json::json!({
+            "rows": args.rows,
+            "default_zip_level": args.zip_level,
+            "rounds": rounds,
+            "parallel": {
+                "exports": 5, "rows_each": part, "sequential_s": sequential,
+                "concurrent_s": concurrent, "speedup": sequential / concurrent,
+            },
+        });
+        std::fs::write(path, format!("{json:#}\n"))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     Ok(())
 }
 

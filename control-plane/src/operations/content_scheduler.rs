@@ -9,7 +9,7 @@
 //! per backend, and a transaction with more overflows that cache and slows every
 //! snapshot on the server. So only the failing rows fail and the cost of isolation is
 //! paid only by the batches that had a failure. [`Isolation::Bisect`] (split in halves down to the failing rows) is the other
-//! strategy, kept because the benchmark compares them (BENCHMARKS.md). Connection errors
+//! strategy, kept because the benchmark compares them (docs/bench/HISTORY.md). Connection errors
 //! and timeouts are not isolated: they fail the rows of the statement that met them
 //! (retrying row by row would only multiply the load on a sick server).
 
@@ -54,7 +54,7 @@ pub enum Isolation {
     /// The batch again, item by item, each in its own subtransaction, [`SAVEPOINT_CHUNK`]
     /// items per statement (the `content_publish_each` function of the migration). The
     /// default: it costs `ceil(n / 64)` extra statements per failed batch of `n`, whatever
-    /// the number of failing rows (BENCHMARKS.md, "Control-plane").
+    /// the number of failing rows (docs/bench/HISTORY.md, "Control-plane").
     Savepoints,
     /// Split in halves, recursively, down to the failing rows: about `2 f log2(n / f)`
     /// extra statements for `f` failing rows of `n`. Kept for comparison (the benchmark).

@@ -2,6 +2,9 @@
 //! and with an in-process cache) side by side with moka's `get_with`.
 //! Each computation sleeps 1 ms (a backend round trip). Prints the number of
 //! computations each variant ran, then measures the time to serve the burst.
+//! With `SINGLEFLIGHT_COUNTS_JSON=FILE` in the environment, the counts also go
+//! to FILE as JSON (`{"callers": .., "keys": .., "singleflight": [..], ..}`),
+//! for `cargo xtask bench`.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::convert::Infallible;
@@ -123,6 +126,16 @@ fn bench(c: &mut Criterion) {
     eprintln!("  singleflight (no cache):     {:?}", counts[0]);
     eprintln!("  singleflight + moka cache:   {:?}", counts[1]);
     eprintln!("  moka get_with:               {:?}", counts[2]);
+    if let Some(path) = std::env::var_os("SINGLEFLIGHT_COUNTS_JSON") {
+        let json = serde_json::json!({
+            "callers": CALLERS,
+            "keys": KEYS,
+            "singleflight": counts[0],
+            "singleflight_with_cache": counts[1],
+            "moka_get_with": counts[2],
+        });
+        std::fs::write(&path, format!("{json:#}\n")).unwrap();
+    }
 
     let mut group = c.benchmark_group("burst_10000_callers_100_keys");
     group.sample_size(20);

@@ -42,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 
 /// Largest batch size accepted by the batch helpers. The original service capped it at
 /// 100; the control-plane's content-scheduler updates a whole batch in one statement, and
-/// its benchmark (BENCHMARKS.md, "Control-plane") measures batches of 1,000, so the cap is
+/// its benchmark (docs/bench/HISTORY.md, "Control-plane") measures batches of 1,000, so the cap is
 /// 1,000. A helper that runs every item of a batch at once ([`process_in_batches`]) still
 /// starts up to this many futures together: pick the size for the work.
 pub const MAX_BATCH_SIZE: usize = 1_000;

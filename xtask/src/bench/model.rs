@@ -2,8 +2,6 @@
 //! `target/bench/results.json`, rendered to `BENCHMARKS.md` and drawn as charts. Every
 //! figure here comes from a measurement of the same run; nothing is typed in by hand.
 
-#![allow(dead_code)] // TODO(i15): removed once every section fills the model
-
 use serde::{Deserialize, Serialize};
 
 /// One whole run.

@@ -60,7 +60,7 @@ pub(crate) fn columns(section: Section) -> &'static [&'static str] {
 const BUFFER: usize = 128 * 1024;
 
 /// The ZIP entries' options: stored at `level` 0, else deflated at `level` (1 fastest, at
-/// most [`MAX_ZIP_LEVEL`]); see `EXPORT_ZIP_LEVEL` and BENCHMARKS.md "Domain export".
+/// most [`MAX_ZIP_LEVEL`]); see `EXPORT_ZIP_LEVEL` and docs/bench/HISTORY.md "Domain export".
 fn zip_options(level: u8) -> SimpleFileOptions {
     let options = SimpleFileOptions::default().large_file(true);
     if level == 0 {

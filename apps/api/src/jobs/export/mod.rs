@@ -102,7 +102,7 @@ impl ExportDir {
     }
 }
 
-/// Default `EXPORT_ZIP_LEVEL`: deflate level 1 (BENCHMARKS.md "Domain export").
+/// Default `EXPORT_ZIP_LEVEL`: deflate level 1 (docs/bench/HISTORY.md "Domain export").
 pub const DEFAULT_ZIP_LEVEL: u8 = 1;
 
 /// The highest `EXPORT_ZIP_LEVEL` (deflate's best compression).

@@ -182,7 +182,7 @@ const SETTINGS_FROM: &str = "domain_settings s, jsonb_each(CASE WHEN jsonb_typeo
 /// analytics count is the number of groups of the section's own aggregate (the same FROM,
 /// range and GROUP BY), so a date range counts only the items with performance rows in it
 /// (before i11-finish it was every content item of the domain, an upper bound that ignored
-/// the range; the aggregate costs more than that index count, BENCHMARKS.md). One
+/// the range; the aggregate costs more than that index count, docs/bench/HISTORY.md). One
 /// statement, in the export's snapshot, naming only the tables of the included sections
 /// (PostgreSQL locks every table a statement names, even in a branch it never takes).
 pub(crate) async fn count(snapshot: &mut Snapshot, spec: &ExportSpec) -> Result<u64, DbError> {
