@@ -721,7 +721,7 @@ struct OpenLoop {
 
 impl OpenLoop {
     fn of(report: &load::Report, rate: u32, duration: Duration) -> Self {
-        let scheduled = report.from_schedule();
+        let scheduled = report.since_schedule();
         let service = report.service_times();
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         let mut kinds = std::collections::BTreeMap::<String, usize>::new();

@@ -243,7 +243,7 @@ pub(crate) async fn closed(
 impl Report {
     /// The latencies measured from each request's scheduled send time (open loop: what a
     /// client on that schedule saw, coordinated omission included), sorted.
-    pub(crate) fn from_schedule(&self) -> Vec<Duration> {
+    pub(crate) fn since_schedule(&self) -> Vec<Duration> {
         let mut all: Vec<Duration> = self
             .outcomes
             .iter()
@@ -266,7 +266,8 @@ pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }
-    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
+    // Less an epsilon: 99.9 % of 1,000 is 999.000...01 in floating point, rank 999.
+    let rank = (p / 100.0 * sorted.len() as f64 - 1e-9).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 

@@ -1,5 +1,7 @@
 //! The parsing of wrk's and pgbench's output.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use super::*;
 
 /// wrk 4.1 with `--latency` and the bench script's `done` hook (captured on this machine).
@@ -124,7 +126,7 @@ fn open_loop_latency_counts_from_the_schedule() {
         outcomes: vec![at(0, 0, 5), at(10, 50, 5), at(20, 20, 7)],
     };
     let ms = |v: Vec<Duration>| v.iter().map(|d| d.as_millis()).collect::<Vec<_>>();
-    assert_eq!(ms(report.from_schedule()), [5, 7, 45]);
+    assert_eq!(ms(report.since_schedule()), [5, 7, 45]);
     assert_eq!(ms(report.service_times()), [5, 5, 7]);
     let open = OpenLoop::of(&report, 100, Duration::from_millis(30));
     assert_eq!(open.max_lag_ms, 40.0);
