@@ -10,7 +10,7 @@
 //! in `main` sets [`crate::INTERRUPTED`], which ends the run between steps).
 
 mod conns;
-mod load;
+pub(crate) mod load;
 mod scenarios;
 
 use std::collections::BTreeMap;
@@ -567,7 +567,7 @@ fn wait_for_port(p: &mut Proc, bound: Duration) -> Result<()> {
 }
 
 /// Runs an admin command of the api binary; its stdout.
-fn admin_cmd(bin: &Path, db: &SecretUrl, args: &[&str]) -> Result<String> {
+pub(crate) fn admin_cmd(bin: &Path, db: &SecretUrl, args: &[&str]) -> Result<String> {
     let output = Command::new(bin.join("smartbeak-api"))
         .args(args)
         .env("DATABASE_URL", db.expose())
@@ -592,7 +592,7 @@ pub(crate) fn json_field(json: &str, name: &str) -> Option<String> {
 }
 
 /// Creates the domain the load reads, with a plain HTTP/1.1 request; its id.
-fn seed_domain(port: u16, key: &str) -> Result<String> {
+pub(crate) fn seed_domain(port: u16, key: &str) -> Result<String> {
     let body = r#"{"name":"chaos.example.com"}"#;
     let request = format!(
         "POST /v1/domains HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n\

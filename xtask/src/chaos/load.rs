@@ -1,5 +1,7 @@
-//! The open-loop HTTP load generator: requests at a fixed rate whatever the answers take,
-//! each with a deadline, every outcome recorded with its send time and kind.
+//! The HTTP load generator of `cargo xtask chaos` and `cargo xtask bench`: open loop
+//! (requests at a fixed rate whatever the answers take) or closed loop (a fixed count over
+//! N connections), each request with a deadline, every outcome recorded with its send time,
+//! its scheduled time and its kind.
 
 use std::time::{Duration, Instant};
 
@@ -38,6 +40,10 @@ impl Kind {
 pub(crate) struct Outcome {
     /// When it was sent, from the start of the load.
     pub(crate) sent: Duration,
+    /// When the schedule said to send it, from the start of the load (open loop; the
+    /// closed loop and the burst send at once: equal to `sent`).
+    pub(crate) scheduled: Duration,
+    /// From the send to the outcome (the service time).
     pub(crate) latency: Duration,
     pub(crate) kind: Kind,
     /// Which of the load's `urls` it went to.
@@ -82,7 +88,9 @@ impl Load {
         };
         let start = self.epoch;
         let period = Duration::from_secs_f64(1.0 / f64::from(self.rate.max(1)));
-        // Burst: a late tick is made up at once, so the rate stays fixed (open loop).
+        // Burst: a late tick is made up at once, so the rate stays fixed (open loop). The
+        // first tick is due at once: request i is due `first + i * period`.
+        let first = start.elapsed();
         let mut ticks = tokio::time::interval(period);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
         let mut tasks = JoinSet::new();
@@ -92,6 +100,7 @@ impl Load {
             let target = sent % self.urls.len();
             let request = client.get(&self.urls[target]).bearer_auth(&self.key);
             let deadline = self.deadline;
+            let scheduled = first + period.saturating_mul(u32::try_from(sent).unwrap_or(u32::MAX));
             sent += 1;
             tasks.spawn(async move {
                 let sent = start.elapsed();
@@ -102,6 +111,7 @@ impl Load {
                 };
                 Outcome {
                     sent,
+                    scheduled,
                     latency: begun.elapsed(),
                     kind,
                     target,
@@ -152,6 +162,7 @@ pub(crate) async fn burst(urls: &[String], key: &str, n: usize, deadline: Durati
                 .unwrap_or(Kind::Deadline);
             Outcome {
                 sent,
+                scheduled: sent,
                 latency: begun.elapsed(),
                 kind,
                 target,
@@ -165,6 +176,99 @@ pub(crate) async fn burst(urls: &[String], key: &str, n: usize, deadline: Durati
         }
     }
     Report { sent: n, outcomes }
+}
+
+/// `total` requests to `url` over `concurrency` connections, or as many as fit in
+/// `within`, each sent as soon as the connection's previous answer came (closed loop), each
+/// with `deadline`.
+pub(crate) async fn closed(
+    url: &str,
+    key: &str,
+    concurrency: usize,
+    total: usize,
+    within: Duration,
+    deadline: Duration,
+) -> Report {
+    let Ok(client) = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(concurrency)
+        .build()
+    else {
+        return Report {
+            sent: 0,
+            outcomes: Vec::new(),
+        };
+    };
+    let start = Instant::now();
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = JoinSet::new();
+    for _ in 0..concurrency.max(1) {
+        let (client, next, url, key) =
+            (client.clone(), next.clone(), url.to_owned(), key.to_owned());
+        tasks.spawn(async move {
+            let mut outcomes = Vec::new();
+            while start.elapsed() < within
+                && next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < total
+            {
+                let sent = start.elapsed();
+                let begun = Instant::now();
+                let request = client.get(&url).bearer_auth(&key);
+                let kind = tokio::time::timeout(deadline, one(request))
+                    .await
+                    .unwrap_or(Kind::Deadline);
+                outcomes.push(Outcome {
+                    sent,
+                    scheduled: sent,
+                    latency: begun.elapsed(),
+                    kind,
+                    target: 0,
+                });
+            }
+            outcomes
+        });
+    }
+    let mut outcomes = Vec::with_capacity(total);
+    while let Some(done) = tasks.join_next().await {
+        if let Ok(done) = done {
+            outcomes.extend(done);
+        }
+    }
+    outcomes.sort_by_key(|o| o.sent);
+    Report {
+        sent: outcomes.len(),
+        outcomes,
+    }
+}
+
+impl Report {
+    /// The latencies measured from each request's scheduled send time (open loop: what a
+    /// client on that schedule saw, coordinated omission included), sorted.
+    pub(crate) fn since_schedule(&self) -> Vec<Duration> {
+        let mut all: Vec<Duration> = self
+            .outcomes
+            .iter()
+            .map(|o| o.sent.saturating_sub(o.scheduled) + o.latency)
+            .collect();
+        all.sort_unstable();
+        all
+    }
+
+    /// The service times (send to outcome), sorted.
+    pub(crate) fn service_times(&self) -> Vec<Duration> {
+        let mut all: Vec<Duration> = self.outcomes.iter().map(|o| o.latency).collect();
+        all.sort_unstable();
+        all
+    }
+}
+
+/// The `p`-th percentile (0..=100) of `sorted` by the nearest-rank method; zero when empty.
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    // Less an epsilon: 99.9 % of 1,000 is 999.000...01 in floating point, rank 999.
+    let rank = (p / 100.0 * sorted.len() as f64 - 1e-9).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
 async fn one(request: reqwest::RequestBuilder) -> Kind {
