@@ -227,7 +227,7 @@ pub(crate) async fn closed(
             outcomes
         });
     }
-    let mut outcomes = Vec::with_capacity(total);
+    let mut outcomes = Vec::with_capacity(total.min(1 << 20));
     while let Some(done) = tasks.join_next().await {
         if let Ok(done) = done {
             outcomes.extend(done);
