@@ -72,7 +72,6 @@ pub(crate) struct Ctx<'a> {
     /// ran.
     pub(crate) ran: RefCell<Vec<String>>,
     /// The throwaway Redis.
-    #[allow(dead_code)] // TODO(i15-api): the api section reads it
     pub(crate) redis: &'a RedisServer,
 }
 
@@ -240,9 +239,12 @@ fn build(sh: &Shell) -> Result<()> {
     // `--profile release --workspace`: the release artifacts just built serve the benches
     // too. Cargo's own `bench` profile, or `-p` (which resolves features for fewer
     // packages), would compile every dependency once more.
-    cmd!(sh, "cargo bench --profile release --workspace --no-run")
-        .run()
-        .context("building the criterion benches")?;
+    cmd!(
+        sh,
+        "cargo bench --profile release --workspace --benches --no-run"
+    )
+    .run()
+    .context("building the criterion benches")?;
     println!("bench: built in {:.0} s", started.elapsed().as_secs_f64());
     Ok(())
 }
@@ -278,6 +280,38 @@ pub(crate) fn require(program: &str, what_for: &str, install: &str) -> Result<()
     Ok(())
 }
 
+/// Variables whose values are secrets: shown as `<redacted>`.
+const SECRET_ENV: &[&str] = &["BENCH_KEY", "PGPASSWORD"];
+
+/// Records a command a section ran itself (not through [`run`]) in `ctx.ran`, as
+/// [`display`] shows it with every `127.0.0.1:PORT` as `127.0.0.1:<port>` (each run gets a
+/// fresh port), once: the rounds of a section repeat the same commands.
+pub(crate) fn record(ctx: &Ctx<'_>, command: &Command) {
+    let text = port_placeholders(&display(ctx, command));
+    let mut ran = ctx.ran.borrow_mut();
+    if !ran.contains(&text) {
+        println!("bench: $ {text}");
+        ran.push(text);
+    }
+}
+
+/// `shown` with the port of every `127.0.0.1:PORT` as `<port>`.
+fn port_placeholders(shown: &str) -> String {
+    let mut text = String::with_capacity(shown.len());
+    let mut rest = shown;
+    while let Some(at) = rest.find("127.0.0.1:") {
+        let (head, tail) = rest.split_at(at + "127.0.0.1:".len());
+        text.push_str(head);
+        let digits = tail.bytes().take_while(u8::is_ascii_digit).count();
+        if digits > 0 {
+            text.push_str("<port>");
+        }
+        rest = &tail[digits..];
+    }
+    text.push_str(rest);
+    text
+}
+
 /// A command as a reader would type it: environment (URLs redacted: a password never
 /// reaches the page), program relative to the workspace, arguments.
 pub(crate) fn display(ctx: &Ctx<'_>, command: &Command) -> String {
@@ -302,7 +336,13 @@ pub(crate) fn display(ctx: &Ctx<'_>, command: &Command) -> String {
     for (key, value) in command.get_envs() {
         let Some(value) = value else { continue };
         let (key, value) = (key.to_string_lossy(), value.to_string_lossy());
-        let value = if key.ends_with("_URL") {
+        if key == "PATH" {
+            // Passed through after `env_clear`, not a setting of the run.
+            continue;
+        }
+        let value = if SECRET_ENV.contains(&key.as_ref()) {
+            "<redacted>".to_owned()
+        } else if key.ends_with("_URL") {
             smartbeak_database::SecretUrl::parse("url", &value)
                 .map(|url| url.redacted())
                 .unwrap_or_else(|_| "<url>".to_owned())
@@ -318,9 +358,14 @@ pub(crate) fn display(ctx: &Ctx<'_>, command: &Command) -> String {
     parts.join(" ")
 }
 
+/// How long one command of a section may run before [`run`] kills it (the longest, the full
+/// export's 1,000,000 rows x 3 rounds x 4 formats, takes a few minutes).
+const RUN_BOUND: std::time::Duration = std::time::Duration::from_secs(30 * 60);
+
 /// Runs `command` from the workspace root, its output (stdout and stderr) into
 /// `<out>/logs/<log>.log` and onto the terminal line by line (indented), and records it in
-/// `section.commands` and `ctx.ran`. Fails with the log's tail when it exits non-zero.
+/// `section.commands` and `ctx.ran`. Fails with the log's tail when it exits non-zero, and
+/// kills it (and fails) when it runs longer than [`RUN_BOUND`].
 /// Returns the captured stdout.
 pub(crate) fn run(
     ctx: &Ctx<'_>,
@@ -363,15 +408,37 @@ pub(crate) fn run(
         kept
     };
     let (mut stdout, mut stderr) = (stdout, stderr);
+    // The watchdog: a command still running after RUN_BOUND is killed (a hung section fails
+    // instead of hanging the bench). It is told to stand down before the child is reaped,
+    // so it can never signal a reused pid.
+    let pid = child.id().to_string();
+    let (done, stand_down) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stand_down.recv_timeout(RUN_BOUND)
+        {
+            let _ = Command::new("kill").args(["-KILL", &pid]).status();
+            return true;
+        }
+        false
+    });
     let kept = std::thread::scope(|s| {
         let errors = s.spawn(|| pump(&mut stderr, false));
         let kept = pump(&mut stdout, true);
         let _ = errors.join();
         kept
     });
+    let _ = done.send(());
+    let killed = watchdog.join().unwrap_or(false);
     let status = child
         .wait()
         .with_context(|| format!("waiting for {shown}"))?;
+    if killed {
+        bail!(
+            "{shown} was still running after {} min and was killed; log {}",
+            RUN_BOUND.as_secs() / 60,
+            log_path.display()
+        );
+    }
     if !status.success() {
         let text = std::fs::read_to_string(&log_path).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
@@ -417,9 +484,37 @@ pub(crate) fn criterion_estimate(home: &Path, group: &str, bench: &str) -> Resul
     })
 }
 
-/// The median of `values` (the upper one of an even count); NaN when empty.
+/// The median of `values` (the mean of the middle two of an even count); NaN when empty.
 pub(crate) fn median(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
-    sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
+    let n = sorted.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => sorted[n / 2],
+        _ => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{median, port_placeholders};
+
+    #[test]
+    fn every_loopback_port_becomes_a_placeholder() {
+        assert_eq!(
+            port_placeholders(
+                "API_BIND=127.0.0.1:40123 wrk http://127.0.0.1:5/v1 postgres://127.0.0.1:/x"
+            ),
+            "API_BIND=127.0.0.1:<port> wrk http://127.0.0.1:<port>/v1 postgres://127.0.0.1:/x"
+        );
+        assert_eq!(port_placeholders("no address"), "no address");
+    }
+
+    #[test]
+    fn the_median_of_an_even_count_is_the_mean_of_the_middle_two() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(&[]).is_nan());
+    }
 }

@@ -25,6 +25,7 @@ mod bench;
 mod chaos;
 mod demo;
 mod fuzz;
+mod limits;
 mod services;
 mod test;
 

@@ -1,6 +1,6 @@
 //! Domain export benchmark (issue 11): exports N content rows of one domain to CSV, JSON and
 //! Markdown, beside `psql -c "\copy (SELECT ...) TO ... CSV"` on the same rows, each as a
-//! separate process under `/usr/bin/time -v` (wall time and peak RSS); then 5 exports of
+//! separate process (wall time, and peak RSS: the child's `ru_maxrss`); then 5 exports of
 //! N/5 rows each (disjoint date ranges of the same domain), one after another and then
 //! concurrently through `smartbeak_utils::concurrency::map_bounded`.
 //!
@@ -92,6 +92,12 @@ async fn connect(url: &SecretUrl) -> Result<Database> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let [_, flag, program, rest @ ..] = argv.as_slice()
+        && flag == MEASURE
+    {
+        return measure(program, rest);
+    }
     let args = Args::parse();
     let result = if args.only {
         child(&args).await
@@ -224,38 +230,71 @@ async fn seed(db: &Database, org: Uuid, domain: Uuid, rows: u64) -> Result<()> {
     Ok(())
 }
 
-/// Wall time and peak RSS (kB) of `command` run under `/usr/bin/time -v`, and its stdout.
+/// The argument that starts the measuring wrapper (see [`measure`]).
+const MEASURE: &str = "--measure-rss";
+
+/// The line the wrapper ends its stderr with.
+const PEAK_PREFIX: &str = "export_bench: peak_rss_kb=";
+
+/// Wall time and peak RSS (kB) of `command`, and its stdout. The command runs under this
+/// example's own measuring wrapper (`export_bench --measure-rss PROGRAM ARGS...`), which
+/// reports its one child's `ru_maxrss`, what `/usr/bin/time -v` prints, without needing
+/// that package.
 fn timed(command: Command) -> Result<(f64, u64, String)> {
-    let mut time = Command::new("/usr/bin/time");
-    time.arg("-v").arg(command.get_program());
-    time.args(command.get_args());
+    let program = command.get_program().to_string_lossy().into_owned();
+    let mut wrapped = Command::new(std::env::current_exe()?);
+    wrapped.arg(MEASURE).arg(command.get_program());
+    wrapped.args(command.get_args());
     for (k, v) in command.get_envs() {
         if let Some(v) = v {
-            time.env(k, v);
+            wrapped.env(k, v);
         }
     }
     let started = Instant::now();
-    let output = time
+    let output = wrapped
         .output()
-        .context("running /usr/bin/time (apt-get install time)")?;
+        .with_context(|| format!("running {program}"))?;
     let wall = started.elapsed().as_secs_f64();
     let stderr = String::from_utf8_lossy(&output.stderr);
     if !output.status.success() {
-        bail!("{:?} failed: {stderr}", command.get_program());
+        bail!("{program} failed ({}): {stderr}", output.status);
     }
     let rss = stderr
         .lines()
-        .find_map(|l| {
-            l.trim()
-                .strip_prefix("Maximum resident set size (kbytes): ")
-        })
+        .find_map(|l| l.trim().strip_prefix(PEAK_PREFIX))
         .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0);
+        .with_context(|| format!("{program}: the wrapper printed no peak RSS: {stderr}"))?;
     Ok((
         wall,
         rss,
         String::from_utf8_lossy(&output.stdout).into_owned(),
     ))
+}
+
+/// The measuring wrapper: runs `program args...` (stdio inherited), then prints the peak
+/// RSS of that one child (`getrusage(RUSAGE_CHILDREN)`: this process has no other child)
+/// and exits with its status.
+fn measure(program: &std::ffi::OsStr, args: &[std::ffi::OsString]) -> ExitCode {
+    let status = match Command::new(program).args(args).status() {
+        Ok(status) => status,
+        Err(e) => {
+            eprintln!("export_bench: starting {}: {e}", program.to_string_lossy());
+            return ExitCode::FAILURE;
+        }
+    };
+    match nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN) {
+        // Linux reports ru_maxrss in kilobytes.
+        Ok(usage) => eprintln!("{PEAK_PREFIX}{}", usage.max_rss()),
+        Err(e) => {
+            eprintln!("export_bench: getrusage: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    match status.code() {
+        Some(0) => ExitCode::SUCCESS,
+        Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        None => ExitCode::FAILURE,
+    }
 }
 
 async fn parent(args: &Args) -> Result<()> {

@@ -1,5 +1,5 @@
 //! Export: 1,000,000 rows to CSV, JSON and Markdown beside `psql \copy` in the same rounds
-//! (interleaved, each a process of its own under `/usr/bin/time -v`), with peak RSS; and 5
+//! (interleaved, each a process of its own, with its peak RSS (`ru_maxrss`)); and 5
 //! exports of 200,000 rows concurrently beside one after another. Drives the api's
 //! `export_bench` example and reads its `--json` file.
 
@@ -64,11 +64,6 @@ pub(crate) fn export(ctx: &Ctx<'_>) -> Result<Section> {
         "psql",
         "the export section's anchor",
         "apt-get install postgresql-client",
-    )?;
-    require(
-        "/usr/bin/time",
-        "the export section's peak RSS",
-        "apt-get install time",
     )?;
     let (rows, rounds) = if ctx.quick {
         (100_000u64, 1usize)
@@ -213,8 +208,8 @@ pub(crate) fn export(ctx: &Ctx<'_>) -> Result<Section> {
         rows: sizes,
     });
     section.notes.push(format!(
-        "Each round runs COPY and then each of ours, every one a process of its own under \
-         `/usr/bin/time -v` (wall time and peak RSS), so a busier moment of the shared machine \
+        "Each round runs COPY and then each of ours, every one a process of its own (wall time, \
+         and peak RSS, the child's `ru_maxrss`), so a busier moment of the shared machine \
          hits them alike; a row's ratio is the median of the per-round ratios over {} \
          round(s), its figures the medians of the wall times.{}",
         output.rounds.len(),

@@ -56,10 +56,10 @@ pub(crate) struct Section {
 }
 
 impl Section {
-    pub(crate) fn new(id: &str, title: &str) -> Self {
+    pub(crate) fn new(id: &str, title: impl Into<String>) -> Self {
         Self {
             id: id.to_owned(),
-            title: title.to_owned(),
+            title: title.into(),
             commands: Vec::new(),
             rows: Vec::new(),
             tables: Vec::new(),

@@ -287,7 +287,24 @@ pub(crate) fn render_markdown(report: &Report, ratios_chart: bool, latency_chart
         .flat_map(|s| &s.rows)
         .filter(|r| r.met() == Some(true))
         .count();
-    let _ = writeln!(md, "\n{met} of {targets} targets met.\n");
+    let failed: Vec<&str> = report
+        .sections
+        .iter()
+        .filter(|s| s.error.is_some())
+        .map(|s| s.id.as_str())
+        .collect();
+    let _ = if failed.is_empty() {
+        writeln!(md, "\n{met} of {targets} targets met.\n")
+    } else {
+        // A failed section's targets were never measured: they count as not met.
+        writeln!(
+            md,
+            "\n{met} of {targets} targets met; {} section(s) failed ({}), so their targets \
+             were not measured and are not counted above.\n",
+            failed.len(),
+            failed.join(", ")
+        )
+    };
 
     if ratios_chart || latency_chart {
         let _ = writeln!(md, "## Charts\n");

@@ -3,7 +3,7 @@
 //! judges the outcomes.
 
 use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -640,7 +640,7 @@ fn many_connections(system: &mut System, rt: &Runtime, quick: bool) -> Result<Sc
     let mut r = ScenarioResult::new(10, "5,000 connections");
     let duration = Duration::from_secs(if quick { 10 } else { 30 });
     // The harness's sockets, the replica's, and some room for both.
-    raise_fd_limit(CONNECTIONS as u64 + 1024)?;
+    crate::limits::require_open_files(CONNECTIONS as u64 + 1024, "scenario 10")?;
     let port = system.extra_api(&[
         ("HTTP_MAX_CONNECTIONS", "6000"),
         ("HTTP_MAX_CONCURRENCY", MAX_CONCURRENCY),
@@ -779,53 +779,6 @@ fn rss_kib(pid: u32) -> Result<u64> {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .with_context(|| format!("no VmRSS in /proc/{pid}/status"))
-}
-
-/// Makes sure this process may open `need` files: raises its soft `RLIMIT_NOFILE` to the
-/// hard limit with `prlimit` (util-linux) when it is lower; children started afterwards
-/// inherit it. Fails, naming both limits, when even the hard limit is too low.
-fn raise_fd_limit(need: u64) -> Result<()> {
-    let read = || -> Result<(u64, u64)> {
-        let limits = std::fs::read_to_string("/proc/self/limits")?;
-        let line = limits
-            .lines()
-            .find(|l| l.starts_with("Max open files"))
-            .context("no `Max open files` in /proc/self/limits")?;
-        let mut values = line
-            .trim_start_matches("Max open files")
-            .split_whitespace()
-            .map(|v| {
-                if v == "unlimited" {
-                    Ok(u64::MAX)
-                } else {
-                    v.parse()
-                }
-            });
-        match (values.next(), values.next()) {
-            (Some(Ok(soft)), Some(Ok(hard))) => Ok((soft, hard)),
-            _ => bail!("cannot read the open-files limit from {line:?}"),
-        }
-    };
-    let (soft, hard) = read()?;
-    if soft >= need {
-        return Ok(());
-    }
-    if hard < need {
-        bail!(
-            "the open-files limit is {soft} (hard {hard}), scenario 10 needs {need}: raise the hard limit (ulimit -Hn) first"
-        );
-    }
-    let status = Command::new("prlimit")
-        .arg("--pid")
-        .arg(std::process::id().to_string())
-        .arg(format!("--nofile={hard}:{hard}"))
-        .status()
-        .context("running prlimit to raise the open-files limit")?;
-    let (soft, _) = read()?;
-    if !status.success() || soft < need {
-        bail!("could not raise the open-files limit to {need} (it is {soft}, hard {hard})");
-    }
-    Ok(())
 }
 
 /// Scenario 9, the export worker part: an export queued with 300 ms of latency on the

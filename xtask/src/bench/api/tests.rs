@@ -95,13 +95,6 @@ fn pgbench_summary_is_read() {
 }
 
 #[test]
-fn medians() {
-    assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
-    assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
-    assert!(median(Vec::new()).is_nan());
-}
-
-#[test]
 fn percentiles_by_nearest_rank() {
     let ms: Vec<Duration> = (1..=1000).map(Duration::from_millis).collect();
     assert_eq!(load::percentile(&ms, 50.0), Duration::from_millis(500));

@@ -142,7 +142,10 @@ fn the_page_has_the_header_tables_and_summary() {
     // Summary: the three targets and the failed section, counted.
     assert!(md.contains("| Export beside COPY | csv | psql \\copy | 1.20x | ≤ 1.30x | yes |"));
     assert!(md.contains("| Api | (section failed: not implemented yet) | | | | **no** |"));
-    assert!(md.contains("\n2 of 3 targets met.\n"));
+    assert!(md.contains(
+        "\n2 of 3 targets met; 1 section(s) failed (api), so their targets were not measured \
+         and are not counted above.\n"
+    ));
     assert!(
         md.contains("**This section failed:**\n\n```text\nnot implemented yet\nsecond line\n```")
     );
@@ -150,6 +153,15 @@ fn the_page_has_the_header_tables_and_summary() {
     // Only the charts that were drawn are linked.
     assert!(md.contains("![ratios](docs/bench/ratios.png)"));
     assert!(!md.contains("api-latency.png"));
+}
+
+#[test]
+fn a_summary_without_failed_sections_counts_only_targets() {
+    let mut r = report();
+    r.sections.retain(|s| s.error.is_none());
+    let md = render_markdown(&r, false, false);
+    assert!(md.contains("\n2 of 3 targets met.\n"));
+    assert!(!md.contains("failed"));
 }
 
 #[test]
