@@ -11,6 +11,7 @@
 //! `target/bench/results.json`. Every section names the exact commands it ran, so any
 //! figure can be reproduced alone.
 
+mod ab;
 mod api;
 mod churn;
 mod export;
@@ -42,6 +43,7 @@ pub(crate) const SECTIONS: &[&str] = &[
     "bounded",
     "churn",
     "api",
+    "api-ab",
     "export",
     "scheduler",
 ];
@@ -163,6 +165,7 @@ impl Bench {
                 "bounded" => micro::bounded(&ctx),
                 "churn" => churn::churn(&ctx),
                 "api" => api::api(&ctx),
+                "api-ab" => ab::ab(&ctx),
                 "export" => export::export(&ctx),
                 "scheduler" => scheduler::scheduler(&ctx),
                 _ => unreachable!("SECTIONS lists only the ids above"),
@@ -358,9 +361,9 @@ pub(crate) fn display(ctx: &Ctx<'_>, command: &Command) -> String {
     parts.join(" ")
 }
 
-/// How long one command of a section may run before [`run`] kills it (the longest, the full
-/// export's 1,000,000 rows x 3 rounds x 4 formats, takes a few minutes).
-const RUN_BOUND: std::time::Duration = std::time::Duration::from_secs(30 * 60);
+/// How long one command of a section may run before [`run`] kills it (the longest, the api
+/// A/B, includes the baseline's cold release build: twenty-odd minutes on two cores).
+const RUN_BOUND: std::time::Duration = std::time::Duration::from_secs(60 * 60);
 
 /// Runs `command` from the workspace root, its output (stdout and stderr) into
 /// `<out>/logs/<log>.log` and onto the terminal line by line (indented), and records it in

@@ -3,13 +3,14 @@
 #
 #   apps/api/bench/ab.sh <baseline-commit> [--rounds N] [--duration D] [--connections C]
 #                        [--threads T] [--pgbench-clients P] [--json FILE] [--keep-logs]
-#                        [--profile DIR]
+#                        [--profile DIR] [--current-bin FILE]
 #
 # Defaults: 3 rounds, 15s, 1000 connections, 2 wrk threads, 64 pgbench clients.
 #
 # What it does, all in one run on this machine:
-#   1. builds the api in release mode twice: this tree (into $CARGO_TARGET_DIR/release) and
-#      <baseline-commit> from a detached git worktree (into $CARGO_TARGET_DIR/bench/baseline);
+#   1. builds the api in release mode twice: this tree (into $CARGO_TARGET_DIR/release; or
+#      --current-bin FILE, a release build of this tree made already) and <baseline-commit>
+#      from a detached git worktree (into $CARGO_TARGET_DIR/bench/baseline);
 #   2. creates two throwaway databases on $ADMIN_DATABASE_URL (one per binary, each migrated
 #      and seeded by its own binary: one org, one key, one domain) and drops them at the end;
 #   3. runs N rounds; each round runs four variants one after another, in an order that
@@ -45,6 +46,7 @@ pg_clients=64
 json=
 keep_logs=false
 profile=
+current_bin=
 while [ $# -gt 0 ]; do
   case $1 in
     --rounds) rounds=${2:?--rounds needs a value}; shift 2 ;;
@@ -55,6 +57,7 @@ while [ $# -gt 0 ]; do
     --json) json=${2:?--json needs a file}; shift 2 ;;
     --keep-logs) keep_logs=true; shift ;;
     --profile) profile=${2:?--profile needs a directory}; shift 2 ;;
+    --current-bin) current_bin=${2:?--current-bin needs a file}; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     -*) echo "ab.sh: unknown option $1" >&2; usage >&2; exit 2 ;;
     *)
@@ -110,8 +113,14 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 echo "== building current ($cur_commit${cur_dirty:+, with uncommitted changes}) and baseline ($base_commit), release"
-cargo build --release --quiet -p smartbeak-api --manifest-path "$root/Cargo.toml"
-cp "$target/release/smartbeak-api" "$out/current-api"
+if [ -n "$current_bin" ]; then
+  # Built already (cargo xtask bench builds the whole workspace in release mode first).
+  [ -x "$current_bin" ] || { echo "ab.sh: --current-bin $current_bin is not an executable" >&2; exit 2; }
+  cp "$current_bin" "$out/current-api"
+else
+  cargo build --release --quiet -p smartbeak-api --manifest-path "$root/Cargo.toml"
+  cp "$target/release/smartbeak-api" "$out/current-api"
+fi
 git -C "$root" worktree add --quiet --detach "$tree" "$base_commit"
 CARGO_TARGET_DIR=$target/bench/baseline \
   cargo build --release --quiet -p smartbeak-api --manifest-path "$tree/Cargo.toml"
