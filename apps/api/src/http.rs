@@ -767,6 +767,69 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_concurrent_flood_of_distinct_bad_keys_costs_postgresql_about_the_ip_quota() {
+        // The sequential flood above is stopped once the quota is spent; here 200 distinct
+        // bad keys arrive at once, so none of them sees the quota spent before its lookup
+        // unless uncached lookups from one address wait for each other.
+        let tdb = TestDatabase::create().await.unwrap();
+        let db = Database::connect(tdb.config(), "smartbeak-api-test")
+            .await
+            .unwrap();
+        let config = ApiConfig::from_lookup(|var| match var {
+            "RATE_LIMIT_PER_IP" => Some("3".to_owned()),
+            _ => None,
+        })
+        .unwrap();
+        let limiter = RateLimiter::new(config.rate_limit.clone(), None).unwrap();
+        let state = AppState::new(db.clone(), config, limiter, None);
+        let keys = std::sync::Arc::clone(&state.keys);
+        let app = app(state);
+        let send = |peer: &str, key: String| {
+            let mut request = Request::get("/v1/domains")
+                .header("authorization", format!("Bearer {key}"))
+                .body(Body::empty())
+                .unwrap();
+            let peer: std::net::SocketAddr = peer.parse().unwrap();
+            request
+                .extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
+            app.clone().oneshot(request)
+        };
+        let before = keys.db_lookups();
+        let flood = (0..200).map(|i| send("192.0.2.70:1", format!("sbk_flood_{i}")));
+        let statuses: Vec<StatusCode> = futures::future::join_all(flood)
+            .await
+            .into_iter()
+            .map(|r| r.unwrap().status())
+            .collect();
+        let unauthorized = statuses
+            .iter()
+            .filter(|s| **s == StatusCode::UNAUTHORIZED)
+            .count();
+        let limited = statuses
+            .iter()
+            .filter(|s| **s == StatusCode::TOO_MANY_REQUESTS)
+            .count();
+        assert_eq!(unauthorized + limited, 200, "{statuses:?}");
+        assert_eq!(unauthorized, 3, "the IP quota pays for three bad keys");
+        let lookups = keys.db_lookups() - before;
+        assert!(
+            lookups <= 3 + crate::ratelimit::UNCACHED_LOOKUPS_PER_IP as u64,
+            "a concurrent flood of bad keys reached PostgreSQL {lookups} times"
+        );
+        // Another address is not held up by the flood's.
+        assert_eq!(
+            send("192.0.2.71:1", "sbk_other".to_owned())
+                .await
+                .unwrap()
+                .status(),
+            StatusCode::UNAUTHORIZED
+        );
+        db.close(std::time::Duration::from_secs(5)).await.unwrap();
+        tdb.drop_database().await.unwrap();
+    }
+
+    #[tokio::test]
     async fn a_request_whose_backend_was_terminated_gets_503_database_unavailable() {
         // Chaos scenario 3: `pg_terminate_backend` on the connection a request uses. One
         // pooled connection, never pinged on acquire (a long bypass), so the request after

@@ -115,6 +115,46 @@ pub struct RateLimiter {
     warnings: WarnThrottle,
     /// Client IPs whose quota this process saw spent, until when (see [`SpentIps`]).
     spent: SpentIps,
+    /// Uncached key lookups in flight per client address (see [`LookupStripes`]).
+    lookups: LookupStripes,
+}
+
+/// Bounds the uncached key lookups one client address has in flight to
+/// [`UNCACHED_LOOKUPS_PER_IP`]: a keyed request whose key is not in the key cache takes a
+/// permit of its address's stripe before it reaches PostgreSQL, and holds it until its key
+/// is known good, or, for a failed key, until the failure has been charged to the IP quota
+/// (and the IP marked spent when that was its last unit). A request that waited re-checks
+/// [`SpentIps`] first, so a concurrent flood of distinct bad keys from one address costs
+/// PostgreSQL at most the IP quota plus the permits in lookups, not one per request in
+/// flight. Addresses share a fixed set of stripes (hashed), so memory stays bounded: an
+/// address whose stripe a flooder shares waits for it only on its own cache misses, and
+/// never longer than the request's deadline.
+struct LookupStripes {
+    stripes: Box<[Arc<tokio::sync::Semaphore>]>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+/// How many stripes [`LookupStripes`] spreads the client addresses over.
+const LOOKUP_STRIPES: usize = 256;
+
+impl LookupStripes {
+    fn new() -> Self {
+        Self {
+            stripes: (0..LOOKUP_STRIPES)
+                .map(|_| Arc::new(tokio::sync::Semaphore::new(UNCACHED_LOOKUPS_PER_IP)))
+                .collect(),
+            hasher: std::collections::hash_map::RandomState::new(),
+        }
+    }
+
+    /// A permit of `ip`'s stripe, once one is free.
+    async fn acquire(&self, ip: IpAddr) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        use std::hash::BuildHasher as _;
+        let index = usize::try_from(self.hasher.hash_one(ip) % LOOKUP_STRIPES as u64).ok()?;
+        let stripe = self.stripes.get(index)?;
+        // The semaphores are never closed.
+        Arc::clone(stripe).acquire_owned().await.ok()
+    }
 }
 
 /// The client IPs whose quota this process last saw spent by failed keys (a bad key's 429,
@@ -125,6 +165,10 @@ pub struct RateLimiter {
 struct SpentIps {
     until: quick_cache::sync::Cache<IpAddr, (Instant, u32)>,
 }
+
+/// Uncached key lookups one client address may have in flight at once (see
+/// [`LookupStripes`]).
+pub const UNCACHED_LOOKUPS_PER_IP: usize = 4;
 
 /// How many spent client IPs a process remembers.
 const SPENT_IPS_CAPACITY: usize = 10_000;
@@ -205,6 +249,7 @@ impl RateLimiter {
             local,
             warnings: WarnThrottle::new(WARNING_INTERVAL),
             spent: SpentIps::new(),
+            lookups: LookupStripes::new(),
         });
         let weak = Arc::downgrade(&limiter);
         tokio::spawn(async move {
@@ -556,14 +601,18 @@ async fn limit(
         ip: if presented.is_some() { None } else { Some(ip) },
     };
     let keyed = presented.is_some();
-    if limiter.enabled()
-        && let (Some(presented), Some(state)) = (&presented, state)
-        && !state.keys.is_cached(presented)
-        && let Some(decision) = limiter.spent.limited(ip, limiter.config.window.as_secs())
-    {
+    let uncached = matches!((&presented, state), (Some(presented), Some(state)) if !state.keys.is_cached(presented));
+    let spent = || {
+        let decision = limiter.spent.limited(ip, limiter.config.window.as_secs())?;
         record(Outcome::Limited, limiter.backend_label(), false);
         let mut response = ApiError::RateLimited.into_response();
         decision.apply_headers(response.headers_mut());
+        Some(response)
+    };
+    if limiter.enabled()
+        && uncached
+        && let Some(response) = spent()
+    {
         return response;
     }
     let lookup = async {
@@ -582,9 +631,22 @@ async fn limit(
         }
         return next.run(request).await;
     }
+    // An uncached key waits for its address's lookup permit (see `LookupStripes`), and
+    // looks again whether the failed keys ahead of it spent the IP quota meanwhile.
+    let mut permit = None;
+    if uncached {
+        permit = limiter.lookups.acquire(ip).await;
+        if let Some(response) = spent() {
+            return response;
+        }
+    }
     // Only failed keys mark an IP spent (below): unkeyed traffic that spends the IP quota
     // is refused by the quota itself, and must not lock out valid keys behind the address.
     let (mut decision, resolved) = tokio::join!(limiter.check(&client), lookup);
+    if matches!(resolved, Some(Some(_))) {
+        // A good key: the handler runs without holding up its address's lookups.
+        drop(permit.take());
+    }
     if let Some(presented) = presented {
         request.extensions_mut().insert(presented);
     }
@@ -608,6 +670,7 @@ async fn limit(
             })
             .await;
         limiter.spent.record(ip, &decision);
+        drop(permit.take());
         match decision.outcome {
             Outcome::Allowed => {}
             Outcome::Limited => response = ApiError::RateLimited.into_response(),
