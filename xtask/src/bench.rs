@@ -23,6 +23,7 @@ mod scheduler;
 
 use std::cell::RefCell;
 use std::io::Write as _;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::atomic::Ordering;
@@ -269,13 +270,57 @@ fn commit(sh: &Shell) -> Result<String> {
     })
 }
 
+/// True when `program` is on `PATH`.
+pub(crate) fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
+}
+
+/// Makes sure `program` is on `PATH`: when it is not and this runs as root on a system with
+/// apt-get, installs `package` (`apt-get install -y`, after `apt-get update` if the first
+/// try fails: a fresh image has no package lists). Returns whether it is there now, and
+/// pushes a sentence to `notes` when it installed it.
+pub(crate) fn ensure_tool(program: &str, package: &str, notes: &mut Vec<String>) -> bool {
+    if on_path(program) {
+        return true;
+    }
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).trim() == "0");
+    if !root || !on_path("apt-get") {
+        return false;
+    }
+    let install = || {
+        Command::new("apt-get")
+            .args(["install", "-y", package])
+            .stdin(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    eprintln!("xtask: bench: {program} not found; running `apt-get install -y {package}`");
+    let ok = install()
+        || (Command::new("apt-get")
+            .arg("update")
+            .stdin(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+            && install());
+    if ok && on_path(program) {
+        notes.push(format!(
+            "{program} was not installed; the run installed it (`apt-get install -y {package}`)."
+        ));
+        return true;
+    }
+    false
+}
+
 /// Fails with what to install when `program` is not on `PATH` (or, with a `/`, not there).
 pub(crate) fn require(program: &str, what_for: &str, install: &str) -> Result<()> {
     let found = if program.contains('/') {
         Path::new(program).is_file()
     } else {
-        std::env::var_os("PATH")
-            .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
+        on_path(program)
     };
     if !found {
         bail!("{what_for} needs {program}, which is not installed ({install})");
@@ -318,9 +363,13 @@ fn port_placeholders(shown: &str) -> String {
 /// A command as a reader would type it: environment (URLs redacted: a password never
 /// reaches the page), program relative to the workspace, arguments.
 pub(crate) fn display(ctx: &Ctx<'_>, command: &Command) -> String {
-    let root = ctx.sh.current_dir();
+    display_in(&ctx.sh.current_dir(), &ctx.target, command)
+}
+
+/// [`display`] for a workspace at `root` and a target directory `target`.
+fn display_in(root: &Path, target: &Path, command: &Command) -> String {
     let shorten = |text: &str| -> String {
-        let target = ctx.target.to_string_lossy();
+        let target = target.to_string_lossy();
         let text = text.replace(target.as_ref(), "$CARGO_TARGET_DIR");
         text.replace(&format!("{}/", root.display()), "")
     };
@@ -345,6 +394,8 @@ pub(crate) fn display(ctx: &Ctx<'_>, command: &Command) -> String {
         }
         let value = if SECRET_ENV.contains(&key.as_ref()) {
             "<redacted>".to_owned()
+        } else if key.ends_with("REDIS_URL") {
+            crate::services::redact_redis(&value)
         } else if key.ends_with("_URL") {
             smartbeak_database::SecretUrl::parse("url", &value)
                 .map(|url| url.redacted())
@@ -368,7 +419,8 @@ const RUN_BOUND: std::time::Duration = std::time::Duration::from_secs(60 * 60);
 /// Runs `command` from the workspace root, its output (stdout and stderr) into
 /// `<out>/logs/<log>.log` and onto the terminal line by line (indented), and records it in
 /// `section.commands` and `ctx.ran`. Fails with the log's tail when it exits non-zero, and
-/// kills it (and fails) when it runs longer than [`RUN_BOUND`].
+/// stops its whole process group (and fails) when it runs longer than [`RUN_BOUND`] or the
+/// bench is interrupted.
 /// Returns the captured stdout.
 pub(crate) fn run(
     ctx: &Ctx<'_>,
@@ -376,7 +428,7 @@ pub(crate) fn run(
     log: &str,
     mut command: Command,
 ) -> Result<String> {
-    let shown = display(ctx, &command);
+    let shown = port_placeholders(&display(ctx, &command));
     println!("bench: $ {shown}");
     section.commands.push(shown.clone());
     ctx.ran.borrow_mut().push(shown.clone());
@@ -386,6 +438,7 @@ pub(crate) fn run(
     let log_file = std::sync::Mutex::new(log_file);
     let mut child = command
         .current_dir(ctx.sh.current_dir())
+        .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -411,18 +464,33 @@ pub(crate) fn run(
         kept
     };
     let (mut stdout, mut stderr) = (stdout, stderr);
-    // The watchdog: a command still running after RUN_BOUND is killed (a hung section fails
-    // instead of hanging the bench). It is told to stand down before the child is reaped,
-    // so it can never signal a reused pid.
-    let pid = child.id().to_string();
+    // The watchdog: the command leads a process group of its own, and the whole group (a
+    // script's children, cargo's bench binaries) gets SIGTERM when the command is still
+    // running after RUN_BOUND or the bench is interrupted (Ctrl-C reaches only xtask now),
+    // then SIGKILL 10 s later if it has not ended. It stands down before the child is
+    // reaped, so it can never signal a reused pid.
+    let pgid = child.id();
     let (done, stand_down) = std::sync::mpsc::channel::<()>();
     let watchdog = std::thread::spawn(move || {
-        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stand_down.recv_timeout(RUN_BOUND)
-        {
-            let _ = Command::new("kill").args(["-KILL", &pid]).status();
-            return true;
+        let started = Instant::now();
+        let mut termed: Option<Instant> = None;
+        loop {
+            match stand_down.recv_timeout(std::time::Duration::from_millis(200)) {
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                _ => return termed.is_some(),
+            }
+            let interrupted = crate::INTERRUPTED.load(Ordering::SeqCst);
+            match termed {
+                None if interrupted || started.elapsed() >= RUN_BOUND => {
+                    let _ = smartbeak_test_support::signal_group(pgid, "TERM");
+                    termed = Some(Instant::now());
+                }
+                Some(at) if at.elapsed() >= std::time::Duration::from_secs(10) => {
+                    let _ = smartbeak_test_support::signal_group(pgid, "KILL");
+                }
+                _ => {}
+            }
         }
-        false
     });
     let kept = std::thread::scope(|s| {
         let errors = s.spawn(|| pump(&mut stderr, false));
@@ -431,14 +499,18 @@ pub(crate) fn run(
         kept
     });
     let _ = done.send(());
-    let killed = watchdog.join().unwrap_or(false);
+    let stopped = watchdog.join().unwrap_or(false);
     let status = child
         .wait()
         .with_context(|| format!("waiting for {shown}"))?;
-    if killed {
+    if stopped {
         bail!(
-            "{shown} was still running after {} min and was killed; log {}",
-            RUN_BOUND.as_secs() / 60,
+            "{shown} was stopped ({}); log {}",
+            if crate::INTERRUPTED.load(Ordering::SeqCst) {
+                "interrupted".to_owned()
+            } else {
+                format!("still running after {} min", RUN_BOUND.as_secs() / 60)
+            },
             log_path.display()
         );
     }
@@ -501,7 +573,34 @@ pub(crate) fn median(values: &[f64]) -> f64 {
 
 #[cfg(test)]
 mod tests {
-    use super::{median, port_placeholders};
+    use super::{Command, Path, display_in, median, port_placeholders};
+
+    #[test]
+    fn a_command_is_shown_without_its_secrets() {
+        let mut command = Command::new("/w/target/release/smartbeak-api");
+        command
+            .env("PATH", "/usr/bin")
+            .env("BENCH_KEY", "sbk_secret")
+            .env("PGPASSWORD", "hunter2")
+            .env("DATABASE_URL", "postgres://u:hunter2@127.0.0.1:5/db")
+            .env("REDIS_URL", "redis://:hunter2@127.0.0.1:6/")
+            .env("EXPORT_DIR", "/w/target/bench/x y")
+            .arg("--out")
+            .arg("/w/docs/bench");
+        let shown = display_in(Path::new("/w"), Path::new("/w/target"), &command);
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(!shown.contains("sbk_secret"), "{shown}");
+        assert!(!shown.contains("PATH="), "{shown}");
+        assert!(shown.contains("BENCH_KEY='<redacted>'"), "{shown}");
+        assert!(
+            shown.contains("EXPORT_DIR='$CARGO_TARGET_DIR/bench/x y'"),
+            "{shown}"
+        );
+        assert!(
+            shown.ends_with("$CARGO_TARGET_DIR/release/smartbeak-api --out docs/bench"),
+            "{shown}"
+        );
+    }
 
     #[test]
     fn every_loopback_port_becomes_a_placeholder() {

@@ -28,7 +28,9 @@
 #
 # The limiter-on runs use limits no run can exhaust (3,600,000 per 3,600 s: one unit per
 # millisecond), so every request does the limiter's real Redis work and none is refused.
-# Errors are wrk's socket errors plus its "Non-2xx or 3xx responses".
+# Errors are wrk's socket errors plus its "Non-2xx or 3xx responses"; throughput counts the
+# 2xx answers only. The key reaches wrk and curl through a file or the environment, never
+# argv.
 #
 # Needs: git, cargo, wrk (apt-get install -y wrk), psql and pgbench (postgresql-client),
 # curl; PostgreSQL at $ADMIN_DATABASE_URL (default postgres://postgres@127.0.0.1:5432/postgres)
@@ -172,9 +174,14 @@ stop_api() {
   wait "$api_pid" 2>/dev/null || true
 }
 
+# auth_file <key>: the key's header in a file for curl (-H @file; mode 600 in the private
+# temp dir), so it is never in curl's argv.
+auth_file() { (umask 077; printf 'authorization: Bearer %s\n' "$1" >"$out/curl-auth"); }
+
 # domain <base> <key>: creates a domain through the api, prints its id.
 domain() {
-  curl -sf -XPOST "$1/v1/domains" -H "authorization: Bearer $2" \
+  auth_file "$2"
+  curl -sf -XPOST "$1/v1/domains" -H @"$out/curl-auth" \
     -H 'content-type: application/json' -d "{\"name\":\"ab-$$-$RANDOM.example.com\"}" |
     sed -nE 's/.*"id":"([^"]+)".*/\1/p'
 }
@@ -189,14 +196,19 @@ to_ms() {
     else printf "nan" }'
 }
 
+cat >"$out/auth.lua" <<'LUA'
+wrk.headers["Authorization"] = "Bearer " .. os.getenv("BENCH_KEY")
+LUA
 results=$out/results.tsv # round variant rps p50 p90 p99 errors
 : >"$results"
 
 # measure <round> <variant> <url> <key or empty>: wrk, appends a line to $results.
 measure() {
   local round=$1 variant=$2 url=$3 key=$4 file=$out/r$1-$2.wrk
+  # The key reaches wrk through its environment and a Lua script, never its argv (`ps`).
   local -a auth=()
-  [ -n "$key" ] && auth=(-H "Authorization: Bearer $key")
+  [ -n "$key" ] && auth=(-s "$out/auth.lua")
+  export BENCH_KEY=$key
   # A short warm-up (pools filled, caches warm), not counted.
   wrk -t"$threads" -c"$connections" -d2s "${auth[@]}" "$url" >/dev/null 2>&1 || true
   local perf_pid=
@@ -216,12 +228,14 @@ measure() {
     return
   fi
   local rps p50 p90 p99 sock non2xx
-  rps=$(awk '/^Requests\/sec:/ {print $2}' "$file")
+  non2xx=$(awk '/Non-2xx or 3xx responses:/ {print $5}' "$file")
+  # Throughput counts the 2xx answers only: "N requests in 15.01s" less the non-2xx.
+  rps=$(awk -v bad="${non2xx:-0}" '/ requests in / { t = $4; sub(/s,?$/, "", t); if (t + 0 > 0) printf "%.2f", ($1 - bad) / t }' "$file")
+  [ -n "$rps" ] || { cat "$file" >&2; echo "ab.sh: no request count in wrk's output ($variant, round $round)" >&2; exit 1; }
   p50=$(to_ms "$(awk '$1 == "50%" {print $2}' "$file")")
   p90=$(to_ms "$(awk '$1 == "90%" {print $2}' "$file")")
   p99=$(to_ms "$(awk '$1 == "99%" {print $2}' "$file")")
   sock=$(awk '/Socket errors:/ {gsub(",", ""); print $4 + $6 + $8 + $10}' "$file")
-  non2xx=$(awk '/Non-2xx or 3xx responses:/ {print $5}' "$file")
   local errors=$(( ${sock:-0} + ${non2xx:-0} ))
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$variant" "$rps" "$p50" "$p90" "$p99" "$errors" >>"$results"
   printf '   %-16s %10s req/s  p50 %8s ms  p90 %8s ms  p99 %8s ms  errors %s\n' \
@@ -286,7 +300,8 @@ for round in $(seq 1 "$rounds"); do
       cur-*) bin=$out/current-api; url=$url_cur; key=$key_cur; id=$domain_cur ;;
     esac
     start_api "$v-$round" "$bin" "$url" "${v#*-}"
-    curl -sf "$api_base/v1/domains/$id" -H "authorization: Bearer $key" >/dev/null ||
+    auth_file "$key"
+    curl -sf "$api_base/v1/domains/$id" -H @"$out/curl-auth" >/dev/null ||
       { echo "ab.sh: $v: GET /v1/domains/$id failed before the run" >&2; exit 1; }
     measure "$round" "$v" "$api_base/v1/domains/$id" "$key"
     if [ "$v" = cur-on ]; then
@@ -326,7 +341,8 @@ summary=$(awk -F'\t' -v want_rounds="$rounds" '
 echo "== medians over $rounds rounds (errors summed)"
 echo "$summary" | awk -F'\t' '{ printf "   %-16s %10s /s  p50 %8s ms  p90 %8s ms  p99 %8s ms  errors %s\n", $2, $3, $4, $5, $6, $7 }'
 med() { echo "$summary" | awk -F'\t' -v v="$1" -v c="$2" '$2 == v { print $c }'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "nan" }'; }
+# A ratio, or null (JSON) when either side is missing.
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a != "" && b > 0) printf "%.2f", a / b; else print "null" }'; }
 r_base=$(ratio "$(med cur-on 3)" "$(med base-on 3)")
 r_off=$(ratio "$(med cur-on 3)" "$(med cur-off 3)")
 r_hz=$(ratio "$(med cur-on 3)" "$(med healthz 3)")

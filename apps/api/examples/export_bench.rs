@@ -396,10 +396,22 @@ async fn bench(args: &Args, admin: &SecretUrl, name: &str) -> Result<()> {
                 .arg("--zip-level")
                 .arg(level.to_string());
             let (wall, rss, stdout) = timed(child)?;
-            let mut fields = stdout.split_whitespace();
-            let inside: f64 = fields.next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
-            let _records = fields.next();
-            let size: f64 = fields.next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+            let fields: Vec<f64> = stdout
+                .split_whitespace()
+                .map(str::parse)
+                .collect::<Result<_, _>>()
+                .with_context(|| format!("the {format} export printed {stdout:?}"))?;
+            let [inside, records, size] = fields[..] else {
+                bail!("the {format} export printed {stdout:?}, not `elapsed records size`");
+            };
+            // Every content row must be in the file (the settings add their own records): a
+            // fast export that wrote less is not a figure.
+            if records < args.rows as f64 {
+                bail!(
+                    "the {format} export wrote {records} records for {} content rows",
+                    args.rows
+                );
+            }
             runs[i].push((wall, inside, rss, size));
         }
         eprintln!(

@@ -289,6 +289,20 @@ pub fn signal(pid: u32, signal: &str) -> Result<()> {
     kill(Pid::from_raw(raw), sig).map_err(|e| err(format!("cannot send {name} to {pid}: {e}")))
 }
 
+/// Sends `signal` (as [`signal`] takes it) to every process of the process group `pgid` (a
+/// child started with `process_group(0)` leads a group of its own pid).
+pub fn signal_group(pgid: u32, signal: &str) -> Result<()> {
+    let name = if signal.starts_with("SIG") {
+        signal.to_owned()
+    } else {
+        format!("SIG{signal}")
+    };
+    let sig = Signal::from_str(&name).map_err(|_| err(format!("unknown signal {signal:?}")))?;
+    let raw = i32::try_from(pgid).map_err(|_| err(format!("invalid process group {pgid}")))?;
+    kill(Pid::from_raw(-raw), sig)
+        .map_err(|e| err(format!("cannot send {name} to process group {pgid}: {e}")))
+}
+
 fn wait_exit(child: &mut Child, bound: Duration) -> bool {
     let deadline = Instant::now() + bound;
     while Instant::now() < deadline {

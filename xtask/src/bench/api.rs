@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use smartbeak_database::SecretUrl;
 
-use super::model::{Figure, LatencySeries, Row, Section, Table, Target};
+use super::model::{Figure, LatencySeries, Row, Section, Table};
 use super::{Ctx, median};
 use crate::chaos::load;
 use crate::services::{psql, psql_read};
@@ -69,7 +69,7 @@ pub(crate) fn api(ctx: &Ctx<'_>) -> Result<Section> {
              machine's hard limit allows {nofile} (raise it with `ulimit -Hn` as root)."
         ));
     }
-    let driver = Driver::find(ctx.sh, &mut section.notes)?;
+    let driver = Driver::find(&mut section.notes);
     let fx = Fixture::create(ctx, "bench_api")?;
     let script = ctx.out.join("api-wrk.lua");
     std::fs::write(&script, WRK_LUA).with_context(|| format!("writing {}", script.display()))?;
@@ -155,6 +155,8 @@ pub(crate) fn api(ctx: &Ctx<'_>) -> Result<Section> {
             format!("median of {r} rounds")
         }
     };
+    // Issue 13's targets (on / off >= 0.9, p99 <= 50 ms) are judged once, in the api-ab
+    // section's A/B: these rows show the same figures without a verdict.
     section.rows.push(
         Row::new(
             "limiter on, 1,000 connections",
@@ -163,16 +165,19 @@ pub(crate) fn api(ctx: &Ctx<'_>) -> Result<Section> {
             rps(&off1),
             true,
         )
-        .with_target(Target::at_least(0.9)),
+        .with_errors(on1.errors + off1.errors),
     );
     if conns.contains(&5000) {
-        section.rows.push(Row::new(
-            "limiter on, 5,000 connections",
-            "limiter off, 5,000 connections",
-            rps(&on5),
-            rps(&off5),
-            true,
-        ));
+        section.rows.push(
+            Row::new(
+                "limiter on, 5,000 connections",
+                "limiter off, 5,000 connections",
+                rps(&on5),
+                rps(&off5),
+                true,
+            )
+            .with_errors(on5.errors + off5.errors),
+        );
     }
     section.rows.push(Row::new(
         "limiter on, 1,000 connections",
@@ -191,12 +196,12 @@ pub(crate) fn api(ctx: &Ctx<'_>) -> Result<Section> {
     section.rows.push(
         Row::new(
             "p99, limiter on, 1,000 connections",
-            "issue 13's target (50 ms; a bound, not a measurement)",
+            "issue 13's bound (50 ms; not a measurement; judged in api-ab)",
             Figure::new(on1.p[3], "ms"),
             Figure::new(P99_TARGET_MS, "ms"),
             false,
         )
-        .with_target(Target::at_most(1.0)),
+        .with_errors(on1.errors),
     );
 
     let mut per_round = Table {
@@ -288,34 +293,61 @@ pub(crate) fn api(ctx: &Ctx<'_>) -> Result<Section> {
         });
     }
 
-    // The open loop: a fixed rate at half the limiter-on throughput.
-    let rate = (on1.rps * 0.5).max(100.0).round() as u32;
-    let api = fx.start_api(ctx, "api-open-loop", true)?;
-    let url = format!("http://127.0.0.1:{}{domain_path}", api.port);
-    let duration = Duration::from_secs(secs);
-    section.commands.push(format!(
-        "(xtask's open-loop load generator: {rate} req/s for {secs} s, 2 s deadline, limiter on) \
-         GET {domain_path}"
-    ));
+    // The open loop: a fixed rate below saturation. It starts at half the limiter-on
+    // throughput; when that still queues (the p50 counted from the scheduled send time more
+    // than twice the service p50 plus 5 ms, or the generator fell behind its schedule) the
+    // rate is halved, at most three times, and the page says which rates queued.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the load generator's runtime")?;
-    let report = runtime.block_on(
-        load::Load {
-            urls: vec![url],
-            key: fx.key.clone(),
-            rate,
-            duration,
-            deadline: Duration::from_secs(2),
-            epoch: Instant::now(),
+    let duration = Duration::from_secs(secs);
+    let mut rate = (on1.rps * 0.5).max(100.0).round() as u32;
+    let mut queued_at = Vec::new();
+    let open = loop {
+        let api = fx.start_api(ctx, &format!("api-open-loop-{rate}"), true)?;
+        let url = format!("http://127.0.0.1:{}{domain_path}", api.port);
+        section.commands.push(format!(
+            "(xtask's open-loop load generator: {rate} req/s for {secs} s, 2 s deadline, limiter \
+             on) GET {domain_path}"
+        ));
+        let report = runtime.block_on(
+            load::Load {
+                urls: vec![url],
+                key: fx.key.clone(),
+                rate,
+                duration,
+                deadline: Duration::from_secs(2),
+                epoch: Instant::now(),
+            }
+            .run(),
+        );
+        api.stop()?;
+        let open = OpenLoop::of(&report, rate, duration);
+        println!("   {}", open.line());
+        if !open.queues() || queued_at.len() >= 3 || rate <= 100 {
+            break open;
         }
-        .run(),
-    );
-    api.stop()?;
-    let open = OpenLoop::of(&report, rate, duration);
-    println!("   {}", open.line());
+        queued_at.push(rate);
+        rate = (rate / 2).max(100);
+    };
+    if !queued_at.is_empty() {
+        section.notes.push(format!(
+            "The open loop queued at {} req/s (its latency from the schedule far above its \
+             service time), so the rate was halved; the figures are at {rate} req/s{}.",
+            queued_at
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(", then "),
+            if open.queues() {
+                ", which still queued: this machine was saturated even there"
+            } else {
+                ""
+            }
+        ));
+    }
     section.latency.push(LatencySeries {
         label: format!("open loop, {rate} req/s, limiter on (from the scheduled send time)"),
         points: POINTS
@@ -358,7 +390,7 @@ pub(crate) fn api(ctx: &Ctx<'_>) -> Result<Section> {
         }
     ));
     section.notes.push(format!(
-        "The open loop sends at a fixed {rate} req/s (half the limiter-on throughput) whatever \
+        "The open loop sends at a fixed {rate} req/s (below saturation, see above) whatever \
          the answers take; its latencies count from each request's scheduled send time, so a \
          stall shows in them instead of slowing the load (no coordinated omission). The \
          generator runs in the xtask process on the same two cores as the api; it sent {:.0} \
@@ -459,12 +491,14 @@ pub(crate) fn parse_wrk(out: &str) -> Result<Wrk> {
         bail!("wrk reported a duration of {duration_us} µs");
     }
     let ms = |k: &str| get(&lat, k).map(|us| us / 1000.0);
+    let non2xx = get(&counts, "status")?;
     Ok(Wrk {
         requests: requests as u64,
-        rps: requests / (duration_us / 1e6),
+        // Throughput counts the 2xx answers only: a fast 503 is not served work.
+        rps: (requests - non2xx).max(0.0) / (duration_us / 1e6),
         p: [ms("p50")?, ms("p75")?, ms("p90")?, ms("p99")?, ms("p999")?],
         max_ms: ms("max")?,
-        non2xx: get(&counts, "status")? as u64,
+        non2xx: non2xx as u64,
         connect: get(&counts, "connect")? as u64,
         read: get(&counts, "read")? as u64,
         write: get(&counts, "write")? as u64,
@@ -501,30 +535,11 @@ enum Driver {
 }
 
 impl Driver {
-    /// wrk when on PATH; else installed with apt-get when running as root; else the
-    /// generator (said in `notes`).
-    fn find(sh: &xshell::Shell, notes: &mut Vec<String>) -> Result<Self> {
-        if on_path("wrk") {
-            return Ok(Self::Wrk);
-        }
-        let root = xshell::cmd!(sh, "id -u")
-            .quiet()
-            .read()
-            .is_ok_and(|u| u.trim() == "0");
-        if root && on_path("apt-get") {
-            eprintln!("xtask: bench: wrk not found; running `apt-get install -y wrk`");
-            let ok = Command::new("apt-get")
-                .args(["install", "-y", "wrk"])
-                .stdin(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            if ok && on_path("wrk") {
-                notes.push(
-                    "wrk was not installed; the run installed it (`apt-get install -y wrk`)."
-                        .into(),
-                );
-                return Ok(Self::Wrk);
-            }
+    /// wrk when on PATH or installed now ([`super::ensure_tool`]); else the generator
+    /// (said in `notes`).
+    fn find(notes: &mut Vec<String>) -> Self {
+        if super::ensure_tool("wrk", "wrk", notes) {
+            return Self::Wrk;
         }
         notes.push(
             "wrk is not installed (and could not be installed with apt-get): the closed-loop runs \
@@ -533,7 +548,7 @@ impl Driver {
              than wrk's would be."
                 .into(),
         );
-        Ok(Self::Generator)
+        Self::Generator
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -619,11 +634,6 @@ impl Driver {
     }
 }
 
-fn on_path(tool: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-}
-
 /// What one pgbench run measured.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct PgRun {
@@ -665,6 +675,13 @@ struct OpenLoop {
 }
 
 impl OpenLoop {
+    /// True when the run queued: its p50 from the scheduled send time is more than twice its
+    /// service p50 plus 5 ms, or it sent under 95 % of its rate.
+    fn queues(&self) -> bool {
+        self.from_schedule[0] > 2.0 * self.service[0] + 5.0
+            || self.achieved < 0.95 * f64::from(self.rate)
+    }
+
     fn of(report: &load::Report, rate: u32, duration: Duration) -> Self {
         let scheduled = report.since_schedule();
         let service = report.service_times();
@@ -710,13 +727,15 @@ impl OpenLoop {
     fn line(&self) -> String {
         format!(
             "open loop at {} req/s: sent {} ({:.0}/s), p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms \
-             (from the schedule), errors {} ({})",
+             (from the schedule; service p50 {:.2} ms, p99 {:.2} ms), errors {} ({})",
             self.rate,
             self.sent,
             self.achieved,
             self.from_schedule[0],
             self.from_schedule[3],
             self.from_schedule[4],
+            self.service[0],
+            self.service[3],
             self.errors,
             self.error_kinds
         )

@@ -122,7 +122,7 @@ pub(crate) fn export(ctx: &Ctx<'_>) -> Result<Section> {
         per_round.push((title, runs, ratios));
     }
     for (title, runs, _) in &per_round {
-        let peak_mb = runs.iter().map(|r| r.peak_rss_kb).max().unwrap_or(0) as f64 / 1024.0;
+        let peak_mb = runs.iter().map(|r| r.peak_rss_kb).max().unwrap_or(0) as f64 * 1024.0 / 1e6;
         section.rows.push(
             Row::new(
                 format!("{title}: peak RSS (worst round)"),
@@ -181,7 +181,8 @@ pub(crate) fn export(ctx: &Ctx<'_>) -> Result<Section> {
                 .map(|r| r.copy.peak_rss_kb)
                 .max()
                 .unwrap_or(0) as f64
-                / 1024.0
+                * 1024.0
+                / 1e6
         ),
         format!("{:.1}", output.rounds[0].copy.bytes / 1e6),
     ]];
@@ -192,7 +193,7 @@ pub(crate) fn export(ctx: &Ctx<'_>) -> Result<Section> {
             number(output.rows as f64 / median(&walls)),
             format!(
                 "{:.1}",
-                runs.iter().map(|r| r.peak_rss_kb).max().unwrap_or(0) as f64 / 1024.0
+                runs.iter().map(|r| r.peak_rss_kb).max().unwrap_or(0) as f64 * 1024.0 / 1e6
             ),
             format!("{:.1}", runs[0].bytes / 1e6),
         ]);

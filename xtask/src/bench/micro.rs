@@ -12,14 +12,19 @@ use super::model::{Figure, Row, Section, Table, Target};
 use super::{Ctx, Estimate, criterion_estimate, median, read_json, run};
 
 /// Runs `cargo bench --profile release --workspace --bench <bench>` (short measurements under `--quick`);
-/// returns the criterion home it wrote to.
+/// returns the criterion home it wrote to (one per bench, emptied before the run).
 fn criterion(
     ctx: &Ctx<'_>,
     section: &mut Section,
     bench: &str,
     env: &[(&str, String)],
 ) -> Result<PathBuf> {
-    let home = ctx.out.join("criterion");
+    // A home of this bench's own, emptied first: every estimate read comes from this run
+    // (criterion keeps earlier runs' `new/estimates.json`, also of benches since renamed).
+    let home = ctx.out.join("criterion").join(bench);
+    if home.exists() {
+        std::fs::remove_dir_all(&home).with_context(|| format!("emptying {}", home.display()))?;
+    }
     let mut command = Command::new("cargo");
     command.env("CRITERION_HOME", &home);
     for (key, value) in env {

@@ -102,6 +102,10 @@ pub(crate) struct Row {
     pub(crate) higher_is_better: bool,
     /// The target on `ratio`, when the issue set one.
     pub(crate) target: Option<Target>,
+    /// Failed requests or operations behind `ours` (errors, non-2xx answers, failed items):
+    /// a row with any has not met its target, whatever its ratio.
+    #[serde(default)]
+    pub(crate) errors: u64,
 }
 
 impl Row {
@@ -126,7 +130,14 @@ impl Row {
             ratio,
             higher_is_better,
             target: None,
+            errors: 0,
         }
+    }
+
+    /// The failures behind `ours` (see [`Row::errors`]).
+    pub(crate) fn with_errors(mut self, errors: u64) -> Self {
+        self.errors = errors;
+        self
     }
 
     pub(crate) fn with_target(mut self, target: Target) -> Self {
@@ -134,9 +145,12 @@ impl Row {
         self
     }
 
-    /// Whether the target holds; `None` without a target.
+    /// Whether the target holds (and nothing behind the figure failed); `None` without a
+    /// target.
     pub(crate) fn met(&self) -> Option<bool> {
-        self.target.as_ref().map(|t| t.holds(self.ratio))
+        self.target
+            .as_ref()
+            .map(|t| self.errors == 0 && t.holds(self.ratio))
     }
 }
 

@@ -75,6 +75,7 @@ pub(crate) fn scheduler(ctx: &Ctx<'_>) -> Result<Section> {
                 Figure::new(anchor, "items/s"),
                 true,
             )
+            .with_errors(u64::from(cell.unexpected_failures))
             .with_target(Target::at_least(target)),
         );
     }

@@ -29,7 +29,10 @@ bench: p50=7197 p75=11193 p90=16079 p99=24126 p999=32986 max=32986
 fn wrk_summary_is_read() {
     let w = parse_wrk(WRK).unwrap();
     assert_eq!(w.requests, 762);
-    assert!((w.rps - 762.0 / 1.099816).abs() < 1e-6, "{}", w.rps);
+    // Every answer of the fixture was non-2xx: no throughput.
+    assert_eq!(w.rps, 0.0);
+    let some = parse_wrk(&WRK.replace("status=762", "status=12")).unwrap();
+    assert!((some.rps - 750.0 / 1.099816).abs() < 1e-6, "{}", some.rps);
     assert_eq!(w.p, [7.197, 11.193, 16.079, 24.126, 32.986]);
     assert_eq!(w.max_ms, 32.986);
     assert_eq!(
@@ -38,6 +41,30 @@ fn wrk_summary_is_read() {
     );
     assert_eq!(w.socket_errors(), 10);
     assert_eq!(w.errors(), 772);
+}
+
+#[test]
+fn the_wrk_script_prints_every_field_the_parser_reads() {
+    for key in [
+        "requests=",
+        "duration_us=",
+        "connect=",
+        "read=",
+        "write=",
+        "status=",
+        "timeout=",
+        "p50=",
+        "p75=",
+        "p90=",
+        "p99=",
+        "p999=",
+        "max=",
+    ] {
+        assert!(
+            WRK_LUA.contains(&format!(" {key}%")) || WRK_LUA.contains(&format!("bench: {key}%")),
+            "WRK_LUA does not print {key}"
+        );
+    }
 }
 
 #[test]
