@@ -430,6 +430,19 @@ fn register_font() -> Result<()> {
     }
 }
 
+/// A ratio chart label of at most 110 characters (the label area's width): longer ones keep
+/// their start and end around an ellipsis (the page's tables have the whole text).
+fn short_label(label: &str) -> String {
+    const MAX: usize = 110;
+    let chars: Vec<char> = label.chars().collect();
+    if chars.len() <= MAX {
+        return label.to_owned();
+    }
+    let head: String = chars[..MAX - 41].iter().collect();
+    let tail: String = chars[chars.len() - 40..].iter().collect();
+    format!("{head}…{tail}")
+}
+
 fn chart_error(path: &Path, e: impl std::fmt::Display) -> anyhow::Error {
     anyhow!("drawing {}: {e}", path.display())
 }
@@ -443,7 +456,12 @@ pub(crate) fn draw_ratios(report: &Report, path: &Path) -> Result<bool> {
         .iter()
         .flat_map(|s| s.rows.iter().map(move |r| (s, r)))
         .filter(|(_, r)| r.ratio.is_finite() && r.ratio >= 0.0)
-        .map(|(s, r)| (format!("{}: {} / {}", s.id, r.benchmark, r.anchor), r))
+        .map(|(s, r)| {
+            (
+                short_label(&format!("{}: {} / {}", s.id, r.benchmark, r.anchor)),
+                r,
+            )
+        })
         .collect();
     if rows.is_empty() {
         return Ok(false);
@@ -459,7 +477,7 @@ pub(crate) fn draw_ratios(report: &Report, path: &Path) -> Result<bool> {
     let (lo, hi) = (lo / 2.0, hi * 2.0);
     let n = rows.len();
     let height = (120 + 28 * n) as u32;
-    let root = BitMapBackend::new(path, (1400, height)).into_drawing_area();
+    let root = BitMapBackend::new(path, (1600, height)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| chart_error(path, e))?;
     let labels: Vec<String> = rows.iter().map(|(l, _)| l.clone()).collect();
     let mut chart = ChartBuilder::on(&root)
@@ -472,7 +490,7 @@ pub(crate) fn draw_ratios(report: &Report, path: &Path) -> Result<bool> {
         )
         .margin(12)
         .x_label_area_size(36)
-        .y_label_area_size(620)
+        .y_label_area_size(820)
         .build_cartesian_2d((lo..hi).log_scale(), -0.5f64..(n as f64 - 0.5))
         .map_err(|e| chart_error(path, e))?;
     chart

@@ -244,3 +244,12 @@ fn write_skips_the_page_unless_asked() {
     assert!(root.path().join(RATIOS_PNG).exists());
     assert!(root.path().join(LATENCY_PNG).exists());
 }
+
+#[test]
+fn long_chart_labels_are_shortened_around_an_ellipsis() {
+    assert_eq!(short_label("short"), "short");
+    let long = format!("start {} end", "x".repeat(200));
+    let short = short_label(&long);
+    assert_eq!(short.chars().count(), 110);
+    assert!(short.starts_with("start ") && short.ends_with(" end") && short.contains('…'));
+}
