@@ -11,6 +11,7 @@
 
 mod conns;
 pub(crate) mod load;
+mod provider;
 mod scenarios;
 
 use std::collections::BTreeMap;
@@ -28,6 +29,7 @@ use smartbeak_test_support::{PostgresOptions, PostgresServer, RedisServer, TcpFo
 use xshell::{Shell, cmd};
 
 use crate::services::{psql, psql_read};
+use provider::{Adapter, Provider};
 
 /// The scenarios implemented, in the order they run.
 const SCENARIOS: &[u32] = &[1, 2, 3, 4, 5, 7, 8, 9, 10];
@@ -37,6 +39,20 @@ const QUICK: &[u32] = &[1, 3, 4, 8, 9];
 
 /// The api's deadline in the chaos setup (`HTTP_REQUEST_TIMEOUT_MS`).
 const REQUEST_TIMEOUT: Duration = Duration::from_millis(3000);
+
+/// The control-planes' `CP_HEARTBEAT_MS` in the chaos setup.
+const CP_HEARTBEAT: Duration = Duration::from_millis(500);
+
+/// The control-planes' `CP_STALE_AFTER_MS`: at least three heartbeats and more than one
+/// heartbeat plus the statement bound (1500 ms + 250 ms).
+const CP_STALE_AFTER: Duration = Duration::from_millis(3000);
+
+/// The control-planes' `SHUTDOWN_TIMEOUT_MS` (drain two thirds of it: 4 s, of which the
+/// last second is the margin for recording the run).
+const CP_SHUTDOWN_TIMEOUT: Duration = Duration::from_millis(6000);
+
+/// The control-planes' `CP_PROVIDER_BREAKER_OPEN_MS`.
+const CP_BREAKER_OPEN: Duration = Duration::from_millis(1000);
 
 /// The export workers' `EXPORT_LEASE_SECS` in the chaos setup.
 const EXPORT_LEASE: Duration = Duration::from_secs(5);
@@ -274,13 +290,18 @@ impl Drop for Proc {
     }
 }
 
-/// Everything a scenario acts on. Dropped in reverse: processes, proxies, then servers.
+/// Everything a scenario acts on. Dropped in declaration order: processes, the fake
+/// provider, proxies, then servers.
 pub(crate) struct System {
     apis: Vec<Proc>,
     workers: Vec<Proc>,
+    /// The control-planes (`run`, keyword-sync only, every second); `port` is the admin's.
+    cps: Vec<Proc>,
     /// The api replicas a scenario started with settings of its own, by
     /// [`System::extra_api`]; stopped at the end of the scenario (dropped).
     extra_apis: Vec<Proc>,
+    /// The keyword providers the control-planes sync from.
+    provider: Provider,
     pg_proxy: TcpForwarder,
     redis_proxy: TcpForwarder,
     redis: RedisServer,
@@ -292,8 +313,10 @@ pub(crate) struct System {
     bin: PathBuf,
     /// The database and Redis URLs through the proxies, for a replica started again.
     via_proxy: (String, String),
-    /// Workers started again so far (their ids stay unique).
+    /// Workers and control-planes started again so far (their ids stay unique).
     restarts: usize,
+    /// The seed domain's org: the keyword sources' domains are created in it.
+    org: String,
     pg: PostgresServer,
 }
 
@@ -356,12 +379,21 @@ impl System {
         for i in 0..2 {
             workers.push(start_worker(bin, &work, i, &via_proxy)?);
         }
-        for p in apis.iter_mut().chain(workers.iter_mut()) {
+        let provider = Provider::start()?;
+        let mut cps = Vec::new();
+        for i in 0..2 {
+            cps.push(start_cp(bin, &work, i, &via_proxy, &provider)?);
+        }
+        for p in apis
+            .iter_mut()
+            .chain(workers.iter_mut())
+            .chain(cps.iter_mut())
+        {
             wait_for_port(p, Duration::from_secs(60))?;
         }
         let domain = seed_domain(apis[0].port, &key)?;
         eprintln!(
-            "xtask: chaos: 2 api replicas (ports {}, {}), 2 export workers; logs in {}",
+            "xtask: chaos: 2 api replicas (ports {}, {}), 2 export workers, 2 control-planes; logs in {}",
             apis[0].port,
             apis[1].port,
             work.display()
@@ -369,6 +401,8 @@ impl System {
         Ok(Self {
             apis,
             workers,
+            cps,
+            provider,
             pg_proxy,
             redis_proxy,
             redis,
@@ -380,13 +414,19 @@ impl System {
             via_proxy: (via_proxy, redis_via_proxy),
             extra_apis: Vec::new(),
             restarts: 0,
+            org: org_id,
             pg,
         })
     }
 
     /// Fails when a process exited on its own (a crash is a finding).
     fn check_alive(&mut self) -> Result<()> {
-        for p in self.apis.iter_mut().chain(self.workers.iter_mut()) {
+        for p in self
+            .apis
+            .iter_mut()
+            .chain(self.workers.iter_mut())
+            .chain(self.cps.iter_mut())
+        {
             if let Some(status) = p.child.try_wait()? {
                 bail!("{} exited ({status}); see {}", p.name, p.log.display());
             }
@@ -412,6 +452,36 @@ impl System {
         wait_for_port(&mut worker, Duration::from_secs(60))?;
         self.workers[i] = worker;
         Ok(())
+    }
+
+    /// Starts control-plane `i` again (after a scenario stopped it), on a new admin port
+    /// and with a new runner name.
+    fn restart_cp(&mut self, i: usize) -> Result<()> {
+        let n = 10 * (self.restarts + 1) + i;
+        self.restarts += 1;
+        let mut cp = start_cp(&self.bin, &self.work, n, &self.via_proxy.0, &self.provider)?;
+        wait_for_port(&mut cp, Duration::from_secs(60))?;
+        self.cps[i] = cp;
+        Ok(())
+    }
+
+    /// Replaces the keyword sources with `domains` fresh domains of the seed org, each
+    /// with a `gsc` and an `ahrefs` source (`domains` 0: none, so the control-planes' runs
+    /// have nothing to do).
+    fn keyword_sources(&self, domains: usize) -> Result<()> {
+        psql(
+            &self.db_url,
+            &format!(
+                "DELETE FROM domain_keyword_sources; \
+                 DELETE FROM domains WHERE name LIKE 'kw-%.chaos.example'; \
+                 INSERT INTO domains (id, org_id, name) SELECT gen_random_uuid(), '{org}', \
+                 'kw-' || i || '.chaos.example' FROM generate_series(1, {domains}) i; \
+                 INSERT INTO domain_keyword_sources (domain_id, adapter, site) \
+                 SELECT d.id, a, d.name FROM domains d, unnest(ARRAY['gsc', 'ahrefs']) a \
+                 WHERE d.name LIKE 'kw-%.chaos.example'",
+                org = self.org
+            ),
+        )
     }
 
     /// Starts one more api replica with `env` over the chaos settings, for one scenario;
@@ -529,6 +599,9 @@ fn start_worker(bin: &Path, work: &Path, i: usize, db: &str) -> Result<Proc> {
         .env("DB_STATEMENT_TIMEOUT_MS", "1500")
         .env("EXPORT_REAPER_INTERVAL_SECS", "1")
         .env("EXPORT_WORKER_ID", format!("chaos-worker-{i}"))
+        // Scenario 8: a SIGTERMed worker waits 1 s (drain 2 s less its 1 s margin) for its
+        // running exports, then releases them for the other worker.
+        .env("SHUTDOWN_TIMEOUT_MS", "3000")
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(file.try_clone()?)
@@ -537,6 +610,58 @@ fn start_worker(bin: &Path, work: &Path, i: usize, db: &str) -> Result<Proc> {
         .context("spawning smartbeak-domain-export worker")?;
     Ok(Proc {
         name: format!("export-worker-{i}"),
+        child,
+        port,
+        log,
+    })
+}
+
+/// A control-plane `run` on the database through the proxy: keyword-sync only, a run every
+/// second (the other operations disabled), both providers at the fake [`Provider`], short
+/// heartbeats and stale threshold (so a dead runner's run is taken over in seconds), a
+/// short shutdown and a short breaker open time. Runner `chaos-cp-<i>`.
+fn start_cp(bin: &Path, work: &Path, i: usize, db: &str, provider: &Provider) -> Result<Proc> {
+    let port = smartbeak_test_support::free_port()?;
+    let log = work.join(format!("control-plane-{i}.log"));
+    let file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let child = Command::new(bin.join("smartbeak-control-plane"))
+        .arg("run")
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("DATABASE_URL", db)
+        .env("DB_RUN_MIGRATIONS", "false")
+        .env("DB_STATEMENT_TIMEOUT_MS", "1500")
+        .env("EXPORT_DIR", work.join("exports"))
+        .env("CP_ADMIN_ADDR", format!("127.0.0.1:{port}"))
+        .env("CP_RUNNER", format!("chaos-cp-{i}"))
+        .env("CP_CONTENT_SCHEDULER_INTERVAL_SECS", "0")
+        .env("CP_EXPORT_RETENTION_INTERVAL_SECS", "0")
+        .env("CP_KEYWORD_SYNC_INTERVAL_SECS", "1")
+        .env("CP_HEARTBEAT_MS", CP_HEARTBEAT.as_millis().to_string())
+        .env("CP_STALE_AFTER_MS", CP_STALE_AFTER.as_millis().to_string())
+        .env("CP_CONCURRENCY", "4")
+        .env("CP_GSC_BASE_URL", provider.base_url(Adapter::Gsc))
+        .env("CP_GSC_API_KEY", "chaos-gsc-key")
+        .env("CP_AHREFS_BASE_URL", provider.base_url(Adapter::Ahrefs))
+        .env("CP_AHREFS_API_KEY", "chaos-ahrefs-key")
+        .env("CP_PROVIDER_ATTEMPT_TIMEOUT_MS", "1000")
+        .env("CP_PROVIDER_MAX_ATTEMPTS", "2")
+        .env(
+            "CP_PROVIDER_BREAKER_OPEN_MS",
+            CP_BREAKER_OPEN.as_millis().to_string(),
+        )
+        .env(
+            "SHUTDOWN_TIMEOUT_MS",
+            CP_SHUTDOWN_TIMEOUT.as_millis().to_string(),
+        )
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .spawn()
+        .context("spawning smartbeak-control-plane run")?;
+    Ok(Proc {
+        name: format!("control-plane-{i}"),
         child,
         port,
         log,

@@ -1,0 +1,280 @@
+//! The keyword providers of the chaos system: one local HTTP/1.1 server standing in for
+//! both (`/gsc/...` and `/ahrefs/...`), speaking the keyword-sync API
+//! (`GET {base}/v1/keywords?site=` answering `{"keywords": [...]}`), each provider with a
+//! [`Mode`] switchable while the control-planes talk to it: ok, slow, failing (503),
+//! stalling mid-body. A real server on a real socket (thread per connection, keep-alive),
+//! so the control-plane's HTTP client, retries, timeouts and breakers run as in production.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+/// The two providers, by their adapter names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Adapter {
+    Gsc,
+    Ahrefs,
+}
+
+impl Adapter {
+    pub(crate) const ALL: [Self; 2] = [Self::Gsc, Self::Ahrefs];
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Gsc => "gsc",
+            Self::Ahrefs => "ahrefs",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            Self::Gsc => 0,
+            Self::Ahrefs => 1,
+        }
+    }
+}
+
+/// How a provider answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// 200 with two keyword rows for the site, at once.
+    Ok,
+    /// 200 like [`Mode::Ok`], after this long (a run that lasts).
+    Slow(Duration),
+    /// 503 with a small body.
+    Failing,
+    /// The 200 head and half the body, then nothing (the connection kept open) until the
+    /// mode changes or the server stops: a provider that stalls mid-body.
+    StallBody,
+}
+
+/// What one provider answered so far.
+#[derive(Debug, Default)]
+struct Counts {
+    ok: AtomicU64,
+    failed: AtomicU64,
+    stalled: AtomicU64,
+}
+
+/// Requests a provider got, by what it answered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Served {
+    pub(crate) ok: u64,
+    pub(crate) failed: u64,
+    pub(crate) stalled: u64,
+}
+
+impl Served {
+    pub(crate) fn total(self) -> u64 {
+        self.ok + self.failed + self.stalled
+    }
+
+    /// What was served since `before`.
+    pub(crate) fn since(self, before: Self) -> Self {
+        Self {
+            ok: self.ok - before.ok,
+            failed: self.failed - before.failed,
+            stalled: self.stalled - before.stalled,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Shared {
+    modes: Mutex<[Mode; 2]>,
+    counts: [Counts; 2],
+    stop: AtomicBool,
+}
+
+impl Shared {
+    fn mode(&self, adapter: Adapter) -> Mode {
+        self.modes.lock().unwrap_or_else(PoisonError::into_inner)[adapter.index()]
+    }
+}
+
+/// The server; stops on drop (its threads see the flag within 20 ms).
+#[derive(Debug)]
+pub(crate) struct Provider {
+    port: u16,
+    shared: Arc<Shared>,
+}
+
+impl Provider {
+    /// Listens on a free port of 127.0.0.1, both providers [`Mode::Ok`].
+    pub(crate) fn start() -> Result<Self> {
+        let listener =
+            TcpListener::bind("127.0.0.1:0").context("the fake keyword provider cannot listen")?;
+        let port = listener.local_addr()?.port();
+        listener.set_nonblocking(true)?;
+        let shared = Arc::new(Shared {
+            modes: Mutex::new([Mode::Ok; 2]),
+            counts: [Counts::default(), Counts::default()],
+            stop: AtomicBool::new(false),
+        });
+        let accepting = shared.clone();
+        thread::spawn(move || accept(&listener, &accepting));
+        Ok(Self { port, shared })
+    }
+
+    /// The base URL of `adapter` (`CP_GSC_BASE_URL`, `CP_AHREFS_BASE_URL`).
+    pub(crate) fn base_url(&self, adapter: Adapter) -> String {
+        format!("http://127.0.0.1:{}/{}/", self.port, adapter.as_str())
+    }
+
+    /// Switches `adapter` to `mode`, for requests in progress (a stall ends) and new ones.
+    pub(crate) fn set(&self, adapter: Adapter, mode: Mode) {
+        self.shared
+            .modes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)[adapter.index()] = mode;
+    }
+
+    /// Both providers to `mode`.
+    pub(crate) fn set_all(&self, mode: Mode) {
+        for adapter in Adapter::ALL {
+            self.set(adapter, mode);
+        }
+    }
+
+    /// What `adapter` answered so far.
+    pub(crate) fn served(&self, adapter: Adapter) -> Served {
+        let c = &self.shared.counts[adapter.index()];
+        Served {
+            ok: c.ok.load(Ordering::SeqCst),
+            failed: c.failed.load(Ordering::SeqCst),
+            stalled: c.stalled.load(Ordering::SeqCst),
+        }
+    }
+}
+
+impl Drop for Provider {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+fn accept(listener: &TcpListener, shared: &Arc<Shared>) {
+    while !shared.stop.load(Ordering::SeqCst) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let shared = shared.clone();
+                thread::spawn(move || {
+                    let _ = serve(stream, &shared);
+                });
+            }
+            Err(_) => thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// Answers the requests of one keep-alive connection until the client closes it.
+fn serve(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut writer = stream;
+    loop {
+        // The request line; a read timeout only checks the stop flag.
+        let mut line = String::new();
+        match reader.read_line(&mut line) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                if shared.stop.load(Ordering::SeqCst) {
+                    return Ok(());
+                }
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+        // The rest of the head (a GET has no body).
+        loop {
+            let mut header = String::new();
+            if reader.read_line(&mut header)? == 0 || header == "\r\n" || header == "\n" {
+                break;
+            }
+        }
+        let target = line.split(' ').nth(1).unwrap_or("/");
+        let adapter = Adapter::ALL
+            .into_iter()
+            .find(|a| target.starts_with(&format!("/{}/v1/keywords", a.as_str())));
+        let Some(adapter) = adapter else {
+            respond(&mut writer, "404 Not Found", r#"{"error":"no such path"}"#)?;
+            continue;
+        };
+        let site = target
+            .split_once("site=")
+            .map_or("", |(_, s)| s.split('&').next().unwrap_or(""));
+        let counts = &shared.counts[adapter.index()];
+        match shared.mode(adapter) {
+            Mode::Ok => {
+                counts.ok.fetch_add(1, Ordering::SeqCst);
+                respond(&mut writer, "200 OK", &keywords(site))?;
+            }
+            Mode::Slow(delay) => {
+                thread::sleep(delay);
+                counts.ok.fetch_add(1, Ordering::SeqCst);
+                respond(&mut writer, "200 OK", &keywords(site))?;
+            }
+            Mode::Failing => {
+                counts.failed.fetch_add(1, Ordering::SeqCst);
+                respond(
+                    &mut writer,
+                    "503 Service Unavailable",
+                    r#"{"error":"provider outage"}"#,
+                )?;
+            }
+            Mode::StallBody => {
+                counts.stalled.fetch_add(1, Ordering::SeqCst);
+                let body = keywords(site);
+                let half = body.len() / 2;
+                write!(
+                    writer,
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{}",
+                    body.len(),
+                    &body[..half]
+                )?;
+                writer.flush()?;
+                let since = Instant::now();
+                while shared.mode(adapter) == Mode::StallBody
+                    && !shared.stop.load(Ordering::SeqCst)
+                    && since.elapsed() < Duration::from_secs(60)
+                {
+                    thread::sleep(Duration::from_millis(20));
+                }
+                // The rest of that body is never sent: the connection is closed.
+                let _ = writer.shutdown(Shutdown::Both);
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn respond(writer: &mut TcpStream, status: &str, body: &str) -> std::io::Result<()> {
+    write!(
+        writer,
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    writer.flush()
+}
+
+/// Two keyword rows of 2026-01-01 for `site` (the keys are stable, so a re-run upserts).
+fn keywords(site: &str) -> String {
+    let site: String = site
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '.' || *c == '-')
+        .collect();
+    format!(
+        r#"{{"keywords":[{{"keyword":"{site} a","date":"2026-01-01","search_volume":10,"position":1.5,"clicks":3,"impressions":30,"ctr":0.1}},{{"keyword":"{site} b","date":"2026-01-01","search_volume":20,"position":2.5,"clicks":1,"impressions":40,"ctr":0.025}}]}}"#
+    )
+}
