@@ -1,6 +1,6 @@
-//! The scenarios of issue 14 implemented so far (1, 2, 3, 4, 5, 7, 8 for the api, 10): each
-//! runs its load on the runtime, injects its fault from this thread on a fixed schedule, and
-//! judges the outcomes.
+//! The scenarios of issue 14 (1 to 10): each runs its load on the runtime, injects its fault
+//! from this thread on a fixed schedule, and judges the outcomes. The export worker's and
+//! the control-plane's parts (of 6, 8 and 9) are in [`super::batch`].
 
 use std::io::Write;
 use std::process::Stdio;
@@ -41,9 +41,10 @@ pub(super) fn run(
         3 => backends_terminated(system, rt, scale),
         4 => postgres_black_hole(system, rt, quick),
         5 => statement_timeout(system, rt),
+        6 => provider_outage(system, quick),
         7 => analytics_burst(system, rt),
-        8 => api_sigterm(system, rt),
-        9 => export_worker_sigkill(system),
+        8 => sigterm(system, rt),
+        9 => sigkill(system),
         10 => many_connections(system, rt, quick),
         other => bail!("scenario {other} is not implemented"),
     }
@@ -69,7 +70,7 @@ fn at(start: Instant, offset: Duration) {
 }
 
 /// Polls `cond` every 20 ms for at most `bound`; how long it took, if it came.
-fn time_until(bound: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration> {
+pub(super) fn time_until(bound: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration> {
     let start = Instant::now();
     while start.elapsed() < bound {
         if cond() {
@@ -274,12 +275,46 @@ fn judge_errors_and_recovery(r: &mut ScenarioResult, report: &Report, fault_end:
     }
 }
 
+/// Scenario 6: the keyword provider outage and the breaker registry's memory
+/// ([`super::batch::provider_outage`], [`super::batch::registry_memory`]); the provider
+/// fails for 3 s and stalls for 5 s (three times that at full length).
+fn provider_outage(system: &mut System, quick: bool) -> Result<ScenarioResult> {
+    let mut r = ScenarioResult::new(6, "keyword provider outage");
+    let scale = if quick { 1 } else { 3 };
+    super::batch::provider_outage(
+        system,
+        &mut r,
+        Duration::from_secs(3 * scale),
+        Duration::from_secs(5 * scale),
+    )?;
+    super::batch::registry_memory(system, &mut r)?;
+    Ok(r)
+}
+
+/// Scenario 8: SIGTERM to an api replica under load ([`api_sigterm`]), to an export worker
+/// running exports ([`super::batch::worker_sigterm`]) and to a control-plane mid-run
+/// ([`super::batch::cp_sigterm`]), one after the other; one line for the three.
+fn sigterm(system: &mut System, rt: &Runtime) -> Result<ScenarioResult> {
+    let mut r = api_sigterm(system, rt)?;
+    super::batch::worker_sigterm(system, &mut r)?;
+    super::batch::cp_sigterm(system, &mut r)?;
+    Ok(r)
+}
+
+/// Scenario 9: SIGKILL to an export worker mid-job ([`export_worker_sigkill`]) and to a
+/// control-plane mid-run ([`super::batch::cp_sigkill`]); one line for both.
+fn sigkill(system: &mut System) -> Result<ScenarioResult> {
+    let mut r = export_worker_sigkill(system)?;
+    super::batch::cp_sigkill(system, &mut r)?;
+    Ok(r)
+}
+
 /// Scenario 8, the api part: SIGTERM to one replica under load, with 30 ms of database
 /// latency so that requests are in flight when it comes. Every request sent before the
 /// signal is answered 200; after it the replica only refuses connections (or answers); it
 /// exits 0 (its shutdown report) within its `SHUTDOWN_TIMEOUT_MS`; then it is started again.
 fn api_sigterm(system: &mut System, rt: &Runtime) -> Result<ScenarioResult> {
-    let mut r = ScenarioResult::new(8, "SIGTERM api under load");
+    let mut r = ScenarioResult::new(8, "SIGTERM api, worker, cp");
     system.pg_proxy.set_fault(Fault::Latency(30));
     let load = load(system, 40, Duration::from_secs(5));
     let start = load.epoch;
@@ -771,7 +806,7 @@ fn many_connections(system: &mut System, rt: &Runtime, quick: bool) -> Result<Sc
 }
 
 /// The resident set of process `pid`, in KiB (`VmRSS` of `/proc/<pid>/status`).
-fn rss_kib(pid: u32) -> Result<u64> {
+pub(super) fn rss_kib(pid: u32) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("reading /proc/{pid}/status"))?;
     status
@@ -789,9 +824,9 @@ fn rss_kib(pid: u32) -> Result<u64> {
 /// `attempts` counts every attempt row, its `rows_written` equals its `record_count` and is
 /// not 0 (20 keyword rows of 2020 are stored first, the export is of 2020), and
 /// exactly one file of the export is in `EXPORT_DIR` (its `storage_path`). The killed
-/// worker is started again afterwards. (The control-plane part is not done.)
+/// worker is started again afterwards.
 fn export_worker_sigkill(system: &mut System) -> Result<ScenarioResult> {
-    let mut r = ScenarioResult::new(9, "SIGKILL export worker mid-job");
+    let mut r = ScenarioResult::new(9, "SIGKILL worker, cp mid-run");
     let db = system.db_url.clone();
     let read = |sql: &str| psql_read(&db, sql).map(|s| s.trim().to_owned());
     super::ingest_keywords(system.apis[0].port, &system.key, &system.domain)?;

@@ -1,0 +1,808 @@
+//! The background processes' parts of the scenarios: the export worker SIGTERMed under load
+//! and the control-plane SIGTERMed mid-run (scenario 8), the control-plane SIGKILLed
+//! mid-run (scenario 9), and the keyword provider outage with the breaker registry's
+//! memory (scenario 6). Each adds its counts, notes and failures to the scenario's result;
+//! the control-plane's run records (`batch_runs`, `batch_run_items`) and its `/metrics` are
+//! read from outside.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use smartbeak_test_support::Fault;
+
+use super::provider::{Adapter, Mode};
+use super::scenarios::time_until;
+use super::{CP_BREAKER_OPEN, CP_SHUTDOWN_TIMEOUT, CP_STALE_AFTER, ScenarioResult, System};
+use crate::services::psql_read;
+
+/// Keyword sources of the SIGTERM and SIGKILL parts: this many domains, a `gsc` and an
+/// `ahrefs` source each; with a provider answering after [`SLOW_PROVIDER`] and 4 items in
+/// flight a run lasts about 3 s.
+const RUN_DOMAINS: usize = 16;
+
+/// How long the provider takes per answer while a run is to be caught mid-way.
+const SLOW_PROVIDER: Duration = Duration::from_millis(400);
+
+/// Exports queued for the worker SIGTERM part.
+const EXPORTS: usize = 6;
+
+/// Latency on the database proxy while they run: they last seconds, and the release of
+/// those still running (a few round trips) fits the worker's 1 s release margin (at
+/// 300 ms it did not: `1 exports still running 900 ms after they were cancelled`, exit 1).
+const WORKER_LATENCY_MS: u64 = 150;
+
+/// The `exit_code` of the last shutdown report line in `log` (`smartbeak_shutdown::report`
+/// logs `shutdown complete ... exit_code=N` at info, failures at error).
+fn report_code(log: &Path) -> Option<i32> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.contains("smartbeak_shutdown::report") && l.contains("exit_code="))?;
+    let rest = &line[line.find("exit_code=")? + "exit_code=".len()..];
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Fails `r` unless `name` exited within its bound, with code 0, and that is the code its
+/// shutdown report logged (`report`).
+fn judge_exit(
+    r: &mut ScenarioResult,
+    name: &str,
+    exited: Option<Duration>,
+    status: Option<std::process::ExitStatus>,
+    report: Option<i32>,
+) {
+    let code = status.and_then(|s| s.code());
+    match exited {
+        None => r.fail(format!(
+            "{name} did not exit within its bound after SIGTERM"
+        )),
+        Some(_) if code != report => r.fail(format!(
+            "{name} exited with {code:?} but its shutdown report says {report:?}"
+        )),
+        Some(_) if code != Some(0) => r.fail(format!(
+            "{name} exited with {code:?} (its shutdown report's code), not 0"
+        )),
+        Some(_) => {}
+    }
+}
+
+fn read(system: &System, sql: &str) -> Result<String> {
+    psql_read(&system.db_url, sql).map(|s| s.trim().to_owned())
+}
+
+/// The index of the process named `<prefix><n>` among `procs` whose id (`EXPORT_WORKER_ID`,
+/// `CP_RUNNER`) is `<id_prefix><n>`.
+fn by_id(procs: &[super::Proc], prefix: &str, id_prefix: &str, id: &str) -> Option<usize> {
+    procs.iter().position(|p| {
+        p.name
+            .strip_prefix(prefix)
+            .is_some_and(|n| id == format!("{id_prefix}{n}"))
+    })
+}
+
+/// Scenario 8, the export worker part: `EXPORTS` exports queued with 300 ms of latency on
+/// the database proxy (so they run for seconds), the worker running the most of them
+/// SIGTERMed. It waits 1 s for them (`SHUTDOWN_TIMEOUT_MS` 3000: drain 2 s less its 1 s
+/// margin), then releases them (attempt `released`, the job `queued` again) and exits with
+/// its shutdown report's code, 0; the latency is removed. Passes when it exits 0 within
+/// 10 s, released at least one export, and every export succeeded exactly once (one
+/// `succeeded` attempt, one file, `rows_written` = `record_count`), those it released by
+/// the other worker.
+pub(super) fn worker_sigterm(system: &mut System, r: &mut ScenarioResult) -> Result<()> {
+    super::ingest_keywords(system.apis[0].port, &system.key, &system.domain)?;
+    system.pg_proxy.set_fault(Fault::Latency(WORKER_LATENCY_MS));
+    // Queued at once (each request takes a few round trips).
+    let (port, key, domain) = (system.apis[0].port, &system.key, &system.domain);
+    let queued: Vec<Result<String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..EXPORTS)
+            .map(|_| s.spawn(move || super::create_export(port, key, domain)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("queueing thread panicked")))
+            })
+            .collect()
+    });
+    let ids = match queued.into_iter().collect::<Result<Vec<_>>>() {
+        Ok(ids) => ids,
+        Err(e) => {
+            system.pg_proxy.set_fault(Fault::Pass);
+            return Err(e);
+        }
+    };
+    r.requests += ids.len();
+    let list = ids
+        .iter()
+        .map(|id| format!("'{id}'"))
+        .collect::<Vec<_>>()
+        .join(",");
+    // The worker running the most of them, once one runs.
+    let mut owner = String::new();
+    let running = time_until(Duration::from_secs(20), || {
+        owner = read(
+            system,
+            &format!(
+                "SELECT coalesce((SELECT lease_owner FROM domain_exports WHERE id IN ({list}) \
+                 AND status = 'running' GROUP BY lease_owner ORDER BY count(*) DESC LIMIT 1), '')"
+            ),
+        )
+        .unwrap_or_default();
+        !owner.is_empty()
+    });
+    let victim = by_id(&system.workers, "export-worker-", "chaos-worker-", &owner);
+    let (Some(_), Some(victim)) = (running, victim) else {
+        system.pg_proxy.set_fault(Fault::Pass);
+        bail!("no export of the {EXPORTS} was seen running under a known worker ({owner:?})");
+    };
+    let running_then = read(
+        system,
+        &format!(
+            "SELECT count(*) FROM domain_exports WHERE id IN ({list}) AND status = 'running' \
+             AND lease_owner = '{owner}'"
+        ),
+    )?;
+    smartbeak_test_support::signal(system.workers[victim].child.id(), "TERM")?;
+    let signalled = Instant::now();
+    let exited = time_until(Duration::from_secs(10), || {
+        matches!(system.workers[victim].child.try_wait(), Ok(Some(_)))
+    });
+    system.pg_proxy.set_fault(Fault::Pass);
+    let status = system.workers[victim].child.try_wait()?;
+    let done = time_until(Duration::from_secs(30), || {
+        read(
+            system,
+            &format!(
+                "SELECT count(*) FROM domain_exports WHERE id IN ({list}) \
+                 AND status IN ('succeeded', 'failed', 'cancelled')"
+            ),
+        )
+        .is_ok_and(|n| n == EXPORTS.to_string())
+    });
+    let all_done = done.map(|_| signalled.elapsed());
+    if exited.is_none() {
+        // Not restarted over a live process: the kill on drop ends it.
+        let _ = system.workers[victim].child.kill();
+        let _ = system.workers[victim].child.wait();
+    }
+    let report = report_code(&system.workers[victim].log);
+    system.restart_worker(victim)?;
+
+    let mut released = 0;
+    let mut succeeded_by_other = 0;
+    for id in &ids {
+        let row = read(
+            system,
+            &format!(
+                "SELECT status || ' ' || rows_written || ' ' || coalesce(record_count::text, '-') \
+                 || ' ' || coalesce(storage_path, '-') FROM domain_exports WHERE id = '{id}'"
+            ),
+        )?;
+        let fields: Vec<&str> = row.split(' ').collect();
+        let attempts = read(
+            system,
+            &format!(
+                "SELECT coalesce(string_agg(worker || ':' || outcome, ',' ORDER BY attempt, id), '') \
+                 FROM domain_export_attempts WHERE export_id = '{id}'"
+            ),
+        )?;
+        let attempts: Vec<&str> = attempts.split(',').filter(|a| !a.is_empty()).collect();
+        let prefix = id.replace('-', "");
+        let files = std::fs::read_dir(system.work.join("exports"))?
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .count();
+        let succeeded = attempts
+            .iter()
+            .filter(|a| a.ends_with(":succeeded"))
+            .count();
+        let was_released = attempts.contains(&format!("{owner}:released").as_str());
+        released += usize::from(was_released);
+        r.duplicated += succeeded.saturating_sub(1) + files.saturating_sub(1);
+        if fields.first() != Some(&"succeeded") || succeeded == 0 {
+            r.lost += 1;
+            r.fail(format!(
+                "export {id} did not succeed within 30 s of the SIGTERM ({row}; attempts {attempts:?})"
+            ));
+            continue;
+        }
+        if files != 1 || fields.get(1) != fields.get(2) || fields.get(1) == Some(&"0") {
+            r.fail(format!(
+                "export {id}: {files} files, rows written {:?}, record count {:?}",
+                fields.get(1),
+                fields.get(2)
+            ));
+        }
+        if was_released {
+            if attempts.contains(&format!("{owner}:succeeded").as_str()) {
+                r.fail(format!(
+                    "export {id} was released by {owner} and still succeeded there ({attempts:?})"
+                ));
+            } else {
+                succeeded_by_other += 1;
+            }
+        }
+    }
+    r.note(format!(
+        "worker: SIGTERM to {owner} running {running_then} of {EXPORTS} exports, exit {} \
+         (report {report:?}), \
+         released {released}, finished by the other worker {succeeded_by_other}, \
+         all done {:.2}s after the signal",
+        status.map_or_else(|| "none".to_owned(), |s| s.to_string()),
+        all_done.map_or(f64::NAN, |d| d.as_secs_f64())
+    ));
+    judge_exit(r, &owner, exited, status, report);
+    if released == 0 {
+        r.fail(format!(
+            "{owner} released no export: the SIGTERM caught no running job, or it did not re-queue it"
+        ));
+    }
+    Ok(())
+}
+
+/// The keyword-sync run in progress with items loaded: its id and runner.
+fn running_run(system: &System) -> Option<(String, String)> {
+    let row = read(
+        system,
+        "SELECT coalesce((SELECT id || ' ' || runner FROM batch_runs \
+         WHERE operation = 'keyword-sync' AND status = 'running' AND items_total > 0), '')",
+    )
+    .ok()?;
+    let (id, runner) = row.split_once(' ')?;
+    Some((id.to_owned(), runner.to_owned()))
+}
+
+/// Waits (at most 15 s) for a keyword-sync run over the [`RUN_DOMAINS`] sources to be in
+/// progress, with the provider slow; the run, its runner and that control-plane's index.
+fn catch_a_run(system: &mut System) -> Result<(String, String, usize)> {
+    system.keyword_sources(RUN_DOMAINS)?;
+    system.provider.set_all(Mode::Slow(SLOW_PROVIDER));
+    let mut run = None;
+    time_until(Duration::from_secs(15), || {
+        run = running_run(system);
+        run.is_some()
+    });
+    let Some((id, runner)) = run else {
+        system.provider.set_all(Mode::Ok);
+        bail!("no keyword-sync run over the sources was seen running within 15 s");
+    };
+    let Some(victim) = by_id(&system.cps, "control-plane-", "chaos-cp-", &runner) else {
+        system.provider.set_all(Mode::Ok);
+        bail!("run {id} is recorded by {runner:?}, not a control-plane of this system");
+    };
+    // Some items in flight, most not started yet.
+    std::thread::sleep(SLOW_PROVIDER);
+    Ok((id, runner, victim))
+}
+
+/// The `status total succeeded failed skipped error` of run `id`.
+fn run_row(system: &System, id: &str) -> Result<Vec<String>> {
+    let row = read(
+        system,
+        &format!(
+            "SELECT status || '|' || items_total || '|' || items_succeeded || '|' || items_failed \
+             || '|' || items_skipped || '|' || coalesce(error, '') FROM batch_runs WHERE id = '{id}'"
+        ),
+    )?;
+    Ok(row.split('|').map(str::to_owned).collect())
+}
+
+/// Scenario 8, the control-plane part: a keyword-sync run over [`RUN_DOMAINS`] sources with
+/// a slow provider, its control-plane SIGTERMed mid-run. Passes when it exits 0 (its
+/// shutdown report's code: `run` exits 0 on a clean SIGTERM) within its
+/// `SHUTDOWN_TIMEOUT_MS` plus 2 s, and the run is recorded `interrupted` with items
+/// skipped (never started) and succeeded + failed + skipped = total. The control-plane is
+/// started again.
+pub(super) fn cp_sigterm(system: &mut System, r: &mut ScenarioResult) -> Result<()> {
+    let (id, runner, victim) = catch_a_run(system)?;
+    smartbeak_test_support::signal(system.cps[victim].child.id(), "TERM")?;
+    let exited = time_until(CP_SHUTDOWN_TIMEOUT + Duration::from_secs(2), || {
+        matches!(system.cps[victim].child.try_wait(), Ok(Some(_)))
+    });
+    let status = system.cps[victim].child.try_wait()?;
+    system.provider.set_all(Mode::Ok);
+    let row = run_row(system, &id)?;
+    system.keyword_sources(0)?;
+    if exited.is_none() {
+        let _ = system.cps[victim].child.kill();
+        let _ = system.cps[victim].child.wait();
+    }
+    let report = report_code(&system.cps[victim].log);
+    system.restart_cp(victim)?;
+    let n = |i: usize| row.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    r.requests += n(1) as usize;
+    r.note(format!(
+        "control-plane: SIGTERM to {runner} mid-run, exit {} (report {report:?}) after {:.2}s, \
+         run {}: {} of {} items \
+         succeeded, {} failed, {} skipped",
+        status.map_or_else(|| "none".to_owned(), |s| s.to_string()),
+        exited.map_or(f64::NAN, |d| d.as_secs_f64()),
+        row.first().map_or("?", String::as_str),
+        n(2),
+        n(1),
+        n(3),
+        n(4)
+    ));
+    judge_exit(r, &runner, exited, status, report);
+    if row.first().map(String::as_str) != Some("interrupted") {
+        r.fail(format!(
+            "the SIGTERMed run is recorded {:?}, not interrupted ({})",
+            row.first(),
+            row.join(" ")
+        ));
+    }
+    if n(2) + n(3) + n(4) != n(1) || n(4) == 0 {
+        r.fail(format!(
+            "the interrupted run's counts do not add up or skip nothing: total {}, succeeded {}, \
+             failed {}, skipped {}",
+            n(1),
+            n(2),
+            n(3),
+            n(4)
+        ));
+    }
+    Ok(())
+}
+
+/// Scenario 9, the control-plane part: a keyword-sync run over [`RUN_DOMAINS`] sources
+/// with a slow provider, its control-plane SIGKILLed mid-run (its session ends, and with
+/// it the advisory lock; its run row stays `running` with a heartbeat that ages). Passes
+/// when, within `CP_STALE_AFTER_MS` (3 s) plus 20 s, the other control-plane marks the
+/// dead run `abandoned` (its `control_plane_runs_abandoned_total` counts it) and a run of
+/// its own started after the kill succeeds over every source; every source is synced after
+/// the kill (lost: those that are not) and holds its two keyword rows once (duplicated:
+/// rows beyond them). The killed control-plane is started again.
+pub(super) fn cp_sigkill(system: &mut System, r: &mut ScenarioResult) -> Result<()> {
+    let (id, runner, victim) = catch_a_run(system)?;
+    let other = 1 - victim;
+    let other_runner = format!(
+        "chaos-cp-{}",
+        system.cps[other]
+            .name
+            .strip_prefix("control-plane-")
+            .unwrap_or("?")
+    );
+    let abandoned_before = super::metric(
+        system.cps[other].port,
+        "control_plane_runs_abandoned_total",
+        "keyword-sync",
+    )?;
+    let killed_at = read(system, "SELECT clock_timestamp()")?;
+    let killed = Instant::now();
+    smartbeak_test_support::signal(system.cps[victim].child.id(), "KILL")?;
+    let _ = system.cps[victim].child.wait();
+    // The provider answers at once from now on: the takeover's run is quick.
+    system.provider.set_all(Mode::Ok);
+    let mut taken_over = None;
+    let mut takeover_run = String::new();
+    let settled = time_until(CP_STALE_AFTER + Duration::from_secs(20), || {
+        let abandoned = read(
+            system,
+            &format!("SELECT status FROM batch_runs WHERE id = '{id}'"),
+        )
+        .is_ok_and(|s| s == "abandoned");
+        takeover_run = read(
+            system,
+            &format!(
+                "SELECT coalesce((SELECT id || ' ' || status FROM batch_runs \
+                 WHERE operation = 'keyword-sync' AND runner = '{other_runner}' \
+                 AND started_at > '{killed_at}' AND items_total > 0 \
+                 ORDER BY started_at LIMIT 1), '')"
+            ),
+        )
+        .unwrap_or_default();
+        if abandoned && takeover_run.ends_with(" running") && taken_over.is_none() {
+            taken_over = Some(killed.elapsed());
+        }
+        abandoned && takeover_run.ends_with(" succeeded")
+    });
+    taken_over = taken_over.or(settled);
+    let row = run_row(system, &id)?;
+    let abandoned = super::metric(
+        system.cps[other].port,
+        "control_plane_runs_abandoned_total",
+        "keyword-sync",
+    )? - abandoned_before;
+    let counts = read(
+        system,
+        &format!(
+            "SELECT (SELECT count(*) FROM domain_keyword_sources) || ' ' || \
+             (SELECT count(*) FROM domain_keyword_sources WHERE last_synced_at > '{killed_at}') || ' ' || \
+             (SELECT count(*) FROM keyword_metrics m JOIN domain_keyword_sources s \
+              ON s.domain_id = m.domain_id AND s.adapter = m.source)"
+        ),
+    )?;
+    let counts: Vec<u64> = counts.split(' ').map(|n| n.parse().unwrap_or(0)).collect();
+    let (sources, synced, rows) = (
+        counts.first().copied().unwrap_or(0),
+        counts.get(1).copied().unwrap_or(0),
+        counts.get(2).copied().unwrap_or(0),
+    );
+    system.keyword_sources(0)?;
+    system.restart_cp(victim)?;
+    r.requests += sources as usize;
+    r.lost += (sources - synced.min(sources)) as usize;
+    r.duplicated += rows.saturating_sub(2 * sources) as usize;
+    r.recovery = r.recovery.max(taken_over);
+    r.note(format!(
+        "control-plane: SIGKILL to {runner} mid-run; its run {}; taken over by {other_runner} \
+         after {:.2}s (run {takeover_run}); abandoned runs counted by {other_runner}: {abandoned}; \
+         sources synced after the kill {synced} of {sources}, keyword rows {rows}",
+        row.first().map_or("?", String::as_str),
+        taken_over.map_or(f64::NAN, |d| d.as_secs_f64()),
+    ));
+    if row.first().map(String::as_str) != Some("abandoned") {
+        r.fail(format!(
+            "the killed control-plane's run is {:?}, not abandoned",
+            row.first()
+        ));
+    }
+    if settled.is_none() {
+        r.fail(format!(
+            "{other_runner} did not take the operation over and succeed within {:?} of the kill \
+             ({takeover_run:?})",
+            CP_STALE_AFTER + Duration::from_secs(20)
+        ));
+    }
+    if abandoned < 1.0 {
+        r.fail(format!(
+            "{other_runner}'s control_plane_runs_abandoned_total did not count the dead run"
+        ));
+    }
+    if synced != sources {
+        r.fail(format!(
+            "{} of {sources} sources were not synced after the kill",
+            sources - synced.min(sources)
+        ));
+    }
+    if rows != 2 * sources {
+        r.fail(format!(
+            "{rows} keyword rows for {sources} sources of 2 rows each"
+        ));
+    }
+    Ok(())
+}
+
+/// Samples of a provider's breaker state on one control-plane (0 closed, 1 open, 2
+/// half-open), with when they were taken.
+#[derive(Debug, Default)]
+struct BreakerWatch {
+    samples: Vec<(Duration, [f64; 2])>,
+}
+
+impl BreakerWatch {
+    fn max(&self, adapter: Adapter, from: Duration, to: Duration) -> f64 {
+        let i = usize::from(adapter == Adapter::Ahrefs);
+        self.samples
+            .iter()
+            .filter(|(at, _)| *at >= from && *at < to)
+            .map(|(_, s)| s[i])
+            .fold(0.0, f64::max)
+    }
+
+    fn first_open(&self, adapter: Adapter, from: Duration) -> Option<Duration> {
+        let i = usize::from(adapter == Adapter::Ahrefs);
+        self.samples
+            .iter()
+            .find(|(at, s)| *at >= from && s[i] == 1.0)
+            .map(|(at, _)| *at - from)
+    }
+}
+
+fn breaker_states(port: u16) -> Result<[f64; 2]> {
+    Ok([
+        super::metric(port, "circuit_breaker_state", "adapter=\"gsc\"")?,
+        super::metric(port, "circuit_breaker_state", "adapter=\"ahrefs\"")?,
+    ])
+}
+
+/// Scenario 6: an outage of the `gsc` keyword provider while keyword-sync runs every
+/// second over 5 domains with a `gsc` and an `ahrefs` source each: `gsc` answers 503 for
+/// `fail`, then stalls mid-body for `stall`, then answers again. Control-plane 1 is stopped
+/// for the scenario (SIGTERM; started again after), so control-plane 0 runs every run and
+/// its breakers are the ones read (`circuit_breaker_state` of its `/metrics`, every
+/// 100 ms). Passes when the `gsc` breaker opens during the outage, `gsc` items then fail
+/// fast (`circuit breaker for gsc is open` in `batch_run_items`), the `ahrefs` breaker
+/// never leaves closed, no `ahrefs` item fails and every `ahrefs` source is synced during
+/// the outage, and after the provider is back the `gsc` breaker is closed again and a run
+/// succeeds over every source within 20 s (the recovery). Then the breaker registry's
+/// memory: [`registry_memory`].
+pub(super) fn provider_outage(
+    system: &mut System,
+    r: &mut ScenarioResult,
+    fail: Duration,
+    stall: Duration,
+) -> Result<()> {
+    const DOMAINS: usize = 5;
+    smartbeak_test_support::signal(system.cps[1].child.id(), "TERM")?;
+    if time_until(CP_SHUTDOWN_TIMEOUT + Duration::from_secs(2), || {
+        matches!(system.cps[1].child.try_wait(), Ok(Some(_)))
+    })
+    .is_none()
+    {
+        bail!("control-plane 1 did not stop within its shutdown timeout");
+    }
+    system.provider.set_all(Mode::Ok);
+    system.keyword_sources(DOMAINS)?;
+    let result = outage(system, r, DOMAINS, fail, stall);
+    system.provider.set_all(Mode::Ok);
+    system.keyword_sources(0)?;
+    system.restart_cp(1)?;
+    result
+}
+
+fn outage(
+    system: &mut System,
+    r: &mut ScenarioResult,
+    domains: usize,
+    fail: Duration,
+    stall: Duration,
+) -> Result<()> {
+    let items = 2 * domains;
+    let port = system.cps[0].port;
+    let succeeded_run_since = |system: &System, since: &str| -> bool {
+        read(
+            system,
+            &format!(
+                "SELECT count(*) FROM batch_runs WHERE operation = 'keyword-sync' \
+                 AND status = 'succeeded' AND items_succeeded = {items} AND started_at > '{since}'"
+            ),
+        )
+        .is_ok_and(|n| n != "0")
+    };
+    // A healthy start: a full successful run over the sources.
+    let start_ts = read(system, "SELECT clock_timestamp()")?;
+    if time_until(Duration::from_secs(15), || {
+        succeeded_run_since(system, &start_ts)
+    })
+    .is_none()
+    {
+        bail!(
+            "no keyword-sync run over the {items} sources succeeded within 15 s before the fault"
+        );
+    }
+    let before = breaker_states(port)?;
+    if before != [0.0, 0.0] {
+        bail!("the breakers are not closed before the fault: {before:?}");
+    }
+    let served_before = [
+        system.provider.served(Adapter::Gsc),
+        system.provider.served(Adapter::Ahrefs),
+    ];
+    let fault_ts = read(system, "SELECT clock_timestamp()")?;
+    let start = Instant::now();
+    let mut watch = BreakerWatch::default();
+    let sample = |watch: &mut BreakerWatch| {
+        if let Ok(states) = breaker_states(port) {
+            watch.samples.push((start.elapsed(), states));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    system.provider.set(Adapter::Gsc, Mode::Failing);
+    while start.elapsed() < fail {
+        sample(&mut watch);
+    }
+    system.provider.set(Adapter::Gsc, Mode::StallBody);
+    while start.elapsed() < fail + stall {
+        sample(&mut watch);
+    }
+    let ok_ts = read(system, "SELECT clock_timestamp()")?;
+    let restored = start.elapsed();
+    system.provider.set(Adapter::Gsc, Mode::Ok);
+    // Recovered: the breaker closed and a run started after the restore succeeded in full.
+    let bound = Duration::from_secs(20);
+    let mut closed_at = None;
+    while start.elapsed() < restored + bound {
+        sample(&mut watch);
+        if let Some((at, s)) = watch.samples.last()
+            && closed_at.is_none()
+            && s[0] == 0.0
+            && *at > restored
+            && watch.max(Adapter::Gsc, restored, *at) > 0.0
+        {
+            closed_at = Some(*at - restored);
+        }
+        if closed_at.is_some() && succeeded_run_since(system, &ok_ts) {
+            break;
+        }
+    }
+    let recovered = succeeded_run_since(system, &ok_ts).then(|| start.elapsed() - restored);
+    let after = breaker_states(port)?;
+    let served = [
+        system.provider.served(Adapter::Gsc).since(served_before[0]),
+        system
+            .provider
+            .served(Adapter::Ahrefs)
+            .since(served_before[1]),
+    ];
+    let failures = read(
+        system,
+        &format!(
+            "SELECT coalesce(string_agg(k || '=' || n, ','), '') FROM (SELECT \
+             split_part(i.item_id, '/', 2) || CASE WHEN i.error LIKE '%circuit breaker for gsc is open%' \
+             THEN ' fast' ELSE '' END AS k, count(*) AS n FROM batch_run_items i \
+             JOIN batch_runs b ON b.id = i.run_id WHERE b.operation = 'keyword-sync' \
+             AND b.started_at > '{fault_ts}' GROUP BY 1) t"
+        ),
+    )?;
+    let failures: BTreeMap<String, u64> = failures
+        .split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.parse().unwrap_or(0)))
+        .collect();
+    let ahrefs_synced = read(
+        system,
+        &format!(
+            "SELECT count(*) FROM domain_keyword_sources WHERE adapter = 'ahrefs' \
+             AND last_synced_at > '{fault_ts}' AND last_synced_at < '{ok_ts}'"
+        ),
+    )?;
+    let runs = read(
+        system,
+        &format!(
+            "SELECT count(*) FROM batch_runs WHERE operation = 'keyword-sync' AND started_at > '{fault_ts}'"
+        ),
+    )?;
+    r.requests += served.iter().map(|s| s.total() as usize).sum::<usize>();
+    for (kind, n) in &failures {
+        *r.errors.entry(format!("item {kind}")).or_default() += *n as usize;
+    }
+    r.recovery = recovered;
+    let opened = watch.first_open(Adapter::Gsc, Duration::ZERO);
+    r.note(format!(
+        "{runs} runs; gsc served {} ok, {} 503, {} stalled; ahrefs served {} ok; gsc breaker \
+         open {:.2}s after the fault, closed {:.2}s after the restore (breaker open time {} ms); \
+         ahrefs breaker at most {}; ahrefs sources synced during the outage {ahrefs_synced} of {domains}",
+        served[0].ok,
+        served[0].failed,
+        served[0].stalled,
+        served[1].ok,
+        opened.map_or(f64::NAN, |d| d.as_secs_f64()),
+        closed_at.map_or(f64::NAN, |d| d.as_secs_f64()),
+        CP_BREAKER_OPEN.as_millis(),
+        watch.max(Adapter::Ahrefs, Duration::ZERO, Duration::MAX)
+    ));
+    if opened.is_none() || watch.max(Adapter::Gsc, Duration::ZERO, restored) < 1.0 {
+        r.fail("the gsc breaker was never seen open during the outage");
+    }
+    if failures.get("gsc fast").copied().unwrap_or(0) == 0 {
+        r.fail("no gsc item failed fast on the open breaker (batch_run_items)");
+    }
+    if watch.max(Adapter::Ahrefs, Duration::ZERO, Duration::MAX) != 0.0 || after[1] != 0.0 {
+        r.fail("the ahrefs breaker left closed during the gsc outage");
+    }
+    let ahrefs_failed: u64 = failures
+        .iter()
+        .filter(|(k, _)| k.starts_with("ahrefs"))
+        .map(|(_, n)| n)
+        .sum();
+    if ahrefs_failed > 0 {
+        r.fail(format!(
+            "{ahrefs_failed} ahrefs items failed during the gsc outage"
+        ));
+    }
+    if ahrefs_synced != domains.to_string() {
+        r.fail(format!(
+            "only {ahrefs_synced} of {domains} ahrefs sources were synced during the gsc outage"
+        ));
+    }
+    if served[0].failed == 0 {
+        r.fail("the gsc provider answered no 503: the fault did not reach the control-plane");
+    }
+    if after[0] != 0.0 || closed_at.is_none() {
+        r.fail(format!(
+            "the gsc breaker is not closed {bound:?} after the provider came back (state {})",
+            after[0]
+        ));
+    }
+    if recovered.is_none() {
+        r.fail(format!(
+            "no run over every source succeeded within {bound:?} after the provider came back"
+        ));
+    }
+    Ok(())
+}
+
+/// Scenario 6, the registry's memory: the resilience crate's `registry_memory` example (the
+/// real `AdapterName::parse` and `BreakerRegistry::get`, in a process of its own) fed
+/// 1,000,000 distinct unknown adapter names. No binary of the system takes an adapter name
+/// from outside (keyword sources are `gsc` or `ahrefs` by a CHECK, and the control-plane
+/// refuses any other adapter before the registry), so this is the closest to outside: its
+/// resident set is sampled here from `/proc/<pid>/status` every 5 ms (after its `exec`),
+/// besides its own before/after figures. Passes when it exits 0 (its own growth under
+/// 5 MB), its growth is under 5 MiB and the peak sampled from outside under 16 MiB (the
+/// unbounded map of one breaker per name the original kept takes hundreds).
+pub(super) fn registry_memory(system: &System, r: &mut ScenarioResult) -> Result<()> {
+    const PEAK_KIB: u64 = 16 << 10;
+    const GROWTH_BYTES: u64 = 5 << 20;
+    let example = system.bin.join("examples").join("registry_memory");
+    if !example.exists() {
+        bail!(
+            "{} is missing: `cargo build -p smartbeak-resilience --example registry_memory` \
+             (`cargo xtask chaos` builds it when scenario 6 runs)",
+            example.display()
+        );
+    }
+    let json = system.work.join("registry_memory.json");
+    let mut child = Command::new(&example)
+        .args(["--mode", "bounded", "--names", "1000000", "--json"])
+        .arg(&json)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("running {}", example.display()))?;
+    let pid = child.id();
+    let mut peak = 0;
+    let mut samples = 0;
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("registry_memory did not finish within 120 s");
+        }
+        if is_exec_of(pid, "registry_memory")
+            && let Ok(kib) = super::scenarios::rss_kib(pid)
+        {
+            peak = peak.max(kib);
+            samples += 1;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let figures = std::fs::read_to_string(&json).unwrap_or_default();
+    let field = |name: &str| -> Option<u64> {
+        let start = figures.find(&format!("\"{name}\": "))? + name.len() + 4;
+        let end = figures[start..].find([',', '}'])? + start;
+        figures[start..end].trim().parse().ok()
+    };
+    let growth = field("growth_bytes");
+    let entries = field("entries");
+    r.requests += 1_000_000;
+    r.note(format!(
+        "registry: 1,000,000 unknown names in {:.2}s, {} registry entries, RSS growth {} (its own \
+         statm), peak {:.2} MiB sampled from outside ({samples} samples)",
+        started.elapsed().as_secs_f64(),
+        entries.map_or_else(|| "?".to_owned(), |e| e.to_string()),
+        growth.map_or_else(
+            || "?".to_owned(),
+            |g| format!("{:.3} MiB", g as f64 / 1048576.0)
+        ),
+        peak as f64 / 1024.0
+    ));
+    if !status.success() {
+        r.fail(format!(
+            "registry_memory exited {status} (growth at or over 5 MB)"
+        ));
+    }
+    match growth {
+        Some(g) if g < GROWTH_BYTES => {}
+        other => r.fail(format!(
+            "registry memory growth {other:?} bytes, not under 5 MiB"
+        )),
+    }
+    if samples == 0 || peak > PEAK_KIB {
+        r.fail(format!(
+            "registry_memory's resident set peaked at {peak} KiB ({samples} samples), over {PEAK_KIB} KiB"
+        ));
+    }
+    Ok(())
+}
+
+/// Whether process `pid` runs `name` already (its `comm`, which `exec` sets), not the
+/// forked copy of this process.
+fn is_exec_of(pid: u32, name: &str) -> bool {
+    std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("comm"))
+        .is_ok_and(|comm| comm.trim() == name)
+}
