@@ -615,9 +615,10 @@ fn start_worker(bin: &Path, work: &Path, i: usize, db: &str) -> Result<Proc> {
         .env("DB_STATEMENT_TIMEOUT_MS", "1500")
         .env("EXPORT_REAPER_INTERVAL_SECS", "1")
         .env("EXPORT_WORKER_ID", format!("chaos-worker-{i}"))
-        // Scenario 8: a SIGTERMed worker waits 1 s (drain 2 s less its 1 s margin) for its
-        // running exports, then releases them for the other worker.
+        // Scenario 8: a SIGTERMed worker releases its running exports at once (a drain of
+        // 1 s is all release margin), within 900 ms, for the other worker.
         .env("SHUTDOWN_TIMEOUT_MS", "3000")
+        .env("SHUTDOWN_DRAIN_TIMEOUT_MS", "1000")
         // The shutdown report's line (its exit code) at info.
         .env("RUST_LOG", "warn,smartbeak_shutdown=info")
         .stdin(Stdio::null())

@@ -29,9 +29,10 @@ const SLOW_PROVIDER: Duration = Duration::from_millis(400);
 /// Exports queued for the worker SIGTERM part.
 const EXPORTS: usize = 6;
 
-/// Latency on the database proxy while they run: they last seconds, and the release of
-/// those still running (a few round trips) fits the worker's 1 s release margin (at
-/// 300 ms it did not: `1 exports still running 900 ms after they were cancelled`, exit 1).
+/// Latency on the database proxy while they run, so that they last seconds; removed
+/// 100 ms after the SIGTERM, once the worker has cancelled its exports, so that their
+/// release fits its 900 ms bound (with the latency kept it did not always: `1 exports
+/// still running 900 ms after they were cancelled`, exit 1).
 const WORKER_LATENCY_MS: u64 = 150;
 
 /// The `exit_code` of the last shutdown report line in `log` (`smartbeak_shutdown::report`
@@ -89,9 +90,10 @@ fn by_id(procs: &[super::Proc], prefix: &str, id_prefix: &str, id: &str) -> Opti
 
 /// Scenario 8, the export worker part: `EXPORTS` exports queued with 300 ms of latency on
 /// the database proxy (so they run for seconds), the worker running the most of them
-/// SIGTERMed. It waits 1 s for them (`SHUTDOWN_TIMEOUT_MS` 3000: drain 2 s less its 1 s
-/// margin), then releases them (attempt `released`, the job `queued` again) and exits with
-/// its shutdown report's code, 0; the latency is removed. Passes when it exits 0 within
+/// SIGTERMed. It releases them at once (`SHUTDOWN_DRAIN_TIMEOUT_MS` 1000: a drain that is
+/// all release margin; attempt `released`, the job `queued` again) and exits with its
+/// shutdown report's code, 0; the latency is removed 100 ms after the signal. Passes when
+/// it exits 0 (its report's code) within
 /// 10 s, released at least one export, and every export succeeded exactly once (one
 /// `succeeded` attempt, one file, `rows_written` = `record_count`), those it released by
 /// the other worker.
@@ -125,19 +127,24 @@ pub(super) fn worker_sigterm(system: &mut System, r: &mut ScenarioResult) -> Res
         .map(|id| format!("'{id}'"))
         .collect::<Vec<_>>()
         .join(",");
-    // The worker running the most of them, once one runs.
+    // The worker running the most of them: once it runs two (or, after 5 s, one).
     let mut owner = String::new();
-    let running = time_until(Duration::from_secs(20), || {
-        owner = read(
+    let mut busiest = |at_least: u32| {
+        let row = read(
             system,
             &format!(
-                "SELECT coalesce((SELECT lease_owner FROM domain_exports WHERE id IN ({list}) \
-                 AND status = 'running' GROUP BY lease_owner ORDER BY count(*) DESC LIMIT 1), '')"
+                "SELECT coalesce((SELECT lease_owner || ' ' || count(*) FROM domain_exports \
+                 WHERE id IN ({list}) AND status = 'running' GROUP BY lease_owner \
+                 ORDER BY count(*) DESC LIMIT 1), '')"
             ),
         )
         .unwrap_or_default();
-        !owner.is_empty()
-    });
+        let (who, n) = row.split_once(' ').unwrap_or(("", "0"));
+        owner = who.to_owned();
+        n.parse::<u32>().is_ok_and(|n| n >= at_least)
+    };
+    let running = time_until(Duration::from_secs(5), || busiest(2))
+        .or_else(|| time_until(Duration::from_secs(15), || busiest(1)));
     let victim = by_id(&system.workers, "export-worker-", "chaos-worker-", &owner);
     let (Some(_), Some(victim)) = (running, victim) else {
         system.pg_proxy.set_fault(Fault::Pass);
@@ -152,6 +159,8 @@ pub(super) fn worker_sigterm(system: &mut System, r: &mut ScenarioResult) -> Res
     )?;
     smartbeak_test_support::signal(system.workers[victim].child.id(), "TERM")?;
     let signalled = Instant::now();
+    std::thread::sleep(Duration::from_millis(100));
+    system.pg_proxy.set_fault(Fault::Pass);
     let exited = time_until(Duration::from_secs(10), || {
         matches!(system.workers[victim].child.try_wait(), Ok(Some(_)))
     });
@@ -595,6 +604,14 @@ fn outage(
         sample(&mut watch);
     }
     let ok_ts = read(system, "SELECT clock_timestamp()")?;
+    // Read now: the runs after the restore set `last_synced_at` again.
+    let ahrefs_synced = read(
+        system,
+        &format!(
+            "SELECT count(*) FROM domain_keyword_sources WHERE adapter = 'ahrefs' \
+             AND last_synced_at > '{fault_ts}'"
+        ),
+    )?;
     let restored = start.elapsed();
     system.provider.set(Adapter::Gsc, Mode::Ok);
     // Recovered: the breaker closed and a run started after the restore succeeded in full.
@@ -638,13 +655,6 @@ fn outage(
         .filter_map(|kv| kv.split_once('='))
         .map(|(k, v)| (k.to_owned(), v.parse().unwrap_or(0)))
         .collect();
-    let ahrefs_synced = read(
-        system,
-        &format!(
-            "SELECT count(*) FROM domain_keyword_sources WHERE adapter = 'ahrefs' \
-             AND last_synced_at > '{fault_ts}' AND last_synced_at < '{ok_ts}'"
-        ),
-    )?;
     let runs = read(
         system,
         &format!(
@@ -769,7 +779,6 @@ pub(super) fn registry_memory(system: &System, r: &mut ScenarioResult) -> Result
     };
     let growth = field("growth_bytes");
     let entries = field("entries");
-    r.requests += 1_000_000;
     r.note(format!(
         "registry: 1,000,000 unknown names in {:.2}s, {} registry entries, RSS growth {} (its own \
          statm), peak {:.2} MiB sampled from outside ({samples} samples)",

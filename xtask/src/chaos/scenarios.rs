@@ -830,8 +830,17 @@ fn export_worker_sigkill(system: &mut System) -> Result<ScenarioResult> {
     let db = system.db_url.clone();
     let read = |sql: &str| psql_read(&db, sql).map(|s| s.trim().to_owned());
     super::ingest_keywords(system.apis[0].port, &system.key, &system.domain)?;
+    // Queued at 100 ms, run at 300 ms: after scenario 8 the insert at 300 ms of latency
+    // could take past its 1.75 s statement bound (seen: 504 on `POST .../exports`).
+    system.pg_proxy.set_fault(Fault::Latency(100));
+    let id = match super::create_export(system.apis[0].port, &system.key, &system.domain) {
+        Ok(id) => id,
+        Err(e) => {
+            system.pg_proxy.set_fault(Fault::Pass);
+            return Err(e);
+        }
+    };
     system.pg_proxy.set_fault(Fault::Latency(300));
-    let id = super::create_export(system.apis[0].port, &system.key, &system.domain)?;
     r.requests = 1;
     let mut owner = String::new();
     let claimed = time_until(Duration::from_secs(20), || {
