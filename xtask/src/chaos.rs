@@ -2,8 +2,9 @@
 //!
 //! Starts a throwaway PostgreSQL and Redis (the test-support guards, never the machine's
 //! shared servers), a fault proxy ([`TcpForwarder`]) in front of each, migrates and seeds a
-//! database, and starts two api replicas and two export workers as real processes pointed
-//! at the proxies. Each scenario drives open-loop load from [`load`] (a fixed rate; every
+//! database, and starts two api replicas, two export workers and two control-planes as real
+//! processes pointed at the proxies, the control-planes' keyword providers at a local HTTP
+//! server ([`provider`]). Each scenario drives open-loop load from [`load`] (a fixed rate; every
 //! request has a deadline, so a slow answer cannot hide by slowing the load), injects its
 //! fault from this thread, and prints one line: requests, errors by kind, lost, duplicated,
 //! recovery time. Everything is stopped on drop (failure and Ctrl-C included: the handler

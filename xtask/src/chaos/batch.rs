@@ -98,6 +98,7 @@ fn by_id(procs: &[super::Proc], prefix: &str, id_prefix: &str, id: &str) -> Opti
 /// `succeeded` attempt, one file, `rows_written` = `record_count`), those it released by
 /// the other worker.
 pub(super) fn worker_sigterm(system: &mut System, r: &mut ScenarioResult) -> Result<()> {
+    let part = Instant::now();
     super::ingest_keywords(system.apis[0].port, &system.key, &system.domain)?;
     system.pg_proxy.set_fault(Fault::Latency(WORKER_LATENCY_MS));
     // Queued at once (each request takes a few round trips).
@@ -244,9 +245,10 @@ pub(super) fn worker_sigterm(system: &mut System, r: &mut ScenarioResult) -> Res
         "worker: SIGTERM to {owner} running {running_then} of {EXPORTS} exports, exit {} \
          (report {report:?}), \
          released {released}, finished by the other worker {succeeded_by_other}, \
-         all done {:.2}s after the signal",
+         all done {:.2}s after the signal, part {:.1}s",
         status.map_or_else(|| "none".to_owned(), |s| s.to_string()),
-        all_done.map_or(f64::NAN, |d| d.as_secs_f64())
+        all_done.map_or(f64::NAN, |d| d.as_secs_f64()),
+        part.elapsed().as_secs_f64()
     ));
     judge_exit(r, &owner, exited, status, report);
     if released == 0 {
@@ -311,6 +313,7 @@ fn run_row(system: &System, id: &str) -> Result<Vec<String>> {
 /// skipped (never started) and succeeded + failed + skipped = total. The control-plane is
 /// started again.
 pub(super) fn cp_sigterm(system: &mut System, r: &mut ScenarioResult) -> Result<()> {
+    let part = Instant::now();
     let (id, runner, victim) = catch_a_run(system)?;
     smartbeak_test_support::signal(system.cps[victim].child.id(), "TERM")?;
     let exited = time_until(CP_SHUTDOWN_TIMEOUT + Duration::from_secs(2), || {
@@ -331,14 +334,15 @@ pub(super) fn cp_sigterm(system: &mut System, r: &mut ScenarioResult) -> Result<
     r.note(format!(
         "control-plane: SIGTERM to {runner} mid-run, exit {} (report {report:?}) after {:.2}s, \
          run {}: {} of {} items \
-         succeeded, {} failed, {} skipped",
+         succeeded, {} failed, {} skipped, part {:.1}s",
         status.map_or_else(|| "none".to_owned(), |s| s.to_string()),
         exited.map_or(f64::NAN, |d| d.as_secs_f64()),
         row.first().map_or("?", String::as_str),
         n(2),
         n(1),
         n(3),
-        n(4)
+        n(4),
+        part.elapsed().as_secs_f64()
     ));
     judge_exit(r, &runner, exited, status, report);
     if row.first().map(String::as_str) != Some("interrupted") {
@@ -370,6 +374,7 @@ pub(super) fn cp_sigterm(system: &mut System, r: &mut ScenarioResult) -> Result<
 /// the kill (lost: those that are not) and holds its two keyword rows once (duplicated:
 /// rows beyond them). The killed control-plane is started again.
 pub(super) fn cp_sigkill(system: &mut System, r: &mut ScenarioResult) -> Result<()> {
+    let part = Instant::now();
     let (id, runner, victim) = catch_a_run(system)?;
     let other = 1 - victim;
     let other_runner = format!(
@@ -444,9 +449,10 @@ pub(super) fn cp_sigkill(system: &mut System, r: &mut ScenarioResult) -> Result<
     r.note(format!(
         "control-plane: SIGKILL to {runner} mid-run; its run {}; taken over by {other_runner} \
          after {:.2}s (run {takeover_run}); abandoned runs counted by {other_runner}: {abandoned}; \
-         sources synced after the kill {synced} of {sources}, keyword rows {rows}",
+         sources synced after the kill {synced} of {sources}, keyword rows {rows}, part {:.1}s",
         row.first().map_or("?", String::as_str),
         taken_over.map_or(f64::NAN, |d| d.as_secs_f64()),
+        part.elapsed().as_secs_f64()
     ));
     if row.first().map(String::as_str) != Some("abandoned") {
         r.fail(format!(
@@ -522,7 +528,8 @@ fn breaker_states(port: u16) -> Result<[f64; 2]> {
 /// fast (`circuit breaker for gsc is open` in `batch_run_items`), the `ahrefs` breaker
 /// never leaves closed, no `ahrefs` item fails and every `ahrefs` source is synced during
 /// the outage, and after the provider is back the `gsc` breaker is closed again and a run
-/// succeeds over every source within 20 s (the recovery). Then the breaker registry's
+/// succeeds over every source within the outage's length plus 10 s, at least 20 s (the
+/// recovery: the open time doubles on each trip without a recovery). Then the breaker registry's
 /// memory: [`registry_memory`].
 pub(super) fn provider_outage(
     system: &mut System,
@@ -615,7 +622,9 @@ fn outage(
     let restored = start.elapsed();
     system.provider.set(Adapter::Gsc, Mode::Ok);
     // Recovered: the breaker closed and a run started after the restore succeeded in full.
-    let bound = Duration::from_secs(20);
+    // Each trip without a recovery doubles the open time (from 1 s), so the last one of an
+    // outage may keep it open for about as long as the outage lasted.
+    let bound = (fail + stall + Duration::from_secs(10)).max(Duration::from_secs(20));
     let mut closed_at = None;
     while start.elapsed() < restored + bound {
         sample(&mut watch);
