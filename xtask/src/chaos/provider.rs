@@ -278,3 +278,85 @@ fn keywords(site: &str) -> String {
         r#"{{"keywords":[{{"keyword":"{site} a","date":"2026-01-01","search_volume":10,"position":1.5,"clicks":3,"impressions":30,"ctr":0.1}},{{"keyword":"{site} b","date":"2026-01-01","search_volume":20,"position":2.5,"clicks":1,"impressions":40,"ctr":0.025}}]}}"#
     )
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::io::Read;
+
+    use super::*;
+
+    /// One request on a fresh connection; what came back before the server closed it or
+    /// went quiet for 300 ms.
+    fn get(port: u16, path: &str) -> String {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            match stream.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    got.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&got);
+                    if text.contains("\r\n\r\n") && text.ends_with('}') {
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        String::from_utf8_lossy(&got).into_owned()
+    }
+
+    #[test]
+    fn each_provider_answers_in_its_own_mode_and_counts() {
+        let provider = Provider::start().unwrap();
+        let port = provider.port;
+        assert_eq!(
+            provider.base_url(Adapter::Gsc),
+            format!("http://127.0.0.1:{port}/gsc/")
+        );
+        let ok = get(port, "/gsc/v1/keywords?site=a.example");
+        assert!(ok.starts_with("HTTP/1.1 200 OK"), "{ok}");
+        assert!(ok.contains(r#""keyword":"a.example a""#), "{ok}");
+
+        provider.set(Adapter::Gsc, Mode::Failing);
+        let failed = get(port, "/gsc/v1/keywords?site=a.example");
+        assert!(failed.starts_with("HTTP/1.1 503"), "{failed}");
+        let other = get(port, "/ahrefs/v1/keywords?site=b.example");
+        assert!(other.starts_with("HTTP/1.1 200 OK"), "{other}");
+
+        provider.set(Adapter::Gsc, Mode::StallBody);
+        let stalled = get(port, "/gsc/v1/keywords?site=a.example");
+        assert!(stalled.starts_with("HTTP/1.1 200 OK"), "{stalled}");
+        let (head, body) = stalled.split_once("\r\n\r\n").unwrap();
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Content-Length: "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(!body.is_empty() && body.len() < length, "{stalled}");
+
+        assert!(get(port, "/other").starts_with("HTTP/1.1 404"));
+        assert_eq!(
+            provider.served(Adapter::Gsc),
+            Served {
+                ok: 1,
+                failed: 1,
+                stalled: 1
+            }
+        );
+        assert_eq!(provider.served(Adapter::Ahrefs).total(), 1);
+    }
+}
