@@ -281,13 +281,16 @@ fn catch_a_run(system: &mut System) -> Result<(String, String, usize)> {
         run = running_run(system);
         run.is_some()
     });
-    let Some((id, runner)) = run else {
+    let victim = run
+        .as_ref()
+        .and_then(|(_, runner)| by_id(&system.cps, "control-plane-", "chaos-cp-", runner));
+    let (Some((id, runner)), Some(victim)) = (run, victim) else {
+        // The next scenarios find the providers answering and no sources.
         system.provider.set_all(Mode::Ok);
-        bail!("no keyword-sync run over the sources was seen running within 15 s");
-    };
-    let Some(victim) = by_id(&system.cps, "control-plane-", "chaos-cp-", &runner) else {
-        system.provider.set_all(Mode::Ok);
-        bail!("run {id} is recorded by {runner:?}, not a control-plane of this system");
+        system.keyword_sources(0)?;
+        bail!(
+            "no keyword-sync run over the sources was seen running within 15 s by a control-plane of this system"
+        );
     };
     // Some items in flight, most not started yet.
     std::thread::sleep(SLOW_PROVIDER);
