@@ -203,14 +203,10 @@ impl Chaos {
                 r.duplicated,
                 r.recovery
                     .map_or_else(|| "-".to_owned(), |d| format!("{:.2}s", d.as_secs_f64())),
-                if r.failures.is_empty() {
-                    "ok"
-                } else {
-                    "FAILED"
-                }
+                if r.passed() { "ok" } else { "FAILED" }
             );
         }
-        let failed = results.iter().any(|r| !r.failures.is_empty());
+        let failed = results.iter().any(|r| !r.passed());
         eprintln!("xtask: chaos: logs in {}", system.work.display());
         Ok(if failed {
             ExitCode::FAILURE
@@ -261,6 +257,24 @@ impl ScenarioResult {
         self.notes.push(what.into());
     }
 
+    /// Why the scenario failed: its recorded failures, and any request or job lost or
+    /// duplicated (the issue: both must be 0, whatever the part said).
+    fn reasons(&self) -> Vec<String> {
+        let mut reasons = self.failures.clone();
+        if self.lost > 0 {
+            reasons.push(format!("{} lost (must be 0)", self.lost));
+        }
+        if self.duplicated > 0 {
+            reasons.push(format!("{} duplicated (must be 0)", self.duplicated));
+        }
+        reasons
+    }
+
+    /// No failure recorded, nothing lost, nothing duplicated.
+    pub(crate) fn passed(&self) -> bool {
+        self.reasons().is_empty()
+    }
+
     fn line(&self) -> String {
         let errors = if self.errors.is_empty() {
             "none".to_owned()
@@ -279,10 +293,11 @@ impl ScenarioResult {
         } else {
             format!(" ({})", self.notes.join(", "))
         };
-        let verdict = if self.failures.is_empty() {
+        let reasons = self.reasons();
+        let verdict = if reasons.is_empty() {
             "ok".to_owned()
         } else {
-            format!("FAILED: {}", self.failures.join("; "))
+            format!("FAILED: {}", reasons.join("; "))
         };
         format!(
             "chaos: scenario {} ({}): requests {}, errors {{{errors}}}, lost {}, duplicated {}, recovery {recovery}{notes}: {verdict}",
@@ -616,10 +631,11 @@ fn start_worker(bin: &Path, work: &Path, i: usize, db: &str) -> Result<Proc> {
         .env("DB_STATEMENT_TIMEOUT_MS", "1500")
         .env("EXPORT_REAPER_INTERVAL_SECS", "1")
         .env("EXPORT_WORKER_ID", format!("chaos-worker-{i}"))
-        // Scenario 8: a SIGTERMed worker releases its running exports at once (a drain of
-        // 1 s is all release margin), within 900 ms, for the other worker.
-        .env("SHUTDOWN_TIMEOUT_MS", "3000")
-        .env("SHUTDOWN_DRAIN_TIMEOUT_MS", "1000")
+        // Scenario 8: a SIGTERMed worker releases its running exports at once, for the
+        // other worker: a drain of 2.5 s is all release window (500 ms cancel grace, the
+        // 1,750 ms client bound of a release, 250 ms), the least the worker accepts.
+        .env("SHUTDOWN_TIMEOUT_MS", "4000")
+        .env("SHUTDOWN_DRAIN_TIMEOUT_MS", "2500")
         // The shutdown report's line (its exit code) at info.
         .env("RUST_LOG", "warn,smartbeak_shutdown=info")
         .stdin(Stdio::null())
@@ -865,4 +881,31 @@ fn backends(db: &SecretUrl) -> Result<u64> {
         "SELECT count(*) FROM pg_stat_activity WHERE datname = 'chaos' AND pid <> pg_backend_pid()",
     )?;
     n.trim().parse().context("counting backends")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ScenarioResult;
+
+    #[test]
+    fn a_scenario_that_loses_or_duplicates_fails_whatever_its_parts_said() {
+        let mut r = ScenarioResult::new(8, "sigterm");
+        assert!(r.passed());
+        assert!(r.line().ends_with(": ok"), "{}", r.line());
+        r.duplicated = 1;
+        assert!(!r.passed());
+        assert!(
+            r.line().contains("FAILED: 1 duplicated (must be 0)"),
+            "{}",
+            r.line()
+        );
+        r.duplicated = 0;
+        r.lost = 2;
+        assert!(!r.passed());
+        assert!(
+            r.line().contains("FAILED: 2 lost (must be 0)"),
+            "{}",
+            r.line()
+        );
+    }
 }

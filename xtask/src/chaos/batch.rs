@@ -19,21 +19,42 @@ use super::{CP_BREAKER_OPEN, CP_SHUTDOWN_TIMEOUT, CP_STALE_AFTER, ScenarioResult
 use crate::services::psql_read;
 
 /// Keyword sources of the SIGTERM and SIGKILL parts: this many domains, a `gsc` and an
-/// `ahrefs` source each; with a provider answering after [`SLOW_PROVIDER`] and 4 items in
-/// flight a run lasts about 3 s.
+/// `ahrefs` source each; a run is caught with [`CAUGHT`] of its items held.
 const RUN_DOMAINS: usize = 16;
 
-/// How long the provider takes per answer while a run is to be caught mid-way.
-const SLOW_PROVIDER: Duration = Duration::from_millis(400);
+/// Provider requests held by the gate ([`Mode::Held`]) when a run counts as caught
+/// mid-way: `CP_CONCURRENCY`, every item slot busy, most items not started.
+const CAUGHT: u64 = 4;
+
+/// How long after the signal the gate opens: the control-plane has had the signal (it
+/// starts no new item), and the held requests are answered well inside the control-plane's
+/// 1 s attempt timeout.
+const GATE_OPENS_AFTER: Duration = Duration::from_millis(200);
 
 /// Exports queued for the worker SIGTERM part.
 const EXPORTS: usize = 6;
 
-/// Latency on the database proxy while they run, so that they last seconds; removed
-/// 100 ms after the SIGTERM, once the worker has cancelled its exports, so that their
-/// release fits its 900 ms bound (with the latency kept it did not always: `1 exports
-/// still running 900 ms after they were cancelled`, exit 1).
+/// Latency on the database proxy while they run, so that they last seconds; kept through
+/// the SIGTERM and the releases (the worker's drain holds a release's whole client bound).
 const WORKER_LATENCY_MS: u64 = 150;
+
+/// How often the parts poll the database (one `psql` each time): rarely enough that the
+/// polling is no load on the cores the measured bounds depend on.
+const POLL: Duration = Duration::from_millis(150);
+
+/// Like [`time_until`], polling every [`POLL`] (for conditions that start a `psql`).
+fn poll_until(bound: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return Some(start.elapsed());
+        }
+        if start.elapsed() >= bound {
+            return None;
+        }
+        std::thread::sleep(POLL);
+    }
+}
 
 /// The `exit_code` of the last shutdown report line in `log` (`smartbeak_shutdown::report`
 /// logs `shutdown complete ... exit_code=N` at info, failures at error).
@@ -88,15 +109,15 @@ fn by_id(procs: &[super::Proc], prefix: &str, id_prefix: &str, id: &str) -> Opti
     })
 }
 
-/// Scenario 8, the export worker part: `EXPORTS` exports queued with 300 ms of latency on
+/// Scenario 8, the export worker part: `EXPORTS` exports queued with 150 ms of latency on
 /// the database proxy (so they run for seconds), the worker running the most of them
-/// SIGTERMed. It releases them at once (`SHUTDOWN_DRAIN_TIMEOUT_MS` 1000: a drain that is
-/// all release margin; attempt `released`, the job `queued` again) and exits with its
-/// shutdown report's code, 0; the latency is removed 100 ms after the signal. Passes when
-/// it exits 0 (its report's code) within
-/// 10 s, released at least one export, and every export succeeded exactly once (one
-/// `succeeded` attempt, one file, `rows_written` = `record_count`), those it released by
-/// the other worker.
+/// SIGTERMed with the latency kept. It releases them at once (`SHUTDOWN_DRAIN_TIMEOUT_MS`
+/// 2500: a drain that is all release window; attempt `released`, the job `queued` again)
+/// and exits with its shutdown report's code, 0. Passes when it exits 0 (its report's
+/// code) within 10 s, released at least one export, and every export succeeded exactly
+/// once: one `succeeded` attempt, one file, the one its `storage_path` names,
+/// `rows_written` = `record_count`, `attempts` = its attempts not released (a released
+/// attempt is given back), those it released by the other worker.
 pub(super) fn worker_sigterm(system: &mut System, r: &mut ScenarioResult) -> Result<()> {
     let part = Instant::now();
     super::ingest_keywords(system.apis[0].port, &system.key, &system.domain)?;
@@ -130,6 +151,7 @@ pub(super) fn worker_sigterm(system: &mut System, r: &mut ScenarioResult) -> Res
         .join(",");
     // The worker running the most of them: once it runs two (or, after 5 s, one).
     let mut owner = String::new();
+    let mut running_then = 0;
     let mut busiest = |at_least: u32| {
         let row = read(
             system,
@@ -142,32 +164,32 @@ pub(super) fn worker_sigterm(system: &mut System, r: &mut ScenarioResult) -> Res
         .unwrap_or_default();
         let (who, n) = row.split_once(' ').unwrap_or(("", "0"));
         owner = who.to_owned();
-        n.parse::<u32>().is_ok_and(|n| n >= at_least)
+        running_then = n.parse::<u32>().unwrap_or(0);
+        running_then >= at_least
     };
-    let running = time_until(Duration::from_secs(5), || busiest(2))
-        .or_else(|| time_until(Duration::from_secs(15), || busiest(1)));
+    let running = poll_until(Duration::from_secs(5), || busiest(2))
+        .or_else(|| poll_until(Duration::from_secs(15), || busiest(1)));
     let victim = by_id(&system.workers, "export-worker-", "chaos-worker-", &owner);
     let (Some(_), Some(victim)) = (running, victim) else {
         system.pg_proxy.set_fault(Fault::Pass);
         bail!("no export of the {EXPORTS} was seen running under a known worker ({owner:?})");
     };
-    let running_then = read(
-        system,
-        &format!(
-            "SELECT count(*) FROM domain_exports WHERE id IN ({list}) AND status = 'running' \
-             AND lease_owner = '{owner}'"
-        ),
-    )?;
-    smartbeak_test_support::signal(system.workers[victim].child.id(), "TERM")?;
+    // From the signal on, an error is recorded and the worker restarted whatever happens.
     let signalled = Instant::now();
-    std::thread::sleep(Duration::from_millis(100));
+    let sent = smartbeak_test_support::signal(system.workers[victim].child.id(), "TERM");
+    let exited = match sent {
+        Ok(()) => time_until(Duration::from_secs(10), || {
+            matches!(system.workers[victim].child.try_wait(), Ok(Some(_)))
+        }),
+        Err(e) => {
+            r.fail(format!("SIGTERM to {owner}: {e:#}"));
+            None
+        }
+    };
+    let exit_took = exited;
     system.pg_proxy.set_fault(Fault::Pass);
-    let exited = time_until(Duration::from_secs(10), || {
-        matches!(system.workers[victim].child.try_wait(), Ok(Some(_)))
-    });
-    system.pg_proxy.set_fault(Fault::Pass);
-    let status = system.workers[victim].child.try_wait()?;
-    let done = time_until(Duration::from_secs(30), || {
+    let status = system.workers[victim].child.try_wait().ok().flatten();
+    let done = poll_until(Duration::from_secs(30), || {
         read(
             system,
             &format!(
@@ -189,64 +211,25 @@ pub(super) fn worker_sigterm(system: &mut System, r: &mut ScenarioResult) -> Res
     let mut released = 0;
     let mut succeeded_by_other = 0;
     for id in &ids {
-        let row = read(
+        if let Err(e) = check_export(
             system,
-            &format!(
-                "SELECT status || ' ' || rows_written || ' ' || coalesce(record_count::text, '-') \
-                 || ' ' || coalesce(storage_path, '-') FROM domain_exports WHERE id = '{id}'"
-            ),
-        )?;
-        let fields: Vec<&str> = row.split(' ').collect();
-        let attempts = read(
-            system,
-            &format!(
-                "SELECT coalesce(string_agg(worker || ':' || outcome, ',' ORDER BY attempt, id), '') \
-                 FROM domain_export_attempts WHERE export_id = '{id}'"
-            ),
-        )?;
-        let attempts: Vec<&str> = attempts.split(',').filter(|a| !a.is_empty()).collect();
-        let prefix = id.replace('-', "");
-        let files = std::fs::read_dir(system.work.join("exports"))?
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
-            .count();
-        let succeeded = attempts
-            .iter()
-            .filter(|a| a.ends_with(":succeeded"))
-            .count();
-        let was_released = attempts.contains(&format!("{owner}:released").as_str());
-        released += usize::from(was_released);
-        r.duplicated += succeeded.saturating_sub(1) + files.saturating_sub(1);
-        if fields.first() != Some(&"succeeded") || succeeded == 0 {
+            r,
+            id,
+            &owner,
+            &mut released,
+            &mut succeeded_by_other,
+        ) {
             r.lost += 1;
-            r.fail(format!(
-                "export {id} did not succeed within 30 s of the SIGTERM ({row}; attempts {attempts:?})"
-            ));
-            continue;
-        }
-        if files != 1 || fields.get(1) != fields.get(2) || fields.get(1) == Some(&"0") {
-            r.fail(format!(
-                "export {id}: {files} files, rows written {:?}, record count {:?}",
-                fields.get(1),
-                fields.get(2)
-            ));
-        }
-        if was_released {
-            if attempts.contains(&format!("{owner}:succeeded").as_str()) {
-                r.fail(format!(
-                    "export {id} was released by {owner} and still succeeded there ({attempts:?})"
-                ));
-            } else {
-                succeeded_by_other += 1;
-            }
+            r.fail(format!("export {id}: reading its outcome failed: {e:#}"));
         }
     }
     r.note(format!(
-        "worker: SIGTERM to {owner} running {running_then} of {EXPORTS} exports, exit {} \
-         (report {report:?}), \
-         released {released}, finished by the other worker {succeeded_by_other}, \
-         all done {:.2}s after the signal, part {:.1}s",
+        "worker: SIGTERM to {owner} running {running_then} of {EXPORTS} exports (150 ms latency \
+         kept), exit {} {} after the signal (report {report:?}), released {released}, \
+         finished by the other worker {succeeded_by_other}, all done {:.2}s after the \
+         signal, part {:.1}s",
         status.map_or_else(|| "none".to_owned(), |s| s.to_string()),
+        exit_took.map_or_else(|| "-".to_owned(), |d| format!("{:.2}s", d.as_secs_f64())),
         all_done.map_or(f64::NAN, |d| d.as_secs_f64()),
         part.elapsed().as_secs_f64()
     ));
@@ -255,6 +238,93 @@ pub(super) fn worker_sigterm(system: &mut System, r: &mut ScenarioResult) -> Res
         r.fail(format!(
             "{owner} released no export: the SIGTERM caught no running job, or it did not re-queue it"
         ));
+    }
+    Ok(())
+}
+
+/// Checks one export of the worker part (see [`worker_sigterm`]); `owner` is the
+/// SIGTERMed worker.
+fn check_export(
+    system: &System,
+    r: &mut ScenarioResult,
+    id: &str,
+    owner: &str,
+    released: &mut usize,
+    succeeded_by_other: &mut usize,
+) -> Result<()> {
+    let row = read(
+        system,
+        &format!(
+            "SELECT status || ' ' || rows_written || ' ' || coalesce(record_count::text, '-') \
+             || ' ' || coalesce(storage_path, '-') || ' ' || attempts \
+             FROM domain_exports WHERE id = '{id}'"
+        ),
+    )?;
+    let fields: Vec<&str> = row.split(' ').collect();
+    let attempts = read(
+        system,
+        &format!(
+            "SELECT coalesce(string_agg(worker || ':' || outcome, ',' ORDER BY attempt, id), '') \
+             FROM domain_export_attempts WHERE export_id = '{id}'"
+        ),
+    )?;
+    let attempts: Vec<&str> = attempts.split(',').filter(|a| !a.is_empty()).collect();
+    let prefix = id.replace('-', "");
+    let files: Vec<String> = std::fs::read_dir(system.work.join("exports"))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with(&prefix))
+        .collect();
+    let succeeded = attempts
+        .iter()
+        .filter(|a| a.ends_with(":succeeded"))
+        .count();
+    let was_released = attempts.contains(&format!("{owner}:released").as_str());
+    *released += usize::from(was_released);
+    r.duplicated += succeeded.saturating_sub(1) + files.len().saturating_sub(1);
+    if fields.first() != Some(&"succeeded") || succeeded == 0 {
+        r.lost += 1;
+        r.fail(format!(
+            "export {id} did not succeed within 30 s of the SIGTERM ({row}; attempts {attempts:?})"
+        ));
+        return Ok(());
+    }
+    if succeeded != 1 {
+        r.fail(format!(
+            "export {id}: {succeeded} attempts succeeded, not exactly one ({attempts:?})"
+        ));
+    }
+    if files.len() != 1 || fields.get(3) != files.first().map(String::as_str).as_ref() {
+        r.fail(format!(
+            "export {id}: files in EXPORT_DIR {files:?}, storage_path {:?}",
+            fields.get(3)
+        ));
+    }
+    if fields.get(1) != fields.get(2) || fields.get(1) == Some(&"0") {
+        r.fail(format!(
+            "export {id}: rows written {:?}, record count {:?}",
+            fields.get(1),
+            fields.get(2)
+        ));
+    }
+    let kept = attempts
+        .iter()
+        .filter(|a| !a.ends_with(":released"))
+        .count();
+    if fields.get(4) != Some(&kept.to_string().as_str()) {
+        r.fail(format!(
+            "export {id}: attempts {:?}, but {kept} attempts were not released ({attempts:?})",
+            fields.get(4)
+        ));
+    }
+    if was_released {
+        if attempts.contains(&format!("{owner}:succeeded").as_str()) {
+            r.fail(format!(
+                "export {id} was released by {owner} and still succeeded there ({attempts:?})"
+            ));
+        } else {
+            *succeeded_by_other += 1;
+        }
     }
     Ok(())
 }
@@ -271,29 +341,28 @@ fn running_run(system: &System) -> Option<(String, String)> {
     Some((id.to_owned(), runner.to_owned()))
 }
 
-/// Waits (at most 15 s) for a keyword-sync run over the [`RUN_DOMAINS`] sources to be in
-/// progress, with the provider slow; the run, its runner and that control-plane's index.
+/// Catches a keyword-sync run over the [`RUN_DOMAINS`] sources mid-way, whatever the CPU
+/// load: the providers hold every answer ([`Mode::Held`]) until [`CAUGHT`] requests are
+/// held (at most 15 s), then the run in progress is read. The run, its runner and that
+/// control-plane's index; the gate stays closed (the caller opens it after its signal).
 fn catch_a_run(system: &mut System) -> Result<(String, String, usize)> {
     system.keyword_sources(RUN_DOMAINS)?;
-    system.provider.set_all(Mode::Slow(SLOW_PROVIDER));
-    let mut run = None;
-    time_until(Duration::from_secs(15), || {
-        run = running_run(system);
-        run.is_some()
-    });
+    system.provider.set_all(Mode::Held);
+    let held = time_until(Duration::from_secs(15), || system.provider.held() >= CAUGHT);
+    let run = held.and_then(|_| running_run(system));
     let victim = run
         .as_ref()
         .and_then(|(_, runner)| by_id(&system.cps, "control-plane-", "chaos-cp-", runner));
     let (Some((id, runner)), Some(victim)) = (run, victim) else {
         // The next scenarios find the providers answering and no sources.
+        let held = system.provider.held();
         system.provider.set_all(Mode::Ok);
         system.keyword_sources(0)?;
         bail!(
-            "no keyword-sync run over the sources was seen running within 15 s by a control-plane of this system"
+            "no keyword-sync run over the sources was caught with {CAUGHT} requests held \
+             within 15 s by a control-plane of this system ({held} held)"
         );
     };
-    // Some items in flight, most not started yet.
-    std::thread::sleep(SLOW_PROVIDER);
     Ok((id, runner, victim))
 }
 
@@ -309,184 +378,250 @@ fn run_row(system: &System, id: &str) -> Result<Vec<String>> {
     Ok(row.split('|').map(str::to_owned).collect())
 }
 
-/// Scenario 8, the control-plane part: a keyword-sync run over [`RUN_DOMAINS`] sources with
-/// a slow provider, its control-plane SIGTERMed mid-run. Passes when it exits 0 (its
+/// The `sources synced-after` counts of `domain_keyword_sources`: all of them, and those
+/// synced after `at` (a server timestamp).
+fn synced_since(system: &System, at: &str) -> Result<(u64, u64)> {
+    let row = read(
+        system,
+        &format!(
+            "SELECT (SELECT count(*) FROM domain_keyword_sources) || ' ' || \
+             (SELECT count(*) FROM domain_keyword_sources WHERE last_synced_at > '{at}')"
+        ),
+    )?;
+    let mut n = row.split(' ').map(|n| n.parse::<u64>().unwrap_or(0));
+    Ok((n.next().unwrap_or(0), n.next().unwrap_or(0)))
+}
+
+/// Scenario 8, the control-plane part: a keyword-sync run over [`RUN_DOMAINS`] sources
+/// caught mid-run (the provider gate holding [`CAUGHT`] requests), its control-plane
+/// SIGTERMed, the gate opened [`GATE_OPENS_AFTER`] later. Passes when it exits 0 (its
 /// shutdown report's code: `run` exits 0 on a clean SIGTERM) within its
-/// `SHUTDOWN_TIMEOUT_MS` plus 2 s, and the run is recorded `interrupted` with items
-/// skipped (never started) and succeeded + failed + skipped = total. The control-plane is
-/// started again.
+/// `SHUTDOWN_TIMEOUT_MS` plus 2 s, the run is recorded `interrupted` with items skipped
+/// (never started) and succeeded + failed + skipped = total, and nothing is lost: within
+/// 20 s every source is synced after the signal (by the other control-plane's next run;
+/// lost: those that are not). The control-plane is started again, whatever failed.
 pub(super) fn cp_sigterm(system: &mut System, r: &mut ScenarioResult) -> Result<()> {
     let part = Instant::now();
     let (id, runner, victim) = catch_a_run(system)?;
-    smartbeak_test_support::signal(system.cps[victim].child.id(), "TERM")?;
-    let exited = time_until(CP_SHUTDOWN_TIMEOUT + Duration::from_secs(2), || {
-        matches!(system.cps[victim].child.try_wait(), Ok(Some(_)))
-    });
-    let status = system.cps[victim].child.try_wait()?;
+    let outcome = (|| -> Result<()> {
+        let signalled_at = read(system, "SELECT clock_timestamp()");
+        let sent = smartbeak_test_support::signal(system.cps[victim].child.id(), "TERM");
+        std::thread::sleep(GATE_OPENS_AFTER);
+        system.provider.set_all(Mode::Ok);
+        sent?;
+        let signalled_at = signalled_at?;
+        let exited = time_until(CP_SHUTDOWN_TIMEOUT + Duration::from_secs(2), || {
+            matches!(system.cps[victim].child.try_wait(), Ok(Some(_)))
+        });
+        let status = system.cps[victim].child.try_wait().ok().flatten();
+        let row = run_row(system, &id)?;
+        let mut counts = (0, 0);
+        let synced = poll_until(Duration::from_secs(20), || {
+            synced_since(system, &signalled_at).is_ok_and(|c| {
+                counts = c;
+                c.0 > 0 && c.0 == c.1
+            })
+        });
+        let (sources, synced_n) = counts;
+        if exited.is_none() {
+            let _ = system.cps[victim].child.kill();
+            let _ = system.cps[victim].child.wait();
+        }
+        let report = report_code(&system.cps[victim].log);
+        let n = |i: usize| row.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        r.requests += n(1) as usize;
+        r.lost += (sources - synced_n.min(sources)) as usize;
+        r.note(format!(
+            "control-plane: SIGTERM to {runner} with {CAUGHT} requests held, exit {} (report \
+             {report:?}) after {:.2}s, run {}: {} of {} items succeeded, {} failed, {} skipped; \
+             sources synced after the signal {synced_n} of {sources} ({}), part {:.1}s",
+            status.map_or_else(|| "none".to_owned(), |s| s.to_string()),
+            exited.map_or(f64::NAN, |d| d.as_secs_f64()),
+            row.first().map_or("?", String::as_str),
+            n(2),
+            n(1),
+            n(3),
+            n(4),
+            synced.map_or_else(
+                || "not all within 20 s".to_owned(),
+                |d| format!("all {:.2}s after the exit check", d.as_secs_f64())
+            ),
+            part.elapsed().as_secs_f64()
+        ));
+        judge_exit(r, &runner, exited, status, report);
+        if row.first().map(String::as_str) != Some("interrupted") {
+            r.fail(format!(
+                "the SIGTERMed run is recorded {:?}, not interrupted ({})",
+                row.first(),
+                row.join(" ")
+            ));
+        }
+        if n(2) + n(3) + n(4) != n(1) || n(4) == 0 {
+            r.fail(format!(
+                "the interrupted run's counts do not add up or skip nothing: total {}, \
+                 succeeded {}, failed {}, skipped {}",
+                n(1),
+                n(2),
+                n(3),
+                n(4)
+            ));
+        }
+        if synced.is_none() {
+            r.fail(format!(
+                "{} of {sources} sources were not synced within 20 s of the SIGTERM",
+                sources - synced_n.min(sources)
+            ));
+        }
+        Ok(())
+    })();
+    if let Err(e) = outcome {
+        r.fail(format!("control-plane SIGTERM part: {e:#}"));
+    }
+    // Whatever happened: the gate open, no sources, the control-plane running again.
     system.provider.set_all(Mode::Ok);
-    let row = run_row(system, &id)?;
-    system.keyword_sources(0)?;
-    if exited.is_none() {
+    if matches!(system.cps[victim].child.try_wait(), Ok(None)) {
         let _ = system.cps[victim].child.kill();
         let _ = system.cps[victim].child.wait();
     }
-    let report = report_code(&system.cps[victim].log);
+    let cleared = system.keyword_sources(0);
     system.restart_cp(victim)?;
-    let n = |i: usize| row.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    r.requests += n(1) as usize;
-    r.note(format!(
-        "control-plane: SIGTERM to {runner} mid-run, exit {} (report {report:?}) after {:.2}s, \
-         run {}: {} of {} items \
-         succeeded, {} failed, {} skipped, part {:.1}s",
-        status.map_or_else(|| "none".to_owned(), |s| s.to_string()),
-        exited.map_or(f64::NAN, |d| d.as_secs_f64()),
-        row.first().map_or("?", String::as_str),
-        n(2),
-        n(1),
-        n(3),
-        n(4),
-        part.elapsed().as_secs_f64()
-    ));
-    judge_exit(r, &runner, exited, status, report);
-    if row.first().map(String::as_str) != Some("interrupted") {
-        r.fail(format!(
-            "the SIGTERMed run is recorded {:?}, not interrupted ({})",
-            row.first(),
-            row.join(" ")
-        ));
-    }
-    if n(2) + n(3) + n(4) != n(1) || n(4) == 0 {
-        r.fail(format!(
-            "the interrupted run's counts do not add up or skip nothing: total {}, succeeded {}, \
-             failed {}, skipped {}",
-            n(1),
-            n(2),
-            n(3),
-            n(4)
-        ));
-    }
-    Ok(())
+    cleared
 }
 
 /// Scenario 9, the control-plane part: a keyword-sync run over [`RUN_DOMAINS`] sources
-/// with a slow provider, its control-plane SIGKILLed mid-run (its session ends, and with
+/// caught mid-run (the provider gate holding [`CAUGHT`] requests, opened right after the
+/// kill), its control-plane SIGKILLed (its session ends, and with
 /// it the advisory lock; its run row stays `running` with a heartbeat that ages). Passes
 /// when, within `CP_STALE_AFTER_MS` (3 s) plus 20 s, the other control-plane marks the
 /// dead run `abandoned` (its `control_plane_runs_abandoned_total` counts it) and a run of
 /// its own started after the kill succeeds over every source; every source is synced after
-/// the kill (lost: those that are not) and holds its two keyword rows once (duplicated:
-/// rows beyond them). The killed control-plane is started again.
+/// the kill (lost: those that are not) and holds its two keyword rows (a count that
+/// cannot double: the natural-key unique index and the upsert make it structural, so it
+/// is checked, not counted as duplicated). The killed control-plane is started again,
+/// whatever failed.
 pub(super) fn cp_sigkill(system: &mut System, r: &mut ScenarioResult) -> Result<()> {
     let part = Instant::now();
     let (id, runner, victim) = catch_a_run(system)?;
-    let other = 1 - victim;
-    let other_runner = format!(
-        "chaos-cp-{}",
-        system.cps[other]
-            .name
-            .strip_prefix("control-plane-")
-            .unwrap_or("?")
-    );
-    let abandoned_before = super::metric(
-        system.cps[other].port,
-        "control_plane_runs_abandoned_total",
-        "keyword-sync",
-    )?;
-    let killed_at = read(system, "SELECT clock_timestamp()")?;
-    let killed = Instant::now();
-    smartbeak_test_support::signal(system.cps[victim].child.id(), "KILL")?;
-    let _ = system.cps[victim].child.wait();
-    // The provider answers at once from now on: the takeover's run is quick.
-    system.provider.set_all(Mode::Ok);
-    let mut taken_over = None;
-    let mut takeover_run = String::new();
-    let settled = time_until(CP_STALE_AFTER + Duration::from_secs(20), || {
-        let abandoned = read(
-            system,
-            &format!("SELECT status FROM batch_runs WHERE id = '{id}'"),
-        )
-        .is_ok_and(|s| s == "abandoned");
-        takeover_run = read(
+    let outcome = (|| -> Result<()> {
+        let other = 1 - victim;
+        let other_runner = format!(
+            "chaos-cp-{}",
+            system.cps[other]
+                .name
+                .strip_prefix("control-plane-")
+                .unwrap_or("?")
+        );
+        let abandoned_before = super::metric(
+            system.cps[other].port,
+            "control_plane_runs_abandoned_total",
+            "keyword-sync",
+        )?;
+        let killed_at = read(system, "SELECT clock_timestamp()")?;
+        let killed = Instant::now();
+        let sent = smartbeak_test_support::signal(system.cps[victim].child.id(), "KILL");
+        // The provider answers at once from now on: the takeover's run is quick.
+        system.provider.set_all(Mode::Ok);
+        sent?;
+        let _ = system.cps[victim].child.wait();
+        let mut taken_over = None;
+        let mut takeover_run = String::new();
+        let settled = poll_until(CP_STALE_AFTER + Duration::from_secs(20), || {
+            let abandoned = read(
+                system,
+                &format!("SELECT status FROM batch_runs WHERE id = '{id}'"),
+            )
+            .is_ok_and(|s| s == "abandoned");
+            takeover_run = read(
+                system,
+                &format!(
+                    "SELECT coalesce((SELECT id || ' ' || status FROM batch_runs \
+                     WHERE operation = 'keyword-sync' AND runner = '{other_runner}' \
+                     AND started_at > '{killed_at}' AND items_total > 0 \
+                     ORDER BY started_at LIMIT 1), '')"
+                ),
+            )
+            .unwrap_or_default();
+            if abandoned && takeover_run.ends_with(" running") && taken_over.is_none() {
+                taken_over = Some(killed.elapsed());
+            }
+            abandoned && takeover_run.ends_with(" succeeded")
+        });
+        taken_over = taken_over.or(settled);
+        let row = run_row(system, &id)?;
+        let abandoned = super::metric(
+            system.cps[other].port,
+            "control_plane_runs_abandoned_total",
+            "keyword-sync",
+        )? - abandoned_before;
+        let counts = read(
             system,
             &format!(
-                "SELECT coalesce((SELECT id || ' ' || status FROM batch_runs \
-                 WHERE operation = 'keyword-sync' AND runner = '{other_runner}' \
-                 AND started_at > '{killed_at}' AND items_total > 0 \
-                 ORDER BY started_at LIMIT 1), '')"
+                "SELECT (SELECT count(*) FROM domain_keyword_sources) || ' ' || \
+                 (SELECT count(*) FROM domain_keyword_sources WHERE last_synced_at > '{killed_at}') || ' ' || \
+                 (SELECT count(*) FROM keyword_metrics m JOIN domain_keyword_sources s \
+                  ON s.domain_id = m.domain_id AND s.adapter = m.source)"
             ),
-        )
-        .unwrap_or_default();
-        if abandoned && takeover_run.ends_with(" running") && taken_over.is_none() {
-            taken_over = Some(killed.elapsed());
+        )?;
+        let counts: Vec<u64> = counts.split(' ').map(|n| n.parse().unwrap_or(0)).collect();
+        let (sources, synced, rows) = (
+            counts.first().copied().unwrap_or(0),
+            counts.get(1).copied().unwrap_or(0),
+            counts.get(2).copied().unwrap_or(0),
+        );
+        r.requests += sources as usize;
+        r.lost += (sources - synced.min(sources)) as usize;
+        r.recovery = r.recovery.max(taken_over);
+        r.note(format!(
+            "control-plane: SIGKILL to {runner} mid-run; its run {}; taken over by {other_runner} \
+             after {:.2}s (run {takeover_run}); abandoned runs counted by {other_runner}: {abandoned}; \
+             sources synced after the kill {synced} of {sources}, keyword rows {rows}, part {:.1}s",
+            row.first().map_or("?", String::as_str),
+            taken_over.map_or(f64::NAN, |d| d.as_secs_f64()),
+            part.elapsed().as_secs_f64()
+        ));
+        if row.first().map(String::as_str) != Some("abandoned") {
+            r.fail(format!(
+                "the killed control-plane's run is {:?}, not abandoned",
+                row.first()
+            ));
         }
-        abandoned && takeover_run.ends_with(" succeeded")
-    });
-    taken_over = taken_over.or(settled);
-    let row = run_row(system, &id)?;
-    let abandoned = super::metric(
-        system.cps[other].port,
-        "control_plane_runs_abandoned_total",
-        "keyword-sync",
-    )? - abandoned_before;
-    let counts = read(
-        system,
-        &format!(
-            "SELECT (SELECT count(*) FROM domain_keyword_sources) || ' ' || \
-             (SELECT count(*) FROM domain_keyword_sources WHERE last_synced_at > '{killed_at}') || ' ' || \
-             (SELECT count(*) FROM keyword_metrics m JOIN domain_keyword_sources s \
-              ON s.domain_id = m.domain_id AND s.adapter = m.source)"
-        ),
-    )?;
-    let counts: Vec<u64> = counts.split(' ').map(|n| n.parse().unwrap_or(0)).collect();
-    let (sources, synced, rows) = (
-        counts.first().copied().unwrap_or(0),
-        counts.get(1).copied().unwrap_or(0),
-        counts.get(2).copied().unwrap_or(0),
-    );
-    system.keyword_sources(0)?;
+        if settled.is_none() {
+            r.fail(format!(
+                "{other_runner} did not take the operation over and succeed within {:?} of the kill \
+                 ({takeover_run:?})",
+                CP_STALE_AFTER + Duration::from_secs(20)
+            ));
+        }
+        if abandoned < 1.0 {
+            r.fail(format!(
+                "{other_runner}'s control_plane_runs_abandoned_total did not count the dead run"
+            ));
+        }
+        if synced != sources {
+            r.fail(format!(
+                "{} of {sources} sources were not synced after the kill",
+                sources - synced.min(sources)
+            ));
+        }
+        if rows != 2 * sources {
+            r.fail(format!(
+                "{rows} keyword rows for {sources} sources of 2 rows each"
+            ));
+        }
+        Ok(())
+    })();
+    if let Err(e) = outcome {
+        r.fail(format!("control-plane SIGKILL part: {e:#}"));
+    }
+    // Whatever happened: the gate open, no sources, the control-plane running again.
+    system.provider.set_all(Mode::Ok);
+    if matches!(system.cps[victim].child.try_wait(), Ok(None)) {
+        let _ = system.cps[victim].child.kill();
+        let _ = system.cps[victim].child.wait();
+    }
+    let cleared = system.keyword_sources(0);
     system.restart_cp(victim)?;
-    r.requests += sources as usize;
-    r.lost += (sources - synced.min(sources)) as usize;
-    r.duplicated += rows.saturating_sub(2 * sources) as usize;
-    r.recovery = r.recovery.max(taken_over);
-    r.note(format!(
-        "control-plane: SIGKILL to {runner} mid-run; its run {}; taken over by {other_runner} \
-         after {:.2}s (run {takeover_run}); abandoned runs counted by {other_runner}: {abandoned}; \
-         sources synced after the kill {synced} of {sources}, keyword rows {rows}, part {:.1}s",
-        row.first().map_or("?", String::as_str),
-        taken_over.map_or(f64::NAN, |d| d.as_secs_f64()),
-        part.elapsed().as_secs_f64()
-    ));
-    if row.first().map(String::as_str) != Some("abandoned") {
-        r.fail(format!(
-            "the killed control-plane's run is {:?}, not abandoned",
-            row.first()
-        ));
-    }
-    if settled.is_none() {
-        r.fail(format!(
-            "{other_runner} did not take the operation over and succeed within {:?} of the kill \
-             ({takeover_run:?})",
-            CP_STALE_AFTER + Duration::from_secs(20)
-        ));
-    }
-    if abandoned < 1.0 {
-        r.fail(format!(
-            "{other_runner}'s control_plane_runs_abandoned_total did not count the dead run"
-        ));
-    }
-    if synced != sources {
-        r.fail(format!(
-            "{} of {sources} sources were not synced after the kill",
-            sources - synced.min(sources)
-        ));
-    }
-    if rows != 2 * sources {
-        r.fail(format!(
-            "{rows} keyword rows for {sources} sources of 2 rows each"
-        ));
-    }
-    Ok(())
+    cleared
 }
 
 /// Samples of a provider's breaker state on one control-plane (0 closed, 1 open, 2

@@ -1,8 +1,8 @@
 //! The keyword providers of the chaos system: one local HTTP/1.1 server standing in for
 //! both (`/gsc/...` and `/ahrefs/...`), speaking the keyword-sync API
 //! (`GET {base}/v1/keywords?site=` answering `{"keywords": [...]}`), each provider with a
-//! [`Mode`] switchable while the control-planes talk to it: ok, slow, failing (503),
-//! stalling mid-body. A real server on a real socket (thread per connection, keep-alive),
+//! [`Mode`] switchable while the control-planes talk to it: ok, held (a gate), failing
+//! (503), stalling mid-body. A real server on a real socket (thread per connection, keep-alive),
 //! so the control-plane's HTTP client, retries, timeouts and breakers run as in production.
 
 use std::io::{BufRead, BufReader, Write};
@@ -44,13 +44,15 @@ impl Adapter {
 pub(crate) enum Mode {
     /// 200 with two keyword rows for the site, at once.
     Ok,
-    /// 200 like [`Mode::Ok`], after this long (a run that lasts).
-    Slow(Duration),
     /// 503 with a small body.
     Failing,
     /// The 200 head and half the body, then nothing (the connection kept open) until the
     /// mode changes or the server stops: a provider that stalls mid-body.
     StallBody,
+    /// A gate: each request is held, unanswered, until the mode changes (then answered as
+    /// the new mode says), so the harness catches a run mid-way whatever the CPU load:
+    /// it waits until [`Provider::held`] shows the requests in flight, acts, then opens.
+    Held,
 }
 
 /// What one provider answered so far.
@@ -59,6 +61,8 @@ struct Counts {
     ok: AtomicU64,
     failed: AtomicU64,
     stalled: AtomicU64,
+    /// Requests held by [`Mode::Held`] right now.
+    held: AtomicU64,
 }
 
 /// Requests a provider got, by what it answered.
@@ -141,6 +145,15 @@ impl Provider {
         }
     }
 
+    /// The requests both providers hold right now ([`Mode::Held`]).
+    pub(crate) fn held(&self) -> u64 {
+        self.shared
+            .counts
+            .iter()
+            .map(|c| c.held.load(Ordering::SeqCst))
+            .sum()
+    }
+
     /// What `adapter` answered so far.
     pub(crate) fn served(&self, adapter: Adapter) -> Served {
         let c = &self.shared.counts[adapter.index()];
@@ -215,13 +228,22 @@ fn serve(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
             .split_once("site=")
             .map_or("", |(_, s)| s.split('&').next().unwrap_or(""));
         let counts = &shared.counts[adapter.index()];
-        match shared.mode(adapter) {
-            Mode::Ok => {
-                counts.ok.fetch_add(1, Ordering::SeqCst);
-                respond(&mut writer, "200 OK", &keywords(site))?;
+        let mut mode = shared.mode(adapter);
+        if mode == Mode::Held {
+            counts.held.fetch_add(1, Ordering::SeqCst);
+            let since = Instant::now();
+            while mode == Mode::Held
+                && !shared.stop.load(Ordering::SeqCst)
+                && since.elapsed() < Duration::from_secs(60)
+            {
+                thread::sleep(Duration::from_millis(5));
+                mode = shared.mode(adapter);
             }
-            Mode::Slow(delay) => {
-                thread::sleep(delay);
+            counts.held.fetch_sub(1, Ordering::SeqCst);
+        }
+        match mode {
+            // Still held after 60 s or at the stop: answered as ok.
+            Mode::Ok | Mode::Held => {
                 counts.ok.fetch_add(1, Ordering::SeqCst);
                 respond(&mut writer, "200 OK", &keywords(site))?;
             }
@@ -358,5 +380,28 @@ mod tests {
             }
         );
         assert_eq!(provider.served(Adapter::Ahrefs).total(), 1);
+    }
+
+    #[test]
+    fn a_held_request_is_answered_once_the_gate_opens() {
+        let provider = Provider::start().unwrap();
+        let port = provider.port;
+        provider.set_all(Mode::Held);
+        let request = thread::spawn(move || get(port, "/ahrefs/v1/keywords?site=h.example"));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while provider.held() < 1 {
+            assert!(Instant::now() < deadline, "the request was never held");
+            thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(
+            provider.served(Adapter::Ahrefs).total(),
+            0,
+            "held, not answered"
+        );
+        provider.set_all(Mode::Ok);
+        let answer = request.join().unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+        assert_eq!(provider.held(), 0);
+        assert_eq!(provider.served(Adapter::Ahrefs).ok, 1);
     }
 }
