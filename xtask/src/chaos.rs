@@ -596,7 +596,8 @@ fn start_api(
         .env("RATE_LIMIT_REPLICAS", "2")
         .env("RATE_LIMIT_KEY_PREFIX", "chaos")
         .env("SHUTDOWN_TIMEOUT_MS", "5000")
-        .env("RUST_LOG", "warn")
+        // The shutdown report's line (its exit code) at info.
+        .env("RUST_LOG", "warn,smartbeak_shutdown=info")
         .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(file.try_clone()?)

@@ -58,7 +58,7 @@ fn poll_until(bound: Duration, mut cond: impl FnMut() -> bool) -> Option<Duratio
 
 /// The `exit_code` of the last shutdown report line in `log` (`smartbeak_shutdown::report`
 /// logs `shutdown complete ... exit_code=N` at info, failures at error).
-fn report_code(log: &Path) -> Option<i32> {
+pub(super) fn report_code(log: &Path) -> Option<i32> {
     let text = std::fs::read_to_string(log).ok()?;
     let line = text
         .lines()
@@ -73,7 +73,7 @@ fn report_code(log: &Path) -> Option<i32> {
 
 /// Fails `r` unless `name` exited within its bound, with code 0, and that is the code its
 /// shutdown report logged (`report`).
-fn judge_exit(
+pub(super) fn judge_exit(
     r: &mut ScenarioResult,
     name: &str,
     exited: Option<Duration>,
@@ -676,21 +676,57 @@ pub(super) fn provider_outage(
     stall: Duration,
 ) -> Result<()> {
     const DOMAINS: usize = 5;
-    smartbeak_test_support::signal(system.cps[1].child.id(), "TERM")?;
-    if time_until(CP_SHUTDOWN_TIMEOUT + Duration::from_secs(2), || {
-        matches!(system.cps[1].child.try_wait(), Ok(Some(_)))
-    })
-    .is_none()
-    {
-        bail!("control-plane 1 did not stop within its shutdown timeout");
+    let stopped = smartbeak_test_support::signal(system.cps[1].child.id(), "TERM").map(|()| {
+        time_until(CP_SHUTDOWN_TIMEOUT + Duration::from_secs(2), || {
+            matches!(system.cps[1].child.try_wait(), Ok(Some(_)))
+        })
+    });
+    let result = match stopped {
+        Ok(Some(_)) => {
+            system.provider.set_all(Mode::Ok);
+            system
+                .keyword_sources(DOMAINS)
+                .and_then(|()| outage(system, r, DOMAINS, fail, stall))
+        }
+        Ok(None) => Err(anyhow::anyhow!(
+            "control-plane 1 did not stop within its shutdown timeout"
+        )),
+        Err(e) => Err(anyhow::Error::from(e)),
+    };
+    // Whatever happened: the provider answering, no sources, control-plane 1 running.
+    if let Err(e) = result {
+        r.fail(format!("provider outage part: {e:#}"));
+    }
+    if matches!(system.cps[1].child.try_wait(), Ok(None)) {
+        let _ = system.cps[1].child.kill();
+        let _ = system.cps[1].child.wait();
     }
     system.provider.set_all(Mode::Ok);
-    system.keyword_sources(DOMAINS)?;
-    let result = outage(system, r, DOMAINS, fail, stall);
-    system.provider.set_all(Mode::Ok);
-    system.keyword_sources(0)?;
+    let cleared = system.keyword_sources(0);
     system.restart_cp(1)?;
-    result
+    cleared
+}
+
+/// `circuit_breaker_transitions_total` of `adapter` on the control-plane at `port`, to
+/// `to` (`open`, `half_open`, `closed`) or, with `None`, to any state. A series not there
+/// yet reads 0 (no transition).
+fn transitions(port: u16, adapter: Adapter, to: Option<&str>) -> Result<f64> {
+    let metrics = super::raw_request(
+        port,
+        "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+    )?;
+    let adapter = format!("adapter=\"{}\"", adapter.as_str());
+    let to = to.map(|to| format!("to=\"{to}\""));
+    Ok(metrics
+        .lines()
+        .filter(|l| {
+            l.strip_prefix("circuit_breaker_transitions_total")
+                .is_some_and(|rest| rest.starts_with('{'))
+                && l.contains(&adapter)
+                && to.as_ref().is_none_or(|to| l.contains(to.as_str()))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
 }
 
 fn outage(
@@ -727,6 +763,9 @@ fn outage(
     if before != [0.0, 0.0] {
         bail!("the breakers are not closed before the fault: {before:?}");
     }
+    let ahrefs_before = transitions(port, Adapter::Ahrefs, None)?;
+    let gsc_open_before = transitions(port, Adapter::Gsc, Some("open"))?;
+    let gsc_closed_before = transitions(port, Adapter::Gsc, Some("closed"))?;
     let served_before = [
         system.provider.served(Adapter::Gsc),
         system.provider.served(Adapter::Ahrefs),
@@ -780,6 +819,16 @@ fn outage(
     }
     let recovered = succeeded_run_since(system, &ok_ts).then(|| start.elapsed() - restored);
     let after = breaker_states(port)?;
+    let ahrefs_moved = transitions(port, Adapter::Ahrefs, None)? - ahrefs_before;
+    let gsc_opened = transitions(port, Adapter::Gsc, Some("open"))? - gsc_open_before;
+    let gsc_closed = transitions(port, Adapter::Gsc, Some("closed"))? - gsc_closed_before;
+    let longest_run = read(
+        system,
+        &format!(
+            "SELECT coalesce(round(max(extract(epoch FROM finished_at - started_at))::numeric, 2)::text, '-') \
+             FROM batch_runs WHERE operation = 'keyword-sync' AND started_at > '{fault_ts}'"
+        ),
+    )?;
     let served = [
         system.provider.served(Adapter::Gsc).since(served_before[0]),
         system
@@ -791,8 +840,11 @@ fn outage(
         system,
         &format!(
             "SELECT coalesce(string_agg(k || '=' || n, ','), '') FROM (SELECT \
-             split_part(i.item_id, '/', 2) || CASE WHEN i.error LIKE '%circuit breaker for gsc is open%' \
-             THEN ' fast' ELSE '' END AS k, count(*) AS n FROM batch_run_items i \
+             split_part(i.item_id, '/', 2) || CASE \
+             WHEN i.error LIKE '%circuit breaker for gsc is open%' THEN ' fast' \
+             WHEN i.error LIKE '%timed out (attempt timeout%' THEN ' attempt-timeout' \
+             WHEN i.error LIKE '%timed out (total deadline%' THEN ' deadline' \
+             ELSE '' END AS k, count(*) AS n FROM batch_run_items i \
              JOIN batch_runs b ON b.id = i.run_id WHERE b.operation = 'keyword-sync' \
              AND b.started_at > '{fault_ts}' GROUP BY 1) t"
         ),
@@ -815,9 +867,11 @@ fn outage(
     r.recovery = recovered;
     let opened = watch.first_open(Adapter::Gsc, Duration::ZERO);
     r.note(format!(
-        "{runs} runs; gsc served {} ok, {} 503, {} stalled; ahrefs served {} ok; gsc breaker \
-         open {:.2}s after the fault, closed {:.2}s after the restore (breaker open time {} ms); \
-         ahrefs breaker at most {}; ahrefs sources synced during the outage {ahrefs_synced} of {domains}",
+        "{runs} runs (longest {longest_run}s); gsc served {} ok, {} 503, {} stalled; ahrefs \
+         served {} ok; gsc breaker open {:.2}s after the fault, closed {:.2}s after the restore \
+         (breaker open time {} ms; transitions to open {gsc_opened}, to closed {gsc_closed}); \
+         ahrefs breaker transitions {ahrefs_moved}; ahrefs sources synced during the outage \
+         {ahrefs_synced} of {domains}",
         served[0].ok,
         served[0].failed,
         served[0].stalled,
@@ -825,7 +879,6 @@ fn outage(
         opened.map_or(f64::NAN, |d| d.as_secs_f64()),
         closed_at.map_or(f64::NAN, |d| d.as_secs_f64()),
         CP_BREAKER_OPEN.as_millis(),
-        watch.max(Adapter::Ahrefs, Duration::ZERO, Duration::MAX)
     ));
     if opened.is_none() || watch.max(Adapter::Gsc, Duration::ZERO, restored) < 1.0 {
         r.fail("the gsc breaker was never seen open during the outage");
@@ -833,8 +886,23 @@ fn outage(
     if failures.get("gsc fast").copied().unwrap_or(0) == 0 {
         r.fail("no gsc item failed fast on the open breaker (batch_run_items)");
     }
-    if watch.max(Adapter::Ahrefs, Duration::ZERO, Duration::MAX) != 0.0 || after[1] != 0.0 {
-        r.fail("the ahrefs breaker left closed during the gsc outage");
+    if ahrefs_moved != 0.0 || after[1] != 0.0 {
+        r.fail(format!(
+            "the ahrefs breaker left closed during the gsc outage ({ahrefs_moved} transitions)"
+        ));
+    }
+    if gsc_opened < 1.0 || gsc_closed < 1.0 {
+        r.fail(format!(
+            "the gsc breaker's transitions: {gsc_opened} to open, {gsc_closed} to closed (each must be at least 1)"
+        ));
+    }
+    if served[0].stalled == 0 {
+        r.fail("the gsc provider stalled no body: the stall phase did not reach the control-plane");
+    }
+    let timed_out = failures.get("gsc attempt-timeout").copied().unwrap_or(0)
+        + failures.get("gsc deadline").copied().unwrap_or(0);
+    if timed_out == 0 {
+        r.fail("no gsc item failed on a timeout (a stalled body) during the outage");
     }
     let ahrefs_failed: u64 = failures
         .iter()
@@ -900,10 +968,20 @@ pub(super) fn registry_memory(system: &System, r: &mut ScenarioResult) -> Result
     let pid = child.id();
     let mut peak = 0;
     let mut samples = 0;
+    // The first and last resident sets sampled after the exec: the growth seen from outside.
+    let mut first = None;
+    let mut last = 0;
     let started = Instant::now();
     let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) => {}
+            Err(e) => {
+                // Not left running: `Child` does not kill on drop.
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e).context("waiting for registry_memory");
+            }
         }
         if started.elapsed() > Duration::from_secs(120) {
             let _ = child.kill();
@@ -914,6 +992,8 @@ pub(super) fn registry_memory(system: &System, r: &mut ScenarioResult) -> Result
             && let Ok(kib) = super::scenarios::rss_kib(pid)
         {
             peak = peak.max(kib);
+            first.get_or_insert(kib);
+            last = kib;
             samples += 1;
         }
         std::thread::sleep(Duration::from_millis(5));
@@ -926,17 +1006,30 @@ pub(super) fn registry_memory(system: &System, r: &mut ScenarioResult) -> Result
     };
     let growth = field("growth_bytes");
     let entries = field("entries");
+    let outside_growth_kib = first.map(|f| last.saturating_sub(f));
     r.note(format!(
         "registry: 1,000,000 unknown names in {:.2}s, {} registry entries, RSS growth {} (its own \
-         statm), peak {:.2} MiB sampled from outside ({samples} samples)",
+         statm), {} sampled from outside (last sample less first), peak {:.2} MiB sampled from \
+         outside ({samples} samples)",
         started.elapsed().as_secs_f64(),
         entries.map_or_else(|| "?".to_owned(), |e| e.to_string()),
         growth.map_or_else(
             || "?".to_owned(),
             |g| format!("{:.3} MiB", g as f64 / 1048576.0)
         ),
+        outside_growth_kib.map_or_else(
+            || "?".to_owned(),
+            |g| format!("{:.3} MiB", g as f64 / 1024.0)
+        ),
         peak as f64 / 1024.0
     ));
+    match outside_growth_kib {
+        Some(g) if g < GROWTH_BYTES >> 10 => {}
+        other => r.fail(format!(
+            "registry_memory's resident set grew {other:?} KiB from its first sample to its last \
+             (from outside), not under 5 MiB"
+        )),
+    }
     if !status.success() {
         r.fail(format!(
             "registry_memory exited {status} (growth at or over 5 MB)"
