@@ -43,7 +43,7 @@ const WORKER_LATENCY_MS: u64 = 150;
 const POLL: Duration = Duration::from_millis(150);
 
 /// Like [`time_until`], polling every [`POLL`] (for conditions that start a `psql`).
-fn poll_until(bound: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration> {
+pub(super) fn poll_until(bound: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration> {
     let start = Instant::now();
     loop {
         if cond() {

@@ -843,7 +843,10 @@ fn export_worker_sigkill(system: &mut System) -> Result<ScenarioResult> {
     let read = |sql: &str| psql_read(&db, sql).map(|s| s.trim().to_owned());
     super::ingest_keywords(system.apis[0].port, &system.key, &system.domain)?;
     // Queued at 100 ms, run at 300 ms: after scenario 8 the insert at 300 ms of latency
-    // could take past its 1.75 s statement bound (seen: 504 on `POST .../exports`).
+    // could take past its 1.75 s statement bound (seen: 504 on `POST .../exports`, from
+    // `apis[0]`, which scenario 8 does not restart: likely its idle pooled connections, a
+    // `before_acquire` ping plus cold prepares at a 600 ms round trip; an api behaviour
+    // noted in the README's row 9, not fixed here).
     system.pg_proxy.set_fault(Fault::Latency(100));
     let id = match super::create_export(system.apis[0].port, &system.key, &system.domain) {
         Ok(id) => id,
@@ -855,7 +858,7 @@ fn export_worker_sigkill(system: &mut System) -> Result<ScenarioResult> {
     system.pg_proxy.set_fault(Fault::Latency(300));
     r.requests = 1;
     let mut owner = String::new();
-    let claimed = time_until(Duration::from_secs(20), || {
+    let claimed = super::batch::poll_until(Duration::from_secs(20), || {
         owner = read(&format!(
             "SELECT coalesce(lease_owner, '') FROM domain_exports WHERE id = '{id}' AND status = 'running'"
         ))
@@ -880,10 +883,12 @@ fn export_worker_sigkill(system: &mut System) -> Result<ScenarioResult> {
     smartbeak_test_support::signal(system.workers[victim].child.id(), "KILL")?;
     let _ = system.workers[victim].child.wait();
     system.pg_proxy.set_fault(Fault::Pass);
+    // Not `?`: the killed worker is started again below whatever this read says.
     let status_now = read(&format!(
         "SELECT status FROM domain_exports WHERE id = '{id}'"
-    ))?;
-    let done = time_until(EXPORT_LEASE + Duration::from_secs(20), || {
+    ))
+    .unwrap_or_else(|e| format!("unread ({e:#})"));
+    let done = super::batch::poll_until(EXPORT_LEASE + Duration::from_secs(20), || {
         read(&format!(
             "SELECT status FROM domain_exports WHERE id = '{id}'"
         ))
