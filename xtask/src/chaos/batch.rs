@@ -953,7 +953,7 @@ fn outage(
 /// resident set is sampled here from `/proc/<pid>/status` every 5 ms (after its `exec`),
 /// besides its own before/after figures. Passes when it exits 0 (its own growth under
 /// 5 MB), its growth is under 5 MiB by its own figures and from outside (last sample less
-/// the first, which comes right after the exec: an upper bound, start-up included), and
+/// the first, which comes right after the exec and so may include start-up), and
 /// the peak sampled from outside is under 16 MiB (the unbounded map of one breaker per
 /// name the original kept takes hundreds).
 pub(super) fn registry_memory(system: &System, r: &mut ScenarioResult) -> Result<()> {
@@ -1020,8 +1020,8 @@ pub(super) fn registry_memory(system: &System, r: &mut ScenarioResult) -> Result
     let outside_growth_kib = first.map(|f| last.saturating_sub(f));
     r.note(format!(
         "registry: 1,000,000 unknown names in {:.2}s, {} registry entries, RSS growth {} (its own \
-         statm), {} sampled from outside (last sample less the first, taken right after the \
-         exec: an upper bound that includes start-up), peak {:.2} MiB sampled from \
+         statm), {} sampled from outside (last sample less the first; the first comes right after the exec, \
+         so it may include start-up), peak {:.2} MiB sampled from \
          outside ({samples} samples)",
         started.elapsed().as_secs_f64(),
         entries.map_or_else(|| "?".to_owned(), |e| e.to_string()),
