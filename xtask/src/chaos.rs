@@ -677,9 +677,9 @@ fn start_cp(bin: &Path, work: &Path, i: usize, db: &str, provider: &Provider) ->
         .env("CP_STALE_AFTER_MS", CP_STALE_AFTER.as_millis().to_string())
         .env("CP_CONCURRENCY", "4")
         .env("CP_GSC_BASE_URL", provider.base_url(Adapter::Gsc))
-        .env("CP_GSC_API_KEY", "chaos-gsc-key")
+        .env("CP_GSC_API_KEY", Adapter::Gsc.api_key())
         .env("CP_AHREFS_BASE_URL", provider.base_url(Adapter::Ahrefs))
-        .env("CP_AHREFS_API_KEY", "chaos-ahrefs-key")
+        .env("CP_AHREFS_API_KEY", Adapter::Ahrefs.api_key())
         .env("CP_PROVIDER_ATTEMPT_TIMEOUT_MS", "1000")
         .env("CP_PROVIDER_MAX_ATTEMPTS", "2")
         .env(

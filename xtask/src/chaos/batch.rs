@@ -900,6 +900,12 @@ fn outage(
             "the gsc breaker's transitions: {gsc_opened} to open, {gsc_closed} to closed (each must be at least 1)"
         ));
     }
+    if served[0].refused + served[1].refused > 0 {
+        r.fail(format!(
+            "the providers refused {} requests for a wrong or missing key",
+            served[0].refused + served[1].refused
+        ));
+    }
     if served[0].stalled == 0 {
         r.fail("the gsc provider stalled no body: the stall phase did not reach the control-plane");
     }

@@ -2,7 +2,7 @@
 //! both (`/gsc/...` and `/ahrefs/...`), speaking the keyword-sync API
 //! (`GET {base}/v1/keywords?site=` answering `{"keywords": [...]}`), each provider with a
 //! [`Mode`] switchable while the control-planes talk to it: ok, held (a gate), failing
-//! (503), stalling mid-body. A real server on a real socket (thread per connection, keep-alive),
+//! (503), stalling mid-body; a request without that provider's key gets 401. A real server on a real socket (thread per connection, keep-alive),
 //! so the control-plane's HTTP client, retries, timeouts and breakers run as in production.
 
 use std::io::{BufRead, BufReader, Write};
@@ -29,6 +29,12 @@ impl Adapter {
             Self::Gsc => "gsc",
             Self::Ahrefs => "ahrefs",
         }
+    }
+
+    /// The API key the control-planes are given for it (`CP_GSC_API_KEY`,
+    /// `CP_AHREFS_API_KEY`); a request without `Authorization: Bearer <it>` gets 401.
+    pub(crate) fn api_key(self) -> String {
+        format!("chaos-{}-key", self.as_str())
     }
 
     fn index(self) -> usize {
@@ -61,6 +67,7 @@ struct Counts {
     ok: AtomicU64,
     failed: AtomicU64,
     stalled: AtomicU64,
+    refused: AtomicU64,
     /// Requests held by [`Mode::Held`] right now.
     held: AtomicU64,
 }
@@ -71,11 +78,13 @@ pub(crate) struct Served {
     pub(crate) ok: u64,
     pub(crate) failed: u64,
     pub(crate) stalled: u64,
+    /// 401: the request did not carry this provider's key.
+    pub(crate) refused: u64,
 }
 
 impl Served {
     pub(crate) fn total(self) -> u64 {
-        self.ok + self.failed + self.stalled
+        self.ok + self.failed + self.stalled + self.refused
     }
 
     /// What was served since `before`.
@@ -84,6 +93,7 @@ impl Served {
             ok: self.ok - before.ok,
             failed: self.failed - before.failed,
             stalled: self.stalled - before.stalled,
+            refused: self.refused - before.refused,
         }
     }
 }
@@ -161,6 +171,7 @@ impl Provider {
             ok: c.ok.load(Ordering::SeqCst),
             failed: c.failed.load(Ordering::SeqCst),
             stalled: c.stalled.load(Ordering::SeqCst),
+            refused: c.refused.load(Ordering::SeqCst),
         }
     }
 }
@@ -209,11 +220,17 @@ fn serve(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
             }
             Err(e) => return Err(e),
         }
-        // The rest of the head (a GET has no body).
+        // The rest of the head (a GET has no body), keeping the credential.
+        let mut authorization = None;
         loop {
             let mut header = String::new();
             if reader.read_line(&mut header)? == 0 || header == "\r\n" || header == "\n" {
                 break;
+            }
+            if let Some((name, value)) = header.split_once(':')
+                && name.trim().eq_ignore_ascii_case("authorization")
+            {
+                authorization = Some(value.trim().to_owned());
             }
         }
         let target = line.split(' ').nth(1).unwrap_or("/");
@@ -228,6 +245,15 @@ fn serve(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
             .split_once("site=")
             .map_or("", |(_, s)| s.split('&').next().unwrap_or(""));
         let counts = &shared.counts[adapter.index()];
+        if authorization.as_deref() != Some(format!("Bearer {}", adapter.api_key()).as_str()) {
+            counts.refused.fetch_add(1, Ordering::SeqCst);
+            respond(
+                &mut writer,
+                "401 Unauthorized",
+                r#"{"error":"bad api key"}"#,
+            )?;
+            continue;
+        }
         let mut mode = shared.mode(adapter);
         if mode == Mode::Held {
             counts.held.fetch_add(1, Ordering::SeqCst);
@@ -312,13 +338,23 @@ mod tests {
     /// One request on a fresh connection; what came back before the server closed it or
     /// went quiet for 300 ms.
     fn get(port: u16, path: &str) -> String {
+        let key = Adapter::ALL
+            .into_iter()
+            .find(|a| path.starts_with(&format!("/{}/", a.as_str())))
+            .map(Adapter::api_key);
+        get_with(port, path, key.as_deref())
+    }
+
+    /// [`get`] with `Authorization: Bearer <key>` (none without a key).
+    fn get_with(port: u16, path: &str, key: Option<&str>) -> String {
         let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
         stream
             .set_read_timeout(Some(Duration::from_millis(300)))
             .unwrap();
+        let key = key.map_or_else(String::new, |k| format!("Authorization: Bearer {k}\r\n"));
         write!(
             stream,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            "GET {path} HTTP/1.1\r\nHost: x\r\n{key}Connection: close\r\n\r\n"
         )
         .unwrap();
         let mut got = Vec::new();
@@ -376,10 +412,19 @@ mod tests {
             Served {
                 ok: 1,
                 failed: 1,
-                stalled: 1
+                stalled: 1,
+                refused: 0
             }
         );
         assert_eq!(provider.served(Adapter::Ahrefs).total(), 1);
+
+        // Another provider's key, or none, is refused.
+        let ahrefs_key = Adapter::Ahrefs.api_key();
+        let wrong = get_with(port, "/gsc/v1/keywords?site=a", Some(&ahrefs_key));
+        assert!(wrong.starts_with("HTTP/1.1 401"), "{wrong}");
+        let none = get_with(port, "/gsc/v1/keywords?site=a", None);
+        assert!(none.starts_with("HTTP/1.1 401"), "{none}");
+        assert_eq!(provider.served(Adapter::Gsc).refused, 2);
     }
 
     #[test]
