@@ -935,6 +935,37 @@ async fn the_running_gauge_never_exceeds_export_concurrency_and_reaches_it() {
     db.drop().await;
 }
 
+/// A drain deadline that cannot hold a release (cancel grace plus the database client
+/// bound) is refused at start-up with exit 2, naming the variables.
+#[tokio::test]
+async fn a_drain_too_short_for_a_release_is_refused_at_start_up() {
+    let db = Db::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(export_bin().unwrap())
+        .arg("worker")
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("DATABASE_URL", &db.url)
+        .envs(base_env(dir.path()))
+        .env("DB_STATEMENT_TIMEOUT_MS", "1500")
+        .env("SHUTDOWN_DRAIN_TIMEOUT_MS", "1000")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(20), output)
+        .await
+        .unwrap()
+        .unwrap();
+    let status = output.status;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("SHUTDOWN_DRAIN_TIMEOUT_MS") && stderr.contains("2500 ms"),
+        "{stderr}"
+    );
+    db.drop().await;
+}
+
 #[tokio::test]
 async fn sigterm_completes_what_finishes_and_releases_the_rest_for_another_worker() {
     let db = Db::create().await;
@@ -942,7 +973,10 @@ async fn sigterm_completes_what_finishes_and_releases_the_rest_for_another_worke
     let (_, domains) = db.seed(2, 10).await;
     let env = [
         ("SHUTDOWN_TIMEOUT_MS", "8000"),
-        ("SHUTDOWN_DRAIN_TIMEOUT_MS", "3000"),
+        // The drain keeps 2.5 s (500 ms cancel grace, the 1,750 ms client bound, 250 ms)
+        // for the release; the 2.5 s before it are for finishing.
+        ("SHUTDOWN_DRAIN_TIMEOUT_MS", "5000"),
+        ("DB_STATEMENT_TIMEOUT_MS", "1500"),
         ("EXPORT_MAX_BYTES", "1000000000"),
     ];
     // Every export first counts its rows in one statement over its sections' tables (the

@@ -2,15 +2,18 @@
 //!
 //! Starts a throwaway PostgreSQL and Redis (the test-support guards, never the machine's
 //! shared servers), a fault proxy ([`TcpForwarder`]) in front of each, migrates and seeds a
-//! database, and starts two api replicas and two export workers as real processes pointed
-//! at the proxies. Each scenario drives open-loop load from [`load`] (a fixed rate; every
+//! database, and starts two api replicas, two export workers and two control-planes as real
+//! processes pointed at the proxies, the control-planes' keyword providers at a local HTTP
+//! server ([`provider`]). Each scenario drives open-loop load from [`load`] (a fixed rate; every
 //! request has a deadline, so a slow answer cannot hide by slowing the load), injects its
 //! fault from this thread, and prints one line: requests, errors by kind, lost, duplicated,
 //! recovery time. Everything is stopped on drop (failure and Ctrl-C included: the handler
 //! in `main` sets [`crate::INTERRUPTED`], which ends the run between steps).
 
+mod batch;
 mod conns;
 pub(crate) mod load;
+mod provider;
 mod scenarios;
 
 use std::collections::BTreeMap;
@@ -28,15 +31,30 @@ use smartbeak_test_support::{PostgresOptions, PostgresServer, RedisServer, TcpFo
 use xshell::{Shell, cmd};
 
 use crate::services::{psql, psql_read};
+use provider::{Adapter, Provider};
 
 /// The scenarios implemented, in the order they run.
-const SCENARIOS: &[u32] = &[1, 2, 3, 4, 5, 7, 8, 9, 10];
+const SCENARIOS: &[u32] = &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10];
 
 /// The scenarios `cargo xtask test` runs (short and deterministic).
 const QUICK: &[u32] = &[1, 3, 4, 8, 9];
 
 /// The api's deadline in the chaos setup (`HTTP_REQUEST_TIMEOUT_MS`).
 const REQUEST_TIMEOUT: Duration = Duration::from_millis(3000);
+
+/// The control-planes' `CP_HEARTBEAT_MS` in the chaos setup.
+const CP_HEARTBEAT: Duration = Duration::from_millis(500);
+
+/// The control-planes' `CP_STALE_AFTER_MS`: at least three heartbeats and more than one
+/// heartbeat plus the statement bound (1500 ms + 250 ms).
+const CP_STALE_AFTER: Duration = Duration::from_millis(3000);
+
+/// The control-planes' `SHUTDOWN_TIMEOUT_MS` (drain two thirds of it: 4 s, of which the
+/// last second is the margin for recording the run).
+const CP_SHUTDOWN_TIMEOUT: Duration = Duration::from_millis(6000);
+
+/// The control-planes' `CP_PROVIDER_BREAKER_OPEN_MS`.
+const CP_BREAKER_OPEN: Duration = Duration::from_millis(1000);
 
 /// The export workers' `EXPORT_LEASE_SECS` in the chaos setup.
 const EXPORT_LEASE: Duration = Duration::from_secs(5);
@@ -48,12 +66,13 @@ const REDIS_COMMAND_TIMEOUT: Duration = Duration::from_millis(100);
 pub(crate) const USAGE: &str = "\
 usage: cargo xtask chaos [--scenario N]... [--quick]
 
-Starts a throwaway PostgreSQL and Redis, fault proxies in front of them, two api replicas
-and two export workers as real processes, runs each scenario (load from outside, a fault,
+Starts a throwaway PostgreSQL and Redis, fault proxies in front of them, two api replicas,
+two export workers and two control-planes as real processes (and a local fake keyword
+provider), runs each scenario (load from outside, a fault,
 the outcome checked from outside) and prints one line per scenario and a summary table;
 exits 1 when a scenario fails (lost, duplicated, hung or off-spec answers).
 
-  --scenario N   run only scenario N (repeatable); implemented: 1 2 3 4 5 7 8 9 10
+  --scenario N   run only scenario N (repeatable); implemented: 1 to 10
   --quick        shorter phases (`cargo xtask test` runs scenarios 1 3 4 8 9 this way)
   --help         this text
 
@@ -64,9 +83,14 @@ scenarios (pass criteria in README.md, \"Chaos\"):
   3   pg_terminate_backend under load: clean 5xx or success; no error 1 s after; pools back
   4   PostgreSQL black-holed: errors end at the deadline with the standard body; full rate after
   5   a query past statement_timeout: cancelled server-side (57014), 504, pool healthy
+  6   keyword provider fails, stalls, recovers: its breaker opens and closes, the other
+      provider's sources unaffected; 1,000,000 unknown adapter names: registry memory flat
   7   1,000 identical cold analytics requests: one SQL query
-  8   SIGTERM an api replica under load: every in-flight request answered, exit 0
-  9   SIGKILL an export worker mid-job: reclaimed after the lease, completed exactly once
+  8   SIGTERM an api replica under load: every in-flight request answered, exit 0; an export
+      worker: re-queues its running exports, the other finishes them, exit 0; a
+      control-plane mid-run: the run recorded interrupted, exit 0
+  9   SIGKILL an export worker mid-job: reclaimed after the lease, completed exactly once;
+      a control-plane mid-run: the other takes over, the dead run marked abandoned
   10  5,000 connections for 30 s on one replica: no crash, only 200 or 503 OVERLOADED,
       memory bounded
 ";
@@ -121,6 +145,15 @@ impl Chaos {
         cmd!(sh, "cargo build --workspace --bins --quiet")
             .run()
             .context("building the binaries failed")?;
+        if self.scenarios.contains(&6) {
+            // Scenario 6 throws 1,000,000 adapter names at the breaker registry in it.
+            cmd!(
+                sh,
+                "cargo build -p smartbeak-resilience --example registry_memory --quiet"
+            )
+            .run()
+            .context("building the registry_memory example failed")?;
+        }
         self.run_built(sh)
     }
 
@@ -170,14 +203,10 @@ impl Chaos {
                 r.duplicated,
                 r.recovery
                     .map_or_else(|| "-".to_owned(), |d| format!("{:.2}s", d.as_secs_f64())),
-                if r.failures.is_empty() {
-                    "ok"
-                } else {
-                    "FAILED"
-                }
+                if r.passed() { "ok" } else { "FAILED" }
             );
         }
-        let failed = results.iter().any(|r| !r.failures.is_empty());
+        let failed = results.iter().any(|r| !r.passed());
         eprintln!("xtask: chaos: logs in {}", system.work.display());
         Ok(if failed {
             ExitCode::FAILURE
@@ -228,6 +257,24 @@ impl ScenarioResult {
         self.notes.push(what.into());
     }
 
+    /// Why the scenario failed: its recorded failures, and any request or job lost or
+    /// duplicated (the issue: both must be 0, whatever the part said).
+    fn reasons(&self) -> Vec<String> {
+        let mut reasons = self.failures.clone();
+        if self.lost > 0 {
+            reasons.push(format!("{} lost (must be 0)", self.lost));
+        }
+        if self.duplicated > 0 {
+            reasons.push(format!("{} duplicated (must be 0)", self.duplicated));
+        }
+        reasons
+    }
+
+    /// No failure recorded, nothing lost, nothing duplicated.
+    pub(crate) fn passed(&self) -> bool {
+        self.reasons().is_empty()
+    }
+
     fn line(&self) -> String {
         let errors = if self.errors.is_empty() {
             "none".to_owned()
@@ -246,10 +293,11 @@ impl ScenarioResult {
         } else {
             format!(" ({})", self.notes.join(", "))
         };
-        let verdict = if self.failures.is_empty() {
+        let reasons = self.reasons();
+        let verdict = if reasons.is_empty() {
             "ok".to_owned()
         } else {
-            format!("FAILED: {}", self.failures.join("; "))
+            format!("FAILED: {}", reasons.join("; "))
         };
         format!(
             "chaos: scenario {} ({}): requests {}, errors {{{errors}}}, lost {}, duplicated {}, recovery {recovery}{notes}: {verdict}",
@@ -274,13 +322,18 @@ impl Drop for Proc {
     }
 }
 
-/// Everything a scenario acts on. Dropped in reverse: processes, proxies, then servers.
+/// Everything a scenario acts on. Dropped in declaration order: processes, the fake
+/// provider, proxies, then servers.
 pub(crate) struct System {
     apis: Vec<Proc>,
     workers: Vec<Proc>,
+    /// The control-planes (`run`, keyword-sync only, every second); `port` is the admin's.
+    cps: Vec<Proc>,
     /// The api replicas a scenario started with settings of its own, by
     /// [`System::extra_api`]; stopped at the end of the scenario (dropped).
     extra_apis: Vec<Proc>,
+    /// The keyword providers the control-planes sync from.
+    provider: Provider,
     pg_proxy: TcpForwarder,
     redis_proxy: TcpForwarder,
     redis: RedisServer,
@@ -292,8 +345,10 @@ pub(crate) struct System {
     bin: PathBuf,
     /// The database and Redis URLs through the proxies, for a replica started again.
     via_proxy: (String, String),
-    /// Workers started again so far (their ids stay unique).
+    /// Workers and control-planes started again so far (their ids stay unique).
     restarts: usize,
+    /// The seed domain's org: the keyword sources' domains are created in it.
+    org: String,
     pg: PostgresServer,
 }
 
@@ -356,12 +411,21 @@ impl System {
         for i in 0..2 {
             workers.push(start_worker(bin, &work, i, &via_proxy)?);
         }
-        for p in apis.iter_mut().chain(workers.iter_mut()) {
+        let provider = Provider::start()?;
+        let mut cps = Vec::new();
+        for i in 0..2 {
+            cps.push(start_cp(bin, &work, i, &via_proxy, &provider)?);
+        }
+        for p in apis
+            .iter_mut()
+            .chain(workers.iter_mut())
+            .chain(cps.iter_mut())
+        {
             wait_for_port(p, Duration::from_secs(60))?;
         }
         let domain = seed_domain(apis[0].port, &key)?;
         eprintln!(
-            "xtask: chaos: 2 api replicas (ports {}, {}), 2 export workers; logs in {}",
+            "xtask: chaos: 2 api replicas (ports {}, {}), 2 export workers, 2 control-planes; logs in {}",
             apis[0].port,
             apis[1].port,
             work.display()
@@ -369,6 +433,8 @@ impl System {
         Ok(Self {
             apis,
             workers,
+            cps,
+            provider,
             pg_proxy,
             redis_proxy,
             redis,
@@ -380,13 +446,19 @@ impl System {
             via_proxy: (via_proxy, redis_via_proxy),
             extra_apis: Vec::new(),
             restarts: 0,
+            org: org_id,
             pg,
         })
     }
 
     /// Fails when a process exited on its own (a crash is a finding).
     fn check_alive(&mut self) -> Result<()> {
-        for p in self.apis.iter_mut().chain(self.workers.iter_mut()) {
+        for p in self
+            .apis
+            .iter_mut()
+            .chain(self.workers.iter_mut())
+            .chain(self.cps.iter_mut())
+        {
             if let Some(status) = p.child.try_wait()? {
                 bail!("{} exited ({status}); see {}", p.name, p.log.display());
             }
@@ -412,6 +484,36 @@ impl System {
         wait_for_port(&mut worker, Duration::from_secs(60))?;
         self.workers[i] = worker;
         Ok(())
+    }
+
+    /// Starts control-plane `i` again (after a scenario stopped it), on a new admin port
+    /// and with a new runner name.
+    fn restart_cp(&mut self, i: usize) -> Result<()> {
+        let n = 10 * (self.restarts + 1) + i;
+        self.restarts += 1;
+        let mut cp = start_cp(&self.bin, &self.work, n, &self.via_proxy.0, &self.provider)?;
+        wait_for_port(&mut cp, Duration::from_secs(60))?;
+        self.cps[i] = cp;
+        Ok(())
+    }
+
+    /// Replaces the keyword sources with `domains` fresh domains of the seed org, each
+    /// with a `gsc` and an `ahrefs` source (`domains` 0: none, so the control-planes' runs
+    /// have nothing to do).
+    fn keyword_sources(&self, domains: usize) -> Result<()> {
+        psql(
+            &self.db_url,
+            &format!(
+                "DELETE FROM domain_keyword_sources; \
+                 DELETE FROM domains WHERE name LIKE 'kw-%.chaos.example'; \
+                 INSERT INTO domains (id, org_id, name) SELECT gen_random_uuid(), '{org}', \
+                 'kw-' || i || '.chaos.example' FROM generate_series(1, {domains}) i; \
+                 INSERT INTO domain_keyword_sources (domain_id, adapter, site) \
+                 SELECT d.id, a, d.name FROM domains d, unnest(ARRAY['gsc', 'ahrefs']) a \
+                 WHERE d.name LIKE 'kw-%.chaos.example'",
+                org = self.org
+            ),
+        )
     }
 
     /// Starts one more api replica with `env` over the chaos settings, for one scenario;
@@ -494,7 +596,8 @@ fn start_api(
         .env("RATE_LIMIT_REPLICAS", "2")
         .env("RATE_LIMIT_KEY_PREFIX", "chaos")
         .env("SHUTDOWN_TIMEOUT_MS", "5000")
-        .env("RUST_LOG", "warn")
+        // The shutdown report's line (its exit code) at info.
+        .env("RUST_LOG", "warn,smartbeak_shutdown=info")
         .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(file.try_clone()?)
@@ -529,7 +632,13 @@ fn start_worker(bin: &Path, work: &Path, i: usize, db: &str) -> Result<Proc> {
         .env("DB_STATEMENT_TIMEOUT_MS", "1500")
         .env("EXPORT_REAPER_INTERVAL_SECS", "1")
         .env("EXPORT_WORKER_ID", format!("chaos-worker-{i}"))
-        .env("RUST_LOG", "warn")
+        // Scenario 8: a SIGTERMed worker releases its running exports at once, for the
+        // other worker: a drain of 2.5 s is all release window (500 ms cancel grace, the
+        // 1,750 ms client bound of a release, 250 ms), the least the worker accepts.
+        .env("SHUTDOWN_TIMEOUT_MS", "4000")
+        .env("SHUTDOWN_DRAIN_TIMEOUT_MS", "2500")
+        // The shutdown report's line (its exit code) at info.
+        .env("RUST_LOG", "warn,smartbeak_shutdown=info")
         .stdin(Stdio::null())
         .stdout(file.try_clone()?)
         .stderr(file)
@@ -537,6 +646,58 @@ fn start_worker(bin: &Path, work: &Path, i: usize, db: &str) -> Result<Proc> {
         .context("spawning smartbeak-domain-export worker")?;
     Ok(Proc {
         name: format!("export-worker-{i}"),
+        child,
+        port,
+        log,
+    })
+}
+
+/// A control-plane `run` on the database through the proxy: keyword-sync only, a run every
+/// second (the other operations disabled), both providers at the fake [`Provider`], short
+/// heartbeats and stale threshold (so a dead runner's run is taken over in seconds), a
+/// short shutdown and a short breaker open time. Runner `chaos-cp-<i>`.
+fn start_cp(bin: &Path, work: &Path, i: usize, db: &str, provider: &Provider) -> Result<Proc> {
+    let port = smartbeak_test_support::free_port()?;
+    let log = work.join(format!("control-plane-{i}.log"));
+    let file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let child = Command::new(bin.join("smartbeak-control-plane"))
+        .arg("run")
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("DATABASE_URL", db)
+        .env("DB_RUN_MIGRATIONS", "false")
+        .env("DB_STATEMENT_TIMEOUT_MS", "1500")
+        .env("EXPORT_DIR", work.join("exports"))
+        .env("CP_ADMIN_ADDR", format!("127.0.0.1:{port}"))
+        .env("CP_RUNNER", format!("chaos-cp-{i}"))
+        .env("CP_CONTENT_SCHEDULER_INTERVAL_SECS", "0")
+        .env("CP_EXPORT_RETENTION_INTERVAL_SECS", "0")
+        .env("CP_KEYWORD_SYNC_INTERVAL_SECS", "1")
+        .env("CP_HEARTBEAT_MS", CP_HEARTBEAT.as_millis().to_string())
+        .env("CP_STALE_AFTER_MS", CP_STALE_AFTER.as_millis().to_string())
+        .env("CP_CONCURRENCY", "4")
+        .env("CP_GSC_BASE_URL", provider.base_url(Adapter::Gsc))
+        .env("CP_GSC_API_KEY", Adapter::Gsc.api_key())
+        .env("CP_AHREFS_BASE_URL", provider.base_url(Adapter::Ahrefs))
+        .env("CP_AHREFS_API_KEY", Adapter::Ahrefs.api_key())
+        .env("CP_PROVIDER_ATTEMPT_TIMEOUT_MS", "1000")
+        .env("CP_PROVIDER_MAX_ATTEMPTS", "2")
+        .env(
+            "CP_PROVIDER_BREAKER_OPEN_MS",
+            CP_BREAKER_OPEN.as_millis().to_string(),
+        )
+        .env(
+            "SHUTDOWN_TIMEOUT_MS",
+            CP_SHUTDOWN_TIMEOUT.as_millis().to_string(),
+        )
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .spawn()
+        .context("spawning smartbeak-control-plane run")?;
+    Ok(Proc {
+        name: format!("control-plane-{i}"),
         child,
         port,
         log,
@@ -721,4 +882,31 @@ fn backends(db: &SecretUrl) -> Result<u64> {
         "SELECT count(*) FROM pg_stat_activity WHERE datname = 'chaos' AND pid <> pg_backend_pid()",
     )?;
     n.trim().parse().context("counting backends")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ScenarioResult;
+
+    #[test]
+    fn a_scenario_that_loses_or_duplicates_fails_whatever_its_parts_said() {
+        let mut r = ScenarioResult::new(8, "sigterm");
+        assert!(r.passed());
+        assert!(r.line().ends_with(": ok"), "{}", r.line());
+        r.duplicated = 1;
+        assert!(!r.passed());
+        assert!(
+            r.line().contains("FAILED: 1 duplicated (must be 0)"),
+            "{}",
+            r.line()
+        );
+        r.duplicated = 0;
+        r.lost = 2;
+        assert!(!r.passed());
+        assert!(
+            r.line().contains("FAILED: 2 lost (must be 0)"),
+            "{}",
+            r.line()
+        );
+    }
 }

@@ -1,6 +1,6 @@
-//! The scenarios of issue 14 implemented so far (1, 2, 3, 4, 5, 7, 8 for the api, 10): each
-//! runs its load on the runtime, injects its fault from this thread on a fixed schedule, and
-//! judges the outcomes.
+//! The scenarios of issue 14 (1 to 10): each runs its load on the runtime, injects its fault
+//! from this thread on a fixed schedule, and judges the outcomes. The export worker's and
+//! the control-plane's parts (of 6, 8 and 9) are in [`super::batch`].
 
 use std::io::Write;
 use std::process::Stdio;
@@ -41,9 +41,10 @@ pub(super) fn run(
         3 => backends_terminated(system, rt, scale),
         4 => postgres_black_hole(system, rt, quick),
         5 => statement_timeout(system, rt),
+        6 => provider_outage(system, quick),
         7 => analytics_burst(system, rt),
-        8 => api_sigterm(system, rt),
-        9 => export_worker_sigkill(system),
+        8 => sigterm(system, rt),
+        9 => sigkill(system),
         10 => many_connections(system, rt, quick),
         other => bail!("scenario {other} is not implemented"),
     }
@@ -69,7 +70,7 @@ fn at(start: Instant, offset: Duration) {
 }
 
 /// Polls `cond` every 20 ms for at most `bound`; how long it took, if it came.
-fn time_until(bound: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration> {
+pub(super) fn time_until(bound: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration> {
     let start = Instant::now();
     while start.elapsed() < bound {
         if cond() {
@@ -274,12 +275,54 @@ fn judge_errors_and_recovery(r: &mut ScenarioResult, report: &Report, fault_end:
     }
 }
 
+/// Scenario 6: the keyword provider outage and the breaker registry's memory
+/// ([`super::batch::provider_outage`], [`super::batch::registry_memory`]); the provider
+/// fails for 3 s and stalls for 5 s (three times that at full length).
+fn provider_outage(system: &mut System, quick: bool) -> Result<ScenarioResult> {
+    let mut r = ScenarioResult::new(6, "keyword provider outage");
+    let scale = if quick { 1 } else { 3 };
+    super::batch::provider_outage(
+        system,
+        &mut r,
+        Duration::from_secs(3 * scale),
+        Duration::from_secs(5 * scale),
+    )?;
+    super::batch::registry_memory(system, &mut r)?;
+    Ok(r)
+}
+
+/// Scenario 8: SIGTERM to an api replica under load ([`api_sigterm`]), to an export worker
+/// running exports ([`super::batch::worker_sigterm`]) and to a control-plane mid-run
+/// ([`super::batch::cp_sigterm`]), one after the other; one line for the three.
+fn sigterm(system: &mut System, rt: &Runtime) -> Result<ScenarioResult> {
+    let mut r = api_sigterm(system, rt)?;
+    // A part that cannot go on records why and the next part still runs.
+    if let Err(e) = super::batch::worker_sigterm(system, &mut r) {
+        r.fail(format!("worker part: {e:#}"));
+    }
+    if let Err(e) = super::batch::cp_sigterm(system, &mut r) {
+        r.fail(format!("control-plane part: {e:#}"));
+    }
+    Ok(r)
+}
+
+/// Scenario 9: SIGKILL to an export worker mid-job ([`export_worker_sigkill`]) and to a
+/// control-plane mid-run ([`super::batch::cp_sigkill`]); one line for both.
+fn sigkill(system: &mut System) -> Result<ScenarioResult> {
+    let mut r = export_worker_sigkill(system)?;
+    if let Err(e) = super::batch::cp_sigkill(system, &mut r) {
+        r.fail(format!("control-plane part: {e:#}"));
+    }
+    Ok(r)
+}
+
 /// Scenario 8, the api part: SIGTERM to one replica under load, with 30 ms of database
 /// latency so that requests are in flight when it comes. Every request sent before the
 /// signal is answered 200; after it the replica only refuses connections (or answers); it
-/// exits 0 (its shutdown report) within its `SHUTDOWN_TIMEOUT_MS`; then it is started again.
+/// exits within 10 s with code 0, the code its shutdown report's line logged; then it is
+/// started again.
 fn api_sigterm(system: &mut System, rt: &Runtime) -> Result<ScenarioResult> {
-    let mut r = ScenarioResult::new(8, "SIGTERM api under load");
+    let mut r = ScenarioResult::new(8, "SIGTERM api, worker, cp");
     system.pg_proxy.set_fault(Fault::Latency(30));
     let load = load(system, 40, Duration::from_secs(5));
     let start = load.epoch;
@@ -324,16 +367,20 @@ fn api_sigterm(system: &mut System, rt: &Runtime) -> Result<ScenarioResult> {
             "{odd} answers after the SIGTERM other than 200 or a refused connection"
         ));
     }
-    match exited {
-        None => r.fail("the api did not exit within 10 s of SIGTERM"),
-        Some(d) => {
-            r.recovery = Some(d);
-            let status = system.apis[1].child.try_wait()?;
-            if status.and_then(|s| s.code()) != Some(0) {
-                r.fail(format!("the api exited with {status:?}, not 0"));
-            }
-        }
+    if exited.is_none() {
+        // Not restarted over a live process.
+        let _ = system.apis[1].child.kill();
+        let _ = system.apis[1].child.wait();
     }
+    r.recovery = exited;
+    let status = system.apis[1].child.try_wait().ok().flatten();
+    let report = super::batch::report_code(&system.apis[1].log);
+    r.note(format!(
+        "api: exit {} (report {report:?}) {} after the signal",
+        status.map_or_else(|| "none".to_owned(), |s| s.to_string()),
+        exited.map_or_else(|| "-".to_owned(), |d| format!("{:.2}s", d.as_secs_f64()))
+    ));
+    super::batch::judge_exit(&mut r, "api-1", exited, status, report);
     system.restart_api(1)?;
     Ok(r)
 }
@@ -771,7 +818,7 @@ fn many_connections(system: &mut System, rt: &Runtime, quick: bool) -> Result<Sc
 }
 
 /// The resident set of process `pid`, in KiB (`VmRSS` of `/proc/<pid>/status`).
-fn rss_kib(pid: u32) -> Result<u64> {
+pub(super) fn rss_kib(pid: u32) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("reading /proc/{pid}/status"))?;
     status
@@ -789,17 +836,29 @@ fn rss_kib(pid: u32) -> Result<u64> {
 /// `attempts` counts every attempt row, its `rows_written` equals its `record_count` and is
 /// not 0 (20 keyword rows of 2020 are stored first, the export is of 2020), and
 /// exactly one file of the export is in `EXPORT_DIR` (its `storage_path`). The killed
-/// worker is started again afterwards. (The control-plane part is not done.)
+/// worker is started again afterwards.
 fn export_worker_sigkill(system: &mut System) -> Result<ScenarioResult> {
-    let mut r = ScenarioResult::new(9, "SIGKILL export worker mid-job");
+    let mut r = ScenarioResult::new(9, "SIGKILL worker, cp mid-run");
     let db = system.db_url.clone();
     let read = |sql: &str| psql_read(&db, sql).map(|s| s.trim().to_owned());
     super::ingest_keywords(system.apis[0].port, &system.key, &system.domain)?;
+    // Queued at 100 ms, run at 300 ms: after scenario 8 the insert at 300 ms of latency
+    // could take past its 1.75 s statement bound (seen: 504 on `POST .../exports`, from
+    // `apis[0]`, which scenario 8 does not restart: likely its idle pooled connections, a
+    // `before_acquire` ping plus cold prepares at a 600 ms round trip; an api behaviour
+    // noted in the README's row 9, not fixed here).
+    system.pg_proxy.set_fault(Fault::Latency(100));
+    let id = match super::create_export(system.apis[0].port, &system.key, &system.domain) {
+        Ok(id) => id,
+        Err(e) => {
+            system.pg_proxy.set_fault(Fault::Pass);
+            return Err(e);
+        }
+    };
     system.pg_proxy.set_fault(Fault::Latency(300));
-    let id = super::create_export(system.apis[0].port, &system.key, &system.domain)?;
     r.requests = 1;
     let mut owner = String::new();
-    let claimed = time_until(Duration::from_secs(20), || {
+    let claimed = super::batch::poll_until(Duration::from_secs(20), || {
         owner = read(&format!(
             "SELECT coalesce(lease_owner, '') FROM domain_exports WHERE id = '{id}' AND status = 'running'"
         ))
@@ -824,10 +883,12 @@ fn export_worker_sigkill(system: &mut System) -> Result<ScenarioResult> {
     smartbeak_test_support::signal(system.workers[victim].child.id(), "KILL")?;
     let _ = system.workers[victim].child.wait();
     system.pg_proxy.set_fault(Fault::Pass);
+    // Not `?`: the killed worker is started again below whatever this read says.
     let status_now = read(&format!(
         "SELECT status FROM domain_exports WHERE id = '{id}'"
-    ))?;
-    let done = time_until(EXPORT_LEASE + Duration::from_secs(20), || {
+    ))
+    .unwrap_or_else(|e| format!("unread ({e:#})"));
+    let done = super::batch::poll_until(EXPORT_LEASE + Duration::from_secs(20), || {
         read(&format!(
             "SELECT status FROM domain_exports WHERE id = '{id}'"
         ))

@@ -305,6 +305,11 @@ async fn serve(config: WorkerConfig, logs: &telemetry::LogGuard) -> anyhow::Resu
     config
         .check_timeouts(&db_config)
         .context("timeouts must nest")?;
+    if let Err(reason) = worker::check_drain(shutdown.config(), &db_config) {
+        tracing::error!(%reason, "configuration refused");
+        eprintln!("smartbeak-domain-export: {reason}");
+        return Ok(ExitCode::from(2));
+    }
     let (db, _pools) = match startup::connect_database(
         &shutdown,
         db_config,

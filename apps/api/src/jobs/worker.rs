@@ -37,8 +37,12 @@
 //!   `drain-exports` (`Drain`) lets running exports finish until a margin before the
 //!   drain deadline, then cancels the rest and releases their leases (`queue::release`:
 //!   queued, due now, token bumped) while the pools are still open, so another worker
-//!   takes them at once. A release that fails fails the handler, so the shutdown report
-//!   (and the exit code) says so.
+//!   takes them at once. The margin is at least the [`release_window`] (the cancel grace
+//!   plus the database client bound, so a release against a slow database still lands),
+//!   and a drain deadline that cannot hold it is refused at start-up ([`check_drain`]).
+//!   Each release runs under a deadline (`deadline::scope`) that ends before the drain
+//!   does; a release that fails, or runs out of time, fails the handler, so the shutdown
+//!   report (and the exit code) says so.
 //!
 //! Metrics are in [`metrics`]; configuration in [`config`]; the CLI's helpers in [`cli`].
 
@@ -50,18 +54,19 @@ pub mod metrics;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::stream::{self, Stream};
-use smartbeak_database::Database;
-use smartbeak_shutdown::{HandlerGuard, Phase, RegisterError, Shutdown};
+use smartbeak_database::{Database, DatabaseConfig};
+use smartbeak_shutdown::{HandlerGuard, Phase, RegisterError, Shutdown, ShutdownConfig};
 use smartbeak_utils::concurrency::for_each_bounded;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 pub use config::WorkerConfig;
+pub use job::CANCEL_GRACE;
 
 use super::export::{ExportDir, is_temp_name};
 use super::paths;
@@ -103,6 +108,9 @@ struct Ctx {
     lease_margin: Duration,
     /// Leases whose release at shutdown failed (the drain handler reports them).
     release_failures: AtomicUsize,
+    /// Set by the drain handler before it cancels the running exports: each release runs
+    /// under this deadline (`deadline::scope`).
+    release_deadline: OnceLock<tokio::time::Instant>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -122,6 +130,7 @@ impl Worker {
             ctx: Arc::new(Ctx {
                 lease_margin,
                 release_failures: AtomicUsize::new(0),
+                release_deadline: OnceLock::new(),
                 db,
                 config,
                 dir,
@@ -535,19 +544,17 @@ pub struct Installed {
 
 /// Wires `worker` into `shutdown` and starts it as a tracked task: `stop-claiming`
 /// (`StopAccepting`) stops claiming at once; `drain-exports` (`Drain`) waits for the
-/// running exports until [`release_margin`] before the drain deadline, then cancels them
-/// and waits for their leases to be released (before `db-pools` closes in `Release`).
+/// running exports until the release margin ([`release_margin`]) before the drain
+/// deadline, then cancels them and waits for their leases to be released (before
+/// `db-pools` closes in `Release`). [`check_drain`] says at start-up whether the drain
+/// deadline can hold the release window.
 pub fn install(shutdown: &Shutdown, worker: &Worker) -> Result<Installed, RegisterError> {
     let stopping = worker.clone();
     let stop = shutdown.register(STOP_CLAIMING, Phase::StopAccepting, move || async move {
         stopping.stop_claiming();
         tracing::info!("stopped claiming export jobs");
     })?;
-    let config = shutdown.config();
-    let drain = config
-        .drain_timeout
-        .unwrap_or(config.timeout * 2 / 3)
-        .min(config.timeout);
+    let drain = drain_deadline(shutdown.config());
     let draining = worker.clone();
     let drain_guard = shutdown.register(DRAIN_EXPORTS, Phase::Drain, move || async move {
         drain_exports(&draining, drain).await
@@ -561,19 +568,72 @@ pub fn install(shutdown: &Shutdown, worker: &Worker) -> Result<Installed, Regist
     })
 }
 
+/// The drain deadline the `drain-exports` handler works to: `SHUTDOWN_DRAIN_TIMEOUT_MS`,
+/// by default two thirds of `SHUTDOWN_TIMEOUT_MS`, at most `SHUTDOWN_TIMEOUT_MS`.
+pub fn drain_deadline(config: &ShutdownConfig) -> Duration {
+    config
+        .drain_timeout
+        .unwrap_or(config.timeout * 2 / 3)
+        .min(config.timeout)
+}
+
+/// Time kept after the releases' own deadline for the job tasks to end and the handler
+/// to return before the drain deadline (the built-in `in-flight-tasks` entry's).
+pub const RELEASE_SLACK: Duration = Duration::from_millis(250);
+
+/// What cancelling and releasing a running export may take, at most: the export's
+/// cancel grace ([`CANCEL_GRACE`]), then one `queue::release` bounded by the database
+/// client bound `query_timeout` (`Database::run` bounds the acquire, a fresh connection
+/// included, and the statement together), plus [`RELEASE_SLACK`].
+pub fn release_window(query_timeout: Duration) -> Duration {
+    CANCEL_GRACE + query_timeout + RELEASE_SLACK
+}
+
 /// The part of the drain deadline kept for cancelling the exports still running and
-/// releasing their leases: a quarter of it, between 1 s and 3 s (all of a drain shorter
-/// than that: the exports are then released at once).
-pub fn release_margin(drain: Duration) -> Duration {
+/// releasing their leases: a quarter of it, between 1 s and 3 s, and never less than the
+/// [`release_window`] of `query_timeout`; all of a drain shorter than that (the exports
+/// are then released at once).
+pub fn release_margin(drain: Duration, query_timeout: Duration) -> Duration {
     (drain / 4)
         .clamp(Duration::from_secs(1), Duration::from_secs(3))
+        .max(release_window(query_timeout))
         .min(drain)
 }
 
+/// Refuses (at start-up) a drain deadline that cannot hold the [`release_window`]: a
+/// release cut short by the end of the drain leaves its job `running` until its lease
+/// expires, and the reaper's reclaim keeps the attempt it used (a job on its last attempt
+/// would be dead-lettered by an ordinary deploy). The message names the variables.
+pub fn check_drain(shutdown: &ShutdownConfig, db: &DatabaseConfig) -> Result<(), String> {
+    let drain = drain_deadline(shutdown);
+    let query_timeout = db.query_timeout();
+    let window = release_window(query_timeout);
+    if drain < window {
+        return Err(format!(
+            "the shutdown drain deadline ({} ms, SHUTDOWN_DRAIN_TIMEOUT_MS, by default two \
+             thirds of SHUTDOWN_TIMEOUT_MS) cannot hold the release of a running export: \
+             {} ms ({} ms for the export to stop, the database client bound of {} ms from \
+             DB_STATEMENT_TIMEOUT_MS {} ms plus a margin, {} ms to report); raise \
+             SHUTDOWN_DRAIN_TIMEOUT_MS / SHUTDOWN_TIMEOUT_MS or lower DB_STATEMENT_TIMEOUT_MS",
+            drain.as_millis(),
+            window.as_millis(),
+            CANCEL_GRACE.as_millis(),
+            query_timeout.as_millis(),
+            db.statement_timeout.as_millis(),
+            RELEASE_SLACK.as_millis()
+        ));
+    }
+    Ok(())
+}
+
 /// Waits for the worker to finish its running exports within `drain` less the release
-/// margin; then cancels the rest (each releases its lease) and waits for that.
+/// margin; then cancels the rest and waits for their releases, each run under a deadline
+/// (the cancel grace plus the database client bound from the cancel), so a release that
+/// runs too long fails (counted in the release failures) instead of outliving the drain.
 async fn drain_exports(worker: &Worker, drain: Duration) -> Result<(), String> {
-    let margin = release_margin(drain);
+    let started = tokio::time::Instant::now();
+    let query_timeout = worker.ctx.lease_margin;
+    let margin = release_margin(drain, query_timeout);
     let mut finished = worker.finished();
     let wait = drain.saturating_sub(margin);
     if tokio::time::timeout(wait, finished.wait_for(|done| *done))
@@ -585,18 +645,25 @@ async fn drain_exports(worker: &Worker, drain: Duration) -> Result<(), String> {
     let running = *worker.running().borrow();
     tracing::info!(
         running,
+        margin_ms = margin.as_millis() as u64,
         "drain deadline near: cancelling the exports still running and releasing their leases"
     );
+    // The releases end by this instant (or fail); the handler waits a little past it for
+    // the job tasks to end, and still ends before the drain deadline.
+    let end = started + drain;
+    let releases_by = (tokio::time::Instant::now() + CANCEL_GRACE + query_timeout)
+        .min(end.checked_sub(RELEASE_SLACK).unwrap_or(end));
+    let _ = worker.ctx.release_deadline.set(releases_by);
     worker.abandon_running();
-    // The rest of the margin, less a little so this handler ends before the built-in
-    // `in-flight-tasks` entry's own deadline.
-    let bound = margin.saturating_sub(margin / 10);
-    match tokio::time::timeout(bound, finished.wait_for(|done| *done)).await {
+    let wait_until = (releases_by + RELEASE_SLACK / 2).min(end);
+    match tokio::time::timeout_at(wait_until, finished.wait_for(|done| *done)).await {
         Ok(_) => release_report(worker),
         Err(_) => Err(format!(
             "{} exports still running {} ms after they were cancelled",
             *worker.running().borrow(),
-            bound.as_millis()
+            wait_until
+                .saturating_duration_since(started + wait)
+                .as_millis()
         )),
     }
 }

@@ -31,7 +31,7 @@ use crate::jobs::queue::{
 
 /// How long a cancelled export gets to return (and remove its temp file) before it is
 /// dropped.
-const CANCEL_GRACE: Duration = Duration::from_millis(500);
+pub const CANCEL_GRACE: Duration = Duration::from_millis(500);
 
 /// Re-reads of the row after a `complete` whose reply was lost, and calls of `complete`
 /// in all.
@@ -519,8 +519,17 @@ async fn fenced_outcome(ctx: &Ctx, id: uuid::Uuid) -> Outcome {
     }
 }
 
-/// Gives an abandoned job back (shutdown): queued, due now, token bumped.
+/// Gives an abandoned job back (shutdown): queued, due now, token bumped; under the drain
+/// handler's release deadline when it set one, so a release that runs out of time fails
+/// (and is counted) rather than outliving the drain.
 async fn release(ctx: &Ctx, fence: Fence) -> Outcome {
+    match ctx.release_deadline.get() {
+        Some(by) => smartbeak_database::deadline::scope(*by, release_now(ctx, fence)).await,
+        None => release_now(ctx, fence).await,
+    }
+}
+
+async fn release_now(ctx: &Ctx, fence: Fence) -> Outcome {
     match queue::release(&ctx.db, fence).await {
         Ok(()) => {
             tracing::info!(export_id = %fence.id, "export released for another worker");

@@ -25,23 +25,57 @@ fn retries_back_off_with_full_jitter_until_the_attempts_are_used() {
 }
 
 #[test]
-fn the_release_margin_is_a_bounded_share_of_the_drain() {
+fn the_release_margin_is_a_bounded_share_of_the_drain_and_holds_the_release_window() {
+    let fast = Duration::from_millis(250);
+    assert_eq!(release_window(fast), Duration::from_secs(1));
     assert_eq!(
-        release_margin(Duration::from_millis(16_666)),
+        release_margin(Duration::from_millis(16_666), fast),
         Duration::from_secs(3)
     );
     assert_eq!(
-        release_margin(Duration::from_secs(8)),
+        release_margin(Duration::from_secs(8), fast),
         Duration::from_secs(2)
     );
     assert_eq!(
-        release_margin(Duration::from_secs(2)),
+        release_margin(Duration::from_secs(2), fast),
         Duration::from_secs(1)
     );
     assert_eq!(
-        release_margin(Duration::from_millis(600)),
+        release_margin(Duration::from_millis(600), fast),
         Duration::from_millis(600),
         "a drain below a second releases at once"
+    );
+    // The defaults: an 8.8 s client bound needs 9.55 s; the default drain (16.7 s) holds it.
+    let default = Duration::from_millis(8_800);
+    assert_eq!(release_window(default), Duration::from_millis(9_550));
+    assert_eq!(
+        release_margin(Duration::from_millis(16_666), default),
+        Duration::from_millis(9_550)
+    );
+}
+
+#[test]
+fn a_drain_that_cannot_hold_the_release_window_is_refused() {
+    let mut db = smartbeak_database::DatabaseConfig::new("postgres://u@h/d").unwrap();
+    db.statement_timeout = Duration::from_millis(1_500);
+    let shutdown = |drain_ms| {
+        ShutdownConfig::default()
+            .with_timeout(Duration::from_secs(5))
+            .with_drain_timeout(Duration::from_millis(drain_ms))
+    };
+    // 500 ms grace + 1,750 ms client bound + 250 ms.
+    assert!(check_drain(&shutdown(2_500), &db).is_ok());
+    let err = check_drain(&shutdown(1_000), &db).unwrap_err();
+    assert!(
+        err.contains("SHUTDOWN_DRAIN_TIMEOUT_MS") && err.contains("2500 ms"),
+        "{err}"
+    );
+    assert!(
+        check_drain(
+            &ShutdownConfig::default(),
+            &smartbeak_database::DatabaseConfig::new("postgres://u@h/d").unwrap()
+        )
+        .is_ok()
     );
 }
 
@@ -846,6 +880,56 @@ mod with_a_database {
         );
         sqlx::query("ROLLBACK").execute(&mut *lock).await.unwrap();
         drop(lock);
+        s.tdb.drop_database().await.unwrap();
+    }
+
+    /// A release against a slow database (here a trigger that makes the release statement
+    /// take a second, within its statement timeout) still lands: the drain keeps the cancel
+    /// grace plus the database client bound for it. (The margin of old, 1 s less 10% for
+    /// any drain up to 4 s, reported this export "still running" and failed the report.)
+    #[tokio::test]
+    async fn a_slow_release_at_shutdown_still_lands_within_the_drain() {
+        let s = setup().await;
+        let mut config = s.tdb.config();
+        config.statement_timeout = Duration::from_millis(1_500);
+        let db = Database::connect(config.clone(), "worker-slow-release")
+            .await
+            .unwrap();
+        let w = worker_on(&s, db, &[]);
+        let shutdown = Shutdown::new(
+            ShutdownConfig::default()
+                .with_timeout(Duration::from_secs(5))
+                .with_drain_timeout(Duration::from_millis(2_500)),
+        );
+        check_drain(shutdown.config(), &config).unwrap();
+        let _installed = install(&shutdown, &w).unwrap();
+        let mut lock = lock_content(&s.db).await;
+        let row = queue::enqueue(&s.db, s.org, s.domain, &content_only(ExportFormat::Json))
+            .await
+            .unwrap()
+            .unwrap();
+        wait_for_status(&s.db, row.id, "running").await;
+        s.db.run(async |conn| {
+            sqlx::raw_sql(
+                "CREATE FUNCTION slow_release() RETURNS trigger LANGUAGE plpgsql AS \
+                 $$ BEGIN PERFORM pg_sleep(1); RETURN NEW; END $$; \
+                 CREATE TRIGGER slow_release BEFORE UPDATE ON domain_exports FOR EACH ROW \
+                 WHEN (OLD.status = 'running' AND NEW.status = 'queued') \
+                 EXECUTE FUNCTION slow_release();",
+            )
+            .execute(conn)
+            .await
+        })
+        .await
+        .unwrap();
+        shutdown.trigger(ShutdownReason::Requested("test".into()));
+        let report = shutdown.run().await;
+        assert!(report.is_success(), "{report}");
+        sqlx::query("ROLLBACK").execute(&mut *lock).await.unwrap();
+        drop(lock);
+        let released = queue::get_any(&s.db, row.id).await.unwrap().unwrap();
+        assert_eq!(released.status, "queued");
+        assert_eq!(released.attempts, 0, "a released attempt is given back");
         s.tdb.drop_database().await.unwrap();
     }
 }
