@@ -637,38 +637,70 @@ mod tests {
         tdb.drop_database().await.unwrap();
     }
 
-    #[tokio::test]
-    async fn unkeyed_requests_spending_the_ip_quota_do_not_lock_out_an_uncached_key() {
-        let tdb = TestDatabase::create().await.unwrap();
-        let db = Database::connect(tdb.config(), "smartbeak-api-test")
-            .await
+    /// The app on a fresh database with an IP quota of 3 and no Redis, for the tests of how
+    /// the IP quota meets the key cache.
+    struct IpQuota {
+        tdb: TestDatabase,
+        db: Database,
+        keys: std::sync::Arc<crate::auth_cache::KeyCache>,
+        app: Router,
+    }
+
+    impl IpQuota {
+        async fn new() -> Self {
+            let tdb = TestDatabase::create().await.unwrap();
+            let db = Database::connect(tdb.config(), "smartbeak-api-test")
+                .await
+                .unwrap();
+            let config = ApiConfig::from_lookup(|var| match var {
+                "RATE_LIMIT_PER_IP" => Some("3".to_owned()),
+                _ => None,
+            })
             .unwrap();
-        let config = ApiConfig::from_lookup(|var| match var {
-            "RATE_LIMIT_PER_IP" => Some("3".to_owned()),
-            _ => None,
-        })
-        .unwrap();
-        let limiter = RateLimiter::new(config.rate_limit.clone(), None).unwrap();
-        let state = AppState::new(db.clone(), config, limiter, None);
-        let app = app(state);
-        let org = crate::auth::create_org(&db, "nat").await.unwrap();
-        let good = crate::auth::create_key(&db, org, "good").await.unwrap();
-        let peer: std::net::SocketAddr = "192.0.2.70:1".parse().unwrap();
-        let send = |key: Option<&str>| {
+            let limiter = RateLimiter::new(config.rate_limit.clone(), None).unwrap();
+            let state = AppState::new(db.clone(), config, limiter, None);
+            let keys = std::sync::Arc::clone(&state.keys);
+            Self {
+                tdb,
+                db,
+                keys,
+                app: app(state),
+            }
+        }
+
+        /// `GET /v1/domains` from `peer`, with `key` as its bearer key when given.
+        async fn send(&self, peer: &str, key: Option<&str>) -> Response {
             let mut request = Request::get("/v1/domains");
             if let Some(key) = key {
                 request = request.header("authorization", format!("Bearer {key}"));
             }
             let mut request = request.body(Body::empty()).unwrap();
+            let peer: std::net::SocketAddr = peer.parse().unwrap();
             request
                 .extensions_mut()
                 .insert(axum::extract::ConnectInfo(peer));
-            app.clone().oneshot(request)
-        };
+            self.app.clone().oneshot(request).await.unwrap()
+        }
+
+        async fn finish(self) {
+            self.db
+                .close(std::time::Duration::from_secs(5))
+                .await
+                .unwrap();
+            self.tdb.drop_database().await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn unkeyed_requests_spending_the_ip_quota_do_not_lock_out_an_uncached_key() {
+        let fx = IpQuota::new().await;
+        let org = crate::auth::create_org(&fx.db, "nat").await.unwrap();
+        let good = crate::auth::create_key(&fx.db, org, "good").await.unwrap();
+        let peer = "192.0.2.70:1";
         // Unkeyed requests spend the address's quota (3) and then get 429...
         let mut statuses = Vec::new();
         for _ in 0..4 {
-            statuses.push(send(None).await.unwrap().status());
+            statuses.push(fx.send(peer, None).await.status());
         }
         assert_eq!(
             statuses.last(),
@@ -677,60 +709,36 @@ mod tests {
         );
         // ...but a valid key behind the same address, not cached yet, is still served.
         assert_eq!(
-            send(Some(&good.key)).await.unwrap().status(),
+            fx.send(peer, Some(&good.key)).await.status(),
             StatusCode::OK
         );
-        db.close(std::time::Duration::from_secs(5)).await.unwrap();
-        tdb.drop_database().await.unwrap();
+        fx.finish().await;
     }
 
     #[tokio::test]
     async fn distinct_bad_keys_after_the_ip_quota_is_spent_reach_no_database() {
-        let tdb = TestDatabase::create().await.unwrap();
-        let db = Database::connect(tdb.config(), "smartbeak-api-test")
-            .await
-            .unwrap();
-        let config = ApiConfig::from_lookup(|var| match var {
-            "RATE_LIMIT_PER_IP" => Some("3".to_owned()),
-            _ => None,
-        })
-        .unwrap();
-        let limiter = RateLimiter::new(config.rate_limit.clone(), None).unwrap();
-        let state = AppState::new(db.clone(), config, limiter, None);
-        let keys = std::sync::Arc::clone(&state.keys);
-        let app = app(state);
-        let org = crate::auth::create_org(&db, "flood").await.unwrap();
-        let good = crate::auth::create_key(&db, org, "good").await.unwrap();
-        let send = |peer: &str, key: String| {
-            let mut request = Request::get("/v1/domains")
-                .header("authorization", format!("Bearer {key}"))
-                .body(Body::empty())
-                .unwrap();
-            let peer: std::net::SocketAddr = peer.parse().unwrap();
-            request
-                .extensions_mut()
-                .insert(axum::extract::ConnectInfo(peer));
-            app.clone().oneshot(request)
-        };
+        let fx = IpQuota::new().await;
+        let org = crate::auth::create_org(&fx.db, "flood").await.unwrap();
+        let good = crate::auth::create_key(&fx.db, org, "good").await.unwrap();
         let flooder = "192.0.2.60:1";
         // A cached good key from the flooder's address, before the flood.
         assert_eq!(
-            send(flooder, good.key.clone()).await.unwrap().status(),
+            fx.send(flooder, Some(&good.key)).await.status(),
             StatusCode::OK
         );
-        let before = keys.db_lookups();
+        let before = fx.keys.db_lookups();
         // The IP quota (3) pays for three distinct bad keys, each looked up once...
         for i in 0..3 {
-            let status = send(flooder, format!("sbk_bad_{i}"))
+            let status = fx
+                .send(flooder, Some(&format!("sbk_bad_{i}")))
                 .await
-                .unwrap()
                 .status();
             assert_eq!(status, StatusCode::UNAUTHORIZED, "bad key {i}");
         }
-        assert_eq!(keys.db_lookups(), before + 3);
+        assert_eq!(fx.keys.db_lookups(), before + 3);
         // ...and then 50 more distinct bad keys are 429 without a lookup.
         for i in 3..53 {
-            let response = send(flooder, format!("sbk_bad_{i}")).await.unwrap();
+            let response = fx.send(flooder, Some(&format!("sbk_bad_{i}"))).await;
             assert_eq!(
                 response.status(),
                 StatusCode::TOO_MANY_REQUESTS,
@@ -745,25 +753,21 @@ mod tests {
             );
         }
         assert_eq!(
-            keys.db_lookups(),
+            fx.keys.db_lookups(),
             before + 3,
             "a spent IP quota let bad keys reach PostgreSQL"
         );
         // A cached key from that address is still served; another address is untouched.
         assert_eq!(
-            send(flooder, good.key.clone()).await.unwrap().status(),
+            fx.send(flooder, Some(&good.key)).await.status(),
             StatusCode::OK
         );
         assert_eq!(
-            send("192.0.2.61:1", "sbk_other".to_owned())
-                .await
-                .unwrap()
-                .status(),
+            fx.send("192.0.2.61:1", Some("sbk_other")).await.status(),
             StatusCode::UNAUTHORIZED
         );
-        assert_eq!(keys.db_lookups(), before + 4);
-        db.close(std::time::Duration::from_secs(5)).await.unwrap();
-        tdb.drop_database().await.unwrap();
+        assert_eq!(fx.keys.db_lookups(), before + 4);
+        fx.finish().await;
     }
 
     #[tokio::test]
@@ -771,36 +775,14 @@ mod tests {
         // The sequential flood above is stopped once the quota is spent; here 200 distinct
         // bad keys arrive at once, so none of them sees the quota spent before its lookup
         // unless uncached lookups from one address wait for each other.
-        let tdb = TestDatabase::create().await.unwrap();
-        let db = Database::connect(tdb.config(), "smartbeak-api-test")
-            .await
-            .unwrap();
-        let config = ApiConfig::from_lookup(|var| match var {
-            "RATE_LIMIT_PER_IP" => Some("3".to_owned()),
-            _ => None,
-        })
-        .unwrap();
-        let limiter = RateLimiter::new(config.rate_limit.clone(), None).unwrap();
-        let state = AppState::new(db.clone(), config, limiter, None);
-        let keys = std::sync::Arc::clone(&state.keys);
-        let app = app(state);
-        let send = |peer: &str, key: String| {
-            let mut request = Request::get("/v1/domains")
-                .header("authorization", format!("Bearer {key}"))
-                .body(Body::empty())
-                .unwrap();
-            let peer: std::net::SocketAddr = peer.parse().unwrap();
-            request
-                .extensions_mut()
-                .insert(axum::extract::ConnectInfo(peer));
-            app.clone().oneshot(request)
-        };
-        let before = keys.db_lookups();
-        let flood = (0..200).map(|i| send("192.0.2.70:1", format!("sbk_flood_{i}")));
+        let fx = IpQuota::new().await;
+        let before = fx.keys.db_lookups();
+        let keys: Vec<String> = (0..200).map(|i| format!("sbk_flood_{i}")).collect();
+        let flood = keys.iter().map(|key| fx.send("192.0.2.70:1", Some(key)));
         let statuses: Vec<StatusCode> = futures::future::join_all(flood)
             .await
             .into_iter()
-            .map(|r| r.unwrap().status())
+            .map(|r| r.status())
             .collect();
         let unauthorized = statuses
             .iter()
@@ -812,21 +794,17 @@ mod tests {
             .count();
         assert_eq!(unauthorized + limited, 200, "{statuses:?}");
         assert_eq!(unauthorized, 3, "the IP quota pays for three bad keys");
-        let lookups = keys.db_lookups() - before;
+        let lookups = fx.keys.db_lookups() - before;
         assert!(
             lookups <= 3 + crate::ratelimit::UNCACHED_LOOKUPS_PER_IP as u64,
             "a concurrent flood of bad keys reached PostgreSQL {lookups} times"
         );
         // Another address is not held up by the flood's.
         assert_eq!(
-            send("192.0.2.71:1", "sbk_other".to_owned())
-                .await
-                .unwrap()
-                .status(),
+            fx.send("192.0.2.71:1", Some("sbk_other")).await.status(),
             StatusCode::UNAUTHORIZED
         );
-        db.close(std::time::Duration::from_secs(5)).await.unwrap();
-        tdb.drop_database().await.unwrap();
+        fx.finish().await;
     }
 
     #[tokio::test]

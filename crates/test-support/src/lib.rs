@@ -279,28 +279,26 @@ fn run(cmd: &mut Command, what: &str) -> Result<()> {
 /// Sends `signal` (e.g. "TERM", "QUIT", "KILL", or "SIGTERM") to `pid`, from Rust (no
 /// `kill` binary needed).
 pub fn signal(pid: u32, signal: &str) -> Result<()> {
-    let name = if signal.starts_with("SIG") {
-        signal.to_owned()
-    } else {
-        format!("SIG{signal}")
-    };
-    let sig = Signal::from_str(&name).map_err(|_| err(format!("unknown signal {signal:?}")))?;
     let raw = i32::try_from(pid).map_err(|_| err(format!("invalid pid {pid}")))?;
-    kill(Pid::from_raw(raw), sig).map_err(|e| err(format!("cannot send {name} to {pid}: {e}")))
+    send(raw, signal, &pid.to_string())
 }
 
 /// Sends `signal` (as [`signal`] takes it) to every process of the process group `pgid` (a
 /// child started with `process_group(0)` leads a group of its own pid).
 pub fn signal_group(pgid: u32, signal: &str) -> Result<()> {
+    let raw = i32::try_from(pgid).map_err(|_| err(format!("invalid process group {pgid}")))?;
+    send(-raw, signal, &format!("process group {pgid}"))
+}
+
+/// `kill(2)` of `target` (a pid, or minus a process group) with the signal named `signal`.
+fn send(target: i32, signal: &str, what: &str) -> Result<()> {
     let name = if signal.starts_with("SIG") {
         signal.to_owned()
     } else {
         format!("SIG{signal}")
     };
     let sig = Signal::from_str(&name).map_err(|_| err(format!("unknown signal {signal:?}")))?;
-    let raw = i32::try_from(pgid).map_err(|_| err(format!("invalid process group {pgid}")))?;
-    kill(Pid::from_raw(-raw), sig)
-        .map_err(|e| err(format!("cannot send {name} to process group {pgid}: {e}")))
+    kill(Pid::from_raw(target), sig).map_err(|e| err(format!("cannot send {name} to {what}: {e}")))
 }
 
 fn wait_exit(child: &mut Child, bound: Duration) -> bool {

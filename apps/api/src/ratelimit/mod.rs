@@ -167,7 +167,7 @@ struct SpentIps {
 }
 
 /// Uncached key lookups one client address may have in flight at once (see
-/// [`LookupStripes`]).
+/// the limiter's lookup stripes).
 pub const UNCACHED_LOOKUPS_PER_IP: usize = 4;
 
 /// How many spent client IPs a process remembers.
