@@ -628,15 +628,18 @@ fn start_worker(bin: &Path, work: &Path, i: usize, db: &str) -> Result<Proc> {
         // Short leases, so scenario 9's reclaim of a killed worker's job comes in seconds.
         .env("EXPORT_LEASE_SECS", EXPORT_LEASE.as_secs().to_string())
         .env("EXPORT_HEARTBEAT_SECS", "1")
-        // The lease must cover the database client bound (this plus a margin).
-        .env("DB_STATEMENT_TIMEOUT_MS", "1500")
+        // The lease (5 s) must cover two heartbeats plus the database client bound (this
+        // plus 250 ms: 2,250 ms).
+        .env("DB_STATEMENT_TIMEOUT_MS", "2000")
         .env("EXPORT_REAPER_INTERVAL_SECS", "1")
         .env("EXPORT_WORKER_ID", format!("chaos-worker-{i}"))
-        // Scenario 8: a SIGTERMed worker releases its running exports at once, for the
-        // other worker: a drain of 2.5 s is all release window (500 ms cancel grace, the
-        // 1,750 ms client bound of a release, 250 ms), the least the worker accepts.
-        .env("SHUTDOWN_TIMEOUT_MS", "4000")
-        .env("SHUTDOWN_DRAIN_TIMEOUT_MS", "2500")
+        // Scenario 8: a SIGTERMed worker releases its running exports almost at once, for
+        // the other worker: a drain of 3.5 s is 500 ms of waiting and then the release window
+        // (500 ms cancel grace, the 2,250 ms client bound of a release, 250 ms), so a
+        // release through the proxy's latency has over a second to spare on a loaded
+        // machine (at 2.5 s, the least the worker accepts at 1,500 ms, it had none).
+        .env("SHUTDOWN_TIMEOUT_MS", "5500")
+        .env("SHUTDOWN_DRAIN_TIMEOUT_MS", "3500")
         // The shutdown report's line (its exit code) at info.
         .env("RUST_LOG", "warn,smartbeak_shutdown=info")
         .stdin(Stdio::null())

@@ -771,6 +771,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_burst_on_one_uncached_good_key_is_served_with_a_few_lookups() {
+        // A hot key whose cache entry expired: every request of the burst arrives uncached
+        // from one address. They share the address's lookup permits, and the ones that
+        // waited find the key cached by the first: all are served, PostgreSQL sees at most
+        // one lookup per permit.
+        let fx = IpQuota::new().await;
+        let org = crate::auth::create_org(&fx.db, "hot").await.unwrap();
+        let good = crate::auth::create_key(&fx.db, org, "hot").await.unwrap();
+        let before = fx.keys.db_lookups();
+        let burst = (0..200).map(|_| fx.send("192.0.2.80:1", Some(&good.key)));
+        let statuses: Vec<StatusCode> = futures::future::join_all(burst)
+            .await
+            .into_iter()
+            .map(|r| r.status())
+            .collect();
+        assert!(
+            statuses.iter().all(|s| *s == StatusCode::OK),
+            "{statuses:?}"
+        );
+        let lookups = fx.keys.db_lookups() - before;
+        assert!(
+            lookups <= crate::ratelimit::UNCACHED_LOOKUPS_PER_IP as u64,
+            "200 requests on one uncached key made {lookups} lookups"
+        );
+        fx.finish().await;
+    }
+
+    #[tokio::test]
     async fn a_concurrent_flood_of_distinct_bad_keys_costs_postgresql_about_the_ip_quota() {
         // The sequential flood above is stopped once the quota is spent; here 200 distinct
         // bad keys arrive at once, so none of them sees the quota spent before its lookup

@@ -631,22 +631,33 @@ async fn limit(
         }
         return next.run(request).await;
     }
-    // An uncached key waits for its address's lookup permit (see `LookupStripes`), and
-    // looks again whether the failed keys ahead of it spent the IP quota meanwhile.
-    let mut permit = None;
-    if uncached {
-        permit = limiter.lookups.acquire(ip).await;
-        if let Some(response) = spent() {
-            return response;
+    // An uncached key waits for its address's lookup permit (see `LookupStripes`) alongside
+    // the limiter's own Redis call, never before it. Once it has the permit it looks again
+    // whether the failed keys ahead of it spent the IP quota meanwhile, and the lookup then
+    // finds a key that another request resolved while it waited in the cache (a hot key
+    // whose entry expired costs one lookup, and no queue behind the Redis calls). A good key
+    // gives the permit back at once; a failed one keeps it until its failure is charged.
+    let guarded_lookup = async {
+        let mut permit = None;
+        if uncached {
+            permit = limiter.lookups.acquire(ip).await;
+            if let Some(response) = spent() {
+                return Err(response);
+            }
         }
-    }
+        let resolved = lookup.await;
+        if matches!(resolved, Some(Some(_))) {
+            permit = None;
+        }
+        Ok((resolved, permit))
+    };
     // Only failed keys mark an IP spent (below): unkeyed traffic that spends the IP quota
     // is refused by the quota itself, and must not lock out valid keys behind the address.
-    let (mut decision, resolved) = tokio::join!(limiter.check(&client), lookup);
-    if matches!(resolved, Some(Some(_))) {
-        // A good key: the handler runs without holding up its address's lookups.
-        drop(permit.take());
-    }
+    let (mut decision, looked) = tokio::join!(limiter.check(&client), guarded_lookup);
+    let (resolved, mut permit) = match looked {
+        Ok(looked) => looked,
+        Err(response) => return response,
+    };
     if let Some(presented) = presented {
         request.extensions_mut().insert(presented);
     }
