@@ -272,6 +272,32 @@ pub(crate) fn ab(ctx: &Ctx<'_>) -> Result<Section> {
             })
             .collect(),
     });
+    // Flame graphs (ab.sh draws them when inferno is installed): copied next to the page's
+    // charts and linked, so a reader sees the whole call tree, the middleware stack
+    // included, not only the top symbols.
+    let mut flames = Vec::new();
+    for variant in ["cur-on", "cur-off", "base-on"] {
+        let svg = profiles.join(format!("{variant}.svg"));
+        if profile && svg.is_file() {
+            let name = format!("docs/bench/flame-{variant}.svg");
+            let dest = ctx.sh.current_dir().join(&name);
+            if let Some(dir) = dest.parent() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+            std::fs::copy(&svg, &dest)
+                .with_context(|| format!("copying {} to {}", svg.display(), dest.display()))?;
+            flames.push(format!("[{variant}]({name})"));
+        }
+    }
+    section.notes.push(if flames.is_empty() {
+        "No flame graphs this run (they need perf and inferno: `cargo install inferno`).".to_owned()
+    } else {
+        format!(
+            "Flame graphs of the profiled round (perf, DWARF call graphs, drawn by inferno): {}.",
+            flames.join(", ")
+        )
+    });
     let variants = if profile {
         &[
             ("cur-on", "current, limiter on"),
