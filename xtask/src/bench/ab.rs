@@ -231,20 +231,13 @@ pub(crate) fn ab(ctx: &Ctx<'_>) -> Result<Section> {
         ("/healthz ceiling", &healthz),
         ("pgbench ceiling", &pgbench),
     ] {
-        let ms = |v: f64| {
-            if v.is_nan() {
-                "-".to_owned()
-            } else {
-                format!("{v:.2}")
-            }
-        };
         medians.rows.push(vec![
             name.to_owned(),
             m.rounds.to_string(),
             format!("{:.0}", m.per_sec),
-            ms(m.p50),
-            ms(m.p90),
-            ms(m.p99),
+            ms(Some(m.p50)),
+            ms(Some(m.p90)),
+            ms(Some(m.p99)),
             m.errors.to_string(),
         ]);
     }
@@ -259,7 +252,6 @@ pub(crate) fn ab(ctx: &Ctx<'_>) -> Result<Section> {
             .runs
             .iter()
             .map(|r| {
-                let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}"));
                 vec![
                     r.round.to_string(),
                     r.variant.clone(),
@@ -348,6 +340,13 @@ pub(crate) fn ab(ctx: &Ctx<'_>) -> Result<Section> {
         ));
     }
     Ok(section)
+}
+
+/// A latency cell in ms: `-` when missing (none recorded, or the NaN median of nothing).
+fn ms(value: Option<f64>) -> String {
+    value
+        .filter(|v| !v.is_nan())
+        .map_or("-".to_owned(), |v| format!("{v:.2}"))
 }
 
 /// The first [`TOP`] symbol lines of an `ab.sh` profile (`perf report --sort dso,sym`):

@@ -269,12 +269,7 @@ fn check_export(
         ),
     )?;
     let attempts: Vec<&str> = attempts.split(',').filter(|a| !a.is_empty()).collect();
-    let prefix = id.replace('-', "");
-    let files: Vec<String> = std::fs::read_dir(system.work.join("exports"))?
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|name| name.starts_with(&prefix))
-        .collect();
+    let files = export_files(system, id)?;
     let succeeded = attempts
         .iter()
         .filter(|a| a.ends_with(":succeeded"))
@@ -330,6 +325,29 @@ fn check_export(
 }
 
 /// The keyword-sync run in progress with items loaded: its id and runner.
+/// After a control-plane part, whatever happened: the gate open, no keyword sources, and
+/// control-plane `victim` running again (a fresh process).
+fn restore_cp(system: &mut System, victim: usize) -> Result<()> {
+    system.provider.set_all(Mode::Ok);
+    if matches!(system.cps[victim].child.try_wait(), Ok(None)) {
+        let _ = system.cps[victim].child.kill();
+        let _ = system.cps[victim].child.wait();
+    }
+    let cleared = system.keyword_sources(0);
+    system.restart_cp(victim)?;
+    cleared
+}
+
+/// The names of the files of export `id` in the system's `EXPORT_DIR`.
+pub(super) fn export_files(system: &System, id: &str) -> Result<Vec<String>> {
+    let prefix = id.replace('-', "");
+    Ok(std::fs::read_dir(system.work.join("exports"))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with(&prefix))
+        .collect())
+}
+
 fn running_run(system: &System) -> Option<(String, String)> {
     let row = read(
         system,
@@ -477,15 +495,7 @@ pub(super) fn cp_sigterm(system: &mut System, r: &mut ScenarioResult) -> Result<
     if let Err(e) = outcome {
         r.fail(format!("control-plane SIGTERM part: {e:#}"));
     }
-    // Whatever happened: the gate open, no sources, the control-plane running again.
-    system.provider.set_all(Mode::Ok);
-    if matches!(system.cps[victim].child.try_wait(), Ok(None)) {
-        let _ = system.cps[victim].child.kill();
-        let _ = system.cps[victim].child.wait();
-    }
-    let cleared = system.keyword_sources(0);
-    system.restart_cp(victim)?;
-    cleared
+    restore_cp(system, victim)
 }
 
 /// Scenario 9, the control-plane part: a keyword-sync run over [`RUN_DOMAINS`] sources
@@ -613,15 +623,7 @@ pub(super) fn cp_sigkill(system: &mut System, r: &mut ScenarioResult) -> Result<
     if let Err(e) = outcome {
         r.fail(format!("control-plane SIGKILL part: {e:#}"));
     }
-    // Whatever happened: the gate open, no sources, the control-plane running again.
-    system.provider.set_all(Mode::Ok);
-    if matches!(system.cps[victim].child.try_wait(), Ok(None)) {
-        let _ = system.cps[victim].child.kill();
-        let _ = system.cps[victim].child.wait();
-    }
-    let cleared = system.keyword_sources(0);
-    system.restart_cp(victim)?;
-    cleared
+    restore_cp(system, victim)
 }
 
 /// Samples of a provider's breaker state on one control-plane (0 closed, 1 open, 2

@@ -907,12 +907,7 @@ fn export_worker_sigkill(system: &mut System) -> Result<ScenarioResult> {
          FROM domain_export_attempts WHERE export_id = '{id}'"
     ))?;
     let attempt_rows: Vec<&str> = attempts.split(',').filter(|a| !a.is_empty()).collect();
-    let prefix = id.replace('-', "");
-    let files: Vec<String> = std::fs::read_dir(system.work.join("exports"))?
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|name| name.starts_with(&prefix))
-        .collect();
+    let files = super::batch::export_files(system, &id)?;
     r.note(format!(
         "killed {owner} while the job was {status_now}; export: {row}; attempts: {attempts}; files: {}",
         files.join(" ")

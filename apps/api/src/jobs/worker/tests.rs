@@ -335,6 +335,21 @@ mod with_a_database {
     }
 
     /// Locks `content_items` until the returned connection rolls back: an export waits.
+    /// Runs `body` (PL/pgSQL) in a trigger named `name` before every release (`running` to
+    /// `queued`) of an export.
+    async fn on_release(db: &Database, name: &str, body: &str) {
+        let sql = format!(
+            "CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN {body}; END $$; \
+             CREATE TRIGGER {name} BEFORE UPDATE ON domain_exports FOR EACH ROW \
+             WHEN (OLD.status = 'running' AND NEW.status = 'queued') \
+             EXECUTE FUNCTION {name}();"
+        );
+        db.run(async |conn| sqlx::raw_sql(&sql).execute(conn).await)
+            .await
+            .unwrap();
+    }
+
     async fn lock_content(db: &Database) -> sqlx::pool::PoolConnection<sqlx::Postgres> {
         let mut lock = db.acquire().await.unwrap();
         sqlx::query("BEGIN").execute(&mut *lock).await.unwrap();
@@ -848,19 +863,12 @@ mod with_a_database {
             .unwrap();
         wait_for_status(&s.db, row.id, "running").await;
         // Every release now fails on the server.
-        s.db.run(async |conn| {
-            sqlx::raw_sql(
-                "CREATE FUNCTION refuse_release() RETURNS trigger LANGUAGE plpgsql AS \
-                 $$ BEGIN RAISE EXCEPTION 'release refused by the test'; END $$; \
-                 CREATE TRIGGER refuse_release BEFORE UPDATE ON domain_exports FOR EACH ROW \
-                 WHEN (OLD.status = 'running' AND NEW.status = 'queued') \
-                 EXECUTE FUNCTION refuse_release();",
-            )
-            .execute(conn)
-            .await
-        })
-        .await
-        .unwrap();
+        on_release(
+            &s.db,
+            "refuse_release",
+            "RAISE EXCEPTION 'release refused by the test'",
+        )
+        .await;
         shutdown.trigger(ShutdownReason::Requested("test".into()));
         let report = shutdown.run().await;
         assert!(!report.is_success(), "{report}");
@@ -911,19 +919,7 @@ mod with_a_database {
             .unwrap()
             .unwrap();
         wait_for_status(&s.db, row.id, "running").await;
-        s.db.run(async |conn| {
-            sqlx::raw_sql(
-                "CREATE FUNCTION slow_release() RETURNS trigger LANGUAGE plpgsql AS \
-                 $$ BEGIN PERFORM pg_sleep(1.5); RETURN NEW; END $$; \
-                 CREATE TRIGGER slow_release BEFORE UPDATE ON domain_exports FOR EACH ROW \
-                 WHEN (OLD.status = 'running' AND NEW.status = 'queued') \
-                 EXECUTE FUNCTION slow_release();",
-            )
-            .execute(conn)
-            .await
-        })
-        .await
-        .unwrap();
+        on_release(&s.db, "slow_release", "PERFORM pg_sleep(1.5); RETURN NEW").await;
         shutdown.trigger(ShutdownReason::Requested("test".into()));
         let report = shutdown.run().await;
         assert!(report.is_success(), "{report}");
