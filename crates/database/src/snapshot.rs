@@ -99,10 +99,14 @@ impl Snapshot {
         // every second that the client is still there, so a snapshot discarded after a gap
         // timeout ends its backend (and its snapshot, which holds back vacuum) within about
         // a second, not at the statement timeout.
+        // `TimeZone` and `DateStyle`: a timestamp's text (`COPY`, `::text`) is UTC in ISO
+        // form (`2026-03-01 12:00:00.5+00`) whatever the server's or role's settings, so a
+        // reader of `COPY` output can rely on its shape (binary results are unaffected).
         let sql = format!(
             "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; \
              SET LOCAL statement_timeout = {timeout_ms}; \
-             SET LOCAL client_connection_check_interval = 1000; SELECT 1"
+             SET LOCAL client_connection_check_interval = 1000; \
+             SET LOCAL TimeZone = 'UTC'; SET LOCAL DateStyle = 'ISO'; SELECT 1"
         );
         let conn = snapshot.conn_mut()?;
         let started = tokio::time::timeout(bound, simple(conn, &sql)).await;

@@ -90,7 +90,7 @@ impl Fixture {
             sqlx::query(
                 "INSERT INTO content_items (id, domain_id, title, slug, body, status, \
                  published_at, created_at, updated_at, publish_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, \
                  CASE WHEN $6 = 'scheduled' THEN $8 END)",
             )
             .bind(id)
@@ -101,6 +101,8 @@ impl Fixture {
             .bind(["draft", "published", "scheduled", "archived"][i % 4])
             .bind(published)
             .bind(created)
+            // Fractions of 0 to 6 digits (the CSV writer pads PostgreSQL's to 6).
+            .bind(created + Duration::microseconds([0, 500_000, 120_000, 1, 123_456][i % 5]))
             .execute(&pool)
             .await
             .unwrap();
