@@ -56,6 +56,10 @@ const CP_SHUTDOWN_TIMEOUT: Duration = Duration::from_millis(6000);
 /// The control-planes' `CP_PROVIDER_BREAKER_OPEN_MS`.
 const CP_BREAKER_OPEN: Duration = Duration::from_millis(1000);
 
+/// `DB_POOL_MAX` of every process in the chaos setup (the database crate's default, set
+/// explicitly so the harness knows the bound of scenario 3).
+const POOL_MAX: u64 = 20;
+
 /// The export workers' `EXPORT_LEASE_SECS` in the chaos setup.
 const EXPORT_LEASE: Duration = Duration::from_secs(5);
 
@@ -313,6 +317,9 @@ pub(crate) struct Proc {
     /// The api's listening port, or the worker's admin port.
     port: u16,
     log: PathBuf,
+    /// The most database sessions it may hold: its pool's `DB_POOL_MAX` plus the sessions
+    /// outside the pool (a `LISTEN` session in the api and the worker).
+    db_sessions: u64,
 }
 
 impl Drop for Proc {
@@ -546,6 +553,18 @@ impl System {
         Ok(())
     }
 
+    /// The most database sessions the running processes may hold together (every api
+    /// replica, extra ones included, worker and control-plane connects to the database).
+    fn db_sessions(&self) -> u64 {
+        self.apis
+            .iter()
+            .chain(&self.extra_apis)
+            .chain(&self.workers)
+            .chain(&self.cps)
+            .map(|p| p.db_sessions)
+            .sum()
+    }
+
     /// `GET /v1/domains/{id}` on each replica: the target the load spreads over.
     fn urls(&self) -> Vec<String> {
         self.apis
@@ -596,6 +615,7 @@ fn start_api(
         .env("RATE_LIMIT_REPLICAS", "2")
         .env("RATE_LIMIT_KEY_PREFIX", "chaos")
         .env("SHUTDOWN_TIMEOUT_MS", "5000")
+        .env("DB_POOL_MAX", POOL_MAX.to_string())
         // The shutdown report's line (its exit code) at info.
         .env("RUST_LOG", "warn,smartbeak_shutdown=info")
         .envs(env.iter().copied())
@@ -604,11 +624,18 @@ fn start_api(
         .stderr(file)
         .spawn()
         .context("spawning smartbeak-api")?;
+    let pool_max = env
+        .iter()
+        .rev()
+        .find(|(k, _)| *k == "DB_POOL_MAX")
+        .map_or(Ok(POOL_MAX), |(_, v)| v.parse().context("DB_POOL_MAX"))?;
     Ok(Proc {
         name: format!("api-{i}"),
         child,
         port,
         log,
+        // The pool and the key cache's `LISTEN` session.
+        db_sessions: pool_max + 1,
     })
 }
 
@@ -633,13 +660,14 @@ fn start_worker(bin: &Path, work: &Path, i: usize, db: &str) -> Result<Proc> {
         .env("DB_STATEMENT_TIMEOUT_MS", "2000")
         .env("EXPORT_REAPER_INTERVAL_SECS", "1")
         .env("EXPORT_WORKER_ID", format!("chaos-worker-{i}"))
-        // Scenario 8: a SIGTERMed worker releases its running exports almost at once, for
-        // the other worker: a drain of 3.5 s is 500 ms of waiting and then the release window
-        // (500 ms cancel grace, the 2,250 ms client bound of a release, 250 ms), so a
-        // release through the proxy's latency has over a second to spare on a loaded
-        // machine (at 2.5 s, the least the worker accepts at 1,500 ms, it had none).
-        .env("SHUTDOWN_TIMEOUT_MS", "5500")
-        .env("SHUTDOWN_DRAIN_TIMEOUT_MS", "3500")
+        // Scenario 8: a SIGTERMed worker releases its running exports for the other worker.
+        // The least drain it accepts is the release window (500 ms cancel grace, the
+        // 2,250 ms client bound of a release, 250 ms) plus the client bound of a claim sent
+        // just before the stop: 5,250 ms; 500 ms more is slack for a release through the
+        // proxy's latency on a loaded machine. The rest of the 8 s is for closing the pools.
+        .env("SHUTDOWN_TIMEOUT_MS", "8000")
+        .env("SHUTDOWN_DRAIN_TIMEOUT_MS", "5750")
+        .env("DB_POOL_MAX", POOL_MAX.to_string())
         // The shutdown report's line (its exit code) at info.
         .env("RUST_LOG", "warn,smartbeak_shutdown=info")
         .stdin(Stdio::null())
@@ -652,6 +680,8 @@ fn start_worker(bin: &Path, work: &Path, i: usize, db: &str) -> Result<Proc> {
         child,
         port,
         log,
+        // The pool and the queue's `LISTEN` session.
+        db_sessions: POOL_MAX + 1,
     })
 }
 
@@ -693,6 +723,7 @@ fn start_cp(bin: &Path, work: &Path, i: usize, db: &str, provider: &Provider) ->
             "SHUTDOWN_TIMEOUT_MS",
             CP_SHUTDOWN_TIMEOUT.as_millis().to_string(),
         )
+        .env("DB_POOL_MAX", POOL_MAX.to_string())
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(file.try_clone()?)
@@ -704,6 +735,8 @@ fn start_cp(bin: &Path, work: &Path, i: usize, db: &str, provider: &Provider) ->
         child,
         port,
         log,
+        // The pool only: a run's lock connection is one of its connections.
+        db_sessions: POOL_MAX,
     })
 }
 

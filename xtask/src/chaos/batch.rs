@@ -34,8 +34,8 @@ const GATE_OPENS_AFTER: Duration = Duration::from_millis(200);
 /// Exports queued for the worker SIGTERM part.
 const EXPORTS: usize = 6;
 
-/// Latency on the database proxy while they run, so that they last seconds; kept through
-/// the SIGTERM and the releases (the worker's drain holds a release's whole client bound).
+/// Latency on the database proxy from the queueing on, kept through the SIGTERM and the
+/// releases (the worker's drain holds a release's whole client bound).
 const WORKER_LATENCY_MS: u64 = 150;
 
 /// How often the parts poll the database (one `psql` each time): rarely enough that the
@@ -109,20 +109,25 @@ fn by_id(procs: &[super::Proc], prefix: &str, id_prefix: &str, id: &str) -> Opti
     })
 }
 
-/// Scenario 8, the export worker part: `EXPORTS` exports queued with 150 ms of latency on
-/// the database proxy (so they run for seconds), the worker running the most of them
-/// SIGTERMed with the latency kept. It releases them at once (`SHUTDOWN_DRAIN_TIMEOUT_MS`
-/// 2500: a drain that is all release window; attempt `released`, the job `queued` again)
-/// and exits with its shutdown report's code, 0. Passes when it exits 0 (its report's
-/// code) within 10 s, released at least one export, and every export succeeded exactly
-/// once: one `succeeded` attempt, one file, the one its `storage_path` names,
-/// `rows_written` = `record_count`, `attempts` = its attempts not released (a released
-/// attempt is given back), those it released by the other worker.
+/// Scenario 8, the export worker part: `EXPORTS` exports queued with no fault on the
+/// database proxy while a `psql` session of this harness holds `domain_settings` (every
+/// export's first statement counts its settings rows, and no enqueue reads them), so they
+/// are claimed and wait there; then 150 ms of latency on the proxy and the worker running
+/// the most of them SIGTERMed with the latency kept. Its drain (`SHUTDOWN_DRAIN_TIMEOUT_MS`
+/// 5750: the least it accepts, a release window plus the client bound, and 500 ms) cancels
+/// them and releases them (attempt `released`, the job `queued` again); it exits with its
+/// shutdown report's code, 0; then the lock goes and the latency with it. Passes when it
+/// exits 0 (its report's code) within 10 s, released at least one export, and every export
+/// succeeded exactly once: one `succeeded` attempt, one file, the one its `storage_path`
+/// names, `rows_written` = `record_count`, `attempts` = its attempts not released (a
+/// released attempt is given back), those it released by the other worker. Queued before
+/// the latency: the api's enqueue at 150 ms a round trip could end in a spurious 504; held
+/// by the lock: without it the exports could finish before the drain's cancel.
 pub(super) fn worker_sigterm(system: &mut System, r: &mut ScenarioResult) -> Result<()> {
     let part = Instant::now();
     super::ingest_keywords(system.apis[0].port, &system.key, &system.domain)?;
-    system.pg_proxy.set_fault(Fault::Latency(WORKER_LATENCY_MS));
-    // Queued at once (each request takes a few round trips).
+    let mut hold = TableLock::take(system, "domain_settings")?;
+    // Queued at once (each request takes a few round trips), with no fault on the proxy.
     let (port, key, domain) = (system.apis[0].port, &system.key, &system.domain);
     let queued: Vec<Result<String>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..EXPORTS)
@@ -136,13 +141,8 @@ pub(super) fn worker_sigterm(system: &mut System, r: &mut ScenarioResult) -> Res
             })
             .collect()
     });
-    let ids = match queued.into_iter().collect::<Result<Vec<_>>>() {
-        Ok(ids) => ids,
-        Err(e) => {
-            system.pg_proxy.set_fault(Fault::Pass);
-            return Err(e);
-        }
-    };
+    let ids = queued.into_iter().collect::<Result<Vec<_>>>()?;
+    system.pg_proxy.set_fault(Fault::Latency(WORKER_LATENCY_MS));
     r.requests += ids.len();
     let list = ids
         .iter()
@@ -188,6 +188,9 @@ pub(super) fn worker_sigterm(system: &mut System, r: &mut ScenarioResult) -> Res
     };
     let exit_took = exited;
     system.pg_proxy.set_fault(Fault::Pass);
+    if let Err(e) = hold.release() {
+        r.fail(format!("the psql session holding domain_settings: {e:#}"));
+    }
     let status = system.workers[victim].child.try_wait().ok().flatten();
     let done = poll_until(Duration::from_secs(30), || {
         read(
@@ -224,8 +227,8 @@ pub(super) fn worker_sigterm(system: &mut System, r: &mut ScenarioResult) -> Res
         }
     }
     r.note(format!(
-        "worker: SIGTERM to {owner} running {running_then} of {EXPORTS} exports (150 ms latency \
-         kept), exit {} {} after the signal (report {report:?}), released {released}, \
+        "worker: SIGTERM to {owner} running {running_then} of {EXPORTS} exports (held by a lock, \
+         150 ms latency kept), exit {} {} after the signal (report {report:?}), released {released}, \
          finished by the other worker {succeeded_by_other}, all done {:.2}s after the \
          signal, part {:.1}s",
         status.map_or_else(|| "none".to_owned(), |s| s.to_string()),
@@ -240,6 +243,72 @@ pub(super) fn worker_sigterm(system: &mut System, r: &mut ScenarioResult) -> Res
         ));
     }
     Ok(())
+}
+
+/// A table held (`ACCESS EXCLUSIVE`) by a `psql` session of this harness until
+/// [`TableLock::release`] or drop (the session's end rolls it back).
+struct TableLock {
+    session: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+}
+
+impl TableLock {
+    /// Takes the lock on `table` and waits (bounded) until it is granted.
+    fn take(system: &System, table: &str) -> Result<Self> {
+        use std::io::Write as _;
+        let mut session = crate::services::psql_session(&system.db_url)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting the psql session that holds the lock")?;
+        let stdin = session.stdin.take();
+        let mut lock = Self { session, stdin };
+        let input = lock
+            .stdin
+            .as_mut()
+            .context("the psql session has no stdin")?;
+        input.write_all(
+            format!("BEGIN;\nLOCK TABLE {table} IN ACCESS EXCLUSIVE MODE;\n").as_bytes(),
+        )?;
+        input.flush()?;
+        let granted = time_until(Duration::from_secs(5), || {
+            read(
+                system,
+                &format!(
+                    "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
+                     WHERE c.relname = '{table}' AND l.mode = 'AccessExclusiveLock' AND l.granted"
+                ),
+            )
+            .is_ok_and(|n| n == "1")
+        });
+        if granted.is_none() {
+            bail!("the lock on {table} was not granted within 5 s");
+        }
+        Ok(lock)
+    }
+
+    /// Rolls the transaction back and ends the session; `Err` when it failed.
+    fn release(&mut self) -> Result<()> {
+        use std::io::Write as _;
+        if let Some(mut stdin) = self.stdin.take() {
+            stdin.write_all(b"ROLLBACK;\n")?;
+        }
+        let status = self.session.wait()?;
+        if !status.success() {
+            bail!("psql exited with {status}");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TableLock {
+    fn drop(&mut self) {
+        if self.stdin.take().is_some() {
+            let _ = self.session.kill();
+            let _ = self.session.wait();
+        }
+    }
 }
 
 /// Checks one export of the worker part (see [`worker_sigterm`]); `owner` is the

@@ -22,7 +22,7 @@ use smartbeak_api::startup;
 use smartbeak_database::{Database, DatabaseConfig};
 use smartbeak_shutdown::admin::AdminServer;
 use smartbeak_shutdown::telemetry::{self, Output};
-use smartbeak_shutdown::{RegisterError, Shutdown};
+use smartbeak_shutdown::{DRAIN_TIMEOUT_ENV, RegisterError, Shutdown, ShutdownConfig};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -31,7 +31,10 @@ use uuid::Uuid;
 /// shared [`startup::DATABASE_AND_SHUTDOWN_HELP`] and the worker's own constraint.
 fn other_variables() -> String {
     format!(
-        "{}\n\nEXPORT_LEASE_SECS must be at least DB_STATEMENT_TIMEOUT_MS plus 10% (at least 250 ms).",
+        "{}\n\nEXPORT_LEASE_SECS must be at least DB_STATEMENT_TIMEOUT_MS plus 10% (at least 250 ms).\n\
+         The worker's SHUTDOWN_DRAIN_TIMEOUT_MS defaults to four fifths of SHUTDOWN_TIMEOUT_MS and \
+         must be at least 750 ms plus twice the database client bound (DB_STATEMENT_TIMEOUT_MS \
+         plus 10%, at least 250 ms): 18,350 ms at the default 8,000 ms.",
         startup::DATABASE_AND_SHUTDOWN_HELP
     )
 }
@@ -272,7 +275,9 @@ fn main() -> ExitCode {
 
 /// The long-running worker, wired as every service binary (ARCHITECTURE.md).
 async fn serve(config: WorkerConfig, logs: &telemetry::LogGuard) -> anyhow::Result<ExitCode> {
-    let shutdown = Shutdown::from_env().context("shutdown configuration")?;
+    let shutdown_config = ShutdownConfig::from_env().context("shutdown configuration")?;
+    let drain_set = std::env::var_os(DRAIN_TIMEOUT_ENV).is_some();
+    let shutdown = Shutdown::new(worker::shutdown_config(shutdown_config, drain_set));
     shutdown
         .listen_for_signals()
         .context("installing signal handlers")?;

@@ -39,7 +39,9 @@
 //!   queued, due now, token bumped) while the pools are still open, so another worker
 //!   takes them at once. The margin is at least the [`release_window`] (the cancel grace
 //!   plus the database client bound, so a release against a slow database still lands),
-//!   and a drain deadline that cannot hold it is refused at start-up ([`check_drain`]).
+//!   and the drain deadline must hold it plus the client bound (a claim sent just before
+//!   the stop may return that much later, and its release must have the whole window too);
+//!   a shorter one is refused at start-up ([`check_drain`]).
 //!   Each release runs under a deadline (`deadline::scope`) that ends before the drain
 //!   does; a release that fails, or runs out of time, fails the handler, so the shutdown
 //!   report (and the exit code) says so.
@@ -568,8 +570,23 @@ pub fn install(shutdown: &Shutdown, worker: &Worker) -> Result<Installed, Regist
     })
 }
 
-/// The drain deadline the `drain-exports` handler works to: `SHUTDOWN_DRAIN_TIMEOUT_MS`,
-/// by default two thirds of `SHUTDOWN_TIMEOUT_MS`, at most `SHUTDOWN_TIMEOUT_MS`.
+/// The worker's shutdown configuration: `config`, with a drain deadline of four fifths of
+/// `SHUTDOWN_TIMEOUT_MS` (20 s of the default 25 s) unless `SHUTDOWN_DRAIN_TIMEOUT_MS` was
+/// set (`drain_set`). The shared default, two thirds (16.7 s), is below [`min_drain`] at the
+/// default `DB_STATEMENT_TIMEOUT_MS` (18.35 s at 8 s); the fifth left is the default
+/// `SHUTDOWN_POOL_CLOSE_MS` (5 s) for closing the pools.
+pub fn shutdown_config(config: ShutdownConfig, drain_set: bool) -> ShutdownConfig {
+    if drain_set {
+        return config;
+    }
+    let drain = config.timeout / 5 * 4;
+    config.with_drain_timeout(drain)
+}
+
+/// The drain deadline the `drain-exports` handler works to: `SHUTDOWN_DRAIN_TIMEOUT_MS`
+/// (for the worker binary by default four fifths of `SHUTDOWN_TIMEOUT_MS`,
+/// [`shutdown_config`]; two thirds when no drain deadline is set at all), at most
+/// `SHUTDOWN_TIMEOUT_MS`.
 pub fn drain_deadline(config: &ShutdownConfig) -> Duration {
     config
         .drain_timeout
@@ -591,35 +608,53 @@ pub fn release_window(query_timeout: Duration) -> Duration {
 
 /// The part of the drain deadline kept for cancelling the exports still running and
 /// releasing their leases: a quarter of it, between 1 s and 3 s, and never less than the
-/// [`release_window`] of `query_timeout`; all of a drain shorter than that (the exports
-/// are then released at once).
+/// [`release_window`] of `query_timeout`; at most the drain less `query_timeout`, so the
+/// cancel comes no earlier than a claim sent just before the stop can have returned (its
+/// job then starts before the cancel, and its release has the whole window, as any
+/// other's). A drain too short for both ([`check_drain`] refuses it) keeps the window, or
+/// all of the drain when shorter still (the exports are then released at once).
 pub fn release_margin(drain: Duration, query_timeout: Duration) -> Duration {
+    let window = release_window(query_timeout);
     (drain / 4)
         .clamp(Duration::from_secs(1), Duration::from_secs(3))
-        .max(release_window(query_timeout))
+        .max(window)
+        .min(drain.saturating_sub(query_timeout))
+        .max(window)
         .min(drain)
 }
 
-/// Refuses (at start-up) a drain deadline that cannot hold the [`release_window`]: a
-/// release cut short by the end of the drain leaves its job `running` until its lease
-/// expires, and the reaper's reclaim keeps the attempt it used (a job on its last attempt
-/// would be dead-lettered by an ordinary deploy). The message names the variables.
+/// The shortest drain deadline [`check_drain`] accepts at `query_timeout`: the
+/// [`release_window`] plus the client bound itself. A claim sent just before the stop may
+/// return up to `query_timeout` later; were the cancel earlier, its job would start already
+/// cancelled and its release would have only what is left of the window of the others.
+pub fn min_drain(query_timeout: Duration) -> Duration {
+    release_window(query_timeout) + query_timeout
+}
+
+/// Refuses (at start-up) a drain deadline shorter than [`min_drain`]: a release cut short
+/// by the end of the drain leaves its job `running` until its lease expires, and the
+/// reaper's reclaim keeps the attempt it used (a job on its last attempt would be
+/// dead-lettered by an ordinary deploy). The message names the variables.
 pub fn check_drain(shutdown: &ShutdownConfig, db: &DatabaseConfig) -> Result<(), String> {
     let drain = drain_deadline(shutdown);
     let query_timeout = db.query_timeout();
     let window = release_window(query_timeout);
-    if drain < window {
+    let needed = min_drain(query_timeout);
+    if drain < needed {
         return Err(format!(
-            "the shutdown drain deadline ({} ms, SHUTDOWN_DRAIN_TIMEOUT_MS, by default two \
-             thirds of SHUTDOWN_TIMEOUT_MS) cannot hold the release of a running export: \
-             {} ms ({} ms for the export to stop, the database client bound of {} ms from \
-             DB_STATEMENT_TIMEOUT_MS {} ms plus a margin, {} ms to report); raise \
-             SHUTDOWN_DRAIN_TIMEOUT_MS / SHUTDOWN_TIMEOUT_MS or lower DB_STATEMENT_TIMEOUT_MS",
+            "the shutdown drain deadline ({} ms, SHUTDOWN_DRAIN_TIMEOUT_MS, by default four \
+             fifths of SHUTDOWN_TIMEOUT_MS for the export worker) must be at least {} ms: a \
+             claim in flight at the stop may return up to the database client bound of {} ms \
+             (DB_STATEMENT_TIMEOUT_MS {} ms plus a margin) later, and its export's release \
+             then needs the whole release window of {} ms ({} ms for the export to stop, the \
+             client bound, {} ms to report); raise SHUTDOWN_DRAIN_TIMEOUT_MS / \
+             SHUTDOWN_TIMEOUT_MS or lower DB_STATEMENT_TIMEOUT_MS",
             drain.as_millis(),
-            window.as_millis(),
-            CANCEL_GRACE.as_millis(),
+            needed.as_millis(),
             query_timeout.as_millis(),
             db.statement_timeout.as_millis(),
+            window.as_millis(),
+            CANCEL_GRACE.as_millis(),
             RELEASE_SLACK.as_millis()
         ));
     }

@@ -45,17 +45,26 @@ fn the_release_margin_is_a_bounded_share_of_the_drain_and_holds_the_release_wind
         Duration::from_millis(600),
         "a drain below a second releases at once"
     );
-    // The defaults: an 8.8 s client bound needs 9.55 s; the default drain (16.7 s) holds it.
+    // The cancel waits at least the client bound (a claim sent just before the stop may
+    // return that late): at a 100 ms bound (850 ms window) a 950 ms drain keeps 850 ms,
+    // not the 950 ms a one-second floor alone would give (a cancel at once).
+    let quick = Duration::from_millis(100);
+    assert_eq!(
+        release_margin(Duration::from_millis(950), quick),
+        Duration::from_millis(850)
+    );
+    // The defaults: an 8.8 s client bound needs 9.55 s; the worker's default drain (20 s)
+    // holds it and leaves more than the bound before it.
     let default = Duration::from_millis(8_800);
     assert_eq!(release_window(default), Duration::from_millis(9_550));
     assert_eq!(
-        release_margin(Duration::from_millis(16_666), default),
+        release_margin(Duration::from_secs(20), default),
         Duration::from_millis(9_550)
     );
 }
 
 #[test]
-fn a_drain_that_cannot_hold_the_release_window_is_refused() {
+fn a_drain_that_cannot_hold_a_late_claim_and_its_release_is_refused() {
     let mut db = smartbeak_database::DatabaseConfig::new("postgres://u@h/d").unwrap();
     db.statement_timeout = Duration::from_millis(1_500);
     let shutdown = |drain_ms| {
@@ -63,19 +72,32 @@ fn a_drain_that_cannot_hold_the_release_window_is_refused() {
             .with_timeout(Duration::from_secs(5))
             .with_drain_timeout(Duration::from_millis(drain_ms))
     };
-    // 500 ms grace + 1,750 ms client bound + 250 ms.
-    assert!(check_drain(&shutdown(2_500), &db).is_ok());
-    let err = check_drain(&shutdown(1_000), &db).unwrap_err();
-    assert!(
-        err.contains("SHUTDOWN_DRAIN_TIMEOUT_MS") && err.contains("2500 ms"),
-        "{err}"
-    );
-    assert!(
-        check_drain(
-            &ShutdownConfig::default(),
-            &smartbeak_database::DatabaseConfig::new("postgres://u@h/d").unwrap()
-        )
-        .is_ok()
+    // The release window (500 ms grace + 1,750 ms client bound + 250 ms) plus the client
+    // bound of a claim in flight at the stop.
+    assert_eq!(min_drain(db.query_timeout()), Duration::from_millis(4_250));
+    assert!(check_drain(&shutdown(4_250), &db).is_ok());
+    for short in [4_249, 2_500, 1_000] {
+        let err = check_drain(&shutdown(short), &db).unwrap_err();
+        assert!(
+            err.contains("SHUTDOWN_DRAIN_TIMEOUT_MS")
+                && err.contains("SHUTDOWN_TIMEOUT_MS")
+                && err.contains("DB_STATEMENT_TIMEOUT_MS")
+                && err.contains("4250 ms")
+                && err.contains(&format!("({short} ms")),
+            "{err}"
+        );
+    }
+    // The defaults: the shared two thirds (16.7 s) is too short at the default 8 s
+    // statement timeout (18.35 s needed); the worker's four fifths (20 s) holds it.
+    let default_db = smartbeak_database::DatabaseConfig::new("postgres://u@h/d").unwrap();
+    assert!(check_drain(&ShutdownConfig::default(), &default_db).is_err());
+    let worker_default = shutdown_config(ShutdownConfig::default(), false);
+    assert_eq!(worker_default.drain_timeout, Some(Duration::from_secs(20)));
+    assert!(check_drain(&worker_default, &default_db).is_ok());
+    // A drain deadline set explicitly is kept.
+    assert_eq!(
+        shutdown_config(shutdown(1_000), true).drain_timeout,
+        Some(Duration::from_millis(1_000))
     );
 }
 
@@ -899,17 +921,19 @@ mod with_a_database {
     async fn a_slow_release_at_shutdown_still_lands_within_the_drain() {
         let s = setup().await;
         let mut config = s.tdb.config();
-        // A client bound of 3,250 ms for a release that takes 1.5 s: room for a loaded
-        // machine, and still past the old margin (about 1 s at this drain).
+        // A client bound of 3,300 ms for a release that takes 1.5 s: room for a loaded
+        // machine, and still past the margin of old (about 1 s at a 4 s drain).
         config.statement_timeout = Duration::from_millis(3_000);
         let db = Database::connect(config.clone(), "worker-slow-release")
             .await
             .unwrap();
         let w = worker_on(&s, db, &[]);
+        // The least drain the worker accepts at this bound: the 4,050 ms release window
+        // (500 ms grace, the 3,300 ms client bound, 250 ms) plus the client bound.
         let shutdown = Shutdown::new(
             ShutdownConfig::default()
-                .with_timeout(Duration::from_secs(6))
-                .with_drain_timeout(Duration::from_millis(4_050)),
+                .with_timeout(Duration::from_secs(9))
+                .with_drain_timeout(Duration::from_millis(7_350)),
         );
         check_drain(shutdown.config(), &config).unwrap();
         let _installed = install(&shutdown, &w).unwrap();
