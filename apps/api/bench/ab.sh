@@ -23,7 +23,8 @@
 #   5. with --profile DIR, records the api with `perf record` (linux-perf; DWARF call graphs)
 #      during one more round of base-on, cur-on and cur-off, after the measured ones, and writes to DIR each
 #      profile's top symbols (`perf report --no-children`, <variant>.top.txt) and, when
-#      inferno is installed (`cargo install inferno`), a flame graph (<variant>.svg). The
+#      inferno is installed (`cargo install inferno`), a flame graph (<variant>.svg) and each
+#      layer's own share of the CPU (<variant>.layers.txt, see layer_costs). The
 #      profiled round is slower than the others; its figures stay out of the medians.
 #
 # The limiter-on runs use limits no run can exhaust (3,600,000 per 3,600 s: one unit per
@@ -253,11 +254,54 @@ report_profile() {
       grep -v '^$' | grep -v '^# *$'
   } >"$profile/$variant.top.txt"
   if command -v inferno-collapse-perf >/dev/null && command -v inferno-flamegraph >/dev/null; then
-    perf script -i "$data" 2>/dev/null | inferno-collapse-perf 2>/dev/null |
-      inferno-flamegraph --title "smartbeak-api $variant: GET /v1/domains/{id}, $connections connections" \
-        >"$profile/$variant.svg" 2>/dev/null || true
+    perf script -i "$data" 2>/dev/null | inferno-collapse-perf 2>/dev/null >"$out/$variant.folded" || true
+    inferno-flamegraph --title "smartbeak-api $variant: GET /v1/domains/{id}, $connections connections" \
+      <"$out/$variant.folded" >"$profile/$variant.svg" 2>/dev/null || true
+    layer_costs "$out/$variant.folded" >"$profile/$variant.layers.txt"
+    rm -f "$out/$variant.folded"
   fi
   rm -f "$data"
+}
+
+# layer_costs <folded stacks>: each CPU sample charged to the innermost layer of the request
+# path on its stack (the handler, sqlx, the limiter, each middleware, hyper...), so a layer's
+# share is its own cost (its code, and the allocations and system calls it makes), not that of
+# the layers inside it. Samples with no such frame (the tokio scheduler, idle parking, the
+# kernel's task switches) are charged to "runtime". Output: "share<TAB>layer" lines, largest
+# first, after a "# samples N" line.
+layer_costs() {
+  awk '
+    function layer(f) {
+      sub(/^</, "", f); sub(/^core::ptr::drop_in_place</, "", f); sub(/^</, "", f)
+      if (f ~ /^smartbeak_api::routes::/) return "handler (routes)"
+      if (f ~ /^smartbeak_api::auth/) return "auth (key cache, lookup)"
+      if (f ~ /^smartbeak_api::ratelimit/) return "rate limiter (ours)"
+      if (f ~ /^redis::/) return "redis client"
+      if (f ~ /^(sqlx|sqlx_core|sqlx_postgres)::/) return "sqlx (queries, pool)"
+      if (f ~ /^smartbeak_database::/) return "database crate (bounds, deadline)"
+      if (f ~ /^(metrics|metrics_util|metrics_exporter_prometheus)::/) return "metrics"
+      if (f ~ /^smartbeak_api::http::/) return "api middleware (metrics, errors, ip quota)"
+      if (f ~ /^(tower_http::trace|tracing|tracing_core|tracing_subscriber)::/) return "tracing spans (TraceLayer)"
+      if (f ~ /^tower_http::request_id/) return "request id"
+      if (f ~ /^tower_http::catch_panic/) return "catch panic"
+      if (f ~ /^tower_http::timeout/) return "request timeout"
+      if (f ~ /^tower_http::limit/) return "body limit"
+      if (f ~ /^tower::(load_shed|limit)/) return "load shed, concurrency limit"
+      if (f ~ /^(serde|serde_json|serde_core)::/) return "serde_json"
+      if (f ~ /^(axum|axum_core|matchit)::/) return "axum (routing, extractors)"
+      if (f ~ /^(hyper|hyper_util|http_body_util|h2)::/) return "hyper (HTTP/1, socket I/O)"
+      return ""
+    }
+    {
+      n = $NF; stack = $0; sub(/ [0-9]+$/, "", stack)
+      k = split(stack, fr, ";"); got = "runtime (scheduler, parking, task switches)"
+      for (i = k; i >= 1; i--) { l = layer(fr[i]); if (l != "") { got = l; break } }
+      cost[got] += n; total += n
+    }
+    END {
+      printf "# samples %d\n", total
+      if (total > 0) for (l in cost) printf "%.2f%%\t%s\n", 100 * cost[l] / total, l
+    }' "$1" | sort -t$'\t' -k1,1 -rn
 }
 
 # pg_ceiling <round>: pgbench on the key-and-domain lookup, one joined query a transaction.

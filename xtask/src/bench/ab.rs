@@ -323,6 +323,9 @@ pub(crate) fn ab(ctx: &Ctx<'_>) -> Result<Section> {
                 .push(format!("The {title} profile could not be read: {e:#}.")),
         }
     }
+    if profile {
+        layer_table(&mut section, &profiles, variants);
+    }
     section.notes.push(format!(
         "Baseline {} (the main issue 13 started from) and current {} built in release mode by \
          the script; both run against this bench's throwaway PostgreSQL and Redis, each on a \
@@ -340,6 +343,72 @@ pub(crate) fn ab(ctx: &Ctx<'_>) -> Result<Section> {
         ));
     }
     Ok(section)
+}
+
+/// The per-layer cost table: each profiled variant's `<variant>.layers.txt` (ab.sh's
+/// `layer_costs`: every CPU sample charged to the innermost layer of the request path on its
+/// stack) side by side, a row per layer, largest first in the first variant. A variant
+/// without the file (no inferno) is left out, with a note.
+fn layer_table(section: &mut Section, profiles: &Path, variants: &[(&str, &str)]) {
+    let mut columns = Vec::new();
+    for &(variant, title) in variants {
+        let path = profiles.join(format!("{variant}.layers.txt"));
+        match std::fs::read_to_string(&path) {
+            Ok(text) => columns.push((variant, title, parse_layers(&text))),
+            Err(e) => section.notes.push(format!(
+                "No per-layer costs for the {title} profile ({}: {e}).",
+                path.display()
+            )),
+        }
+    }
+    let Some((_, _, first)) = columns.first() else {
+        return;
+    };
+    let mut layers: Vec<String> = first.iter().map(|(layer, _)| layer.clone()).collect();
+    for (_, _, rows) in &columns[1..] {
+        for (layer, _) in rows {
+            if !layers.contains(layer) {
+                layers.push(layer.clone());
+            }
+        }
+    }
+    let mut header = vec!["layer (its own code, allocations and system calls)".to_owned()];
+    header.extend(columns.iter().map(|(variant, _, _)| (*variant).to_owned()));
+    let rows = layers
+        .iter()
+        .map(|layer| {
+            let mut row = vec![layer.clone()];
+            row.extend(columns.iter().map(|(_, _, rows)| {
+                rows.iter()
+                    .find(|(l, _)| l == layer)
+                    .map_or("-".to_owned(), |(_, share)| share.clone())
+            }));
+            row
+        })
+        .collect();
+    section.tables.push(Table {
+        caption: "Per-request cost by layer of the request path (the same profiles): every \
+                  CPU sample of the api is charged to the innermost layer on its stack (the \
+                  handler, sqlx, the limiter, each middleware, hyper), so a share is that \
+                  layer's own cost, not the layers inside it; `runtime` is the tokio \
+                  scheduler, parking and the kernel's task switches (ab.sh `layer_costs`):"
+            .to_owned(),
+        header,
+        rows,
+    });
+}
+
+/// `12.34%<TAB>layer` lines of a `layers.txt` as (layer, share); `#` lines skipped.
+fn parse_layers(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (share, layer) = l.split_once('\t')?;
+            share
+                .ends_with('%')
+                .then(|| (layer.trim().to_owned(), share.trim().to_owned()))
+        })
+        .collect()
 }
 
 /// A latency cell in ms: `-` when missing (none recorded, or the NaN median of nothing).
@@ -384,7 +453,20 @@ fn parse_top(text: &str) -> Vec<Vec<String>> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_top;
+    use super::{parse_layers, parse_top};
+
+    #[test]
+    fn layer_lines_become_rows() {
+        let text = "60.00%\truntime (scheduler)\n30.50%\tsqlx (queries, pool)\nnot a row\n\
+                    # samples 100\n";
+        assert_eq!(
+            parse_layers(text),
+            vec![
+                ("runtime (scheduler)".to_owned(), "60.00%".to_owned()),
+                ("sqlx (queries, pool)".to_owned(), "30.50%".to_owned()),
+            ]
+        );
+    }
 
     #[test]
     fn perf_report_lines_become_rows() {
