@@ -6,8 +6,9 @@
 //! into `target/schemathesis-<hash of that file>` the first time, so a new release of a
 //! dependency (hypothesis decides which cases a seed produces) cannot change the run. The api runs on a database of its own
 //! (created, migrated, dropped afterwards), with one org and a seeded key, Redis as the
-//! limiter and quotas high enough that 429s do not crowd out the cases. Every check runs
-//! (but one, see `apps/api/fuzz/schemathesis.toml`), stateful phase included; the step
+//! limiter and quotas high enough that 429s do not crowd out the cases. Every check runs on
+//! every operation (but one check on one operation, see `apps/api/fuzz/schemathesis.toml`),
+//! stateful phase included; the step
 //! fails on any failure schemathesis reports: a server error, a schema-valid request
 //! rejected, an undocumented status, a response that does not match its schema. It is
 //! killed after [`DEFAULT_TIMEOUT_SECS`] (`SMARTBEAK_FUZZ_TIMEOUT_SECS`); an interrupted run

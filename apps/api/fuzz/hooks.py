@@ -8,10 +8,15 @@ in the document itself.
 One rule depends on earlier requests: an `Idempotency-Key` sent again with another body is
 422 `IDEMPOTENCY_KEY_REUSED`. The generator repeats header values across cases, so
 `map_headers` gives every valid key a value of its own (invalid ones are kept: the api must
-reject them). Replays are tested in apps/api (`idempotency::tests`).
+reject them). The coverage phase still sends one value with several bodies (it does not go
+through `map_headers`), so `schemathesis.toml` lets `POST .../metrics` and `POST .../exports`
+answer a schema-valid request with 422, and the check `only_idempotency_key_reuse_is_422`
+narrows that to the one 422 the api answers by state: any other 422 (`INVALID_BODY`) on a
+schema-valid request fails the run. Replays are tested in apps/api (`idempotency::tests`).
 """
 
 import itertools
+import json
 import re
 from datetime import date, datetime, timedelta, timezone
 
@@ -136,3 +141,24 @@ def map_headers(ctx, headers):
         if name.lower() == "idempotency-key" and isinstance(value, str) and _IDEMPOTENCY_KEY.fullmatch(value):
             headers[name] = f"fuzz-{next(_fresh_keys)}"
     return headers
+
+
+@schemathesis.check
+def only_idempotency_key_reuse_is_422(ctx, response, case):
+    """A schema-valid request answered 422 must be a reused `Idempotency-Key`, nothing else."""
+    if response.status_code != 422:
+        return None
+    meta = getattr(case, "meta", None)
+    generation = getattr(meta, "generation", None)
+    mode = getattr(generation, "mode", None)
+    if mode is not None and not mode.is_positive:
+        return None
+    try:
+        code = json.loads(response.content).get("code")
+    except (ValueError, AttributeError):
+        code = None
+    if code != "IDEMPOTENCY_KEY_REUSED":
+        raise AssertionError(
+            f"a schema-valid request was rejected with 422 {code}: only IDEMPOTENCY_KEY_REUSED may be"
+        )
+    return None

@@ -169,19 +169,27 @@ pub fn app(state: AppState) -> Router {
     probes.fallback_service(stack)
 }
 
-/// Runs the request inside a [`smartbeak_database::deadline::scope`] and a
-/// [`smartbeak_utils::fetch::deadline::scope`] ending when the request timeout fires, so
-/// every query it makes is bounded by what is left of it (and an ingest transaction's
-/// `statement_timeout` lowered to fit), and so is every outbound call through
-/// `smartbeak_utils::fetch`: neither outlives its request, and no handler passes the
-/// deadline along.
+/// Runs the request inside a [`smartbeak_resilience::deadline::scope`] ending just before the
+/// request timeout fires (the one task-local that `smartbeak_database::deadline` and
+/// `smartbeak_utils::fetch::deadline` re-export), so every query it makes is bounded by what
+/// is left of it (and an ingest transaction's `statement_timeout` lowered to fit), and so is
+/// every outbound call through `smartbeak_utils::fetch`: neither outlives its request, and
+/// no handler passes the deadline along.
+///
+/// The deadline is [`deadline_margin`] before the timeout layer's own: a statement still
+/// running then is ended by its own bound (counted in `db_query_timeouts_total`, its cause
+/// logged, its connection discarded) and the handler answers the 504. With one instant for
+/// both the timeout layer would win every tie (it looks at its timer before the request) and
+/// the query's bound would never be the one that fires.
 async fn request_deadline(timeout: std::time::Duration, request: Request, next: Next) -> Response {
-    let deadline = tokio::time::Instant::now() + timeout;
-    smartbeak_database::deadline::scope(
-        deadline,
-        smartbeak_utils::fetch::deadline::scope(deadline, next.run(request)),
-    )
-    .await
+    let deadline = tokio::time::Instant::now() + timeout.saturating_sub(deadline_margin(timeout));
+    smartbeak_resilience::deadline::scope(deadline, next.run(request)).await
+}
+
+/// How long before the request timeout the request's deadline ends: a twentieth of it, at
+/// most 50 ms (timers have millisecond ticks, and scheduling under load adds a few more).
+fn deadline_margin(timeout: std::time::Duration) -> std::time::Duration {
+    (timeout / 20).min(std::time::Duration::from_millis(50))
 }
 
 /// Describes the HTTP layer's metrics and registers its label-less counters at 0
@@ -633,6 +641,206 @@ mod tests {
             lookups,
             "the good key came from the cache"
         );
+        db.close(std::time::Duration::from_secs(5)).await.unwrap();
+        tdb.drop_database().await.unwrap();
+    }
+
+    /// The shared Redis (`REDIS_URL`, else `redis://127.0.0.1:6379`) behind a
+    /// [`smartbeak_test_support::TcpForwarder`]: the forwarder and the api variables that point
+    /// the limiter at it (a prefix of its own, and `extra`).
+    fn redis_through_forwarder(
+        extra: &[(&str, &str)],
+    ) -> (smartbeak_test_support::TcpForwarder, Vec<(String, String)>) {
+        use std::net::ToSocketAddrs as _;
+        let shared = std::env::var("REDIS_URL")
+            .ok()
+            .filter(|url| !url.trim().is_empty())
+            .unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned());
+        let info = redis::Client::open(shared.as_str())
+            .unwrap()
+            .get_connection_info()
+            .clone();
+        let redis::ConnectionAddr::Tcp(host, port) = info.addr() else {
+            panic!("not a plain TCP redis URL: {shared}");
+        };
+        let target = (host.as_str(), *port)
+            .to_socket_addrs()
+            .unwrap()
+            .next()
+            .unwrap();
+        let forwarder = smartbeak_test_support::TcpForwarder::start(target).unwrap();
+        let (scheme, rest) = shared.split_once("://").unwrap();
+        let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        let userinfo = authority
+            .rsplit_once('@')
+            .map_or(String::new(), |(user, _)| format!("{user}@"));
+        let url = format!("{scheme}://{userinfo}127.0.0.1:{}{path}", forwarder.port());
+        let mut vars = vec![
+            ("REDIS_URL".to_owned(), url),
+            (
+                "RATE_LIMIT_KEY_PREFIX".to_owned(),
+                format!("sbtest:{}", uuid::Uuid::new_v4().simple()),
+            ),
+        ];
+        vars.extend(
+            extra
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
+        (forwarder, vars)
+    }
+
+    /// The app on a fresh database with the limiter on Redis (connected), configured by
+    /// `vars`.
+    async fn app_with_redis(vars: &[(String, String)]) -> (TestDatabase, Database, AppState) {
+        let tdb = TestDatabase::create().await.unwrap();
+        let db = Database::connect(tdb.config(), "smartbeak-api-test")
+            .await
+            .unwrap();
+        let config = ApiConfig::from_lookup(|var| {
+            vars.iter()
+                .find(|(name, _)| name == var)
+                .map(|(_, value)| value.clone())
+        })
+        .unwrap();
+        let limiter = RateLimiter::new(config.rate_limit.clone(), config.redis.as_ref()).unwrap();
+        assert!(
+            limiter
+                .wait_for_redis(std::time::Duration::from_secs(10))
+                .await
+        );
+        let state = AppState::new(db.clone(), config, limiter, None);
+        (tdb, db, state)
+    }
+
+    #[tokio::test]
+    async fn the_key_lookup_starts_while_the_limiters_redis_call_is_held() {
+        // The Redis reply is held (the forwarder's gate) until the key lookup is seen in
+        // PostgreSQL, waiting on a lock the test holds on `api_keys`. Code that looked the key
+        // up only after the limiter's answer never gets there: the gate stays shut, the
+        // bounded wait for the lookup fails. The command timeout (20 s) is far beyond that
+        // wait (5 s), so no fail-open decision can start the lookup late and pass.
+        let (forwarder, vars) = redis_through_forwarder(&[("REDIS_COMMAND_TIMEOUT_MS", "20000")]);
+        let (tdb, db, state) = app_with_redis(&vars).await;
+        let app = app(state);
+        let org = crate::auth::create_org(&db, "gate").await.unwrap();
+        let key = crate::auth::create_key(&db, org, "uncached").await.unwrap();
+        let pool = db.primary().clone();
+        let mut holder = pool.begin().await.unwrap();
+        sqlx::query("LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE")
+            .execute(&mut *holder)
+            .await
+            .unwrap();
+        forwarder.set_fault(smartbeak_test_support::Fault::Hold);
+        let mut request = Request::get("/v1/domains")
+            .header("authorization", format!("Bearer {}", key.key))
+            .body(Body::empty())
+            .unwrap();
+        let peer: std::net::SocketAddr = "192.0.2.90:1".parse().unwrap();
+        request
+            .extensions_mut()
+            .insert(axum::extract::ConnectInfo(peer));
+        let served = app.clone().oneshot(request);
+        let gate = async {
+            let started = std::time::Instant::now();
+            loop {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND wait_event_type = 'Lock' \
+                     AND query ILIKE '%api_keys%'",
+                )
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+                if waiting == 1 {
+                    break;
+                }
+                assert!(
+                    started.elapsed() < std::time::Duration::from_secs(5),
+                    "no key lookup in PostgreSQL while the limiter's Redis call was held: \
+                     they do not run concurrently"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            // The lookup is under way: the limiter's reply may come, then the lookup's.
+            forwarder.restore();
+            holder.commit().await.unwrap();
+        };
+        let (response, ()) = tokio::join!(served, gate);
+        let response = response.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        // Redis decided (a fail-open answer would leave no counter there).
+        let (_, prefix) = vars
+            .iter()
+            .find(|(name, _)| name == "RATE_LIMIT_KEY_PREFIX")
+            .unwrap();
+        let shared = std::env::var("REDIS_URL")
+            .ok()
+            .filter(|url| !url.trim().is_empty())
+            .unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned());
+        let mut admin = redis::Client::open(shared.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let counters: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{{{prefix}}}:k:*"))
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        assert_eq!(counters.len(), 1, "{counters:?}");
+        db.close(std::time::Duration::from_secs(5)).await.unwrap();
+        tdb.drop_database().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_spent_ip_shortcut_is_counted_as_its_own_backend_not_redis() {
+        // With Redis as the limiter, three bad keys from one address spend its IP quota (3)
+        // in Redis; a fourth uncached key from it is answered 429 from the process's memory
+        // of the spent address, asking no limiter: `backend="spent_ip"`, not "redis".
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let _local = metrics::set_default_local_recorder(&recorder);
+        let (_forwarder, vars) = redis_through_forwarder(&[("RATE_LIMIT_PER_IP", "3")]);
+        let (tdb, db, state) = app_with_redis(&vars).await;
+        let app = app(state);
+        let send = |key: String| {
+            let mut request = Request::get("/v1/domains")
+                .header("authorization", format!("Bearer {key}"))
+                .body(Body::empty())
+                .unwrap();
+            let peer: std::net::SocketAddr = "192.0.2.91:1".parse().unwrap();
+            request
+                .extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
+            app.clone().oneshot(request)
+        };
+        for i in 0..3 {
+            let status = send(format!("sbk_spend_{i}")).await.unwrap().status();
+            assert_eq!(status, StatusCode::UNAUTHORIZED);
+        }
+        let series = |text: &str, backend: &str| -> f64 {
+            text.lines()
+                .find(|l| {
+                    l.starts_with("rate_limit_decisions_total{")
+                        && l.contains("decision=\"limited\"")
+                        && l.contains(&format!("backend=\"{backend}\""))
+                })
+                .and_then(|l| l.rsplit(' ').next())
+                .map_or(0.0, |v| v.parse().unwrap())
+        };
+        let before = handle.render();
+        assert_eq!(series(&before, "redis"), 0.0, "{before}");
+        let limited = send("sbk_spend_3".to_owned()).await.unwrap();
+        assert_eq!(limited.status(), StatusCode::TOO_MANY_REQUESTS);
+        let after = handle.render();
+        assert_eq!(
+            series(&after, crate::ratelimit::SPENT_IP_BACKEND),
+            1.0,
+            "{after}"
+        );
+        assert_eq!(series(&after, "redis"), 0.0, "{after}");
+        assert_eq!(series(&after, "local"), 0.0, "{after}");
         db.close(std::time::Duration::from_secs(5)).await.unwrap();
         tdb.drop_database().await.unwrap();
     }

@@ -141,3 +141,45 @@ pub fn is_connection_sqlstate(code: &str) -> bool {
 pub(crate) fn is_connection_error(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(db) if db.code().is_some_and(|code| is_connection_sqlstate(&code)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::is_connection_sqlstate;
+
+    #[test]
+    fn connection_sqlstates_are_class_08_and_the_57p_operator_interventions() {
+        for code in [
+            "08000", // connection_exception
+            "08003", // connection_does_not_exist
+            "08006", // connection_failure
+            "08001", // sqlclient_unable_to_establish_sqlconnection
+            "08004", // sqlserver_rejected_establishment_of_sqlconnection
+            "08P01", // protocol_violation
+            "57P01", // admin_shutdown (pg_terminate_backend, a fast shutdown)
+            "57P02", // crash_shutdown
+            "57P03", // cannot_connect_now
+            "57P04", // database_dropped
+            "57P05", // idle_session_timeout
+        ] {
+            assert!(is_connection_sqlstate(code), "{code} is a connection state");
+        }
+        for code in [
+            "57014", // query_canceled: a statement timeout, the session is fine
+            "57000", // operator_intervention, the class itself
+            "40001", // serialization_failure
+            "40P01", // deadlock_detected
+            "23505", // unique_violation
+            "53300", // too_many_connections: the server answers, refuses a new session
+            "55P03", // lock_not_available
+            "25P02", // in_failed_sql_transaction
+            "XX000", // internal_error
+            "00000", // successful_completion
+            "", "8000", // not a class-08 code, only a prefix of one
+        ] {
+            assert!(
+                !is_connection_sqlstate(code),
+                "{code:?} is not a connection state"
+            );
+        }
+    }
+}

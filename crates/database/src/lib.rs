@@ -66,7 +66,6 @@
 
 mod analytics;
 mod config;
-pub mod deadline;
 mod error;
 mod metrics;
 mod pinger;
@@ -89,6 +88,11 @@ pub use error::{DbError, is_connection_sqlstate};
 pub use metrics::{ACQUIRE_BUCKETS, PoolMetrics, PoolStats};
 pub use pinger::Pinger;
 pub use pool::{CLIENT_CHECK_INTERVAL, LIFETIME_JITTER, PING_BYPASS};
+/// The deadline of the work a query belongs to: [`Database::run`], [`Database::begin`] and
+/// [`Tx::run`] bound themselves by the smaller of their configured bound and what is left of
+/// it (one task-local with `smartbeak_utils::fetch::deadline`, see
+/// [`smartbeak_resilience::deadline`]).
+pub use smartbeak_resilience::deadline;
 pub use snapshot::{CopyOut, Rows, Snapshot, SnapshotOptions};
 pub use transaction::Tx;
 

@@ -294,6 +294,7 @@ pub mod breaker;
 pub mod bulkhead;
 pub mod clock;
 pub mod compose;
+pub mod deadline;
 pub mod registry;
 pub mod retry;
 #[cfg(test)]

@@ -3,7 +3,8 @@
 //! and applies to the open connections and to new ones alike: [`Fault::Pass`] forwards,
 //! [`Fault::Latency`] delays every chunk, [`Fault::Stall`] swallows every byte both ways
 //! keeping the connections open (a dead network: the client sees silence, no reset),
-//! [`Fault::Reset`] aborts every connection with an RST, [`Fault::Cut`] closes them (FIN).
+//! [`Fault::Reset`] aborts every connection with an RST, [`Fault::Cut`] closes them (FIN),
+//! [`Fault::Hold`] keeps every chunk (a gate: nothing is lost) until the fault changes.
 //! Loopback only.
 
 use std::collections::HashMap;
@@ -34,6 +35,11 @@ pub enum Fault {
     Reset,
     /// Close every connection (FIN both ways); new ones are closed at once.
     Cut,
+    /// Hold every chunk read from now on, both ways, and keep the connections open; when
+    /// the fault changes the held chunks go on under the new one (forwarded under
+    /// [`Fault::Pass`]): a gate that loses nothing, for a test that must let a reply through
+    /// only once something else has happened.
+    Hold,
 }
 
 impl Fault {
@@ -43,6 +49,7 @@ impl Fault {
             Self::Stall => 1,
             Self::Reset => 2,
             Self::Cut => 3,
+            Self::Hold => 5,
             // Latency in the upper bits, so that one atomic holds the whole fault.
             Self::Latency(ms) => 4 | (ms.min(u64::MAX >> 3) << 3),
         }
@@ -54,6 +61,7 @@ impl Fault {
             1 => Self::Stall,
             2 => Self::Reset,
             3 => Self::Cut,
+            5 => Self::Hold,
             _ => Self::Latency(raw >> 3),
         }
     }
@@ -180,7 +188,7 @@ fn connection(client: TcpStream, target: SocketAddr, shared: &Arc<Shared>) {
             swallow_until_switched(client, shared);
             return;
         }
-        Fault::Pass | Fault::Latency(_) => {}
+        Fault::Pass | Fault::Latency(_) | Fault::Hold => {}
     }
     let Ok(server) = TcpStream::connect_timeout(&target, Duration::from_secs(5)) else {
         // The server is down: the client sees what it would see without the proxy.
@@ -237,6 +245,17 @@ fn is_timeout(e: &io::Error) -> bool {
     )
 }
 
+/// The fault in force once it is not [`Fault::Hold`] (a chunk read under it waits for
+/// that), or `Hold` if the forwarder stopped meanwhile.
+fn held_until_switched(shared: &Shared) -> Fault {
+    let mut fault = shared.fault();
+    while fault == Fault::Hold && !shared.stop.load(Ordering::SeqCst) {
+        thread::sleep(TICK);
+        fault = shared.fault();
+    }
+    fault
+}
+
 /// Copies `from` to `to` until either ends, the forwarder stops or the fault ends the
 /// connection; drops the bytes while stalled, delays them under latency.
 fn pipe(mut from: TcpStream, mut to: TcpStream, shared: &Shared) {
@@ -258,11 +277,11 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, shared: &Shared) {
                 close(&to);
                 return;
             }
-            Fault::Pass | Fault::Latency(_) | Fault::Stall => {}
+            Fault::Pass | Fault::Latency(_) | Fault::Stall | Fault::Hold => {}
         }
         match from.read(&mut buf) {
             Ok(0) => break,
-            Ok(n) => match shared.fault() {
+            Ok(n) => match held_until_switched(shared) {
                 Fault::Stall => {}
                 Fault::Latency(ms) => {
                     thread::sleep(Duration::from_millis(ms));
@@ -275,8 +294,8 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, shared: &Shared) {
                         break;
                     }
                 }
-                // The top of the loop ends the connection.
-                Fault::Reset | Fault::Cut => {}
+                // The top of the loop ends the connection (or the forwarder stopped).
+                Fault::Reset | Fault::Cut | Fault::Hold => {}
             },
             Err(e) if is_timeout(&e) => {}
             Err(_) => break,

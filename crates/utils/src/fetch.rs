@@ -162,7 +162,11 @@ pub use smartbeak_resilience::{Policy, RetryPolicy, StopReason, TimeoutScope};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-pub mod deadline;
+/// The deadline of the work an outbound call belongs to: a call's total deadline is the
+/// smaller of its own (`policy.retry.max_elapsed`, or [`RequestBuilder::deadline`]) and what
+/// is left of the scope's (one task-local with `smartbeak_database::deadline`, see
+/// [`smartbeak_resilience::deadline`]).
+pub use smartbeak_resilience::deadline;
 
 /// Header that lets a non-idempotent request (POST, PATCH) be retried.
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";

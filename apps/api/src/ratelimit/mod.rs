@@ -85,6 +85,17 @@ pub struct Decision {
     pub retry_after_secs: Option<u64>,
 }
 
+/// Who made a decision of [`RateLimiter::check`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DecidedBy {
+    /// The script in Redis.
+    Redis,
+    /// The in-process limiter, with no Redis configured.
+    Local,
+    /// Redis failed: the fail-open fallback (the in-process limiter) or the fail-closed 503.
+    Fallback,
+}
+
 /// State of the Redis connection, for `/readyz`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RedisHealth {
@@ -226,6 +237,12 @@ impl SpentIps {
     }
 }
 
+/// The `backend` label of the 429s answered from the process's memory of client IPs whose
+/// quota it saw spent by failed keys, with no limiter asked: a label value of its own, so that
+/// `backend="redis"` counts only what Redis decided (and `backend="local"` only what the
+/// in-process limiter decided).
+pub const SPENT_IP_BACKEND: &str = "spent_ip";
+
 const POLICY_KEY: usize = 0;
 const POLICY_IP: usize = 1;
 const WARNING_INTERVAL: Duration = Duration::from_secs(10);
@@ -265,14 +282,13 @@ impl RateLimiter {
         Ok(limiter)
     }
 
-    /// The `backend` label of a decision made without consulting a backend (a client IP
-    /// remembered as spent).
-    fn backend_label(&self) -> &'static str {
-        if self.redis.is_some() {
-            "redis"
-        } else {
-            "local"
-        }
+    /// The 429 for `ip` when this process remembers its quota spent ([`SpentIps`]), counted
+    /// as a decision of its own backend, [`SPENT_IP_BACKEND`]: neither Redis nor the
+    /// in-process limiter was asked.
+    fn spent_shortcut(&self, ip: IpAddr) -> Option<Decision> {
+        let decision = self.spent.limited(ip, self.config.window.as_secs())?;
+        record(Outcome::Limited, SPENT_IP_BACKEND, false);
+        Some(decision)
     }
 
     /// True unless `RATE_LIMIT_ENABLED=false`.
@@ -304,6 +320,7 @@ impl RateLimiter {
         if !self.config.enabled {
             return;
         }
+        count_decision(Outcome::Limited, SPENT_IP_BACKEND, false, 0);
         let Some(redis) = &self.redis else {
             count_decision(Outcome::Allowed, "local", false, 0);
             count_decision(Outcome::Limited, "local", false, 0);
@@ -348,10 +365,16 @@ impl RateLimiter {
 
     /// Checks (and, if allowed, consumes) one request of `client`.
     pub async fn check(&self, client: &ClientIdentity) -> Decision {
+        self.check_decided(client).await.0
+    }
+
+    /// [`Self::check`], and who decided: the tests tell a decision of Redis from one of the
+    /// in-process limiter that happens to agree with it.
+    pub(crate) async fn check_decided(&self, client: &ClientIdentity) -> (Decision, DecidedBy) {
         let Some(redis) = &self.redis else {
             let decision = self.check_local(client);
             record(decision.outcome, "local", false);
-            return decision;
+            return (decision, DecidedBy::Local);
         };
         let prefix = &self.config.key_prefix;
         let mut keys = Vec::with_capacity(2);
@@ -381,21 +404,22 @@ impl RateLimiter {
                     .collect();
                 let decision = self.decision(outcome.allowed, quotas, &outcome.keys);
                 record(decision.outcome, "redis", false);
-                decision
+                (decision, DecidedBy::Redis)
             }
             Err(kind) => {
                 self.warn_failure(kind.as_str());
                 if self.config.fail_closed {
                     record(Outcome::Unavailable, "redis", true);
-                    return Decision {
+                    let decision = Decision {
                         outcome: Outcome::Unavailable,
                         quotas: Vec::new(),
                         retry_after_secs: Some(1),
                     };
+                    return (decision, DecidedBy::Fallback);
                 }
                 let decision = self.check_local(client);
                 record(decision.outcome, "local", true);
-                decision
+                (decision, DecidedBy::Fallback)
             }
         }
     }
@@ -603,8 +627,7 @@ async fn limit(
     let keyed = presented.is_some();
     let uncached = matches!((&presented, state), (Some(presented), Some(state)) if !state.keys.is_cached(presented));
     let spent = || {
-        let decision = limiter.spent.limited(ip, limiter.config.window.as_secs())?;
-        record(Outcome::Limited, limiter.backend_label(), false);
+        let decision = limiter.spent_shortcut(ip)?;
         let mut response = ApiError::RateLimited.into_response();
         decision.apply_headers(response.headers_mut());
         Some(response)

@@ -58,12 +58,30 @@ fn the_fault_round_trips_through_its_encoding() {
         Fault::Stall,
         Fault::Reset,
         Fault::Cut,
+        Fault::Hold,
         Fault::Latency(0),
         Fault::Latency(1),
         Fault::Latency(250),
     ] {
         assert_eq!(Fault::decode(fault.encode()), fault);
     }
+}
+
+#[test]
+fn hold_keeps_the_bytes_until_the_fault_changes_and_loses_none() {
+    let fwd = TcpForwarder::start(echo()).unwrap();
+    let mut c = client(&fwd);
+    assert_eq!(&round_trip(&mut c, b"ping").unwrap(), b"ping");
+    // The pipe looks at the fault after each read: set before the write, it holds it.
+    fwd.set_fault(Fault::Hold);
+    c.write_all(b"held").unwrap();
+    let mut buf = [0u8; 4];
+    let e = c.read(&mut buf).unwrap_err();
+    assert!(is_timeout(&e), "held, no answer yet: {e}");
+    fwd.restore();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"held");
 }
 
 #[test]

@@ -169,7 +169,7 @@ impl TestApi {
         checksum
     }
 
-    async fn finish(self) {
+    pub(crate) async fn finish(self) {
         drop(self.app);
         self.f.finish().await;
     }

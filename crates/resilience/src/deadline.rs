@@ -1,8 +1,10 @@
-//! The deadline of the work a query belongs to (an HTTP request, say), carried in a task-local
-//! so that every bound of this crate nests under it without each caller passing it along:
-//! [`scope`] sets it for a future; [`crate::Database::run`], [`crate::Database::begin`] and
-//! [`crate::Tx::run`] bound themselves by the smaller of their configured bound and
-//! [`remaining`]. A query never outlives the work it serves.
+//! The deadline of the work in progress (an HTTP request the api serves, say), carried in a
+//! task-local so that every bound under it nests without each caller passing it along:
+//! [`scope`] sets it for a future; the database's `run`, `begin` and `Tx::run`
+//! (`smartbeak_database`, re-exported there as `deadline`) bound themselves by the smaller of
+//! their configured bound and [`remaining`], and so does every outbound call of
+//! `smartbeak_utils::fetch` (re-exported there as `fetch::deadline`). One task-local for
+//! both: a request's one [`scope`] bounds its queries and its outbound calls alike.
 
 use std::future::Future;
 use std::time::Duration;
@@ -13,8 +15,8 @@ tokio::task_local! {
     static DEADLINE: Instant;
 }
 
-/// Runs `fut` with `deadline` as the deadline of every query it makes (in this task; a task
-/// it spawns does not inherit it). A nested scope keeps the earlier of the two deadlines.
+/// Runs `fut` with `deadline` as the deadline of every query and outbound call it makes (in
+/// this task; a task it spawns does not inherit it). A nested scope keeps the earlier of the two deadlines.
 pub async fn scope<F: Future>(deadline: Instant, fut: F) -> F::Output {
     let deadline = current().map_or(deadline, |outer| outer.min(deadline));
     DEADLINE.scope(deadline, fut).await
