@@ -17,6 +17,8 @@ use smartbeak_database::testing::TestDatabase;
 use sqlx::{PgPool, Postgres, Transaction};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+
+use crate::support::eventually;
 use uuid::Uuid;
 
 use crate::api::metric_value;
@@ -323,25 +325,6 @@ impl WorkerProc {
             let _ = tokio::time::timeout_at(deadline, reader).await;
         }
         status.code()
-    }
-}
-
-/// Polls `check` every 50 ms until it returns `Some`, at most `bound`.
-async fn eventually<T, F, Fut>(what: &str, bound: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + bound;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {bound:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

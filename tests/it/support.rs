@@ -9,6 +9,7 @@
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
@@ -64,4 +65,23 @@ fn build() -> Result<PathBuf> {
         bail!("cargo build --workspace --bins failed: {status}");
     }
     Ok(profile_dir.to_path_buf())
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, at most `bound`.
+pub(crate) async fn eventually<T, F, Fut>(what: &str, bound: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + bound;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {bound:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

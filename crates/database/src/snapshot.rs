@@ -7,6 +7,12 @@
 //! bound), and the client gives up when no data arrived for the **gap timeout** (a stalled
 //! query or a black-holed connection), whatever the total duration. Every statement sees the
 //! same snapshot, so sections read one after another are consistent with each other.
+//!
+//! Inside a snapshot the text of a timestamp (`COPY`, `::text`) is UTC in ISO form
+//! (`2026-03-01 12:00:00.5+00`): the transaction sets `TimeZone = 'UTC'` and
+//! `DateStyle = 'ISO'` (`SET LOCAL`), whatever a session-level `SET` left on the pooled
+//! connection, so a reader of `COPY` output can rely on that shape (the export's CSV writer
+//! does). Binary results are unaffected.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -99,9 +105,9 @@ impl Snapshot {
         // every second that the client is still there, so a snapshot discarded after a gap
         // timeout ends its backend (and its snapshot, which holds back vacuum) within about
         // a second, not at the statement timeout.
-        // `TimeZone` and `DateStyle`: a timestamp's text (`COPY`, `::text`) is UTC in ISO
-        // form (`2026-03-01 12:00:00.5+00`) whatever the server's or role's settings, so a
-        // reader of `COPY` output can rely on its shape (binary results are unaffected).
+        // `TimeZone` and `DateStyle`: sqlx sends both at connect (UTC, ISO), but a
+        // session-level `SET` on a pooled connection would outlive its caller; `SET LOCAL`
+        // pins them for the snapshot (see the module doc).
         let sql = format!(
             "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; \
              SET LOCAL statement_timeout = {timeout_ms}; \

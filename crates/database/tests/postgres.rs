@@ -1975,6 +1975,61 @@ async fn snapshot_raises_the_statement_timeout_for_its_transaction_only() {
     fx.finish().await;
 }
 
+/// A snapshot prints timestamps in UTC ISO form whatever the session was left with (a
+/// session-level `SET` on a pooled connection), and its `SET LOCAL`s end with it.
+#[tokio::test]
+async fn snapshot_prints_timestamps_in_utc_iso_whatever_the_session_set() {
+    // One connection: the snapshot gets the one the `SET`s were made on.
+    let fx = Fixture::new(|c| {
+        c.pool_min = 1;
+        c.pool_max = 1;
+    })
+    .await;
+    let show = async |db: &Database| {
+        db.run(async |conn| {
+            sqlx::query_as::<_, (String, String)>(
+                "SELECT current_setting('TimeZone'), current_setting('DateStyle')",
+            )
+            .fetch_one(conn)
+            .await
+        })
+        .await
+        .unwrap()
+    };
+    fx.db
+        .run(async |conn| {
+            sqlx::raw_sql("SET TimeZone = 'Asia/Kolkata'; SET DateStyle = 'SQL, DMY'")
+                .execute(conn)
+                .await
+        })
+        .await
+        .unwrap();
+    let session = ("Asia/Kolkata".to_owned(), "SQL, DMY".to_owned());
+    assert_eq!(show(&fx.db).await, session);
+    let mut snapshot = fx.db.read_snapshot().await.unwrap();
+    let mut csv = Vec::new();
+    {
+        let mut copy = snapshot
+            .copy_out(
+                "COPY (SELECT '2026-03-01 12:00:00.5+00'::timestamptz, \
+                 '2026-03-01 12:00:00+00'::timestamptz) TO STDOUT (FORMAT csv)",
+            )
+            .await
+            .unwrap();
+        while let Some(frame) = copy.next().await.unwrap() {
+            csv.extend_from_slice(&frame);
+        }
+    }
+    snapshot.finish().await.unwrap();
+    assert_eq!(
+        String::from_utf8(csv).unwrap(),
+        "2026-03-01 12:00:00.5+00,2026-03-01 12:00:00+00\n"
+    );
+    // `SET LOCAL`: the session's own settings are back after the snapshot.
+    assert_eq!(show(&fx.db).await, session);
+    fx.finish().await;
+}
+
 #[tokio::test]
 async fn snapshot_does_not_see_rows_committed_after_it_began_and_is_read_only() {
     let fx = Fixture::new(|_| {}).await;

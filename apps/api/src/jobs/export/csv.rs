@@ -102,7 +102,11 @@ pub(crate) fn write(
     while let Some(section) = feed.next_section()? {
         zip.start_file(format!("{}.csv", section.name()), options)
             .map_err(io::Error::from)?;
-        copy_section(feed, &mut zip, section)?;
+        // Buffered above the entry: the compressor and the CRC see large writes, not the
+        // two of every record.
+        let mut entry = BufWriter::with_capacity(BUFFER, &mut zip);
+        copy_section(feed, &mut entry, section)?;
+        entry.flush()?;
     }
     let stream = zip.finish().map_err(io::Error::from)?;
     stream
@@ -111,26 +115,31 @@ pub(crate) fn write(
         .map_err(|err| err.into_error())
 }
 
-/// How many of a section's last columns are timestamps (rewritten by [`copy_section`]).
+/// How many of a section's last columns are timestamps (rewritten by [`copy_section`]): the
+/// trailing `..._at` columns of [`columns`] (content: published_at, created_at, updated_at;
+/// keywords: recorded_at). [`copy_section`] checks that the COPY's header is [`columns`],
+/// so the SELECT cannot put other columns there unnoticed.
 fn trailing_times(section: Section) -> usize {
-    match section {
-        // published_at, created_at, updated_at
-        Section::Content => 3,
-        // recorded_at
-        Section::Keywords => 1,
-        Section::Analytics | Section::Settings => 0,
-    }
+    columns(section)
+        .iter()
+        .rev()
+        .take_while(|name| name.ends_with("_at"))
+        .count()
 }
 
-/// Copies the section's COPY output (header included) as it arrives, with its trailing
-/// timestamps in RFC 3339 ([`write_record`]).
+/// Copies the section's COPY output as it arrives: the header (which must be
+/// [`columns`], else the export fails), then the records with their trailing timestamps in
+/// RFC 3339 ([`write_record`]).
 fn copy_section<W: Write>(feed: &mut Feed, out: &mut W, section: Section) -> io::Result<()> {
     let times = trailing_times(section);
     let mut header = true;
     let mut tail = Vec::with_capacity(128);
     while let Some(frames) = feed.next_csv()? {
         for frame in &frames {
-            if times == 0 || std::mem::take(&mut header) {
+            if std::mem::take(&mut header) {
+                check_header(frame, section)?;
+                out.write_all(frame)?;
+            } else if times == 0 {
                 out.write_all(frame)?;
             } else {
                 write_record(frame, times, &mut tail, out)?;
@@ -138,6 +147,21 @@ fn copy_section<W: Write>(feed: &mut Feed, out: &mut W, section: Section) -> io:
         }
     }
     Ok(())
+}
+
+/// The COPY's header frame must name [`columns`] in order (the writer relies on where the
+/// timestamps are).
+fn check_header(frame: &[u8], section: Section) -> io::Result<()> {
+    let expected = columns(section).join(",");
+    if frame.strip_suffix(b"\n") == Some(expected.as_bytes()) {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "the {} section's COPY header is {:?}, not {expected:?}",
+            section.name(),
+            String::from_utf8_lossy(frame)
+        )))
+    }
 }
 
 /// Writes one record (one `COPY` frame, ending in `\n`) whose last `times` fields are
@@ -246,6 +270,20 @@ mod time_tests {
         ] {
             assert_eq!(rewritten(kept), kept);
         }
+    }
+
+    #[test]
+    fn the_trailing_timestamps_are_the_columns_named_at() {
+        assert_eq!(trailing_times(Section::Content), 3);
+        assert_eq!(trailing_times(Section::Keywords), 1);
+        assert_eq!(trailing_times(Section::Analytics), 0);
+        assert_eq!(trailing_times(Section::Settings), 0);
+        assert!(check_header(b"key,value\n", Section::Settings).is_ok());
+        let err = check_header(b"value,key\n", Section::Settings).unwrap_err();
+        assert!(
+            err.to_string().contains("settings section's COPY header"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -102,7 +102,12 @@ impl Fixture {
             .bind(published)
             .bind(created)
             // Fractions of 0 to 6 digits (the CSV writer pads PostgreSQL's to 6).
-            .bind(created + Duration::microseconds([0, 500_000, 120_000, 1, 123_456][i % 5]))
+            .bind(
+                created
+                    + Duration::microseconds(
+                        [0, 500_000, 120_000, 123_000, 123_400, 123_450, 123_456, 1][i % 8],
+                    ),
+            )
             .execute(&pool)
             .await
             .unwrap();
