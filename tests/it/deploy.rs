@@ -1,6 +1,7 @@
 //! The `deploy/` folder checked against the real binaries: the Kubernetes manifests (every
 //! variable set is one the binary's `--help` lists, commands are real subcommands, probes
-//! are served on the port the binary listens on, grace periods cover the shutdown deadline)
+//! are served on the port the binary listens on, grace periods cover the shutdown deadline,
+//! the export worker's drain rule holds on the values it is given)
 //! and every metric name and selector label value of the dashboard's and the alerting
 //! rules' PromQL appear in `/metrics` of the running binaries after a short workload.
 //!
@@ -19,6 +20,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use serde_yaml::Value;
+use smartbeak_api::jobs::worker::{self, config as worker_defaults};
+use smartbeak_database::DatabaseConfig;
+use smartbeak_shutdown::ShutdownConfig;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -290,6 +294,9 @@ fn manifests_agree_with_the_binaries_help_and_shutdown_deadline() {
             c.owner,
             c.pre_stop_secs
         );
+        if c.command[0] == "smartbeak-domain-export" {
+            check_worker_shutdown(c);
+        }
         // the probes' port is the one the binary is told to listen on
         let paths: BTreeSet<&str> = c.probes.iter().map(|(p, _)| p.as_str()).collect();
         assert_eq!(
@@ -317,6 +324,39 @@ fn manifests_agree_with_the_binaries_help_and_shutdown_deadline() {
                 .values()
                 .all(|p| addr.ends_with(&format!(":{p}"))),
             "{}: container ports vs {addr_var}",
+            c.owner
+        );
+    }
+}
+
+/// The export worker's shutdown rule on the container's values, through the functions the
+/// binary itself calls (`worker::shutdown_config`, then `worker::check_shutdown`): the drain
+/// holds a late claim and its release, and the drain plus the pools' close fit in
+/// `SHUTDOWN_TIMEOUT_MS`. The ConfigMap shares `SHUTDOWN_TIMEOUT_MS` and
+/// `DB_STATEMENT_TIMEOUT_MS` with the other binaries, so a change made for them fails here
+/// rather than in a worker that exits 2 at every start.
+fn check_worker_shutdown(c: &Container) {
+    let lookup = |name: &str| match c.env.get(name) {
+        Some(Some(value)) => Some(value.clone()),
+        // a Secret ref (the database URLs): any URL will do, only the timeouts matter
+        Some(None) if name.ends_with("_URL") => Some("postgres://u@localhost/smartbeak".to_owned()),
+        _ => None,
+    };
+    let shutdown = ShutdownConfig::from_lookup(lookup)
+        .unwrap_or_else(|e| panic!("{}: shutdown configuration: {e}", c.owner));
+    let db = DatabaseConfig::from_lookup(lookup)
+        .unwrap_or_else(|e| panic!("{}: database configuration: {e}", c.owner));
+    let pool_close = Duration::from_millis(lookup("SHUTDOWN_POOL_CLOSE_MS").map_or(
+        worker_defaults::DEFAULT_POOL_CLOSE_MS,
+        |v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("{}: SHUTDOWN_POOL_CLOSE_MS={v}", c.owner))
+        },
+    ));
+    let shutdown = worker::shutdown_config(shutdown, pool_close);
+    if let Err(reason) = worker::check_shutdown(&shutdown, &db, pool_close) {
+        panic!(
+            "{}: the export worker would refuse to start (exit 2): {reason}",
             c.owner
         );
     }

@@ -919,7 +919,8 @@ async fn the_running_gauge_never_exceeds_export_concurrency_and_reaches_it() {
 }
 
 /// A drain deadline that cannot hold a release (cancel grace plus the database client
-/// bound) is refused at start-up with exit 2, naming the variables.
+/// bound), or that leaves the pools' close no room in the overall deadline, is refused at
+/// start-up with exit 2, naming the variables.
 #[tokio::test]
 async fn a_drain_too_short_for_a_release_is_refused_at_start_up() {
     let db = Db::create().await;
@@ -948,6 +949,32 @@ async fn a_drain_too_short_for_a_release_is_refused_at_start_up() {
         stderr.contains("SHUTDOWN_DRAIN_TIMEOUT_MS") && stderr.contains("4250 ms"),
         "{stderr}"
     );
+    // A drain that holds the release but leaves the pools less than SHUTDOWN_POOL_CLOSE_MS
+    // of the overall deadline is refused too.
+    let output = Command::new(export_bin().unwrap())
+        .arg("worker")
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("DATABASE_URL", &db.url)
+        .envs(base_env(dir.path()))
+        .env("DB_STATEMENT_TIMEOUT_MS", "1500")
+        .env("SHUTDOWN_TIMEOUT_MS", "8000")
+        .env("SHUTDOWN_DRAIN_TIMEOUT_MS", "5000")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(20), output)
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("SHUTDOWN_POOL_CLOSE_MS")
+            && stderr.contains("SHUTDOWN_TIMEOUT_MS (8000 ms)")
+            && stderr.contains("10000 ms"),
+        "{stderr}"
+    );
     db.drop().await;
 }
 
@@ -961,6 +988,8 @@ async fn sigterm_completes_what_finishes_and_releases_the_rest_for_another_worke
         // The drain keeps 2.5 s (500 ms cancel grace, the 1,750 ms client bound, 250 ms)
         // for the release; the 2.5 s before it are for finishing.
         ("SHUTDOWN_DRAIN_TIMEOUT_MS", "5000"),
+        // The drain and the pools' close must fit in the 8 s (refused at start-up else).
+        ("SHUTDOWN_POOL_CLOSE_MS", "2000"),
         ("DB_STATEMENT_TIMEOUT_MS", "1500"),
         ("EXPORT_MAX_BYTES", "1000000000"),
     ];
@@ -1108,6 +1137,13 @@ async fn help_lists_every_variable_and_bad_input_gets_a_clear_error() {
     ] {
         assert!(help.contains(var), "no {var} in:\n{help}");
     }
+    // One default for the worker's drain deadline: its own, not the shared two thirds.
+    let drain = help
+        .lines()
+        .find(|l| l.trim_start().starts_with("SHUTDOWN_DRAIN_TIMEOUT_MS"))
+        .unwrap_or_else(|| panic!("no SHUTDOWN_DRAIN_TIMEOUT_MS line in:\n{help}"));
+    assert!(drain.contains("[4/5 of SHUTDOWN_TIMEOUT_MS"), "{drain}");
+    assert!(!help.contains("2/3"), "{help}");
 
     // A bad UUID names the argument.
     let (code, _, stderr) = cli(

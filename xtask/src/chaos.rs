@@ -664,9 +664,11 @@ fn start_worker(bin: &Path, work: &Path, i: usize, db: &str) -> Result<Proc> {
         // The least drain it accepts is the release window (500 ms cancel grace, the
         // 2,250 ms client bound of a release, 250 ms) plus the client bound of a claim sent
         // just before the stop: 5,250 ms; 500 ms more is slack for a release through the
-        // proxy's latency on a loaded machine. The rest of the 8 s is for closing the pools.
+        // proxy's latency on a loaded machine. Closing the pools gets 2 s of the 2,250 ms
+        // left of the 8 s (the worker refuses a drain plus pool close past the deadline).
         .env("SHUTDOWN_TIMEOUT_MS", "8000")
         .env("SHUTDOWN_DRAIN_TIMEOUT_MS", "5750")
+        .env("SHUTDOWN_POOL_CLOSE_MS", "2000")
         .env("DB_POOL_MAX", POOL_MAX.to_string())
         // The shutdown report's line (its exit code) at info.
         .env("RUST_LOG", "warn,smartbeak_shutdown=info")

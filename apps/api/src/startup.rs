@@ -49,6 +49,16 @@ Database and shutdown variables (defaults in brackets):
   LOG_FORMAT                         text or json [text]
   RUST_LOG                           log filter [info]";
 
+/// The shared default of `SHUTDOWN_DRAIN_TIMEOUT_MS` in [`DATABASE_AND_SHUTDOWN_HELP`].
+pub const SHARED_DRAIN_DEFAULT: &str = "[2/3 of SHUTDOWN_TIMEOUT_MS]";
+
+/// [`DATABASE_AND_SHUTDOWN_HELP`] with `default` in place of the shared default of
+/// `SHUTDOWN_DRAIN_TIMEOUT_MS` ([`SHARED_DRAIN_DEFAULT`]), for a binary with a drain
+/// default of its own (the export worker), so its `--help` shows one default.
+pub fn shutdown_help_with_drain_default(default: &str) -> String {
+    DATABASE_AND_SHUTDOWN_HELP.replacen(SHARED_DRAIN_DEFAULT, default, 1)
+}
+
 /// What a start-up step gives: its value, or the exit code of the shutdown a signal
 /// started meanwhile (the handlers registered so far released what was open).
 pub type Started<T> = Result<T, ExitCode>;
@@ -148,4 +158,24 @@ pub fn database_ready(db: &Database) -> Check {
 pub async fn interrupted_start_up(shutdown: &Shutdown, step: &str) -> ExitCode {
     tracing::info!(step, "shutdown requested during start-up; not running");
     shutdown.run().await.exit_code()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_drain_default_of_its_own_replaces_the_shared_one() {
+        let line = |help: &str| {
+            help.lines()
+                .find(|l| l.trim_start().starts_with("SHUTDOWN_DRAIN_TIMEOUT_MS"))
+                .map(str::to_owned)
+        };
+        let shared = line(DATABASE_AND_SHUTDOWN_HELP).unwrap_or_default();
+        assert!(shared.ends_with(SHARED_DRAIN_DEFAULT), "{shared}");
+        let own = shutdown_help_with_drain_default("[4/5]");
+        let replaced = line(&own).unwrap_or_default();
+        assert!(replaced.ends_with("[4/5]"), "{replaced}");
+        assert!(!own.contains(SHARED_DRAIN_DEFAULT), "{own}");
+    }
 }

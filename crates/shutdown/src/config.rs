@@ -45,8 +45,14 @@ pub fn default_drain_timeout(timeout: Duration) -> Duration {
 /// where the margin (a few seconds) covers flushing logs and the exit itself.
 /// The default deadline is 25 s, so with the default 30 s grace period and no
 /// `preStop` hook it leaves a 5 s margin. A deployment that adds a `preStop`
-/// sleep for endpoint propagation (say 5 s) should set `SHUTDOWN_TIMEOUT_MS=20000`
-/// or raise `terminationGracePeriodSeconds` to 35 (5 s `preStop` + 25 s + 5 s).
+/// sleep for endpoint propagation (say 5 s) should raise
+/// `terminationGracePeriodSeconds` to 35 (5 s `preStop` + 25 s + 5 s), or set
+/// `SHUTDOWN_TIMEOUT_MS=20000`. The latter does not suit every binary: the export
+/// worker (`smartbeak-domain-export worker`) needs a drain deadline of at least its
+/// release window plus the database client bound (18.35 s at the default 8 s statement
+/// timeout) and refuses to start below it; with a shorter `SHUTDOWN_TIMEOUT_MS` give it a
+/// lower `DB_STATEMENT_TIMEOUT_MS` or an explicit `SHUTDOWN_DRAIN_TIMEOUT_MS` that fits
+/// (see `apps/api/README.md`, "The export job").
 /// The readiness delay ([`readiness_delay`](Self::readiness_delay)) is part
 /// of the overall deadline, not added to it.
 /// Past the deadline the report names the handlers still running and the
@@ -161,6 +167,14 @@ impl ShutdownConfig {
         self
     }
 
+    /// Whether the drain deadline was set explicitly ([`DRAIN_TIMEOUT_ENV`],
+    /// [`with_drain_timeout`](Self::with_drain_timeout) or
+    /// [`without_drain_timeout`](Self::without_drain_timeout)) rather than following the
+    /// overall deadline: a binary with a default of its own applies it only when not.
+    pub fn drain_is_explicit(&self) -> bool {
+        self.drain_explicit
+    }
+
     /// Returns the configuration with the readiness delay set to `delay`.
     #[must_use]
     pub fn with_readiness_delay(mut self, delay: Duration) -> Self {
@@ -271,6 +285,9 @@ mod tests {
         .unwrap();
         assert_eq!(config.timeout, Duration::from_secs(20));
         assert_eq!(config.drain_timeout, Some(Duration::from_secs(15)));
+        assert!(config.drain_is_explicit());
+        let following = ShutdownConfig::from_lookup(lookup(&[(TIMEOUT_ENV, "20000")])).unwrap();
+        assert!(!following.drain_is_explicit());
     }
 
     #[test]

@@ -342,9 +342,36 @@ fn api_sigterm(system: &mut System, rt: &Runtime) -> Result<ScenarioResult> {
             None
         }
     };
-    let report = rt.block_on(handle)?;
+    // A load task that failed (panicked) is recorded too: the fault is still removed and
+    // api-1 still restarted, and the scenario's other parts still run.
+    let load_report = rt.block_on(handle);
     system.pg_proxy.set_fault(Fault::Pass);
-    tally(&mut r, &report);
+    match load_report {
+        Ok(report) => judge_load_around_sigterm(&mut r, &report, signalled),
+        Err(e) => r.fail(format!("the load task failed: {e}")),
+    }
+    if exited.is_none() {
+        // Not restarted over a live process.
+        let _ = system.apis[1].child.kill();
+        let _ = system.apis[1].child.wait();
+    }
+    r.recovery = exited;
+    let status = system.apis[1].child.try_wait().ok().flatten();
+    let report = super::batch::report_code(&system.apis[1].log);
+    r.note(format!(
+        "api: exit {} (report {report:?}) {} after the signal",
+        status.map_or_else(|| "none".to_owned(), |s| s.to_string()),
+        exited.map_or_else(|| "-".to_owned(), |d| format!("{:.2}s", d.as_secs_f64()))
+    ));
+    super::batch::judge_exit(&mut r, "api-1", exited, status, report);
+    system.restart_api(1)?;
+    Ok(r)
+}
+
+/// Scenario 8's api part: the load's answers around the SIGTERM at `signalled` (every
+/// request sent before it answered 200; after it 200 or a refused connection).
+fn judge_load_around_sigterm(r: &mut ScenarioResult, report: &Report, signalled: Duration) {
+    tally(r, report);
     let failed_in_flight: Vec<String> = report
         .outcomes
         .iter()
@@ -375,22 +402,6 @@ fn api_sigterm(system: &mut System, rt: &Runtime) -> Result<ScenarioResult> {
             "{odd} answers after the SIGTERM other than 200 or a refused connection"
         ));
     }
-    if exited.is_none() {
-        // Not restarted over a live process.
-        let _ = system.apis[1].child.kill();
-        let _ = system.apis[1].child.wait();
-    }
-    r.recovery = exited;
-    let status = system.apis[1].child.try_wait().ok().flatten();
-    let report = super::batch::report_code(&system.apis[1].log);
-    r.note(format!(
-        "api: exit {} (report {report:?}) {} after the signal",
-        status.map_or_else(|| "none".to_owned(), |s| s.to_string()),
-        exited.map_or_else(|| "-".to_owned(), |d| format!("{:.2}s", d.as_secs_f64()))
-    ));
-    super::batch::judge_exit(&mut r, "api-1", exited, status, report);
-    system.restart_api(1)?;
-    Ok(r)
 }
 
 /// Scenario 2: two fresh api replicas with a low per-key limit (1,000 per hour; 2,000 full

@@ -22,22 +22,30 @@ use smartbeak_api::startup;
 use smartbeak_database::{Database, DatabaseConfig};
 use smartbeak_shutdown::admin::AdminServer;
 use smartbeak_shutdown::telemetry::{self, Output};
-use smartbeak_shutdown::{DRAIN_TIMEOUT_ENV, RegisterError, Shutdown, ShutdownConfig};
+use smartbeak_shutdown::{RegisterError, Shutdown, ShutdownConfig};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 /// The variables read by the database and shutdown crates (not flags), for `--help`: the
-/// shared [`startup::DATABASE_AND_SHUTDOWN_HELP`] and the worker's own constraint.
+/// shared [`startup::DATABASE_AND_SHUTDOWN_HELP`] with the worker's own drain default, and
+/// the worker's own constraints.
 fn other_variables() -> String {
     format!(
         "{}\n\nEXPORT_LEASE_SECS must be at least DB_STATEMENT_TIMEOUT_MS plus 10% (at least 250 ms).\n\
-         The worker's SHUTDOWN_DRAIN_TIMEOUT_MS defaults to four fifths of SHUTDOWN_TIMEOUT_MS and \
-         must be at least 750 ms plus twice the database client bound (DB_STATEMENT_TIMEOUT_MS \
-         plus 10%, at least 250 ms): 18,350 ms at the default 8,000 ms.",
-        startup::DATABASE_AND_SHUTDOWN_HELP
+         The worker's SHUTDOWN_DRAIN_TIMEOUT_MS defaults to four fifths of SHUTDOWN_TIMEOUT_MS, \
+         at most SHUTDOWN_TIMEOUT_MS less SHUTDOWN_READINESS_DELAY_MS, SHUTDOWN_POOL_CLOSE_MS \
+         and 1 s (19,000 ms at the defaults). It must be at least 750 ms plus twice the \
+         database client bound (DB_STATEMENT_TIMEOUT_MS plus 10%, at least 250 ms): 18,350 ms \
+         at the default 8,000 ms; and SHUTDOWN_READINESS_DELAY_MS + SHUTDOWN_DRAIN_TIMEOUT_MS + \
+         SHUTDOWN_POOL_CLOSE_MS must not exceed SHUTDOWN_TIMEOUT_MS.",
+        startup::shutdown_help_with_drain_default(WORKER_DRAIN_DEFAULT)
     )
 }
+
+/// The worker's default drain deadline as `--help` shows it ([`worker::shutdown_config`]).
+const WORKER_DRAIN_DEFAULT: &str =
+    "[4/5 of SHUTDOWN_TIMEOUT_MS, less if the pools' close does not fit: see below]";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -276,8 +284,10 @@ fn main() -> ExitCode {
 /// The long-running worker, wired as every service binary (ARCHITECTURE.md).
 async fn serve(config: WorkerConfig, logs: &telemetry::LogGuard) -> anyhow::Result<ExitCode> {
     let shutdown_config = ShutdownConfig::from_env().context("shutdown configuration")?;
-    let drain_set = std::env::var_os(DRAIN_TIMEOUT_ENV).is_some();
-    let shutdown = Shutdown::new(worker::shutdown_config(shutdown_config, drain_set));
+    let shutdown = Shutdown::new(worker::shutdown_config(
+        shutdown_config,
+        config.pool_close_deadline,
+    ));
     shutdown
         .listen_for_signals()
         .context("installing signal handlers")?;
@@ -310,7 +320,9 @@ async fn serve(config: WorkerConfig, logs: &telemetry::LogGuard) -> anyhow::Resu
     config
         .check_timeouts(&db_config)
         .context("timeouts must nest")?;
-    if let Err(reason) = worker::check_drain(shutdown.config(), &db_config) {
+    if let Err(reason) =
+        worker::check_shutdown(shutdown.config(), &db_config, config.pool_close_deadline)
+    {
         tracing::error!(%reason, "configuration refused");
         eprintln!("smartbeak-domain-export: {reason}");
         return Ok(ExitCode::from(2));

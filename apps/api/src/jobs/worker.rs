@@ -570,22 +570,72 @@ pub fn install(shutdown: &Shutdown, worker: &Worker) -> Result<Installed, Regist
     })
 }
 
+/// Time the worker's default drain deadline keeps, past the readiness delay, the drain and
+/// closing the pools, before `SHUTDOWN_TIMEOUT_MS` ([`shutdown_config`]): the phases' own
+/// scheduling and the report, so a pool close that takes all of `SHUTDOWN_POOL_CLOSE_MS`
+/// fails `db-pools` instead of running past the overall deadline (exit 124).
+pub const SHUTDOWN_SLACK: Duration = Duration::from_secs(1);
+
 /// The worker's shutdown configuration: `config`, with a drain deadline of four fifths of
-/// `SHUTDOWN_TIMEOUT_MS` (20 s of the default 25 s) unless `SHUTDOWN_DRAIN_TIMEOUT_MS` was
-/// set (`drain_set`). The shared default, two thirds (16.7 s), is below [`min_drain`] at the
-/// default `DB_STATEMENT_TIMEOUT_MS` (18.35 s at 8 s); the fifth left is the default
-/// `SHUTDOWN_POOL_CLOSE_MS` (5 s) for closing the pools.
-pub fn shutdown_config(config: ShutdownConfig, drain_set: bool) -> ShutdownConfig {
-    if drain_set {
+/// `SHUTDOWN_TIMEOUT_MS`, at most `SHUTDOWN_TIMEOUT_MS` less `SHUTDOWN_READINESS_DELAY_MS`,
+/// `pool_close` (`SHUTDOWN_POOL_CLOSE_MS`) and [`SHUTDOWN_SLACK`] (19 s of the default
+/// 25 s with the default 5 s pool close), unless `SHUTDOWN_DRAIN_TIMEOUT_MS` was set
+/// ([`ShutdownConfig::drain_is_explicit`]). The shared default, two thirds (16.7 s), is
+/// below [`min_drain`] at the default `DB_STATEMENT_TIMEOUT_MS` (18.35 s at 8 s); four
+/// fifths alone (20 s) would leave the pools exactly their 5 s, nothing for the rest.
+pub fn shutdown_config(config: ShutdownConfig, pool_close: Duration) -> ShutdownConfig {
+    if config.drain_is_explicit() {
         return config;
     }
-    let drain = config.timeout / 5 * 4;
+    let rest = config.readiness_delay + pool_close + SHUTDOWN_SLACK;
+    let drain = (config.timeout / 5 * 4).min(config.timeout.saturating_sub(rest));
     config.with_drain_timeout(drain)
 }
 
+/// Checks the worker's shutdown configuration at start-up: [`check_drain`] (the drain
+/// holds a late claim and its release), then [`check_shutdown_budget`] (the drain and
+/// closing the pools fit in the overall deadline). The message names the variables.
+pub fn check_shutdown(
+    shutdown: &ShutdownConfig,
+    db: &DatabaseConfig,
+    pool_close: Duration,
+) -> Result<(), String> {
+    check_drain(shutdown, db)?;
+    check_shutdown_budget(shutdown, pool_close)
+}
+
+/// Refuses (at start-up) a configuration whose readiness delay, drain deadline and pool
+/// close (`pool_close`, `SHUTDOWN_POOL_CLOSE_MS`) add up to more than `SHUTDOWN_TIMEOUT_MS`:
+/// the Release phase starts only when the Drain phase has ended, so a drain that uses its
+/// whole deadline would leave `db-pools` less than its own, and a slow close would end in
+/// the overall deadline (exit 124, the pools not closed) instead of a `db-pools` failure.
+pub fn check_shutdown_budget(
+    shutdown: &ShutdownConfig,
+    pool_close: Duration,
+) -> Result<(), String> {
+    let drain = drain_deadline(shutdown);
+    let needed = shutdown.readiness_delay + drain + pool_close;
+    if needed > shutdown.timeout {
+        return Err(format!(
+            "the shutdown drain deadline ({} ms, SHUTDOWN_DRAIN_TIMEOUT_MS) plus the pool close \
+             ({} ms, SHUTDOWN_POOL_CLOSE_MS) plus the readiness delay ({} ms, \
+             SHUTDOWN_READINESS_DELAY_MS) is {} ms, more than the overall deadline \
+             SHUTDOWN_TIMEOUT_MS ({} ms): closing the pools could run past it; lower \
+             SHUTDOWN_DRAIN_TIMEOUT_MS or SHUTDOWN_POOL_CLOSE_MS, or raise SHUTDOWN_TIMEOUT_MS",
+            drain.as_millis(),
+            pool_close.as_millis(),
+            shutdown.readiness_delay.as_millis(),
+            needed.as_millis(),
+            shutdown.timeout.as_millis()
+        ));
+    }
+    Ok(())
+}
+
 /// The drain deadline the `drain-exports` handler works to: `SHUTDOWN_DRAIN_TIMEOUT_MS`
-/// (for the worker binary by default four fifths of `SHUTDOWN_TIMEOUT_MS`,
-/// [`shutdown_config`]; two thirds when no drain deadline is set at all), at most
+/// (for the worker binary by default four fifths of `SHUTDOWN_TIMEOUT_MS`, less when the
+/// pools' close would not fit, [`shutdown_config`]; two thirds when no drain deadline is
+/// set at all), at most
 /// `SHUTDOWN_TIMEOUT_MS`.
 pub fn drain_deadline(config: &ShutdownConfig) -> Duration {
     config
@@ -607,17 +657,16 @@ pub fn release_window(query_timeout: Duration) -> Duration {
 }
 
 /// The part of the drain deadline kept for cancelling the exports still running and
-/// releasing their leases: a quarter of it, between 1 s and 3 s, and never less than the
-/// [`release_window`] of `query_timeout`; at most the drain less `query_timeout`, so the
-/// cancel comes no earlier than a claim sent just before the stop can have returned (its
-/// job then starts before the cancel, and its release has the whole window, as any
-/// other's). A drain too short for both ([`check_drain`] refuses it) keeps the window, or
-/// all of the drain when shorter still (the exports are then released at once).
+/// releasing their leases: a quarter of it, between 1 s and 3 s, at most the drain less
+/// `query_timeout`, so the cancel comes no earlier than a claim sent just before the stop
+/// can have returned (its job then starts before the cancel, and its release has the whole
+/// window, as any other's), and never less than the [`release_window`] of
+/// `query_timeout`. A drain too short for both ([`check_drain`] refuses it) keeps the
+/// window, or all of the drain when shorter still (the exports are then released at once).
 pub fn release_margin(drain: Duration, query_timeout: Duration) -> Duration {
     let window = release_window(query_timeout);
     (drain / 4)
         .clamp(Duration::from_secs(1), Duration::from_secs(3))
-        .max(window)
         .min(drain.saturating_sub(query_timeout))
         .max(window)
         .min(drain)
@@ -642,8 +691,9 @@ pub fn check_drain(shutdown: &ShutdownConfig, db: &DatabaseConfig) -> Result<(),
     let needed = min_drain(query_timeout);
     if drain < needed {
         return Err(format!(
-            "the shutdown drain deadline ({} ms, SHUTDOWN_DRAIN_TIMEOUT_MS, by default four \
-             fifths of SHUTDOWN_TIMEOUT_MS for the export worker) must be at least {} ms: a \
+            "the shutdown drain deadline ({} ms, SHUTDOWN_DRAIN_TIMEOUT_MS, by default for the \
+             export worker four fifths of SHUTDOWN_TIMEOUT_MS, at most SHUTDOWN_TIMEOUT_MS less \
+             SHUTDOWN_POOL_CLOSE_MS and 1 s) must be at least {} ms: a \
              claim in flight at the stop may return up to the database client bound of {} ms \
              (DB_STATEMENT_TIMEOUT_MS {} ms plus a margin) later, and its export's release \
              then needs the whole release window of {} ms ({} ms for the export to stop, the \

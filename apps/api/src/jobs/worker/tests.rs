@@ -88,17 +88,83 @@ fn a_drain_that_cannot_hold_a_late_claim_and_its_release_is_refused() {
         );
     }
     // The defaults: the shared two thirds (16.7 s) is too short at the default 8 s
-    // statement timeout (18.35 s needed); the worker's four fifths (20 s) holds it.
+    // statement timeout (18.35 s needed); the worker's default (four fifths, at most the
+    // timeout less the 5 s pool close and 1 s: 19 s) holds it.
     let default_db = smartbeak_database::DatabaseConfig::new("postgres://u@h/d").unwrap();
+    let pool_close = Duration::from_millis(config::DEFAULT_POOL_CLOSE_MS);
     assert!(check_drain(&ShutdownConfig::default(), &default_db).is_err());
-    let worker_default = shutdown_config(ShutdownConfig::default(), false);
-    assert_eq!(worker_default.drain_timeout, Some(Duration::from_secs(20)));
-    assert!(check_drain(&worker_default, &default_db).is_ok());
+    let worker_default = shutdown_config(ShutdownConfig::default(), pool_close);
+    assert_eq!(worker_default.drain_timeout, Some(Duration::from_secs(19)));
+    assert!(min_drain(default_db.query_timeout()) <= Duration::from_secs(19));
+    assert!(check_shutdown(&worker_default, &default_db, pool_close).is_ok());
     // A drain deadline set explicitly is kept.
     assert_eq!(
-        shutdown_config(shutdown(1_000), true).drain_timeout,
+        shutdown_config(shutdown(1_000), pool_close).drain_timeout,
         Some(Duration::from_millis(1_000))
     );
+}
+
+#[test]
+fn the_default_drain_leaves_the_pools_their_close_and_a_second() {
+    let timeout = |ms| ShutdownConfig::default().with_timeout(Duration::from_millis(ms));
+    let drain = |config: ShutdownConfig, pool_close_ms| {
+        shutdown_config(config, Duration::from_millis(pool_close_ms))
+            .drain_timeout
+            .unwrap()
+    };
+    // Four fifths where that leaves the pool close and the slack: 40 s of 50 s.
+    assert_eq!(drain(timeout(50_000), 5_000), Duration::from_secs(40));
+    // Otherwise what is left once they are kept: 25 s - 5 s - 1 s, 8 s - 2 s - 1 s.
+    assert_eq!(drain(timeout(25_000), 5_000), Duration::from_secs(19));
+    assert_eq!(drain(timeout(8_000), 2_000), Duration::from_secs(5));
+    // The readiness delay comes before the drain, so it is kept too.
+    let delayed = timeout(25_000).with_readiness_delay(Duration::from_secs(2));
+    assert_eq!(drain(delayed, 5_000), Duration::from_secs(17));
+    // Every default fits the budget check, unless the pool close alone does not.
+    for (ms, close) in [(50_000, 5_000), (25_000, 5_000), (8_000, 2_000)] {
+        let close = Duration::from_millis(close);
+        let config = shutdown_config(timeout(ms), close);
+        assert!(check_shutdown_budget(&config, close).is_ok(), "{config:?}");
+    }
+    let close = Duration::from_secs(5);
+    let squeezed = shutdown_config(timeout(3_000), close);
+    assert_eq!(squeezed.drain_timeout, Some(Duration::ZERO));
+    assert!(check_shutdown_budget(&squeezed, close).is_err());
+}
+
+#[test]
+fn a_drain_and_pool_close_past_the_overall_deadline_are_refused() {
+    let db = smartbeak_database::DatabaseConfig::new("postgres://u@h/d").unwrap();
+    let config = |timeout_ms, drain_ms| {
+        ShutdownConfig::default()
+            .with_timeout(Duration::from_millis(timeout_ms))
+            .with_drain_timeout(Duration::from_millis(drain_ms))
+    };
+    let close = Duration::from_secs(5);
+    // 20 s + 5 s fit in 25 s exactly; one millisecond more does not.
+    assert!(check_shutdown_budget(&config(25_000, 20_000), close).is_ok());
+    let err = check_shutdown_budget(&config(25_000, 20_001), close).unwrap_err();
+    for part in [
+        "SHUTDOWN_DRAIN_TIMEOUT_MS",
+        "SHUTDOWN_POOL_CLOSE_MS",
+        "SHUTDOWN_TIMEOUT_MS",
+        "(20001 ms",
+        "(5000 ms",
+        "25001 ms",
+        "(25000 ms)",
+    ] {
+        assert!(err.contains(part), "{part}: {err}");
+    }
+    // The readiness delay counts against the overall deadline too.
+    let delayed = config(25_000, 19_000).with_readiness_delay(Duration::from_millis(1_001));
+    let err = check_shutdown_budget(&delayed, close).unwrap_err();
+    assert!(err.contains("SHUTDOWN_READINESS_DELAY_MS"), "{err}");
+    // `check_shutdown` runs both checks: a drain that holds the release but not the pools'
+    // close is refused, and so is one that fits but is too short.
+    assert!(check_shutdown(&config(25_000, 20_001), &db, close).is_err());
+    assert!(check_shutdown(&config(25_000, 19_000), &db, close).is_ok());
+    let err = check_shutdown(&config(25_000, 18_000), &db, close).unwrap_err();
+    assert!(err.contains("18350 ms"), "{err}");
 }
 
 #[test]
@@ -914,15 +980,17 @@ mod with_a_database {
     }
 
     /// A release against a slow database (here a trigger that makes the release statement
-    /// take a second, within its statement timeout) still lands: the drain keeps the cancel
-    /// grace plus the database client bound for it. (The margin of old, 1 s less 10% for
-    /// any drain up to 4 s, reported this export "still running" and failed the report.)
+    /// take 2.5 s, within its statement timeout) still lands: the drain keeps the cancel
+    /// grace plus the database client bound for it. (The margin of old, a quarter of the
+    /// drain, gives the releases until about 1.6 s after the cancel at this drain: it
+    /// reported this export "still running" and failed the report.)
     #[tokio::test]
     async fn a_slow_release_at_shutdown_still_lands_within_the_drain() {
         let s = setup().await;
         let mut config = s.tdb.config();
-        // A client bound of 3,300 ms for a release that takes 1.5 s: room for a loaded
-        // machine, and still past the margin of old (about 1 s at a 4 s drain).
+        // A client bound of 3,300 ms for a release that takes 2.5 s: 800 ms of room for a
+        // loaded machine, and well past the margin of old (7,350 / 4 = 1,837 ms, so the
+        // releases were due 1,587 ms after the cancel).
         config.statement_timeout = Duration::from_millis(3_000);
         let db = Database::connect(config.clone(), "worker-slow-release")
             .await
@@ -943,7 +1011,7 @@ mod with_a_database {
             .unwrap()
             .unwrap();
         wait_for_status(&s.db, row.id, "running").await;
-        on_release(&s.db, "slow_release", "PERFORM pg_sleep(1.5); RETURN NEW").await;
+        on_release(&s.db, "slow_release", "PERFORM pg_sleep(2.5); RETURN NEW").await;
         shutdown.trigger(ShutdownReason::Requested("test".into()));
         let report = shutdown.run().await;
         assert!(report.is_success(), "{report}");
