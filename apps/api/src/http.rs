@@ -715,11 +715,14 @@ mod tests {
 
     #[tokio::test]
     async fn the_key_lookup_starts_while_the_limiters_redis_call_is_held() {
-        // The Redis reply is held (the forwarder's gate) until the key lookup is seen in
-        // PostgreSQL, waiting on a lock the test holds on `api_keys`. Code that looked the key
-        // up only after the limiter's answer never gets there: the gate stays shut, the
-        // bounded wait for the lookup fails. The command timeout (20 s) is far beyond that
-        // wait (5 s), so no fail-open decision can start the lookup late and pass.
+        // Both run at once, or neither gets through: the forwarder holds the limiter's Redis
+        // command (Hold) and a lock the test holds on `api_keys` blocks the key lookup, and
+        // the test lets them go only once it has seen both, the lookup waiting in PostgreSQL
+        // and the command held on its way to Redis. Code that looked the key up only after
+        // the limiter's answer never starts the lookup (the reply is held); code that asked
+        // the limiter only after the lookup never sends the command (the lookup is blocked):
+        // either way a bounded wait (5 s) fails. The command timeout (20 s) is far beyond it,
+        // so no fail-open decision can start the lookup late and pass.
         let (forwarder, vars) = redis_through_forwarder(&[("REDIS_COMMAND_TIMEOUT_MS", "20000")]);
         let (tdb, db, state) = app_with_redis(&vars).await;
         let app = app(state);
@@ -762,7 +765,17 @@ mod tests {
                 );
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
-            // The lookup is under way: the limiter's reply may come, then the lookup's.
+            // The lookup waits on the lock, still: the limiter's command must be on its way
+            // already, not sent once the lookup is done.
+            while forwarder.held_to_server() == 0 {
+                assert!(
+                    started.elapsed() < std::time::Duration::from_secs(5),
+                    "no Redis command from the limiter while the key lookup was blocked: \
+                     they do not run concurrently"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            // Both under way: the limiter's reply may come, then the lookup's.
             forwarder.restore();
             holder.commit().await.unwrap();
         };
