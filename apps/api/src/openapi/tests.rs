@@ -136,6 +136,12 @@ fn creating_a_domain_links_to_every_operation_on_it() {
     let links = &doc["paths"]["/v1/domains/{id}/exports"]["post"]["responses"]["202"]["links"];
     assert!(links.get("delete_v1_exports_id").is_some());
     assert!(links.get("get_v1_exports_id_download").is_some());
+    // A cancelled export is read again (the stateful phase's `use_after_free` sees it).
+    let links = &doc["paths"]["/v1/exports/{id}"]["delete"]["responses"]["200"]["links"];
+    assert_eq!(
+        links["get_v1_exports_id"]["parameters"]["path.id"],
+        "$response.body#/id"
+    );
 }
 
 fn pattern_at(pointer: &str) -> regex::Regex {
