@@ -135,7 +135,11 @@ pub(crate) fn run_fuzz(sh: &Shell, services: &Services) -> Result<bool> {
     );
     wait_for_port(&mut api.0, port, Duration::from_secs(30), &log_path)?;
     // An export worker on the same database and directory, so that the exports the
-    // stateful phase creates finish and their downloads answer 200 and 304 too.
+    // stateful phase creates finish and their downloads answer 200 and 304 too. It talks to
+    // PostgreSQL through a fault proxy that delays every chunk by [`WORKER_DB_LATENCY_MS`]:
+    // otherwise an export is done some 20 ms after its POST, before any `DELETE` of it, and
+    // the cancel (then the `GET` of the cancelled job) is never reached, only 404 and 409.
+    let (_worker_proxy, worker_db_url) = slowed(&db_url)?;
     let worker_log_path = work.join("worker.log");
     let worker_log = File::create(&worker_log_path)
         .with_context(|| format!("creating {}", worker_log_path.display()))?;
@@ -145,7 +149,7 @@ pub(crate) fn run_fuzz(sh: &Shell, services: &Services) -> Result<bool> {
             .arg("worker")
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("DATABASE_URL", &db_url)
+            .env("DATABASE_URL", &worker_db_url)
             .env("DB_RUN_MIGRATIONS", "false")
             .env("EXPORT_DIR", &export_dir)
             .env("EXPORT_ADMIN_ADDR", format!("127.0.0.1:{worker_port}"))
@@ -200,6 +204,33 @@ pub(crate) fn run_fuzz(sh: &Shell, services: &Services) -> Result<bool> {
         return Err(Interrupted(format!("schemathesis {why}")).into());
     }
     Ok(status.success())
+}
+
+/// How long the fuzz run's export worker waits for each chunk to and from PostgreSQL: an
+/// export takes a few hundred milliseconds, long enough for the stateful phase to cancel one
+/// it has just created, short enough that later downloads find most of them done.
+const WORKER_DB_LATENCY_MS: u64 = 25;
+
+/// A fault proxy in front of the PostgreSQL of `db_url` delaying every chunk by
+/// [`WORKER_DB_LATENCY_MS`], and `db_url` through it; `db_url` itself (and no proxy) when
+/// the server is not on a loopback address, which the proxy cannot reach.
+fn slowed(db_url: &str) -> Result<(Option<smartbeak_test_support::TcpForwarder>, String)> {
+    let mut url = url::Url::parse(db_url).context("parsing the fuzz database's URL")?;
+    let target = url
+        .socket_addrs(|| Some(5432))
+        .ok()
+        .and_then(|addrs| addrs.into_iter().find(|a| a.ip().is_loopback()));
+    let Some(target) = target else {
+        eprintln!("xtask: fuzz: PostgreSQL is not on loopback, the export worker is not slowed");
+        return Ok((None, db_url.to_owned()));
+    };
+    let proxy = smartbeak_test_support::TcpForwarder::start(target)?;
+    proxy.set_fault(smartbeak_test_support::Fault::Latency(WORKER_DB_LATENCY_MS));
+    url.set_host(Some("127.0.0.1"))
+        .context("pointing the worker's URL at the proxy")?;
+    url.set_port(Some(proxy.port()))
+        .map_err(|()| anyhow::anyhow!("pointing the worker's URL at the proxy"))?;
+    Ok((Some(proxy), url.into()))
 }
 
 /// `<pid>_<ms since the epoch>`: names this run's database, work dir and limiter keys.
@@ -448,6 +479,43 @@ mod tests {
         assert!(
             child.try_wait().unwrap().is_some(),
             "the child was not reaped"
+        );
+    }
+
+    #[test]
+    fn every_operations_entry_names_one_operation_by_include_name_alone() {
+        // Schemathesis ORs the `include-*` keys of an entry (each is a filter of its own):
+        // `include-path` with `include-method` would reach every operation of that method.
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../apps/api/fuzz/schemathesis.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut entries: Vec<Vec<&str>> = Vec::new();
+        let mut in_entry = false;
+        for line in text.lines().map(str::trim) {
+            if line.starts_with('[') {
+                in_entry = line == "[[operations]]";
+                if in_entry {
+                    entries.push(Vec::new());
+                }
+            } else if in_entry && (line.starts_with("include-") || line.starts_with("exclude-")) {
+                entries.last_mut().unwrap().push(line);
+            }
+        }
+        let names: Vec<&str> = entries
+            .iter()
+            .map(|filters| {
+                assert_eq!(filters.len(), 1, "one filter per entry: {filters:?}");
+                let name = filters[0].strip_prefix("include-name = ");
+                name.unwrap_or_else(|| panic!("not an include-name: {}", filters[0]))
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                r#""GET /v1/exports/{id}""#,
+                r#""GET /openapi.json""#,
+                r#""POST /v1/domains/{id}/exports""#,
+                r#""POST /v1/domains/{id}/metrics""#,
+            ]
         );
     }
 

@@ -145,7 +145,13 @@ def map_headers(ctx, headers):
 
 @schemathesis.check
 def only_idempotency_key_reuse_is_422(ctx, response, case):
-    """A schema-valid request answered 422 must be a reused `Idempotency-Key`, nothing else."""
+    """A schema-valid request answered 422 must be a reused `Idempotency-Key`, nothing else.
+
+    Runs on every operation. Stricter than the built-in `positive_data_acceptance` on purpose:
+    a case without generation metadata counts as schema-valid here (the built-in check skips
+    it), so an `INVALID_BODY` 422 cannot hide there. It does not check that the key really was
+    reused with another body (`idempotency::tests` does).
+    """
     if response.status_code != 422:
         return None
     meta = getattr(case, "meta", None)

@@ -292,7 +292,9 @@ impl ApiConfig {
     /// Checks that the database timeouts nest under the request timeout: request timeout
     /// (`HTTP_REQUEST_TIMEOUT_MS`) >= database client bound > `DB_STATEMENT_TIMEOUT_MS`. A
     /// request answered 503 would otherwise leave its statement running and its connection
-    /// checked out. The error names both variables.
+    /// checked out. The error names both variables. The request's queries get its deadline
+    /// less a margin (at most 50 ms, `http::deadline_margin`), still above
+    /// `DB_STATEMENT_TIMEOUT_MS`: the client bound's own margin is at least 250 ms.
     pub fn check_timeouts(
         &self,
         db: &smartbeak_database::DatabaseConfig,

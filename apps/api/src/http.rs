@@ -17,7 +17,6 @@ use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::error::ApiError;
@@ -152,8 +151,8 @@ pub fn app(state: AppState) -> Router {
         }))
         .load_shed()
         .concurrency_limit(http.max_concurrency)
-        // The deadline starts with the timeout below (a from_fn layer takes the plain
-        // body, so it sits above the body limit).
+        // The request timeout and the deadline of its queries and calls (a from_fn layer
+        // takes the plain body, so it sits above the body limit).
         .layer(middleware::from_fn(move |request: Request, next: Next| {
             request_deadline(http.request_timeout, request, next)
         }))
@@ -161,33 +160,52 @@ pub fn app(state: AppState) -> Router {
         // axum's extractors have a 2 MiB limit of their own; HTTP_BODY_LIMIT_BYTES (the
         // layer above) is the one limit, larger or smaller.
         .layer(DefaultBodyLimit::disable())
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::GATEWAY_TIMEOUT,
-            http.request_timeout,
-        ))
         .service(routes);
     probes.fallback_service(stack)
 }
 
-/// Runs the request inside a [`smartbeak_resilience::deadline::scope`] ending just before the
-/// request timeout fires (the one task-local that `smartbeak_database::deadline` and
-/// `smartbeak_utils::fetch::deadline` re-export), so every query it makes is bounded by what
-/// is left of it (and an ingest transaction's `statement_timeout` lowered to fit), and so is
-/// every outbound call through `smartbeak_utils::fetch`: neither outlives its request, and
-/// no handler passes the deadline along.
+/// Ends the request with 504 `REQUEST_TIMEOUT` once `timeout` has passed, and runs it inside
+/// a [`smartbeak_resilience::deadline::scope`] (the one task-local that
+/// `smartbeak_database::deadline` and `smartbeak_utils::fetch::deadline` re-export), so every
+/// query it makes is bounded by what is left of it (and an ingest transaction's
+/// `statement_timeout` lowered to fit), and so is every outbound call through
+/// `smartbeak_utils::fetch`: neither outlives its request, and no handler passes the
+/// deadline along.
 ///
-/// The deadline is [`deadline_margin`] before the timeout layer's own: a statement still
-/// running then is ended by its own bound (counted in `db_query_timeouts_total`, its cause
-/// logged, its connection discarded) and the handler answers the 504. With one instant for
-/// both the timeout layer would win every tie (it looks at its timer before the request) and
-/// the query's bound would never be the one that fires.
+/// The scope ends [`deadline_margin`] before the timeout, and the timeout
+/// ([`tokio::time::timeout_at`]) polls the request before it looks at its own timer: a
+/// statement still running at the deadline is ended by its own bound (counted in
+/// `db_query_timeouts_total`, its cause logged, its connection discarded) and the handler
+/// answers the 504 itself, however late the task is polled. The margin keeps the bound's
+/// timer (set from what is left, a moment after the scope began) from falling in a later
+/// millisecond tick than the timeout's.
 async fn request_deadline(timeout: std::time::Duration, request: Request, next: Next) -> Response {
-    let deadline = tokio::time::Instant::now() + timeout.saturating_sub(deadline_margin(timeout));
-    smartbeak_resilience::deadline::scope(deadline, next.run(request)).await
+    let started = tokio::time::Instant::now();
+    within_deadline(
+        started + timeout,
+        deadline_margin(timeout),
+        next.run(request),
+    )
+    .await
+}
+
+/// `request` under [`request_deadline`]'s two instants: the scope until `timeout_at - margin`,
+/// the 504 at `timeout_at`.
+async fn within_deadline(
+    timeout_at: tokio::time::Instant,
+    margin: std::time::Duration,
+    request: impl std::future::Future<Output = Response>,
+) -> Response {
+    let scoped = smartbeak_resilience::deadline::scope(timeout_at - margin, request);
+    tokio::time::timeout_at(timeout_at, scoped)
+        .await
+        .unwrap_or_else(|_elapsed| ApiError::Timeout.into_response())
 }
 
 /// How long before the request timeout the request's deadline ends: a twentieth of it, at
-/// most 50 ms (timers have millisecond ticks, and scheduling under load adds a few more).
+/// most 50 ms. It is below the database client bound's own margin over `statement_timeout`
+/// (at least 250 ms, see `check_timeouts`), so a request timeout at that bound still leaves
+/// its queries the whole `statement_timeout`.
 fn deadline_margin(timeout: std::time::Duration) -> std::time::Duration {
     (timeout / 20).min(std::time::Duration::from_millis(50))
 }
@@ -386,6 +404,69 @@ mod tests {
         for needle in [".nest(", ".nest_service(", ".route_service("] {
             assert_eq!(count(needle), 0, "{needle}");
         }
+    }
+
+    #[test]
+    fn the_deadline_margin_is_a_twentieth_at_most_50_ms_and_below_the_client_bounds_margin() {
+        use std::time::Duration;
+        let ms = Duration::from_millis;
+        assert_eq!(super::deadline_margin(ms(2_000)), ms(50));
+        assert_eq!(super::deadline_margin(ms(10_000)), ms(50));
+        assert_eq!(super::deadline_margin(ms(100)), ms(5));
+        assert_eq!(super::deadline_margin(Duration::ZERO), Duration::ZERO);
+        // A request timeout at the smallest one `check_timeouts` allows (the client bound)
+        // still leaves its queries more than `statement_timeout`: the margin is below the
+        // client bound's own (at least 250 ms).
+        let mut db = smartbeak_database::DatabaseConfig::new("postgres://u@h/d").unwrap();
+        for statement in [ms(1), ms(500), ms(2_500), ms(8_000), ms(60_000)] {
+            db.statement_timeout = statement;
+            let request = db.query_timeout();
+            assert!(
+                request - super::deadline_margin(request) > statement,
+                "{statement:?}"
+            );
+        }
+    }
+
+    /// The request's own work, as a handler bounded by the request deadline sees it: a
+    /// statement that never ends, bounded by what is left (`deadline::bounded`), answering
+    /// 418 when its bound fires, so the test can tell it from the 504 of the timeout.
+    async fn bounded_forever() -> axum::response::Response {
+        let bound = smartbeak_resilience::deadline::bounded(std::time::Duration::from_secs(60));
+        match tokio::time::timeout(bound, std::future::pending::<()>()).await {
+            Ok(()) => StatusCode::OK.into_response(),
+            Err(_) => StatusCode::IM_A_TEAPOT.into_response(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_bound_that_fires_with_the_request_timeout_answers_not_the_timeout() {
+        // No margin at all: the bound and the timeout fire in the same instant, and the
+        // request (polled first) answers with its bound's outcome; the timeout is only for
+        // a request that does not end by itself.
+        let at = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+        let answer = super::within_deadline(at, std::time::Duration::ZERO, bounded_forever()).await;
+        assert_eq!(answer.status(), StatusCode::IM_A_TEAPOT);
+        assert_eq!(tokio::time::Instant::now(), at);
+        let margin = std::time::Duration::from_millis(50);
+        let at = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+        let answer = super::within_deadline(at, margin, bounded_forever()).await;
+        assert_eq!(answer.status(), StatusCode::IM_A_TEAPOT);
+        assert_eq!(tokio::time::Instant::now(), at - margin);
+        // Work that no bound ends is ended by the timeout: 504 `REQUEST_TIMEOUT`.
+        let at = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+        let forever = async {
+            std::future::pending::<()>().await;
+            StatusCode::OK.into_response()
+        };
+        let answer = super::within_deadline(at, margin, forever).await;
+        assert_eq!(answer.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(tokio::time::Instant::now(), at);
+        let body = axum::body::to_bytes(answer.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["code"], "REQUEST_TIMEOUT");
     }
 
     use axum::body::Body;
@@ -715,11 +796,14 @@ mod tests {
 
     #[tokio::test]
     async fn the_key_lookup_starts_while_the_limiters_redis_call_is_held() {
-        // The Redis reply is held (the forwarder's gate) until the key lookup is seen in
-        // PostgreSQL, waiting on a lock the test holds on `api_keys`. Code that looked the key
-        // up only after the limiter's answer never gets there: the gate stays shut, the
-        // bounded wait for the lookup fails. The command timeout (20 s) is far beyond that
-        // wait (5 s), so no fail-open decision can start the lookup late and pass.
+        // Both run at once, or neither gets through: the forwarder holds the limiter's Redis
+        // command (Hold) and a lock the test holds on `api_keys` blocks the key lookup, and
+        // the test lets them go only once it has seen both, the lookup waiting in PostgreSQL
+        // and the command held on its way to Redis. Code that looked the key up only after
+        // the limiter's answer never starts the lookup (the reply is held); code that asked
+        // the limiter only after the lookup never sends the command (the lookup is blocked):
+        // either way a bounded wait (5 s) fails. The command timeout (20 s) is far beyond it,
+        // so no fail-open decision can start the lookup late and pass.
         let (forwarder, vars) = redis_through_forwarder(&[("REDIS_COMMAND_TIMEOUT_MS", "20000")]);
         let (tdb, db, state) = app_with_redis(&vars).await;
         let app = app(state);
@@ -762,7 +846,17 @@ mod tests {
                 );
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
-            // The lookup is under way: the limiter's reply may come, then the lookup's.
+            // The lookup waits on the lock, still: the limiter's command must be on its way
+            // already, not sent once the lookup is done.
+            while forwarder.held_to_server() == 0 {
+                assert!(
+                    started.elapsed() < std::time::Duration::from_secs(5),
+                    "no Redis command from the limiter while the key lookup was blocked: \
+                     they do not run concurrently"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            // Both under way: the limiter's reply may come, then the lookup's.
             forwarder.restore();
             holder.commit().await.unwrap();
         };

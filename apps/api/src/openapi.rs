@@ -298,17 +298,30 @@ fn add_common_responses(doc: &mut Value) {
     }
 }
 
-/// Links from the responses that create a resource to the operations that take its id.
+/// Links from the responses that create a resource to the operations that take its id, and
+/// from a cancelled export to what reads it (a stateful client then reads a job after its
+/// cancel: it stays readable, status `cancelled`).
 fn add_links(doc: &mut Value, missing: &mut Vec<String>) {
     let ops = operations(doc);
-    let link_sources = [
-        ("/v1/domains", "201", "/v1/domains/{id}"),
-        ("/v1/domains/{id}/exports", "202", "/v1/exports/{id}"),
+    // (method, path, status of the source; whether an operation `(METHOD, path)` is a target)
+    type Targets = fn(&str, &str) -> bool;
+    let link_sources: [(&str, &str, &str, Targets); 3] = [
+        ("post", "/v1/domains", "201", |_, path| {
+            path.starts_with("/v1/domains/{id}")
+        }),
+        ("post", "/v1/domains/{id}/exports", "202", |_, path| {
+            path.starts_with("/v1/exports/{id}")
+        }),
+        // The one read that answers 200 after a cancel: a client following it is the
+        // stateful phase's `use_after_free` finding the job still there.
+        ("delete", "/v1/exports/{id}", "200", |method, path| {
+            method == "GET" && path == "/v1/exports/{id}"
+        }),
     ];
-    for (source, status, target_prefix) in link_sources {
+    for (source_method, source, status, targets) in link_sources {
         let mut links = Map::new();
         for (method, path) in &ops {
-            if path.starts_with(target_prefix) {
+            if targets(method, path) {
                 let id = operation_id(method, path);
                 links.insert(
                     id.clone(),
@@ -320,7 +333,7 @@ fn add_links(doc: &mut Value, missing: &mut Vec<String>) {
             }
         }
         let pointer = format!(
-            "/paths/{}/post/responses/{status}",
+            "/paths/{}/{source_method}/responses/{status}",
             source.replace('~', "~0").replace('/', "~1")
         );
         if let Some(response) = object_at(doc, missing, &pointer) {

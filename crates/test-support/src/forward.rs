@@ -73,6 +73,8 @@ struct Shared {
     fault: AtomicU64,
     stop: AtomicBool,
     next_id: AtomicU64,
+    /// Chunks from clients held on their way to the server right now ([`Fault::Hold`]).
+    held_to_server: AtomicU64,
     /// A handle on both sockets of every open connection, to shut them down on drop;
     /// removed when the connection ends.
     sockets: Mutex<HashMap<u64, (TcpStream, TcpStream)>>,
@@ -138,6 +140,13 @@ impl TcpForwarder {
     /// How many connections are open through the proxy.
     pub fn connections(&self) -> usize {
         self.shared.sockets().len()
+    }
+
+    /// How many chunks a client sent are held right now, not yet at the server
+    /// ([`Fault::Hold`]): a test that holds a reply can also see that the request was sent,
+    /// without letting it through.
+    pub fn held_to_server(&self) -> u64 {
+        self.shared.held_to_server.load(Ordering::SeqCst)
     }
 
     /// [`Fault::Stall`]: swallows every byte from now on, both ways, keeping the
@@ -206,8 +215,8 @@ fn connection(client: TcpStream, target: SocketAddr, shared: &Arc<Shared>) {
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     shared.sockets().insert(id, (c3, s3));
     let down_shared = shared.clone();
-    let down = thread::spawn(move || pipe(s2, c2, &down_shared));
-    pipe(client, server, shared);
+    let down = thread::spawn(move || pipe(s2, c2, &down_shared, None));
+    pipe(client, server, shared, Some(&shared.held_to_server));
     let _ = down.join();
     shared.sockets().remove(&id);
 }
@@ -246,19 +255,30 @@ fn is_timeout(e: &io::Error) -> bool {
 }
 
 /// The fault in force once it is not [`Fault::Hold`] (a chunk read under it waits for
-/// that), or `Hold` if the forwarder stopped meanwhile.
-fn held_until_switched(shared: &Shared) -> Fault {
+/// that), or `Hold` if the forwarder stopped meanwhile. The chunk counts in `held` (if
+/// given) while it waits.
+fn held_until_switched(shared: &Shared, held: Option<&AtomicU64>) -> Fault {
     let mut fault = shared.fault();
+    if fault != Fault::Hold {
+        return fault;
+    }
+    if let Some(held) = held {
+        held.fetch_add(1, Ordering::SeqCst);
+    }
     while fault == Fault::Hold && !shared.stop.load(Ordering::SeqCst) {
         thread::sleep(TICK);
         fault = shared.fault();
+    }
+    if let Some(held) = held {
+        held.fetch_sub(1, Ordering::SeqCst);
     }
     fault
 }
 
 /// Copies `from` to `to` until either ends, the forwarder stops or the fault ends the
-/// connection; drops the bytes while stalled, delays them under latency.
-fn pipe(mut from: TcpStream, mut to: TcpStream, shared: &Shared) {
+/// connection; drops the bytes while stalled, delays them under latency. A chunk held
+/// ([`Fault::Hold`]) counts in `held` while it waits, if given.
+fn pipe(mut from: TcpStream, mut to: TcpStream, shared: &Shared, held: Option<&AtomicU64>) {
     let _ = from.set_read_timeout(Some(TICK));
     let _ = to.set_write_timeout(Some(Duration::from_secs(30)));
     let mut buf = [0u8; 16 * 1024];
@@ -281,7 +301,7 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, shared: &Shared) {
         }
         match from.read(&mut buf) {
             Ok(0) => break,
-            Ok(n) => match held_until_switched(shared) {
+            Ok(n) => match held_until_switched(shared, held) {
                 Fault::Stall => {}
                 Fault::Latency(ms) => {
                     thread::sleep(Duration::from_millis(ms));

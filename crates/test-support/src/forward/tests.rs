@@ -74,14 +74,25 @@ fn hold_keeps_the_bytes_until_the_fault_changes_and_loses_none() {
     assert_eq!(&round_trip(&mut c, b"ping").unwrap(), b"ping");
     // The pipe looks at the fault after each read: set before the write, it holds it.
     fwd.set_fault(Fault::Hold);
+    assert_eq!(fwd.held_to_server(), 0);
     c.write_all(b"held").unwrap();
     let mut buf = [0u8; 4];
     let e = c.read(&mut buf).unwrap_err();
     assert!(is_timeout(&e), "held, no answer yet: {e}");
+    // The echo never saw it: the one chunk held is the client's, on its way to the server.
+    let started = Instant::now();
+    while fwd.held_to_server() != 1 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the chunk is not held"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     fwd.restore();
     c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     c.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"held");
+    assert_eq!(fwd.held_to_server(), 0, "let through, held no more");
 }
 
 #[test]
