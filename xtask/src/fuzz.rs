@@ -144,7 +144,7 @@ pub(crate) fn run_fuzz(sh: &Shell, services: &Services) -> Result<bool> {
     let worker_log = File::create(&worker_log_path)
         .with_context(|| format!("creating {}", worker_log_path.display()))?;
     let worker_port = smartbeak_test_support::free_port()?;
-    let _worker = ChildGuard(
+    let mut worker = ChildGuard(
         Command::new(bin.join("smartbeak-domain-export"))
             .arg("worker")
             .env_clear()
@@ -161,6 +161,12 @@ pub(crate) fn run_fuzz(sh: &Shell, services: &Services) -> Result<bool> {
             .spawn()
             .context("spawning smartbeak-domain-export worker")?,
     );
+    wait_for_ready(
+        &mut worker.0,
+        worker_port,
+        Duration::from_secs(30),
+        &worker_log_path,
+    )?;
 
     let fuzz_dir = sh.current_dir().join("apps/api/fuzz");
     let config = fuzz_dir.join("schemathesis.toml");
@@ -216,10 +222,14 @@ const WORKER_DB_LATENCY_MS: u64 = 25;
 /// the server is not on a loopback address, which the proxy cannot reach.
 fn slowed(db_url: &str) -> Result<(Option<smartbeak_test_support::TcpForwarder>, String)> {
     let mut url = url::Url::parse(db_url).context("parsing the fuzz database's URL")?;
-    let target = url
-        .socket_addrs(|| Some(5432))
-        .ok()
-        .and_then(|addrs| addrs.into_iter().find(|a| a.ip().is_loopback()));
+    let target = url.socket_addrs(|| Some(5432)).ok().and_then(|addrs| {
+        // `localhost` may resolve to `[::1]` first while the server listens on
+        // 127.0.0.1 only: the first loopback address that accepts a connection.
+        addrs.into_iter().find(|a| {
+            a.ip().is_loopback()
+                && std::net::TcpStream::connect_timeout(a, Duration::from_secs(1)).is_ok()
+        })
+    });
     let Some(target) = target else {
         eprintln!("xtask: fuzz: PostgreSQL is not on loopback, the export worker is not slowed");
         return Ok((None, db_url.to_owned()));
@@ -325,23 +335,64 @@ fn json_field(json: &str, name: &str) -> Option<String> {
 
 /// Polls until the api listens on `port`; fails early when it exits.
 fn wait_for_port(api: &mut Child, port: u16, bound: Duration, log: &Path) -> Result<()> {
+    wait_until(api, "smartbeak-api", bound, log, || {
+        smartbeak_test_support::port_answers("127.0.0.1", port)
+    })
+    .with_context(|| format!("smartbeak-api listening on port {port}"))
+}
+
+/// Waits (at most `bound`) until the export worker's `/readyz` on `port` answers 200: a
+/// worker that cannot reach PostgreSQL (through its proxy) fails the step instead of leaving
+/// the exports unfinished and the cancels and downloads untested.
+fn wait_for_ready(worker: &mut Child, port: u16, bound: Duration, log: &Path) -> Result<()> {
+    wait_until(worker, "the export worker", bound, log, || {
+        http_status_ok(port, "/readyz")
+    })
+    .with_context(|| format!("the export worker ready on port {port}"))
+}
+
+/// Polls `ready` every 50 ms until it holds, failing when `child` exits first or `bound`
+/// passes.
+fn wait_until(
+    child: &mut Child,
+    name: &str,
+    bound: Duration,
+    log: &Path,
+    mut ready: impl FnMut() -> bool,
+) -> Result<()> {
     let deadline = Instant::now() + bound;
-    while !smartbeak_test_support::port_answers("127.0.0.1", port) {
-        if let Some(status) = api.try_wait().context("waiting for smartbeak-api")? {
-            bail!(
-                "smartbeak-api exited ({status}) before listening on port {port}; see {}",
-                log.display()
-            );
+    while !ready() {
+        if let Some(status) = child
+            .try_wait()
+            .with_context(|| format!("waiting for {name}"))?
+        {
+            bail!("{name} exited ({status}); see {}", log.display());
         }
         if Instant::now() >= deadline {
             bail!(
-                "smartbeak-api did not listen on port {port} within {bound:?}; see {}",
+                "{name} was not there within {bound:?}; see {}",
                 log.display()
             );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(())
+}
+
+/// Whether `GET path` on `127.0.0.1:port` answers 200 (one short-lived connection).
+fn http_status_ok(port: u16, path: &str) -> bool {
+    use std::io::{Read, Write};
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let Ok(mut stream) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    if stream.write_all(request.as_bytes()).is_err() {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.1 200")
 }
 
 /// Kills a child (the api, the worker, schemathesis) when dropped, on failure too.

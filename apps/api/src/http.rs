@@ -332,8 +332,8 @@ async fn drop_bad_request_id(mut request: Request) -> Request {
     request
 }
 
-/// Gives the bare answers of tower layers (413 from the body limit, 504 from the timeout,
-/// 405 from routing) the JSON error shape.
+/// Gives the bare answers of tower layers (413 from the body limit, 405 from routing; a bare
+/// 504, should any layer answer one, as `REQUEST_TIMEOUT`) the JSON error shape.
 async fn normalize_error<B>(response: axum::http::Response<B>) -> Response
 where
     B: axum::body::HttpBody<Data = axum::body::Bytes> + Send + 'static,

@@ -220,7 +220,9 @@ pub(crate) async fn run_on<T>(
     bound: Duration,
     work: impl AsyncFnOnce(&mut PgConnection) -> Result<T, sqlx::Error>,
 ) -> Result<T, DbError> {
-    let deadline = tokio::time::Instant::now() + bound;
+    // `bound` may have been worked out a while ago (a replica's first connect in between):
+    // the request's deadline, when there is one, still caps it.
+    let deadline = deadline::instant_after(bound);
     let acquire = acquire_from(counters, acquire_timeout, pool);
     let conn = match tokio::time::timeout_at(deadline, acquire).await {
         Ok(Ok(conn)) => conn,

@@ -38,9 +38,39 @@ pub fn bounded(bound: Duration) -> Duration {
     remaining().map_or(bound, |left| left.min(bound))
 }
 
+/// The instant `bound` from now, or the current deadline if that comes first. For a bound
+/// worked out a while before the work starts ([`bounded`] then an `await`): the deadline
+/// still caps it, however late the work starts.
+pub fn instant_after(bound: Duration) -> Instant {
+    let at = Instant::now() + bound;
+    current().map_or(at, |deadline| deadline.min(at))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_bound_worked_out_earlier_still_ends_at_the_deadline() {
+        let start = Instant::now();
+        assert_eq!(
+            instant_after(Duration::from_secs(8)),
+            start + Duration::from_secs(8)
+        );
+        scope(start + Duration::from_secs(3), async {
+            let bound = bounded(Duration::from_secs(8));
+            assert_eq!(bound, Duration::from_secs(3));
+            // The work starts 2 s later (a first connect, say): still the deadline.
+            tokio::time::advance(Duration::from_secs(2)).await;
+            assert_eq!(instant_after(bound), start + Duration::from_secs(3));
+            // A bound shorter than what is left is kept.
+            assert_eq!(
+                instant_after(Duration::from_millis(500)),
+                Instant::now() + Duration::from_millis(500)
+            );
+        })
+        .await;
+    }
 
     #[tokio::test(start_paused = true)]
     async fn the_bound_is_the_smaller_of_the_configured_one_and_what_is_left() {
