@@ -925,24 +925,31 @@ async fn the_running_gauge_never_exceeds_export_concurrency_and_reaches_it() {
 async fn a_drain_too_short_for_a_release_is_refused_at_start_up() {
     let db = Db::create().await;
     let dir = tempfile::tempdir().unwrap();
-    let output = Command::new(export_bin().unwrap())
-        .arg("worker")
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("DATABASE_URL", &db.url)
-        .envs(base_env(dir.path()))
-        .env("DB_STATEMENT_TIMEOUT_MS", "1500")
-        .env("SHUTDOWN_DRAIN_TIMEOUT_MS", "1000")
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(Duration::from_secs(20), output)
-        .await
-        .unwrap()
-        .unwrap();
-    let status = output.status;
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(status.code(), Some(2), "{stderr}");
+    // The worker with `env` on top of the base: its exit code and stderr.
+    let start = async |env: &[(&str, &str)]| {
+        let output = Command::new(export_bin().unwrap())
+            .arg("worker")
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("DATABASE_URL", &db.url)
+            .envs(base_env(dir.path()))
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let output = tokio::time::timeout(Duration::from_secs(20), output)
+            .await
+            .unwrap()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        (output.status.code(), stderr)
+    };
+    let (code, stderr) = start(&[
+        ("DB_STATEMENT_TIMEOUT_MS", "1500"),
+        ("SHUTDOWN_DRAIN_TIMEOUT_MS", "1000"),
+    ])
+    .await;
+    assert_eq!(code, Some(2), "{stderr}");
     assert!(
         // The least drain at a 1,750 ms client bound: the 2,500 ms release window plus the
         // bound of a claim in flight at the stop.
@@ -951,24 +958,13 @@ async fn a_drain_too_short_for_a_release_is_refused_at_start_up() {
     );
     // A drain that holds the release but leaves the pools less than SHUTDOWN_POOL_CLOSE_MS
     // of the overall deadline is refused too.
-    let output = Command::new(export_bin().unwrap())
-        .arg("worker")
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("DATABASE_URL", &db.url)
-        .envs(base_env(dir.path()))
-        .env("DB_STATEMENT_TIMEOUT_MS", "1500")
-        .env("SHUTDOWN_TIMEOUT_MS", "8000")
-        .env("SHUTDOWN_DRAIN_TIMEOUT_MS", "5000")
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(Duration::from_secs(20), output)
-        .await
-        .unwrap()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    let (code, stderr) = start(&[
+        ("DB_STATEMENT_TIMEOUT_MS", "1500"),
+        ("SHUTDOWN_TIMEOUT_MS", "8000"),
+        ("SHUTDOWN_DRAIN_TIMEOUT_MS", "5000"),
+    ])
+    .await;
+    assert_eq!(code, Some(2), "{stderr}");
     assert!(
         stderr.contains("SHUTDOWN_POOL_CLOSE_MS")
             && stderr.contains("SHUTDOWN_TIMEOUT_MS (8000 ms)")
