@@ -481,6 +481,21 @@ mod tests {
     use crate::config::ApiConfig;
     use crate::ratelimit::RateLimiter;
 
+    /// `GET /v1/domains` from `peer` (the connection's address), with `key` as its bearer
+    /// key when given.
+    fn domains_request(peer: &str, key: Option<&str>) -> Request<Body> {
+        let mut request = Request::get("/v1/domains");
+        if let Some(key) = key {
+            request = request.header("authorization", format!("Bearer {key}"));
+        }
+        let mut request = request.body(Body::empty()).unwrap();
+        let peer: std::net::SocketAddr = peer.parse().unwrap();
+        request
+            .extensions_mut()
+            .insert(axum::extract::ConnectInfo(peer));
+        request
+    }
+
     async fn call(app: &Router, path: &str) -> (StatusCode, serde_json::Value) {
         let response = app
             .clone()
@@ -664,17 +679,7 @@ mod tests {
         let app = app(state);
         let org = crate::auth::create_org(&db, "router").await.unwrap();
         let good = crate::auth::create_key(&db, org, "good").await.unwrap();
-        let send = |peer: &str, key: &str| {
-            let mut request = Request::get("/v1/domains")
-                .header("authorization", format!("Bearer {key}"))
-                .body(Body::empty())
-                .unwrap();
-            let peer: std::net::SocketAddr = peer.parse().unwrap();
-            request
-                .extensions_mut()
-                .insert(axum::extract::ConnectInfo(peer));
-            app.clone().oneshot(request)
-        };
+        let send = |peer: &str, key: &str| app.clone().oneshot(domains_request(peer, Some(key)));
         let (a, b) = ("192.0.2.10:1", "192.0.2.11:1");
 
         let ok = send(a, &good.key).await.unwrap();
@@ -816,15 +821,9 @@ mod tests {
             .await
             .unwrap();
         forwarder.set_fault(smartbeak_test_support::Fault::Hold);
-        let mut request = Request::get("/v1/domains")
-            .header("authorization", format!("Bearer {}", key.key))
-            .body(Body::empty())
-            .unwrap();
-        let peer: std::net::SocketAddr = "192.0.2.90:1".parse().unwrap();
-        request
-            .extensions_mut()
-            .insert(axum::extract::ConnectInfo(peer));
-        let served = app.clone().oneshot(request);
+        let served = app
+            .clone()
+            .oneshot(domains_request("192.0.2.90:1", Some(&key.key)));
         let gate = async {
             let started = std::time::Instant::now();
             loop {
@@ -899,15 +898,8 @@ mod tests {
         let (tdb, db, state) = app_with_redis(&vars).await;
         let app = app(state);
         let send = |key: String| {
-            let mut request = Request::get("/v1/domains")
-                .header("authorization", format!("Bearer {key}"))
-                .body(Body::empty())
-                .unwrap();
-            let peer: std::net::SocketAddr = "192.0.2.91:1".parse().unwrap();
-            request
-                .extensions_mut()
-                .insert(axum::extract::ConnectInfo(peer));
-            app.clone().oneshot(request)
+            app.clone()
+                .oneshot(domains_request("192.0.2.91:1", Some(&key)))
         };
         for i in 0..3 {
             let status = send(format!("sbk_spend_{i}")).await.unwrap().status();
@@ -972,16 +964,11 @@ mod tests {
 
         /// `GET /v1/domains` from `peer`, with `key` as its bearer key when given.
         async fn send(&self, peer: &str, key: Option<&str>) -> Response {
-            let mut request = Request::get("/v1/domains");
-            if let Some(key) = key {
-                request = request.header("authorization", format!("Bearer {key}"));
-            }
-            let mut request = request.body(Body::empty()).unwrap();
-            let peer: std::net::SocketAddr = peer.parse().unwrap();
-            request
-                .extensions_mut()
-                .insert(axum::extract::ConnectInfo(peer));
-            self.app.clone().oneshot(request).await.unwrap()
+            self.app
+                .clone()
+                .oneshot(domains_request(peer, key))
+                .await
+                .unwrap()
         }
 
         async fn finish(self) {
@@ -1161,15 +1148,8 @@ mod tests {
         let org = crate::auth::create_org(&db, "terminated").await.unwrap();
         let key = crate::auth::create_key(&db, org, "k").await.unwrap();
         let send = || {
-            let mut request = Request::get("/v1/domains")
-                .header("authorization", format!("Bearer {}", key.key))
-                .body(Body::empty())
-                .unwrap();
-            let peer: std::net::SocketAddr = "192.0.2.50:1".parse().unwrap();
-            request
-                .extensions_mut()
-                .insert(axum::extract::ConnectInfo(peer));
-            app.clone().oneshot(request)
+            app.clone()
+                .oneshot(domains_request("192.0.2.50:1", Some(&key.key)))
         };
         // The key is cached now, so the next request's only query is the list.
         assert_eq!(send().await.unwrap().status(), StatusCode::OK);
