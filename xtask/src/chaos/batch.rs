@@ -247,7 +247,7 @@ pub(super) fn worker_sigterm(system: &mut System, r: &mut ScenarioResult) -> Res
 
 /// A table held (`ACCESS EXCLUSIVE`) by a `psql` session of this harness until
 /// [`TableLock::release`] or drop (the session's end rolls it back).
-struct TableLock {
+pub(super) struct TableLock {
     session: std::process::Child,
     stdin: Option<std::process::ChildStdin>,
 }
@@ -255,6 +255,16 @@ struct TableLock {
 impl TableLock {
     /// Takes the lock on `table` and waits (bounded) until it is granted.
     fn take(system: &System, table: &str) -> Result<Self> {
+        let (lock, granted) = Self::request(system, table)?;
+        if granted.is_none() {
+            bail!("the lock on {table} was not granted within 5 s");
+        }
+        Ok(lock)
+    }
+
+    /// Sends the lock on `table` and waits at most 5 s until it is granted: the session, and
+    /// how long the grant took (`None`: not within 5 s; the session still holds the request).
+    pub(super) fn request(system: &System, table: &str) -> Result<(Self, Option<Duration>)> {
         use std::io::Write as _;
         let mut session = crate::services::psql_session(&system.db_url)
             .stdin(Stdio::piped())
@@ -282,21 +292,23 @@ impl TableLock {
             )
             .is_ok_and(|n| n == "1")
         });
-        if granted.is_none() {
-            bail!("the lock on {table} was not granted within 5 s");
-        }
-        Ok(lock)
+        Ok((lock, granted))
     }
 
-    /// Rolls the transaction back and ends the session; `Err` when it failed.
-    fn release(&mut self) -> Result<()> {
-        use std::io::Write as _;
+    /// Rolls the transaction back and ends the session; `Err` (with psql's stderr) when it
+    /// failed.
+    pub(super) fn release(&mut self) -> Result<()> {
+        use std::io::{Read as _, Write as _};
         if let Some(mut stdin) = self.stdin.take() {
             stdin.write_all(b"ROLLBACK;\n")?;
         }
         let status = self.session.wait()?;
         if !status.success() {
-            bail!("psql exited with {status}");
+            let mut stderr = String::new();
+            if let Some(mut pipe) = self.session.stderr.take() {
+                let _ = pipe.read_to_string(&mut stderr);
+            }
+            bail!("psql exited with {status}: {}", stderr.trim());
         }
         Ok(())
     }

@@ -2,8 +2,6 @@
 //! from this thread on a fixed schedule, and judges the outcomes. The export worker's and
 //! the control-plane's parts (of 6, 8 and 9) are in [`super::batch`].
 
-use std::io::Write;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -521,26 +519,7 @@ fn statement_timeout(system: &mut System, rt: &Runtime) -> Result<ScenarioResult
     at(start, Duration::from_secs(1));
     // Requests sent from here may find the lock taken.
     let locking = start.elapsed();
-    let mut holder = crate::services::psql_session(&system.db_url)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting the psql session that holds the lock")?;
-    let mut stdin = holder
-        .stdin
-        .take()
-        .context("the psql session has no stdin")?;
-    stdin.write_all(b"BEGIN;\nLOCK TABLE domains IN ACCESS EXCLUSIVE MODE;\n")?;
-    stdin.flush()?;
-    let locked = time_until(Duration::from_secs(5), || {
-        psql_read(
-            &system.db_url,
-            "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
-             WHERE c.relname = 'domains' AND l.mode = 'AccessExclusiveLock' AND l.granted",
-        )
-        .is_ok_and(|n| n.trim() == "1")
-    });
+    let (mut holder, locked) = super::batch::TableLock::request(system, "domains")?;
     let locked_at = start.elapsed();
     r.note(format!(
         "lock seen taken {:.2}s after the LOCK was sent",
@@ -551,20 +530,15 @@ fn statement_timeout(system: &mut System, rt: &Runtime) -> Result<ScenarioResult
         &system.db_url,
         "SELECT count(*) FROM pg_stat_activity WHERE datname = 'chaos' AND wait_event_type = 'Lock'",
     )?;
-    stdin.write_all(b"ROLLBACK;\n")?;
-    drop(stdin);
     let released = start.elapsed();
-    let held = holder.wait_with_output()?;
+    let held = holder.release();
     let report = rt.block_on(handle)?;
     tally(&mut r, &report);
     if locked.is_none() {
         r.fail("the lock was not taken within 5 s");
     }
-    if !held.status.success() {
-        r.fail(format!(
-            "the psql session holding the lock failed: {}",
-            String::from_utf8_lossy(&held.stderr).trim()
-        ));
+    if let Err(e) = held {
+        r.fail(format!("the psql session holding the lock failed: {e:#}"));
     }
     let cancelled = cancels()? - cancels_before;
     let timeouts = r.errors.get("504 REQUEST_TIMEOUT").copied().unwrap_or(0);
